@@ -1,0 +1,83 @@
+// ---- common.wgsl: helpers shared by every shader family (prepended to each module) ----
+
+// Flat workgroup index for grids split over x and y (Recorder::grid keeps each axis <= 65535).
+fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+const SQRT1_2: f32 = 0.70710678118654752;
+const INV_SQRT_2PI: f32 = 0.39894228040143268;
+
+// erf for |z| < 0.5: Taylor series (8 terms, truncation < 1e-12).
+fn erf_small(z: f32) -> f32 {
+    let z2 = z * z;
+    // 2/sqrt(pi) * (z - z^3/3 + z^5/10 - z^7/42 + z^9/216 - z^11/1320 + z^13/9360 - z^15/75600)
+    var p = -1.0 / 75600.0;
+    p = p * z2 + 1.0 / 9360.0;
+    p = p * z2 - 1.0 / 1320.0;
+    p = p * z2 + 1.0 / 216.0;
+    p = p * z2 - 1.0 / 42.0;
+    p = p * z2 + 1.0 / 10.0;
+    p = p * z2 - 1.0 / 3.0;
+    p = p * z2 + 1.0;
+    return 1.1283791670955126 * z * p;
+}
+
+// erfc for z >= 0: Chebyshev fit with relative error < 1.1e-7 everywhere (checked in f64).
+fn erfc_pos(z: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.5 * z);
+    var p = 0.17087277;
+    p = p * t - 0.82215223;
+    p = p * t + 1.48851587;
+    p = p * t - 1.13520398;
+    p = p * t + 0.27886807;
+    p = p * t - 0.18628806;
+    p = p * t + 0.09678418;
+    p = p * t + 0.37409196;
+    p = p * t + 1.00002368;
+    p = p * t - 1.26551223;
+    return t * exp(p - z * z);
+}
+
+// erf with absolute error < 1e-7 (plus f32 rounding).
+fn erf_f32(z: f32) -> f32 {
+    let a = abs(z);
+    if (a < 0.5) {
+        return erf_small(z);
+    }
+    let r = 1.0 - erfc_pos(a);
+    return select(-r, r, z >= 0.0);
+}
+
+// Standard normal CDF, accurate in relative terms in both tails.
+fn phi_cdf(x: f32) -> f32 {
+    let z = x * SQRT1_2;
+    if (abs(z) < 0.5) {
+        return 0.5 + 0.5 * erf_small(z);
+    }
+    if (z < 0.0) {
+        return 0.5 * erfc_pos(-z);
+    }
+    return 1.0 - 0.5 * erfc_pos(z);
+}
+
+// Exact (erf) GELU: x * Phi(x).
+fn gelu(x: f32) -> f32 {
+    return x * phi_cdf(x);
+}
+
+// d/dx gelu(x) = Phi(x) + x * phi(x).
+fn gelu_grad(x: f32) -> f32 {
+    return phi_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x);
+}
+
+// Activation codes used by fused epilogues: 0 identity, 1 GELU, 2 ReLU.
+fn activate(x: f32, act: u32) -> f32 {
+    if (act == 1u) {
+        return gelu(x);
+    }
+    if (act == 2u) {
+        return max(x, 0.0);
+    }
+    return x;
+}

@@ -1,0 +1,116 @@
+// ---- elementwise.wgsl: activations, broadcast binary ops, concat, input normalisation ----
+
+override ACT: u32 = 0u;
+override OP: u32 = 0u;
+
+struct EwParams {
+    n: u32,      // number of output elements
+    nb: u32,     // elements of b (b is broadcast with b[i % nb]); concat: channels of a
+    c2: u32,     // concat: channels of b
+    pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> ep: EwParams;
+
+// unary: out = ACT(a)
+@group(0) @binding(1) var<storage, read> ew_a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ew_out: array<f32>;
+
+fn ew_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return flat_group(wid, nwg) * 256u + lid;
+}
+
+@compute @workgroup_size(256)
+fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    ew_out[i] = activate(ew_a[i], ACT);
+}
+
+// binary: out = a OP b[i % nb]   (OP 0 add, 1 mul, 2 sub)
+@group(0) @binding(1) var<storage, read> bin_a: array<f32>;
+@group(0) @binding(2) var<storage, read> bin_b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bin_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let a = bin_a[i];
+    let b = bin_b[i % ep.nb];
+    var v: f32;
+    if (OP == 0u) { v = a + b; } else if (OP == 1u) { v = a * b; } else { v = a - b; }
+    bin_out[i] = v;
+}
+
+// in-place accumulate: acc += a  (gradient accumulation, residual sums)
+@group(0) @binding(1) var<storage, read> acc_a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> acc_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    acc_out[i] = acc_out[i] + acc_a[i];
+}
+
+// concat along the last (channel) axis: out[r, 0:c1] = a[r, :], out[r, c1:c1+c2] = b[r, :]
+@group(0) @binding(1) var<storage, read> cat_a: array<f32>;
+@group(0) @binding(2) var<storage, read> cat_b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> cat_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn concat_last(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let c = ep.nb + ep.c2;
+    let r = i / c;
+    let ch = i % c;
+    if (ch < ep.nb) {
+        cat_out[i] = cat_a[r * ep.nb + ch];
+    } else {
+        cat_out[i] = cat_b[r * ep.c2 + ch - ep.nb];
+    }
+}
+
+// split along the last axis (backward of concat): a[r, :] = g[r, 0:c1], b[r, :] = g[r, c1:]
+@group(0) @binding(1) var<storage, read> spl_g: array<f32>;
+@group(0) @binding(2) var<storage, read_write> spl_a: array<f32>;
+@group(0) @binding(3) var<storage, read_write> spl_b: array<f32>;
+
+@compute @workgroup_size(256)
+fn split_last(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let c = ep.nb + ep.c2;
+    let r = i / c;
+    let ch = i % c;
+    if (ch < ep.nb) {
+        spl_a[r * ep.nb + ch] = spl_g[i];
+    } else {
+        spl_b[r * ep.c2 + ch - ep.nb] = spl_g[i];
+    }
+}
+
+// Packed RGB pixels (u32 0xAABBGGRR, B x H x W) -> ImageNet-normalised f32 (B, H, W, 3).
+@group(0) @binding(1) var<storage, read> img_px: array<u32>;
+@group(0) @binding(2) var<storage, read_write> img_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn image_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let p = img_px[i];
+    let r = f32(p & 255u);
+    let g = f32((p >> 8u) & 255u);
+    let b = f32((p >> 16u) & 255u);
+    img_out[i * 3u + 0u] = (r - 123.675) / 58.395;
+    img_out[i * 3u + 1u] = (g - 116.28) / 57.12;
+    img_out[i * 3u + 2u] = (b - 103.53) / 57.375;
+}

@@ -1,0 +1,325 @@
+//! GPU runtime: adapter selection, device with the adapter's limits, buffer pool, pipeline cache,
+//! command recording and readback. Every kernel of the model goes through [`Recorder::dispatch`],
+//! which checks workgroup counts and binding sizes against the device limits before recording.
+
+mod pipeline;
+mod pool;
+mod recorder;
+mod tensor;
+
+pub use pipeline::{Kernel, ShaderFamily};
+pub use pool::PoolStats;
+pub use recorder::{Params, Recorder};
+pub use tensor::Tensor;
+
+use crate::error::{Error, Result};
+use std::sync::{Arc, Mutex};
+
+/// Which adapter to use. Empty fields mean "let the runtime choose".
+#[derive(Clone, Debug, Default)]
+pub struct AdapterRequest {
+    /// `vulkan`, `gl`, `metal`, `dx12`, `webgpu` or a comma list; None = all (or `WGPU_BACKEND`).
+    pub backend: Option<String>,
+    /// Case-insensitive substring of the adapter name, or an index into the list of adapters.
+    pub adapter: Option<String>,
+}
+
+impl AdapterRequest {
+    /// Reads `MEDFASTSAM_BACKEND` and `MEDFASTSAM_ADAPTER` for fields not already set.
+    pub fn with_env(mut self) -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            if self.backend.is_none() {
+                self.backend = std::env::var("MEDFASTSAM_BACKEND").ok().filter(|s| !s.is_empty());
+            }
+            if self.adapter.is_none() {
+                self.adapter = std::env::var("MEDFASTSAM_ADAPTER").ok().filter(|s| !s.is_empty());
+            }
+        }
+        self
+    }
+}
+
+/// A short description of the adapter in use, printed by the CLI and the page.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, {}", self.name, self.backend, self.device_type)?;
+        if !self.driver.is_empty() {
+            write!(f, ", {}", self.driver)?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// The device and everything that lives as long as it: pipelines, pooled buffers, error sink.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pipelines: pipeline::PipelineCache,
+    pool: Arc<Mutex<pool::Pool>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    dummy: Mutex<Option<Tensor>>,
+}
+
+fn parse_backends(s: &str) -> Result<wgpu::Backends> {
+    let mut b = wgpu::Backends::empty();
+    for part in s.split(',').map(|p| p.trim().to_ascii_lowercase()) {
+        b |= match part.as_str() {
+            "vulkan" | "vk" => wgpu::Backends::VULKAN,
+            "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+            "metal" | "mtl" => wgpu::Backends::METAL,
+            "dx12" | "d3d12" => wgpu::Backends::DX12,
+            "webgpu" | "browser" => wgpu::Backends::BROWSER_WEBGPU,
+            "all" | "" => wgpu::Backends::all(),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unknown backend '{other}' (expected vulkan, gl, metal, dx12, webgpu or all)"
+                )));
+            }
+        };
+    }
+    Ok(b)
+}
+
+fn type_rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+const INSTALL_HINT: &str = "install a GPU driver with Vulkan support; on a machine without a GPU \
+install the software Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1)";
+
+impl Gpu {
+    /// Native: blocks on adapter and device creation.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new(req: &AdapterRequest) -> Result<Gpu> {
+        pollster::block_on(Self::new_async(req))
+    }
+
+    /// Creates the device, asking for the adapter's own limits (not WebGPU's defaults).
+    pub async fn new_async(req: &AdapterRequest) -> Result<Gpu> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if let Some(b) = &req.backend {
+            desc.backends = parse_backends(b)?;
+        }
+        let backends = desc.backends;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = Self::choose_adapter(&instance, backends, req).await?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let mut features = wgpu::Features::empty();
+        for f in [wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::SHADER_F16] {
+            if adapter.features().contains(f) {
+                features |= f;
+            }
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("medfastsam"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("request_device on {}: {e}", info.name)))?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap().push(e.to_string());
+        }));
+        let limits = device.limits();
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            pipelines: Default::default(),
+            pool: Arc::default(),
+            errors,
+            dummy: Mutex::new(None),
+        })
+    }
+
+    async fn choose_adapter(
+        instance: &wgpu::Instance,
+        backends: wgpu::Backends,
+        req: &AdapterRequest,
+    ) -> Result<wgpu::Adapter> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let mut adapters = instance.enumerate_adapters(backends).await;
+            // Compute shaders and storage buffers are required (WebGL-class GL adapters lack them).
+            adapters.retain(|a| {
+                a.get_downlevel_capabilities()
+                    .flags
+                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+                    && a.limits().max_storage_buffers_per_shader_stage >= 8
+            });
+            if adapters.is_empty() {
+                return Err(Error::NoAdapter(format!(
+                    "no adapter with compute shaders found for backends {backends:?}; {INSTALL_HINT}"
+                )));
+            }
+            adapters.sort_by_key(|a| {
+                let i = a.get_info();
+                // Prefer real GPUs, then Vulkan over GL.
+                (type_rank(i.device_type), (i.backend != wgpu::Backend::Vulkan) as u32)
+            });
+            if let Some(sel) = &req.adapter {
+                let names: Vec<String> = adapters
+                    .iter()
+                    .enumerate()
+                    .map(|(k, a)| format!("{k}: {} ({:?})", a.get_info().name, a.get_info().backend))
+                    .collect();
+                let pick = if let Ok(idx) = sel.parse::<usize>() {
+                    (idx < adapters.len()).then_some(idx)
+                } else {
+                    let s = sel.to_ascii_lowercase();
+                    adapters.iter().position(|a| a.get_info().name.to_ascii_lowercase().contains(&s))
+                };
+                return match pick {
+                    Some(k) => Ok(adapters.swap_remove(k)),
+                    None => Err(Error::NoAdapter(format!(
+                        "no adapter matches '{sel}'; available: {}",
+                        names.join("; ")
+                    ))),
+                };
+            }
+            Ok(adapters.swap_remove(0))
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = (backends, req);
+            instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                })
+                .await
+                .map_err(|e| {
+                    Error::NoAdapter(format!(
+                        "this browser offers no WebGPU adapter ({e}); use a browser with WebGPU enabled"
+                    ))
+                })
+        }
+    }
+
+    pub fn summary(&self) -> AdapterSummary {
+        AdapterSummary {
+            name: self.info.name.clone(),
+            backend: format!("{:?}", self.info.backend),
+            device_type: format!("{:?}", self.info.device_type),
+            driver: [self.info.driver.as_str(), self.info.driver_info.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+
+    /// Returns and clears the errors wgpu reported since the last call.
+    pub fn take_errors(&self) -> Result<()> {
+        let mut e = self.errors.lock().unwrap();
+        if e.is_empty() {
+            Ok(())
+        } else {
+            let msg = e.join("; ");
+            e.clear();
+            Err(Error::Gpu(msg))
+        }
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.lock().unwrap().stats()
+    }
+
+    pub fn reset_peak(&self) {
+        self.pool.lock().unwrap().reset_peak();
+    }
+
+    /// Releases cached free buffers (keeps those in use).
+    pub fn trim_pool(&self) {
+        self.pool.lock().unwrap().trim();
+    }
+
+    /// A 4-element tensor bound where a kernel's optional input is absent.
+    pub fn dummy(&self) -> Tensor {
+        let mut d = self.dummy.lock().unwrap();
+        d.get_or_insert_with(|| self.upload(&[0.0; 4], &[4]).expect("dummy tensor")).clone()
+    }
+
+    /// Number of compiled compute pipelines.
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    pub fn new_recorder(&self) -> Recorder<'_> {
+        Recorder::new(self)
+    }
+
+    /// Waits until all submitted work is done (native: blocks; web: awaits).
+    pub async fn wait_idle(&self) -> Result<()> {
+        let (tx, rx) = futures_channel::oneshot::channel::<()>();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        rx.await.map_err(|_| Error::Gpu("device lost while waiting".into()))?;
+        self.take_errors()
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn sync(&self) -> Result<()> {
+        pollster::block_on(self.wait_idle())
+    }
+
+    /// Checks that a storage binding of `bytes` fits the device.
+    pub fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let lim = self.limits.max_storage_buffer_binding_size;
+        if bytes > lim {
+            return Err(Error::Limit {
+                what: what.to_string(),
+                needed: bytes,
+                limit_name: "max_storage_buffer_binding_size",
+                limit: lim,
+                hint: "use a smaller image size or batch, or an adapter with larger storage bindings"
+                    .into(),
+            });
+        }
+        let lim = self.limits.max_buffer_size;
+        if bytes > lim {
+            return Err(Error::Limit {
+                what: what.to_string(),
+                needed: bytes,
+                limit_name: "max_buffer_size",
+                limit: lim,
+                hint: "use a smaller image size or batch".into(),
+            });
+        }
+        Ok(())
+    }
+}

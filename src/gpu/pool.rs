@@ -1,0 +1,155 @@
+//! Buffer pool. Intermediate tensors take storage buffers from size classes (≤ 12.5 % waste) and give
+//! them back when dropped, so a forward pass reuses memory instead of allocating. Recording order
+//! makes reuse safe: a buffer freed after its last use in a recording is only written by commands
+//! recorded later, which the GPU executes later.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+/// Memory accounting, in bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolStats {
+    /// Bytes held by live tensors (weights and activations).
+    pub in_use: u64,
+    /// Highest `in_use` since the last reset.
+    pub peak_in_use: u64,
+    /// Bytes allocated from the device (in use + cached free buffers).
+    pub allocated: u64,
+    /// Highest `allocated` since the last reset.
+    pub peak_allocated: u64,
+    pub buffers_created: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Pool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    stats: PoolStats,
+}
+
+pub(crate) fn size_class(bytes: u64) -> u64 {
+    let bytes = bytes.max(16);
+    let p = bytes.next_power_of_two();
+    let step = (p / 8).max(256);
+    bytes.div_ceil(step) * step
+}
+
+impl Pool {
+    pub fn stats(&self) -> PoolStats {
+        self.stats
+    }
+    pub fn reset_peak(&mut self) {
+        self.stats.peak_in_use = self.stats.in_use;
+        self.stats.peak_allocated = self.stats.allocated;
+    }
+    pub fn trim(&mut self) {
+        for (class, bufs) in self.free.drain() {
+            for b in bufs {
+                self.stats.allocated -= class;
+                b.destroy();
+            }
+        }
+    }
+    fn note_use(&mut self, bytes: u64) {
+        self.stats.in_use += bytes;
+        self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
+    }
+    fn note_alloc(&mut self, bytes: u64) {
+        self.stats.allocated += bytes;
+        self.stats.buffers_created += 1;
+        self.stats.peak_allocated = self.stats.peak_allocated.max(self.stats.allocated);
+    }
+}
+
+/// A storage buffer owned by one tensor; returns to the pool on drop.
+pub(crate) struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    class: u64,
+    pooled: bool,
+    pool: Weak<Mutex<Pool>>,
+}
+
+impl PooledBuffer {
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().unwrap()
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        let Some(buf) = self.buffer.take() else { return };
+        match self.pool.upgrade() {
+            Some(pool) => {
+                let mut p = pool.lock().unwrap();
+                p.stats.in_use -= self.class;
+                if self.pooled {
+                    p.free.entry(self.class).or_default().push(buf);
+                } else {
+                    p.stats.allocated -= self.class;
+                    buf.destroy();
+                }
+            }
+            None => buf.destroy(),
+        }
+    }
+}
+
+pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// A pooled buffer of at least `bytes` bytes (contents undefined).
+pub(crate) fn acquire(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, bytes: u64) -> PooledBuffer {
+    let class = size_class(bytes);
+    let mut p = pool.lock().unwrap();
+    let buf = match p.free.get_mut(&class).and_then(|v| v.pop()) {
+        Some(b) => b,
+        None => {
+            p.note_alloc(class);
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("pooled"),
+                size: class,
+                usage: STORAGE_USAGE,
+                mapped_at_creation: false,
+            })
+        }
+    };
+    p.note_use(class);
+    PooledBuffer { buffer: Some(buf), class, pooled: true, pool: Arc::downgrade(pool) }
+}
+
+/// A dedicated buffer initialised with `data` (weights, inputs); destroyed on drop, never reused,
+/// so no recorded command can observe a later upload into it.
+pub(crate) fn create_init(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, data: &[u8]) -> PooledBuffer {
+    let class = size_class(data.len() as u64);
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("data"),
+        size: class,
+        usage: STORAGE_USAGE,
+        mapped_at_creation: true,
+    });
+    {
+        let mut view = buf.slice(..).get_mapped_range_mut().expect("buffer mapped at creation");
+        view.slice(..data.len()).copy_from_slice(data);
+    }
+    buf.unmap();
+    let mut p = pool.lock().unwrap();
+    p.note_alloc(class);
+    p.note_use(class);
+    PooledBuffer { buffer: Some(buf), class, pooled: false, pool: Arc::downgrade(pool) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+    #[test]
+    fn size_classes_waste_little() {
+        for n in [1u64, 15, 16, 17, 255, 256, 1000, 4096, 4097, 1 << 20, (1 << 20) + 1, 67_108_864] {
+            let c = size_class(n);
+            assert!(c >= n, "{n} -> {c}");
+            assert!(c % 16 == 0);
+            if n > 4096 {
+                assert!((c - n) as f64 <= n as f64 * 0.125 + 1.0, "{n} -> {c}");
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Command recording. A whole forward (or forward+backward) is recorded into one command encoder,
+//! with the dispatches in one open compute pass, and submitted once; nothing is read back between
+//! kernels. Kernel parameters live in uniform chunks written just before submission.
+
+use super::pipeline::Kernel;
+use super::{Gpu, Tensor};
+use crate::error::{Error, Result};
+
+/// Uniform parameters of one dispatch: a flat list of 4-byte scalars, in the order of the WGSL
+/// `Params` struct of the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct Params(pub Vec<u32>);
+
+impl Params {
+    pub fn new() -> Self {
+        Params(Vec::with_capacity(16))
+    }
+    pub fn u(mut self, v: usize) -> Self {
+        self.0.push(u32::try_from(v).expect("parameter exceeds u32"));
+        self
+    }
+    pub fn i(mut self, v: i64) -> Self {
+        self.0.push(i32::try_from(v).expect("parameter exceeds i32") as u32);
+        self
+    }
+    pub fn f(mut self, v: f32) -> Self {
+        self.0.push(v.to_bits());
+        self
+    }
+}
+
+const CHUNK: u64 = 64 * 1024;
+
+struct UniformChunk {
+    buffer: wgpu::Buffer,
+    data: Vec<u8>,
+}
+
+pub struct Recorder<'g> {
+    pub gpu: &'g Gpu,
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    chunks: Vec<UniformChunk>,
+    /// Number of dispatches recorded so far.
+    pub dispatches: usize,
+    /// FLOPs declared by the ops recorded so far (for benchmarks).
+    pub flops: f64,
+}
+
+impl<'g> Recorder<'g> {
+    pub(crate) fn new(gpu: &'g Gpu) -> Self {
+        let encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("medfastsam"),
+        });
+        Recorder { gpu, encoder: Some(encoder), pass: None, chunks: Vec::new(), dispatches: 0, flops: 0.0 }
+    }
+
+    fn end_pass(&mut self) {
+        self.pass = None;
+    }
+
+    fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.end_pass();
+        self.encoder.as_mut().expect("recorder already submitted")
+    }
+
+    /// Splits `groups` workgroups over x and y so that neither exceeds the per-dimension limit.
+    /// Kernels recover the flat index with `flat_group(wid, nwg)` from common.wgsl.
+    pub fn grid(&self, groups: usize) -> [u32; 3] {
+        let max = self.gpu.limits.max_compute_workgroups_per_dimension as usize;
+        let groups = groups.max(1);
+        if groups <= max {
+            [groups as u32, 1, 1]
+        } else {
+            let y = groups.div_ceil(max);
+            let x = groups.div_ceil(y);
+            [x as u32, y as u32, 1]
+        }
+    }
+
+    fn uniform_slot(&mut self, p: &Params) -> (usize, u64, u64) {
+        let align = self.gpu.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
+        let size = (p.0.len() * 4).max(16).next_multiple_of(16);
+        let need_new = match self.chunks.last() {
+            Some(c) => c.data.len().next_multiple_of(align) + size > CHUNK as usize,
+            None => true,
+        };
+        if need_new {
+            let buffer = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: CHUNK,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.chunks.push(UniformChunk { buffer, data: Vec::with_capacity(CHUNK as usize) });
+        }
+        let ci = self.chunks.len() - 1;
+        let c = &mut self.chunks[ci];
+        let off = c.data.len().next_multiple_of(align);
+        c.data.resize(off, 0);
+        c.data.extend_from_slice(bytemuck::cast_slice(&p.0));
+        c.data.resize(off + size, 0);
+        (ci, off as u64, size as u64)
+    }
+
+    /// Records one dispatch: binding 0 is the uniform `Params`, bindings 1.. are `tensors` in order.
+    /// Workgroup counts, binding sizes and the number of storage buffers are checked against the
+    /// device limits first.
+    pub fn dispatch(&mut self, k: &Kernel, p: Params, tensors: &[&Tensor], groups: [u32; 3]) -> Result<()> {
+        let lim = &self.gpu.limits;
+        for (axis, &g) in groups.iter().enumerate() {
+            if g > lim.max_compute_workgroups_per_dimension {
+                return Err(Error::Limit {
+                    what: format!("kernel {} (workgroups along axis {axis})", k.entry),
+                    needed: g as u64,
+                    limit_name: "max_compute_workgroups_per_dimension",
+                    limit: lim.max_compute_workgroups_per_dimension as u64,
+                    hint: "this is a bug in the dispatch grid; please report it".into(),
+                });
+            }
+        }
+        if k.invocations > lim.max_compute_invocations_per_workgroup {
+            return Err(Error::Limit {
+                what: format!("kernel {}", k.entry),
+                needed: k.invocations as u64,
+                limit_name: "max_compute_invocations_per_workgroup",
+                limit: lim.max_compute_invocations_per_workgroup as u64,
+                hint: "use an adapter that supports the WebGPU default of 256".into(),
+            });
+        }
+        if tensors.len() as u32 > lim.max_storage_buffers_per_shader_stage {
+            return Err(Error::Limit {
+                what: format!("kernel {} (storage buffers)", k.entry),
+                needed: tensors.len() as u64,
+                limit_name: "max_storage_buffers_per_shader_stage",
+                limit: lim.max_storage_buffers_per_shader_stage as u64,
+                hint: "use an adapter that supports the WebGPU default of 8".into(),
+            });
+        }
+        for (i, t) in tensors.iter().enumerate() {
+            self.gpu.check_binding(&format!("kernel {} binding {} {:?}", k.entry, i + 1, t.shape), t.bytes())?;
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let pipeline = self.gpu.pipelines.get(&self.gpu.device, k);
+        let (ci, off, size) = self.uniform_slot(&p);
+        let mut entries = Vec::with_capacity(tensors.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.chunks[ci].buffer,
+                offset: off,
+                size: wgpu::BufferSize::new(size),
+            }),
+        });
+        for (i, t) in tensors.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: t.buffer(),
+                    offset: 0,
+                    size: wgpu::BufferSize::new(t.bytes()),
+                }),
+            });
+        }
+        let bg = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(k.entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        if self.pass.is_none() {
+            let enc = self.encoder.as_mut().expect("recorder already submitted");
+            let pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
+                .forget_lifetime();
+            self.pass = Some(pass);
+        }
+        let pass = self.pass.as_mut().unwrap();
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        self.dispatches += 1;
+        Ok(())
+    }
+
+    /// Records a zero fill of `t` (ordered with the dispatches around it).
+    pub fn zero(&mut self, t: &Tensor) {
+        let bytes = t.bytes();
+        self.encoder().clear_buffer(t.buffer(), 0, Some(bytes));
+    }
+
+    /// A new pooled tensor filled with zeros.
+    pub fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let t = self.gpu.empty(shape)?;
+        self.zero(&t);
+        Ok(t)
+    }
+
+    /// Records a copy of `src` into `dst` (same element count).
+    pub fn copy(&mut self, src: &Tensor, dst: &Tensor) {
+        assert_eq!(src.numel(), dst.numel());
+        let bytes = src.bytes();
+        self.encoder().copy_buffer_to_buffer(src.buffer(), 0, dst.buffer(), 0, bytes);
+    }
+
+    /// A new tensor holding a copy of `src`.
+    pub fn clone_tensor(&mut self, src: &Tensor) -> Result<Tensor> {
+        let t = self.gpu.empty(&src.shape)?;
+        self.copy(src, &t);
+        Ok(t)
+    }
+
+    /// Finishes the encoder, uploads the parameters and submits everything.
+    pub fn submit(mut self) -> Result<()> {
+        self.submit_inner()
+    }
+
+    fn submit_inner(&mut self) -> Result<()> {
+        self.end_pass();
+        let Some(enc) = self.encoder.take() else { return Ok(()) };
+        for c in &self.chunks {
+            if !c.data.is_empty() {
+                self.gpu.queue.write_buffer(&c.buffer, 0, &c.data);
+            }
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        self.gpu.take_errors()
+    }
+
+    /// Submits what is recorded so far and starts a new encoder (used to bound memory of very long
+    /// recordings, e.g. between training steps).
+    pub fn flush(&mut self) -> Result<()> {
+        self.submit_inner()?;
+        self.chunks.clear();
+        self.encoder = Some(self.gpu.device.create_command_encoder(&Default::default()));
+        Ok(())
+    }
+}
+
+impl Drop for Recorder<'_> {
+    fn drop(&mut self) {
+        // Dropping without submit discards the recording; end the pass first so wgpu is happy.
+        self.pass = None;
+    }
+}

@@ -1,0 +1,144 @@
+//! A tensor is a shape and a storage buffer of 4-byte elements (f32, or u32 for packed pixels and
+//! counters). Feature maps are channels-last (B, H, W, C) = tokens (B, L, C), row-major.
+
+use super::pool::{self, PooledBuffer};
+use super::Gpu;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub(crate) buf: Arc<PooledBuffer>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor{:?}", self.shape)
+    }
+}
+
+impl Tensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> u64 {
+        (self.numel().max(1) * 4) as u64
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buf.buffer()
+    }
+    /// The same storage seen with another shape of equal element count.
+    pub fn reshape(&self, shape: &[usize]) -> Tensor {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            self.numel(),
+            "reshape {:?} -> {:?}",
+            self.shape,
+            shape
+        );
+        Tensor { shape: shape.to_vec(), buf: self.buf.clone() }
+    }
+    /// Size of dimension `i`, negative indices from the end.
+    pub fn dim(&self, i: isize) -> usize {
+        let n = self.shape.len() as isize;
+        self.shape[if i < 0 { (n + i) as usize } else { i as usize }]
+    }
+    pub fn same_buffer(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.buf, &other.buf)
+    }
+}
+
+impl Gpu {
+    fn check_alloc(&self, what: &str, bytes: u64) -> Result<()> {
+        if bytes > self.limits.max_buffer_size {
+            return Err(Error::Limit {
+                what: what.to_string(),
+                needed: bytes,
+                limit_name: "max_buffer_size",
+                limit: self.limits.max_buffer_size,
+                hint: "use a smaller image size or batch".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// An uninitialised pooled tensor (every kernel writing it must cover all elements).
+    pub fn empty(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let bytes = (n.max(1) * 4) as u64;
+        self.check_alloc(&format!("tensor {shape:?}"), bytes)?;
+        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(pool::acquire(&self.device, &self.pool, bytes)) })
+    }
+
+    pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        self.upload_bytes(bytemuck::cast_slice(data), data.len(), shape)
+    }
+
+    pub fn upload_u32(&self, data: &[u32], shape: &[usize]) -> Result<Tensor> {
+        self.upload_bytes(bytemuck::cast_slice(data), data.len(), shape)
+    }
+
+    fn upload_bytes(&self, bytes: &[u8], n: usize, shape: &[usize]) -> Result<Tensor> {
+        let want: usize = shape.iter().product();
+        if want != n {
+            return Err(Error::Invalid(format!("upload: {n} values for shape {shape:?}")));
+        }
+        self.check_alloc(&format!("tensor {shape:?}"), bytes.len() as u64)?;
+        let data: std::borrow::Cow<[u8]> =
+            if bytes.is_empty() { vec![0u8; 4].into() } else { bytes.into() };
+        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(pool::create_init(&self.device, &self.pool, &data)) })
+    }
+
+    /// Copies a tensor back to the CPU as raw 4-byte words.
+    pub async fn read_u32_async(&self, t: &Tensor) -> Result<Vec<u32>> {
+        let bytes = t.bytes();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        rx.await
+            .map_err(|_| Error::Gpu("readback cancelled".into()))?
+            .map_err(|e| Error::Gpu(format!("readback map failed: {e}")))?;
+        self.take_errors()?;
+        let out = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("readback view: {e}")))?;
+            let mut v = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
+            v.truncate(t.numel());
+            v
+        };
+        staging.unmap();
+        staging.destroy();
+        Ok(out)
+    }
+
+    pub async fn read_async(&self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(self.read_u32_async(t).await?.into_iter().map(f32::from_bits).collect())
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        pollster::block_on(self.read_async(t))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        pollster::block_on(self.read_u32_async(t))
+    }
+}

@@ -1,0 +1,9 @@
+//! medfastsam: prompt-free medical image segmentation (Med-FastSAM, NeurIPS 2024) on wgpu, with every
+//! numerical kernel a hand-written WGSL compute shader.
+
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod testutil;
+
+pub use error::{Error, Result};

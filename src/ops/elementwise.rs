@@ -1,0 +1,92 @@
+//! Elementwise kernels (shaders/elementwise.wgsl): activations, broadcast add/mul/sub, in-place
+//! accumulation, channel concat/split and the ImageNet input normalisation.
+
+use super::matmul::Act;
+use crate::error::{Error, Result};
+use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+
+fn ew(entry: &'static str) -> Kernel {
+    Kernel::new(ShaderFamily::Elementwise, entry, 256)
+}
+
+fn launch(rec: &mut Recorder, k: Kernel, n: usize, nb: usize, c2: usize, t: &[&Tensor]) -> Result<()> {
+    let groups = rec.grid(n.div_ceil(256));
+    rec.dispatch(&k, Params::new().u(n).u(nb.max(1)).u(c2).u(0), t, groups)
+}
+
+/// `act(x)` elementwise.
+pub fn activation(rec: &mut Recorder, x: &Tensor, act: Act) -> Result<Tensor> {
+    let y = rec.gpu.empty(&x.shape)?;
+    launch(rec, ew("unary").u("ACT", act.code()), x.numel(), 0, 0, &[x, &y])?;
+    Ok(y)
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum BinOp {
+    Add,
+    Mul,
+    Sub,
+}
+
+/// `a op b`, with `b` broadcast by repetition (`b[i % b.numel()]`, e.g. a per-channel vector).
+pub fn binary(rec: &mut Recorder, a: &Tensor, b: &Tensor, op: BinOp) -> Result<Tensor> {
+    if b.numel() == 0 || a.numel() % b.numel() != 0 {
+        return Err(Error::Invalid(format!("binary op: {:?} does not broadcast over {:?}", b.shape, a.shape)));
+    }
+    let code = match op {
+        BinOp::Add => 0,
+        BinOp::Mul => 1,
+        BinOp::Sub => 2,
+    };
+    let y = rec.gpu.empty(&a.shape)?;
+    launch(rec, ew("binary").u("OP", code), a.numel(), b.numel(), 0, &[a, b, &y])?;
+    Ok(y)
+}
+
+pub fn add(rec: &mut Recorder, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(rec, a, b, BinOp::Add)
+}
+
+/// `acc += a` in place (same element count).
+pub fn accumulate(rec: &mut Recorder, acc: &Tensor, a: &Tensor) -> Result<()> {
+    if acc.numel() != a.numel() {
+        return Err(Error::Invalid(format!("accumulate: {:?} += {:?}", acc.shape, a.shape)));
+    }
+    launch(rec, ew("accumulate"), a.numel(), 0, 0, &[a, acc])
+}
+
+/// Concatenates along the last axis: [.., c1] ++ [.., c2] -> [.., c1 + c2].
+pub fn concat_last(rec: &mut Recorder, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (c1, c2) = (a.dim(-1), b.dim(-1));
+    if a.numel() / c1 != b.numel() / c2 {
+        return Err(Error::Invalid(format!("concat: {:?} and {:?}", a.shape, b.shape)));
+    }
+    let mut shape = a.shape.clone();
+    *shape.last_mut().unwrap() = c1 + c2;
+    let y = rec.gpu.empty(&shape)?;
+    launch(rec, ew("concat_last"), y.numel(), c1, c2, &[a, b, &y])?;
+    Ok(y)
+}
+
+/// Inverse of [`concat_last`]: splits the last axis into `c1` and the rest.
+pub fn split_last(rec: &mut Recorder, g: &Tensor, c1: usize) -> Result<(Tensor, Tensor)> {
+    let c = g.dim(-1);
+    let c2 = c - c1;
+    let mut sa = g.shape.clone();
+    *sa.last_mut().unwrap() = c1;
+    let mut sb = g.shape.clone();
+    *sb.last_mut().unwrap() = c2;
+    let a = rec.gpu.empty(&sa)?;
+    let b = rec.gpu.empty(&sb)?;
+    launch(rec, ew("split_last"), g.numel(), c1, c2, &[g, &a, &b])?;
+    Ok((a, b))
+}
+
+/// Packed RGB u32 pixels [B, H, W] -> ImageNet-normalised [B, H, W, 3].
+pub fn image_normalize(rec: &mut Recorder, px: &Tensor) -> Result<Tensor> {
+    let mut shape = px.shape.clone();
+    shape.push(3);
+    let y = rec.gpu.empty(&shape)?;
+    launch(rec, ew("image_normalize"), px.numel(), 0, 0, &[px, &y])?;
+    Ok(y)
+}
