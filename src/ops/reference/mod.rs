@@ -1,6 +1,13 @@
 //! Plain CPU f64 reference implementations of every kernel, used by the tests. Layouts match the
 //! GPU ones: channels-last feature maps, PyTorch weight layouts.
 
+pub mod attention;
+pub mod conv;
+pub mod norm;
+pub mod otsu;
+pub mod pe;
+pub mod resize;
+
 /// Exact erf (libm).
 pub fn erf(x: f64) -> f64 {
     libm::erf(x)

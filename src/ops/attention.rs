@@ -1,0 +1,1 @@
+//! attention kernels (shaders/attention.wgsl).

@@ -1,0 +1,1 @@
+//! otsu kernels (shaders/otsu.wgsl).

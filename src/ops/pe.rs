@@ -1,0 +1,1 @@
+//! pe kernels (shaders/pe.wgsl).
