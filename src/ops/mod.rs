@@ -12,3 +12,57 @@ pub mod reference;
 pub mod resize;
 
 pub use matmul::Act;
+
+use crate::error::Result;
+use crate::gpu::{Gpu, Recorder};
+
+/// One micro-benchmark line: a kernel at one of the model's real shapes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchResult {
+    pub name: String,
+    /// Median milliseconds per call.
+    pub ms: f64,
+    pub gflops: Option<f64>,
+    pub gbps: Option<f64>,
+}
+
+impl std::fmt::Display for BenchResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:<48} {:>9.3} ms", self.name, self.ms)?;
+        if let Some(g) = self.gflops {
+            write!(f, " {g:>8.2} GFLOP/s")?;
+        }
+        if let Some(g) = self.gbps {
+            write!(f, " {g:>8.2} GB/s")?;
+        }
+        Ok(())
+    }
+}
+
+/// Times `record` (which records one call of a kernel): one warm-up submission (compiles the
+/// pipelines), then `reps` timed submissions, each waited for. Returns the median ms.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn time_op(gpu: &Gpu, reps: usize, mut record: impl FnMut(&mut Recorder) -> Result<()>) -> Result<f64> {
+    let mut once = |gpu: &Gpu| -> Result<f64> {
+        let t0 = std::time::Instant::now();
+        let mut rec = gpu.new_recorder();
+        record(&mut rec)?;
+        rec.submit()?;
+        gpu.sync()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    once(gpu)?;
+    let mut v: Vec<f64> = (0..reps.max(1)).map(|_| once(gpu)).collect::<Result<_>>()?;
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(v[v.len() / 2])
+}
+
+/// A benchmark line from a median time and the work done per call.
+pub fn bench_line(name: impl Into<String>, ms: f64, flops: Option<f64>, bytes: Option<f64>) -> BenchResult {
+    BenchResult {
+        name: name.into(),
+        ms,
+        gflops: flops.map(|f| f / (ms * 1e6)),
+        gbps: bytes.map(|b| b / (ms * 1e6)),
+    }
+}
