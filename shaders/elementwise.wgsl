@@ -2,6 +2,7 @@
 
 override ACT: u32 = 0u;
 override OP: u32 = 0u;
+override SLICE_BACKWARD: bool = false;
 
 struct EwParams {
     n: u32,      // number of output elements
@@ -113,4 +114,34 @@ fn image_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     img_out[i * 3u + 0u] = (r - 123.675) / 58.395;
     img_out[i * 3u + 1u] = (g - 116.28) / 57.12;
     img_out[i * 3u + 2u] = (b - 103.53) / 57.375;
+}
+
+// Slice along the middle axis of x viewed as [outer, mid, inner]:
+// out[o, r, i] = x[o, m0 + r, i] for r < mn.   (SLICE_BACKWARD: the reverse scatter into a zeroed
+// gradient, gx[o, m0 + r, i] += gy[o, r, i].)
+struct SliceParams {
+    n: u32,      // output elements (outer * mn * inner)
+    mid: u32,
+    m0: u32,
+    mn: u32,
+    inner: u32,
+}
+@group(0) @binding(0) var<uniform> sp: SliceParams;
+@group(0) @binding(1) var<storage, read> sl_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sl_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn slice_mid(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 256u + lid;
+    if (i >= sp.n) { return; }
+    let inner = i % sp.inner;
+    let r = (i / sp.inner) % sp.mn;
+    let o = i / (sp.inner * sp.mn);
+    let src = (o * sp.mid + sp.m0 + r) * sp.inner + inner;
+    if (SLICE_BACKWARD) {
+        sl_out[src] = sl_out[src] + sl_x[i];
+    } else {
+        sl_out[i] = sl_x[src];
+    }
 }

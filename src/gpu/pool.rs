@@ -29,7 +29,7 @@ pub(crate) struct Pool {
 pub(crate) fn size_class(bytes: u64) -> u64 {
     let bytes = bytes.max(16);
     let p = bytes.next_power_of_two();
-    let step = (p / 8).max(256);
+    let step = (p / 16).max(256);
     bytes.div_ceil(step) * step
 }
 

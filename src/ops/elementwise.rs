@@ -90,3 +90,29 @@ pub fn image_normalize(rec: &mut Recorder, px: &Tensor) -> Result<Tensor> {
     launch(rec, ew("image_normalize"), px.numel(), 0, 0, &[px, &y])?;
     Ok(y)
 }
+
+/// Rows `[m0, m0 + mn)` of the middle axis of `x` viewed as `[outer, mid, inner]`
+/// (`shape` gives that view), e.g. token 1 of the decoder's `[B, 5, 256]` output.
+pub fn slice_mid(rec: &mut Recorder, x: &Tensor, outer: usize, mid: usize, inner: usize, m0: usize, mn: usize) -> Result<Tensor> {
+    if outer * mid * inner != x.numel() || m0 + mn > mid {
+        return Err(Error::Invalid(format!("slice_mid: {:?} as [{outer},{mid},{inner}] rows {m0}+{mn}", x.shape)));
+    }
+    let y = rec.gpu.empty(&[outer, mn, inner])?;
+    let n = y.numel();
+    let groups = rec.grid(n.div_ceil(256));
+    let p = Params::new().u(n).u(mid).u(m0).u(mn).u(inner);
+    rec.dispatch(&ew("slice_mid"), p, &[x, &y], groups)?;
+    Ok(y)
+}
+
+/// Backward of [`slice_mid`]: `gx[o, m0 + r, i] += gy[o, r, i]`.
+pub fn slice_mid_backward(rec: &mut Recorder, gy: &Tensor, gx: &Tensor, mid: usize, m0: usize) -> Result<()> {
+    let (outer, mn, inner) = (gy.shape[0], gy.shape[1], gy.shape[2]);
+    if outer * mid * inner != gx.numel() || m0 + mn > mid {
+        return Err(Error::Invalid(format!("slice_mid_backward: {:?} into {:?}", gy.shape, gx.shape)));
+    }
+    let n = gy.numel();
+    let groups = rec.grid(n.div_ceil(256));
+    let p = Params::new().u(n).u(mid).u(m0).u(mn).u(inner);
+    rec.dispatch(&ew("slice_mid").b("SLICE_BACKWARD", true), p, &[gy, gx], groups)
+}
