@@ -26,11 +26,19 @@ pub struct GpuArgs {
     /// Adapter: index or part of its name (default: env MEDFASTSAM_ADAPTER, else the best GPU found).
     #[arg(long, global = true)]
     pub adapter: Option<String>,
+    /// Request only WebGPU's default limits (check that the work fits a browser); env MEDFASTSAM_LIMITS=webgpu.
+    #[arg(long, global = true)]
+    pub webgpu_limits: bool,
 }
 
 impl GpuArgs {
     pub fn open(&self) -> anyhow::Result<Gpu> {
-        let req = AdapterRequest { backend: self.backend.clone(), adapter: self.adapter.clone() }.with_env();
+        let req = AdapterRequest {
+            backend: self.backend.clone(),
+            adapter: self.adapter.clone(),
+            webgpu_limits: self.webgpu_limits,
+        }
+        .with_env();
         let gpu = Gpu::new(&req)?;
         eprintln!("adapter: {}", gpu.summary());
         Ok(gpu)
