@@ -102,7 +102,12 @@ fn conv2d_forward_chunked_path() {
 fn conv2d_grid_beyond_65535_workgroups() {
     // im2col writes 40,000 x 432 = 17.28 M elements = 67,500 workgroups of 256.
     let s = shp(1, 200, 200, 48, 4, 3, 1, 1);
-    assert!((s.oh() * s.ow() * s.ci * 9).div_ceil(256) > 65_535);
+    let col_elems = s.oh() * s.ow() * s.ci * 9;
+    assert!(col_elems.div_ceil(256) > 65_535);
+    // The column matrix must fit one binding, else the conv is chunked and no single dispatch
+    // is that large.
+    let lim = test_gpu().limits.max_storage_buffer_binding_size.min(test_gpu().limits.max_buffer_size);
+    assert!(4 * col_elems as u64 <= lim, "binding limit {lim} too small for this test");
     dense_forward(s, true, Act::None, None, 60);
 }
 
@@ -410,4 +415,13 @@ fn conv_transpose2x2_awkward_shapes() {
     convt_case(1, 1, 1, 1, 1, true, Act::Relu, 152);
     convt_case(2, 9, 7, 70, 33, true, Act::Gelu, 153); // 4*Co = 132: three GEMM column tiles
     convt_case(1, 16, 16, 24, 8, true, Act::None, 154); // M = 256: split-K dw
+}
+
+/// Micro-benchmarks (run with `cargo test --test ops_conv -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_conv() {
+    for line in medfastsam::ops::conv::bench(test_gpu()).unwrap() {
+        eprintln!("{line}");
+    }
 }

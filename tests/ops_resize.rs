@@ -132,3 +132,12 @@ fn bilinear_backward_awkward_shapes() {
     backward(1, 3, 250, 1, 767, 7, 39); // strong up in H, strong down in W
     backward(1, 256, 256, 1, 1024, 1024, 40); // the model's logits upsampling
 }
+
+/// Micro-benchmarks (run with `cargo test --test ops_resize -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_resize() {
+    for line in medfastsam::ops::resize::bench(test_gpu()).unwrap() {
+        eprintln!("{line}");
+    }
+}
