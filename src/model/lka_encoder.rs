@@ -136,6 +136,8 @@ impl MedFastSam {
     /// Neck: conv1×1 (no bias) → LayerNorm2d → conv3×3 (no bias) → LayerNorm2d. → [B,S/16,S/16,D].
     pub fn neck(&self, rec: &mut Recorder, x: &Tensor) -> Result<Tensor> {
         let ie = "image_encoder.neck";
+        let (g, c) = (self.cfg.grid(), self.cfg.embed_dims[3]);
+        let x = &x.reshape(&[x.numel() / (g * g * c), g, g, c]);
         let w0 = self.t(&format!("{ie}.0.weight"))?;
         let h = linear(rec, x, &w0.reshape(&[w0.shape[0], w0.shape[1]]), None, Act::None, None)?;
         let h = layer_norm(rec, &h, self.t(&format!("{ie}.1.weight"))?, self.t(&format!("{ie}.1.bias"))?, LN2D_EPS, Act::None)?;
