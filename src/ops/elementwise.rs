@@ -116,3 +116,32 @@ pub fn slice_mid_backward(rec: &mut Recorder, gy: &Tensor, gx: &Tensor, mid: usi
     let p = Params::new().u(n).u(mid).u(m0).u(mn).u(inner);
     rec.dispatch(&ew("slice_mid").b("SLICE_BACKWARD", true), p, &[gy, gx], groups)
 }
+
+/// `dy * act'(pre)`: the gradient through an activation given its input `pre`.
+pub fn act_backward(rec: &mut Recorder, pre: &Tensor, dy: &Tensor, act: Act) -> Result<Tensor> {
+    if pre.numel() != dy.numel() {
+        return Err(Error::Invalid(format!("act_backward: {:?} vs {:?}", pre.shape, dy.shape)));
+    }
+    let y = rec.gpu.empty(&dy.shape)?;
+    launch(rec, ew("act_backward").u("ACT", act.code()), dy.numel(), 0, 0, &[pre, dy, &y])?;
+    Ok(y)
+}
+
+/// Column sums of `x` seen as `[rows, c]` into `out [c]` (added to it when `accumulate`):
+/// deterministic two-level reduction (bias gradients).
+pub fn col_sum(rec: &mut Recorder, x: &Tensor, c: usize, out: &Tensor, accumulate: bool) -> Result<()> {
+    if c == 0 || x.numel() % c != 0 || out.numel() != c {
+        return Err(Error::Invalid(format!("col_sum: {:?} by {c} columns into {:?}", x.shape, out.shape)));
+    }
+    let rows = x.numel() / c;
+    let chunk_rows = rows.div_ceil(1024).max(64);
+    let nchunks = rows.div_ceil(chunk_rows).max(1);
+    let col_tiles = c.div_ceil(64);
+    let part = rec.gpu.empty(&[nchunks, c])?;
+    let p = Params::new().u(rows).u(c).u(chunk_rows).u(nchunks).u(col_tiles);
+    let g1 = rec.grid(col_tiles * nchunks);
+    rec.dispatch(&Kernel::new(ShaderFamily::Elementwise, "col_sum_partial", 64), p.clone(), &[x, &part], g1)?;
+    let g2 = rec.grid(col_tiles);
+    let k = Kernel::new(ShaderFamily::Elementwise, "col_sum_final", 64).b("ACCUM_OUT", accumulate);
+    rec.dispatch(&k, p, &[&part, out], g2)
+}
