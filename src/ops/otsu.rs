@@ -21,8 +21,7 @@
 //! (`x_norm = (px - mean) / std`), not of its f32 rounding; `x_norm` is only shape-checked.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, Params, Recorder, ShaderFamily, Tensor};
-use crate::ops::BenchResult;
+use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OtsuRule {
@@ -179,7 +178,7 @@ pub fn otsu(rec: &mut Recorder, px: &Tensor, x_norm: &Tensor, rule: OtsuRule) ->
 
 /// Micro-benchmark: both rules on one 1024² image.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<crate::ops::BenchResult>> {
     use crate::ops::{bench_line, time_op};
     let s = 1024;
     let mut rng = crate::testutil::Rng::new(42);

@@ -2,8 +2,7 @@
 //! a constant of the loaded weights that can be computed once per grid size.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, Params, Recorder, ShaderFamily, Tensor};
-use crate::ops::BenchResult;
+use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
 
 /// gauss [2,128] (prompt_encoder.pe_layer.positional_encoding_gaussian_matrix). For cell (row y, col x)
 /// of an h x w grid: c = (2*(x+0.5)/w - 1, 2*(y+0.5)/h - 1) (x first); z = 2*pi*(c . G) (128 values);
@@ -28,7 +27,7 @@ pub fn dense_pe(rec: &mut Recorder, gauss: &Tensor, h: usize, w: usize) -> Resul
 
 /// Micro-benchmark: the 64x64 grid of the paper configuration.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<crate::ops::BenchResult>> {
     use crate::ops::{bench_line, time_op};
     let mut rng = crate::testutil::Rng::new(7);
     let g: Vec<f32> = (0..256).map(|_| rng.normal() as f32).collect();
