@@ -91,8 +91,10 @@ fn stage_by_stage(v: Variant) {
     let dense = m.cp_encode(&mut rec, &c.upload(&k("otsu.mask_lowres"))).unwrap();
     let g = c.cfg.grid();
     let pe = m.dense_pe(&mut rec, g, g).unwrap();
-    let (tok, img) =
-        m.two_way(&mut rec, &c.upload(&k("encoder.embedding")), &c.upload(&k("prompt.dense")), &c.upload(&k("pe.dense")).reshape(&[g, g, 256])).unwrap();
+    // pe.dense is stored [256, g, g]: channels-first without a batch axis.
+    let pe_want = nchw_to_nhwc(&c.fwd.f32(&k("pe.dense")), &[1, 256, g, g]);
+    let pe_rec = gpu.upload(&pe_want, &[g, g, 256]).unwrap();
+    let (tok, img) = m.two_way(&mut rec, &c.upload(&k("encoder.embedding")), &c.upload(&k("prompt.dense")), &pe_rec).unwrap();
     let lowres = m
         .mask_head(&mut rec, &c.upload(&k("decoder.tokens")), &c.upload(&k("decoder.image")), &c.upload(&k("msf.r1")), &c.upload(&k("msf.r2")))
         .unwrap();
@@ -108,8 +110,6 @@ fn stage_by_stage(v: Variant) {
     check(&k("msf.r2"), &r2, &c.rec(&k("msf.r2")).0, STAGE_TOL);
     check(&k("msf.r1"), &r1, &c.rec(&k("msf.r1")).0, STAGE_TOL);
     check(&k("otsu.mask_lowres"), &low, &c.rec(&k("otsu.mask_lowres")).0, 1e-6);
-    // pe.dense is stored [256, g, g]: channels-first without a batch axis.
-    let pe_want = nchw_to_nhwc(&c.fwd.f32(&k("pe.dense")), &[1, 256, g, g]);
     check(&k("pe.dense"), &pe, &pe_want, STAGE_TOL);
     check(&k("prompt.dense"), &dense, &c.rec(&k("prompt.dense")).0, STAGE_TOL);
     check(&k("decoder.tokens"), &tok, &c.rec(&k("decoder.tokens")).0, STAGE_TOL);

@@ -264,6 +264,11 @@ impl Gpu {
         self.pool.lock().unwrap().reset_peak();
     }
 
+    /// Makes the buffers this thread freed reusable by every thread (after a submission).
+    pub(crate) fn release_pending(&self) {
+        self.pool.lock().unwrap().release_pending(std::thread::current().id());
+    }
+
     /// Releases cached free buffers (keeps those in use).
     pub fn trim_pool(&self) {
         self.pool.lock().unwrap().trim();

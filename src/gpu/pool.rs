@@ -1,7 +1,9 @@
 //! Buffer pool. Intermediate tensors take storage buffers from size classes (≤ 12.5 % waste) and give
 //! them back when dropped, so a forward pass reuses memory instead of allocating. Recording order
 //! makes reuse safe: a buffer freed after its last use in a recording is only written by commands
-//! recorded later, which the GPU executes later.
+//! recorded later, which the GPU executes later. A buffer freed by one thread stays private to that
+//! thread until its recording is submitted, so a recording of another thread that is submitted
+//! first can never have its tensor clobbered by the older, still unsubmitted commands.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -22,7 +24,10 @@ pub struct PoolStats {
 
 #[derive(Default)]
 pub(crate) struct Pool {
+    /// Free buffers any recording may take (their last users have been submitted).
     free: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// Buffers freed by a thread since its last submission: reusable by that thread only.
+    pending: HashMap<std::thread::ThreadId, HashMap<u64, Vec<wgpu::Buffer>>>,
     stats: PoolStats,
 }
 
@@ -40,6 +45,14 @@ impl Pool {
     pub fn reset_peak(&mut self) {
         self.stats.peak_in_use = self.stats.in_use;
         self.stats.peak_allocated = self.stats.allocated;
+    }
+    /// Called when `thread` submits: what it freed becomes available to everyone.
+    pub fn release_pending(&mut self, thread: std::thread::ThreadId) {
+        if let Some(p) = self.pending.remove(&thread) {
+            for (class, mut bufs) in p {
+                self.free.entry(class).or_default().append(&mut bufs);
+            }
+        }
     }
     pub fn trim(&mut self) {
         for (class, bufs) in self.free.drain() {
@@ -81,7 +94,8 @@ impl Drop for PooledBuffer {
                 let mut p = pool.lock().unwrap();
                 p.stats.in_use -= self.class;
                 if self.pooled {
-                    p.free.entry(self.class).or_default().push(buf);
+                    let t = std::thread::current().id();
+                    p.pending.entry(t).or_default().entry(self.class).or_default().push(buf);
                 } else {
                     // Not destroyed: recorded commands may still use it; wgpu frees it after them.
                     p.stats.allocated -= self.class;
@@ -101,7 +115,9 @@ pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 pub(crate) fn acquire(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, bytes: u64) -> PooledBuffer {
     let class = size_class(bytes);
     let mut p = pool.lock().unwrap();
-    let buf = match p.free.get_mut(&class).and_then(|v| v.pop()) {
+    let t = std::thread::current().id();
+    let own = p.pending.get_mut(&t).and_then(|m| m.get_mut(&class)).and_then(|v| v.pop());
+    let buf = match own.or_else(|| p.free.get_mut(&class).and_then(|v| v.pop())) {
         Some(b) => b,
         None => {
             p.note_alloc(class);

@@ -237,6 +237,7 @@ impl<'g> Recorder<'g> {
             }
         }
         self.gpu.queue.submit([enc.finish()]);
+        self.gpu.release_pending();
         self.gpu.take_errors()
     }
 
