@@ -2,7 +2,7 @@
 //! LayerNorm2d on channels-last maps) and BatchNorm2d on channels-last maps.
 //!
 //! Both see a `[rows, C]` matrix (rows = every leading dim). LayerNorm uses one team of
-//! `T = next_pow2(C)` (≤ 256) invocations per row, with a two-pass mean / variance in f32.
+//! `T = next_pow2(C) / 16` (1..=256) invocations per row, with a two-pass mean / variance in f32.
 //! Every reduction over rows (LayerNorm dw/db, BatchNorm statistics and gradients) is two-level and
 //! deterministic: per-workgroup partial sums over fixed row chunks, then one workgroup per column
 //! sums the partials in a fixed order. No atomics.
@@ -11,9 +11,18 @@ use super::matmul::Act;
 use crate::error::{Error, Result};
 use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
 
-/// Threads per row of the LayerNorm kernels.
+/// Threads per row of the LayerNorm kernels: about 16 values per thread. (One invocation per value
+/// made the barrier-heavy tree reductions dominate on lavapipe, 3-5x slower; ~16 per thread keeps
+/// rows contiguous within a team and enough teams per workgroup on real GPUs.)
 fn team_size(c: usize) -> u32 {
-    c.next_power_of_two().clamp(1, 256) as u32
+    (c.next_power_of_two() / 16).clamp(1, 256) as u32
+}
+
+fn check_team(team: u32) -> Result<u32> {
+    if team == 0 || team > 256 || !team.is_power_of_two() {
+        return Err(Error::Invalid(format!("layer_norm: team size {team} is not a power of two in 1..=256")));
+    }
+    Ok(team)
 }
 
 fn norm_kernel(entry: &'static str, inv: u32) -> Kernel {
@@ -37,6 +46,9 @@ pub fn layer_norm(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, eps: f
     let (rows, c) = check_ln(x, w, b)?;
     let y = rec.gpu.empty(&x.shape)?;
     let t = team_size(c);
+    if rows == 0 {
+        return Ok(y);
+    }
     let k = norm_kernel("ln_fwd", 256).u("T", t).u("ACT", act.code());
     let groups = rec.grid(rows.div_ceil((256 / t) as usize));
     rec.dispatch(&k, Params::new().u(rows).u(c).f(eps).u(0), &[x, w, b, &y], groups)?;
@@ -65,13 +77,30 @@ pub fn layer_norm_train(
     eps: f32,
     act: Act,
 ) -> Result<(Tensor, LnSaved)> {
+    let c = x.shape.last().copied().unwrap_or(0);
+    layer_norm_train_with_team(rec, x, w, b, eps, act, team_size(c))
+}
+
+/// [`layer_norm_train`] with an explicit number of threads per row (a power of two ≤ 256); used by
+/// the tests to cover every reduction width and the grid splitting with small tensors.
+#[doc(hidden)]
+pub fn layer_norm_train_with_team(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+    act: Act,
+    team: u32,
+) -> Result<(Tensor, LnSaved)> {
     let (rows, c) = check_ln(x, w, b)?;
+    let team = check_team(team)?;
     let y = rec.gpu.empty(&x.shape)?;
     let mean = rec.gpu.empty(&[rows])?;
     let rstd = rec.gpu.empty(&[rows])?;
     let pre = if act != Act::None { Some(rec.gpu.empty(&x.shape)?) } else { None };
     let dummy = rec.gpu.dummy();
-    let t = team_size(c);
+    let t = team;
     let k = norm_kernel("ln_fwd_train", 256).u("T", t).u("ACT", act.code());
     let groups = rec.grid(rows.div_ceil((256 / t) as usize));
     rec.dispatch(
@@ -97,7 +126,26 @@ pub fn layer_norm_backward(
     db: &Tensor,
     dx_acc: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let c = x.shape.last().copied().unwrap_or(0);
+    layer_norm_backward_with_team(rec, x, w, saved, dy, dw, db, dx_acc, team_size(c))
+}
+
+/// [`layer_norm_backward`] with an explicit number of threads per row (tests).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward_with_team(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    saved: &LnSaved,
+    dy: &Tensor,
+    dw: &Tensor,
+    db: &Tensor,
+    dx_acc: Option<&Tensor>,
+    team: u32,
+) -> Result<Tensor> {
     let (rows, c) = check_ln(x, w, w)?;
+    let team = check_team(team)?;
     if dy.numel() != x.numel() || dw.numel() != c || db.numel() != c || saved.mean.numel() != rows {
         return Err(Error::Invalid(format!(
             "layer_norm_backward: x {:?}, dy {:?}, dw {:?}, db {:?}, saved mean {:?}",
@@ -115,7 +163,10 @@ pub fn layer_norm_backward(
         Some(d) => d.clone(),
         None => rec.gpu.empty(&x.shape)?,
     };
-    let t = team_size(c);
+    if rows == 0 {
+        return Ok(dx);
+    }
+    let t = team;
     let k = norm_kernel("ln_bwd_dx", 256)
         .u("T", t)
         .u("ACT", saved.act.code())
@@ -434,4 +485,53 @@ pub fn batch_norm_backward(
         g,
     )?;
     Ok(dx)
+}
+
+/// Micro-benchmarks at the model's shapes: LayerNorm forward at 16384×128 and 65536×32 (and its
+/// training backward), BatchNorm2d training forward and backward at 65536×256. GB/s counts the
+/// minimal traffic (forward: read x, write y; backward: read x, dy, write dx).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
+    use super::{bench_line, time_op};
+    let mut rng = crate::testutil::Rng::new(42);
+    let mut out = Vec::new();
+    let reps = 5;
+    for (rows, c) in [(16384usize, 128usize), (65536, 32)] {
+        let x = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
+        let dy = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
+        let w = gpu.upload(&rng.vec(c), &[c])?;
+        let b = gpu.upload(&rng.vec(c), &[c])?;
+        let dw = gpu.upload(&vec![0.0; c], &[c])?;
+        let db = gpu.upload(&vec![0.0; c], &[c])?;
+        let bytes = (rows * c * 8) as f64;
+        let ms = time_op(gpu, reps, |rec| layer_norm(rec, &x, &w, &b, 1e-5, Act::None).map(|_| ()))?;
+        out.push(bench_line(format!("layer_norm fwd {rows}x{c}"), ms, None, Some(bytes)));
+        let mut rec = gpu.new_recorder();
+        let (_, saved) = layer_norm_train(&mut rec, &x, &w, &b, 1e-5, Act::None)?;
+        rec.submit()?;
+        let ms = time_op(gpu, reps, |rec| {
+            layer_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ())
+        })?;
+        out.push(bench_line(format!("layer_norm bwd {rows}x{c}"), ms, None, Some(bytes * 1.5)));
+    }
+    let (rows, c) = (65536usize, 256usize);
+    let x = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
+    let dy = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
+    let w = gpu.upload(&rng.vec(c), &[c])?;
+    let b = gpu.upload(&rng.vec(c), &[c])?;
+    let rm = gpu.upload(&vec![0.0; c], &[c])?;
+    let rv = gpu.upload(&vec![1.0; c], &[c])?;
+    let dw = gpu.upload(&vec![0.0; c], &[c])?;
+    let db = gpu.upload(&vec![0.0; c], &[c])?;
+    let bytes = (rows * c * 8) as f64;
+    let ms = time_op(gpu, reps, |rec| {
+        batch_norm_train(rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, Act::None).map(|_| ())
+    })?;
+    out.push(bench_line(format!("batch_norm_train fwd {rows}x{c}"), ms, None, Some(bytes)));
+    let mut rec = gpu.new_recorder();
+    let (_, saved) = batch_norm_train(&mut rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, Act::None)?;
+    rec.submit()?;
+    let ms = time_op(gpu, reps, |rec| batch_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ()))?;
+    out.push(bench_line(format!("batch_norm_train bwd {rows}x{c}"), ms, None, Some(bytes * 1.5)));
+    Ok(out)
 }
