@@ -1,1 +1,308 @@
-// conv kernels
+// ---- conv.wgsl: im2col / col2im for GEMM-based dense convolution, depthwise convolution,
+// pixel (un)shuffle for the 2x2 stride-2 transposed convolution, row reductions for weight and
+// bias gradients. Feature maps are channels-last (B, H, W, C); weights keep PyTorch layouts.
+//
+// Every kernel runs one invocation per element of `cp.n` (1-D work over `rec.grid`), 256 per
+// workgroup, and uses the fields of ConvParams documented at its entry point.
+
+override ACT: u32 = 0u;        // fused activation (common.wgsl `activate`)
+override HAS_BIAS: bool = false;
+override ACCUM: bool = false;  // sum_rows: add into the output instead of overwriting it
+
+struct ConvParams {
+    n: u32,       // invocations doing work (elements covered by this dispatch)
+    bsz: u32,     // batch
+    h: u32,       // input height
+    w: u32,       // input width
+    c: u32,       // input channels
+    oh: u32,      // output height
+    ow: u32,      // output width
+    co: u32,      // output channels
+    k: u32,       // square kernel size
+    stride: u32,
+    pad: u32,
+    row0: u32,    // im2col/col2im: first output position (row of the column matrix) of the chunk
+    rows: u32,    // im2col/col2im: positions in the chunk; sum_rows: rows R; dw partial: positions M
+    kc: u32,      // im2col/col2im: columns K = c*k*k; sum_rows: columns C
+    e0: u32,      // sum_rows: rows per block; dw partial: positions per block
+    e1: u32,      // sum_rows: output column remap (0 = identity, see sum_rows)
+}
+
+@group(0) @binding(0) var<uniform> cp: ConvParams;
+
+fn cv_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return flat_group(wid, nwg) * 256u + lid;
+}
+
+// ---------------------------------------------------------------------------------------------
+// im2col: col[r, j] (r < rows, j < kc) for output position m = row0 + r = (b, oy, ox) and column
+// j = (ci, ky, kx) = ci*k*k + ky*k + kx (the row-major order of a [Co, Ci, k, k] weight), i.e.
+// x[b, oy*stride - pad + ky, ox*stride - pad + kx, ci], zero outside the image.
+@group(0) @binding(1) var<storage, read> i2c_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> i2c_col: array<f32>;
+
+@compute @workgroup_size(256)
+fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let r = i / cp.kc;
+    let j = i % cp.kc;
+    let kk = cp.k * cp.k;
+    let ci = j / kk;
+    let t = j % kk;
+    let ky = t / cp.k;
+    let kx = t % cp.k;
+    let m = cp.row0 + r;
+    let ox = m % cp.ow;
+    let q = m / cp.ow;
+    let oy = q % cp.oh;
+    let b = q / cp.oh;
+    let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
+    let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
+    var v = 0.0;
+    if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
+        v = i2c_x[((b * cp.h + u32(iy)) * cp.w + u32(ix)) * cp.c + ci];
+    }
+    i2c_col[i] = v;
+}
+
+// col2im (gather form, accumulating): dx[b, iy, ix, ci] += sum of dcol[m - row0, (ci, ky, kx)]
+// over the taps whose output position m = (b, oy, ox) lies in [row0, row0 + rows), where
+// iy = oy*stride - pad + ky and ix = ox*stride - pad + kx. One invocation per dx element.
+@group(0) @binding(1) var<storage, read> c2i_col: array<f32>;
+@group(0) @binding(2) var<storage, read_write> c2i_dx: array<f32>;
+
+@compute @workgroup_size(256)
+fn col2im(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let ci = i % cp.c;
+    let q = i / cp.c;
+    let ix = q % cp.w;
+    let q2 = q / cp.w;
+    let iy = q2 % cp.h;
+    let b = q2 / cp.h;
+    let kk = cp.k * cp.k;
+    let s = i32(cp.stride);
+    var acc = 0.0;
+    for (var ky = 0u; ky < cp.k; ky++) {
+        let ty = i32(iy + cp.pad) - i32(ky);
+        if (ty < 0 || ty % s != 0) { continue; }
+        let oy = u32(ty / s);
+        if (oy >= cp.oh) { continue; }
+        for (var kx = 0u; kx < cp.k; kx++) {
+            let tx = i32(ix + cp.pad) - i32(kx);
+            if (tx < 0 || tx % s != 0) { continue; }
+            let ox = u32(tx / s);
+            if (ox >= cp.ow) { continue; }
+            let m = (b * cp.oh + oy) * cp.ow + ox;
+            if (m < cp.row0 || m >= cp.row0 + cp.rows) { continue; }
+            acc += c2i_col[(m - cp.row0) * cp.kc + ci * kk + ky * cp.k + kx];
+        }
+    }
+    c2i_dx[i] = c2i_dx[i] + acc;
+}
+
+// copy_range: dst[row0 + i] = src[rows + i] for i < n (row0 = destination offset, rows = source
+// offset, in elements). Moves chunks of a chunked convolution in and out of the full tensors.
+@group(0) @binding(1) var<storage, read> cpy_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> cpy_dst: array<f32>;
+
+@compute @workgroup_size(256)
+fn copy_range(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    cpy_dst[cp.row0 + i] = cpy_src[cp.rows + i];
+}
+
+// sum_rows: column sums of src [R = rows, C = kc] over blocks of e0 rows:
+// out[o(blk, j)] (+)= sum_{r in block blk} src[r*C + j], one invocation per (blk, j), n = blocks*C.
+// o = blk*C + j, except with e1 = T > 0 (used with a single block): o = (j % T) * (C / T) + j / T,
+// which turns a [K, T] column order into [T, K] (depthwise dw partials [kk, C] -> weight [C, kk]).
+@group(0) @binding(1) var<storage, read> sr_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sr_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn sum_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let j = i % cp.kc;
+    let blk = i / cp.kc;
+    let r0 = blk * cp.e0;
+    let r1 = min(r0 + cp.e0, cp.rows);
+    var acc = 0.0;
+    for (var r = r0; r < r1; r++) {
+        acc += sr_src[r * cp.kc + j];
+    }
+    var o = i;
+    if (cp.e1 > 0u) {
+        o = blk * cp.kc + (j % cp.e1) * (cp.kc / cp.e1) + j / cp.e1;
+    }
+    if (ACCUM) {
+        acc += sr_out[o];
+    }
+    sr_out[o] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise convolution (groups = channels), weight [C, 1, k, k]:
+// y[b, oy, ox, c] = act(bias[c] + sum_{ky,kx} x[b, oy*s - p + ky, ox*s - p + kx, c] * w[c, ky, kx]).
+@group(0) @binding(1) var<storage, read> dw_x: array<f32>;
+@group(0) @binding(2) var<storage, read> dw_w: array<f32>;
+@group(0) @binding(3) var<storage, read> dw_bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dw_y: array<f32>;
+
+@compute @workgroup_size(256)
+fn depthwise(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let c = i % cp.c;
+    let q = i / cp.c;
+    let ox = q % cp.ow;
+    let q2 = q / cp.ow;
+    let oy = q2 % cp.oh;
+    let b = q2 / cp.oh;
+    let kk = cp.k * cp.k;
+    var acc = 0.0;
+    for (var ky = 0u; ky < cp.k; ky++) {
+        let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
+        if (iy < 0 || iy >= i32(cp.h)) { continue; }
+        let row = (b * cp.h + u32(iy)) * cp.w;
+        for (var kx = 0u; kx < cp.k; kx++) {
+            let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
+            if (ix < 0 || ix >= i32(cp.w)) { continue; }
+            acc = fma(dw_x[(row + u32(ix)) * cp.c + c], dw_w[c * kk + ky * cp.k + kx], acc);
+        }
+    }
+    if (HAS_BIAS) {
+        acc += dw_bias[c];
+    }
+    dw_y[i] = activate(acc, ACT);
+}
+
+// depthwise_dx (gather, accumulating): dx[b, iy, ix, c] += sum over taps (ky, kx) with
+// oy = (iy + p - ky) / s and ox = (ix + p - kx) / s integral and inside the output of
+// dy[b, oy, ox, c] * w[c, ky, kx].
+@group(0) @binding(1) var<storage, read> dwx_dy: array<f32>;
+@group(0) @binding(2) var<storage, read> dwx_w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dwx_dx: array<f32>;
+
+@compute @workgroup_size(256)
+fn depthwise_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let c = i % cp.c;
+    let q = i / cp.c;
+    let ix = q % cp.w;
+    let q2 = q / cp.w;
+    let iy = q2 % cp.h;
+    let b = q2 / cp.h;
+    let kk = cp.k * cp.k;
+    let s = i32(cp.stride);
+    var acc = 0.0;
+    for (var ky = 0u; ky < cp.k; ky++) {
+        let ty = i32(iy + cp.pad) - i32(ky);
+        if (ty < 0 || ty % s != 0) { continue; }
+        let oy = u32(ty / s);
+        if (oy >= cp.oh) { continue; }
+        for (var kx = 0u; kx < cp.k; kx++) {
+            let tx = i32(ix + cp.pad) - i32(kx);
+            if (tx < 0 || tx % s != 0) { continue; }
+            let ox = u32(tx / s);
+            if (ox >= cp.ow) { continue; }
+            acc = fma(dwx_dy[((b * cp.oh + oy) * cp.ow + ox) * cp.c + c], dwx_w[c * kk + ky * cp.k + kx], acc);
+        }
+    }
+    dwx_dx[i] = dwx_dx[i] + acc;
+}
+
+// depthwise_dw_partial: part[blk, t, c] = sum over output positions m in block blk (e0 positions
+// per block, rows = M positions in all) of dy[m, c] * x[b, oy*s - p + ky, ox*s - p + kx, c],
+// t = ky*k + kx. n = blocks * k*k * C. sum_rows with e1 = C then reduces the blocks into w's
+// [C, k*k] order.
+@group(0) @binding(1) var<storage, read> dww_x: array<f32>;
+@group(0) @binding(2) var<storage, read> dww_dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dww_part: array<f32>;
+
+@compute @workgroup_size(256)
+fn depthwise_dw_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let kk = cp.k * cp.k;
+    let c = i % cp.c;
+    let t = (i / cp.c) % kk;
+    let blk = i / (cp.c * kk);
+    let ky = t / cp.k;
+    let kx = t % cp.k;
+    let m0 = blk * cp.e0;
+    let m1 = min(m0 + cp.e0, cp.rows);
+    var acc = 0.0;
+    for (var m = m0; m < m1; m++) {
+        let ox = m % cp.ow;
+        let q = m / cp.ow;
+        let oy = q % cp.oh;
+        let b = q / cp.oh;
+        let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
+        let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
+        if (iy < 0 || iy >= i32(cp.h) || ix < 0 || ix >= i32(cp.w)) { continue; }
+        acc = fma(dww_dy[m * cp.c + c], dww_x[((b * cp.h + u32(iy)) * cp.w + u32(ix)) * cp.c + c], acc);
+    }
+    dww_part[i] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2x2 stride-2 transposed convolution, after the GEMM t[m, o*4 + a*2 + c] = sum_ci x[m, ci] *
+// w[ci, o, a, c] (w [Ci, Co, 2, 2] read as a row-major [Ci, 4*Co] matrix, so no re-ordering):
+// pixel_shuffle2: y[b, 2i + a, 2j + c, o] = act(t[(b, i, j), o*4 + a*2 + c] + bias[o]).
+// h, w: input size; co: output channels; n = B*2H*2W*Co.
+@group(0) @binding(1) var<storage, read> ps_t: array<f32>;
+@group(0) @binding(2) var<storage, read> ps_bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> ps_y: array<f32>;
+
+@compute @workgroup_size(256)
+fn pixel_shuffle2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let o = i % cp.co;
+    let q = i / cp.co;
+    let xx = q % (2u * cp.w);
+    let q2 = q / (2u * cp.w);
+    let yy = q2 % (2u * cp.h);
+    let b = q2 / (2u * cp.h);
+    let m = (b * cp.h + yy / 2u) * cp.w + xx / 2u;
+    var v = ps_t[m * 4u * cp.co + o * 4u + (yy % 2u) * 2u + xx % 2u];
+    if (HAS_BIAS) {
+        v += ps_bias[o];
+    }
+    ps_y[i] = activate(v, ACT);
+}
+
+// pixel_unshuffle2 (backward of pixel_shuffle2): dt[m, o*4 + a*2 + c] = dy[b, 2i + a, 2j + c, o].
+// n = B*H*W*4*Co.
+@group(0) @binding(1) var<storage, read> pu_dy: array<f32>;
+@group(0) @binding(2) var<storage, read_write> pu_dt: array<f32>;
+
+@compute @workgroup_size(256)
+fn pixel_unshuffle2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let col = i % (4u * cp.co);
+    let m = i / (4u * cp.co);
+    let o = col / 4u;
+    let a = (col / 2u) % 2u;
+    let cc = col % 2u;
+    let j = m % cp.w;
+    let q = m / cp.w;
+    let ii = q % cp.h;
+    let b = q / cp.h;
+    pu_dt[i] = pu_dy[((b * 2u * cp.h + 2u * ii + a) * 2u * cp.w + 2u * j + cc) * cp.co + o];
+}

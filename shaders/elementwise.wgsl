@@ -2,6 +2,8 @@
 
 override ACT: u32 = 0u;
 override OP: u32 = 0u;
+override SLICE_BACKWARD: bool = false;
+override ACCUM_OUT: bool = false;
 
 struct EwParams {
     n: u32,      // number of output elements
@@ -113,4 +115,100 @@ fn image_normalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     img_out[i * 3u + 0u] = (r - 123.675) / 58.395;
     img_out[i * 3u + 1u] = (g - 116.28) / 57.12;
     img_out[i * 3u + 2u] = (b - 103.53) / 57.375;
+}
+
+// Slice along the middle axis of x viewed as [outer, mid, inner]:
+// out[o, r, i] = x[o, m0 + r, i] for r < mn.   (SLICE_BACKWARD: the reverse scatter into a zeroed
+// gradient, gx[o, m0 + r, i] += gy[o, r, i].)
+struct SliceParams {
+    n: u32,      // output elements (outer * mn * inner)
+    mid: u32,
+    m0: u32,
+    mn: u32,
+    inner: u32,
+}
+@group(0) @binding(0) var<uniform> sp: SliceParams;
+@group(0) @binding(1) var<storage, read> sl_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sl_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn slice_mid(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 256u + lid;
+    if (i >= sp.n) { return; }
+    let inner = i % sp.inner;
+    let r = (i / sp.inner) % sp.mn;
+    let o = i / (sp.inner * sp.mn);
+    let src = (o * sp.mid + sp.m0 + r) * sp.inner + inner;
+    if (SLICE_BACKWARD) {
+        sl_out[src] = sl_out[src] + sl_x[i];
+    } else {
+        sl_out[i] = sl_x[src];
+    }
+}
+
+// Activation backward: dpre = dy * act'(pre)   (ACT 1 GELU, 2 ReLU, 0 identity)
+@group(0) @binding(1) var<storage, read> ab_pre: array<f32>;
+@group(0) @binding(2) var<storage, read> ab_dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> ab_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn act_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let x = ab_pre[i];
+    var g = 1.0;
+    if (ACT == 1u) { g = gelu_grad(x); } else if (ACT == 2u) { g = select(0.0, 1.0, x > 0.0); }
+    ab_out[i] = ab_dy[i] * g;
+}
+
+// Column sums of x [rows, c], deterministic two-level reduction.
+// Level 1: workgroup (column tile of 64, chunk of CS_ROWS rows) -> part[chunk, col].
+// Level 2: one invocation per column sums its chunks in order -> out[col] (+= when ACCUM_OUT).
+struct ColSumParams {
+    rows: u32,
+    c: u32,
+    chunk_rows: u32,
+    nchunks: u32,
+    col_tiles: u32,
+}
+@group(0) @binding(0) var<uniform> csp: ColSumParams;
+@group(0) @binding(1) var<storage, read> cs_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> cs_part: array<f32>;
+
+@compute @workgroup_size(64)
+fn col_sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let g = flat_group(wid, nwg);
+    if (g >= csp.col_tiles * csp.nchunks) { return; }
+    let tile = g % csp.col_tiles;
+    let chunk = g / csp.col_tiles;
+    let col = tile * 64u + lid;
+    if (col >= csp.c) { return; }
+    let r0 = chunk * csp.chunk_rows;
+    let r1 = min(r0 + csp.chunk_rows, csp.rows);
+    var s = 0.0;
+    for (var r = r0; r < r1; r++) {
+        s += cs_x[r * csp.c + col];
+    }
+    cs_part[chunk * csp.c + col] = s;
+}
+
+@group(0) @binding(1) var<storage, read> csf_part: array<f32>;
+@group(0) @binding(2) var<storage, read_write> csf_out: array<f32>;
+
+@compute @workgroup_size(64)
+fn col_sum_final(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let col = flat_group(wid, nwg) * 64u + lid;
+    if (col >= csp.c) { return; }
+    var s = 0.0;
+    for (var k = 0u; k < csp.nchunks; k++) {
+        s += csf_part[k * csp.c + col];
+    }
+    if (ACCUM_OUT) {
+        s += csf_out[col];
+    }
+    csf_out[col] = s;
 }

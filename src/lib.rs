@@ -3,7 +3,11 @@
 
 pub mod error;
 pub mod gpu;
+pub mod model;
+pub mod io;
 pub mod ops;
+pub mod segment;
+pub mod rng;
 pub mod testutil;
 
 pub use error::{Error, Result};

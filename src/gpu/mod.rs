@@ -22,6 +22,9 @@ pub struct AdapterRequest {
     pub backend: Option<String>,
     /// Case-insensitive substring of the adapter name, or an index into the list of adapters.
     pub adapter: Option<String>,
+    /// Request only WebGPU's default limits instead of the adapter's (to check natively that the
+    /// work fits a browser). Env `MEDFASTSAM_LIMITS=webgpu`.
+    pub webgpu_limits: bool,
 }
 
 impl AdapterRequest {
@@ -34,6 +37,9 @@ impl AdapterRequest {
             }
             if self.adapter.is_none() {
                 self.adapter = std::env::var("MEDFASTSAM_ADAPTER").ok().filter(|s| !s.is_empty());
+            }
+            if std::env::var("MEDFASTSAM_LIMITS").is_ok_and(|v| v.eq_ignore_ascii_case("webgpu")) {
+                self.webgpu_limits = true;
             }
         }
         self
@@ -122,7 +128,7 @@ impl Gpu {
         let instance = wgpu::Instance::new(desc);
         let adapter = Self::choose_adapter(&instance, backends, req).await?;
         let info = adapter.get_info();
-        let limits = adapter.limits();
+        let limits = if req.webgpu_limits { wgpu::Limits::default() } else { adapter.limits() };
         let mut features = wgpu::Features::empty();
         for f in [wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::SHADER_F16] {
             if adapter.features().contains(f) {

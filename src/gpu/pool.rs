@@ -29,7 +29,7 @@ pub(crate) struct Pool {
 pub(crate) fn size_class(bytes: u64) -> u64 {
     let bytes = bytes.max(16);
     let p = bytes.next_power_of_two();
-    let step = (p / 8).max(256);
+    let step = (p / 16).max(256);
     bytes.div_ceil(step) * step
 }
 
@@ -43,10 +43,9 @@ impl Pool {
     }
     pub fn trim(&mut self) {
         for (class, bufs) in self.free.drain() {
-            for b in bufs {
-                self.stats.allocated -= class;
-                b.destroy();
-            }
+            // Dropping (not destroying) lets wgpu free a buffer once no submitted work uses it.
+            self.stats.allocated -= class * bufs.len() as u64;
+            drop(bufs);
         }
     }
     fn note_use(&mut self, bytes: u64) {
@@ -84,11 +83,12 @@ impl Drop for PooledBuffer {
                 if self.pooled {
                     p.free.entry(self.class).or_default().push(buf);
                 } else {
+                    // Not destroyed: recorded commands may still use it; wgpu frees it after them.
                     p.stats.allocated -= self.class;
-                    buf.destroy();
+                    drop(buf);
                 }
             }
-            None => buf.destroy(),
+            None => drop(buf),
         }
     }
 }
@@ -117,7 +117,7 @@ pub(crate) fn acquire(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, bytes: u64
     PooledBuffer { buffer: Some(buf), class, pooled: true, pool: Arc::downgrade(pool) }
 }
 
-/// A dedicated buffer initialised with `data` (weights, inputs); destroyed on drop, never reused,
+/// A dedicated buffer initialised with `data` (weights, inputs); released on drop, never reused,
 /// so no recorded command can observe a later upload into it.
 pub(crate) fn create_init(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, data: &[u8]) -> PooledBuffer {
     let class = size_class(data.len() as u64);

@@ -137,8 +137,18 @@ impl<'g> Recorder<'g> {
                 hint: "use an adapter that supports the WebGPU default of 8".into(),
             });
         }
+        let align = self.gpu.limits.min_storage_buffer_offset_alignment as u64;
         for (i, t) in tensors.iter().enumerate() {
             self.gpu.check_binding(&format!("kernel {} binding {} {:?}", k.entry, i + 1, t.shape), t.bytes())?;
+            if t.offset % align != 0 {
+                return Err(Error::Limit {
+                    what: format!("kernel {} binding {} (view at byte {})", k.entry, i + 1, t.offset),
+                    needed: t.offset,
+                    limit_name: "min_storage_buffer_offset_alignment",
+                    limit: align,
+                    hint: "views must start at aligned offsets; this is a bug in the batch split".into(),
+                });
+            }
         }
         if groups.contains(&0) {
             return Ok(());
@@ -159,7 +169,7 @@ impl<'g> Recorder<'g> {
                 binding: i as u32 + 1,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: t.buffer(),
-                    offset: 0,
+                    offset: t.offset,
                     size: wgpu::BufferSize::new(t.bytes()),
                 }),
             });
@@ -187,7 +197,8 @@ impl<'g> Recorder<'g> {
     /// Records a zero fill of `t` (ordered with the dispatches around it).
     pub fn zero(&mut self, t: &Tensor) {
         let bytes = t.bytes();
-        self.encoder().clear_buffer(t.buffer(), 0, Some(bytes));
+        let off = t.offset;
+        self.encoder().clear_buffer(t.buffer(), off, Some(bytes));
     }
 
     /// A new pooled tensor filled with zeros.
@@ -201,7 +212,8 @@ impl<'g> Recorder<'g> {
     pub fn copy(&mut self, src: &Tensor, dst: &Tensor) {
         assert_eq!(src.numel(), dst.numel());
         let bytes = src.bytes();
-        self.encoder().copy_buffer_to_buffer(src.buffer(), 0, dst.buffer(), 0, bytes);
+        let (so, dof) = (src.offset, dst.offset);
+        self.encoder().copy_buffer_to_buffer(src.buffer(), so, dst.buffer(), dof, bytes);
     }
 
     /// A new tensor holding a copy of `src`.

@@ -10,6 +10,8 @@ use std::sync::Arc;
 pub struct Tensor {
     pub shape: Vec<usize>,
     pub(crate) buf: Arc<PooledBuffer>,
+    /// Byte offset of this tensor inside its buffer (views such as one image of a batch).
+    pub(crate) offset: u64,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -37,7 +39,23 @@ impl Tensor {
             self.shape,
             shape
         );
-        Tensor { shape: shape.to_vec(), buf: self.buf.clone() }
+        Tensor { shape: shape.to_vec(), buf: self.buf.clone(), offset: self.offset }
+    }
+
+    /// Byte offset inside the underlying buffer.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// A view of rows `[start, start + len)` of the first axis (no copy). The byte offset must be a
+    /// multiple of the device's storage offset alignment (256 on every adapter we know) for the view
+    /// to be bound; `Recorder::dispatch` checks this.
+    pub fn narrow(&self, start: usize, len: usize) -> Tensor {
+        assert!(start + len <= self.shape[0], "narrow {start}+{len} of {:?}", self.shape);
+        let per: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        Tensor { shape, buf: self.buf.clone(), offset: self.offset + (start * per * 4) as u64 }
     }
     /// Size of dimension `i`, negative indices from the end.
     pub fn dim(&self, i: isize) -> usize {
@@ -68,7 +86,7 @@ impl Gpu {
         let n: usize = shape.iter().product();
         let bytes = (n.max(1) * 4) as u64;
         self.check_alloc(&format!("tensor {shape:?}"), bytes)?;
-        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(pool::acquire(&self.device, &self.pool, bytes)) })
+        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(pool::acquire(&self.device, &self.pool, bytes)), offset: 0 })
     }
 
     pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
@@ -87,7 +105,7 @@ impl Gpu {
         self.check_alloc(&format!("tensor {shape:?}"), bytes.len() as u64)?;
         let data: std::borrow::Cow<[u8]> =
             if bytes.is_empty() { vec![0u8; 4].into() } else { bytes.into() };
-        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(pool::create_init(&self.device, &self.pool, &data)) })
+        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(pool::create_init(&self.device, &self.pool, &data)), offset: 0 })
     }
 
     /// Copies a tensor back to the CPU as raw 4-byte words.
@@ -100,7 +118,7 @@ impl Gpu {
             mapped_at_creation: false,
         });
         let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, bytes);
+        enc.copy_buffer_to_buffer(t.buffer(), t.offset, &staging, 0, bytes);
         self.queue.submit([enc.finish()]);
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {

@@ -1,1 +1,657 @@
-//! attention kernels (shaders/attention.wgsl).
+//! Attention kernels (shaders/attention.wgsl): TinyViT window partition / reverse, windowed
+//! multi-head attention with relative position bias, SAM multi-head attention core, and their
+//! backward passes.
+//!
+//! The attention core is a flash-style kernel (online softmax, no score matrix in memory, no
+//! workgroup barriers): one invocation per query row, every workgroup shares one (problem, head) so
+//! key/value reads are uniform. When a call has few (problem, head, query block) workgroups and
+//! many keys (SAM token->image cross attention: 5 queries x 4096 keys), keys are split over
+//! workgroups and merged by a second kernel.
+//!
+//! # Training
+//! `window_attention_train` / `mha_train` return [`AttnSaved`]: the output and the log-sum-exp of
+//! the logits per (problem, head, query). The backward recomputes the probabilities from it.
+//!
+//! # Gradient semantics
+//! * Gradients w.r.t. activations (`dqkv`, `dq`/`dk`/`dv`, `dy`, `dx`) are returned as new,
+//!   fully written tensors, except `window_partition_backward`, which can add into an existing
+//!   gradient buffer (`accumulate = Some(..)`), the common case of a residual branch.
+//! * The gradient w.r.t. the parameter `bias` is **accumulated** (`dbias += ..`) into the caller's
+//!   gradient buffer, like every parameter gradient of the crate (zero it once per step).
+
+use crate::error::{Error, Result};
+use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+
+/// Largest head dimension the kernels support.
+pub const MAX_HEAD_DIM: usize = 64;
+/// Largest window token count (ws*ws) of the windowed kernels.
+pub const MAX_WINDOW_TOKENS: usize = 256;
+/// Rows per inner block (must match KB in the shader).
+const KB: usize = 8;
+/// Workgroup count below which the looped dimension is split over workgroups.
+const MIN_GROUPS: usize = 128;
+
+/// What the training forward keeps for the backward.
+#[derive(Clone, Debug)]
+pub struct AttnSaved {
+    /// The attention output (window: [NW, n, C]; mha: [B, Lq, E]).
+    pub out: Tensor,
+    /// log(sum_j exp(logit_ij)) per (problem, head, query): [NW, heads, n] or [B, heads, Lq].
+    pub lse: Tensor,
+}
+
+fn invalid<T>(msg: String) -> Result<T> {
+    Err(Error::Invalid(msg))
+}
+
+fn window_counts(h: usize, w: usize, ws: usize) -> (usize, usize) {
+    (h.div_ceil(ws), w.div_ceil(ws))
+}
+
+fn check_map(what: &str, x: &Tensor, ws: usize) -> Result<(usize, usize, usize, usize)> {
+    if x.shape.len() != 4 {
+        return invalid(format!("{what}: expected [B,H,W,C], got {:?}", x.shape));
+    }
+    if ws == 0 {
+        return invalid(format!("{what}: window size 0"));
+    }
+    Ok((x.shape[0], x.shape[1], x.shape[2], x.shape[3]))
+}
+
+fn win_params(b: usize, h: usize, w: usize, c: usize, ws: usize, total: usize) -> Params {
+    let (nwh, nww) = window_counts(h, w, ws);
+    Params::new().u(b).u(h).u(w).u(c).u(ws).u(nwh).u(nww).u(total)
+}
+
+/// Records the partition kernel: dst (= or +=) partition(src); optionally dres += src.
+fn record_partition(
+    rec: &mut Recorder,
+    src: &Tensor,
+    dims: (usize, usize, usize, usize),
+    ws: usize,
+    dst: &Tensor,
+    accum: bool,
+    dres: Option<&Tensor>,
+) -> Result<()> {
+    let (b, h, w, c) = dims;
+    let total = dst.numel();
+    let k = Kernel::new(ShaderFamily::Attention, "win_partition", 256)
+        .b("ACCUM", accum)
+        .b("DRES", dres.is_some());
+    let spare;
+    let dres = match dres {
+        Some(t) => t,
+        None => {
+            spare = rec.gpu.empty(&[4])?;
+            &spare
+        }
+    };
+    let groups = rec.grid(total.div_ceil(256));
+    rec.dispatch(&k, win_params(b, h, w, c, ws, total), &[src, dst, dres], groups)
+}
+
+/// Records the reverse kernel: dst = reverse(y) (+ res) (+ dst when accum).
+fn record_reverse(
+    rec: &mut Recorder,
+    y: &Tensor,
+    res: Option<&Tensor>,
+    dims: (usize, usize, usize, usize),
+    ws: usize,
+    dst: &Tensor,
+    accum: bool,
+) -> Result<()> {
+    let (b, h, w, c) = dims;
+    let total = b * h * w * c;
+    let k = Kernel::new(ShaderFamily::Attention, "win_reverse", 256)
+        .b("ACCUM", accum)
+        .b("HAS_RES", res.is_some());
+    let dummy = rec.gpu.dummy();
+    let groups = rec.grid(total.div_ceil(256));
+    rec.dispatch(&k, win_params(b, h, w, c, ws, total), &[y, res.unwrap_or(&dummy), dst], groups)
+}
+
+fn windows_shape(b: usize, h: usize, w: usize, c: usize, ws: usize) -> [usize; 3] {
+    let (nwh, nww) = window_counts(h, w, ws);
+    [b * nwh * nww, ws * ws, c]
+}
+
+/// x [B,H,W,C] -> [B*nWh*nWw, ws*ws, C]: zero-pad bottom/right to multiples of ws, windows ordered
+/// (b, window-row, window-col), tokens row-major inside each window.
+pub fn window_partition(rec: &mut Recorder, x: &Tensor, ws: usize) -> Result<Tensor> {
+    let dims = check_map("window_partition", x, ws)?;
+    let (b, h, w, c) = dims;
+    let out = rec.gpu.empty(&windows_shape(b, h, w, c, ws))?;
+    record_partition(rec, x, dims, ws, &out, false, None)?;
+    Ok(out)
+}
+
+fn check_windows(what: &str, y: &Tensor, dims: (usize, usize, usize, usize), ws: usize) -> Result<()> {
+    let (b, h, w, c) = dims;
+    let want = windows_shape(b, h, w, c, ws);
+    if y.numel() != want.iter().product::<usize>() || y.dim(-1) != c {
+        return invalid(format!("{what}: windows {:?} do not match {:?} (ws {ws}) -> {want:?}", y.shape, [b, h, w, c]));
+    }
+    Ok(())
+}
+
+/// res [B,H,W,C] + crop(reverse(y)) where y is [B*nWin, ws*ws, C] in window_partition's order.
+pub fn window_reverse_add(rec: &mut Recorder, y: &Tensor, res: &Tensor, ws: usize) -> Result<Tensor> {
+    let dims = check_map("window_reverse_add", res, ws)?;
+    check_windows("window_reverse_add", y, dims, ws)?;
+    let out = rec.gpu.empty(&res.shape)?;
+    record_reverse(rec, y, Some(res), dims, ws, &out, false)?;
+    Ok(out)
+}
+
+/// Gradient of `window_partition`: dx = crop(reverse(dwin)) for an input of shape `x_shape`
+/// [B,H,W,C]. With `accumulate = Some(g)` (shape `x_shape`) the result is added into `g`, which is
+/// returned; otherwise a new tensor is returned.
+pub fn window_partition_backward(
+    rec: &mut Recorder,
+    dwin: &Tensor,
+    x_shape: &[usize],
+    ws: usize,
+    accumulate: Option<&Tensor>,
+) -> Result<Tensor> {
+    if x_shape.len() != 4 || ws == 0 {
+        return invalid(format!("window_partition_backward: x shape {x_shape:?}, ws {ws}"));
+    }
+    let dims = (x_shape[0], x_shape[1], x_shape[2], x_shape[3]);
+    check_windows("window_partition_backward", dwin, dims, ws)?;
+    let dst = match accumulate {
+        Some(g) => {
+            if g.numel() != x_shape.iter().product::<usize>() {
+                return invalid(format!("window_partition_backward: accumulator {:?} vs {x_shape:?}", g.shape));
+            }
+            g.clone()
+        }
+        None => rec.gpu.empty(x_shape)?,
+    };
+    record_reverse(rec, dwin, None, dims, ws, &dst, accumulate.is_some())?;
+    Ok(dst)
+}
+
+/// Gradient of `window_reverse_add` w.r.t. y: the window partition of `dout` [B,H,W,C] (zeros at
+/// padded tokens). The gradient w.r.t. `res` is `dout` itself (no kernel needed); when the caller
+/// wants it added into an existing buffer, pass it as `dres_acc` (`dres_acc += dout`, fused into the
+/// same kernel; must not be `dout`'s buffer).
+pub fn window_reverse_add_backward(
+    rec: &mut Recorder,
+    dout: &Tensor,
+    ws: usize,
+    dres_acc: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dims = check_map("window_reverse_add_backward", dout, ws)?;
+    let (b, h, w, c) = dims;
+    if let Some(d) = dres_acc {
+        if d.numel() != dout.numel() || d.same_buffer(dout) {
+            return invalid(format!("window_reverse_add_backward: dres_acc {:?} vs dout {:?}", d.shape, dout.shape));
+        }
+    }
+    let dy = rec.gpu.empty(&windows_shape(b, h, w, c, ws))?;
+    record_partition(rec, dout, dims, ws, &dy, false, dres_acc)?;
+    Ok(dy)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention core
+
+/// Element addressing of per-head rows: row i of head h in problem z starts at
+/// `z*zs + i*row + h*hs + off`, followed by `d` contiguous values.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    off: usize,
+    row: usize,
+    zs: usize,
+    hs: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Core {
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    nz: usize,
+    d: usize,
+    q: Layout,
+    k: Layout,
+    v: Layout,
+    o: Layout,
+    /// Window size of the relative position bias (0: no bias).
+    ws: usize,
+    scale: f32,
+}
+
+/// Grid shape of one core kernel.
+#[derive(Clone, Copy, Debug)]
+struct Grid {
+    wg: usize,
+    blocks: usize,
+    splits: usize,
+    split_len: usize,
+    zgroup: usize,
+    ngroups: usize,
+}
+
+impl Grid {
+    fn total(&self, heads: usize) -> usize {
+        self.ngroups * heads * self.blocks * self.splits
+    }
+}
+
+/// Lane blocks for `len` rows: workgroups of at most 256 invocations (a multiple of 8).
+fn lane_blocks(len: usize) -> (usize, usize) {
+    let blocks = len.div_ceil(256).max(1);
+    let wg = len.div_ceil(blocks).next_multiple_of(8).clamp(8, 256);
+    (wg, blocks)
+}
+
+/// Splits the looped dimension (`looped` rows) when there are fewer than MIN_GROUPS workgroups.
+fn split_of(groups: usize, looped: usize) -> (usize, usize) {
+    let want = MIN_GROUPS.div_ceil(groups.max(1));
+    let max_splits = looped.div_ceil(64).max(1);
+    let splits = want.min(max_splits).max(1);
+    let split_len = looped.div_ceil(splits).next_multiple_of(KB);
+    (looped.div_ceil(split_len).max(1), split_len)
+}
+
+fn core_params(c: &Core, g: &Grid, lq: usize, ws_field: usize, zgroup_field: usize) -> Params {
+    let mut p = Params::new().u(lq).u(c.lk).u(c.heads).u(c.nz);
+    for l in [c.q, c.k, c.v, c.o] {
+        p = p.u(l.off).u(l.row).u(l.zs).u(l.hs);
+    }
+    p.u(g.blocks)
+        .u(g.splits)
+        .u(g.split_len)
+        .u(zgroup_field)
+        .u(g.ngroups)
+        .u(ws_field)
+        .f(c.scale)
+        .u(g.total(c.heads))
+}
+
+fn core_kernel(entry: &'static str, c: &Core, wg: usize) -> Kernel {
+    Kernel::new(ShaderFamily::Attention, entry, wg as u32)
+        .u("D", c.d as u32)
+        .u("WG", wg as u32)
+        .b("HAS_BIAS", c.ws > 0)
+}
+
+fn attn_flops(c: &Core) -> f64 {
+    4.0 * c.lq as f64 * c.lk as f64 * c.d as f64 * c.heads as f64 * c.nz as f64
+}
+
+/// Forward: writes `out` (o layout) and, when given, `lse` [nz, heads, lq].
+fn core_forward(
+    rec: &mut Recorder,
+    c: &Core,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+) -> Result<()> {
+    let (wg, blocks) = lane_blocks(c.lq);
+    let groups = c.nz * c.heads * blocks;
+    let (splits, split_len) = split_of(groups, c.lk);
+    let g = Grid { wg, blocks, splits, split_len, zgroup: 1, ngroups: c.nz };
+    let dummy = rec.gpu.dummy();
+    let bias = bias.unwrap_or(&dummy);
+    rec.flops += attn_flops(c);
+    let grid = rec.grid(g.total(c.heads));
+    if splits == 1 {
+        let spare;
+        let stat = match lse {
+            Some(t) => t,
+            None => {
+                spare = rec.gpu.empty(&[4])?;
+                &spare
+            }
+        };
+        let k_ = core_kernel("attn_fwd", c, wg).b("SAVE_LSE", lse.is_some()).b("SPLIT", false);
+        return rec.dispatch(&k_, core_params(c, &g, c.lq, c.ws, 1), &[q, k, v, bias, out, stat], grid);
+    }
+    let rows = c.nz * c.heads * c.lq;
+    let part = rec.gpu.empty(&[splits, rows, c.d])?;
+    let ml = rec.gpu.empty(&[splits, rows, 2])?;
+    let k_ = core_kernel("attn_fwd", c, wg).b("SAVE_LSE", false).b("SPLIT", true);
+    rec.dispatch(&k_, core_params(c, &g, c.lq, c.ws, 1), &[q, k, v, bias, &part, &ml], grid)?;
+    let spare;
+    let lse_t = match lse {
+        Some(t) => t,
+        None => {
+            spare = rec.gpu.empty(&[4])?;
+            &spare
+        }
+    };
+    let kc = Kernel::new(ShaderFamily::Attention, "attn_combine", 64)
+        .u("D", c.d as u32)
+        .b("SAVE_LSE", lse.is_some());
+    let cg = Grid { wg: 64, blocks: 1, splits, split_len, zgroup: 1, ngroups: 1 };
+    let grid = rec.grid(rows.div_ceil(64));
+    rec.dispatch(&kc, core_params(c, &cg, c.lq, c.ws, 1), &[&part, &ml, out, lse_t], grid)
+}
+
+/// Where the backward writes dk/dv.
+enum KvDest<'a> {
+    /// dk into the k layout and dv into the v layout of one buffer (window dqkv).
+    Shared(&'a Tensor),
+    /// Separate tensors (written through partials + gather).
+    Separate(&'a Tensor, &'a Tensor),
+}
+
+/// Sums partials [splits, nz, heads, len, width, D] (component `comp`) into `dst` with layout `l`.
+#[allow(clippy::too_many_arguments)]
+fn record_gather(
+    rec: &mut Recorder,
+    c: &Core,
+    part: &Tensor,
+    len: usize,
+    splits: usize,
+    width: usize,
+    comp: usize,
+    l: Layout,
+    dst: &Tensor,
+) -> Result<()> {
+    let cc = Core { o: l, ..*c };
+    let g = Grid { wg: 64, blocks: 1, splits, split_len: 0, zgroup: 1, ngroups: 1 };
+    let k = Kernel::new(ShaderFamily::Attention, "attn_gather", 64).u("D", c.d as u32);
+    let total = c.nz * c.heads * len * c.d;
+    let grid = rec.grid(total.div_ceil(64));
+    rec.dispatch(&k, core_params(&cc, &g, len, width, comp), &[part, dst], grid)
+}
+
+/// Backward of the core. `dq` receives dq in the q layout (fully written), `kv` the dk/dv,
+/// `dbias` (when the core has a bias) is accumulated.
+#[allow(clippy::too_many_arguments)]
+fn core_backward(
+    rec: &mut Recorder,
+    c: &Core,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    saved: &AttnSaved,
+    dout: &Tensor,
+    dq: &Tensor,
+    kv: KvDest,
+    dbias: Option<&Tensor>,
+) -> Result<()> {
+    let rows = c.nz * c.heads * c.lq;
+    let dummy = rec.gpu.dummy();
+    let bias_t = bias.unwrap_or(&dummy);
+    rec.flops += 2.5 * attn_flops(c);
+
+    // lse and delta = dout . out per query row
+    let stat = rec.gpu.empty(&[rows, 2])?;
+    {
+        let kp = Kernel::new(ShaderFamily::Attention, "attn_bwd_prep", 64).u("D", c.d as u32);
+        let g = Grid { wg: 64, blocks: 1, splits: 1, split_len: 0, zgroup: 1, ngroups: 1 };
+        let grid = rec.grid(rows.div_ceil(64));
+        rec.dispatch(&kp, core_params(c, &g, c.lq, c.ws, 1), &[&saved.out, dout, &saved.lse, &stat], grid)?;
+    }
+
+    // query side: dq (+ dbias partial sums T)
+    {
+        let (wg, blocks) = lane_blocks(c.lq);
+        let (zgroup, ngroups) = if c.ws > 0 {
+            let target = 64usize.div_ceil(c.heads * blocks).clamp(1, c.nz);
+            let zg = c.nz.div_ceil(target);
+            (zg, c.nz.div_ceil(zg))
+        } else {
+            (1, c.nz)
+        };
+        let (splits, split_len) = split_of(ngroups * c.heads * blocks, c.lk);
+        let g = Grid { wg, blocks, splits, split_len, zgroup, ngroups };
+        let t_buf = if c.ws > 0 { rec.gpu.empty(&[ngroups, c.heads, c.lk, c.lq])? } else { rec.gpu.empty(&[4])? };
+        let direct = splits == 1;
+        let part = if direct { None } else { Some(rec.gpu.empty(&[splits, rows, c.d])?) };
+        let kq = core_kernel("attn_bwd_dq", c, wg).b("DIRECT", direct);
+        let grid = rec.grid(g.total(c.heads));
+        rec.dispatch(
+            &kq,
+            core_params(c, &g, c.lq, c.ws, zgroup),
+            &[q, k, v, bias_t, dout, &stat, part.as_ref().unwrap_or(dq), &t_buf],
+            grid,
+        )?;
+        if let Some(part) = &part {
+            record_gather(rec, c, part, c.lq, splits, 1, 0, c.q, dq)?;
+        }
+        if let Some(dbias) = dbias {
+            let kr = Kernel::new(ShaderFamily::Attention, "attn_dbias", 64);
+            let n = c.ws * c.ws;
+            let rg = Grid { wg: 64, blocks: 1, splits: 1, split_len: 0, zgroup, ngroups };
+            let grid = rec.grid((c.heads * n).div_ceil(64));
+            rec.dispatch(&kr, core_params(c, &rg, c.lq, c.ws, zgroup), &[&t_buf, dbias], grid)?;
+        }
+    }
+
+    // key side: dk, dv
+    {
+        let (wg, blocks) = lane_blocks(c.lk);
+        let (splits, split_len) = split_of(c.nz * c.heads * blocks, c.lq);
+        let g = Grid { wg, blocks, splits, split_len, zgroup: 1, ngroups: c.nz };
+        let grid = rec.grid(g.total(c.heads));
+        let direct = splits == 1 && matches!(kv, KvDest::Shared(_));
+        let params = core_params(c, &g, c.lq, c.ws, 1);
+        if direct {
+            let KvDest::Shared(dst) = kv else { unreachable!() };
+            let kk = core_kernel("attn_bwd_dkv", c, wg).b("DIRECT", true);
+            rec.dispatch(&kk, params, &[q, k, v, bias_t, dout, &stat, dst], grid)?;
+        } else {
+            let part = rec.gpu.empty(&[splits, c.nz * c.heads * c.lk, 2, c.d])?;
+            let kk = core_kernel("attn_bwd_dkv", c, wg).b("DIRECT", false);
+            rec.dispatch(&kk, params, &[q, k, v, bias_t, dout, &stat, &part], grid)?;
+            let (dk, dv) = match kv {
+                KvDest::Shared(t) => (t, t),
+                KvDest::Separate(a, b) => (a, b),
+            };
+            record_gather(rec, c, &part, c.lk, splits, 2, 0, c.k, dk)?;
+            record_gather(rec, c, &part, c.lk, splits, 2, 1, c.v, dv)?;
+        }
+    }
+    Ok(())
+}
+
+fn window_core(qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<Core> {
+    let n = ws * ws;
+    if ws == 0 || n > MAX_WINDOW_TOKENS {
+        return invalid(format!(
+            "window_attention: window {ws}x{ws} has {n} tokens; the kernel supports 1..={MAX_WINDOW_TOKENS}"
+        ));
+    }
+    if qkv.shape.len() != 3 || qkv.shape[1] != n || qkv.shape[2] % 3 != 0 || qkv.shape[0] == 0 {
+        return invalid(format!("window_attention: qkv {:?} is not [NW, {n}, 3C]", qkv.shape));
+    }
+    let c = qkv.shape[2] / 3;
+    if heads == 0 || c % heads != 0 {
+        return invalid(format!("window_attention: C = {c} is not divisible by {heads} heads"));
+    }
+    let d = c / heads;
+    if d == 0 || d > MAX_HEAD_DIM {
+        return invalid(format!("window_attention: head dim {d} (C {c} / {heads} heads) exceeds {MAX_HEAD_DIM}"));
+    }
+    if bias.numel() != heads * n {
+        return invalid(format!("window_attention: bias {:?} is not [{heads}, {n}]", bias.shape));
+    }
+    let nw = qkv.shape[0];
+    let l = |off| Layout { off, row: 3 * c, zs: n * 3 * c, hs: 3 * d };
+    Ok(Core {
+        lq: n,
+        lk: n,
+        heads,
+        nz: nw,
+        d,
+        q: l(0),
+        k: l(d),
+        v: l(2 * d),
+        o: Layout { off: 0, row: c, zs: n * c, hs: d },
+        ws,
+        scale: (d as f32).powf(-0.5),
+    })
+}
+
+/// TinyViT windowed multi-head attention. qkv [NW, n, 3C] (n = ws*ws) with the per-head
+/// interleaved channel layout: head h owns channels [h*3d, h*3d+3d): q = first d, k = next d, v = last d
+/// (d = C/heads). logits[h,i,j] = (q_i . k_j) * d^-0.5 + bias[h, |row_i-row_j|*ws + |col_i-col_j|]
+/// (row/col = position inside the ws x ws window); softmax over all n keys (padded zero tokens are NOT
+/// masked); out[NW, n, C] with head h's result in channels [h*d, h*d+d).
+pub fn window_attention(rec: &mut Recorder, qkv: &Tensor, bias: &Tensor /*[heads, ws*ws]*/, heads: usize, ws: usize) -> Result<Tensor> {
+    let c = window_core(qkv, bias, heads, ws)?;
+    let out = rec.gpu.empty(&[c.nz, c.lq, c.d * heads])?;
+    core_forward(rec, &c, qkv, qkv, qkv, Some(bias), &out, None)?;
+    Ok(out)
+}
+
+/// `window_attention` for training: also returns the log-sum-exp per (window, head, query).
+pub fn window_attention_train(rec: &mut Recorder, qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<AttnSaved> {
+    let c = window_core(qkv, bias, heads, ws)?;
+    let out = rec.gpu.empty(&[c.nz, c.lq, c.d * heads])?;
+    let lse = rec.gpu.empty(&[c.nz, heads, c.lq])?;
+    core_forward(rec, &c, qkv, qkv, qkv, Some(bias), &out, Some(&lse))?;
+    Ok(AttnSaved { out, lse })
+}
+
+fn check_saved(what: &str, saved: &AttnSaved, dout: &Tensor, out_len: usize, rows: usize) -> Result<()> {
+    if saved.out.numel() != out_len || dout.numel() != out_len || saved.lse.numel() != rows {
+        return invalid(format!(
+            "{what}: saved out {:?} / lse {:?} / dout {:?} do not match the inputs",
+            saved.out.shape, saved.lse.shape, dout.shape
+        ));
+    }
+    Ok(())
+}
+
+/// Backward of `window_attention`: returns dqkv [NW, n, 3C] (same interleaved layout) and adds the
+/// bias gradient, summed over all windows and (query, key) pairs, into `dbias` [heads, ws*ws].
+#[allow(clippy::too_many_arguments)]
+pub fn window_attention_backward(
+    rec: &mut Recorder,
+    qkv: &Tensor,
+    bias: &Tensor,
+    saved: &AttnSaved,
+    dout: &Tensor,
+    heads: usize,
+    ws: usize,
+    dbias: &Tensor,
+) -> Result<Tensor> {
+    let c = window_core(qkv, bias, heads, ws)?;
+    check_saved("window_attention_backward", saved, dout, c.nz * c.lq * c.d * heads, c.nz * heads * c.lq)?;
+    if dbias.numel() != bias.numel() {
+        return invalid(format!("window_attention_backward: dbias {:?} vs bias {:?}", dbias.shape, bias.shape));
+    }
+    let dqkv = rec.gpu.empty(&qkv.shape)?;
+    core_backward(rec, &c, qkv, qkv, qkv, Some(bias), saved, dout, &dqkv, KvDest::Shared(&dqkv), Some(dbias))?;
+    Ok(dqkv)
+}
+
+fn mha_core(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Core> {
+    if q.shape.len() != 3 || k.shape.len() != 3 || k.shape != v.shape {
+        return invalid(format!("mha: q {:?}, k {:?}, v {:?} are not [B,Lq,E], [B,Lk,E], [B,Lk,E]", q.shape, k.shape, v.shape));
+    }
+    let (b, lq, e) = (q.shape[0], q.shape[1], q.shape[2]);
+    let lk = k.shape[1];
+    if k.shape[0] != b || k.shape[2] != e || b == 0 || lq == 0 || lk == 0 {
+        return invalid(format!("mha: q {:?} vs k/v {:?}", q.shape, k.shape));
+    }
+    if heads == 0 || e % heads != 0 {
+        return invalid(format!("mha: E = {e} is not divisible by {heads} heads"));
+    }
+    let d = e / heads;
+    if d > MAX_HEAD_DIM {
+        return invalid(format!("mha: head dim {d} exceeds {MAX_HEAD_DIM}"));
+    }
+    let lay = |len: usize| Layout { off: 0, row: e, zs: len * e, hs: d };
+    Ok(Core {
+        lq,
+        lk,
+        heads,
+        nz: b,
+        d,
+        q: lay(lq),
+        k: lay(lk),
+        v: lay(lk),
+        o: lay(lq),
+        ws: 0,
+        scale: 1.0 / (d as f32).sqrt(),
+    })
+}
+
+/// SAM attention core (after the q/k/v projections): q [B,Lq,E], k [B,Lk,E], v [B,Lk,E]; heads are
+/// contiguous slices of E (c = E/heads); out [B,Lq,E] = per head softmax(q k^T / sqrt(c)) v.
+pub fn mha(rec: &mut Recorder, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let c = mha_core(q, k, v, heads)?;
+    let out = rec.gpu.empty(&q.shape)?;
+    core_forward(rec, &c, q, k, v, None, &out, None)?;
+    Ok(out)
+}
+
+/// `mha` for training: also returns the log-sum-exp per (batch, head, query).
+pub fn mha_train(rec: &mut Recorder, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttnSaved> {
+    let c = mha_core(q, k, v, heads)?;
+    let out = rec.gpu.empty(&q.shape)?;
+    let lse = rec.gpu.empty(&[c.nz, heads, c.lq])?;
+    core_forward(rec, &c, q, k, v, None, &out, Some(&lse))?;
+    Ok(AttnSaved { out, lse })
+}
+
+/// Backward of `mha`: returns (dq, dk, dv) with the shapes of q, k, v.
+#[allow(clippy::too_many_arguments)]
+pub fn mha_backward(
+    rec: &mut Recorder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    saved: &AttnSaved,
+    dout: &Tensor,
+    heads: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = mha_core(q, k, v, heads)?;
+    check_saved("mha_backward", saved, dout, q.numel(), c.nz * heads * c.lq)?;
+    let dq = rec.gpu.empty(&q.shape)?;
+    let dk = rec.gpu.empty(&k.shape)?;
+    let dv = rec.gpu.empty(&v.shape)?;
+    core_backward(rec, &c, q, k, v, None, saved, dout, &dq, KvDest::Separate(&dk, &dv), None)?;
+    Ok((dq, dk, dv))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmarks
+
+#[cfg(not(target_arch = "wasm32"))]
+/// Windowed attention at the three real stage shapes (1024² image, batch 1) and the SAM decoder
+/// attention shapes. GFLOP/s counts 4*Lq*Lk*d*heads*problems (QK^T + AV).
+pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
+    use super::{bench_line, time_op};
+    let mut rng = crate::testutil::Rng::new(7);
+    let mut out = Vec::new();
+    // (C, heads, ws, H=W)
+    for (stage, &(c, heads, ws, hw)) in [(128usize, 4usize, 7usize, 128usize), (160, 5, 14, 64), (320, 10, 7, 64)]
+        .iter()
+        .enumerate()
+    {
+        let nw = hw.div_ceil(ws).pow(2);
+        let n = ws * ws;
+        let qkv = gpu.upload(&rng.vec(nw * n * 3 * c), &[nw, n, 3 * c])?;
+        let bias = gpu.upload(&rng.vec(heads * n), &[heads, n])?;
+        let ms = time_op(gpu, 5, |rec| window_attention(rec, &qkv, &bias, heads, ws).map(|_| ()))?;
+        let flops = 4.0 * (n * n * (c / heads) * heads * nw) as f64;
+        out.push(bench_line(
+            format!("window_attention stage{} C{c} h{heads} ws{ws} NW{nw}", stage + 1),
+            ms,
+            Some(flops),
+            None,
+        ));
+    }
+    // (E, heads, Lq, Lk)
+    for &(e, heads, lq, lk) in &[(256usize, 8usize, 5usize, 5usize), (128, 8, 5, 4096), (128, 8, 4096, 5)] {
+        let q = gpu.upload(&rng.vec(lq * e), &[1, lq, e])?;
+        let k = gpu.upload(&rng.vec(lk * e), &[1, lk, e])?;
+        let v = gpu.upload(&rng.vec(lk * e), &[1, lk, e])?;
+        let ms = time_op(gpu, 5, |rec| mha(rec, &q, &k, &v, heads).map(|_| ()))?;
+        let flops = 4.0 * (lq * lk * e) as f64;
+        out.push(bench_line(format!("mha E{e} h{heads} Lq{lq} Lk{lk}"), ms, Some(flops), None));
+    }
+    Ok(out)
+}

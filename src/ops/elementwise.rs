@@ -90,3 +90,58 @@ pub fn image_normalize(rec: &mut Recorder, px: &Tensor) -> Result<Tensor> {
     launch(rec, ew("image_normalize"), px.numel(), 0, 0, &[px, &y])?;
     Ok(y)
 }
+
+/// Rows `[m0, m0 + mn)` of the middle axis of `x` viewed as `[outer, mid, inner]`
+/// (`shape` gives that view), e.g. token 1 of the decoder's `[B, 5, 256]` output.
+pub fn slice_mid(rec: &mut Recorder, x: &Tensor, outer: usize, mid: usize, inner: usize, m0: usize, mn: usize) -> Result<Tensor> {
+    if outer * mid * inner != x.numel() || m0 + mn > mid {
+        return Err(Error::Invalid(format!("slice_mid: {:?} as [{outer},{mid},{inner}] rows {m0}+{mn}", x.shape)));
+    }
+    let y = rec.gpu.empty(&[outer, mn, inner])?;
+    let n = y.numel();
+    let groups = rec.grid(n.div_ceil(256));
+    let p = Params::new().u(n).u(mid).u(m0).u(mn).u(inner);
+    rec.dispatch(&ew("slice_mid"), p, &[x, &y], groups)?;
+    Ok(y)
+}
+
+/// Backward of [`slice_mid`]: `gx[o, m0 + r, i] += gy[o, r, i]`.
+pub fn slice_mid_backward(rec: &mut Recorder, gy: &Tensor, gx: &Tensor, mid: usize, m0: usize) -> Result<()> {
+    let (outer, mn, inner) = (gy.shape[0], gy.shape[1], gy.shape[2]);
+    if outer * mid * inner != gx.numel() || m0 + mn > mid {
+        return Err(Error::Invalid(format!("slice_mid_backward: {:?} into {:?}", gy.shape, gx.shape)));
+    }
+    let n = gy.numel();
+    let groups = rec.grid(n.div_ceil(256));
+    let p = Params::new().u(n).u(mid).u(m0).u(mn).u(inner);
+    rec.dispatch(&ew("slice_mid").b("SLICE_BACKWARD", true), p, &[gy, gx], groups)
+}
+
+/// `dy * act'(pre)`: the gradient through an activation given its input `pre`.
+pub fn act_backward(rec: &mut Recorder, pre: &Tensor, dy: &Tensor, act: Act) -> Result<Tensor> {
+    if pre.numel() != dy.numel() {
+        return Err(Error::Invalid(format!("act_backward: {:?} vs {:?}", pre.shape, dy.shape)));
+    }
+    let y = rec.gpu.empty(&dy.shape)?;
+    launch(rec, ew("act_backward").u("ACT", act.code()), dy.numel(), 0, 0, &[pre, dy, &y])?;
+    Ok(y)
+}
+
+/// Column sums of `x` seen as `[rows, c]` into `out [c]` (added to it when `accumulate`):
+/// deterministic two-level reduction (bias gradients).
+pub fn col_sum(rec: &mut Recorder, x: &Tensor, c: usize, out: &Tensor, accumulate: bool) -> Result<()> {
+    if c == 0 || x.numel() % c != 0 || out.numel() != c {
+        return Err(Error::Invalid(format!("col_sum: {:?} by {c} columns into {:?}", x.shape, out.shape)));
+    }
+    let rows = x.numel() / c;
+    let chunk_rows = rows.div_ceil(1024).max(64);
+    let nchunks = rows.div_ceil(chunk_rows).max(1);
+    let col_tiles = c.div_ceil(64);
+    let part = rec.gpu.empty(&[nchunks, c])?;
+    let p = Params::new().u(rows).u(c).u(chunk_rows).u(nchunks).u(col_tiles);
+    let g1 = rec.grid(col_tiles * nchunks);
+    rec.dispatch(&Kernel::new(ShaderFamily::Elementwise, "col_sum_partial", 64), p.clone(), &[x, &part], g1)?;
+    let g2 = rec.grid(col_tiles);
+    let k = Kernel::new(ShaderFamily::Elementwise, "col_sum_final", 64).b("ACCUM_OUT", accumulate);
+    rec.dispatch(&k, p, &[&part, out], g2)
+}

@@ -148,3 +148,19 @@ pub fn linear(
     gemm(rec, &g, x, w, b, residual, &y)?;
     Ok(y)
 }
+
+/// Micro-benchmarks (replaced by the tuned set on the matmul branch).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
+    let mut out = Vec::new();
+    for &(m, n, k) in &[(1024usize, 1024usize, 1024usize)] {
+        let a = gpu.empty(&[m, k])?;
+        let b = gpu.empty(&[n, k])?;
+        let c = gpu.empty(&[m, n])?;
+        let mut g = Gemm::new(m, n, k);
+        g.trans_b = true;
+        let ms = super::time_op(gpu, 5, |rec| gemm(rec, &g, &a, &b, None, None, &c))?;
+        out.push(super::bench_line(format!("gemm {m}x{k} . ({n}x{k})^T"), ms, Some(g.flops()), None));
+    }
+    Ok(out)
+}

@@ -1,0 +1,82 @@
+//! `medfastsam info`: configuration, variant, adapter and parameter counts per module.
+
+use super::{GpuArgs, ModelArgs};
+use clap::Args;
+use medfastsam::model::schema::{self, Kind};
+use std::collections::BTreeMap;
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Weights file.
+    pub weights: std::path::PathBuf,
+    /// Configuration JSON (default: metadata, else inferred from the shapes).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Variant to report (default: the file's, else paper).
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+pub fn run(gpu: &GpuArgs, a: &InfoArgs) -> anyhow::Result<i32> {
+    let m = ModelArgs { weights: a.weights.clone(), config: a.config.clone(), variant: a.variant.clone(), size: None };
+    let (w, cfg, variant) = m.load()?;
+    println!("weights:       {}", a.weights.display());
+    let src = if a.config.is_some() {
+        "from --config"
+    } else if w.config.is_some() {
+        "from the file's metadata"
+    } else {
+        "inferred from tensor shapes"
+    };
+    println!("configuration: {} ({src})", cfg.to_json());
+    println!("variant:       {}", variant.name());
+    let specs = schema::specs(&cfg);
+    let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let (mut total, mut natural, mut buffers) = (0usize, 0usize, 0usize);
+    for s in &specs {
+        if s.kind != Kind::Param {
+            buffers += s.numel();
+            continue;
+        }
+        total += s.numel();
+        if s.is_natural_branch() {
+            natural += s.numel();
+        }
+        let e = groups.entry(s.group()).or_default();
+        e.0 += s.numel();
+        e.1 += 1;
+    }
+    println!("parameters:    {} total ({:.2} M)", fmt(total), total as f64 / 1e6);
+    println!(
+        "               {} tuned in semi mode (natural branch of {} frozen)",
+        fmt(total - natural),
+        fmt(natural)
+    );
+    println!("buffers:       {} values (BatchNorm running statistics, PE matrix)", fmt(buffers));
+    let extra: Vec<&String> = w.tensors.keys().filter(|k| !specs.iter().any(|s| &s.key == *k)).collect();
+    if !extra.is_empty() {
+        println!("extra tensors kept on save: {}", extra.len());
+    }
+    println!("per module:");
+    for (g, (n, k)) in &groups {
+        println!("  {g:<48} {:>12}  ({k} tensors)", fmt(*n));
+    }
+    match gpu.open() {
+        Ok(g) => println!("adapter:       {}", g.summary()),
+        Err(e) => println!("adapter:       none ({e})"),
+    }
+    Ok(0)
+}
+
+/// 14479104 -> "14,479,104".
+pub fn fmt(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

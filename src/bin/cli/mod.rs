@@ -1,0 +1,110 @@
+//! Command-line interface: argument parsing and the subcommands.
+
+mod bench;
+mod info;
+mod segment;
+
+use clap::{Args, Parser, Subcommand};
+use medfastsam::gpu::{AdapterRequest, Gpu};
+use medfastsam::model::{Config, Variant, Weights};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "medfastsam", version, about = "Prompt-free medical image segmentation (Med-FastSAM) on any GPU through wgpu")]
+pub struct Cli {
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct GpuArgs {
+    /// Backend: vulkan, gl, metal, dx12 or all (default: env MEDFASTSAM_BACKEND / WGPU_BACKEND, else all).
+    #[arg(long, global = true)]
+    pub backend: Option<String>,
+    /// Adapter: index or part of its name (default: env MEDFASTSAM_ADAPTER, else the best GPU found).
+    #[arg(long, global = true)]
+    pub adapter: Option<String>,
+    /// Request only WebGPU's default limits (check that the work fits a browser); env MEDFASTSAM_LIMITS=webgpu.
+    #[arg(long, global = true)]
+    pub webgpu_limits: bool,
+}
+
+impl GpuArgs {
+    pub fn open(&self) -> anyhow::Result<Gpu> {
+        let req = AdapterRequest {
+            backend: self.backend.clone(),
+            adapter: self.adapter.clone(),
+            webgpu_limits: self.webgpu_limits,
+        }
+        .with_env();
+        let gpu = Gpu::new(&req)?;
+        eprintln!("adapter: {}", gpu.summary());
+        Ok(gpu)
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Weights (.safetensors, f32 or f16, the authors' key names).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Configuration JSON (format of fixtures/tiny.config.json); default: from the weights' metadata,
+    /// else inferred from the tensor shapes.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Forward variant: paper (default) or released.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Model input size S (multiple of 16), overriding the configuration's.
+    #[arg(long)]
+    pub size: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Loads the weights and resolves configuration and variant.
+    pub fn load(&self) -> anyhow::Result<(Weights, Config, Variant)> {
+        let weights = Weights::load(&self.weights)?;
+        let explicit = match &self.config {
+            Some(p) => Some(Config::from_file(p)?),
+            None => None,
+        };
+        let mut cfg = weights.resolve_config(explicit.as_ref(), 1024)?;
+        if let Some(s) = self.size {
+            cfg = cfg.with_image_size(s)?;
+        }
+        let variant = match &self.variant {
+            Some(v) => Variant::parse(v)?,
+            None => weights.variant.unwrap_or_default(),
+        };
+        Ok((weights, cfg, variant))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Segment images (files or folders) and write <stem>_mask.png and <stem>_overlay.png.
+    Segment(segment::SegmentArgs),
+    /// Show a weights file's configuration, variant, parameter counts and the adapter.
+    Info(info::InfoArgs),
+    /// Benchmarks: ms per image at 256²/512²/1024², kernel GFLOP/s, peak GPU memory.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs the CLI; returns the process exit code. Errors are printed as one line.
+pub fn run() -> i32 {
+    let cli = Cli::parse();
+    let res = match &cli.cmd {
+        Cmd::Segment(a) => segment::run(&cli.gpu, a),
+        Cmd::Info(a) => info::run(&cli.gpu, a),
+        Cmd::Bench(a) => bench::run(&cli.gpu, a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

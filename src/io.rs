@@ -1,0 +1,285 @@
+//! Images in and out: decoding (PNG, JPEG, BMP, TIFF incl. 16-bit; grey, RGB, RGBA) to RGB u8, the
+//! stretch-resize to the model size, PNG encoding of masks and overlays, atomic file writes.
+
+use crate::error::{Error, Result};
+
+/// An 8-bit RGB image, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// An 8-bit single-channel image (masks).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrayImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+pub const SUPPORTED: &str = "PNG, JPEG, BMP, TIFF";
+
+fn is_supported(f: image::ImageFormat) -> bool {
+    matches!(
+        f,
+        image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::Bmp | image::ImageFormat::Tiff
+    )
+}
+
+/// Scales 16-bit samples to 8 bits: used as they are when every sample is ≤ 255 (8-bit data in a
+/// 16-bit container, common for microscopy), otherwise linearly so that the image maximum is 255.
+fn u16_to_u8(samples: &[u16]) -> Vec<u8> {
+    let max = samples.iter().copied().max().unwrap_or(0);
+    if max <= 255 {
+        samples.iter().map(|&v| v as u8).collect()
+    } else {
+        let s = 255.0 / max as f64;
+        samples.iter().map(|&v| (v as f64 * s).round().min(255.0) as u8).collect()
+    }
+}
+
+fn decode_dynamic(bytes: &[u8], source: &str) -> Result<image::DynamicImage> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::image(source, format!("cannot read: {e}")))?;
+    match reader.format() {
+        Some(f) if is_supported(f) => {}
+        Some(f) => {
+            return Err(Error::image(
+                source,
+                format!("unsupported image format {f:?} (supported: {SUPPORTED})"),
+            ));
+        }
+        None => {
+            return Err(Error::image(source, format!("not a recognised image file (supported: {SUPPORTED})")));
+        }
+    }
+    let mut reader = reader;
+    reader.no_limits();
+    reader.decode().map_err(|e| Error::image(source, format!("corrupt or unsupported image: {e}")))
+}
+
+/// Decodes an image file's bytes to RGB u8 (alpha dropped, grey replicated).
+pub fn decode_rgb(bytes: &[u8], source: &str) -> Result<RgbImage> {
+    use image::DynamicImage as D;
+    let img = decode_dynamic(bytes, source)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err(Error::image(source, "image has zero size"));
+    }
+    let data = match &img {
+        D::ImageLuma16(_) | D::ImageLumaA16(_) => {
+            let g = u16_to_u8(img.to_luma16().as_raw());
+            g.iter().flat_map(|&v| [v, v, v]).collect()
+        }
+        D::ImageRgb16(_) | D::ImageRgba16(_) => u16_to_u8(img.to_rgb16().as_raw()),
+        _ => img.to_rgb8().into_raw(),
+    };
+    Ok(RgbImage { width: w, height: h, data })
+}
+
+/// Decodes a mask image to one channel u8 (first channel of RGB masks; 16-bit label images are
+/// mapped to 255 where the label is non-zero).
+pub fn decode_gray(bytes: &[u8], source: &str) -> Result<GrayImage> {
+    use image::DynamicImage as D;
+    let img = decode_dynamic(bytes, source)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let data = match &img {
+        D::ImageLuma16(_) | D::ImageLumaA16(_) | D::ImageRgb16(_) | D::ImageRgba16(_) => {
+            img.to_luma16().as_raw().iter().map(|&v| if v > 0 { 255 } else { 0 }).collect()
+        }
+        D::ImageLuma8(_) | D::ImageLumaA8(_) => img.to_luma8().into_raw(),
+        _ => img.to_rgb8().as_raw().chunks_exact(3).map(|p| p[0]).collect(),
+    };
+    Ok(GrayImage { width: w, height: h, data })
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_rgb(path: &std::path::Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_rgb(&bytes, &path.display().to_string())
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_gray(path: &std::path::Path) -> Result<GrayImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_gray(&bytes, &path.display().to_string())
+}
+
+/// Source coordinate and weight of PyTorch's bilinear resize with align_corners=False.
+fn bilinear_taps(out: usize, inp: usize) -> Vec<(usize, usize, f64)> {
+    let scale = inp as f64 / out as f64;
+    (0..out)
+        .map(|o| {
+            let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(inp - 1);
+            let i1 = (i0 + 1).min(inp - 1);
+            (i0, i1, src - i0 as f64)
+        })
+        .collect()
+}
+
+impl RgbImage {
+    /// Stretch-resize (no aspect preservation) with bilinear interpolation, align_corners=False,
+    /// rounded to u8 (the authors pre-resized their datasets to 1024² 8-bit PNGs this way).
+    pub fn resize(&self, w: usize, h: usize) -> RgbImage {
+        if w == self.width && h == self.height {
+            return self.clone();
+        }
+        let xs = bilinear_taps(w, self.width);
+        let ys = bilinear_taps(h, self.height);
+        let mut data = vec![0u8; w * h * 3];
+        let at = |x: usize, y: usize, c: usize| self.data[(y * self.width + x) * 3 + c] as f64;
+        for (oy, &(y0, y1, fy)) in ys.iter().enumerate() {
+            for (ox, &(x0, x1, fx)) in xs.iter().enumerate() {
+                for c in 0..3 {
+                    let top = at(x0, y0, c) * (1.0 - fx) + at(x1, y0, c) * fx;
+                    let bot = at(x0, y1, c) * (1.0 - fx) + at(x1, y1, c) * fx;
+                    data[(oy * w + ox) * 3 + c] = (top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+        RgbImage { width: w, height: h, data }
+    }
+
+    /// Pixels packed as u32 0x00BBGGRR (the GPU input format).
+    pub fn packed(&self) -> Vec<u32> {
+        self.data
+            .chunks_exact(3)
+            .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
+            .collect()
+    }
+
+    /// A crop (clamped to the image).
+    pub fn crop(&self, x0: usize, y0: usize, w: usize, h: usize) -> RgbImage {
+        let w = w.min(self.width - x0);
+        let h = h.min(self.height - y0);
+        let mut data = Vec::with_capacity(w * h * 3);
+        for y in y0..y0 + h {
+            let row = (y * self.width + x0) * 3;
+            data.extend_from_slice(&self.data[row..row + w * 3]);
+        }
+        RgbImage { width: w, height: h, data }
+    }
+}
+
+impl GrayImage {
+    /// Nearest-neighbour stretch-resize (masks), PyTorch `nearest` convention floor(o*in/out).
+    pub fn resize_nearest(&self, w: usize, h: usize) -> GrayImage {
+        if w == self.width && h == self.height {
+            return self.clone();
+        }
+        let mut data = vec![0u8; w * h];
+        for oy in 0..h {
+            let y = (oy * self.height / h).min(self.height - 1);
+            for ox in 0..w {
+                let x = (ox * self.width / w).min(self.width - 1);
+                data[oy * w + ox] = self.data[y * self.width + x];
+            }
+        }
+        GrayImage { width: w, height: h, data }
+    }
+
+    pub fn crop(&self, x0: usize, y0: usize, w: usize, h: usize) -> GrayImage {
+        let w = w.min(self.width - x0);
+        let h = h.min(self.height - y0);
+        let mut data = Vec::with_capacity(w * h);
+        for y in y0..y0 + h {
+            let row = y * self.width + x0;
+            data.extend_from_slice(&self.data[row..row + w]);
+        }
+        GrayImage { width: w, height: h, data }
+    }
+}
+
+/// PNG bytes of an 8-bit grey image.
+pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&img.data, img.width as u32, img.height as u32, image::ExtendedColorType::L8)
+        .map_err(|e| Error::Invalid(format!("PNG encoding failed: {e}")))?;
+    Ok(out)
+}
+
+/// PNG bytes of an RGB image.
+pub fn encode_png_rgb(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&img.data, img.width as u32, img.height as u32, image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::Invalid(format!("PNG encoding failed: {e}")))?;
+    Ok(out)
+}
+
+use image::ImageEncoder;
+
+/// The image with the mask tinted green (alpha `opacity`) and its outline drawn in yellow.
+pub fn overlay(img: &RgbImage, mask: &GrayImage, opacity: f32) -> RgbImage {
+    assert_eq!((img.width, img.height), (mask.width, mask.height));
+    let (w, h) = (img.width, img.height);
+    let fg = |x: usize, y: usize| mask.data[y * w + x] > 127;
+    let mut data = img.data.clone();
+    for y in 0..h {
+        for x in 0..w {
+            if !fg(x, y) {
+                continue;
+            }
+            let edge = x == 0
+                || y == 0
+                || x + 1 == w
+                || y + 1 == h
+                || !fg(x - 1, y)
+                || !fg(x + 1, y)
+                || !fg(x, y - 1)
+                || !fg(x, y + 1);
+            let p = &mut data[(y * w + x) * 3..(y * w + x) * 3 + 3];
+            let (color, a) = if edge { ([255.0, 230.0, 0.0], 1.0) } else { ([0.0, 220.0, 80.0], opacity) };
+            for c in 0..3 {
+                p[c] = (p[c] as f32 * (1.0 - a) + color[c] * a).round() as u8;
+            }
+        }
+    }
+    RgbImage { width: w, height: h, data }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
+/// never leaves a partial file and an existing file is replaced only by a complete one.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let name = path.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn resize_matches_pytorch_bilinear_taps() {
+        // 4 -> 2: src = (o+0.5)*2-0.5 = 0.5, 2.5 -> averages of pixel pairs
+        let img = RgbImage { width: 4, height: 1, data: vec![0, 0, 0, 10, 10, 10, 20, 20, 20, 40, 40, 40] };
+        let r = img.resize(2, 1);
+        assert_eq!(r.data, vec![5, 5, 5, 30, 30, 30]);
+        // upsampling 2 -> 4: src = -0.25 (clamped 0), 0.25, 0.75, 1.25 -> last clamps to pixel 1
+        let img = RgbImage { width: 2, height: 1, data: vec![0, 0, 0, 100, 100, 100] };
+        assert_eq!(img.resize(4, 1).data.chunks(3).map(|p| p[0]).collect::<Vec<_>>(), vec![0, 25, 75, 100]);
+    }
+    #[test]
+    fn sixteen_bit_scaling() {
+        assert_eq!(u16_to_u8(&[0, 100, 255]), vec![0, 100, 255]);
+        assert_eq!(u16_to_u8(&[0, 500, 1000]), vec![0, 128, 255]);
+    }
+}

@@ -1,0 +1,15 @@
+//! The Med-FastSAM model: configuration, weights, and the three parts named as in the paper
+//! (LKA-Encoder, CP-Encoder, MSF-Decoder with SAM's two-way transformer).
+
+pub mod config;
+pub mod cp_encoder;
+pub mod lka_encoder;
+pub mod med_fastsam;
+pub mod msf_decoder;
+pub mod two_way_transformer;
+pub mod schema;
+pub mod weights;
+
+pub use config::{Config, Variant};
+pub use med_fastsam::{MedFastSam, Output, Stages};
+pub use weights::Weights;

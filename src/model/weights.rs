@@ -1,0 +1,334 @@
+//! Weights on the host: safetensors with the authors' state_dict key names, read as f32/f16/bf16/f64
+//! (widened to f32) and i64 counters; written as f32 or f16 with the configuration and variant in
+//! `__metadata__`, so a file describes itself. Tensors the model does not use (classifier head,
+//! point embeddings, IoU head, hypernetworks 1-3, unknown extras) are kept and written back.
+
+use super::config::{Config, Variant};
+use super::schema::{self, Kind};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use std::collections::{BTreeMap, HashMap};
+
+/// How a tensor was stored (and is written back, unless f16 output is asked for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    F32,
+    F16,
+    I64,
+}
+
+#[derive(Clone, Debug)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+    pub stored: Stored,
+}
+
+impl HostTensor {
+    pub fn new(shape: &[usize], data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape: shape.to_vec(), data, stored: Stored::F32 }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub const META_CONFIG: &str = "medfastsam.config";
+pub const META_VARIANT: &str = "medfastsam.variant";
+
+#[derive(Clone, Debug, Default)]
+pub struct Weights {
+    pub tensors: BTreeMap<String, HostTensor>,
+    /// Configuration found in the file's metadata.
+    pub config: Option<Config>,
+    /// Variant found in the file's metadata.
+    pub variant: Option<Variant>,
+    /// Other metadata entries (kept on save).
+    pub metadata: BTreeMap<String, String>,
+    /// Where the weights came from (for error messages).
+    pub source: String,
+}
+
+fn shape_str(s: &[usize]) -> String {
+    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+impl Weights {
+    /// Parses a safetensors file's bytes. `source` names the file in errors.
+    pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Weights> {
+        let err = |m: String| Error::weights(source, m);
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| err(format!("not a valid safetensors file ({e})")))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| err(format!("not a valid safetensors file ({e})")))?;
+        let mut w = Weights { source: source.to_string(), ..Default::default() };
+        if let Some(m) = meta.metadata() {
+            for (k, v) in m {
+                match k.as_str() {
+                    META_CONFIG => {
+                        w.config = Some(
+                            Config::from_json(v).map_err(|e| err(format!("bad configuration in metadata: {e}")))?,
+                        )
+                    }
+                    META_VARIANT => {
+                        w.variant = Some(Variant::parse(v).map_err(|e| err(format!("metadata: {e}")))?)
+                    }
+                    _ => {
+                        w.metadata.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        for (name, view) in st.iter() {
+            // Checkpoints saved from nn.DataParallel carry a `module.` prefix.
+            let key = name.strip_prefix("module.").unwrap_or(name).to_string();
+            let shape = view.shape().to_vec();
+            let raw = view.data();
+            use safetensors::Dtype;
+            let (data, stored): (Vec<f32>, Stored) = match view.dtype() {
+                Dtype::F32 => (
+                    raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                    Stored::F32,
+                ),
+                Dtype::F16 => (
+                    raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                    Stored::F16,
+                ),
+                Dtype::BF16 => (
+                    raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                    Stored::F32,
+                ),
+                Dtype::F64 => (
+                    raw.chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                        .collect(),
+                    Stored::F32,
+                ),
+                Dtype::I64 => (
+                    raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                    Stored::I64,
+                ),
+                other => return Err(err(format!("tensor '{key}' has unsupported dtype {other:?}"))),
+            };
+            if data.iter().any(|v| !v.is_finite()) {
+                return Err(err(format!("tensor '{key}' contains NaN or infinite values")));
+            }
+            w.tensors.insert(key, HostTensor { shape, data, stored });
+        }
+        if w.tensors.is_empty() {
+            return Err(err("the file holds no tensors".into()));
+        }
+        Ok(w)
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load(path: &std::path::Path) -> Result<Weights> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Weights::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    pub fn get(&self, key: &str) -> Result<&HostTensor> {
+        self.tensors
+            .get(key)
+            .ok_or_else(|| Error::weights(&self.source, format!("missing tensor '{key}'")))
+    }
+
+    /// Checks that every tensor the configuration defines is present with the right shape; the
+    /// first mismatch is reported with both shapes.
+    pub fn check(&self, cfg: &Config) -> Result<()> {
+        for s in schema::specs(cfg) {
+            match self.tensors.get(&s.key) {
+                None => {
+                    return Err(Error::weights(
+                        &self.source,
+                        format!(
+                            "missing tensor '{}' (the configuration expects shape {})",
+                            s.key,
+                            shape_str(&s.shape)
+                        ),
+                    ));
+                }
+                Some(t) if t.shape != s.shape => {
+                    return Err(Error::weights(
+                        &self.source,
+                        format!(
+                            "tensor '{}' has shape {} but the configuration expects {}",
+                            s.key,
+                            shape_str(&t.shape),
+                            shape_str(&s.shape)
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the architecture off the tensor shapes (for files without a configuration in their
+    /// metadata). The input size cannot be inferred: `image_size` is taken from `image_size`.
+    pub fn infer_config(&self, image_size: usize) -> Result<Config> {
+        let shape = |k: &str| -> Result<&Vec<usize>> { Ok(&self.get(k)?.shape) };
+        let count = |prefix: &str| -> usize {
+            (0..)
+                .take_while(|i| self.tensors.keys().any(|k| k.starts_with(&format!("{prefix}.{i}."))))
+                .count()
+        };
+        let ie = "image_encoder";
+        let mut c = Config::paper();
+        c.image_size = image_size;
+        c.embed_dims[0] = shape(&format!("{ie}.patch_embed.seq.2.c.weight"))?[0];
+        for s in 0..3 {
+            c.embed_dims[s + 1] = shape(&format!("{ie}.layers.{s}.downsample.conv1.c.weight"))?[0];
+        }
+        for s in 0..4 {
+            c.depths[s] = count(&format!("{ie}.layers.{s}.blocks"));
+        }
+        for s in 1..4 {
+            let b = shape(&format!("{ie}.layers.{s}.blocks.0.attn.attention_biases"))?;
+            c.num_heads[s] = b[0];
+            c.window_sizes[s] = (b[1] as f64).sqrt().round() as usize;
+        }
+        c.num_heads[0] = (c.embed_dims[0] / 32).max(1);
+        c.window_sizes[0] = c.window_sizes[1];
+        if c.depths[0] > 0 {
+            c.mbconv_expand_ratio = shape(&format!("{ie}.layers.0.blocks.0.conv1.c.weight"))?[0] / c.embed_dims[0];
+        }
+        c.mlp_ratio = shape(&format!("{ie}.layers.1.blocks.0.mlp.fc1.weight"))?[0] / c.embed_dims[1];
+        c.num_classes = shape(&format!("{ie}.head.weight"))?[0];
+        c.transformer_dim = shape("mask_decoder.iou_token.weight")?[1];
+        c.decoder_depth = count("mask_decoder.transformer.layers");
+        c.decoder_mlp_dim = shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")?[0];
+        c.num_multimask_outputs = shape("mask_decoder.mask_tokens.weight")?[0] - 1;
+        c.iou_head_hidden_dim = shape("mask_decoder.iou_prediction_head.layers.0.weight")?[0];
+        c.mask_in_chans = shape("prompt_encoder.mask_downscaling.3.weight")?[0];
+        c.validate().map_err(|e| Error::weights(&self.source, format!("inferred configuration is invalid: {e}")))?;
+        Ok(c)
+    }
+
+    /// The configuration to use: `explicit` if given, else the file's metadata, else inferred from
+    /// the shapes at `default_size`. The result is checked against the tensors.
+    pub fn resolve_config(&self, explicit: Option<&Config>, default_size: usize) -> Result<Config> {
+        let c = match (explicit, &self.config) {
+            (Some(c), _) => c.clone(),
+            (None, Some(c)) => c.clone(),
+            (None, None) => self.infer_config(default_size)?,
+        };
+        self.check(&c)?;
+        Ok(c)
+    }
+
+    /// Freshly initialised weights for `cfg` (for training from scratch): TinyViT/SAM-style
+    /// initialisation — linear weights trunc-normal(0.02) with zero bias, convolutions
+    /// kaiming-uniform-like with fan-in scaling, norms weight 1 / bias 0, BatchNorm running stats
+    /// 0/1, the PE matrix N(0,1), embeddings N(0,1).
+    pub fn init(cfg: &Config, seed: u64) -> Weights {
+        let mut rng = Rng::new(seed);
+        let mut w = Weights { source: "initialisation".into(), ..Default::default() };
+        for s in schema::specs(cfg) {
+            let n = s.numel();
+            let k = &s.key;
+            let data: Vec<f32> = match s.kind {
+                Kind::Counter => vec![0.0; n],
+                Kind::RunningStat => vec![if k.ends_with("running_var") { 1.0 } else { 0.0 }; n],
+                Kind::Buffer => (0..n).map(|_| rng.normal() as f32).collect(),
+                Kind::Param => {
+                    let is_norm = k.contains("norm")
+                        || k.contains(".bn.")
+                        || k.contains("mask_downscaling.1")
+                        || k.contains("mask_downscaling.4")
+                        || k.contains("neck.1")
+                        || k.contains("neck.3")
+                        || k.contains("output_upscaling_part1.1")
+                        || k.contains("features1.1")
+                        || k.contains("features2.1");
+                    if is_norm {
+                        vec![if k.ends_with("weight") { 1.0 } else { 0.0 }; n]
+                    } else if k.ends_with("bias") && !k.contains("attention_biases") {
+                        vec![0.0; n]
+                    } else if k.contains("attention_biases") {
+                        vec![0.0; n]
+                    } else if k.contains("embed") || k.ends_with("token.weight") || k.ends_with("tokens.weight") {
+                        (0..n).map(|_| rng.normal() as f32).collect()
+                    } else if s.shape.len() == 2 {
+                        // trunc-normal(0, 0.02) truncated at 2 sigma
+                        (0..n)
+                            .map(|_| loop {
+                                let v = rng.normal();
+                                if v.abs() <= 2.0 {
+                                    break (v * 0.02) as f32;
+                                }
+                            })
+                            .collect()
+                    } else {
+                        // conv: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default bound)
+                        let fan_in: usize = if k.contains("output_upscaling") {
+                            s.shape[1] * s.shape[2] * s.shape[3]
+                        } else {
+                            s.shape[1..].iter().product()
+                        };
+                        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+                        (0..n).map(|_| rng.range(-bound, bound) as f32).collect()
+                    }
+                }
+            };
+            let stored = if s.kind == Kind::Counter { Stored::I64 } else { Stored::F32 };
+            w.tensors.insert(s.key.clone(), HostTensor { shape: s.shape.clone(), data, stored });
+        }
+        w.config = Some(cfg.clone());
+        w
+    }
+
+    /// Serialises as safetensors with the configuration and variant in the metadata. `f16` stores
+    /// floating tensors as f16 (counters stay i64).
+    pub fn to_bytes(&self, cfg: &Config, variant: Variant, f16: bool) -> Result<Vec<u8>> {
+        struct V {
+            dtype: safetensors::Dtype,
+            shape: Vec<usize>,
+            bytes: Vec<u8>,
+        }
+        impl safetensors::View for V {
+            fn dtype(&self) -> safetensors::Dtype {
+                self.dtype
+            }
+            fn shape(&self) -> &[usize] {
+                &self.shape
+            }
+            fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+                (&self.bytes[..]).into()
+            }
+            fn data_len(&self) -> usize {
+                self.bytes.len()
+            }
+        }
+        let mut views = Vec::with_capacity(self.tensors.len());
+        for (k, t) in &self.tensors {
+            let (dtype, bytes) = match (t.stored, f16) {
+                (Stored::I64, _) => (
+                    safetensors::Dtype::I64,
+                    t.data.iter().flat_map(|&v| (v.round() as i64).to_le_bytes()).collect(),
+                ),
+                (_, true) => (
+                    safetensors::Dtype::F16,
+                    t.data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                ),
+                (_, false) => (safetensors::Dtype::F32, t.data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            };
+            views.push((k.clone(), V { dtype, shape: t.shape.clone(), bytes }));
+        }
+        let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        meta.insert("format".into(), "pt".into());
+        meta.insert(META_CONFIG.into(), cfg.to_json());
+        meta.insert(META_VARIANT.into(), variant.name().into());
+        safetensors::serialize(views, Some(meta))
+            .map_err(|e| Error::weights(&self.source, format!("cannot serialise: {e}")))
+    }
+
+    /// Writes atomically (temporary file in the same folder, then rename).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn save(&self, path: &std::path::Path, cfg: &Config, variant: Variant, f16: bool) -> Result<()> {
+        let bytes = self.to_bytes(cfg, variant, f16)?;
+        crate::io::write_atomic(path, &bytes)
+    }
+}

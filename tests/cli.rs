@@ -1,0 +1,252 @@
+//! The command-line tool end to end: segment (files, folders, 16-bit TIFF), info, and bad input
+//! (each a one-line error, non-zero exit, no panic, no partial output files).
+
+mod common;
+
+use common::*;
+use medfastsam::io;
+use medfastsam::model::{Config, MedFastSam, Variant, Weights};
+use medfastsam::testutil::test_gpu;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
+    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()));
+    c
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("medfastsam-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn repo(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn tiny_weights() -> PathBuf {
+    fixtures_dir().join("tiny.weights.safetensors")
+}
+fn tiny_config() -> PathBuf {
+    fixtures_dir().join("tiny.config.json")
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(args: &[&str]) -> Run {
+    run_env(args, &[])
+}
+
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut c = bin();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    }
+}
+
+fn files_in(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The error is reported on one `error:` line, without a panic.
+fn assert_clean_failure(r: &Run, needle: &str) {
+    assert_ne!(r.code, 0, "expected failure; stderr: {}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
+    let err: Vec<&str> = r.stderr.lines().chain(r.stdout.lines()).filter(|l| l.starts_with("error:")).collect();
+    assert!(!err.is_empty(), "no error line in {}", r.stderr);
+    assert!(
+        err.iter().any(|l| l.contains(needle)),
+        "error line should mention '{needle}': {err:?}"
+    );
+}
+
+/// CPU f64 bilinear (align_corners=False) of a single-channel map, the independent reference of
+/// the mask mapping to the original resolution.
+fn bilinear_ref(x: &[f32], ih: usize, iw: usize, oh: usize, ow: usize) -> Vec<f64> {
+    let taps = |o: usize, i: usize, n: usize| {
+        let src = ((o as f64 + 0.5) * i as f64 / n as f64 - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(i - 1);
+        (i0, (i0 + 1).min(i - 1), src - i0 as f64)
+    };
+    let mut y = vec![0f64; oh * ow];
+    for oy in 0..oh {
+        let (y0, y1, fy) = taps(oy, ih, oh);
+        for ox in 0..ow {
+            let (x0, x1, fx) = taps(ox, iw, ow);
+            let v = |yy: usize, xx: usize| x[yy * iw + xx] as f64;
+            y[oy * ow + ox] = (v(y0, x0) * (1.0 - fx) + v(y0, x1) * fx) * (1.0 - fy) + (v(y1, x0) * (1.0 - fx) + v(y1, x1) * fx) * fy;
+        }
+    }
+    y
+}
+
+#[test]
+fn segment_writes_mask_and_overlay_at_original_size() {
+    let out = tmpdir("seg");
+    let img_path = repo("data/he/stardist-histo.jpg");
+    let r = run(&[
+        "segment",
+        img_path.to_str().unwrap(),
+        "--weights",
+        tiny_weights().to_str().unwrap(),
+        "--config",
+        tiny_config().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains(" ms"), "prints the time per image: {}", r.stdout);
+    assert_eq!(files_in(&out), vec!["stardist-histo_mask.png", "stardist-histo_overlay.png"]);
+    let mask = io::load_gray(&out.join("stardist-histo_mask.png")).unwrap();
+    let img = io::load_rgb(&img_path).unwrap();
+    assert_eq!((mask.width, mask.height), (img.width, img.height));
+    assert!(mask.data.iter().all(|&v| v == 0 || v == 255));
+    let over = io::load_rgb(&out.join("stardist-histo_overlay.png")).unwrap();
+    assert_eq!((over.width, over.height), (img.width, img.height));
+
+    // Independent check of the mapping back: model logits at S×S read back, resized on the CPU in f64.
+    let gpu = test_gpu();
+    let cfg = Config::from_file(&tiny_config()).unwrap();
+    let w = Weights::load(&tiny_weights()).unwrap();
+    let m = MedFastSam::new(gpu, &w, &cfg, Variant::Paper).unwrap();
+    let s = cfg.image_size;
+    let px = gpu.upload_u32(&img.resize(s, s).packed(), &[1, s, s]).unwrap();
+    let mut rec = gpu.new_recorder();
+    let o = m.forward(&mut rec, &px, false).unwrap();
+    rec.submit().unwrap();
+    let logits = gpu.read(&o.logits).unwrap();
+    let want = bilinear_ref(&logits, s, s, img.height, img.width);
+    let differ = want.iter().zip(&mask.data).filter(|(l, m)| (**l > 0.0) != (**m == 255)).count();
+    eprintln!("mask pixels differing from the CPU-resized logits: {differ} of {}", mask.data.len());
+    assert!(differ as f64 <= 0.001 * mask.data.len() as f64);
+    let fg = mask.data.iter().filter(|&&v| v == 255).count();
+    assert!(fg > 0 && fg < mask.data.len(), "mask is neither empty nor full");
+}
+
+#[test]
+fn segment_folder_and_16bit_tiff() {
+    let input = tmpdir("folder-in");
+    let out = tmpdir("folder-out");
+    std::fs::copy(repo("data/dsb2018-nuclei/image.tif"), input.join("nuclei.tif")).unwrap();
+    std::fs::copy(repo("data/he/skimage-ihc.png"), input.join("ihc.png")).unwrap();
+    std::fs::write(input.join("notes.txt"), "not an image").unwrap();
+    let r = run(&[
+        "segment",
+        input.to_str().unwrap(),
+        "--weights",
+        tiny_weights().to_str().unwrap(),
+        "--config",
+        tiny_config().to_str().unwrap(),
+        "--variant",
+        "released",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(files_in(&out), vec!["ihc_mask.png", "ihc_overlay.png", "nuclei_mask.png", "nuclei_overlay.png"]);
+    let m = io::load_gray(&out.join("nuclei_mask.png")).unwrap();
+    assert_eq!((m.width, m.height), (512, 512));
+}
+
+#[test]
+fn info_reports_paper_parameter_count() {
+    let d = tmpdir("info");
+    let path = d.join("paper.safetensors");
+    Weights::init(&Config::paper(), 3).save(&path, &Config::paper(), Variant::Released, true).unwrap();
+    let r = run(&["info", path.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("14,479,104 total"), "{}", r.stdout);
+    assert!(r.stdout.contains("8,413,572 tuned"), "{}", r.stdout);
+    assert!(r.stdout.contains("variant:       released"), "{}", r.stdout);
+    assert!(r.stdout.contains("from the file's metadata"), "{}", r.stdout);
+    assert!(r.stdout.contains("image_encoder.layers.2"), "{}", r.stdout);
+    assert!(r.stdout.contains("adapter:"), "{}", r.stdout);
+    // Tiny weights have no metadata: the configuration is inferred from the shapes.
+    let r = run(&["info", tiny_weights().to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("inferred from tensor shapes"), "{}", r.stdout);
+    assert!(r.stdout.contains("\"embed_dims\":[32,64,96,128]"), "{}", r.stdout);
+}
+
+fn segment_args<'a>(input: &'a str, weights: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec!["segment", input, "--weights", weights, "--config", tiny_config().to_str().unwrap().to_owned().leak(), "--out", out]
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_without_partial_files() {
+    let d = tmpdir("bad");
+    let out = d.join("out");
+    let outs = out.to_str().unwrap();
+    let w = tiny_weights();
+    let ws = w.to_str().unwrap();
+
+    // Missing image.
+    let r = run(&segment_args("/nonexistent/x.png", ws, outs));
+    assert_clean_failure(&r, "/nonexistent/x.png");
+    assert!(files_in(&out).is_empty());
+
+    // Corrupt image: a PNG header followed by garbage.
+    let bad = d.join("corrupt.png");
+    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    bytes.extend((0..500u32).map(|i| (i * 7 + 3) as u8));
+    std::fs::write(&bad, &bytes).unwrap();
+    let r = run(&segment_args(bad.to_str().unwrap(), ws, outs));
+    assert_clean_failure(&r, "corrupt.png");
+    assert!(files_in(&out).is_empty());
+
+    // Unsupported format (GIF).
+    let gif = d.join("anim.gif");
+    std::fs::write(&gif, b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap();
+    let r = run(&segment_args(gif.to_str().unwrap(), ws, outs));
+    assert_clean_failure(&r, "unsupported image format");
+    assert!(files_in(&out).is_empty());
+
+    // Weights that do not match the configuration: first mismatching key and both shapes.
+    let paper_cfg = d.join("paper.json");
+    std::fs::write(&paper_cfg, Config::paper().to_json()).unwrap();
+    let img = repo("data/he/stardist-histo.jpg");
+    let r = run(&["segment", img.to_str().unwrap(), "--weights", ws, "--config", paper_cfg.to_str().unwrap(), "--out", outs]);
+    assert_clean_failure(&r, "tensor 'image_encoder.patch_embed.seq.0.c.weight' has shape [16, 3, 3, 3] but the configuration expects [32, 3, 3, 3]");
+    assert!(files_in(&out).is_empty());
+
+    // Truncated weights file.
+    let trunc = d.join("trunc.safetensors");
+    let full = std::fs::read(&w).unwrap();
+    std::fs::write(&trunc, &full[..full.len() / 2]).unwrap();
+    let r = run(&segment_args(img.to_str().unwrap(), trunc.to_str().unwrap(), outs));
+    assert_clean_failure(&r, "trunc.safetensors");
+    assert!(files_in(&out).is_empty());
+
+    // An image whose full-resolution logits exceed the storage-binding limit (WebGPU's default
+    // 128 MiB, requested explicitly so the test means the same on every adapter).
+    let big = d.join("huge.png");
+    let (bw, bh) = (6000u32, 6000u32);
+    let raw: Vec<u8> = (0..bw * bh).map(|i| ((i % bw) / 24) as u8).collect();
+    image::GrayImage::from_raw(bw, bh, raw).unwrap().save(&big).unwrap();
+    let r = run_env(&segment_args(big.to_str().unwrap(), ws, outs), &[("MEDFASTSAM_LIMITS", "webgpu")]);
+    assert_clean_failure(&r, "device limit exceeded");
+    assert!(files_in(&out).iter().all(|f| !f.starts_with("huge")), "{:?}", files_in(&out));
+
+    // A mix of good and bad inputs: the good one is written, the exit code reports the failure.
+    let r = run(&["segment", img.to_str().unwrap(), bad.to_str().unwrap(), "--weights", ws, "--config", tiny_config().to_str().unwrap(), "--out", outs]);
+    assert_clean_failure(&r, "corrupt.png");
+    assert_eq!(files_in(&out), vec!["stardist-histo_mask.png", "stardist-histo_overlay.png"]);
+}
