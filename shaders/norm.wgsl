@@ -145,3 +145,381 @@ fn ln_fwd_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         }
     }
 }
+
+// LayerNorm backward, dx only (dw / db come from col_grad + reduce_part):
+//   dz = dy * act'(pre),  g = dz * w,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+@group(0) @binding(1) var<storage, read> lb_x: array<f32>;
+@group(0) @binding(2) var<storage, read> lb_w: array<f32>;
+@group(0) @binding(3) var<storage, read> lb_mean: array<f32>;
+@group(0) @binding(4) var<storage, read> lb_rstd: array<f32>;
+@group(0) @binding(5) var<storage, read> lb_dy: array<f32>;
+@group(0) @binding(6) var<storage, read> lb_pre: array<f32>;
+@group(0) @binding(7) var<storage, read_write> lb_dx: array<f32>;
+
+fn lb_dz(i: u32) -> f32 {
+    if (ACT != 0u) {
+        return lb_dy[i] * act_grad(lb_pre[i]);
+    }
+    return lb_dy[i];
+}
+
+@compute @workgroup_size(256)
+fn ln_bwd_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let row = flat_group(wid, nwg) * (256u / T) + lid / T;
+    let lane = lid % T;
+    let valid = row < lp.rows;
+    let c = lp.c;
+    let base = row * c;
+    var mean = 0.0;
+    var rstd = 0.0;
+    var acc = vec2<f32>(0.0, 0.0);
+    if (valid) {
+        mean = lb_mean[row];
+        rstd = lb_rstd[row];
+        for (var k = lane; k < c; k += T) {
+            let g = lb_dz(base + k) * lb_w[k];
+            let xh = (lb_x[base + k] - mean) * rstd;
+            acc += vec2<f32>(g, g * xh);
+        }
+    }
+    let sums = team_sum2(lid, acc) / f32(c);
+    if (!valid) {
+        return;
+    }
+    for (var k = lane; k < c; k += T) {
+        let g = lb_dz(base + k) * lb_w[k];
+        let xh = (lb_x[base + k] - mean) * rstd;
+        var d = rstd * (g - sums.x - xh * sums.y);
+        if (ACCUM) {
+            d += lb_dx[base + k];
+        }
+        lb_dx[base + k] = d;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column reductions over a [rows, c] matrix, first level. Workgroup g covers column tile
+// g % ncoltiles (CT columns) and row chunk g / ncoltiles (chunk_rows rows); its 256 / CT row lanes
+// each sum a strided subset of the chunk, then a fixed tree combines the lanes. The partial sum of
+// quantity s for column col and chunk k goes to part[(s * c + col) * nchunks + k].
+
+struct ColParams {
+    rows: u32,
+    c: u32,
+    chunk_rows: u32,
+    nchunks: u32,
+    ncoltiles: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> cp: ColParams;
+
+struct ColPos {
+    col: u32,
+    lane: u32,   // row lane 0 .. 256 / CT
+    chunk: u32,
+    r0: u32,
+    r1: u32,
+    on: bool,
+}
+
+fn col_pos(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> ColPos {
+    let g = flat_group(wid, nwg);
+    let tile = g % cp.ncoltiles;
+    let chunk = g / cp.ncoltiles;
+    let col = tile * CT + lid % CT;
+    let r0 = chunk * cp.chunk_rows;
+    let r1 = min(cp.rows, r0 + cp.chunk_rows);
+    return ColPos(col, lid / CT, chunk, r0, r1, chunk < cp.nchunks && col < cp.c);
+}
+
+// Sum over the row lanes of a workgroup (fixed tree). Uniform control flow only.
+fn lanes_sum(lid: u32, v: f32) -> f32 {
+    red1[lid] = v;
+    workgroupBarrier();
+    let lane = lid / CT;
+    for (var s = (256u / CT) / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            red1[lid] = red1[lid] + red1[lid + s * CT];
+        }
+        workgroupBarrier();
+    }
+    return red1[lid];
+}
+
+fn lanes_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    red2[lid] = v;
+    workgroupBarrier();
+    let lane = lid / CT;
+    for (var s = (256u / CT) / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            red2[lid] = red2[lid] + red2[lid + s * CT];
+        }
+        workgroupBarrier();
+    }
+    return red2[lid];
+}
+
+// col_sum: per column sum of x (SQ = false) or of (x - cmean[col])^2 (SQ = true).
+@group(0) @binding(1) var<storage, read> cs_x: array<f32>;
+@group(0) @binding(2) var<storage, read> cs_mean: array<f32>;
+@group(0) @binding(3) var<storage, read_write> cs_part: array<f32>;
+
+@compute @workgroup_size(256)
+fn col_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let p = col_pos(wid, nwg, lid);
+    var acc = 0.0;
+    if (p.on) {
+        var m = 0.0;
+        if (SQ) {
+            m = cs_mean[p.col];
+        }
+        for (var r = p.r0 + p.lane; r < p.r1; r += 256u / CT) {
+            let v = cs_x[r * cp.c + p.col];
+            if (SQ) {
+                let d = v - m;
+                acc += d * d;
+            } else {
+                acc += v;
+            }
+        }
+    }
+    let s = lanes_sum(lid, acc);
+    if (p.on && p.lane == 0u) {
+        cs_part[p.col * cp.nchunks + p.chunk] = s;
+    }
+}
+
+// col_grad: per column sums of dz * xhat (quantity 0) and dz (quantity 1), where
+// dz = dy * act'(pre) and xhat = (x - mean) * rstd with mean / rstd per row (PER_ROW, LayerNorm)
+// or per column (BatchNorm).
+@group(0) @binding(1) var<storage, read> cg_x: array<f32>;
+@group(0) @binding(2) var<storage, read> cg_dy: array<f32>;
+@group(0) @binding(3) var<storage, read> cg_pre: array<f32>;
+@group(0) @binding(4) var<storage, read> cg_mean: array<f32>;
+@group(0) @binding(5) var<storage, read> cg_rstd: array<f32>;
+@group(0) @binding(6) var<storage, read_write> cg_part: array<f32>;
+
+@compute @workgroup_size(256)
+fn col_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let p = col_pos(wid, nwg, lid);
+    var acc = vec2<f32>(0.0, 0.0);
+    if (p.on) {
+        var m = 0.0;
+        var rs = 0.0;
+        if (!PER_ROW) {
+            m = cg_mean[p.col];
+            rs = cg_rstd[p.col];
+        }
+        for (var r = p.r0 + p.lane; r < p.r1; r += 256u / CT) {
+            let i = r * cp.c + p.col;
+            if (PER_ROW) {
+                m = cg_mean[r];
+                rs = cg_rstd[r];
+            }
+            var dz = cg_dy[i];
+            if (ACT != 0u) {
+                dz *= act_grad(cg_pre[i]);
+            }
+            let xh = (cg_x[i] - m) * rs;
+            acc += vec2<f32>(dz * xh, dz);
+        }
+    }
+    let s = lanes_sum2(lid, acc);
+    if (p.on && p.lane == 0u) {
+        cg_part[p.col * cp.nchunks + p.chunk] = s.x;
+        cg_part[(cp.c + p.col) * cp.nchunks + p.chunk] = s.y;
+    }
+}
+
+// Second level: out[j] = alpha * sum_k part[j * k_count + k] (fixed order), for j < jn; j < split
+// goes to out0[j], the rest to out1[j - split]; ACCUM adds into the outputs.
+struct ReduceParams {
+    jn: u32,
+    kn: u32,
+    split: u32,
+    alpha: f32,
+}
+
+@group(0) @binding(0) var<uniform> rp: ReduceParams;
+@group(0) @binding(1) var<storage, read> rd_part: array<f32>;
+@group(0) @binding(2) var<storage, read_write> rd_out0: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rd_out1: array<f32>;
+
+@compute @workgroup_size(64)
+fn reduce_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let j = flat_group(wid, nwg);
+    var acc = 0.0;
+    if (j < rp.jn) {
+        for (var k = lid; k < rp.kn; k += 64u) {
+            acc += rd_part[j * rp.kn + k];
+        }
+    }
+    red1[lid] = acc;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            red1[lid] = red1[lid] + red1[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if (lid != 0u || j >= rp.jn) {
+        return;
+    }
+    let v = rp.alpha * red1[0];
+    if (j < rp.split) {
+        if (ACCUM) {
+            rd_out0[j] = rd_out0[j] + v;
+        } else {
+            rd_out0[j] = v;
+        }
+    } else {
+        let o = j - rp.split;
+        if (ACCUM) {
+            rd_out1[o] = rd_out1[o] + v;
+        } else {
+            rd_out1[o] = v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchNorm2d on [rows = B*H*W, C].
+
+struct BnParams {
+    n: u32,          // elements (rows * c) or channels (per-channel kernels)
+    c: u32,
+    momentum: f32,
+    eps: f32,
+    unbias: f32,     // rows / (rows - 1)
+    update: u32,     // bn_finalize: update the running statistics
+    inv_rows: f32,
+    pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> bp: BnParams;
+
+fn elem_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return flat_group(wid, nwg) * 64u + lid;
+}
+
+// Per channel: rstd = 1/sqrt(var + eps); running statistics updated in place.
+@group(0) @binding(1) var<storage, read> bf_mean: array<f32>;
+@group(0) @binding(2) var<storage, read> bf_var: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bf_rstd: array<f32>;
+@group(0) @binding(4) var<storage, read_write> bf_rmean: array<f32>;
+@group(0) @binding(5) var<storage, read_write> bf_rvar: array<f32>;
+
+@compute @workgroup_size(64)
+fn bn_finalize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = elem_index(wid, nwg, lid);
+    if (i >= bp.c) {
+        return;
+    }
+    let v = bf_var[i];
+    bf_rstd[i] = 1.0 / sqrt(v + bp.eps);
+    if (bp.update != 0u) {
+        let mo = bp.momentum;
+        bf_rmean[i] = (1.0 - mo) * bf_rmean[i] + mo * bf_mean[i];
+        bf_rvar[i] = (1.0 - mo) * bf_rvar[i] + mo * v * bp.unbias;
+    }
+}
+
+// Per channel rstd from the running variance (eval mode).
+@group(0) @binding(1) var<storage, read> br_var: array<f32>;
+@group(0) @binding(2) var<storage, read_write> br_rstd: array<f32>;
+
+@compute @workgroup_size(64)
+fn bn_rstd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = elem_index(wid, nwg, lid);
+    if (i >= bp.c) {
+        return;
+    }
+    br_rstd[i] = 1.0 / sqrt(br_var[i] + bp.eps);
+}
+
+// y = act((x - mean[ch]) * rstd[ch] * w[ch] + b[ch]); SAVE_PRE stores the pre-activation.
+@group(0) @binding(1) var<storage, read> ba_x: array<f32>;
+@group(0) @binding(2) var<storage, read> ba_mean: array<f32>;
+@group(0) @binding(3) var<storage, read> ba_rstd: array<f32>;
+@group(0) @binding(4) var<storage, read> ba_w: array<f32>;
+@group(0) @binding(5) var<storage, read> ba_b: array<f32>;
+@group(0) @binding(6) var<storage, read_write> ba_y: array<f32>;
+@group(0) @binding(7) var<storage, read_write> ba_pre: array<f32>;
+
+@compute @workgroup_size(64)
+fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = elem_index(wid, nwg, lid);
+    if (i >= bp.n) {
+        return;
+    }
+    let ch = i % bp.c;
+    let z = (ba_x[i] - ba_mean[ch]) * ba_rstd[ch] * ba_w[ch] + ba_b[ch];
+    ba_y[i] = activate(z, ACT);
+    if (SAVE_PRE) {
+        ba_pre[i] = z;
+    }
+}
+
+// BatchNorm backward, dx. sums = [sum dz*xhat (c values), sum dz (c values)].
+//   train: dx = w * rstd * (dz - sum(dz)/rows - xhat * sum(dz*xhat)/rows)
+//   eval:  dx = w * rstd * dz
+@group(0) @binding(1) var<storage, read> bb_x: array<f32>;
+@group(0) @binding(2) var<storage, read> bb_dy: array<f32>;
+@group(0) @binding(3) var<storage, read> bb_pre: array<f32>;
+@group(0) @binding(4) var<storage, read> bb_mean: array<f32>;
+@group(0) @binding(5) var<storage, read> bb_rstd: array<f32>;
+@group(0) @binding(6) var<storage, read> bb_w: array<f32>;
+@group(0) @binding(7) var<storage, read> bb_sums: array<f32>;
+@group(0) @binding(8) var<storage, read_write> bb_dx: array<f32>;
+
+@compute @workgroup_size(64)
+fn bn_bwd_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = elem_index(wid, nwg, lid);
+    if (i >= bp.n) {
+        return;
+    }
+    let ch = i % bp.c;
+    var dz = bb_dy[i];
+    if (ACT != 0u) {
+        dz *= act_grad(bb_pre[i]);
+    }
+    let rs = bb_rstd[ch];
+    var d: f32;
+    if (TRAIN) {
+        let xh = (bb_x[i] - bb_mean[ch]) * rs;
+        d = bb_w[ch] * rs * (dz - bb_sums[bp.c + ch] * bp.inv_rows - xh * bb_sums[ch] * bp.inv_rows);
+    } else {
+        d = bb_w[ch] * rs * dz;
+    }
+    if (ACCUM) {
+        d += bb_dx[i];
+    }
+    bb_dx[i] = d;
+}
+
+// dw += sum(dz*xhat), db += sum(dz), per channel.
+@group(0) @binding(1) var<storage, read> bg_sums: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bg_dw: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bg_db: array<f32>;
+
+@compute @workgroup_size(64)
+fn bn_bwd_params(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = elem_index(wid, nwg, lid);
+    if (i >= bp.c) {
+        return;
+    }
+    bg_dw[i] = bg_dw[i] + bg_sums[i];
+    bg_db[i] = bg_db[i] + bg_sums[bp.c + i];
+}

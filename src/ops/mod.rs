@@ -4,8 +4,10 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod loss;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod otsu;
 pub mod pe;
 pub mod reference;

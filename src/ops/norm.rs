@@ -2,7 +2,7 @@
 //! LayerNorm2d on channels-last maps) and BatchNorm2d on channels-last maps.
 //!
 //! Both see a `[rows, C]` matrix (rows = every leading dim). LayerNorm uses one team of
-//! `T = next_pow2(C)` (≤ 256) invocations per row, with a two-pass mean / variance in f32.
+//! `T = next_pow2(C) / 16` (1..=256) invocations per row, with a two-pass mean / variance in f32.
 //! Every reduction over rows (LayerNorm dw/db, BatchNorm statistics and gradients) is two-level and
 //! deterministic: per-workgroup partial sums over fixed row chunks, then one workgroup per column
 //! sums the partials in a fixed order. No atomics.
@@ -11,9 +11,18 @@ use super::matmul::Act;
 use crate::error::{Error, Result};
 use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
 
-/// Threads per row of the LayerNorm kernels.
+/// Threads per row of the LayerNorm kernels: about 16 values per thread. (One invocation per value
+/// made the barrier-heavy tree reductions dominate on lavapipe, 3-5x slower; ~16 per thread keeps
+/// rows contiguous within a team and enough teams per workgroup on real GPUs.)
 fn team_size(c: usize) -> u32 {
-    c.next_power_of_two().clamp(1, 256) as u32
+    (c.next_power_of_two() / 16).clamp(1, 256) as u32
+}
+
+fn check_team(team: u32) -> Result<u32> {
+    if team == 0 || team > 256 || !team.is_power_of_two() {
+        return Err(Error::Invalid(format!("layer_norm: team size {team} is not a power of two in 1..=256")));
+    }
+    Ok(team)
 }
 
 fn norm_kernel(entry: &'static str, inv: u32) -> Kernel {
@@ -37,6 +46,9 @@ pub fn layer_norm(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, eps: f
     let (rows, c) = check_ln(x, w, b)?;
     let y = rec.gpu.empty(&x.shape)?;
     let t = team_size(c);
+    if rows == 0 {
+        return Ok(y);
+    }
     let k = norm_kernel("ln_fwd", 256).u("T", t).u("ACT", act.code());
     let groups = rec.grid(rows.div_ceil((256 / t) as usize));
     rec.dispatch(&k, Params::new().u(rows).u(c).f(eps).u(0), &[x, w, b, &y], groups)?;
@@ -65,13 +77,30 @@ pub fn layer_norm_train(
     eps: f32,
     act: Act,
 ) -> Result<(Tensor, LnSaved)> {
+    let c = x.shape.last().copied().unwrap_or(0);
+    layer_norm_train_with_team(rec, x, w, b, eps, act, team_size(c))
+}
+
+/// [`layer_norm_train`] with an explicit number of threads per row (a power of two ≤ 256); used by
+/// the tests to cover every reduction width and the grid splitting with small tensors.
+#[doc(hidden)]
+pub fn layer_norm_train_with_team(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+    act: Act,
+    team: u32,
+) -> Result<(Tensor, LnSaved)> {
     let (rows, c) = check_ln(x, w, b)?;
+    let team = check_team(team)?;
     let y = rec.gpu.empty(&x.shape)?;
     let mean = rec.gpu.empty(&[rows])?;
     let rstd = rec.gpu.empty(&[rows])?;
     let pre = if act != Act::None { Some(rec.gpu.empty(&x.shape)?) } else { None };
     let dummy = rec.gpu.dummy();
-    let t = team_size(c);
+    let t = team;
     let k = norm_kernel("ln_fwd_train", 256).u("T", t).u("ACT", act.code());
     let groups = rec.grid(rows.div_ceil((256 / t) as usize));
     rec.dispatch(
@@ -81,4 +110,428 @@ pub fn layer_norm_train(
         groups,
     )?;
     Ok((y, LnSaved { mean, rstd, pre, act }))
+}
+
+/// Backward of [`layer_norm_train`] given `dy` (gradient of its output y): accumulates
+/// `dw += Σ_rows dz * xhat`, `db += Σ_rows dz` (dz = dy * act'(pre)) and returns dx. With `dx_acc`
+/// the input gradient is added into that tensor (returned) instead of a new one.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    saved: &LnSaved,
+    dy: &Tensor,
+    dw: &Tensor,
+    db: &Tensor,
+    dx_acc: Option<&Tensor>,
+) -> Result<Tensor> {
+    let c = x.shape.last().copied().unwrap_or(0);
+    layer_norm_backward_with_team(rec, x, w, saved, dy, dw, db, dx_acc, team_size(c))
+}
+
+/// [`layer_norm_backward`] with an explicit number of threads per row (tests).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward_with_team(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    saved: &LnSaved,
+    dy: &Tensor,
+    dw: &Tensor,
+    db: &Tensor,
+    dx_acc: Option<&Tensor>,
+    team: u32,
+) -> Result<Tensor> {
+    let (rows, c) = check_ln(x, w, w)?;
+    let team = check_team(team)?;
+    if dy.numel() != x.numel() || dw.numel() != c || db.numel() != c || saved.mean.numel() != rows {
+        return Err(Error::Invalid(format!(
+            "layer_norm_backward: x {:?}, dy {:?}, dw {:?}, db {:?}, saved mean {:?}",
+            x.shape, dy.shape, dw.shape, db.shape, saved.mean.shape
+        )));
+    }
+    if let Some(d) = dx_acc {
+        if d.numel() != x.numel() {
+            return Err(Error::Invalid(format!("layer_norm_backward: dx {:?} vs x {:?}", d.shape, x.shape)));
+        }
+    }
+    let dummy = rec.gpu.dummy();
+    let pre = saved.pre.as_ref().unwrap_or(&dummy);
+    let dx = match dx_acc {
+        Some(d) => d.clone(),
+        None => rec.gpu.empty(&x.shape)?,
+    };
+    if rows == 0 {
+        return Ok(dx);
+    }
+    let t = team;
+    let k = norm_kernel("ln_bwd_dx", 256)
+        .u("T", t)
+        .u("ACT", saved.act.code())
+        .b("ACCUM", dx_acc.is_some());
+    let groups = rec.grid(rows.div_ceil((256 / t) as usize));
+    rec.dispatch(
+        &k,
+        Params::new().u(rows).u(c).f(0.0).u(0),
+        &[x, w, &saved.mean, &saved.rstd, dy, pre, &dx],
+        groups,
+    )?;
+    let plan = ColPlan::new(rows, c);
+    let part = plan.col_grad(rec, x, dy, pre, &saved.mean, &saved.rstd, saved.act, true)?;
+    reduce_part(rec, &part, 2 * c, plan.nchunks, c, 1.0, true, dw, db)?;
+    Ok(dx)
+}
+
+/// How a column reduction over `[rows, c]` is split: tiles of `ct` columns times chunks of
+/// `chunk_rows` rows, one workgroup each. Depends only on the shape, so results are reproducible.
+struct ColPlan {
+    rows: usize,
+    c: usize,
+    ct: u32,
+    ncoltiles: usize,
+    chunk_rows: usize,
+    nchunks: usize,
+}
+
+impl ColPlan {
+    fn new(rows: usize, c: usize) -> Self {
+        let ct = c.next_power_of_two().clamp(1, 64);
+        let lanes = 256 / ct;
+        // At least 8 rows per lane, at most 512 chunks (the second level sums ≤ 512 values).
+        let nchunks = rows.div_ceil(lanes * 8).clamp(1, 512);
+        let chunk_rows = rows.div_ceil(nchunks).max(1);
+        let nchunks = rows.div_ceil(chunk_rows).max(1);
+        ColPlan { rows, c, ct: ct as u32, ncoltiles: c.div_ceil(ct), chunk_rows, nchunks }
+    }
+
+    fn params(&self) -> Params {
+        Params::new().u(self.rows).u(self.c).u(self.chunk_rows).u(self.nchunks).u(self.ncoltiles).u(0).u(0).u(0)
+    }
+
+    fn groups(&self, rec: &Recorder) -> [u32; 3] {
+        rec.grid(self.ncoltiles * self.nchunks)
+    }
+
+    /// Partial per-column sums of x, or of (x - mean[col])^2 when `mean` is given: `[c, nchunks]`.
+    fn col_sum(&self, rec: &mut Recorder, x: &Tensor, mean: Option<&Tensor>) -> Result<Tensor> {
+        let part = rec.gpu.empty(&[self.c, self.nchunks])?;
+        let dummy = rec.gpu.dummy();
+        let k = norm_kernel("col_sum", 256).u("CT", self.ct).b("SQ", mean.is_some());
+        let g = self.groups(rec);
+        rec.dispatch(&k, self.params(), &[x, mean.unwrap_or(&dummy), &part], g)?;
+        Ok(part)
+    }
+
+    /// Partial per-column sums of dz * xhat and dz: `[2, c, nchunks]`.
+    #[allow(clippy::too_many_arguments)]
+    fn col_grad(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        dy: &Tensor,
+        pre: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        act: Act,
+        per_row: bool,
+    ) -> Result<Tensor> {
+        let part = rec.gpu.empty(&[2, self.c, self.nchunks])?;
+        let k = norm_kernel("col_grad", 256)
+            .u("CT", self.ct)
+            .u("ACT", act.code())
+            .b("PER_ROW", per_row);
+        let g = self.groups(rec);
+        rec.dispatch(&k, self.params(), &[x, dy, pre, mean, rstd, &part], g)?;
+        Ok(part)
+    }
+}
+
+/// Second reduction level: for j < jn, `alpha * Σ_k part[j, k]` goes to `out0[j]` (j < split) or
+/// `out1[j - split]`, added to their contents when `accum`.
+#[allow(clippy::too_many_arguments)]
+fn reduce_part(
+    rec: &mut Recorder,
+    part: &Tensor,
+    jn: usize,
+    kn: usize,
+    split: usize,
+    alpha: f32,
+    accum: bool,
+    out0: &Tensor,
+    out1: &Tensor,
+) -> Result<()> {
+    let k = norm_kernel("reduce_part", 64).b("ACCUM", accum);
+    let g = rec.grid(jn);
+    rec.dispatch(&k, Params::new().u(jn).u(kn).u(split).f(alpha), &[part, out0, out1], g)
+}
+
+fn bn_params(n: usize, c: usize, momentum: f32, eps: f32, unbias: f32, update: bool, inv_rows: f32) -> Params {
+    Params::new().u(n).u(c).f(momentum).f(eps).f(unbias).u(update as usize).f(inv_rows).u(0)
+}
+
+fn bn_groups(rec: &Recorder, n: usize) -> [u32; 3] {
+    rec.grid(n.div_ceil(64))
+}
+
+/// What [`batch_norm_backward`] needs from [`batch_norm_train`] or [`batch_norm_eval_saved`].
+#[derive(Clone, Debug)]
+pub struct BnSaved {
+    /// Per-channel mean used for normalisation (batch mean in training, running mean in eval).
+    pub mean: Tensor,
+    /// Per-channel 1/sqrt(var + eps) used for normalisation.
+    pub rstd: Tensor,
+    /// Pre-activation (only when `act != Act::None`).
+    pub pre: Option<Tensor>,
+    pub act: Act,
+    /// Batch statistics (training) or fixed running statistics (eval).
+    pub train: bool,
+}
+
+fn check_bn(x: &Tensor, w: &Tensor, b: &Tensor, others: &[&Tensor]) -> Result<(usize, usize)> {
+    let c = *x.shape.last().ok_or_else(|| Error::Invalid("batch_norm: scalar input".into()))?;
+    let ok = c > 0 && w.numel() == c && b.numel() == c && others.iter().all(|t| t.numel() == c);
+    if !ok {
+        return Err(Error::Invalid(format!(
+            "batch_norm: input {:?} (channels last), weight {:?}, bias {:?}: every per-channel tensor needs {c} values",
+            x.shape, w.shape, b.shape
+        )));
+    }
+    Ok((x.numel() / c, c))
+}
+
+fn bn_apply(
+    rec: &mut Recorder,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    act: Act,
+    save_pre: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let c = w.numel();
+    let y = rec.gpu.empty(&x.shape)?;
+    let pre = if save_pre && act != Act::None { Some(rec.gpu.empty(&x.shape)?) } else { None };
+    let dummy = rec.gpu.dummy();
+    let k = norm_kernel("bn_apply", 64).u("ACT", act.code()).b("SAVE_PRE", pre.is_some());
+    let n = x.numel();
+    let g = bn_groups(rec, n);
+    rec.dispatch(
+        &k,
+        bn_params(n, c, 0.0, 0.0, 0.0, false, 0.0),
+        &[x, mean, rstd, w, b, &y, pre.as_ref().unwrap_or(&dummy)],
+        g,
+    )?;
+    Ok((y, pre))
+}
+
+/// BatchNorm2d in training mode on channels-last `x` `[B, H, W, C]` (any leading dims): batch
+/// statistics per channel over the `rows = B*H*W` positions (two-pass, deterministic),
+/// `y = act((x - mean) / sqrt(var + eps) * w + b)` with the biased variance, and in place
+/// `running_mean = (1 - momentum) * running_mean + momentum * mean`,
+/// `running_var = (1 - momentum) * running_var + momentum * var * rows / (rows - 1)`
+/// (PyTorch: momentum 0.1, eps 1e-5). Needs rows >= 2.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_train(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f32,
+    eps: f32,
+    act: Act,
+) -> Result<(Tensor, BnSaved)> {
+    let (rows, c) = check_bn(x, w, b, &[running_mean, running_var])?;
+    if rows < 2 {
+        return Err(Error::Invalid(format!(
+            "batch_norm_train: {:?} has one value per channel; training BatchNorm needs at least 2",
+            x.shape
+        )));
+    }
+    let plan = ColPlan::new(rows, c);
+    let inv = (1.0 / rows as f64) as f32;
+    let dummy = rec.gpu.dummy();
+    let mean = rec.gpu.empty(&[c])?;
+    let var = rec.gpu.empty(&[c])?;
+    let rstd = rec.gpu.empty(&[c])?;
+    let part = plan.col_sum(rec, x, None)?;
+    reduce_part(rec, &part, c, plan.nchunks, c, inv, false, &mean, &dummy)?;
+    let part = plan.col_sum(rec, x, Some(&mean))?;
+    reduce_part(rec, &part, c, plan.nchunks, c, inv, false, &var, &dummy)?;
+    let unbias = (rows as f64 / (rows - 1) as f64) as f32;
+    let g = bn_groups(rec, c);
+    rec.dispatch(
+        &norm_kernel("bn_finalize", 64),
+        bn_params(c, c, momentum, eps, unbias, true, inv),
+        &[&mean, &var, &rstd, running_mean, running_var],
+        g,
+    )?;
+    let (y, pre) = bn_apply(rec, x, &mean, &rstd, w, b, act, true)?;
+    Ok((y, BnSaved { mean, rstd, pre, act, train: true }))
+}
+
+/// BatchNorm2d in eval mode (running statistics): `y = act((x - rm) / sqrt(rv + eps) * w + b)`.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_eval(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+    act: Act,
+) -> Result<Tensor> {
+    Ok(batch_norm_eval_impl(rec, x, w, b, running_mean, running_var, eps, act, false)?.0)
+}
+
+/// [`batch_norm_eval`] that also keeps what [`batch_norm_backward`] needs (gradients through a
+/// BatchNorm with frozen statistics: dx = w * rstd * dz; dw, db as usual).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_eval_saved(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+    act: Act,
+) -> Result<(Tensor, BnSaved)> {
+    batch_norm_eval_impl(rec, x, w, b, running_mean, running_var, eps, act, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_eval_impl(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+    act: Act,
+    save: bool,
+) -> Result<(Tensor, BnSaved)> {
+    let (_, c) = check_bn(x, w, b, &[running_mean, running_var])?;
+    let rstd = rec.gpu.empty(&[c])?;
+    let g = bn_groups(rec, c);
+    rec.dispatch(
+        &norm_kernel("bn_rstd", 64),
+        bn_params(c, c, 0.0, eps, 0.0, false, 0.0),
+        &[running_var, &rstd],
+        g,
+    )?;
+    let (y, pre) = bn_apply(rec, x, running_mean, &rstd, w, b, act, save)?;
+    Ok((y, BnSaved { mean: running_mean.clone(), rstd, pre, act, train: false }))
+}
+
+/// Backward of [`batch_norm_train`] (batch statistics) or [`batch_norm_eval_saved`] (fixed
+/// statistics) given `dy`: accumulates `dw += Σ dz * xhat`, `db += Σ dz` per channel and returns dx
+/// (added into `dx_acc` when given). With batch statistics
+/// `dx = w * rstd * (dz - mean(dz) - xhat * mean(dz * xhat))`, means over the rows.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    saved: &BnSaved,
+    dy: &Tensor,
+    dw: &Tensor,
+    db: &Tensor,
+    dx_acc: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (rows, c) = check_bn(x, w, w, &[dw, db, &saved.mean, &saved.rstd])?;
+    if dy.numel() != x.numel() || dx_acc.is_some_and(|d| d.numel() != x.numel()) {
+        return Err(Error::Invalid(format!(
+            "batch_norm_backward: x {:?}, dy {:?}, dx {:?}",
+            x.shape,
+            dy.shape,
+            dx_acc.map(|d| d.shape.clone())
+        )));
+    }
+    let dummy = rec.gpu.dummy();
+    let pre = saved.pre.as_ref().unwrap_or(&dummy);
+    let plan = ColPlan::new(rows, c);
+    let part = plan.col_grad(rec, x, dy, pre, &saved.mean, &saved.rstd, saved.act, false)?;
+    let sums = rec.gpu.empty(&[2, c])?;
+    reduce_part(rec, &part, 2 * c, plan.nchunks, 2 * c, 1.0, false, &sums, &dummy)?;
+    let dx = match dx_acc {
+        Some(d) => d.clone(),
+        None => rec.gpu.empty(&x.shape)?,
+    };
+    let n = x.numel();
+    let k = norm_kernel("bn_bwd_dx", 64)
+        .u("ACT", saved.act.code())
+        .b("TRAIN", saved.train)
+        .b("ACCUM", dx_acc.is_some());
+    let inv = (1.0 / rows as f64) as f32;
+    let g = bn_groups(rec, n);
+    rec.dispatch(
+        &k,
+        bn_params(n, c, 0.0, 0.0, 0.0, false, inv),
+        &[x, dy, pre, &saved.mean, &saved.rstd, w, &sums, &dx],
+        g,
+    )?;
+    let g = bn_groups(rec, c);
+    rec.dispatch(
+        &norm_kernel("bn_bwd_params", 64),
+        bn_params(c, c, 0.0, 0.0, 0.0, false, 0.0),
+        &[&sums, dw, db],
+        g,
+    )?;
+    Ok(dx)
+}
+
+/// Micro-benchmarks at the model's shapes: LayerNorm forward at 16384×128 and 65536×32 (and its
+/// training backward), BatchNorm2d training forward and backward at 65536×256. GB/s counts the
+/// minimal traffic (forward: read x, write y; backward: read x, dy, write dx).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
+    use super::{bench_line, time_op};
+    let mut rng = crate::testutil::Rng::new(42);
+    let mut out = Vec::new();
+    let reps = 5;
+    for (rows, c) in [(16384usize, 128usize), (65536, 32)] {
+        let x = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
+        let dy = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
+        let w = gpu.upload(&rng.vec(c), &[c])?;
+        let b = gpu.upload(&rng.vec(c), &[c])?;
+        let dw = gpu.upload(&vec![0.0; c], &[c])?;
+        let db = gpu.upload(&vec![0.0; c], &[c])?;
+        let bytes = (rows * c * 8) as f64;
+        let ms = time_op(gpu, reps, |rec| layer_norm(rec, &x, &w, &b, 1e-5, Act::None).map(|_| ()))?;
+        out.push(bench_line(format!("layer_norm fwd {rows}x{c}"), ms, None, Some(bytes)));
+        let mut rec = gpu.new_recorder();
+        let (_, saved) = layer_norm_train(&mut rec, &x, &w, &b, 1e-5, Act::None)?;
+        rec.submit()?;
+        let ms = time_op(gpu, reps, |rec| {
+            layer_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ())
+        })?;
+        out.push(bench_line(format!("layer_norm bwd {rows}x{c}"), ms, None, Some(bytes * 1.5)));
+    }
+    let (rows, c) = (65536usize, 256usize);
+    let x = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
+    let dy = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
+    let w = gpu.upload(&rng.vec(c), &[c])?;
+    let b = gpu.upload(&rng.vec(c), &[c])?;
+    let rm = gpu.upload(&vec![0.0; c], &[c])?;
+    let rv = gpu.upload(&vec![1.0; c], &[c])?;
+    let dw = gpu.upload(&vec![0.0; c], &[c])?;
+    let db = gpu.upload(&vec![0.0; c], &[c])?;
+    let bytes = (rows * c * 8) as f64;
+    let ms = time_op(gpu, reps, |rec| {
+        batch_norm_train(rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, Act::None).map(|_| ())
+    })?;
+    out.push(bench_line(format!("batch_norm_train fwd {rows}x{c}"), ms, None, Some(bytes)));
+    let mut rec = gpu.new_recorder();
+    let (_, saved) = batch_norm_train(&mut rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, Act::None)?;
+    rec.submit()?;
+    let ms = time_op(gpu, reps, |rec| batch_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ()))?;
+    out.push(bench_line(format!("batch_norm_train bwd {rows}x{c}"), ms, None, Some(bytes * 1.5)));
+    Ok(out)
 }

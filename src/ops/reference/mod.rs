@@ -3,7 +3,9 @@
 
 pub mod attention;
 pub mod conv;
+pub mod loss;
 pub mod norm;
+pub mod optim;
 pub mod otsu;
 pub mod pe;
 pub mod resize;

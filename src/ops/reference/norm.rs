@@ -88,3 +88,107 @@ pub fn layer_norm_backward(
     }
     (dx, dw, db)
 }
+
+/// BatchNorm2d (training mode) on channels-last `[rows, c]`: returns
+/// (y, pre-activation, batch mean, biased batch variance, new running mean, new running var).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn batch_norm_train(
+    x: &[f64],
+    w: &[f64],
+    b: &[f64],
+    running_mean: &[f64],
+    running_var: &[f64],
+    c: usize,
+    momentum: f64,
+    eps: f64,
+    a: Act,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let rows = x.len() / c;
+    let n = rows as f64;
+    let mut mean = vec![0.0; c];
+    let mut var = vec![0.0; c];
+    for k in 0..c {
+        mean[k] = (0..rows).map(|r| x[r * c + k]).sum::<f64>() / n;
+        var[k] = (0..rows).map(|r| (x[r * c + k] - mean[k]).powi(2)).sum::<f64>() / n;
+    }
+    let mut y = vec![0.0; x.len()];
+    let mut pre = vec![0.0; x.len()];
+    for i in 0..x.len() {
+        let k = i % c;
+        let z = (x[i] - mean[k]) / (var[k] + eps).sqrt() * w[k] + b[k];
+        pre[i] = z;
+        y[i] = act(z, a);
+    }
+    let rm = (0..c).map(|k| (1.0 - momentum) * running_mean[k] + momentum * mean[k]).collect();
+    let rv = (0..c)
+        .map(|k| (1.0 - momentum) * running_var[k] + momentum * var[k] * n / (n - 1.0))
+        .collect();
+    (y, pre, mean, var, rm, rv)
+}
+
+/// BatchNorm2d in eval mode (running statistics).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_eval(
+    x: &[f64],
+    w: &[f64],
+    b: &[f64],
+    running_mean: &[f64],
+    running_var: &[f64],
+    c: usize,
+    eps: f64,
+    a: Act,
+) -> Vec<f64> {
+    (0..x.len())
+        .map(|i| {
+            let k = i % c;
+            act((x[i] - running_mean[k]) / (running_var[k] + eps).sqrt() * w[k] + b[k], a)
+        })
+        .collect()
+}
+
+/// Gradients (dx, dw, db) of `sum(dy * batch_norm(x))`, with batch statistics (`train`) or with
+/// the running statistics held fixed.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward(
+    x: &[f64],
+    w: &[f64],
+    b: &[f64],
+    running_mean: &[f64],
+    running_var: &[f64],
+    dy: &[f64],
+    c: usize,
+    eps: f64,
+    a: Act,
+    train: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let rows = x.len() / c;
+    let n = rows as f64;
+    let (mean, var) = if train {
+        let (_, _, m, v, _, _) = batch_norm_train(x, w, b, running_mean, running_var, c, 0.0, eps, a);
+        (m, v)
+    } else {
+        (running_mean.to_vec(), running_var.to_vec())
+    };
+    let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let xhat: Vec<f64> = (0..x.len()).map(|i| (x[i] - mean[i % c]) * rstd[i % c]).collect();
+    let dz: Vec<f64> = (0..x.len())
+        .map(|i| dy[i] * act_grad(xhat[i] * w[i % c] + b[i % c], a))
+        .collect();
+    let mut dw = vec![0.0; c];
+    let mut db = vec![0.0; c];
+    for i in 0..x.len() {
+        dw[i % c] += dz[i] * xhat[i];
+        db[i % c] += dz[i];
+    }
+    let dx = (0..x.len())
+        .map(|i| {
+            let k = i % c;
+            if train {
+                w[k] * rstd[k] * (dz[i] - db[k] / n - xhat[i] * dw[k] / n)
+            } else {
+                w[k] * rstd[k] * dz[i]
+            }
+        })
+        .collect();
+    (dx, dw, db)
+}
