@@ -1,0 +1,144 @@
+//! Elementwise kernels vs CPU f64 references: activations and their backward, broadcast binary
+//! ops, accumulate, concat/split, slices, column sums, input normalisation; grids past 65,535
+//! workgroups.
+
+use medfastsam::ops::elementwise::*;
+use medfastsam::ops::{reference, Act};
+use medfastsam::testutil::{assert_close, test_gpu, to_f64, Rng};
+
+#[test]
+fn activations_and_their_backward() {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(1);
+    let n = 10_007;
+    let x: Vec<f32> = (0..n).map(|_| rng.range(-6.0, 6.0) as f32).collect();
+    let dy = rng.vec(n);
+    let tx = gpu.upload(&x, &[n]).unwrap();
+    let tdy = gpu.upload(&dy, &[n]).unwrap();
+    for act in [Act::None, Act::Gelu, Act::Relu] {
+        let mut rec = gpu.new_recorder();
+        let y = activation(&mut rec, &tx, act).unwrap();
+        let g = act_backward(&mut rec, &tx, &tdy, act).unwrap();
+        rec.submit().unwrap();
+        let want: Vec<f64> = x.iter().map(|&v| reference::act(v as f64, act)).collect();
+        assert_close(&format!("{act:?}"), &gpu.read(&y).unwrap(), &want, 1e-6);
+        let want: Vec<f64> = x
+            .iter()
+            .zip(&dy)
+            .map(|(&v, &d)| {
+                let v = v as f64;
+                d as f64
+                    * match act {
+                        Act::None => 1.0,
+                        Act::Gelu => reference::gelu_grad(v),
+                        Act::Relu => (v > 0.0) as u8 as f64,
+                    }
+            })
+            .collect();
+        assert_close(&format!("{act:?} backward"), &gpu.read(&g).unwrap(), &want, 1e-6);
+    }
+    // GELU against the exact form at the extremes (absolute error).
+    let xs: Vec<f32> = vec![-10.0, -5.0, -3.0, -1e-3, 0.0, 1e-3, 0.3, 0.70710677, 3.0, 10.0];
+    let t = gpu.upload(&xs, &[xs.len()]).unwrap();
+    let mut rec = gpu.new_recorder();
+    let y = activation(&mut rec, &t, Act::Gelu).unwrap();
+    rec.submit().unwrap();
+    for (g, &x) in gpu.read(&y).unwrap().iter().zip(&xs) {
+        let w = reference::gelu(x as f64);
+        assert!((*g as f64 - w).abs() <= 1e-7 + 1e-6 * w.abs(), "gelu({x}) = {g} vs {w}");
+    }
+}
+
+#[test]
+fn binary_broadcast_concat_split_slice() {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(2);
+    let (rows, c1, c2) = (37, 5, 3);
+    let a = rng.vec(rows * c1);
+    let b = rng.vec(rows * c2);
+    let bias = rng.vec(c1);
+    let ta = gpu.upload(&a, &[rows, c1]).unwrap();
+    let tb = gpu.upload(&b, &[rows, c2]).unwrap();
+    let tbias = gpu.upload(&bias, &[c1]).unwrap();
+    let mut rec = gpu.new_recorder();
+    let cat = concat_last(&mut rec, &ta, &tb).unwrap();
+    let (sa, sb) = split_last(&mut rec, &cat, c1).unwrap();
+    let sum = binary(&mut rec, &ta, &tbias, BinOp::Add).unwrap();
+    let prod = binary(&mut rec, &ta, &tbias, BinOp::Mul).unwrap();
+    let diff = binary(&mut rec, &ta, &ta, BinOp::Sub).unwrap();
+    let sl = slice_mid(&mut rec, &ta, 1, rows, c1, 4, 9).unwrap();
+    let back = rec.zeros(&[1, rows, c1]).unwrap();
+    slice_mid_backward(&mut rec, &sl, &back, rows, 4).unwrap();
+    rec.submit().unwrap();
+    let mut want = Vec::new();
+    for r in 0..rows {
+        want.extend(a[r * c1..(r + 1) * c1].iter().map(|&v| v as f64));
+        want.extend(b[r * c2..(r + 1) * c2].iter().map(|&v| v as f64));
+    }
+    assert_close("concat", &gpu.read(&cat).unwrap(), &want, 0.0);
+    assert_close("split a", &gpu.read(&sa).unwrap(), &to_f64(&a), 0.0);
+    assert_close("split b", &gpu.read(&sb).unwrap(), &to_f64(&b), 0.0);
+    let w: Vec<f64> = a.iter().enumerate().map(|(i, &v)| v as f64 + bias[i % c1] as f64).collect();
+    assert_close("add broadcast", &gpu.read(&sum).unwrap(), &w, 1e-7);
+    let w: Vec<f64> = a.iter().enumerate().map(|(i, &v)| v as f64 * bias[i % c1] as f64).collect();
+    assert_close("mul broadcast", &gpu.read(&prod).unwrap(), &w, 1e-7);
+    assert!(gpu.read(&diff).unwrap().iter().all(|&v| v == 0.0));
+    assert_close("slice", &gpu.read(&sl).unwrap(), &to_f64(&a[4 * c1..13 * c1]), 0.0);
+    let w: Vec<f64> = (0..rows * c1).map(|i| if (4 * c1..13 * c1).contains(&i) { a[i] as f64 } else { 0.0 }).collect();
+    assert_close("slice backward", &gpu.read(&back).unwrap(), &w, 0.0);
+}
+
+#[test]
+fn column_sums_are_exact_enough_and_accumulate() {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(3);
+    for &(rows, c) in &[(1usize, 1usize), (2048, 64), (65_537, 3), (300, 130), (5, 1000)] {
+        let x = rng.vec(rows * c);
+        let init = rng.vec(c);
+        let tx = gpu.upload(&x, &[rows, c]).unwrap();
+        let out = gpu.upload(&init, &[c]).unwrap();
+        let out2 = gpu.upload(&init, &[c]).unwrap();
+        let mut rec = gpu.new_recorder();
+        col_sum(&mut rec, &tx, c, &out, true).unwrap();
+        col_sum(&mut rec, &tx, c, &out2, false).unwrap();
+        rec.submit().unwrap();
+        let mut want = vec![0f64; c];
+        for r in 0..rows {
+            for j in 0..c {
+                want[j] += x[r * c + j] as f64;
+            }
+        }
+        assert_close(&format!("col_sum {rows}x{c}"), &gpu.read(&out2).unwrap(), &want, 1e-6);
+        let acc: Vec<f64> = want.iter().zip(&init).map(|(w, &i)| w + i as f64).collect();
+        assert_close(&format!("col_sum += {rows}x{c}"), &gpu.read(&out).unwrap(), &acc, 1e-6);
+    }
+}
+
+#[test]
+fn accumulate_and_normalize_beyond_65535_groups() {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(4);
+    // Normalisation at 2048 x 2100 pixels; accumulate over 4096 x 4200 = 17.2 M elements ->
+    // 67,200 workgroups of 256, past the 65,535 per-dimension limit.
+    let (h, w) = (2048usize, 2100usize);
+    let n = 4096 * 4200;
+    let px: Vec<u32> = (0..h * w).map(|_| rng.next_u64() as u32 & 0xFF_FFFF).collect();
+    let t = gpu.upload_u32(&px, &[1, h, w]).unwrap();
+    let a = rng.vec(n);
+    let acc = gpu.upload(&a, &[n]).unwrap();
+    let one = gpu.upload(&vec![1.0; n], &[n]).unwrap();
+    let mut rec = gpu.new_recorder();
+    let y = image_normalize(&mut rec, &t).unwrap();
+    accumulate(&mut rec, &acc, &one).unwrap();
+    rec.submit().unwrap();
+    let got = gpu.read(&y).unwrap();
+    let mean = [123.675, 116.28, 103.53];
+    let std = [58.395, 57.12, 57.375];
+    let want: Vec<f64> = px
+        .iter()
+        .flat_map(|&p| (0..3).map(move |c| (((p >> (8 * c)) & 255) as f64 - mean[c]) / std[c]))
+        .collect();
+    assert_close("image_normalize", &got, &want, 1e-6);
+    let want: Vec<f64> = a.iter().map(|&v| v as f64 + 1.0).collect();
+    assert_close("accumulate", &gpu.read(&acc).unwrap(), &want, 1e-7);
+}
