@@ -643,3 +643,4 @@ fn bench_norm() {
         eprintln!("{line}");
     }
 }
+

@@ -152,10 +152,8 @@ pub fn layer_norm_backward_with_team(
             x.shape, dy.shape, dw.shape, db.shape, saved.mean.shape
         )));
     }
-    if let Some(d) = dx_acc {
-        if d.numel() != x.numel() {
-            return Err(Error::Invalid(format!("layer_norm_backward: dx {:?} vs x {:?}", d.shape, x.shape)));
-        }
+    if let Some(d) = dx_acc.filter(|d| d.numel() != x.numel()) {
+        return Err(Error::Invalid(format!("layer_norm_backward: dx {:?} vs x {:?}", d.shape, x.shape)));
     }
     let dummy = rec.gpu.dummy();
     let pre = saved.pre.as_ref().unwrap_or(&dummy);
@@ -301,6 +299,7 @@ fn check_bn(x: &Tensor, w: &Tensor, b: &Tensor, others: &[&Tensor]) -> Result<(u
     Ok((x.numel() / c, c))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bn_apply(
     rec: &mut Recorder,
     x: &Tensor,
