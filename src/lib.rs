@@ -9,5 +9,6 @@ pub mod ops;
 pub mod segment;
 pub mod rng;
 pub mod testutil;
+pub mod train;
 
 pub use error::{Error, Result};
