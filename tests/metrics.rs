@@ -262,3 +262,31 @@ fn csv_rows_and_atomic_write() {
     assert!(e.contains("missing-folder/scores.csv"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn hd95_at_the_paper_resolution() {
+    // 1024×1024 (the model input size): two overlapping discs with a few specks, against brute force
+    let (w, h) = (1024, 1024);
+    let disc = |cx: f64, cy: f64, r: f64| -> Vec<u8> {
+        let mut m = vec![0u8; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                if (x as f64 - cx).powi(2) + (y as f64 - cy).powi(2) <= r * r {
+                    m[y * w + x] = 255;
+                }
+            }
+        }
+        m
+    };
+    let mut p = disc(500.0, 480.0, 300.0);
+    let g = disc(530.0, 520.0, 280.0);
+    for (x, y) in [(10, 10), (1000, 20), (40, 1010)] {
+        p[y * w + x] = 255;
+    }
+    let t = std::time::Instant::now();
+    let got = hd95(&p, &g, w, h).unwrap();
+    let dt = t.elapsed();
+    let want = ref_hd95(&p, &g, w, h).unwrap();
+    assert!((got - want).abs() <= 1e-9, "{got} vs {want}");
+    println!("hd95 at 1024²: {got:.4} px in {:.1} ms", dt.as_secs_f64() * 1e3);
+}

@@ -365,6 +365,7 @@ pub fn parse_aperio_xml(text: &str, source: &Path) -> Result<Vec<Polygon>> {
 // Folder scanning
 
 /// Natural order: digit runs compare as numbers, the rest byte-wise.
+#[cfg(not(target_arch = "wasm32"))]
 fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     use std::cmp::Ordering;
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -396,21 +397,26 @@ fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     (a.len() - i).cmp(&(b.len() - j))
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 const IMAGE_EXTS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
 
+#[cfg(not(target_arch = "wasm32"))]
 fn ext_of(name: &str) -> String {
     name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default()
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn is_image_name(name: &str) -> bool {
     !name.starts_with('.') && IMAGE_EXTS.contains(&ext_of(name).as_str())
 }
 
 /// The id of a file name: the name up to its first '.' (the authors' `data_split.json` rule).
+#[cfg(not(target_arch = "wasm32"))]
 fn id_of(name: &str) -> &str {
     name.split('.').next().unwrap_or(name)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn stem_of(name: &str) -> &str {
     name.rsplit_once('.').map_or(name, |(s, _)| s)
 }
