@@ -1,6 +1,8 @@
 //! Training: parameters and optimiser state on the device, the explicit backward of the model,
-//! losses, datasets, metrics and the training loop.
+//! datasets, metrics and the training loop.
 
+pub mod datasets;
 pub mod layers;
+pub mod metrics;
 pub mod model;
 pub mod params;
