@@ -218,8 +218,7 @@ impl Gpu {
             instance
                 .request_adapter(&wgpu::RequestAdapterOptions {
                     power_preference: wgpu::PowerPreference::HighPerformance,
-                    force_fallback_adapter: false,
-                    compatible_surface: None,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|e| {
