@@ -391,3 +391,59 @@ fn mha_backward_awkward_shapes() {
         check(&format!("{what} dv"), &gpu.read(&dv).unwrap(), &wv, BWD_TOL);
     }
 }
+
+#[test]
+#[ignore]
+fn tmp_bench() {
+    fn cpu_ms() -> f64 {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) * 10.0
+    }
+    let gpu = test_gpu();
+    let mut rng = Rng::new(1);
+    let which = std::env::var("WHICH").unwrap_or("w2".into());
+    // stage 2
+    let (nw, ws, c, heads) = match which.as_str() { "w1" => (361, 7, 128, 4), "w3" => (100, 7, 320, 10), "big" => (4, 16, 128, 2), _ => (25, 14, 160, 5) };
+    let n = ws * ws;
+    let tq = up(gpu, &rng.vec(nw * n * 3 * c), &[nw, n, 3 * c]);
+    let tb = up(gpu, &rng.vec(heads * n), &[heads, n]);
+    let q = up(gpu, &rng.vec(nw * c * n), &[nw * heads, n, c / heads]);
+    let run = |name: &str, f: &dyn Fn(&mut medfastsam::gpu::Recorder)| {
+        let t0 = std::time::Instant::now();
+        let mut rec = gpu.new_recorder(); f(&mut rec); rec.submit().unwrap(); gpu.sync().unwrap();
+        eprintln!("{name}: first call {:.1} s", t0.elapsed().as_secs_f64());
+        let reps: usize = std::env::var("REPS").map(|s| s.parse().unwrap()).unwrap_or(3);
+        let (t0, c0) = (std::time::Instant::now(), cpu_ms());
+        for _ in 0..reps { let mut rec = gpu.new_recorder(); f(&mut rec); rec.submit().unwrap(); gpu.sync().unwrap(); }
+        let (wall, cpu) = (t0.elapsed().as_secs_f64() * 1e3 / reps as f64, (cpu_ms() - c0) / reps as f64);
+        let flops = 4.0 * (n * n * 32 * heads * nw) as f64;
+        eprintln!("{name:<30} wall {wall:8.1} ms  cpu {cpu:8.1} ms  {:.2} GFLOP/cpu-s", flops / cpu / 1e6);
+    };
+    run("window fwd", &|rec| { window_attention(rec, &tq, &tb, heads, ws).unwrap(); });
+    if std::env::var("MHA").is_ok() { run("mha-equiv fwd (no bias)", &|rec| { mha(rec, &q, &q, &q, 1).unwrap(); }); }
+    if std::env::var("BWD").is_ok() {
+        let mut rec = gpu.new_recorder();
+        let saved = window_attention_train(&mut rec, &tq, &tb, heads, ws).unwrap();
+        rec.submit().unwrap();
+        let dout = up(gpu, &rng.vec(nw * n * c), &[nw, n, c]);
+        let db = up(gpu, &rng.vec(heads * n), &[heads, n]);
+        run("window bwd", &|rec| { window_attention_backward(rec, &tq, &tb, &saved, &dout, heads, ws, &db).unwrap(); });
+    }
+}
+
+#[test]
+#[ignore]
+fn tmp_gemm() {
+    use medfastsam::ops::matmul::{gemm, Gemm};
+    let gpu = test_gpu();
+    let mut rng = Rng::new(1);
+    let (m, n, k) = (4096, 384, 128);
+    let a = up(gpu, &rng.vec(m * k), &[m, k]);
+    let b = up(gpu, &rng.vec(n * k), &[n, k]);
+    let c = gpu.empty(&[m, n]).unwrap();
+    let mut g = Gemm::new(m, n, k);
+    g.trans_b = true;
+    let ms = medfastsam::ops::time_op(gpu, 3, |rec| gemm(rec, &g, &a, &b, None, None, &c)).unwrap();
+    eprintln!("gemm {m}x{n}x{k}: {ms:.1} ms wall, {:.2} GFLOP/s wall", g.flops() / ms / 1e6);
+}
