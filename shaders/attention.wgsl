@@ -41,7 +41,9 @@ override HAS_RES: bool = false;   // reverse: add a residual
 override DRES: bool = false;      // partition: also add the source into a second destination
 
 const RMAX: u32 = 16u;
-const CMAX: u32 = 128u;
+// Register-row array size (vec4). Also keeps the private memory of the biggest entry point
+// (attn_bwd_dkv: 4 arrays) under WGSL's 8192-byte limit for the private address space.
+const CMAX: u32 = 104u;
 const NEG: f32 = -1.0e30;
 
 struct AttnParams {

@@ -289,14 +289,16 @@ fn register_rows(rec: &Recorder) -> bool {
 }
 
 /// Rows per invocation on CPU adapters are bounded by R * d4 <= this (compile time and stack of the
-/// unrolled kernels grow with it): forward, backward.
+/// unrolled kernels grow with it): forward, backward. CMAX_FWD is the shader's array size CMAX.
 const CMAX_FWD: usize = 104;
 const CMAX_BWD: usize = 56;
+/// The same bound on GPUs for the PAR layout (R = the short own side held in registers).
+const CMAX_GPU: usize = 32;
 
 /// Layout for `own` rows looping over `other` rows. `cmax` bounds R * d4 (register rows).
 fn plan(rec: &Recorder, own: usize, other: usize, d4: usize, cmax: usize) -> Plan {
-    let rmax = (cmax / d4).clamp(1, 16);
     let cpu = register_rows(rec);
+    let rmax = ((if cpu { cmax } else { CMAX_GPU }) / d4).clamp(1, 16);
     if own <= rmax && other >= 64 {
         // few own rows (SAM token <-> image attention): every invocation keeps all of them and
         // takes a chunk of the looped side
