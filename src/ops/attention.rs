@@ -2,20 +2,30 @@
 //! multi-head attention with relative position bias, SAM multi-head attention core, and their
 //! backward passes.
 //!
-//! The attention core is a flash-style kernel (online softmax, no score matrix in memory, no
-//! workgroup barriers): one invocation per query row, every workgroup shares one (problem, head) so
-//! key/value reads are uniform. When a call has few (problem, head, query block) workgroups and
-//! many keys (SAM token->image cross attention: 5 queries x 4096 keys), keys are split over
-//! workgroups and merged by a second kernel.
+//! # Kernels
+//! The attention core is flash-style (online softmax, no score matrix in memory, no workgroup
+//! barriers). Each invocation owns R rows of one (problem, head) in registers and loops over the
+//! other side; all invocations of a workgroup share (problem, head), so the loop's loads are
+//! uniform. R > 1 on CPU adapters: lavapipe (Mesa 22) turns every storage load into a scalar loop
+//! over the SIMD lanes, so each loaded key/value must feed many rows (R = 7 for the 7x7 windows,
+//! 13 for 14x14, up to 16); GPUs get R = 1. When the own side is short and the other long (SAM
+//! token <-> image attention, 5 x 4096), invocations instead split the long side and partial
+//! results are merged (`PAR`). Rows are read as vec4 chunks; layouts whose offsets are not
+//! multiples of 4 (odd head dims) go through zero-padded copies.
+//!
+//! Pipelines are specialised per (head dim / 4, R, workgroup size, flags); on lavapipe a first
+//! compile of the largest variants takes ~10-30 s (then Mesa's shader cache serves them).
 //!
 //! # Training
 //! `window_attention_train` / `mha_train` return [`AttnSaved`]: the output and the log-sum-exp of
-//! the logits per (problem, head, query). The backward recomputes the probabilities from it.
+//! the logits per (problem, head, query). The backward recomputes the probabilities from it
+//! (delta_i = dout_i . out_i, then dq from a query-side kernel and dk/dv from a key-side kernel).
 //!
 //! # Gradient semantics
 //! * Gradients w.r.t. activations (`dqkv`, `dq`/`dk`/`dv`, `dy`, `dx`) are returned as new,
 //!   fully written tensors, except `window_partition_backward`, which can add into an existing
-//!   gradient buffer (`accumulate = Some(..)`), the common case of a residual branch.
+//!   gradient buffer (`accumulate = Some(..)`), the common case of a residual branch, and
+//!   `window_reverse_add_backward`'s optional `dres_acc += dout`.
 //! * The gradient w.r.t. the parameter `bias` is **accumulated** (`dbias += ..`) into the caller's
 //!   gradient buffer, like every parameter gradient of the crate (zero it once per step).
 
@@ -179,10 +189,10 @@ pub fn window_reverse_add_backward(
 ) -> Result<Tensor> {
     let dims = check_map("window_reverse_add_backward", dout, ws)?;
     let (b, h, w, c) = dims;
-    if let Some(d) = dres_acc {
-        if d.numel() != dout.numel() || d.same_buffer(dout) {
-            return invalid(format!("window_reverse_add_backward: dres_acc {:?} vs dout {:?}", d.shape, dout.shape));
-        }
+    if let Some(d) = dres_acc
+        && (d.numel() != dout.numel() || d.same_buffer(dout))
+    {
+        return invalid(format!("window_reverse_add_backward: dres_acc {:?} vs dout {:?}", d.shape, dout.shape));
     }
     let dy = rec.gpu.empty(&windows_shape(b, h, w, c, ws))?;
     record_partition(rec, dout, dims, ws, &dy, false, dres_acc)?;
@@ -204,7 +214,7 @@ struct Layout {
 
 impl Layout {
     fn aligned(&self) -> bool {
-        [self.off, self.row, self.zs, self.hs].iter().all(|x| x % 4 == 0)
+        [self.off, self.row, self.zs, self.hs].iter().all(|x| x.is_multiple_of(4))
     }
     /// The same layout in vec4 units (only for aligned layouts).
     fn quarter(&self) -> Layout {
@@ -234,7 +244,7 @@ impl Core {
     }
     /// Whether the kernels can read the rows as vec4 chunks directly.
     fn aligned(&self) -> bool {
-        self.d % 4 == 0 && [self.q, self.k, self.v, self.o].iter().all(|l| l.aligned())
+        self.d.is_multiple_of(4) && [self.q, self.k, self.v, self.o].iter().all(|l| l.aligned())
     }
     /// The zero-padded, aligned layouts used when `!aligned()`: q and out as [nz, lq, heads, dp],
     /// k and v interleaved in one buffer [nz, lk, heads, 2, dp] (dp = 4 * d4).
@@ -303,7 +313,7 @@ fn plan(rec: &Recorder, own: usize, other: usize, d4: usize, cmax: usize) -> Pla
         // few own rows (SAM token <-> image attention): every invocation keeps all of them and
         // takes a chunk of the looped side
         let wg = if cpu { 8 } else { 64 };
-        let split_len = other.div_ceil(256).max(16);
+        let split_len = other.div_ceil(64).max(32);
         let splits = other.div_ceil(split_len).div_ceil(wg);
         return Plan { par: true, r: own, wg, blocks: 1, splits, split_len };
     }
@@ -634,11 +644,11 @@ fn window_core(qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<C
             "window_attention: window {ws}x{ws} has {n} tokens; the kernel supports 1..={MAX_WINDOW_TOKENS}"
         ));
     }
-    if qkv.shape.len() != 3 || qkv.shape[1] != n || qkv.shape[2] % 3 != 0 || qkv.shape[0] == 0 {
+    if qkv.shape.len() != 3 || qkv.shape[1] != n || !qkv.shape[2].is_multiple_of(3) || qkv.shape[0] == 0 {
         return invalid(format!("window_attention: qkv {:?} is not [NW, {n}, 3C]", qkv.shape));
     }
     let c = qkv.shape[2] / 3;
-    if heads == 0 || c % heads != 0 {
+    if heads == 0 || !c.is_multiple_of(heads) {
         return invalid(format!("window_attention: C = {c} is not divisible by {heads} heads"));
     }
     let d = c / heads;
@@ -728,7 +738,7 @@ fn mha_core(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Core> {
     if k.shape[0] != b || k.shape[2] != e || b == 0 || lq == 0 || lk == 0 {
         return invalid(format!("mha: q {:?} vs k/v {:?}", q.shape, k.shape));
     }
-    if heads == 0 || e % heads != 0 {
+    if heads == 0 || !e.is_multiple_of(heads) {
         return invalid(format!("mha: E = {e} is not divisible by {heads} heads"));
     }
     let d = e / heads;
@@ -792,9 +802,10 @@ pub fn mha_backward(
 // ---------------------------------------------------------------------------------------------
 // Benchmarks
 
+/// Windowed attention at the three real stage shapes (1024² image, batch 1), forward and training
+/// backward, and the SAM decoder attention shapes. GFLOP/s counts 4*Lq*Lk*d*heads*problems for the
+/// forward (QK^T + AV) and 2.5 times that for the backward (QK^T recomputed, dP, dV, dQ, dK).
 #[cfg(not(target_arch = "wasm32"))]
-/// Windowed attention at the three real stage shapes (1024² image, batch 1) and the SAM decoder
-/// attention shapes. GFLOP/s counts 4*Lq*Lk*d*heads*problems (QK^T + AV).
 pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
     use super::{bench_line, time_op};
     let mut rng = crate::testutil::Rng::new(7);
@@ -808,14 +819,22 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
         let n = ws * ws;
         let qkv = gpu.upload(&rng.vec(nw * n * 3 * c), &[nw, n, 3 * c])?;
         let bias = gpu.upload(&rng.vec(heads * n), &[heads, n])?;
-        let ms = time_op(gpu, 5, |rec| window_attention(rec, &qkv, &bias, heads, ws).map(|_| ()))?;
         let flops = 4.0 * (n * n * (c / heads) * heads * nw) as f64;
-        out.push(bench_line(
-            format!("window_attention stage{} C{c} h{heads} ws{ws} NW{nw}", stage + 1),
-            ms,
-            Some(flops),
-            None,
-        ));
+        let name = format!("stage{} C{c} h{heads} ws{ws} NW{nw}", stage + 1);
+        let ms = time_op(gpu, 5, |rec| window_attention(rec, &qkv, &bias, heads, ws).map(|_| ()))?;
+        out.push(bench_line(format!("window_attention {name}"), ms, Some(flops), None));
+        let saved = {
+            let mut rec = gpu.new_recorder();
+            let s = window_attention_train(&mut rec, &qkv, &bias, heads, ws)?;
+            rec.submit()?;
+            s
+        };
+        let dout = gpu.upload(&rng.vec(nw * n * c), &[nw, n, c])?;
+        let dbias = gpu.upload(&vec![0.0; heads * n], &[heads, n])?;
+        let ms = time_op(gpu, 3, |rec| {
+            window_attention_backward(rec, &qkv, &bias, &saved, &dout, heads, ws, &dbias).map(|_| ())
+        })?;
+        out.push(bench_line(format!("window_attention_backward {name}"), ms, Some(2.5 * flops), None));
     }
     // (E, heads, Lq, Lk)
     for &(e, heads, lq, lk) in &[(256usize, 8usize, 5usize, 5usize), (128, 8, 5, 4096), (128, 8, 4096, 5)] {
