@@ -1,29 +1,49 @@
 // ---- attention.wgsl: window partition/reverse and the attention core (forward + backward) ----
 //
-// The attention core is a "flash" style kernel: one invocation owns one query row (or, in the
-// key-gradient kernel, one key row) and loops over the other side with an online softmax, so no
-// score matrix is ever stored and no workgroup barrier is needed. All invocations of a workgroup
-// share one (problem z, head h), which makes every key/value (resp. query) read uniform across the
-// workgroup; on lavapipe those are scalar loads broadcast to the SIMD lanes.
+// The attention core is a "flash" style kernel: no score matrix is stored and no workgroup barrier
+// is used. Each invocation owns R rows of the "own" side (queries for the forward and dq, keys for
+// dk/dv), keeps them in registers and loops over the other side with an online softmax (or the
+// recomputed probabilities in the backward):
+//   !PAR: invocation `lane` of lane block `blk` owns rows blk*WG*R + r*WG + lane (r < R) and loops
+//         over the whole other side; all invocations of a workgroup share (problem z, head h), so
+//         the loop's loads are uniform.
+//   PAR:  every invocation owns the same rows 0..R (a short own side, R >= its length) and loops
+//         over its own chunk (sp*WG + lane) of the other side; results are partial (per chunk) and
+//         merged by attn_combine (forward) or attn_gather (backward).
+// Why registers: on lavapipe (Mesa 22) every storage-buffer load is a scalar loop over the SIMD
+// lanes (~100+ instructions per load, even when all lanes read the same address), so the kernel
+// maximises the arithmetic per load: each loaded k/v (or q/dout) value feeds R rows. On GPUs the
+// wrapper uses R = 1.
 //
-// Addressing of q/k/v/out rows is generic (element offset + strides per row, problem and head), so
-// the same kernels serve TinyViT's interleaved window qkv [NW, n, 3C] and SAM's separate q/k/v.
-//   row(i) of head h in problem z starts at  z*X_z + i*X_row + h*X_h + X_off,  then D contiguous.
+// Rows are read as vec4 chunks (D4 = ceil(head_dim/4) per row): the wrapper only passes layouts
+// whose offsets and strides are multiples of 4 elements, repacking other ones into zero-padded
+// copies first (attn_repack). Layout fields below are in vec4 units:
+//   row i of head h in problem z starts at chunk  z*X_z + i*X_row + h*X_h + X_off.
 // Logits: s_ij = scale * q_i.k_j (+ bias[h, |ri-rj|*ws + |ci-cj|] with i = ri*ws+ci when HAS_BIAS).
-// Statistics per (z, h, i): lse = max + log(sum exp) of the logits (saved by the training forward).
+// Statistics per (z, h, i): lse = log(sum_j exp(s_ij)) (saved by the training forward).
+//
+// Register arrays: every index into them must be a compile-time constant. naga clamps dynamic
+// indices, which keeps NIR from unrolling loops, and a rolled access to a private array costs
+// lavapipe a scatter/gather over the lanes. So the loops over rows (r < R) and chunks (c < D4) are
+// written out by hand at the end of this file: `xR_op()` calls the row function `xr_op(r)` for
+// literal r = 0..15 and `xa_op(r)` calls the chunk function `xc_op(r, c)` for literal c = 0..15;
+// calls past R and D4 (pipeline constants) fold away. Arguments travel in private scalars (g_*).
 
-override D: u32 = 32u;            // head dimension (1..=DMAX)
+override D4: u32 = 8u;            // vec4 chunks per head row (head_dim <= 4 * D4 <= 64)
+override R: u32 = 1u;             // own rows per invocation (R * D4 <= CMAX)
 override WG: u32 = 64u;           // invocations per workgroup of the core kernels
+override PAR: bool = false;       // split the looped side over invocations (see above)
 override HAS_BIAS: bool = false;  // TinyViT relative position bias
 override SAVE_LSE: bool = false;  // forward: also write lse per query
-override SPLIT: bool = false;     // forward: write partial (acc, max, sum) per key split
-override DIRECT: bool = true;     // backward: write into the final strided layout (else partials)
+override DIRECT: bool = true;     // dk/dv: write the k_*/v_* layouts (else partials)
 override ACCUM: bool = false;     // partition / reverse: add into the destination
 override HAS_RES: bool = false;   // reverse: add a residual
 override DRES: bool = false;      // partition: also add the source into a second destination
 
-const DMAX: u32 = 64u;
-const KB: u32 = 8u;               // keys (queries) per inner block
+const RMAX: u32 = 16u;
+// Register-row array size (vec4). Also keeps the private memory of the biggest entry point
+// (attn_bwd_dkv: 4 arrays) under WGSL's 8192-byte limit for the private address space.
+const CMAX: u32 = 104u;
 const NEG: f32 = -1.0e30;
 
 struct AttnParams {
@@ -47,40 +67,207 @@ struct AttnParams {
     o_row: u32,
     o_z: u32,
     o_h: u32,
-    blocks: u32,     // lane blocks (of WG rows) per (problem, head)
-    splits: u32,     // chunks of the looped dimension
-    split_len: u32,  // rows per chunk (multiple of KB)
-    zgroup: u32,     // problems per workgroup (dq kernel with bias)
+    blocks: u32,     // lane blocks per (problem, head)
+    splits: u32,     // workgroups along the looped side (PAR); chunks to merge (merge kernels)
+    split_len: u32,  // looped rows per chunk (PAR)
+    zgroup: u32,     // problems per workgroup (dq kernel with bias); component (attn_gather)
     ngroups: u32,    // ceil(nz / zgroup)
-    ws: u32,
+    ws: u32,         // window size (bias); partial row width in chunks (attn_gather)
     scale: f32,
     total: u32,      // workgroups in the grid
 }
 
 @group(0) @binding(0) var<uniform> ap: AttnParams;
 
-// |row_i - row_j| * ws + |col_i - col_j| for token indices inside a ws x ws window.
-fn rel_idx(i: u32, j: u32) -> u32 {
-    let ri = i / ap.ws;
-    let ci = i - ri * ap.ws;
-    let rj = j / ap.ws;
-    let cj = j - rj * ap.ws;
-    let dr = select(rj - ri, ri - rj, ri >= rj);
-    let dc = select(cj - ci, ci - cj, ci >= cj);
-    return dr * ap.ws + dc;
+// Decoded workgroup position of the core kernels.
+struct Pos {
+    z: u32,      // problem (or problem group for the dq kernel)
+    h: u32,
+    row0: u32,   // first own row of this invocation
+    rstep: u32,  // distance between its own rows
+    chunk: u32,  // PAR: chunk of the looped side
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward. Grid: (problem z, head h, query block, key split). Bindings: q, k, v, bias, out, stat.
-//   !SPLIT: out in the o_* layout; stat[(z*heads+h)*lq+i] = lse when SAVE_LSE.
-//   SPLIT:  out = partial acc [split, z, h, i, D] (unnormalised), stat = (max, sum) pairs.
+fn decode(g: u32, li: u32) -> Pos {
+    var p: Pos;
+    let sp = g % ap.splits;
+    var t = g / ap.splits;
+    let blk = t % ap.blocks;
+    t = t / ap.blocks;
+    p.h = t % ap.heads;
+    p.z = t / ap.heads;
+    if (PAR) {
+        p.row0 = 0u;
+        p.rstep = 1u;
+        p.chunk = sp * WG + li;
+    } else {
+        p.row0 = blk * WG * R + li;
+        p.rstep = WG;
+        p.chunk = 0u;
+    }
+    return p;
+}
 
-@group(0) @binding(1) var<storage, read> f_q: array<f32>;
-@group(0) @binding(2) var<storage, read> f_k: array<f32>;
-@group(0) @binding(3) var<storage, read> f_v: array<f32>;
-@group(0) @binding(4) var<storage, read> f_bias: array<f32>;
-@group(0) @binding(5) var<storage, read_write> f_out: array<f32>;
+// Range [start, end) of the looped side (length `len`) handled by this invocation.
+fn loop_range(p: Pos, len: u32) -> vec2<u32> {
+    if (PAR) {
+        let s = min(p.chunk * ap.split_len, len);
+        return vec2<u32>(s, min(s + ap.split_len, len));
+    }
+    return vec2<u32>(0u, len);
+}
+
+// Private state of the core kernels (see the note on register arrays above).
+var<private> ra: array<vec4<f32>, CMAX>;  // own rows: q (scaled) / k (scaled)
+var<private> rb: array<vec4<f32>, CMAX>;  // own rows: dout (dq) / v (dk/dv)
+var<private> rc: array<vec4<f32>, CMAX>;  // accumulators: out / dq / dv
+var<private> rd: array<vec4<f32>, CMAX>;  // accumulators: dk
+var<private> rs1: array<f32, RMAX>;       // running max / lse
+var<private> rs2: array<f32, RMAX>;       // running sum / delta
+var<private> rrow: array<u32, RMAX>;      // own row index (clamped)
+var<private> rri: array<u32, RMAX>;       // own row's position in the window (bias)
+var<private> rci: array<u32, RMAX>;
+var<private> ck: array<vec4<f32>, 16>;    // current looped row: k (fwd, dq) / q (dk/dv)
+var<private> cv: array<vec4<f32>, 16>;    // current looped row: v (fwd, dq) / dout (dk/dv)
+var<private> g_pos: Pos;
+var<private> g_addr: u32;                 // chunk address of the row being loaded / stored
+var<private> g_addr2: u32;
+var<private> g_la: u32;                   // chunk address of the current looped row (first view)
+var<private> g_lb: u32;                   // ... second view
+var<private> g_j: u32;                    // current looped row
+var<private> g_rj: u32;                   // its window position (bias)
+var<private> g_cj: u32;
+var<private> g_lse: f32;                  // dk/dv: lse and delta of the current query
+var<private> g_delta: f32;
+var<private> g_a: f32;
+var<private> g_b: f32;
+var<private> g_s4: vec4<f32>;
+var<private> g_p4: vec4<f32>;
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// Own row r: its index (may be past the own length) and, for the bias, its window position.
+fn set_row(r: u32, len: u32) {
+    let i = min(g_pos.row0 + r * g_pos.rstep, len - 1u);
+    rrow[r] = i;
+    if (HAS_BIAS) {
+        rri[r] = i / ap.ws;
+        rci[r] = i % ap.ws;
+    }
+}
+
+fn own_valid(r: u32, len: u32) -> bool {
+    return g_pos.row0 + r * g_pos.rstep < len;
+}
+
+// Window position of the first looped row, then advanced by next_looped().
+fn start_looped(j: u32) {
+    g_j = j;
+    if (HAS_BIAS) {
+        g_rj = j / ap.ws;
+        g_cj = j % ap.ws;
+    }
+}
+
+fn next_looped() {
+    g_j += 1u;
+    if (HAS_BIAS) {
+        g_cj += 1u;
+        if (g_cj == ap.ws) {
+            g_cj = 0u;
+            g_rj += 1u;
+        }
+    }
+}
+
+// bias[h, |ri - rj| * ws + |ci - cj|] for own row r and the current looped row.
+fn rel_bias(r: u32) -> f32 {
+    let dr = select(g_rj - rri[r], rri[r] - g_rj, rri[r] >= g_rj);
+    let dc = select(g_cj - rci[r], rci[r] - g_cj, rci[r] >= g_cj);
+    return x_bias[g_pos.h * ap.ws * ap.ws + dr * ap.ws + dc];
+}
+
+// Bindings shared by the core kernels: q, k, v, bias (always 1..4), dout (5, backward), and
+// per kernel: out (5) + stat (6) in the forward; stat (6), dq (7), T (8) in the dq kernel;
+// stat (6), dkv (7) in the dk/dv kernel.
+@group(0) @binding(1) var<storage, read> x_q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> x_k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> x_v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> x_bias: array<f32>;
+
+// ---------------------------------------------------------------------------------------------
+// Forward. !PAR: out in the o_* layout, stat[(z*heads+h)*lq+i] = lse when SAVE_LSE.
+// PAR: out = partial acc [chunk, z, h, i, D4] (unnormalised), stat = (max, sum) pairs.
+
+@group(0) @binding(5) var<storage, read_write> f_out: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> f_stat: array<f32>;
+
+fn xc_f_init(r: u32, c: u32) {
+    ra[r * D4 + c] = x_q[g_addr + c] * ap.scale;
+    rc[r * D4 + c] = vec4<f32>(0.0);
+}
+fn xc_load_kv(r: u32, c: u32) {
+    ck[c] = x_k[g_la + c];
+    cv[c] = x_v[g_lb + c];
+}
+fn xc_dot_a(r: u32, c: u32) {
+    g_s4 = fma(ra[r * D4 + c], ck[c], g_s4);
+}
+fn xc_f_acc(r: u32, c: u32) {
+    rc[r * D4 + c] = fma(vec4<f32>(g_b), cv[c], rc[r * D4 + c] * g_a);
+}
+fn xc_f_store(r: u32, c: u32) {
+    f_out[g_addr + c] = rc[r * D4 + c] * g_a;
+}
+
+fn xr_f_init(r: u32) {
+    set_row(r, ap.lq);
+    g_addr = g_pos.z * ap.q_z + rrow[r] * ap.q_row + g_pos.h * ap.q_h + ap.q_off;
+    xa_f_init(r);
+    rs1[r] = NEG;
+    rs2[r] = 0.0;
+}
+
+// Online softmax step of own row r with key g_j.
+fn xr_f_step(r: u32) {
+    g_s4 = vec4<f32>(0.0);
+    xa_dot_a(r);
+    var s = hsum(g_s4);
+    if (HAS_BIAS) {
+        s += rel_bias(r);
+    }
+    let mn = max(rs1[r], s);
+    g_a = exp(rs1[r] - mn);
+    g_b = exp(s - mn);
+    rs1[r] = mn;
+    rs2[r] = fma(rs2[r], g_a, g_b);
+    xa_f_acc(r);
+}
+
+fn xr_f_store(r: u32) {
+    if (!own_valid(r, ap.lq)) {
+        return;
+    }
+    let i = rrow[r];
+    let rows = ap.nz * ap.heads * ap.lq;
+    let row = (g_pos.z * ap.heads + g_pos.h) * ap.lq + i;
+    if (PAR) {
+        g_addr = (g_pos.chunk * rows + row) * D4;
+        g_a = 1.0;
+        xa_f_store(r);
+        f_stat[2u * (g_pos.chunk * rows + row)] = rs1[r];
+        f_stat[2u * (g_pos.chunk * rows + row) + 1u] = rs2[r];
+    } else {
+        g_addr = g_pos.z * ap.o_z + i * ap.o_row + g_pos.h * ap.o_h + ap.o_off;
+        g_a = 1.0 / rs2[r];
+        xa_f_store(r);
+        if (SAVE_LSE) {
+            f_stat[row] = rs1[r] + log(rs2[r]);
+        }
+    }
+}
 
 @compute @workgroup_size(WG)
 fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>,
@@ -90,106 +277,40 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>,
     if (g >= ap.total) {
         return;
     }
-    let sp = g % ap.splits;
-    var t = g / ap.splits;
-    let blk = t % ap.blocks;
-    t = t / ap.blocks;
-    let h = t % ap.heads;
-    let z = t / ap.heads;
-    let i = blk * WG + li;
-    let ii = min(i, ap.lq - 1u);
-
-    let qbase = z * ap.q_z + ii * ap.q_row + h * ap.q_h + ap.q_off;
-    let kbase = z * ap.k_z + h * ap.k_h + ap.k_off;
-    let vbase = z * ap.v_z + h * ap.v_h + ap.v_off;
-    let bbase = h * ap.ws * ap.ws;
-
-    var q: array<f32, DMAX>;
-    var acc: array<f32, DMAX>;
-    for (var d = 0u; d < D; d++) {
-        q[d] = f_q[qbase + d] * ap.scale;
-        acc[d] = 0.0;
+    g_pos = decode(g, li);
+    xR_f_init();
+    let kz = g_pos.z * ap.k_z + g_pos.h * ap.k_h + ap.k_off;
+    let vz = g_pos.z * ap.v_z + g_pos.h * ap.v_h + ap.v_off;
+    let range = loop_range(g_pos, ap.lk);
+    start_looped(range.x);
+    for (var j = range.x; j < range.y; j++) {
+        g_la = kz + j * ap.k_row;
+        g_lb = vz + j * ap.v_row;
+        xa_load_kv(0u);
+        xR_f_step();
+        next_looped();
     }
-    var m = NEG;
-    var l = 0.0;
-    let j_start = sp * ap.split_len;
-    let j_end = min(ap.lk, j_start + ap.split_len);
-
-    for (var j0 = j_start; j0 < j_end; j0 += KB) {
-        var sc: array<f32, KB>;
-        var kr: array<u32, KB>;
-        var vr: array<u32, KB>;
-        for (var u = 0u; u < KB; u++) {
-            let j = min(j0 + u, j_end - 1u);
-            kr[u] = kbase + j * ap.k_row;
-            vr[u] = vbase + j * ap.v_row;
-            sc[u] = 0.0;
-        }
-        for (var d = 0u; d < D; d++) {
-            let qd = q[d];
-            for (var u = 0u; u < KB; u++) {
-                sc[u] = fma(qd, f_k[kr[u] + d], sc[u]);
-            }
-        }
-        var mb = m;
-        for (var u = 0u; u < KB; u++) {
-            var s = sc[u];
-            if (HAS_BIAS) {
-                s += f_bias[bbase + rel_idx(ii, min(j0 + u, j_end - 1u))];
-            }
-            s = select(NEG, s, j0 + u < j_end);
-            sc[u] = s;
-            mb = max(mb, s);
-        }
-        let alpha = exp(m - mb);
-        m = mb;
-        var psum = 0.0;
-        for (var u = 0u; u < KB; u++) {
-            sc[u] = exp(sc[u] - mb);
-            psum += sc[u];
-        }
-        l = l * alpha + psum;
-        for (var d = 0u; d < D; d++) {
-            var a = acc[d] * alpha;
-            for (var u = 0u; u < KB; u++) {
-                a = fma(sc[u], f_v[vr[u] + d], a);
-            }
-            acc[d] = a;
-        }
-    }
-
-    if (i >= ap.lq) {
-        return;
-    }
-    let row = (z * ap.heads + h) * ap.lq + i;
-    if (SPLIT) {
-        let pbase = ((sp * ap.nz) * ap.heads * ap.lq + row) * D;
-        for (var d = 0u; d < D; d++) {
-            f_out[pbase + d] = acc[d];
-        }
-        let sb = 2u * (sp * ap.nz * ap.heads * ap.lq + row);
-        f_stat[sb] = m;
-        f_stat[sb + 1u] = l;
-    } else {
-        let inv = 1.0 / l;
-        let obase = z * ap.o_z + i * ap.o_row + h * ap.o_h + ap.o_off;
-        for (var d = 0u; d < D; d++) {
-            f_out[obase + d] = acc[d] * inv;
-        }
-        if (SAVE_LSE) {
-            f_stat[row] = m + log(l);
-        }
-    }
+    xR_f_store();
 }
 
 // ---------------------------------------------------------------------------------------------
-// Merge of the key splits of attn_fwd (SPLIT). One invocation per (z, h, i).
+// Merge of the PAR chunks of attn_fwd. One invocation per (z, h, i); `splits` = number of chunks.
 // Bindings: partial acc, (max, sum) pairs, out (o_* layout), lse (when SAVE_LSE).
 
-@group(0) @binding(1) var<storage, read> c_part: array<f32>;
+@group(0) @binding(1) var<storage, read> c_part: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> c_ml: array<f32>;
-@group(0) @binding(3) var<storage, read_write> c_out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c_out: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> c_lse: array<f32>;
+
+fn xc_c_init(r: u32, c: u32) {
+    rc[c] = vec4<f32>(0.0);
+}
+fn xc_c_add(r: u32, c: u32) {
+    rc[c] = fma(vec4<f32>(g_a), c_part[g_addr + c], rc[c]);
+}
+fn xc_c_store(r: u32, c: u32) {
+    c_out[g_addr + c] = rc[c] * g_a;
+}
 
 @compute @workgroup_size(64)
 fn attn_combine(@builtin(workgroup_id) wid: vec3<u32>,
@@ -208,24 +329,16 @@ fn attn_combine(@builtin(workgroup_id) wid: vec3<u32>,
         mx = max(mx, c_ml[2u * (s * rows + row)]);
     }
     var l = 0.0;
+    xa_c_init(0u);
     for (var s = 0u; s < ap.splits; s++) {
-        l += c_ml[2u * (s * rows + row) + 1u] * exp(c_ml[2u * (s * rows + row)] - mx);
+        g_a = exp(c_ml[2u * (s * rows + row)] - mx);
+        l = fma(c_ml[2u * (s * rows + row) + 1u], g_a, l);
+        g_addr = (s * rows + row) * D4;
+        xa_c_add(0u);
     }
-    var o: array<f32, DMAX>;
-    for (var d = 0u; d < D; d++) {
-        o[d] = 0.0;
-    }
-    for (var s = 0u; s < ap.splits; s++) {
-        let w = exp(c_ml[2u * (s * rows + row)] - mx) / l;
-        let pb = (s * rows + row) * D;
-        for (var d = 0u; d < D; d++) {
-            o[d] = fma(w, c_part[pb + d], o[d]);
-        }
-    }
-    let obase = z * ap.o_z + i * ap.o_row + h * ap.o_h + ap.o_off;
-    for (var d = 0u; d < D; d++) {
-        c_out[obase + d] = o[d];
-    }
+    g_a = 1.0 / l;
+    g_addr = z * ap.o_z + i * ap.o_row + h * ap.o_h + ap.o_off;
+    xa_c_store(0u);
     if (SAVE_LSE) {
         c_lse[row] = mx + log(l);
     }
@@ -235,8 +348,8 @@ fn attn_combine(@builtin(workgroup_id) wid: vec3<u32>,
 // Backward preparation: stat[2*row] = lse, stat[2*row+1] = delta = dout_i . out_i (per head).
 // Bindings: out, dout (both o_* layout), lse, stat.
 
-@group(0) @binding(1) var<storage, read> p_out: array<f32>;
-@group(0) @binding(2) var<storage, read> p_dout: array<f32>;
+@group(0) @binding(1) var<storage, read> p_out: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> p_dout: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> p_lse: array<f32>;
 @group(0) @binding(4) var<storage, read_write> p_stat: array<f32>;
 
@@ -252,30 +365,88 @@ fn attn_bwd_prep(@builtin(workgroup_id) wid: vec3<u32>,
     let h = (row / ap.lq) % ap.heads;
     let z = row / (ap.lq * ap.heads);
     let ob = z * ap.o_z + i * ap.o_row + h * ap.o_h + ap.o_off;
-    var delta = 0.0;
-    for (var d = 0u; d < D; d++) {
-        delta = fma(p_out[ob + d], p_dout[ob + d], delta);
+    var delta = vec4<f32>(0.0);
+    for (var c = 0u; c < D4; c++) {
+        delta = fma(p_out[ob + c], p_dout[ob + c], delta);
     }
     p_stat[2u * row] = p_lse[row];
-    p_stat[2u * row + 1u] = delta;
+    p_stat[2u * row + 1u] = hsum(delta);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, query side: dq_i = scale * sum_j dS_ij k_j with dS_ij = P_ij (dout_i.v_j - delta_i),
-// P_ij = exp(s_ij - lse_i). Grid: (problem group, head, query block, key split); the workgroup loops
-// over the `zgroup` problems of its group. With HAS_BIAS it also accumulates
-// T[group, h, j, i] = sum over the group's problems of dS_ij (reduced by attn_dbias).
-// DIRECT: dq written to the q_* layout of `b_dq`; else partials [split, z, h, i, D].
-// Bindings: q, k, v, bias, dout (o_* layout), stat, dq, T.
+// Backward, query side: dq_i = scale * sum_j dS_ij k_j, dS_ij = P_ij (dout_i.v_j - delta_i),
+// P_ij = exp(s_ij - lse_i). Own rows = queries, looped side = keys. Grid (problem group, head,
+// lane block, chunk); the workgroup loops over the `zgroup` problems of its group and, with
+// HAS_BIAS, accumulates T[group, h, j, i] = sum over the group's problems of dS_ij (for attn_dbias).
+// !PAR: dq to the q_* layout of b_dq; PAR: partials [chunk, z, h, i, D4].
 
-@group(0) @binding(1) var<storage, read> b_q: array<f32>;
-@group(0) @binding(2) var<storage, read> b_k: array<f32>;
-@group(0) @binding(3) var<storage, read> b_v: array<f32>;
-@group(0) @binding(4) var<storage, read> b_bias: array<f32>;
-@group(0) @binding(5) var<storage, read> b_dout: array<f32>;
+@group(0) @binding(5) var<storage, read> b_dout: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> b_stat: array<f32>;
-@group(0) @binding(7) var<storage, read_write> b_dq: array<f32>;
+@group(0) @binding(7) var<storage, read_write> b_dq: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> b_t: array<f32>;
+
+fn xc_q_init(r: u32, c: u32) {
+    ra[r * D4 + c] = x_q[g_addr + c] * ap.scale;
+    rb[r * D4 + c] = b_dout[g_addr2 + c];
+    rc[r * D4 + c] = vec4<f32>(0.0);
+}
+fn xc_dot_ab(r: u32, c: u32) {
+    g_s4 = fma(ra[r * D4 + c], ck[c], g_s4);
+    g_p4 = fma(rb[r * D4 + c], cv[c], g_p4);
+}
+fn xc_q_acc(r: u32, c: u32) {
+    rc[r * D4 + c] = fma(vec4<f32>(g_b), ck[c], rc[r * D4 + c]);
+}
+fn xc_q_store(r: u32, c: u32) {
+    b_dq[g_addr + c] = rc[r * D4 + c] * ap.scale;
+}
+
+var<private> g_z: u32;
+var<private> g_zz: u32;
+
+fn xr_q_init(r: u32) {
+    set_row(r, ap.lq);
+    let i = rrow[r];
+    g_addr = g_z * ap.q_z + i * ap.q_row + g_pos.h * ap.q_h + ap.q_off;
+    g_addr2 = g_z * ap.o_z + i * ap.o_row + g_pos.h * ap.o_h + ap.o_off;
+    xa_q_init(r);
+    let row = (g_z * ap.heads + g_pos.h) * ap.lq + i;
+    rs1[r] = b_stat[2u * row];
+    rs2[r] = b_stat[2u * row + 1u];
+}
+
+fn xr_q_step(r: u32) {
+    g_s4 = vec4<f32>(0.0);
+    g_p4 = vec4<f32>(0.0);
+    xa_dot_ab(r);
+    var s = hsum(g_s4);
+    if (HAS_BIAS) {
+        s += rel_bias(r);
+    }
+    g_b = exp(s - rs1[r]) * (hsum(g_p4) - rs2[r]);
+    if (HAS_BIAS && own_valid(r, ap.lq)) {
+        let ti = ((g_pos.z * ap.heads + g_pos.h) * ap.lk + g_j) * ap.lq + rrow[r];
+        if (g_zz == 0u) {
+            b_t[ti] = g_b;
+        } else {
+            b_t[ti] += g_b;
+        }
+    }
+    xa_q_acc(r);
+}
+
+fn xr_q_store(r: u32) {
+    if (!own_valid(r, ap.lq)) {
+        return;
+    }
+    let i = rrow[r];
+    if (PAR) {
+        g_addr = (g_pos.chunk * ap.nz * ap.heads * ap.lq + (g_z * ap.heads + g_pos.h) * ap.lq + i) * D4;
+    } else {
+        g_addr = g_z * ap.q_z + i * ap.q_row + g_pos.h * ap.q_h + ap.q_off;
+    }
+    xa_q_store(r);
+}
 
 @compute @workgroup_size(WG)
 fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
@@ -285,108 +456,91 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
     if (g >= ap.total) {
         return;
     }
-    let sp = g % ap.splits;
-    var t = g / ap.splits;
-    let blk = t % ap.blocks;
-    t = t / ap.blocks;
-    let h = t % ap.heads;
-    let zg = t / ap.heads;
-    let i = blk * WG + li;
-    let ii = min(i, ap.lq - 1u);
-    let bbase = h * ap.ws * ap.ws;
-    let j_start = sp * ap.split_len;
-    let j_end = min(ap.lk, j_start + ap.split_len);
-    let tbase = (zg * ap.heads + h) * ap.lk * ap.lq + ii;
-
+    g_pos = decode(g, li);
+    let range = loop_range(g_pos, ap.lk);
     for (var zz = 0u; zz < ap.zgroup; zz++) {
-        let z = zg * ap.zgroup + zz;
-        if (z >= ap.nz) {
+        g_zz = zz;
+        g_z = g_pos.z * ap.zgroup + zz;
+        if (g_z >= ap.nz) {
             break;
         }
-        let qbase = z * ap.q_z + ii * ap.q_row + h * ap.q_h + ap.q_off;
-        let obase = z * ap.o_z + ii * ap.o_row + h * ap.o_h + ap.o_off;
-        let kbase = z * ap.k_z + h * ap.k_h + ap.k_off;
-        let vbase = z * ap.v_z + h * ap.v_h + ap.v_off;
-        let row = (z * ap.heads + h) * ap.lq + ii;
-        let lse = b_stat[2u * row];
-        let delta = b_stat[2u * row + 1u];
-        var q: array<f32, DMAX>;
-        var dout: array<f32, DMAX>;
-        var dq: array<f32, DMAX>;
-        for (var d = 0u; d < D; d++) {
-            q[d] = b_q[qbase + d] * ap.scale;
-            dout[d] = b_dout[obase + d];
-            dq[d] = 0.0;
+        xR_q_init();
+        let kz = g_z * ap.k_z + g_pos.h * ap.k_h + ap.k_off;
+        let vz = g_z * ap.v_z + g_pos.h * ap.v_h + ap.v_off;
+        start_looped(range.x);
+        for (var j = range.x; j < range.y; j++) {
+            g_la = kz + j * ap.k_row;
+            g_lb = vz + j * ap.v_row;
+            xa_load_kv(0u);
+            xR_q_step();
+            next_looped();
         }
-        for (var j0 = j_start; j0 < j_end; j0 += KB) {
-            var sc: array<f32, KB>;
-            var dp: array<f32, KB>;
-            var kr: array<u32, KB>;
-            var vr: array<u32, KB>;
-            for (var u = 0u; u < KB; u++) {
-                let j = min(j0 + u, j_end - 1u);
-                kr[u] = kbase + j * ap.k_row;
-                vr[u] = vbase + j * ap.v_row;
-                sc[u] = 0.0;
-                dp[u] = 0.0;
-            }
-            for (var d = 0u; d < D; d++) {
-                let qd = q[d];
-                let od = dout[d];
-                for (var u = 0u; u < KB; u++) {
-                    sc[u] = fma(qd, b_k[kr[u] + d], sc[u]);
-                    dp[u] = fma(od, b_v[vr[u] + d], dp[u]);
-                }
-            }
-            for (var u = 0u; u < KB; u++) {
-                let j = min(j0 + u, j_end - 1u);
-                var s = sc[u];
-                if (HAS_BIAS) {
-                    s += b_bias[bbase + rel_idx(ii, j)];
-                }
-                var ds = exp(s - lse) * (dp[u] - delta);
-                ds = select(0.0, ds, j0 + u < j_end);
-                sc[u] = ds;
-                if (HAS_BIAS && i < ap.lq && j0 + u < j_end) {
-                    let ti = tbase + j * ap.lq;
-                    if (zz == 0u) {
-                        b_t[ti] = ds;
-                    } else {
-                        b_t[ti] += ds;
-                    }
-                }
-            }
-            for (var d = 0u; d < D; d++) {
-                var a = dq[d];
-                for (var u = 0u; u < KB; u++) {
-                    a = fma(sc[u], b_k[kr[u] + d], a);
-                }
-                dq[d] = a;
-            }
-        }
-        if (i < ap.lq) {
-            if (DIRECT) {
-                for (var d = 0u; d < D; d++) {
-                    b_dq[qbase + d] = dq[d] * ap.scale;
-                }
-            } else {
-                let pb = ((sp * ap.nz * ap.heads) * ap.lq + row) * D;
-                for (var d = 0u; d < D; d++) {
-                    b_dq[pb + d] = dq[d] * ap.scale;
-                }
-            }
-        }
+        xR_q_store();
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, key side: one invocation per key j, looping over queries i:
-//   dv_j = sum_i P_ij dout_i,  dk_j = scale * sum_i dS_ij q_i.
-// Grid: (problem, head, key block, query split). Bindings: q, k, v, bias, dout, stat, dkv.
-// DIRECT: dk to the k_* layout and dv to the v_* layout of `k_dkv` (one buffer, e.g. dqkv);
-// else partials [split, z, h, j, 2, D] (dk then dv).
+// Backward, key side: dv_j = sum_i P_ij dout_i, dk_j = scale * sum_i dS_ij q_i. Own rows = keys,
+// looped side = queries. DIRECT (and !PAR): dk to the k_* layout and dv to the v_* layout of one
+// output buffer (e.g. dqkv); otherwise partials [chunk, z, h, j, 2, D4] (dk then dv).
 
-@group(0) @binding(7) var<storage, read_write> k_dkv: array<f32>;
+@group(0) @binding(7) var<storage, read_write> b_dkv: array<vec4<f32>>;
+
+fn xc_k_init(r: u32, c: u32) {
+    ra[r * D4 + c] = x_k[g_addr + c] * ap.scale;
+    rb[r * D4 + c] = x_v[g_addr2 + c];
+    rc[r * D4 + c] = vec4<f32>(0.0);
+    rd[r * D4 + c] = vec4<f32>(0.0);
+}
+fn xc_load_qo(r: u32, c: u32) {
+    ck[c] = x_q[g_la + c];
+    cv[c] = b_dout[g_lb + c];
+}
+fn xc_k_acc(r: u32, c: u32) {
+    rc[r * D4 + c] = fma(vec4<f32>(g_a), cv[c], rc[r * D4 + c]);
+    rd[r * D4 + c] = fma(vec4<f32>(g_b), ck[c], rd[r * D4 + c]);
+}
+fn xc_k_store(r: u32, c: u32) {
+    b_dkv[g_addr + c] = rd[r * D4 + c] * ap.scale;
+    b_dkv[g_addr2 + c] = rc[r * D4 + c];
+}
+
+fn xr_k_init(r: u32) {
+    set_row(r, ap.lk);
+    let j = rrow[r];
+    g_addr = g_pos.z * ap.k_z + j * ap.k_row + g_pos.h * ap.k_h + ap.k_off;
+    g_addr2 = g_pos.z * ap.v_z + j * ap.v_row + g_pos.h * ap.v_h + ap.v_off;
+    xa_k_init(r);
+}
+
+// Own key row r with the current query g_j (lse g_lse, delta g_delta).
+fn xr_k_step(r: u32) {
+    g_s4 = vec4<f32>(0.0);
+    g_p4 = vec4<f32>(0.0);
+    xa_dot_ab(r);
+    var s = hsum(g_s4);
+    if (HAS_BIAS) {
+        s += rel_bias(r);
+    }
+    g_a = exp(s - g_lse);
+    g_b = g_a * (hsum(g_p4) - g_delta);
+    xa_k_acc(r);
+}
+
+fn xr_k_store(r: u32) {
+    if (!own_valid(r, ap.lk)) {
+        return;
+    }
+    let j = rrow[r];
+    if (PAR || !DIRECT) {
+        g_addr = (g_pos.chunk * ap.nz * ap.heads * ap.lk + (g_pos.z * ap.heads + g_pos.h) * ap.lk + j) * 2u * D4;
+        g_addr2 = g_addr + D4;
+    } else {
+        g_addr = g_pos.z * ap.k_z + j * ap.k_row + g_pos.h * ap.k_h + ap.k_off;
+        g_addr2 = g_pos.z * ap.v_z + j * ap.v_row + g_pos.h * ap.v_h + ap.v_off;
+    }
+    xa_k_store(r);
+}
 
 @compute @workgroup_size(WG)
 fn attn_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
@@ -396,102 +550,33 @@ fn attn_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
     if (g >= ap.total) {
         return;
     }
-    let sp = g % ap.splits;
-    var t = g / ap.splits;
-    let blk = t % ap.blocks;
-    t = t / ap.blocks;
-    let h = t % ap.heads;
-    let z = t / ap.heads;
-    let j = blk * WG + li;
-    let jj = min(j, ap.lk - 1u);
-    let bbase = h * ap.ws * ap.ws;
-    let i_start = sp * ap.split_len;
-    let i_end = min(ap.lq, i_start + ap.split_len);
-
-    let kbase = z * ap.k_z + jj * ap.k_row + h * ap.k_h + ap.k_off;
-    let vbase = z * ap.v_z + jj * ap.v_row + h * ap.v_h + ap.v_off;
-    let qbase = z * ap.q_z + h * ap.q_h + ap.q_off;
-    let obase = z * ap.o_z + h * ap.o_h + ap.o_off;
-    let rbase = (z * ap.heads + h) * ap.lq;
-    var k: array<f32, DMAX>;
-    var v: array<f32, DMAX>;
-    var dk: array<f32, DMAX>;
-    var dv: array<f32, DMAX>;
-    for (var d = 0u; d < D; d++) {
-        k[d] = b_k[kbase + d] * ap.scale;
-        v[d] = b_v[vbase + d];
-        dk[d] = 0.0;
-        dv[d] = 0.0;
+    g_pos = decode(g, li);
+    xR_k_init();
+    let qz = g_pos.z * ap.q_z + g_pos.h * ap.q_h + ap.q_off;
+    let oz = g_pos.z * ap.o_z + g_pos.h * ap.o_h + ap.o_off;
+    let sz = (g_pos.z * ap.heads + g_pos.h) * ap.lq;
+    let range = loop_range(g_pos, ap.lq);
+    start_looped(range.x);
+    for (var i = range.x; i < range.y; i++) {
+        g_la = qz + i * ap.q_row;
+        g_lb = oz + i * ap.o_row;
+        xa_load_qo(0u);
+        g_lse = b_stat[2u * (sz + i)];
+        g_delta = b_stat[2u * (sz + i) + 1u];
+        xR_k_step();
+        next_looped();
     }
-    for (var i0 = i_start; i0 < i_end; i0 += KB) {
-        var sc: array<f32, KB>;
-        var dp: array<f32, KB>;
-        var qr: array<u32, KB>;
-        var orow: array<u32, KB>;
-        for (var u = 0u; u < KB; u++) {
-            let i = min(i0 + u, i_end - 1u);
-            qr[u] = qbase + i * ap.q_row;
-            orow[u] = obase + i * ap.o_row;
-            sc[u] = 0.0;
-            dp[u] = 0.0;
-        }
-        for (var d = 0u; d < D; d++) {
-            let kd = k[d];
-            let vd = v[d];
-            for (var u = 0u; u < KB; u++) {
-                sc[u] = fma(kd, b_q[qr[u] + d], sc[u]);
-                dp[u] = fma(vd, b_dout[orow[u] + d], dp[u]);
-            }
-        }
-        for (var u = 0u; u < KB; u++) {
-            let i = min(i0 + u, i_end - 1u);
-            var s = sc[u];
-            if (HAS_BIAS) {
-                s += b_bias[bbase + rel_idx(i, jj)];
-            }
-            let lse = b_stat[2u * (rbase + i)];
-            let delta = b_stat[2u * (rbase + i) + 1u];
-            var p = exp(s - lse);
-            p = select(0.0, p, i0 + u < i_end);
-            sc[u] = p;
-            dp[u] = p * (dp[u] - delta);
-        }
-        for (var d = 0u; d < D; d++) {
-            var a = dv[d];
-            var b = dk[d];
-            for (var u = 0u; u < KB; u++) {
-                a = fma(sc[u], b_dout[orow[u] + d], a);
-                b = fma(dp[u], b_q[qr[u] + d], b);
-            }
-            dv[d] = a;
-            dk[d] = b;
-        }
-    }
-    if (j >= ap.lk) {
-        return;
-    }
-    if (DIRECT) {
-        for (var d = 0u; d < D; d++) {
-            k_dkv[kbase + d] = dk[d] * ap.scale;
-            k_dkv[vbase + d] = dv[d];
-        }
-    } else {
-        let pb = (((sp * ap.nz + z) * ap.heads + h) * ap.lk + j) * 2u * D;
-        for (var d = 0u; d < D; d++) {
-            k_dkv[pb + d] = dk[d] * ap.scale;
-            k_dkv[pb + D + d] = dv[d];
-        }
-    }
+    xR_k_store();
 }
 
 // ---------------------------------------------------------------------------------------------
-// Sum of backward partials into a strided destination. One invocation per (z, h, i, d):
-//   dst[z*o_z + i*o_row + h*o_h + o_off + d] = sum_split part[((split, z, h, i) * width) + comp*D + d]
+// Sum of backward partials into a strided destination. One invocation per (z, h, i, chunk c):
+//   dst[z*o_z + i*o_row + h*o_h + o_off + c] = sum_split part[((split, z, h, i) * width + comp) * D4 + c]
 // with width = ws (1 for dq, 2 for dk/dv) and comp = zgroup (0 or 1) -- fields reused.
 // Bindings: part, dst.
 
-@group(0) @binding(1) var<storage, read> g_part: array<f32>;
-@group(0) @binding(2) var<storage, read_write> g_dst: array<f32>;
+@group(0) @binding(1) var<storage, read> g_part: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> g_dst: array<vec4<f32>>;
 
 @compute @workgroup_size(64)
 fn attn_gather(@builtin(workgroup_id) wid: vec3<u32>,
@@ -499,21 +584,51 @@ fn attn_gather(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(local_invocation_index) li: u32) {
     let e = flat_group(wid, nwg) * 64u + li;
     let rows = ap.nz * ap.heads * ap.lq;
-    if (e >= rows * D) {
+    if (e >= rows * D4) {
         return;
     }
-    let d = e % D;
-    let row = e / D;
+    let c = e % D4;
+    let row = e / D4;
     let i = row % ap.lq;
     let h = (row / ap.lq) % ap.heads;
     let z = row / (ap.lq * ap.heads);
-    let width = ap.ws;
-    let comp = ap.zgroup;
-    var s = 0.0;
+    var s = vec4<f32>(0.0);
     for (var sp = 0u; sp < ap.splits; sp++) {
-        s += g_part[((sp * rows + row) * width + comp) * D + d];
+        s += g_part[((sp * rows + row) * ap.ws + ap.zgroup) * D4 + c];
     }
-    g_dst[z * ap.o_z + i * ap.o_row + h * ap.o_h + ap.o_off + d] = s;
+    g_dst[z * ap.o_z + i * ap.o_row + h * ap.o_h + ap.o_off + c] = s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row repacking between an arbitrary layout and a 16-byte aligned zero-padded one (element units
+// here, not vec4). One invocation per destination element (z, i, h, d) with d < width:
+//   dst[z*o_z + i*o_row + h*o_h + o_off + d] = d < ws ? src[z*q_z + i*q_row + h*q_h + q_off + d] : 0
+// (q_* = source layout, o_* = destination layout, ws = valid head dim, zgroup = width).
+// Bindings: src, dst.
+
+@group(0) @binding(1) var<storage, read> k_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> k_dst: array<f32>;
+
+@compute @workgroup_size(64)
+fn attn_repack(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) li: u32) {
+    let e = flat_group(wid, nwg) * 64u + li;
+    let width = ap.zgroup;
+    if (e >= ap.nz * ap.lq * ap.heads * width) {
+        return;
+    }
+    let d = e % width;
+    var t = e / width;
+    let h = t % ap.heads;
+    t = t / ap.heads;
+    let i = t % ap.lq;
+    let z = t / ap.lq;
+    var v = 0.0;
+    if (d < ap.ws) {
+        v = k_src[z * ap.q_z + i * ap.q_row + h * ap.q_h + ap.q_off + d];
+    }
+    k_dst[z * ap.o_z + i * ap.o_row + h * ap.o_h + ap.o_off + d] = v;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -653,4 +768,458 @@ fn win_reverse(@builtin(workgroup_id) wid: vec3<u32>,
         v += r_dst[e];
     }
     r_dst[e] = v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Written-out loops over chunks (c < D4) and own rows (r < R); see the note at the top.
+
+fn xa_f_init(r: u32) {
+    xc_f_init(r, 0u);
+    if (1u < D4) { xc_f_init(r, 1u); }
+    if (2u < D4) { xc_f_init(r, 2u); }
+    if (3u < D4) { xc_f_init(r, 3u); }
+    if (4u < D4) { xc_f_init(r, 4u); }
+    if (5u < D4) { xc_f_init(r, 5u); }
+    if (6u < D4) { xc_f_init(r, 6u); }
+    if (7u < D4) { xc_f_init(r, 7u); }
+    if (8u < D4) { xc_f_init(r, 8u); }
+    if (9u < D4) { xc_f_init(r, 9u); }
+    if (10u < D4) { xc_f_init(r, 10u); }
+    if (11u < D4) { xc_f_init(r, 11u); }
+    if (12u < D4) { xc_f_init(r, 12u); }
+    if (13u < D4) { xc_f_init(r, 13u); }
+    if (14u < D4) { xc_f_init(r, 14u); }
+    if (15u < D4) { xc_f_init(r, 15u); }
+}
+fn xa_load_kv(r: u32) {
+    xc_load_kv(r, 0u);
+    if (1u < D4) { xc_load_kv(r, 1u); }
+    if (2u < D4) { xc_load_kv(r, 2u); }
+    if (3u < D4) { xc_load_kv(r, 3u); }
+    if (4u < D4) { xc_load_kv(r, 4u); }
+    if (5u < D4) { xc_load_kv(r, 5u); }
+    if (6u < D4) { xc_load_kv(r, 6u); }
+    if (7u < D4) { xc_load_kv(r, 7u); }
+    if (8u < D4) { xc_load_kv(r, 8u); }
+    if (9u < D4) { xc_load_kv(r, 9u); }
+    if (10u < D4) { xc_load_kv(r, 10u); }
+    if (11u < D4) { xc_load_kv(r, 11u); }
+    if (12u < D4) { xc_load_kv(r, 12u); }
+    if (13u < D4) { xc_load_kv(r, 13u); }
+    if (14u < D4) { xc_load_kv(r, 14u); }
+    if (15u < D4) { xc_load_kv(r, 15u); }
+}
+fn xa_dot_a(r: u32) {
+    xc_dot_a(r, 0u);
+    if (1u < D4) { xc_dot_a(r, 1u); }
+    if (2u < D4) { xc_dot_a(r, 2u); }
+    if (3u < D4) { xc_dot_a(r, 3u); }
+    if (4u < D4) { xc_dot_a(r, 4u); }
+    if (5u < D4) { xc_dot_a(r, 5u); }
+    if (6u < D4) { xc_dot_a(r, 6u); }
+    if (7u < D4) { xc_dot_a(r, 7u); }
+    if (8u < D4) { xc_dot_a(r, 8u); }
+    if (9u < D4) { xc_dot_a(r, 9u); }
+    if (10u < D4) { xc_dot_a(r, 10u); }
+    if (11u < D4) { xc_dot_a(r, 11u); }
+    if (12u < D4) { xc_dot_a(r, 12u); }
+    if (13u < D4) { xc_dot_a(r, 13u); }
+    if (14u < D4) { xc_dot_a(r, 14u); }
+    if (15u < D4) { xc_dot_a(r, 15u); }
+}
+fn xa_f_acc(r: u32) {
+    xc_f_acc(r, 0u);
+    if (1u < D4) { xc_f_acc(r, 1u); }
+    if (2u < D4) { xc_f_acc(r, 2u); }
+    if (3u < D4) { xc_f_acc(r, 3u); }
+    if (4u < D4) { xc_f_acc(r, 4u); }
+    if (5u < D4) { xc_f_acc(r, 5u); }
+    if (6u < D4) { xc_f_acc(r, 6u); }
+    if (7u < D4) { xc_f_acc(r, 7u); }
+    if (8u < D4) { xc_f_acc(r, 8u); }
+    if (9u < D4) { xc_f_acc(r, 9u); }
+    if (10u < D4) { xc_f_acc(r, 10u); }
+    if (11u < D4) { xc_f_acc(r, 11u); }
+    if (12u < D4) { xc_f_acc(r, 12u); }
+    if (13u < D4) { xc_f_acc(r, 13u); }
+    if (14u < D4) { xc_f_acc(r, 14u); }
+    if (15u < D4) { xc_f_acc(r, 15u); }
+}
+fn xa_f_store(r: u32) {
+    xc_f_store(r, 0u);
+    if (1u < D4) { xc_f_store(r, 1u); }
+    if (2u < D4) { xc_f_store(r, 2u); }
+    if (3u < D4) { xc_f_store(r, 3u); }
+    if (4u < D4) { xc_f_store(r, 4u); }
+    if (5u < D4) { xc_f_store(r, 5u); }
+    if (6u < D4) { xc_f_store(r, 6u); }
+    if (7u < D4) { xc_f_store(r, 7u); }
+    if (8u < D4) { xc_f_store(r, 8u); }
+    if (9u < D4) { xc_f_store(r, 9u); }
+    if (10u < D4) { xc_f_store(r, 10u); }
+    if (11u < D4) { xc_f_store(r, 11u); }
+    if (12u < D4) { xc_f_store(r, 12u); }
+    if (13u < D4) { xc_f_store(r, 13u); }
+    if (14u < D4) { xc_f_store(r, 14u); }
+    if (15u < D4) { xc_f_store(r, 15u); }
+}
+fn xa_c_init(r: u32) {
+    xc_c_init(r, 0u);
+    if (1u < D4) { xc_c_init(r, 1u); }
+    if (2u < D4) { xc_c_init(r, 2u); }
+    if (3u < D4) { xc_c_init(r, 3u); }
+    if (4u < D4) { xc_c_init(r, 4u); }
+    if (5u < D4) { xc_c_init(r, 5u); }
+    if (6u < D4) { xc_c_init(r, 6u); }
+    if (7u < D4) { xc_c_init(r, 7u); }
+    if (8u < D4) { xc_c_init(r, 8u); }
+    if (9u < D4) { xc_c_init(r, 9u); }
+    if (10u < D4) { xc_c_init(r, 10u); }
+    if (11u < D4) { xc_c_init(r, 11u); }
+    if (12u < D4) { xc_c_init(r, 12u); }
+    if (13u < D4) { xc_c_init(r, 13u); }
+    if (14u < D4) { xc_c_init(r, 14u); }
+    if (15u < D4) { xc_c_init(r, 15u); }
+}
+fn xa_c_add(r: u32) {
+    xc_c_add(r, 0u);
+    if (1u < D4) { xc_c_add(r, 1u); }
+    if (2u < D4) { xc_c_add(r, 2u); }
+    if (3u < D4) { xc_c_add(r, 3u); }
+    if (4u < D4) { xc_c_add(r, 4u); }
+    if (5u < D4) { xc_c_add(r, 5u); }
+    if (6u < D4) { xc_c_add(r, 6u); }
+    if (7u < D4) { xc_c_add(r, 7u); }
+    if (8u < D4) { xc_c_add(r, 8u); }
+    if (9u < D4) { xc_c_add(r, 9u); }
+    if (10u < D4) { xc_c_add(r, 10u); }
+    if (11u < D4) { xc_c_add(r, 11u); }
+    if (12u < D4) { xc_c_add(r, 12u); }
+    if (13u < D4) { xc_c_add(r, 13u); }
+    if (14u < D4) { xc_c_add(r, 14u); }
+    if (15u < D4) { xc_c_add(r, 15u); }
+}
+fn xa_c_store(r: u32) {
+    xc_c_store(r, 0u);
+    if (1u < D4) { xc_c_store(r, 1u); }
+    if (2u < D4) { xc_c_store(r, 2u); }
+    if (3u < D4) { xc_c_store(r, 3u); }
+    if (4u < D4) { xc_c_store(r, 4u); }
+    if (5u < D4) { xc_c_store(r, 5u); }
+    if (6u < D4) { xc_c_store(r, 6u); }
+    if (7u < D4) { xc_c_store(r, 7u); }
+    if (8u < D4) { xc_c_store(r, 8u); }
+    if (9u < D4) { xc_c_store(r, 9u); }
+    if (10u < D4) { xc_c_store(r, 10u); }
+    if (11u < D4) { xc_c_store(r, 11u); }
+    if (12u < D4) { xc_c_store(r, 12u); }
+    if (13u < D4) { xc_c_store(r, 13u); }
+    if (14u < D4) { xc_c_store(r, 14u); }
+    if (15u < D4) { xc_c_store(r, 15u); }
+}
+fn xa_q_init(r: u32) {
+    xc_q_init(r, 0u);
+    if (1u < D4) { xc_q_init(r, 1u); }
+    if (2u < D4) { xc_q_init(r, 2u); }
+    if (3u < D4) { xc_q_init(r, 3u); }
+    if (4u < D4) { xc_q_init(r, 4u); }
+    if (5u < D4) { xc_q_init(r, 5u); }
+    if (6u < D4) { xc_q_init(r, 6u); }
+    if (7u < D4) { xc_q_init(r, 7u); }
+    if (8u < D4) { xc_q_init(r, 8u); }
+    if (9u < D4) { xc_q_init(r, 9u); }
+    if (10u < D4) { xc_q_init(r, 10u); }
+    if (11u < D4) { xc_q_init(r, 11u); }
+    if (12u < D4) { xc_q_init(r, 12u); }
+    if (13u < D4) { xc_q_init(r, 13u); }
+    if (14u < D4) { xc_q_init(r, 14u); }
+    if (15u < D4) { xc_q_init(r, 15u); }
+}
+fn xa_dot_ab(r: u32) {
+    xc_dot_ab(r, 0u);
+    if (1u < D4) { xc_dot_ab(r, 1u); }
+    if (2u < D4) { xc_dot_ab(r, 2u); }
+    if (3u < D4) { xc_dot_ab(r, 3u); }
+    if (4u < D4) { xc_dot_ab(r, 4u); }
+    if (5u < D4) { xc_dot_ab(r, 5u); }
+    if (6u < D4) { xc_dot_ab(r, 6u); }
+    if (7u < D4) { xc_dot_ab(r, 7u); }
+    if (8u < D4) { xc_dot_ab(r, 8u); }
+    if (9u < D4) { xc_dot_ab(r, 9u); }
+    if (10u < D4) { xc_dot_ab(r, 10u); }
+    if (11u < D4) { xc_dot_ab(r, 11u); }
+    if (12u < D4) { xc_dot_ab(r, 12u); }
+    if (13u < D4) { xc_dot_ab(r, 13u); }
+    if (14u < D4) { xc_dot_ab(r, 14u); }
+    if (15u < D4) { xc_dot_ab(r, 15u); }
+}
+fn xa_q_acc(r: u32) {
+    xc_q_acc(r, 0u);
+    if (1u < D4) { xc_q_acc(r, 1u); }
+    if (2u < D4) { xc_q_acc(r, 2u); }
+    if (3u < D4) { xc_q_acc(r, 3u); }
+    if (4u < D4) { xc_q_acc(r, 4u); }
+    if (5u < D4) { xc_q_acc(r, 5u); }
+    if (6u < D4) { xc_q_acc(r, 6u); }
+    if (7u < D4) { xc_q_acc(r, 7u); }
+    if (8u < D4) { xc_q_acc(r, 8u); }
+    if (9u < D4) { xc_q_acc(r, 9u); }
+    if (10u < D4) { xc_q_acc(r, 10u); }
+    if (11u < D4) { xc_q_acc(r, 11u); }
+    if (12u < D4) { xc_q_acc(r, 12u); }
+    if (13u < D4) { xc_q_acc(r, 13u); }
+    if (14u < D4) { xc_q_acc(r, 14u); }
+    if (15u < D4) { xc_q_acc(r, 15u); }
+}
+fn xa_q_store(r: u32) {
+    xc_q_store(r, 0u);
+    if (1u < D4) { xc_q_store(r, 1u); }
+    if (2u < D4) { xc_q_store(r, 2u); }
+    if (3u < D4) { xc_q_store(r, 3u); }
+    if (4u < D4) { xc_q_store(r, 4u); }
+    if (5u < D4) { xc_q_store(r, 5u); }
+    if (6u < D4) { xc_q_store(r, 6u); }
+    if (7u < D4) { xc_q_store(r, 7u); }
+    if (8u < D4) { xc_q_store(r, 8u); }
+    if (9u < D4) { xc_q_store(r, 9u); }
+    if (10u < D4) { xc_q_store(r, 10u); }
+    if (11u < D4) { xc_q_store(r, 11u); }
+    if (12u < D4) { xc_q_store(r, 12u); }
+    if (13u < D4) { xc_q_store(r, 13u); }
+    if (14u < D4) { xc_q_store(r, 14u); }
+    if (15u < D4) { xc_q_store(r, 15u); }
+}
+fn xa_k_init(r: u32) {
+    xc_k_init(r, 0u);
+    if (1u < D4) { xc_k_init(r, 1u); }
+    if (2u < D4) { xc_k_init(r, 2u); }
+    if (3u < D4) { xc_k_init(r, 3u); }
+    if (4u < D4) { xc_k_init(r, 4u); }
+    if (5u < D4) { xc_k_init(r, 5u); }
+    if (6u < D4) { xc_k_init(r, 6u); }
+    if (7u < D4) { xc_k_init(r, 7u); }
+    if (8u < D4) { xc_k_init(r, 8u); }
+    if (9u < D4) { xc_k_init(r, 9u); }
+    if (10u < D4) { xc_k_init(r, 10u); }
+    if (11u < D4) { xc_k_init(r, 11u); }
+    if (12u < D4) { xc_k_init(r, 12u); }
+    if (13u < D4) { xc_k_init(r, 13u); }
+    if (14u < D4) { xc_k_init(r, 14u); }
+    if (15u < D4) { xc_k_init(r, 15u); }
+}
+fn xa_load_qo(r: u32) {
+    xc_load_qo(r, 0u);
+    if (1u < D4) { xc_load_qo(r, 1u); }
+    if (2u < D4) { xc_load_qo(r, 2u); }
+    if (3u < D4) { xc_load_qo(r, 3u); }
+    if (4u < D4) { xc_load_qo(r, 4u); }
+    if (5u < D4) { xc_load_qo(r, 5u); }
+    if (6u < D4) { xc_load_qo(r, 6u); }
+    if (7u < D4) { xc_load_qo(r, 7u); }
+    if (8u < D4) { xc_load_qo(r, 8u); }
+    if (9u < D4) { xc_load_qo(r, 9u); }
+    if (10u < D4) { xc_load_qo(r, 10u); }
+    if (11u < D4) { xc_load_qo(r, 11u); }
+    if (12u < D4) { xc_load_qo(r, 12u); }
+    if (13u < D4) { xc_load_qo(r, 13u); }
+    if (14u < D4) { xc_load_qo(r, 14u); }
+    if (15u < D4) { xc_load_qo(r, 15u); }
+}
+fn xa_k_acc(r: u32) {
+    xc_k_acc(r, 0u);
+    if (1u < D4) { xc_k_acc(r, 1u); }
+    if (2u < D4) { xc_k_acc(r, 2u); }
+    if (3u < D4) { xc_k_acc(r, 3u); }
+    if (4u < D4) { xc_k_acc(r, 4u); }
+    if (5u < D4) { xc_k_acc(r, 5u); }
+    if (6u < D4) { xc_k_acc(r, 6u); }
+    if (7u < D4) { xc_k_acc(r, 7u); }
+    if (8u < D4) { xc_k_acc(r, 8u); }
+    if (9u < D4) { xc_k_acc(r, 9u); }
+    if (10u < D4) { xc_k_acc(r, 10u); }
+    if (11u < D4) { xc_k_acc(r, 11u); }
+    if (12u < D4) { xc_k_acc(r, 12u); }
+    if (13u < D4) { xc_k_acc(r, 13u); }
+    if (14u < D4) { xc_k_acc(r, 14u); }
+    if (15u < D4) { xc_k_acc(r, 15u); }
+}
+fn xa_k_store(r: u32) {
+    xc_k_store(r, 0u);
+    if (1u < D4) { xc_k_store(r, 1u); }
+    if (2u < D4) { xc_k_store(r, 2u); }
+    if (3u < D4) { xc_k_store(r, 3u); }
+    if (4u < D4) { xc_k_store(r, 4u); }
+    if (5u < D4) { xc_k_store(r, 5u); }
+    if (6u < D4) { xc_k_store(r, 6u); }
+    if (7u < D4) { xc_k_store(r, 7u); }
+    if (8u < D4) { xc_k_store(r, 8u); }
+    if (9u < D4) { xc_k_store(r, 9u); }
+    if (10u < D4) { xc_k_store(r, 10u); }
+    if (11u < D4) { xc_k_store(r, 11u); }
+    if (12u < D4) { xc_k_store(r, 12u); }
+    if (13u < D4) { xc_k_store(r, 13u); }
+    if (14u < D4) { xc_k_store(r, 14u); }
+    if (15u < D4) { xc_k_store(r, 15u); }
+}
+fn xR_f_init() {
+    xr_f_init(0u);
+    if (1u < R) { xr_f_init(1u); }
+    if (2u < R) { xr_f_init(2u); }
+    if (3u < R) { xr_f_init(3u); }
+    if (4u < R) { xr_f_init(4u); }
+    if (5u < R) { xr_f_init(5u); }
+    if (6u < R) { xr_f_init(6u); }
+    if (7u < R) { xr_f_init(7u); }
+    if (8u < R) { xr_f_init(8u); }
+    if (9u < R) { xr_f_init(9u); }
+    if (10u < R) { xr_f_init(10u); }
+    if (11u < R) { xr_f_init(11u); }
+    if (12u < R) { xr_f_init(12u); }
+    if (13u < R) { xr_f_init(13u); }
+    if (14u < R) { xr_f_init(14u); }
+    if (15u < R) { xr_f_init(15u); }
+}
+fn xR_f_step() {
+    xr_f_step(0u);
+    if (1u < R) { xr_f_step(1u); }
+    if (2u < R) { xr_f_step(2u); }
+    if (3u < R) { xr_f_step(3u); }
+    if (4u < R) { xr_f_step(4u); }
+    if (5u < R) { xr_f_step(5u); }
+    if (6u < R) { xr_f_step(6u); }
+    if (7u < R) { xr_f_step(7u); }
+    if (8u < R) { xr_f_step(8u); }
+    if (9u < R) { xr_f_step(9u); }
+    if (10u < R) { xr_f_step(10u); }
+    if (11u < R) { xr_f_step(11u); }
+    if (12u < R) { xr_f_step(12u); }
+    if (13u < R) { xr_f_step(13u); }
+    if (14u < R) { xr_f_step(14u); }
+    if (15u < R) { xr_f_step(15u); }
+}
+fn xR_f_store() {
+    xr_f_store(0u);
+    if (1u < R) { xr_f_store(1u); }
+    if (2u < R) { xr_f_store(2u); }
+    if (3u < R) { xr_f_store(3u); }
+    if (4u < R) { xr_f_store(4u); }
+    if (5u < R) { xr_f_store(5u); }
+    if (6u < R) { xr_f_store(6u); }
+    if (7u < R) { xr_f_store(7u); }
+    if (8u < R) { xr_f_store(8u); }
+    if (9u < R) { xr_f_store(9u); }
+    if (10u < R) { xr_f_store(10u); }
+    if (11u < R) { xr_f_store(11u); }
+    if (12u < R) { xr_f_store(12u); }
+    if (13u < R) { xr_f_store(13u); }
+    if (14u < R) { xr_f_store(14u); }
+    if (15u < R) { xr_f_store(15u); }
+}
+fn xR_q_init() {
+    xr_q_init(0u);
+    if (1u < R) { xr_q_init(1u); }
+    if (2u < R) { xr_q_init(2u); }
+    if (3u < R) { xr_q_init(3u); }
+    if (4u < R) { xr_q_init(4u); }
+    if (5u < R) { xr_q_init(5u); }
+    if (6u < R) { xr_q_init(6u); }
+    if (7u < R) { xr_q_init(7u); }
+    if (8u < R) { xr_q_init(8u); }
+    if (9u < R) { xr_q_init(9u); }
+    if (10u < R) { xr_q_init(10u); }
+    if (11u < R) { xr_q_init(11u); }
+    if (12u < R) { xr_q_init(12u); }
+    if (13u < R) { xr_q_init(13u); }
+    if (14u < R) { xr_q_init(14u); }
+    if (15u < R) { xr_q_init(15u); }
+}
+fn xR_q_step() {
+    xr_q_step(0u);
+    if (1u < R) { xr_q_step(1u); }
+    if (2u < R) { xr_q_step(2u); }
+    if (3u < R) { xr_q_step(3u); }
+    if (4u < R) { xr_q_step(4u); }
+    if (5u < R) { xr_q_step(5u); }
+    if (6u < R) { xr_q_step(6u); }
+    if (7u < R) { xr_q_step(7u); }
+    if (8u < R) { xr_q_step(8u); }
+    if (9u < R) { xr_q_step(9u); }
+    if (10u < R) { xr_q_step(10u); }
+    if (11u < R) { xr_q_step(11u); }
+    if (12u < R) { xr_q_step(12u); }
+    if (13u < R) { xr_q_step(13u); }
+    if (14u < R) { xr_q_step(14u); }
+    if (15u < R) { xr_q_step(15u); }
+}
+fn xR_q_store() {
+    xr_q_store(0u);
+    if (1u < R) { xr_q_store(1u); }
+    if (2u < R) { xr_q_store(2u); }
+    if (3u < R) { xr_q_store(3u); }
+    if (4u < R) { xr_q_store(4u); }
+    if (5u < R) { xr_q_store(5u); }
+    if (6u < R) { xr_q_store(6u); }
+    if (7u < R) { xr_q_store(7u); }
+    if (8u < R) { xr_q_store(8u); }
+    if (9u < R) { xr_q_store(9u); }
+    if (10u < R) { xr_q_store(10u); }
+    if (11u < R) { xr_q_store(11u); }
+    if (12u < R) { xr_q_store(12u); }
+    if (13u < R) { xr_q_store(13u); }
+    if (14u < R) { xr_q_store(14u); }
+    if (15u < R) { xr_q_store(15u); }
+}
+fn xR_k_init() {
+    xr_k_init(0u);
+    if (1u < R) { xr_k_init(1u); }
+    if (2u < R) { xr_k_init(2u); }
+    if (3u < R) { xr_k_init(3u); }
+    if (4u < R) { xr_k_init(4u); }
+    if (5u < R) { xr_k_init(5u); }
+    if (6u < R) { xr_k_init(6u); }
+    if (7u < R) { xr_k_init(7u); }
+    if (8u < R) { xr_k_init(8u); }
+    if (9u < R) { xr_k_init(9u); }
+    if (10u < R) { xr_k_init(10u); }
+    if (11u < R) { xr_k_init(11u); }
+    if (12u < R) { xr_k_init(12u); }
+    if (13u < R) { xr_k_init(13u); }
+    if (14u < R) { xr_k_init(14u); }
+    if (15u < R) { xr_k_init(15u); }
+}
+fn xR_k_step() {
+    xr_k_step(0u);
+    if (1u < R) { xr_k_step(1u); }
+    if (2u < R) { xr_k_step(2u); }
+    if (3u < R) { xr_k_step(3u); }
+    if (4u < R) { xr_k_step(4u); }
+    if (5u < R) { xr_k_step(5u); }
+    if (6u < R) { xr_k_step(6u); }
+    if (7u < R) { xr_k_step(7u); }
+    if (8u < R) { xr_k_step(8u); }
+    if (9u < R) { xr_k_step(9u); }
+    if (10u < R) { xr_k_step(10u); }
+    if (11u < R) { xr_k_step(11u); }
+    if (12u < R) { xr_k_step(12u); }
+    if (13u < R) { xr_k_step(13u); }
+    if (14u < R) { xr_k_step(14u); }
+    if (15u < R) { xr_k_step(15u); }
+}
+fn xR_k_store() {
+    xr_k_store(0u);
+    if (1u < R) { xr_k_store(1u); }
+    if (2u < R) { xr_k_store(2u); }
+    if (3u < R) { xr_k_store(3u); }
+    if (4u < R) { xr_k_store(4u); }
+    if (5u < R) { xr_k_store(5u); }
+    if (6u < R) { xr_k_store(6u); }
+    if (7u < R) { xr_k_store(7u); }
+    if (8u < R) { xr_k_store(8u); }
+    if (9u < R) { xr_k_store(9u); }
+    if (10u < R) { xr_k_store(10u); }
+    if (11u < R) { xr_k_store(11u); }
+    if (12u < R) { xr_k_store(12u); }
+    if (13u < R) { xr_k_store(13u); }
+    if (14u < R) { xr_k_store(14u); }
+    if (15u < R) { xr_k_store(15u); }
 }

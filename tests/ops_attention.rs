@@ -146,25 +146,29 @@ fn win_inputs(rng: &mut Rng, nw: usize, ws: usize, c: usize, heads: usize) -> (V
     (scaled(rng, nw * n * 3 * c, 1.5), scaled(rng, heads * n, 1.0))
 }
 
+fn check_window_forward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64, tag: &str) {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(seed);
+    let n = ws * ws;
+    let (qkv, bias) = win_inputs(&mut rng, nw, ws, c, heads);
+    let tq = up(gpu, &qkv, &[nw, n, 3 * c]);
+    let tb = up(gpu, &bias, &[heads, n]);
+    let mut rec = gpu.new_recorder();
+    let out = window_attention(&mut rec, &tq, &tb, heads, ws).unwrap();
+    let saved = window_attention_train(&mut rec, &tq, &tb, heads, ws).unwrap();
+    rec.submit().unwrap();
+    let (want, want_lse) = refa::window_attention(&to_f64(&qkv), &to_f64(&bias), ws, c, heads);
+    let what = format!("window_attention{tag} nw{nw} ws{ws} C{c} h{heads}");
+    assert_eq!(out.shape, vec![nw, n, c]);
+    check(&what, &gpu.read(&out).unwrap(), &want, FWD_TOL);
+    check(&format!("{what} (train out)"), &gpu.read(&saved.out).unwrap(), &want, FWD_TOL);
+    check(&format!("{what} (train lse)"), &gpu.read(&saved.lse).unwrap(), &want_lse, FWD_TOL);
+}
+
 #[test]
 fn window_attention_forward_awkward_shapes() {
-    let gpu = test_gpu();
     for (s, &(nw, ws, c, heads)) in WIN_CASES.iter().enumerate() {
-        let mut rng = Rng::new(100 + s as u64);
-        let n = ws * ws;
-        let (qkv, bias) = win_inputs(&mut rng, nw, ws, c, heads);
-        let tq = up(gpu, &qkv, &[nw, n, 3 * c]);
-        let tb = up(gpu, &bias, &[heads, n]);
-        let mut rec = gpu.new_recorder();
-        let out = window_attention(&mut rec, &tq, &tb, heads, ws).unwrap();
-        let saved = window_attention_train(&mut rec, &tq, &tb, heads, ws).unwrap();
-        rec.submit().unwrap();
-        let (want, want_lse) = refa::window_attention(&to_f64(&qkv), &to_f64(&bias), ws, c, heads);
-        let what = format!("window_attention nw{nw} ws{ws} C{c} h{heads}");
-        assert_eq!(out.shape, vec![nw, n, c]);
-        check(&what, &gpu.read(&out).unwrap(), &want, FWD_TOL);
-        check(&format!("{what} (train out)"), &gpu.read(&saved.out).unwrap(), &want, FWD_TOL);
-        check(&format!("{what} (train lse)"), &gpu.read(&saved.lse).unwrap(), &want_lse, FWD_TOL);
+        check_window_forward(nw, ws, c, heads, 100 + s as u64, "");
     }
 }
 
@@ -248,22 +252,26 @@ fn mha_inputs(rng: &mut Rng, b: usize, lq: usize, lk: usize, e: usize) -> (Vec<f
     (scaled(rng, b * lq * e, 1.5), scaled(rng, b * lk * e, 1.5), rng.vec(b * lk * e))
 }
 
+fn check_mha_forward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, seed: u64, tag: &str) {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(seed);
+    let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
+    let (tq, tk, tv) = (up(gpu, &q, &[b, lq, e]), up(gpu, &k, &[b, lk, e]), up(gpu, &v, &[b, lk, e]));
+    let mut rec = gpu.new_recorder();
+    let out = mha(&mut rec, &tq, &tk, &tv, heads).unwrap();
+    let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
+    rec.submit().unwrap();
+    let (want, want_lse) = refa::mha(&to_f64(&q), &to_f64(&k), &to_f64(&v), b, lq, lk, e, heads);
+    let what = format!("mha{tag} B{b} Lq{lq} Lk{lk} E{e} h{heads}");
+    check(&what, &gpu.read(&out).unwrap(), &want, FWD_TOL);
+    check(&format!("{what} (train out)"), &gpu.read(&saved.out).unwrap(), &want, FWD_TOL);
+    check(&format!("{what} (train lse)"), &gpu.read(&saved.lse).unwrap(), &want_lse, FWD_TOL);
+}
+
 #[test]
 fn mha_forward_awkward_shapes() {
-    let gpu = test_gpu();
     for (s, &(b, lq, lk, e, heads)) in MHA_CASES.iter().enumerate() {
-        let mut rng = Rng::new(200 + s as u64);
-        let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
-        let (tq, tk, tv) = (up(gpu, &q, &[b, lq, e]), up(gpu, &k, &[b, lk, e]), up(gpu, &v, &[b, lk, e]));
-        let mut rec = gpu.new_recorder();
-        let out = mha(&mut rec, &tq, &tk, &tv, heads).unwrap();
-        let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
-        rec.submit().unwrap();
-        let (want, want_lse) = refa::mha(&to_f64(&q), &to_f64(&k), &to_f64(&v), b, lq, lk, e, heads);
-        let what = format!("mha B{b} Lq{lq} Lk{lk} E{e} h{heads}");
-        check(&what, &gpu.read(&out).unwrap(), &want, FWD_TOL);
-        check(&format!("{what} (train out)"), &gpu.read(&saved.out).unwrap(), &want, FWD_TOL);
-        check(&format!("{what} (train lse)"), &gpu.read(&saved.lse).unwrap(), &want_lse, FWD_TOL);
+        check_mha_forward(b, lq, lk, e, heads, 200 + s as u64, "");
     }
 }
 
@@ -338,56 +346,82 @@ fn reference_backward_matches_finite_differences() {
 // ---------------------------------------------------------------------------------------------
 // backward: GPU vs CPU reference
 
+fn check_window_backward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64, tag: &str) {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(seed);
+    let n = ws * ws;
+    let (qkv, bias) = win_inputs(&mut rng, nw, ws, c, heads);
+    let dout = rng.vec(nw * n * c);
+    let dbias0 = rng.vec(heads * n);
+    let tq = up(gpu, &qkv, &[nw, n, 3 * c]);
+    let tb = up(gpu, &bias, &[heads, n]);
+    let tdo = up(gpu, &dout, &[nw, n, c]);
+    let tdb = up(gpu, &dbias0, &[heads, n]);
+    let mut rec = gpu.new_recorder();
+    let saved = window_attention_train(&mut rec, &tq, &tb, heads, ws).unwrap();
+    let dqkv = window_attention_backward(&mut rec, &tq, &tb, &saved, &tdo, heads, ws, &tdb).unwrap();
+    rec.submit().unwrap();
+    let (want_dqkv, want_db) =
+        refa::window_attention_backward(&to_f64(&qkv), &to_f64(&bias), &to_f64(&dout), ws, c, heads);
+    let what = format!("window_attention_backward{tag} nw{nw} ws{ws} C{c} h{heads}");
+    check(&format!("{what} dqkv"), &gpu.read(&dqkv).unwrap(), &want_dqkv, BWD_TOL);
+    // dbias was accumulated into a buffer holding dbias0
+    let got_db: Vec<f32> = gpu.read(&tdb).unwrap().iter().zip(&dbias0).map(|(a, b)| a - b).collect();
+    check(&format!("{what} dbias"), &got_db, &want_db, BWD_TOL);
+}
+
 #[test]
 fn window_attention_backward_awkward_shapes() {
-    let gpu = test_gpu();
     // WIN_CASES plus many windows (several windows per dbias group, a partial last group)
     let mut cases = WIN_CASES.to_vec();
     cases.push((131, 3, 4, 2));
     for (s, &(nw, ws, c, heads)) in cases.iter().enumerate() {
-        let mut rng = Rng::new(300 + s as u64);
-        let n = ws * ws;
-        let (qkv, bias) = win_inputs(&mut rng, nw, ws, c, heads);
-        let dout = rng.vec(nw * n * c);
-        let dbias0 = rng.vec(heads * n);
-        let tq = up(gpu, &qkv, &[nw, n, 3 * c]);
-        let tb = up(gpu, &bias, &[heads, n]);
-        let tdo = up(gpu, &dout, &[nw, n, c]);
-        let tdb = up(gpu, &dbias0, &[heads, n]);
-        let mut rec = gpu.new_recorder();
-        let saved = window_attention_train(&mut rec, &tq, &tb, heads, ws).unwrap();
-        let dqkv = window_attention_backward(&mut rec, &tq, &tb, &saved, &tdo, heads, ws, &tdb).unwrap();
-        rec.submit().unwrap();
-        let (want_dqkv, want_db) =
-            refa::window_attention_backward(&to_f64(&qkv), &to_f64(&bias), &to_f64(&dout), ws, c, heads);
-        let what = format!("window_attention_backward nw{nw} ws{ws} C{c} h{heads}");
-        check(&format!("{what} dqkv"), &gpu.read(&dqkv).unwrap(), &want_dqkv, BWD_TOL);
-        // dbias was accumulated into a buffer holding dbias0
-        let got_db: Vec<f32> = gpu.read(&tdb).unwrap().iter().zip(&dbias0).map(|(a, b)| a - b).collect();
-        check(&format!("{what} dbias"), &got_db, &want_db, BWD_TOL);
+        check_window_backward(nw, ws, c, heads, 300 + s as u64, "");
     }
+}
+
+fn check_mha_backward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, seed: u64, tag: &str) {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(seed);
+    let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
+    let dout = rng.vec(b * lq * e);
+    let (tq, tk, tv) = (up(gpu, &q, &[b, lq, e]), up(gpu, &k, &[b, lk, e]), up(gpu, &v, &[b, lk, e]));
+    let tdo = up(gpu, &dout, &[b, lq, e]);
+    let mut rec = gpu.new_recorder();
+    let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
+    let (dq, dk, dv) = mha_backward(&mut rec, &tq, &tk, &tv, &saved, &tdo, heads).unwrap();
+    rec.submit().unwrap();
+    let (wq, wk, wv) =
+        refa::mha_backward(&to_f64(&q), &to_f64(&k), &to_f64(&v), &to_f64(&dout), b, lq, lk, e, heads);
+    let what = format!("mha_backward{tag} B{b} Lq{lq} Lk{lk} E{e} h{heads}");
+    check(&format!("{what} dq"), &gpu.read(&dq).unwrap(), &wq, BWD_TOL);
+    check(&format!("{what} dk"), &gpu.read(&dk).unwrap(), &wk, BWD_TOL);
+    check(&format!("{what} dv"), &gpu.read(&dv).unwrap(), &wv, BWD_TOL);
 }
 
 #[test]
 fn mha_backward_awkward_shapes() {
-    let gpu = test_gpu();
     let mut cases = MHA_CASES.to_vec();
     cases.push((1, 300, 5, 16, 4)); // few keys, many queries: dk/dv split over queries
     for (s, &(b, lq, lk, e, heads)) in cases.iter().enumerate() {
-        let mut rng = Rng::new(400 + s as u64);
-        let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
-        let dout = rng.vec(b * lq * e);
-        let (tq, tk, tv) = (up(gpu, &q, &[b, lq, e]), up(gpu, &k, &[b, lk, e]), up(gpu, &v, &[b, lk, e]));
-        let tdo = up(gpu, &dout, &[b, lq, e]);
-        let mut rec = gpu.new_recorder();
-        let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
-        let (dq, dk, dv) = mha_backward(&mut rec, &tq, &tk, &tv, &saved, &tdo, heads).unwrap();
-        rec.submit().unwrap();
-        let (wq, wk, wv) =
-            refa::mha_backward(&to_f64(&q), &to_f64(&k), &to_f64(&v), &to_f64(&dout), b, lq, lk, e, heads);
-        let what = format!("mha_backward B{b} Lq{lq} Lk{lk} E{e} h{heads}");
-        check(&format!("{what} dq"), &gpu.read(&dq).unwrap(), &wq, BWD_TOL);
-        check(&format!("{what} dk"), &gpu.read(&dk).unwrap(), &wk, BWD_TOL);
-        check(&format!("{what} dv"), &gpu.read(&dv).unwrap(), &wv, BWD_TOL);
+        check_mha_backward(b, lq, lk, e, heads, 400 + s as u64, "");
     }
+}
+
+#[test]
+fn both_kernel_layouts() {
+    // The kernels keep R rows per invocation on CPU adapters and one row on GPUs; run a few cases
+    // in the layout the adapter would not pick by default (and in the other, for completeness).
+    for (mode, tag) in [(false, " [1 row/inv]"), (true, " [R rows/inv]")] {
+        force_register_rows(Some(mode));
+        check_window_forward(3, 7, 64, 2, 500, tag); // aligned, n = 49
+        check_window_forward(2, 14, 15, 3, 501, tag); // unaligned head dim 5, n = 196
+        check_window_backward(3, 7, 64, 2, 502, tag);
+        check_window_backward(2, 14, 15, 3, 503, tag);
+        check_mha_forward(2, 5, 300, 32, 4, 504, tag); // split over keys
+        check_mha_backward(2, 5, 300, 32, 4, 505, tag);
+        check_mha_backward(1, 300, 5, 16, 4, 506, tag); // split over queries
+        check_mha_forward(1, 300, 33, 12, 4, 507, tag);
+    }
+    force_register_rows(None);
 }

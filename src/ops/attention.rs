@@ -2,20 +2,30 @@
 //! multi-head attention with relative position bias, SAM multi-head attention core, and their
 //! backward passes.
 //!
-//! The attention core is a flash-style kernel (online softmax, no score matrix in memory, no
-//! workgroup barriers): one invocation per query row, every workgroup shares one (problem, head) so
-//! key/value reads are uniform. When a call has few (problem, head, query block) workgroups and
-//! many keys (SAM token->image cross attention: 5 queries x 4096 keys), keys are split over
-//! workgroups and merged by a second kernel.
+//! # Kernels
+//! The attention core is flash-style (online softmax, no score matrix in memory, no workgroup
+//! barriers). Each invocation owns R rows of one (problem, head) in registers and loops over the
+//! other side; all invocations of a workgroup share (problem, head), so the loop's loads are
+//! uniform. R > 1 on CPU adapters: lavapipe (Mesa 22) turns every storage load into a scalar loop
+//! over the SIMD lanes, so each loaded key/value must feed many rows (R = 7 for the 7x7 windows,
+//! 13 for 14x14, up to 16); GPUs get R = 1. When the own side is short and the other long (SAM
+//! token <-> image attention, 5 x 4096), invocations instead split the long side and partial
+//! results are merged (`PAR`). Rows are read as vec4 chunks; layouts whose offsets are not
+//! multiples of 4 (odd head dims) go through zero-padded copies.
+//!
+//! Pipelines are specialised per (head dim / 4, R, workgroup size, flags); on lavapipe a first
+//! compile of the largest variants takes ~10-30 s (then Mesa's shader cache serves them).
 //!
 //! # Training
 //! `window_attention_train` / `mha_train` return [`AttnSaved`]: the output and the log-sum-exp of
-//! the logits per (problem, head, query). The backward recomputes the probabilities from it.
+//! the logits per (problem, head, query). The backward recomputes the probabilities from it
+//! (delta_i = dout_i . out_i, then dq from a query-side kernel and dk/dv from a key-side kernel).
 //!
 //! # Gradient semantics
 //! * Gradients w.r.t. activations (`dqkv`, `dq`/`dk`/`dv`, `dy`, `dx`) are returned as new,
 //!   fully written tensors, except `window_partition_backward`, which can add into an existing
-//!   gradient buffer (`accumulate = Some(..)`), the common case of a residual branch.
+//!   gradient buffer (`accumulate = Some(..)`), the common case of a residual branch, and
+//!   `window_reverse_add_backward`'s optional `dres_acc += dout`.
 //! * The gradient w.r.t. the parameter `bias` is **accumulated** (`dbias += ..`) into the caller's
 //!   gradient buffer, like every parameter gradient of the crate (zero it once per step).
 
@@ -26,10 +36,6 @@ use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
 pub const MAX_HEAD_DIM: usize = 64;
 /// Largest window token count (ws*ws) of the windowed kernels.
 pub const MAX_WINDOW_TOKENS: usize = 256;
-/// Rows per inner block (must match KB in the shader).
-const KB: usize = 8;
-/// Workgroup count below which the looped dimension is split over workgroups.
-const MIN_GROUPS: usize = 128;
 
 /// What the training forward keeps for the backward.
 #[derive(Clone, Debug)]
@@ -183,10 +189,10 @@ pub fn window_reverse_add_backward(
 ) -> Result<Tensor> {
     let dims = check_map("window_reverse_add_backward", dout, ws)?;
     let (b, h, w, c) = dims;
-    if let Some(d) = dres_acc {
-        if d.numel() != dout.numel() || d.same_buffer(dout) {
-            return invalid(format!("window_reverse_add_backward: dres_acc {:?} vs dout {:?}", d.shape, dout.shape));
-        }
+    if let Some(d) = dres_acc
+        && (d.numel() != dout.numel() || d.same_buffer(dout))
+    {
+        return invalid(format!("window_reverse_add_backward: dres_acc {:?} vs dout {:?}", d.shape, dout.shape));
     }
     let dy = rec.gpu.empty(&windows_shape(b, h, w, c, ws))?;
     record_partition(rec, dout, dims, ws, &dy, false, dres_acc)?;
@@ -206,6 +212,16 @@ struct Layout {
     hs: usize,
 }
 
+impl Layout {
+    fn aligned(&self) -> bool {
+        [self.off, self.row, self.zs, self.hs].iter().all(|x| x.is_multiple_of(4))
+    }
+    /// The same layout in vec4 units (only for aligned layouts).
+    fn quarter(&self) -> Layout {
+        Layout { off: self.off / 4, row: self.row / 4, zs: self.zs / 4, hs: self.hs / 4 }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Core {
     lq: usize,
@@ -222,66 +238,216 @@ struct Core {
     scale: f32,
 }
 
-/// Grid shape of one core kernel.
+impl Core {
+    fn d4(&self) -> usize {
+        self.d.div_ceil(4)
+    }
+    /// Whether the kernels can read the rows as vec4 chunks directly.
+    fn aligned(&self) -> bool {
+        self.d.is_multiple_of(4) && [self.q, self.k, self.v, self.o].iter().all(|l| l.aligned())
+    }
+    /// The zero-padded, aligned layouts used when `!aligned()`: q and out as [nz, lq, heads, dp],
+    /// k and v interleaved in one buffer [nz, lk, heads, 2, dp] (dp = 4 * d4).
+    fn padded(&self) -> Core {
+        let dp = 4 * self.d4();
+        let qo = Layout { off: 0, row: self.heads * dp, zs: self.lq * self.heads * dp, hs: dp };
+        let kv = |off| Layout { off, row: self.heads * 2 * dp, zs: self.lk * self.heads * 2 * dp, hs: 2 * dp };
+        Core { d: dp, q: qo, k: kv(0), v: kv(dp), o: qo, ..*self }
+    }
+}
+
+/// How one core kernel is laid out (see the top of shaders/attention.wgsl).
 #[derive(Clone, Copy, Debug)]
-struct Grid {
+struct Plan {
+    /// Split the looped side over invocations (partial results merged afterwards).
+    par: bool,
+    /// Own rows per invocation.
+    r: usize,
+    /// Invocations per workgroup.
     wg: usize,
+    /// Lane blocks per (problem, head) (!par).
     blocks: usize,
+    /// Workgroups along the looped side (par).
     splits: usize,
+    /// Looped rows per chunk (par).
     split_len: usize,
+}
+
+impl Plan {
+    /// Chunks of the looped side (partial results to merge).
+    fn chunks(&self) -> usize {
+        if self.par { self.splits * self.wg } else { 1 }
+    }
+}
+
+thread_local! {
+    static REGISTER_ROWS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Testing hook: force (Some(true)) or disable (Some(false)) the several-rows-per-invocation
+/// layout of the attention kernels for calls recorded on this thread; None = by adapter (on for
+/// CPU adapters such as lavapipe, off for GPUs).
+#[doc(hidden)]
+pub fn force_register_rows(v: Option<bool>) {
+    REGISTER_ROWS.with(|c| c.set(v));
+}
+
+fn register_rows(rec: &Recorder) -> bool {
+    REGISTER_ROWS
+        .with(|c| c.get())
+        .unwrap_or(rec.gpu.info.device_type == wgpu::DeviceType::Cpu)
+}
+
+/// Rows per invocation on CPU adapters are bounded by R * d4 <= this (compile time and stack of the
+/// unrolled kernels grow with it): forward, backward. CMAX_FWD is the shader's array size CMAX.
+const CMAX_FWD: usize = 104;
+const CMAX_BWD: usize = 56;
+/// The same bound on GPUs for the PAR layout (R = the short own side held in registers).
+const CMAX_GPU: usize = 32;
+
+/// Layout for `own` rows looping over `other` rows. `cmax` bounds R * d4 (register rows).
+fn plan(rec: &Recorder, own: usize, other: usize, d4: usize, cmax: usize) -> Plan {
+    let cpu = register_rows(rec);
+    let rmax = ((if cpu { cmax } else { CMAX_GPU }) / d4).clamp(1, 16);
+    if own <= rmax && other >= 64 {
+        // few own rows (SAM token <-> image attention): every invocation keeps all of them and
+        // takes a chunk of the looped side
+        let wg = if cpu { 8 } else { 64 };
+        let split_len = other.div_ceil(64).max(32);
+        let splits = other.div_ceil(split_len).div_ceil(wg);
+        return Plan { par: true, r: own, wg, blocks: 1, splits, split_len };
+    }
+    if cpu {
+        let groups8 = own.div_ceil(8 * rmax);
+        let r = own.div_ceil(8 * groups8);
+        let wg = 8 * groups8.min(8);
+        Plan { par: false, r, wg, blocks: own.div_ceil(wg * r), splits: 1, split_len: 0 }
+    } else {
+        let blocks = own.div_ceil(256).max(1);
+        let wg = own.div_ceil(blocks).next_multiple_of(8).clamp(8, 256);
+        Plan { par: false, r: 1, wg, blocks, splits: 1, split_len: 0 }
+    }
+}
+
+/// Uniform parameters of the attention kernels (layouts in vec4 units). `len` goes to the `lq`
+/// field (rows per (z, h) of the merge kernels).
+#[allow(clippy::too_many_arguments)]
+fn core_params(
+    c: &Core,
+    p: &Plan,
+    len: usize,
+    splits: usize,
+    ws_field: usize,
     zgroup: usize,
     ngroups: usize,
-}
-
-impl Grid {
-    fn total(&self, heads: usize) -> usize {
-        self.ngroups * heads * self.blocks * self.splits
-    }
-}
-
-/// Lane blocks for `len` rows: workgroups of at most 256 invocations (a multiple of 8).
-fn lane_blocks(len: usize) -> (usize, usize) {
-    let blocks = len.div_ceil(256).max(1);
-    let wg = len.div_ceil(blocks).next_multiple_of(8).clamp(8, 256);
-    (wg, blocks)
-}
-
-/// Splits the looped dimension (`looped` rows) when there are fewer than MIN_GROUPS workgroups.
-fn split_of(groups: usize, looped: usize) -> (usize, usize) {
-    let want = MIN_GROUPS.div_ceil(groups.max(1));
-    let max_splits = looped.div_ceil(64).max(1);
-    let splits = want.min(max_splits).max(1);
-    let split_len = looped.div_ceil(splits).next_multiple_of(KB);
-    (looped.div_ceil(split_len).max(1), split_len)
-}
-
-fn core_params(c: &Core, g: &Grid, lq: usize, ws_field: usize, zgroup_field: usize) -> Params {
-    let mut p = Params::new().u(lq).u(c.lk).u(c.heads).u(c.nz);
+    total: usize,
+) -> Params {
+    let mut pr = Params::new().u(len).u(c.lk).u(c.heads).u(c.nz);
     for l in [c.q, c.k, c.v, c.o] {
-        p = p.u(l.off).u(l.row).u(l.zs).u(l.hs);
+        let l = l.quarter();
+        pr = pr.u(l.off).u(l.row).u(l.zs).u(l.hs);
     }
-    p.u(g.blocks)
-        .u(g.splits)
-        .u(g.split_len)
-        .u(zgroup_field)
-        .u(g.ngroups)
-        .u(ws_field)
-        .f(c.scale)
-        .u(g.total(c.heads))
+    pr.u(p.blocks).u(splits).u(p.split_len).u(zgroup).u(ngroups).u(ws_field).f(c.scale).u(total)
 }
 
-fn core_kernel(entry: &'static str, c: &Core, wg: usize) -> Kernel {
-    Kernel::new(ShaderFamily::Attention, entry, wg as u32)
-        .u("D", c.d as u32)
-        .u("WG", wg as u32)
+fn core_kernel(entry: &'static str, c: &Core, p: &Plan) -> Kernel {
+    Kernel::new(ShaderFamily::Attention, entry, p.wg as u32)
+        .u("D4", c.d4() as u32)
+        .u("R", p.r as u32)
+        .u("WG", p.wg as u32)
+        .b("PAR", p.par)
         .b("HAS_BIAS", c.ws > 0)
 }
+
+/// A small kernel (64 invocations, one element or row each) of the attention family.
+fn small_kernel(entry: &'static str, c: &Core) -> Kernel {
+    Kernel::new(ShaderFamily::Attention, entry, 64).u("D4", c.d4() as u32)
+}
+
+const SMALL: Plan = Plan { par: false, r: 1, wg: 64, blocks: 1, splits: 1, split_len: 0 };
 
 fn attn_flops(c: &Core) -> f64 {
     4.0 * c.lq as f64 * c.lk as f64 * c.d as f64 * c.heads as f64 * c.nz as f64
 }
 
-/// Forward: writes `out` (o layout) and, when given, `lse` [nz, heads, lq].
+/// A 4-element scratch tensor for an unused writable binding.
+fn spare(rec: &Recorder) -> Result<Tensor> {
+    rec.gpu.empty(&[4])
+}
+
+/// Copies rows of `len` per (z, h) with `width` values each from layout `from` of `src` to layout
+/// `to` of `dst`; values past the first `valid` are written as zeros.
+#[allow(clippy::too_many_arguments)]
+fn record_repack(
+    rec: &mut Recorder,
+    c: &Core,
+    len: usize,
+    src: &Tensor,
+    from: Layout,
+    dst: &Tensor,
+    to: Layout,
+    width: usize,
+    valid: usize,
+) -> Result<()> {
+    let mut p = Params::new().u(len).u(c.lk).u(c.heads).u(c.nz);
+    for l in [from, c.k, c.v, to] {
+        p = p.u(l.off).u(l.row).u(l.zs).u(l.hs);
+    }
+    let p = p.u(1).u(1).u(0).u(width).u(1).u(valid).f(0.0).u(0);
+    let n = c.nz * len * c.heads * width;
+    let grid = rec.grid(n.div_ceil(64));
+    rec.dispatch(&small_kernel("attn_repack", c), p, &[src, dst], grid)
+}
+
+/// Zero-padded aligned copies (q', kv') of q, k, v for `c.padded()`.
+fn pad_inputs(rec: &mut Recorder, c: &Core, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let pc = c.padded();
+    let qp = rec.gpu.empty(&[c.nz, c.lq, c.heads * pc.d])?;
+    let kvp = rec.gpu.empty(&[c.nz, c.lk, c.heads * 2 * pc.d])?;
+    record_repack(rec, c, c.lq, q, c.q, &qp, pc.q, pc.d, c.d)?;
+    record_repack(rec, c, c.lk, k, c.k, &kvp, pc.k, pc.d, c.d)?;
+    record_repack(rec, c, c.lk, v, c.v, &kvp, pc.v, pc.d, c.d)?;
+    Ok((qp, kvp))
+}
+
+/// Forward of an aligned core: writes `out` (o layout) and, when given, `lse` [nz, heads, lq].
+#[allow(clippy::too_many_arguments)]
+fn core_forward_aligned(
+    rec: &mut Recorder,
+    c: &Core,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    lse: Option<&Tensor>,
+) -> Result<()> {
+    debug_assert!(c.aligned());
+    let p = plan(rec, c.lq, c.lk, c.d4(), CMAX_FWD);
+    let dummy = rec.gpu.dummy();
+    let bias = bias.unwrap_or(&dummy);
+    let total = c.nz * c.heads * p.blocks * p.splits;
+    let grid = rec.grid(total);
+    let params = core_params(c, &p, c.lq, p.splits, c.ws, 1, c.nz, total);
+    if !p.par {
+        let sp = spare(rec)?;
+        let k_ = core_kernel("attn_fwd", c, &p).b("SAVE_LSE", lse.is_some());
+        return rec.dispatch(&k_, params, &[q, k, v, bias, out, lse.unwrap_or(&sp)], grid);
+    }
+    let rows = c.nz * c.heads * c.lq;
+    let chunks = p.chunks();
+    let part = rec.gpu.empty(&[chunks, rows, 4 * c.d4()])?;
+    let ml = rec.gpu.empty(&[chunks, rows, 2])?;
+    rec.dispatch(&core_kernel("attn_fwd", c, &p), params, &[q, k, v, bias, &part, &ml], grid)?;
+    let sp = spare(rec)?;
+    let kc = small_kernel("attn_combine", c).b("SAVE_LSE", lse.is_some());
+    let grid = rec.grid(rows.div_ceil(64));
+    let params = core_params(c, &SMALL, c.lq, chunks, c.ws, 1, 1, 0);
+    rec.dispatch(&kc, params, &[&part, &ml, out, lse.unwrap_or(&sp)], grid)
+}
+
+/// Forward of any core (repacks unaligned rows through zero-padded copies).
+#[allow(clippy::too_many_arguments)]
 fn core_forward(
     rec: &mut Recorder,
     c: &Core,
@@ -292,45 +458,15 @@ fn core_forward(
     out: &Tensor,
     lse: Option<&Tensor>,
 ) -> Result<()> {
-    let (wg, blocks) = lane_blocks(c.lq);
-    let groups = c.nz * c.heads * blocks;
-    let (splits, split_len) = split_of(groups, c.lk);
-    let g = Grid { wg, blocks, splits, split_len, zgroup: 1, ngroups: c.nz };
-    let dummy = rec.gpu.dummy();
-    let bias = bias.unwrap_or(&dummy);
     rec.flops += attn_flops(c);
-    let grid = rec.grid(g.total(c.heads));
-    if splits == 1 {
-        let spare;
-        let stat = match lse {
-            Some(t) => t,
-            None => {
-                spare = rec.gpu.empty(&[4])?;
-                &spare
-            }
-        };
-        let k_ = core_kernel("attn_fwd", c, wg).b("SAVE_LSE", lse.is_some()).b("SPLIT", false);
-        return rec.dispatch(&k_, core_params(c, &g, c.lq, c.ws, 1), &[q, k, v, bias, out, stat], grid);
+    if c.aligned() {
+        return core_forward_aligned(rec, c, q, k, v, bias, out, lse);
     }
-    let rows = c.nz * c.heads * c.lq;
-    let part = rec.gpu.empty(&[splits, rows, c.d])?;
-    let ml = rec.gpu.empty(&[splits, rows, 2])?;
-    let k_ = core_kernel("attn_fwd", c, wg).b("SAVE_LSE", false).b("SPLIT", true);
-    rec.dispatch(&k_, core_params(c, &g, c.lq, c.ws, 1), &[q, k, v, bias, &part, &ml], grid)?;
-    let spare;
-    let lse_t = match lse {
-        Some(t) => t,
-        None => {
-            spare = rec.gpu.empty(&[4])?;
-            &spare
-        }
-    };
-    let kc = Kernel::new(ShaderFamily::Attention, "attn_combine", 64)
-        .u("D", c.d as u32)
-        .b("SAVE_LSE", lse.is_some());
-    let cg = Grid { wg: 64, blocks: 1, splits, split_len, zgroup: 1, ngroups: 1 };
-    let grid = rec.grid(rows.div_ceil(64));
-    rec.dispatch(&kc, core_params(c, &cg, c.lq, c.ws, 1), &[&part, &ml, out, lse_t], grid)
+    let pc = c.padded();
+    let (qp, kvp) = pad_inputs(rec, c, q, k, v)?;
+    let op = rec.gpu.empty(&[c.nz, c.lq, c.heads * pc.d])?;
+    core_forward_aligned(rec, &pc, &qp, &kvp, &kvp, bias, &op, lse)?;
+    record_repack(rec, c, c.lq, &op, pc.o, out, c.o, c.d, c.d)
 }
 
 /// Where the backward writes dk/dv.
@@ -341,29 +477,116 @@ enum KvDest<'a> {
     Separate(&'a Tensor, &'a Tensor),
 }
 
-/// Sums partials [splits, nz, heads, len, width, D] (component `comp`) into `dst` with layout `l`.
+/// Sums partials [chunks, nz, heads, len, width, d4] (component `comp`) into `dst` with layout `l`.
 #[allow(clippy::too_many_arguments)]
 fn record_gather(
     rec: &mut Recorder,
     c: &Core,
     part: &Tensor,
     len: usize,
-    splits: usize,
+    chunks: usize,
     width: usize,
     comp: usize,
     l: Layout,
     dst: &Tensor,
 ) -> Result<()> {
     let cc = Core { o: l, ..*c };
-    let g = Grid { wg: 64, blocks: 1, splits, split_len: 0, zgroup: 1, ngroups: 1 };
-    let k = Kernel::new(ShaderFamily::Attention, "attn_gather", 64).u("D", c.d as u32);
-    let total = c.nz * c.heads * len * c.d;
-    let grid = rec.grid(total.div_ceil(64));
-    rec.dispatch(&k, core_params(&cc, &g, len, width, comp), &[part, dst], grid)
+    let n = c.nz * c.heads * len * c.d4();
+    let grid = rec.grid(n.div_ceil(64));
+    let params = core_params(&cc, &SMALL, len, chunks, width, comp, 1, 0);
+    rec.dispatch(&small_kernel("attn_gather", c), params, &[part, dst], grid)
 }
 
-/// Backward of the core. `dq` receives dq in the q layout (fully written), `kv` the dk/dv,
+/// Backward of an aligned core. `dq` receives dq in the q layout (fully written), `kv` the dk/dv,
 /// `dbias` (when the core has a bias) is accumulated.
+#[allow(clippy::too_many_arguments)]
+fn core_backward_aligned(
+    rec: &mut Recorder,
+    c: &Core,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    dq: &Tensor,
+    kv: KvDest,
+    dbias: Option<&Tensor>,
+) -> Result<()> {
+    debug_assert!(c.aligned());
+    let rows = c.nz * c.heads * c.lq;
+    let dummy = rec.gpu.dummy();
+    let bias_t = bias.unwrap_or(&dummy);
+
+    // lse and delta = dout . out per query row
+    let stat = rec.gpu.empty(&[rows, 2])?;
+    {
+        let grid = rec.grid(rows.div_ceil(64));
+        let params = core_params(c, &SMALL, c.lq, 1, c.ws, 1, 1, 0);
+        rec.dispatch(&small_kernel("attn_bwd_prep", c), params, &[out, dout, lse, &stat], grid)?;
+    }
+
+    // query side: dq (+ dbias partial sums T)
+    {
+        let p = plan(rec, c.lq, c.lk, c.d4(), CMAX_BWD);
+        let (zgroup, ngroups) = if c.ws > 0 && !p.par {
+            let target = 64usize.div_ceil(c.heads * p.blocks).clamp(1, c.nz);
+            let zg = c.nz.div_ceil(target);
+            (zg, c.nz.div_ceil(zg))
+        } else {
+            (1, c.nz)
+        };
+        let t_buf = if c.ws > 0 { rec.gpu.empty(&[ngroups, c.heads, c.lk, c.lq])? } else { spare(rec)? };
+        let chunks = p.chunks();
+        let part = if p.par { Some(rec.gpu.empty(&[chunks, rows, 4 * c.d4()])?) } else { None };
+        let total = ngroups * c.heads * p.blocks * p.splits;
+        let grid = rec.grid(total);
+        let params = core_params(c, &p, c.lq, p.splits, c.ws, zgroup, ngroups, total);
+        rec.dispatch(
+            &core_kernel("attn_bwd_dq", c, &p),
+            params,
+            &[q, k, v, bias_t, dout, &stat, part.as_ref().unwrap_or(dq), &t_buf],
+            grid,
+        )?;
+        if let Some(part) = &part {
+            record_gather(rec, c, part, c.lq, chunks, 1, 0, c.q, dq)?;
+        }
+        if let Some(dbias) = dbias {
+            let n = c.ws * c.ws;
+            let grid = rec.grid((c.heads * n).div_ceil(64));
+            let params = core_params(c, &SMALL, c.lq, 1, c.ws, zgroup, ngroups, 0);
+            rec.dispatch(&small_kernel("attn_dbias", c), params, &[&t_buf, dbias], grid)?;
+        }
+    }
+
+    // key side: dk, dv
+    {
+        let p = plan(rec, c.lk, c.lq, c.d4(), CMAX_BWD);
+        let total = c.nz * c.heads * p.blocks * p.splits;
+        let grid = rec.grid(total);
+        let params = core_params(c, &p, c.lq, p.splits, c.ws, 1, c.nz, total);
+        let direct = !p.par && matches!(kv, KvDest::Shared(_));
+        let kk = core_kernel("attn_bwd_dkv", c, &p).b("DIRECT", direct);
+        if direct {
+            let KvDest::Shared(dst) = kv else { unreachable!() };
+            rec.dispatch(&kk, params, &[q, k, v, bias_t, dout, &stat, dst], grid)?;
+        } else {
+            let chunks = p.chunks();
+            let part = rec.gpu.empty(&[chunks, c.nz * c.heads * c.lk, 2, 4 * c.d4()])?;
+            rec.dispatch(&kk, params, &[q, k, v, bias_t, dout, &stat, &part], grid)?;
+            let (dk, dv) = match kv {
+                KvDest::Shared(t) => (t, t),
+                KvDest::Separate(a, b) => (a, b),
+            };
+            record_gather(rec, c, &part, c.lk, chunks, 2, 0, c.k, dk)?;
+            record_gather(rec, c, &part, c.lk, chunks, 2, 1, c.v, dv)?;
+        }
+    }
+    Ok(())
+}
+
+/// Backward of any core (repacks unaligned rows through zero-padded copies).
 #[allow(clippy::too_many_arguments)]
 fn core_backward(
     rec: &mut Recorder,
@@ -378,80 +601,40 @@ fn core_backward(
     kv: KvDest,
     dbias: Option<&Tensor>,
 ) -> Result<()> {
-    let rows = c.nz * c.heads * c.lq;
-    let dummy = rec.gpu.dummy();
-    let bias_t = bias.unwrap_or(&dummy);
     rec.flops += 2.5 * attn_flops(c);
-
-    // lse and delta = dout . out per query row
-    let stat = rec.gpu.empty(&[rows, 2])?;
-    {
-        let kp = Kernel::new(ShaderFamily::Attention, "attn_bwd_prep", 64).u("D", c.d as u32);
-        let g = Grid { wg: 64, blocks: 1, splits: 1, split_len: 0, zgroup: 1, ngroups: 1 };
-        let grid = rec.grid(rows.div_ceil(64));
-        rec.dispatch(&kp, core_params(c, &g, c.lq, c.ws, 1), &[&saved.out, dout, &saved.lse, &stat], grid)?;
+    if c.aligned() {
+        return core_backward_aligned(rec, c, q, k, v, bias, &saved.out, &saved.lse, dout, dq, kv, dbias);
     }
-
-    // query side: dq (+ dbias partial sums T)
-    {
-        let (wg, blocks) = lane_blocks(c.lq);
-        let (zgroup, ngroups) = if c.ws > 0 {
-            let target = 64usize.div_ceil(c.heads * blocks).clamp(1, c.nz);
-            let zg = c.nz.div_ceil(target);
-            (zg, c.nz.div_ceil(zg))
-        } else {
-            (1, c.nz)
-        };
-        let (splits, split_len) = split_of(ngroups * c.heads * blocks, c.lk);
-        let g = Grid { wg, blocks, splits, split_len, zgroup, ngroups };
-        let t_buf = if c.ws > 0 { rec.gpu.empty(&[ngroups, c.heads, c.lk, c.lq])? } else { rec.gpu.empty(&[4])? };
-        let direct = splits == 1;
-        let part = if direct { None } else { Some(rec.gpu.empty(&[splits, rows, c.d])?) };
-        let kq = core_kernel("attn_bwd_dq", c, wg).b("DIRECT", direct);
-        let grid = rec.grid(g.total(c.heads));
-        rec.dispatch(
-            &kq,
-            core_params(c, &g, c.lq, c.ws, zgroup),
-            &[q, k, v, bias_t, dout, &stat, part.as_ref().unwrap_or(dq), &t_buf],
-            grid,
-        )?;
-        if let Some(part) = &part {
-            record_gather(rec, c, part, c.lq, splits, 1, 0, c.q, dq)?;
-        }
-        if let Some(dbias) = dbias {
-            let kr = Kernel::new(ShaderFamily::Attention, "attn_dbias", 64);
-            let n = c.ws * c.ws;
-            let rg = Grid { wg: 64, blocks: 1, splits: 1, split_len: 0, zgroup, ngroups };
-            let grid = rec.grid((c.heads * n).div_ceil(64));
-            rec.dispatch(&kr, core_params(c, &rg, c.lq, c.ws, zgroup), &[&t_buf, dbias], grid)?;
-        }
-    }
-
-    // key side: dk, dv
-    {
-        let (wg, blocks) = lane_blocks(c.lk);
-        let (splits, split_len) = split_of(c.nz * c.heads * blocks, c.lq);
-        let g = Grid { wg, blocks, splits, split_len, zgroup: 1, ngroups: c.nz };
-        let grid = rec.grid(g.total(c.heads));
-        let direct = splits == 1 && matches!(kv, KvDest::Shared(_));
-        let params = core_params(c, &g, c.lq, c.ws, 1);
-        if direct {
-            let KvDest::Shared(dst) = kv else { unreachable!() };
-            let kk = core_kernel("attn_bwd_dkv", c, wg).b("DIRECT", true);
-            rec.dispatch(&kk, params, &[q, k, v, bias_t, dout, &stat, dst], grid)?;
-        } else {
-            let part = rec.gpu.empty(&[splits, c.nz * c.heads * c.lk, 2, c.d])?;
-            let kk = core_kernel("attn_bwd_dkv", c, wg).b("DIRECT", false);
-            rec.dispatch(&kk, params, &[q, k, v, bias_t, dout, &stat, &part], grid)?;
-            let (dk, dv) = match kv {
-                KvDest::Shared(t) => (t, t),
-                KvDest::Separate(a, b) => (a, b),
-            };
-            record_gather(rec, c, &part, c.lk, splits, 2, 0, c.k, dk)?;
-            record_gather(rec, c, &part, c.lk, splits, 2, 1, c.v, dv)?;
-        }
-    }
-    Ok(())
+    let pc = c.padded();
+    let (qp, kvp) = pad_inputs(rec, c, q, k, v)?;
+    let rows_shape = [c.nz, c.lq, c.heads * pc.d];
+    let outp = rec.gpu.empty(&rows_shape)?;
+    let doutp = rec.gpu.empty(&rows_shape)?;
+    record_repack(rec, c, c.lq, &saved.out, c.o, &outp, pc.o, pc.d, c.d)?;
+    record_repack(rec, c, c.lq, dout, c.o, &doutp, pc.o, pc.d, c.d)?;
+    let dqp = rec.gpu.empty(&rows_shape)?;
+    let dkvp = rec.gpu.empty(&kvp.shape)?;
+    core_backward_aligned(
+        rec,
+        &pc,
+        &qp,
+        &kvp,
+        &kvp,
+        bias,
+        &outp,
+        &saved.lse,
+        &doutp,
+        &dqp,
+        KvDest::Shared(&dkvp),
+        dbias,
+    )?;
+    let (dk, dv) = match kv {
+        KvDest::Shared(t) => (t, t),
+        KvDest::Separate(a, b) => (a, b),
+    };
+    record_repack(rec, c, c.lq, &dqp, pc.q, dq, c.q, c.d, c.d)?;
+    record_repack(rec, c, c.lk, &dkvp, pc.k, dk, c.k, c.d, c.d)?;
+    record_repack(rec, c, c.lk, &dkvp, pc.v, dv, c.v, c.d, c.d)
 }
 
 fn window_core(qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<Core> {
@@ -461,11 +644,11 @@ fn window_core(qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<C
             "window_attention: window {ws}x{ws} has {n} tokens; the kernel supports 1..={MAX_WINDOW_TOKENS}"
         ));
     }
-    if qkv.shape.len() != 3 || qkv.shape[1] != n || qkv.shape[2] % 3 != 0 || qkv.shape[0] == 0 {
+    if qkv.shape.len() != 3 || qkv.shape[1] != n || !qkv.shape[2].is_multiple_of(3) || qkv.shape[0] == 0 {
         return invalid(format!("window_attention: qkv {:?} is not [NW, {n}, 3C]", qkv.shape));
     }
     let c = qkv.shape[2] / 3;
-    if heads == 0 || c % heads != 0 {
+    if heads == 0 || !c.is_multiple_of(heads) {
         return invalid(format!("window_attention: C = {c} is not divisible by {heads} heads"));
     }
     let d = c / heads;
@@ -555,7 +738,7 @@ fn mha_core(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Core> {
     if k.shape[0] != b || k.shape[2] != e || b == 0 || lq == 0 || lk == 0 {
         return invalid(format!("mha: q {:?} vs k/v {:?}", q.shape, k.shape));
     }
-    if heads == 0 || e % heads != 0 {
+    if heads == 0 || !e.is_multiple_of(heads) {
         return invalid(format!("mha: E = {e} is not divisible by {heads} heads"));
     }
     let d = e / heads;
@@ -619,9 +802,10 @@ pub fn mha_backward(
 // ---------------------------------------------------------------------------------------------
 // Benchmarks
 
+/// Windowed attention at the three real stage shapes (1024² image, batch 1), forward and training
+/// backward, and the SAM decoder attention shapes. GFLOP/s counts 4*Lq*Lk*d*heads*problems for the
+/// forward (QK^T + AV) and 2.5 times that for the backward (QK^T recomputed, dP, dV, dQ, dK).
 #[cfg(not(target_arch = "wasm32"))]
-/// Windowed attention at the three real stage shapes (1024² image, batch 1) and the SAM decoder
-/// attention shapes. GFLOP/s counts 4*Lq*Lk*d*heads*problems (QK^T + AV).
 pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
     use super::{bench_line, time_op};
     let mut rng = crate::testutil::Rng::new(7);
@@ -635,14 +819,22 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
         let n = ws * ws;
         let qkv = gpu.upload(&rng.vec(nw * n * 3 * c), &[nw, n, 3 * c])?;
         let bias = gpu.upload(&rng.vec(heads * n), &[heads, n])?;
-        let ms = time_op(gpu, 5, |rec| window_attention(rec, &qkv, &bias, heads, ws).map(|_| ()))?;
         let flops = 4.0 * (n * n * (c / heads) * heads * nw) as f64;
-        out.push(bench_line(
-            format!("window_attention stage{} C{c} h{heads} ws{ws} NW{nw}", stage + 1),
-            ms,
-            Some(flops),
-            None,
-        ));
+        let name = format!("stage{} C{c} h{heads} ws{ws} NW{nw}", stage + 1);
+        let ms = time_op(gpu, 5, |rec| window_attention(rec, &qkv, &bias, heads, ws).map(|_| ()))?;
+        out.push(bench_line(format!("window_attention {name}"), ms, Some(flops), None));
+        let saved = {
+            let mut rec = gpu.new_recorder();
+            let s = window_attention_train(&mut rec, &qkv, &bias, heads, ws)?;
+            rec.submit()?;
+            s
+        };
+        let dout = gpu.upload(&rng.vec(nw * n * c), &[nw, n, c])?;
+        let dbias = gpu.upload(&vec![0.0; heads * n], &[heads, n])?;
+        let ms = time_op(gpu, 3, |rec| {
+            window_attention_backward(rec, &qkv, &bias, &saved, &dout, heads, ws, &dbias).map(|_| ())
+        })?;
+        out.push(bench_line(format!("window_attention_backward {name}"), ms, Some(2.5 * flops), None));
     }
     // (E, heads, Lq, Lk)
     for &(e, heads, lq, lk) in &[(256usize, 8usize, 5usize, 5usize), (128, 8, 5, 4096), (128, 8, 4096, 5)] {

@@ -101,8 +101,8 @@ fn head_forward(hd: &Head) -> HeadFwd {
         lse[i] = mx + sum.ln();
         for j in 0..lk {
             p[i][j] = (logits[j] - mx).exp() / sum;
-            for e in 0..d {
-                out[i][e] += p[i][j] * hd.v[j][e];
+            for (o, &vv) in out[i].iter_mut().zip(&hd.v[j]) {
+                *o += p[i][j] * vv;
             }
         }
     }
@@ -223,6 +223,7 @@ pub fn window_attention_backward(
     (dqkv, dbias)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn mha_head(q: &[f64], k: &[f64], v: &[f64], bz: usize, h: usize, lq: usize, lk: usize, e: usize, heads: usize) -> Head {
     let c = e / heads;
     let rows = |t: &[f64], len: usize| -> Vec<Vec<f64>> {
@@ -233,6 +234,7 @@ fn mha_head(q: &[f64], k: &[f64], v: &[f64], bz: usize, h: usize, lq: usize, lk:
 
 /// SAM attention core: q [B,Lq,E], k/v [B,Lk,E], contiguous heads. Returns out [B,Lq,E] and
 /// lse [B, heads, Lq].
+#[allow(clippy::too_many_arguments)]
 pub fn mha(
     q: &[f64],
     k: &[f64],
@@ -261,7 +263,7 @@ pub fn mha(
 }
 
 /// Gradients of `mha` w.r.t. q, k, v.
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn mha_backward(
     q: &[f64],
     k: &[f64],
