@@ -233,7 +233,7 @@ fn copy_range(rec: &mut Recorder, src: &Tensor, src_off: usize, dst: &Tensor, ds
 }
 
 fn im2col(rec: &mut Recorder, g: &Geo, x: &Tensor, row0: usize, rows: usize, col: &Tensor) -> Result<()> {
-    let cp = Cp { n: rows * g.kc(), row0, rows, ..g.cp() };
+    let cp = Cp { n: rows * g.ci, row0, rows, ..g.cp() };
     launch(rec, &kernel("im2col"), &cp, &[x, col])
 }
 
@@ -426,10 +426,11 @@ pub fn depthwise_conv2d(
     }
     let y = rec.gpu.empty(&g.out_shape())?;
     let n = y.numel();
-    let k = kernel("depthwise").b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
+    let (entry, v) = if g.ci % 4 == 0 { ("depthwise_v4", 4) } else { ("depthwise", 1) };
+    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
     let dummy = rec.gpu.dummy();
     rec.flops += 2.0 * (n * g.k * g.k) as f64;
-    launch(rec, &k, &Cp { n, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
+    launch(rec, &k, &Cp { n: n / v, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
     Ok(y)
 }
 
@@ -468,15 +469,20 @@ pub fn depthwise_conv2d_backward(
     if let Some(db) = dbias {
         reduce_rows(rec, dy, m, c, db, 0)?;
     }
+    // Channels in groups of 4 (16-byte loads) when C % 4 == 0.
+    let v4 = c % 4 == 0;
+    let v = if v4 { 4 } else { 1 };
     if let Some(dx) = dx {
-        launch(rec, &kernel("depthwise_dx"), &Cp { n: x.numel(), ..g.cp() }, &[dy, w, dx])?;
+        let entry = if v4 { "depthwise_dx_v4" } else { "depthwise_dx" };
+        launch(rec, &kernel(entry), &Cp { n: x.numel() / v, ..g.cp() }, &[dy, w, dx])?;
     }
     if let Some(dw) = dw {
         const PER_BLOCK: usize = 128;
         let blocks = m.div_ceil(PER_BLOCK);
         let part = rec.gpu.empty(&[blocks, kk * c])?;
-        let cp = Cp { n: blocks * kk * c, rows: m, e0: PER_BLOCK, ..g.cp() };
-        launch(rec, &kernel("depthwise_dw_partial"), &cp, &[x, dy, &part])?;
+        let cp = Cp { n: blocks * kk * c / v, rows: m, e0: PER_BLOCK, ..g.cp() };
+        let entry = if v4 { "depthwise_dw_partial_v4" } else { "depthwise_dw_partial" };
+        launch(rec, &kernel(entry), &cp, &[x, dy, &part])?;
         reduce_rows(rec, &part, blocks, kk * c, dw, c)?;
     }
     Ok(())
