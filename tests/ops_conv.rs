@@ -25,6 +25,7 @@ fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
 }
 
+#[allow(clippy::too_many_arguments)]
 fn shp(b: usize, h: usize, w: usize, ci: usize, co: usize, k: usize, stride: usize, pad: usize) -> ConvShape {
     ConvShape { b, h, w, ci, co, k, stride, pad }
 }
