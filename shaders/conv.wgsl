@@ -37,7 +37,8 @@ fn cv_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 // ---------------------------------------------------------------------------------------------
 // im2col: col[r, j] (r < rows, j < kc) for output position m = row0 + r = (b, oy, ox) and column
 // j = (ci, ky, kx) = ci*k*k + ky*k + kx (the row-major order of a [Co, Ci, k, k] weight), i.e.
-// x[b, oy*stride - pad + ky, ox*stride - pad + kx, ci], zero outside the image.
+// x[b, oy*stride - pad + ky, ox*stride - pad + kx, ci], zero outside the image. One invocation per
+// (r, ci) writes its k*k columns (n = rows * c).
 @group(0) @binding(1) var<storage, read> i2c_x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> i2c_col: array<f32>;
 
@@ -46,25 +47,30 @@ fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(local_invocation_index) lid: u32) {
     let i = cv_index(wid, nwg, lid);
     if (i >= cp.n) { return; }
-    let r = i / cp.kc;
-    let j = i % cp.kc;
+    let r = i / cp.c;
+    let ci = i % cp.c;
     let kk = cp.k * cp.k;
-    let ci = j / kk;
-    let t = j % kk;
-    let ky = t / cp.k;
-    let kx = t % cp.k;
     let m = cp.row0 + r;
     let ox = m % cp.ow;
     let q = m / cp.ow;
     let oy = q % cp.oh;
     let b = q / cp.oh;
-    let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
-    let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
-    var v = 0.0;
-    if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
-        v = i2c_x[((b * cp.h + u32(iy)) * cp.w + u32(ix)) * cp.c + ci];
+    let y0 = i32(oy * cp.stride) - i32(cp.pad);
+    let x0 = i32(ox * cp.stride) - i32(cp.pad);
+    let out0 = r * cp.kc + ci * kk;
+    for (var ky = 0u; ky < cp.k; ky++) {
+        let iy = y0 + i32(ky);
+        let row_ok = iy >= 0 && iy < i32(cp.h);
+        let row = (b * cp.h + u32(max(iy, 0))) * cp.w;
+        for (var kx = 0u; kx < cp.k; kx++) {
+            let ix = x0 + i32(kx);
+            var v = 0.0;
+            if (row_ok && ix >= 0 && ix < i32(cp.w)) {
+                v = i2c_x[(row + u32(ix)) * cp.c + ci];
+            }
+            i2c_col[out0 + ky * cp.k + kx] = v;
+        }
     }
-    i2c_col[i] = v;
 }
 
 // col2im (gather form, accumulating): dx[b, iy, ix, ci] += sum of dcol[m - row0, (ci, ky, kx)]
@@ -244,17 +250,147 @@ fn depthwise_dw_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     let m0 = blk * cp.e0;
     let m1 = min(m0 + cp.e0, cp.rows);
     var acc = 0.0;
+    // (b, oy, ox) of m0, then stepped along with m (no divisions in the loop).
+    var ox = m0 % cp.ow;
+    let q = m0 / cp.ow;
+    var oy = q % cp.oh;
+    var b = q / cp.oh;
     for (var m = m0; m < m1; m++) {
-        let ox = m % cp.ow;
-        let q = m / cp.ow;
-        let oy = q % cp.oh;
-        let b = q / cp.oh;
         let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
         let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
-        if (iy < 0 || iy >= i32(cp.h) || ix < 0 || ix >= i32(cp.w)) { continue; }
-        acc = fma(dww_dy[m * cp.c + c], dww_x[((b * cp.h + u32(iy)) * cp.w + u32(ix)) * cp.c + c], acc);
+        if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
+            acc = fma(dww_dy[m * cp.c + c], dww_x[((b * cp.h + u32(iy)) * cp.w + u32(ix)) * cp.c + c], acc);
+        }
+        ox += 1u;
+        if (ox == cp.ow) {
+            ox = 0u;
+            oy += 1u;
+            if (oy == cp.oh) {
+                oy = 0u;
+                b += 1u;
+            }
+        }
     }
     dww_part[i] = acc;
+}
+
+// Vectorised variants of the three depthwise kernels for C % 4 == 0: one invocation handles 4
+// adjacent channels with 16-byte loads and stores (n counts vec4 elements).
+@group(0) @binding(1) var<storage, read> dw4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> dw4_w: array<f32>;
+@group(0) @binding(3) var<storage, read> dw4_bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dw4_y: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn depthwise_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let c4 = cp.c / 4u;
+    let cq = i % c4;
+    let c = cq * 4u;
+    let q = i / c4;
+    let ox = q % cp.ow;
+    let q2 = q / cp.ow;
+    let oy = q2 % cp.oh;
+    let b = q2 / cp.oh;
+    let kk = cp.k * cp.k;
+    var acc = vec4<f32>(0.0);
+    for (var ky = 0u; ky < cp.k; ky++) {
+        let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
+        if (iy < 0 || iy >= i32(cp.h)) { continue; }
+        let row = (b * cp.h + u32(iy)) * cp.w;
+        for (var kx = 0u; kx < cp.k; kx++) {
+            let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
+            if (ix < 0 || ix >= i32(cp.w)) { continue; }
+            acc = fma(dw4_x[(row + u32(ix)) * c4 + cq], vec4<f32>(dw4_w[c * kk + ky * cp.k + kx], dw4_w[(c + 1u) * kk + ky * cp.k + kx],
+                                 dw4_w[(c + 2u) * kk + ky * cp.k + kx], dw4_w[(c + 3u) * kk + ky * cp.k + kx]), acc);
+        }
+    }
+    if (HAS_BIAS) {
+        acc += vec4<f32>(dw4_bias[c], dw4_bias[c + 1u], dw4_bias[c + 2u], dw4_bias[c + 3u]);
+    }
+    dw4_y[i] = vec4<f32>(activate(acc.x, ACT), activate(acc.y, ACT), activate(acc.z, ACT), activate(acc.w, ACT));
+}
+
+@group(0) @binding(1) var<storage, read> dwx4_dy: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> dwx4_w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dwx4_dx: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn depthwise_dx_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let c4 = cp.c / 4u;
+    let cq = i % c4;
+    let c = cq * 4u;
+    let q = i / c4;
+    let ix = q % cp.w;
+    let q2 = q / cp.w;
+    let iy = q2 % cp.h;
+    let b = q2 / cp.h;
+    let kk = cp.k * cp.k;
+    let s = i32(cp.stride);
+    var acc = vec4<f32>(0.0);
+    for (var ky = 0u; ky < cp.k; ky++) {
+        let ty = i32(iy + cp.pad) - i32(ky);
+        if (ty < 0 || ty % s != 0) { continue; }
+        let oy = u32(ty / s);
+        if (oy >= cp.oh) { continue; }
+        for (var kx = 0u; kx < cp.k; kx++) {
+            let tx = i32(ix + cp.pad) - i32(kx);
+            if (tx < 0 || tx % s != 0) { continue; }
+            let ox = u32(tx / s);
+            if (ox >= cp.ow) { continue; }
+            acc = fma(dwx4_dy[((b * cp.oh + oy) * cp.ow + ox) * c4 + cq], vec4<f32>(dwx4_w[c * kk + ky * cp.k + kx], dwx4_w[(c + 1u) * kk + ky * cp.k + kx],
+                                 dwx4_w[(c + 2u) * kk + ky * cp.k + kx], dwx4_w[(c + 3u) * kk + ky * cp.k + kx]), acc);
+        }
+    }
+    dwx4_dx[i] = dwx4_dx[i] + acc;
+}
+
+// part[blk, t, c..c+4] as in depthwise_dw_partial; n = blocks * k*k * C/4.
+@group(0) @binding(1) var<storage, read> dww4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> dww4_dy: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> dww4_part: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn depthwise_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let kk = cp.k * cp.k;
+    let c4 = cp.c / 4u;
+    let cq = i % c4;
+    let t = (i / c4) % kk;
+    let blk = i / (c4 * kk);
+    let ky = t / cp.k;
+    let kx = t % cp.k;
+    let m0 = blk * cp.e0;
+    let m1 = min(m0 + cp.e0, cp.rows);
+    var acc = vec4<f32>(0.0);
+    var ox = m0 % cp.ow;
+    let q = m0 / cp.ow;
+    var oy = q % cp.oh;
+    var b = q / cp.oh;
+    for (var m = m0; m < m1; m++) {
+        let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
+        let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
+        if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
+            acc = fma(dww4_dy[m * c4 + cq], dww4_x[((b * cp.h + u32(iy)) * cp.w + u32(ix)) * c4 + cq], acc);
+        }
+        ox += 1u;
+        if (ox == cp.ow) {
+            ox = 0u;
+            oy += 1u;
+            if (oy == cp.oh) {
+                oy = 0u;
+                b += 1u;
+            }
+        }
+    }
+    dww4_part[i] = acc;
 }
 
 // ---------------------------------------------------------------------------------------------

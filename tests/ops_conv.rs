@@ -25,6 +25,7 @@ fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
 }
 
+#[allow(clippy::too_many_arguments)]
 fn shp(b: usize, h: usize, w: usize, ci: usize, co: usize, k: usize, stride: usize, pad: usize) -> ConvShape {
     ConvShape { b, h, w, ci, co, k, stride, pad }
 }
@@ -99,16 +100,25 @@ fn conv2d_forward_chunked_path() {
 }
 
 #[test]
-fn conv2d_grid_beyond_65535_workgroups() {
-    // im2col writes 40,000 x 432 = 17.28 M elements = 67,500 workgroups of 256.
-    let s = shp(1, 200, 200, 48, 4, 3, 1, 1);
-    let col_elems = s.oh() * s.ow() * s.ci * 9;
-    assert!(col_elems.div_ceil(256) > 65_535);
-    // The column matrix must fit one binding, else the conv is chunked and no single dispatch
-    // is that large.
-    let lim = test_gpu().limits.max_storage_buffer_binding_size.min(test_gpu().limits.max_buffer_size);
-    assert!(4 * col_elems as u64 <= lim, "binding limit {lim} too small for this test");
+fn conv2d_neck_like_long_reduction() {
+    // K = 256*9 = 2304 as in the neck's 3x3 256->256 conv (forward and backward).
+    let s = shp(1, 12, 10, 256, 20, 3, 1, 1);
     dense_forward(s, true, Act::None, None, 60);
+    dense_backward(s, None, 63);
+}
+
+#[test]
+fn conv2d_grid_beyond_65535_workgroups() {
+    // x [1, 4100, 4100, 1], k3 s2 p1 -> 2050² positions. The backward's col2im runs one
+    // invocation per dx element, 16.81 M = 65,665 workgroups (per chunk), and an unchunked GEMM
+    // would have 65,665 row tiles. The column matrix (151 MB) exceeds a 128 MiB binding limit
+    // (lavapipe's, WebGPU's default), so this also runs the automatic row-chunk split.
+    let s = shp(1, 4100, 4100, 1, 2, 3, 2, 1);
+    assert!((s.oh() * s.ow()).div_ceil(64) > 65_535 && (s.h * s.w).div_ceil(256) > 65_535);
+    let lim = test_gpu().limits.max_storage_buffer_binding_size;
+    eprintln!("max_storage_buffer_binding_size = {lim}, column matrix = {} bytes", 4 * s.oh() * s.ow() * 9);
+    dense_forward(s, true, Act::None, None, 61);
+    dense_backward(s, None, 62);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -323,6 +333,8 @@ fn depthwise_forward_awkward_shapes() {
         shp(1, 6, 5, 4, 4, 5, 1, 2),
         shp(1, 1, 1, 7, 7, 3, 1, 1),
         shp(2, 5, 6, 3, 3, 3, 1, 0),
+        shp(2, 9, 7, 8, 8, 3, 2, 1),    // C % 4 == 0: vectorised kernels
+        shp(1, 6, 5, 12, 12, 3, 1, 1),
     ];
     let acts = [Act::None, Act::Gelu, Act::Relu];
     for (i, &s) in cases.iter().enumerate() {
@@ -366,6 +378,8 @@ fn depthwise_backward_awkward_shapes() {
         shp(1, 6, 5, 4, 4, 5, 1, 2),
         shp(2, 5, 6, 3, 3, 3, 1, 0),
         shp(2, 45, 47, 10, 10, 3, 1, 1), // M = 4230 positions: multi-pass reductions
+        shp(2, 9, 7, 8, 8, 3, 2, 1),     // C % 4 == 0: vectorised kernels
+        shp(1, 45, 46, 12, 12, 3, 1, 1),
     ]
     .into_iter()
     .enumerate()

@@ -206,7 +206,7 @@ fn atb_accumulate(
     let mut slices = 1;
     if tiles < 64 {
         let target = 128usize.div_ceil(tiles);
-        slices = (1..=target).rev().find(|&d| rows % d == 0 && rows / d >= 128).unwrap_or(1);
+        slices = (1..=target).rev().find(|&d| rows.is_multiple_of(d) && rows / d >= 128).unwrap_or(1);
     }
     if slices == 1 {
         let mut g = Gemm::new(ma, nb, rows);
@@ -233,7 +233,7 @@ fn copy_range(rec: &mut Recorder, src: &Tensor, src_off: usize, dst: &Tensor, ds
 }
 
 fn im2col(rec: &mut Recorder, g: &Geo, x: &Tensor, row0: usize, rows: usize, col: &Tensor) -> Result<()> {
-    let cp = Cp { n: rows * g.kc(), row0, rows, ..g.cp() };
+    let cp = Cp { n: rows * g.ci, row0, rows, ..g.cp() };
     launch(rec, &kernel("im2col"), &cp, &[x, col])
 }
 
@@ -426,10 +426,11 @@ pub fn depthwise_conv2d(
     }
     let y = rec.gpu.empty(&g.out_shape())?;
     let n = y.numel();
-    let k = kernel("depthwise").b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
+    let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise_v4", 4) } else { ("depthwise", 1) };
+    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
     let dummy = rec.gpu.dummy();
     rec.flops += 2.0 * (n * g.k * g.k) as f64;
-    launch(rec, &k, &Cp { n, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
+    launch(rec, &k, &Cp { n: n / v, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
     Ok(y)
 }
 
@@ -468,15 +469,20 @@ pub fn depthwise_conv2d_backward(
     if let Some(db) = dbias {
         reduce_rows(rec, dy, m, c, db, 0)?;
     }
+    // Channels in groups of 4 (16-byte loads) when C % 4 == 0.
+    let v4 = c.is_multiple_of(4);
+    let v = if v4 { 4 } else { 1 };
     if let Some(dx) = dx {
-        launch(rec, &kernel("depthwise_dx"), &Cp { n: x.numel(), ..g.cp() }, &[dy, w, dx])?;
+        let entry = if v4 { "depthwise_dx_v4" } else { "depthwise_dx" };
+        launch(rec, &kernel(entry), &Cp { n: x.numel() / v, ..g.cp() }, &[dy, w, dx])?;
     }
     if let Some(dw) = dw {
         const PER_BLOCK: usize = 128;
         let blocks = m.div_ceil(PER_BLOCK);
         let part = rec.gpu.empty(&[blocks, kk * c])?;
-        let cp = Cp { n: blocks * kk * c, rows: m, e0: PER_BLOCK, ..g.cp() };
-        launch(rec, &kernel("depthwise_dw_partial"), &cp, &[x, dy, &part])?;
+        let cp = Cp { n: blocks * kk * c / v, rows: m, e0: PER_BLOCK, ..g.cp() };
+        let entry = if v4 { "depthwise_dw_partial_v4" } else { "depthwise_dw_partial" };
+        launch(rec, &kernel(entry), &cp, &[x, dy, &part])?;
         reduce_rows(rec, &part, blocks, kk * c, dw, c)?;
     }
     Ok(())
@@ -568,12 +574,14 @@ pub fn conv_transpose2x2_backward(
 /// of the heaviest ones.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
-    let reps = 5;
+    let reps = 3;
     let mut out = Vec::new();
     let fill = |n: usize, seed: u32| -> Vec<f32> {
         (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5).collect()
     };
-    let dense: [(&str, [usize; 4], usize, usize, usize, usize); 5] = [
+    // (name, x shape, Co, k, stride, pad)
+    type Case = (&'static str, [usize; 4], usize, usize, usize, usize);
+    let dense: [Case; 5] = [
         ("conv2d stem 3->32 k3 s2 p1 @1024²", [1, 1024, 1024, 3], 32, 3, 2, 1),
         ("conv2d stem 32->64 k3 s2 p1 @512²", [1, 512, 512, 32], 64, 3, 2, 1),
         ("conv2d neck 256->256 k3 s1 p1 @64²", [1, 64, 64, 256], 256, 3, 1, 1),

@@ -29,6 +29,14 @@ fn params(n: usize, b: usize, h: usize, w: usize, c: usize, oh: usize, ow: usize
         .f(w as f32 / ow as f32)
 }
 
+/// The kernels evaluate `(2*dst + 1) * in` in u32.
+fn check_sizes(what: &str, h: usize, w: usize, oh: usize, ow: usize) -> Result<()> {
+    if (2 * oh + 1) as u64 * h as u64 >= 1 << 32 || (2 * ow + 1) as u64 * w as u64 >= 1 << 32 {
+        return Err(Error::Invalid(format!("{what}: sizes {h}x{w} -> {oh}x{ow} are too large")));
+    }
+    Ok(())
+}
+
 fn dims4(what: &str, t: &Tensor) -> Result<[usize; 4]> {
     if t.shape.len() != 4 {
         return Err(Error::Invalid(format!("{what}: expected [B,H,W,C], got {:?}", t.shape)));
@@ -44,6 +52,7 @@ pub fn bilinear(rec: &mut Recorder, x: &Tensor, oh: usize, ow: usize) -> Result<
     if (h == 0 || w == 0) && oh * ow > 0 {
         return Err(Error::Invalid(format!("bilinear: cannot resize empty {:?} to {oh}x{ow}", x.shape)));
     }
+    check_sizes("bilinear", h, w, oh, ow)?;
     let y = rec.gpu.empty(&[b, oh, ow, c])?;
     let n = y.numel();
     if n == 0 {
@@ -64,6 +73,7 @@ pub fn bilinear_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor) -> Result
     if b != b2 || c != c2 {
         return Err(Error::Invalid(format!("bilinear_backward: dy {:?} vs dx {:?}", dy.shape, dx.shape)));
     }
+    check_sizes("bilinear_backward", h, w, oh, ow)?;
     let n = dx.numel();
     if n == 0 || dy.numel() == 0 {
         return Ok(());
