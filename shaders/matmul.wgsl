@@ -1,9 +1,26 @@
 // ---- matmul.wgsl: batched GEMM with fused epilogue ----
-// C[b] = epilogue( op(A[b]) (M x K) * op(B[b]) (K x N) )
+// C[b] = epilogue( alpha * op(A[b]) (M x K) * op(B[b]) (K x N) )
 //   op(A) = A (row-major M x K)     or A^T with A stored K x M   (TRANS_A)
 //   op(B) = B (row-major K x N)     or B^T with B stored N x K   (TRANS_B; PyTorch Linear weight)
 // epilogue: + bias[n] (HAS_BIAS), activation ACT (0 none, 1 GELU, 2 ReLU),
 //           + R[b][m, n] (RESIDUAL), + C[b][m, n] (ACCUM: accumulate into the output).
+//
+// Entry points (chosen by src/ops/matmul.rs):
+//   matmul    shared-memory tiled kernel, 16 x 16 invocations of 4 x 4 outputs (GPUs).
+//   mm_v4     register-blocked kernel for CPU adapters (lavapipe/llvmpipe): 8 invocations per
+//             workgroup, each owning a 16 x 16 block of C in 16 mat4x4 accumulators, A and B read
+//             as vec4 along their contiguous dimension. Needs A, B and their batch strides aligned
+//             to 4 elements along that dimension (checked by the wrapper).
+//   mm_s      the same with scalar loads: any shape, any stride.
+//   mm_reduce sums the partial results of a split-K pass and applies the epilogue.
+// Why the register-blocked kernels: llvmpipe runs 8 invocations in SIMD lanes, but every storage or
+// workgroup-memory load is a scalar loop over the lanes (~10 instructions per lane and float), while
+// arithmetic is one 8-wide instruction. Throughput is set by floats loaded per lane per FMA, so each
+// invocation keeps a 16 x 16 block (32 floats loaded per 256 FMAs) and no shared memory or barriers.
+//
+// Split-K (SPLIT): the flat workgroup index also runs over `splits` slices of K of `k_len` each; every
+// slice writes raw partial sums to mat_c = a [splits, batch, M, N] scratch tensor, and mm_reduce adds
+// the slices and applies alpha and the epilogue.
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
@@ -11,6 +28,10 @@ override HAS_BIAS: bool = false;
 override ACT: u32 = 0u;
 override RESIDUAL: bool = false;
 override ACCUM: bool = false;
+// Register-blocked kernels: the 8 invocations of a workgroup step along N (else along M).
+override LANES_N: bool = false;
+// Split-K pass: store raw partial sums (no alpha, no epilogue) into the scratch tensor.
+override SPLIT: bool = false;
 
 struct MatmulParams {
     m: u32,
@@ -22,14 +43,61 @@ struct MatmulParams {
     c_bs: u32,
     m_tiles: u32,
     alpha: f32,
+    k_len: u32,  // depth of one K slice (multiple of 16; = k rounded up when not split)
+    splits: u32, // number of K slices (1 = no split)
 }
 
 @group(0) @binding(0) var<uniform> mp: MatmulParams;
 @group(0) @binding(1) var<storage, read> mat_a: array<f32>;
 @group(0) @binding(2) var<storage, read> mat_b: array<f32>;
+// The same bindings seen as vec4 (mm_v4 only).
+@group(0) @binding(1) var<storage, read> mat_a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> mat_b4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> mat_bias: array<f32>;
 @group(0) @binding(4) var<storage, read> mat_res: array<f32>;
 @group(0) @binding(5) var<storage, read_write> mat_c: array<f32>;
+
+// Epilogue of one output element at (batch b, row, col); `acc` is the raw dot product.
+fn mm_epilogue(acc: f32, bias: f32, res: f32, old: f32) -> f32 {
+    var v = acc * mp.alpha;
+    if (HAS_BIAS) {
+        v += bias;
+    }
+    v = activate(v, ACT);
+    if (RESIDUAL) {
+        v += res;
+    }
+    if (ACCUM) {
+        v += old;
+    }
+    return v;
+}
+
+// Stores one element of C (or of the split-K scratch for slice s).
+fn mm_put(b: u32, s: u32, row: u32, col: u32, acc: f32) {
+    if (SPLIT) {
+        mat_c[((s * mp.batch + b) * mp.m + row) * mp.n + col] = acc;
+        return;
+    }
+    let idx = b * mp.c_bs + row * mp.n + col;
+    var bias = 0.0;
+    if (HAS_BIAS) {
+        bias = mat_bias[col];
+    }
+    var res = 0.0;
+    if (RESIDUAL) {
+        res = mat_res[idx];
+    }
+    var old = 0.0;
+    if (ACCUM) {
+        old = mat_c[idx];
+    }
+    mat_c[idx] = mm_epilogue(acc, bias, res, old);
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul: shared-memory tiled kernel (GPUs)
+// ---------------------------------------------------------------------------------------------
 
 const TM: u32 = 64u;   // rows of C per workgroup
 const TN: u32 = 64u;   // cols of C per workgroup
@@ -39,8 +107,8 @@ const TK: u32 = 16u;   // depth of one shared tile
 var<workgroup> tile_a: array<f32, 1024>; // [TK][TM]
 var<workgroup> tile_b: array<f32, 1024>; // [TK][TN]
 
-fn load_a(base: u32, row: u32, kk: u32) -> f32 {
-    if (row >= mp.m || kk >= mp.k) {
+fn load_a(base: u32, row: u32, kk: u32, k_end: u32) -> f32 {
+    if (row >= mp.m || kk >= k_end) {
         return 0.0;
     }
     if (TRANS_A) {
@@ -49,8 +117,8 @@ fn load_a(base: u32, row: u32, kk: u32) -> f32 {
     return mat_a[base + row * mp.k + kk];
 }
 
-fn load_b(base: u32, kk: u32, col: u32) -> f32 {
-    if (col >= mp.n || kk >= mp.k) {
+fn load_b(base: u32, kk: u32, col: u32, k_end: u32) -> f32 {
+    if (col >= mp.n || kk >= k_end) {
         return 0.0;
     }
     if (TRANS_B) {
@@ -65,12 +133,17 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
     let flat = wid.y + wid.z * nwg.y;
-    let valid_group = flat < mp.m_tiles * mp.batch;
-    let b = min(flat / mp.m_tiles, mp.batch - 1u);
-    let row0 = (flat % mp.m_tiles) * TM;
+    let groups = mp.m_tiles * mp.batch * mp.splits;
+    let valid_group = flat < groups;
+    let f = min(flat, groups - 1u);
+    let b = (f / mp.m_tiles) % mp.batch;
+    let s = f / (mp.m_tiles * mp.batch);
+    let row0 = (f % mp.m_tiles) * TM;
     let col0 = wid.x * TN;
     let a_base = b * mp.a_bs;
     let b_base = b * mp.b_bs;
+    let k_begin = s * mp.k_len;
+    let k_end = min(mp.k, k_begin + mp.k_len);
 
     var acc: array<array<f32, 4>, 4>;
     for (var i = 0u; i < 4u; i++) {
@@ -79,7 +152,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
 
-    for (var k0 = 0u; k0 < mp.k; k0 += TK) {
+    for (var k0 = k_begin; k0 < k_end; k0 += TK) {
         // 256 invocations load 1024 values of each tile (4 each).
         for (var t = 0u; t < 4u; t++) {
             let e = li + t * 256u;
@@ -87,20 +160,20 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
             if (TRANS_A) {
                 let kk = e / TM;
                 let r = e % TM;
-                tile_a[kk * TM + r] = load_a(a_base, row0 + r, k0 + kk);
+                tile_a[kk * TM + r] = load_a(a_base, row0 + r, k0 + kk, k_end);
             } else {
                 let r = e / TK;
                 let kk = e % TK;
-                tile_a[kk * TM + r] = load_a(a_base, row0 + r, k0 + kk);
+                tile_a[kk * TM + r] = load_a(a_base, row0 + r, k0 + kk, k_end);
             }
             if (TRANS_B) {
                 let c = e / TK;
                 let kk = e % TK;
-                tile_b[kk * TN + c] = load_b(b_base, k0 + kk, col0 + c);
+                tile_b[kk * TN + c] = load_b(b_base, k0 + kk, col0 + c, k_end);
             } else {
                 let kk = e / TN;
                 let c = e % TN;
-                tile_b[kk * TN + c] = load_b(b_base, k0 + kk, col0 + c);
+                tile_b[kk * TN + c] = load_b(b_base, k0 + kk, col0 + c, k_end);
             }
         }
         workgroupBarrier();
@@ -123,7 +196,6 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
     if (!valid_group) {
         return;
     }
-    let c_base = b * mp.c_bs;
     for (var i = 0u; i < 4u; i++) {
         let row = row0 + lid.y * 4u + i;
         if (row >= mp.m) {
@@ -134,19 +206,312 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
             if (col >= mp.n) {
                 continue;
             }
-            var v = acc[i][j] * mp.alpha;
-            if (HAS_BIAS) {
-                v += mat_bias[col];
-            }
-            v = activate(v, ACT);
-            let idx = c_base + row * mp.n + col;
-            if (RESIDUAL) {
-                v += mat_res[idx];
-            }
-            if (ACCUM) {
-                v += mat_c[idx];
-            }
-            mat_c[idx] = v;
+            mm_put(b, s, row, col, acc[i][j]);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mm_v4 / mm_s: register-blocked kernels (CPU adapters)
+// ---------------------------------------------------------------------------------------------
+// A workgroup is 8 invocations (one SIMD row of llvmpipe). Invocation `lane` owns rows r0..r0+15
+// and columns c0..c0+15 of C. With LANES_N = false a workgroup covers 128 rows x 16 columns (lanes
+// step along M), else 16 rows x 128 columns. Grid: x = column tiles, (y, z) = flat index over
+// (K slice, batch, row tile), split to stay below 65,535 per dimension.
+// Accumulator cPQ is a mat4x4 whose column j holds rows r0+4P..r0+4P+3 of column c0+4Q+j.
+
+struct Blk {
+    r0: u32,
+    c0: u32,
+    b: u32,
+    s: u32,
+    kb: u32,  // this slice's K range [kb, ke)
+    ke: u32,
+    ok: bool,
+}
+
+fn blk_of(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> Blk {
+    var t: Blk;
+    let flat = wid.y + wid.z * nwg.y;
+    let mt = flat % mp.m_tiles;
+    let rest = flat / mp.m_tiles;
+    t.b = rest % mp.batch;
+    t.s = rest / mp.batch;
+    if (LANES_N) {
+        t.r0 = mt * 16u;
+        t.c0 = (wid.x * 8u + lane) * 16u;
+    } else {
+        t.r0 = (mt * 8u + lane) * 16u;
+        t.c0 = wid.x * 16u;
+    }
+    t.kb = t.s * mp.k_len;
+    t.ke = min(mp.k, t.kb + mp.k_len);
+    t.ok = flat < mp.m_tiles * mp.batch * mp.splits && t.r0 < mp.m && t.c0 < mp.n;
+    return t;
+}
+
+// acc (column j = 4 rows of output column j) += sum_t at[t] * bt[j][t], where at's column t holds
+// A[rows, k + t] and bt's column j holds B[k .. k + 3, col j].
+fn mac4(acc: mat4x4<f32>, at: mat4x4<f32>, bt: mat4x4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(
+        fma(at[3], vec4(bt[0][3]), fma(at[2], vec4(bt[0][2]), fma(at[1], vec4(bt[0][1]), fma(at[0], vec4(bt[0][0]), acc[0])))),
+        fma(at[3], vec4(bt[1][3]), fma(at[2], vec4(bt[1][2]), fma(at[1], vec4(bt[1][1]), fma(at[0], vec4(bt[1][0]), acc[1])))),
+        fma(at[3], vec4(bt[2][3]), fma(at[2], vec4(bt[2][2]), fma(at[1], vec4(bt[2][1]), fma(at[0], vec4(bt[2][0]), acc[2])))),
+        fma(at[3], vec4(bt[3][3]), fma(at[2], vec4(bt[3][2]), fma(at[1], vec4(bt[3][1]), fma(at[0], vec4(bt[3][0]), acc[3])))));
+}
+
+// Rank-1 update: acc[j] += a * b[j] (a = 4 rows of A at one k, b = 4 columns of B at that k).
+fn mac1(acc: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(fma(a, vec4(b[0]), acc[0]), fma(a, vec4(b[1]), acc[1]),
+                       fma(a, vec4(b[2]), acc[2]), fma(a, vec4(b[3]), acc[3]));
+}
+
+fn store_blk(t: Blk, acc: mat4x4<f32>, r: u32, c: u32) {
+    for (var j = 0u; j < 4u; j++) {
+        let col = c + j;
+        if (col >= mp.n) {
+            break;
+        }
+        for (var i = 0u; i < 4u; i++) {
+            let row = r + i;
+            if (row >= mp.m) {
+                break;
+            }
+            mm_put(t.b, t.s, row, col, acc[j][i]);
+        }
+    }
+}
+
+// ---- element offsets (rows and columns clamped into the matrix; k < K) ----
+fn a_off(base: u32, row: u32, k: u32) -> u32 {
+    let r = min(row, mp.m - 1u);
+    if (TRANS_A) {
+        return base + k * mp.m + r;
+    }
+    return base + r * mp.k + k;
+}
+
+fn b_off(base: u32, k: u32, col: u32) -> u32 {
+    let c = min(col, mp.n - 1u);
+    if (TRANS_B) {
+        return base + c * mp.k + k;
+    }
+    return base + k * mp.n + c;
+}
+
+// ---- vec4 loads (mm_v4). `q` indexes 4-deep chunks of K (k = 4q .. 4q + 3). ----
+// Columns t of the result: A[r .. r + 3, 4q + t]. r is a multiple of 4.
+fn a4_blk(base4: u32, r: u32, q: u32) -> mat4x4<f32> {
+    if (TRANS_A) {
+        // A stored K x M with M % 4 == 0: one vec4 along M per k.
+        let m4 = mp.m >> 2u;
+        let o = base4 + 4u * q * m4 + (min(r, mp.m - 4u) >> 2u);
+        return mat4x4<f32>(mat_a4[o], mat_a4[o + m4], mat_a4[o + 2u * m4], mat_a4[o + 3u * m4]);
+    }
+    // A stored M x K with K % 4 == 0: one vec4 along K per row.
+    let k4 = mp.k >> 2u;
+    let l = mp.m - 1u;
+    let o = base4 + q;
+    return transpose(mat4x4<f32>(mat_a4[o + min(r, l) * k4], mat_a4[o + min(r + 1u, l) * k4],
+                                 mat_a4[o + min(r + 2u, l) * k4], mat_a4[o + min(r + 3u, l) * k4]));
+}
+
+// Columns j of the result: B[4q .. 4q + 3, c + j]. c is a multiple of 4.
+fn b4_blk(base4: u32, c: u32, q: u32) -> mat4x4<f32> {
+    if (TRANS_B) {
+        // B stored N x K with K % 4 == 0: one vec4 along K per column.
+        let k4 = mp.k >> 2u;
+        let l = mp.n - 1u;
+        let o = base4 + q;
+        return mat4x4<f32>(mat_b4[o + min(c, l) * k4], mat_b4[o + min(c + 1u, l) * k4],
+                           mat_b4[o + min(c + 2u, l) * k4], mat_b4[o + min(c + 3u, l) * k4]);
+    }
+    // B stored K x N with N % 4 == 0: one vec4 along N per k.
+    let n4 = mp.n >> 2u;
+    let o = base4 + 4u * q * n4 + (min(c, mp.n - 4u) >> 2u);
+    return transpose(mat4x4<f32>(mat_b4[o], mat_b4[o + n4], mat_b4[o + 2u * n4], mat_b4[o + 3u * n4]));
+}
+
+fn a4_el(base: u32, row: u32, k: u32) -> f32 {
+    let e = a_off(base, row, k);
+    return mat_a4[e >> 2u][e & 3u];
+}
+
+fn b4_el(base: u32, k: u32, col: u32) -> f32 {
+    let e = b_off(base, k, col);
+    return mat_b4[e >> 2u][e & 3u];
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn mm_v4(@builtin(workgroup_id) wid: vec3<u32>,
+         @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = blk_of(wid, nwg, lid.x);
+    if (!t.ok) {
+        return;
+    }
+    let a_base = t.b * mp.a_bs;
+    let b_base = t.b * mp.b_bs;
+    let a4 = a_base >> 2u;
+    let b4 = b_base >> 2u;
+    let r0 = t.r0;
+    let c0 = t.c0;
+    let z = mat4x4<f32>();
+    var c00 = z; var c01 = z; var c02 = z; var c03 = z;
+    var c10 = z; var c11 = z; var c12 = z; var c13 = z;
+    var c20 = z; var c21 = z; var c22 = z; var c23 = z;
+    var c30 = z; var c31 = z; var c32 = z; var c33 = z;
+    let q_end = t.ke >> 2u;
+    for (var q = t.kb >> 2u; q < q_end; q++) {
+        let b0 = b4_blk(b4, c0, q);
+        let b1 = b4_blk(b4, c0 + 4u, q);
+        let b2 = b4_blk(b4, c0 + 8u, q);
+        let b3 = b4_blk(b4, c0 + 12u, q);
+        let a0 = a4_blk(a4, r0, q);
+        c00 = mac4(c00, a0, b0); c01 = mac4(c01, a0, b1); c02 = mac4(c02, a0, b2); c03 = mac4(c03, a0, b3);
+        let a1 = a4_blk(a4, r0 + 4u, q);
+        c10 = mac4(c10, a1, b0); c11 = mac4(c11, a1, b1); c12 = mac4(c12, a1, b2); c13 = mac4(c13, a1, b3);
+        let a2 = a4_blk(a4, r0 + 8u, q);
+        c20 = mac4(c20, a2, b0); c21 = mac4(c21, a2, b1); c22 = mac4(c22, a2, b2); c23 = mac4(c23, a2, b3);
+        let a3 = a4_blk(a4, r0 + 12u, q);
+        c30 = mac4(c30, a3, b0); c31 = mac4(c31, a3, b1); c32 = mac4(c32, a3, b2); c33 = mac4(c33, a3, b3);
+    }
+    // K % 4 tail (only reachable when K % 4 != 0, i.e. TRANS_A && !TRANS_B): scalar loads.
+    for (var k = max(q_end * 4u, t.kb); k < t.ke; k++) {
+        let b0 = vec4(b4_el(b_base, k, c0), b4_el(b_base, k, c0 + 1u), b4_el(b_base, k, c0 + 2u), b4_el(b_base, k, c0 + 3u));
+        let b1 = vec4(b4_el(b_base, k, c0 + 4u), b4_el(b_base, k, c0 + 5u), b4_el(b_base, k, c0 + 6u), b4_el(b_base, k, c0 + 7u));
+        let b2 = vec4(b4_el(b_base, k, c0 + 8u), b4_el(b_base, k, c0 + 9u), b4_el(b_base, k, c0 + 10u), b4_el(b_base, k, c0 + 11u));
+        let b3 = vec4(b4_el(b_base, k, c0 + 12u), b4_el(b_base, k, c0 + 13u), b4_el(b_base, k, c0 + 14u), b4_el(b_base, k, c0 + 15u));
+        let a0 = vec4(a4_el(a_base, r0, k), a4_el(a_base, r0 + 1u, k), a4_el(a_base, r0 + 2u, k), a4_el(a_base, r0 + 3u, k));
+        c00 = mac1(c00, a0, b0); c01 = mac1(c01, a0, b1); c02 = mac1(c02, a0, b2); c03 = mac1(c03, a0, b3);
+        let a1 = vec4(a4_el(a_base, r0 + 4u, k), a4_el(a_base, r0 + 5u, k), a4_el(a_base, r0 + 6u, k), a4_el(a_base, r0 + 7u, k));
+        c10 = mac1(c10, a1, b0); c11 = mac1(c11, a1, b1); c12 = mac1(c12, a1, b2); c13 = mac1(c13, a1, b3);
+        let a2 = vec4(a4_el(a_base, r0 + 8u, k), a4_el(a_base, r0 + 9u, k), a4_el(a_base, r0 + 10u, k), a4_el(a_base, r0 + 11u, k));
+        c20 = mac1(c20, a2, b0); c21 = mac1(c21, a2, b1); c22 = mac1(c22, a2, b2); c23 = mac1(c23, a2, b3);
+        let a3 = vec4(a4_el(a_base, r0 + 12u, k), a4_el(a_base, r0 + 13u, k), a4_el(a_base, r0 + 14u, k), a4_el(a_base, r0 + 15u, k));
+        c30 = mac1(c30, a3, b0); c31 = mac1(c31, a3, b1); c32 = mac1(c32, a3, b2); c33 = mac1(c33, a3, b3);
+    }
+    store_blk(t, c00, r0, c0); store_blk(t, c01, r0, c0 + 4u); store_blk(t, c02, r0, c0 + 8u); store_blk(t, c03, r0, c0 + 12u);
+    store_blk(t, c10, r0 + 4u, c0); store_blk(t, c11, r0 + 4u, c0 + 4u); store_blk(t, c12, r0 + 4u, c0 + 8u); store_blk(t, c13, r0 + 4u, c0 + 12u);
+    store_blk(t, c20, r0 + 8u, c0); store_blk(t, c21, r0 + 8u, c0 + 4u); store_blk(t, c22, r0 + 8u, c0 + 8u); store_blk(t, c23, r0 + 8u, c0 + 12u);
+    store_blk(t, c30, r0 + 12u, c0); store_blk(t, c31, r0 + 12u, c0 + 4u); store_blk(t, c32, r0 + 12u, c0 + 8u); store_blk(t, c33, r0 + 12u, c0 + 12u);
+}
+
+// ---- scalar loads (mm_s) ----
+fn as_el(base: u32, row: u32, k: u32) -> f32 {
+    return mat_a[a_off(base, row, k)];
+}
+
+fn bs_el(base: u32, k: u32, col: u32) -> f32 {
+    return mat_b[b_off(base, k, col)];
+}
+
+// A[r .. r + 3, k] and B[k, c .. c + 3] as vec4s.
+fn as_col(base: u32, r: u32, k: u32) -> vec4<f32> {
+    return vec4(as_el(base, r, k), as_el(base, r + 1u, k), as_el(base, r + 2u, k), as_el(base, r + 3u, k));
+}
+
+fn bs_row(base: u32, k: u32, c: u32) -> vec4<f32> {
+    return vec4(bs_el(base, k, c), bs_el(base, k, c + 1u), bs_el(base, k, c + 2u), bs_el(base, k, c + 3u));
+}
+
+// Columns t: A[r .. r + 3, k + t]; rows: B[k .. k + 3, c + j] as columns j (k + 3 < K).
+fn as_blk(base: u32, r: u32, k: u32) -> mat4x4<f32> {
+    return mat4x4<f32>(as_col(base, r, k), as_col(base, r, k + 1u), as_col(base, r, k + 2u), as_col(base, r, k + 3u));
+}
+
+fn bs_blk(base: u32, c: u32, k: u32) -> mat4x4<f32> {
+    return transpose(mat4x4<f32>(bs_row(base, k, c), bs_row(base, k + 1u, c), bs_row(base, k + 2u, c), bs_row(base, k + 3u, c)));
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn mm_s(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = blk_of(wid, nwg, lid.x);
+    if (!t.ok) {
+        return;
+    }
+    let a_base = t.b * mp.a_bs;
+    let b_base = t.b * mp.b_bs;
+    let r0 = t.r0;
+    let c0 = t.c0;
+    let z = mat4x4<f32>();
+    var c00 = z; var c01 = z; var c02 = z; var c03 = z;
+    var c10 = z; var c11 = z; var c12 = z; var c13 = z;
+    var c20 = z; var c21 = z; var c22 = z; var c23 = z;
+    var c30 = z; var c31 = z; var c32 = z; var c33 = z;
+    let k4_end = t.kb + ((t.ke - t.kb) & ~3u);
+    for (var k = t.kb; k < k4_end; k += 4u) {
+        let b0 = bs_blk(b_base, c0, k);
+        let b1 = bs_blk(b_base, c0 + 4u, k);
+        let b2 = bs_blk(b_base, c0 + 8u, k);
+        let b3 = bs_blk(b_base, c0 + 12u, k);
+        let a0 = as_blk(a_base, r0, k);
+        c00 = mac4(c00, a0, b0); c01 = mac4(c01, a0, b1); c02 = mac4(c02, a0, b2); c03 = mac4(c03, a0, b3);
+        let a1 = as_blk(a_base, r0 + 4u, k);
+        c10 = mac4(c10, a1, b0); c11 = mac4(c11, a1, b1); c12 = mac4(c12, a1, b2); c13 = mac4(c13, a1, b3);
+        let a2 = as_blk(a_base, r0 + 8u, k);
+        c20 = mac4(c20, a2, b0); c21 = mac4(c21, a2, b1); c22 = mac4(c22, a2, b2); c23 = mac4(c23, a2, b3);
+        let a3 = as_blk(a_base, r0 + 12u, k);
+        c30 = mac4(c30, a3, b0); c31 = mac4(c31, a3, b1); c32 = mac4(c32, a3, b2); c33 = mac4(c33, a3, b3);
+    }
+    for (var k = k4_end; k < t.ke; k++) {
+        let b0 = bs_row(b_base, k, c0);
+        let b1 = bs_row(b_base, k, c0 + 4u);
+        let b2 = bs_row(b_base, k, c0 + 8u);
+        let b3 = bs_row(b_base, k, c0 + 12u);
+        let a0 = as_col(a_base, r0, k);
+        c00 = mac1(c00, a0, b0); c01 = mac1(c01, a0, b1); c02 = mac1(c02, a0, b2); c03 = mac1(c03, a0, b3);
+        let a1 = as_col(a_base, r0 + 4u, k);
+        c10 = mac1(c10, a1, b0); c11 = mac1(c11, a1, b1); c12 = mac1(c12, a1, b2); c13 = mac1(c13, a1, b3);
+        let a2 = as_col(a_base, r0 + 8u, k);
+        c20 = mac1(c20, a2, b0); c21 = mac1(c21, a2, b1); c22 = mac1(c22, a2, b2); c23 = mac1(c23, a2, b3);
+        let a3 = as_col(a_base, r0 + 12u, k);
+        c30 = mac1(c30, a3, b0); c31 = mac1(c31, a3, b1); c32 = mac1(c32, a3, b2); c33 = mac1(c33, a3, b3);
+    }
+    store_blk(t, c00, r0, c0); store_blk(t, c01, r0, c0 + 4u); store_blk(t, c02, r0, c0 + 8u); store_blk(t, c03, r0, c0 + 12u);
+    store_blk(t, c10, r0 + 4u, c0); store_blk(t, c11, r0 + 4u, c0 + 4u); store_blk(t, c12, r0 + 4u, c0 + 8u); store_blk(t, c13, r0 + 4u, c0 + 12u);
+    store_blk(t, c20, r0 + 8u, c0); store_blk(t, c21, r0 + 8u, c0 + 4u); store_blk(t, c22, r0 + 8u, c0 + 8u); store_blk(t, c23, r0 + 8u, c0 + 12u);
+    store_blk(t, c30, r0 + 12u, c0); store_blk(t, c31, r0 + 12u, c0 + 4u); store_blk(t, c32, r0 + 12u, c0 + 8u); store_blk(t, c33, r0 + 12u, c0 + 12u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// mm_reduce: C = epilogue(sum over K slices of the split-K scratch)
+// ---------------------------------------------------------------------------------------------
+@group(0) @binding(1) var<storage, read> red_part: array<f32>;   // [splits, batch, M, N]
+@group(0) @binding(2) var<storage, read> red_bias: array<f32>;
+@group(0) @binding(3) var<storage, read> red_res: array<f32>;
+@group(0) @binding(4) var<storage, read_write> red_c: array<f32>;
+
+@compute @workgroup_size(256, 1, 1)
+fn mm_reduce(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let e = flat_group(wid, nwg) * 256u + lid.x;
+    let per = mp.m * mp.n;
+    let total = mp.batch * per;
+    if (e >= total) {
+        return;
+    }
+    var s = 0.0;
+    for (var i = 0u; i < mp.splits; i++) {
+        s += red_part[i * total + e];
+    }
+    let b = e / per;
+    let col = e % mp.n;
+    let idx = b * mp.c_bs + (e % per);
+    var bias = 0.0;
+    if (HAS_BIAS) {
+        bias = red_bias[col];
+    }
+    var res = 0.0;
+    if (RESIDUAL) {
+        res = red_res[idx];
+    }
+    var old = 0.0;
+    if (ACCUM) {
+        old = red_c[idx];
+    }
+    red_c[idx] = mm_epilogue(s, bias, res, old);
 }
