@@ -266,19 +266,31 @@ fn mac1(acc: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
                        fma(a, vec4(b[2]), acc[2]), fma(a, vec4(b[3]), acc[3]));
 }
 
+// Stores rows r .. r + 3 of output column `col` (written out: dynamic indexing into the
+// accumulator would send it through memory on llvmpipe).
+fn store_col(t: Blk, v: vec4<f32>, r: u32, col: u32) {
+    if (col < mp.n) {
+        mm_put(t.b, t.s, r, col, v.x);
+        if (r + 1u < mp.m) {
+            mm_put(t.b, t.s, r + 1u, col, v.y);
+        }
+        if (r + 2u < mp.m) {
+            mm_put(t.b, t.s, r + 2u, col, v.z);
+        }
+        if (r + 3u < mp.m) {
+            mm_put(t.b, t.s, r + 3u, col, v.w);
+        }
+    }
+}
+
+// r < M holds for every block a valid invocation stores (r0 < M is checked, and r = r0 + 4p only
+// matters when r < M: mm_put is skipped otherwise).
 fn store_blk(t: Blk, acc: mat4x4<f32>, r: u32, c: u32) {
-    for (var j = 0u; j < 4u; j++) {
-        let col = c + j;
-        if (col >= mp.n) {
-            break;
-        }
-        for (var i = 0u; i < 4u; i++) {
-            let row = r + i;
-            if (row >= mp.m) {
-                break;
-            }
-            mm_put(t.b, t.s, row, col, acc[j][i]);
-        }
+    if (r < mp.m) {
+        store_col(t, acc[0], r, c);
+        store_col(t, acc[1], r, c + 1u);
+        store_col(t, acc[2], r, c + 2u);
+        store_col(t, acc[3], r, c + 3u);
     }
 }
 
