@@ -8,15 +8,18 @@
 // Entry points (chosen by src/ops/matmul.rs):
 //   matmul    shared-memory tiled kernel, 16 x 16 invocations of 4 x 4 outputs (GPUs).
 //   mm_v4     register-blocked kernel for CPU adapters (lavapipe/llvmpipe): 8 invocations per
-//             workgroup, each owning a 16 x 16 block of C in 16 mat4x4 accumulators, A and B read
+//             workgroup, each owning a 32 x 32 block of C in 64 mat4x4 accumulators, A and B read
 //             as vec4 along their contiguous dimension. Needs A, B and their batch strides aligned
 //             to 4 elements along that dimension (checked by the wrapper).
-//   mm_s      the same with scalar loads: any shape, any stride.
+//   mm_s      the same idea with scalar loads and 16 x 16 blocks: any shape, any stride.
 //   mm_reduce sums the partial results of a split-K pass and applies the epilogue.
 // Why the register-blocked kernels: llvmpipe runs 8 invocations in SIMD lanes, but every storage or
 // workgroup-memory load is a scalar loop over the lanes (~10 instructions per lane and float), while
 // arithmetic is one 8-wide instruction. Throughput is set by floats loaded per lane per FMA, so each
-// invocation keeps a 16 x 16 block (32 floats loaded per 256 FMAs) and no shared memory or barriers.
+// invocation keeps a 32 x 32 block (64 floats loaded per 1024 FMAs; the accumulators live on the
+// stack, which is still cheaper than loads) and there is no shared memory and no barrier.
+// Accumulators and block registers are only ever indexed with constants: a dynamic index into a
+// vector or matrix makes llvmpipe go through memory, lane by lane.
 //
 // Split-K (SPLIT): the flat workgroup index also runs over `splits` slices of K of `k_len` each; every
 // slice writes raw partial sums to mat_c = a [splits, batch, M, N] scratch tensor, and mm_reduce adds
@@ -214,11 +217,11 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
 // ---------------------------------------------------------------------------------------------
 // mm_v4 / mm_s: register-blocked kernels (CPU adapters)
 // ---------------------------------------------------------------------------------------------
-// A workgroup is 8 invocations (one SIMD row of llvmpipe). Invocation `lane` owns rows r0..r0+15
-// and columns c0..c0+15 of C. With LANES_N = false a workgroup covers 128 rows x 16 columns (lanes
-// step along M), else 16 rows x 128 columns. Grid: x = column tiles, (y, z) = flat index over
-// (K slice, batch, row tile), split to stay below 65,535 per dimension.
-// Accumulator cPQ is a mat4x4 whose column j holds rows r0+4P..r0+4P+3 of column c0+4Q+j.
+// A workgroup is 8 invocations (one SIMD row of llvmpipe). Invocation `lane` owns the S x S block
+// (S = 32 for mm_v4, 16 for mm_s) at rows r0.., columns c0.. of C. With LANES_N = false a workgroup
+// covers 8S rows x S columns (lanes step along M), else S rows x 8S columns. Grid: x = column
+// tiles, (y, z) = flat index over (K slice, batch, row tile), split to stay below 65,535 per
+// dimension. Accumulators are mat4x4 blocks: column j holds 4 consecutive rows of one column of C.
 
 struct Blk {
     r0: u32,
@@ -230,7 +233,7 @@ struct Blk {
     ok: bool,
 }
 
-fn blk_of(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> Blk {
+fn blk_of(wid: vec3<u32>, nwg: vec3<u32>, lane: u32, size: u32) -> Blk {
     var t: Blk;
     let flat = wid.y + wid.z * nwg.y;
     let mt = flat % mp.m_tiles;
@@ -238,11 +241,11 @@ fn blk_of(wid: vec3<u32>, nwg: vec3<u32>, lane: u32) -> Blk {
     t.b = rest % mp.batch;
     t.s = rest / mp.batch;
     if (LANES_N) {
-        t.r0 = mt * 16u;
-        t.c0 = (wid.x * 8u + lane) * 16u;
+        t.r0 = mt * size;
+        t.c0 = (wid.x * 8u + lane) * size;
     } else {
-        t.r0 = (mt * 8u + lane) * 16u;
-        t.c0 = wid.x * 16u;
+        t.r0 = (mt * 8u + lane) * size;
+        t.c0 = wid.x * size;
     }
     t.kb = t.s * mp.k_len;
     t.ke = min(mp.k, t.kb + mp.k_len);
@@ -354,59 +357,95 @@ fn b4_el(base: u32, k: u32, col: u32) -> f32 {
     return mat_b4[e >> 2u][e & 3u];
 }
 
+// mm_v4 works on 32 x 32 blocks: 8 strips of 4 rows x 32 columns.
+struct Strip {
+    c0: mat4x4<f32>, c1: mat4x4<f32>, c2: mat4x4<f32>, c3: mat4x4<f32>,
+    c4: mat4x4<f32>, c5: mat4x4<f32>, c6: mat4x4<f32>, c7: mat4x4<f32>,
+}
+
+// 32 columns of B at one k.
+struct Row8 {
+    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>,
+    v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32>,
+}
+
+fn strip_mac(s: Strip, a: mat4x4<f32>, b: Strip) -> Strip {
+    return Strip(mac4(s.c0, a, b.c0), mac4(s.c1, a, b.c1), mac4(s.c2, a, b.c2), mac4(s.c3, a, b.c3),
+                 mac4(s.c4, a, b.c4), mac4(s.c5, a, b.c5), mac4(s.c6, a, b.c6), mac4(s.c7, a, b.c7));
+}
+
+fn strip_mac1(s: Strip, a: vec4<f32>, b: Row8) -> Strip {
+    return Strip(mac1(s.c0, a, b.v0), mac1(s.c1, a, b.v1), mac1(s.c2, a, b.v2), mac1(s.c3, a, b.v3),
+                 mac1(s.c4, a, b.v4), mac1(s.c5, a, b.v5), mac1(s.c6, a, b.v6), mac1(s.c7, a, b.v7));
+}
+
+// B blocks for columns c .. c + 31 at k-chunk q.
+fn b4_strip(base4: u32, c: u32, q: u32) -> Strip {
+    return Strip(b4_blk(base4, c, q), b4_blk(base4, c + 4u, q), b4_blk(base4, c + 8u, q), b4_blk(base4, c + 12u, q),
+                 b4_blk(base4, c + 16u, q), b4_blk(base4, c + 20u, q), b4_blk(base4, c + 24u, q), b4_blk(base4, c + 28u, q));
+}
+
+fn b4_row4(base: u32, k: u32, c: u32) -> vec4<f32> {
+    return vec4(b4_el(base, k, c), b4_el(base, k, c + 1u), b4_el(base, k, c + 2u), b4_el(base, k, c + 3u));
+}
+
+fn b4_row8(base: u32, k: u32, c: u32) -> Row8 {
+    return Row8(b4_row4(base, k, c), b4_row4(base, k, c + 4u), b4_row4(base, k, c + 8u), b4_row4(base, k, c + 12u),
+                b4_row4(base, k, c + 16u), b4_row4(base, k, c + 20u), b4_row4(base, k, c + 24u), b4_row4(base, k, c + 28u));
+}
+
+fn a4_col4(base: u32, r: u32, k: u32) -> vec4<f32> {
+    return vec4(a4_el(base, r, k), a4_el(base, r + 1u, k), a4_el(base, r + 2u, k), a4_el(base, r + 3u, k));
+}
+
+fn store_strip(t: Blk, s: Strip, r: u32, c: u32) {
+    store_blk(t, s.c0, r, c); store_blk(t, s.c1, r, c + 4u); store_blk(t, s.c2, r, c + 8u); store_blk(t, s.c3, r, c + 12u);
+    store_blk(t, s.c4, r, c + 16u); store_blk(t, s.c5, r, c + 20u); store_blk(t, s.c6, r, c + 24u); store_blk(t, s.c7, r, c + 28u);
+}
+
 @compute @workgroup_size(8, 1, 1)
 fn mm_v4(@builtin(workgroup_id) wid: vec3<u32>,
          @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = blk_of(wid, nwg, lid.x);
+    let t = blk_of(wid, nwg, lid.x, 32u);
     if (!t.ok) {
         return;
     }
     let a_base = t.b * mp.a_bs;
     let b_base = t.b * mp.b_bs;
-    let a4 = a_base >> 2u;
-    let b4 = b_base >> 2u;
+    let ab4 = a_base >> 2u;
+    let bb4 = b_base >> 2u;
     let r0 = t.r0;
     let c0 = t.c0;
     let z = mat4x4<f32>();
-    var c00 = z; var c01 = z; var c02 = z; var c03 = z;
-    var c10 = z; var c11 = z; var c12 = z; var c13 = z;
-    var c20 = z; var c21 = z; var c22 = z; var c23 = z;
-    var c30 = z; var c31 = z; var c32 = z; var c33 = z;
+    let zs = Strip(z, z, z, z, z, z, z, z);
+    var s0 = zs; var s1 = zs; var s2 = zs; var s3 = zs; var s4 = zs; var s5 = zs; var s6 = zs; var s7 = zs;
     let q_end = t.ke >> 2u;
     for (var q = t.kb >> 2u; q < q_end; q++) {
-        let b0 = b4_blk(b4, c0, q);
-        let b1 = b4_blk(b4, c0 + 4u, q);
-        let b2 = b4_blk(b4, c0 + 8u, q);
-        let b3 = b4_blk(b4, c0 + 12u, q);
-        let a0 = a4_blk(a4, r0, q);
-        c00 = mac4(c00, a0, b0); c01 = mac4(c01, a0, b1); c02 = mac4(c02, a0, b2); c03 = mac4(c03, a0, b3);
-        let a1 = a4_blk(a4, r0 + 4u, q);
-        c10 = mac4(c10, a1, b0); c11 = mac4(c11, a1, b1); c12 = mac4(c12, a1, b2); c13 = mac4(c13, a1, b3);
-        let a2 = a4_blk(a4, r0 + 8u, q);
-        c20 = mac4(c20, a2, b0); c21 = mac4(c21, a2, b1); c22 = mac4(c22, a2, b2); c23 = mac4(c23, a2, b3);
-        let a3 = a4_blk(a4, r0 + 12u, q);
-        c30 = mac4(c30, a3, b0); c31 = mac4(c31, a3, b1); c32 = mac4(c32, a3, b2); c33 = mac4(c33, a3, b3);
+        let b = b4_strip(bb4, c0, q);
+        s0 = strip_mac(s0, a4_blk(ab4, r0, q), b);
+        s1 = strip_mac(s1, a4_blk(ab4, r0 + 4u, q), b);
+        s2 = strip_mac(s2, a4_blk(ab4, r0 + 8u, q), b);
+        s3 = strip_mac(s3, a4_blk(ab4, r0 + 12u, q), b);
+        s4 = strip_mac(s4, a4_blk(ab4, r0 + 16u, q), b);
+        s5 = strip_mac(s5, a4_blk(ab4, r0 + 20u, q), b);
+        s6 = strip_mac(s6, a4_blk(ab4, r0 + 24u, q), b);
+        s7 = strip_mac(s7, a4_blk(ab4, r0 + 28u, q), b);
     }
     // K % 4 tail (only reachable when K % 4 != 0, i.e. TRANS_A && !TRANS_B): scalar loads.
     for (var k = max(q_end * 4u, t.kb); k < t.ke; k++) {
-        let b0 = vec4(b4_el(b_base, k, c0), b4_el(b_base, k, c0 + 1u), b4_el(b_base, k, c0 + 2u), b4_el(b_base, k, c0 + 3u));
-        let b1 = vec4(b4_el(b_base, k, c0 + 4u), b4_el(b_base, k, c0 + 5u), b4_el(b_base, k, c0 + 6u), b4_el(b_base, k, c0 + 7u));
-        let b2 = vec4(b4_el(b_base, k, c0 + 8u), b4_el(b_base, k, c0 + 9u), b4_el(b_base, k, c0 + 10u), b4_el(b_base, k, c0 + 11u));
-        let b3 = vec4(b4_el(b_base, k, c0 + 12u), b4_el(b_base, k, c0 + 13u), b4_el(b_base, k, c0 + 14u), b4_el(b_base, k, c0 + 15u));
-        let a0 = vec4(a4_el(a_base, r0, k), a4_el(a_base, r0 + 1u, k), a4_el(a_base, r0 + 2u, k), a4_el(a_base, r0 + 3u, k));
-        c00 = mac1(c00, a0, b0); c01 = mac1(c01, a0, b1); c02 = mac1(c02, a0, b2); c03 = mac1(c03, a0, b3);
-        let a1 = vec4(a4_el(a_base, r0 + 4u, k), a4_el(a_base, r0 + 5u, k), a4_el(a_base, r0 + 6u, k), a4_el(a_base, r0 + 7u, k));
-        c10 = mac1(c10, a1, b0); c11 = mac1(c11, a1, b1); c12 = mac1(c12, a1, b2); c13 = mac1(c13, a1, b3);
-        let a2 = vec4(a4_el(a_base, r0 + 8u, k), a4_el(a_base, r0 + 9u, k), a4_el(a_base, r0 + 10u, k), a4_el(a_base, r0 + 11u, k));
-        c20 = mac1(c20, a2, b0); c21 = mac1(c21, a2, b1); c22 = mac1(c22, a2, b2); c23 = mac1(c23, a2, b3);
-        let a3 = vec4(a4_el(a_base, r0 + 12u, k), a4_el(a_base, r0 + 13u, k), a4_el(a_base, r0 + 14u, k), a4_el(a_base, r0 + 15u, k));
-        c30 = mac1(c30, a3, b0); c31 = mac1(c31, a3, b1); c32 = mac1(c32, a3, b2); c33 = mac1(c33, a3, b3);
+        let b = b4_row8(b_base, k, c0);
+        s0 = strip_mac1(s0, a4_col4(a_base, r0, k), b);
+        s1 = strip_mac1(s1, a4_col4(a_base, r0 + 4u, k), b);
+        s2 = strip_mac1(s2, a4_col4(a_base, r0 + 8u, k), b);
+        s3 = strip_mac1(s3, a4_col4(a_base, r0 + 12u, k), b);
+        s4 = strip_mac1(s4, a4_col4(a_base, r0 + 16u, k), b);
+        s5 = strip_mac1(s5, a4_col4(a_base, r0 + 20u, k), b);
+        s6 = strip_mac1(s6, a4_col4(a_base, r0 + 24u, k), b);
+        s7 = strip_mac1(s7, a4_col4(a_base, r0 + 28u, k), b);
     }
-    store_blk(t, c00, r0, c0); store_blk(t, c01, r0, c0 + 4u); store_blk(t, c02, r0, c0 + 8u); store_blk(t, c03, r0, c0 + 12u);
-    store_blk(t, c10, r0 + 4u, c0); store_blk(t, c11, r0 + 4u, c0 + 4u); store_blk(t, c12, r0 + 4u, c0 + 8u); store_blk(t, c13, r0 + 4u, c0 + 12u);
-    store_blk(t, c20, r0 + 8u, c0); store_blk(t, c21, r0 + 8u, c0 + 4u); store_blk(t, c22, r0 + 8u, c0 + 8u); store_blk(t, c23, r0 + 8u, c0 + 12u);
-    store_blk(t, c30, r0 + 12u, c0); store_blk(t, c31, r0 + 12u, c0 + 4u); store_blk(t, c32, r0 + 12u, c0 + 8u); store_blk(t, c33, r0 + 12u, c0 + 12u);
+    store_strip(t, s0, r0, c0); store_strip(t, s1, r0 + 4u, c0); store_strip(t, s2, r0 + 8u, c0); store_strip(t, s3, r0 + 12u, c0);
+    store_strip(t, s4, r0 + 16u, c0); store_strip(t, s5, r0 + 20u, c0); store_strip(t, s6, r0 + 24u, c0); store_strip(t, s7, r0 + 28u, c0);
 }
 
 // ---- scalar loads (mm_s) ----
@@ -440,7 +479,7 @@ fn bs_blk(base: u32, c: u32, k: u32) -> mat4x4<f32> {
 fn mm_s(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = blk_of(wid, nwg, lid.x);
+    let t = blk_of(wid, nwg, lid.x, 16u);
     if (!t.ok) {
         return;
     }

@@ -88,8 +88,9 @@ fn gemm_all_variants_awkward_shapes() {
 #[test]
 fn gemm_blocked_vec4_scalar_lanes_every_transpose() {
     // Shapes 4-aligned on every dimension (so vec4 loads are allowed in every transpose) and not on
-    // the 16 / 128 block sizes: partial blocks, partial lane groups, single blocks.
-    let shapes = [(4, 4, 4), (132, 20, 36), (20, 260, 68), (16, 16, 16), (148, 12, 8)];
+    // the block sizes (vec4 kernel: 32 per invocation, 256 per workgroup; scalar: 16 and 128):
+    // partial blocks, partial lane groups, single blocks, several workgroups both ways.
+    let shapes = [(4, 4, 4), (132, 20, 36), (20, 260, 68), (32, 32, 32), (264, 36, 12), (36, 292, 8)];
     let mut seed = 10;
     let mut worst: f64 = 0.0;
     for &(m, n, k) in &shapes {

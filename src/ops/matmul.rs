@@ -72,8 +72,9 @@ pub enum GemmPath {
     Auto,
     /// Shared-memory tiled kernel (64 x 64 tiles of 256 invocations): suits GPUs.
     Tiled,
-    /// Register-blocked kernels (8 invocations per workgroup, 16 x 16 outputs each, no shared
-    /// memory): suits CPU adapters, whose SIMD lanes load memory one lane at a time.
+    /// Register-blocked kernels (8 invocations per workgroup, 32 x 32 outputs each with vec4 loads,
+    /// 16 x 16 with scalar loads, no shared memory): suits CPU adapters, whose SIMD lanes load
+    /// memory one lane at a time.
     Blocked,
 }
 
@@ -103,9 +104,11 @@ pub struct GemmPlan {
     pub n_tiles: usize,
 }
 
-/// Rows x columns of C per workgroup of the blocked kernels: 8 invocations of 16 x 16.
-const BLK: usize = 16;
+/// Blocked kernels: 8 invocations per workgroup, each owning a square block of C of this size
+/// (mm_v4: 32 x 32, mm_s: 16 x 16).
 const LANES: usize = 8;
+const BLK_V4: usize = 32;
+const BLK_S: usize = 16;
 /// Largest split-K scratch buffer the automatic choice allocates.
 const SPLIT_SCRATCH_MAX: usize = 16 << 20;
 
@@ -134,12 +137,13 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
             Some(v) => v,
             None => aligned,
         };
-        let wide = LANES * BLK;
+        let blk = if vec4 { BLK_V4 } else { BLK_S };
+        let wide = LANES * blk;
         // Lanes along the dimension that leaves fewer partly filled workgroups.
-        let groups_m = m.div_ceil(wide) * n.div_ceil(BLK);
-        let groups_n = m.div_ceil(BLK) * n.div_ceil(wide);
+        let groups_m = m.div_ceil(wide) * n.div_ceil(blk);
+        let groups_n = m.div_ceil(blk) * n.div_ceil(wide);
         let lanes_n = cfg.lanes_n.unwrap_or(groups_n < groups_m);
-        let (mt, nt) = if lanes_n { (m.div_ceil(BLK), n.div_ceil(wide)) } else { (m.div_ceil(wide), n.div_ceil(BLK)) };
+        let (mt, nt) = if lanes_n { (m.div_ceil(blk), n.div_ceil(wide)) } else { (m.div_ceil(wide), n.div_ceil(blk)) };
         (if vec4 { "mm_v4" } else { "mm_s" }, lanes_n, mt, nt)
     } else {
         ("matmul", false, m.div_ceil(64), n.div_ceil(64))
