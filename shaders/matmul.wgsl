@@ -269,8 +269,7 @@ fn mac1(acc: mat4x4<f32>, a: vec4<f32>, b: vec4<f32>) -> mat4x4<f32> {
                        fma(a, vec4(b[2]), acc[2]), fma(a, vec4(b[3]), acc[3]));
 }
 
-// Stores rows r .. r + 3 of output column `col` (written out: dynamic indexing into the
-// accumulator would send it through memory on llvmpipe).
+// Stores rows r .. r + 3 (those < M; r < M) of output column `col` (if < N).
 fn store_col(t: Blk, v: vec4<f32>, r: u32, col: u32) {
     if (col < mp.n) {
         mm_put(t.b, t.s, r, col, v.x);
@@ -286,15 +285,11 @@ fn store_col(t: Blk, v: vec4<f32>, r: u32, col: u32) {
     }
 }
 
-// r < M holds for every block a valid invocation stores (r0 < M is checked, and r = r0 + 4p only
-// matters when r < M: mm_put is skipped otherwise).
 fn store_blk(t: Blk, acc: mat4x4<f32>, r: u32, c: u32) {
-    if (r < mp.m) {
-        store_col(t, acc[0], r, c);
-        store_col(t, acc[1], r, c + 1u);
-        store_col(t, acc[2], r, c + 2u);
-        store_col(t, acc[3], r, c + 3u);
-    }
+    store_col(t, acc[0], r, c);
+    store_col(t, acc[1], r, c + 1u);
+    store_col(t, acc[2], r, c + 2u);
+    store_col(t, acc[3], r, c + 3u);
 }
 
 // ---- element offsets (rows and columns clamped into the matrix; k < K) ----
@@ -314,7 +309,40 @@ fn b_off(base: u32, k: u32, col: u32) -> u32 {
     return base + k * mp.n + c;
 }
 
-// ---- vec4 loads (mm_v4). `q` indexes 4-deep chunks of K (k = 4q .. 4q + 3). ----
+// A strip is 4 rows x 32 columns of accumulators (8 blocks, `c0` = columns c .. c + 3, ...), or the
+// 8 B blocks of 32 columns at one 4-deep k-chunk. Row8: 32 columns of B at one k.
+struct Strip {
+    c0: mat4x4<f32>, c1: mat4x4<f32>, c2: mat4x4<f32>, c3: mat4x4<f32>,
+    c4: mat4x4<f32>, c5: mat4x4<f32>, c6: mat4x4<f32>, c7: mat4x4<f32>,
+}
+
+struct Row8 {
+    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>,
+    v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32>,
+}
+
+fn strip_mac(s: Strip, a: mat4x4<f32>, b: Strip) -> Strip {
+    return Strip(mac4(s.c0, a, b.c0), mac4(s.c1, a, b.c1), mac4(s.c2, a, b.c2), mac4(s.c3, a, b.c3),
+                 mac4(s.c4, a, b.c4), mac4(s.c5, a, b.c5), mac4(s.c6, a, b.c6), mac4(s.c7, a, b.c7));
+}
+
+fn strip_mac1(s: Strip, a: vec4<f32>, b: Row8) -> Strip {
+    return Strip(mac1(s.c0, a, b.v0), mac1(s.c1, a, b.v1), mac1(s.c2, a, b.v2), mac1(s.c3, a, b.v3),
+                 mac1(s.c4, a, b.v4), mac1(s.c5, a, b.v5), mac1(s.c6, a, b.v6), mac1(s.c7, a, b.v7));
+}
+
+// Stores a strip (rows r .. r + 3) block by block: the loop rotates the blocks through s.c0, so
+// the store code exists once (the epilogue written out 64 times made llvmpipe's compile 10x longer).
+fn store_strip(t: Blk, strip: Strip, r: u32, c: u32) {
+    var s = strip;
+    let blocks = min(8u, (mp.n - c + 3u) >> 2u);   // c < N
+    for (var q = 0u; q < blocks; q++) {
+        store_blk(t, s.c0, r, c + 4u * q);
+        s = Strip(s.c1, s.c2, s.c3, s.c4, s.c5, s.c6, s.c7, s.c0);
+    }
+}
+
+// ---- mm_v4: vec4 loads, 32 x 32 outputs per invocation. `q` indexes 4-deep chunks of K. ----
 // Columns t of the result: A[r .. r + 3, 4q + t]. r is a multiple of 4.
 fn a4_blk(base4: u32, r: u32, q: u32) -> mat4x4<f32> {
     if (TRANS_A) {
@@ -347,60 +375,24 @@ fn b4_blk(base4: u32, c: u32, q: u32) -> mat4x4<f32> {
     return transpose(mat4x4<f32>(mat_b4[o], mat_b4[o + n4], mat_b4[o + 2u * n4], mat_b4[o + 3u * n4]));
 }
 
-fn a4_el(base: u32, row: u32, k: u32) -> f32 {
-    let e = a_off(base, row, k);
-    return mat_a4[e >> 2u][e & 3u];
-}
-
-fn b4_el(base: u32, k: u32, col: u32) -> f32 {
-    let e = b_off(base, k, col);
-    return mat_b4[e >> 2u][e & 3u];
-}
-
-// mm_v4 works on 32 x 32 blocks: 8 strips of 4 rows x 32 columns.
-struct Strip {
-    c0: mat4x4<f32>, c1: mat4x4<f32>, c2: mat4x4<f32>, c3: mat4x4<f32>,
-    c4: mat4x4<f32>, c5: mat4x4<f32>, c6: mat4x4<f32>, c7: mat4x4<f32>,
-}
-
-// 32 columns of B at one k.
-struct Row8 {
-    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>,
-    v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32>,
-}
-
-fn strip_mac(s: Strip, a: mat4x4<f32>, b: Strip) -> Strip {
-    return Strip(mac4(s.c0, a, b.c0), mac4(s.c1, a, b.c1), mac4(s.c2, a, b.c2), mac4(s.c3, a, b.c3),
-                 mac4(s.c4, a, b.c4), mac4(s.c5, a, b.c5), mac4(s.c6, a, b.c6), mac4(s.c7, a, b.c7));
-}
-
-fn strip_mac1(s: Strip, a: vec4<f32>, b: Row8) -> Strip {
-    return Strip(mac1(s.c0, a, b.v0), mac1(s.c1, a, b.v1), mac1(s.c2, a, b.v2), mac1(s.c3, a, b.v3),
-                 mac1(s.c4, a, b.v4), mac1(s.c5, a, b.v5), mac1(s.c6, a, b.v6), mac1(s.c7, a, b.v7));
-}
-
-// B blocks for columns c .. c + 31 at k-chunk q.
 fn b4_strip(base4: u32, c: u32, q: u32) -> Strip {
     return Strip(b4_blk(base4, c, q), b4_blk(base4, c + 4u, q), b4_blk(base4, c + 8u, q), b4_blk(base4, c + 12u, q),
                  b4_blk(base4, c + 16u, q), b4_blk(base4, c + 20u, q), b4_blk(base4, c + 24u, q), b4_blk(base4, c + 28u, q));
 }
 
-fn b4_row4(base: u32, k: u32, c: u32) -> vec4<f32> {
-    return vec4(b4_el(base, k, c), b4_el(base, k, c + 1u), b4_el(base, k, c + 2u), b4_el(base, k, c + 3u));
+// For TRANS_A && !TRANS_B (A is K x M, B is K x N, M and N multiples of 4): 4 rows of A and
+// 32 columns of B at one k, as vec4s (used for the K % 4 tail).
+fn a4_kcol(base4: u32, r: u32, k: u32) -> vec4<f32> {
+    return mat_a4[base4 + k * (mp.m >> 2u) + (min(r, mp.m - 4u) >> 2u)];
 }
 
-fn b4_row8(base: u32, k: u32, c: u32) -> Row8 {
-    return Row8(b4_row4(base, k, c), b4_row4(base, k, c + 4u), b4_row4(base, k, c + 8u), b4_row4(base, k, c + 12u),
-                b4_row4(base, k, c + 16u), b4_row4(base, k, c + 20u), b4_row4(base, k, c + 24u), b4_row4(base, k, c + 28u));
+fn b4_krow(base4: u32, k: u32, c: u32) -> vec4<f32> {
+    return mat_b4[base4 + k * (mp.n >> 2u) + (min(c, mp.n - 4u) >> 2u)];
 }
 
-fn a4_col4(base: u32, r: u32, k: u32) -> vec4<f32> {
-    return vec4(a4_el(base, r, k), a4_el(base, r + 1u, k), a4_el(base, r + 2u, k), a4_el(base, r + 3u, k));
-}
-
-fn store_strip(t: Blk, s: Strip, r: u32, c: u32) {
-    store_blk(t, s.c0, r, c); store_blk(t, s.c1, r, c + 4u); store_blk(t, s.c2, r, c + 8u); store_blk(t, s.c3, r, c + 12u);
-    store_blk(t, s.c4, r, c + 16u); store_blk(t, s.c5, r, c + 20u); store_blk(t, s.c6, r, c + 24u); store_blk(t, s.c7, r, c + 28u);
+fn b4_krow8(base4: u32, k: u32, c: u32) -> Row8 {
+    return Row8(b4_krow(base4, k, c), b4_krow(base4, k, c + 4u), b4_krow(base4, k, c + 8u), b4_krow(base4, k, c + 12u),
+                b4_krow(base4, k, c + 16u), b4_krow(base4, k, c + 20u), b4_krow(base4, k, c + 24u), b4_krow(base4, k, c + 28u));
 }
 
 @compute @workgroup_size(8, 1, 1)
@@ -411,10 +403,8 @@ fn mm_v4(@builtin(workgroup_id) wid: vec3<u32>,
     if (!t.ok) {
         return;
     }
-    let a_base = t.b * mp.a_bs;
-    let b_base = t.b * mp.b_bs;
-    let ab4 = a_base >> 2u;
-    let bb4 = b_base >> 2u;
+    let ab4 = (t.b * mp.a_bs) >> 2u;
+    let bb4 = (t.b * mp.b_bs) >> 2u;
     let r0 = t.r0;
     let c0 = t.c0;
     let z = mat4x4<f32>();
@@ -432,23 +422,30 @@ fn mm_v4(@builtin(workgroup_id) wid: vec3<u32>,
         s6 = strip_mac(s6, a4_blk(ab4, r0 + 24u, q), b);
         s7 = strip_mac(s7, a4_blk(ab4, r0 + 28u, q), b);
     }
-    // K % 4 tail (only reachable when K % 4 != 0, i.e. TRANS_A && !TRANS_B): scalar loads.
-    for (var k = max(q_end * 4u, t.kb); k < t.ke; k++) {
-        let b = b4_row8(b_base, k, c0);
-        s0 = strip_mac1(s0, a4_col4(a_base, r0, k), b);
-        s1 = strip_mac1(s1, a4_col4(a_base, r0 + 4u, k), b);
-        s2 = strip_mac1(s2, a4_col4(a_base, r0 + 8u, k), b);
-        s3 = strip_mac1(s3, a4_col4(a_base, r0 + 12u, k), b);
-        s4 = strip_mac1(s4, a4_col4(a_base, r0 + 16u, k), b);
-        s5 = strip_mac1(s5, a4_col4(a_base, r0 + 20u, k), b);
-        s6 = strip_mac1(s6, a4_col4(a_base, r0 + 24u, k), b);
-        s7 = strip_mac1(s7, a4_col4(a_base, r0 + 28u, k), b);
+    // K % 4 tail: vec4 eligibility requires K % 4 == 0 unless A is transposed and B is not.
+    if (TRANS_A && !TRANS_B) {
+        for (var k = max(q_end * 4u, t.kb); k < t.ke; k++) {
+            let b = b4_krow8(bb4, k, c0);
+            s0 = strip_mac1(s0, a4_kcol(ab4, r0, k), b);
+            s1 = strip_mac1(s1, a4_kcol(ab4, r0 + 4u, k), b);
+            s2 = strip_mac1(s2, a4_kcol(ab4, r0 + 8u, k), b);
+            s3 = strip_mac1(s3, a4_kcol(ab4, r0 + 12u, k), b);
+            s4 = strip_mac1(s4, a4_kcol(ab4, r0 + 16u, k), b);
+            s5 = strip_mac1(s5, a4_kcol(ab4, r0 + 20u, k), b);
+            s6 = strip_mac1(s6, a4_kcol(ab4, r0 + 24u, k), b);
+            s7 = strip_mac1(s7, a4_kcol(ab4, r0 + 28u, k), b);
+        }
     }
-    store_strip(t, s0, r0, c0); store_strip(t, s1, r0 + 4u, c0); store_strip(t, s2, r0 + 8u, c0); store_strip(t, s3, r0 + 12u, c0);
-    store_strip(t, s4, r0 + 16u, c0); store_strip(t, s5, r0 + 20u, c0); store_strip(t, s6, r0 + 24u, c0); store_strip(t, s7, r0 + 28u, c0);
+    // Strip by strip, rotating the strips through s0 (one copy of the store code).
+    let strips = min(8u, (mp.m - r0 + 3u) >> 2u);   // r0 < M
+    for (var p = 0u; p < strips; p++) {
+        store_strip(t, s0, r0 + 4u * p, c0);
+        let s = s0;
+        s0 = s1; s1 = s2; s2 = s3; s3 = s4; s4 = s5; s5 = s6; s6 = s7; s7 = s;
+    }
 }
 
-// ---- scalar loads (mm_s) ----
+// ---- mm_s: scalar loads, 16 x 16 outputs per invocation (4 strips, each using half a Strip) ----
 fn as_el(base: u32, row: u32, k: u32) -> f32 {
     return mat_a[a_off(base, row, k)];
 }
@@ -466,13 +463,34 @@ fn bs_row(base: u32, k: u32, c: u32) -> vec4<f32> {
     return vec4(bs_el(base, k, c), bs_el(base, k, c + 1u), bs_el(base, k, c + 2u), bs_el(base, k, c + 3u));
 }
 
-// Columns t: A[r .. r + 3, k + t]; rows: B[k .. k + 3, c + j] as columns j (k + 3 < K).
+// Columns t: A[r .. r + 3, k + t]; columns j: B[k .. k + 3, c + j] (k + 3 < K).
 fn as_blk(base: u32, r: u32, k: u32) -> mat4x4<f32> {
     return mat4x4<f32>(as_col(base, r, k), as_col(base, r, k + 1u), as_col(base, r, k + 2u), as_col(base, r, k + 3u));
 }
 
 fn bs_blk(base: u32, c: u32, k: u32) -> mat4x4<f32> {
     return transpose(mat4x4<f32>(bs_row(base, k, c), bs_row(base, k + 1u, c), bs_row(base, k + 2u, c), bs_row(base, k + 3u, c)));
+}
+
+struct Strip4 {
+    c0: mat4x4<f32>, c1: mat4x4<f32>, c2: mat4x4<f32>, c3: mat4x4<f32>,
+}
+
+fn strip4_mac(s: Strip4, a: mat4x4<f32>, b: Strip4) -> Strip4 {
+    return Strip4(mac4(s.c0, a, b.c0), mac4(s.c1, a, b.c1), mac4(s.c2, a, b.c2), mac4(s.c3, a, b.c3));
+}
+
+fn strip4_mac1(s: Strip4, a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> Strip4 {
+    return Strip4(mac1(s.c0, a, b0), mac1(s.c1, a, b1), mac1(s.c2, a, b2), mac1(s.c3, a, b3));
+}
+
+fn store_strip4(t: Blk, strip: Strip4, r: u32, c: u32) {
+    var s = strip;
+    let blocks = min(4u, (mp.n - c + 3u) >> 2u);   // c < N
+    for (var q = 0u; q < blocks; q++) {
+        store_blk(t, s.c0, r, c + 4u * q);
+        s = Strip4(s.c1, s.c2, s.c3, s.c0);
+    }
 }
 
 @compute @workgroup_size(8, 1, 1)
@@ -488,43 +506,32 @@ fn mm_s(@builtin(workgroup_id) wid: vec3<u32>,
     let r0 = t.r0;
     let c0 = t.c0;
     let z = mat4x4<f32>();
-    var c00 = z; var c01 = z; var c02 = z; var c03 = z;
-    var c10 = z; var c11 = z; var c12 = z; var c13 = z;
-    var c20 = z; var c21 = z; var c22 = z; var c23 = z;
-    var c30 = z; var c31 = z; var c32 = z; var c33 = z;
+    let zs = Strip4(z, z, z, z);
+    var s0 = zs; var s1 = zs; var s2 = zs; var s3 = zs;
     let k4_end = t.kb + ((t.ke - t.kb) & ~3u);
     for (var k = t.kb; k < k4_end; k += 4u) {
-        let b0 = bs_blk(b_base, c0, k);
-        let b1 = bs_blk(b_base, c0 + 4u, k);
-        let b2 = bs_blk(b_base, c0 + 8u, k);
-        let b3 = bs_blk(b_base, c0 + 12u, k);
-        let a0 = as_blk(a_base, r0, k);
-        c00 = mac4(c00, a0, b0); c01 = mac4(c01, a0, b1); c02 = mac4(c02, a0, b2); c03 = mac4(c03, a0, b3);
-        let a1 = as_blk(a_base, r0 + 4u, k);
-        c10 = mac4(c10, a1, b0); c11 = mac4(c11, a1, b1); c12 = mac4(c12, a1, b2); c13 = mac4(c13, a1, b3);
-        let a2 = as_blk(a_base, r0 + 8u, k);
-        c20 = mac4(c20, a2, b0); c21 = mac4(c21, a2, b1); c22 = mac4(c22, a2, b2); c23 = mac4(c23, a2, b3);
-        let a3 = as_blk(a_base, r0 + 12u, k);
-        c30 = mac4(c30, a3, b0); c31 = mac4(c31, a3, b1); c32 = mac4(c32, a3, b2); c33 = mac4(c33, a3, b3);
+        let b = Strip4(bs_blk(b_base, c0, k), bs_blk(b_base, c0 + 4u, k), bs_blk(b_base, c0 + 8u, k), bs_blk(b_base, c0 + 12u, k));
+        s0 = strip4_mac(s0, as_blk(a_base, r0, k), b);
+        s1 = strip4_mac(s1, as_blk(a_base, r0 + 4u, k), b);
+        s2 = strip4_mac(s2, as_blk(a_base, r0 + 8u, k), b);
+        s3 = strip4_mac(s3, as_blk(a_base, r0 + 12u, k), b);
     }
     for (var k = k4_end; k < t.ke; k++) {
         let b0 = bs_row(b_base, k, c0);
         let b1 = bs_row(b_base, k, c0 + 4u);
         let b2 = bs_row(b_base, k, c0 + 8u);
         let b3 = bs_row(b_base, k, c0 + 12u);
-        let a0 = as_col(a_base, r0, k);
-        c00 = mac1(c00, a0, b0); c01 = mac1(c01, a0, b1); c02 = mac1(c02, a0, b2); c03 = mac1(c03, a0, b3);
-        let a1 = as_col(a_base, r0 + 4u, k);
-        c10 = mac1(c10, a1, b0); c11 = mac1(c11, a1, b1); c12 = mac1(c12, a1, b2); c13 = mac1(c13, a1, b3);
-        let a2 = as_col(a_base, r0 + 8u, k);
-        c20 = mac1(c20, a2, b0); c21 = mac1(c21, a2, b1); c22 = mac1(c22, a2, b2); c23 = mac1(c23, a2, b3);
-        let a3 = as_col(a_base, r0 + 12u, k);
-        c30 = mac1(c30, a3, b0); c31 = mac1(c31, a3, b1); c32 = mac1(c32, a3, b2); c33 = mac1(c33, a3, b3);
+        s0 = strip4_mac1(s0, as_col(a_base, r0, k), b0, b1, b2, b3);
+        s1 = strip4_mac1(s1, as_col(a_base, r0 + 4u, k), b0, b1, b2, b3);
+        s2 = strip4_mac1(s2, as_col(a_base, r0 + 8u, k), b0, b1, b2, b3);
+        s3 = strip4_mac1(s3, as_col(a_base, r0 + 12u, k), b0, b1, b2, b3);
     }
-    store_blk(t, c00, r0, c0); store_blk(t, c01, r0, c0 + 4u); store_blk(t, c02, r0, c0 + 8u); store_blk(t, c03, r0, c0 + 12u);
-    store_blk(t, c10, r0 + 4u, c0); store_blk(t, c11, r0 + 4u, c0 + 4u); store_blk(t, c12, r0 + 4u, c0 + 8u); store_blk(t, c13, r0 + 4u, c0 + 12u);
-    store_blk(t, c20, r0 + 8u, c0); store_blk(t, c21, r0 + 8u, c0 + 4u); store_blk(t, c22, r0 + 8u, c0 + 8u); store_blk(t, c23, r0 + 8u, c0 + 12u);
-    store_blk(t, c30, r0 + 12u, c0); store_blk(t, c31, r0 + 12u, c0 + 4u); store_blk(t, c32, r0 + 12u, c0 + 8u); store_blk(t, c33, r0 + 12u, c0 + 12u);
+    let strips = min(4u, (mp.m - r0 + 3u) >> 2u);   // r0 < M
+    for (var p = 0u; p < strips; p++) {
+        store_strip4(t, s0, r0 + 4u * p, c0);
+        let s = s0;
+        s0 = s1; s1 = s2; s2 = s3; s3 = s;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
