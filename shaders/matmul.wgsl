@@ -9,8 +9,9 @@
 //   matmul    shared-memory tiled kernel, 16 x 16 invocations of 4 x 4 outputs (GPUs).
 //   mm_v4     register-blocked kernel for CPU adapters (lavapipe/llvmpipe): 8 invocations per
 //             workgroup, each owning a 32 x 32 block of C in 64 mat4x4 accumulators, A and B read
-//             as vec4 along their contiguous dimension. Needs A, B and their batch strides aligned
-//             to 4 elements along that dimension (checked by the wrapper).
+//             as vec4 along their contiguous dimension and C written as vec4 along N. Needs A, B,
+//             C and their batch strides aligned to 4 elements along those dimensions (checked by
+//             the wrapper).
 //   mm_s      the same idea with scalar loads and 16 x 16 blocks: any shape, any stride.
 //   mm_reduce sums the partial results of a split-K pass and applies the epilogue.
 // Why the register-blocked kernels: llvmpipe runs 8 invocations in SIMD lanes, but every storage or
@@ -53,12 +54,15 @@ struct MatmulParams {
 @group(0) @binding(0) var<uniform> mp: MatmulParams;
 @group(0) @binding(1) var<storage, read> mat_a: array<f32>;
 @group(0) @binding(2) var<storage, read> mat_b: array<f32>;
-// The same bindings seen as vec4 (mm_v4 only).
+// The same bindings seen as vec4 (mm_v4 only, which also stores C as vec4).
 @group(0) @binding(1) var<storage, read> mat_a4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> mat_b4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> mat_bias: array<f32>;
 @group(0) @binding(4) var<storage, read> mat_res: array<f32>;
 @group(0) @binding(5) var<storage, read_write> mat_c: array<f32>;
+@group(0) @binding(3) var<storage, read> mat_bias4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> mat_res4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> mat_c4: array<vec4<f32>>;
 
 // Epilogue of one output element at (batch b, row, col); `acc` is the raw dot product.
 fn mm_epilogue(acc: f32, bias: f32, res: f32, old: f32) -> f32 {
@@ -331,13 +335,49 @@ fn strip_mac1(s: Strip, a: vec4<f32>, b: Row8) -> Strip {
                  mac1(s.c4, a, b.v4), mac1(s.c5, a, b.v5), mac1(s.c6, a, b.v6), mac1(s.c7, a, b.v7));
 }
 
-// Stores a strip (rows r .. r + 3) block by block: the loop rotates the blocks through s.c0, so
-// the store code exists once (the epilogue written out 64 times made llvmpipe's compile 10x longer).
-fn store_strip(t: Blk, strip: Strip, r: u32, c: u32) {
+// ---- mm_v4 stores: 4 columns of one row at once (N % 4 == 0, C's batch stride % 4 == 0) ----
+fn mm_put4(b: u32, s: u32, row: u32, col: u32, acc: vec4<f32>) {
+    if (SPLIT) {
+        mat_c4[(((s * mp.batch + b) * mp.m + row) * mp.n + col) >> 2u] = acc;
+        return;
+    }
+    let i4 = (b * mp.c_bs + row * mp.n + col) >> 2u;
+    var bias = vec4(0.0);
+    if (HAS_BIAS) {
+        bias = mat_bias4[col >> 2u];
+    }
+    var res = vec4(0.0);
+    if (RESIDUAL) {
+        res = mat_res4[i4];
+    }
+    var old = vec4(0.0);
+    if (ACCUM) {
+        old = mat_c4[i4];
+    }
+    mat_c4[i4] = vec4(mm_epilogue(acc.x, bias.x, res.x, old.x), mm_epilogue(acc.y, bias.y, res.y, old.y),
+                      mm_epilogue(acc.z, bias.z, res.z, old.z), mm_epilogue(acc.w, bias.w, res.w, old.w));
+}
+
+// Rows r .. r + 3 (those < M; r < M) of the columns c .. c + 3 (c < N).
+fn store_blk4(t: Blk, acc: mat4x4<f32>, r: u32, c: u32) {
+    let rows = transpose(acc);
+    mm_put4(t.b, t.s, r, c, rows[0]);
+    if (r + 1u < mp.m) {
+        mm_put4(t.b, t.s, r + 1u, c, rows[1]);
+    }
+    if (r + 2u < mp.m) {
+        mm_put4(t.b, t.s, r + 2u, c, rows[2]);
+    }
+    if (r + 3u < mp.m) {
+        mm_put4(t.b, t.s, r + 3u, c, rows[3]);
+    }
+}
+
+fn store_strip4v(t: Blk, strip: Strip, r: u32, c: u32) {
     var s = strip;
-    let blocks = min(8u, (mp.n - c + 3u) >> 2u);   // c < N
+    let blocks = min(8u, (mp.n - c) >> 2u);   // c < N, N % 4 == 0
     for (var q = 0u; q < blocks; q++) {
-        store_blk(t, s.c0, r, c + 4u * q);
+        store_blk4(t, s.c0, r, c + 4u * q);
         s = Strip(s.c1, s.c2, s.c3, s.c4, s.c5, s.c6, s.c7, s.c0);
     }
 }
@@ -436,13 +476,15 @@ fn mm_v4(@builtin(workgroup_id) wid: vec3<u32>,
             s7 = strip_mac1(s7, a4_kcol(ab4, r0 + 28u, k), b);
         }
     }
-    // Strip by strip, rotating the strips through s0 (one copy of the store code).
-    let strips = min(8u, (mp.m - r0 + 3u) >> 2u);   // r0 < M
-    for (var p = 0u; p < strips; p++) {
-        store_strip(t, s0, r0 + 4u * p, c0);
-        let s = s0;
-        s0 = s1; s1 = s2; s2 = s3; s3 = s4; s4 = s5; s5 = s6; s6 = s7; s7 = s;
-    }
+    // Strips written out (r0 < M); inside a strip the blocks rotate through one store site.
+    store_strip4v(t, s0, r0, c0);
+    if (r0 + 4u < mp.m) { store_strip4v(t, s1, r0 + 4u, c0); }
+    if (r0 + 8u < mp.m) { store_strip4v(t, s2, r0 + 8u, c0); }
+    if (r0 + 12u < mp.m) { store_strip4v(t, s3, r0 + 12u, c0); }
+    if (r0 + 16u < mp.m) { store_strip4v(t, s4, r0 + 16u, c0); }
+    if (r0 + 20u < mp.m) { store_strip4v(t, s5, r0 + 20u, c0); }
+    if (r0 + 24u < mp.m) { store_strip4v(t, s6, r0 + 24u, c0); }
+    if (r0 + 28u < mp.m) { store_strip4v(t, s7, r0 + 28u, c0); }
 }
 
 // ---- mm_s: scalar loads, 16 x 16 outputs per invocation (4 strips, each using half a Strip) ----
@@ -484,6 +526,8 @@ fn strip4_mac1(s: Strip4, a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f
     return Strip4(mac1(s.c0, a, b0), mac1(s.c1, a, b1), mac1(s.c2, a, b2), mac1(s.c3, a, b3));
 }
 
+// Stores a strip block by block: the loop rotates the blocks through s.c0 so that the store code
+// exists once (the epilogue written out for every block made llvmpipe's compile 10x longer).
 fn store_strip4(t: Blk, strip: Strip4, r: u32, c: u32) {
     var s = strip;
     let blocks = min(4u, (mp.n - c + 3u) >> 2u);   // c < N

@@ -136,10 +136,17 @@ fn gemm_vec4_k_tail_and_unaligned_operands() {
     }
     let mut g = with_trans(8, 8, 8, false, true);
     g.batch = 2;
-    g.a_bs = 8 * 8 + 2; // unaligned batch stride
+    g.a_bs = 8 * 8 + 2; // unaligned batch stride of A
     g.c_bs = 64;
     assert!(!vec4_ok(&g));
     worst = worst.max(run_cfg(g, false, false, 41, &BLOCKED));
+    g.a_bs = 64;
+    g.c_bs = 64 + 2; // unaligned batch stride of C
+    assert!(!vec4_ok(&g));
+    worst = worst.max(run_cfg(g, false, true, 42, &BLOCKED));
+    let g = with_trans(8, 6, 12, false, true); // N % 4 != 0: C rows not vec4-aligned
+    assert!(!vec4_ok(&g));
+    worst = worst.max(run_cfg(g, true, false, 43, &BLOCKED));
     eprintln!("k tail / unaligned: worst relative error {worst:.2e}");
 }
 
@@ -187,16 +194,25 @@ fn gemm_batched_and_broadcast() {
     g.b_bs = 23 * 31;
     g.trans_a = true;
     run_case(g, false, true, 8);
-    // vec4 path with a broadcast weight (the per-image mask head: N = 1) and with batched weights.
+    // Broadcast weights: the per-image mask head (N = 1: C cannot be stored as vec4, so the scalar
+    // kernel) and the same with N = 8 through the vec4 kernel; plus batched weights.
     let mut worst: f64 = 0.0;
     let mut h = Gemm::new(36, 1, 32);
     h.batch = 3;
     h.a_bs = 36 * 32;
     h.c_bs = 36;
     h.trans_b = true;
-    assert!(vec4_ok(&h));
-    for cfg in [BLOCKED, blocked(false, false), TILED, GemmConfig { splits: Some(2), ..BLOCKED }] {
+    assert!(!vec4_ok(&h));
+    assert_eq!(plan(test_gpu(), &h, &BLOCKED).unwrap().entry, "mm_s");
+    for cfg in [BLOCKED, TILED, GemmConfig { splits: Some(2), ..BLOCKED }] {
         worst = worst.max(run_cfg(h, true, false, 9, &cfg));
+    }
+    let mut h8 = h;
+    h8.n = 8;
+    h8.c_bs = 36 * 8;
+    assert!(vec4_ok(&h8));
+    for cfg in [blocked(true, false), blocked(true, true), GemmConfig { splits: Some(2), ..blocked(true, false) }] {
+        worst = worst.max(run_cfg(h8, true, false, 9, &cfg));
     }
     let mut w = Gemm::new(20, 12, 16);
     w.batch = 4;
@@ -285,7 +301,8 @@ fn gemm_plan_for_model_shapes() {
     assert_eq!((p.entry, p.lanes_n, p.splits), ("mm_v4", false, 1));
     assert_eq!(plan(gpu, &lin(262144, 32, 27), &BLOCKED).unwrap().entry, "mm_s");
     assert!(plan(gpu, &lin(5, 2048, 256), &BLOCKED).unwrap().lanes_n);
-    assert!(!plan(gpu, &lin(65536, 1, 32), &BLOCKED).unwrap().lanes_n);
+    let head = plan(gpu, &lin(65536, 1, 32), &BLOCKED).unwrap();
+    assert_eq!((head.entry, head.lanes_n), ("mm_s", false));
     let dw = plan(gpu, &with_trans(128, 512, 65536, true, false), &BLOCKED).unwrap();
     assert_eq!(dw.entry, "mm_v4");
     let dx = plan(gpu, &with_trans(4096, 320, 1280, false, false), &BLOCKED).unwrap();

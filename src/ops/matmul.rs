@@ -112,12 +112,14 @@ const BLK_S: usize = 16;
 /// Largest split-K scratch buffer the automatic choice allocates.
 const SPLIT_SCRATCH_MAX: usize = 16 << 20;
 
-/// Whether the operands of `g` can be read as vec4 along their contiguous dimension.
+/// Whether the operands of `g` can be read as vec4 along their contiguous dimension and C (and
+/// the residual and bias) as vec4 along N: the condition for the `mm_v4` kernel.
 pub fn vec4_ok(g: &Gemm) -> bool {
     let bs_ok = |bs: usize| g.batch <= 1 || bs % 4 == 0;
     let a = if g.trans_a { g.m % 4 == 0 } else { g.k % 4 == 0 } && bs_ok(g.a_bs);
     let b = if g.trans_b { g.k % 4 == 0 } else { g.n % 4 == 0 } && bs_ok(g.b_bs);
-    a && b && g.k > 0
+    let c = g.n % 4 == 0 && bs_ok(g.c_bs);
+    a && b && c && g.k > 0
 }
 
 /// Chooses the kernel, lane orientation and K split for `g` on `gpu`.
