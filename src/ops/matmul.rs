@@ -1,5 +1,13 @@
 //! Batched GEMM with fused bias / activation / residual epilogue (shaders/matmul.wgsl).
 //! Linear layers use PyTorch's weight layout [out, in]: `y = x W^T + b` is `trans_b = true`.
+//!
+//! Kernel choice ([`plan`]): on CPU adapters (lavapipe / llvmpipe) the register-blocked kernels,
+//! `mm_v4` (32 x 32 outputs per invocation, vec4 loads and stores) when A, B and C are 4-aligned
+//! along their contiguous dimensions (see [`vec4_ok`]), else `mm_s` (16 x 16, scalar loads); the
+//! 8 invocations of a workgroup step along M or along N, whichever wastes less. On other adapters
+//! the shared-memory tiled kernel `matmul`. GEMMs with few output tiles and a long K (weight
+//! gradients) are split along K into slices whose partial sums a second pass (`mm_reduce`) adds
+//! before applying the epilogue. [`gemm_with`] overrides any of these choices.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel, Params, Recorder, ShaderFamily, Tensor};
@@ -82,8 +90,8 @@ pub enum GemmPath {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GemmConfig {
     pub path: GemmPath,
-    /// Blocked path: vec4 loads (`Some(true)` is an error when the operands are not 4-aligned along
-    /// their contiguous dimension) or scalar loads (`Some(false)`).
+    /// Blocked path: the vec4 kernel (`Some(true)`; an error when [`vec4_ok`] is false) or the
+    /// scalar one (`Some(false)`).
     pub vec4: Option<bool>,
     /// Blocked path: the 8 invocations of a workgroup step along N (`true`) or M (`false`).
     pub lanes_n: Option<bool>,
@@ -115,10 +123,11 @@ const SPLIT_SCRATCH_MAX: usize = 16 << 20;
 /// Whether the operands of `g` can be read as vec4 along their contiguous dimension and C (and
 /// the residual and bias) as vec4 along N: the condition for the `mm_v4` kernel.
 pub fn vec4_ok(g: &Gemm) -> bool {
-    let bs_ok = |bs: usize| g.batch <= 1 || bs % 4 == 0;
-    let a = if g.trans_a { g.m % 4 == 0 } else { g.k % 4 == 0 } && bs_ok(g.a_bs);
-    let b = if g.trans_b { g.k % 4 == 0 } else { g.n % 4 == 0 } && bs_ok(g.b_bs);
-    let c = g.n % 4 == 0 && bs_ok(g.c_bs);
+    let x4 = |v: usize| v.is_multiple_of(4);
+    let bs_ok = |bs: usize| g.batch <= 1 || x4(bs);
+    let a = if g.trans_a { x4(g.m) } else { x4(g.k) } && bs_ok(g.a_bs);
+    let b = if g.trans_b { x4(g.k) } else { x4(g.n) } && bs_ok(g.b_bs);
+    let c = x4(g.n) && bs_ok(g.c_bs);
     a && b && c && g.k > 0
 }
 
@@ -134,7 +143,7 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
         let aligned = vec4_ok(g);
         let vec4 = match cfg.vec4 {
             Some(true) if !aligned => {
-                return Err(Error::Invalid(format!("gemm: vec4 loads need 4-aligned operands: {g:?}")));
+                return Err(Error::Invalid(format!("gemm: the vec4 kernel needs 4-aligned A, B and C: {g:?}")));
             }
             Some(v) => v,
             None => aligned,
