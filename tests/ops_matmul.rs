@@ -1,32 +1,50 @@
-//! GEMM kernel vs the CPU f64 reference on awkward shapes, every transpose and epilogue variant,
-//! and a grid past 65,535 workgroups.
+//! GEMM kernels vs the CPU f64 reference: every kernel path (tiled, register-blocked with vec4 or
+//! scalar loads, lanes along M or N, split-K + reduce), awkward shapes around the tile sizes, every
+//! transpose and epilogue variant, broadcast weights, and grids past 65,535 workgroups.
 
-use medfastsam::ops::matmul::{gemm, Gemm};
+use medfastsam::ops::matmul::{gemm_with, linear, plan, vec4_ok, Gemm, GemmConfig, GemmPath};
 use medfastsam::ops::{reference, Act};
-use medfastsam::testutil::{assert_close, test_gpu, to_f64, Rng};
+use medfastsam::testutil::{assert_close, rel_err, test_gpu, to_f64, Rng};
 
-fn run_case(g: Gemm, bias: bool, residual: bool, seed: u64) {
+const TILED: GemmConfig = GemmConfig { path: GemmPath::Tiled, vec4: None, lanes_n: None, splits: None };
+const BLOCKED: GemmConfig = GemmConfig { path: GemmPath::Blocked, vec4: None, lanes_n: None, splits: None };
+
+fn blocked(vec4: bool, lanes_n: bool) -> GemmConfig {
+    GemmConfig { path: GemmPath::Blocked, vec4: Some(vec4), lanes_n: Some(lanes_n), splits: None }
+}
+
+fn tol(g: &Gemm) -> f64 {
+    if g.k >= 1000 { 1e-5 } else { 2e-6 }
+}
+
+/// Runs one GEMM with random data and compares it with the f64 reference; returns the error.
+fn run_cfg(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig) -> f64 {
+    run_padded(g, bias, residual, seed, cfg, 0)
+}
+
+/// [`run_cfg`] with every tensor `pad` elements longer than needed.
+fn run_padded(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig, pad: usize) -> f64 {
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
-    let na = if g.a_bs == 0 { g.m * g.k } else { g.a_bs * g.batch };
-    let nb = if g.b_bs == 0 { g.k * g.n } else { g.b_bs * g.batch };
-    let nc = g.c_bs * g.batch;
+    let na = pad + if g.a_bs == 0 { g.m * g.k } else { g.a_bs * (g.batch - 1) + g.m * g.k };
+    let nb = pad + if g.b_bs == 0 { g.k * g.n } else { g.b_bs * (g.batch - 1) + g.k * g.n };
+    let nc = pad + g.c_bs * (g.batch - 1) + g.m * g.n;
     let a = rng.vec(na);
     let b = rng.vec(nb);
-    let bi = rng.vec(g.n);
+    let bi = rng.vec(g.n + pad);
     let r = rng.vec(nc);
     let c0 = rng.vec(nc);
     let ta = gpu.upload(&a, &[na]).unwrap();
     let tb = gpu.upload(&b, &[nb]).unwrap();
-    let tbi = gpu.upload(&bi, &[g.n]).unwrap();
+    let tbi = gpu.upload(&bi, &[g.n + pad]).unwrap();
     let tr = gpu.upload(&r, &[nc]).unwrap();
     let tc = gpu.upload(&c0, &[nc]).unwrap();
     let mut rec = gpu.new_recorder();
-    gemm(&mut rec, &g, &ta, &tb, bias.then_some(&tbi), residual.then_some(&tr), &tc).unwrap();
+    gemm_with(&mut rec, &g, &ta, &tb, bias.then_some(&tbi), residual.then_some(&tr), &tc, cfg).unwrap();
     rec.submit().unwrap();
     let got = gpu.read(&tc).unwrap();
     let mut want = to_f64(&c0);
-    let (bi64, r64) = (to_f64(&bi), to_f64(&r));
+    let (bi64, r64) = (to_f64(&bi[..g.n]), to_f64(&r));
     reference::gemm(
         &g,
         &to_f64(&a),
@@ -35,38 +53,147 @@ fn run_case(g: Gemm, bias: bool, residual: bool, seed: u64) {
         residual.then_some(&r64[..]),
         &mut want,
     );
-    assert_close(&format!("{g:?} bias={bias} res={residual}"), &got, &want, 2e-6);
+    let p = plan(gpu, &g, cfg).unwrap();
+    let what = format!("{g:?} bias={bias} res={residual} {cfg:?} -> {p:?}");
+    assert_close(&what, &got, &want, tol(&g));
+    rel_err(&got, &want)
+}
+
+fn run_case(g: Gemm, bias: bool, residual: bool, seed: u64) {
+    run_cfg(g, bias, residual, seed, &GemmConfig::default());
+}
+
+fn with_trans(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Gemm {
+    let mut g = Gemm::new(m, n, k);
+    g.trans_a = ta;
+    g.trans_b = tb;
+    g
 }
 
 #[test]
 fn gemm_all_variants_awkward_shapes() {
-    let shapes = [(1, 1, 1), (7, 5, 3), (65, 63, 17), (130, 33, 129), (64, 64, 64), (3, 200, 70)];
+    // Default path plus both kernel families, every transpose.
+    let shapes = [(1, 1, 1), (7, 5, 3), (65, 63, 17), (130, 33, 129), (64, 64, 64), (3, 200, 70), (1, 37, 9), (29, 1, 11)];
     let mut seed = 1;
+    let mut worst: f64 = 0.0;
     for &(m, n, k) in &shapes {
         for ta in [false, true] {
             for tb in [false, true] {
-                let mut g = Gemm::new(m, n, k);
-                g.trans_a = ta;
-                g.trans_b = tb;
+                let g = with_trans(m, n, k, ta, tb);
                 run_case(g, false, false, seed);
+                worst = worst.max(run_cfg(g, false, false, seed + 1000, &TILED));
+                worst = worst.max(run_cfg(g, false, false, seed + 2000, &BLOCKED));
                 seed += 1;
             }
         }
     }
+    eprintln!("awkward shapes: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn gemm_blocked_vec4_scalar_lanes_every_transpose() {
+    // Shapes 4-aligned on every dimension (so vec4 loads are allowed in every transpose) and not on
+    // the block sizes (vec4 kernel: 32 per invocation, 256 per workgroup; scalar: 16 and 128):
+    // partial blocks, partial lane groups, single blocks, several workgroups both ways.
+    let shapes = [(4, 4, 4), (132, 20, 36), (20, 260, 68), (32, 32, 32), (264, 36, 12), (36, 292, 8)];
+    let mut seed = 10;
+    let mut worst: f64 = 0.0;
+    for &(m, n, k) in &shapes {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let g = with_trans(m, n, k, ta, tb);
+                assert!(vec4_ok(&g));
+                for vec4 in [true, false] {
+                    for lanes_n in [false, true] {
+                        worst = worst.max(run_cfg(g, false, false, seed, &blocked(vec4, lanes_n)));
+                        seed += 1;
+                    }
+                }
+            }
+        }
+    }
+    // Tensors longer than needed by 1..3 elements: vec4 views of bindings whose size is not a
+    // multiple of 16 bytes.
+    for pad in 1..4 {
+        let mut g = with_trans(36, 40, 20, false, true);
+        g.batch = 2;
+        g.a_bs = 36 * 20;
+        g.c_bs = 36 * 40;
+        worst = worst.max(run_padded(g, true, true, seed + pad as u64, &blocked(true, false), pad));
+    }
+    eprintln!("blocked kernels: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn gemm_vec4_k_tail_and_unaligned_operands() {
+    // A^T B (the dW = dY^T X layout) reads vec4 along M and N, so K need not be a multiple of 4:
+    // the K % 4 tail runs with scalar loads.
+    let mut worst: f64 = 0.0;
+    for (k, seed) in [(37usize, 30u64), (3, 31), (1, 32), (130, 33)] {
+        let g = with_trans(20, 24, k, true, false);
+        assert!(vec4_ok(&g));
+        assert_eq!(plan(test_gpu(), &g, &BLOCKED).unwrap().entry, "mm_v4");
+        for lanes_n in [false, true] {
+            worst = worst.max(run_cfg(g, true, false, seed, &blocked(true, lanes_n)));
+        }
+    }
+    // Operands that are not 4-aligned take the scalar kernel automatically; forcing vec4 fails.
+    for (g, why) in [
+        (with_trans(12, 8, 6, false, true), "K % 4 != 0 with A not transposed"),
+        (with_trans(6, 8, 12, true, false), "M % 4 != 0 with A transposed"),
+        (with_trans(8, 6, 12, false, false), "N % 4 != 0 with B not transposed"),
+    ] {
+        assert!(!vec4_ok(&g), "{why}");
+        assert_eq!(plan(test_gpu(), &g, &BLOCKED).unwrap().entry, "mm_s", "{why}");
+        assert!(plan(test_gpu(), &g, &blocked(true, false)).is_err(), "{why}");
+        worst = worst.max(run_cfg(g, false, true, 40, &BLOCKED));
+    }
+    let mut g = with_trans(8, 8, 8, false, true);
+    g.batch = 2;
+    g.a_bs = 8 * 8 + 2; // unaligned batch stride of A
+    g.c_bs = 64;
+    assert!(!vec4_ok(&g));
+    worst = worst.max(run_cfg(g, false, false, 41, &BLOCKED));
+    g.a_bs = 64;
+    g.c_bs = 64 + 2; // unaligned batch stride of C
+    assert!(!vec4_ok(&g));
+    worst = worst.max(run_cfg(g, false, true, 42, &BLOCKED));
+    let g = with_trans(8, 6, 12, false, true); // N % 4 != 0: C rows not vec4-aligned
+    assert!(!vec4_ok(&g));
+    worst = worst.max(run_cfg(g, true, false, 43, &BLOCKED));
+    eprintln!("k tail / unaligned: worst relative error {worst:.2e}");
 }
 
 #[test]
 fn gemm_epilogues() {
+    let mut worst: f64 = 0.0;
     for (i, act) in [Act::None, Act::Gelu, Act::Relu].into_iter().enumerate() {
+        let seed = 100 + 10 * i as u64;
+        // Default path (as before).
         let mut g = Gemm::new(37, 29, 45);
         g.trans_b = true;
         g.act = act;
-        run_case(g, true, false, 100 + i as u64);
-        run_case(g, true, true, 110 + i as u64);
-        g.accumulate = true;
-        g.alpha = 0.5;
-        run_case(g, false, false, 120 + i as u64);
+        run_case(g, true, false, seed);
+        run_case(g, true, true, seed + 1);
+        let mut ga = g;
+        ga.accumulate = true;
+        ga.alpha = 0.5;
+        run_case(ga, false, false, seed + 2);
+        // Every kernel family with bias + residual + accumulate + alpha at once, and without.
+        let mut g4 = Gemm::new(36, 28, 44); // vec4-able
+        g4.trans_b = true;
+        g4.act = act;
+        let mut gall = g4;
+        gall.accumulate = true;
+        gall.alpha = -1.5;
+        let split = GemmConfig { splits: Some(3), ..BLOCKED };
+        let split_tiled = GemmConfig { splits: Some(2), ..TILED };
+        for cfg in [TILED, blocked(true, false), blocked(false, true), split, split_tiled] {
+            worst = worst.max(run_cfg(gall, true, true, seed + 3, &cfg));
+            worst = worst.max(run_cfg(g4, true, false, seed + 4, &cfg));
+        }
     }
+    eprintln!("epilogues: worst relative error {worst:.2e}");
 }
 
 #[test]
@@ -81,15 +208,127 @@ fn gemm_batched_and_broadcast() {
     g.b_bs = 23 * 31;
     g.trans_a = true;
     run_case(g, false, true, 8);
+    // Broadcast weights: the per-image mask head (N = 1: C cannot be stored as vec4, so the scalar
+    // kernel) and the same with N = 8 through the vec4 kernel; plus batched weights.
+    let mut worst: f64 = 0.0;
+    let mut h = Gemm::new(36, 1, 32);
+    h.batch = 3;
+    h.a_bs = 36 * 32;
+    h.c_bs = 36;
+    h.trans_b = true;
+    assert!(!vec4_ok(&h));
+    assert_eq!(plan(test_gpu(), &h, &BLOCKED).unwrap().entry, "mm_s");
+    for cfg in [BLOCKED, TILED, GemmConfig { splits: Some(2), ..BLOCKED }] {
+        worst = worst.max(run_cfg(h, true, false, 9, &cfg));
+    }
+    let mut h8 = h;
+    h8.n = 8;
+    h8.c_bs = 36 * 8;
+    assert!(vec4_ok(&h8));
+    for cfg in [blocked(true, false), blocked(true, true), GemmConfig { splits: Some(2), ..blocked(true, false) }] {
+        worst = worst.max(run_cfg(h8, true, false, 9, &cfg));
+    }
+    let mut w = Gemm::new(20, 12, 16);
+    w.batch = 4;
+    w.a_bs = 16 * 20 + 4; // padded, still aligned
+    w.b_bs = 16 * 12;
+    w.c_bs = 20 * 12 + 8;
+    w.trans_a = true;
+    assert!(vec4_ok(&w));
+    for cfg in [blocked(true, false), blocked(true, true), GemmConfig { splits: Some(2), ..blocked(true, false) }] {
+        worst = worst.max(run_cfg(w, false, true, 10, &cfg));
+    }
+    eprintln!("batched: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn gemm_split_k() {
+    // Few output tiles over a long K: the automatic plan slices K; every slice count and path agrees
+    // with the reference, also when K is not a multiple of the slice depth.
+    let gpu = test_gpu();
+    let g = with_trans(24, 40, 4100, true, false); // dW = dY^T X layout
+    let p = plan(gpu, &g, &BLOCKED).unwrap();
+    assert!(p.splits > 1, "{p:?}");
+    let mut worst: f64 = 0.0;
+    worst = worst.max(run_cfg(g, true, false, 50, &BLOCKED));
+    for splits in [1, 2, 7] {
+        worst = worst.max(run_cfg(g, false, false, 51, &GemmConfig { splits: Some(splits), ..BLOCKED }));
+        worst = worst.max(run_cfg(g, false, false, 52, &GemmConfig { splits: Some(splits), ..TILED }));
+    }
+    let mut h = with_trans(13, 9, 1999, false, true); // scalar kernel, K % 4 != 0
+    h.accumulate = true;
+    worst = worst.max(run_cfg(h, false, false, 53, &GemmConfig { splits: Some(5), ..BLOCKED }));
+    eprintln!("split-K: worst relative error {worst:.2e}");
 }
 
 #[test]
 fn gemm_grid_beyond_65535_workgroups() {
-    // 70,000 batch entries of one 64-row tile each: the flat (tile, batch) grid needs splitting.
+    // 70,000 batch entries of one tile each: the flat (tile, batch) grid needs splitting.
     let mut g = Gemm::new(3, 2, 4);
     g.batch = 70_000;
     g.a_bs = 12;
     g.b_bs = 8;
     g.c_bs = 6;
     run_case(g, false, false, 9);
+    run_cfg(g, false, false, 10, &TILED);
+    // The same through the vec4 kernel, lanes along N, and through split-K (70,000 x 2 slices).
+    let mut h = Gemm::new(4, 4, 4);
+    h.batch = 70_000;
+    h.a_bs = 16;
+    h.b_bs = 16;
+    h.c_bs = 16;
+    h.trans_b = true;
+    run_cfg(h, false, false, 11, &blocked(true, true));
+    run_cfg(h, false, false, 12, &GemmConfig { splits: Some(2), ..BLOCKED });
+}
+
+#[test]
+fn linear_matches_reference() {
+    let gpu = test_gpu();
+    let mut rng = Rng::new(77);
+    let (rows, k, n) = (2 * 7, 12, 20);
+    let x = rng.vec(rows * k);
+    let w = rng.vec(n * k);
+    let bias = rng.vec(n);
+    let tx = gpu.upload(&x, &[2, 7, k]).unwrap();
+    let tw = gpu.upload(&w, &[n, k]).unwrap();
+    let tbias = gpu.upload(&bias, &[n]).unwrap();
+    let mut rec = gpu.new_recorder();
+    let y = linear(&mut rec, &tx, &tw, Some(&tbias), Act::Gelu, None).unwrap();
+    rec.submit().unwrap();
+    assert_eq!(y.shape, vec![2, 7, n]);
+    let got = gpu.read(&y).unwrap();
+    let mut g = Gemm::new(rows, n, k);
+    g.trans_b = true;
+    g.act = Act::Gelu;
+    let mut want = vec![0.0; rows * n];
+    reference::gemm(&g, &to_f64(&x), &to_f64(&w), Some(&to_f64(&bias)), None, &mut want);
+    assert_close("linear", &got, &want, 2e-6);
+}
+
+#[test]
+fn gemm_plan_for_model_shapes() {
+    // The blocked kernel choice at the model's shapes (independent of the adapter).
+    let gpu = test_gpu();
+    let lin = |m, n, k| with_trans(m, n, k, false, true);
+    let p = plan(gpu, &lin(1024, 1024, 1024), &BLOCKED).unwrap();
+    assert_eq!((p.entry, p.lanes_n, p.splits), ("mm_v4", false, 1));
+    assert_eq!(plan(gpu, &lin(262144, 32, 27), &BLOCKED).unwrap().entry, "mm_s");
+    assert!(plan(gpu, &lin(5, 2048, 256), &BLOCKED).unwrap().lanes_n);
+    let head = plan(gpu, &lin(65536, 1, 32), &BLOCKED).unwrap();
+    assert_eq!((head.entry, head.lanes_n), ("mm_s", false));
+    let dw = plan(gpu, &with_trans(128, 512, 65536, true, false), &BLOCKED).unwrap();
+    assert_eq!(dw.entry, "mm_v4");
+    let dx = plan(gpu, &with_trans(4096, 320, 1280, false, false), &BLOCKED).unwrap();
+    assert_eq!((dx.entry, dx.splits), ("mm_v4", 1));
+    assert_eq!(plan(gpu, &lin(1024, 1024, 1024), &TILED).unwrap().entry, "matmul");
+}
+
+/// Micro-benchmark (run with `cargo test --release --test ops_matmul -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_gemm() {
+    for r in medfastsam::ops::matmul::bench(test_gpu()).unwrap() {
+        println!("{r}");
+    }
 }

@@ -1,8 +1,16 @@
 //! Batched GEMM with fused bias / activation / residual epilogue (shaders/matmul.wgsl).
 //! Linear layers use PyTorch's weight layout [out, in]: `y = x W^T + b` is `trans_b = true`.
+//!
+//! Kernel choice ([`plan`]): on CPU adapters (lavapipe / llvmpipe) the register-blocked kernels,
+//! `mm_v4` (32 x 32 outputs per invocation, vec4 loads and stores) when A, B and C are 4-aligned
+//! along their contiguous dimensions (see [`vec4_ok`]), else `mm_s` (16 x 16, scalar loads); the
+//! 8 invocations of a workgroup step along M or along N, whichever wastes less. On other adapters
+//! the shared-memory tiled kernel `matmul`. GEMMs with few output tiles and a long K (weight
+//! gradients) are split along K into slices whose partial sums a second pass (`mm_reduce`) adds
+//! before applying the epilogue. [`gemm_with`] overrides any of these choices.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use crate::gpu::{Gpu, Kernel, Params, Recorder, ShaderFamily, Tensor};
 
 /// Fused activation of an epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -64,6 +72,113 @@ impl Gemm {
     }
 }
 
+/// Kernel family used by [`gemm_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GemmPath {
+    /// Register-blocked kernels on CPU adapters (lavapipe / llvmpipe), the tiled kernel elsewhere.
+    #[default]
+    Auto,
+    /// Shared-memory tiled kernel (64 x 64 tiles of 256 invocations): suits GPUs.
+    Tiled,
+    /// Register-blocked kernels (8 invocations per workgroup, 32 x 32 outputs each with vec4 loads,
+    /// 16 x 16 with scalar loads, no shared memory): suits CPU adapters, whose SIMD lanes load
+    /// memory one lane at a time.
+    Blocked,
+}
+
+/// Overrides of the automatic kernel choice (tests and benchmarks); `Default` = automatic.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemmConfig {
+    pub path: GemmPath,
+    /// Blocked path: the vec4 kernel (`Some(true)`; an error when [`vec4_ok`] is false) or the
+    /// scalar one (`Some(false)`).
+    pub vec4: Option<bool>,
+    /// Blocked path: the 8 invocations of a workgroup step along N (`true`) or M (`false`).
+    pub lanes_n: Option<bool>,
+    /// Number of K slices (split-K, summed by a second pass); 1 = none.
+    pub splits: Option<usize>,
+}
+
+/// The kernel choice for one GEMM, as made by [`plan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmPlan {
+    /// `matmul` (tiled), `mm_v4` or `mm_s` (blocked).
+    pub entry: &'static str,
+    pub lanes_n: bool,
+    pub splits: usize,
+    /// Depth of one K slice (a multiple of 16).
+    pub k_len: usize,
+    pub m_tiles: usize,
+    pub n_tiles: usize,
+}
+
+/// Blocked kernels: 8 invocations per workgroup, each owning a square block of C of this size
+/// (mm_v4: 32 x 32, mm_s: 16 x 16).
+const LANES: usize = 8;
+const BLK_V4: usize = 32;
+const BLK_S: usize = 16;
+/// Largest split-K scratch buffer the automatic choice allocates.
+const SPLIT_SCRATCH_MAX: usize = 16 << 20;
+
+/// Whether the operands of `g` can be read as vec4 along their contiguous dimension and C (and
+/// the residual and bias) as vec4 along N: the condition for the `mm_v4` kernel.
+pub fn vec4_ok(g: &Gemm) -> bool {
+    let x4 = |v: usize| v.is_multiple_of(4);
+    let bs_ok = |bs: usize| g.batch <= 1 || x4(bs);
+    let a = if g.trans_a { x4(g.m) } else { x4(g.k) } && bs_ok(g.a_bs);
+    let b = if g.trans_b { x4(g.k) } else { x4(g.n) } && bs_ok(g.b_bs);
+    let c = x4(g.n) && bs_ok(g.c_bs);
+    a && b && c && g.k > 0
+}
+
+/// Chooses the kernel, lane orientation and K split for `g` on `gpu`.
+pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
+    let blocked = match cfg.path {
+        GemmPath::Auto => gpu.info.device_type == wgpu::DeviceType::Cpu,
+        GemmPath::Tiled => false,
+        GemmPath::Blocked => true,
+    };
+    let (m, n) = (g.m, g.n);
+    let (entry, lanes_n, m_tiles, n_tiles) = if blocked {
+        let aligned = vec4_ok(g);
+        let vec4 = match cfg.vec4 {
+            Some(true) if !aligned => {
+                return Err(Error::Invalid(format!("gemm: the vec4 kernel needs 4-aligned A, B and C: {g:?}")));
+            }
+            Some(v) => v,
+            None => aligned,
+        };
+        let blk = if vec4 { BLK_V4 } else { BLK_S };
+        let wide = LANES * blk;
+        // Lanes along the dimension that leaves fewer partly filled workgroups.
+        let groups_m = m.div_ceil(wide) * n.div_ceil(blk);
+        let groups_n = m.div_ceil(blk) * n.div_ceil(wide);
+        let lanes_n = cfg.lanes_n.unwrap_or(groups_n < groups_m);
+        let (mt, nt) = if lanes_n { (m.div_ceil(blk), n.div_ceil(wide)) } else { (m.div_ceil(wide), n.div_ceil(blk)) };
+        (if vec4 { "mm_v4" } else { "mm_s" }, lanes_n, mt, nt)
+    } else {
+        ("matmul", false, m.div_ceil(64), n.div_ceil(64))
+    };
+    let groups = m_tiles * n_tiles * g.batch;
+    let splits = match cfg.splits {
+        Some(s) => s.max(1),
+        None => {
+            // Few output tiles over a long K (weight gradients dW = dY^T X): slice K so that enough
+            // workgroups run, each slice at least 512 deep, within a bounded scratch buffer.
+            let target = if blocked { 16 } else { 128 };
+            let by_mem = (SPLIT_SCRATCH_MAX / (4 * m * n * g.batch).max(1)).max(1);
+            if groups < target && g.k >= 1024 {
+                target.div_ceil(groups).min(g.k / 512).min(by_mem).max(1)
+            } else {
+                1
+            }
+        }
+    };
+    let k_len = g.k.div_ceil(splits).max(1).next_multiple_of(16);
+    let splits = g.k.div_ceil(k_len).max(1);
+    Ok(GemmPlan { entry, lanes_n, splits, k_len, m_tiles, n_tiles })
+}
+
 /// Records `c = epilogue(alpha * op(a) op(b))`. `bias` has `n` values; `residual` has c's shape.
 pub fn gemm(
     rec: &mut Recorder,
@@ -73,6 +188,21 @@ pub fn gemm(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
     c: &Tensor,
+) -> Result<()> {
+    gemm_with(rec, g, a, b, bias, residual, c, &GemmConfig::default())
+}
+
+/// [`gemm`] with explicit kernel choices.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    rec: &mut Recorder,
+    g: &Gemm,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    c: &Tensor,
+    cfg: &GemmConfig,
 ) -> Result<()> {
     let need = |t: &Tensor, n: usize, what: &str| -> Result<()> {
         if t.numel() < n {
@@ -94,17 +224,14 @@ pub fn gemm(
     if g.m == 0 || g.n == 0 || g.batch == 0 {
         return Ok(());
     }
-    let k = Kernel::new(ShaderFamily::Matmul, "matmul", 256)
-        .b("TRANS_A", g.trans_a)
-        .b("TRANS_B", g.trans_b)
-        .b("HAS_BIAS", bias.is_some())
-        .u("ACT", g.act.code())
-        .b("RESIDUAL", residual.is_some())
-        .b("ACCUM", g.accumulate);
-    let m_tiles = g.m.div_ceil(64);
-    let n_tiles = g.n.div_ceil(64);
-    let yz = rec.grid(m_tiles * g.batch);
-    let p = Params::new()
+    let p = plan(rec.gpu, g, cfg)?;
+    let max_dim = rec.gpu.limits.max_compute_workgroups_per_dimension as usize;
+    if p.n_tiles > max_dim {
+        return Err(Error::Invalid(format!("gemm: N = {} needs {} column tiles (> {max_dim})", g.n, p.n_tiles)));
+    }
+    let invocations = if p.entry == "matmul" { 256 } else { LANES as u32 };
+    let split = p.splits > 1;
+    let params = Params::new()
         .u(g.m)
         .u(g.n)
         .u(g.k)
@@ -112,16 +239,41 @@ pub fn gemm(
         .u(g.a_bs)
         .u(g.b_bs)
         .u(g.c_bs)
-        .u(m_tiles)
-        .f(g.alpha);
+        .u(p.m_tiles)
+        .f(g.alpha)
+        .u(p.k_len)
+        .u(p.splits);
+    let yz = rec.grid(p.m_tiles * g.batch * p.splits);
+    let groups = [p.n_tiles as u32, yz[0], yz[1]];
     let dummy = rec.gpu.dummy();
     rec.flops += g.flops();
-    rec.dispatch(
-        &k,
-        p,
-        &[a, b, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c],
-        [n_tiles as u32, yz[0], yz[1]],
-    )
+    if !split {
+        let k = Kernel::new(ShaderFamily::Matmul, p.entry, invocations)
+            .b("TRANS_A", g.trans_a)
+            .b("TRANS_B", g.trans_b)
+            .b("HAS_BIAS", bias.is_some())
+            .u("ACT", g.act.code())
+            .b("RESIDUAL", residual.is_some())
+            .b("ACCUM", g.accumulate)
+            .b("LANES_N", p.lanes_n);
+        return rec.dispatch(&k, params, &[a, b, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c], groups);
+    }
+    // Split-K: raw partial sums of every K slice into a scratch tensor, then one pass that adds
+    // them and applies alpha and the epilogue.
+    let scratch = rec.gpu.empty(&[p.splits * g.batch * g.m * g.n])?;
+    let k = Kernel::new(ShaderFamily::Matmul, p.entry, invocations)
+        .b("TRANS_A", g.trans_a)
+        .b("TRANS_B", g.trans_b)
+        .b("LANES_N", p.lanes_n)
+        .b("SPLIT", true);
+    rec.dispatch(&k, params.clone(), &[a, b, &dummy, &dummy, &scratch], groups)?;
+    let r = Kernel::new(ShaderFamily::Matmul, "mm_reduce", 256)
+        .b("HAS_BIAS", bias.is_some())
+        .u("ACT", g.act.code())
+        .b("RESIDUAL", residual.is_some())
+        .b("ACCUM", g.accumulate);
+    let groups = rec.grid((g.batch * g.m * g.n).div_ceil(256));
+    rec.dispatch(&r, params, &[&scratch, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c], groups)
 }
 
 /// `y = act(x W^T + b) (+ residual)` over the last dimension of `x`; `w` is [out, in].
@@ -149,18 +301,61 @@ pub fn linear(
     Ok(y)
 }
 
-/// Micro-benchmarks (replaced by the tuned set on the matmul branch).
+/// GEMM shapes of the model (M = tokens, weights [N, K] with `trans_b` unless noted) plus the
+/// 1024^3 reference points, as (name, m, n, k, trans_a, trans_b).
+pub const BENCH_SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
+    ("1024^3 A.B^T", 1024, 1024, 1024, false, true),
+    ("1024^3 A.B", 1024, 1024, 1024, false, false),
+    ("1024^3 A^T.B", 1024, 1024, 1024, true, false),
+    ("mbconv expand M65536 K64 N256", 65536, 256, 64, false, true),
+    ("mbconv project M65536 K256 N64", 65536, 64, 256, false, true),
+    ("qkv s1 M17689 K128 N384", 17689, 384, 128, false, true),
+    ("mlp1 s1 M16384 K128 N512", 16384, 512, 128, false, true),
+    ("mlp2 s1 M16384 K512 N128", 16384, 128, 512, false, true),
+    ("s2 M4900 K160 N480", 4900, 480, 160, false, true),
+    ("s2 M4096 K160 N640", 4096, 640, 160, false, true),
+    ("s3 M4900 K320 N960", 4900, 960, 320, false, true),
+    ("mlp1 s3 M4096 K320 N1280", 4096, 1280, 320, false, true),
+    ("mlp2 s3 M4096 K1280 N320", 4096, 320, 1280, false, true),
+    ("neck 3x3 im2col M4096 K2304 N256", 4096, 256, 2304, false, true),
+    ("stem conv im2col M65536 K288 N64", 65536, 64, 288, false, true),
+    ("stem conv1 im2col M262144 K27 N32", 262144, 32, 27, false, true),
+    ("mask head M65536 K32 N1", 65536, 1, 32, false, true),
+    ("decoder proj M4096 K256 N128", 4096, 128, 256, false, true),
+    ("M5 K256 N2048", 5, 2048, 256, false, true),
+    ("dX=dY.W M4096 K1280 N320 (A.B)", 4096, 320, 1280, false, false),
+    ("dW=dY^T.X M128 N512 K65536 (A^T.B)", 128, 512, 65536, true, false),
+];
+
+/// Times [`gemm`] (automatic kernel choice) at [`BENCH_SHAPES`].
 #[cfg(not(target_arch = "wasm32"))]
-pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
+pub fn bench(gpu: &Gpu) -> Result<Vec<crate::ops::BenchResult>> {
+    bench_shapes(gpu, BENCH_SHAPES, &GemmConfig::default())
+}
+
+/// Times [`gemm_with`] at the given shapes (median of several calls; A and B random).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn bench_shapes(
+    gpu: &Gpu,
+    shapes: &[(&str, usize, usize, usize, bool, bool)],
+    cfg: &GemmConfig,
+) -> Result<Vec<crate::ops::BenchResult>> {
+    use crate::ops::{bench_line, time_op};
     let mut out = Vec::new();
-    for &(m, n, k) in &[(1024usize, 1024usize, 1024usize)] {
-        let a = gpu.empty(&[m, k])?;
-        let b = gpu.empty(&[n, k])?;
-        let c = gpu.empty(&[m, n])?;
+    for &(name, m, n, k, ta, tb) in shapes {
+        let mut rng = crate::testutil::Rng::new(1);
         let mut g = Gemm::new(m, n, k);
-        g.trans_b = true;
-        let ms = super::time_op(gpu, 5, |rec| gemm(rec, &g, &a, &b, None, None, &c))?;
-        out.push(super::bench_line(format!("gemm {m}x{k} . ({n}x{k})^T"), ms, Some(g.flops()), None));
+        g.trans_a = ta;
+        g.trans_b = tb;
+        let a = gpu.upload(&rng.vec(m * k), &[m * k])?;
+        let b = gpu.upload(&rng.vec(k * n), &[k * n])?;
+        let c = gpu.empty(&[m, n])?;
+        let reps = if g.flops() > 2e9 { 3 } else { 5 };
+        let ms = time_op(gpu, reps, |rec| gemm_with(rec, &g, &a, &b, None, None, &c, cfg))?;
+        let p = plan(gpu, &g, cfg)?;
+        let label = format!("gemm {name} [{}{}{}]", p.entry, if p.lanes_n { " lanesN" } else { "" },
+            if p.splits > 1 { format!(" split{}", p.splits) } else { String::new() });
+        out.push(bench_line(label, ms, Some(g.flops()), None));
     }
     Ok(out)
 }
