@@ -257,6 +257,9 @@ fn gemm_split_k() {
         worst = worst.max(run_cfg(g, false, false, 51, &GemmConfig { splits: Some(splits), ..BLOCKED }));
         worst = worst.max(run_cfg(g, false, false, 52, &GemmConfig { splits: Some(splits), ..TILED }));
     }
+    let t = with_trans(24, 40, 4101, true, false); // vec4 kernel, K % 4 tail in the last slice
+    assert_eq!(plan(gpu, &t, &BLOCKED).unwrap().entry, "mm_v4");
+    worst = worst.max(run_cfg(t, true, false, 54, &GemmConfig { splits: Some(3), ..BLOCKED }));
     let mut h = with_trans(13, 9, 1999, false, true); // scalar kernel, K % 4 != 0
     h.accumulate = true;
     worst = worst.max(run_cfg(h, false, false, 53, &GemmConfig { splits: Some(5), ..BLOCKED }));
