@@ -73,7 +73,11 @@ fn with_trans(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Gemm {
 #[test]
 fn gemm_all_variants_awkward_shapes() {
     // Default path plus both kernel families, every transpose.
-    let shapes = [(1, 1, 1), (7, 5, 3), (65, 63, 17), (130, 33, 129), (64, 64, 64), (3, 200, 70), (1, 37, 9), (29, 1, 11)];
+    // (1, 8, 12) and (5, 4, 8) take the vec4 kernel when A is not transposed (M = 1, odd M).
+    let shapes = [
+        (1, 1, 1), (7, 5, 3), (65, 63, 17), (130, 33, 129), (64, 64, 64), (3, 200, 70), (1, 37, 9), (29, 1, 11),
+        (1, 8, 12), (5, 4, 8),
+    ];
     let mut seed = 1;
     let mut worst: f64 = 0.0;
     for &(m, n, k) in &shapes {
