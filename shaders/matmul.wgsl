@@ -14,13 +14,15 @@
 //             the wrapper).
 //   mm_s      the same idea with scalar loads and 16 x 16 blocks: any shape, any stride.
 //   mm_reduce sums the partial results of a split-K pass and applies the epilogue.
-// Why the register-blocked kernels: llvmpipe runs 8 invocations in SIMD lanes, but every storage or
-// workgroup-memory load is a scalar loop over the lanes (~10 instructions per lane and float), while
-// arithmetic is one 8-wide instruction. Throughput is set by floats loaded per lane per FMA, so each
-// invocation keeps a 32 x 32 block (64 floats loaded per 1024 FMAs; the accumulators live on the
-// stack, which is still cheaper than loads) and there is no shared memory and no barrier.
-// Accumulators and block registers are only ever indexed with constants: a dynamic index into a
-// vector or matrix makes llvmpipe go through memory, lane by lane.
+// Why the register-blocked kernels: llvmpipe (Mesa 22.3) runs 8 invocations in SIMD lanes, but every
+// storage or workgroup-memory load whose address is not a compile-time constant is a scalar loop over
+// the lanes (~40 instructions per lane for a vec4, ~18 for a scalar), while arithmetic is one 8-wide
+// instruction. Throughput is set by floats loaded per lane per FMA, so each invocation keeps a
+// 32 x 32 block (64 vec4 loads per 4 x 1024 FMAs; most accumulators live on the stack, which is
+// still cheaper than loads), and there is no shared memory and no barrier.
+// Accumulators and blocks are only ever indexed with constants (a dynamic index into a vector or
+// matrix makes llvmpipe go through memory lane by lane), and the epilogue code exists once per
+// strip (written out for all 64 blocks it made the LLVM compile of one variant take 15 s).
 //
 // Split-K (SPLIT): the flat workgroup index also runs over `splits` slices of K of `k_len` each; every
 // slice writes raw partial sums to mat_c = a [splits, batch, M, N] scratch tensor, and mm_reduce adds
@@ -64,7 +66,7 @@ struct MatmulParams {
 @group(0) @binding(4) var<storage, read> mat_res4: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> mat_c4: array<vec4<f32>>;
 
-// Epilogue of one output element at (batch b, row, col); `acc` is the raw dot product.
+// Epilogue of one output element; `acc` is the raw dot product, `old` the current value of C.
 fn mm_epilogue(acc: f32, bias: f32, res: f32, old: f32) -> f32 {
     var v = acc * mp.alpha;
     if (HAS_BIAS) {

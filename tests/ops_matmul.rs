@@ -73,7 +73,11 @@ fn with_trans(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Gemm {
 #[test]
 fn gemm_all_variants_awkward_shapes() {
     // Default path plus both kernel families, every transpose.
-    let shapes = [(1, 1, 1), (7, 5, 3), (65, 63, 17), (130, 33, 129), (64, 64, 64), (3, 200, 70), (1, 37, 9), (29, 1, 11)];
+    // (1, 8, 12) and (5, 4, 8) take the vec4 kernel when A is not transposed (M = 1, odd M).
+    let shapes = [
+        (1, 1, 1), (7, 5, 3), (65, 63, 17), (130, 33, 129), (64, 64, 64), (3, 200, 70), (1, 37, 9), (29, 1, 11),
+        (1, 8, 12), (5, 4, 8),
+    ];
     let mut seed = 1;
     let mut worst: f64 = 0.0;
     for &(m, n, k) in &shapes {
@@ -179,19 +183,21 @@ fn gemm_epilogues() {
         ga.accumulate = true;
         ga.alpha = 0.5;
         run_case(ga, false, false, seed + 2);
-        // Every kernel family with bias + residual + accumulate + alpha at once, and without.
-        let mut g4 = Gemm::new(36, 28, 44); // vec4-able
-        g4.trans_b = true;
-        g4.act = act;
-        let mut gall = g4;
-        gall.accumulate = true;
-        gall.alpha = -1.5;
-        let split = GemmConfig { splits: Some(3), ..BLOCKED };
-        let split_tiled = GemmConfig { splits: Some(2), ..TILED };
-        for cfg in [TILED, blocked(true, false), blocked(false, true), split, split_tiled] {
-            worst = worst.max(run_cfg(gall, true, true, seed + 3, &cfg));
-            worst = worst.max(run_cfg(g4, true, false, seed + 4, &cfg));
-        }
+    }
+    // Every kernel family (each has its own store path): bias + residual + accumulate + alpha with
+    // GELU, and bias alone with ReLU (identity is covered by the other tests).
+    let mut g4 = Gemm::new(36, 28, 44); // vec4-able
+    g4.trans_b = true;
+    g4.act = Act::Relu;
+    let mut gall = g4;
+    gall.act = Act::Gelu;
+    gall.accumulate = true;
+    gall.alpha = -1.5;
+    let split = GemmConfig { splits: Some(3), ..BLOCKED };
+    let split_tiled = GemmConfig { splits: Some(2), ..TILED };
+    for (i, cfg) in [TILED, blocked(true, false), blocked(false, true), split, split_tiled].iter().enumerate() {
+        worst = worst.max(run_cfg(gall, true, true, 140 + i as u64, cfg));
+        worst = worst.max(run_cfg(g4, true, false, 150 + i as u64, cfg));
     }
     eprintln!("epilogues: worst relative error {worst:.2e}");
 }
@@ -255,6 +261,9 @@ fn gemm_split_k() {
         worst = worst.max(run_cfg(g, false, false, 51, &GemmConfig { splits: Some(splits), ..BLOCKED }));
         worst = worst.max(run_cfg(g, false, false, 52, &GemmConfig { splits: Some(splits), ..TILED }));
     }
+    let t = with_trans(24, 40, 4101, true, false); // vec4 kernel, K % 4 tail in the last slice
+    assert_eq!(plan(gpu, &t, &BLOCKED).unwrap().entry, "mm_v4");
+    worst = worst.max(run_cfg(t, true, false, 54, &GemmConfig { splits: Some(3), ..BLOCKED }));
     let mut h = with_trans(13, 9, 1999, false, true); // scalar kernel, K % 4 != 0
     h.accumulate = true;
     worst = worst.max(run_cfg(h, false, false, 53, &GemmConfig { splits: Some(5), ..BLOCKED }));
