@@ -45,6 +45,9 @@ pub struct Recorder<'g> {
     pub dispatches: usize,
     /// FLOPs declared by the ops recorded so far (for benchmarks).
     pub flops: f64,
+    /// Profiling: when set, every dispatch is submitted and waited for, and its wall time added
+    /// to `profile[entry]` (native only; for `medfastsam bench --profile`).
+    pub profile: Option<std::collections::BTreeMap<String, (usize, f64)>>,
 }
 
 impl<'g> Recorder<'g> {
@@ -52,7 +55,7 @@ impl<'g> Recorder<'g> {
         let encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("medfastsam"),
         });
-        Recorder { gpu, encoder: Some(encoder), pass: None, chunks: Vec::new(), dispatches: 0, flops: 0.0 }
+        Recorder { gpu, encoder: Some(encoder), pass: None, chunks: Vec::new(), dispatches: 0, flops: 0.0, profile: None }
     }
 
     fn end_pass(&mut self) {
@@ -191,6 +194,16 @@ impl<'g> Recorder<'g> {
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         self.dispatches += 1;
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.profile.is_some() {
+            let t0 = std::time::Instant::now();
+            self.flush()?;
+            self.gpu.sync()?;
+            let dt = t0.elapsed().as_secs_f64() * 1e3;
+            let e = self.profile.as_mut().unwrap().entry(k.entry.to_string()).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += dt;
+        }
         Ok(())
     }
 

@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also time every kernel of one forward at each size (each dispatch waited for).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Serialize)]
@@ -67,7 +70,7 @@ fn run_once(gpu: &Gpu, model: &MedFastSam, px: &medfastsam::gpu::Tensor) -> anyh
     Ok((t.elapsed().as_secs_f64() * 1e3, d, f))
 }
 
-pub fn bench_model(gpu: &Gpu, cfg: &Config, variant: Variant, reps: usize) -> anyhow::Result<ModelBench> {
+pub fn bench_model(gpu: &Gpu, cfg: &Config, variant: Variant, reps: usize, profile: bool) -> anyhow::Result<ModelBench> {
     let weights = Weights::init(cfg, 1);
     gpu.trim_pool();
     gpu.reset_peak();
@@ -84,6 +87,22 @@ pub fn bench_model(gpu: &Gpu, cfg: &Config, variant: Variant, reps: usize) -> an
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = times[times.len() / 2];
     let stats = gpu.pool_stats();
+    if profile {
+        let mut rec = gpu.new_recorder();
+        rec.profile = Some(Default::default());
+        let t = Instant::now();
+        let _out = model.forward(&mut rec, &px, false)?;
+        let prof = rec.profile.take().unwrap();
+        rec.submit()?;
+        gpu.sync()?;
+        let total = t.elapsed().as_secs_f64() * 1e3;
+        let mut v: Vec<_> = prof.into_iter().collect();
+        v.sort_by(|a, b| b.1 .1.partial_cmp(&a.1 .1).unwrap());
+        eprintln!("profile at {s}² (each dispatch waited for; {total:.0} ms in all):");
+        for (k, (n, ms)) in v {
+            eprintln!("  {k:<28} {n:>4} calls {ms:>9.1} ms {:>5.1}%", 100.0 * ms / total);
+        }
+    }
     Ok(ModelBench {
         size: s,
         variant: variant.name().into(),
@@ -99,8 +118,15 @@ pub fn bench_model(gpu: &Gpu, cfg: &Config, variant: Variant, reps: usize) -> an
 }
 
 pub fn kernel_benches(gpu: &Gpu) -> anyhow::Result<Vec<BenchResult>> {
+    use medfastsam::ops;
     let mut v = Vec::new();
-    v.extend(medfastsam::ops::matmul::bench(gpu)?);
+    v.extend(ops::matmul::bench(gpu)?);
+    v.extend(ops::attention::bench(gpu)?);
+    v.extend(ops::conv::bench(gpu)?);
+    v.extend(ops::norm::bench(gpu)?);
+    v.extend(ops::resize::bench(gpu)?);
+    v.extend(ops::otsu::bench(gpu)?);
+    v.extend(ops::pe::bench(gpu)?);
     Ok(v)
 }
 
@@ -111,7 +137,7 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
     let mut report = Report { adapter: gpu.summary().to_string(), models: Vec::new(), kernels: Vec::new() };
     for &s in &a.sizes {
         let cfg = base.with_image_size(s)?;
-        let m = bench_model(&gpu, &cfg, variant, a.reps)?;
+        let m = bench_model(&gpu, &cfg, variant, a.reps, a.profile)?;
         if !a.json {
             println!(
                 "{} {}² ({}): {:.1} ms/image (min {:.1}, {:.2} images/s), pipeline compile + first run overhead {:.0} ms, \
