@@ -6,3 +6,5 @@ pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod params;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod trainer;

@@ -1,8 +1,12 @@
 //! Command-line interface: argument parsing and the subcommands.
 
 mod bench;
+mod eval;
+mod gradients;
 mod info;
+mod quickstart;
 mod segment;
+mod train;
 
 use clap::{Args, Parser, Subcommand};
 use medfastsam::gpu::{AdapterRequest, Gpu};
@@ -90,6 +94,14 @@ pub enum Cmd {
     Info(info::InfoArgs),
     /// Benchmarks: ms per image at 256²/512²/1024², kernel GFLOP/s, peak GPU memory.
     Bench(bench::BenchArgs),
+    /// One forward + backward in train mode; writes the loss and every gradient (grad.<key>).
+    Gradients(gradients::GradientsArgs),
+    /// Train on a dataset (ISIC-2018, PH2, MoNuSeg, TNBC, generic, the authors' layout).
+    Train(train::TrainArgs),
+    /// Evaluate under the paper protocol (mean per-image IoU, Dice, HD95; per-image CSV).
+    Eval(eval::EvalArgs),
+    /// Train the tiny preset on the shipped nuclei image and compare with the Otsu prompt.
+    Quickstart(quickstart::QuickstartArgs),
 }
 
 /// Runs the CLI; returns the process exit code. Errors are printed as one line.
@@ -99,6 +111,10 @@ pub fn run() -> i32 {
         Cmd::Segment(a) => segment::run(&cli.gpu, a),
         Cmd::Info(a) => info::run(&cli.gpu, a),
         Cmd::Bench(a) => bench::run(&cli.gpu, a),
+        Cmd::Gradients(a) => gradients::run(&cli.gpu, a),
+        Cmd::Train(a) => train::run(&cli.gpu, a),
+        Cmd::Eval(a) => eval::run(&cli.gpu, a),
+        Cmd::Quickstart(a) => quickstart::run(&cli.gpu, a),
     };
     match res {
         Ok(code) => code,

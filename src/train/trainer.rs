@@ -1,0 +1,353 @@
+//! The training loop's parts: examples at model size, augmentation, one optimiser step (forward,
+//! loss, backward, Adam; gradient accumulation), evaluation under the paper protocol, and
+//! checkpoints (weights + optimiser state + position + seed) that make a resumed run identical to an
+//! uninterrupted one. All randomness is a pure function of (seed, epoch, position), so nothing but
+//! the position has to be stored to resume.
+
+use super::metrics::{self, Scores};
+use super::model::{backward, forward_train};
+use super::params::{ParamStore, TrainMode};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::io::RgbImage;
+use crate::model::weights::HostTensor;
+use crate::model::{Config, MedFastSam, Variant, Weights};
+use crate::ops::loss::{seg_loss, LossConfig};
+use crate::ops::optim::AdamConfig;
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One image and its binary mask at the model size S×S.
+#[derive(Clone, Debug)]
+pub struct Example {
+    pub id: String,
+    pub image: RgbImage,
+    /// 0/1, S×S.
+    pub mask: Vec<u8>,
+}
+
+impl Example {
+    /// Stretch-resizes an image (bilinear) and its mask (nearest) to S×S.
+    pub fn at_size(id: String, image: &RgbImage, mask: &[u8], s: usize) -> Example {
+        let m = crate::io::GrayImage { width: image.width, height: image.height, data: mask.to_vec() };
+        Example { id, image: image.resize(s, s), mask: m.resize_nearest(s, s).data }
+    }
+
+    /// One of the 8 symmetries of the square (flips and 90° rotations), applied to image and mask.
+    pub fn dihedral(&self, code: u8) -> Example {
+        let s = self.image.width;
+        assert_eq!(s, self.image.height, "augmentation needs square examples");
+        let map = |y: usize, x: usize| -> (usize, usize) {
+            let (mut y, mut x) = (y, x);
+            if code & 1 != 0 {
+                x = s - 1 - x;
+            }
+            if code & 2 != 0 {
+                y = s - 1 - y;
+            }
+            if code & 4 != 0 {
+                std::mem::swap(&mut x, &mut y);
+            }
+            (y, x)
+        };
+        let mut img = vec![0u8; s * s * 3];
+        let mut mask = vec![0u8; s * s];
+        for y in 0..s {
+            for x in 0..s {
+                let (sy, sx) = map(y, x);
+                let si = sy * s + sx;
+                img[(y * s + x) * 3..(y * s + x) * 3 + 3].copy_from_slice(&self.image.data[si * 3..si * 3 + 3]);
+                mask[y * s + x] = self.mask[si];
+            }
+        }
+        Example { id: self.id.clone(), image: RgbImage { width: s, height: s, data: img }, mask }
+    }
+}
+
+/// Where training examples come from.
+pub trait Source {
+    fn len(&self) -> usize;
+    /// Example `i` at size S (any randomness derived from `rng`).
+    fn get(&self, i: usize, s: usize, rng: &mut Rng) -> Result<Example>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Source for super::datasets::Dataset {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+    fn get(&self, i: usize, s: usize, _rng: &mut Rng) -> Result<Example> {
+        let (img, mask) = self.load(i)?;
+        Ok(Example::at_size(self.samples[i].id.clone(), &img, &mask, s))
+    }
+}
+
+/// Examples held in memory (already at model size).
+pub struct MemorySource(pub Vec<Example>);
+
+impl Source for MemorySource {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self, i: usize, _s: usize, _rng: &mut Rng) -> Result<Example> {
+        Ok(self.0[i].clone())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainOptions {
+    pub epochs: usize,
+    /// Examples per micro-batch.
+    pub batch: usize,
+    /// Micro-batches accumulated per optimiser step.
+    pub accum: usize,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub mode: TrainMode,
+    /// Random flips and 90° rotations.
+    pub augment: bool,
+    pub seed: u64,
+    /// Optimiser steps between checkpoints (0 = only at epoch ends).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainOptions {
+    /// The paper's recipe: Adam 5e-4, batch 4, 200 epochs.
+    fn default() -> Self {
+        TrainOptions {
+            epochs: 200,
+            batch: 4,
+            accum: 1,
+            lr: 5e-4,
+            weight_decay: 0.0,
+            mode: TrainMode::Full,
+            augment: false,
+            seed: 0,
+            checkpoint_every: 0,
+        }
+    }
+}
+
+/// Where a run stands (stored in checkpoints).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Optimiser steps done in the current epoch.
+    pub step_in_epoch: usize,
+    /// Optimiser steps done in total.
+    pub step: u64,
+    /// Best validation Dice so far and its epoch.
+    pub best_val_dice: Option<f64>,
+    pub best_epoch: Option<usize>,
+}
+
+pub const META_TRAIN: &str = "medfastsam.train_state";
+
+#[derive(Serialize, Deserialize)]
+struct TrainState {
+    options: TrainOptions,
+    progress: Progress,
+}
+
+pub struct Trainer<'g> {
+    pub gpu: &'g Gpu,
+    pub ps: ParamStore,
+    pub opts: TrainOptions,
+    pub progress: Progress,
+    pub loss: LossConfig,
+}
+
+impl<'g> Trainer<'g> {
+    pub fn new(gpu: &'g Gpu, weights: &Weights, cfg: &Config, variant: Variant, opts: TrainOptions) -> Result<Self> {
+        if opts.batch == 0 || opts.accum == 0 {
+            return Err(Error::Config("batch and accumulation steps must be at least 1".into()));
+        }
+        if opts.batch < 2 && opts.mode == TrainMode::Full {
+            return Err(Error::Config(
+                "full training uses BatchNorm batch statistics and needs batches of at least 2 images (or use --mode semi)".into(),
+            ));
+        }
+        let ps = ParamStore::new(gpu, weights, cfg, variant, opts.mode)?;
+        Ok(Trainer { gpu, ps, opts, progress: Progress::default(), loss: LossConfig::default() })
+    }
+
+    /// Optimiser steps per epoch for `n` examples (the last, partial batch is dropped).
+    pub fn steps_per_epoch(&self, n: usize) -> usize {
+        n / (self.opts.batch * self.opts.accum)
+    }
+
+    /// The example order of `epoch`: a permutation that depends only on the seed and the epoch.
+    pub fn epoch_order(&self, n: usize, epoch: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        Rng::new(self.opts.seed ^ (0x5EED_0000_0000 + epoch as u64)).shuffle(&mut v);
+        v
+    }
+
+    /// The examples of optimiser step `k` of `epoch` (micro-batches), augmented deterministically.
+    pub fn batch_examples(&self, src: &dyn Source, epoch: usize, k: usize) -> Result<Vec<Vec<Example>>> {
+        let order = self.epoch_order(src.len(), epoch);
+        let per = self.opts.batch * self.opts.accum;
+        let s = self.ps.cfg.image_size;
+        let mut micro = Vec::new();
+        for a in 0..self.opts.accum {
+            let mut b = Vec::new();
+            for j in 0..self.opts.batch {
+                let pos = k * per + a * self.opts.batch + j;
+                let i = order[pos];
+                let mut rng = Rng::new(self.opts.seed ^ ((epoch as u64) << 32) ^ (pos as u64).wrapping_mul(0x9E37));
+                let mut ex = src.get(i, s, &mut rng)?;
+                if ex.image.width != s || ex.image.height != s || ex.mask.len() != s * s {
+                    return Err(Error::Invalid(format!("example {} is not {s}x{s}", ex.id)));
+                }
+                if self.opts.augment {
+                    ex = ex.dihedral((rng.next_u64() % 8) as u8);
+                }
+                b.push(ex);
+            }
+            micro.push(b);
+        }
+        Ok(micro)
+    }
+
+    /// One optimiser step: for each micro-batch forward (train mode), loss, backward (gradients
+    /// accumulate, scaled by 1/accum), then Adam. Returns the mean (loss, focal, dice).
+    pub fn step(&mut self, micro: &[Vec<Example>]) -> Result<[f32; 3]> {
+        let s = self.ps.cfg.image_size;
+        let mut rec = self.gpu.new_recorder();
+        self.ps.zero_grads(&mut rec);
+        let loss = LossConfig { grad_scale: 1.0 / micro.len() as f32, ..self.loss };
+        let mut values = Vec::new();
+        for b in micro {
+            let px: Vec<u32> = b.iter().flat_map(|e| e.image.packed()).collect();
+            let tg: Vec<f32> = b.iter().flat_map(|e| e.mask.iter().map(|&v| v as f32)).collect();
+            let px = self.gpu.upload_u32(&px, &[b.len(), s, s])?;
+            let tg = self.gpu.upload(&tg, &[b.len(), s, s, 1])?;
+            let (out, cache) = forward_train(&self.ps, &mut rec, &px)?;
+            let (v, dlogits) = seg_loss(&mut rec, &out.logits, &tg, &loss)?;
+            backward(&self.ps, &mut rec, &cache, &dlogits)?;
+            values.push(v);
+            // Keep one micro-batch's activations alive at a time.
+            rec.flush()?;
+        }
+        let adam = AdamConfig { lr: self.opts.lr, weight_decay: self.opts.weight_decay, ..AdamConfig::default() };
+        self.ps.adam(&mut rec, &adam)?;
+        rec.submit()?;
+        for _ in micro {
+            self.ps.count_bn_batch();
+        }
+        let mut mean = [0f32; 3];
+        for v in &values {
+            let r = pollster_block(self.gpu.read_async(v))?;
+            for i in 0..3 {
+                mean[i] += r[i] / values.len() as f32;
+            }
+        }
+        self.progress.step += 1;
+        self.progress.step_in_epoch += 1;
+        Ok(mean)
+    }
+
+    /// The current weights (authors' keys), read back from the device.
+    pub fn weights(&self) -> Result<Weights> {
+        pollster_block(self.ps.to_weights_async(self.gpu))
+    }
+
+    /// Writes a checkpoint: weights, Adam moments (`adam.m.*`, `adam.v.*`), options and position.
+    pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+        let mut w = self.weights()?;
+        for (k, t) in self.ps.read_moments(self.gpu)? {
+            w.tensors.insert(k, t);
+        }
+        let state = TrainState { options: self.opts.clone(), progress: self.progress.clone() };
+        w.metadata.insert(META_TRAIN.into(), serde_json::to_string(&state).expect("serialisable"));
+        w.save(path, &self.ps.cfg, self.ps.variant, false)
+    }
+
+    /// Continues from a checkpoint written by [`Trainer::save_checkpoint`].
+    pub fn resume(gpu: &'g Gpu, path: &std::path::Path) -> Result<Self> {
+        let mut w = Weights::load(path)?;
+        let state: TrainState = match w.metadata.remove(META_TRAIN) {
+            Some(s) => serde_json::from_str(&s)
+                .map_err(|e| Error::weights(path, format!("bad training state in metadata: {e}")))?,
+            None => return Err(Error::weights(path, "not a training checkpoint (no training state in its metadata)")),
+        };
+        let moments: BTreeMap<String, HostTensor> = w
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with("adam."))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        w.tensors.retain(|k, _| !k.starts_with("adam."));
+        let cfg = w.config.clone().ok_or_else(|| Error::weights(path, "checkpoint has no configuration"))?;
+        let variant = w.variant.unwrap_or_default();
+        let mut t = Trainer::new(gpu, &w, &cfg, variant, state.options)?;
+        t.ps.load_moments(gpu, &moments).map_err(|e| Error::weights(path, e.to_string()))?;
+        t.ps.step = state.progress.step;
+        t.progress = state.progress;
+        Ok(t)
+    }
+}
+
+fn pollster_block<T>(f: impl std::future::Future<Output = T>) -> T {
+    pollster::block_on(f)
+}
+
+/// Scores of one image under the paper protocol.
+#[derive(Clone, Debug)]
+pub struct Evaluated {
+    pub id: String,
+    pub scores: Scores,
+    /// Prediction (0/1) at the evaluation resolution.
+    pub pred: Vec<u8>,
+}
+
+/// Evaluates `model` on `src` (batch of one image at a time): binary prediction logit > 0 at the
+/// model size vs the ground truth resized (nearest) to it; IoU, Dice and optionally HD95.
+pub fn evaluate(
+    gpu: &Gpu,
+    model: &MedFastSam,
+    src: &dyn Source,
+    with_hd95: bool,
+    mut on_image: impl FnMut(usize, &Evaluated),
+) -> Result<Vec<Evaluated>> {
+    let s = model.cfg.image_size;
+    let mut out = Vec::new();
+    let mut rng = Rng::new(0);
+    for i in 0..src.len() {
+        let ex = src.get(i, s, &mut rng)?;
+        let px = gpu.upload_u32(&ex.image.packed(), &[1, s, s])?;
+        let mut rec = gpu.new_recorder();
+        let o = model.forward(&mut rec, &px, false)?;
+        rec.submit()?;
+        let logits = gpu.read(&o.logits)?;
+        let pred: Vec<u8> = logits.iter().map(|&v| (v > 0.0) as u8).collect();
+        let scores = metrics::scores(&pred, &ex.mask, s, s, with_hd95);
+        let e = Evaluated { id: ex.id, scores, pred };
+        on_image(i, &e);
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Scores of the Otsu coarse prompt alone (the CP-Encoder's mask at the model size).
+pub fn evaluate_otsu(gpu: &Gpu, model: &MedFastSam, src: &dyn Source, with_hd95: bool) -> Result<Vec<Evaluated>> {
+    let s = model.cfg.image_size;
+    let mut out = Vec::new();
+    let mut rng = Rng::new(0);
+    for i in 0..src.len() {
+        let ex = src.get(i, s, &mut rng)?;
+        let px = gpu.upload_u32(&ex.image.packed(), &[1, s, s])?;
+        let mut rec = gpu.new_recorder();
+        let x = crate::ops::elementwise::image_normalize(&mut rec, &px)?;
+        let (_t, mask) = crate::ops::otsu::otsu(&mut rec, &px, &x, model.otsu_rule())?;
+        rec.submit()?;
+        let pred: Vec<u8> = gpu.read(&mask)?.iter().map(|&v| (v > 0.5) as u8).collect();
+        let scores = metrics::scores(&pred, &ex.mask, s, s, with_hd95);
+        out.push(Evaluated { id: ex.id, scores, pred });
+    }
+    Ok(out)
+}
