@@ -33,6 +33,108 @@ pub struct BenchArgs {
     /// Also time every kernel of one forward at each size (each dispatch waited for).
     #[arg(long)]
     pub profile: bool,
+    /// Training-step benchmarks as PRESET:SIZE:BATCH (forward + backward + Adam).
+    #[arg(long, value_delimiter = ',', default_value = "tiny:256:4,paper:1024:4")]
+    pub train: Vec<String>,
+    /// Skip the training-step benchmarks.
+    #[arg(long)]
+    pub no_train: bool,
+}
+
+#[derive(Serialize)]
+pub struct TrainBench {
+    pub preset: String,
+    pub size: usize,
+    pub batch: usize,
+    pub compile_ms: f64,
+    pub step_ms: f64,
+    pub images_per_s: f64,
+    pub peak_gpu_bytes: u64,
+    /// `step_ms / forward_ms` of the same model, size and batch (forward in eval mode).
+    pub step_over_forward: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// Median ms of a training step (forward, loss, backward, Adam) on random data.
+pub fn bench_train(gpu: &Gpu, preset: &str, size: usize, batch: usize, reps: usize, profile: bool) -> anyhow::Result<TrainBench> {
+    use medfastsam::train::trainer::{Example, TrainOptions, Trainer};
+    let cfg = Config::preset(preset)?.with_image_size(size)?;
+    gpu.trim_pool();
+    gpu.reset_peak();
+    let w = Weights::init(&cfg, 1);
+    let opts = TrainOptions { batch, ..TrainOptions::default() };
+    let mut t = Trainer::new(gpu, &w, &cfg, Variant::Paper, opts)?;
+    let mut rng = medfastsam::rng::Rng::new(3);
+    let micro = vec![(0..batch)
+        .map(|i| Example {
+            id: format!("{i}"),
+            image: medfastsam::io::RgbImage {
+                width: size,
+                height: size,
+                data: (0..size * size * 3).map(|_| rng.below(256) as u8).collect(),
+            },
+            mask: (0..size * size).map(|_| rng.below(2) as u8).collect(),
+        })
+        .collect::<Vec<_>>()];
+    let t0 = Instant::now();
+    t.step(&micro)?;
+    let first = t0.elapsed().as_secs_f64() * 1e3;
+    let mut v = Vec::new();
+    for _ in 0..reps.max(1) {
+        let ts = Instant::now();
+        t.step(&micro)?;
+        v.push(ts.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let step = v[v.len() / 2];
+    let peak = gpu.pool_stats().peak_allocated;
+    if profile {
+        use medfastsam::ops::loss::{seg_loss, LossConfig};
+        use medfastsam::train::model::{backward, forward_train};
+        let s = size;
+        let px: Vec<u32> = micro[0].iter().flat_map(|e| e.image.packed()).collect();
+        let tg: Vec<f32> = micro[0].iter().flat_map(|e| e.mask.iter().map(|&v| v as f32)).collect();
+        let px = gpu.upload_u32(&px, &[batch, s, s])?;
+        let tg = gpu.upload(&tg, &[batch, s, s, 1])?;
+        let mut rec = gpu.new_recorder();
+        rec.profile = Some(Default::default());
+        let tp = Instant::now();
+        let (out, cache) = forward_train(&t.ps, &mut rec, &px)?;
+        let (_l, d) = seg_loss(&mut rec, &out.logits, &tg, &LossConfig::default())?;
+        backward(&t.ps, &mut rec, &cache, &d)?;
+        let prof = rec.profile.take().unwrap();
+        rec.submit()?;
+        let total = tp.elapsed().as_secs_f64() * 1e3;
+        let mut pv: Vec<_> = prof.into_iter().collect();
+        pv.sort_by(|a, b| b.1 .1.partial_cmp(&a.1 .1).unwrap());
+        eprintln!("training-step profile {preset} {s}² batch {batch} ({total:.0} ms, each dispatch waited for):");
+        for (k, (n, ms)) in pv.iter().take(25) {
+            eprintln!("  {k:<28} {n:>4} calls {ms:>9.1} ms {:>5.1}%", 100.0 * ms / total);
+        }
+    }
+    // The forward of the same batch in eval mode, for the backward/forward ratio.
+    let wts = t.weights()?;
+    let model = MedFastSam::new(gpu, &wts, &cfg, Variant::Paper)?;
+    let px: Vec<u32> = micro[0].iter().flat_map(|e| e.image.packed()).collect();
+    let px = gpu.upload_u32(&px, &[batch, size, size])?;
+    let mut fv = Vec::new();
+    for _ in 0..reps.max(1) + 1 {
+        fv.push(run_once(gpu, &model, &px)?.0);
+    }
+    fv.remove(0);
+    fv.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let fwd = fv[fv.len() / 2];
+    Ok(TrainBench {
+        preset: preset.into(),
+        size,
+        batch,
+        compile_ms: (first - step).max(0.0),
+        step_ms: step,
+        images_per_s: batch as f64 * 1e3 / step,
+        peak_gpu_bytes: peak,
+        step_over_forward: Some(step / fwd),
+        error: None,
+    })
 }
 
 #[derive(Serialize)]
@@ -55,6 +157,7 @@ pub struct ModelBench {
 pub struct Report {
     pub adapter: String,
     pub models: Vec<ModelBench>,
+    pub train: Vec<TrainBench>,
     pub kernels: Vec<BenchResult>,
 }
 
@@ -134,7 +237,7 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
     let gpu = gpu.open()?;
     let base = Config::preset(&a.preset)?;
     let variant = Variant::parse(&a.variant)?;
-    let mut report = Report { adapter: gpu.summary().to_string(), models: Vec::new(), kernels: Vec::new() };
+    let mut report = Report { adapter: gpu.summary().to_string(), models: Vec::new(), train: Vec::new(), kernels: Vec::new() };
     for &s in &a.sizes {
         let cfg = base.with_image_size(s)?;
         let m = bench_model(&gpu, &cfg, variant, a.reps, a.profile)?;
@@ -156,6 +259,46 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
             );
         }
         report.models.push(m);
+    }
+    if !a.no_train {
+        for spec in &a.train {
+            let p: Vec<&str> = spec.split(':').collect();
+            if p.len() != 3 {
+                anyhow::bail!("--train expects PRESET:SIZE:BATCH, got {spec}");
+            }
+            let (size, batch) = (p[1].parse()?, p[2].parse()?);
+            let r = match bench_train(&gpu, p[0], size, batch, a.reps.min(3), a.profile) {
+                Ok(r) => r,
+                Err(e) => TrainBench {
+                    preset: p[0].into(),
+                    size,
+                    batch,
+                    compile_ms: 0.0,
+                    step_ms: f64::NAN,
+                    images_per_s: 0.0,
+                    peak_gpu_bytes: 0,
+                    step_over_forward: None,
+                    error: Some(format!("{e:#}")),
+                },
+            };
+            if !a.json {
+                match &r.error {
+                    None => println!(
+                        "train step {} {}² batch {}: {:.0} ms ({:.2} images/s; {:.2}x the forward of the same batch),                          first step + compile overhead {:.0} ms, peak GPU memory {:.1} MiB",
+                        r.preset,
+                        r.size,
+                        r.batch,
+                        r.step_ms,
+                        r.images_per_s,
+                        r.step_over_forward.unwrap_or(f64::NAN),
+                        r.compile_ms,
+                        r.peak_gpu_bytes as f64 / 1048576.0
+                    ),
+                    Some(e) => println!("train step {} {}² batch {}: not run: {e}", r.preset, r.size, r.batch),
+                }
+            }
+            report.train.push(r);
+        }
     }
     if !a.no_kernels {
         report.kernels = kernel_benches(&gpu)?;
