@@ -115,7 +115,7 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
 
     // 3. Interrupted with Ctrl-C (SIGINT) during training, then resumed.
     let c = tmpdir("c");
-    let mut child = bin()
+    let child = bin()
         .args(train_args(&data, &c))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -6,6 +6,7 @@ mod gradients;
 mod info;
 mod quickstart;
 mod segment;
+mod serve;
 mod train;
 
 use clap::{Args, Parser, Subcommand};
@@ -102,6 +103,8 @@ pub enum Cmd {
     Eval(eval::EvalArgs),
     /// Train the tiny preset on the shipped nuclei image and compare with the Otsu prompt.
     Quickstart(quickstart::QuickstartArgs),
+    /// Serve the web page on 127.0.0.1 (images never leave the machine).
+    Serve(serve::ServeArgs),
 }
 
 /// Runs the CLI; returns the process exit code. Errors are printed as one line.
@@ -115,6 +118,7 @@ pub fn run() -> i32 {
         Cmd::Train(a) => train::run(&cli.gpu, a),
         Cmd::Eval(a) => eval::run(&cli.gpu, a),
         Cmd::Quickstart(a) => quickstart::run(&cli.gpu, a),
+        Cmd::Serve(a) => serve::run(a),
     };
     match res {
         Ok(code) => code,
