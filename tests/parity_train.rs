@@ -14,6 +14,21 @@ use medfastsam::train::params::{ParamStore, TrainMode};
 
 #[test]
 fn tiny_train_step_matches_pytorch() {
+    train_step(false);
+}
+
+/// The same step with the MBConv hidden channels processed in two groups (the path taken when the
+/// hidden map exceeds a storage binding, e.g. the paper preset at 1024² with batch 4).
+#[test]
+fn tiny_train_step_with_grouped_mbconv_matches_pytorch() {
+    train_step(true);
+}
+
+fn train_step(grouped: bool) {
+    // Both tests share the thread-independent switch: run them one after the other.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    medfastsam::train::model::FORCE_MBCONV_GROUPS.store(if grouped { 2 } else { 0 }, std::sync::atomic::Ordering::SeqCst);
     let gpu = test_gpu();
     let cfg = Config::from_file(&fixtures_dir().join("tiny.config.json")).unwrap();
     let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();

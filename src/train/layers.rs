@@ -133,9 +133,61 @@ pub enum ConvKind {
     Depthwise { stride: usize, pad: usize },
 }
 
+/// The tensors of one TinyViT `Conv2d_BN` (possibly a slice of its output channels).
+#[derive(Clone)]
+pub struct CbnParams {
+    /// Conv weight `[Co, Ci/groups, k, k]`.
+    pub w: Tensor,
+    /// BatchNorm weight, bias, running mean, running variance (`[Co]` each).
+    pub bn: [Tensor; 4],
+    /// Gradients of w and of the BatchNorm weight/bias, when they train.
+    pub gw: Option<Tensor>,
+    pub gbn: Option<(Tensor, Tensor)>,
+    /// Batch statistics (train mode) or running statistics (eval mode).
+    pub train_bn: bool,
+}
+
+impl CbnParams {
+    pub fn get(ps: &ParamStore, pre: &str) -> Result<CbnParams> {
+        let k = |n: &str| format!("{pre}.{n}");
+        let bn = [
+            ps.v(&k("bn.weight"))?.clone(),
+            ps.v(&k("bn.bias"))?.clone(),
+            ps.v(&k("bn.running_mean"))?.clone(),
+            ps.v(&k("bn.running_var"))?.clone(),
+        ];
+        let gbn = match (ps.g(&k("bn.weight")), ps.g(&k("bn.bias"))) {
+            (Some(a), Some(b)) => Some((a.clone(), b.clone())),
+            _ => None,
+        };
+        Ok(CbnParams {
+            w: ps.v(&k("c.weight"))?.clone(),
+            bn,
+            gw: ps.g(&k("c.weight")).cloned(),
+            gbn,
+            train_bn: ps.bn_trains(pre),
+        })
+    }
+
+    /// Output channels `[c0, c0 + n)` as views (no copies; offsets must be aligned, which holds
+    /// for channel counts that are multiples of 64).
+    pub fn out_channels(&self, c0: usize, n: usize) -> CbnParams {
+        let per = |t: &Tensor| t.reshape(&[t.shape[0], t.numel() / t.shape[0]]).narrow(c0, n);
+        let wshape: Vec<usize> = std::iter::once(n).chain(self.w.shape[1..].iter().copied()).collect();
+        let v = |t: &Tensor| t.narrow(c0, n);
+        CbnParams {
+            w: per(&self.w).reshape(&wshape),
+            bn: [v(&self.bn[0]), v(&self.bn[1]), v(&self.bn[2]), v(&self.bn[3])],
+            gw: self.gw.as_ref().map(|g| per(g).reshape(&wshape)),
+            gbn: self.gbn.as_ref().map(|(a, b)| (v(a), v(b))),
+            train_bn: self.train_bn,
+        }
+    }
+}
+
 /// TinyViT `Conv2d_BN` (conv without bias + BatchNorm2d, batch statistics when it trains).
 pub struct Cbn {
-    pre: String,
+    p: CbnParams,
     kind: ConvKind,
     x: Tensor,
     z: Tensor,
@@ -143,38 +195,44 @@ pub struct Cbn {
 }
 
 pub fn cbn_fwd(ps: &ParamStore, rec: &mut Recorder, pre: &str, x: &Tensor, kind: ConvKind, act: Act) -> Result<(Tensor, Cbn)> {
-    let w = ps.v(&format!("{pre}.c.weight"))?;
+    cbn_fwd_p(rec, &CbnParams::get(ps, pre)?, x, kind, act)
+}
+
+/// BatchNorm (train or eval statistics as `p` says) of `z`, then `act`.
+pub fn bn_fwd(rec: &mut Recorder, p: &CbnParams, z: &Tensor, act: Act) -> Result<(Tensor, BnSaved)> {
+    let [g, b, rm, rv] = &p.bn;
+    if p.train_bn {
+        norm::batch_norm_train(rec, z, g, b, rm, rv, BN_MOMENTUM, BN_EPS, act)
+    } else {
+        norm::batch_norm_eval_saved(rec, z, g, b, rm, rv, BN_EPS, act)
+    }
+}
+
+/// Backward of [`bn_fwd`]: returns dz; accumulates the BatchNorm weight/bias gradients.
+pub fn bn_bwd(rec: &mut Recorder, p: &CbnParams, z: &Tensor, saved: &BnSaved, dy: &Tensor) -> Result<Tensor> {
+    let c = p.bn[0].numel();
+    let (gg, gb) = match &p.gbn {
+        Some((a, b)) => (a.clone(), b.clone()),
+        None => (rec.zeros(&[c])?, rec.zeros(&[c])?),
+    };
+    norm::batch_norm_backward(rec, z, &p.bn[0], saved, dy, &gg, &gb, None)
+}
+
+pub fn cbn_fwd_p(rec: &mut Recorder, p: &CbnParams, x: &Tensor, kind: ConvKind, act: Act) -> Result<(Tensor, Cbn)> {
+    let w = &p.w;
     let z = match kind {
         ConvKind::Pointwise => linear(rec, x, &as_matrix(w), None, Act::None, None)?,
         ConvKind::Dense { stride, pad } => conv::conv2d(rec, x, w, None, stride, pad, Act::None)?,
         ConvKind::Depthwise { stride, pad } => conv::depthwise_conv2d(rec, x, w, None, stride, pad, Act::None)?,
     };
-    let bp = |n: &str| ps.v(&format!("{pre}.bn.{n}"));
-    let (y, bn) = if ps.bn_trains(pre) {
-        norm::batch_norm_train(
-            rec,
-            &z,
-            bp("weight")?,
-            bp("bias")?,
-            bp("running_mean")?,
-            bp("running_var")?,
-            BN_MOMENTUM,
-            BN_EPS,
-            act,
-        )?
-    } else {
-        norm::batch_norm_eval_saved(rec, &z, bp("weight")?, bp("bias")?, bp("running_mean")?, bp("running_var")?, BN_EPS, act)?
-    };
-    Ok((y, Cbn { pre: pre.into(), kind, x: x.clone(), z, bn }))
+    let (y, bn) = bn_fwd(rec, p, &z, act)?;
+    Ok((y, Cbn { p: p.clone(), kind, x: x.clone(), z, bn }))
 }
 
-pub fn cbn_bwd(ps: &ParamStore, rec: &mut Recorder, c: &Cbn, dy: &Tensor, need_dx: bool) -> Result<Option<Tensor>> {
-    let bw = ps.v(&format!("{}.bn.weight", c.pre))?;
-    let (gg, gb) = grads_or_scratch(ps, rec, &format!("{}.bn", c.pre), bw.numel())?;
-    let dz = norm::batch_norm_backward(rec, &c.z, bw, &c.bn, dy, &gg, &gb, None)?;
-    let wkey = format!("{}.c.weight", c.pre);
-    let w = ps.v(&wkey)?;
-    let gw = ps.g(&wkey);
+pub fn cbn_bwd(_ps: &ParamStore, rec: &mut Recorder, c: &Cbn, dy: &Tensor, need_dx: bool) -> Result<Option<Tensor>> {
+    let dz = bn_bwd(rec, &c.p, &c.z, &c.bn, dy)?;
+    let w = &c.p.w;
+    let gw = c.p.gw.as_ref();
     match c.kind {
         ConvKind::Pointwise => {
             let w2 = as_matrix(w);

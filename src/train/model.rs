@@ -14,33 +14,134 @@ use crate::ops::elementwise::{
     slice_mid_backward, split_last, BinOp,
 };
 use crate::ops::matmul::{gemm, Act, Gemm};
+use crate::ops::norm;
 use crate::ops::otsu::{otsu, OtsuRule};
 use crate::ops::resize::{bilinear, bilinear_backward};
 
 // ---------------------------------------------------------------- LKA-Encoder
 
+/// MBConv. When its 4x-wide hidden map exceeds the device's storage-binding limit (the paper
+/// preset at 1024² with batch 4: 256 MiB), the hidden channels are processed in groups: the
+/// expansion conv, its BatchNorm (per channel, so exact), the depthwise conv and its BatchNorm run
+/// per group, and the projection sums the groups' contributions.
 struct MbConv {
+    groups: Vec<MbGroup>,
+    /// Projection conv input (ungrouped path) / the summed pre-BatchNorm projection (grouped).
+    c3: Option<Cbn>,
+    p3: CbnParams,
+    z3: Option<Tensor>,
+    bn3: Option<norm::BnSaved>,
+    s: Tensor,
+    x_shape: Vec<usize>,
+}
+
+struct MbGroup {
     c1: Cbn,
     c2: Cbn,
-    c3: Cbn,
-    s: Tensor,
+    h2: Tensor,
+    w3: Tensor,
+    c0: usize,
+}
+
+/// Tests: a minimum number of MBConv hidden-channel groups (0 = as the device limits require).
+#[doc(hidden)]
+pub static FORCE_MBCONV_GROUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Number of hidden-channel groups so that each group's map fits one storage binding.
+fn hidden_groups(rec: &Recorder, rows: usize, hidden: usize) -> Result<usize> {
+    let limit = rec.gpu.limits.max_storage_buffer_binding_size.min(rec.gpu.limits.max_buffer_size);
+    let bytes = (rows * hidden * 4) as u64;
+    let forced = FORCE_MBCONV_GROUPS.load(std::sync::atomic::Ordering::Relaxed);
+    let mut g = (bytes.div_ceil(limit).max(1) as usize).max(forced);
+    while g <= hidden {
+        if hidden % g == 0 && (g == 1 || (hidden / g) % 64 == 0) {
+            return Ok(g);
+        }
+        g += 1;
+    }
+    Err(crate::error::Error::Limit {
+        what: format!("MBConv hidden map of {rows} positions x {hidden} channels"),
+        needed: bytes,
+        limit_name: "max_storage_buffer_binding_size",
+        limit,
+        hint: "use a smaller batch or image size".into(),
+    })
 }
 
 fn mbconv_fwd(ps: &ParamStore, rec: &mut Recorder, pre: &str, x: &Tensor) -> Result<(Tensor, MbConv)> {
-    let (h, c1) = cbn_fwd(ps, rec, &format!("{pre}.conv1"), x, ConvKind::Pointwise, Act::Gelu)?;
-    let (h, c2) = cbn_fwd(ps, rec, &format!("{pre}.conv2"), &h, ConvKind::Depthwise { stride: 1, pad: 1 }, Act::Gelu)?;
-    let (z, c3) = cbn_fwd(ps, rec, &format!("{pre}.conv3"), &h, ConvKind::Pointwise, Act::None)?;
+    let p1 = CbnParams::get(ps, &format!("{pre}.conv1"))?;
+    let p2 = CbnParams::get(ps, &format!("{pre}.conv2"))?;
+    let p3 = CbnParams::get(ps, &format!("{pre}.conv3"))?;
+    let hidden = p1.w.shape[0];
+    let c = x.dim(-1);
+    let rows = x.numel() / c;
+    let ng = hidden_groups(rec, rows, hidden)?;
+    let dw = ConvKind::Depthwise { stride: 1, pad: 1 };
+    let (z, mb) = if ng == 1 {
+        let (h, c1) = cbn_fwd_p(rec, &p1, x, ConvKind::Pointwise, Act::Gelu)?;
+        let (h, c2) = cbn_fwd_p(rec, &p2, &h, dw, Act::Gelu)?;
+        let (z, c3) = cbn_fwd_p(rec, &p3, &h, ConvKind::Pointwise, Act::None)?;
+        let g = MbGroup { c1, c2, h2: h, w3: p3.w.clone(), c0: 0 };
+        (z, (vec![g], Some(c3), None, None))
+    } else {
+        let n = hidden / ng;
+        let z3 = rec.gpu.empty(&x.shape)?;
+        let mut groups = Vec::new();
+        for gi in 0..ng {
+            let c0 = gi * n;
+            let (h, c1) = cbn_fwd_p(rec, &p1.out_channels(c0, n), x, ConvKind::Pointwise, Act::Gelu)?;
+            let (h2, c2) = cbn_fwd_p(rec, &p2.out_channels(c0, n), &h, dw, Act::Gelu)?;
+            drop(h);
+            let w3 = slice_mid(rec, &p3.w, c, hidden, 1, c0, n)?.reshape(&[c, n]);
+            let mut g = Gemm::new(rows, c, n);
+            g.trans_b = true;
+            g.accumulate = gi > 0;
+            gemm(rec, &g, &h2, &w3, None, None, &z3)?;
+            groups.push(MbGroup { c1, c2, h2, w3, c0 });
+        }
+        let (z, bn3) = bn_fwd(rec, &p3, &z3, Act::None)?;
+        (z, (groups, None, Some(z3), Some(bn3)))
+    };
     // y = GELU(x + BN(conv3(...)))
     let s = add(rec, &z, x)?;
     let y = activation(rec, &s, Act::Gelu)?;
-    Ok((y, MbConv { c1, c2, c3, s }))
+    let (groups, c3, z3, bn3) = mb;
+    Ok((y, MbConv { groups, c3, p3, z3, bn3, s, x_shape: x.shape.clone() }))
 }
 
 fn mbconv_bwd(ps: &ParamStore, rec: &mut Recorder, c: &MbConv, dy: &Tensor) -> Result<Tensor> {
     let ds = act_backward(rec, &c.s, dy, Act::Gelu)?;
-    let dh = cbn_bwd(ps, rec, &c.c3, &ds, true)?.unwrap();
-    let dh = cbn_bwd(ps, rec, &c.c2, &dh, true)?.unwrap();
-    let dx = cbn_bwd(ps, rec, &c.c1, &dh, true)?.unwrap();
+    let dx = if let Some(c3) = &c.c3 {
+        let g = &c.groups[0];
+        let dh = cbn_bwd(ps, rec, c3, &ds, true)?.unwrap();
+        let dh = cbn_bwd(ps, rec, &g.c2, &dh, true)?.unwrap();
+        cbn_bwd(ps, rec, &g.c1, &dh, true)?.unwrap()
+    } else {
+        let dz3 = bn_bwd(rec, &c.p3, c.z3.as_ref().unwrap(), c.bn3.as_ref().unwrap(), &ds)?;
+        let ch = *c.x_shape.last().unwrap();
+        let rows = dz3.numel() / ch;
+        let hidden = c.p3.w.shape[1];
+        let dx = rec.zeros(&c.x_shape)?;
+        for g in &c.groups {
+            let n = g.w3.shape[1];
+            if let Some(gw3) = &c.p3.gw {
+                // dW3[:, c0..c0+n] += dz3^T h2
+                let part = rec.gpu.empty(&[ch, n, 1])?;
+                let mut gm = Gemm::new(ch, n, rows);
+                gm.trans_a = true;
+                gemm(rec, &gm, &dz3, &g.h2, None, None, &part)?;
+                slice_mid_backward(rec, &part, &gw3.reshape(&[ch, hidden, 1]), hidden, g.c0)?;
+            }
+            let dh2 = rec.gpu.empty(&[rows, n])?;
+            gemm(rec, &Gemm::new(rows, n, ch), &dz3, &g.w3, None, None, &dh2)?;
+            let mut hshape = c.x_shape.clone();
+            *hshape.last_mut().unwrap() = n;
+            let dh1 = cbn_bwd(ps, rec, &g.c2, &dh2.reshape(&hshape), true)?.unwrap();
+            let dxg = cbn_bwd(ps, rec, &g.c1, &dh1, true)?.unwrap();
+            accumulate(rec, &dx, &dxg)?;
+        }
+        dx
+    };
     accumulate(rec, &dx, &ds)?; // the residual branch
     Ok(dx)
 }
