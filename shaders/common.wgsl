@@ -71,13 +71,25 @@ fn gelu_grad(x: f32) -> f32 {
     return phi_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x);
 }
 
-// Activation codes used by fused epilogues: 0 identity, 1 GELU, 2 ReLU.
+// Logistic sigmoid, stable for large |x|.
+fn sigmoid(x: f32) -> f32 {
+    if (x >= 0.0) {
+        return 1.0 / (1.0 + exp(-x));
+    }
+    let e = exp(x);
+    return e / (1.0 + e);
+}
+
+// Activation codes used by fused epilogues: 0 identity, 1 GELU, 2 ReLU, 3 sigmoid.
 fn activate(x: f32, act: u32) -> f32 {
     if (act == 1u) {
         return gelu(x);
     }
     if (act == 2u) {
         return max(x, 0.0);
+    }
+    if (act == 3u) {
+        return sigmoid(x);
     }
     return x;
 }

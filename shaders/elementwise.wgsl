@@ -160,6 +160,7 @@ fn act_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let x = ab_pre[i];
     var g = 1.0;
     if (ACT == 1u) { g = gelu_grad(x); } else if (ACT == 2u) { g = select(0.0, 1.0, x > 0.0); }
+    else if (ACT == 3u) { let s = sigmoid(x); g = s * (1.0 - s); }
     ab_out[i] = ab_dy[i] * g;
 }
 

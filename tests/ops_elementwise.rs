@@ -15,7 +15,7 @@ fn activations_and_their_backward() {
     let dy = rng.vec(n);
     let tx = gpu.upload(&x, &[n]).unwrap();
     let tdy = gpu.upload(&dy, &[n]).unwrap();
-    for act in [Act::None, Act::Gelu, Act::Relu] {
+    for act in [Act::None, Act::Gelu, Act::Relu, Act::Sigmoid] {
         let mut rec = gpu.new_recorder();
         let y = activation(&mut rec, &tx, act).unwrap();
         let g = act_backward(&mut rec, &tx, &tdy, act).unwrap();
@@ -32,6 +32,10 @@ fn activations_and_their_backward() {
                         Act::None => 1.0,
                         Act::Gelu => reference::gelu_grad(v),
                         Act::Relu => (v > 0.0) as u8 as f64,
+                        Act::Sigmoid => {
+                            let s = 1.0 / (1.0 + (-v).exp());
+                            s * (1.0 - s)
+                        }
                     }
             })
             .collect();

@@ -19,6 +19,8 @@ pub enum Act {
     None,
     Gelu,
     Relu,
+    /// Logistic sigmoid (probabilities from logits).
+    Sigmoid,
 }
 
 impl Act {
@@ -27,6 +29,7 @@ impl Act {
             Act::None => 0,
             Act::Gelu => 1,
             Act::Relu => 2,
+            Act::Sigmoid => 3,
         }
     }
 }

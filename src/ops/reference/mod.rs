@@ -29,6 +29,7 @@ pub fn act(x: f64, a: crate::ops::Act) -> f64 {
         crate::ops::Act::None => x,
         crate::ops::Act::Gelu => gelu(x),
         crate::ops::Act::Relu => x.max(0.0),
+        crate::ops::Act::Sigmoid => 1.0 / (1.0 + (-x).exp()),
     }
 }
 

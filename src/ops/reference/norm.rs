@@ -16,6 +16,10 @@ pub fn act_grad(z: f64, a: Act) -> f64 {
                 0.0
             }
         }
+        Act::Sigmoid => {
+            let s = 1.0 / (1.0 + (-z).exp());
+            s * (1.0 - s)
+        }
     }
 }
 
