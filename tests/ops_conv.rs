@@ -35,6 +35,7 @@ fn act_name(a: Act) -> &'static str {
         Act::None => "none",
         Act::Gelu => "gelu",
         Act::Relu => "relu",
+        Act::Sigmoid => "sigmoid",
     }
 }
 
