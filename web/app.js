@@ -248,10 +248,9 @@ function wantedVariant() {
 
 function refreshAutoLabels() {
   const info = state.weights?.info;
-  ui.size.options[0].textContent = info
-    ? `From the weights (${info.default_size} × ${info.default_size}${info.config_in_metadata ? '' : ', default'})`
-    : 'From the weights';
-  ui.variant.options[0].textContent = info ? `From the weights (${info.default_variant}${info.variant ? '' : ', default'})` : 'From the weights';
+  ui.size.options[0].textContent = info ? `Auto (${info.default_size} × ${info.default_size})` : 'Auto (from the weights)';
+  ui.size.options[0].title = info && !info.config_in_metadata ? 'The weights carry no configuration: 1024 × 1024 is the default' : '';
+  ui.variant.options[0].textContent = info ? `Auto (${info.default_variant})` : 'Auto (from the weights)';
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,6 +298,9 @@ function noWebGpu(reason) {
   ];
   if (!window.isSecureContext) {
     what.push(`WebGPU needs a secure context: open the page at http://127.0.0.1 or http://localhost (for example with "medfastsam serve"), or over https — not at ${location.origin}.`);
+  } else if (reason === 'no-worker') {
+    what[0] = 'This browser offers WebGPU to pages but not to workers, and the page runs the model in a worker so that it never freezes.';
+    what.push('Use a current Chrome or Edge (113 or later), Safari 26, or Firefox 141 or later on Windows.');
   } else if (reason === 'no-adapter') {
     what[0] = 'This browser has WebGPU, but it offered no GPU adapter (the GPU may be blocklisted, or there is no GPU driver).';
     what.push('Update the GPU driver, or in Chrome/Edge enable chrome://flags/#enable-unsafe-webgpu (without a GPU, Chrome can use its software adapter when started with --enable-unsafe-webgpu).');
@@ -758,7 +760,7 @@ async function main() {
     state.gpu = { ...gpu, browser };
     renderGpu(gpu, browser);
   } catch (e) {
-    if (e.name === 'NoWebGPU') return noWebGpu('no-api');
+    if (e.name === 'NoWebGPU') return noWebGpu('no-worker');
     if (e.name === 'NoAdapterError') return noWebGpu('no-adapter');
     ui.gpuName.textContent = 'WebGPU failed';
     ui.gpuDot.className = 'dot bad';
