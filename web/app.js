@@ -523,11 +523,14 @@ async function segmentCard(card) {
     render(card, r);
   } catch (e) {
     card.el.dataset.state = 'error';
-    card.status.textContent = e.name === 'ImageError' ? `Cannot read this image: ${e.message}` : `Failed: ${e.message}`;
-    if (e.name === 'LimitError') {
-      state.blocked = explain(e, state.prepared?.image_size || wantedSize());
-      showSettingsAlert(state.blocked);
-    }
+    // The model itself fitted during the first pass, so a limit error here is about this image's
+    // size (its logits at full resolution).
+    card.status.textContent =
+      e.name === 'ImageError'
+        ? `Cannot read this image: ${e.message}`
+        : e.name === 'LimitError'
+          ? `This image is too large for this GPU's limits (${e.message}). Downscale it and try again.`
+          : `Failed: ${e.name}: ${e.message}`;
     if (e.fatal) {
       showFatal('The segmentation engine stopped.', [e.message]);
       setState('error');
