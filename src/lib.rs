@@ -10,5 +10,7 @@ pub mod segment;
 pub mod rng;
 pub mod testutil;
 pub mod train;
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+pub mod web;
 
 pub use error::{Error, Result};

@@ -1,0 +1,449 @@
+//! The browser surface of medfastsam (wasm32 + the `web` feature), called by the page's worker
+//! (`web/worker.js`). One engine per page: a WebGPU device, the last weights file, and a
+//! [`Segmenter`] at the chosen input size and variant. Everything numeric is the library's own code
+//! (the same WGSL kernels as natively); this file only moves bytes between JavaScript and Rust.
+//!
+//! Errors reach JavaScript as `Error` objects whose `name` tells what went wrong (`LimitError`,
+//! `NoAdapterError`, `WeightsError`, `ImageError`, `ConfigError`, `GpuError`, `StateError`), so the
+//! page can say plainly what to do.
+
+use crate::error::Error;
+use crate::gpu::{AdapterRequest, Gpu};
+use crate::io::{self, GrayImage, RgbImage};
+use crate::model::weights::Stored;
+use crate::model::{Config, MedFastSam, Variant, Weights};
+use crate::segment::Segmenter;
+use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::rc::Rc;
+use wasm_bindgen::prelude::*;
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_namespace = performance, js_name = now)]
+    fn perf_now() -> f64;
+    #[wasm_bindgen(js_namespace = console, js_name = error)]
+    fn console_error(s: &str);
+}
+
+#[derive(Default)]
+struct State {
+    /// Leaked on purpose: the device lives as long as the page, and the segmenter borrows it.
+    gpu: Option<&'static Gpu>,
+    /// True when a smaller storage-binding limit than the adapter's is emulated.
+    emulated_limit: bool,
+    weights: Option<Rc<Weights>>,
+    seg: Option<Rc<Segmenter<'static>>>,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+}
+
+fn js_error(name: &str, msg: impl std::fmt::Display) -> JsValue {
+    let e = js_sys::Error::new(&msg.to_string());
+    e.set_name(name);
+    e.into()
+}
+
+fn to_js(e: Error) -> JsValue {
+    let name = match &e {
+        Error::Limit { .. } => "LimitError",
+        Error::NoAdapter(_) => "NoAdapterError",
+        Error::Weights { .. } => "WeightsError",
+        Error::Image { .. } => "ImageError",
+        Error::Config(_) => "ConfigError",
+        Error::Gpu(_) => "GpuError",
+        Error::Io { .. } | Error::Invalid(_) => "Error",
+    };
+    js_error(name, e)
+}
+
+fn gpu() -> Result<&'static Gpu, JsValue> {
+    STATE
+        .with(|s| s.borrow().gpu)
+        .ok_or_else(|| js_error("StateError", "the GPU is not initialised yet"))
+}
+
+fn weights() -> Result<Rc<Weights>, JsValue> {
+    STATE
+        .with(|s| s.borrow().weights.clone())
+        .ok_or_else(|| js_error("StateError", "no weights loaded: choose a .safetensors weights file first"))
+}
+
+fn segmenter() -> Result<Rc<Segmenter<'static>>, JsValue> {
+    STATE
+        .with(|s| s.borrow().seg.clone())
+        .ok_or_else(|| js_error("StateError", "the model is not prepared: load weights first"))
+}
+
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            console_error(&format!("medfastsam panicked: {info}"));
+        }))
+    });
+}
+
+fn adapter_json(gpu: &Gpu, emulated: bool) -> String {
+    let s = gpu.summary();
+    let l = &gpu.limits;
+    json!({
+        "name": s.name,
+        "backend": s.backend,
+        "device_type": s.device_type,
+        "driver": s.driver,
+        "emulated_limit": emulated,
+        "features": {
+            "shader_f16": gpu.features.contains(wgpu::Features::SHADER_F16),
+            "timestamp_query": gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        },
+        "limits": {
+            "max_storage_buffer_binding_size": l.max_storage_buffer_binding_size,
+            "max_buffer_size": l.max_buffer_size,
+            "max_storage_buffers_per_shader_stage": l.max_storage_buffers_per_shader_stage,
+            "max_compute_workgroup_storage_size": l.max_compute_workgroup_storage_size,
+            "max_compute_invocations_per_workgroup": l.max_compute_invocations_per_workgroup,
+            "max_compute_workgroups_per_dimension": l.max_compute_workgroups_per_dimension,
+        },
+    })
+    .to_string()
+}
+
+/// Creates the WebGPU device (once; later calls return the same description). `max_binding_bytes`
+/// lowers the storage-binding limit the library checks against, to see what the page says on a
+/// device with small limits. Returns the adapter name, backend and limits as JSON.
+#[wasm_bindgen]
+pub async fn init_engine(max_binding_bytes: Option<f64>) -> Result<String, JsValue> {
+    install_panic_hook();
+    if let Some(g) = STATE.with(|s| s.borrow().gpu) {
+        let emulated = STATE.with(|s| s.borrow().emulated_limit);
+        return Ok(adapter_json(g, emulated));
+    }
+    let mut gpu = Gpu::new_async(&AdapterRequest::default()).await.map_err(to_js)?;
+    let mut emulated = false;
+    if let Some(m) = max_binding_bytes.filter(|m| *m >= 1.0) {
+        let m = m as u64;
+        if m < gpu.limits.max_storage_buffer_binding_size {
+            gpu.limits.max_storage_buffer_binding_size = m;
+            emulated = true;
+        }
+    }
+    let gpu: &'static Gpu = Box::leak(Box::new(gpu));
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.gpu = Some(gpu);
+        s.emulated_limit = emulated;
+    });
+    Ok(adapter_json(gpu, emulated))
+}
+
+/// Parses a safetensors weights file (f32, f16, bf16) and keeps it as the current weights; drops
+/// the previous model. Returns JSON: tensor and parameter counts, storage types, the configuration
+/// (from the metadata, or inferred from the shapes at 1024²) and whether it came from metadata,
+/// the variant in the metadata (or null) and the default input size.
+#[wasm_bindgen]
+pub fn load_weights(bytes: &[u8], name: &str) -> Result<String, JsValue> {
+    let w = Weights::from_bytes(bytes, name).map_err(to_js)?;
+    let cfg = w.resolve_config(None, 1024).map_err(to_js)?;
+    let params: usize =
+        w.tensors.values().filter(|t| t.stored != Stored::I64).map(|t| t.numel()).sum();
+    let mut dtypes: Vec<&str> = w
+        .tensors
+        .values()
+        .filter(|t| t.stored != Stored::I64)
+        .map(|t| if t.stored == Stored::F16 { "f16" } else { "f32" })
+        .collect();
+    dtypes.sort();
+    dtypes.dedup();
+    let info = json!({
+        "name": name,
+        "tensors": w.tensors.len(),
+        "parameters": params,
+        "dtypes": dtypes,
+        "config_in_metadata": w.config.is_some(),
+        "config": serde_json::from_str::<Value>(&cfg.to_json()).unwrap_or(Value::Null),
+        "variant": w.variant.map(|v| v.name()),
+        "default_size": cfg.image_size,
+        "default_variant": w.variant.unwrap_or_default().name(),
+    });
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.seg = None;
+        s.weights = Some(Rc::new(w));
+        if let Some(g) = s.gpu {
+            g.trim_pool();
+        }
+    });
+    Ok(info.to_string())
+}
+
+/// Builds the model on the device for input size `size` (a multiple of 16; 0 = the weights'
+/// default) and `variant` (`paper`, `released`, or empty = the weights' default): folds the
+/// BatchNorms and uploads the weights. Returns the configuration used as JSON.
+#[wasm_bindgen]
+pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
+    let gpu = gpu()?;
+    let w = weights()?;
+    let mut cfg = w.resolve_config(None, 1024).map_err(to_js)?;
+    if size != 0 {
+        cfg = cfg.with_image_size(size).map_err(to_js)?;
+    }
+    let v = if variant.is_empty() { w.variant.unwrap_or_default() } else { Variant::parse(variant).map_err(to_js)? };
+    STATE.with(|s| s.borrow_mut().seg = None);
+    gpu.trim_pool();
+    let seg = Segmenter::new(gpu, &w, Some(&cfg), Some(v)).map_err(to_js)?;
+    gpu.take_errors().map_err(to_js)?;
+    STATE.with(|s| s.borrow_mut().seg = Some(Rc::new(seg)));
+    Ok(json!({
+        "image_size": cfg.image_size,
+        "variant": v.name(),
+        "config": serde_json::from_str::<Value>(&cfg.to_json()).unwrap_or(Value::Null),
+    })
+    .to_string())
+}
+
+/// One forward on a synthetic image at the prepared size: compiles every pipeline the model uses
+/// and surfaces limit errors before the first real image. Returns JSON with the pipeline count.
+#[wasm_bindgen]
+pub async fn warm_up() -> Result<String, JsValue> {
+    let seg = segmenter()?;
+    let before = seg.gpu.pipeline_count();
+    let (w, h) = (64usize, 48usize);
+    let data = (0..w * h)
+        .flat_map(|i| {
+            let (x, y) = (i % w, i / w);
+            let v = if (x / 8 + y / 8) % 2 == 0 { 200u8 } else { 40 };
+            [v, (x * 4) as u8, (y * 5) as u8]
+        })
+        .collect();
+    let img = RgbImage { width: w, height: h, data };
+    seg.segment_async(&img).await.map_err(to_js)?;
+    Ok(json!({
+        "pipelines": seg.gpu.pipeline_count(),
+        "compiled": seg.gpu.pipeline_count() - before,
+    })
+    .to_string())
+}
+
+/// The result of one image, at its original resolution.
+#[wasm_bindgen]
+pub struct SegResult {
+    width: usize,
+    height: usize,
+    threshold: f32,
+    foreground: f64,
+    decode_ms: f64,
+    gpu_ms: f64,
+    encode_ms: f64,
+    rgba: Vec<u8>,
+    coarse_rgba: Vec<u8>,
+    fill_rgba: Vec<u8>,
+    edge_rgba: Vec<u8>,
+    mask_png: Vec<u8>,
+}
+
+#[wasm_bindgen]
+impl SegResult {
+    #[wasm_bindgen(getter)]
+    pub fn width(&self) -> usize {
+        self.width
+    }
+    #[wasm_bindgen(getter)]
+    pub fn height(&self) -> usize {
+        self.height
+    }
+    /// Otsu threshold of the coarse prompt, as a grey level in [0, 1].
+    #[wasm_bindgen(getter)]
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+    /// Fraction of mask pixels that are foreground.
+    #[wasm_bindgen(getter)]
+    pub fn foreground(&self) -> f64 {
+        self.foreground
+    }
+    #[wasm_bindgen(getter)]
+    pub fn decode_ms(&self) -> f64 {
+        self.decode_ms
+    }
+    /// Resize, forward, resize of the logits to the original size and readback.
+    #[wasm_bindgen(getter)]
+    pub fn gpu_ms(&self) -> f64 {
+        self.gpu_ms
+    }
+    #[wasm_bindgen(getter)]
+    pub fn encode_ms(&self) -> f64 {
+        self.encode_ms
+    }
+    /// The decoded image as RGBA (what the model saw before the stretch to S×S).
+    pub fn take_rgba(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.rgba)
+    }
+    /// The Otsu coarse prompt as opaque grey RGBA.
+    pub fn take_coarse_rgba(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.coarse_rgba)
+    }
+    /// The mask's interior tint (green, opaque where the mask is inside, transparent elsewhere):
+    /// drawn over the image with the opacity slider's alpha.
+    pub fn take_fill_rgba(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.fill_rgba)
+    }
+    /// The mask's outline (yellow, opaque), drawn over the tint at full alpha. Tint plus outline
+    /// at opacity `a` give the same picture as the CLI's `_overlay.png` (`io::overlay`).
+    pub fn take_edge_rgba(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.edge_rgba)
+    }
+    /// The mask as an 8-bit grey PNG (0/255) at the original resolution: byte for byte what the
+    /// CLI writes as `<stem>_mask.png` for the same logits.
+    pub fn take_mask_png(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.mask_png)
+    }
+}
+
+fn rgb_to_rgba(img: &RgbImage) -> Vec<u8> {
+    img.data.chunks_exact(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect()
+}
+
+fn gray_to_rgba(img: &GrayImage) -> Vec<u8> {
+    img.data.iter().flat_map(|&v| [v, v, v, 255]).collect()
+}
+
+/// Splits the overlay of `io::overlay` into a tint layer (interior) and an outline layer (edge
+/// pixels: foreground pixels on the border or next to a background pixel, 4-neighbourhood).
+fn overlay_layers(mask: &GrayImage) -> (Vec<u8>, Vec<u8>) {
+    let (w, h) = (mask.width, mask.height);
+    let fg = |x: usize, y: usize| mask.data[y * w + x] > 127;
+    let mut fill = vec![0u8; w * h * 4];
+    let mut edge = vec![0u8; w * h * 4];
+    for y in 0..h {
+        for x in 0..w {
+            if !fg(x, y) {
+                continue;
+            }
+            let is_edge = x == 0
+                || y == 0
+                || x + 1 == w
+                || y + 1 == h
+                || !fg(x - 1, y)
+                || !fg(x + 1, y)
+                || !fg(x, y - 1)
+                || !fg(x, y + 1);
+            let i = (y * w + x) * 4;
+            if is_edge {
+                edge[i..i + 4].copy_from_slice(&[255, 230, 0, 255]);
+            } else {
+                fill[i..i + 4].copy_from_slice(&[0, 220, 80, 255]);
+            }
+        }
+    }
+    (fill, edge)
+}
+
+/// Decodes one image file (PNG, JPEG, BMP, TIFF) and segments it with the prepared model.
+#[wasm_bindgen]
+pub async fn segment_image(bytes: Vec<u8>, name: String) -> Result<SegResult, JsValue> {
+    let seg = segmenter()?;
+    let t0 = perf_now();
+    let img = io::decode_rgb(&bytes, &name).map_err(to_js)?;
+    drop(bytes);
+    let t1 = perf_now();
+    let r = seg.segment_async(&img).await.map_err(to_js)?;
+    let t2 = perf_now();
+    let mask_png = io::encode_png_gray(&r.mask).map_err(to_js)?;
+    let t3 = perf_now();
+    let fg = r.mask.data.iter().filter(|&&v| v > 127).count() as f64 / r.mask.data.len().max(1) as f64;
+    let (fill_rgba, edge_rgba) = overlay_layers(&r.mask);
+    Ok(SegResult {
+        width: img.width,
+        height: img.height,
+        threshold: r.threshold,
+        foreground: fg,
+        decode_ms: t1 - t0,
+        gpu_ms: t2 - t1,
+        encode_ms: t3 - t2,
+        rgba: rgb_to_rgba(&img),
+        coarse_rgba: gray_to_rgba(&r.coarse),
+        fill_rgba,
+        edge_rgba,
+        mask_png,
+    })
+}
+
+/// `max|a - b| / max|b|` (the fixtures' relative error).
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let den = want.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
+    let num = got.iter().zip(want).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+    num / den
+}
+
+/// Self-check against a parity fixture (`fixtures/tiny.forward.safetensors`: u8 `image`
+/// [B,S,S,3] and per variant `logits`, `decoder.lowres_logits`, `otsu.threshold`, `otsu.mask`),
+/// run with the current weights on this page's GPU device, both variants, end to end. Returns JSON
+/// per variant: relative errors of the logits and low-resolution logits, the Otsu thresholds (got
+/// and expected) and the number of coarse-prompt pixels that differ. Judging is left to the caller
+/// (fixtures/README.md: logits ≤ 2e-3, thresholds exact, ≤ 0.1 % of coarse pixels).
+#[wasm_bindgen]
+pub async fn fixture_check(forward: Vec<u8>) -> Result<String, JsValue> {
+    let gpu = gpu()?;
+    let w = weights()?;
+    let bad = |m: String| js_error("FixtureError", m);
+    let st = safetensors::SafeTensors::deserialize(&forward).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let f32s = |key: &str| -> Result<Vec<f32>, JsValue> {
+        let t = st.tensor(key).map_err(|e| bad(format!("{key}: {e}")))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!("{key}: expected f32, found {:?}", t.dtype())));
+        }
+        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    };
+    let image = st.tensor("image").map_err(|e| bad(format!("image: {e}")))?;
+    let shape = image.shape().to_vec();
+    if image.dtype() != safetensors::Dtype::U8 || shape.len() != 4 || shape[3] != 3 || shape[1] != shape[2] {
+        return Err(bad(format!("image must be u8 [B,S,S,3], found {:?} {shape:?}", image.dtype())));
+    }
+    let (b, s) = (shape[0], shape[1]);
+    let packed: Vec<u32> = image
+        .data()
+        .chunks_exact(3)
+        .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
+        .collect();
+    let cfg: Config = w.resolve_config(None, s).and_then(|c| c.with_image_size(s)).map_err(to_js)?;
+    let mut out = serde_json::Map::new();
+    for v in [Variant::Paper, Variant::Released] {
+        let p = v.name();
+        let model = MedFastSam::new(gpu, &w, &cfg, v).map_err(to_js)?;
+        let px = gpu.upload_u32(&packed, &[b, s, s]).map_err(to_js)?;
+        let mut rec = gpu.new_recorder();
+        let o = model.forward(&mut rec, &px, false).map_err(to_js)?;
+        rec.submit().map_err(to_js)?;
+        let logits = gpu.read_async(&o.logits).await.map_err(to_js)?;
+        let lowres = gpu.read_async(&o.lowres_logits).await.map_err(to_js)?;
+        let thr = gpu.read_async(&o.threshold).await.map_err(to_js)?;
+        let coarse = gpu.read_async(&o.coarse).await.map_err(to_js)?;
+        let want_thr = f32s(&format!("{p}.otsu.threshold"))?;
+        let want_coarse = f32s(&format!("{p}.otsu.mask"))?;
+        let coarse_diff = coarse.iter().zip(&want_coarse).filter(|(a, b)| (**a > 0.5) != (**b > 0.5)).count()
+            + coarse.len().abs_diff(want_coarse.len());
+        out.insert(
+            p.to_string(),
+            json!({
+                "logits_rel_err": rel_err(&logits, &f32s(&format!("{p}.logits"))?),
+                "lowres_logits_rel_err": rel_err(&lowres, &f32s(&format!("{p}.decoder.lowres_logits"))?),
+                "threshold": thr,
+                "threshold_expected": want_thr,
+                "threshold_exact": thr == want_thr,
+                "coarse_diff_pixels": coarse_diff,
+                "coarse_pixels": want_coarse.len(),
+            }),
+        );
+        drop(model);
+        gpu.trim_pool();
+    }
+    out.insert("batch".into(), json!(b));
+    out.insert("image_size".into(), json!(s));
+    Ok(Value::Object(out).to_string())
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The browser test: builds the page (web/build.sh) and the native CLI, segments three real images
+# with the CLI and with the page in headless Chromium (WebGPU on SwiftShader), and checks
+# (a) masks equal (<= 0.1 % of pixels), (b) tiny-fixture logits within tolerance, (c) no request
+# leaves the page's origin, plus responsiveness, storage, and the no-WebGPU / small-limits messages.
+# Run from anywhere; exits non-zero on any failure. Needs what .ci/setup installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+say() { printf '[web/test.sh] %s\n' "$*"; }
+die() { say "FAILED: $*" >&2; exit 1; }
+
+chromium="${CHROMIUM:-/usr/bin/chromium}"
+[ -x "$chromium" ] || die "Chromium not found at $chromium (apt-get install chromium, or set CHROMIUM)"
+command -v node >/dev/null || die "node is not installed"
+
+say "building the page (wasm32 + wasm-bindgen)"
+bash web/build.sh
+say "building the native CLI (release)"
+cargo build --release --bin medfastsam
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo target)
+
+if [ ! -d web/test/node_modules/playwright-core ]; then
+  say "npm ci in web/test (playwright-core only; no browser download)"
+  (cd web/test && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
+fi
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+images=(data/he/stardist-histo.jpg data/he/skimage-ihc.png data/dsb2018-nuclei/image.tif)
+say "native CLI masks of ${images[*]}"
+"$target_dir/release/medfastsam" segment "${images[@]}" \
+  --weights tests/data/fixtures/tiny.weights.safetensors --config tests/data/fixtures/tiny.config.json \
+  --out "$tmp/cli" || die "the native CLI failed"
+
+say "browser test"
+node web/test/run.mjs --cli-masks "$tmp/cli" --chromium "$chromium" || die "browser checks failed (see above)"
+say "passed"

@@ -1,0 +1,486 @@
+// Browser test of the medfastsam page (run by web/test.sh): Debian's Chromium, headless, WebGPU on
+// SwiftShader, driven by playwright-core. It serves web/ from a local static server, feeds real
+// images and the tiny fixture weights through the page's own file inputs, and checks
+//   (a) every mask the page offers for download equals the native CLI's mask (<= 0.1 % of pixels),
+//   (b) the tiny-fixture logits computed in the page match fixtures/tiny.forward,
+//   (c) no request left the page's origin,
+// plus: the page never stalls, the weights survive a reload, a browser without WebGPU and a GPU
+// with too small limits get a plain message, and the CSP blocks other origins (page and worker).
+//
+// Usage: node run.mjs --cli-masks DIR [--chromium PATH]
+//        node run.mjs --bench --weights FILE [--image FILE] [--size N] [--repeat N]
+
+import http from 'node:http';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import zlib from 'node:zlib';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const webRoot = path.resolve(here, '..');
+const repoRoot = path.resolve(webRoot, '..');
+const fixturesDir = path.join(repoRoot, 'tests', 'data', 'fixtures');
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+
+const args = process.argv.slice(2);
+const opt = (name, dflt) => {
+  const i = args.indexOf(name);
+  return i >= 0 && i + 1 < args.length ? args[i + 1] : dflt;
+};
+const flag = (name) => args.includes(name);
+const chromiumPath = opt('--chromium', process.env.CHROMIUM || '/usr/bin/chromium');
+
+const t0 = Date.now();
+const log = (...m) => console.log(`[web-test ${((Date.now() - t0) / 1000).toFixed(1).padStart(6)}s]`, ...m);
+let failures = 0;
+function check(ok, what) {
+  if (ok) log(`ok   ${what}`);
+  else {
+    failures++;
+    log(`FAIL ${what}`);
+  }
+  return ok;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Static server: web/ at /, and the parity fixture (read-only) at /__fixtures__/ for check (b).
+// No security headers on purpose: the page must hold its CSP by itself (the <meta> tag).
+
+const MIME = {
+  '.html': 'text/html; charset=utf-8',
+  '.js': 'text/javascript; charset=utf-8',
+  '.mjs': 'text/javascript; charset=utf-8',
+  '.css': 'text/css; charset=utf-8',
+  '.wasm': 'application/wasm',
+  '.svg': 'image/svg+xml',
+  '.json': 'application/json',
+  '.safetensors': 'application/octet-stream',
+};
+
+function startServer() {
+  const served = [];
+  const server = http.createServer((req, res) => {
+    const url = new URL(req.url, 'http://localhost');
+    let file = null;
+    const p = decodeURIComponent(url.pathname);
+    if (p.startsWith('/__fixtures__/')) {
+      const name = path.basename(p);
+      if (/^tiny\.[a-z]+\.safetensors$/.test(name)) file = path.join(fixturesDir, name);
+    } else {
+      const rel = p === '/' ? 'index.html' : p.slice(1);
+      const abs = path.resolve(webRoot, rel);
+      if (abs.startsWith(webRoot + path.sep) && !abs.includes(`${path.sep}test${path.sep}`)) file = abs;
+    }
+    served.push(p);
+    if (!file || !fs.existsSync(file) || !fs.statSync(file).isFile()) {
+      res.writeHead(404, { 'content-type': 'text/plain' });
+      res.end('not found');
+      return;
+    }
+    res.writeHead(200, {
+      'content-type': MIME[path.extname(file)] || 'application/octet-stream',
+      'cache-control': 'no-store',
+    });
+    fs.createReadStream(file).pipe(res);
+  });
+  return new Promise((resolve) => {
+    server.listen(0, '127.0.0.1', () => resolve({ server, served, origin: `http://127.0.0.1:${server.address().port}` }));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal PNG decoder (8-bit, non-interlaced; what the mask encoder writes) for comparisons.
+
+function decodePng(buf) {
+  const sig = Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]);
+  if (!buf.subarray(0, 8).equals(sig)) throw new Error('not a PNG');
+  let off = 8;
+  let width, height, depth, ctype, interlace;
+  const idat = [];
+  while (off < buf.length) {
+    const len = buf.readUInt32BE(off);
+    const type = buf.toString('latin1', off + 4, off + 8);
+    const data = buf.subarray(off + 8, off + 8 + len);
+    if (type === 'IHDR') {
+      width = data.readUInt32BE(0);
+      height = data.readUInt32BE(4);
+      depth = data[8];
+      ctype = data[9];
+      interlace = data[12];
+    } else if (type === 'IDAT') idat.push(data);
+    else if (type === 'IEND') break;
+    off += 12 + len;
+  }
+  const channels = { 0: 1, 2: 3, 4: 2, 6: 4 }[ctype];
+  if (depth !== 8 || !channels || interlace !== 0) throw new Error(`unsupported PNG (depth ${depth}, colour type ${ctype}, interlace ${interlace})`);
+  const raw = zlib.inflateSync(Buffer.concat(idat));
+  const stride = width * channels;
+  const out = Buffer.alloc(stride * height);
+  for (let y = 0; y < height; y++) {
+    const filter = raw[y * (stride + 1)];
+    const line = raw.subarray(y * (stride + 1) + 1, (y + 1) * (stride + 1));
+    const row = out.subarray(y * stride, (y + 1) * stride);
+    const prev = y > 0 ? out.subarray((y - 1) * stride, y * stride) : null;
+    for (let x = 0; x < stride; x++) {
+      const a = x >= channels ? row[x - channels] : 0;
+      const b = prev ? prev[x] : 0;
+      const c = prev && x >= channels ? prev[x - channels] : 0;
+      let v = line[x];
+      if (filter === 1) v += a;
+      else if (filter === 2) v += b;
+      else if (filter === 3) v += (a + b) >> 1;
+      else if (filter === 4) {
+        const p = a + b - c;
+        const pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
+        v += pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
+      } else if (filter !== 0) throw new Error(`bad PNG filter ${filter}`);
+      row[x] = v & 255;
+    }
+  }
+  return { width, height, channels, data: out };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Browser
+
+const STALL_MONITOR = () => {
+  // Longest gap between 20 ms timer ticks on the page's main thread (a frozen page shows up here).
+  let last = performance.now();
+  window.__stall = { max: 0, since: last };
+  setInterval(() => {
+    const now = performance.now();
+    window.__stall.max = Math.max(window.__stall.max, now - last - 20);
+    last = now;
+  }, 20);
+};
+
+async function launch() {
+  return chromium.launch({
+    executablePath: chromiumPath,
+    headless: true,
+    args: [
+      '--enable-unsafe-webgpu',
+      '--no-first-run',
+      '--no-default-browser-check',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--disable-quic',
+      '--disable-dev-shm-usage',
+    ],
+  });
+}
+
+function watch(page, errors) {
+  page.on('console', (m) => {
+    if (m.type() === 'error' || m.type() === 'warning') log(`  [console.${m.type()}] ${m.text()}`);
+  });
+  page.on('pageerror', (e) => {
+    errors.push(String(e));
+    log(`  [pageerror] ${e}`);
+  });
+  page.on('worker', (w) => w.on('console', (m) => log(`  [worker console.${m.type()}] ${m.text()}`)));
+}
+
+async function waitFor(page, fn, arg, what, timeout) {
+  // Also stops early when the page reports a fatal error.
+  const src = `(${fn})(arg) || document.body.dataset.state === 'error'`;
+  try {
+    await page.waitForFunction(new Function('arg', `return ${src};`), arg, { timeout, polling: 100 });
+    if ((await page.evaluate(() => document.body.dataset.state)) === 'error' && !(await page.evaluate(fn, arg))) throw new Error('page error');
+  } catch (e) {
+    const st = await page.evaluate(() => ({
+      state: document.body.dataset.state,
+      alert: document.querySelector('#settings-alert')?.textContent,
+      fatal: document.querySelector('#fatal')?.textContent,
+      progress: document.querySelector('#progress-label')?.textContent,
+    })).catch(() => ({}));
+    throw new Error(`${e.message === 'page error' ? 'page error' : 'timed out'} waiting for ${what}: ${JSON.stringify(st)}`);
+  }
+}
+
+async function waitReady(page, prepared, timeout) {
+  await waitFor(
+    page,
+    (p) => document.body.dataset.prepared === p && document.body.dataset.state === 'ready',
+    prepared,
+    `the model to be ready (${prepared})`,
+    timeout,
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test
+
+async function runTest() {
+  const cliDir = opt('--cli-masks');
+  if (!cliDir) throw new Error('--cli-masks DIR is required (the native CLI masks of the same images)');
+  const images = [
+    path.join(repoRoot, 'data/he/stardist-histo.jpg'),
+    path.join(repoRoot, 'data/he/skimage-ihc.png'),
+    path.join(repoRoot, 'data/dsb2018-nuclei/image.tif'),
+  ];
+  const weights = path.join(fixturesDir, 'tiny.weights.safetensors');
+
+  const { server, served, origin } = await startServer();
+  log(`serving ${webRoot} at ${origin}`);
+  const browser = await launch();
+  log(`chromium ${browser.version()} (${chromiumPath})`);
+  const downloadsDir = fs.mkdtempSync(path.join(os.tmpdir(), 'medfastsam-web-'));
+  try {
+    const context = await browser.newContext({ acceptDownloads: true });
+    const requests = [];
+    context.on('request', (r) => requests.push({ url: r.url(), type: r.resourceType() }));
+    await context.addInitScript(STALL_MONITOR);
+    const page = await context.newPage();
+    const errors = [];
+    watch(page, errors);
+
+    // 1. Open the page: adapter shown.
+    await page.goto(`${origin}/index.html`);
+    await waitFor(page, () => ['need-weights', 'ready', 'error', 'no-webgpu'].includes(document.body.dataset.state), null, 'the adapter', 60000);
+    const gpuText = await page.textContent('#gpu-name');
+    log(`adapter shown: ${gpuText}`);
+    check((await page.evaluate(() => document.body.dataset.state)) === 'need-weights', 'page starts with a WebGPU adapter and asks for weights');
+    const limitsRows = await page.$$eval('#gpu-limits tr', (rows) => rows.map((r) => r.textContent));
+    check(limitsRows.some((r) => r.includes('Max storage binding')), `adapter limits listed (${limitsRows.length} rows)`);
+
+    // 2. Input size 256 (the tiny fixture's), then the weights through the page's own input.
+    await page.selectOption('#size', '256');
+    await page.setInputFiles('#weights-input', weights);
+    await waitReady(page, '256:paper', 180000);
+    const wInfo = await page.textContent('#weights-info');
+    log(`weights: ${wInfo.replace(/\s+/g, ' ').trim()}`);
+    const prep = await page.evaluate(() => window.medfastsam.status().prepared);
+    log(`prepared: upload ${prep.upload_ms.toFixed(0)} ms, ${prep.pipelines} pipelines + first pass ${prep.warmup_ms.toFixed(0)} ms`);
+
+    // 3. Images through the page's own input; wait for every card.
+    await page.evaluate(() => (window.__stall.max = 0));
+    await page.setInputFiles('#images-input', images);
+    await waitFor(
+      page,
+      (n) => {
+        const cards = [...document.querySelectorAll('.card')];
+        return cards.length === n && cards.every((c) => c.dataset.state === 'done' || c.dataset.state === 'error');
+      },
+      images.length,
+      'all images to be segmented',
+      300000,
+    );
+    const stall = await page.evaluate(() => window.__stall.max);
+    check(stall < 500, `the page never froze while segmenting (longest main-thread stall ${stall.toFixed(0)} ms < 500 ms)`);
+    const cards = await page.$$eval('.card', (cs) =>
+      cs.map((c) => ({ name: c.dataset.name, state: c.dataset.state, w: +c.dataset.width, h: +c.dataset.height, ms: +c.dataset.ms, status: c.querySelector('.status').textContent, timing: c.querySelector('.timing').textContent })),
+    );
+    for (const c of cards) log(`  ${c.name}: ${c.state} · ${c.status} · ${c.timing}`);
+    check(cards.every((c) => c.state === 'done'), 'every image segmented');
+
+    // Canvases: original, coarse prompt and overlay at the image's resolution; the slider changes the tint.
+    const canv = await page.$$eval('.card', (cs) =>
+      cs.map((c) => ['orig', 'coarse', 'base', 'fill', 'edge'].map((k) => {
+        const cv = c.querySelector(`canvas.${k}`);
+        return `${cv.width}x${cv.height}`;
+      })),
+    );
+    check(canv.every((list, i) => list.every((s) => s === `${cards[i].w}x${cards[i].h}`)), 'original, coarse prompt and overlay drawn at each image\'s resolution');
+    await page.$eval('#opacity', (el) => {
+      el.value = '80';
+      el.dispatchEvent(new Event('input', { bubbles: true }));
+    });
+    const op = await page.$eval('.card canvas.fill', (c) => getComputedStyle(c).opacity);
+    check(op === '0.8', `opacity slider sets the mask tint's opacity (${op})`);
+
+    // (a) Masks offered for download vs the native CLI's masks.
+    let worst = 0;
+    for (let i = 0; i < cards.length; i++) {
+      const card = page.locator('.card').nth(i);
+      const [dl] = await Promise.all([page.waitForEvent('download'), card.locator('a.download-mask').click()]);
+      const fname = dl.suggestedFilename();
+      const file = path.join(downloadsDir, fname);
+      await dl.saveAs(file);
+      const mine = decodePng(fs.readFileSync(file));
+      const cliFile = path.join(cliDir, fname);
+      if (!check(fs.existsSync(cliFile), `CLI mask ${fname} exists`)) continue;
+      const ref = decodePng(fs.readFileSync(cliFile));
+      check(mine.width === cards[i].w && mine.height === cards[i].h && mine.channels === 1, `${fname}: grey PNG at the original resolution ${mine.width}x${mine.height}`);
+      if (mine.width !== ref.width || mine.height !== ref.height) {
+        check(false, `${fname}: size ${mine.width}x${mine.height} equals the CLI's ${ref.width}x${ref.height}`);
+        continue;
+      }
+      let diff = 0;
+      let nonBinary = 0;
+      for (let k = 0; k < ref.data.length; k++) {
+        if ((mine.data[k] > 127) !== (ref.data[k] > 127)) diff++;
+        if (mine.data[k] !== 0 && mine.data[k] !== 255) nonBinary++;
+      }
+      const frac = diff / ref.data.length;
+      worst = Math.max(worst, frac);
+      const fg = mine.data.reduce((s, v) => s + (v > 127), 0) / mine.data.length;
+      check(nonBinary === 0, `${fname}: mask is 0/255`);
+      check(frac <= 0.001, `(a) ${fname}: ${diff} of ${ref.data.length} pixels differ from the CLI's mask (${(frac * 100).toFixed(4)}% <= 0.1%; ${(fg * 100).toFixed(1)}% foreground; byte-identical PNG: ${fs.readFileSync(file).equals(fs.readFileSync(cliFile))})`);
+    }
+
+    // (b) Parity with fixtures/tiny.forward, computed in the page with the weights loaded above.
+    const fx = await page.evaluate(() => window.medfastsam.selfTest('/__fixtures__/tiny.forward.safetensors'));
+    log(`fixture check (${fx.batch} images at ${fx.image_size}², ${fx.ms.toFixed(0)} ms):`);
+    for (const v of ['paper', 'released']) {
+      const r = fx[v];
+      check(r.logits_rel_err <= 2e-3, `(b) ${v}: logits max rel err ${r.logits_rel_err.toExponential(2)} <= 2e-3`);
+      check(r.lowres_logits_rel_err <= 2e-3, `(b) ${v}: low-res logits max rel err ${r.lowres_logits_rel_err.toExponential(2)} <= 2e-3`);
+      check(r.threshold_exact, `(b) ${v}: Otsu thresholds ${JSON.stringify(r.threshold)} exact`);
+      check(r.coarse_diff_pixels <= 0.001 * r.coarse_pixels, `(b) ${v}: ${r.coarse_diff_pixels} of ${r.coarse_pixels} coarse-prompt pixels differ (<= 0.1%)`);
+    }
+
+    // (c) Every request went to the page's origin.
+    const foreign = requests.filter((r) => !/^(data|blob):/.test(r.url) && new URL(r.url).origin !== origin);
+    const byPath = {};
+    for (const r of requests) {
+      const key = /^(data|blob):/.test(r.url) ? r.url.slice(0, 5) : new URL(r.url).origin === origin ? new URL(r.url).pathname : r.url;
+      byPath[key] = (byPath[key] || 0) + 1;
+    }
+    log(`request log (${requests.length} requests): ${Object.entries(byPath).map(([k, n]) => `${k}${n > 1 ? ` x${n}` : ''}`).join(', ')}`);
+    check(requests.some((r) => r.url.endsWith('/pkg/medfastsam_bg.wasm')), 'the request log includes the worker\'s requests (the wasm module)');
+    check(foreign.length === 0, `(c) no request left ${origin}${foreign.length ? ': ' + foreign.map((r) => r.url).join(', ') : ''}`);
+    check(errors.length === 0, `no uncaught page errors${errors.length ? ': ' + errors.join('; ') : ''}`);
+
+    // Reload: the weights come back from browser storage, and segmentation works without asking.
+    await page.reload();
+    await waitReady(page, '256:paper', 180000);
+    const restored = await page.textContent('#weights-info');
+    check(/Saved in this browser/.test(restored) && restored.includes('tiny.weights.safetensors'), 'after a reload the weights are restored from browser storage');
+    await page.setInputFiles('#images-input', images[0]);
+    await waitFor(page, () => document.querySelector('.card')?.dataset.state === 'done', null, 'segmentation after reload', 120000);
+    const [dl2] = await Promise.all([page.waitForEvent('download'), page.locator('.card a.download-mask').first().click()]);
+    const again = path.join(downloadsDir, 'after-reload.png');
+    await dl2.saveAs(again);
+    check(fs.readFileSync(again).equals(fs.readFileSync(path.join(downloadsDir, 'stardist-histo_mask.png'))), 'after a reload the same image gives the same mask');
+
+    // The CSP holds in the page and in its worker: other origins are refused before any request.
+    const probe = 'http://192.0.2.1/probe';
+    const pageProbe = await page.evaluate(async (u) => {
+      const v = [];
+      document.addEventListener('securitypolicyviolation', (e) => v.push(e.violatedDirective));
+      const r = await fetch(u).then(() => 'fetched', (e) => String(e));
+      await new Promise((res) => setTimeout(res, 200));
+      return { r, v };
+    }, probe);
+    check(pageProbe.r !== 'fetched' && pageProbe.v.some((d) => d.startsWith('connect-src')), `the page's CSP refuses other origins (${JSON.stringify(pageProbe)})`);
+    const worker = page.workers()[0];
+    if (check(Boolean(worker), 'the compute worker is running')) {
+      const wProbe = await worker.evaluate(async (u) => {
+        const v = [];
+        self.addEventListener('securitypolicyviolation', (e) => v.push(e.violatedDirective));
+        const r = await fetch(u).then(() => 'fetched', (e) => String(e));
+        await new Promise((res) => setTimeout(res, 200));
+        return { r, v };
+      }, probe);
+      check(wProbe.r !== 'fetched' && wProbe.v.some((d) => d.startsWith('connect-src')), `the worker inherits the CSP and refuses other origins (${JSON.stringify(wProbe)})`);
+    }
+    await context.close();
+
+    // A browser without WebGPU gets a plain message.
+    {
+      const ctx = await browser.newContext();
+      await ctx.addInitScript(() => {
+        Object.defineProperty(Navigator.prototype, 'gpu', { get: () => undefined, configurable: true });
+      });
+      const p = await ctx.newPage();
+      watch(p, []);
+      await p.goto(`${origin}/index.html`);
+      await waitFor(p, () => document.body.dataset.state === 'no-webgpu', null, 'the no-WebGPU message', 30000);
+      const msg = await p.textContent('#fatal');
+      check(/WebGPU is not available/.test(msg) && /Chrome|Edge/.test(msg), `without WebGPU the page says so and what to do: "${msg.replace(/\s+/g, ' ').trim().slice(0, 160)}…"`);
+      await ctx.close();
+    }
+
+    // A GPU whose storage-binding limit is too small for the input size gets a plain message.
+    {
+      const ctx = await browser.newContext();
+      const p = await ctx.newPage();
+      watch(p, []);
+      await p.goto(`${origin}/index.html?max-binding-mib=1`);
+      await waitFor(p, () => document.body.dataset.state === 'need-weights', null, 'the adapter', 60000);
+      await p.selectOption('#size', '256');
+      await p.setInputFiles('#weights-input', weights);
+      await waitFor(p, () => document.body.dataset.state === 'blocked', null, 'the limits message', 120000);
+      const msg = await p.textContent('#settings-alert');
+      check(/limits are too small for 256 × 256/.test(msg) && /max_storage_buffer_binding_size/.test(msg), `with a 1 MiB binding limit the page says so and what to do: "${msg.slice(0, 220)}…"`);
+      await ctx.close();
+    }
+  } finally {
+    await browser.close();
+    server.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark: time per image and pipeline compilation in this browser.
+
+async function runBench() {
+  const weights = path.resolve(opt('--weights', ''));
+  const image = path.resolve(opt('--image', path.join(repoRoot, 'data/he/stardist-histo.jpg')));
+  const size = opt('--size', 'auto');
+  const repeat = Number(opt('--repeat', '2'));
+  const timeout = Number(opt('--timeout-s', '1500')) * 1000;
+  if (!fs.existsSync(weights)) throw new Error('--weights FILE is required');
+  const { server, origin } = await startServer();
+  const browser = await launch();
+  try {
+    const context = await browser.newContext();
+    await context.addInitScript(STALL_MONITOR);
+    const page = await context.newPage();
+    watch(page, []);
+    await page.goto(`${origin}/index.html`);
+    await waitFor(page, () => document.body.dataset.state === 'need-weights', null, 'the adapter', 60000);
+    log(`adapter: ${await page.textContent('#gpu-name')}`);
+    await page.selectOption('#size', size);
+    const tw = Date.now();
+    await page.setInputFiles('#weights-input', weights);
+    await waitFor(page, () => document.body.dataset.state === 'ready', null, 'ready', timeout);
+    const st = await page.evaluate(() => window.medfastsam.status());
+    const p = st.prepared;
+    log(`weights ${path.basename(weights)}: ready in ${((Date.now() - tw) / 1000).toFixed(1)} s at ${p.image_size}² (${p.variant}); upload ${p.upload_ms.toFixed(0)} ms; ${p.pipelines} pipelines compiled + first pass ${(p.warmup_ms / 1000).toFixed(1)} s`);
+    await page.setInputFiles('#images-input', Array(repeat).fill(image));
+    await waitFor(
+      page,
+      (n) => {
+        const cards = [...document.querySelectorAll('.card')];
+        return cards.length === n && cards.every((c) => c.dataset.state === 'done' || c.dataset.state === 'error');
+      },
+      repeat,
+      'the images',
+      timeout,
+    );
+    const res = await page.evaluate(() => window.medfastsam.status().cards);
+    for (const c of res) {
+      if (!c.result) log(`  ${c.name}: ${c.state}`);
+      else log(`  ${c.name} ${c.result.width}x${c.result.height}: ${(c.result.total_ms / 1000).toFixed(2)} s per image (GPU part ${(c.result.gpu_ms / 1000).toFixed(2)} s)`);
+    }
+    const gpuMs = res.filter((c) => c.result).map((c) => c.result.gpu_ms);
+    if (gpuMs.length) {
+      const best = Math.min(...gpuMs);
+      log(`pipeline compilation ≈ first pass − steady forward = ${((p.warmup_ms - best) / 1000).toFixed(1)} s`);
+    }
+    log(`longest main-thread stall: ${(await page.evaluate(() => window.__stall.max)).toFixed(0)} ms`);
+  } finally {
+    await browser.close();
+    server.close();
+  }
+}
+
+try {
+  if (flag('--bench')) await runBench();
+  else await runTest();
+} catch (e) {
+  failures++;
+  log(`FAIL ${e.stack || e}`);
+}
+if (failures) {
+  log(`${failures} check(s) FAILED`);
+  process.exit(1);
+}
+log('all checks passed');

@@ -1,0 +1,162 @@
+// The page's compute worker: loads the wasm build of medfastsam, owns the WebGPU device, and runs
+// every heavy step (reading and parsing weights, uploading them, compiling pipelines, decoding,
+// segmenting, PNG encoding) off the page's main thread, so the page never freezes.
+//
+// Protocol: the page posts {id, op, ...}; the worker answers {id, type: 'progress', ...} zero or more
+// times, then {id, type: 'result', ok, value | error}. Requests run one at a time, in order.
+
+import init, * as wasm from './pkg/medfastsam.js';
+
+let wasmReady = null;
+let broken = null; // set after a panic: the wasm instance is no longer usable
+
+function errorInfo(e) {
+  if (e instanceof WebAssembly.RuntimeError) {
+    broken = 'an internal error stopped the segmentation engine (' + e.message + '); reload the page';
+    return { name: 'InternalError', message: broken, fatal: true };
+  }
+  if (e && typeof e === 'object' && 'message' in e) {
+    return { name: e.name || 'Error', message: String(e.message) };
+  }
+  return { name: 'Error', message: String(e) };
+}
+
+async function readBlob(blob, progress) {
+  // Streams the file so the page can show how far reading has got.
+  const total = blob.size;
+  const out = new Uint8Array(total);
+  let loaded = 0;
+  const reader = blob.stream().getReader();
+  let lastReport = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (loaded + value.length > total) throw new Error('the file changed while it was being read');
+    out.set(value, loaded);
+    loaded += value.length;
+    const now = performance.now();
+    if (now - lastReport > 50) {
+      progress({ phase: 'read', loaded, total });
+      lastReport = now;
+    }
+  }
+  progress({ phase: 'read', loaded, total });
+  return loaded === total ? out : out.subarray(0, loaded);
+}
+
+function bitmap(rgba, w, h) {
+  return createImageBitmap(new ImageData(new Uint8ClampedArray(rgba.buffer, rgba.byteOffset, rgba.length), w, h));
+}
+
+const ops = {
+  async init(msg) {
+    if (!self.navigator.gpu) {
+      const e = new Error('this browser offers no WebGPU inside workers');
+      e.name = 'NoWebGPU';
+      throw e;
+    }
+    const adapter = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+    if (!adapter) {
+      const e = new Error('WebGPU is present but the browser offered no adapter');
+      e.name = 'NoAdapterError';
+      throw e;
+    }
+    const info = adapter.info || {};
+    const browser = {
+      vendor: info.vendor || '',
+      architecture: info.architecture || '',
+      device: info.device || '',
+      description: info.description || '',
+      fallback: Boolean(info.isFallbackAdapter ?? adapter.isFallbackAdapter),
+    };
+    if (!wasmReady) wasmReady = init({ module_or_path: new URL('./pkg/medfastsam_bg.wasm', import.meta.url) });
+    await wasmReady;
+    const maxBinding = msg.maxBindingMiB ? msg.maxBindingMiB * 1024 * 1024 : undefined;
+    const gpu = JSON.parse(await wasm.init_engine(maxBinding));
+    return { value: { gpu, browser } };
+  },
+
+  async weights(msg, progress) {
+    const bytes = await readBlob(msg.blob, progress);
+    progress({ phase: 'parse' });
+    const t0 = performance.now();
+    const info = JSON.parse(wasm.load_weights(bytes, msg.name));
+    info.parse_ms = performance.now() - t0;
+    return { value: info };
+  },
+
+  async prepare(msg, progress) {
+    progress({ phase: 'upload' });
+    const t0 = performance.now();
+    const cfg = JSON.parse(wasm.prepare(msg.size || 0, msg.variant || ''));
+    const t1 = performance.now();
+    progress({ phase: 'compile', image_size: cfg.image_size });
+    const warm = JSON.parse(await wasm.warm_up());
+    const t2 = performance.now();
+    return { value: { ...cfg, ...warm, upload_ms: t1 - t0, warmup_ms: t2 - t1 } };
+  },
+
+  async segment(msg) {
+    const t0 = performance.now();
+    const bytes = new Uint8Array(await msg.blob.arrayBuffer());
+    const r = await wasm.segment_image(bytes, msg.name);
+    try {
+      const w = r.width, h = r.height;
+      const [orig, coarse, fill, edge] = await Promise.all([
+        bitmap(r.take_rgba(), w, h),
+        bitmap(r.take_coarse_rgba(), w, h),
+        bitmap(r.take_fill_rgba(), w, h),
+        bitmap(r.take_edge_rgba(), w, h),
+      ]);
+      const maskPng = r.take_mask_png();
+      const value = {
+        width: w,
+        height: h,
+        threshold: r.threshold,
+        foreground: r.foreground,
+        decode_ms: r.decode_ms,
+        gpu_ms: r.gpu_ms,
+        encode_ms: r.encode_ms,
+        total_ms: performance.now() - t0,
+        orig,
+        coarse,
+        fill,
+        edge,
+        maskPng: maskPng.buffer,
+      };
+      return { value, transfer: [orig, coarse, fill, edge, maskPng.buffer] };
+    } finally {
+      r.free();
+    }
+  },
+
+  async fixture(msg) {
+    const res = await fetch(msg.url);
+    if (!res.ok) throw new Error(`${msg.url}: HTTP ${res.status}`);
+    const bytes = new Uint8Array(await res.arrayBuffer());
+    const t0 = performance.now();
+    const out = JSON.parse(await wasm.fixture_check(bytes));
+    out.ms = performance.now() - t0;
+    return { value: out };
+  },
+};
+
+let chain = Promise.resolve();
+
+self.onmessage = (ev) => {
+  const msg = ev.data;
+  chain = chain.then(() => handle(msg));
+};
+
+async function handle(msg) {
+  const progress = (p) => self.postMessage({ id: msg.id, type: 'progress', ...p });
+  try {
+    if (broken) throw new Error(broken);
+    const op = ops[msg.op];
+    if (!op) throw new Error(`unknown request '${msg.op}'`);
+    const { value, transfer } = await op(msg, progress);
+    self.postMessage({ id: msg.id, type: 'result', ok: true, value }, transfer || []);
+  } catch (e) {
+    self.postMessage({ id: msg.id, type: 'result', ok: false, error: errorInfo(e) });
+  }
+}
