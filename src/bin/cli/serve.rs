@@ -15,9 +15,10 @@ pub struct ServeArgs {
     pub dir: Option<PathBuf>,
 }
 
-pub const CSP: &str = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; \
-img-src 'self' blob: data:; connect-src 'self'; worker-src 'self' blob:; object-src 'none'; base-uri 'none'; \
-form-action 'none'; frame-ancestors 'none'";
+/// The same policy as the page's own `<meta>` tag, also sent as a header.
+pub const CSP: &str = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; \
+connect-src 'self'; img-src 'self' blob: data:; style-src 'self'; font-src 'none'; media-src 'none'; \
+object-src 'none'; frame-src 'none'; manifest-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 fn mime(p: &Path) -> &'static str {
     match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
