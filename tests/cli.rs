@@ -250,3 +250,40 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     assert_clean_failure(&r, "corrupt.png");
     assert_eq!(files_in(&out), vec!["stardist-histo_mask.png", "stardist-histo_overlay.png"]);
 }
+
+#[test]
+fn serve_sends_the_page_with_its_csp_and_refuses_paths_outside_web() {
+    use std::io::{Read, Write};
+    // A free port: bind to 0, read it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = bin()
+        .args(["serve", "--port", &port.to_string(), "--dir", repo("web").to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> Option<String> {
+        for _ in 0..100 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                return Some(buf);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        None
+    };
+    let index = get("/").expect("server did not start");
+    let escape = get("/../Cargo.toml").unwrap();
+    let encoded = get("/%2e%2e/Cargo.toml").unwrap();
+    let js = get("/app.js").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(index.starts_with("HTTP/1.1 200"), "{}", &index[..80.min(index.len())]);
+    assert!(index.contains("Content-Security-Policy: default-src 'self'"));
+    assert!(index.contains("<html"));
+    assert!(js.contains("Content-Type: text/javascript"));
+    assert!(escape.starts_with("HTTP/1.1 404"), "{escape}");
+    assert!(encoded.starts_with("HTTP/1.1 404"), "{encoded}");
+}

@@ -29,6 +29,7 @@ pub struct AdapterRequest {
 
 impl AdapterRequest {
     /// Reads `MEDFASTSAM_BACKEND` and `MEDFASTSAM_ADAPTER` for fields not already set.
+    #[allow(unused_mut)]
     pub fn with_env(mut self) -> Self {
         #[cfg(not(target_arch = "wasm32"))]
         {
@@ -98,6 +99,7 @@ fn parse_backends(s: &str) -> Result<wgpu::Backends> {
     Ok(b)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn type_rank(t: wgpu::DeviceType) -> u32 {
     match t {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -108,6 +110,7 @@ fn type_rank(t: wgpu::DeviceType) -> u32 {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 const INSTALL_HINT: &str = "install a GPU driver with Vulkan support; on a machine without a GPU \
 install the software Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1)";
 

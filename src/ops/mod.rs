@@ -15,7 +15,9 @@ pub mod resize;
 
 pub use matmul::Act;
 
+#[cfg(not(target_arch = "wasm32"))]
 use crate::error::Result;
+#[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::{Gpu, Recorder};
 
 /// One micro-benchmark line: a kernel at one of the model's real shapes.
