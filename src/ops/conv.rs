@@ -9,7 +9,10 @@
 //!   exceed the device's storage-binding (or buffer) size, the positions are split into row chunks:
 //!   each chunk is im2col'ed into one reused buffer, multiplied into a chunk buffer and copied into
 //!   its rows of `y`.
-//! * [`depthwise_conv2d`]: a direct kernel, one invocation per output element.
+//! * [`depthwise_conv2d`]: direct kernels. 3x3 with C % 4 == 0 and stride 1 or 2 (the model's):
+//!   `depthwise3_v4`, where one invocation slides a 3-row window down a run of output rows for 4
+//!   columns x 4 channels, so each input vec4 is loaded about once per output (CPU adapters
+//!   scalarise every load). Otherwise one invocation per output element (or per 4 channels).
 //! * [`conv_transpose2x2`] (kernel 2, stride 2, non-overlapping): the GEMM `t = x w` with `w` read
 //!   as a row-major `[Ci, 4*Co]` matrix (column `o*4 + a*2 + c`, i.e. PyTorch's memory order, so no
 //!   weight copy), then `pixel_shuffle2` scatters `t` to `y[b, 2i+a, 2j+c, o]` adding bias and
@@ -424,12 +427,69 @@ pub fn depthwise_conv2d(
     if let Some(b) = bias {
         check_len("depthwise_conv2d bias", b, g.co)?;
     }
+    depthwise_forward(rec, &g, x, w, bias, act, None)
+}
+
+/// Output rows per invocation of `depthwise3_v4` when not forced: long runs (the window of input
+/// rows is reloaded at the start of each run), but enough invocations to fill the workgroups.
+const DW_RUN: usize = 16;
+
+/// Whether [`depthwise_conv2d`] uses the sliding-window kernel `depthwise3_v4`.
+fn dw_tiled(g: &Geo) -> bool {
+    g.k == 3 && g.ci.is_multiple_of(4) && (g.stride == 1 || g.stride == 2)
+}
+
+/// [`depthwise_conv2d`] with the output rows per invocation of the 3x3 sliding-window kernel
+/// forced (tests; ignored by the other kernels).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv2d_run(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+    act: Act,
+    run: usize,
+) -> Result<Tensor> {
+    let g = geometry("depthwise_conv2d", x, w, stride, pad, true)?;
+    if let Some(b) = bias {
+        check_len("depthwise_conv2d bias", b, g.co)?;
+    }
+    depthwise_forward(rec, &g, x, w, bias, act, Some(run.max(1)))
+}
+
+fn depthwise_forward(
+    rec: &mut Recorder,
+    g: &Geo,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Act,
+    run: Option<usize>,
+) -> Result<Tensor> {
     let y = rec.gpu.empty(&g.out_shape())?;
     let n = y.numel();
-    let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise_v4", 4) } else { ("depthwise", 1) };
-    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
+    if n == 0 {
+        return Ok(y);
+    }
     let dummy = rec.gpu.dummy();
     rec.flops += 2.0 * (n * g.k * g.k) as f64;
+    if dw_tiled(g) {
+        // One invocation per (batch, run of output rows, strip of 4 columns, 4 channels).
+        let run = run.unwrap_or(DW_RUN).min(g.oh);
+        let inv = g.b * g.oh.div_ceil(run) * g.ow.div_ceil(4) * (g.ci / 4);
+        let k = Kernel::new(ShaderFamily::Conv, "depthwise3_v4", 8)
+            .u("DW_S", g.stride as u32)
+            .b("HAS_BIAS", bias.is_some())
+            .u("ACT", act.code());
+        let cp = Cp { n: inv, e0: run, ..g.cp() };
+        let groups = rec.grid(inv.div_ceil(8));
+        return rec.dispatch(&k, cp.params(), &[x, w, bias.unwrap_or(&dummy), &y], groups).map(|_| y);
+    }
+    let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise_v4", 4) } else { ("depthwise", 1) };
+    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
     launch(rec, &k, &Cp { n: n / v, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
     Ok(y)
 }
