@@ -73,6 +73,117 @@ fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 }
 
+// im2col_row: the forward's im2col, one invocation per row r of the chunk (n = rows), writing
+// the same columns j = (ci, ky, kx) as im2col into rows of e0 >= kc floats, the columns kc .. e0
+// zero (K padded to a multiple of 4 lets the GEMM use its vec4 kernel). One invocation per row
+// keeps the index arithmetic (integer divisions are slow on CPU adapters) out of the inner loops.
+@compute @workgroup_size(64)
+fn im2col_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let r = flat_group(wid, nwg) * 64u + lid;
+    if (r >= cp.n) { return; }
+    let m = cp.row0 + r;
+    let ox = m % cp.ow;
+    let q = m / cp.ow;
+    let oy = q % cp.oh;
+    let b = q / cp.oh;
+    let y0 = i32(oy * cp.stride) - i32(cp.pad);
+    let x0 = i32(ox * cp.stride) - i32(cp.pad);
+    var o = r * cp.e0;
+    for (var ci = 0u; ci < cp.c; ci++) {
+        for (var ky = 0u; ky < cp.k; ky++) {
+            let iy = y0 + i32(ky);
+            let row_ok = iy >= 0 && iy < i32(cp.h);
+            let row = (b * cp.h + u32(clamp(iy, 0, i32(cp.h) - 1))) * cp.w;
+            for (var kx = 0u; kx < cp.k; kx++) {
+                let ix = x0 + i32(kx);
+                let ok = row_ok && ix >= 0 && ix < i32(cp.w);
+                let v = i2c_x[(row + u32(clamp(ix, 0, i32(cp.w) - 1))) * cp.c + ci];
+                i2c_col[o] = select(0.0, v, ok);
+                o += 1u;
+            }
+        }
+    }
+    for (var j = cp.kc; j < cp.e0; j++) {
+        i2c_col[r * cp.e0 + j] = 0.0;
+    }
+}
+
+// im2col4: the forward's im2col for C % 4 == 0 with the column order (ky, kx, ci), i.e. row r is
+// the k x k x C input patch in memory order, copied as vec4s (one invocation per row, n = rows).
+// The weight is re-ordered to [Co, k, k, Ci] to match (w_khwc).
+@group(0) @binding(1) var<storage, read> i2c4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> i2c4_col: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn im2col4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let r = flat_group(wid, nwg) * 64u + lid;
+    if (r >= cp.n) { return; }
+    let c4 = cp.c / 4u;
+    let m = cp.row0 + r;
+    let ox = m % cp.ow;
+    let q = m / cp.ow;
+    let oy = q % cp.oh;
+    let b = q / cp.oh;
+    let y0 = i32(oy * cp.stride) - i32(cp.pad);
+    let x0 = i32(ox * cp.stride) - i32(cp.pad);
+    var o = r * (cp.kc / 4u);
+    for (var ky = 0u; ky < cp.k; ky++) {
+        let iy = y0 + i32(ky);
+        let row_ok = iy >= 0 && iy < i32(cp.h);
+        let row = (b * cp.h + u32(clamp(iy, 0, i32(cp.h) - 1))) * cp.w;
+        for (var kx = 0u; kx < cp.k; kx++) {
+            let ix = x0 + i32(kx);
+            let ok = row_ok && ix >= 0 && ix < i32(cp.w);
+            let src = (row + u32(clamp(ix, 0, i32(cp.w) - 1))) * c4;
+            for (var cq = 0u; cq < c4; cq++) {
+                i2c4_col[o + cq] = select(vec4(0.0), i2c4_x[src + cq], ok);
+            }
+            o += c4;
+        }
+    }
+}
+
+// Weight copies for the forward GEMM of a dense conv (one invocation per (co, ci), n = Co*Ci;
+// w [Co, Ci, k, k]; e0 = row length of the copy):
+// w_khwc: dst[co, (ky*k + kx)*Ci + ci] = w[co, ci, ky, kx] (the column order of im2col4);
+// w_pad: dst[co, ci*k*k + t] = w[co, ci, t] with zero columns kc .. e0 (the ci == Ci - 1
+// invocation writes them).
+@group(0) @binding(1) var<storage, read> wc_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> wc_dst: array<f32>;
+
+@compute @workgroup_size(64)
+fn w_khwc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 64u + lid;
+    if (i >= cp.n) { return; }
+    let ci = i % cp.c;
+    let co = i / cp.c;
+    let kk = cp.k * cp.k;
+    for (var t = 0u; t < kk; t++) {
+        wc_dst[co * cp.e0 + t * cp.c + ci] = wc_src[i * kk + t];
+    }
+}
+
+@compute @workgroup_size(64)
+fn w_pad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 64u + lid;
+    if (i >= cp.n) { return; }
+    let ci = i % cp.c;
+    let co = i / cp.c;
+    let kk = cp.k * cp.k;
+    for (var t = 0u; t < kk; t++) {
+        wc_dst[co * cp.e0 + ci * kk + t] = wc_src[i * kk + t];
+    }
+    if (ci == cp.c - 1u) {
+        for (var j = cp.kc; j < cp.e0; j++) {
+            wc_dst[co * cp.e0 + j] = 0.0;
+        }
+    }
+}
+
 // col2im (gather form, accumulating): dx[b, iy, ix, ci] += sum of dcol[m - row0, (ci, ky, kx)]
 // over the taps whose output position m = (b, oy, ox) lies in [row0, row0 + rows), where
 // iy = oy*stride - pad + ky and ix = ox*stride - pad + kx. One invocation per dx element.

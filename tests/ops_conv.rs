@@ -80,6 +80,13 @@ fn conv2d_forward_awkward_shapes() {
         shp(1, 1, 1, 3, 2, 3, 1, 1),    // 1x1 image, 3x3 kernel
         shp(1, 17, 15, 20, 70, 3, 1, 1), // K = 180, Co = 70: several GEMM tiles each way
         shp(2, 4, 4, 3, 6, 3, 2, 2),    // pad larger than needed
+        shp(2, 9, 11, 3, 8, 3, 2, 1),   // K = 27 padded to 28 (Co % 4 == 0), stem-like
+        shp(1, 7, 6, 2, 4, 3, 1, 1),    // K = 18 padded to 20
+        shp(1, 9, 9, 5, 12, 2, 2, 0),   // K = 20, no padding needed
+        shp(2, 11, 9, 8, 12, 3, 2, 1),  // C % 4 == 0: vec4 im2col, (ky, kx, ci) weight copy
+        shp(1, 10, 10, 12, 16, 2, 2, 0), // patchify on C % 4 == 0
+        shp(1, 7, 8, 4, 6, 1, 2, 0),    // 1x1 stride 2, C % 4 == 0
+        shp(1, 6, 7, 8, 5, 3, 1, 2),    // C % 4 == 0, Co % 4 != 0, pad 2
     ];
     let acts = [Act::None, Act::Gelu, Act::Relu];
     for (i, &s) in cases.iter().enumerate() {
@@ -97,6 +104,8 @@ fn conv2d_forward_chunked_path() {
     }
     dense_forward(shp(1, 12, 12, 32, 64, 3, 1, 1), false, Act::Relu, Some(50), 47);
     dense_forward(shp(1, 8, 8, 3, 32, 4, 4, 0), true, Act::None, Some(3), 48);
+    dense_forward(shp(2, 9, 11, 3, 8, 3, 2, 1), true, Act::Gelu, Some(7), 49); // padded K
+    dense_forward(shp(2, 9, 11, 8, 8, 3, 2, 1), true, Act::Relu, Some(13), 50); // vec4 im2col
 }
 
 #[test]

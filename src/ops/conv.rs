@@ -3,9 +3,14 @@
 //! `[Co, Ci/groups, k, k]`, ConvTranspose2d `[Ci, Co, 2, 2]`); nothing is re-ordered.
 //!
 //! * Dense [`conv2d`]: 1x1 stride-1 unpadded convs are [`linear`] with `w` seen as `[Co, Ci]`.
-//!   Others run `im2col` into a column matrix `[M, Ci*k*k]` (M = B*OH*OW output positions, column
-//!   order (ci, ky, kx), which is the row-major order of `w` seen as `[Co, Ci*k*k]`), then the tiled
-//!   GEMM `y = col w^T` with bias and activation fused in its epilogue. When the column matrix would
+//!   Others run im2col into a column matrix `[M, K]` (M = B*OH*OW output positions), then the
+//!   GEMM `y = col w^T` with bias and activation fused in its epilogue. With Ci % 4 == 0 the
+//!   columns are (ky, kx, ci), the patch in memory order copied as vec4s (`im2col4`), and the
+//!   weight is re-ordered to `[Co, k, k, Ci]` per call (`w_khwc`, small); otherwise they are
+//!   (ci, ky, kx), the row-major order of `w` seen as `[Co, Ci*k*k]` (`im2col_row`), with K padded
+//!   by zero columns (and a zero-padded weight copy, `w_pad`) to a multiple of 4 when Co % 4 == 0,
+//!   so that the GEMM can use its vec4 kernel (the 3-channel stem conv: K = 27 -> 28). The
+//!   backward keeps the (ci, ky, kx) order (`im2col`). When the column matrix would
 //!   exceed the device's storage-binding (or buffer) size, the positions are split into row chunks:
 //!   each chunk is im2col'ed into one reused buffer, multiplied into a chunk buffer and copied into
 //!   its rows of `y`.
@@ -244,10 +249,20 @@ fn is_pointwise(g: &Geo) -> bool {
     g.k == 1 && g.stride == 1 && g.pad == 0
 }
 
-/// Rows per chunk of the column matrix: everything when it fits a binding (or `force` is larger),
-/// else as many rows as fit (`force` caps it, for tests).
-fn chunk_rows(rec: &Recorder, g: &Geo, force: Option<usize>) -> usize {
-    let cap = max_rows(rec, g.kc().max(g.co));
+/// The forward GEMM's copy of a dense conv weight `[Co, width]`: `w_khwc` (columns (ky, kx, ci))
+/// or `w_pad` (columns (ci, ky, kx), zero beyond Ci*k*k).
+fn weight_copy(rec: &mut Recorder, g: &Geo, w: &Tensor, entry: &'static str, width: usize) -> Result<Tensor> {
+    let out = rec.gpu.empty(&[g.co, width])?;
+    let cp = Cp { n: g.co * g.ci, e0: width, ..g.cp() };
+    let groups = rec.grid(cp.n.div_ceil(64));
+    rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[w, &out], groups)?;
+    Ok(out)
+}
+
+/// Rows per chunk of a column matrix `width` floats wide: everything when it fits a binding (or
+/// `force` is larger), else as many rows as fit (`force` caps it, for tests).
+fn chunk_rows(rec: &Recorder, g: &Geo, width: usize, force: Option<usize>) -> usize {
+    let cap = max_rows(rec, width.max(g.co));
     let cap = force.map_or(cap, |f| f.min(cap)).max(1);
     cap.min(g.m().max(1))
 }
@@ -293,15 +308,30 @@ pub fn conv2d_chunked(
     if m == 0 || g.co == 0 {
         return Ok(y);
     }
-    let w2 = w.reshape(&[g.co, kc]);
-    let cap = chunk_rows(rec, &g, max_chunk_rows);
-    let col = rec.gpu.empty(&[cap, kc])?;
+    // Column layout: C % 4 == 0 -> (ky, kx, ci) copied as vec4 (weight re-ordered to match);
+    // otherwise (ci, ky, kx), K padded with zero columns to a multiple of 4 when that makes the
+    // GEMM vec4-eligible (Co % 4 == 0), e.g. the 3-channel stem conv (K = 27 -> 28).
+    let v4 = g.ci.is_multiple_of(4);
+    let kcp = if !v4 && g.co.is_multiple_of(4) { kc.next_multiple_of(4) } else { kc };
+    let wk = w.reshape(&[g.co, kc]);
+    let w2 = if v4 && g.k > 1 {
+        weight_copy(rec, &g, w, "w_khwc", kc)?
+    } else if kcp != kc {
+        weight_copy(rec, &g, w, "w_pad", kcp)?
+    } else {
+        wk
+    };
+    let cap = chunk_rows(rec, &g, kcp, max_chunk_rows);
+    let col = rec.gpu.empty(&[cap, kcp])?;
     let tmp = if cap < m { Some(rec.gpu.empty(&[cap, g.co])?) } else { None };
     let mut r0 = 0;
     while r0 < m {
         let rows = cap.min(m - r0);
-        im2col(rec, &g, x, r0, rows, &col)?;
-        let mut gm = Gemm::new(rows, g.co, kc);
+        let cp = Cp { n: rows, row0: r0, rows, e0: kcp, ..g.cp() };
+        let entry = if v4 { "im2col4" } else { "im2col_row" };
+        let groups = rec.grid(rows.div_ceil(64));
+        rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[x, &col], groups)?;
+        let mut gm = Gemm::new(rows, g.co, kcp);
         gm.trans_b = true;
         gm.act = act;
         let out = tmp.as_ref().unwrap_or(&y);
@@ -383,7 +413,7 @@ pub fn conv2d_backward_chunked(
         return Ok(());
     }
     let w2 = w.reshape(&[g.co, kc]);
-    let cap = chunk_rows(rec, &g, max_chunk_rows);
+    let cap = chunk_rows(rec, &g, kc, max_chunk_rows);
     let col = rec.gpu.empty(&[cap, kc])?;
     let dyc = if cap < m { Some(rec.gpu.empty(&[cap, g.co])?) } else { None };
     let mut r0 = 0;
