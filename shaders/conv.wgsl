@@ -73,6 +73,117 @@ fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 }
 
+// im2col_row: the forward's im2col, one invocation per row r of the chunk (n = rows), writing
+// the same columns j = (ci, ky, kx) as im2col into rows of e0 >= kc floats, the columns kc .. e0
+// zero (K padded to a multiple of 4 lets the GEMM use its vec4 kernel). One invocation per row
+// keeps the index arithmetic (integer divisions are slow on CPU adapters) out of the inner loops.
+@compute @workgroup_size(64)
+fn im2col_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let r = flat_group(wid, nwg) * 64u + lid;
+    if (r >= cp.n) { return; }
+    let m = cp.row0 + r;
+    let ox = m % cp.ow;
+    let q = m / cp.ow;
+    let oy = q % cp.oh;
+    let b = q / cp.oh;
+    let y0 = i32(oy * cp.stride) - i32(cp.pad);
+    let x0 = i32(ox * cp.stride) - i32(cp.pad);
+    var o = r * cp.e0;
+    for (var ci = 0u; ci < cp.c; ci++) {
+        for (var ky = 0u; ky < cp.k; ky++) {
+            let iy = y0 + i32(ky);
+            let row_ok = iy >= 0 && iy < i32(cp.h);
+            let row = (b * cp.h + u32(clamp(iy, 0, i32(cp.h) - 1))) * cp.w;
+            for (var kx = 0u; kx < cp.k; kx++) {
+                let ix = x0 + i32(kx);
+                let ok = row_ok && ix >= 0 && ix < i32(cp.w);
+                let v = i2c_x[(row + u32(clamp(ix, 0, i32(cp.w) - 1))) * cp.c + ci];
+                i2c_col[o] = select(0.0, v, ok);
+                o += 1u;
+            }
+        }
+    }
+    for (var j = cp.kc; j < cp.e0; j++) {
+        i2c_col[r * cp.e0 + j] = 0.0;
+    }
+}
+
+// im2col4: the forward's im2col for C % 4 == 0 with the column order (ky, kx, ci), i.e. row r is
+// the k x k x C input patch in memory order, copied as vec4s (one invocation per row, n = rows).
+// The weight is re-ordered to [Co, k, k, Ci] to match (w_khwc).
+@group(0) @binding(1) var<storage, read> i2c4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> i2c4_col: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn im2col4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let r = flat_group(wid, nwg) * 64u + lid;
+    if (r >= cp.n) { return; }
+    let c4 = cp.c / 4u;
+    let m = cp.row0 + r;
+    let ox = m % cp.ow;
+    let q = m / cp.ow;
+    let oy = q % cp.oh;
+    let b = q / cp.oh;
+    let y0 = i32(oy * cp.stride) - i32(cp.pad);
+    let x0 = i32(ox * cp.stride) - i32(cp.pad);
+    var o = r * (cp.kc / 4u);
+    for (var ky = 0u; ky < cp.k; ky++) {
+        let iy = y0 + i32(ky);
+        let row_ok = iy >= 0 && iy < i32(cp.h);
+        let row = (b * cp.h + u32(clamp(iy, 0, i32(cp.h) - 1))) * cp.w;
+        for (var kx = 0u; kx < cp.k; kx++) {
+            let ix = x0 + i32(kx);
+            let ok = row_ok && ix >= 0 && ix < i32(cp.w);
+            let src = (row + u32(clamp(ix, 0, i32(cp.w) - 1))) * c4;
+            for (var cq = 0u; cq < c4; cq++) {
+                i2c4_col[o + cq] = select(vec4(0.0), i2c4_x[src + cq], ok);
+            }
+            o += c4;
+        }
+    }
+}
+
+// Weight copies for the forward GEMM of a dense conv (one invocation per (co, ci), n = Co*Ci;
+// w [Co, Ci, k, k]; e0 = row length of the copy):
+// w_khwc: dst[co, (ky*k + kx)*Ci + ci] = w[co, ci, ky, kx] (the column order of im2col4);
+// w_pad: dst[co, ci*k*k + t] = w[co, ci, t] with zero columns kc .. e0 (the ci == Ci - 1
+// invocation writes them).
+@group(0) @binding(1) var<storage, read> wc_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> wc_dst: array<f32>;
+
+@compute @workgroup_size(64)
+fn w_khwc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 64u + lid;
+    if (i >= cp.n) { return; }
+    let ci = i % cp.c;
+    let co = i / cp.c;
+    let kk = cp.k * cp.k;
+    for (var t = 0u; t < kk; t++) {
+        wc_dst[co * cp.e0 + t * cp.c + ci] = wc_src[i * kk + t];
+    }
+}
+
+@compute @workgroup_size(64)
+fn w_pad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 64u + lid;
+    if (i >= cp.n) { return; }
+    let ci = i % cp.c;
+    let co = i / cp.c;
+    let kk = cp.k * cp.k;
+    for (var t = 0u; t < kk; t++) {
+        wc_dst[co * cp.e0 + ci * kk + t] = wc_src[i * kk + t];
+    }
+    if (ci == cp.c - 1u) {
+        for (var j = cp.kc; j < cp.e0; j++) {
+            wc_dst[co * cp.e0 + j] = 0.0;
+        }
+    }
+}
+
 // col2im (gather form, accumulating): dx[b, iy, ix, ci] += sum of dcol[m - row0, (ci, ky, kx)]
 // over the taps whose output position m = (b, oy, ox) lies in [row0, row0 + rows), where
 // iy = oy*stride - pad + ky and ix = ox*stride - pad + kx. One invocation per dx element.
@@ -391,6 +502,175 @@ fn depthwise_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
         }
     }
     dww4_part[i] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// depthwise3_v4: the 3x3 depthwise forward for C % 4 == 0 and stride DW_S (1 or 2), any padding,
+// written for CPU adapters. On llvmpipe every storage load with a non-constant address is a scalar
+// loop over the SIMD lanes while an FMA is one vector instruction, so the kernel minimises loads
+// per output: one invocation owns 4 channels (vec4) x 4 adjacent output columns x a run of
+// cp.e0 output rows. It slides a window of 3 input rows down the run: each new output row loads
+// only its new input rows (6 vec4 for stride 1, 2 x 9 for stride 2) and reuses the others, so an
+// output vec4 costs 1.5 loads (stride 1) instead of 9 input + 36 scalar weight loads. The 9 taps
+// of 4 channels are 9 aligned vec4 of w (36 consecutive floats) loaded once. Out-of-image taps
+// read a clamped address and are zeroed with a select (no divergent loads). The taps are summed
+// in the order (ky, kx) like `depthwise`, then bias and activation.
+// Invocation index (n = B * ceil(OH / e0) * ceil(OW / 4) * C/4): channel quad fastest, then the
+// column strip, the row run and the batch entry.
+override DW_S: u32 = 1u;
+
+@group(0) @binding(1) var<storage, read> dwt_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> dwt_w: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> dwt_bias: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dwt_y: array<vec4<f32>>;
+
+// Tap t = ky*3 + kx of channels c .. c + 3.
+struct DwTaps {
+    t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>, t4: vec4<f32>,
+    t5: vec4<f32>, t6: vec4<f32>, t7: vec4<f32>, t8: vec4<f32>,
+}
+
+// One input row at the columns an output strip needs (v0 = leftmost; stride 1 uses v0 .. v5).
+struct DwRow {
+    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>,
+    v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32>, v8: vec4<f32>,
+}
+
+// Accumulators of the 4 output columns.
+struct DwOut {
+    o0: vec4<f32>, o1: vec4<f32>, o2: vec4<f32>, o3: vec4<f32>,
+}
+
+// Where an invocation reads: the channel quad, the row stride (in vec4) and the first input column.
+struct DwAt {
+    cq: u32,
+    c4: u32,
+    img: u32,   // b * H: first input row of the batch entry
+    x0: i32,    // input column of v0
+}
+
+fn dw_taps(cq: u32) -> DwTaps {
+    // w [C, 3, 3] row-major: channel j (of the quad), tap t is float 9j + t of these 36.
+    let o = 9u * cq;
+    let v0 = dwt_w[o]; let v1 = dwt_w[o + 1u]; let v2 = dwt_w[o + 2u];
+    let v3 = dwt_w[o + 3u]; let v4 = dwt_w[o + 4u]; let v5 = dwt_w[o + 5u];
+    let v6 = dwt_w[o + 6u]; let v7 = dwt_w[o + 7u]; let v8 = dwt_w[o + 8u];
+    return DwTaps(
+        vec4(v0.x, v2.y, v4.z, v6.w),
+        vec4(v0.y, v2.z, v4.w, v7.x),
+        vec4(v0.z, v2.w, v5.x, v7.y),
+        vec4(v0.w, v3.x, v5.y, v7.z),
+        vec4(v1.x, v3.y, v5.z, v7.w),
+        vec4(v1.y, v3.z, v5.w, v8.x),
+        vec4(v1.z, v3.w, v6.x, v8.y),
+        vec4(v1.w, v4.x, v6.y, v8.z),
+        vec4(v2.x, v4.y, v6.z, v8.w));
+}
+
+// x at input row iy (any i32), column at.x0 + j; zero outside the image.
+fn dw_ld(at: DwAt, row: u32, row_ok: bool, j: i32) -> vec4<f32> {
+    let ix = at.x0 + j;
+    let ok = row_ok && ix >= 0 && ix < i32(cp.w);
+    let cx = u32(clamp(ix, 0, i32(cp.w) - 1));
+    return select(vec4(0.0), dwt_x[(row + cx) * at.c4 + at.cq], ok);
+}
+
+fn dw_row(at: DwAt, iy: i32) -> DwRow {
+    let ok = iy >= 0 && iy < i32(cp.h);
+    let row = (at.img + u32(clamp(iy, 0, i32(cp.h) - 1))) * cp.w;
+    var r: DwRow;
+    r.v0 = dw_ld(at, row, ok, 0);
+    r.v1 = dw_ld(at, row, ok, 1);
+    r.v2 = dw_ld(at, row, ok, 2);
+    r.v3 = dw_ld(at, row, ok, 3);
+    r.v4 = dw_ld(at, row, ok, 4);
+    r.v5 = dw_ld(at, row, ok, 5);
+    if (DW_S == 2u) {
+        r.v6 = dw_ld(at, row, ok, 6);
+        r.v7 = dw_ld(at, row, ok, 7);
+        r.v8 = dw_ld(at, row, ok, 8);
+    }
+    return r;
+}
+
+// acc[j] += r[j*S] * a + r[j*S + 1] * b + r[j*S + 2] * c (one kernel row, in kx order).
+fn dw_mac(acc: DwOut, r: DwRow, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>) -> DwOut {
+    if (DW_S == 2u) {
+        return DwOut(fma(r.v2, c, fma(r.v1, b, fma(r.v0, a, acc.o0))),
+                     fma(r.v4, c, fma(r.v3, b, fma(r.v2, a, acc.o1))),
+                     fma(r.v6, c, fma(r.v5, b, fma(r.v4, a, acc.o2))),
+                     fma(r.v8, c, fma(r.v7, b, fma(r.v6, a, acc.o3))));
+    }
+    return DwOut(fma(r.v2, c, fma(r.v1, b, fma(r.v0, a, acc.o0))),
+                 fma(r.v3, c, fma(r.v2, b, fma(r.v1, a, acc.o1))),
+                 fma(r.v4, c, fma(r.v3, b, fma(r.v2, a, acc.o2))),
+                 fma(r.v5, c, fma(r.v4, b, fma(r.v3, a, acc.o3))));
+}
+
+fn dw_out(t: DwTaps, r0: DwRow, r1: DwRow, r2: DwRow) -> DwOut {
+    let z = vec4(0.0);
+    var o = dw_mac(DwOut(z, z, z, z), r0, t.t0, t.t1, t.t2);
+    o = dw_mac(o, r1, t.t3, t.t4, t.t5);
+    return dw_mac(o, r2, t.t6, t.t7, t.t8);
+}
+
+// Stores output row oy, columns ox0 .. ox0 + 3 (those < OW); one copy of the epilogue.
+fn dw_store(acc: DwOut, bias: vec4<f32>, at: DwAt, b: u32, oy: u32, ox0: u32) {
+    var o = acc;
+    let base = ((b * cp.oh + oy) * cp.ow + ox0) * at.c4 + at.cq;
+    let cols = min(4u, cp.ow - ox0);
+    for (var j = 0u; j < cols; j++) {
+        var v = o.o0;
+        if (HAS_BIAS) {
+            v += bias;
+        }
+        dwt_y[base + j * at.c4] = vec4(activate(v.x, ACT), activate(v.y, ACT), activate(v.z, ACT), activate(v.w, ACT));
+        o = DwOut(o.o1, o.o2, o.o3, o.o0);
+    }
+}
+
+@compute @workgroup_size(8)
+fn depthwise3_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 8u + lid;
+    if (i >= cp.n) { return; }
+    let c4 = cp.c / 4u;
+    let cq = i % c4;
+    let q = i / c4;
+    let strips = (cp.ow + 3u) / 4u;
+    let ox0 = (q % strips) * 4u;
+    let q2 = q / strips;
+    let runs = (cp.oh + cp.e0 - 1u) / cp.e0;
+    let oy0 = (q2 % runs) * cp.e0;
+    let b = q2 / runs;
+    let oy1 = min(oy0 + cp.e0, cp.oh);
+    let at = DwAt(cq, c4, b * cp.h, i32(ox0 * DW_S) - i32(cp.pad));
+    let taps = dw_taps(cq);
+    var bias = vec4(0.0);
+    if (HAS_BIAS) {
+        bias = dwt_bias[cq];
+    }
+    // Input row of kernel row 0 for output row oy: oy * S - pad.
+    let iy0 = i32(oy0 * DW_S) - i32(cp.pad);
+    if (DW_S == 2u) {
+        var r0 = dw_row(at, iy0);
+        for (var oy = oy0; oy < oy1; oy++) {
+            let iy = i32(oy * 2u) - i32(cp.pad);
+            let r1 = dw_row(at, iy + 1);
+            let r2 = dw_row(at, iy + 2);
+            dw_store(dw_out(taps, r0, r1, r2), bias, at, b, oy, ox0);
+            r0 = r2;
+        }
+    } else {
+        var r0 = dw_row(at, iy0);
+        var r1 = dw_row(at, iy0 + 1);
+        for (var oy = oy0; oy < oy1; oy++) {
+            let r2 = dw_row(at, i32(oy) - i32(cp.pad) + 2);
+            dw_store(dw_out(taps, r0, r1, r2), bias, at, b, oy, ox0);
+            r0 = r1;
+            r1 = r2;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

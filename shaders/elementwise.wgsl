@@ -47,6 +47,43 @@ fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     bin_out[i] = v;
 }
 
+// unary4 / binary4: the same on vec4s (n counts vec4s; binary4 with nb % 4 == 0, nb in vec4s too).
+// BCAST = false when b has as many elements as a (no modulo: an integer division per element is
+// expensive on CPU adapters, which also scalarise every load, so vec4 halves the cost per float).
+override BCAST: bool = true;
+
+@group(0) @binding(1) var<storage, read> ew4_a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> ew4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn unary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let v = ew4_a[i];
+    ew4_out[i] = vec4(activate(v.x, ACT), activate(v.y, ACT), activate(v.z, ACT), activate(v.w, ACT));
+}
+
+@group(0) @binding(1) var<storage, read> bin4_a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> bin4_b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> bin4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn binary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let a = bin4_a[i];
+    var j = i;
+    if (BCAST) {
+        j = i % ep.nb;
+    }
+    let b = bin4_b[j];
+    var v: vec4<f32>;
+    if (OP == 0u) { v = a + b; } else if (OP == 1u) { v = a * b; } else { v = a - b; }
+    bin4_out[i] = v;
+}
+
 // in-place accumulate: acc += a  (gradient accumulation, residual sums)
 @group(0) @binding(1) var<storage, read> acc_a: array<f32>;
 @group(0) @binding(2) var<storage, read_write> acc_out: array<f32>;

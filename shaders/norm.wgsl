@@ -146,6 +146,82 @@ fn ln_fwd_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
+// ln_row4: LayerNorm for C % 4 == 0 with one invocation per row and vec4 loads, for CPU adapters
+// (llvmpipe scalarises each load over the SIMD lanes, and its workgroup barriers are costly, so the
+// team kernels above spend most of their time in the reductions). Two-pass mean / variance like
+// ln_stats, summed in 4 vec4 lanes and then across them. ln_row4_train also stores mean and rstd
+// per row and the pre-activation when ACT != 0 (the same arithmetic, so both outputs agree).
+@group(0) @binding(1) var<storage, read> ln4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> ln4_w: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> ln4_b: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> ln4_y: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> ln4_pre: array<vec4<f32>>;
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// (mean, rstd) of row `row` (row < rows).
+fn ln4_stats(row: u32) -> vec2<f32> {
+    let c4 = lp.c / 4u;
+    let base = row * c4;
+    var s = vec4(0.0);
+    for (var k = 0u; k < c4; k++) {
+        s += ln4_x[base + k];
+    }
+    let mean = hsum(s) / f32(lp.c);
+    var q = vec4(0.0);
+    for (var k = 0u; k < c4; k++) {
+        let d = ln4_x[base + k] - mean;
+        q = fma(d, d, q);
+    }
+    return vec2(mean, 1.0 / sqrt(hsum(q) / f32(lp.c) + lp.eps));
+}
+
+fn ln4_z(i: u32, k: u32, st: vec2<f32>) -> vec4<f32> {
+    return (ln4_x[i] - st.x) * st.y * ln4_w[k] + ln4_b[k];
+}
+
+fn act4(z: vec4<f32>) -> vec4<f32> {
+    return vec4(activate(z.x, ACT), activate(z.y, ACT), activate(z.z, ACT), activate(z.w, ACT));
+}
+
+@compute @workgroup_size(8)
+fn ln_row4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let row = flat_group(wid, nwg) * 8u + lid;
+    if (row >= lp.rows) {
+        return;
+    }
+    let st = ln4_stats(row);
+    let c4 = lp.c / 4u;
+    let base = row * c4;
+    for (var k = 0u; k < c4; k++) {
+        ln4_y[base + k] = act4(ln4_z(base + k, k, st));
+    }
+}
+
+@compute @workgroup_size(8)
+fn ln_row4_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let row = flat_group(wid, nwg) * 8u + lid;
+    if (row >= lp.rows) {
+        return;
+    }
+    let st = ln4_stats(row);
+    ln_mean[row] = st.x;
+    ln_rstd[row] = st.y;
+    let c4 = lp.c / 4u;
+    let base = row * c4;
+    for (var k = 0u; k < c4; k++) {
+        let z = ln4_z(base + k, k, st);
+        ln4_y[base + k] = act4(z);
+        if (ACT != 0u) {
+            ln4_pre[base + k] = z;
+        }
+    }
+}
+
 // LayerNorm backward, dx only (dw / db come from col_grad + reduce_part):
 //   dz = dy * act'(pre),  g = dz * w,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 @group(0) @binding(1) var<storage, read> lb_x: array<f32>;

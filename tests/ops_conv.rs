@@ -6,7 +6,7 @@
 use medfastsam::gpu::Tensor;
 use medfastsam::ops::conv::{
     conv2d, conv2d_backward, conv2d_backward_chunked, conv2d_chunked, conv_transpose2x2,
-    conv_transpose2x2_backward, depthwise_conv2d, depthwise_conv2d_backward,
+    conv_transpose2x2_backward, depthwise_conv2d, depthwise_conv2d_backward, depthwise_conv2d_run,
 };
 use medfastsam::ops::reference::conv::{self as refc, ConvShape};
 use medfastsam::ops::Act;
@@ -81,6 +81,13 @@ fn conv2d_forward_awkward_shapes() {
         shp(1, 1, 1, 3, 2, 3, 1, 1),    // 1x1 image, 3x3 kernel
         shp(1, 17, 15, 20, 70, 3, 1, 1), // K = 180, Co = 70: several GEMM tiles each way
         shp(2, 4, 4, 3, 6, 3, 2, 2),    // pad larger than needed
+        shp(2, 9, 11, 3, 8, 3, 2, 1),   // K = 27 padded to 28 (Co % 4 == 0), stem-like
+        shp(1, 7, 6, 2, 4, 3, 1, 1),    // K = 18 padded to 20
+        shp(1, 9, 9, 5, 12, 2, 2, 0),   // K = 20, no padding needed
+        shp(2, 11, 9, 8, 12, 3, 2, 1),  // C % 4 == 0: vec4 im2col, (ky, kx, ci) weight copy
+        shp(1, 10, 10, 12, 16, 2, 2, 0), // patchify on C % 4 == 0
+        shp(1, 7, 8, 4, 6, 1, 2, 0),    // 1x1 stride 2, C % 4 == 0
+        shp(1, 6, 7, 8, 5, 3, 1, 2),    // C % 4 == 0, Co % 4 != 0, pad 2
     ];
     let acts = [Act::None, Act::Gelu, Act::Relu];
     for (i, &s) in cases.iter().enumerate() {
@@ -98,6 +105,8 @@ fn conv2d_forward_chunked_path() {
     }
     dense_forward(shp(1, 12, 12, 32, 64, 3, 1, 1), false, Act::Relu, Some(50), 47);
     dense_forward(shp(1, 8, 8, 3, 32, 4, 4, 0), true, Act::None, Some(3), 48);
+    dense_forward(shp(2, 9, 11, 3, 8, 3, 2, 1), true, Act::Gelu, Some(7), 49); // padded K
+    dense_forward(shp(2, 9, 11, 8, 8, 3, 2, 1), true, Act::Relu, Some(13), 50); // vec4 im2col
 }
 
 #[test]
@@ -306,6 +315,11 @@ fn conv2d_backward_partial_gradients() {
 // depthwise
 
 fn depthwise_forward(s: ConvShape, bias: bool, act: Act, seed: u64) {
+    depthwise_forward_run(s, bias, act, None, seed)
+}
+
+/// `run`: output rows per invocation of the 3x3 sliding-window kernel (None = automatic).
+fn depthwise_forward_run(s: ConvShape, bias: bool, act: Act, run: Option<usize>, seed: u64) {
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let x = rng.vec(s.b * s.h * s.w * s.ci);
@@ -315,13 +329,17 @@ fn depthwise_forward(s: ConvShape, bias: bool, act: Act, seed: u64) {
     let tw = gpu.upload(&w, &[s.ci, 1, s.k, s.k]).unwrap();
     let tb = gpu.upload(&bv, &[s.ci]).unwrap();
     let mut rec = gpu.new_recorder();
-    let y = depthwise_conv2d(&mut rec, &tx, &tw, bias.then_some(&tb), s.stride, s.pad, act).unwrap();
+    let y = match run {
+        None => depthwise_conv2d(&mut rec, &tx, &tw, bias.then_some(&tb), s.stride, s.pad, act),
+        Some(r) => depthwise_conv2d_run(&mut rec, &tx, &tw, bias.then_some(&tb), s.stride, s.pad, act, r),
+    }
+    .unwrap();
     rec.submit().unwrap();
     assert_eq!(y.shape, vec![s.b, s.oh(), s.ow(), s.ci]);
     let got = gpu.read(&y).unwrap();
     let b64 = to_f64(&bv);
     let want = refc::depthwise_conv2d(&s, &to_f64(&x), &to_f64(&w), bias.then_some(&b64[..]), act);
-    check(&format!("depthwise {s:?} bias={bias} act={}", act_name(act)), &got, &want, TOL);
+    check(&format!("depthwise {s:?} bias={bias} act={} run={run:?}", act_name(act)), &got, &want, TOL);
 }
 
 #[test]
@@ -344,11 +362,45 @@ fn depthwise_forward_awkward_shapes() {
 }
 
 #[test]
+fn depthwise3_sliding_window_shapes() {
+    // The 3x3 kernel for C % 4 == 0 (strips of 4 columns, runs of output rows): widths that leave
+    // partial strips, heights that leave partial runs, strides 1 and 2, padding 0, 1 and 2,
+    // images smaller than a strip, several batch entries.
+    let cases = [
+        (shp(1, 9, 11, 4, 4, 3, 1, 1), None),
+        (shp(2, 13, 6, 8, 8, 3, 1, 1), Some(1)),
+        (shp(2, 13, 7, 8, 8, 3, 1, 1), Some(5)),
+        (shp(1, 10, 9, 12, 12, 3, 2, 1), None),
+        (shp(2, 11, 17, 4, 4, 3, 2, 1), Some(3)),
+        (shp(1, 12, 12, 16, 16, 3, 2, 1), Some(1)),
+        (shp(1, 8, 10, 4, 4, 3, 1, 0), Some(4)),
+        (shp(2, 9, 8, 8, 8, 3, 2, 0), None),
+        (shp(1, 7, 9, 4, 4, 3, 1, 2), Some(2)),
+        (shp(1, 7, 6, 8, 8, 3, 2, 2), None),
+        (shp(1, 1, 1, 4, 4, 3, 1, 1), None),
+        (shp(1, 2, 3, 4, 4, 3, 2, 1), None),
+        (shp(1, 37, 35, 20, 20, 3, 1, 1), None),
+        (shp(1, 37, 35, 20, 20, 3, 2, 1), Some(100)),
+    ];
+    let acts = [Act::None, Act::Gelu, Act::Relu];
+    for (i, &(s, run)) in cases.iter().enumerate() {
+        depthwise_forward_run(s, i % 2 == 0, acts[i % 3], run, 200 + i as u64);
+    }
+}
+
+#[test]
 fn depthwise_grid_beyond_65535_workgroups() {
-    // The model's MBConv depthwise: 256 channels at 256², 16.8 M outputs = 65,536 workgroups.
+    // The model's MBConv depthwise: 256 channels at 256². The sliding-window kernel (8 invocations
+    // per workgroup) with one output row per invocation: 256 * 64 strips * 64 channel quads / 8 =
+    // 131,072 workgroups; then the automatic runs of rows.
     let s = shp(1, 256, 256, 256, 256, 3, 1, 1);
+    assert!(s.oh() * s.ow().div_ceil(4) * (s.ci / 4) / 8 > 65_535);
+    depthwise_forward_run(s, true, Act::Gelu, Some(1), 130);
+    depthwise_forward(s, false, Act::None, 131);
+    // The scalar kernel (C % 4 != 0): one invocation per output, 256 per workgroup.
+    let s = shp(1, 256, 256, 257, 257, 3, 1, 1);
     assert!((s.oh() * s.ow() * s.ci).div_ceil(256) > 65_535);
-    depthwise_forward(s, true, Act::Gelu, 130);
+    depthwise_forward(s, true, Act::Gelu, 132);
 }
 
 fn depthwise_backward(s: ConvShape, seed: u64) {
@@ -439,4 +491,47 @@ fn bench_conv() {
     for line in medfastsam::ops::conv::bench(test_gpu()).unwrap() {
         eprintln!("{line}");
     }
+}
+
+/// The depthwise convolutions of one paper-preset forward at 1024² (run with `--ignored
+/// --nocapture`): total milliseconds, each call timed separately.
+#[test]
+#[ignore]
+fn bench_depthwise_model_shapes() {
+    use medfastsam::ops::time_op;
+    let gpu = test_gpu();
+    // (resolution, channels, stride, calls)
+    let calls = [(256, 256, 1, 2), (256, 128, 2, 1), (128, 128, 1, 2), (128, 160, 2, 1), (64, 160, 1, 6), (64, 320, 1, 3)];
+    let mut rng = Rng::new(7);
+    let mut total = 0.0;
+    let mut total_cpu = 0.0;
+    for (r, c, s, n) in calls {
+        let x = gpu.upload(&rng.vec(r * r * c), &[1, r, r, c]).unwrap();
+        let w = gpu.upload(&rng.vec(c * 9), &[c, 1, 3, 3]).unwrap();
+        let b = gpu.upload(&rng.vec(c), &[c]).unwrap();
+        let act = if std::env::var("DW_NOACT").is_ok() { Act::None } else { Act::Gelu };
+        let ms = time_op(gpu, 3, |rec| depthwise_conv2d(rec, &x, &w, Some(&b), s, 1, act).map(|_| ())).unwrap();
+        // CPU time of the process (the adapter's worker threads): less sensitive to other load.
+        let reps = 10;
+        let c0 = cpu_ms();
+        for _ in 0..reps {
+            let mut rec = gpu.new_recorder();
+            depthwise_conv2d(&mut rec, &x, &w, Some(&b), s, 1, act).unwrap();
+            rec.submit().unwrap();
+            gpu.sync().unwrap();
+        }
+        let cpu = (cpu_ms() - c0) / reps as f64;
+        eprintln!("depthwise {r}² x {c} stride {s}: {ms:.2} ms, {cpu:.1} CPU-ms x {n}");
+        total_cpu += cpu * n as f64;
+        total += ms * n as f64;
+    }
+    eprintln!("depthwise total per forward: {total:.1} ms, {total_cpu:.1} CPU-ms");
+}
+
+/// User + system CPU time of this process in ms (Linux /proc; 0 elsewhere).
+fn cpu_ms() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks * 10.0
 }

@@ -93,6 +93,44 @@ fn binary_broadcast_concat_split_slice() {
 }
 
 #[test]
+fn vec4_activations_and_binary_ops() {
+    // Element counts that are multiples of 4 take the vec4 kernels: activations, full-size binary
+    // ops (no broadcast modulo) and broadcasts of a vector whose length is a multiple of 4.
+    let gpu = test_gpu();
+    let mut rng = Rng::new(5);
+    let (rows, c) = (1002, 12);
+    let n = rows * c;
+    let x: Vec<f32> = (0..n).map(|_| rng.range(-6.0, 6.0) as f32).collect();
+    let y = rng.vec(n);
+    let v = rng.vec(c);
+    let v8 = rng.vec(8); // broadcast period 8 over rows of 12: b[i % 8]
+    let (tx, ty) = (gpu.upload(&x, &[rows, c]).unwrap(), gpu.upload(&y, &[rows, c]).unwrap());
+    let (tv, tv8) = (gpu.upload(&v, &[c]).unwrap(), gpu.upload(&v8, &[8]).unwrap());
+    let mut rec = gpu.new_recorder();
+    let acts: Vec<_> = [Act::None, Act::Gelu, Act::Relu].iter().map(|&a| (a, activation(&mut rec, &tx, a).unwrap())).collect();
+    let ops = [BinOp::Add, BinOp::Mul, BinOp::Sub];
+    let full: Vec<_> = ops.iter().map(|&op| binary(&mut rec, &tx, &ty, op).unwrap()).collect();
+    let bc: Vec<_> = ops.iter().map(|&op| binary(&mut rec, &tx, &tv, op).unwrap()).collect();
+    let bc8 = binary(&mut rec, &tx, &tv8, BinOp::Add).unwrap();
+    rec.submit().unwrap();
+    for (act, t) in &acts {
+        let want: Vec<f64> = x.iter().map(|&v| reference::act(v as f64, *act)).collect();
+        assert_close(&format!("vec4 {act:?}"), &gpu.read(t).unwrap(), &want, 1e-6);
+    }
+    let f = |op: usize, a: f64, b: f64| [a + b, a * b, a - b][op];
+    for (k, t) in full.iter().enumerate() {
+        let want: Vec<f64> = (0..n).map(|i| f(k, x[i] as f64, y[i] as f64)).collect();
+        assert_close(&format!("vec4 binary full {k}"), &gpu.read(t).unwrap(), &want, 1e-7);
+    }
+    for (k, t) in bc.iter().enumerate() {
+        let want: Vec<f64> = (0..n).map(|i| f(k, x[i] as f64, v[i % c] as f64)).collect();
+        assert_close(&format!("vec4 binary broadcast {k}"), &gpu.read(t).unwrap(), &want, 1e-7);
+    }
+    let want: Vec<f64> = (0..n).map(|i| x[i] as f64 + v8[i % 8] as f64).collect();
+    assert_close("vec4 binary broadcast period 8", &gpu.read(&bc8).unwrap(), &want, 1e-7);
+}
+
+#[test]
 fn column_sums_are_exact_enough_and_accumulate() {
     let gpu = test_gpu();
     let mut rng = Rng::new(3);

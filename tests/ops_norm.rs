@@ -154,7 +154,9 @@ fn layer_norm_grid_beyond_65535_workgroups() {
     let e = ln_fwd_case_team(65_601, 5, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 300, Some(256));
     // With the default team (C = 33 -> 4 threads, 64 rows per workgroup) on many rows.
     let e2 = ln_fwd_case(262_147, 33, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 301);
-    eprintln!("layer_norm 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}");
+    // C % 4 == 0: one row per invocation, 8 per workgroup: 524,291 rows = 65,537 workgroups.
+    let e3 = ln_fwd_case(524_291, 4, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 302);
+    eprintln!("layer_norm 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 524291x4: {e3:.2e}");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -644,3 +646,42 @@ fn bench_norm() {
     }
 }
 
+
+/// The LayerNorms of one paper-preset forward at 1024² (run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_layer_norm_model_shapes() {
+    let _g = serial();
+    let gpu = test_gpu();
+    // (rows, C, calls)
+    let calls = [(17689usize, 128usize, 2usize), (16384, 128, 4), (4900, 160, 6), (4096, 160, 12), (4900, 320, 2), (4096, 320, 4), (4096, 256, 10), (65536, 32, 1), (16384, 64, 2)];
+    let mut rng = Rng::new(3);
+    let (mut total, mut total_cpu) = (0.0, 0.0);
+    for (rows, c, n) in calls {
+        let x = up(gpu, &rng.vec(rows * c), &[rows, c]);
+        let w = up(gpu, &rng.vec(c), &[c]);
+        let b = up(gpu, &rng.vec(c), &[c]);
+        let ms = medfastsam::ops::time_op(gpu, 3, |rec| layer_norm(rec, &x, &w, &b, 1e-5, Act::None).map(|_| ())).unwrap();
+        let reps = 10;
+        let c0 = cpu_ms();
+        for _ in 0..reps {
+            let mut rec = gpu.new_recorder();
+            layer_norm(&mut rec, &x, &w, &b, 1e-5, Act::None).unwrap();
+            rec.submit().unwrap();
+            gpu.sync().unwrap();
+        }
+        let cpu = (cpu_ms() - c0) / reps as f64;
+        eprintln!("layer_norm {rows} x {c}: {ms:.2} ms, {cpu:.1} CPU-ms x {n}");
+        total += ms * n as f64;
+        total_cpu += cpu * n as f64;
+    }
+    eprintln!("layer_norm total: {total:.1} ms, {total_cpu:.1} CPU-ms");
+}
+
+/// User + system CPU time of this process in ms (Linux /proc; 0 elsewhere).
+fn cpu_ms() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks * 10.0
+}

@@ -3,13 +3,21 @@
 //! `[Co, Ci/groups, k, k]`, ConvTranspose2d `[Ci, Co, 2, 2]`); nothing is re-ordered.
 //!
 //! * Dense [`conv2d`]: 1x1 stride-1 unpadded convs are [`linear`] with `w` seen as `[Co, Ci]`.
-//!   Others run `im2col` into a column matrix `[M, Ci*k*k]` (M = B*OH*OW output positions, column
-//!   order (ci, ky, kx), which is the row-major order of `w` seen as `[Co, Ci*k*k]`), then the tiled
-//!   GEMM `y = col w^T` with bias and activation fused in its epilogue. When the column matrix would
+//!   Others run im2col into a column matrix `[M, K]` (M = B*OH*OW output positions), then the
+//!   GEMM `y = col w^T` with bias and activation fused in its epilogue. With Ci % 4 == 0 the
+//!   columns are (ky, kx, ci), the patch in memory order copied as vec4s (`im2col4`), and the
+//!   weight is re-ordered to `[Co, k, k, Ci]` per call (`w_khwc`, small); otherwise they are
+//!   (ci, ky, kx), the row-major order of `w` seen as `[Co, Ci*k*k]` (`im2col_row`), with K padded
+//!   by zero columns (and a zero-padded weight copy, `w_pad`) to a multiple of 4 when Co % 4 == 0,
+//!   so that the GEMM can use its vec4 kernel (the 3-channel stem conv: K = 27 -> 28). The
+//!   backward keeps the (ci, ky, kx) order (`im2col`). When the column matrix would
 //!   exceed the device's storage-binding (or buffer) size, the positions are split into row chunks:
 //!   each chunk is im2col'ed into one reused buffer, multiplied into a chunk buffer and copied into
 //!   its rows of `y`.
-//! * [`depthwise_conv2d`]: a direct kernel, one invocation per output element.
+//! * [`depthwise_conv2d`]: direct kernels. 3x3 with C % 4 == 0 and stride 1 or 2 (the model's):
+//!   `depthwise3_v4`, where one invocation slides a 3-row window down a run of output rows for 4
+//!   columns x 4 channels, so each input vec4 is loaded about once per output (CPU adapters
+//!   scalarise every load). Otherwise one invocation per output element (or per 4 channels).
 //! * [`conv_transpose2x2`] (kernel 2, stride 2, non-overlapping): the GEMM `t = x w` with `w` read
 //!   as a row-major `[Ci, 4*Co]` matrix (column `o*4 + a*2 + c`, i.e. PyTorch's memory order, so no
 //!   weight copy), then `pixel_shuffle2` scatters `t` to `y[b, 2i+a, 2j+c, o]` adding bias and
@@ -241,10 +249,20 @@ fn is_pointwise(g: &Geo) -> bool {
     g.k == 1 && g.stride == 1 && g.pad == 0
 }
 
-/// Rows per chunk of the column matrix: everything when it fits a binding (or `force` is larger),
-/// else as many rows as fit (`force` caps it, for tests).
-fn chunk_rows(rec: &Recorder, g: &Geo, force: Option<usize>) -> usize {
-    let cap = max_rows(rec, g.kc().max(g.co));
+/// The forward GEMM's copy of a dense conv weight `[Co, width]`: `w_khwc` (columns (ky, kx, ci))
+/// or `w_pad` (columns (ci, ky, kx), zero beyond Ci*k*k).
+fn weight_copy(rec: &mut Recorder, g: &Geo, w: &Tensor, entry: &'static str, width: usize) -> Result<Tensor> {
+    let out = rec.gpu.empty(&[g.co, width])?;
+    let cp = Cp { n: g.co * g.ci, e0: width, ..g.cp() };
+    let groups = rec.grid(cp.n.div_ceil(64));
+    rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[w, &out], groups)?;
+    Ok(out)
+}
+
+/// Rows per chunk of a column matrix `width` floats wide: everything when it fits a binding (or
+/// `force` is larger), else as many rows as fit (`force` caps it, for tests).
+fn chunk_rows(rec: &Recorder, g: &Geo, width: usize, force: Option<usize>) -> usize {
+    let cap = max_rows(rec, width.max(g.co));
     let cap = force.map_or(cap, |f| f.min(cap)).max(1);
     cap.min(g.m().max(1))
 }
@@ -290,15 +308,30 @@ pub fn conv2d_chunked(
     if m == 0 || g.co == 0 {
         return Ok(y);
     }
-    let w2 = w.reshape(&[g.co, kc]);
-    let cap = chunk_rows(rec, &g, max_chunk_rows);
-    let col = rec.gpu.empty(&[cap, kc])?;
+    // Column layout: C % 4 == 0 -> (ky, kx, ci) copied as vec4 (weight re-ordered to match);
+    // otherwise (ci, ky, kx), K padded with zero columns to a multiple of 4 when that makes the
+    // GEMM vec4-eligible (Co % 4 == 0), e.g. the 3-channel stem conv (K = 27 -> 28).
+    let v4 = g.ci.is_multiple_of(4);
+    let kcp = if !v4 && g.co.is_multiple_of(4) { kc.next_multiple_of(4) } else { kc };
+    let wk = w.reshape(&[g.co, kc]);
+    let w2 = if v4 && g.k > 1 {
+        weight_copy(rec, &g, w, "w_khwc", kc)?
+    } else if kcp != kc {
+        weight_copy(rec, &g, w, "w_pad", kcp)?
+    } else {
+        wk
+    };
+    let cap = chunk_rows(rec, &g, kcp, max_chunk_rows);
+    let col = rec.gpu.empty(&[cap, kcp])?;
     let tmp = if cap < m { Some(rec.gpu.empty(&[cap, g.co])?) } else { None };
     let mut r0 = 0;
     while r0 < m {
         let rows = cap.min(m - r0);
-        im2col(rec, &g, x, r0, rows, &col)?;
-        let mut gm = Gemm::new(rows, g.co, kc);
+        let cp = Cp { n: rows, row0: r0, rows, e0: kcp, ..g.cp() };
+        let entry = if v4 { "im2col4" } else { "im2col_row" };
+        let groups = rec.grid(rows.div_ceil(64));
+        rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[x, &col], groups)?;
+        let mut gm = Gemm::new(rows, g.co, kcp);
         gm.trans_b = true;
         gm.act = act;
         let out = tmp.as_ref().unwrap_or(&y);
@@ -380,7 +413,7 @@ pub fn conv2d_backward_chunked(
         return Ok(());
     }
     let w2 = w.reshape(&[g.co, kc]);
-    let cap = chunk_rows(rec, &g, max_chunk_rows);
+    let cap = chunk_rows(rec, &g, kc, max_chunk_rows);
     let col = rec.gpu.empty(&[cap, kc])?;
     let dyc = if cap < m { Some(rec.gpu.empty(&[cap, g.co])?) } else { None };
     let mut r0 = 0;
@@ -424,12 +457,69 @@ pub fn depthwise_conv2d(
     if let Some(b) = bias {
         check_len("depthwise_conv2d bias", b, g.co)?;
     }
+    depthwise_forward(rec, &g, x, w, bias, act, None)
+}
+
+/// Output rows per invocation of `depthwise3_v4` when not forced: long runs (the window of input
+/// rows is reloaded at the start of each run), but enough invocations to fill the workgroups.
+const DW_RUN: usize = 16;
+
+/// Whether [`depthwise_conv2d`] uses the sliding-window kernel `depthwise3_v4`.
+fn dw_tiled(g: &Geo) -> bool {
+    g.k == 3 && g.ci.is_multiple_of(4) && (g.stride == 1 || g.stride == 2)
+}
+
+/// [`depthwise_conv2d`] with the output rows per invocation of the 3x3 sliding-window kernel
+/// forced (tests; ignored by the other kernels).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv2d_run(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+    act: Act,
+    run: usize,
+) -> Result<Tensor> {
+    let g = geometry("depthwise_conv2d", x, w, stride, pad, true)?;
+    if let Some(b) = bias {
+        check_len("depthwise_conv2d bias", b, g.co)?;
+    }
+    depthwise_forward(rec, &g, x, w, bias, act, Some(run.max(1)))
+}
+
+fn depthwise_forward(
+    rec: &mut Recorder,
+    g: &Geo,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Act,
+    run: Option<usize>,
+) -> Result<Tensor> {
     let y = rec.gpu.empty(&g.out_shape())?;
     let n = y.numel();
-    let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise_v4", 4) } else { ("depthwise", 1) };
-    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
+    if n == 0 {
+        return Ok(y);
+    }
     let dummy = rec.gpu.dummy();
     rec.flops += 2.0 * (n * g.k * g.k) as f64;
+    if dw_tiled(g) {
+        // One invocation per (batch, run of output rows, strip of 4 columns, 4 channels).
+        let run = run.unwrap_or(DW_RUN).min(g.oh);
+        let inv = g.b * g.oh.div_ceil(run) * g.ow.div_ceil(4) * (g.ci / 4);
+        let k = Kernel::new(ShaderFamily::Conv, "depthwise3_v4", 8)
+            .u("DW_S", g.stride as u32)
+            .b("HAS_BIAS", bias.is_some())
+            .u("ACT", act.code());
+        let cp = Cp { n: inv, e0: run, ..g.cp() };
+        let groups = rec.grid(inv.div_ceil(8));
+        return rec.dispatch(&k, cp.params(), &[x, w, bias.unwrap_or(&dummy), &y], groups).map(|_| y);
+    }
+    let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise_v4", 4) } else { ("depthwise", 1) };
+    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
     launch(rec, &k, &Cp { n: n / v, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
     Ok(y)
 }

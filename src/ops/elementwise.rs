@@ -1,5 +1,6 @@
 //! Elementwise kernels (shaders/elementwise.wgsl): activations, broadcast add/mul/sub, in-place
-//! accumulation, channel concat/split and the ImageNet input normalisation.
+//! accumulation, channel concat/split and the ImageNet input normalisation. Activations and binary
+//! ops on element counts that are multiples of 4 run on vec4s (`unary4`, `binary4`).
 
 use super::matmul::Act;
 use crate::error::{Error, Result};
@@ -17,7 +18,12 @@ fn launch(rec: &mut Recorder, k: Kernel, n: usize, nb: usize, c2: usize, t: &[&T
 /// `act(x)` elementwise.
 pub fn activation(rec: &mut Recorder, x: &Tensor, act: Act) -> Result<Tensor> {
     let y = rec.gpu.empty(&x.shape)?;
-    launch(rec, ew("unary").u("ACT", act.code()), x.numel(), 0, 0, &[x, &y])?;
+    let n = x.numel();
+    if n.is_multiple_of(4) {
+        launch(rec, ew("unary4").u("ACT", act.code()), n / 4, 0, 0, &[x, &y])?;
+    } else {
+        launch(rec, ew("unary").u("ACT", act.code()), n, 0, 0, &[x, &y])?;
+    }
     Ok(y)
 }
 
@@ -39,7 +45,13 @@ pub fn binary(rec: &mut Recorder, a: &Tensor, b: &Tensor, op: BinOp) -> Result<T
         BinOp::Sub => 2,
     };
     let y = rec.gpu.empty(&a.shape)?;
-    launch(rec, ew("binary").u("OP", code), a.numel(), b.numel(), 0, &[a, b, &y])?;
+    let (n, nb) = (a.numel(), b.numel());
+    if n.is_multiple_of(4) && nb.is_multiple_of(4) {
+        let k = ew("binary4").u("OP", code).b("BCAST", nb != n);
+        launch(rec, k, n / 4, nb / 4, 0, &[a, b, &y])?;
+    } else {
+        launch(rec, ew("binary").u("OP", code), n, nb, 0, &[a, b, &y])?;
+    }
     Ok(y)
 }
 

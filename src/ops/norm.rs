@@ -1,8 +1,10 @@
 //! Normalisation kernels (shaders/norm.wgsl): LayerNorm over the last dim (token LayerNorm and
 //! LayerNorm2d on channels-last maps) and BatchNorm2d on channels-last maps.
 //!
-//! Both see a `[rows, C]` matrix (rows = every leading dim). LayerNorm uses one team of
-//! `T = next_pow2(C) / 16` (1..=256) invocations per row, with a two-pass mean / variance in f32.
+//! Both see a `[rows, C]` matrix (rows = every leading dim). LayerNorm forward with C % 4 == 0 (every
+//! LayerNorm of the model) runs one invocation per row with vec4 loads (`ln_row4`: no workgroup
+//! reductions, which are slow on CPU adapters); otherwise, and in the backward, one team of
+//! `T = next_pow2(C) / 16` (1..=256) invocations per row. Two-pass mean / variance in f32.
 //! Every reduction over rows (LayerNorm dw/db, BatchNorm statistics and gradients) is two-level and
 //! deterministic: per-workgroup partial sums over fixed row chunks, then one workgroup per column
 //! sums the partials in a fixed order. No atomics.
@@ -49,11 +51,20 @@ pub fn layer_norm(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, eps: f
     if rows == 0 {
         return Ok(y);
     }
+    if c.is_multiple_of(4) {
+        let k = norm_kernel("ln_row4", ROW4_WG as u32).u("ACT", act.code());
+        let groups = rec.grid(rows.div_ceil(ROW4_WG));
+        rec.dispatch(&k, Params::new().u(rows).u(c).f(eps).u(0), &[x, w, b, &y], groups)?;
+        return Ok(y);
+    }
     let k = norm_kernel("ln_fwd", 256).u("T", t).u("ACT", act.code());
     let groups = rec.grid(rows.div_ceil((256 / t) as usize));
     rec.dispatch(&k, Params::new().u(rows).u(c).f(eps).u(0), &[x, w, b, &y], groups)?;
     Ok(y)
 }
+
+/// Rows per workgroup of `ln_row4` (one invocation per row).
+const ROW4_WG: usize = 8;
 
 /// What [`layer_norm_backward`] needs from a training forward.
 #[derive(Clone, Debug)]
@@ -78,7 +89,26 @@ pub fn layer_norm_train(
     act: Act,
 ) -> Result<(Tensor, LnSaved)> {
     let c = x.shape.last().copied().unwrap_or(0);
-    layer_norm_train_with_team(rec, x, w, b, eps, act, team_size(c))
+    if c == 0 || !c.is_multiple_of(4) {
+        return layer_norm_train_with_team(rec, x, w, b, eps, act, team_size(c));
+    }
+    let (rows, c) = check_ln(x, w, b)?;
+    let y = rec.gpu.empty(&x.shape)?;
+    let mean = rec.gpu.empty(&[rows])?;
+    let rstd = rec.gpu.empty(&[rows])?;
+    let pre = if act != Act::None { Some(rec.gpu.empty(&x.shape)?) } else { None };
+    if rows > 0 {
+        let dummy = rec.gpu.dummy();
+        let k = norm_kernel("ln_row4_train", ROW4_WG as u32).u("ACT", act.code());
+        let groups = rec.grid(rows.div_ceil(ROW4_WG));
+        rec.dispatch(
+            &k,
+            Params::new().u(rows).u(c).f(eps).u(0),
+            &[x, w, b, &y, &mean, &rstd, pre.as_ref().unwrap_or(&dummy)],
+            groups,
+        )?;
+    }
+    Ok((y, LnSaved { mean, rstd, pre, act }))
 }
 
 /// [`layer_norm_train`] with an explicit number of threads per row (a power of two ≤ 256); used by
