@@ -44,14 +44,20 @@ impl MedFastSam {
         let h = linear(rec, &tok, t(&format!("{hp}.0.weight"))?, Some(t(&format!("{hp}.0.bias"))?), Act::Relu, None)?;
         let h = linear(rec, &h, t(&format!("{hp}.1.weight"))?, Some(t(&format!("{hp}.1.bias"))?), Act::Relu, None)?;
         let hyper = linear(rec, &h, t(&format!("{hp}.2.weight"))?, Some(t(&format!("{hp}.2.bias"))?), Act::None, None)?; // [B, C]
-        let (fh, fw, c) = (f.shape[1], f.shape[2], f.shape[3]);
-        let out = rec.gpu.empty(&[b, fh, fw, 1])?;
-        let mut g = Gemm::new(fh * fw, 1, c);
-        g.batch = b;
-        g.a_bs = fh * fw * c;
-        g.b_bs = c;
-        g.c_bs = fh * fw;
-        gemm(rec, &g, &f, &hyper, None, None, &out)?;
-        Ok(out)
+        hyper_masks(rec, &f, &hyper)
     }
+}
+
+/// Eq. 13: the mask of each image is its fused features F `[B, h, w, C]` times its hypernetwork
+/// vector `[B, C]` → `[B, h, w, 1]` (a batched GEMM, one matrix-vector product per image).
+pub fn hyper_masks(rec: &mut Recorder, f: &Tensor, hyper: &Tensor) -> Result<Tensor> {
+    let (b, fh, fw, c) = (f.shape[0], f.shape[1], f.shape[2], f.shape[3]);
+    let out = rec.gpu.empty(&[b, fh, fw, 1])?;
+    let mut g = Gemm::new(fh * fw, 1, c);
+    g.batch = b;
+    g.a_bs = fh * fw * c;
+    g.b_bs = c;
+    g.c_bs = fh * fw;
+    gemm(rec, &g, f, hyper, None, None, &out)?;
+    Ok(out)
 }

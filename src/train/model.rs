@@ -595,14 +595,7 @@ fn head_fwd(ps: &ParamStore, rec: &mut Recorder, tokens: &Tensor, image: &Tensor
     let (h, h0) = lin_fwd(ps, rec, &tok, &format!("{hp}.0.weight"), Some(&format!("{hp}.0.bias")), Act::Relu, None)?;
     let (h, h1) = lin_fwd(ps, rec, &h, &format!("{hp}.1.weight"), Some(&format!("{hp}.1.bias")), Act::Relu, None)?;
     let (hyper, h2) = lin_fwd(ps, rec, &h, &format!("{hp}.2.weight"), Some(&format!("{hp}.2.bias")), Act::None, None)?;
-    let (fh, fw, c) = (f.shape[1], f.shape[2], f.shape[3]);
-    let out = rec.gpu.empty(&[b, fh, fw, 1])?;
-    let mut g = Gemm::new(fh * fw, 1, c);
-    g.batch = b;
-    g.a_bs = fh * fw * c;
-    g.b_bs = c;
-    g.c_bs = fh * fw;
-    gemm(rec, &g, &f, &hyper, None, None, &out)?;
+    let out = crate::model::msf_decoder::hyper_masks(rec, &f, &hyper)?;
     Ok((out, Head { t1, n1, cc1, t2, cc2, h0, h1, h2, f, hyper, c1, c2, nt }))
 }
 

@@ -24,7 +24,7 @@ pub struct QuickstartArgs {
     /// Output folder.
     #[arg(long, default_value = "quickstart-out")]
     pub out: PathBuf,
-    /// Optimiser steps (batch 4).
+    /// Optimiser steps.
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
     /// Stop early after this many minutes of training (the evaluation still runs).
@@ -32,6 +32,8 @@ pub struct QuickstartArgs {
     pub minutes: Option<f64>,
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f32,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value = "paper")]
@@ -76,7 +78,7 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
     let gpu = gpu.open()?;
     let opts = TrainOptions {
         epochs: 1,
-        batch: 4,
+        batch: a.batch,
         accum: 1,
         lr: a.lr,
         weight_decay: 0.0,
@@ -87,16 +89,17 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
     };
     let init = Weights::init(&cfg, a.seed);
     let mut t = Trainer::new(&gpu, &init, &cfg, variant, opts)?;
-    let crops = Crops { image: image.clone(), mask: mask.clone(), per_epoch: 4 * a.steps };
+    let crops = Crops { image: image.clone(), mask: mask.clone(), per_epoch: a.batch * a.steps };
     let held = GrayImage { width: 512, height: 512, data: mask.clone() }.crop(256, 256, 256, 256);
     let held_img = image.crop(256, 256, 256, 256);
     let heldout = MemorySource(vec![Example::at_size("held-out quadrant".into(), &held_img, &held.data, s)]);
     let (tuned, total) = t.ps.counts();
     println!(
         "quickstart: tiny preset ({} parameters, {tuned} trained), {} variant, {s}² crops of 3 quadrants of a \
-         512² fluorescence nuclei image, batch 4, Adam lr {}, {} steps",
+         512² fluorescence nuclei image, batch {}, Adam lr {}, {} steps",
         total,
         variant.name(),
+        a.batch,
         a.lr,
         a.steps
     );
@@ -114,7 +117,7 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
         let micro = t.batch_examples(&crops, 0, k)?;
         last = t.step(&micro)?;
         done += 1;
-        bar.set_message(format!("loss {:.4} {:.1} img/s", last[0], 4.0 / ts.elapsed().as_secs_f64()));
+        bar.set_message(format!("loss {:.4} {:.1} img/s", last[0], a.batch as f64 / ts.elapsed().as_secs_f64()));
         bar.inc(1);
         if INTERRUPTED.load(Ordering::SeqCst) {
             bar.println("interrupted: evaluating what was trained so far");
