@@ -13,7 +13,7 @@ if [ -z "${MEDFASTSAM_FIXTURES:-}" ]; then
   done
 fi
 echo "[test] MEDFASTSAM_FIXTURES=${MEDFASTSAM_FIXTURES:-<unset: paper-configuration parity tests are reported ignored>}"
-cargo test --release
+cargo test --release --no-fail-fast
 if [ -x web/test.sh ] && [ "${SKIP_BROWSER:-0}" != 1 ]; then
   bash web/test.sh
 fi

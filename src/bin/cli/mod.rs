@@ -107,6 +107,17 @@ pub enum Cmd {
     Serve(serve::ServeArgs),
 }
 
+/// Prints a line above a progress bar; indicatif drops such lines when the bar is hidden (output
+/// not a terminal), so then the line goes straight to stdout (or stderr for errors).
+pub fn bar_line(bar: Option<&indicatif::ProgressBar>, msg: impl AsRef<str>) {
+    let msg = msg.as_ref();
+    match bar {
+        Some(b) if !b.is_hidden() => b.println(msg),
+        _ if msg.starts_with("error:") => eprintln!("{msg}"),
+        _ => println!("{msg}"),
+    }
+}
+
 /// Runs the CLI; returns the process exit code. Errors are printed as one line.
 pub fn run() -> i32 {
     let cli = Cli::parse();

@@ -121,11 +121,11 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
         bar.set_message(format!("loss {:.4} {:.1} img/s", last[0], a.batch as f64 / ts.elapsed().as_secs_f64()));
         bar.inc(1);
         if INTERRUPTED.load(Ordering::SeqCst) {
-            bar.println("interrupted: evaluating what was trained so far");
+            super::bar_line(Some(&bar), "interrupted: evaluating what was trained so far");
             break;
         }
         if t_train.elapsed().as_secs_f64() > a.minutes * 60.0 {
-            bar.println(format!("time budget reached after {done} steps"));
+            super::bar_line(Some(&bar), format!("time budget reached after {done} steps"));
             break;
         }
     }

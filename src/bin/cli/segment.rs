@@ -82,10 +82,7 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     } else {
         None
     };
-    let say = |m: String| match &bar {
-        Some(b) => b.println(m),
-        None => println!("{m}"),
-    };
+    let say = |m: String| super::bar_line(bar.as_ref(), m);
     let mut failures = 0;
     for f in &files {
         let t = Instant::now();

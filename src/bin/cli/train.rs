@@ -259,7 +259,7 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
                 t.progress.best_epoch = Some(epoch + 1);
                 t.weights()?.save(&a.out.join("best.safetensors"), &t.ps.cfg, t.ps.variant, false)?;
             }
-            bar.println(format!(
+            super::bar_line(Some(&bar), format!(
                 "epoch {}: train loss {:.4}, val mIoU {:.4} Dice {:.4} (best Dice {:.4} at epoch {})",
                 epoch + 1,
                 sums[0] / count.max(1) as f64,
@@ -269,7 +269,7 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
                 t.progress.best_epoch.unwrap_or(0)
             ));
         } else {
-            bar.println(format!("epoch {}: train loss {:.4}", epoch + 1, sums[0] / count.max(1) as f64));
+            super::bar_line(Some(&bar), format!("epoch {}: train loss {:.4}", epoch + 1, sums[0] / count.max(1) as f64));
         }
         writeln!(log, "{rec}").map_err(|e| anyhow::anyhow!("log.jsonl: {e}"))?;
         t.save_checkpoint(&ckpt)?;
