@@ -505,19 +505,21 @@ fn depthwise_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
 }
 
 // ---------------------------------------------------------------------------------------------
-// depthwise3_v4: the 3x3 depthwise forward for C % 4 == 0 and stride DW_S (1 or 2), any padding,
+// depthwise3_v4: the 3x3 depthwise forward for C % 4 == 0 and stride 1, any padding,
 // written for CPU adapters. On llvmpipe every storage load with a non-constant address is a scalar
 // loop over the SIMD lanes while an FMA is one vector instruction, so the kernel minimises loads
 // per output: one invocation owns 4 channels (vec4) x 4 adjacent output columns x a run of
 // cp.e0 output rows. It slides a window of 3 input rows down the run: each new output row loads
-// only its new input rows (6 vec4 for stride 1, 2 x 9 for stride 2) and reuses the others, so an
-// output vec4 costs 1.5 loads (stride 1) instead of 9 input + 36 scalar weight loads. The 9 taps
+// only its new input row (6 vec4) and reuses the other two, so an output vec4 costs 1.5 loads
+// instead of 9 input + 36 scalar weight loads. The 9 taps
 // of 4 channels are 9 aligned vec4 of w (36 consecutive floats) loaded once. Out-of-image taps
 // read a clamped address and are zeroed with a select (no divergent loads). The taps are summed
 // in the order (ky, kx) like `depthwise`, then bias and activation.
 // Invocation index (n = B * ceil(OH / e0) * ceil(OW / 4) * C/4): channel quad fastest, then the
 // column strip, the row run and the batch entry.
-override DW_S: u32 = 1u;
+// Stride 2 uses depthwise_v4: a stride-2 version of this kernel (9 loads per row) made Chromium's
+// SwiftShader compiler grow past 13 GB and crash the GPU process (web/test/pipelines.mjs finds
+// such kernels).
 
 @group(0) @binding(1) var<storage, read> dwt_x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> dwt_w: array<vec4<f32>>;
@@ -530,10 +532,9 @@ struct DwTaps {
     t5: vec4<f32>, t6: vec4<f32>, t7: vec4<f32>, t8: vec4<f32>,
 }
 
-// One input row at the columns an output strip needs (v0 = leftmost; stride 1 uses v0 .. v5).
+// One input row at the columns an output strip needs (v0 = leftmost).
 struct DwRow {
-    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>,
-    v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32>, v8: vec4<f32>,
+    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>, v5: vec4<f32>,
 }
 
 // Accumulators of the 4 output columns.
@@ -585,22 +586,11 @@ fn dw_row(at: DwAt, iy: i32) -> DwRow {
     r.v3 = dw_ld(at, row, ok, 3);
     r.v4 = dw_ld(at, row, ok, 4);
     r.v5 = dw_ld(at, row, ok, 5);
-    if (DW_S == 2u) {
-        r.v6 = dw_ld(at, row, ok, 6);
-        r.v7 = dw_ld(at, row, ok, 7);
-        r.v8 = dw_ld(at, row, ok, 8);
-    }
     return r;
 }
 
-// acc[j] += r[j*S] * a + r[j*S + 1] * b + r[j*S + 2] * c (one kernel row, in kx order).
+// acc[j] += r[j] * a + r[j + 1] * b + r[j + 2] * c (one kernel row, in kx order).
 fn dw_mac(acc: DwOut, r: DwRow, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>) -> DwOut {
-    if (DW_S == 2u) {
-        return DwOut(fma(r.v2, c, fma(r.v1, b, fma(r.v0, a, acc.o0))),
-                     fma(r.v4, c, fma(r.v3, b, fma(r.v2, a, acc.o1))),
-                     fma(r.v6, c, fma(r.v5, b, fma(r.v4, a, acc.o2))),
-                     fma(r.v8, c, fma(r.v7, b, fma(r.v6, a, acc.o3))));
-    }
     return DwOut(fma(r.v2, c, fma(r.v1, b, fma(r.v0, a, acc.o0))),
                  fma(r.v3, c, fma(r.v2, b, fma(r.v1, a, acc.o1))),
                  fma(r.v4, c, fma(r.v3, b, fma(r.v2, a, acc.o2))),
@@ -644,32 +634,21 @@ fn depthwise3_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let oy0 = (q2 % runs) * cp.e0;
     let b = q2 / runs;
     let oy1 = min(oy0 + cp.e0, cp.oh);
-    let at = DwAt(cq, c4, b * cp.h, i32(ox0 * DW_S) - i32(cp.pad));
+    let at = DwAt(cq, c4, b * cp.h, i32(ox0) - i32(cp.pad));
     let taps = dw_taps(cq);
     var bias = vec4(0.0);
     if (HAS_BIAS) {
         bias = dwt_bias[cq];
     }
-    // Input row of kernel row 0 for output row oy: oy * S - pad.
-    let iy0 = i32(oy0 * DW_S) - i32(cp.pad);
-    if (DW_S == 2u) {
-        var r0 = dw_row(at, iy0);
-        for (var oy = oy0; oy < oy1; oy++) {
-            let iy = i32(oy * 2u) - i32(cp.pad);
-            let r1 = dw_row(at, iy + 1);
-            let r2 = dw_row(at, iy + 2);
-            dw_store(dw_out(taps, r0, r1, r2), bias, at, b, oy, ox0);
-            r0 = r2;
-        }
-    } else {
-        var r0 = dw_row(at, iy0);
-        var r1 = dw_row(at, iy0 + 1);
-        for (var oy = oy0; oy < oy1; oy++) {
-            let r2 = dw_row(at, i32(oy) - i32(cp.pad) + 2);
-            dw_store(dw_out(taps, r0, r1, r2), bias, at, b, oy, ox0);
-            r0 = r1;
-            r1 = r2;
-        }
+    // Input row of kernel row 0 for output row oy: oy - pad.
+    let iy0 = i32(oy0) - i32(cp.pad);
+    var r0 = dw_row(at, iy0);
+    var r1 = dw_row(at, iy0 + 1);
+    for (var oy = oy0; oy < oy1; oy++) {
+        let r2 = dw_row(at, i32(oy) - i32(cp.pad) + 2);
+        dw_store(dw_out(taps, r0, r1, r2), bias, at, b, oy, ox0);
+        r0 = r1;
+        r1 = r2;
     }
 }
 

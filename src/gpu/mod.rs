@@ -154,6 +154,10 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             sink.lock().unwrap().push(e.to_string());
         }));
+        let sink = errors.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            sink.lock().unwrap().push(format!("device lost ({reason:?}): {msg}"));
+        });
         let limits = device.limits();
         Ok(Gpu {
             device,

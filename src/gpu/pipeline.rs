@@ -144,6 +144,8 @@ impl PipelineCache {
                 .clone()
         };
         let constants = k.constants();
+        #[cfg(not(target_arch = "wasm32"))]
+        dump_pipeline(k, &constants);
         let pipeline = Arc::new(device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(k.entry),
             layout: None,
@@ -157,5 +159,27 @@ impl PipelineCache {
         }));
         self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         pipeline
+    }
+}
+
+/// Debugging aid: with `MEDFASTSAM_DUMP_PIPELINES=DIR`, every pipeline created is appended to
+/// `DIR/pipelines.jsonl` (family, entry point, override constants) and each family's full WGSL
+/// source is written to `DIR/<family>.wgsl`, so a driver or browser that fails on one of them can
+/// be tested pipeline by pipeline (web/test/pipelines.mjs does that in Chromium).
+#[cfg(not(target_arch = "wasm32"))]
+fn dump_pipeline(k: &Kernel, constants: &[(&'static str, f64)]) {
+    use std::io::Write;
+    let Some(dir) = std::env::var_os("MEDFASTSAM_DUMP_PIPELINES") else { return };
+    let dir = std::path::PathBuf::from(dir);
+    let _ = std::fs::create_dir_all(&dir);
+    let src = dir.join(format!("{}.wgsl", k.family.name()));
+    if !src.exists() {
+        let _ = std::fs::write(&src, family_source(k.family));
+    }
+    let consts: serde_json::Map<String, serde_json::Value> =
+        constants.iter().map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect();
+    let line = serde_json::json!({"family": k.family.name(), "entry": k.entry, "constants": consts});
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("pipelines.jsonl")) {
+        let _ = writeln!(f, "{line}");
     }
 }

@@ -128,10 +128,11 @@ impl Gpu {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
-        rx.await
-            .map_err(|_| Error::Gpu("readback cancelled".into()))?
-            .map_err(|e| Error::Gpu(format!("readback map failed: {e}")))?;
+        let mapped = rx.await.map_err(|_| Error::Gpu("readback cancelled".into()))?;
+        // A failed map is usually the consequence of an earlier error (an invalid pipeline or
+        // bind group, a lost device): report that cause first.
         self.take_errors()?;
+        mapped.map_err(|e| Error::Gpu(format!("readback map failed: {e}")))?;
         let out = {
             let view = staging
                 .slice(..)

@@ -14,7 +14,7 @@
 //!   exceed the device's storage-binding (or buffer) size, the positions are split into row chunks:
 //!   each chunk is im2col'ed into one reused buffer, multiplied into a chunk buffer and copied into
 //!   its rows of `y`.
-//! * [`depthwise_conv2d`]: direct kernels. 3x3 with C % 4 == 0 and stride 1 or 2 (the model's):
+//! * [`depthwise_conv2d`]: direct kernels. 3x3 with C % 4 == 0 and stride 1 (most of the model's):
 //!   `depthwise3_v4`, where one invocation slides a 3-row window down a run of output rows for 4
 //!   columns x 4 channels, so each input vec4 is loaded about once per output (CPU adapters
 //!   scalarise every load). Otherwise one invocation per output element (or per 4 channels).
@@ -466,7 +466,8 @@ const DW_RUN: usize = 16;
 
 /// Whether [`depthwise_conv2d`] uses the sliding-window kernel `depthwise3_v4`.
 fn dw_tiled(g: &Geo) -> bool {
-    g.k == 3 && g.ci.is_multiple_of(4) && (g.stride == 1 || g.stride == 2)
+    // Stride 1 only: see the note on depthwise3_v4 in shaders/conv.wgsl.
+    g.k == 3 && g.ci.is_multiple_of(4) && g.stride == 1
 }
 
 /// [`depthwise_conv2d`] with the output rows per invocation of the 3x3 sliding-window kernel
@@ -511,7 +512,6 @@ fn depthwise_forward(
         let run = run.unwrap_or(DW_RUN).min(g.oh);
         let inv = g.b * g.oh.div_ceil(run) * g.ow.div_ceil(4) * (g.ci / 4);
         let k = Kernel::new(ShaderFamily::Conv, "depthwise3_v4", 8)
-            .u("DW_S", g.stride as u32)
             .b("HAS_BIAS", bias.is_some())
             .u("ACT", act.code());
         let cp = Cp { n: inv, e0: run, ..g.cp() };

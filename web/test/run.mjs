@@ -171,6 +171,8 @@ async function launch() {
       '--disable-sync',
       '--disable-quic',
       '--disable-dev-shm-usage',
+      // Extra flags for debugging, e.g. MEDFASTSAM_CHROMIUM_ARGS='--enable-logging=stderr --v=1'
+      ...(process.env.MEDFASTSAM_CHROMIUM_ARGS || '').split(' ').filter(Boolean),
     ],
   });
 }
