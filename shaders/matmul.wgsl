@@ -74,16 +74,13 @@ fn mm_epilogue(acc: f32, bias: f32, res: f32, old: f32) -> f32 {
     if (HAS_BIAS) {
         v += bias;
     }
-    if (ACT_AFTER_RES) {
-        if (RESIDUAL) {
-            v += res;
-        }
-        v = activate(v, ACT);
-    } else {
-        v = activate(v, ACT);
-        if (RESIDUAL) {
-            v += res;
-        }
+    // One call of activate (the epilogue is inlined many times; two copies slowed the compile).
+    if (RESIDUAL && ACT_AFTER_RES) {
+        v += res;
+    }
+    v = activate(v, ACT);
+    if (RESIDUAL && !ACT_AFTER_RES) {
+        v += res;
     }
     if (ACCUM) {
         v += old;
