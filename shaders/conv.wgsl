@@ -680,6 +680,42 @@ fn pixel_shuffle2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     ps_y[i] = activate(v, ACT);
 }
 
+// pixel_shuffle2_v4: the same for Co % 4 == 0, one invocation per (position m, 4 channels)
+// (n = B*H*W*Co/4): loads t[m, 4q*4 .. 4q*4 + 15] as 4 vec4 (channel-major, 4 pixels each),
+// transposes them into 4 vec4 of channels, one per output pixel (a, c).
+@group(0) @binding(1) var<storage, read> ps4_t: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> ps4_bias: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> ps4_y: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn pixel_shuffle2_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = cv_index(wid, nwg, lid);
+    if (i >= cp.n) { return; }
+    let c4 = cp.co / 4u;
+    let oq = i % c4;
+    let m = i / c4;
+    let j = m % cp.w;
+    let q = m / cp.w;
+    let ii = q % cp.h;
+    let b = q / cp.h;
+    let src = m * cp.co + 4u * oq;
+    // Row p = a*2 + c of the transpose: channels 4oq .. 4oq + 3 at output pixel (2ii + a, 2j + c).
+    var px = transpose(mat4x4<f32>(ps4_t[src], ps4_t[src + 1u], ps4_t[src + 2u], ps4_t[src + 3u]));
+    var bias = vec4(0.0);
+    if (HAS_BIAS) {
+        bias = ps4_bias[oq];
+    }
+    for (var p = 0u; p < 4u; p++) {
+        let v = px[0] + bias;
+        let yy = 2u * ii + p / 2u;
+        let xx = 2u * j + p % 2u;
+        ps4_y[((b * 2u * cp.h + yy) * 2u * cp.w + xx) * c4 + oq] =
+            vec4(activate(v.x, ACT), activate(v.y, ACT), activate(v.z, ACT), activate(v.w, ACT));
+        px = mat4x4<f32>(px[1], px[2], px[3], px[0]);
+    }
+}
+
 // pixel_unshuffle2 (backward of pixel_shuffle2): dt[m, o*4 + a*2 + c] = dy[b, 2i + a, 2j + c, o].
 // n = B*H*W*4*Co.
 @group(0) @binding(1) var<storage, read> pu_dy: array<f32>;

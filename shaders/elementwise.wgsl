@@ -116,6 +116,26 @@ fn concat_last(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
 }
 
+// concat_last4: the same on vec4s for c1 % 4 == 0 and c2 % 4 == 0 (n, nb, c2 in vec4s).
+@group(0) @binding(1) var<storage, read> cat4_a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> cat4_b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> cat4_out: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn concat_last4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let c = ep.nb + ep.c2;
+    let r = i / c;
+    let ch = i % c;
+    if (ch < ep.nb) {
+        cat4_out[i] = cat4_a[r * ep.nb + ch];
+    } else {
+        cat4_out[i] = cat4_b[r * ep.c2 + ch - ep.nb];
+    }
+}
+
 // split along the last axis (backward of concat): a[r, :] = g[r, 0:c1], b[r, :] = g[r, c1:]
 @group(0) @binding(1) var<storage, read> spl_g: array<f32>;
 @group(0) @binding(2) var<storage, read_write> spl_a: array<f32>;

@@ -4,6 +4,7 @@
 //   op(B) = B (row-major K x N)     or B^T with B stored N x K   (TRANS_B; PyTorch Linear weight)
 // epilogue: + bias[n] (HAS_BIAS), activation ACT (0 none, 1 GELU, 2 ReLU),
 //           + R[b][m, n] (RESIDUAL), + C[b][m, n] (ACCUM: accumulate into the output).
+//           ACT_AFTER_RES: the residual is added before the activation instead (act(.. + R)).
 //
 // Entry points (chosen by src/ops/matmul.rs):
 //   matmul    shared-memory tiled kernel, 16 x 16 invocations of 4 x 4 outputs (GPUs).
@@ -34,6 +35,7 @@ override HAS_BIAS: bool = false;
 override ACT: u32 = 0u;
 override RESIDUAL: bool = false;
 override ACCUM: bool = false;
+override ACT_AFTER_RES: bool = false;
 // Register-blocked kernels: the 8 invocations of a workgroup step along N (else along M).
 override LANES_N: bool = false;
 // Split-K pass: store raw partial sums (no alpha, no epilogue) into the scratch tensor.
@@ -72,8 +74,12 @@ fn mm_epilogue(acc: f32, bias: f32, res: f32, old: f32) -> f32 {
     if (HAS_BIAS) {
         v += bias;
     }
+    // One call of activate (the epilogue is inlined many times; two copies slowed the compile).
+    if (RESIDUAL && ACT_AFTER_RES) {
+        v += res;
+    }
     v = activate(v, ACT);
-    if (RESIDUAL) {
+    if (RESIDUAL && !ACT_AFTER_RES) {
         v += res;
     }
     if (ACCUM) {

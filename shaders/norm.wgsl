@@ -146,7 +146,7 @@ fn ln_fwd_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-// ln_row4: LayerNorm for C % 4 == 0 with one invocation per row and vec4 loads, for CPU adapters
+// ln_row4: LayerNorm for C % 4 == 0 with one invocation per 2 rows and vec4 loads, for CPU adapters
 // (llvmpipe scalarises each load over the SIMD lanes, and its workgroup barriers are costly, so the
 // team kernels above spend most of their time in the reductions). Two-pass mean / variance like
 // ln_stats, summed in 4 vec4 lanes and then across them. ln_row4_train also stores mean and rstd
@@ -161,63 +161,91 @@ fn hsum(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
 
-// (mean, rstd) of row `row` (row < rows).
-fn ln4_stats(row: u32) -> vec2<f32> {
+// (mean, rstd) of rows ra and rb (both < rows; rb may equal ra), as (mean_a, rstd_a, mean_b, rstd_b).
+fn ln4_stats2(ra: u32, rb: u32) -> vec4<f32> {
     let c4 = lp.c / 4u;
-    let base = row * c4;
-    var s = vec4(0.0);
+    let ba = ra * c4;
+    let bb = rb * c4;
+    var sa = vec4(0.0);
+    var sb = vec4(0.0);
     for (var k = 0u; k < c4; k++) {
-        s += ln4_x[base + k];
+        sa += ln4_x[ba + k];
+        sb += ln4_x[bb + k];
     }
-    let mean = hsum(s) / f32(lp.c);
-    var q = vec4(0.0);
+    let ma = hsum(sa) / f32(lp.c);
+    let mb = hsum(sb) / f32(lp.c);
+    var qa = vec4(0.0);
+    var qb = vec4(0.0);
     for (var k = 0u; k < c4; k++) {
-        let d = ln4_x[base + k] - mean;
-        q = fma(d, d, q);
+        let da = ln4_x[ba + k] - ma;
+        let db = ln4_x[bb + k] - mb;
+        qa = fma(da, da, qa);
+        qb = fma(db, db, qb);
     }
-    return vec2(mean, 1.0 / sqrt(hsum(q) / f32(lp.c) + lp.eps));
-}
-
-fn ln4_z(i: u32, k: u32, st: vec2<f32>) -> vec4<f32> {
-    return (ln4_x[i] - st.x) * st.y * ln4_w[k] + ln4_b[k];
+    return vec4(ma, 1.0 / sqrt(hsum(qa) / f32(lp.c) + lp.eps), mb, 1.0 / sqrt(hsum(qb) / f32(lp.c) + lp.eps));
 }
 
 fn act4(z: vec4<f32>) -> vec4<f32> {
     return vec4(activate(z.x, ACT), activate(z.y, ACT), activate(z.z, ACT), activate(z.w, ACT));
 }
 
+// Two rows per invocation (rows 2i and 2i + 1) share the loads of w and b.
 @compute @workgroup_size(8)
 fn ln_row4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
-    let row = flat_group(wid, nwg) * 8u + lid;
-    if (row >= lp.rows) {
+    let ra = 2u * (flat_group(wid, nwg) * 8u + lid);
+    if (ra >= lp.rows) {
         return;
     }
-    let st = ln4_stats(row);
+    let two = ra + 1u < lp.rows;
+    let rb = select(ra, ra + 1u, two);
+    let st = ln4_stats2(ra, rb);
     let c4 = lp.c / 4u;
-    let base = row * c4;
+    let ba = ra * c4;
+    let bb = rb * c4;
     for (var k = 0u; k < c4; k++) {
-        ln4_y[base + k] = act4(ln4_z(base + k, k, st));
+        let w = ln4_w[k];
+        let b = ln4_b[k];
+        ln4_y[ba + k] = act4((ln4_x[ba + k] - st.x) * st.y * w + b);
+        if (two) {
+            ln4_y[bb + k] = act4((ln4_x[bb + k] - st.z) * st.w * w + b);
+        }
     }
 }
 
 @compute @workgroup_size(8)
 fn ln_row4_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let row = flat_group(wid, nwg) * 8u + lid;
-    if (row >= lp.rows) {
+    let ra = 2u * (flat_group(wid, nwg) * 8u + lid);
+    if (ra >= lp.rows) {
         return;
     }
-    let st = ln4_stats(row);
-    ln_mean[row] = st.x;
-    ln_rstd[row] = st.y;
+    let two = ra + 1u < lp.rows;
+    let rb = select(ra, ra + 1u, two);
+    let st = ln4_stats2(ra, rb);
+    ln_mean[ra] = st.x;
+    ln_rstd[ra] = st.y;
+    if (two) {
+        ln_mean[rb] = st.z;
+        ln_rstd[rb] = st.w;
+    }
     let c4 = lp.c / 4u;
-    let base = row * c4;
+    let ba = ra * c4;
+    let bb = rb * c4;
     for (var k = 0u; k < c4; k++) {
-        let z = ln4_z(base + k, k, st);
-        ln4_y[base + k] = act4(z);
+        let w = ln4_w[k];
+        let b = ln4_b[k];
+        let za = (ln4_x[ba + k] - st.x) * st.y * w + b;
+        ln4_y[ba + k] = act4(za);
         if (ACT != 0u) {
-            ln4_pre[base + k] = z;
+            ln4_pre[ba + k] = za;
+        }
+        if (two) {
+            let zb = (ln4_x[bb + k] - st.z) * st.w * w + b;
+            ln4_y[bb + k] = act4(zb);
+            if (ACT != 0u) {
+                ln4_pre[bb + k] = zb;
+            }
         }
     }
 }

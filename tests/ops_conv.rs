@@ -482,6 +482,10 @@ fn conv_transpose2x2_awkward_shapes() {
     convt_case(1, 1, 1, 1, 1, true, Act::Relu, 152);
     convt_case(2, 9, 7, 70, 33, true, Act::Gelu, 153); // 4*Co = 132: three GEMM column tiles
     convt_case(1, 16, 16, 24, 8, true, Act::None, 154); // M = 256: split-K dw
+    // Co % 4 == 0: the vec4 pixel shuffle.
+    convt_case(2, 5, 3, 6, 4, true, Act::Gelu, 155);
+    convt_case(1, 3, 7, 8, 12, true, Act::Relu, 156);
+    convt_case(2, 4, 4, 16, 32, false, Act::Gelu, 157);
 }
 
 /// Micro-benchmarks (run with `cargo test --test ops_conv -- --ignored --nocapture`).

@@ -128,6 +128,22 @@ fn vec4_activations_and_binary_ops() {
     }
     let want: Vec<f64> = (0..n).map(|i| x[i] as f64 + v8[i % 8] as f64).collect();
     assert_close("vec4 binary broadcast period 8", &gpu.read(&bc8).unwrap(), &want, 1e-7);
+    // Channel concat of [rows, 12] and [rows, 8] (vec4) and its split (scalar).
+    let z = rng.vec(rows * 8);
+    let tz = gpu.upload(&z, &[rows, 8]).unwrap();
+    let mut rec = gpu.new_recorder();
+    let cat = concat_last(&mut rec, &tx, &tz).unwrap();
+    let (sa, sb) = split_last(&mut rec, &cat, c).unwrap();
+    rec.submit().unwrap();
+    assert_eq!(cat.shape, vec![rows, c + 8]);
+    let mut want = Vec::new();
+    for r in 0..rows {
+        want.extend(x[r * c..(r + 1) * c].iter().map(|&v| v as f64));
+        want.extend(z[r * 8..(r + 1) * 8].iter().map(|&v| v as f64));
+    }
+    assert_close("vec4 concat", &gpu.read(&cat).unwrap(), &want, 0.0);
+    assert_close("split a", &gpu.read(&sa).unwrap(), &to_f64(&x), 0.0);
+    assert_close("split b", &gpu.read(&sb).unwrap(), &to_f64(&z), 0.0);
 }
 
 #[test]

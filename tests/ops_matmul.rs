@@ -2,7 +2,7 @@
 //! scalar loads, lanes along M or N, split-K + reduce), awkward shapes around the tile sizes, every
 //! transpose and epilogue variant, broadcast weights, and grids past 65,535 workgroups.
 
-use medfastsam::ops::matmul::{gemm_with, linear, plan, vec4_ok, Gemm, GemmConfig, GemmPath};
+use medfastsam::ops::matmul::{gemm_with, linear, linear_residual_act, plan, vec4_ok, Gemm, GemmConfig, GemmPath};
 use medfastsam::ops::{reference, Act};
 use medfastsam::testutil::{assert_close, rel_err, test_gpu, to_f64, Rng};
 
@@ -166,6 +166,91 @@ fn gemm_vec4_k_tail_and_unaligned_operands() {
     assert!(!vec4_ok(&g));
     worst = worst.max(run_cfg(g, true, false, 43, &BLOCKED));
     eprintln!("k tail / unaligned: worst relative error {worst:.2e}");
+}
+
+/// `act(alpha * op(A) op(B) + bias + R) (+ C)` (the residual before the activation) vs the f64
+/// reference: the GEMM part from `reference::gemm` without activation or accumulation, then the
+/// activation and the accumulation applied here from their definitions.
+fn run_act_after_residual(g: Gemm, seed: u64, cfg: &GemmConfig) -> f64 {
+    assert!(g.act_after_residual);
+    let gpu = test_gpu();
+    let mut rng = Rng::new(seed);
+    let (na, nb, nc) = (g.m * g.k, g.k * g.n, g.m * g.n);
+    let (a, b, bi, r, c0) = (rng.vec(na), rng.vec(nb), rng.vec(g.n), rng.vec(nc), rng.vec(nc));
+    let up = |v: &[f32]| gpu.upload(v, &[v.len()]).unwrap();
+    let (ta, tb, tbi, tr, tc) = (up(&a), up(&b), up(&bi), up(&r), up(&c0));
+    let mut rec = gpu.new_recorder();
+    gemm_with(&mut rec, &g, &ta, &tb, Some(&tbi), Some(&tr), &tc, cfg).unwrap();
+    rec.submit().unwrap();
+    let got = gpu.read(&tc).unwrap();
+    let mut plain = g;
+    plain.act = Act::None;
+    plain.accumulate = false;
+    plain.act_after_residual = false;
+    let mut want = vec![0.0; nc];
+    reference::gemm(&plain, &to_f64(&a), &to_f64(&b), Some(&to_f64(&bi)), Some(&to_f64(&r)), &mut want);
+    for (i, v) in want.iter_mut().enumerate() {
+        *v = reference::act(*v, g.act) + if g.accumulate { c0[i] as f64 } else { 0.0 };
+    }
+    let p = plan(gpu, &g, cfg).unwrap();
+    let what = format!("{g:?} act after residual {cfg:?} -> {p:?}");
+    assert_close(&what, &got, &want, tol(&g));
+    rel_err(&got, &want)
+}
+
+#[test]
+fn gemm_epilogue_act_after_residual() {
+    // Every kernel family and the split-K reduce, with and without accumulation and alpha.
+    let mut worst: f64 = 0.0;
+    let split = GemmConfig { splits: Some(3), ..BLOCKED };
+    let split_tiled = GemmConfig { splits: Some(2), ..TILED };
+    let cfgs = [GemmConfig::default(), TILED, blocked(true, false), blocked(true, true), blocked(false, false), split, split_tiled];
+    let mut seed = 400;
+    for (m, n, k) in [(36usize, 28usize, 44usize), (37, 29, 45), (70, 64, 256)] {
+        for (act, accs) in [(Act::Gelu, &[false, true][..]), (Act::Relu, &[false][..])] {
+            for &accumulate in accs {
+                let mut g = Gemm::new(m, n, k);
+                g.trans_b = true;
+                g.act = act;
+                g.act_after_residual = true;
+                g.accumulate = accumulate;
+                g.alpha = if accumulate { 0.75 } else { 1.0 };
+                for cfg in &cfgs {
+                    if cfg.vec4 == Some(true) && !vec4_ok(&g) {
+                        continue;
+                    }
+                    worst = worst.max(run_act_after_residual(g, seed, cfg));
+                    seed += 1;
+                }
+            }
+        }
+    }
+    eprintln!("act after residual: worst relative error {worst:.2e}");
+    // linear_residual_act: GELU(x W^T + b + R), the MBConv ending.
+    let gpu = test_gpu();
+    let mut rng = Rng::new(499);
+    let (m, n, k) = (130, 64, 256);
+    let (x, w, b, r) = (rng.vec(m * k), rng.vec(n * k), rng.vec(n), rng.vec(m * n));
+    let mut rec = gpu.new_recorder();
+    let y = linear_residual_act(
+        &mut rec,
+        &gpu.upload(&x, &[2, 65, k]).unwrap(),
+        &gpu.upload(&w, &[n, k]).unwrap(),
+        Some(&gpu.upload(&b, &[n]).unwrap()),
+        &gpu.upload(&r, &[2, 65, n]).unwrap(),
+        Act::Gelu,
+    )
+    .unwrap();
+    rec.submit().unwrap();
+    assert_eq!(y.shape, vec![2, 65, n]);
+    let want: Vec<f64> = (0..m * n)
+        .map(|i| {
+            let (row, col) = (i / n, i % n);
+            let s: f64 = (0..k).map(|l| x[row * k + l] as f64 * w[col * k + l] as f64).sum();
+            reference::act(s + b[col] as f64 + r[i] as f64, Act::Gelu)
+        })
+        .collect();
+    assert_close("linear_residual_act", &gpu.read(&y).unwrap(), &want, 2e-6);
 }
 
 #[test]

@@ -154,9 +154,9 @@ fn layer_norm_grid_beyond_65535_workgroups() {
     let e = ln_fwd_case_team(65_601, 5, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 300, Some(256));
     // With the default team (C = 33 -> 4 threads, 64 rows per workgroup) on many rows.
     let e2 = ln_fwd_case(262_147, 33, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 301);
-    // C % 4 == 0: one row per invocation, 8 per workgroup: 524,291 rows = 65,537 workgroups.
-    let e3 = ln_fwd_case(524_291, 4, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 302);
-    eprintln!("layer_norm 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 524291x4: {e3:.2e}");
+    // C % 4 == 0: two rows per invocation, 8 per workgroup: 1,048,579 rows = 65,537 workgroups.
+    let e3 = ln_fwd_case(1_048_579, 4, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 302);
+    eprintln!("layer_norm 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 1048579x4: {e3:.2e}");
 }
 
 // ------------------------------------------------------------------------------------------------

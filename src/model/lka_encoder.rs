@@ -7,8 +7,8 @@ use crate::error::Result;
 use crate::gpu::{Recorder, Tensor};
 use crate::ops::attention::{window_attention, window_partition, window_reverse_add};
 use crate::ops::conv::{conv2d, depthwise_conv2d};
-use crate::ops::elementwise::{activation, add};
-use crate::ops::matmul::{linear, Act};
+use crate::ops::elementwise::add;
+use crate::ops::matmul::{linear, linear_residual_act, Act};
 use crate::ops::norm::layer_norm;
 
 /// Token LayerNorm epsilon (attention and MLP norms).
@@ -55,8 +55,11 @@ impl MedFastSam {
     fn mbconv(&self, rec: &mut Recorder, pre: &str, x: &Tensor) -> Result<Tensor> {
         let h = self.conv_bn(rec, &format!("{pre}.conv1"), x, 1, false, Act::Gelu, None)?;
         let h = self.conv_bn(rec, &format!("{pre}.conv2"), &h, 1, true, Act::Gelu, None)?;
-        let y = self.conv_bn(rec, &format!("{pre}.conv3"), &h, 1, false, Act::None, Some(x))?;
-        activation(rec, &y, Act::Gelu)
+        // conv3 (1x1) + residual + GELU in one GEMM epilogue (the residual before the activation).
+        let cp = format!("{pre}.conv3");
+        let w = self.t(&format!("{cp}.folded.weight"))?;
+        let b = self.t(&format!("{cp}.folded.bias"))?;
+        linear_residual_act(rec, &h, &w.reshape(&[w.shape[0], w.shape[1]]), Some(b), x, Act::Gelu)
     }
 
     /// PatchMerging: Conv2d_BN 1×1 → GELU → depthwise Conv2d_BN 3×3 (stride 2, or 1 into the last

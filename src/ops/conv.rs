@@ -601,8 +601,12 @@ pub fn conv_transpose2x2(rec: &mut Recorder, x: &Tensor, w: &Tensor, bias: Optio
     }
     let t = rec.gpu.empty(&[m, 4 * co])?;
     gemm(rec, &Gemm::new(m, 4 * co, ci), x, w, None, None, &t)?;
-    let k = kernel("pixel_shuffle2").b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
-    let cp = Cp { n: y.numel(), bsz: b, h, w: wd, c: ci, co, ..Cp::default() };
+    let v4 = co.is_multiple_of(4);
+    let entry = if v4 { "pixel_shuffle2_v4" } else { "pixel_shuffle2" };
+    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
+    // v4: one invocation per (input position, 4 channels) = 16 outputs.
+    let n = if v4 { m * co / 4 } else { y.numel() };
+    let cp = Cp { n, bsz: b, h, w: wd, c: ci, co, ..Cp::default() };
     let dummy = rec.gpu.dummy();
     launch(rec, &k, &cp, &[&t, bias.unwrap_or(&dummy), &y])?;
     Ok(y)

@@ -51,6 +51,8 @@ pub struct Gemm {
     pub act: Act,
     /// Add into the existing contents of the output (gradient accumulation).
     pub accumulate: bool,
+    /// Add the residual before the activation: `act(alpha * A B + bias + R)` (default: after it).
+    pub act_after_residual: bool,
 }
 
 impl Gemm {
@@ -68,6 +70,7 @@ impl Gemm {
             alpha: 1.0,
             act: Act::None,
             accumulate: false,
+            act_after_residual: false,
         }
     }
     pub fn flops(&self) -> f64 {
@@ -258,6 +261,7 @@ pub fn gemm_with(
             .u("ACT", g.act.code())
             .b("RESIDUAL", residual.is_some())
             .b("ACCUM", g.accumulate)
+            .b("ACT_AFTER_RES", g.act_after_residual)
             .b("LANES_N", p.lanes_n);
         return rec.dispatch(&k, params, &[a, b, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c], groups);
     }
@@ -274,7 +278,8 @@ pub fn gemm_with(
         .b("HAS_BIAS", bias.is_some())
         .u("ACT", g.act.code())
         .b("RESIDUAL", residual.is_some())
-        .b("ACCUM", g.accumulate);
+        .b("ACCUM", g.accumulate)
+        .b("ACT_AFTER_RES", g.act_after_residual);
     let groups = rec.grid((g.batch * g.m * g.n).div_ceil(256));
     rec.dispatch(&r, params, &[&scratch, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c], groups)
 }
@@ -301,6 +306,32 @@ pub fn linear(
     g.trans_b = true;
     g.act = act;
     gemm(rec, &g, x, w, b, residual, &y)?;
+    Ok(y)
+}
+
+/// `y = act(x W^T + b + residual)` over the last dimension of `x` (`w` is [out, in]): the
+/// residual added before the activation, e.g. MBConv's `GELU(x + BN(conv1x1(..)))`.
+pub fn linear_residual_act(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: &Tensor,
+    act: Act,
+) -> Result<Tensor> {
+    let (n, k) = (w.shape[0], w.shape[1]);
+    if x.dim(-1) != k {
+        return Err(Error::Invalid(format!("linear_residual_act: input {:?} vs weight {:?}", x.shape, w.shape)));
+    }
+    let m = x.numel() / k;
+    let mut shape = x.shape.clone();
+    *shape.last_mut().unwrap() = n;
+    let y = rec.gpu.empty(&shape)?;
+    let mut g = Gemm::new(m, n, k);
+    g.trans_b = true;
+    g.act = act;
+    g.act_after_residual = true;
+    gemm(rec, &g, x, w, b, Some(residual), &y)?;
     Ok(y)
 }
 

@@ -2,7 +2,7 @@
 //! LayerNorm2d on channels-last maps) and BatchNorm2d on channels-last maps.
 //!
 //! Both see a `[rows, C]` matrix (rows = every leading dim). LayerNorm forward with C % 4 == 0 (every
-//! LayerNorm of the model) runs one invocation per row with vec4 loads (`ln_row4`: no workgroup
+//! LayerNorm of the model) runs one invocation per 2 rows with vec4 loads (`ln_row4`: no workgroup
 //! reductions, which are slow on CPU adapters); otherwise, and in the backward, one team of
 //! `T = next_pow2(C) / 16` (1..=256) invocations per row. Two-pass mean / variance in f32.
 //! Every reduction over rows (LayerNorm dw/db, BatchNorm statistics and gradients) is two-level and
@@ -53,7 +53,7 @@ pub fn layer_norm(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, eps: f
     }
     if c.is_multiple_of(4) {
         let k = norm_kernel("ln_row4", ROW4_WG as u32).u("ACT", act.code());
-        let groups = rec.grid(rows.div_ceil(ROW4_WG));
+        let groups = rec.grid(rows.div_ceil(2 * ROW4_WG));
         rec.dispatch(&k, Params::new().u(rows).u(c).f(eps).u(0), &[x, w, b, &y], groups)?;
         return Ok(y);
     }
@@ -63,7 +63,7 @@ pub fn layer_norm(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, eps: f
     Ok(y)
 }
 
-/// Rows per workgroup of `ln_row4` (one invocation per row).
+/// Invocations per workgroup of `ln_row4` (each normalises 2 rows).
 const ROW4_WG: usize = 8;
 
 /// What [`layer_norm_backward`] needs from a training forward.
@@ -100,7 +100,7 @@ pub fn layer_norm_train(
     if rows > 0 {
         let dummy = rec.gpu.dummy();
         let k = norm_kernel("ln_row4_train", ROW4_WG as u32).u("ACT", act.code());
-        let groups = rec.grid(rows.div_ceil(ROW4_WG));
+        let groups = rec.grid(rows.div_ceil(2 * ROW4_WG));
         rec.dispatch(
             &k,
             Params::new().u(rows).u(c).f(eps).u(0),
