@@ -214,12 +214,17 @@ pub fn encode_png_rgb(img: &RgbImage) -> Result<Vec<u8>> {
 
 use image::ImageEncoder;
 
-/// The image with the mask tinted green (alpha `opacity`) and its outline drawn in yellow.
-pub fn overlay(img: &RgbImage, mask: &GrayImage, opacity: f32) -> RgbImage {
-    assert_eq!((img.width, img.height), (mask.width, mask.height));
-    let (w, h) = (img.width, img.height);
+/// Colour of the mask's interior tint in overlays.
+pub const OVERLAY_FILL: [u8; 3] = [0, 220, 80];
+/// Colour of the mask's outline in overlays.
+pub const OVERLAY_EDGE: [u8; 3] = [255, 230, 0];
+
+/// Per pixel: 0 background, 1 mask interior, 2 mask outline (a foreground pixel on the image
+/// border or 4-adjacent to a background pixel). Foreground is > 127.
+pub fn mask_outline(mask: &GrayImage) -> Vec<u8> {
+    let (w, h) = (mask.width, mask.height);
     let fg = |x: usize, y: usize| mask.data[y * w + x] > 127;
-    let mut data = img.data.clone();
+    let mut out = vec![0u8; w * h];
     for y in 0..h {
         for x in 0..w {
             if !fg(x, y) {
@@ -233,14 +238,27 @@ pub fn overlay(img: &RgbImage, mask: &GrayImage, opacity: f32) -> RgbImage {
                 || !fg(x + 1, y)
                 || !fg(x, y - 1)
                 || !fg(x, y + 1);
-            let p = &mut data[(y * w + x) * 3..(y * w + x) * 3 + 3];
-            let (color, a) = if edge { ([255.0, 230.0, 0.0], 1.0) } else { ([0.0, 220.0, 80.0], opacity) };
-            for c in 0..3 {
-                p[c] = (p[c] as f32 * (1.0 - a) + color[c] * a).round() as u8;
-            }
+            out[y * w + x] = 1 + edge as u8;
         }
     }
-    RgbImage { width: w, height: h, data }
+    out
+}
+
+/// The image with the mask tinted green (alpha `opacity`) and its outline drawn in yellow.
+pub fn overlay(img: &RgbImage, mask: &GrayImage, opacity: f32) -> RgbImage {
+    assert_eq!((img.width, img.height), (mask.width, mask.height));
+    let mut data = img.data.clone();
+    for (p, &kind) in data.chunks_exact_mut(3).zip(&mask_outline(mask)) {
+        let (color, a) = match kind {
+            0 => continue,
+            1 => (OVERLAY_FILL, opacity),
+            _ => (OVERLAY_EDGE, 1.0),
+        };
+        for c in 0..3 {
+            p[c] = (p[c] as f32 * (1.0 - a) + color[c] as f32 * a).round() as u8;
+        }
+    }
+    RgbImage { width: img.width, height: img.height, data }
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
@@ -281,5 +299,34 @@ mod tests {
     fn sixteen_bit_scaling() {
         assert_eq!(u16_to_u8(&[0, 100, 255]), vec![0, 100, 255]);
         assert_eq!(u16_to_u8(&[0, 500, 1000]), vec![0, 128, 255]);
+    }
+}
+
+#[cfg(test)]
+mod overlay_tests {
+    use super::*;
+
+    #[test]
+    fn outline_marks_border_and_background_neighbours() {
+        // 5x4 mask: a 3x3 block at (1..4, 0..3); only its centre (2, 1) is interior.
+        let mut data = vec![0u8; 20];
+        for y in 0..3 {
+            for x in 1..4 {
+                data[y * 5 + x] = 255;
+            }
+        }
+        let kinds = mask_outline(&GrayImage { width: 5, height: 4, data: data.clone() });
+        let mut want = vec![0u8; 20];
+        for y in 0..3 {
+            for x in 1..4 {
+                want[y * 5 + x] = if (x, y) == (2, 1) { 1 } else { 2 };
+            }
+        }
+        assert_eq!(kinds, want);
+        let img = RgbImage { width: 5, height: 4, data: vec![100; 60] };
+        let o = overlay(&img, &GrayImage { width: 5, height: 4, data }, 0.5);
+        assert_eq!(&o.data[0..3], &[100, 100, 100]); // background unchanged
+        assert_eq!(&o.data[3..6], &OVERLAY_EDGE); // outline opaque
+        assert_eq!(&o.data[(5 + 2) * 3..(5 + 2) * 3 + 3], &[50, 160, 90]); // interior: half tint
     }
 }

@@ -311,32 +311,18 @@ fn gray_to_rgba(img: &GrayImage) -> Vec<u8> {
 }
 
 /// Splits the overlay of `io::overlay` into a tint layer (interior) and an outline layer (edge
-/// pixels: foreground pixels on the border or next to a background pixel, 4-neighbourhood).
+/// pixels), as RGBA.
 fn overlay_layers(mask: &GrayImage) -> (Vec<u8>, Vec<u8>) {
-    let (w, h) = (mask.width, mask.height);
-    let fg = |x: usize, y: usize| mask.data[y * w + x] > 127;
-    let mut fill = vec![0u8; w * h * 4];
-    let mut edge = vec![0u8; w * h * 4];
-    for y in 0..h {
-        for x in 0..w {
-            if !fg(x, y) {
-                continue;
-            }
-            let is_edge = x == 0
-                || y == 0
-                || x + 1 == w
-                || y + 1 == h
-                || !fg(x - 1, y)
-                || !fg(x + 1, y)
-                || !fg(x, y - 1)
-                || !fg(x, y + 1);
-            let i = (y * w + x) * 4;
-            if is_edge {
-                edge[i..i + 4].copy_from_slice(&[255, 230, 0, 255]);
-            } else {
-                fill[i..i + 4].copy_from_slice(&[0, 220, 80, 255]);
-            }
-        }
+    let kinds = crate::io::mask_outline(mask);
+    let mut fill = vec![0u8; kinds.len() * 4];
+    let mut edge = vec![0u8; kinds.len() * 4];
+    for (i, &kind) in kinds.iter().enumerate() {
+        let (layer, c) = match kind {
+            0 => continue,
+            1 => (&mut fill, crate::io::OVERLAY_FILL),
+            _ => (&mut edge, crate::io::OVERLAY_EDGE),
+        };
+        layer[i * 4..i * 4 + 4].copy_from_slice(&[c[0], c[1], c[2], 255]);
     }
     (fill, edge)
 }

@@ -380,18 +380,7 @@ pub fn conv2d_backward_chunked(
 ) -> Result<()> {
     let g = geometry("conv2d_backward", x, w, stride, pad, false)?;
     let (m, kc) = (g.m(), g.kc());
-    if dy.shape != g.out_shape() {
-        return Err(invalid(format!("conv2d_backward: dy {:?}, expected {:?}", dy.shape, g.out_shape())));
-    }
-    if let Some(t) = dx {
-        check_len("conv2d_backward dx", t, x.numel())?;
-    }
-    if let Some(t) = dw {
-        check_len("conv2d_backward dw", t, w.numel())?;
-    }
-    if let Some(t) = dbias {
-        check_len("conv2d_backward dbias", t, g.co)?;
-    }
+    check_backward("conv2d_backward", &g, x, w, dy, [dx, dw, dbias])?;
     if m == 0 || g.co == 0 {
         return Ok(());
     }
@@ -524,6 +513,20 @@ fn depthwise_forward(
     Ok(y)
 }
 
+/// Checks a convolution backward's `dy` against the geometry and the gradient buffers
+/// `[dx, dw, dbias]` (where given) against the sizes of x, w and the bias.
+fn check_backward(name: &str, g: &Geo, x: &Tensor, w: &Tensor, dy: &Tensor, grads: [Option<&Tensor>; 3]) -> Result<()> {
+    if dy.shape != g.out_shape() {
+        return Err(invalid(format!("{name}: dy {:?}, expected {:?}", dy.shape, g.out_shape())));
+    }
+    for ((t, what), n) in grads.iter().zip(["dx", "dw", "dbias"]).zip([x.numel(), w.numel(), g.co]) {
+        if let Some(t) = t {
+            check_len(&format!("{name} {what}"), t, n)?;
+        }
+    }
+    Ok(())
+}
+
 /// Gradients of [`depthwise_conv2d`] (dy before activation); accumulates into `dx [B,H,W,C]`,
 /// `dw [C,1,k,k]`, `dbias [C]` where given. dx: gather kernel; dw: per-block partial sums over
 /// output positions, then a row-sum into w's layout; dbias: column sums of dy.
@@ -540,18 +543,7 @@ pub fn depthwise_conv2d_backward(
     dbias: Option<&Tensor>,
 ) -> Result<()> {
     let g = geometry("depthwise_conv2d_backward", x, w, stride, pad, true)?;
-    if dy.shape != g.out_shape() {
-        return Err(invalid(format!("depthwise_conv2d_backward: dy {:?}, expected {:?}", dy.shape, g.out_shape())));
-    }
-    if let Some(t) = dx {
-        check_len("depthwise_conv2d_backward dx", t, x.numel())?;
-    }
-    if let Some(t) = dw {
-        check_len("depthwise_conv2d_backward dw", t, w.numel())?;
-    }
-    if let Some(t) = dbias {
-        check_len("depthwise_conv2d_backward dbias", t, g.co)?;
-    }
+    check_backward("depthwise_conv2d_backward", &g, x, w, dy, [dx, dw, dbias])?;
     let (m, c, kk) = (g.m(), g.ci, g.k * g.k);
     if m == 0 || c == 0 {
         return Ok(());
