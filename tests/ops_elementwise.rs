@@ -10,36 +10,38 @@ use medfastsam::testutil::{assert_close, test_gpu, to_f64, Rng};
 fn activations_and_their_backward() {
     let gpu = test_gpu();
     let mut rng = Rng::new(1);
-    let n = 10_007;
-    let x: Vec<f32> = (0..n).map(|_| rng.range(-6.0, 6.0) as f32).collect();
-    let dy = rng.vec(n);
-    let tx = gpu.upload(&x, &[n]).unwrap();
-    let tdy = gpu.upload(&dy, &[n]).unwrap();
-    for act in [Act::None, Act::Gelu, Act::Relu, Act::Sigmoid] {
-        let mut rec = gpu.new_recorder();
-        let y = activation(&mut rec, &tx, act).unwrap();
-        let g = act_backward(&mut rec, &tx, &tdy, act).unwrap();
-        rec.submit().unwrap();
-        let want: Vec<f64> = x.iter().map(|&v| reference::act(v as f64, act)).collect();
-        assert_close(&format!("{act:?}"), &gpu.read(&y).unwrap(), &want, 1e-6);
-        let want: Vec<f64> = x
-            .iter()
-            .zip(&dy)
-            .map(|(&v, &d)| {
-                let v = v as f64;
-                d as f64
-                    * match act {
-                        Act::None => 1.0,
-                        Act::Gelu => reference::gelu_grad(v),
-                        Act::Relu => (v > 0.0) as u8 as f64,
-                        Act::Sigmoid => {
-                            let s = 1.0 / (1.0 + (-v).exp());
-                            s * (1.0 - s)
+    // 10,007 elements run the scalar kernels, 10,008 the vec4 ones.
+    for n in [10_007usize, 10_008] {
+        let x: Vec<f32> = (0..n).map(|_| rng.range(-6.0, 6.0) as f32).collect();
+        let dy = rng.vec(n);
+        let tx = gpu.upload(&x, &[n]).unwrap();
+        let tdy = gpu.upload(&dy, &[n]).unwrap();
+        for act in [Act::None, Act::Gelu, Act::Relu, Act::Sigmoid] {
+            let mut rec = gpu.new_recorder();
+            let y = activation(&mut rec, &tx, act).unwrap();
+            let g = act_backward(&mut rec, &tx, &tdy, act).unwrap();
+            rec.submit().unwrap();
+            let want: Vec<f64> = x.iter().map(|&v| reference::act(v as f64, act)).collect();
+            assert_close(&format!("{act:?} n={n}"), &gpu.read(&y).unwrap(), &want, 1e-6);
+            let want: Vec<f64> = x
+                .iter()
+                .zip(&dy)
+                .map(|(&v, &d)| {
+                    let v = v as f64;
+                    d as f64
+                        * match act {
+                            Act::None => 1.0,
+                            Act::Gelu => reference::gelu_grad(v),
+                            Act::Relu => (v > 0.0) as u8 as f64,
+                            Act::Sigmoid => {
+                                let s = 1.0 / (1.0 + (-v).exp());
+                                s * (1.0 - s)
+                            }
                         }
-                    }
-            })
-            .collect();
-        assert_close(&format!("{act:?} backward"), &gpu.read(&g).unwrap(), &want, 1e-6);
+                })
+                .collect();
+            assert_close(&format!("{act:?} backward n={n}"), &gpu.read(&g).unwrap(), &want, 1e-6);
+        }
     }
     // GELU against the exact form at the extremes (absolute error).
     let xs: Vec<f32> = vec![-10.0, -5.0, -3.0, -1e-3, 0.0, 1e-3, 0.3, 0.70710677, 3.0, 10.0];

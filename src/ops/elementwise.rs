@@ -139,7 +139,12 @@ pub fn act_backward(rec: &mut Recorder, pre: &Tensor, dy: &Tensor, act: Act) -> 
         return Err(Error::Invalid(format!("act_backward: {:?} vs {:?}", pre.shape, dy.shape)));
     }
     let y = rec.gpu.empty(&dy.shape)?;
-    launch(rec, ew("act_backward").u("ACT", act.code()), dy.numel(), 0, 0, &[pre, dy, &y])?;
+    let n = dy.numel();
+    if n.is_multiple_of(4) {
+        launch(rec, ew("act_backward4").u("ACT", act.code()), n / 4, 0, 0, &[pre, dy, &y])?;
+    } else {
+        launch(rec, ew("act_backward").u("ACT", act.code()), n, 0, 0, &[pre, dy, &y])?;
+    }
     Ok(y)
 }
 

@@ -344,12 +344,15 @@ fn bn_apply(
     let y = rec.gpu.empty(&x.shape)?;
     let pre = if save_pre && act != Act::None { Some(rec.gpu.empty(&x.shape)?) } else { None };
     let dummy = rec.gpu.dummy();
-    let k = norm_kernel("bn_apply", 64).u("ACT", act.code()).b("SAVE_PRE", pre.is_some());
-    let n = x.numel();
+    // vec4 of channels per invocation when C % 4 == 0.
+    let v = if c.is_multiple_of(4) { 4 } else { 1 };
+    let entry = if v == 4 { "bn_apply4" } else { "bn_apply" };
+    let k = norm_kernel(entry, 64).u("ACT", act.code()).b("SAVE_PRE", pre.is_some());
+    let n = x.numel() / v;
     let g = bn_groups(rec, n);
     rec.dispatch(
         &k,
-        bn_params(n, c, 0.0, 0.0, 0.0, false, 0.0),
+        bn_params(n, c / v, 0.0, 0.0, 0.0, false, 0.0),
         &[x, mean, rstd, w, b, &y, pre.as_ref().unwrap_or(&dummy)],
         g,
     )?;
@@ -493,8 +496,10 @@ pub fn batch_norm_backward(
         Some(d) => d.clone(),
         None => rec.gpu.empty(&x.shape)?,
     };
-    let n = x.numel();
-    let k = norm_kernel("bn_bwd_dx", 64)
+    // vec4 of channels per invocation when C % 4 == 0.
+    let v = if c.is_multiple_of(4) { 4 } else { 1 };
+    let n = x.numel() / v;
+    let k = norm_kernel(if v == 4 { "bn_bwd_dx4" } else { "bn_bwd_dx" }, 64)
         .u("ACT", saved.act.code())
         .b("TRAIN", saved.train)
         .b("ACCUM", dx_acc.is_some());
@@ -502,7 +507,7 @@ pub fn batch_norm_backward(
     let g = bn_groups(rec, n);
     rec.dispatch(
         &k,
-        bn_params(n, c, 0.0, 0.0, 0.0, false, inv),
+        bn_params(n, c / v, 0.0, 0.0, 0.0, false, inv),
         &[x, dy, pre, &saved.mean, &saved.rstd, w, &sums, &dx],
         g,
     )?;
