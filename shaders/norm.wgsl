@@ -441,6 +441,126 @@ fn col_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
+// col_sum4 / col_grad4: col_sum / col_grad for C % 4 == 0, one vec4 of columns per invocation
+// (cp.c and the column tiles counted in column quads; partial sums in the same layout as the
+// scalar forms). CPU adapters scalarise every storage load: a quarter of the loads.
+var<workgroup> red4: array<vec4<f32>, 256>;
+var<workgroup> red4b: array<vec4<f32>, 256>;
+
+fn lanes_sum4(lid: u32, v: vec4<f32>) -> vec4<f32> {
+    red4[lid] = v;
+    workgroupBarrier();
+    let lane = lid / CT;
+    for (var s = (256u / CT) / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            red4[lid] = red4[lid] + red4[lid + s * CT];
+        }
+        workgroupBarrier();
+    }
+    return red4[lid];
+}
+
+// Sums a and b over the row lanes into red4[lid] and red4b[lid].
+fn lanes_sum4x2(lid: u32, a: vec4<f32>, b: vec4<f32>) {
+    red4[lid] = a;
+    red4b[lid] = b;
+    workgroupBarrier();
+    let lane = lid / CT;
+    for (var s = (256u / CT) / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            red4[lid] = red4[lid] + red4[lid + s * CT];
+            red4b[lid] = red4b[lid] + red4b[lid + s * CT];
+        }
+        workgroupBarrier();
+    }
+}
+
+// Partial sums of quantity s for the 4 columns of quad q.
+fn part4_index(s: u32, q: u32, j: u32, chunk: u32) -> u32 {
+    return (s * 4u * cp.c + 4u * q + j) * cp.nchunks + chunk;
+}
+
+@group(0) @binding(1) var<storage, read> cs4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> cs4_mean: array<f32>;
+@group(0) @binding(3) var<storage, read_write> cs4_part: array<f32>;
+
+@compute @workgroup_size(256)
+fn col_sum4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let p = col_pos(wid, nwg, lid);
+    var acc = vec4(0.0);
+    if (p.on) {
+        var m = vec4(0.0);
+        if (SQ) {
+            let k = 4u * p.col;
+            m = vec4(cs4_mean[k], cs4_mean[k + 1u], cs4_mean[k + 2u], cs4_mean[k + 3u]);
+        }
+        for (var r = p.r0 + p.lane; r < p.r1; r += 256u / CT) {
+            let v = cs4_x[r * cp.c + p.col];
+            if (SQ) {
+                let d = v - m;
+                acc += d * d;
+            } else {
+                acc += v;
+            }
+        }
+    }
+    let s = lanes_sum4(lid, acc);
+    if (p.on && p.lane == 0u) {
+        for (var j = 0u; j < 4u; j++) {
+            cs4_part[part4_index(0u, p.col, j, p.chunk)] = s[j];
+        }
+    }
+}
+
+@group(0) @binding(1) var<storage, read> cg4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> cg4_dy: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> cg4_pre: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> cg4_mean: array<f32>;
+@group(0) @binding(5) var<storage, read> cg4_rstd: array<f32>;
+@group(0) @binding(6) var<storage, read_write> cg4_part: array<f32>;
+
+@compute @workgroup_size(256)
+fn col_grad4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let p = col_pos(wid, nwg, lid);
+    var a = vec4(0.0);
+    var b = vec4(0.0);
+    if (p.on) {
+        var m = vec4(0.0);
+        var rs = vec4(0.0);
+        if (!PER_ROW) {
+            let k = 4u * p.col;
+            m = vec4(cg4_mean[k], cg4_mean[k + 1u], cg4_mean[k + 2u], cg4_mean[k + 3u]);
+            rs = vec4(cg4_rstd[k], cg4_rstd[k + 1u], cg4_rstd[k + 2u], cg4_rstd[k + 3u]);
+        }
+        for (var r = p.r0 + p.lane; r < p.r1; r += 256u / CT) {
+            let i = r * cp.c + p.col;
+            if (PER_ROW) {
+                m = vec4(cg4_mean[r]);
+                rs = vec4(cg4_rstd[r]);
+            }
+            var dz = cg4_dy[i];
+            if (ACT != 0u) {
+                let z = cg4_pre[i];
+                dz *= vec4(act_grad(z.x), act_grad(z.y), act_grad(z.z), act_grad(z.w));
+            }
+            let xh = (cg4_x[i] - m) * rs;
+            a += dz * xh;
+            b += dz;
+        }
+    }
+    lanes_sum4x2(lid, a, b);
+    if (p.on && p.lane == 0u) {
+        let sa = red4[lid];
+        let sb = red4b[lid];
+        for (var j = 0u; j < 4u; j++) {
+            cg4_part[part4_index(0u, p.col, j, p.chunk)] = sa[j];
+            cg4_part[part4_index(1u, p.col, j, p.chunk)] = sb[j];
+        }
+    }
+}
+
 // Second level: out[j] = alpha * sum_k part[j * k_count + k] (fixed order), for j < jn; j < split
 // goes to out0[j], the rest to out1[j - split]; ACCUM adds into the outputs.
 struct ReduceParams {

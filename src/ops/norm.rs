@@ -214,9 +214,11 @@ pub fn layer_norm_backward_with_team(
 
 /// How a column reduction over `[rows, c]` is split: tiles of `ct` columns times chunks of
 /// `chunk_rows` rows, one workgroup each. Depends only on the shape, so results are reproducible.
+/// With C % 4 == 0 the kernels work on column quads (`vec4`): `c` and the tiles count quads.
 struct ColPlan {
     rows: usize,
     c: usize,
+    v4: bool,
     ct: u32,
     ncoltiles: usize,
     chunk_rows: usize,
@@ -225,17 +227,24 @@ struct ColPlan {
 
 impl ColPlan {
     fn new(rows: usize, c: usize) -> Self {
+        let v4 = c.is_multiple_of(4);
+        let c = if v4 { c / 4 } else { c };
         let ct = c.next_power_of_two().clamp(1, 64);
         let lanes = 256 / ct;
         // At least 8 rows per lane, at most 512 chunks (the second level sums ≤ 512 values).
         let nchunks = rows.div_ceil(lanes * 8).clamp(1, 512);
         let chunk_rows = rows.div_ceil(nchunks).max(1);
         let nchunks = rows.div_ceil(chunk_rows).max(1);
-        ColPlan { rows, c, ct: ct as u32, ncoltiles: c.div_ceil(ct), chunk_rows, nchunks }
+        ColPlan { rows, c, v4, ct: ct as u32, ncoltiles: c.div_ceil(ct), chunk_rows, nchunks }
     }
 
     fn params(&self) -> Params {
         Params::new().u(self.rows).u(self.c).u(self.chunk_rows).u(self.nchunks).u(self.ncoltiles).u(0).u(0).u(0)
+    }
+
+    /// Number of matrix columns (C).
+    fn columns(&self) -> usize {
+        if self.v4 { self.c * 4 } else { self.c }
     }
 
     fn groups(&self, rec: &Recorder) -> [u32; 3] {
@@ -244,9 +253,9 @@ impl ColPlan {
 
     /// Partial per-column sums of x, or of (x - mean[col])^2 when `mean` is given: `[c, nchunks]`.
     fn col_sum(&self, rec: &mut Recorder, x: &Tensor, mean: Option<&Tensor>) -> Result<Tensor> {
-        let part = rec.gpu.empty(&[self.c, self.nchunks])?;
+        let part = rec.gpu.empty(&[self.columns(), self.nchunks])?;
         let dummy = rec.gpu.dummy();
-        let k = norm_kernel("col_sum", 256).u("CT", self.ct).b("SQ", mean.is_some());
+        let k = norm_kernel(if self.v4 { "col_sum4" } else { "col_sum" }, 256).u("CT", self.ct).b("SQ", mean.is_some());
         let g = self.groups(rec);
         rec.dispatch(&k, self.params(), &[x, mean.unwrap_or(&dummy), &part], g)?;
         Ok(part)
@@ -265,8 +274,8 @@ impl ColPlan {
         act: Act,
         per_row: bool,
     ) -> Result<Tensor> {
-        let part = rec.gpu.empty(&[2, self.c, self.nchunks])?;
-        let k = norm_kernel("col_grad", 256)
+        let part = rec.gpu.empty(&[2, self.columns(), self.nchunks])?;
+        let k = norm_kernel(if self.v4 { "col_grad4" } else { "col_grad" }, 256)
             .u("CT", self.ct)
             .u("ACT", act.code())
             .b("PER_ROW", per_row);
