@@ -517,6 +517,9 @@ fn depthwise_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
 // in the order (ky, kx) like `depthwise`, then bias and activation.
 // Invocation index (n = B * ceil(OH / e0) * ceil(OW / 4) * C/4): channel quad fastest, then the
 // column strip, the row run and the batch entry.
+// The same kernel computes the input gradient of a stride-1 3x3 depthwise conv: dx is the
+// depthwise conv of dy with the taps rotated by 180 degrees (DW_FLIP) and padding 2 - pad, added
+// to dx (ACCUM).
 // Stride 2 uses depthwise_v4: a stride-2 version of this kernel (9 loads per row) made Chromium's
 // SwiftShader compiler grow past 13 GB and crash the GPU process (web/test/pipelines.mjs finds
 // such kernels).
@@ -542,6 +545,8 @@ struct DwOut {
     o0: vec4<f32>, o1: vec4<f32>, o2: vec4<f32>, o3: vec4<f32>,
 }
 
+override DW_FLIP: bool = false;
+
 // Where an invocation reads: the channel quad, the row stride (in vec4) and the first input column.
 struct DwAt {
     cq: u32,
@@ -556,6 +561,18 @@ fn dw_taps(cq: u32) -> DwTaps {
     let v0 = dwt_w[o]; let v1 = dwt_w[o + 1u]; let v2 = dwt_w[o + 2u];
     let v3 = dwt_w[o + 3u]; let v4 = dwt_w[o + 4u]; let v5 = dwt_w[o + 5u];
     let v6 = dwt_w[o + 6u]; let v7 = dwt_w[o + 7u]; let v8 = dwt_w[o + 8u];
+    if (DW_FLIP) {
+        return DwTaps(
+            vec4(v2.x, v4.y, v6.z, v8.w),
+            vec4(v1.w, v4.x, v6.y, v8.z),
+            vec4(v1.z, v3.w, v6.x, v8.y),
+            vec4(v1.y, v3.z, v5.w, v8.x),
+            vec4(v1.x, v3.y, v5.z, v7.w),
+            vec4(v0.w, v3.x, v5.y, v7.z),
+            vec4(v0.z, v2.w, v5.x, v7.y),
+            vec4(v0.y, v2.z, v4.w, v7.x),
+            vec4(v0.x, v2.y, v4.z, v6.w));
+    }
     return DwTaps(
         vec4(v0.x, v2.y, v4.z, v6.w),
         vec4(v0.y, v2.z, v4.w, v7.x),
@@ -614,7 +631,11 @@ fn dw_store(acc: DwOut, bias: vec4<f32>, at: DwAt, b: u32, oy: u32, ox0: u32) {
         if (HAS_BIAS) {
             v += bias;
         }
-        dwt_y[base + j * at.c4] = vec4(activate(v.x, ACT), activate(v.y, ACT), activate(v.z, ACT), activate(v.w, ACT));
+        var out = vec4(activate(v.x, ACT), activate(v.y, ACT), activate(v.z, ACT), activate(v.w, ACT));
+        if (ACCUM) {
+            out += dwt_y[base + j * at.c4];
+        }
+        dwt_y[base + j * at.c4] = out;
         o = DwOut(o.o1, o.o2, o.o3, o.o0);
     }
 }

@@ -433,6 +433,11 @@ fn depthwise_backward_awkward_shapes() {
         shp(2, 45, 47, 10, 10, 3, 1, 1), // M = 4230 positions: multi-pass reductions
         shp(2, 9, 7, 8, 8, 3, 2, 1),     // C % 4 == 0: vectorised kernels
         shp(1, 45, 46, 12, 12, 3, 1, 1),
+        // Stride 1, 3x3, C % 4 == 0: dx by the sliding-window kernel (rotated taps, padding
+        // 2 - pad), for every padding it accepts, and runs of rows split over invocations.
+        shp(2, 7, 9, 8, 8, 3, 1, 0),
+        shp(1, 6, 11, 4, 4, 3, 1, 2),
+        shp(1, 37, 5, 16, 16, 3, 1, 1),
     ]
     .into_iter()
     .enumerate()

@@ -497,20 +497,40 @@ fn depthwise_forward(
     let dummy = rec.gpu.dummy();
     rec.flops += 2.0 * (n * g.k * g.k) as f64;
     if dw_tiled(g) {
-        // One invocation per (batch, run of output rows, strip of 4 columns, 4 channels).
-        let run = run.unwrap_or(DW_RUN).min(g.oh);
-        let inv = g.b * g.oh.div_ceil(run) * g.ow.div_ceil(4) * (g.ci / 4);
-        let k = Kernel::new(ShaderFamily::Conv, "depthwise3_v4", 8)
-            .b("HAS_BIAS", bias.is_some())
-            .u("ACT", act.code());
-        let cp = Cp { n: inv, e0: run, ..g.cp() };
-        let groups = rec.grid(inv.div_ceil(8));
-        return rec.dispatch(&k, cp.params(), &[x, w, bias.unwrap_or(&dummy), &y], groups).map(|_| y);
+        return depthwise_sliding(rec, g, x, w, bias, act, run, false, &y).map(|_| y);
     }
     let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise_v4", 4) } else { ("depthwise", 1) };
     let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
     launch(rec, &k, &Cp { n: n / v, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
     Ok(y)
+}
+
+/// `depthwise3_v4` into `y` (see the shader): one invocation per (batch, run of output rows,
+/// strip of 4 columns, 4 channels). `flip_accum`: taps rotated by 180 degrees and the result
+/// added to `y` (the input gradient of a stride-1 conv).
+#[allow(clippy::too_many_arguments)]
+fn depthwise_sliding(
+    rec: &mut Recorder,
+    g: &Geo,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Act,
+    run: Option<usize>,
+    flip_accum: bool,
+    y: &Tensor,
+) -> Result<()> {
+    let dummy = rec.gpu.dummy();
+    let run = run.unwrap_or(DW_RUN).min(g.oh);
+    let inv = g.b * g.oh.div_ceil(run) * g.ow.div_ceil(4) * (g.ci / 4);
+    let k = Kernel::new(ShaderFamily::Conv, "depthwise3_v4", 8)
+        .b("HAS_BIAS", bias.is_some())
+        .u("ACT", act.code())
+        .b("DW_FLIP", flip_accum)
+        .b("ACCUM", flip_accum);
+    let cp = Cp { n: inv, e0: run, ..g.cp() };
+    let groups = rec.grid(inv.div_ceil(8));
+    rec.dispatch(&k, cp.params(), &[x, w, bias.unwrap_or(&dummy), y], groups)
 }
 
 /// Checks a convolution backward's `dy` against the geometry and the gradient buffers
@@ -555,8 +575,15 @@ pub fn depthwise_conv2d_backward(
     let v4 = c.is_multiple_of(4);
     let v = if v4 { 4 } else { 1 };
     if let Some(dx) = dx {
-        let entry = if v4 { "depthwise_dx_v4" } else { "depthwise_dx" };
-        launch(rec, &kernel(entry), &Cp { n: x.numel() / v, ..g.cp() }, &[dy, w, dx])?;
+        if dw_tiled(&g) && g.pad <= 2 {
+            // Stride 1: dx += dy conv (taps rotated 180 degrees, padding 2 - pad), which maps
+            // the [OH, OW] of dy back to [H, W].
+            let gt = Geo { h: g.oh, w: g.ow, oh: g.h, ow: g.w, pad: 2 - g.pad, ..g };
+            depthwise_sliding(rec, &gt, dy, w, None, Act::None, None, true, dx)?;
+        } else {
+            let entry = if v4 { "depthwise_dx_v4" } else { "depthwise_dx" };
+            launch(rec, &kernel(entry), &Cp { n: x.numel() / v, ..g.cp() }, &[dy, w, dx])?;
+        }
     }
     if let Some(dw) = dw {
         const PER_BLOCK: usize = 128;
