@@ -277,6 +277,29 @@ fn col_sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     cs_part[chunk * csp.c + col] = s;
 }
 
+// col_sum_partial4: col_sum_partial for c % 4 == 0 on column quads (csp.c and csp.col_tiles
+// counted in quads); the partial sums have the scalar form's layout.
+@group(0) @binding(1) var<storage, read> cs4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> cs4_part: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn col_sum_partial4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let g = flat_group(wid, nwg);
+    if (g >= csp.col_tiles * csp.nchunks) { return; }
+    let tile = g % csp.col_tiles;
+    let chunk = g / csp.col_tiles;
+    let q = tile * 64u + lid;
+    if (q >= csp.c) { return; }
+    let r0 = chunk * csp.chunk_rows;
+    let r1 = min(r0 + csp.chunk_rows, csp.rows);
+    var s = vec4(0.0);
+    for (var r = r0; r < r1; r++) {
+        s += cs4_x[r * csp.c + q];
+    }
+    cs4_part[chunk * csp.c + q] = s;
+}
+
 @group(0) @binding(1) var<storage, read> csf_part: array<f32>;
 @group(0) @binding(2) var<storage, read_write> csf_out: array<f32>;
 

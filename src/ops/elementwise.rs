@@ -157,11 +157,14 @@ pub fn col_sum(rec: &mut Recorder, x: &Tensor, c: usize, out: &Tensor, accumulat
     let rows = x.numel() / c;
     let chunk_rows = rows.div_ceil(1024).max(64);
     let nchunks = rows.div_ceil(chunk_rows).max(1);
-    let col_tiles = c.div_ceil(64);
     let part = rec.gpu.empty(&[nchunks, c])?;
+    // First level on column quads (vec4) when c % 4 == 0.
+    let (entry, cv) = if c.is_multiple_of(4) { ("col_sum_partial4", c / 4) } else { ("col_sum_partial", c) };
+    let p1 = Params::new().u(rows).u(cv).u(chunk_rows).u(nchunks).u(cv.div_ceil(64));
+    let g1 = rec.grid(cv.div_ceil(64) * nchunks);
+    rec.dispatch(&Kernel::new(ShaderFamily::Elementwise, entry, 64), p1, &[x, &part], g1)?;
+    let col_tiles = c.div_ceil(64);
     let p = Params::new().u(rows).u(c).u(chunk_rows).u(nchunks).u(col_tiles);
-    let g1 = rec.grid(col_tiles * nchunks);
-    rec.dispatch(&Kernel::new(ShaderFamily::Elementwise, "col_sum_partial", 64), p.clone(), &[x, &part], g1)?;
     let g2 = rec.grid(col_tiles);
     let k = Kernel::new(ShaderFamily::Elementwise, "col_sum_final", 64).b("ACCUM_OUT", accumulate);
     rec.dispatch(&k, p, &[&part, out], g2)
