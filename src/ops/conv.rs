@@ -589,8 +589,15 @@ pub fn depthwise_conv2d_backward(
         const PER_BLOCK: usize = 128;
         let blocks = m.div_ceil(PER_BLOCK);
         let part = rec.gpu.empty(&[blocks, kk * c])?;
-        let cp = Cp { n: blocks * kk * c / v, rows: m, e0: PER_BLOCK, ..g.cp() };
-        let entry = if v4 { "depthwise_dw_partial_v4" } else { "depthwise_dw_partial" };
+        let (entry, n) = if v4 && g.k == 3 {
+            // All 9 taps of a channel quad in one invocation.
+            ("depthwise3_dw_partial_v4", blocks * c / 4)
+        } else if v4 {
+            ("depthwise_dw_partial_v4", blocks * kk * c / 4)
+        } else {
+            ("depthwise_dw_partial", blocks * kk * c)
+        };
+        let cp = Cp { n, rows: m, e0: PER_BLOCK, ..g.cp() };
         launch(rec, &kernel(entry), &cp, &[x, dy, &part])?;
         reduce_rows(rec, &part, blocks, kk * c, dw, c)?;
     }
