@@ -93,3 +93,26 @@ fn activate(x: f32, act: u32) -> f32 {
     }
     return x;
 }
+
+fn activate4(v: vec4<f32>, act: u32) -> vec4<f32> {
+    return vec4(activate(v.x, act), activate(v.y, act), activate(v.z, act), activate(v.w, act));
+}
+
+// d activate(x, act) / dx given the pre-activation x.
+fn activate_grad(x: f32, act: u32) -> f32 {
+    if (act == 1u) {
+        return gelu_grad(x);
+    }
+    if (act == 2u) {
+        return select(0.0, 1.0, x > 0.0);
+    }
+    if (act == 3u) {
+        let s = sigmoid(x);
+        return s * (1.0 - s);
+    }
+    return 1.0;
+}
+
+fn activate_grad4(v: vec4<f32>, act: u32) -> vec4<f32> {
+    return vec4(activate_grad(v.x, act), activate_grad(v.y, act), activate_grad(v.z, act), activate_grad(v.w, act));
+}

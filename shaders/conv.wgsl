@@ -623,19 +623,7 @@ fn dw_taps(cq: u32) -> DwTaps {
     let v0 = dwt_w[o]; let v1 = dwt_w[o + 1u]; let v2 = dwt_w[o + 2u];
     let v3 = dwt_w[o + 3u]; let v4 = dwt_w[o + 4u]; let v5 = dwt_w[o + 5u];
     let v6 = dwt_w[o + 6u]; let v7 = dwt_w[o + 7u]; let v8 = dwt_w[o + 8u];
-    if (DW_FLIP) {
-        return DwTaps(
-            vec4(v2.x, v4.y, v6.z, v8.w),
-            vec4(v1.w, v4.x, v6.y, v8.z),
-            vec4(v1.z, v3.w, v6.x, v8.y),
-            vec4(v1.y, v3.z, v5.w, v8.x),
-            vec4(v1.x, v3.y, v5.z, v7.w),
-            vec4(v0.w, v3.x, v5.y, v7.z),
-            vec4(v0.z, v2.w, v5.x, v7.y),
-            vec4(v0.y, v2.z, v4.w, v7.x),
-            vec4(v0.x, v2.y, v4.z, v6.w));
-    }
-    return DwTaps(
+    let t = DwTaps(
         vec4(v0.x, v2.y, v4.z, v6.w),
         vec4(v0.y, v2.z, v4.w, v7.x),
         vec4(v0.z, v2.w, v5.x, v7.y),
@@ -645,6 +633,10 @@ fn dw_taps(cq: u32) -> DwTaps {
         vec4(v1.z, v3.w, v6.x, v8.y),
         vec4(v1.w, v4.x, v6.y, v8.z),
         vec4(v2.x, v4.y, v6.z, v8.w));
+    if (DW_FLIP) {
+        return DwTaps(t.t8, t.t7, t.t6, t.t5, t.t4, t.t3, t.t2, t.t1, t.t0);
+    }
+    return t;
 }
 
 // x at input row iy (any i32), column at.x0 + j; zero outside the image.
@@ -693,7 +685,7 @@ fn dw_store(acc: DwOut, bias: vec4<f32>, at: DwAt, b: u32, oy: u32, ox0: u32) {
         if (HAS_BIAS) {
             v += bias;
         }
-        var out = vec4(activate(v.x, ACT), activate(v.y, ACT), activate(v.z, ACT), activate(v.w, ACT));
+        var out = activate4(v, ACT);
         if (ACCUM) {
             out += dwt_y[base + j * at.c4];
         }
@@ -793,8 +785,7 @@ fn pixel_shuffle2_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         let v = px[0] + bias;
         let yy = 2u * ii + p / 2u;
         let xx = 2u * j + p % 2u;
-        ps4_y[((b * 2u * cp.h + yy) * 2u * cp.w + xx) * c4 + oq] =
-            vec4(activate(v.x, ACT), activate(v.y, ACT), activate(v.z, ACT), activate(v.w, ACT));
+        ps4_y[((b * 2u * cp.h + yy) * 2u * cp.w + xx) * c4 + oq] = activate4(v, ACT);
         px = mat4x4<f32>(px[1], px[2], px[3], px[0]);
     }
 }

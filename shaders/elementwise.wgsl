@@ -61,7 +61,7 @@ fn unary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let i = ew_index(wid, nwg, lid);
     if (i >= ep.n) { return; }
     let v = ew4_a[i];
-    ew4_out[i] = vec4(activate(v.x, ACT), activate(v.y, ACT), activate(v.z, ACT), activate(v.w, ACT));
+    ew4_out[i] = activate4(v, ACT);
 }
 
 @group(0) @binding(1) var<storage, read> bin4_a: array<vec4<f32>>;
@@ -214,7 +214,7 @@ fn act_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                 @builtin(local_invocation_index) lid: u32) {
     let i = ew_index(wid, nwg, lid);
     if (i >= ep.n) { return; }
-    ab_out[i] = ab_dy[i] * act_deriv(ab_pre[i]);
+    ab_out[i] = ab_dy[i] * activate_grad(ab_pre[i], ACT);
 }
 
 // act_backward4: act_backward on vec4s (element count % 4 == 0).
@@ -222,27 +222,12 @@ fn act_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @group(0) @binding(2) var<storage, read> ab4_dy: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> ab4_out: array<vec4<f32>>;
 
-fn act_deriv(x: f32) -> f32 {
-    if (ACT == 1u) {
-        return gelu_grad(x);
-    }
-    if (ACT == 2u) {
-        return select(0.0, 1.0, x > 0.0);
-    }
-    if (ACT == 3u) {
-        let s = sigmoid(x);
-        return s * (1.0 - s);
-    }
-    return 1.0;
-}
-
 @compute @workgroup_size(256)
 fn act_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let i = ew_index(wid, nwg, lid);
     if (i >= ep.n) { return; }
-    let x = ab4_pre[i];
-    ab4_out[i] = ab4_dy[i] * vec4(act_deriv(x.x), act_deriv(x.y), act_deriv(x.z), act_deriv(x.w));
+    ab4_out[i] = ab4_dy[i] * activate_grad4(ab4_pre[i], ACT);
 }
 
 // Column sums of x [rows, c], deterministic two-level reduction.

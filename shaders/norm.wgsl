@@ -14,17 +14,6 @@ override SAVE_PRE: bool = false; // bn_apply: also store the pre-activation
 var<workgroup> red1: array<f32, 256>;
 var<workgroup> red2: array<vec2<f32>, 256>;
 
-// d act(z) / dz given the pre-activation z.
-fn act_grad(z: f32) -> f32 {
-    if (ACT == 1u) {
-        return gelu_grad(z);
-    }
-    if (ACT == 2u) {
-        return select(0.0, 1.0, z > 0.0);
-    }
-    return 1.0;
-}
-
 // Sum of `v` over the T consecutive invocations of a team (fixed tree order: deterministic).
 // Must be called in uniform control flow by the whole workgroup.
 fn team_sum(lid: u32, v: f32) -> f32 {
@@ -185,10 +174,6 @@ fn ln4_stats2(ra: u32, rb: u32) -> vec4<f32> {
     return vec4(ma, 1.0 / sqrt(hsum(qa) / f32(lp.c) + lp.eps), mb, 1.0 / sqrt(hsum(qb) / f32(lp.c) + lp.eps));
 }
 
-fn act4(z: vec4<f32>) -> vec4<f32> {
-    return vec4(activate(z.x, ACT), activate(z.y, ACT), activate(z.z, ACT), activate(z.w, ACT));
-}
-
 // Two rows per invocation (rows 2i and 2i + 1) share the loads of w and b.
 @compute @workgroup_size(8)
 fn ln_row4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -206,9 +191,9 @@ fn ln_row4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     for (var k = 0u; k < c4; k++) {
         let w = ln4_w[k];
         let b = ln4_b[k];
-        ln4_y[ba + k] = act4((ln4_x[ba + k] - st.x) * st.y * w + b);
+        ln4_y[ba + k] = activate4((ln4_x[ba + k] - st.x) * st.y * w + b, ACT);
         if (two) {
-            ln4_y[bb + k] = act4((ln4_x[bb + k] - st.z) * st.w * w + b);
+            ln4_y[bb + k] = activate4((ln4_x[bb + k] - st.z) * st.w * w + b, ACT);
         }
     }
 }
@@ -236,13 +221,13 @@ fn ln_row4_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         let w = ln4_w[k];
         let b = ln4_b[k];
         let za = (ln4_x[ba + k] - st.x) * st.y * w + b;
-        ln4_y[ba + k] = act4(za);
+        ln4_y[ba + k] = activate4(za, ACT);
         if (ACT != 0u) {
             ln4_pre[ba + k] = za;
         }
         if (two) {
             let zb = (ln4_x[bb + k] - st.z) * st.w * w + b;
-            ln4_y[bb + k] = act4(zb);
+            ln4_y[bb + k] = activate4(zb, ACT);
             if (ACT != 0u) {
                 ln4_pre[bb + k] = zb;
             }
@@ -262,7 +247,7 @@ fn ln_row4_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 
 fn lb_dz(i: u32) -> f32 {
     if (ACT != 0u) {
-        return lb_dy[i] * act_grad(lb_pre[i]);
+        return lb_dy[i] * activate_grad(lb_pre[i], ACT);
     }
     return lb_dy[i];
 }
@@ -428,7 +413,7 @@ fn col_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
             }
             var dz = cg_dy[i];
             if (ACT != 0u) {
-                dz *= act_grad(cg_pre[i]);
+                dz *= activate_grad(cg_pre[i], ACT);
             }
             let xh = (cg_x[i] - m) * rs;
             acc += vec2<f32>(dz * xh, dz);
@@ -542,8 +527,7 @@ fn col_grad4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
             }
             var dz = cg4_dy[i];
             if (ACT != 0u) {
-                let z = cg4_pre[i];
-                dz *= vec4(act_grad(z.x), act_grad(z.y), act_grad(z.z), act_grad(z.w));
+                dz *= activate_grad4(cg4_pre[i], ACT);
             }
             let xh = (cg4_x[i] - m) * rs;
             a += dz * xh;
@@ -716,7 +700,7 @@ fn bn_bwd_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let ch = i % bp.c;
     var dz = bb_dy[i];
     if (ACT != 0u) {
-        dz *= act_grad(bb_pre[i]);
+        dz *= activate_grad(bb_pre[i], ACT);
     }
     let rs = bb_rstd[ch];
     var d: f32;
@@ -752,7 +736,7 @@ fn bn_apply4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
     let ch = i % bp.c;
     let z = (ba4_x[i] - ba4_mean[ch]) * ba4_rstd[ch] * ba4_w[ch] + ba4_b[ch];
-    ba4_y[i] = vec4(activate(z.x, ACT), activate(z.y, ACT), activate(z.z, ACT), activate(z.w, ACT));
+    ba4_y[i] = activate4(z, ACT);
     if (SAVE_PRE) {
         ba4_pre[i] = z;
     }
@@ -777,8 +761,7 @@ fn bn_bwd_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let ch = i % bp.c;
     var dz = bb4_dy[i];
     if (ACT != 0u) {
-        let z = bb4_pre[i];
-        dz *= vec4(act_grad(z.x), act_grad(z.y), act_grad(z.z), act_grad(z.w));
+        dz *= activate_grad4(bb4_pre[i], ACT);
     }
     let rs = bb4_rstd[ch];
     var d: vec4<f32>;

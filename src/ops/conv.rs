@@ -548,8 +548,9 @@ fn check_backward(name: &str, g: &Geo, x: &Tensor, w: &Tensor, dy: &Tensor, grad
 }
 
 /// Gradients of [`depthwise_conv2d`] (dy before activation); accumulates into `dx [B,H,W,C]`,
-/// `dw [C,1,k,k]`, `dbias [C]` where given. dx: gather kernel; dw: per-block partial sums over
-/// output positions, then a row-sum into w's layout; dbias: column sums of dy.
+/// `dw [C,1,k,k]`, `dbias [C]` where given. dx: for stride-1 3x3 with C % 4 == 0 the
+/// sliding-window forward kernel on dy with rotated taps, otherwise a gather kernel; dw: per-block
+/// partial sums over output positions, then a row-sum into w's layout; dbias: column sums of dy.
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv2d_backward(
     rec: &mut Recorder,

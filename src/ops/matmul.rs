@@ -293,20 +293,7 @@ pub fn linear(
     act: Act,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (n, k) = (w.shape[0], w.shape[1]);
-    let kin = x.dim(-1);
-    if kin != k {
-        return Err(Error::Invalid(format!("linear: input {:?} vs weight {:?}", x.shape, w.shape)));
-    }
-    let m = x.numel() / k;
-    let mut shape = x.shape.clone();
-    *shape.last_mut().unwrap() = n;
-    let y = rec.gpu.empty(&shape)?;
-    let mut g = Gemm::new(m, n, k);
-    g.trans_b = true;
-    g.act = act;
-    gemm(rec, &g, x, w, b, residual, &y)?;
-    Ok(y)
+    linear_impl(rec, "linear", x, w, b, act, residual, false)
 }
 
 /// `y = act(x W^T + b + residual)` over the last dimension of `x` (`w` is [out, in]): the
@@ -319,9 +306,23 @@ pub fn linear_residual_act(
     residual: &Tensor,
     act: Act,
 ) -> Result<Tensor> {
+    linear_impl(rec, "linear_residual_act", x, w, b, act, Some(residual), true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_impl(
+    rec: &mut Recorder,
+    what: &str,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Act,
+    residual: Option<&Tensor>,
+    act_after_residual: bool,
+) -> Result<Tensor> {
     let (n, k) = (w.shape[0], w.shape[1]);
     if x.dim(-1) != k {
-        return Err(Error::Invalid(format!("linear_residual_act: input {:?} vs weight {:?}", x.shape, w.shape)));
+        return Err(Error::Invalid(format!("{what}: input {:?} vs weight {:?}", x.shape, w.shape)));
     }
     let m = x.numel() / k;
     let mut shape = x.shape.clone();
@@ -330,8 +331,8 @@ pub fn linear_residual_act(
     let mut g = Gemm::new(m, n, k);
     g.trans_b = true;
     g.act = act;
-    g.act_after_residual = true;
-    gemm(rec, &g, x, w, b, Some(residual), &y)?;
+    g.act_after_residual = act_after_residual;
+    gemm(rec, &g, x, w, b, residual, &y)?;
     Ok(y)
 }
 
