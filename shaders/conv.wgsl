@@ -339,6 +339,33 @@ fn depthwise_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     dwx_dx[i] = dwx_dx[i] + acc;
 }
 
+// Output position (batch, row, column) of flat output index m = (b * OH + oy) * OW + ox, and
+// the next one: kernels that walk a run of m step the position without divisions.
+struct OutPos {
+    b: u32,
+    oy: u32,
+    ox: u32,
+}
+
+fn out_pos(m: u32) -> OutPos {
+    let q = m / cp.ow;
+    return OutPos(q / cp.oh, q % cp.oh, m % cp.ow);
+}
+
+fn next_out_pos(p: OutPos) -> OutPos {
+    var r = p;
+    r.ox += 1u;
+    if (r.ox == cp.ow) {
+        r.ox = 0u;
+        r.oy += 1u;
+        if (r.oy == cp.oh) {
+            r.oy = 0u;
+            r.b += 1u;
+        }
+    }
+    return r;
+}
+
 // depthwise_dw_partial: part[blk, t, c] = sum over output positions m in block blk (e0 positions
 // per block, rows = M positions in all) of dy[m, c] * x[b, oy*s - p + ky, ox*s - p + kx, c],
 // t = ky*k + kx. n = blocks * k*k * C. sum_rows with e1 = C then reduces the blocks into w's
@@ -362,25 +389,14 @@ fn depthwise_dw_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     let m1 = min(m0 + cp.e0, cp.rows);
     var acc = 0.0;
     // (b, oy, ox) of m0, then stepped along with m (no divisions in the loop).
-    var ox = m0 % cp.ow;
-    let q = m0 / cp.ow;
-    var oy = q % cp.oh;
-    var b = q / cp.oh;
+    var pos = out_pos(m0);
     for (var m = m0; m < m1; m++) {
-        let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
-        let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
+        let iy = i32(pos.oy * cp.stride + ky) - i32(cp.pad);
+        let ix = i32(pos.ox * cp.stride + kx) - i32(cp.pad);
         if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
-            acc = fma(dww_dy[m * cp.c + c], dww_x[((b * cp.h + u32(iy)) * cp.w + u32(ix)) * cp.c + c], acc);
+            acc = fma(dww_dy[m * cp.c + c], dww_x[((pos.b * cp.h + u32(iy)) * cp.w + u32(ix)) * cp.c + c], acc);
         }
-        ox += 1u;
-        if (ox == cp.ow) {
-            ox = 0u;
-            oy += 1u;
-            if (oy == cp.oh) {
-                oy = 0u;
-                b += 1u;
-            }
-        }
+        pos = next_out_pos(pos);
     }
     dww_part[i] = acc;
 }
@@ -481,25 +497,14 @@ fn depthwise_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     let m0 = blk * cp.e0;
     let m1 = min(m0 + cp.e0, cp.rows);
     var acc = vec4<f32>(0.0);
-    var ox = m0 % cp.ow;
-    let q = m0 / cp.ow;
-    var oy = q % cp.oh;
-    var b = q / cp.oh;
+    var pos = out_pos(m0);
     for (var m = m0; m < m1; m++) {
-        let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
-        let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
+        let iy = i32(pos.oy * cp.stride + ky) - i32(cp.pad);
+        let ix = i32(pos.ox * cp.stride + kx) - i32(cp.pad);
         if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
-            acc = fma(dww4_dy[m * c4 + cq], dww4_x[((b * cp.h + u32(iy)) * cp.w + u32(ix)) * c4 + cq], acc);
+            acc = fma(dww4_dy[m * c4 + cq], dww4_x[((pos.b * cp.h + u32(iy)) * cp.w + u32(ix)) * c4 + cq], acc);
         }
-        ox += 1u;
-        if (ox == cp.ow) {
-            ox = 0u;
-            oy += 1u;
-            if (oy == cp.oh) {
-                oy = 0u;
-                b += 1u;
-            }
-        }
+        pos = next_out_pos(pos);
     }
     dww4_part[i] = acc;
 }
@@ -527,14 +532,12 @@ fn depthwise3_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
     var a0 = vec4(0.0); var a1 = vec4(0.0); var a2 = vec4(0.0);
     var a3 = vec4(0.0); var a4 = vec4(0.0); var a5 = vec4(0.0);
     var a6 = vec4(0.0); var a7 = vec4(0.0); var a8 = vec4(0.0);
-    var ox = m0 % cp.ow;
-    let q = m0 / cp.ow;
-    var oy = q % cp.oh;
-    var b = q / cp.oh;
+    var pos = out_pos(m0);
     for (var m = m0; m < m1; m++) {
         let d = dww4_dy[m * c4 + cq];
-        let y0 = i32(oy * cp.stride) - i32(cp.pad);
-        let x0 = i32(ox * cp.stride) - i32(cp.pad);
+        let y0 = i32(pos.oy * cp.stride) - i32(cp.pad);
+        let x0 = i32(pos.ox * cp.stride) - i32(cp.pad);
+        let b = pos.b;
         a0 = fma(d, dww3_x(b, y0, x0, c4, cq), a0);
         a1 = fma(d, dww3_x(b, y0, x0 + 1, c4, cq), a1);
         a2 = fma(d, dww3_x(b, y0, x0 + 2, c4, cq), a2);
@@ -544,15 +547,7 @@ fn depthwise3_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
         a6 = fma(d, dww3_x(b, y0 + 2, x0, c4, cq), a6);
         a7 = fma(d, dww3_x(b, y0 + 2, x0 + 1, c4, cq), a7);
         a8 = fma(d, dww3_x(b, y0 + 2, x0 + 2, c4, cq), a8);
-        ox += 1u;
-        if (ox == cp.ow) {
-            ox = 0u;
-            oy += 1u;
-            if (oy == cp.oh) {
-                oy = 0u;
-                b += 1u;
-            }
-        }
+        pos = next_out_pos(pos);
     }
     let o = blk * 9u * c4 + cq;
     dww4_part[o] = a0;
