@@ -442,11 +442,7 @@ pub fn depthwise_conv2d(
     pad: usize,
     act: Act,
 ) -> Result<Tensor> {
-    let g = geometry("depthwise_conv2d", x, w, stride, pad, true)?;
-    if let Some(b) = bias {
-        check_len("depthwise_conv2d bias", b, g.co)?;
-    }
-    depthwise_forward(rec, &g, x, w, bias, act, None)
+    depthwise_forward(rec, x, w, bias, stride, pad, act, None)
 }
 
 /// Output rows per invocation of `depthwise3_v4` when not forced: long runs (the window of input
@@ -473,22 +469,24 @@ pub fn depthwise_conv2d_run(
     act: Act,
     run: usize,
 ) -> Result<Tensor> {
-    let g = geometry("depthwise_conv2d", x, w, stride, pad, true)?;
-    if let Some(b) = bias {
-        check_len("depthwise_conv2d bias", b, g.co)?;
-    }
-    depthwise_forward(rec, &g, x, w, bias, act, Some(run.max(1)))
+    depthwise_forward(rec, x, w, bias, stride, pad, act, Some(run.max(1)))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn depthwise_forward(
     rec: &mut Recorder,
-    g: &Geo,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
     act: Act,
     run: Option<usize>,
 ) -> Result<Tensor> {
+    let g = &geometry("depthwise_conv2d", x, w, stride, pad, true)?;
+    if let Some(b) = bias {
+        check_len("depthwise_conv2d bias", b, g.co)?;
+    }
     let y = rec.gpu.empty(&g.out_shape())?;
     let n = y.numel();
     if n == 0 {
