@@ -222,6 +222,65 @@ fn col2im(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     c2i_dx[i] = c2i_dx[i] + acc;
 }
 
+// col2im4: col2im for the (ky, kx, ci) column order of im2col4 (C % 4 == 0): one invocation per
+// input position (b, iy, ix) (n = B*H*W) adds, for each of its C/4 channel quads, the vec4s of
+// the taps that reach it. Taps: ky = iy + pad - oy*stride for the oy with ky in [0, k), i.e.
+// ky = (iy + pad) % stride, + stride, ... (the same for kx), limited to the chunk's positions.
+@group(0) @binding(1) var<storage, read> c2i4_col: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> c2i4_dx: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn col2im4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let p = flat_group(wid, nwg) * 64u + lid;
+    if (p >= cp.n) { return; }
+    let c4 = cp.c / 4u;
+    let ix = p % cp.w;
+    let q = p / cp.w;
+    let iy = q % cp.h;
+    let b = q / cp.h;
+    let ty = iy + cp.pad;
+    let tx = ix + cp.pad;
+    let ky0 = ty % cp.stride;
+    let kx0 = tx % cp.stride;
+    let row4 = cp.kc / 4u;
+    for (var cq = 0u; cq < c4; cq++) {
+        var acc = vec4<f32>(0.0);
+        for (var ky = ky0; ky < cp.k && ky <= ty; ky += cp.stride) {
+            let oy = (ty - ky) / cp.stride;
+            if (oy >= cp.oh) { continue; }
+            for (var kx = kx0; kx < cp.k && kx <= tx; kx += cp.stride) {
+                let ox = (tx - kx) / cp.stride;
+                let m = (b * cp.oh + oy) * cp.ow + ox;
+                if (ox >= cp.ow || m < cp.row0 || m >= cp.row0 + cp.rows) { continue; }
+                acc += c2i4_col[(m - cp.row0) * row4 + (ky * cp.k + kx) * c4 + cq];
+            }
+        }
+        c2i4_dx[p * c4 + cq] += acc;
+    }
+}
+
+// w_grad_add: dw[co, ci, t] += g[co, j] for a weight gradient g computed against a GEMM copy of
+// the weight (one invocation per (co, ci), n = Co*Ci; e0 = row length of g): j = t*Ci + ci for
+// the w_khwc order (KHWC), j = ci*k*k + t for the w_pad order.
+override KHWC: bool = true;
+@group(0) @binding(1) var<storage, read> wg_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> wg_dst: array<f32>;
+
+@compute @workgroup_size(64)
+fn w_grad_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 64u + lid;
+    if (i >= cp.n) { return; }
+    let ci = i % cp.c;
+    let co = i / cp.c;
+    let kk = cp.k * cp.k;
+    for (var t = 0u; t < kk; t++) {
+        let j = select(ci * kk + t, t * cp.c + ci, KHWC);
+        wg_dst[i * kk + t] += wg_src[co * cp.e0 + j];
+    }
+}
+
 // copy_range: dst[row0 + i] = src[rows + i] for i < n (row0 = destination offset, rows = source
 // offset, in elements). Moves chunks of a chunked convolution in and out of the full tensors.
 @group(0) @binding(1) var<storage, read> cpy_src: array<f32>;

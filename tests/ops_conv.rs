@@ -271,6 +271,11 @@ fn conv2d_backward_awkward_shapes() {
         shp(2, 16, 16, 3, 5, 3, 1, 1), // M = 512 -> split-K weight gradient
         shp(1, 17, 15, 20, 70, 3, 1, 1),
         shp(2, 4, 4, 3, 6, 3, 2, 2),
+        // C % 4 == 0: (ky, kx, ci) columns (im2col4 / col2im4 / w_grad_add)
+        shp(2, 11, 13, 8, 12, 3, 2, 1), // the patch embedding's second conv
+        shp(1, 9, 8, 8, 5, 1, 2, 0),    // 1x1 stride 2
+        shp(2, 8, 12, 4, 8, 4, 4, 0),   // patchify
+        shp(1, 7, 6, 12, 5, 3, 2, 2),   // pad > stride: taps beyond the first output
     ];
     for (i, &s) in cases.iter().enumerate() {
         dense_backward(s, None, 80 + i as u64);
@@ -286,29 +291,35 @@ fn conv2d_backward_chunked_path() {
         dense_backward(s, Some(chunk), 100 + i as u64);
     }
     dense_backward(shp(1, 16, 16, 8, 6, 3, 1, 1), Some(100), 105); // chunks of 100 rows, split-K in each
+    for (i, chunk) in [1usize, 13, 29].into_iter().enumerate() {
+        dense_backward(shp(2, 9, 11, 8, 4, 3, 2, 1), Some(chunk), 106 + i as u64); // vec4 columns
+    }
 }
 
 #[test]
 fn conv2d_backward_partial_gradients() {
-    // Only some gradients requested; the others must be left alone.
+    // Only some gradients requested; the others must be left alone. Ci = 3: (ci, ky, kx) columns
+    // with K padded for the weight gradient; Ci = 8: (ky, kx, ci) columns.
     let gpu = test_gpu();
-    let s = shp(1, 6, 7, 3, 4, 3, 2, 1);
-    let mut rng = Rng::new(110);
-    let x = rng.vec(s.b * s.h * s.w * s.ci);
-    let w = rng.vec(s.co * s.ci * 9);
-    let dy = rng.vec(s.b * s.oh() * s.ow() * s.co);
-    let tx = gpu.upload(&x, &[s.b, s.h, s.w, s.ci]).unwrap();
-    let tw = gpu.upload(&w, &[s.co, s.ci, 3, 3]).unwrap();
-    let tdy = gpu.upload(&dy, &[s.b, s.oh(), s.ow(), s.co]).unwrap();
-    let (dx, dw, _) = refc::conv2d_backward(&s, &to_f64(&x), &to_f64(&w), &to_f64(&dy));
-    let zx = gpu.upload(&vec![0.0; x.len()], &tx.shape).unwrap();
-    let zw = gpu.upload(&vec![0.0; w.len()], &tw.shape).unwrap();
-    let mut rec = gpu.new_recorder();
-    conv2d_backward(&mut rec, &tx, &tw, &tdy, 2, 1, Some(&zx), None, None).unwrap();
-    conv2d_backward(&mut rec, &tx, &tw, &tdy, 2, 1, None, Some(&zw), None).unwrap();
-    rec.submit().unwrap();
-    check("conv2d backward dx only", &gpu.read(&zx).unwrap(), &dx, TOL_GRAD);
-    check("conv2d backward dw only", &gpu.read(&zw).unwrap(), &dw, TOL_GRAD);
+    for ci in [3, 8] {
+        let s = shp(1, 6, 7, ci, 4, 3, 2, 1);
+        let mut rng = Rng::new(110);
+        let x = rng.vec(s.b * s.h * s.w * s.ci);
+        let w = rng.vec(s.co * s.ci * 9);
+        let dy = rng.vec(s.b * s.oh() * s.ow() * s.co);
+        let tx = gpu.upload(&x, &[s.b, s.h, s.w, s.ci]).unwrap();
+        let tw = gpu.upload(&w, &[s.co, s.ci, 3, 3]).unwrap();
+        let tdy = gpu.upload(&dy, &[s.b, s.oh(), s.ow(), s.co]).unwrap();
+        let (dx, dw, _) = refc::conv2d_backward(&s, &to_f64(&x), &to_f64(&w), &to_f64(&dy));
+        let zx = gpu.upload(&vec![0.0; x.len()], &tx.shape).unwrap();
+        let zw = gpu.upload(&vec![0.0; w.len()], &tw.shape).unwrap();
+        let mut rec = gpu.new_recorder();
+        conv2d_backward(&mut rec, &tx, &tw, &tdy, 2, 1, Some(&zx), None, None).unwrap();
+        conv2d_backward(&mut rec, &tx, &tw, &tdy, 2, 1, None, Some(&zw), None).unwrap();
+        rec.submit().unwrap();
+        check(&format!("conv2d backward dx only, Ci {ci}"), &gpu.read(&zx).unwrap(), &dx, TOL_GRAD);
+        check(&format!("conv2d backward dw only, Ci {ci}"), &gpu.read(&zw).unwrap(), &dw, TOL_GRAD);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -47,7 +47,20 @@ pub struct Recorder<'g> {
     pub flops: f64,
     /// Profiling: when set, every dispatch is submitted and waited for, and its wall time added
     /// to `profile[entry]` (native only; for `medfastsam bench --profile`).
-    pub profile: Option<std::collections::BTreeMap<String, (usize, f64)>>,
+    pub profile: Option<std::collections::BTreeMap<String, ProfileEntry>>,
+    /// Prefix of the profile keys (e.g. "bwd " to separate the phases of a training step).
+    pub profile_phase: &'static str,
+    /// `flops` at the previous profiled dispatch (each dispatch is charged the FLOPs declared since).
+    profile_flops: f64,
+}
+
+/// Profile totals of one kernel (or kernel variant).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProfileEntry {
+    pub calls: usize,
+    pub ms: f64,
+    /// FLOPs the ops declared for these dispatches (GEMMs, convolutions, attention).
+    pub flops: f64,
 }
 
 impl<'g> Recorder<'g> {
@@ -55,7 +68,7 @@ impl<'g> Recorder<'g> {
         let encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("medfastsam"),
         });
-        Recorder { gpu, encoder: Some(encoder), pass: None, chunks: Vec::new(), dispatches: 0, flops: 0.0, profile: None }
+        Recorder { gpu, encoder: Some(encoder), pass: None, chunks: Vec::new(), dispatches: 0, flops: 0.0, profile: None, profile_phase: "", profile_flops: 0.0 }
     }
 
     fn end_pass(&mut self) {
@@ -200,9 +213,18 @@ impl<'g> Recorder<'g> {
             self.flush()?;
             self.gpu.sync()?;
             let dt = t0.elapsed().as_secs_f64() * 1e3;
-            let e = self.profile.as_mut().unwrap().entry(k.entry.to_string()).or_insert((0, 0.0));
-            e.0 += 1;
-            e.1 += dt;
+            let key = if std::env::var_os("MEDFASTSAM_PROFILE_DETAIL").is_some() {
+                let c: Vec<String> = k.consts.iter().map(|(n, v)| format!("{n}={v:?}")).collect();
+                format!("{}{} {} [{}]", self.profile_phase, k.entry, c.join(","), groups.map(|g| g.to_string()).join("x"))
+            } else {
+                format!("{}{}", self.profile_phase, k.entry)
+            };
+            let flops = self.flops - self.profile_flops;
+            self.profile_flops = self.flops;
+            let e = self.profile.as_mut().unwrap().entry(key).or_default();
+            e.calls += 1;
+            e.ms += dt;
+            e.flops += flops;
         }
         Ok(())
     }

@@ -401,9 +401,22 @@ pub fn conv2d_backward_chunked(
     if dx.is_none() && dw.is_none() {
         return Ok(());
     }
-    let w2 = w.reshape(&[g.co, kc]);
-    let cap = chunk_rows(rec, &g, kc, max_chunk_rows);
-    let col = rec.gpu.empty(&[cap, kc])?;
+    // Column orders as in the forward: C % 4 == 0 -> (ky, kx, ci) as vec4 (im2col4 / col2im4,
+    // weight copy w_khwc, the weight gradient re-ordered by w_grad_add); otherwise (ci, ky, kx),
+    // with K padded to a multiple of 4 for the weight-gradient GEMM when Co % 4 == 0 (the stem).
+    let v4 = g.ci.is_multiple_of(4);
+    let kcp = if !v4 && g.co.is_multiple_of(4) && dw.is_some() { kc.next_multiple_of(4) } else { kc };
+    let w2 = match dx {
+        Some(_) if v4 => weight_copy(rec, &g, w, "w_khwc", kc)?,
+        _ => w.reshape(&[g.co, kc]),
+    };
+    // The weight gradient in the column order, when that is not the weight's own.
+    let dw_cols = match dw {
+        Some(_) if v4 || kcp != kc => Some(rec.zeros(&[g.co, kcp])?),
+        _ => None,
+    };
+    let cap = chunk_rows(rec, &g, kcp, max_chunk_rows);
+    let col = rec.gpu.empty(&[cap, kcp])?;
     let dyc = if cap < m { Some(rec.gpu.empty(&[cap, g.co])?) } else { None };
     let mut r0 = 0;
     while r0 < m {
@@ -416,17 +429,36 @@ pub fn conv2d_backward_chunked(
             None => dy,
         };
         if let Some(dw) = dw {
-            im2col(rec, &g, x, r0, rows, &col)?;
-            atb_accumulate(rec, dy_rows, &col, rows, g.co, kc, dw)?;
+            if v4 || kcp != kc {
+                let entry = if v4 { "im2col4" } else { "im2col_row" };
+                let cp = Cp { n: rows, row0: r0, rows, e0: kcp, ..g.cp() };
+                let groups = rec.grid(rows.div_ceil(64));
+                rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[x, &col], groups)?;
+            } else {
+                im2col(rec, &g, x, r0, rows, &col)?;
+            }
+            atb_accumulate(rec, dy_rows, &col, rows, g.co, kcp, dw_cols.as_ref().unwrap_or(dw))?;
         }
         if let Some(dx) = dx {
             // dcol [rows, kc] = dy_rows [rows, Co] * w [Co, kc], into the (reused) column buffer.
             let gm = Gemm::new(rows, kc, g.co);
             gemm(rec, &gm, dy_rows, &w2, None, None, &col)?;
-            let cp = Cp { n: x.numel(), row0: r0, rows, ..g.cp() };
-            launch(rec, &kernel("col2im"), &cp, &[&col, dx])?;
+            if v4 {
+                let cp = Cp { n: x.numel() / g.ci, row0: r0, rows, ..g.cp() };
+                let groups = rec.grid(cp.n.div_ceil(64));
+                rec.dispatch(&Kernel::new(ShaderFamily::Conv, "col2im4", 64), cp.params(), &[&col, dx], groups)?;
+            } else {
+                let cp = Cp { n: x.numel(), row0: r0, rows, ..g.cp() };
+                launch(rec, &kernel("col2im"), &cp, &[&col, dx])?;
+            }
         }
         r0 += rows;
+    }
+    if let (Some(dw), Some(cols)) = (dw, &dw_cols) {
+        let cp = Cp { n: g.co * g.ci, e0: kcp, ..g.cp() };
+        let groups = rec.grid(cp.n.div_ceil(64));
+        let k = Kernel::new(ShaderFamily::Conv, "w_grad_add", 64).b("KHWC", v4);
+        rec.dispatch(&k, cp.params(), &[cols, dw], groups)?;
     }
     Ok(())
 }

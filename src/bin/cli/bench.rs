@@ -56,6 +56,20 @@ pub struct TrainBench {
 }
 
 /// Median ms of a training step (forward, loss, backward, Adam) on random data.
+/// Prints the `top` most expensive entries of a dispatch profile (MEDFASTSAM_PROFILE_TOP
+/// overrides `top`; MEDFASTSAM_PROFILE_DETAIL=1 makes the recorder key entries by kernel variant
+/// and grid), with the GFLOP/s of the entries that declared FLOPs.
+fn print_profile(title: &str, prof: std::collections::BTreeMap<String, medfastsam::gpu::ProfileEntry>, total: f64, top: usize) {
+    let top = std::env::var("MEDFASTSAM_PROFILE_TOP").ok().and_then(|v| v.parse().ok()).unwrap_or(top);
+    let mut v: Vec<_> = prof.into_iter().collect();
+    v.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
+    eprintln!("{title} (each dispatch waited for; {total:.0} ms in all):");
+    for (k, e) in v.iter().take(top) {
+        let rate = if e.flops > 0.0 { format!(" {:>6.1} GFLOP/s", e.flops / e.ms / 1e6) } else { String::new() };
+        eprintln!("  {k:<28} {:>4} calls {:>9.1} ms {:>5.1}%{rate}", e.calls, e.ms, 100.0 * e.ms / total);
+    }
+}
+
 pub fn bench_train(gpu: &Gpu, preset: &str, size: usize, batch: usize, reps: usize, profile: bool) -> anyhow::Result<TrainBench> {
     use medfastsam::train::trainer::{Example, TrainOptions, Trainer};
     let cfg = Config::preset(preset)?.with_image_size(size)?;
@@ -101,16 +115,12 @@ pub fn bench_train(gpu: &Gpu, preset: &str, size: usize, batch: usize, reps: usi
         let tp = Instant::now();
         let (out, cache) = forward_train(&t.ps, &mut rec, &px)?;
         let (_l, d) = seg_loss(&mut rec, &out.logits, &tg, &LossConfig::default())?;
+        rec.profile_phase = "bwd ";
         backward(&t.ps, &mut rec, &cache, &d)?;
         let prof = rec.profile.take().unwrap();
         rec.submit()?;
         let total = tp.elapsed().as_secs_f64() * 1e3;
-        let mut pv: Vec<_> = prof.into_iter().collect();
-        pv.sort_by(|a, b| b.1 .1.partial_cmp(&a.1 .1).unwrap());
-        eprintln!("training-step profile {preset} {s}² batch {batch} ({total:.0} ms, each dispatch waited for):");
-        for (k, (n, ms)) in pv.iter().take(25) {
-            eprintln!("  {k:<28} {n:>4} calls {ms:>9.1} ms {:>5.1}%", 100.0 * ms / total);
-        }
+        print_profile(&format!("training-step profile {preset} {s}² batch {batch}"), prof, total, 25);
     }
     // The eval-mode forward of the same images, for the step/forward ratio (one image per
     // forward, as inference runs, so that it fits the device at every size).
@@ -204,12 +214,7 @@ pub fn bench_model(gpu: &Gpu, cfg: &Config, variant: Variant, reps: usize, profi
         rec.submit()?;
         gpu.sync()?;
         let total = t.elapsed().as_secs_f64() * 1e3;
-        let mut v: Vec<_> = prof.into_iter().collect();
-        v.sort_by(|a, b| b.1 .1.partial_cmp(&a.1 .1).unwrap());
-        eprintln!("profile at {s}² (each dispatch waited for; {total:.0} ms in all):");
-        for (k, (n, ms)) in v {
-            eprintln!("  {k:<28} {n:>4} calls {ms:>9.1} ms {:>5.1}%", 100.0 * ms / total);
-        }
+        print_profile(&format!("profile at {s}²"), prof, total, usize::MAX);
     }
     Ok(ModelBench {
         size: s,
