@@ -717,8 +717,11 @@ fn bn_bwd_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 }
 
 // bn_apply4 / bn_bwd_dx4: bn_apply / bn_bwd_dx for C % 4 == 0 with one vec4 of channels per
-// invocation (bp.n and bp.c counted in vec4s), the same arithmetic per component. CPU adapters
-// scalarise every storage load, so this needs a quarter of the loads (and index divisions).
+// invocation and RB rows of it (bp.n and bp.c counted in vec4s; invocation t takes channel quad
+// t % c of rows (t / c) * RB ..), the same arithmetic per component. CPU adapters scalarise every
+// storage load, so this needs a quarter of the loads and index divisions, and the per-channel
+// loads are shared by the RB rows.
+override RB: u32 = 1u;
 @group(0) @binding(1) var<storage, read> ba4_x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> ba4_mean: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> ba4_rstd: array<vec4<f32>>;
@@ -730,15 +733,26 @@ fn bn_bwd_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 @compute @workgroup_size(64)
 fn bn_apply4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lid: u32) {
-    let i = elem_index(wid, nwg, lid);
-    if (i >= bp.n) {
+    let t = elem_index(wid, nwg, lid);
+    let ch = t % bp.c;
+    let i0 = (t / bp.c) * RB * bp.c + ch;
+    if (i0 >= bp.n) {
         return;
     }
-    let ch = i % bp.c;
-    let z = (ba4_x[i] - ba4_mean[ch]) * ba4_rstd[ch] * ba4_w[ch] + ba4_b[ch];
-    ba4_y[i] = activate4(z, ACT);
-    if (SAVE_PRE) {
-        ba4_pre[i] = z;
+    let mean = ba4_mean[ch];
+    let rs = ba4_rstd[ch];
+    let w = ba4_w[ch];
+    let b = ba4_b[ch];
+    for (var r = 0u; r < RB; r++) {
+        let i = i0 + r * bp.c;
+        if (i >= bp.n) {
+            break;
+        }
+        let z = (ba4_x[i] - mean) * rs * w + b;
+        ba4_y[i] = activate4(z, ACT);
+        if (SAVE_PRE) {
+            ba4_pre[i] = z;
+        }
     }
 }
 
@@ -754,27 +768,39 @@ fn bn_apply4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 @compute @workgroup_size(64)
 fn bn_bwd_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let i = elem_index(wid, nwg, lid);
-    if (i >= bp.n) {
+    let t = elem_index(wid, nwg, lid);
+    let ch = t % bp.c;
+    let i0 = (t / bp.c) * RB * bp.c + ch;
+    if (i0 >= bp.n) {
         return;
     }
-    let ch = i % bp.c;
-    var dz = bb4_dy[i];
-    if (ACT != 0u) {
-        dz *= activate_grad4(bb4_pre[i], ACT);
-    }
     let rs = bb4_rstd[ch];
-    var d: vec4<f32>;
-    if (TRAIN) {
-        let xh = (bb4_x[i] - bb4_mean[ch]) * rs;
-        d = bb4_w[ch] * rs * (dz - bb4_sums[bp.c + ch] * bp.inv_rows - xh * bb4_sums[ch] * bp.inv_rows);
-    } else {
-        d = bb4_w[ch] * rs * dz;
+    let g = bb4_w[ch] * rs;
+    let mean = bb4_mean[ch];
+    // TRAIN: dx = g * (dz - mean(dz) - xhat * mean(dz * xhat)), xhat = (x - mean) * rs
+    let mdz = bb4_sums[bp.c + ch] * bp.inv_rows;
+    let mdzx = bb4_sums[ch] * bp.inv_rows;
+    for (var r = 0u; r < RB; r++) {
+        let i = i0 + r * bp.c;
+        if (i >= bp.n) {
+            break;
+        }
+        var dz = bb4_dy[i];
+        if (ACT != 0u) {
+            dz *= activate_grad4(bb4_pre[i], ACT);
+        }
+        var d: vec4<f32>;
+        if (TRAIN) {
+            let xh = (bb4_x[i] - mean) * rs;
+            d = g * (dz - mdz - xh * mdzx);
+        } else {
+            d = g * dz;
+        }
+        if (ACCUM) {
+            d += bb4_dx[i];
+        }
+        bb4_dx[i] = d;
     }
-    if (ACCUM) {
-        d += bb4_dx[i];
-    }
-    bb4_dx[i] = d;
 }
 
 // dw += sum(dz*xhat), db += sum(dz), per channel.

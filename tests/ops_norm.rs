@@ -611,8 +611,9 @@ fn batch_norm_backward_shapes() {
 #[test]
 fn batch_norm_big_grid() {
     let _g = serial();
-    // The elementwise kernels (64 per workgroup) need 65,600 workgroups: 4,198,400 scalars with
-    // C = 5 (not a multiple of 4), 4,198,400 vec4s with C = 16.
+    // The scalar elementwise kernels (64 per workgroup) need 65,600 workgroups for the 4,198,400
+    // values with C = 5 (not a multiple of 4); the vec4 kernels with C = 16 take 4 rows per
+    // invocation (16,400 workgroups) and check the long runs of rows at scale.
     for (shape, seed) in [([1usize, 820, 1024, 5], 1300), ([1, 1025, 1024, 16], 1310)] {
         let e1 = bn_train_case(&shape, Act::Gelu, 1.0, 1.0, 2e-6, seed);
         let e2 = bn_bwd_case(&shape, Act::Gelu, true, true, 1e-5, seed + 1);

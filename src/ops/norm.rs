@@ -308,6 +308,9 @@ fn bn_params(n: usize, c: usize, momentum: f32, eps: f32, unbias: f32, update: b
     Params::new().u(n).u(c).f(momentum).f(eps).f(unbias).u(update as usize).f(inv_rows).u(0)
 }
 
+/// Rows per invocation of bn_apply4 / bn_bwd_dx4 (their per-channel loads are shared by these).
+const BN_RB: usize = 4;
+
 fn bn_groups(rec: &Recorder, n: usize) -> [u32; 3] {
     rec.grid(n.div_ceil(64))
 }
@@ -356,9 +359,13 @@ fn bn_apply(
     // vec4 of channels per invocation when C % 4 == 0.
     let v = if c.is_multiple_of(4) { 4 } else { 1 };
     let entry = if v == 4 { "bn_apply4" } else { "bn_apply" };
-    let k = norm_kernel(entry, 64).u("ACT", act.code()).b("SAVE_PRE", pre.is_some());
+    let mut k = norm_kernel(entry, 64).u("ACT", act.code()).b("SAVE_PRE", pre.is_some());
     let n = x.numel() / v;
-    let g = bn_groups(rec, n);
+    let mut g = bn_groups(rec, n);
+    if v == 4 {
+        k = k.u("RB", BN_RB as u32);
+        g = bn_groups(rec, (n / (c / 4)).div_ceil(BN_RB) * (c / 4));
+    }
     rec.dispatch(
         &k,
         bn_params(n, c / v, 0.0, 0.0, 0.0, false, 0.0),
@@ -508,12 +515,16 @@ pub fn batch_norm_backward(
     // vec4 of channels per invocation when C % 4 == 0.
     let v = if c.is_multiple_of(4) { 4 } else { 1 };
     let n = x.numel() / v;
-    let k = norm_kernel(if v == 4 { "bn_bwd_dx4" } else { "bn_bwd_dx" }, 64)
+    let mut k = norm_kernel(if v == 4 { "bn_bwd_dx4" } else { "bn_bwd_dx" }, 64)
         .u("ACT", saved.act.code())
         .b("TRAIN", saved.train)
         .b("ACCUM", dx_acc.is_some());
     let inv = (1.0 / rows as f64) as f32;
-    let g = bn_groups(rec, n);
+    let mut g = bn_groups(rec, n);
+    if v == 4 {
+        k = k.u("RB", BN_RB as u32);
+        g = bn_groups(rec, rows.div_ceil(BN_RB) * (c / 4));
+    }
     rec.dispatch(
         &k,
         bn_params(n, c / v, 0.0, 0.0, 0.0, false, inv),
