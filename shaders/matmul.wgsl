@@ -5,6 +5,9 @@
 // epilogue: + bias[n] (HAS_BIAS), activation ACT (0 none, 1 GELU, 2 ReLU),
 //           + R[b][m, n] (RESIDUAL), + C[b][m, n] (ACCUM: accumulate into the output).
 //           ACT_AFTER_RES: the residual is added before the activation instead (act(.. + R)).
+//           SAVE_PRE: also store alpha * op(A) op(B) + bias (the pre-activation) to P.
+//           ACT_GRAD (backward): C = alpha * op(A) op(B) * act'(R) (+ C when ACCUM), where R holds
+//           the layer's saved pre-activation and ACT its activation; no bias.
 //
 // Entry points (chosen by src/ops/matmul.rs):
 //   matmul    shared-memory tiled kernel, 16 x 16 invocations of 4 x 4 outputs (GPUs).
@@ -40,6 +43,8 @@ override ACT_AFTER_RES: bool = false;
 override LANES_N: bool = false;
 // Split-K pass: store raw partial sums (no alpha, no epilogue) into the scratch tensor.
 override SPLIT: bool = false;
+override SAVE_PRE: bool = false;
+override ACT_GRAD: bool = false;
 
 struct MatmulParams {
     m: u32,
@@ -67,10 +72,19 @@ struct MatmulParams {
 @group(0) @binding(3) var<storage, read> mat_bias4: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> mat_res4: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> mat_c4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> mat_pre: array<f32>;
+@group(0) @binding(6) var<storage, read_write> mat_pre4: array<vec4<f32>>;
 
 // Epilogue of one output element; `acc` is the raw dot product, `old` the current value of C.
 fn mm_epilogue(acc: f32, bias: f32, res: f32, old: f32) -> f32 {
     var v = acc * mp.alpha;
+    if (ACT_GRAD) {
+        v *= activate_grad(res, ACT);
+        if (ACCUM) {
+            v += old;
+        }
+        return v;
+    }
     if (HAS_BIAS) {
         v += bias;
     }
@@ -106,6 +120,9 @@ fn mm_put(b: u32, s: u32, row: u32, col: u32, acc: f32) {
     var old = 0.0;
     if (ACCUM) {
         old = mat_c[idx];
+    }
+    if (SAVE_PRE) {
+        mat_pre[idx] = acc * mp.alpha + bias;
     }
     mat_c[idx] = mm_epilogue(acc, bias, res, old);
 }
@@ -362,6 +379,9 @@ fn mm_put4(b: u32, s: u32, row: u32, col: u32, acc: vec4<f32>) {
     if (ACCUM) {
         old = mat_c4[i4];
     }
+    if (SAVE_PRE) {
+        mat_pre4[i4] = acc * mp.alpha + bias;
+    }
     mat_c4[i4] = vec4(mm_epilogue(acc.x, bias.x, res.x, old.x), mm_epilogue(acc.y, bias.y, res.y, old.y),
                       mm_epilogue(acc.z, bias.z, res.z, old.z), mm_epilogue(acc.w, bias.w, res.w, old.w));
 }
@@ -593,6 +613,7 @@ fn mm_s(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(2) var<storage, read> red_bias: array<f32>;
 @group(0) @binding(3) var<storage, read> red_res: array<f32>;
 @group(0) @binding(4) var<storage, read_write> red_c: array<f32>;
+@group(0) @binding(5) var<storage, read_write> red_pre: array<f32>;
 
 @compute @workgroup_size(256, 1, 1)
 fn mm_reduce(@builtin(workgroup_id) wid: vec3<u32>,
@@ -622,6 +643,9 @@ fn mm_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     var old = 0.0;
     if (ACCUM) {
         old = red_c[idx];
+    }
+    if (SAVE_PRE) {
+        red_pre[idx] = s * mp.alpha + bias;
     }
     red_c[idx] = mm_epilogue(s, bias, res, old);
 }

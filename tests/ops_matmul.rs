@@ -426,3 +426,82 @@ fn bench_gemm() {
         println!("{r}");
     }
 }
+
+/// The activation-backward epilogue `alpha * op(A) op(B) * act'(R) (+ C)` and the saved
+/// pre-activation `alpha * op(A) op(B) + bias` (with `act(..)` in C) vs the f64 reference, on every
+/// kernel family and the split-K reduce.
+#[test]
+fn gemm_epilogue_act_grad_and_save_pre() {
+    use medfastsam::ops::matmul::gemm_save_pre;
+    use medfastsam::ops::reference::norm::act_grad;
+    let gpu = test_gpu();
+    let split = GemmConfig { splits: Some(3), ..BLOCKED };
+    let split_tiled = GemmConfig { splits: Some(2), ..TILED };
+    let cfgs = [GemmConfig::default(), TILED, blocked(true, false), blocked(true, true), blocked(false, false), split, split_tiled];
+    let (mut worst_grad, mut worst_pre): (f64, f64) = (0.0, 0.0);
+    let mut seed = 700;
+    for (m, n, k, ta) in [(36usize, 28usize, 44usize, false), (37, 29, 45, false), (70, 64, 256, true)] {
+        for act in [Act::Gelu, Act::Relu] {
+            for accumulate in [false, true] {
+                let mut g = Gemm::new(m, n, k);
+                g.trans_a = ta;
+                g.act = act;
+                g.alpha = if accumulate { 0.75 } else { 1.0 };
+                // Every kernel family with GELU (each variant is a pipeline to compile); ReLU on the
+                // default choice only.
+                let cfgs = if act == Act::Gelu { &cfgs[..] } else { &cfgs[..1] };
+                for cfg in cfgs {
+                    if cfg.vec4 == Some(true) && !vec4_ok(&g) {
+                        continue;
+                    }
+                    seed += 1;
+                    let mut rng = Rng::new(seed);
+                    let (a, b, bi, r, c0) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n), rng.vec(m * n), rng.vec(m * n));
+                    let up = |v: &[f32]| gpu.upload(v, &[v.len()]).unwrap();
+                    let (ta_, tb, tbi, tr, tc, tp) = (up(&a), up(&b), up(&bi), up(&r), up(&c0), up(&c0));
+                    let mut plain = g;
+                    plain.act = Act::None;
+                    let mut ab = vec![0.0; m * n];
+                    reference::gemm(&plain, &to_f64(&a), &to_f64(&b), None, None, &mut ab);
+                    let what = format!("{g:?} accumulate={accumulate} {cfg:?} -> {:?}", plan(gpu, &g, cfg).unwrap());
+                    // act_grad: C (+)= alpha A B * act'(R)
+                    let mut gg = g;
+                    gg.act_grad = true;
+                    gg.accumulate = accumulate;
+                    let mut rec = gpu.new_recorder();
+                    gemm_with(&mut rec, &gg, &ta_, &tb, None, Some(&tr), &tc, cfg).unwrap();
+                    rec.submit().unwrap();
+                    let want: Vec<f64> = (0..m * n)
+                        .map(|i| ab[i] * act_grad(r[i] as f64, act) + if accumulate { c0[i] as f64 } else { 0.0 })
+                        .collect();
+                    let got = gpu.read(&tc).unwrap();
+                    assert_close(&format!("act_grad {what}"), &got, &want, tol(&g));
+                    worst_grad = worst_grad.max(rel_err(&got, &want));
+                    if accumulate {
+                        continue;
+                    }
+                    // save_pre: P = alpha A B + bias, C = act(P)
+                    let tc2 = up(&c0);
+                    let mut rec = gpu.new_recorder();
+                    gemm_save_pre(&mut rec, &g, &ta_, &tb, Some(&tbi), &tc2, &tp, cfg).unwrap();
+                    rec.submit().unwrap();
+                    let pre: Vec<f64> = (0..m * n).map(|i| ab[i] + bi[i % n] as f64).collect();
+                    let y: Vec<f64> = pre.iter().map(|&v| reference::act(v, act)).collect();
+                    let (gp, gy) = (gpu.read(&tp).unwrap(), gpu.read(&tc2).unwrap());
+                    assert_close(&format!("save_pre pre {what}"), &gp, &pre, tol(&g));
+                    assert_close(&format!("save_pre y {what}"), &gy, &y, tol(&g));
+                    worst_pre = worst_pre.max(rel_err(&gp, &pre)).max(rel_err(&gy, &y));
+                }
+            }
+        }
+    }
+    eprintln!("act_grad epilogue: worst relative error {worst_grad:.2e}; save_pre: {worst_pre:.2e}");
+    // Misuse is an error, not a wrong result.
+    let t = gpu.upload(&[0.0; 16], &[16]).unwrap();
+    let mut g = Gemm::new(4, 4, 1);
+    g.act_grad = true;
+    g.act = Act::Gelu;
+    let mut rec = gpu.new_recorder();
+    assert!(gemm_with(&mut rec, &g, &t, &t, None, None, &t, &GemmConfig::default()).is_err(), "act_grad without R");
+    assert!(gemm_with(&mut rec, &g, &t, &t, Some(&t), Some(&t), &t, &GemmConfig::default()).is_err(), "act_grad with bias");
+}

@@ -77,6 +77,7 @@ pub struct Gpu {
     pool: Arc<Mutex<pool::Pool>>,
     errors: Arc<Mutex<Vec<String>>>,
     dummy: Mutex<Option<Tensor>>,
+    dummy_out: Mutex<Option<Tensor>>,
 }
 
 fn parse_backends(s: &str) -> Result<wgpu::Backends> {
@@ -169,6 +170,7 @@ impl Gpu {
             pool: Arc::default(),
             errors,
             dummy: Mutex::new(None),
+            dummy_out: Mutex::new(None),
         })
     }
 
@@ -284,6 +286,13 @@ impl Gpu {
     pub fn dummy(&self) -> Tensor {
         let mut d = self.dummy.lock().unwrap();
         d.get_or_insert_with(|| self.upload(&[0.0; 4], &[4]).expect("dummy tensor")).clone()
+    }
+
+    /// A 4-element tensor bound where a kernel's optional output is absent (a binding cannot be
+    /// both read-only and writable in one dispatch, so this is not [`Gpu::dummy`]).
+    pub fn dummy_out(&self) -> Tensor {
+        let mut d = self.dummy_out.lock().unwrap();
+        d.get_or_insert_with(|| self.upload(&[0.0; 4], &[4]).expect("dummy output tensor")).clone()
     }
 
     /// Number of compiled compute pipelines.

@@ -53,6 +53,9 @@ pub struct Gemm {
     pub accumulate: bool,
     /// Add the residual before the activation: `act(alpha * A B + bias + R)` (default: after it).
     pub act_after_residual: bool,
+    /// Backward through an activation: `C = alpha * A B * act'(R)` (`+ C` with `accumulate`), where
+    /// the residual R is the saved pre-activation and `act` the activation; no bias.
+    pub act_grad: bool,
 }
 
 impl Gemm {
@@ -71,6 +74,7 @@ impl Gemm {
             act: Act::None,
             accumulate: false,
             act_after_residual: false,
+            act_grad: false,
         }
     }
     pub fn flops(&self) -> f64 {
@@ -210,6 +214,45 @@ pub fn gemm_with(
     c: &Tensor,
     cfg: &GemmConfig,
 ) -> Result<()> {
+    gemm_impl(rec, g, a, b, bias, residual, c, None, cfg)
+}
+
+/// [`gemm`] that also stores the pre-activation `alpha * op(a) op(b) + bias` to `pre` (what the
+/// backward of the activation needs); no residual.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_save_pre(
+    rec: &mut Recorder,
+    g: &Gemm,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    c: &Tensor,
+    pre: &Tensor,
+    cfg: &GemmConfig,
+) -> Result<()> {
+    gemm_impl(rec, g, a, b, bias, None, c, Some(pre), cfg)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_impl(
+    rec: &mut Recorder,
+    g: &Gemm,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    c: &Tensor,
+    pre: Option<&Tensor>,
+    cfg: &GemmConfig,
+) -> Result<()> {
+    if g.act_grad && (residual.is_none() || bias.is_some() || g.act == Act::None || pre.is_some()) {
+        return Err(Error::Invalid(format!(
+            "gemm: act_grad needs the pre-activation as residual, an activation, no bias and no saved pre-activation: {g:?}"
+        )));
+    }
+    if pre.is_some() && residual.is_some() {
+        return Err(Error::Invalid("gemm: saving the pre-activation excludes a residual".into()));
+    }
     let need = |t: &Tensor, n: usize, what: &str| -> Result<()> {
         if t.numel() < n {
             Err(Error::Invalid(format!("gemm: {what} has {} elements, needs {n}", t.numel())))
@@ -226,6 +269,9 @@ pub fn gemm_with(
     }
     if let Some(r) = residual {
         need(r, last(g.c_bs, g.m * g.n), "residual")?;
+    }
+    if let Some(p) = pre {
+        need(p, last(g.c_bs, g.m * g.n), "pre-activation output")?;
     }
     if g.m == 0 || g.n == 0 || g.batch == 0 {
         return Ok(());
@@ -252,6 +298,7 @@ pub fn gemm_with(
     let yz = rec.grid(p.m_tiles * g.batch * p.splits);
     let groups = [p.n_tiles as u32, yz[0], yz[1]];
     let dummy = rec.gpu.dummy();
+    let dummy_out = rec.gpu.dummy_out();
     rec.flops += g.flops();
     if !split {
         let k = Kernel::new(ShaderFamily::Matmul, p.entry, invocations)
@@ -262,8 +309,11 @@ pub fn gemm_with(
             .b("RESIDUAL", residual.is_some())
             .b("ACCUM", g.accumulate)
             .b("ACT_AFTER_RES", g.act_after_residual)
-            .b("LANES_N", p.lanes_n);
-        return rec.dispatch(&k, params, &[a, b, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c], groups);
+            .b("LANES_N", p.lanes_n)
+            .b("SAVE_PRE", pre.is_some())
+            .b("ACT_GRAD", g.act_grad);
+        let t = [a, b, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c, pre.unwrap_or(&dummy_out)];
+        return rec.dispatch(&k, params, &t, groups);
     }
     // Split-K: raw partial sums of every K slice into a scratch tensor, then one pass that adds
     // them and applies alpha and the epilogue.
@@ -273,15 +323,18 @@ pub fn gemm_with(
         .b("TRANS_B", g.trans_b)
         .b("LANES_N", p.lanes_n)
         .b("SPLIT", true);
-    rec.dispatch(&k, params.clone(), &[a, b, &dummy, &dummy, &scratch], groups)?;
+    rec.dispatch(&k, params.clone(), &[a, b, &dummy, &dummy, &scratch, &dummy_out], groups)?;
     let r = Kernel::new(ShaderFamily::Matmul, "mm_reduce", 256)
         .b("HAS_BIAS", bias.is_some())
         .u("ACT", g.act.code())
         .b("RESIDUAL", residual.is_some())
         .b("ACCUM", g.accumulate)
-        .b("ACT_AFTER_RES", g.act_after_residual);
+        .b("ACT_AFTER_RES", g.act_after_residual)
+        .b("SAVE_PRE", pre.is_some())
+        .b("ACT_GRAD", g.act_grad);
     let groups = rec.grid((g.batch * g.m * g.n).div_ceil(256));
-    rec.dispatch(&r, params, &[&scratch, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c], groups)
+    let t = [&scratch, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c, pre.unwrap_or(&dummy_out)];
+    rec.dispatch(&r, params, &t, groups)
 }
 
 /// `y = act(x W^T + b) (+ residual)` over the last dimension of `x`; `w` is [out, in].
@@ -293,7 +346,7 @@ pub fn linear(
     act: Act,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    linear_impl(rec, "linear", x, w, b, act, residual, false)
+    linear_impl(rec, "linear", x, w, b, act, residual, false, None)
 }
 
 /// `y = act(x W^T + b + residual)` over the last dimension of `x` (`w` is [out, in]): the
@@ -306,7 +359,7 @@ pub fn linear_residual_act(
     residual: &Tensor,
     act: Act,
 ) -> Result<Tensor> {
-    linear_impl(rec, "linear_residual_act", x, w, b, act, Some(residual), true)
+    linear_impl(rec, "linear_residual_act", x, w, b, act, Some(residual), true, None)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -319,6 +372,7 @@ fn linear_impl(
     act: Act,
     residual: Option<&Tensor>,
     act_after_residual: bool,
+    pre: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (n, k) = (w.shape[0], w.shape[1]);
     if x.dim(-1) != k {
@@ -332,8 +386,20 @@ fn linear_impl(
     g.trans_b = true;
     g.act = act;
     g.act_after_residual = act_after_residual;
-    gemm(rec, &g, x, w, b, residual, &y)?;
+    match pre {
+        Some(p) => gemm_save_pre(rec, &g, x, w, b, &y, p, &GemmConfig::default())?,
+        None => gemm(rec, &g, x, w, b, residual, &y)?,
+    }
     Ok(y)
+}
+
+/// `y = act(x W^T + b)` and the pre-activation `x W^T + b` (for the activation's backward).
+pub fn linear_save_pre(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<(Tensor, Tensor)> {
+    let mut shape = x.shape.clone();
+    *shape.last_mut().unwrap() = w.shape[0];
+    let pre = rec.gpu.empty(&shape)?;
+    let y = linear_impl(rec, "linear_save_pre", x, w, b, act, None, false, Some(&pre))?;
+    Ok((y, pre))
 }
 
 /// GEMM shapes of the model (M = tokens, weights [N, K] with `trans_b` unless noted) plus the

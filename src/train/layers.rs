@@ -8,7 +8,7 @@ use crate::gpu::{Recorder, Tensor};
 use crate::ops::attention::{self, AttnSaved};
 use crate::ops::conv;
 use crate::ops::elementwise::{accumulate, act_backward, activation, col_sum};
-use crate::ops::matmul::{gemm, linear, Act, Gemm};
+use crate::ops::matmul::{gemm, linear, linear_save_pre, Act, Gemm};
 use crate::ops::norm::{self, BnSaved, LnSaved};
 
 pub const BN_MOMENTUM: f32 = 0.1;
@@ -31,6 +31,7 @@ fn as_matrix(w: &Tensor) -> Tensor {
 }
 
 /// A linear layer `y = act(x W^T + b) (+ residual)`.
+#[derive(Clone)]
 pub struct Lin {
     w: String,
     b: Option<String>,
@@ -57,8 +58,8 @@ pub fn lin_fwd(
         (linear(rec, x, &wt, bt, Act::None, residual)?, None)
     } else {
         assert!(residual.is_none(), "residual after an activation is not fused");
-        let pre = linear(rec, x, &wt, bt, Act::None, None)?;
-        (activation(rec, &pre, act)?, Some(pre))
+        let (y, pre) = linear_save_pre(rec, x, &wt, bt, act)?;
+        (y, Some(pre))
     };
     Ok((y, Lin { w: w.into(), b: b.map(Into::into), x: x.clone(), pre, act }))
 }
@@ -66,6 +67,30 @@ pub fn lin_fwd(
 /// Backward of [`lin_fwd`]: dW += dpre^T x, db += Σ dpre, returns dx = dpre W when `need_dx`
 /// (the residual's gradient is the caller's `dy`).
 pub fn lin_bwd(ps: &ParamStore, rec: &mut Recorder, c: &Lin, dy: &Tensor, need_dx: bool) -> Result<Option<Tensor>> {
+    lin_bwd_into(ps, rec, c, dy, need_dx, None)
+}
+
+/// [`lin_bwd`] whose input gradient goes on through the activation of the layer `next` that
+/// produced this layer's input (fused into the dx GEMM): returns that layer's `dpre`, to be
+/// passed to [`lin_bwd_pre`] for it.
+pub fn lin_bwd_through(ps: &ParamStore, rec: &mut Recorder, c: &Lin, dy: &Tensor, next: &Lin) -> Result<Tensor> {
+    Ok(lin_bwd_into(ps, rec, c, dy, true, Some(next))?.unwrap())
+}
+
+/// [`lin_bwd`] given the gradient of the layer's pre-activation (from [`lin_bwd_through`]).
+pub fn lin_bwd_pre(ps: &ParamStore, rec: &mut Recorder, c: &Lin, dpre: &Tensor, need_dx: bool) -> Result<Option<Tensor>> {
+    let plain = Lin { pre: None, act: Act::None, ..c.clone() };
+    lin_bwd_into(ps, rec, &plain, dpre, need_dx, None)
+}
+
+fn lin_bwd_into(
+    ps: &ParamStore,
+    rec: &mut Recorder,
+    c: &Lin,
+    dy: &Tensor,
+    need_dx: bool,
+    next: Option<&Lin>,
+) -> Result<Option<Tensor>> {
     let dpre = match &c.pre {
         Some(pre) => act_backward(rec, pre, dy, c.act)?,
         None => dy.clone(),
@@ -88,7 +113,20 @@ pub fn lin_bwd(ps: &ParamStore, rec: &mut Recorder, c: &Lin, dy: &Tensor, need_d
         return Ok(None);
     }
     let dx = rec.gpu.empty(&c.x.shape)?;
-    gemm(rec, &Gemm::new(m, k, n), &dpre, &w, None, None, &dx)?;
+    let mut g = Gemm::new(m, k, n);
+    match next.and_then(|l| l.pre.as_ref().map(|p| (p, l.act))) {
+        Some((pre, act)) => {
+            g.act = act;
+            g.act_grad = true;
+            gemm(rec, &g, &dpre, &w, None, Some(pre), &dx)?;
+        }
+        None => {
+            if let Some(l) = next {
+                debug_assert!(l.pre.is_none(), "lin_bwd_through: {} has no saved pre-activation", l.w);
+            }
+            gemm(rec, &g, &dpre, &w, None, None, &dx)?
+        }
+    }
     Ok(Some(dx))
 }
 

@@ -180,8 +180,8 @@ fn mlp_fwd(ps: &ParamStore, rec: &mut Recorder, pre: &str, x: &Tensor) -> Result
 }
 
 fn mlp_bwd(ps: &ParamStore, rec: &mut Recorder, c: &Mlp, dy: &Tensor) -> Result<Tensor> {
-    let dh = lin_bwd(ps, rec, &c.f2, dy, true)?.unwrap();
-    let dh = lin_bwd(ps, rec, &c.f1, &dh, true)?.unwrap();
+    let dpre = lin_bwd_through(ps, rec, &c.f2, dy, &c.f1)?;
+    let dh = lin_bwd_pre(ps, rec, &c.f1, &dpre, true)?.unwrap();
     // dx = dy (residual) + LN backward
     let acc = rec.clone_tensor(dy)?;
     ln_bwd(ps, rec, &c.ln, &dh, Some(&acc))
