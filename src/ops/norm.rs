@@ -309,7 +309,7 @@ fn bn_params(n: usize, c: usize, momentum: f32, eps: f32, unbias: f32, update: b
 }
 
 /// Rows per invocation of bn_apply4 / bn_bwd_dx4 (their per-channel loads are shared by these).
-const BN_RB: usize = 4;
+const BN_RB: usize = 8;
 
 fn bn_groups(rec: &Recorder, n: usize) -> [u32; 3] {
     rec.grid(n.div_ceil(64))
