@@ -287,6 +287,56 @@ fn ln_bwd_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
 }
 
+// ln_bwd_dx4: ln_bwd_dx for C % 4 == 0 with one invocation per row and vec4 loads (no team
+// reduction: workgroup barriers and workgroup-memory loads are slow on CPU adapters).
+@group(0) @binding(1) var<storage, read> lb4_x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> lb4_w: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> lb4_mean: array<f32>;
+@group(0) @binding(4) var<storage, read> lb4_rstd: array<f32>;
+@group(0) @binding(5) var<storage, read> lb4_dy: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> lb4_pre: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> lb4_dx: array<vec4<f32>>;
+
+fn lb4_g(i: u32, k: u32) -> vec4<f32> {
+    var dz = lb4_dy[i];
+    if (ACT != 0u) {
+        dz *= activate_grad4(lb4_pre[i], ACT);
+    }
+    return dz * lb4_w[k];
+}
+
+@compute @workgroup_size(8)
+fn ln_bwd_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let row = flat_group(wid, nwg) * 8u + lid;
+    if (row >= lp.rows) {
+        return;
+    }
+    let c4 = lp.c / 4u;
+    let base = row * c4;
+    let mean = lb4_mean[row];
+    let rstd = lb4_rstd[row];
+    var sg = vec4(0.0);
+    var sgx = vec4(0.0);
+    for (var k = 0u; k < c4; k++) {
+        let g = lb4_g(base + k, k);
+        let xh = (lb4_x[base + k] - mean) * rstd;
+        sg += g;
+        sgx = fma(g, xh, sgx);
+    }
+    let mg = hsum(sg) / f32(lp.c);
+    let mgx = hsum(sgx) / f32(lp.c);
+    for (var k = 0u; k < c4; k++) {
+        let g = lb4_g(base + k, k);
+        let xh = (lb4_x[base + k] - mean) * rstd;
+        var d = rstd * (g - mg - xh * mgx);
+        if (ACCUM) {
+            d += lb4_dx[base + k];
+        }
+        lb4_dx[base + k] = d;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Column reductions over a [rows, c] matrix, first level. Workgroup g covers column tile
 // g % ncoltiles (CT columns) and row chunk g / ncoltiles (chunk_rows rows); its 256 / CT row lanes

@@ -337,7 +337,9 @@ fn layer_norm_backward_many_rows_and_big_grid() {
     let e = ln_bwd_case_team(65_601, 5, Act::Gelu, true, 1e-5, 600, Some(256));
     // dw/db sum 262,147 rows (512 chunks of 513 rows in the first level).
     let e2 = ln_bwd_case(262_147, 33, Act::Gelu, true, 1e-5, 601);
-    eprintln!("layer_norm_backward 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}");
+    // C % 4 == 0: one row per invocation, 8 per workgroup: 65,538 workgroups.
+    let e3 = ln_bwd_case(524_297, 4, Act::Gelu, true, 1e-5, 602);
+    eprintln!("layer_norm_backward 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 524297x4: {e3:.2e}");
 }
 
 #[test]

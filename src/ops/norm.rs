@@ -1,10 +1,11 @@
 //! Normalisation kernels (shaders/norm.wgsl): LayerNorm over the last dim (token LayerNorm and
 //! LayerNorm2d on channels-last maps) and BatchNorm2d on channels-last maps.
 //!
-//! Both see a `[rows, C]` matrix (rows = every leading dim). LayerNorm forward with C % 4 == 0 (every
-//! LayerNorm of the model) runs one invocation per 2 rows with vec4 loads (`ln_row4`: no workgroup
-//! reductions, which are slow on CPU adapters); otherwise, and in the backward, one team of
-//! `T = next_pow2(C) / 16` (1..=256) invocations per row. Two-pass mean / variance in f32.
+//! Both see a `[rows, C]` matrix (rows = every leading dim). LayerNorm with C % 4 == 0 (every
+//! LayerNorm of the model) runs one invocation per 2 rows (forward, `ln_row4`) or per row
+//! (backward, `ln_bwd_dx4`) with vec4 loads: no workgroup reductions, which are slow on CPU
+//! adapters; otherwise one team of `T = next_pow2(C) / 16` (1..=256) invocations per row.
+//! Two-pass mean / variance in f32.
 //! Every reduction over rows (LayerNorm dw/db, BatchNorm statistics and gradients) is two-level and
 //! deterministic: per-workgroup partial sums over fixed row chunks, then one workgroup per column
 //! sums the partials in a fixed order. No atomics.
@@ -157,7 +158,9 @@ pub fn layer_norm_backward(
     dx_acc: Option<&Tensor>,
 ) -> Result<Tensor> {
     let c = x.shape.last().copied().unwrap_or(0);
-    layer_norm_backward_with_team(rec, x, w, saved, dy, dw, db, dx_acc, team_size(c))
+    // C % 4 == 0 (every LayerNorm of the model): one invocation per row with vec4 loads.
+    let team = if c > 0 && c.is_multiple_of(4) { 0 } else { team_size(c) };
+    layer_norm_backward_impl(rec, x, w, saved, dy, dw, db, dx_acc, team)
 }
 
 /// [`layer_norm_backward`] with an explicit number of threads per row (tests).
@@ -174,8 +177,23 @@ pub fn layer_norm_backward_with_team(
     dx_acc: Option<&Tensor>,
     team: u32,
 ) -> Result<Tensor> {
+    layer_norm_backward_impl(rec, x, w, saved, dy, dw, db, dx_acc, check_team(team)?)
+}
+
+/// `team` = 0: `ln_bwd_dx4` (C % 4 == 0), else `ln_bwd_dx` with teams of that size.
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_backward_impl(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    saved: &LnSaved,
+    dy: &Tensor,
+    dw: &Tensor,
+    db: &Tensor,
+    dx_acc: Option<&Tensor>,
+    team: u32,
+) -> Result<Tensor> {
     let (rows, c) = check_ln(x, w, w)?;
-    let team = check_team(team)?;
     if dy.numel() != x.numel() || dw.numel() != c || db.numel() != c || saved.mean.numel() != rows {
         return Err(Error::Invalid(format!(
             "layer_norm_backward: x {:?}, dy {:?}, dw {:?}, db {:?}, saved mean {:?}",
@@ -194,12 +212,12 @@ pub fn layer_norm_backward_with_team(
     if rows == 0 {
         return Ok(dx);
     }
-    let t = team;
-    let k = norm_kernel("ln_bwd_dx", 256)
-        .u("T", t)
-        .u("ACT", saved.act.code())
-        .b("ACCUM", dx_acc.is_some());
-    let groups = rec.grid(rows.div_ceil((256 / t) as usize));
+    let (k, groups) = if team == 0 {
+        (norm_kernel("ln_bwd_dx4", ROW4_WG as u32), rec.grid(rows.div_ceil(ROW4_WG)))
+    } else {
+        (norm_kernel("ln_bwd_dx", 256).u("T", team), rec.grid(rows.div_ceil((256 / team) as usize)))
+    };
+    let k = k.u("ACT", saved.act.code()).b("ACCUM", dx_acc.is_some());
     rec.dispatch(
         &k,
         Params::new().u(rows).u(c).f(0.0).u(0),
