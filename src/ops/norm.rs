@@ -596,14 +596,15 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
     let dw = gpu.upload(&vec![0.0; c], &[c])?;
     let db = gpu.upload(&vec![0.0; c], &[c])?;
     let bytes = (rows * c * 8) as f64;
-    let ms = time_op(gpu, reps, |rec| {
-        batch_norm_train(rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, Act::None).map(|_| ())
-    })?;
-    out.push(bench_line(format!("batch_norm_train fwd {rows}x{c}"), ms, None, Some(bytes)));
-    let mut rec = gpu.new_recorder();
-    let (_, saved) = batch_norm_train(&mut rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, Act::None)?;
-    rec.submit()?;
-    let ms = time_op(gpu, reps, |rec| batch_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ()))?;
-    out.push(bench_line(format!("batch_norm_train bwd {rows}x{c}"), ms, None, Some(bytes * 1.5)));
+    // Without and with the fused GELU (MBConv's hidden layers).
+    for (act, name) in [(Act::None, ""), (Act::Gelu, " +GELU")] {
+        let ms = time_op(gpu, reps, |rec| batch_norm_train(rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, act).map(|_| ()))?;
+        out.push(bench_line(format!("batch_norm_train{name} fwd {rows}x{c}"), ms, None, Some(bytes)));
+        let mut rec = gpu.new_recorder();
+        let (_, saved) = batch_norm_train(&mut rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, act)?;
+        rec.submit()?;
+        let ms = time_op(gpu, reps, |rec| batch_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ()))?;
+        out.push(bench_line(format!("batch_norm_train{name} bwd {rows}x{c}"), ms, None, Some(bytes * 1.5)));
+    }
     Ok(out)
 }
