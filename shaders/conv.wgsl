@@ -111,7 +111,7 @@ fn im2col_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 
 // im2col4: the forward's im2col for C % 4 == 0 with the column order (ky, kx, ci), i.e. row r is
 // the k x k x C input patch in memory order, copied as vec4s (one invocation per row, n = rows).
-// The weight is re-ordered to [Co, k, k, Ci] to match (w_khwc).
+// The weight is re-ordered to [Co, k, k, Ci] to match (w_reorder).
 @group(0) @binding(1) var<storage, read> i2c4_x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> i2c4_col: array<vec4<f32>>;
 
@@ -145,41 +145,35 @@ fn im2col4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
 }
 
-// Weight copies for the forward GEMM of a dense conv (one invocation per (co, ci), n = Co*Ci;
-// w [Co, Ci, k, k]; e0 = row length of the copy):
-// w_khwc: dst[co, (ky*k + kx)*Ci + ci] = w[co, ci, ky, kx] (the column order of im2col4);
-// w_pad: dst[co, ci*k*k + t] = w[co, ci, t] with zero columns kc .. e0 (the ci == Ci - 1
-// invocation writes them).
-@group(0) @binding(1) var<storage, read> wc_src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> wc_dst: array<f32>;
+// w_reorder: a dense conv weight w [Co, Ci, k, k] and its GEMM copy g [Co, e0] (one invocation per
+// (co, ci), n = Co*Ci), with g's columns j = t*Ci + ci (KHWC: the column order of im2col4) or
+// j = ci*k*k + t (t = ky*k + kx). Forward (!BACK): g[co, j] = w[co, ci, t], and the columns
+// kc .. e0 of a padded copy zero (written by the ci == Ci - 1 invocation). BACK: w[co, ci, t] +=
+// g[co, j] (a weight gradient computed against the copy, added to the weight's gradient).
+override KHWC: bool = true;
+override BACK: bool = false;
+@group(0) @binding(1) var<storage, read> wr_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> wr_dst: array<f32>;
 
 @compute @workgroup_size(64)
-fn w_khwc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) lid: u32) {
+fn w_reorder(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
     let i = flat_group(wid, nwg) * 64u + lid;
     if (i >= cp.n) { return; }
     let ci = i % cp.c;
     let co = i / cp.c;
     let kk = cp.k * cp.k;
     for (var t = 0u; t < kk; t++) {
-        wc_dst[co * cp.e0 + t * cp.c + ci] = wc_src[i * kk + t];
+        let j = co * cp.e0 + select(ci * kk + t, t * cp.c + ci, KHWC);
+        if (BACK) {
+            wr_dst[i * kk + t] += wr_src[j];
+        } else {
+            wr_dst[j] = wr_src[i * kk + t];
+        }
     }
-}
-
-@compute @workgroup_size(64)
-fn w_pad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-         @builtin(local_invocation_index) lid: u32) {
-    let i = flat_group(wid, nwg) * 64u + lid;
-    if (i >= cp.n) { return; }
-    let ci = i % cp.c;
-    let co = i / cp.c;
-    let kk = cp.k * cp.k;
-    for (var t = 0u; t < kk; t++) {
-        wc_dst[co * cp.e0 + ci * kk + t] = wc_src[i * kk + t];
-    }
-    if (ci == cp.c - 1u) {
+    if (!BACK && ci == cp.c - 1u) {
         for (var j = cp.kc; j < cp.e0; j++) {
-            wc_dst[co * cp.e0 + j] = 0.0;
+            wr_dst[co * cp.e0 + j] = 0.0;
         }
     }
 }
@@ -257,27 +251,6 @@ fn col2im4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             }
         }
         c2i4_dx[p * c4 + cq] += acc;
-    }
-}
-
-// w_grad_add: dw[co, ci, t] += g[co, j] for a weight gradient g computed against a GEMM copy of
-// the weight (one invocation per (co, ci), n = Co*Ci; e0 = row length of g): j = t*Ci + ci for
-// the w_khwc order (KHWC), j = ci*k*k + t for the w_pad order.
-override KHWC: bool = true;
-@group(0) @binding(1) var<storage, read> wg_src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> wg_dst: array<f32>;
-
-@compute @workgroup_size(64)
-fn w_grad_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = flat_group(wid, nwg) * 64u + lid;
-    if (i >= cp.n) { return; }
-    let ci = i % cp.c;
-    let co = i / cp.c;
-    let kk = cp.k * cp.k;
-    for (var t = 0u; t < kk; t++) {
-        let j = select(ci * kk + t, t * cp.c + ci, KHWC);
-        wg_dst[i * kk + t] += wg_src[co * cp.e0 + j];
     }
 }
 

@@ -271,7 +271,7 @@ fn conv2d_backward_awkward_shapes() {
         shp(2, 16, 16, 3, 5, 3, 1, 1), // M = 512 -> split-K weight gradient
         shp(1, 17, 15, 20, 70, 3, 1, 1),
         shp(2, 4, 4, 3, 6, 3, 2, 2),
-        // C % 4 == 0: (ky, kx, ci) columns (im2col4 / col2im4 / w_grad_add)
+        // C % 4 == 0: (ky, kx, ci) columns (im2col4 / col2im4 / w_reorder back)
         shp(2, 11, 13, 8, 12, 3, 2, 1), // the patch embedding's second conv
         shp(1, 9, 8, 8, 5, 1, 2, 0),    // 1x1 stride 2
         shp(2, 8, 12, 4, 8, 4, 4, 0),   // patchify

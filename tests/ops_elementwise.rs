@@ -68,7 +68,7 @@ fn gelu_and_gradient_pointwise_accuracy() {
     let mut xs: Vec<f32> = (0..=24_000).map(|i| -12.0 + i as f32 * 1e-3).collect();
     xs.extend((-200..=200).map(|i| std::f32::consts::FRAC_1_SQRT_2 + i as f32 * 1e-6));
     xs.extend((-200..=200).map(|i| -std::f32::consts::FRAC_1_SQRT_2 + i as f32 * 1e-6));
-    while xs.len() % 4 != 0 {
+    while !xs.len().is_multiple_of(4) {
         xs.push(0.25);
     }
     let n = xs.len();

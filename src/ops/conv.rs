@@ -6,11 +6,12 @@
 //!   Others run im2col into a column matrix `[M, K]` (M = B*OH*OW output positions), then the
 //!   GEMM `y = col w^T` with bias and activation fused in its epilogue. With Ci % 4 == 0 the
 //!   columns are (ky, kx, ci), the patch in memory order copied as vec4s (`im2col4`), and the
-//!   weight is re-ordered to `[Co, k, k, Ci]` per call (`w_khwc`, small); otherwise they are
+//!   weight is re-ordered to `[Co, k, k, Ci]` per call (`w_reorder`, small); otherwise they are
 //!   (ci, ky, kx), the row-major order of `w` seen as `[Co, Ci*k*k]` (`im2col_row`), with K padded
-//!   by zero columns (and a zero-padded weight copy, `w_pad`) to a multiple of 4 when Co % 4 == 0,
+//!   by zero columns (and a zero-padded weight copy) to a multiple of 4 when Co % 4 == 0,
 //!   so that the GEMM can use its vec4 kernel (the 3-channel stem conv: K = 27 -> 28). The
-//!   backward keeps the (ci, ky, kx) order (`im2col`). When the column matrix would
+//!   backward uses the same column orders (`col2im4` gathers dx from (ky, kx, ci) columns; weight
+//!   gradients in a copy's order are added back by `w_reorder`). When the column matrix would
 //!   exceed the device's storage-binding (or buffer) size, the positions are split into row chunks:
 //!   each chunk is im2col'ed into one reused buffer, multiplied into a chunk buffer and copied into
 //!   its rows of `y`.
@@ -249,14 +250,22 @@ fn is_pointwise(g: &Geo) -> bool {
     g.k == 1 && g.stride == 1 && g.pad == 0
 }
 
-/// The forward GEMM's copy of a dense conv weight `[Co, width]`: `w_khwc` (columns (ky, kx, ci))
-/// or `w_pad` (columns (ci, ky, kx), zero beyond Ci*k*k).
-fn weight_copy(rec: &mut Recorder, g: &Geo, w: &Tensor, entry: &'static str, width: usize) -> Result<Tensor> {
+/// The forward GEMM's copy of a dense conv weight `[Co, width]` (`w_reorder`): columns (ky, kx, ci)
+/// when `khwc`, else (ci, ky, kx) with zero columns beyond Ci*k*k.
+fn weight_copy(rec: &mut Recorder, g: &Geo, w: &Tensor, khwc: bool, width: usize) -> Result<Tensor> {
     let out = rec.gpu.empty(&[g.co, width])?;
+    weight_reorder(rec, g, w, &out, khwc, false, width)?;
+    Ok(out)
+}
+
+/// `w_reorder` between a weight (or its gradient) `w` and a GEMM copy `copy` of row length
+/// `width`: `back` = false copies w into the copy, true adds the copy into w.
+fn weight_reorder(rec: &mut Recorder, g: &Geo, w: &Tensor, copy: &Tensor, khwc: bool, back: bool, width: usize) -> Result<()> {
     let cp = Cp { n: g.co * g.ci, e0: width, ..g.cp() };
     let groups = rec.grid(cp.n.div_ceil(64));
-    rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[w, &out], groups)?;
-    Ok(out)
+    let k = Kernel::new(ShaderFamily::Conv, "w_reorder", 64).b("KHWC", khwc).b("BACK", back);
+    let t: [&Tensor; 2] = if back { [copy, w] } else { [w, copy] };
+    rec.dispatch(&k, cp.params(), &t, groups)
 }
 
 /// Rows per chunk of a column matrix `width` floats wide: everything when it fits a binding (or
@@ -315,9 +324,9 @@ pub fn conv2d_chunked(
     let kcp = if !v4 && g.co.is_multiple_of(4) { kc.next_multiple_of(4) } else { kc };
     let wk = w.reshape(&[g.co, kc]);
     let w2 = if v4 && g.k > 1 {
-        weight_copy(rec, &g, w, "w_khwc", kc)?
+        weight_copy(rec, &g, w, true, kc)?
     } else if kcp != kc {
-        weight_copy(rec, &g, w, "w_pad", kcp)?
+        weight_copy(rec, &g, w, false, kcp)?
     } else {
         wk
     };
@@ -402,12 +411,12 @@ pub fn conv2d_backward_chunked(
         return Ok(());
     }
     // Column orders as in the forward: C % 4 == 0 -> (ky, kx, ci) as vec4 (im2col4 / col2im4,
-    // weight copy w_khwc, the weight gradient re-ordered by w_grad_add); otherwise (ci, ky, kx),
+    // weight copy and weight gradient re-ordered by w_reorder); otherwise (ci, ky, kx),
     // with K padded to a multiple of 4 for the weight-gradient GEMM when Co % 4 == 0 (the stem).
     let v4 = g.ci.is_multiple_of(4);
     let kcp = if !v4 && g.co.is_multiple_of(4) && dw.is_some() { kc.next_multiple_of(4) } else { kc };
     let w2 = match dx {
-        Some(_) if v4 => weight_copy(rec, &g, w, "w_khwc", kc)?,
+        Some(_) if v4 => weight_copy(rec, &g, w, true, kc)?,
         _ => w.reshape(&[g.co, kc]),
     };
     // The weight gradient in the column order, when that is not the weight's own.
@@ -455,10 +464,7 @@ pub fn conv2d_backward_chunked(
         r0 += rows;
     }
     if let (Some(dw), Some(cols)) = (dw, &dw_cols) {
-        let cp = Cp { n: g.co * g.ci, e0: kcp, ..g.cp() };
-        let groups = rec.grid(cp.n.div_ceil(64));
-        let k = Kernel::new(ShaderFamily::Conv, "w_grad_add", 64).b("KHWC", v4);
-        rec.dispatch(&k, cp.params(), &[cols, dw], groups)?;
+        weight_reorder(rec, &g, dw, cols, v4, true, kcp)?;
     }
     Ok(())
 }
