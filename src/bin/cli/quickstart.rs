@@ -24,7 +24,7 @@ pub struct QuickstartArgs {
     /// Output folder.
     #[arg(long, default_value = "quickstart-out")]
     pub out: PathBuf,
-    /// Optimiser steps (100 take about 7.5 minutes on 2 CPU cores with lavapipe).
+    /// Optimiser steps (100 take about 3.5 minutes on 2 CPU cores with lavapipe).
     #[arg(long, default_value_t = 100)]
     pub steps: usize,
     /// Stop training early after this many minutes (the evaluation still runs), so the quickstart
