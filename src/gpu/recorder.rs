@@ -51,6 +51,7 @@ pub struct Recorder<'g> {
     /// Prefix of the profile keys (e.g. "bwd " to separate the phases of a training step).
     pub profile_phase: &'static str,
     /// `flops` at the previous profiled dispatch (each dispatch is charged the FLOPs declared since).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     profile_flops: f64,
 }
 
