@@ -35,48 +35,15 @@ fn cv_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// im2col: col[r, j] (r < rows, j < kc) for output position m = row0 + r = (b, oy, ox) and column
-// j = (ci, ky, kx) = ci*k*k + ky*k + kx (the row-major order of a [Co, Ci, k, k] weight), i.e.
-// x[b, oy*stride - pad + ky, ox*stride - pad + kx, ci], zero outside the image. One invocation per
-// (r, ci) writes its k*k columns (n = rows * c).
+// im2col_row: col[r, j] (r < rows, j < kc) for output position m = row0 + r = (b, oy, ox) and
+// column j = (ci, ky, kx) = ci*k*k + ky*k + kx (the row-major order of a [Co, Ci, k, k] weight),
+// i.e. x[b, oy*stride - pad + ky, ox*stride - pad + kx, ci], zero outside the image, in rows of
+// e0 >= kc floats with the columns kc .. e0 zero (K padded to a multiple of 4 lets the GEMM use its
+// vec4 kernel). One invocation per row r of the chunk (n = rows) keeps the index arithmetic
+// (integer divisions are slow on CPU adapters) out of the inner loops.
 @group(0) @binding(1) var<storage, read> i2c_x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> i2c_col: array<f32>;
 
-@compute @workgroup_size(256)
-fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) lid: u32) {
-    let i = cv_index(wid, nwg, lid);
-    if (i >= cp.n) { return; }
-    let r = i / cp.c;
-    let ci = i % cp.c;
-    let kk = cp.k * cp.k;
-    let m = cp.row0 + r;
-    let ox = m % cp.ow;
-    let q = m / cp.ow;
-    let oy = q % cp.oh;
-    let b = q / cp.oh;
-    let y0 = i32(oy * cp.stride) - i32(cp.pad);
-    let x0 = i32(ox * cp.stride) - i32(cp.pad);
-    let out0 = r * cp.kc + ci * kk;
-    for (var ky = 0u; ky < cp.k; ky++) {
-        let iy = y0 + i32(ky);
-        let row_ok = iy >= 0 && iy < i32(cp.h);
-        let row = (b * cp.h + u32(max(iy, 0))) * cp.w;
-        for (var kx = 0u; kx < cp.k; kx++) {
-            let ix = x0 + i32(kx);
-            var v = 0.0;
-            if (row_ok && ix >= 0 && ix < i32(cp.w)) {
-                v = i2c_x[(row + u32(ix)) * cp.c + ci];
-            }
-            i2c_col[out0 + ky * cp.k + kx] = v;
-        }
-    }
-}
-
-// im2col_row: the forward's im2col, one invocation per row r of the chunk (n = rows), writing
-// the same columns j = (ci, ky, kx) as im2col into rows of e0 >= kc floats, the columns kc .. e0
-// zero (K padded to a multiple of 4 lets the GEMM use its vec4 kernel). One invocation per row
-// keeps the index arithmetic (integer divisions are slow on CPU adapters) out of the inner loops.
 @compute @workgroup_size(64)
 fn im2col_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
@@ -109,7 +76,7 @@ fn im2col_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
-// im2col4: the forward's im2col for C % 4 == 0 with the column order (ky, kx, ci), i.e. row r is
+// im2col4: im2col for C % 4 == 0 with the column order (ky, kx, ci), i.e. row r is
 // the k x k x C input patch in memory order, copied as vec4s (one invocation per row, n = rows).
 // The weight is re-ordered to [Co, k, k, Ci] to match (w_reorder).
 @group(0) @binding(1) var<storage, read> i2c4_x: array<vec4<f32>>;

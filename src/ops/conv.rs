@@ -241,9 +241,15 @@ fn copy_range(rec: &mut Recorder, src: &Tensor, src_off: usize, dst: &Tensor, ds
     launch(rec, &kernel("copy_range"), &cp, &[src, dst])
 }
 
-fn im2col(rec: &mut Recorder, g: &Geo, x: &Tensor, row0: usize, rows: usize, col: &Tensor) -> Result<()> {
-    let cp = Cp { n: rows * g.ci, row0, rows, ..g.cp() };
-    launch(rec, &kernel("im2col"), &cp, &[x, col])
+/// Column rows `row0 .. row0 + rows` of `x` into `col` (rows of `width` >= Ci*k*k floats): the
+/// (ky, kx, ci) order as vec4s (`im2col4`) when `v4` (Ci % 4 == 0, width = Ci*k*k), else the
+/// (ci, ky, kx) order with zero columns up to `width` (`im2col_row`).
+#[allow(clippy::too_many_arguments)]
+fn im2col(rec: &mut Recorder, g: &Geo, x: &Tensor, row0: usize, rows: usize, v4: bool, width: usize, col: &Tensor) -> Result<()> {
+    let cp = Cp { n: rows, row0, rows, e0: width, ..g.cp() };
+    let entry = if v4 { "im2col4" } else { "im2col_row" };
+    let groups = rec.grid(rows.div_ceil(64));
+    rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[x, col], groups)
 }
 
 fn is_pointwise(g: &Geo) -> bool {
@@ -336,10 +342,7 @@ pub fn conv2d_chunked(
     let mut r0 = 0;
     while r0 < m {
         let rows = cap.min(m - r0);
-        let cp = Cp { n: rows, row0: r0, rows, e0: kcp, ..g.cp() };
-        let entry = if v4 { "im2col4" } else { "im2col_row" };
-        let groups = rec.grid(rows.div_ceil(64));
-        rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[x, &col], groups)?;
+        im2col(rec, &g, x, r0, rows, v4, kcp, &col)?;
         let mut gm = Gemm::new(rows, g.co, kcp);
         gm.trans_b = true;
         gm.act = act;
@@ -438,14 +441,7 @@ pub fn conv2d_backward_chunked(
             None => dy,
         };
         if let Some(dw) = dw {
-            if v4 || kcp != kc {
-                let entry = if v4 { "im2col4" } else { "im2col_row" };
-                let cp = Cp { n: rows, row0: r0, rows, e0: kcp, ..g.cp() };
-                let groups = rec.grid(rows.div_ceil(64));
-                rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[x, &col], groups)?;
-            } else {
-                im2col(rec, &g, x, r0, rows, &col)?;
-            }
+            im2col(rec, &g, x, r0, rows, v4, kcp, &col)?;
             atb_accumulate(rec, dy_rows, &col, rows, g.co, kcp, dw_cols.as_ref().unwrap_or(dw))?;
         }
         if let Some(dx) = dx {
