@@ -40,35 +40,286 @@ fn u16_to_u8(samples: &[u16]) -> Vec<u8> {
     }
 }
 
-fn decode_dynamic(bytes: &[u8], source: &str) -> Result<image::DynamicImage> {
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::image(source, format!("cannot read: {e}")))?;
-    match reader.format() {
-        Some(f) if is_supported(f) => {}
-        Some(f) => {
-            return Err(Error::image(
-                source,
-                format!("unsupported image format {f:?} (supported: {SUPPORTED})"),
-            ));
-        }
-        None => {
-            return Err(Error::image(source, format!("not a recognised image file (supported: {SUPPORTED})")));
-        }
-    }
-    let mut reader = reader;
-    reader.no_limits();
-    reader.decode().map_err(|e| Error::image(source, format!("corrupt or unsupported image: {e}")))
+// ---------------------------------------------------------------------------------------------
+// Decode limits
+
+/// Default pixel budget of one decoded image: 2^28 = 268 Mpx (16384 × 16384).
+pub const DEFAULT_MAX_PIXELS: u64 = 1 << 28;
+
+/// Bytes of decoder allocation allowed per budgeted pixel (the widest layout the supported formats
+/// decode to is 4 channels × f32 = 16 bytes per pixel).
+pub const ALLOC_BYTES_PER_PIXEL: u64 = 16;
+
+/// The environment variable that sets the pixel budget (a positive integer, `_` allowed as a
+/// digit separator) when [`set_max_pixels`] has not been called.
+pub const MAX_PIXELS_ENV: &str = "MEDFASTSAM_MAX_PIXELS";
+
+/// What one image decode may cost. The declared width × height is checked against `max_pixels`
+/// from the file's header, before any pixel buffer is allocated; `max_alloc_bytes` is handed to the
+/// decoders as a second guard (the `image` crate's `Limits::max_alloc`, which bounds the output
+/// buffer and, for TIFF and PNG, the decoder's intermediate buffers), with each side bounded by
+/// `max_pixels` (`Limits::max_image_width/height`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLimits {
+    pub max_pixels: u64,
+    pub max_alloc_bytes: u64,
 }
 
-/// Decodes an image file's bytes to RGB u8 (alpha dropped, grey replicated).
-pub fn decode_rgb(bytes: &[u8], source: &str) -> Result<RgbImage> {
-    use image::DynamicImage as D;
-    let img = decode_dynamic(bytes, source)?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    if w == 0 || h == 0 {
-        return Err(Error::image(source, "image has zero size"));
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits::with_max_pixels(DEFAULT_MAX_PIXELS)
     }
+}
+
+impl DecodeLimits {
+    /// A budget of `max_pixels` pixels, with `max_alloc_bytes` = 16 bytes per pixel.
+    pub fn with_max_pixels(max_pixels: u64) -> Self {
+        DecodeLimits { max_pixels, max_alloc_bytes: max_pixels.saturating_mul(ALLOC_BYTES_PER_PIXEL) }
+    }
+
+    /// The limits in force: those of [`set_max_pixels`] if it was called, else
+    /// `MEDFASTSAM_MAX_PIXELS` if set, else the default (2^28 pixels). An unparsable variable is an
+    /// error (never silently ignored).
+    pub fn current() -> Result<Self> {
+        let n = MAX_PIXELS.load(std::sync::atomic::Ordering::Relaxed);
+        if n != 0 {
+            return Ok(DecodeLimits::with_max_pixels(n));
+        }
+        match std::env::var(MAX_PIXELS_ENV) {
+            Ok(v) => Ok(DecodeLimits::with_max_pixels(
+                parse_max_pixels(&v).map_err(|m| Error::Invalid(format!("{MAX_PIXELS_ENV}={v:?}: {m}")))?,
+            )),
+            Err(std::env::VarError::NotPresent) => Ok(DecodeLimits::default()),
+            Err(e) => Err(Error::Invalid(format!("{MAX_PIXELS_ENV}: {e}"))),
+        }
+    }
+
+    fn image_limits(&self, sides: bool) -> image::Limits {
+        let mut l = image::Limits::default();
+        l.max_alloc = Some(self.max_alloc_bytes);
+        if sides {
+            let side = u32::try_from(self.max_pixels).unwrap_or(u32::MAX);
+            l.max_image_width = Some(side);
+            l.max_image_height = Some(side);
+        }
+        l
+    }
+}
+
+static MAX_PIXELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the process-wide pixel budget used by [`decode_rgb`], [`decode_gray`], [`load_rgb`] and
+/// [`load_gray`] (what the command line's `--max-pixels` sets); it takes precedence over
+/// `MEDFASTSAM_MAX_PIXELS`. `0` restores the default behaviour (variable, else 2^28).
+pub fn set_max_pixels(n: u64) {
+    MAX_PIXELS.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Parses a pixel budget: a positive integer, `_` allowed between digits (`268_435_456`).
+pub fn parse_max_pixels(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().replace('_', "");
+    match t.parse::<u64>() {
+        Ok(0) => Err("the pixel budget must be positive".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a pixel count (a positive integer)")),
+    }
+}
+
+fn mpx(n: u64) -> String {
+    let m = n as f64 / 1e6;
+    if m >= 10.0 { format!("{m:.0}") } else { format!("{m:.2}") }
+}
+
+/// The error for an image whose declared size is above the budget.
+fn over_budget(source: &str, w: u64, h: u64, limits: &DecodeLimits) -> Error {
+    Error::image(
+        source,
+        format!(
+            "image is {w}x{h} ({} Mpx), above the pixel budget of {} Mpx ({} pixels; set --max-pixels / \
+             {MAX_PIXELS_ENV} to raise it)",
+            mpx(w * h),
+            mpx(limits.max_pixels),
+            limits.max_pixels
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Truncation: the decoders of the `image` crate fill missing JPEG data with grey (zune-jpeg in
+// its lenient mode) and never look for PNG's IEND, so the container structure is checked here.
+
+fn truncated(source: &str, what: &str, len: usize) -> Error {
+    Error::image(source, format!("truncated {what}: the file ends at byte {len} ({what} incomplete)"))
+}
+
+/// A JPEG is complete when its marker segments are whole and an EOI marker (FF D9) follows the
+/// entropy-coded data of the last scan.
+fn check_jpeg_complete(b: &[u8], source: &str) -> Result<()> {
+    let t = || truncated(source, "JPEG", b.len());
+    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
+        return Err(t());
+    }
+    let mut i = 2;
+    loop {
+        // Next marker: 0xFF (fill bytes 0xFF allowed) then a code.
+        if i >= b.len() {
+            return Err(t());
+        }
+        if b[i] != 0xFF {
+            return Err(Error::image(source, format!("corrupt JPEG: no marker at byte {i}")));
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        if i >= b.len() {
+            return Err(t());
+        }
+        let code = b[i];
+        i += 1;
+        match code {
+            0xD9 => return Ok(()), // EOI
+            0x01 | 0xD0..=0xD7 => continue, // TEM, RSTn: no length
+            _ => {}
+        }
+        if i + 2 > b.len() {
+            return Err(t());
+        }
+        let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+        if len < 2 {
+            return Err(Error::image(source, format!("corrupt JPEG: segment length {len} at byte {i}")));
+        }
+        if i + len > b.len() {
+            return Err(t());
+        }
+        i += len;
+        if code == 0xDA {
+            // SOS: entropy-coded data up to the next marker that is not a stuffed 00 or a RSTn.
+            loop {
+                match b[i..].iter().position(|&v| v == 0xFF) {
+                    None => return Err(t()),
+                    Some(p) => i += p,
+                }
+                let mut j = i + 1;
+                while j < b.len() && b[j] == 0xFF {
+                    j += 1;
+                }
+                if j >= b.len() {
+                    return Err(t());
+                }
+                if b[j] == 0x00 || (0xD0..=0xD7).contains(&b[j]) {
+                    i = j + 1;
+                } else {
+                    i = j - 1; // at the 0xFF before the marker code
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A PNG is complete when its chunks are whole up to and including IEND.
+fn check_png_complete(b: &[u8], source: &str) -> Result<()> {
+    let mut i = 8;
+    loop {
+        if i + 8 > b.len() {
+            return Err(truncated(source, "PNG", b.len()));
+        }
+        let len = u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
+        let kind = &b[i + 4..i + 8];
+        let end = match (i + 12).checked_add(len) {
+            Some(e) if e <= b.len() => e,
+            _ => return Err(truncated(source, "PNG", b.len())),
+        };
+        if kind == b"IEND" {
+            return Ok(());
+        }
+        i = end;
+    }
+}
+
+fn decode_error(source: &str, format: image::ImageFormat, e: image::ImageError) -> Error {
+    use image::error::{ImageError, LimitErrorKind};
+    match &e {
+        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::image(source, format!("truncated {format:?} image: {e}"))
+        }
+        ImageError::Limits(l) if matches!(l.kind(), LimitErrorKind::InsufficientMemory) => Error::image(
+            source,
+            format!("decoding needs more memory than the decode limit allows ({e}; set --max-pixels / {MAX_PIXELS_ENV} to raise it)"),
+        ),
+        _ => Error::image(source, format!("corrupt or unsupported image: {e}")),
+    }
+}
+
+fn guess_format(bytes: &[u8], source: &str) -> Result<image::ImageFormat> {
+    match image::guess_format(bytes) {
+        Ok(f) if is_supported(f) => Ok(f),
+        Ok(f) => Err(Error::image(source, format!("unsupported image format {f:?} (supported: {SUPPORTED})"))),
+        Err(_) => Err(Error::image(source, format!("not a recognised image file (supported: {SUPPORTED})"))),
+    }
+}
+
+/// Opens a decoder with the allocation guard set and checks the declared size against the pixel
+/// budget. Nothing proportional to the image size has been allocated when this returns.
+fn open_decoder<'a>(
+    bytes: &'a [u8],
+    source: &str,
+    limits: &DecodeLimits,
+) -> Result<(image::ImageFormat, impl image::ImageDecoder + 'a)> {
+    use image::ImageDecoder;
+    let format = guess_format(bytes, source)?;
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    // Side limits are applied after the budget check below, so that an over-budget image gets the
+    // budget's message rather than the decoder's.
+    reader.limits(limits.image_limits(false));
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(source, format, e))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(Error::image(source, format!("image has zero size ({w}x{h})")));
+    }
+    if w as u64 * h as u64 > limits.max_pixels {
+        return Err(over_budget(source, w as u64, h as u64, limits));
+    }
+    decoder.set_limits(limits.image_limits(true)).map_err(|e| decode_error(source, format, e))?;
+    Ok((format, decoder))
+}
+
+/// The width and height an image file declares in its header (format and pixel budget checked,
+/// pixels not decoded).
+pub fn image_dimensions(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Result<(usize, usize)> {
+    use image::ImageDecoder;
+    let (_, d) = open_decoder(bytes, source, limits)?;
+    let (w, h) = d.dimensions();
+    Ok((w as usize, h as usize))
+}
+
+fn decode_dynamic(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Result<image::DynamicImage> {
+    use image::ImageDecoder;
+    // Container completeness first (a scan of the bytes, nothing allocated), so that a cut file
+    // is reported as truncated whichever part of it is missing.
+    match guess_format(bytes, source)? {
+        image::ImageFormat::Jpeg => check_jpeg_complete(bytes, source)?,
+        image::ImageFormat::Png => check_png_complete(bytes, source)?,
+        _ => {}
+    }
+    let (format, decoder) = open_decoder(bytes, source, limits)?;
+    let mut guard = limits.image_limits(true);
+    guard.reserve(decoder.total_bytes()).map_err(|e| decode_error(source, format, e))?;
+    image::DynamicImage::from_decoder(decoder).map_err(|e| decode_error(source, format, e))
+}
+
+/// Decodes an image file's bytes to RGB u8 (alpha dropped, grey replicated), under the pixel
+/// budget in force ([`DecodeLimits::current`]). Errors name `source`: unsupported or unrecognised
+/// format, corrupt data, a truncated file, a declared size above the budget.
+pub fn decode_rgb(bytes: &[u8], source: &str) -> Result<RgbImage> {
+    decode_rgb_with(bytes, source, &DecodeLimits::current()?)
+}
+
+/// [`decode_rgb`] under explicit limits.
+pub fn decode_rgb_with(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Result<RgbImage> {
+    use image::DynamicImage as D;
+    let img = decode_dynamic(bytes, source, limits)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
     let data = match &img {
         D::ImageLuma16(_) | D::ImageLumaA16(_) => {
             let g = u16_to_u8(img.to_luma16().as_raw());
@@ -81,10 +332,15 @@ pub fn decode_rgb(bytes: &[u8], source: &str) -> Result<RgbImage> {
 }
 
 /// Decodes a mask image to one channel u8 (first channel of RGB masks; 16-bit label images are
-/// mapped to 255 where the label is non-zero).
+/// mapped to 255 where the label is non-zero), under the pixel budget in force.
 pub fn decode_gray(bytes: &[u8], source: &str) -> Result<GrayImage> {
+    decode_gray_with(bytes, source, &DecodeLimits::current()?)
+}
+
+/// [`decode_gray`] under explicit limits.
+pub fn decode_gray_with(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Result<GrayImage> {
     use image::DynamicImage as D;
-    let img = decode_dynamic(bytes, source)?;
+    let img = decode_dynamic(bytes, source, limits)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data = match &img {
         D::ImageLuma16(_) | D::ImageLumaA16(_) | D::ImageRgb16(_) | D::ImageRgba16(_) => {
@@ -98,14 +354,25 @@ pub fn decode_gray(bytes: &[u8], source: &str) -> Result<GrayImage> {
 
 #[cfg(not(target_arch = "wasm32"))]
 pub fn load_rgb(path: &std::path::Path) -> Result<RgbImage> {
+    let limits = DecodeLimits::current()?;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_rgb(&bytes, &path.display().to_string())
+    decode_rgb_with(&bytes, &path.display().to_string(), &limits)
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 pub fn load_gray(path: &std::path::Path) -> Result<GrayImage> {
+    let limits = DecodeLimits::current()?;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_gray(&bytes, &path.display().to_string())
+    decode_gray_with(&bytes, &path.display().to_string(), &limits)
+}
+
+/// The size an image file declares (header only: format and pixel budget checked, pixels not
+/// decoded), for checking a dataset's samples before loading them.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_dimensions(path: &std::path::Path) -> Result<(usize, usize)> {
+    let limits = DecodeLimits::current()?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    image_dimensions(&bytes, &path.display().to_string(), &limits)
 }
 
 /// Source coordinate and weight of PyTorch's bilinear resize with align_corners=False.

@@ -23,6 +23,28 @@ fn d1000() -> usize {
     1000
 }
 
+/// Largest input side S.
+pub const MAX_IMAGE_SIZE: usize = 16384;
+/// Largest channel width (embed_dims, transformer_dim, iou_head_hidden_dim, mask_in_chans) and
+/// head count.
+pub const MAX_WIDTH: usize = 4096;
+/// Largest decoder MLP width.
+pub const MAX_MLP_DIM: usize = 65536;
+/// Largest mlp_ratio and mbconv_expand_ratio.
+pub const MAX_RATIO: usize = 16;
+/// Most blocks per stage and decoder layers.
+pub const MAX_DEPTH: usize = 64;
+/// Largest attention window side (the window kernels hold ws² ≤ 256 keys).
+pub const MAX_WINDOW: usize = 16;
+/// Most multimask outputs.
+pub const MAX_MULTIMASK: usize = 64;
+/// Largest classifier head (unused by the model, kept for key compatibility).
+pub const MAX_CLASSES: usize = 65536;
+/// Most parameters (2^30, 4 GiB as f32; the paper model has 14.5 M).
+pub const MAX_PARAMS: u64 = 1 << 30;
+/// Largest attention head dimension the kernels support.
+pub const MAX_HEAD_DIM: usize = crate::ops::attention::MAX_HEAD_DIM;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -113,7 +135,11 @@ impl Config {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn from_file(path: &std::path::Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Config::from_json(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        // The file is named once: "configuration: <file>: <problem>".
+        Config::from_json(&text).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            other => Error::Config(format!("{}: {other}", path.display())),
+        })
     }
 
     pub fn to_json(&self) -> String {
@@ -127,10 +153,24 @@ impl Config {
         Ok(c)
     }
 
+    /// Checks every field, in one place (every way a configuration is made — JSON, presets,
+    /// weights metadata, shape inference, `with_image_size` — goes through here): lengths, ranges
+    /// (nothing that divides or sizes a tensor may be zero), divisibility, head dimensions the
+    /// attention kernels support, upper bounds that keep every tensor size below 2^32 values (the
+    /// kernels index with u32, and wasm32's usize is 32 bits), all in checked u64 arithmetic.
+    /// Errors name the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.image_size == 0 || self.image_size % 16 != 0 {
-            return bad(format!("image_size {} must be a positive multiple of 16", self.image_size));
+        let range = |name: &str, v: usize, lo: usize, hi: usize| -> Result<()> {
+            if v < lo || v > hi {
+                return bad(format!("{name} is {v}; it must be in {lo}..={hi}"));
+            }
+            Ok(())
+        };
+        let s = self.image_size;
+        range("image_size", s, 16, MAX_IMAGE_SIZE)?;
+        if s % 16 != 0 {
+            return bad(format!("image_size {s} must be a multiple of 16"));
         }
         for (name, v) in [
             ("embed_dims", &self.embed_dims),
@@ -142,34 +182,107 @@ impl Config {
                 return bad(format!("{name} must have 4 entries (got {})", v.len()));
             }
         }
-        if self.embed_dims[0] % 2 != 0 || self.embed_dims.contains(&0) {
-            return bad(format!("embed_dims {:?} must be positive and embed_dims[0] even", self.embed_dims));
+        for i in 0..4 {
+            range(&format!("embed_dims[{i}]"), self.embed_dims[i], 1, MAX_WIDTH)?;
+            // Stage 0 (MBConv blocks) may be empty; every TinyViT stage needs a block.
+            range(&format!("depths[{i}]"), self.depths[i], (i > 0) as usize, MAX_DEPTH)?;
+            range(&format!("window_sizes[{i}]"), self.window_sizes[i], 1, MAX_WINDOW)?;
+            range(&format!("num_heads[{i}]"), self.num_heads[i], 1, MAX_WIDTH)?;
         }
-        for s in 1..4 {
-            let (d, h, w) = (self.embed_dims[s], self.num_heads[s], self.window_sizes[s]);
-            if h == 0 || d % h != 0 {
-                return bad(format!("stage {s}: width {d} is not divisible by {h} heads"));
+        if self.embed_dims[0] % 2 != 0 {
+            return bad(format!("embed_dims[0] {} must be even (the stem's first convolution has half as many channels)", self.embed_dims[0]));
+        }
+        for i in 1..4 {
+            let (d, h) = (self.embed_dims[i], self.num_heads[i]);
+            if d % h != 0 {
+                return bad(format!("num_heads[{i}] {h} does not divide embed_dims[{i}] {d}"));
             }
-            if d / h > 64 {
-                return bad(format!("stage {s}: head dimension {} exceeds 64", d / h));
-            }
-            if w == 0 || w * w > 256 {
-                return bad(format!("stage {s}: window size {w} must be 1..=16"));
+            if d / h > MAX_HEAD_DIM {
+                return bad(format!(
+                    "num_heads[{i}] {h}: head dimension embed_dims[{i}]/num_heads[{i}] = {} exceeds {MAX_HEAD_DIM}",
+                    d / h
+                ));
             }
         }
-        if self.transformer_dim % self.decoder_heads != 0 || (self.transformer_dim / 2) % self.decoder_heads != 0 {
+        range("mlp_ratio", self.mlp_ratio, 1, MAX_RATIO)?;
+        range("mbconv_expand_ratio", self.mbconv_expand_ratio, 1, MAX_RATIO)?;
+        let dm = self.transformer_dim;
+        range("transformer_dim", dm, 8, MAX_WIDTH)?;
+        if dm % 8 != 0 {
+            return bad(format!("transformer_dim {dm} must be a multiple of 8"));
+        }
+        range("decoder_heads", self.decoder_heads, 1, dm / 2)?;
+        if (dm / 2) % self.decoder_heads != 0 {
             return bad(format!(
-                "transformer_dim {} must be divisible by 2 x decoder_heads {}",
-                self.transformer_dim, self.decoder_heads
+                "decoder_heads {} must divide transformer_dim/2 = {} (the cross-attention width)",
+                self.decoder_heads,
+                dm / 2
             ));
         }
-        if self.transformer_dim % 8 != 0 {
-            return bad(format!("transformer_dim {} must be a multiple of 8", self.transformer_dim));
+        if dm / self.decoder_heads > MAX_HEAD_DIM {
+            return bad(format!(
+                "decoder_heads {}: head dimension transformer_dim/decoder_heads = {} exceeds {MAX_HEAD_DIM}",
+                self.decoder_heads,
+                dm / self.decoder_heads
+            ));
         }
-        if self.decoder_depth == 0 || self.decoder_mlp_dim == 0 || self.depths[1..].contains(&0) {
-            return bad("decoder_depth, decoder_mlp_dim and depths[1..] must be positive".into());
+        range("decoder_depth", self.decoder_depth, 1, MAX_DEPTH)?;
+        range("decoder_mlp_dim", self.decoder_mlp_dim, 1, MAX_MLP_DIM)?;
+        range("num_multimask_outputs", self.num_multimask_outputs, 0, MAX_MULTIMASK)?;
+        range("iou_head_hidden_dim", self.iou_head_hidden_dim, 1, MAX_WIDTH)?;
+        range("mask_in_chans", self.mask_in_chans, 4, MAX_WIDTH)?;
+        if self.mask_in_chans % 4 != 0 {
+            return bad(format!("mask_in_chans {} must be a multiple of 4", self.mask_in_chans));
         }
-        Ok(())
+        range("num_classes", self.num_classes, 1, MAX_CLASSES)?;
+
+        // Sizes derived from the fields, in u64 with checked products: the largest per-image
+        // feature map and the parameter count.
+        let prod = |f: &[usize]| -> Option<u64> { f.iter().try_fold(1u64, |a, &v| a.checked_mul(v as u64)) };
+        let e = &self.embed_dims;
+        let (r4, r8, r16) = (s / 4, s / 8, s / 16);
+        let maps: [(&str, &str, Option<u64>); 6] = [
+            ("image_size", "the full-resolution logits (S²)", prod(&[s, s])),
+            ("image_size", "the stem's output ((S/2)² × embed_dims[0]/2)", prod(&[s / 2, s / 2, e[0] / 2])),
+            (
+                "mbconv_expand_ratio",
+                "stage 0's MBConv hidden map ((S/4)² × embed_dims[0] × mbconv_expand_ratio)",
+                prod(&[r4, r4, e[0], self.mbconv_expand_ratio]),
+            ),
+            (
+                "embed_dims",
+                "stage 1's qkv or MLP hidden map ((S/8)² × embed_dims[1] × max(3, mlp_ratio))",
+                prod(&[r8, r8, e[1], self.mlp_ratio.max(3)]),
+            ),
+            (
+                "embed_dims",
+                "stage 2-3's qkv or MLP hidden map ((S/16)² × max(embed_dims[2..4]) × max(3, mlp_ratio))",
+                prod(&[r16, r16, e[2].max(e[3]), self.mlp_ratio.max(3)]),
+            ),
+            ("transformer_dim", "the decoder's upscaled map ((S/4)² × transformer_dim/4)", prod(&[r4, r4, dm / 4])),
+        ];
+        for (field, what, n) in maps {
+            match n {
+                Some(n) if n <= u32::MAX as u64 => {}
+                _ => {
+                    return bad(format!(
+                        "{field}: with image_size {s}, {what} has {} values, above the 2^32 - 1 a tensor may hold",
+                        n.map_or("more than 2^64".to_string(), |n| n.to_string())
+                    ));
+                }
+            }
+        }
+        let params = super::schema::specs(self)
+            .iter()
+            .try_fold(0u64, |a, sp| prod(&sp.shape).and_then(|n| a.checked_add(n)));
+        match params {
+            Some(n) if n <= MAX_PARAMS => Ok(()),
+            n => bad(format!(
+                "the configuration has {} parameters, above the maximum {MAX_PARAMS} (check embed_dims, \
+                 depths, decoder_mlp_dim, num_classes)",
+                n.map_or("more than 2^64".to_string(), |n| n.to_string())
+            )),
+        }
     }
 
     /// Side of the token grid (S/16) = embedding and dense-prompt resolution.

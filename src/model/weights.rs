@@ -54,10 +54,36 @@ fn shape_str(s: &[usize]) -> String {
     format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
 }
 
+/// Refuses headers whose data offsets point past the end of the file before the safetensors
+/// parser sees them: it adds the last offset to the header length unchecked, which overflows (a
+/// panic in debug builds) for offsets near 2^64. Anything else malformed is left to the parser.
+fn check_offsets(bytes: &[u8]) -> std::result::Result<(), String> {
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap())) else {
+        return Ok(());
+    };
+    let Some(header) = usize::try_from(n).ok().and_then(|n| bytes.get(8..8usize.checked_add(n)?)) else {
+        return Ok(());
+    };
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return Ok(());
+    };
+    let len = bytes.len() as u64;
+    for (name, v) in &map {
+        let offsets = v.get("data_offsets").and_then(|o| o.as_array());
+        for o in offsets.into_iter().flatten() {
+            if o.as_u64().is_some_and(|o| o > len) {
+                return Err(format!("tensor '{name}' has data offset {o}, past the end of the {len}-byte file"));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Weights {
     /// Parses a safetensors file's bytes. `source` names the file in errors.
     pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Weights> {
         let err = |m: String| Error::weights(source, m);
+        check_offsets(bytes).map_err(|m| err(format!("not a valid safetensors file ({m})")))?;
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| err(format!("not a valid safetensors file ({e})")))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
@@ -169,52 +195,70 @@ impl Weights {
     /// Reads the architecture off the tensor shapes (for files without a configuration in their
     /// metadata). The input size cannot be inferred: `image_size` is taken from `image_size`.
     pub fn infer_config(&self, image_size: usize) -> Result<Config> {
-        let shape = |k: &str| -> Result<&Vec<usize>> { Ok(&self.get(k)?.shape) };
+        let bad = |m: String| Error::weights(&self.source, format!("cannot infer the configuration: {m}"));
+        // Dimension `i` of tensor `k` (a tensor of lower rank is an error, not a panic).
+        let dim = |k: &str, i: usize| -> Result<usize> {
+            let sh = &self.get(k)?.shape;
+            sh.get(i).copied().ok_or_else(|| bad(format!("tensor '{k}' has shape {} (expected at least {} dimensions)", shape_str(sh), i + 1)))
+        };
+        // Number of consecutive `prefix.<i>.` modules; counting stops past the largest depth a
+        // configuration may have, so a hostile key list cannot make this quadratic.
         let count = |prefix: &str| -> usize {
-            (0..)
-                .take_while(|i| self.tensors.keys().any(|k| k.starts_with(&format!("{prefix}.{i}."))))
+            (0..=super::config::MAX_DEPTH + 1)
+                .take_while(|i| {
+                    let p = format!("{prefix}.{i}.");
+                    self.tensors.range(p.clone()..).next().is_some_and(|(k, _)| k.starts_with(&p))
+                })
                 .count()
+        };
+        let ratio = |name: &str, num: usize, den: usize| -> Result<usize> {
+            num.checked_div(den).ok_or_else(|| bad(format!("{name}: division by a zero width")))
         };
         let ie = "image_encoder";
         let mut c = Config::paper();
         c.image_size = image_size;
-        c.embed_dims[0] = shape(&format!("{ie}.patch_embed.seq.2.c.weight"))?[0];
+        c.embed_dims[0] = dim(&format!("{ie}.patch_embed.seq.2.c.weight"), 0)?;
         for s in 0..3 {
-            c.embed_dims[s + 1] = shape(&format!("{ie}.layers.{s}.downsample.conv1.c.weight"))?[0];
+            c.embed_dims[s + 1] = dim(&format!("{ie}.layers.{s}.downsample.conv1.c.weight"), 0)?;
         }
         for s in 0..4 {
             c.depths[s] = count(&format!("{ie}.layers.{s}.blocks"));
         }
         for s in 1..4 {
-            let b = shape(&format!("{ie}.layers.{s}.blocks.0.attn.attention_biases"))?;
-            c.num_heads[s] = b[0];
-            c.window_sizes[s] = (b[1] as f64).sqrt().round() as usize;
+            let k = format!("{ie}.layers.{s}.blocks.0.attn.attention_biases");
+            c.num_heads[s] = dim(&k, 0)?;
+            c.window_sizes[s] = (dim(&k, 1)? as f64).sqrt().round() as usize;
         }
         c.num_heads[0] = (c.embed_dims[0] / 32).max(1);
         c.window_sizes[0] = c.window_sizes[1];
         if c.depths[0] > 0 {
-            c.mbconv_expand_ratio = shape(&format!("{ie}.layers.0.blocks.0.conv1.c.weight"))?[0] / c.embed_dims[0];
+            c.mbconv_expand_ratio =
+                ratio("mbconv_expand_ratio", dim(&format!("{ie}.layers.0.blocks.0.conv1.c.weight"), 0)?, c.embed_dims[0])?;
         }
-        c.mlp_ratio = shape(&format!("{ie}.layers.1.blocks.0.mlp.fc1.weight"))?[0] / c.embed_dims[1];
-        c.num_classes = shape(&format!("{ie}.head.weight"))?[0];
-        c.transformer_dim = shape("mask_decoder.iou_token.weight")?[1];
+        c.mlp_ratio = ratio("mlp_ratio", dim(&format!("{ie}.layers.1.blocks.0.mlp.fc1.weight"), 0)?, c.embed_dims[1])?;
+        c.num_classes = dim(&format!("{ie}.head.weight"), 0)?;
+        c.transformer_dim = dim("mask_decoder.iou_token.weight", 1)?;
         c.decoder_depth = count("mask_decoder.transformer.layers");
-        c.decoder_mlp_dim = shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")?[0];
-        c.num_multimask_outputs = shape("mask_decoder.mask_tokens.weight")?[0] - 1;
-        c.iou_head_hidden_dim = shape("mask_decoder.iou_prediction_head.layers.0.weight")?[0];
-        c.mask_in_chans = shape("prompt_encoder.mask_downscaling.3.weight")?[0];
+        c.decoder_mlp_dim = dim("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0)?;
+        c.num_multimask_outputs = dim("mask_decoder.mask_tokens.weight", 0)?
+            .checked_sub(1)
+            .ok_or_else(|| bad("tensor 'mask_decoder.mask_tokens.weight' holds no mask token".into()))?;
+        c.iou_head_hidden_dim = dim("mask_decoder.iou_prediction_head.layers.0.weight", 0)?;
+        c.mask_in_chans = dim("prompt_encoder.mask_downscaling.3.weight", 0)?;
         c.validate().map_err(|e| Error::weights(&self.source, format!("inferred configuration is invalid: {e}")))?;
         Ok(c)
     }
 
     /// The configuration to use: `explicit` if given, else the file's metadata, else inferred from
-    /// the shapes at `default_size`. The result is checked against the tensors.
+    /// the shapes at `default_size`. The result is validated ([`Config::validate`]) and checked
+    /// against the tensors.
     pub fn resolve_config(&self, explicit: Option<&Config>, default_size: usize) -> Result<Config> {
         let c = match (explicit, &self.config) {
             (Some(c), _) => c.clone(),
             (None, Some(c)) => c.clone(),
             (None, None) => self.infer_config(default_size)?,
         };
+        c.validate()?;
         self.check(&c)?;
         Ok(c)
     }
