@@ -30,6 +30,7 @@ impl<'g> Segmenter<'g> {
     /// `paper`).
     pub fn new(gpu: &'g Gpu, weights: &Weights, cfg: Option<&Config>, variant: Option<Variant>) -> Result<Self> {
         let cfg = weights.resolve_config(cfg, 1024)?;
+        crate::model::memory::check_forward(gpu, &cfg, 1)?;
         let variant = variant.or(weights.variant).unwrap_or_default();
         let model = MedFastSam::new(gpu, weights, &cfg, variant)?;
         Ok(Segmenter { gpu, model })
@@ -42,6 +43,11 @@ impl<'g> Segmenter<'g> {
         if w0 == 0 || h0 == 0 {
             return Err(Error::Invalid("empty image".into()));
         }
+        crate::model::memory::check(
+            self.gpu,
+            &format!("segmenting a {w0}x{h0} image at {s}x{s}"),
+            crate::model::memory::forward(&self.model.cfg, 1, w0, h0),
+        )?;
         let resized = img.resize(s, s);
         let px = self.gpu.upload_u32(&resized.packed(), &[1, s, s])?;
         let mut rec = self.gpu.new_recorder();
@@ -51,6 +57,18 @@ impl<'g> Segmenter<'g> {
         let logits = self.gpu.read_async(&full).await?;
         let coarse = self.gpu.read_async(&out.coarse).await?;
         let threshold = self.gpu.read_async(&out.threshold).await?[0];
+        // A NaN or infinite logit is not "background": it means the weights or the arithmetic
+        // overflowed, and no mask may be made of it.
+        if let Some(bad) = logits.iter().position(|v| !v.is_finite()) {
+            let n = logits.iter().filter(|v| !v.is_finite()).count();
+            return Err(Error::Invalid(format!(
+                "the model produced non-finite logits ({n} of {} values, first {} at pixel {}): the weights \
+                 are corrupt or too large for f32 arithmetic; no mask was written",
+                logits.len(),
+                logits[bad],
+                bad
+            )));
+        }
         let mask = GrayImage {
             width: w0,
             height: h0,

@@ -157,7 +157,8 @@ impl Gpu {
         }));
         let sink = errors.clone();
         device.set_device_lost_callback(move |reason, msg| {
-            sink.lock().unwrap().push(format!("device lost ({reason:?}): {msg}"));
+            let msg = if msg.trim().is_empty() { String::new() } else { format!(": {msg}") };
+            sink.lock().unwrap().push(format!("device lost ({reason:?}){msg}"));
         });
         let limits = device.limits();
         Ok(Gpu {
@@ -252,13 +253,21 @@ impl Gpu {
         }
     }
 
+    /// Whether the device has been lost (driver reset, out of memory on the device, destroyed):
+    /// nothing more can run on it. Polls first, so that a pending loss callback has run.
+    pub fn is_lost(&self) -> bool {
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.errors.lock().unwrap().iter().any(|m| m.starts_with("device lost"))
+    }
+
     /// Returns and clears the errors wgpu reported since the last call.
     pub fn take_errors(&self) -> Result<()> {
         let mut e = self.errors.lock().unwrap();
         if e.is_empty() {
             Ok(())
         } else {
-            let msg = e.join("; ");
+            let msg = one_line(&e.join("; "));
             e.clear();
             Err(Error::Gpu(msg))
         }
@@ -348,4 +357,10 @@ impl Gpu {
         }
         Ok(())
     }
+}
+
+/// wgpu's error texts span lines ("Validation Error\n\nCaused by:\n  ..."); a user-facing error
+/// is one line, so the parts are joined with ": ".
+pub(crate) fn one_line(msg: &str) -> String {
+    msg.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "Caused by:").collect::<Vec<_>>().join(": ")
 }

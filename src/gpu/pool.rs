@@ -134,8 +134,13 @@ pub(crate) fn acquire(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, bytes: u64
 }
 
 /// A dedicated buffer initialised with `data` (weights, inputs); released on drop, never reused,
-/// so no recorded command can observe a later upload into it.
-pub(crate) fn create_init(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, data: &[u8]) -> PooledBuffer {
+/// so no recorded command can observe a later upload into it. Fails (instead of panicking) when
+/// the device cannot map the new buffer, which happens once the device is lost.
+pub(crate) fn create_init(
+    device: &wgpu::Device,
+    pool: &Arc<Mutex<Pool>>,
+    data: &[u8],
+) -> Result<PooledBuffer, wgpu::MapRangeError> {
     let class = size_class(data.len() as u64);
     let buf = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("data"),
@@ -144,14 +149,14 @@ pub(crate) fn create_init(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, data: 
         mapped_at_creation: true,
     });
     {
-        let mut view = buf.slice(..).get_mapped_range_mut().expect("buffer mapped at creation");
+        let mut view = buf.slice(..).get_mapped_range_mut()?;
         view.slice(..data.len()).copy_from_slice(data);
     }
     buf.unmap();
     let mut p = pool.lock().unwrap();
     p.note_alloc(class);
     p.note_use(class);
-    PooledBuffer { buffer: Some(buf), class, pooled: false, pool: Arc::downgrade(pool) }
+    Ok(PooledBuffer { buffer: Some(buf), class, pooled: false, pool: Arc::downgrade(pool) })
 }
 
 #[cfg(test)]

@@ -105,7 +105,16 @@ impl Gpu {
         self.check_alloc(&format!("tensor {shape:?}"), bytes.len() as u64)?;
         let data: std::borrow::Cow<[u8]> =
             if bytes.is_empty() { vec![0u8; 4].into() } else { bytes.into() };
-        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(pool::create_init(&self.device, &self.pool, &data)), offset: 0 })
+        let buf = pool::create_init(&self.device, &self.pool, &data).map_err(|e| {
+            // A buffer that cannot be mapped at creation follows an earlier error (usually a lost
+            // device, whose callback runs on the next poll): report that cause first.
+            #[cfg(not(target_arch = "wasm32"))]
+            let _ = self.device.poll(wgpu::PollType::Poll);
+            self.take_errors()
+                .err()
+                .unwrap_or_else(|| Error::Gpu(super::one_line(&format!("upload of {shape:?}: {e}"))))
+        })?;
+        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(buf), offset: 0 })
     }
 
     /// Copies a tensor back to the CPU as raw 4-byte words.

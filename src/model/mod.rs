@@ -5,6 +5,7 @@ pub mod config;
 pub mod cp_encoder;
 pub mod lka_encoder;
 pub mod med_fastsam;
+pub mod memory;
 pub mod msf_decoder;
 pub mod two_way_transformer;
 pub mod schema;

@@ -57,9 +57,131 @@ fn stem(p: &Path) -> String {
     p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())
 }
 
+/// Output base names (`<base>_mask.png`, `<base>_overlay.png`), one per input, unique and
+/// deterministic. An input whose stem no other input shares (compared case-insensitively, since
+/// output folders may live on case-insensitive file systems) keeps its stem. Inputs that share a
+/// stem (`a/case.png` and `b/case.png`, or `case.png` and `case.jpg`) are named by their path
+/// below the inputs' common folder, with the extension: `a_case_png`, `b_case_png`, `case_jpg`.
+/// A name still taken after that gets `-2`, `-3`, … in input order.
+pub fn output_names(files: &[PathBuf]) -> Vec<String> {
+    use std::collections::{HashMap, HashSet};
+    let key = |s: &str| s.to_lowercase();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for f in files {
+        *count.entry(key(&stem(f))).or_default() += 1;
+    }
+    let abs: Vec<PathBuf> = files.iter().map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone())).collect();
+    let parents: Vec<&Path> = abs.iter().map(|p| p.parent().unwrap_or(Path::new(""))).collect();
+    let common: PathBuf = match parents.split_first() {
+        Some((first, rest)) => {
+            let mut c: Vec<_> = first.components().collect();
+            for p in rest {
+                let n = c.iter().zip(p.components()).take_while(|(a, b)| **a == *b).count();
+                c.truncate(n);
+            }
+            c.iter().collect()
+        }
+        None => PathBuf::new(),
+    };
+    let mut taken: HashSet<String> = HashSet::new();
+    let mut out = Vec::with_capacity(files.len());
+    for (f, a) in files.iter().zip(&abs) {
+        let s = stem(f);
+        let mut base = if count[&key(&s)] == 1 {
+            s
+        } else {
+            let rel = a.strip_prefix(&common).unwrap_or(a);
+            let parts: Vec<String> = rel
+                .components()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(x) => Some(x.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect();
+            parts.join("_").replace('.', "_")
+        };
+        if taken.contains(&key(&base)) {
+            let mut k = 2;
+            while taken.contains(&key(&format!("{base}-{k}"))) {
+                k += 1;
+            }
+            base = format!("{base}-{k}");
+        }
+        taken.insert(key(&base));
+        out.push(base);
+    }
+    out
+}
+
+/// Checks that `dir` accepts new files (a probe file is created and removed), so an unwritable
+/// output folder is found before the first forward, not after it.
+fn check_writable(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create the output folder: {e}", dir.display()))?;
+    let probe = dir.join(format!(".medfastsam-write-test.{}.tmp", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| anyhow::anyhow!("{}: output folder is not writable: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Writes several files so that either all of them are replaced by complete new versions or (on
+/// an error) none is: every file goes to a temporary name first, and only when all are written
+/// are they renamed into place. A failure cleans up the temporary files and any file renamed
+/// before it, so a mask is never left without its overlay.
+fn write_all_atomic(files: &[(&Path, &[u8])]) -> anyhow::Result<()> {
+    let tmp_of = |p: &Path| {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        dir.join(format!(".{name}.{}.tmp", std::process::id()))
+    };
+    let tmps: Vec<PathBuf> = files.iter().map(|(p, _)| tmp_of(p)).collect();
+    let cleanup = |renamed: &[&Path]| {
+        for t in &tmps {
+            let _ = std::fs::remove_file(t);
+        }
+        for p in renamed {
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    for ((path, bytes), tmp) in files.iter().zip(&tmps) {
+        let res = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        if let Err(e) = res {
+            cleanup(&[]);
+            anyhow::bail!("{}: {e}", path.display());
+        }
+    }
+    let mut renamed: Vec<&Path> = Vec::new();
+    for ((path, _), tmp) in files.iter().zip(&tmps) {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            cleanup(&renamed);
+            anyhow::bail!("{}: {e}", path.display());
+        }
+        renamed.push(path);
+    }
+    Ok(())
+}
+
+/// True for the errors after which the device cannot run anything more (driver reset, device
+/// out of memory, device destroyed): segmenting the next image would fail the same way.
+fn is_device_lost(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<medfastsam::error::Error>(), Some(medfastsam::error::Error::Gpu(m)) if m.contains("device lost"))
+            || c.to_string().contains("device lost")
+    })
+}
+
 pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     let files = collect_inputs(&a.inputs)?;
+    let names = output_names(&files);
+    let renamed: Vec<(&PathBuf, &String)> = files.iter().zip(&names).filter(|(f, n)| stem(f) != **n).collect();
     let (weights, cfg, variant) = a.model.load()?;
+    // The output folder must accept files before the first forward (and Segmenter::new checks
+    // that the model at this size fits the memory there is before anything is resized).
+    check_writable(&a.out)?;
     let gpu = gpu.open()?;
     let t0 = Instant::now();
     let seg = Segmenter::new(&gpu, &weights, Some(&cfg), Some(variant))?;
@@ -71,12 +193,21 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         cfg.image_size,
         t0.elapsed().as_secs_f64() * 1e3
     );
-    std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("{}: {e}", a.out.display()))?;
+    if !renamed.is_empty() {
+        eprintln!("note: {} inputs share a file name stem; their outputs are named by path:", renamed.len());
+        for (f, n) in &renamed {
+            eprintln!("  {} -> {n}_mask.png, {n}_overlay.png", f.display());
+        }
+    }
+    // Test-only fault injection: destroy the device after this many images (simulates a driver
+    // reset or a device lost to out-of-memory).
+    let lose_after: Option<usize> =
+        std::env::var("MEDFASTSAM_TEST_LOSE_DEVICE_AFTER").ok().and_then(|v| v.parse().ok());
     let bar = if files.len() > 1 {
         let b = indicatif::ProgressBar::new(files.len() as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-                .unwrap(),
+                .expect("static template"),
         );
         Some(b)
     } else {
@@ -84,39 +215,52 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     };
     let say = |m: String| super::bar_line(bar.as_ref(), m);
     let mut failures = 0;
-    for f in &files {
+    let mut done = 0;
+    for (k, (f, base)) in files.iter().zip(&names).enumerate() {
+        if lose_after == Some(k) {
+            gpu.device.destroy();
+        }
         let t = Instant::now();
-        let res = (|| -> anyhow::Result<(String, f64)> {
+        let res = (|| -> anyhow::Result<String> {
             let img = io::load_rgb(f)?;
             let r = seg.segment(&img).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
-            let base = stem(f);
             let mask_path = a.out.join(format!("{base}_mask.png"));
             let over_path = a.out.join(format!("{base}_overlay.png"));
             let mask_png = io::encode_png_gray(&r.mask)?;
             let over_png = io::encode_png_rgb(&io::overlay(&img, &r.mask, a.opacity))?;
-            io::write_atomic(&mask_path, &mask_png)?;
-            io::write_atomic(&over_path, &over_png)?;
+            write_all_atomic(&[(&mask_path, &mask_png), (&over_path, &over_png)])?;
             let fg = r.mask.data.iter().filter(|&&v| v > 0).count() as f64 / r.mask.data.len() as f64;
-            Ok((
-                format!(
-                    "{}: {}x{} -> {} ({:.1}% foreground, Otsu t={:.4}) in {:.0} ms",
-                    f.display(),
-                    img.width,
-                    img.height,
-                    mask_path.display(),
-                    fg * 100.0,
-                    r.threshold,
-                    ms
-                ),
-                ms,
+            Ok(format!(
+                "{}: {}x{} -> {} ({:.1}% foreground, Otsu t={:.4}) in {:.0} ms",
+                f.display(),
+                img.width,
+                img.height,
+                mask_path.display(),
+                fg * 100.0,
+                r.threshold,
+                ms
             ))
         })();
         match res {
-            Ok((msg, _)) => say(msg),
+            Ok(msg) => {
+                done += 1;
+                say(msg)
+            }
             Err(e) => {
                 failures += 1;
+                let lost = is_device_lost(&e);
                 say(format!("error: {e:#}"));
+                if lost {
+                    let left = files.len() - k - 1;
+                    let rest = if left > 0 { format!(", {left} not attempted (run again on those)") } else { String::new() };
+                    say(format!(
+                        "error: the GPU device was lost while segmenting {}; stopping with {done} images written{rest}",
+                        f.display()
+                    ));
+                    failures += left;
+                    break;
+                }
             }
         }
         if let Some(b) = &bar {
@@ -127,10 +271,6 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         b.finish_and_clear();
     }
     let n = files.len();
-    eprintln!(
-        "{} of {n} images segmented in {:.1} s",
-        n - failures,
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("{done} of {n} images segmented in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(if failures > 0 { 1 } else { 0 })
 }
