@@ -63,7 +63,12 @@ impl std::str::FromStr for Format {
             "tnbc" => Format::Tnbc,
             "generic" => Format::Generic,
             "authors" => Format::Authors,
-            _ => return Err(Error::Invalid(format!("unknown dataset format {s:?} (expected {})", Format::NAMES))),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "unknown dataset format {s:?} (expected {})",
+                    Format::NAMES
+                )));
+            }
         })
     }
 }
@@ -104,7 +109,12 @@ impl std::str::FromStr for Split {
             "val" | "valid" | "validation" => Split::Val,
             "test" => Split::Test,
             "all" => Split::All,
-            _ => return Err(Error::Invalid(format!("unknown split {s:?} (expected {})", Split::NAMES))),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "unknown split {s:?} (expected {})",
+                    Split::NAMES
+                )));
+            }
         })
     }
 }
@@ -175,7 +185,13 @@ pub fn rasterize_polygons(polygons: &[Polygon], width: usize, height: usize) -> 
     // first pixel index whose centre is >= t, clamped to [0, n]
     let first_at_or_after = |t: f64, n: usize| -> usize {
         let i = (t - 0.5).ceil();
-        if i <= 0.0 { 0 } else if i >= n as f64 { n } else { i as usize }
+        if i <= 0.0 {
+            0
+        } else if i >= n as f64 {
+            n
+        } else {
+            i as usize
+        }
     };
     for poly in polygons {
         if poly.len() < 3 || poly.iter().any(|v| !v[0].is_finite() || !v[1].is_finite()) {
@@ -184,7 +200,10 @@ pub fn rasterize_polygons(polygons: &[Polygon], width: usize, height: usize) -> 
         let ymin = poly.iter().map(|v| v[1]).fold(f64::INFINITY, f64::min);
         let ymax = poly.iter().map(|v| v[1]).fold(f64::NEG_INFINITY, f64::max);
         // rows whose centre yc satisfies ymin <= yc < ymax
-        let (r0, r1) = (first_at_or_after(ymin, height), first_at_or_after(ymax, height));
+        let (r0, r1) = (
+            first_at_or_after(ymin, height),
+            first_at_or_after(ymax, height),
+        );
         for y in r0..r1 {
             let yc = y as f64 + 0.5;
             xs.clear();
@@ -198,7 +217,10 @@ pub fn rasterize_polygons(polygons: &[Polygon], width: usize, height: usize) -> 
             xs.sort_by(|p, q| p.total_cmp(q));
             // a centre xc is inside when xs[2k] <= xc < xs[2k+1] for some k
             for span in xs.chunks_exact(2) {
-                let (c0, c1) = (first_at_or_after(span[0], width), first_at_or_after(span[1], width));
+                let (c0, c1) = (
+                    first_at_or_after(span[0], width),
+                    first_at_or_after(span[1], width),
+                );
                 if c0 < c1 {
                     mask[y * width + c0..y * width + c1].fill(1);
                 }
@@ -209,7 +231,11 @@ pub fn rasterize_polygons(polygons: &[Polygon], width: usize, height: usize) -> 
 }
 
 fn line_of(text: &str, pos: usize) -> usize {
-    text[..pos.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..pos.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Parses the attributes of a start tag's inside (after the name). Tolerates unquoted values.
@@ -266,7 +292,9 @@ fn parse_attributes(s: &str) -> Vec<(&str, &str)> {
 /// quote, vertices outside a Region are ignored. Errors (naming `source` and the line): no
 /// `<Annotations>` element, an unterminated tag or Region, a Vertex without a numeric X or Y.
 pub fn parse_aperio_xml(text: &str, source: &Path) -> Result<Vec<Polygon>> {
-    let err = |pos: usize, msg: String| Error::image(source, format!("line {}: {msg}", line_of(text, pos)));
+    let err = |pos: usize, msg: String| {
+        Error::image(source, format!("line {}: {msg}", line_of(text, pos)))
+    };
     let mut polygons = Vec::new();
     let mut region: Option<(usize, Polygon)> = None; // (start position, vertices)
     let mut saw_annotations = false;
@@ -315,14 +343,22 @@ pub fn parse_aperio_xml(text: &str, source: &Path) -> Result<Vec<Polygon>> {
         pos = start + end + 1;
         let closing = inner.starts_with('/');
         let body = inner.trim_start_matches('/');
-        let name_len = body.find(|c: char| c.is_ascii_whitespace() || c == '/').unwrap_or(body.len());
+        let name_len = body
+            .find(|c: char| c.is_ascii_whitespace() || c == '/')
+            .unwrap_or(body.len());
         let name = &body[..name_len];
         let self_closing = inner.ends_with('/');
         match (name, closing) {
             ("Annotations", false) => saw_annotations = true,
             ("Region", false) => {
                 if let Some((s, _)) = &region {
-                    return Err(err(start, format!("<Region> inside the <Region> opened at line {}", line_of(text, *s))));
+                    return Err(err(
+                        start,
+                        format!(
+                            "<Region> inside the <Region> opened at line {}",
+                            line_of(text, *s)
+                        ),
+                    ));
                 }
                 if !self_closing {
                     region = Some((start, Vec::new()));
@@ -340,10 +376,15 @@ pub fn parse_aperio_xml(text: &str, source: &Path) -> Result<Vec<Polygon>> {
                             .iter()
                             .find(|(k, _)| *k == key)
                             .map(|(_, v)| *v)
-                            .ok_or_else(|| err(start, format!("<Vertex> without a {key} attribute")))?;
+                            .ok_or_else(|| {
+                                err(start, format!("<Vertex> without a {key} attribute"))
+                            })?;
                         match v.trim().parse::<f64>() {
                             Ok(x) if x.is_finite() => Ok(x),
-                            _ => Err(err(start, format!("<Vertex> {key}={v:?} is not a finite number"))),
+                            _ => Err(err(
+                                start,
+                                format!("<Vertex> {key}={v:?} is not a finite number"),
+                            )),
                         }
                     };
                     verts.push([coord("X")?, coord("Y")?]);
@@ -356,7 +397,10 @@ pub fn parse_aperio_xml(text: &str, source: &Path) -> Result<Vec<Polygon>> {
         return Err(err(s, "<Region> never closed".into()));
     }
     if !saw_annotations {
-        return Err(Error::image(source, "not an Aperio XML annotation file (no <Annotations> element)"));
+        return Err(Error::image(
+            source,
+            "not an Aperio XML annotation file (no <Annotations> element)",
+        ));
     }
     Ok(polygons)
 }
@@ -380,9 +424,19 @@ fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
                 j += 1;
             }
             let (da, db) = (&a[si..i], &b[sj..j]);
-            let ta = da.iter().position(|&c| c != b'0').map_or(&da[da.len()..], |p| &da[p..]);
-            let tb = db.iter().position(|&c| c != b'0').map_or(&db[db.len()..], |p| &db[p..]);
-            let o = ta.len().cmp(&tb.len()).then(ta.cmp(tb)).then(da.len().cmp(&db.len()));
+            let ta = da
+                .iter()
+                .position(|&c| c != b'0')
+                .map_or(&da[da.len()..], |p| &da[p..]);
+            let tb = db
+                .iter()
+                .position(|&c| c != b'0')
+                .map_or(&db[db.len()..], |p| &db[p..]);
+            let o = ta
+                .len()
+                .cmp(&tb.len())
+                .then(ta.cmp(tb))
+                .then(da.len().cmp(&db.len()));
             if o != Ordering::Equal {
                 return o;
             }
@@ -402,7 +456,9 @@ const IMAGE_EXTS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
 
 #[cfg(not(target_arch = "wasm32"))]
 fn ext_of(name: &str) -> String {
-    name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default()
+    name.rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -444,17 +500,27 @@ fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
 /// Image files of a folder as (name, path).
 #[cfg(not(target_arch = "wasm32"))]
 fn image_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    Ok(list_dir(dir)?.into_iter().filter(|(n, _, d)| !d && is_image_name(n)).map(|(n, p, _)| (n, p)).collect())
+    Ok(list_dir(dir)?
+        .into_iter()
+        .filter(|(n, _, d)| !d && is_image_name(n))
+        .map(|(n, p, _)| (n, p))
+        .collect())
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 fn missing_mask(image: &Path, expected: &Path) -> Error {
-    Error::image(image, format!("image without its mask: expected {}", expected.display()))
+    Error::image(
+        image,
+        format!("image without its mask: expected {}", expected.display()),
+    )
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 fn no_samples(root: &Path, what: &str, example: String) -> Error {
-    Error::Invalid(format!("{}: no {what} found; expected e.g. {example}", root.display()))
+    Error::Invalid(format!(
+        "{}: no {what} found; expected e.g. {example}",
+        root.display()
+    ))
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -477,7 +543,9 @@ fn isic(root: &Path, split: Split) -> Result<Vec<Sample>> {
         for (name, path) in image_files(&input)? {
             // ISIC_<digits>.jpg; skips LICENSE/ATTRIBUTION files and any ISIC_<id>_<suffix> extras
             let stem = stem_of(&name);
-            let Some(num) = stem.strip_prefix("ISIC_") else { continue };
+            let Some(num) = stem.strip_prefix("ISIC_") else {
+                continue;
+            };
             if num.is_empty() || num.contains('_') {
                 continue;
             }
@@ -485,15 +553,23 @@ fn isic(root: &Path, split: Split) -> Result<Vec<Sample>> {
             if !mask.is_file() {
                 return Err(missing_mask(&path, &mask));
             }
-            samples.push(Sample { id: stem.to_string(), image: path, mask: MaskSource::Png(mask) });
+            samples.push(Sample {
+                id: stem.to_string(),
+                image: path,
+                mask: MaskSource::Png(mask),
+            });
         }
     }
     if samples.is_empty() {
         let part = parts[0];
         let example = format!(
             "{} with {}",
-            root.join(format!("ISIC2018_Task1-2_{part}_Input/ISIC_0000000.jpg")).display(),
-            root.join(format!("ISIC2018_Task1_{part}_GroundTruth/ISIC_0000000_segmentation.png")).display()
+            root.join(format!("ISIC2018_Task1-2_{part}_Input/ISIC_0000000.jpg"))
+                .display(),
+            root.join(format!(
+                "ISIC2018_Task1_{part}_GroundTruth/ISIC_0000000_segmentation.png"
+            ))
+            .display()
         );
         let what = if found_folder {
             format!("ISIC-2018 {split} images")
@@ -508,21 +584,39 @@ fn isic(root: &Path, split: Split) -> Result<Vec<Sample>> {
 #[cfg(not(target_arch = "wasm32"))]
 fn ph2(root: &Path) -> Result<Vec<Sample>> {
     let nested = root.join("PH2 Dataset images");
-    let base = if nested.is_dir() { nested } else { root.to_path_buf() };
+    let base = if nested.is_dir() {
+        nested
+    } else {
+        root.to_path_buf()
+    };
     let mut samples = Vec::new();
     for (name, dir, is_dir) in list_dir(&base)? {
         if !is_dir || !name.starts_with("IMD") {
             continue;
         }
-        let image = dir.join(format!("{name}_Dermoscopic_Image")).join(format!("{name}.bmp"));
-        let mask = dir.join(format!("{name}_lesion")).join(format!("{name}_lesion.bmp"));
+        let image = dir
+            .join(format!("{name}_Dermoscopic_Image"))
+            .join(format!("{name}.bmp"));
+        let mask = dir
+            .join(format!("{name}_lesion"))
+            .join(format!("{name}_lesion.bmp"));
         if !image.is_file() {
-            return Err(Error::image(&dir, format!("PH2 case folder without its image: expected {}", image.display())));
+            return Err(Error::image(
+                &dir,
+                format!(
+                    "PH2 case folder without its image: expected {}",
+                    image.display()
+                ),
+            ));
         }
         if !mask.is_file() {
             return Err(missing_mask(&image, &mask));
         }
-        samples.push(Sample { id: name, image, mask: MaskSource::Png(mask) });
+        samples.push(Sample {
+            id: name,
+            image,
+            mask: MaskSource::Png(mask),
+        });
     }
     if samples.is_empty() {
         let ex = root.join("PH2 Dataset images/IMD002");
@@ -539,10 +633,16 @@ fn ph2(root: &Path) -> Result<Vec<Sample>> {
 #[cfg(not(target_arch = "wasm32"))]
 fn tnbc(root: &Path) -> Result<Vec<Sample>> {
     let nested = root.join("TNBC_NucleiSegmentation");
-    let base = if nested.is_dir() { nested } else { root.to_path_buf() };
+    let base = if nested.is_dir() {
+        nested
+    } else {
+        root.to_path_buf()
+    };
     let mut samples = Vec::new();
     for (name, dir, is_dir) in list_dir(&base)? {
-        let Some(k) = name.strip_prefix("Slide_") else { continue };
+        let Some(k) = name.strip_prefix("Slide_") else {
+            continue;
+        };
         if !is_dir {
             continue;
         }
@@ -557,11 +657,19 @@ fn tnbc(root: &Path) -> Result<Vec<Sample>> {
                     return Err(missing_mask(&path, &mask));
                 }
             }
-            samples.push(Sample { id: stem_of(&file).to_string(), image: path, mask: MaskSource::Png(mask) });
+            samples.push(Sample {
+                id: stem_of(&file).to_string(),
+                image: path,
+                mask: MaskSource::Png(mask),
+            });
         }
     }
     if samples.is_empty() {
-        let example = format!("{} with {}", root.join("Slide_01/01_1.png").display(), root.join("GT_01/01_1.png").display());
+        let example = format!(
+            "{} with {}",
+            root.join("Slide_01/01_1.png").display(),
+            root.join("GT_01/01_1.png").display()
+        );
         return Err(no_samples(root, "TNBC images", example));
     }
     Ok(samples)
@@ -601,7 +709,11 @@ fn monuseg_samples(dir: &Path, kind: MonusegKind) -> Result<Vec<Sample>> {
         if !xml.is_file() {
             return Err(missing_mask(&path, &xml));
         }
-        samples.push(Sample { id: stem.to_string(), image: path, mask: MaskSource::AperioXml(xml) });
+        samples.push(Sample {
+            id: stem.to_string(),
+            image: path,
+            mask: MaskSource::AperioXml(xml),
+        });
     }
     Ok(samples)
 }
@@ -627,7 +739,9 @@ fn monuseg(root: &Path, split: Split) -> Result<Vec<Sample>> {
             if !is_dir {
                 continue;
             }
-            let Some(kind) = monuseg_kind(&dir)? else { continue };
+            let Some(kind) = monuseg_kind(&dir)? else {
+                continue;
+            };
             let wanted = match split {
                 Split::Train => kind == MonusegKind::Train,
                 Split::Test => kind == MonusegKind::Test,
@@ -641,12 +755,18 @@ fn monuseg(root: &Path, split: Split) -> Result<Vec<Sample>> {
     if samples.is_empty() {
         let example = format!(
             "{} with {} (training layout), or {} with {} (test layout)",
-            root.join("Tissue Images/TCGA-18-5592-01Z-00-DX1.tif").display(),
-            root.join("Annotations/TCGA-18-5592-01Z-00-DX1.xml").display(),
+            root.join("Tissue Images/TCGA-18-5592-01Z-00-DX1.tif")
+                .display(),
+            root.join("Annotations/TCGA-18-5592-01Z-00-DX1.xml")
+                .display(),
             root.join("TCGA-2Z-A9J9-01A-01-TS1.tif").display(),
             root.join("TCGA-2Z-A9J9-01A-01-TS1.xml").display()
         );
-        return Err(no_samples(root, &format!("MoNuSeg-2018 {split} images"), example));
+        return Err(no_samples(
+            root,
+            &format!("MoNuSeg-2018 {split} images"),
+            example,
+        ));
     }
     Ok(samples)
 }
@@ -654,13 +774,20 @@ fn monuseg(root: &Path, split: Split) -> Result<Vec<Sample>> {
 /// `images_dir/<id>.<ext>` + `masks_dir/<id>.png` (or another image file named `<id>.<ext>`).
 #[cfg(not(target_arch = "wasm32"))]
 fn paired_folder(images_dir: &Path, masks_dir: &Path) -> Result<Vec<Sample>> {
-    let masks: Vec<(String, PathBuf)> = if masks_dir.is_dir() { image_files(masks_dir)? } else { Vec::new() };
+    let masks: Vec<(String, PathBuf)> = if masks_dir.is_dir() {
+        image_files(masks_dir)?
+    } else {
+        Vec::new()
+    };
     let mut samples: Vec<Sample> = Vec::new();
     let mut seen = std::collections::HashMap::<String, PathBuf>::new();
     for (name, path) in image_files(images_dir)? {
         let id = id_of(&name).to_string();
         if let Some(other) = seen.get(&id) {
-            return Err(Error::image(&path, format!("same id {id:?} as {}", other.display())));
+            return Err(Error::image(
+                &path,
+                format!("same id {id:?} as {}", other.display()),
+            ));
         }
         seen.insert(id.clone(), path.clone());
         let png = masks_dir.join(format!("{id}.png"));
@@ -671,7 +798,11 @@ fn paired_folder(images_dir: &Path, masks_dir: &Path) -> Result<Vec<Sample>> {
         } else {
             return Err(missing_mask(&path, &png));
         };
-        samples.push(Sample { id, image: path, mask: MaskSource::Png(mask) });
+        samples.push(Sample {
+            id,
+            image: path,
+            mask: MaskSource::Png(mask),
+        });
     }
     Ok(samples)
 }
@@ -681,11 +812,14 @@ fn paired_folder(images_dir: &Path, masks_dir: &Path) -> Result<Vec<Sample>> {
 #[cfg(not(target_arch = "wasm32"))]
 fn select_split(samples: Vec<Sample>, split_file: &Path, split: Split) -> Result<Vec<Sample>> {
     let text = std::fs::read_to_string(split_file).map_err(|e| Error::io(split_file, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::image(split_file, format!("not valid JSON: {e}")))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| Error::image(split_file, "expected a JSON object {\"train\": […], \"val\": […], \"test\": […]}"))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::image(split_file, format!("not valid JSON: {e}")))?;
+    let obj = json.as_object().ok_or_else(|| {
+        Error::image(
+            split_file,
+            "expected a JSON object {\"train\": […], \"val\": […], \"test\": […]}",
+        )
+    })?;
     let keys: &[&str] = match split {
         Split::Train => &["train", "training"],
         Split::Val => &["val", "valid", "validation"],
@@ -694,33 +828,51 @@ fn select_split(samples: Vec<Sample>, split_file: &Path, split: Split) -> Result
     };
     let list = keys.iter().find_map(|k| obj.get(*k)).ok_or_else(|| {
         let have: Vec<&String> = obj.keys().collect();
-        Error::image(split_file, format!("no {:?} list (keys present: {have:?})", keys[0]))
+        Error::image(
+            split_file,
+            format!("no {:?} list (keys present: {have:?})", keys[0]),
+        )
     })?;
     let list = list
         .as_array()
         .ok_or_else(|| Error::image(split_file, format!("{:?} is not a list", keys[0])))?;
     let mut wanted = std::collections::HashSet::new();
     for entry in list {
-        let s = entry
-            .as_str()
-            .ok_or_else(|| Error::image(split_file, format!("{:?} holds a non-string entry {entry}", keys[0])))?;
+        let s = entry.as_str().ok_or_else(|| {
+            Error::image(
+                split_file,
+                format!("{:?} holds a non-string entry {entry}", keys[0]),
+            )
+        })?;
         let name = s.rsplit(['/', '\\']).next().unwrap_or(s);
         let id = id_of(name);
         if !samples.iter().any(|x| x.id == id) {
             return Err(Error::image(
                 split_file,
-                format!("{:?} lists {s:?} but the dataset has no image with id {id:?}", keys[0]),
+                format!(
+                    "{:?} lists {s:?} but the dataset has no image with id {id:?}",
+                    keys[0]
+                ),
             ));
         }
         wanted.insert(id.to_string());
     }
-    Ok(samples.into_iter().filter(|x| wanted.contains(&x.id)).collect())
+    Ok(samples
+        .into_iter()
+        .filter(|x| wanted.contains(&x.id))
+        .collect())
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 fn generic(root: &Path, split: Split) -> Result<Vec<Sample>> {
     let (images, masks) = (root.join("images"), root.join("masks"));
-    let example = || format!("{} with {}", images.join("case001.png").display(), masks.join("case001.png").display());
+    let example = || {
+        format!(
+            "{} with {}",
+            images.join("case001.png").display(),
+            masks.join("case001.png").display()
+        )
+    };
     if !images.is_dir() {
         return Err(no_samples(root, "images/ folder", example()));
     }
@@ -745,7 +897,13 @@ fn generic(root: &Path, split: Split) -> Result<Vec<Sample>> {
 #[cfg(not(target_arch = "wasm32"))]
 fn authors(root: &Path, split: Split) -> Result<Vec<Sample>> {
     let (images, masks) = (root.join("image_1024"), root.join("mask_1024"));
-    let example = || format!("{} with {}", images.join("ISIC_0000000.png").display(), masks.join("ISIC_0000000.png").display());
+    let example = || {
+        format!(
+            "{} with {}",
+            images.join("ISIC_0000000.png").display(),
+            masks.join("ISIC_0000000.png").display()
+        )
+    };
     if !images.is_dir() {
         return Err(no_samples(root, "image_1024/ folder", example()));
     }
@@ -782,10 +940,16 @@ impl Dataset {
     /// folder holding `Slide_*`/`GT_*` or its parent with `TNBC_NucleiSegmentation/`.
     pub fn open(root: &Path, format: Format, split: Split) -> Result<Dataset> {
         if !root.exists() {
-            return Err(Error::Invalid(format!("{}: dataset folder not found", root.display())));
+            return Err(Error::Invalid(format!(
+                "{}: dataset folder not found",
+                root.display()
+            )));
         }
         if !root.is_dir() {
-            return Err(Error::Invalid(format!("{}: not a folder (a dataset is a folder)", root.display())));
+            return Err(Error::Invalid(format!(
+                "{}: not a folder (a dataset is a folder)",
+                root.display()
+            )));
         }
         let mut samples = match format {
             Format::Isic2018 => isic(root, split)?,
@@ -796,7 +960,11 @@ impl Dataset {
             Format::Authors => authors(root, split)?,
         };
         samples.sort_by(|a, b| natural_cmp(&a.id, &b.id));
-        Ok(Dataset { format, root: root.to_path_buf(), samples })
+        Ok(Dataset {
+            format,
+            root: root.to_path_buf(),
+            samples,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -807,12 +975,79 @@ impl Dataset {
         self.samples.is_empty()
     }
 
+    /// Checks sample `i` without decoding pixels: the image's and the mask's headers are read
+    /// (format and size), the sizes must agree, and an Aperio XML annotation is parsed. The error
+    /// names the file and the problem.
+    pub fn check_sample(&self, i: usize) -> Result<()> {
+        let s = self.samples.get(i).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: sample {i} requested but the dataset has {}",
+                self.root.display(),
+                self.len()
+            ))
+        })?;
+        let (w, h) = header_size(&s.image)?;
+        match &s.mask {
+            MaskSource::Png(p) => {
+                let (mw, mh) = header_size(p)?;
+                if (mw, mh) != (w, h) {
+                    return Err(Error::image(
+                        p,
+                        format!(
+                            "mask is {mw}x{mh} but its image {} is {w}x{h}",
+                            s.image.display()
+                        ),
+                    ));
+                }
+            }
+            MaskSource::AperioXml(p) => {
+                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+                parse_aperio_xml(&String::from_utf8_lossy(&bytes), p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every sample ([`Dataset::check_sample`]); `progress` is called after each. Returns
+    /// the samples that cannot be used, in order, as (index, error).
+    pub fn check_samples(&self, mut progress: impl FnMut(usize)) -> Vec<(usize, Error)> {
+        let mut bad = Vec::new();
+        for i in 0..self.len() {
+            if let Err(e) = self.check_sample(i) {
+                bad.push((i, e));
+            }
+            progress(i);
+        }
+        bad
+    }
+
+    /// [`Dataset::check_samples`] as one error listing every sample that cannot be used (`Ok` when
+    /// there is none).
+    pub fn check(&self, progress: impl FnMut(usize)) -> Result<()> {
+        let bad = self.check_samples(progress);
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = bad.iter().map(|(_, e)| e.to_string()).collect();
+        Err(Error::Invalid(format!(
+            "{}: {} of {} samples cannot be used: {}",
+            self.root.display(),
+            bad.len(),
+            self.len(),
+            list.join("; ")
+        )))
+    }
+
     /// Loads sample `i`: the RGB image and its binary mask (0/1, `width * height`, row-major) at the
     /// image's size. Errors name the file: unreadable image or mask, a mask whose size differs
     /// from the image's (naming both), a malformed annotation file.
     pub fn load(&self, i: usize) -> Result<(RgbImage, Vec<u8>)> {
         let s = self.samples.get(i).ok_or_else(|| {
-            Error::Invalid(format!("{}: sample {i} requested but the dataset has {}", self.root.display(), self.len()))
+            Error::Invalid(format!(
+                "{}: sample {i} requested but the dataset has {}",
+                self.root.display(),
+                self.len()
+            ))
         })?;
         let image = crate::io::load_rgb(&s.image)?;
         let mask = load_mask(&s.mask, image.width, image.height, &s.image)?;
@@ -820,18 +1055,51 @@ impl Dataset {
     }
 }
 
+/// An image file's width and height from its header (no pixels decoded).
+#[cfg(not(target_arch = "wasm32"))]
+fn header_size(p: &Path) -> Result<(usize, usize)> {
+    let reader = image::ImageReader::open(p).map_err(|e| Error::io(p, e))?;
+    let reader = reader.with_guessed_format().map_err(|e| Error::io(p, e))?;
+    if reader.format().is_none() {
+        return Err(Error::image(
+            p,
+            format!(
+                "not a recognised image file (supported: {})",
+                crate::io::SUPPORTED
+            ),
+        ));
+    }
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| Error::image(p, format!("cannot read the image header: {e}")))?;
+    if w == 0 || h == 0 {
+        return Err(Error::image(p, format!("image has zero size ({w}x{h})")));
+    }
+    Ok((w as usize, h as usize))
+}
+
 /// Loads a ground-truth mask as 0/1 bytes for an image of `width × height` (`image` only names the
 /// image in the size-mismatch error). Image masks are binarised with [`binarize`]; Aperio XML is
 /// rasterised at that size with [`rasterize_polygons`].
 #[cfg(not(target_arch = "wasm32"))]
-pub fn load_mask(source: &MaskSource, width: usize, height: usize, image: &Path) -> Result<Vec<u8>> {
+pub fn load_mask(
+    source: &MaskSource,
+    width: usize,
+    height: usize,
+    image: &Path,
+) -> Result<Vec<u8>> {
     match source {
         MaskSource::Png(p) => {
             let g = crate::io::load_gray(p)?;
             if (g.width, g.height) != (width, height) {
                 return Err(Error::image(
                     p,
-                    format!("mask is {}×{} but its image {} is {width}×{height}", g.width, g.height, image.display()),
+                    format!(
+                        "mask is {}×{} but its image {} is {width}×{height}",
+                        g.width,
+                        g.height,
+                        image.display()
+                    ),
                 ));
             }
             Ok(binarize(&g))

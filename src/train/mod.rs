@@ -1,6 +1,8 @@
 //! Training: parameters and optimiser state on the device, the explicit backward of the model,
 //! datasets, metrics and the training loop.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cleanup;
 pub mod datasets;
 pub mod layers;
 pub mod metrics;
@@ -8,3 +10,6 @@ pub mod model;
 pub mod params;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod trainer;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub use cleanup::remove_stale_temp_files;

@@ -12,7 +12,7 @@ use crate::gpu::Gpu;
 use crate::io::RgbImage;
 use crate::model::weights::HostTensor;
 use crate::model::{Config, MedFastSam, Variant, Weights};
-use crate::ops::loss::{seg_loss, LossConfig};
+use crate::ops::loss::{LossConfig, seg_loss};
 use crate::ops::optim::AdamConfig;
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
@@ -30,8 +30,16 @@ pub struct Example {
 impl Example {
     /// Stretch-resizes an image (bilinear) and its mask (nearest) to S×S.
     pub fn at_size(id: String, image: &RgbImage, mask: &[u8], s: usize) -> Example {
-        let m = crate::io::GrayImage { width: image.width, height: image.height, data: mask.to_vec() };
-        Example { id, image: image.resize(s, s), mask: m.resize_nearest(s, s).data }
+        let m = crate::io::GrayImage {
+            width: image.width,
+            height: image.height,
+            data: mask.to_vec(),
+        };
+        Example {
+            id,
+            image: image.resize(s, s),
+            mask: m.resize_nearest(s, s).data,
+        }
     }
 
     /// One of the 8 symmetries of the square (flips and 90° rotations), applied to image and mask.
@@ -57,11 +65,20 @@ impl Example {
             for x in 0..s {
                 let (sy, sx) = map(y, x);
                 let si = sy * s + sx;
-                img[(y * s + x) * 3..(y * s + x) * 3 + 3].copy_from_slice(&self.image.data[si * 3..si * 3 + 3]);
+                img[(y * s + x) * 3..(y * s + x) * 3 + 3]
+                    .copy_from_slice(&self.image.data[si * 3..si * 3 + 3]);
                 mask[y * s + x] = self.mask[si];
             }
         }
-        Example { id: self.id.clone(), image: RgbImage { width: s, height: s, data: img }, mask }
+        Example {
+            id: self.id.clone(),
+            image: RgbImage {
+                width: s,
+                height: s,
+                data: img,
+            },
+            mask,
+        }
     }
 }
 
@@ -73,6 +90,10 @@ pub trait Source {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// What names example `i` in messages (its image file where there is one).
+    fn name(&self, i: usize) -> String {
+        format!("example {i}")
+    }
 }
 
 impl Source for super::datasets::Dataset {
@@ -82,6 +103,11 @@ impl Source for super::datasets::Dataset {
     fn get(&self, i: usize, s: usize, _rng: &mut Rng) -> Result<Example> {
         let (img, mask) = self.load(i)?;
         Ok(Example::at_size(self.samples[i].id.clone(), &img, &mask, s))
+    }
+    fn name(&self, i: usize) -> String {
+        self.samples
+            .get(i)
+            .map_or_else(|| format!("sample {i}"), |x| x.image.display().to_string())
     }
 }
 
@@ -94,6 +120,11 @@ impl Source for MemorySource {
     }
     fn get(&self, i: usize, _s: usize, _rng: &mut Rng) -> Result<Example> {
         Ok(self.0[i].clone())
+    }
+    fn name(&self, i: usize) -> String {
+        self.0
+            .get(i)
+            .map_or_else(|| format!("example {i}"), |e| e.id.clone())
     }
 }
 
@@ -162,9 +193,17 @@ pub struct Trainer<'g> {
 }
 
 impl<'g> Trainer<'g> {
-    pub fn new(gpu: &'g Gpu, weights: &Weights, cfg: &Config, variant: Variant, opts: TrainOptions) -> Result<Self> {
+    pub fn new(
+        gpu: &'g Gpu,
+        weights: &Weights,
+        cfg: &Config,
+        variant: Variant,
+        opts: TrainOptions,
+    ) -> Result<Self> {
         if opts.batch == 0 || opts.accum == 0 {
-            return Err(Error::Config("batch and accumulation steps must be at least 1".into()));
+            return Err(Error::Config(
+                "batch and accumulation steps must be at least 1".into(),
+            ));
         }
         if opts.batch < 2 && opts.mode == TrainMode::Full {
             return Err(Error::Config(
@@ -172,7 +211,13 @@ impl<'g> Trainer<'g> {
             ));
         }
         let ps = ParamStore::new(gpu, weights, cfg, variant, opts.mode)?;
-        Ok(Trainer { gpu, ps, opts, progress: Progress::default(), loss: LossConfig::default() })
+        Ok(Trainer {
+            gpu,
+            ps,
+            opts,
+            progress: Progress::default(),
+            loss: LossConfig::default(),
+        })
     }
 
     /// Optimiser steps per epoch for `n` examples (the last, partial batch is dropped).
@@ -188,7 +233,12 @@ impl<'g> Trainer<'g> {
     }
 
     /// The examples of optimiser step `k` of `epoch` (micro-batches), augmented deterministically.
-    pub fn batch_examples(&self, src: &dyn Source, epoch: usize, k: usize) -> Result<Vec<Vec<Example>>> {
+    pub fn batch_examples(
+        &self,
+        src: &dyn Source,
+        epoch: usize,
+        k: usize,
+    ) -> Result<Vec<Vec<Example>>> {
         let order = self.epoch_order(src.len(), epoch);
         let per = self.opts.batch * self.opts.accum;
         let s = self.ps.cfg.image_size;
@@ -198,7 +248,9 @@ impl<'g> Trainer<'g> {
             for j in 0..self.opts.batch {
                 let pos = k * per + a * self.opts.batch + j;
                 let i = order[pos];
-                let mut rng = Rng::new(self.opts.seed ^ ((epoch as u64) << 32) ^ (pos as u64).wrapping_mul(0x9E37));
+                let mut rng = Rng::new(
+                    self.opts.seed ^ ((epoch as u64) << 32) ^ (pos as u64).wrapping_mul(0x9E37),
+                );
                 let mut ex = src.get(i, s, &mut rng)?;
                 if ex.image.width != s || ex.image.height != s || ex.mask.len() != s * s {
                     return Err(Error::Invalid(format!("example {} is not {s}x{s}", ex.id)));
@@ -219,11 +271,17 @@ impl<'g> Trainer<'g> {
         let s = self.ps.cfg.image_size;
         let mut rec = self.gpu.new_recorder();
         self.ps.zero_grads(&mut rec);
-        let loss = LossConfig { grad_scale: 1.0 / micro.len() as f32, ..self.loss };
+        let loss = LossConfig {
+            grad_scale: 1.0 / micro.len() as f32,
+            ..self.loss
+        };
         let mut values = Vec::new();
         for b in micro {
             let px: Vec<u32> = b.iter().flat_map(|e| e.image.packed()).collect();
-            let tg: Vec<f32> = b.iter().flat_map(|e| e.mask.iter().map(|&v| v as f32)).collect();
+            let tg: Vec<f32> = b
+                .iter()
+                .flat_map(|e| e.mask.iter().map(|&v| v as f32))
+                .collect();
             let px = self.gpu.upload_u32(&px, &[b.len(), s, s])?;
             let tg = self.gpu.upload(&tg, &[b.len(), s, s, 1])?;
             let (out, cache) = forward_train(&self.ps, &mut rec, &px)?;
@@ -233,7 +291,11 @@ impl<'g> Trainer<'g> {
             // Keep one micro-batch's activations alive at a time.
             rec.flush()?;
         }
-        let adam = AdamConfig { lr: self.opts.lr, weight_decay: self.opts.weight_decay, ..AdamConfig::default() };
+        let adam = AdamConfig {
+            lr: self.opts.lr,
+            weight_decay: self.opts.weight_decay,
+            ..AdamConfig::default()
+        };
         self.ps.adam(&mut rec, &adam)?;
         rec.submit()?;
         for _ in micro {
@@ -246,6 +308,19 @@ impl<'g> Trainer<'g> {
                 mean[i] += r[i] / values.len() as f32;
             }
         }
+        if mean.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "training diverged at step {} (epoch {}): the loss is not finite (loss {}, focal {}, Dice loss {}), so \
+                 the weights are no longer usable and none are written from this step on; lower the learning rate \
+                 (now --lr {:e})",
+                self.progress.step + 1,
+                self.progress.epoch + 1,
+                mean[0],
+                mean[1],
+                mean[2],
+                self.opts.lr
+            )));
+        }
         self.progress.step += 1;
         self.progress.step_in_epoch += 1;
         Ok(mean)
@@ -256,24 +331,74 @@ impl<'g> Trainer<'g> {
         pollster_block(self.ps.to_weights_async(self.gpu))
     }
 
-    /// Writes a checkpoint: weights, Adam moments (`adam.m.*`, `adam.v.*`), options and position.
-    pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+    /// The current weights, refused (an error naming the first tensor) when any value is not
+    /// finite: what is written to a file goes through here, so no file ever holds NaN or infinity.
+    pub fn finite_weights(&self) -> Result<Weights> {
+        let w = self.weights()?;
+        self.check_finite(&w)?;
+        Ok(w)
+    }
+
+    fn check_finite(&self, w: &Weights) -> Result<()> {
+        if let Some((k, _)) = w
+            .tensors
+            .iter()
+            .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
+        {
+            return Err(Error::Invalid(format!(
+                "training diverged by step {} (epoch {}): tensor '{k}' holds NaN or infinite values, so nothing is \
+                 written from this state; lower the learning rate (now --lr {:e})",
+                self.progress.step,
+                self.progress.epoch + 1,
+                self.opts.lr
+            )));
+        }
+        Ok(())
+    }
+
+    /// A checkpoint of the current state in host memory (weights, Adam moments `adam.m.*` /
+    /// `adam.v.*`, options and position), checked finite; [`Checkpoint::write`] writes it.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
         let mut w = self.weights()?;
         for (k, t) in self.ps.read_moments(self.gpu)? {
             w.tensors.insert(k, t);
         }
-        let state = TrainState { options: self.opts.clone(), progress: self.progress.clone() };
-        w.metadata.insert(META_TRAIN.into(), serde_json::to_string(&state).expect("serialisable"));
-        w.save(path, &self.ps.cfg, self.ps.variant, false)
+        self.check_finite(&w)?;
+        let state = TrainState {
+            options: self.opts.clone(),
+            progress: self.progress.clone(),
+        };
+        w.metadata.insert(
+            META_TRAIN.into(),
+            serde_json::to_string(&state).expect("serialisable"),
+        );
+        Ok(Checkpoint {
+            weights: w,
+            cfg: self.ps.cfg.clone(),
+            variant: self.ps.variant,
+            step: self.progress.step,
+        })
+    }
+
+    /// Writes a checkpoint: weights, Adam moments (`adam.m.*`, `adam.v.*`), options and position.
+    /// Refuses (writing nothing) when any value is not finite.
+    pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+        self.checkpoint()?.write(path)
     }
 
     /// Continues from a checkpoint written by [`Trainer::save_checkpoint`].
     pub fn resume(gpu: &'g Gpu, path: &std::path::Path) -> Result<Self> {
         let mut w = Weights::load(path)?;
         let state: TrainState = match w.metadata.remove(META_TRAIN) {
-            Some(s) => serde_json::from_str(&s)
-                .map_err(|e| Error::weights(path, format!("bad training state in metadata: {e}")))?,
-            None => return Err(Error::weights(path, "not a training checkpoint (no training state in its metadata)")),
+            Some(s) => serde_json::from_str(&s).map_err(|e| {
+                Error::weights(path, format!("bad training state in metadata: {e}"))
+            })?,
+            None => {
+                return Err(Error::weights(
+                    path,
+                    "not a training checkpoint (no training state in its metadata)",
+                ));
+            }
         };
         let moments: BTreeMap<String, HostTensor> = w
             .tensors
@@ -282,13 +407,33 @@ impl<'g> Trainer<'g> {
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
         w.tensors.retain(|k, _| !k.starts_with("adam."));
-        let cfg = w.config.clone().ok_or_else(|| Error::weights(path, "checkpoint has no configuration"))?;
+        let cfg = w
+            .config
+            .clone()
+            .ok_or_else(|| Error::weights(path, "checkpoint has no configuration"))?;
         let variant = w.variant.unwrap_or_default();
         let mut t = Trainer::new(gpu, &w, &cfg, variant, state.options)?;
-        t.ps.load_moments(gpu, &moments).map_err(|e| Error::weights(path, e.to_string()))?;
+        t.ps.load_moments(gpu, &moments)
+            .map_err(|e| Error::weights(path, e.to_string()))?;
         t.ps.step = state.progress.step;
         t.progress = state.progress;
         Ok(t)
+    }
+}
+
+/// A checkpoint held in memory (see [`Trainer::checkpoint`]).
+pub struct Checkpoint {
+    weights: Weights,
+    cfg: Config,
+    variant: Variant,
+    /// Optimiser steps done when it was taken.
+    pub step: u64,
+}
+
+impl Checkpoint {
+    /// Writes it atomically (a complete file or the previous one, never a partial one).
+    pub fn write(&self, path: &std::path::Path) -> Result<()> {
+        self.weights.save(path, &self.cfg, self.variant, false)
     }
 }
 
@@ -305,36 +450,137 @@ pub struct Evaluated {
     pub pred: Vec<u8>,
 }
 
+/// An example that could not be scored, and why.
+#[derive(Debug)]
+pub struct Unscored {
+    /// Index in the source.
+    pub index: usize,
+    /// The example's id (its file stem for datasets).
+    pub id: String,
+    /// The error, naming the file.
+    pub error: Error,
+    /// The model's logits were NaN or infinite (weights that overflow), not a problem of the file.
+    pub non_finite: bool,
+}
+
+/// What [`evaluate_each`] got: the scored examples, those that could not be scored, and an error
+/// that stopped the evaluation early (a GPU error: later examples were not tried).
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    pub scored: Vec<Evaluated>,
+    pub unscored: Vec<Unscored>,
+    pub stopped: Option<Error>,
+}
+
+impl Evaluation {
+    /// All examples scored, or the first problem as the error.
+    pub fn into_result(self) -> Result<Vec<Evaluated>> {
+        if let Some(u) = self.unscored.into_iter().next() {
+            return Err(u.error);
+        }
+        if let Some(e) = self.stopped {
+            return Err(e);
+        }
+        Ok(self.scored)
+    }
+}
+
 /// Evaluates `model` on `src` (batch of one image at a time): binary prediction logit > 0 at the
 /// model size vs the ground truth resized (nearest) to it; IoU, Dice and optionally HD95.
-pub fn evaluate(
+/// `on_image` sees each scored example. An example whose files cannot be read, or whose logits are
+/// not finite (never turned into a mask or a score), is listed in [`Evaluation::unscored`] and the
+/// others are still scored; a GPU error stops the evaluation ([`Evaluation::stopped`]) keeping
+/// what was scored before it.
+pub fn evaluate_each(
     gpu: &Gpu,
     model: &MedFastSam,
     src: &dyn Source,
     with_hd95: bool,
     mut on_image: impl FnMut(usize, &Evaluated),
-) -> Result<Vec<Evaluated>> {
+) -> Evaluation {
     let s = model.cfg.image_size;
-    let mut out = Vec::new();
+    let mut out = Evaluation::default();
     let mut rng = Rng::new(0);
     for i in 0..src.len() {
-        let ex = src.get(i, s, &mut rng)?;
-        let px = gpu.upload_u32(&ex.image.packed(), &[1, s, s])?;
-        let mut rec = gpu.new_recorder();
-        let o = model.forward(&mut rec, &px, false)?;
-        rec.submit()?;
-        let logits = gpu.read(&o.logits)?;
+        let ex = match src.get(i, s, &mut rng) {
+            Ok(ex) => ex,
+            Err(error) => {
+                let id = src.name(i);
+                out.unscored.push(Unscored {
+                    index: i,
+                    id,
+                    error,
+                    non_finite: false,
+                });
+                continue;
+            }
+        };
+        let logits = (|| -> Result<Vec<f32>> {
+            let px = gpu.upload_u32(&ex.image.packed(), &[1, s, s])?;
+            let mut rec = gpu.new_recorder();
+            let o = model.forward(&mut rec, &px, false)?;
+            rec.submit()?;
+            gpu.read(&o.logits)
+        })();
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                out.stopped = Some(Error::image(
+                    src.name(i),
+                    format!("evaluation stopped: {e}"),
+                ));
+                break;
+            }
+        };
+        if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
+            let n = logits.iter().filter(|v| !v.is_finite()).count();
+            let error = Error::image(
+                src.name(i),
+                format!(
+                    "the model's logits are not finite ({n} of {} values, e.g. {bad}): the weights overflow at this \
+                     input, so there is no mask and no score",
+                    logits.len()
+                ),
+            );
+            out.unscored.push(Unscored {
+                index: i,
+                id: ex.id,
+                error,
+                non_finite: true,
+            });
+            continue;
+        }
         let pred: Vec<u8> = logits.iter().map(|&v| (v > 0.0) as u8).collect();
         let scores = metrics::scores(&pred, &ex.mask, s, s, with_hd95);
-        let e = Evaluated { id: ex.id, scores, pred };
+        let e = Evaluated {
+            id: ex.id,
+            scores,
+            pred,
+        };
         on_image(i, &e);
-        out.push(e);
+        out.scored.push(e);
     }
-    Ok(out)
+    out
+}
+
+/// [`evaluate_each`] where any example that cannot be scored is an error.
+pub fn evaluate(
+    gpu: &Gpu,
+    model: &MedFastSam,
+    src: &dyn Source,
+    with_hd95: bool,
+    on_image: impl FnMut(usize, &Evaluated),
+) -> Result<Vec<Evaluated>> {
+    evaluate_each(gpu, model, src, with_hd95, on_image).into_result()
 }
 
 /// Scores of the Otsu coarse prompt alone (the CP-Encoder's mask at the model size).
-pub fn evaluate_otsu(gpu: &Gpu, model: &MedFastSam, src: &dyn Source, with_hd95: bool) -> Result<Vec<Evaluated>> {
+pub fn evaluate_otsu(
+    gpu: &Gpu,
+    model: &MedFastSam,
+    src: &dyn Source,
+    with_hd95: bool,
+) -> Result<Vec<Evaluated>> {
     let s = model.cfg.image_size;
     let mut out = Vec::new();
     let mut rng = Rng::new(0);
@@ -347,7 +593,11 @@ pub fn evaluate_otsu(gpu: &Gpu, model: &MedFastSam, src: &dyn Source, with_hd95:
         rec.submit()?;
         let pred: Vec<u8> = gpu.read(&mask)?.iter().map(|&v| (v > 0.5) as u8).collect();
         let scores = metrics::scores(&pred, &ex.mask, s, s, with_hd95);
-        out.push(Evaluated { id: ex.id, scores, pred });
+        out.push(Evaluated {
+            id: ex.id,
+            scores,
+            pred,
+        });
     }
     Ok(out)
 }

@@ -1,6 +1,10 @@
 //! `medfastsam eval`: the paper's evaluation protocol — per image, binary prediction (logit > 0) vs
 //! binary ground truth at the model input size S×S, foreground IoU and Dice (and HD95), then the
 //! mean over images; per-image CSV. Works zero-shot on any dataset layout.
+//!
+//! A sample that cannot be scored (a file that cannot be read, a mask of another size, logits
+//! that are not finite) does not stop the others: they are scored and written, the unscored ones
+//! are listed on stderr and in `unscored.csv`, and the exit status is non-zero.
 
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
@@ -8,7 +12,7 @@ use medfastsam::io;
 use medfastsam::model::MedFastSam;
 use medfastsam::train::datasets::{Dataset, Format, Split};
 use medfastsam::train::metrics::{self, Summary};
-use medfastsam::train::trainer::{evaluate, evaluate_otsu};
+use medfastsam::train::trainer::{evaluate_each, evaluate_otsu};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -38,55 +42,157 @@ pub struct EvalArgs {
 }
 
 fn print_summary(what: &str, s: &Summary) {
-    let hd = s.mean_hd95.map(|h| format!(", HD95 {h:.2} px ({} images)", s.n_hd95)).unwrap_or_default();
+    let hd = s
+        .mean_hd95
+        .map(|h| format!(", HD95 {h:.2} px ({} images)", s.n_hd95))
+        .unwrap_or_default();
     println!(
         "{what}: {} images, mIoU {:.4} (sd {:.4}), Dice {:.4} (sd {:.4}){hd}",
         s.n, s.mean_iou, s.std_iou, s.mean_dice, s.std_dice
     );
 }
 
+/// `unscored.csv`: id and the error of each sample that could not be scored.
+fn unscored_csv(rows: &[(String, String)]) -> String {
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    let mut out = String::from("id,error\n");
+    for (id, e) in rows {
+        out.push_str(&format!("{},{}\n", field(id), field(e)));
+    }
+    out
+}
+
 pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
     let split: Split = a.split.parse()?;
+    if let Some(o) = &a.out {
+        std::fs::create_dir_all(o).map_err(|e| anyhow::anyhow!("{}: {e}", o.display()))?;
+        super::train::remove_stale_temp_files(o);
+    }
     let data = Dataset::open(&a.data, a.format, split)?;
     if data.is_empty() {
         anyhow::bail!("{}: no images in split {}", a.data.display(), split.name());
     }
     let (weights, cfg, variant) = a.model.load()?;
+    // Every sample checked first (headers, sizes, annotations): the bad ones are set aside.
+    let check_bar = indicatif::ProgressBar::new(data.len() as u64);
+    check_bar.set_style(
+        indicatif::ProgressStyle::with_template("checking samples {bar:30} {pos}/{len}").unwrap(),
+    );
+    let bad = data.check_samples(|_| check_bar.inc(1));
+    check_bar.finish_and_clear();
+    // (id, error) of every sample not scored, in dataset order
+    let mut unscored: Vec<(usize, String, String)> = bad
+        .iter()
+        .map(|(i, e)| (*i, data.samples[*i].id.clone(), e.to_string()))
+        .collect();
+    let mut good = data.clone();
+    good.samples = data
+        .samples
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !bad.iter().any(|(b, _)| b == i))
+        .map(|(_, s)| s.clone())
+        .collect();
+    let index_of: Vec<usize> = (0..data.len())
+        .filter(|i| !bad.iter().any(|(b, _)| b == i))
+        .collect();
     let gpu = gpu.open()?;
     let model = MedFastSam::new(&gpu, &weights, &cfg, variant)?;
     drop(weights);
     let s = cfg.image_size;
-    if let Some(o) = &a.out {
-        std::fs::create_dir_all(o).map_err(|e| anyhow::anyhow!("{}: {e}", o.display()))?;
-    }
-    eprintln!("evaluating {} images of {} ({}) at {s}x{s}, {} variant", data.len(), a.data.display(), a.format, variant.name());
-    let bar = indicatif::ProgressBar::new(data.len() as u64);
+    eprintln!(
+        "evaluating {} images of {} ({}) at {s}x{s}, {} variant",
+        good.len(),
+        a.data.display(),
+        a.format,
+        variant.name()
+    );
+    let bar = indicatif::ProgressBar::new(good.len() as u64);
     let mut save_err = None;
-    let ev = evaluate(&gpu, &model, &data, !a.no_hd95, |_, e| {
+    let ev = evaluate_each(&gpu, &model, &good, !a.no_hd95, |_, e| {
         bar.inc(1);
         if let (true, Some(o)) = (a.save_masks, &a.out) {
-            let m = io::GrayImage { width: s, height: s, data: e.pred.iter().map(|&v| v * 255).collect() };
-            let r = io::encode_png_gray(&m).and_then(|png| io::write_atomic(&o.join(format!("{}_mask.png", e.id)), &png));
+            let m = io::GrayImage {
+                width: s,
+                height: s,
+                data: e.pred.iter().map(|&v| v * 255).collect(),
+            };
+            let r = io::encode_png_gray(&m)
+                .and_then(|png| io::write_atomic(&o.join(format!("{}_mask.png", e.id)), &png));
             if let Err(err) = r {
                 save_err.get_or_insert(err);
             }
         }
-    })?;
+    });
     bar.finish_and_clear();
-    if let Some(e) = save_err {
-        return Err(e.into());
+    for u in &ev.unscored {
+        unscored.push((index_of[u.index], u.id.clone(), u.error.to_string()));
     }
-    let rows: Vec<(String, metrics::Scores)> = ev.iter().map(|e| (e.id.clone(), e.scores.clone())).collect();
-    let sum = Summary::from_scores(rows.iter().map(|r| &r.1));
-    print_summary("Med-FastSAM", &sum);
-    if a.otsu {
-        let ot = evaluate_otsu(&gpu, &model, &data, !a.no_hd95)?;
-        print_summary("Otsu coarse prompt alone", &Summary::from_scores(ot.iter().map(|e| &e.scores)));
+    unscored.sort_by_key(|u| u.0);
+    for (_, _, e) in &unscored {
+        eprintln!("not scored: {e}");
     }
+    let rows: Vec<(String, metrics::Scores)> =
+        ev.scored.iter().map(|e| (e.id.clone(), e.scores)).collect();
+    // Write what was scored before anything else can fail.
     if let Some(o) = &a.out {
         let p = o.join("scores.csv");
         metrics::write_csv(&p, &rows)?;
         eprintln!("per-image scores: {}", p.display());
+        let u = o.join("unscored.csv");
+        if unscored.is_empty() {
+            if u.exists() {
+                std::fs::remove_file(&u).map_err(|e| anyhow::anyhow!("{}: {e}", u.display()))?;
+            }
+        } else {
+            let list: Vec<(String, String)> = unscored
+                .iter()
+                .map(|(_, id, e)| (id.clone(), e.clone()))
+                .collect();
+            io::write_atomic(&u, unscored_csv(&list).as_bytes())?;
+        }
+    }
+    if let Some(e) = save_err {
+        return Err(e.into());
+    }
+    if !rows.is_empty() {
+        print_summary(
+            "Med-FastSAM",
+            &Summary::from_scores(rows.iter().map(|r| &r.1)),
+        );
+    }
+    if let Some(e) = ev.stopped {
+        anyhow::bail!(
+            "{e} ({} of {} images scored before it)",
+            rows.len(),
+            data.len()
+        );
+    }
+    if a.otsu && !rows.is_empty() {
+        let ot = evaluate_otsu(&gpu, &model, &good, !a.no_hd95)?;
+        print_summary(
+            "Otsu coarse prompt alone",
+            &Summary::from_scores(ot.iter().map(|e| &e.scores)),
+        );
+    }
+    if !unscored.is_empty() {
+        let listed = a
+            .out
+            .as_ref()
+            .map(|o| format!(" and in {}", o.join("unscored.csv").display()))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "{} of {} images could not be scored (listed above{listed}); the scores are those of the other {}",
+            unscored.len(),
+            data.len(),
+            rows.len()
+        );
     }
     Ok(0)
 }

@@ -4,14 +4,16 @@
 //! prompt alone on the held-out quadrant, and writes the weights and an overlay.
 
 use super::GpuArgs;
-use super::train::{on_ctrl_c, INTERRUPTED};
+use super::train::{INTERRUPTED, on_ctrl_c};
 use clap::Args;
 use medfastsam::io::{self, GrayImage, RgbImage};
 use medfastsam::model::{Config, MedFastSam, Variant, Weights};
 use medfastsam::rng::Rng;
 use medfastsam::train::metrics::Summary;
 use medfastsam::train::params::TrainMode;
-use medfastsam::train::trainer::{evaluate, evaluate_otsu, Example, MemorySource, Source, TrainOptions, Trainer};
+use medfastsam::train::trainer::{
+    Example, MemorySource, Source, TrainOptions, Trainer, evaluate, evaluate_otsu,
+};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -55,10 +57,24 @@ impl Source for Crops {
     }
     fn get(&self, i: usize, s: usize, rng: &mut Rng) -> medfastsam::Result<Example> {
         let off = rng.below(257);
-        let (x0, y0) = if rng.below(2) == 0 { (off, 0) } else { (0, off) };
+        let (x0, y0) = if rng.below(2) == 0 {
+            (off, 0)
+        } else {
+            (0, off)
+        };
         let img = self.image.crop(x0, y0, 256, 256);
-        let m = GrayImage { width: 512, height: 512, data: self.mask.clone() }.crop(x0, y0, 256, 256);
-        Ok(Example::at_size(format!("crop{i}@{x0},{y0}"), &img, &m.data, s))
+        let m = GrayImage {
+            width: 512,
+            height: 512,
+            data: self.mask.clone(),
+        }
+        .crop(x0, y0, 256, 256);
+        Ok(Example::at_size(
+            format!("crop{i}@{x0},{y0}"),
+            &img,
+            &m.data,
+            s,
+        ))
     }
 }
 
@@ -90,10 +106,24 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
     };
     let init = Weights::init(&cfg, a.seed);
     let mut t = Trainer::new(&gpu, &init, &cfg, variant, opts)?;
-    let crops = Crops { image: image.clone(), mask: mask.clone(), per_epoch: a.batch * a.steps };
-    let held = GrayImage { width: 512, height: 512, data: mask.clone() }.crop(256, 256, 256, 256);
+    let crops = Crops {
+        image: image.clone(),
+        mask: mask.clone(),
+        per_epoch: a.batch * a.steps,
+    };
+    let held = GrayImage {
+        width: 512,
+        height: 512,
+        data: mask.clone(),
+    }
+    .crop(256, 256, 256, 256);
     let held_img = image.crop(256, 256, 256, 256);
-    let heldout = MemorySource(vec![Example::at_size("held-out quadrant".into(), &held_img, &held.data, s)]);
+    let heldout = MemorySource(vec![Example::at_size(
+        "held-out quadrant".into(),
+        &held_img,
+        &held.data,
+        s,
+    )]);
     let (tuned, total) = t.ps.counts();
     println!(
         "quickstart: tiny preset ({} parameters, {tuned} trained), {} variant, {s}² crops of 3 quadrants of a \
@@ -107,8 +137,10 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
     on_ctrl_c();
     let bar = indicatif::ProgressBar::new(a.steps as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
-            .unwrap(),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap(),
     );
     let t_train = Instant::now();
     let mut last = [0f32; 3];
@@ -118,20 +150,31 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
         let micro = t.batch_examples(&crops, 0, k)?;
         last = t.step(&micro)?;
         done += 1;
-        bar.set_message(format!("loss {:.4} {:.1} img/s", last[0], a.batch as f64 / ts.elapsed().as_secs_f64()));
+        bar.set_message(format!(
+            "loss {:.4} {:.1} img/s",
+            last[0],
+            a.batch as f64 / ts.elapsed().as_secs_f64()
+        ));
         bar.inc(1);
         if INTERRUPTED.load(Ordering::SeqCst) {
-            super::bar_line(Some(&bar), "interrupted: evaluating what was trained so far");
+            super::bar_line(
+                Some(&bar),
+                "interrupted: evaluating what was trained so far",
+            );
             break;
         }
         if t_train.elapsed().as_secs_f64() > a.minutes * 60.0 {
-            super::bar_line(Some(&bar), format!("time budget reached after {done} steps"));
+            super::bar_line(
+                Some(&bar),
+                format!("time budget reached after {done} steps"),
+            );
             break;
         }
     }
     bar.finish_and_clear();
     let train_s = t_train.elapsed().as_secs_f64();
-    let w = t.weights()?;
+    // refused (nothing written) if training diverged to NaN or infinite weights
+    let w = t.finite_weights()?;
     let model = MedFastSam::new(&gpu, &w, &cfg, variant)?;
     let ev = evaluate(&gpu, &model, &heldout, true, |_, _| {})?;
     let ot = evaluate_otsu(&gpu, &model, &heldout, true)?;
@@ -139,17 +182,48 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
     let so = Summary::from_scores(ot.iter().map(|e| &e.scores));
     let wpath = a.out.join("tiny-nuclei.safetensors");
     w.save(&wpath, &cfg, variant, false)?;
-    let pred = GrayImage { width: s, height: s, data: ev[0].pred.iter().map(|&v| v * 255).collect() };
-    io::write_atomic(&a.out.join("heldout_mask.png"), &io::encode_png_gray(&pred)?)?;
-    io::write_atomic(&a.out.join("heldout_overlay.png"), &io::encode_png_rgb(&io::overlay(&held_img, &pred, 0.45))?)?;
-    let otsu = GrayImage { width: s, height: s, data: ot[0].pred.iter().map(|&v| v * 255).collect() };
-    io::write_atomic(&a.out.join("heldout_otsu_overlay.png"), &io::encode_png_rgb(&io::overlay(&held_img, &otsu, 0.45))?)?;
-    println!("trained {done} steps in {train_s:.0} s ({:.2} s/step), final training loss {:.4}", train_s / done.max(1) as f64, last[0]);
-    println!("held-out quadrant (256x256, {} nuclei pixels):", held.data.iter().filter(|&&v| v > 0).count());
+    let pred = GrayImage {
+        width: s,
+        height: s,
+        data: ev[0].pred.iter().map(|&v| v * 255).collect(),
+    };
+    io::write_atomic(
+        &a.out.join("heldout_mask.png"),
+        &io::encode_png_gray(&pred)?,
+    )?;
+    io::write_atomic(
+        &a.out.join("heldout_overlay.png"),
+        &io::encode_png_rgb(&io::overlay(&held_img, &pred, 0.45))?,
+    )?;
+    let otsu = GrayImage {
+        width: s,
+        height: s,
+        data: ot[0].pred.iter().map(|&v| v * 255).collect(),
+    };
+    io::write_atomic(
+        &a.out.join("heldout_otsu_overlay.png"),
+        &io::encode_png_rgb(&io::overlay(&held_img, &otsu, 0.45))?,
+    )?;
+    println!(
+        "trained {done} steps in {train_s:.0} s ({:.2} s/step), final training loss {:.4}",
+        train_s / done.max(1) as f64,
+        last[0]
+    );
+    println!(
+        "held-out quadrant (256x256, {} nuclei pixels):",
+        held.data.iter().filter(|&&v| v > 0).count()
+    );
     println!("  {}", summary_line("trained Med-FastSAM (tiny)", &sm));
     println!("  {}", summary_line("Otsu coarse prompt alone", &so));
-    let verdict = if sm.mean_dice > so.mean_dice { "beats" } else { "does NOT beat" };
-    println!("  the trained model {verdict} the coarse prompt (Dice {:+.4})", sm.mean_dice - so.mean_dice);
+    let verdict = if sm.mean_dice > so.mean_dice {
+        "beats"
+    } else {
+        "does NOT beat"
+    };
+    println!(
+        "  the trained model {verdict} the coarse prompt (Dice {:+.4})",
+        sm.mean_dice - so.mean_dice
+    );
     println!(
         "wrote {} and {} (total {:.0} s)",
         wpath.display(),

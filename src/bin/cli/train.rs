@@ -1,5 +1,11 @@
 //! `medfastsam train`: the training loop with progress, per-epoch log (JSON lines), atomic
-//! checkpoints, best-on-validation weights, `--resume`, and a checkpoint on Ctrl-C.
+//! checkpoints, best-on-validation weights, `--resume`, and a checkpoint on Ctrl-C or SIGTERM.
+//!
+//! Faults: every sample is checked when the data is opened (all bad ones listed at once); a loss
+//! or weights that stop being finite end the run at that step with nothing written from that
+//! state, and a periodic checkpoint is written only once the next step's loss has shown its
+//! weights finite, so a good checkpoint is never replaced by a diverged one; stale temporary
+//! files of killed writers are removed from the output folder on start.
 
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
@@ -8,7 +14,7 @@ use medfastsam::model::{Config, MedFastSam, Variant, Weights};
 use medfastsam::train::datasets::{Dataset, Format, Split};
 use medfastsam::train::metrics::Summary;
 use medfastsam::train::params::TrainMode;
-use medfastsam::train::trainer::{evaluate, TrainOptions, Trainer};
+use medfastsam::train::trainer::{Checkpoint, TrainOptions, Trainer, evaluate_each};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +22,9 @@ use std::time::Instant;
 
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Installs the Ctrl-C handler (once).
+/// Installs the handler of Ctrl-C (SIGINT) and of the termination signals SIGTERM (what a cluster
+/// scheduler sends before killing a job) and SIGHUP (once): the first sets [`INTERRUPTED`], a
+/// second exits at once.
 pub fn on_ctrl_c() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -25,9 +33,46 @@ pub fn on_ctrl_c() {
                 eprintln!("\nsecond interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupted: writing a checkpoint after the current step (Ctrl-C again to abort)");
+            eprintln!("\ninterrupted (Ctrl-C or a termination signal): finishing the current step (interrupt again to abort)");
         });
     });
+}
+
+/// Removes the temporary files that writers killed mid-write left in `dir` (see
+/// [`medfastsam::train::remove_stale_temp_files`]) and says so; a failure is a warning.
+pub fn remove_stale_temp_files(dir: &Path) {
+    match medfastsam::train::remove_stale_temp_files(dir) {
+        Ok(removed) => {
+            for p in removed {
+                eprintln!(
+                    "removed stale temporary file {} (left by an interrupted write)",
+                    p.display()
+                );
+            }
+        }
+        Err(e) => eprintln!("warning: cannot remove stale temporary files: {e}"),
+    }
+}
+
+/// Checks every sample of the named datasets (headers, sizes, annotations) with a progress bar;
+/// one error lists every sample that cannot be used.
+pub fn check_samples(sets: &[(&str, &Dataset)]) -> anyhow::Result<()> {
+    let n: usize = sets.iter().map(|(_, d)| d.len()).sum();
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("checking samples {bar:30} {pos}/{len}").unwrap(),
+    );
+    let mut errors = Vec::new();
+    for (what, d) in sets {
+        if let Err(e) = d.check(|_| bar.inc(1)) {
+            errors.push(format!("{what}: {e}"));
+        }
+    }
+    bar.finish_and_clear();
+    if !errors.is_empty() {
+        anyhow::bail!("{}", errors.join("; "));
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -63,8 +108,10 @@ pub struct TrainArgs {
     /// Micro-batches accumulated per optimiser step.
     #[arg(long, default_value_t = 1)]
     pub accum: usize,
-    #[arg(long, default_value_t = 5e-4)]
-    pub lr: f32,
+    /// Learning rate [default: 5e-4]; with --resume, replaces the checkpoint's (e.g. lower after a
+    /// divergence).
+    #[arg(long)]
+    pub lr: Option<f32>,
     /// Decoupled weight decay (AdamW); 0 = Adam.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
@@ -97,30 +144,93 @@ fn open_split(root: &Path, format: Format, split: Split) -> anyhow::Result<Datas
     Ok(Dataset::open(root, format, split)?)
 }
 
-/// Validation summary of the current weights.
+/// Validation summary of the current weights. Non-finite weights or logits mean that training
+/// diverged: an error naming the step and the image.
 fn validate(gpu: &Gpu, t: &Trainer, val: &Dataset) -> anyhow::Result<Summary> {
-    let w = t.weights()?;
+    let w = t.finite_weights()?;
     let model = MedFastSam::new(gpu, &w, &t.ps.cfg, t.ps.variant)?;
-    let ev = evaluate(gpu, &model, val, false, |_, _| {})?;
+    let ev = evaluate_each(gpu, &model, val, false, |_, _| {});
+    if let Some(u) = ev.unscored.iter().find(|u| u.non_finite) {
+        anyhow::bail!(
+            "training diverged by step {} (epoch {}): validation image {}; lower the learning rate (now --lr {:e})",
+            t.progress.step,
+            t.progress.epoch,
+            u.error,
+            t.opts.lr
+        );
+    }
+    let ev = ev.into_result()?;
     Ok(Summary::from_scores(ev.iter().map(|e| &e.scores)))
+}
+
+/// What a failed run leaves to resume from, for its error message.
+struct Kept<'a> {
+    path: &'a Path,
+    /// Step of the last checkpoint this run wrote, or of the one it resumed from.
+    step: Option<u64>,
+    written_here: bool,
+}
+
+impl Kept<'_> {
+    fn describe(&self) -> String {
+        match (self.step, self.written_here) {
+            (Some(s), true) => format!(
+                "the checkpoint of step {s} is kept ({}; continue with --resume)",
+                self.path.display()
+            ),
+            (Some(s), false) => {
+                format!(
+                    "the checkpoint resumed from (step {s}) is unchanged ({}; continue with --resume)",
+                    self.path.display()
+                )
+            }
+            (None, _) => "no checkpoint was written by this run".into(),
+        }
+    }
+    fn write(&mut self, c: &Checkpoint) -> anyhow::Result<()> {
+        c.write(self.path)?;
+        self.step = Some(c.step);
+        self.written_here = true;
+        Ok(())
+    }
 }
 
 pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("{}: {e}", a.out.display()))?;
+    remove_stale_temp_files(&a.out);
     let ckpt = a.out.join("checkpoint.safetensors");
     let split: Split = a.split.parse()?;
     let train = open_split(&a.data, a.format, split)?;
     let val = match &a.val {
-        Some(v) => Some(open_split(v, a.format, Split::Val).or_else(|_| open_split(v, a.format, Split::All))?),
+        Some(v) => Some(
+            open_split(v, a.format, Split::Val).or_else(|_| open_split(v, a.format, Split::All))?,
+        ),
         None if split != Split::Val => open_split(&a.data, a.format, Split::Val).ok(),
         None => None,
     };
+    let train_name = format!("{} split", split.name());
+    let mut sets = vec![(train_name.as_str(), &train)];
+    if let Some(v) = &val {
+        sets.push(("validation data", v));
+    }
+    check_samples(&sets)?;
     let gpu = gpu.open()?;
     let mut t = if let Some(r) = &a.resume {
-        let p = if r.is_empty() { ckpt.clone() } else { PathBuf::from(r) };
+        let p = if r.is_empty() {
+            ckpt.clone()
+        } else {
+            PathBuf::from(r)
+        };
         let mut t = Trainer::resume(&gpu, &p)?;
         if a.epochs != t.opts.epochs {
             t.opts.epochs = a.epochs;
+        }
+        if let Some(lr) = a.lr.filter(|&lr| lr != t.opts.lr) {
+            eprintln!(
+                "learning rate {lr:e} instead of the checkpoint's {:e}",
+                t.opts.lr
+            );
+            t.opts.lr = lr;
         }
         eprintln!(
             "resumed {} at epoch {} step {} ({} steps done)",
@@ -134,7 +244,12 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
         let variant = Variant::parse(&a.variant)?;
         let (weights, cfg) = match &a.weights {
             Some(w) => {
-                let m = ModelArgs { weights: w.clone(), config: a.config.clone(), variant: None, size: a.size };
+                let m = ModelArgs {
+                    weights: w.clone(),
+                    config: a.config.clone(),
+                    variant: None,
+                    size: a.size,
+                };
                 let (w, c, _) = m.load()?;
                 (w, c)
             }
@@ -154,7 +269,7 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
             epochs: a.epochs,
             batch: a.batch,
             accum: a.accum,
-            lr: a.lr,
+            lr: a.lr.unwrap_or(5e-4),
             weight_decay: a.weight_decay,
             mode: TrainMode::parse(&a.mode)?,
             augment: a.augment,
@@ -186,7 +301,9 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
         t.ps.cfg.image_size,
         spe,
         t.opts.epochs,
-        val.as_ref().map(|v| format!("{} images", v.len())).unwrap_or_else(|| "none".into())
+        val.as_ref()
+            .map(|v| format!("{} images", v.len()))
+            .unwrap_or_else(|| "none".into())
     );
     on_ctrl_c();
     let mut log = std::fs::OpenOptions::new()
@@ -197,11 +314,21 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
     let total_steps = (spe * t.opts.epochs) as u64;
     let bar = indicatif::ProgressBar::new(total_steps);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
-            .unwrap(),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap(),
     );
     bar.set_position(t.progress.step.min(total_steps));
     let mut steps_here = 0u64;
+    let mut kept = Kept {
+        path: &ckpt,
+        step: a.resume.is_some().then_some(t.progress.step),
+        written_here: false,
+    };
+    // A checkpoint taken but not yet written: its weights are shown finite by the next step's loss
+    // (or the validation), and only then may it replace the one on disk.
+    let mut pending: Option<Checkpoint> = None;
     while t.progress.epoch < t.opts.epochs {
         let epoch = t.progress.epoch;
         let t_epoch = Instant::now();
@@ -210,30 +337,85 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
         while t.progress.step_in_epoch < spe {
             let k = t.progress.step_in_epoch;
             let ts = Instant::now();
-            let micro = t.batch_examples(&train, epoch, k)?;
-            let l = t.step(&micro)?;
+            let micro = match t.batch_examples(&train, epoch, k) {
+                Ok(m) => m,
+                Err(e) => {
+                    // A file that became unreadable: the state after the last step is whole, keep it.
+                    bar.abandon();
+                    if steps_here > 0 {
+                        if let Err(w) = t
+                            .checkpoint()
+                            .map_err(anyhow::Error::from)
+                            .and_then(|c| kept.write(&c))
+                        {
+                            anyhow::bail!(
+                                "{e}; writing a checkpoint failed too: {w:#}; {}",
+                                kept.describe()
+                            );
+                        }
+                    }
+                    anyhow::bail!("{e}; {}", kept.describe());
+                }
+            };
+            let l = match t.step(&micro) {
+                Ok(l) => l,
+                Err(e) => {
+                    bar.abandon();
+                    // Not a divergence (a GPU error): the pending checkpoint predates the failed
+                    // step and was checked finite, so it is kept.
+                    if !matches!(e, medfastsam::Error::Invalid(_)) {
+                        if let Some(p) = pending.take() {
+                            let _ = kept.write(&p);
+                        }
+                    }
+                    anyhow::bail!("{e}; {}", kept.describe());
+                }
+            };
+            if let Some(p) = pending.take() {
+                kept.write(&p)?;
+            }
             for i in 0..3 {
                 sums[i] += l[i] as f64;
             }
             count += 1;
             steps_here += 1;
             let ips = (t.opts.batch * t.opts.accum) as f64 / ts.elapsed().as_secs_f64();
-            bar.set_message(format!("epoch {}/{} loss {:.4} {:.2} img/s", epoch + 1, t.opts.epochs, l[0], ips));
+            bar.set_message(format!(
+                "epoch {}/{} loss {:.4} {:.2} img/s",
+                epoch + 1,
+                t.opts.epochs,
+                l[0],
+                ips
+            ));
             bar.inc(1);
             let every = t.opts.checkpoint_every;
             let interrupted = INTERRUPTED.load(Ordering::SeqCst);
             let stop = a.max_steps.is_some_and(|m| steps_here >= m);
-            if interrupted || stop || (every > 0 && t.progress.step % every as u64 == 0) {
-                t.save_checkpoint(&ckpt)?;
+            if interrupted || stop {
+                let c = t
+                    .checkpoint()
+                    .map_err(|e| anyhow::anyhow!("{e}; {}", kept.describe()))?;
+                kept.write(&c)?;
+            } else if every > 0 && t.progress.step % every as u64 == 0 {
+                pending = Some(
+                    t.checkpoint()
+                        .map_err(|e| anyhow::anyhow!("{e}; {}", kept.describe()))?,
+                );
             }
             if interrupted {
                 bar.abandon();
-                eprintln!("checkpoint written to {}; continue with --resume", ckpt.display());
+                eprintln!(
+                    "checkpoint written to {}; continue with --resume",
+                    ckpt.display()
+                );
                 return Ok(130);
             }
             if stop {
                 bar.abandon();
-                eprintln!("stopped after {steps_here} steps; checkpoint {}", ckpt.display());
+                eprintln!(
+                    "stopped after {steps_here} steps; checkpoint {}",
+                    ckpt.display()
+                );
                 return Ok(0);
             }
         }
@@ -251,32 +433,68 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
         t.progress.epoch += 1;
         t.progress.step_in_epoch = 0;
         if let Some(v) = &val {
-            let s = validate(&gpu, &t, v)?;
+            let s = validate(&gpu, &t, v).map_err(|e| {
+                bar.abandon();
+                anyhow::anyhow!("{e:#}; {}", kept.describe())
+            })?;
             rec["val_miou"] = s.mean_iou.into();
             rec["val_dice"] = s.mean_dice.into();
             if t.progress.best_val_dice.is_none_or(|b| s.mean_dice > b) {
                 t.progress.best_val_dice = Some(s.mean_dice);
                 t.progress.best_epoch = Some(epoch + 1);
-                t.weights()?.save(&a.out.join("best.safetensors"), &t.ps.cfg, t.ps.variant, false)?;
+                t.finite_weights()?.save(
+                    &a.out.join("best.safetensors"),
+                    &t.ps.cfg,
+                    t.ps.variant,
+                    false,
+                )?;
             }
-            super::bar_line(Some(&bar), format!(
-                "epoch {}: train loss {:.4}, val mIoU {:.4} Dice {:.4} (best Dice {:.4} at epoch {})",
-                epoch + 1,
-                sums[0] / count.max(1) as f64,
-                s.mean_iou,
-                s.mean_dice,
-                t.progress.best_val_dice.unwrap_or(f64::NAN),
-                t.progress.best_epoch.unwrap_or(0)
-            ));
+            super::bar_line(
+                Some(&bar),
+                format!(
+                    "epoch {}: train loss {:.4}, val mIoU {:.4} Dice {:.4} (best Dice {:.4} at epoch {})",
+                    epoch + 1,
+                    sums[0] / count.max(1) as f64,
+                    s.mean_iou,
+                    s.mean_dice,
+                    t.progress.best_val_dice.unwrap_or(f64::NAN),
+                    t.progress.best_epoch.unwrap_or(0)
+                ),
+            );
         } else {
-            super::bar_line(Some(&bar), format!("epoch {}: train loss {:.4}", epoch + 1, sums[0] / count.max(1) as f64));
+            super::bar_line(
+                Some(&bar),
+                format!(
+                    "epoch {}: train loss {:.4}",
+                    epoch + 1,
+                    sums[0] / count.max(1) as f64
+                ),
+            );
         }
         writeln!(log, "{rec}").map_err(|e| anyhow::anyhow!("log.jsonl: {e}"))?;
-        t.save_checkpoint(&ckpt)?;
+        let c = t
+            .checkpoint()
+            .map_err(|e| anyhow::anyhow!("{e}; {}", kept.describe()))?;
+        if val.is_some() {
+            // the validation just showed these weights give finite logits
+            pending = None;
+            kept.write(&c)?;
+        } else {
+            pending = Some(c);
+        }
+    }
+    if let Some(p) = pending.take() {
+        kept.write(&p)?;
     }
     bar.finish();
     let fin = a.out.join("final.safetensors");
-    t.weights()?.save(&fin, &t.ps.cfg, t.ps.variant, false)?;
-    eprintln!("done: {} (checkpoint {}, log {})", fin.display(), ckpt.display(), a.out.join("log.jsonl").display());
+    t.finite_weights()?
+        .save(&fin, &t.ps.cfg, t.ps.variant, false)?;
+    eprintln!(
+        "done: {} (checkpoint {}, log {})",
+        fin.display(),
+        ckpt.display(),
+        a.out.join("log.jsonl").display()
+    );
     Ok(0)
 }
