@@ -24,7 +24,10 @@ pub const SUPPORTED: &str = "PNG, JPEG, BMP, TIFF";
 fn is_supported(f: image::ImageFormat) -> bool {
     matches!(
         f,
-        image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::Bmp | image::ImageFormat::Tiff
+        image::ImageFormat::Png
+            | image::ImageFormat::Jpeg
+            | image::ImageFormat::Bmp
+            | image::ImageFormat::Tiff
     )
 }
 
@@ -36,7 +39,10 @@ fn u16_to_u8(samples: &[u16]) -> Vec<u8> {
         samples.iter().map(|&v| v as u8).collect()
     } else {
         let s = 255.0 / max as f64;
-        samples.iter().map(|&v| (v as f64 * s).round().min(255.0) as u8).collect()
+        samples
+            .iter()
+            .map(|&v| (v as f64 * s).round().min(255.0) as u8)
+            .collect()
     }
 }
 
@@ -74,7 +80,10 @@ impl Default for DecodeLimits {
 impl DecodeLimits {
     /// A budget of `max_pixels` pixels, with `max_alloc_bytes` = 16 bytes per pixel.
     pub fn with_max_pixels(max_pixels: u64) -> Self {
-        DecodeLimits { max_pixels, max_alloc_bytes: max_pixels.saturating_mul(ALLOC_BYTES_PER_PIXEL) }
+        DecodeLimits {
+            max_pixels,
+            max_alloc_bytes: max_pixels.saturating_mul(ALLOC_BYTES_PER_PIXEL),
+        }
     }
 
     /// The limits in force: those of [`set_max_pixels`] if it was called, else
@@ -87,7 +96,8 @@ impl DecodeLimits {
         }
         match std::env::var(MAX_PIXELS_ENV) {
             Ok(v) => Ok(DecodeLimits::with_max_pixels(
-                parse_max_pixels(&v).map_err(|m| Error::Invalid(format!("{MAX_PIXELS_ENV}={v:?}: {m}")))?,
+                parse_max_pixels(&v)
+                    .map_err(|m| Error::Invalid(format!("{MAX_PIXELS_ENV}={v:?}: {m}")))?,
             )),
             Err(std::env::VarError::NotPresent) => Ok(DecodeLimits::default()),
             Err(e) => Err(Error::Invalid(format!("{MAX_PIXELS_ENV}: {e}"))),
@@ -127,7 +137,11 @@ pub fn parse_max_pixels(s: &str) -> std::result::Result<u64, String> {
 
 fn mpx(n: u64) -> String {
     let m = n as f64 / 1e6;
-    if m >= 10.0 { format!("{m:.0}") } else { format!("{m:.2}") }
+    if m >= 10.0 {
+        format!("{m:.0}")
+    } else {
+        format!("{m:.2}")
+    }
 }
 
 /// The error for an image whose declared size is above the budget.
@@ -149,7 +163,10 @@ fn over_budget(source: &str, w: u64, h: u64, limits: &DecodeLimits) -> Error {
 // its lenient mode) and never look for PNG's IEND, so the container structure is checked here.
 
 fn truncated(source: &str, what: &str, len: usize) -> Error {
-    Error::image(source, format!("truncated {what}: the file ends at byte {len} ({what} incomplete)"))
+    Error::image(
+        source,
+        format!("truncated {what}: the file ends at byte {len} ({what} incomplete)"),
+    )
 }
 
 /// A JPEG is complete when its marker segments are whole and an EOI marker (FF D9) follows the
@@ -166,7 +183,10 @@ fn check_jpeg_complete(b: &[u8], source: &str) -> Result<()> {
             return Err(t());
         }
         if b[i] != 0xFF {
-            return Err(Error::image(source, format!("corrupt JPEG: no marker at byte {i}")));
+            return Err(Error::image(
+                source,
+                format!("corrupt JPEG: no marker at byte {i}"),
+            ));
         }
         while i < b.len() && b[i] == 0xFF {
             i += 1;
@@ -177,7 +197,7 @@ fn check_jpeg_complete(b: &[u8], source: &str) -> Result<()> {
         let code = b[i];
         i += 1;
         match code {
-            0xD9 => return Ok(()), // EOI
+            0xD9 => return Ok(()),          // EOI
             0x01 | 0xD0..=0xD7 => continue, // TEM, RSTn: no length
             _ => {}
         }
@@ -186,7 +206,10 @@ fn check_jpeg_complete(b: &[u8], source: &str) -> Result<()> {
         }
         let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
         if len < 2 {
-            return Err(Error::image(source, format!("corrupt JPEG: segment length {len} at byte {i}")));
+            return Err(Error::image(
+                source,
+                format!("corrupt JPEG: segment length {len} at byte {i}"),
+            ));
         }
         if i + len > b.len() {
             return Err(t());
@@ -237,25 +260,45 @@ fn check_png_complete(b: &[u8], source: &str) -> Result<()> {
     }
 }
 
+/// The decoder's message on one line (zune-jpeg's end with a newline).
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn decode_error(source: &str, format: image::ImageFormat, e: image::ImageError) -> Error {
     use image::error::{ImageError, LimitErrorKind};
-    match &e {
-        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Error::image(source, format!("truncated {format:?} image: {e}"))
-        }
-        ImageError::Limits(l) if matches!(l.kind(), LimitErrorKind::InsufficientMemory) => Error::image(
+    let eof =
+        matches!(&e, ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof);
+    let memory = matches!(&e, ImageError::Limits(l) if matches!(l.kind(), LimitErrorKind::InsufficientMemory));
+    let msg = one_line(&e);
+    if eof {
+        Error::image(source, format!("truncated {format:?} image: {msg}"))
+    } else if memory {
+        Error::image(
             source,
-            format!("decoding needs more memory than the decode limit allows ({e}; set --max-pixels / {MAX_PIXELS_ENV} to raise it)"),
-        ),
-        _ => Error::image(source, format!("corrupt or unsupported image: {e}")),
+            format!(
+                "decoding needs more memory than the decode limit allows ({msg}; set --max-pixels / {MAX_PIXELS_ENV} to raise it)"
+            ),
+        )
+    } else {
+        Error::image(source, format!("corrupt or unsupported image: {msg}"))
     }
 }
 
 fn guess_format(bytes: &[u8], source: &str) -> Result<image::ImageFormat> {
     match image::guess_format(bytes) {
         Ok(f) if is_supported(f) => Ok(f),
-        Ok(f) => Err(Error::image(source, format!("unsupported image format {f:?} (supported: {SUPPORTED})"))),
-        Err(_) => Err(Error::image(source, format!("not a recognised image file (supported: {SUPPORTED})"))),
+        Ok(f) => Err(Error::image(
+            source,
+            format!("unsupported image format {f:?} (supported: {SUPPORTED})"),
+        )),
+        Err(_) => Err(Error::image(
+            source,
+            format!("not a recognised image file (supported: {SUPPORTED})"),
+        )),
     }
 }
 
@@ -272,28 +315,43 @@ fn open_decoder<'a>(
     // Side limits are applied after the budget check below, so that an over-budget image gets the
     // budget's message rather than the decoder's.
     reader.limits(limits.image_limits(false));
-    let mut decoder = reader.into_decoder().map_err(|e| decode_error(source, format, e))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| decode_error(source, format, e))?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
-        return Err(Error::image(source, format!("image has zero size ({w}x{h})")));
+        return Err(Error::image(
+            source,
+            format!("image has zero size ({w}x{h})"),
+        ));
     }
     if w as u64 * h as u64 > limits.max_pixels {
         return Err(over_budget(source, w as u64, h as u64, limits));
     }
-    decoder.set_limits(limits.image_limits(true)).map_err(|e| decode_error(source, format, e))?;
+    decoder
+        .set_limits(limits.image_limits(true))
+        .map_err(|e| decode_error(source, format, e))?;
     Ok((format, decoder))
 }
 
 /// The width and height an image file declares in its header (format and pixel budget checked,
 /// pixels not decoded).
-pub fn image_dimensions(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Result<(usize, usize)> {
+pub fn image_dimensions(
+    bytes: &[u8],
+    source: &str,
+    limits: &DecodeLimits,
+) -> Result<(usize, usize)> {
     use image::ImageDecoder;
     let (_, d) = open_decoder(bytes, source, limits)?;
     let (w, h) = d.dimensions();
     Ok((w as usize, h as usize))
 }
 
-fn decode_dynamic(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Result<image::DynamicImage> {
+fn decode_dynamic(
+    bytes: &[u8],
+    source: &str,
+    limits: &DecodeLimits,
+) -> Result<image::DynamicImage> {
     use image::ImageDecoder;
     // Container completeness first (a scan of the bytes, nothing allocated), so that a cut file
     // is reported as truncated whichever part of it is missing.
@@ -304,7 +362,9 @@ fn decode_dynamic(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Result<i
     }
     let (format, decoder) = open_decoder(bytes, source, limits)?;
     let mut guard = limits.image_limits(true);
-    guard.reserve(decoder.total_bytes()).map_err(|e| decode_error(source, format, e))?;
+    guard
+        .reserve(decoder.total_bytes())
+        .map_err(|e| decode_error(source, format, e))?;
     image::DynamicImage::from_decoder(decoder).map_err(|e| decode_error(source, format, e))
 }
 
@@ -328,7 +388,11 @@ pub fn decode_rgb_with(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Res
         D::ImageRgb16(_) | D::ImageRgba16(_) => u16_to_u8(img.to_rgb16().as_raw()),
         _ => img.to_rgb8().into_raw(),
     };
-    Ok(RgbImage { width: w, height: h, data })
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        data,
+    })
 }
 
 /// Decodes a mask image to one channel u8 (first channel of RGB masks; 16-bit label images are
@@ -343,13 +407,25 @@ pub fn decode_gray_with(bytes: &[u8], source: &str, limits: &DecodeLimits) -> Re
     let img = decode_dynamic(bytes, source, limits)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data = match &img {
-        D::ImageLuma16(_) | D::ImageLumaA16(_) | D::ImageRgb16(_) | D::ImageRgba16(_) => {
-            img.to_luma16().as_raw().iter().map(|&v| if v > 0 { 255 } else { 0 }).collect()
-        }
+        D::ImageLuma16(_) | D::ImageLumaA16(_) | D::ImageRgb16(_) | D::ImageRgba16(_) => img
+            .to_luma16()
+            .as_raw()
+            .iter()
+            .map(|&v| if v > 0 { 255 } else { 0 })
+            .collect(),
         D::ImageLuma8(_) | D::ImageLumaA8(_) => img.to_luma8().into_raw(),
-        _ => img.to_rgb8().as_raw().chunks_exact(3).map(|p| p[0]).collect(),
+        _ => img
+            .to_rgb8()
+            .as_raw()
+            .chunks_exact(3)
+            .map(|p| p[0])
+            .collect(),
     };
-    Ok(GrayImage { width: w, height: h, data })
+    Ok(GrayImage {
+        width: w,
+        height: h,
+        data,
+    })
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -404,11 +480,16 @@ impl RgbImage {
                 for c in 0..3 {
                     let top = at(x0, y0, c) * (1.0 - fx) + at(x1, y0, c) * fx;
                     let bot = at(x0, y1, c) * (1.0 - fx) + at(x1, y1, c) * fx;
-                    data[(oy * w + ox) * 3 + c] = (top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8;
+                    data[(oy * w + ox) * 3 + c] =
+                        (top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8;
                 }
             }
         }
-        RgbImage { width: w, height: h, data }
+        RgbImage {
+            width: w,
+            height: h,
+            data,
+        }
     }
 
     /// Pixels packed as u32 0x00BBGGRR (the GPU input format).
@@ -428,7 +509,11 @@ impl RgbImage {
             let row = (y * self.width + x0) * 3;
             data.extend_from_slice(&self.data[row..row + w * 3]);
         }
-        RgbImage { width: w, height: h, data }
+        RgbImage {
+            width: w,
+            height: h,
+            data,
+        }
     }
 }
 
@@ -446,7 +531,11 @@ impl GrayImage {
                 data[oy * w + ox] = self.data[y * self.width + x];
             }
         }
-        GrayImage { width: w, height: h, data }
+        GrayImage {
+            width: w,
+            height: h,
+            data,
+        }
     }
 
     pub fn crop(&self, x0: usize, y0: usize, w: usize, h: usize) -> GrayImage {
@@ -457,7 +546,11 @@ impl GrayImage {
             let row = y * self.width + x0;
             data.extend_from_slice(&self.data[row..row + w]);
         }
-        GrayImage { width: w, height: h, data }
+        GrayImage {
+            width: w,
+            height: h,
+            data,
+        }
     }
 }
 
@@ -465,7 +558,12 @@ impl GrayImage {
 pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     image::codecs::png::PngEncoder::new(&mut out)
-        .write_image(&img.data, img.width as u32, img.height as u32, image::ExtendedColorType::L8)
+        .write_image(
+            &img.data,
+            img.width as u32,
+            img.height as u32,
+            image::ExtendedColorType::L8,
+        )
         .map_err(|e| Error::Invalid(format!("PNG encoding failed: {e}")))?;
     Ok(out)
 }
@@ -474,7 +572,12 @@ pub fn encode_png_gray(img: &GrayImage) -> Result<Vec<u8>> {
 pub fn encode_png_rgb(img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     image::codecs::png::PngEncoder::new(&mut out)
-        .write_image(&img.data, img.width as u32, img.height as u32, image::ExtendedColorType::Rgb8)
+        .write_image(
+            &img.data,
+            img.width as u32,
+            img.height as u32,
+            image::ExtendedColorType::Rgb8,
+        )
         .map_err(|e| Error::Invalid(format!("PNG encoding failed: {e}")))?;
     Ok(out)
 }
@@ -525,7 +628,11 @@ pub fn overlay(img: &RgbImage, mask: &GrayImage, opacity: f32) -> RgbImage {
             p[c] = (p[c] as f32 * (1.0 - a) + color[c] as f32 * a).round() as u8;
         }
     }
-    RgbImage { width: img.width, height: img.height, data }
+    RgbImage {
+        width: img.width,
+        height: img.height,
+        data,
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
@@ -533,9 +640,18 @@ pub fn overlay(img: &RgbImage, mask: &GrayImage, opacity: f32) -> RgbImage {
 #[cfg(not(target_arch = "wasm32"))]
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -555,12 +671,27 @@ mod tests {
     #[test]
     fn resize_matches_pytorch_bilinear_taps() {
         // 4 -> 2: src = (o+0.5)*2-0.5 = 0.5, 2.5 -> averages of pixel pairs
-        let img = RgbImage { width: 4, height: 1, data: vec![0, 0, 0, 10, 10, 10, 20, 20, 20, 40, 40, 40] };
+        let img = RgbImage {
+            width: 4,
+            height: 1,
+            data: vec![0, 0, 0, 10, 10, 10, 20, 20, 20, 40, 40, 40],
+        };
         let r = img.resize(2, 1);
         assert_eq!(r.data, vec![5, 5, 5, 30, 30, 30]);
         // upsampling 2 -> 4: src = -0.25 (clamped 0), 0.25, 0.75, 1.25 -> last clamps to pixel 1
-        let img = RgbImage { width: 2, height: 1, data: vec![0, 0, 0, 100, 100, 100] };
-        assert_eq!(img.resize(4, 1).data.chunks(3).map(|p| p[0]).collect::<Vec<_>>(), vec![0, 25, 75, 100]);
+        let img = RgbImage {
+            width: 2,
+            height: 1,
+            data: vec![0, 0, 0, 100, 100, 100],
+        };
+        assert_eq!(
+            img.resize(4, 1)
+                .data
+                .chunks(3)
+                .map(|p| p[0])
+                .collect::<Vec<_>>(),
+            vec![0, 25, 75, 100]
+        );
     }
     #[test]
     fn sixteen_bit_scaling() {
@@ -582,7 +713,11 @@ mod overlay_tests {
                 data[y * 5 + x] = 255;
             }
         }
-        let kinds = mask_outline(&GrayImage { width: 5, height: 4, data: data.clone() });
+        let kinds = mask_outline(&GrayImage {
+            width: 5,
+            height: 4,
+            data: data.clone(),
+        });
         let mut want = vec![0u8; 20];
         for y in 0..3 {
             for x in 1..4 {
@@ -590,8 +725,20 @@ mod overlay_tests {
             }
         }
         assert_eq!(kinds, want);
-        let img = RgbImage { width: 5, height: 4, data: vec![100; 60] };
-        let o = overlay(&img, &GrayImage { width: 5, height: 4, data }, 0.5);
+        let img = RgbImage {
+            width: 5,
+            height: 4,
+            data: vec![100; 60],
+        };
+        let o = overlay(
+            &img,
+            &GrayImage {
+                width: 5,
+                height: 4,
+                data,
+            },
+            0.5,
+        );
         assert_eq!(&o.data[0..3], &[100, 100, 100]); // background unchanged
         assert_eq!(&o.data[3..6], &OVERLAY_EDGE); // outline opaque
         assert_eq!(&o.data[(5 + 2) * 3..(5 + 2) * 3 + 3], &[50, 160, 90]); // interior: half tint

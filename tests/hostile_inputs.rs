@@ -30,7 +30,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -76,16 +80,16 @@ fn huge_png(w: u32, h: u32) -> Vec<u8> {
 /// few bytes of pixel data.
 fn huge_tiff(w: u32, h: u32) -> Vec<u8> {
     let entries: &[(u16, u16, u32, u32)] = &[
-        (256, 4, 1, w),          // ImageWidth LONG
-        (257, 4, 1, h),          // ImageLength LONG
-        (258, 3, 3, 0),          // BitsPerSample SHORT[3] at an offset (patched below)
-        (259, 3, 1, 1),          // Compression none
-        (262, 3, 1, 2),          // Photometric RGB
-        (273, 4, 1, 0),          // StripOffsets (patched)
-        (277, 3, 1, 3),          // SamplesPerPixel
-        (278, 4, 1, h),          // RowsPerStrip
+        (256, 4, 1, w),           // ImageWidth LONG
+        (257, 4, 1, h),           // ImageLength LONG
+        (258, 3, 3, 0),           // BitsPerSample SHORT[3] at an offset (patched below)
+        (259, 3, 1, 1),           // Compression none
+        (262, 3, 1, 2),           // Photometric RGB
+        (273, 4, 1, 0),           // StripOffsets (patched)
+        (277, 3, 1, 3),           // SamplesPerPixel
+        (278, 4, 1, h),           // RowsPerStrip
         (279, 4, 1, 0xFFFF_FFFF), // StripByteCounts
-        (284, 3, 1, 1),          // PlanarConfiguration chunky
+        (284, 3, 1, 1),           // PlanarConfiguration chunky
     ];
     let ifd_len = 2 + entries.len() * 12 + 4;
     let bps_at = 8 + ifd_len as u32;
@@ -132,21 +136,39 @@ fn images_declaring_100000_squared_are_refused_from_the_header() {
     assert!(tiff.len() < 200, "{}", tiff.len());
     for (bytes, name) in [(&png, "huge.png"), (&tiff, "huge.tif")] {
         let t = std::time::Instant::now();
-        let e = no_panic(name, || io::decode_rgb(bytes, name)).unwrap_err().to_string();
+        let e = no_panic(name, || io::decode_rgb(bytes, name))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with(&format!("{name}: ")), "{e}");
-        assert!(e.contains("100000x100000") && e.contains("10000 Mpx"), "{e}");
-        assert!(e.contains("pixel budget of 268 Mpx") && e.contains("MEDFASTSAM_MAX_PIXELS"), "{e}");
+        assert!(
+            e.contains("100000x100000") && e.contains("10000 Mpx"),
+            "{e}"
+        );
+        assert!(
+            e.contains("pixel budget of 268 Mpx") && e.contains("MEDFASTSAM_MAX_PIXELS"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "{e}");
-        let g = no_panic(name, || io::decode_gray(bytes, name)).unwrap_err().to_string();
+        let g = no_panic(name, || io::decode_gray(bytes, name))
+            .unwrap_err()
+            .to_string();
         assert!(g.contains("pixel budget"), "{g}");
-        assert!(t.elapsed().as_secs_f64() < 2.0, "{name}: refusing took {:?}", t.elapsed());
+        assert!(
+            t.elapsed().as_secs_f64() < 2.0,
+            "{name}: refusing took {:?}",
+            t.elapsed()
+        );
     }
     // Below the budget the same headers reach the decoder, which then finds the data missing:
     // proof that the budget, not a header error, refused the large ones.
     let small = DecodeLimits::default();
-    let e = io::decode_rgb_with(&huge_png(300, 200), "small.png", &small).unwrap_err().to_string();
+    let e = io::decode_rgb_with(&huge_png(300, 200), "small.png", &small)
+        .unwrap_err()
+        .to_string();
     assert!(!e.contains("pixel budget"), "{e}");
-    let e = io::decode_rgb_with(&huge_tiff(300, 200), "small.tif", &small).unwrap_err().to_string();
+    let e = io::decode_rgb_with(&huge_tiff(300, 200), "small.tif", &small)
+        .unwrap_err()
+        .to_string();
     assert!(!e.contains("pixel budget"), "{e}");
 }
 
@@ -155,11 +177,20 @@ fn the_pixel_budget_is_configurable() {
     // 40x30 grey PNG (1200 pixels).
     let mut bytes = Vec::new();
     image::GrayImage::from_fn(40, 30, |x, y| image::Luma([(x * 6 + y) as u8]))
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
         .unwrap();
-    let e = io::decode_rgb_with(&bytes, "small.png", &DecodeLimits::with_max_pixels(1199)).unwrap_err().to_string();
-    assert!(e.contains("40x30") && e.contains("above the pixel budget") && e.contains("(1199 pixels"), "{e}");
-    let img = io::decode_rgb_with(&bytes, "small.png", &DecodeLimits::with_max_pixels(1200)).unwrap();
+    let e = io::decode_rgb_with(&bytes, "small.png", &DecodeLimits::with_max_pixels(1199))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("40x30") && e.contains("above the pixel budget") && e.contains("(1199 pixels"),
+        "{e}"
+    );
+    let img =
+        io::decode_rgb_with(&bytes, "small.png", &DecodeLimits::with_max_pixels(1200)).unwrap();
     assert_eq!((img.width, img.height, img.data[3 * 41]), (40, 30, 7));
     assert_eq!(io::parse_max_pixels("268_435_456"), Ok(1 << 28));
     assert!(io::parse_max_pixels("0").is_err());
@@ -169,12 +200,17 @@ fn the_pixel_budget_is_configurable() {
     // The process-wide setting (what --max-pixels sets): a 1200x1000 image against 1 Mpx. Other
     // tests of this binary decode images of at most 512x512, below this budget.
     let mut big = Vec::new();
-    image::GrayImage::new(1200, 1000).write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png).unwrap();
+    image::GrayImage::new(1200, 1000)
+        .write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png)
+        .unwrap();
     io::set_max_pixels(1_000_000);
     let r = io::decode_rgb(&big, "big.png");
     io::set_max_pixels(0);
     let e = r.unwrap_err().to_string();
-    assert!(e.contains("1200x1000") && e.contains("pixel budget of 1.00 Mpx"), "{e}");
+    assert!(
+        e.contains("1200x1000") && e.contains("pixel budget of 1.00 Mpx"),
+        "{e}"
+    );
     assert_eq!(io::decode_rgb(&big, "big.png").unwrap().width, 1200);
 }
 
@@ -187,7 +223,10 @@ fn cut(bytes: &[u8], percent: usize) -> Vec<u8> {
 fn assert_truncation_detected(name: &str, bytes: &[u8], size: (usize, usize)) {
     let img = io::decode_rgb(bytes, name).unwrap_or_else(|e| panic!("{name} (whole): {e}"));
     assert_eq!((img.width, img.height), size, "{name}");
-    let mut cuts: Vec<(String, Vec<u8>)> = [2, 10, 50, 90].iter().map(|&p| (format!("{p}%"), cut(bytes, p))).collect();
+    let mut cuts: Vec<(String, Vec<u8>)> = [2, 10, 50, 90]
+        .iter()
+        .map(|&p| (format!("{p}%"), cut(bytes, p)))
+        .collect();
     cuts.push(("all but 1 byte".into(), bytes[..bytes.len() - 1].to_vec()));
     for (what, b) in cuts {
         for r in [
@@ -195,10 +234,17 @@ fn assert_truncation_detected(name: &str, bytes: &[u8], size: (usize, usize)) {
             no_panic(name, || io::decode_gray(&b, name).map(|_| ())),
         ] {
             let e = match r {
-                Ok(()) => panic!("{name} cut to {what} ({} of {} bytes) was decoded", b.len(), bytes.len()),
+                Ok(()) => panic!(
+                    "{name} cut to {what} ({} of {} bytes) was decoded",
+                    b.len(),
+                    bytes.len()
+                ),
                 Err(e) => e.to_string(),
             };
-            assert!(e.starts_with(&format!("{name}: ")), "{name} cut to {what}: {e}");
+            assert!(
+                e.starts_with(&format!("{name}: ")),
+                "{name} cut to {what}: {e}"
+            );
             assert!(e.contains("truncated"), "{name} cut to {what}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }
@@ -215,16 +261,24 @@ fn truncated_images_are_errors_in_every_format() {
     assert_truncation_detected("image.tif", &tif, (512, 512));
     // BMP and a progressive-free baseline JPEG / LZW TIFF written here from the H&E tile.
     let rgb = image::load_from_memory(&jpg).unwrap().to_rgb8();
-    for (fmt, name) in [(image::ImageFormat::Bmp, "he.bmp"), (image::ImageFormat::Tiff, "he.tif"), (image::ImageFormat::Png, "he.png"), (image::ImageFormat::Jpeg, "he.jpg")] {
+    for (fmt, name) in [
+        (image::ImageFormat::Bmp, "he.bmp"),
+        (image::ImageFormat::Tiff, "he.tif"),
+        (image::ImageFormat::Png, "he.png"),
+        (image::ImageFormat::Jpeg, "he.jpg"),
+    ] {
         let mut b = Vec::new();
-        rgb.write_to(&mut std::io::Cursor::new(&mut b), fmt).unwrap();
+        rgb.write_to(&mut std::io::Cursor::new(&mut b), fmt)
+            .unwrap();
         assert_truncation_detected(name, &b, (500, 300));
     }
     // Grey 16-bit PNG (masks and microscopy).
     let mut b = Vec::new();
-    image::ImageBuffer::<image::Luma<u16>, _>::from_fn(64, 48, |x, y| image::Luma([(x * 1000 + y) as u16]))
-        .write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png)
-        .unwrap();
+    image::ImageBuffer::<image::Luma<u16>, _>::from_fn(64, 48, |x, y| {
+        image::Luma([(x * 1000 + y) as u16])
+    })
+    .write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png)
+    .unwrap();
     assert_truncation_detected("grey16.png", &b, (64, 48));
 }
 
@@ -237,7 +291,9 @@ fn jpeg_completeness_check_accepts_restart_markers_and_trailing_bytes() {
     // A JPEG with the EOI marker removed but all scan data present is still incomplete.
     let full = std::fs::read(repo("data/he/stardist-histo.jpg")).unwrap();
     let eoi = full.windows(2).rposition(|w| w == [0xFF, 0xD9]).unwrap();
-    let e = io::decode_rgb(&full[..eoi], "noeoi.jpg").unwrap_err().to_string();
+    let e = io::decode_rgb(&full[..eoi], "noeoi.jpg")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("truncated"), "{e}");
 }
 
@@ -260,7 +316,11 @@ fn bad_config_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
         ("embed_dims", json!([0, 64, 96, 128]), "embed_dims[0]"),
         ("embed_dims", json!([33, 64, 96, 128]), "embed_dims[0]"),
         ("embed_dims", json!([32, 64, 96]), "embed_dims"),
-        ("embed_dims", json!([32, 64, 96, 1u64 << 40]), "embed_dims[3]"),
+        (
+            "embed_dims",
+            json!([32, 64, 96, 1u64 << 40]),
+            "embed_dims[3]",
+        ),
         ("depths", json!([1, 0, 2, 1]), "depths[1]"),
         ("depths", json!([1, 1, 1_000_000_000u64, 1]), "depths[2]"),
         ("num_heads", json!([1, 0, 3, 4]), "num_heads[1]"),
@@ -278,7 +338,11 @@ fn bad_config_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
         ("decoder_heads", json!(1u64 << 62), "decoder_heads"),
         ("mlp_ratio", json!(0), "mlp_ratio"),
         ("mbconv_expand_ratio", json!(0), "mbconv_expand_ratio"),
-        ("num_multimask_outputs", json!(u64::MAX), "num_multimask_outputs"),
+        (
+            "num_multimask_outputs",
+            json!(u64::MAX),
+            "num_multimask_outputs",
+        ),
         ("iou_head_hidden_dim", json!(0), "iou_head_hidden_dim"),
         ("mask_in_chans", json!(0), "mask_in_chans"),
         ("mask_in_chans", json!(6), "mask_in_chans"),
@@ -297,14 +361,26 @@ fn every_bad_configuration_field_is_refused_by_name() {
         j[field] = value.clone();
         let text = j.to_string();
         let r = no_panic(&text, || Config::from_json(&text));
-        let e = r.expect_err(&format!("{field} = {value} was accepted")).to_string();
+        let e = r
+            .expect_err(&format!("{field} = {value} was accepted"))
+            .to_string();
         assert!(e.contains(needle), "{field} = {value}: {e}");
-        assert!(e.starts_with("configuration: ") && e.matches("configuration:").count() == 1, "{e}");
+        assert!(
+            e.starts_with("configuration: ") && e.matches("configuration:").count() == 1,
+            "{e}"
+        );
         assert!(!e.contains('\n'), "{e}");
     }
     // Products that overflow: each field in range, the (S/2)² × C stem map above 2^32 values.
-    let c = Config { image_size: 16384, embed_dims: vec![4096, 4096, 4096, 4096], num_heads: vec![64, 64, 64, 64], ..Config::tiny() };
-    let e = no_panic("big map", || c.validate()).unwrap_err().to_string();
+    let c = Config {
+        image_size: 16384,
+        embed_dims: vec![4096, 4096, 4096, 4096],
+        num_heads: vec![64, 64, 64, 64],
+        ..Config::tiny()
+    };
+    let e = no_panic("big map", || c.validate())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image_size") && e.contains("2^32"), "{e}");
     // Too many parameters: all widths at their maximum.
     let c = Config {
@@ -318,10 +394,20 @@ fn every_bad_configuration_field_is_refused_by_name() {
     let e = no_panic("params", || c.validate()).unwrap_err().to_string();
     assert!(e.contains("parameters"), "{e}");
     // Built in code, not parsed: the same validation wherever a configuration enters.
-    let c = Config { decoder_heads: 0, ..Config::paper() };
-    assert!(no_panic("struct", || c.validate()).unwrap_err().to_string().contains("decoder_heads"));
+    let c = Config {
+        decoder_heads: 0,
+        ..Config::paper()
+    };
+    assert!(
+        no_panic("struct", || c.validate())
+            .unwrap_err()
+            .to_string()
+            .contains("decoder_heads")
+    );
     let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
-    let e = no_panic("resolve", || w.resolve_config(Some(&c), 256)).unwrap_err().to_string();
+    let e = no_panic("resolve", || w.resolve_config(Some(&c), 256))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("decoder_heads"), "{e}");
 }
 
@@ -334,7 +420,10 @@ fn config_file_errors_name_the_file_once() {
     std::fs::write(&p, j.to_string()).unwrap();
     let e = Config::from_file(&p).unwrap_err().to_string();
     assert_eq!(e.matches("configuration:").count(), 1, "{e}");
-    assert!(e.starts_with(&format!("configuration: {}: decoder_heads", p.display())), "{e}");
+    assert!(
+        e.starts_with(&format!("configuration: {}: decoder_heads", p.display())),
+        "{e}"
+    );
     std::fs::write(&p, "{\"image_size\": 256").unwrap();
     let e = Config::from_file(&p).unwrap_err().to_string();
     assert_eq!(e.matches("configuration:").count(), 1, "{e}");
@@ -343,22 +432,41 @@ fn config_file_errors_name_the_file_once() {
 
 fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()));
+    c.env(
+        "XDG_RUNTIME_DIR",
+        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
+    );
     c.args(args);
     for (k, v) in env {
         c.env(k, v);
     }
     let o = c.output().unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout))
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout),
+    )
 }
 
 /// Non-zero exit, no panic, and an `error:` line mentioning `needle`.
 fn assert_clean_failure(what: &str, (code, out): &(i32, String), needle: &str) {
-    assert!(*code != 0 && *code != 101 && *code >= 0, "{what}: exit {code}\n{out}");
-    assert!(!out.contains("panicked") && !out.contains("RUST_BACKTRACE"), "{what}: {out}");
-    let errs: Vec<&str> = out.lines().filter(|l| l.starts_with("error:") && !l.contains("XDG_RUNTIME_DIR")).collect();
+    assert!(
+        *code != 0 && *code != 101 && *code >= 0,
+        "{what}: exit {code}\n{out}"
+    );
+    assert!(
+        !out.contains("panicked") && !out.contains("RUST_BACKTRACE"),
+        "{what}: {out}"
+    );
+    let errs: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("error:") && !l.contains("XDG_RUNTIME_DIR"))
+        .collect();
     assert_eq!(errs.len(), 1, "{what}: {out}");
-    assert!(errs[0].contains(needle), "{what}: error line should mention {needle:?}: {}", errs[0]);
+    assert!(
+        errs[0].contains(needle),
+        "{what}: error line should mention {needle:?}: {}",
+        errs[0]
+    );
 }
 
 #[test]
@@ -367,19 +475,35 @@ fn cli_refuses_bad_configurations_without_panicking() {
     let w = fixtures_dir().join("tiny.weights.safetensors");
     for (field, value, needle) in [
         ("decoder_heads", serde_json::json!(0), "decoder_heads"),
-        ("image_size", serde_json::json!(18446744073709551600u64), "image_size"),
+        (
+            "image_size",
+            serde_json::json!(18446744073709551600u64),
+            "image_size",
+        ),
     ] {
         let mut j = tiny_json();
         j[field] = value;
         let p = d.join(format!("{field}.json"));
         std::fs::write(&p, j.to_string()).unwrap();
-        let r = run_cli(&["info", w.to_str().unwrap(), "--config", p.to_str().unwrap()], &[]);
+        let r = run_cli(
+            &["info", w.to_str().unwrap(), "--config", p.to_str().unwrap()],
+            &[],
+        );
         assert_clean_failure(&format!("info with {field}"), &r, needle);
         assert_eq!(r.1.matches("configuration:").count(), 1, "{}", r.1);
         let img = repo("data/he/stardist-histo.jpg");
         let out = d.join("out");
         let r = run_cli(
-            &["segment", img.to_str().unwrap(), "--weights", w.to_str().unwrap(), "--config", p.to_str().unwrap(), "--out", out.to_str().unwrap()],
+            &[
+                "segment",
+                img.to_str().unwrap(),
+                "--weights",
+                w.to_str().unwrap(),
+                "--config",
+                p.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
             &[],
         );
         assert_clean_failure(&format!("segment with {field}"), &r, needle);
@@ -396,21 +520,44 @@ fn cli_refuses_huge_and_over_budget_images() {
     std::fs::write(&huge, huge_png(100_000, 100_000)).unwrap();
     let seg = |img: &Path, env: &[(&str, &str)]| {
         run_cli(
-            &["segment", img.to_str().unwrap(), "--weights", w.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()],
+            &[
+                "segment",
+                img.to_str().unwrap(),
+                "--weights",
+                w.to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
             env,
         )
     };
-    assert_clean_failure("huge.png", &seg(&huge, &[]), "huge.png: image is 100000x100000");
+    assert_clean_failure(
+        "huge.png",
+        &seg(&huge, &[]),
+        "huge.png: image is 100000x100000",
+    );
     // The environment variable sets the budget: the 500x300 H&E tile against 100,000 pixels.
     let img = repo("data/he/stardist-histo.jpg");
-    assert_clean_failure("budget", &seg(&img, &[("MEDFASTSAM_MAX_PIXELS", "100000")]), "above the pixel budget");
-    assert_clean_failure("bad budget", &seg(&img, &[("MEDFASTSAM_MAX_PIXELS", "many")]), "MEDFASTSAM_MAX_PIXELS");
+    assert_clean_failure(
+        "budget",
+        &seg(&img, &[("MEDFASTSAM_MAX_PIXELS", "100000")]),
+        "above the pixel budget",
+    );
+    assert_clean_failure(
+        "bad budget",
+        &seg(&img, &[("MEDFASTSAM_MAX_PIXELS", "many")]),
+        "MEDFASTSAM_MAX_PIXELS",
+    );
     // A truncated JPEG is an error, not a grey-filled segmentation.
     let jpg = std::fs::read(&img).unwrap();
     let t = d.join("half.jpg");
     std::fs::write(&t, &jpg[..jpg.len() / 2]).unwrap();
     assert_clean_failure("truncated", &seg(&t, &[]), "truncated");
-    let written: Vec<_> = std::fs::read_dir(&out).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let written: Vec<_> = std::fs::read_dir(&out)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(written.is_empty(), "{written:?}");
 }
 
@@ -420,34 +567,56 @@ fn cli_refuses_huge_and_over_budget_images() {
 #[test]
 fn inferred_configuration_survives_lying_shapes() {
     let base = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
-    assert!(base.config.is_none(), "the tiny fixture has no metadata: the configuration is inferred");
+    assert!(
+        base.config.is_none(),
+        "the tiny fixture has no metadata: the configuration is inferred"
+    );
     assert_eq!(base.infer_config(256).unwrap(), Config::tiny());
     let cases: &[(&str, &[usize], &str)] = &[
         // A scalar where a matrix is read: indexing [0] used to panic.
-        ("image_encoder.patch_embed.seq.2.c.weight", &[], "patch_embed.seq.2.c.weight"),
+        (
+            "image_encoder.patch_embed.seq.2.c.weight",
+            &[],
+            "patch_embed.seq.2.c.weight",
+        ),
         // Zero width: mbconv_expand_ratio = conv1 rows / embed_dims[0] divided by zero.
-        ("image_encoder.patch_embed.seq.2.c.weight", &[0, 16, 3, 3], "division by a zero width"),
+        (
+            "image_encoder.patch_embed.seq.2.c.weight",
+            &[0, 16, 3, 3],
+            "division by a zero width",
+        ),
         // Zero mask tokens: num_multimask_outputs = 0 - 1.
         ("mask_decoder.mask_tokens.weight", &[0, 256], "mask token"),
         // One-dimensional where the second dimension is read.
         ("mask_decoder.iou_token.weight", &[256], "iou_token"),
-        ("image_encoder.layers.1.blocks.0.attn.attention_biases", &[2], "attention_biases"),
+        (
+            "image_encoder.layers.1.blocks.0.attn.attention_biases",
+            &[2],
+            "attention_biases",
+        ),
         // A huge head count: refused by validation, not by an overflow.
-        ("image_encoder.layers.1.blocks.0.attn.attention_biases", &[usize::MAX, 49], "num_heads[1]"),
+        (
+            "image_encoder.layers.1.blocks.0.attn.attention_biases",
+            &[usize::MAX, 49],
+            "num_heads[1]",
+        ),
     ];
     for (key, shape, needle) in cases {
         let mut w = base.clone();
         let t = w.tensors.get_mut(*key).unwrap();
         t.shape = shape.to_vec();
         t.data = vec![0.0; shape.iter().product::<usize>().min(1 << 20)];
-        let e = no_panic(key, || w.resolve_config(None, 256)).expect_err(key).to_string();
+        let e = no_panic(key, || w.resolve_config(None, 256))
+            .expect_err(key)
+            .to_string();
         assert!(e.contains(needle), "{key} {shape:?}: {e}");
     }
     // Thousands of layer keys: counting stops at the largest depth instead of scanning them all.
     let mut w = base.clone();
     let t = w.tensors["image_encoder.layers.0.blocks.0.conv1.c.weight"].clone();
     for i in 0..5000 {
-        w.tensors.insert(format!("image_encoder.layers.0.blocks.{i}.x"), t.clone());
+        w.tensors
+            .insert(format!("image_encoder.layers.0.blocks.{i}.x"), t.clone());
     }
     let start = std::time::Instant::now();
     let e = w.resolve_config(None, 256).unwrap_err().to_string();
@@ -470,11 +639,20 @@ fn safetensors_with_lying_offsets_are_refused() {
     let n = (1u64 << 61) - 1;
     let mut parts = Vec::new();
     for i in 0..8u64 {
-        parts.push(format!("\"t{i}\":{{\"dtype\":\"U8\",\"shape\":[{n}],\"data_offsets\":[{},{}]}}", i * n, (i + 1) * n));
+        parts.push(format!(
+            "\"t{i}\":{{\"dtype\":\"U8\",\"shape\":[{n}],\"data_offsets\":[{},{}]}}",
+            i * n,
+            (i + 1) * n
+        ));
     }
     let b = safetensors_bytes(&format!("{{{}}}", parts.join(",")), &[0; 8]);
-    let e = no_panic("offsets", || Weights::from_bytes(&b, "lying.safetensors")).unwrap_err().to_string();
-    assert!(e.starts_with("lying.safetensors: ") && e.contains("past the end"), "{e}");
+    let e = no_panic("offsets", || Weights::from_bytes(&b, "lying.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("lying.safetensors: ") && e.contains("past the end"),
+        "{e}"
+    );
     // Shape product overflow, header length beyond the file, offsets beyond the file.
     for (header, data) in [
         (r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#.to_string(), vec![]),

@@ -122,7 +122,9 @@ impl Config {
         match name {
             "paper" => Ok(Config::paper()),
             "tiny" => Ok(Config::tiny()),
-            other => Err(Error::Config(format!("unknown preset '{other}' (expected paper or tiny)"))),
+            other => Err(Error::Config(format!(
+                "unknown preset '{other}' (expected paper or tiny)"
+            ))),
         }
     }
 
@@ -148,7 +150,10 @@ impl Config {
 
     /// A copy at another input size (everything else equal).
     pub fn with_image_size(&self, s: usize) -> Result<Config> {
-        let c = Config { image_size: s, ..self.clone() };
+        let c = Config {
+            image_size: s,
+            ..self.clone()
+        };
         c.validate()?;
         Ok(c)
     }
@@ -183,19 +188,39 @@ impl Config {
             }
         }
         for i in 0..4 {
-            range(&format!("embed_dims[{i}]"), self.embed_dims[i], 1, MAX_WIDTH)?;
+            range(
+                &format!("embed_dims[{i}]"),
+                self.embed_dims[i],
+                1,
+                MAX_WIDTH,
+            )?;
             // Stage 0 (MBConv blocks) may be empty; every TinyViT stage needs a block.
-            range(&format!("depths[{i}]"), self.depths[i], (i > 0) as usize, MAX_DEPTH)?;
-            range(&format!("window_sizes[{i}]"), self.window_sizes[i], 1, MAX_WINDOW)?;
+            range(
+                &format!("depths[{i}]"),
+                self.depths[i],
+                (i > 0) as usize,
+                MAX_DEPTH,
+            )?;
+            range(
+                &format!("window_sizes[{i}]"),
+                self.window_sizes[i],
+                1,
+                MAX_WINDOW,
+            )?;
             range(&format!("num_heads[{i}]"), self.num_heads[i], 1, MAX_WIDTH)?;
         }
         if self.embed_dims[0] % 2 != 0 {
-            return bad(format!("embed_dims[0] {} must be even (the stem's first convolution has half as many channels)", self.embed_dims[0]));
+            return bad(format!(
+                "embed_dims[0] {} must be even (the stem's first convolution has half as many channels)",
+                self.embed_dims[0]
+            ));
         }
         for i in 1..4 {
             let (d, h) = (self.embed_dims[i], self.num_heads[i]);
             if d % h != 0 {
-                return bad(format!("num_heads[{i}] {h} does not divide embed_dims[{i}] {d}"));
+                return bad(format!(
+                    "num_heads[{i}] {h} does not divide embed_dims[{i}] {d}"
+                ));
             }
             if d / h > MAX_HEAD_DIM {
                 return bad(format!(
@@ -205,7 +230,12 @@ impl Config {
             }
         }
         range("mlp_ratio", self.mlp_ratio, 1, MAX_RATIO)?;
-        range("mbconv_expand_ratio", self.mbconv_expand_ratio, 1, MAX_RATIO)?;
+        range(
+            "mbconv_expand_ratio",
+            self.mbconv_expand_ratio,
+            1,
+            MAX_RATIO,
+        )?;
         let dm = self.transformer_dim;
         range("transformer_dim", dm, 8, MAX_WIDTH)?;
         if dm % 8 != 0 {
@@ -228,22 +258,45 @@ impl Config {
         }
         range("decoder_depth", self.decoder_depth, 1, MAX_DEPTH)?;
         range("decoder_mlp_dim", self.decoder_mlp_dim, 1, MAX_MLP_DIM)?;
-        range("num_multimask_outputs", self.num_multimask_outputs, 0, MAX_MULTIMASK)?;
-        range("iou_head_hidden_dim", self.iou_head_hidden_dim, 1, MAX_WIDTH)?;
+        range(
+            "num_multimask_outputs",
+            self.num_multimask_outputs,
+            0,
+            MAX_MULTIMASK,
+        )?;
+        range(
+            "iou_head_hidden_dim",
+            self.iou_head_hidden_dim,
+            1,
+            MAX_WIDTH,
+        )?;
         range("mask_in_chans", self.mask_in_chans, 4, MAX_WIDTH)?;
         if self.mask_in_chans % 4 != 0 {
-            return bad(format!("mask_in_chans {} must be a multiple of 4", self.mask_in_chans));
+            return bad(format!(
+                "mask_in_chans {} must be a multiple of 4",
+                self.mask_in_chans
+            ));
         }
         range("num_classes", self.num_classes, 1, MAX_CLASSES)?;
 
         // Sizes derived from the fields, in u64 with checked products: the largest per-image
         // feature map and the parameter count.
-        let prod = |f: &[usize]| -> Option<u64> { f.iter().try_fold(1u64, |a, &v| a.checked_mul(v as u64)) };
+        let prod = |f: &[usize]| -> Option<u64> {
+            f.iter().try_fold(1u64, |a, &v| a.checked_mul(v as u64))
+        };
         let e = &self.embed_dims;
         let (r4, r8, r16) = (s / 4, s / 8, s / 16);
         let maps: [(&str, &str, Option<u64>); 6] = [
-            ("image_size", "the full-resolution logits (S²)", prod(&[s, s])),
-            ("image_size", "the stem's output ((S/2)² × embed_dims[0]/2)", prod(&[s / 2, s / 2, e[0] / 2])),
+            (
+                "image_size",
+                "the full-resolution logits (S²)",
+                prod(&[s, s]),
+            ),
+            (
+                "image_size",
+                "the stem's output ((S/2)² × embed_dims[0]/2)",
+                prod(&[s / 2, s / 2, e[0] / 2]),
+            ),
             (
                 "mbconv_expand_ratio",
                 "stage 0's MBConv hidden map ((S/4)² × embed_dims[0] × mbconv_expand_ratio)",
@@ -259,7 +312,11 @@ impl Config {
                 "stage 2-3's qkv or MLP hidden map ((S/16)² × max(embed_dims[2..4]) × max(3, mlp_ratio))",
                 prod(&[r16, r16, e[2].max(e[3]), self.mlp_ratio.max(3)]),
             ),
-            ("transformer_dim", "the decoder's upscaled map ((S/4)² × transformer_dim/4)", prod(&[r4, r4, dm / 4])),
+            (
+                "transformer_dim",
+                "the decoder's upscaled map ((S/4)² × transformer_dim/4)",
+                prod(&[r4, r4, dm / 4]),
+            ),
         ];
         for (field, what, n) in maps {
             match n {
@@ -329,7 +386,9 @@ impl Variant {
         match s {
             "paper" => Ok(Variant::Paper),
             "released" => Ok(Variant::Released),
-            o => Err(Error::Config(format!("unknown variant '{o}' (expected paper or released)"))),
+            o => Err(Error::Config(format!(
+                "unknown variant '{o}' (expected paper or released)"
+            ))),
         }
     }
 }

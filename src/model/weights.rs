@@ -27,7 +27,11 @@ pub struct HostTensor {
 impl HostTensor {
     pub fn new(shape: &[usize], data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        HostTensor { shape: shape.to_vec(), data, stored: Stored::F32 }
+        HostTensor {
+            shape: shape.to_vec(),
+            data,
+            stored: Stored::F32,
+        }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -51,20 +55,33 @@ pub struct Weights {
 }
 
 fn shape_str(s: &[usize]) -> String {
-    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        s.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// Refuses headers whose data offsets point past the end of the file before the safetensors
 /// parser sees them: it adds the last offset to the header length unchecked, which overflows (a
 /// panic in debug builds) for offsets near 2^64. Anything else malformed is left to the parser.
 fn check_offsets(bytes: &[u8]) -> std::result::Result<(), String> {
-    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap())) else {
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    else {
         return Ok(());
     };
-    let Some(header) = usize::try_from(n).ok().and_then(|n| bytes.get(8..8usize.checked_add(n)?)) else {
+    let Some(header) = usize::try_from(n)
+        .ok()
+        .and_then(|n| bytes.get(8..8usize.checked_add(n)?))
+    else {
         return Ok(());
     };
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(header) else {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(header)
+    else {
         return Ok(());
     };
     let len = bytes.len() as u64;
@@ -72,7 +89,9 @@ fn check_offsets(bytes: &[u8]) -> std::result::Result<(), String> {
         let offsets = v.get("data_offsets").and_then(|o| o.as_array());
         for o in offsets.into_iter().flatten() {
             if o.as_u64().is_some_and(|o| o > len) {
-                return Err(format!("tensor '{name}' has data offset {o}, past the end of the {len}-byte file"));
+                return Err(format!(
+                    "tensor '{name}' has data offset {o}, past the end of the {len}-byte file"
+                ));
             }
         }
     }
@@ -88,17 +107,22 @@ impl Weights {
             .map_err(|e| err(format!("not a valid safetensors file ({e})")))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| err(format!("not a valid safetensors file ({e})")))?;
-        let mut w = Weights { source: source.to_string(), ..Default::default() };
+        let mut w = Weights {
+            source: source.to_string(),
+            ..Default::default()
+        };
         if let Some(m) = meta.metadata() {
             for (k, v) in m {
                 match k.as_str() {
                     META_CONFIG => {
                         w.config = Some(
-                            Config::from_json(v).map_err(|e| err(format!("bad configuration in metadata: {e}")))?,
+                            Config::from_json(v)
+                                .map_err(|e| err(format!("bad configuration in metadata: {e}")))?,
                         )
                     }
                     META_VARIANT => {
-                        w.variant = Some(Variant::parse(v).map_err(|e| err(format!("metadata: {e}")))?)
+                        w.variant =
+                            Some(Variant::parse(v).map_err(|e| err(format!("metadata: {e}")))?)
                     }
                     _ => {
                         w.metadata.insert(k.clone(), v.clone());
@@ -114,15 +138,21 @@ impl Weights {
             use safetensors::Dtype;
             let (data, stored): (Vec<f32>, Stored) = match view.dtype() {
                 Dtype::F32 => (
-                    raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                    raw.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
                     Stored::F32,
                 ),
                 Dtype::F16 => (
-                    raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                    raw.chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                        .collect(),
                     Stored::F16,
                 ),
                 Dtype::BF16 => (
-                    raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                    raw.chunks_exact(2)
+                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                        .collect(),
                     Stored::F32,
                 ),
                 Dtype::F64 => (
@@ -132,15 +162,30 @@ impl Weights {
                     Stored::F32,
                 ),
                 Dtype::I64 => (
-                    raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                    raw.chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                        .collect(),
                     Stored::I64,
                 ),
-                other => return Err(err(format!("tensor '{key}' has unsupported dtype {other:?}"))),
+                other => {
+                    return Err(err(format!(
+                        "tensor '{key}' has unsupported dtype {other:?}"
+                    )));
+                }
             };
             if data.iter().any(|v| !v.is_finite()) {
-                return Err(err(format!("tensor '{key}' contains NaN or infinite values")));
+                return Err(err(format!(
+                    "tensor '{key}' contains NaN or infinite values"
+                )));
             }
-            w.tensors.insert(key, HostTensor { shape, data, stored });
+            w.tensors.insert(
+                key,
+                HostTensor {
+                    shape,
+                    data,
+                    stored,
+                },
+            );
         }
         if w.tensors.is_empty() {
             return Err(err("the file holds no tensors".into()));
@@ -195,11 +240,19 @@ impl Weights {
     /// Reads the architecture off the tensor shapes (for files without a configuration in their
     /// metadata). The input size cannot be inferred: `image_size` is taken from `image_size`.
     pub fn infer_config(&self, image_size: usize) -> Result<Config> {
-        let bad = |m: String| Error::weights(&self.source, format!("cannot infer the configuration: {m}"));
+        let bad = |m: String| {
+            Error::weights(&self.source, format!("cannot infer the configuration: {m}"))
+        };
         // Dimension `i` of tensor `k` (a tensor of lower rank is an error, not a panic).
         let dim = |k: &str, i: usize| -> Result<usize> {
             let sh = &self.get(k)?.shape;
-            sh.get(i).copied().ok_or_else(|| bad(format!("tensor '{k}' has shape {} (expected at least {} dimensions)", shape_str(sh), i + 1)))
+            sh.get(i).copied().ok_or_else(|| {
+                bad(format!(
+                    "tensor '{k}' has shape {} (expected at least {} dimensions)",
+                    shape_str(sh),
+                    i + 1
+                ))
+            })
         };
         // Number of consecutive `prefix.<i>.` modules; counting stops past the largest depth a
         // configuration may have, so a hostile key list cannot make this quadratic.
@@ -207,12 +260,16 @@ impl Weights {
             (0..=super::config::MAX_DEPTH + 1)
                 .take_while(|i| {
                     let p = format!("{prefix}.{i}.");
-                    self.tensors.range(p.clone()..).next().is_some_and(|(k, _)| k.starts_with(&p))
+                    self.tensors
+                        .range(p.clone()..)
+                        .next()
+                        .is_some_and(|(k, _)| k.starts_with(&p))
                 })
                 .count()
         };
         let ratio = |name: &str, num: usize, den: usize| -> Result<usize> {
-            num.checked_div(den).ok_or_else(|| bad(format!("{name}: division by a zero width")))
+            num.checked_div(den)
+                .ok_or_else(|| bad(format!("{name}: division by a zero width")))
         };
         let ie = "image_encoder";
         let mut c = Config::paper();
@@ -232,20 +289,34 @@ impl Weights {
         c.num_heads[0] = (c.embed_dims[0] / 32).max(1);
         c.window_sizes[0] = c.window_sizes[1];
         if c.depths[0] > 0 {
-            c.mbconv_expand_ratio =
-                ratio("mbconv_expand_ratio", dim(&format!("{ie}.layers.0.blocks.0.conv1.c.weight"), 0)?, c.embed_dims[0])?;
+            c.mbconv_expand_ratio = ratio(
+                "mbconv_expand_ratio",
+                dim(&format!("{ie}.layers.0.blocks.0.conv1.c.weight"), 0)?,
+                c.embed_dims[0],
+            )?;
         }
-        c.mlp_ratio = ratio("mlp_ratio", dim(&format!("{ie}.layers.1.blocks.0.mlp.fc1.weight"), 0)?, c.embed_dims[1])?;
+        c.mlp_ratio = ratio(
+            "mlp_ratio",
+            dim(&format!("{ie}.layers.1.blocks.0.mlp.fc1.weight"), 0)?,
+            c.embed_dims[1],
+        )?;
         c.num_classes = dim(&format!("{ie}.head.weight"), 0)?;
         c.transformer_dim = dim("mask_decoder.iou_token.weight", 1)?;
         c.decoder_depth = count("mask_decoder.transformer.layers");
         c.decoder_mlp_dim = dim("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0)?;
         c.num_multimask_outputs = dim("mask_decoder.mask_tokens.weight", 0)?
             .checked_sub(1)
-            .ok_or_else(|| bad("tensor 'mask_decoder.mask_tokens.weight' holds no mask token".into()))?;
+            .ok_or_else(|| {
+                bad("tensor 'mask_decoder.mask_tokens.weight' holds no mask token".into())
+            })?;
         c.iou_head_hidden_dim = dim("mask_decoder.iou_prediction_head.layers.0.weight", 0)?;
         c.mask_in_chans = dim("prompt_encoder.mask_downscaling.3.weight", 0)?;
-        c.validate().map_err(|e| Error::weights(&self.source, format!("inferred configuration is invalid: {e}")))?;
+        c.validate().map_err(|e| {
+            Error::weights(
+                &self.source,
+                format!("inferred configuration is invalid: {e}"),
+            )
+        })?;
         Ok(c)
     }
 
@@ -269,7 +340,10 @@ impl Weights {
     /// 0/1, the PE matrix N(0,1), embeddings N(0,1).
     pub fn init(cfg: &Config, seed: u64) -> Weights {
         let mut rng = Rng::new(seed);
-        let mut w = Weights { source: "initialisation".into(), ..Default::default() };
+        let mut w = Weights {
+            source: "initialisation".into(),
+            ..Default::default()
+        };
         for s in schema::specs(cfg) {
             let n = s.numel();
             let k = &s.key;
@@ -293,15 +367,20 @@ impl Weights {
                         vec![0.0; n]
                     } else if k.contains("attention_biases") {
                         vec![0.0; n]
-                    } else if k.contains("embed") || k.ends_with("token.weight") || k.ends_with("tokens.weight") {
+                    } else if k.contains("embed")
+                        || k.ends_with("token.weight")
+                        || k.ends_with("tokens.weight")
+                    {
                         (0..n).map(|_| rng.normal() as f32).collect()
                     } else if s.shape.len() == 2 {
                         // trunc-normal(0, 0.02) truncated at 2 sigma
                         (0..n)
-                            .map(|_| loop {
-                                let v = rng.normal();
-                                if v.abs() <= 2.0 {
-                                    break (v * 0.02) as f32;
+                            .map(|_| {
+                                loop {
+                                    let v = rng.normal();
+                                    if v.abs() <= 2.0 {
+                                        break (v * 0.02) as f32;
+                                    }
                                 }
                             })
                             .collect()
@@ -317,8 +396,19 @@ impl Weights {
                     }
                 }
             };
-            let stored = if s.kind == Kind::Counter { Stored::I64 } else { Stored::F32 };
-            w.tensors.insert(s.key.clone(), HostTensor { shape: s.shape.clone(), data, stored });
+            let stored = if s.kind == Kind::Counter {
+                Stored::I64
+            } else {
+                Stored::F32
+            };
+            w.tensors.insert(
+                s.key.clone(),
+                HostTensor {
+                    shape: s.shape.clone(),
+                    data,
+                    stored,
+                },
+            );
         }
         w.config = Some(cfg.clone());
         w
@@ -351,15 +441,31 @@ impl Weights {
             let (dtype, bytes) = match (t.stored, f16) {
                 (Stored::I64, _) => (
                     safetensors::Dtype::I64,
-                    t.data.iter().flat_map(|&v| (v.round() as i64).to_le_bytes()).collect(),
+                    t.data
+                        .iter()
+                        .flat_map(|&v| (v.round() as i64).to_le_bytes())
+                        .collect(),
                 ),
                 (_, true) => (
                     safetensors::Dtype::F16,
-                    t.data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                    t.data
+                        .iter()
+                        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                        .collect(),
                 ),
-                (_, false) => (safetensors::Dtype::F32, t.data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                (_, false) => (
+                    safetensors::Dtype::F32,
+                    t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
             };
-            views.push((k.clone(), V { dtype, shape: t.shape.clone(), bytes }));
+            views.push((
+                k.clone(),
+                V {
+                    dtype,
+                    shape: t.shape.clone(),
+                    bytes,
+                },
+            ));
         }
         let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
         meta.insert("format".into(), "pt".into());
@@ -371,7 +477,13 @@ impl Weights {
 
     /// Writes atomically (temporary file in the same folder, then rename).
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn save(&self, path: &std::path::Path, cfg: &Config, variant: Variant, f16: bool) -> Result<()> {
+    pub fn save(
+        &self,
+        path: &std::path::Path,
+        cfg: &Config,
+        variant: Variant,
+        f16: bool,
+    ) -> Result<()> {
         let bytes = self.to_bytes(cfg, variant, f16)?;
         crate::io::write_atomic(path, &bytes)
     }
