@@ -317,3 +317,76 @@ fn stale_temporary_files_are_removed_on_start() {
     );
     assert!(live.exists());
 }
+
+#[test]
+fn dataset_check_parses_annotations_and_lists_every_bad_sample() {
+    use medfastsam::train::datasets::{Dataset, Format, Split};
+    let d = tmpdir("monuseg");
+    let img = io::RgbImage {
+        width: 20,
+        height: 16,
+        data: vec![90; 20 * 16 * 3],
+    };
+    let xml_ok = r#"<Annotations><Annotation><Regions><Region Id="1"><Vertices><Vertex X="2" Y="1"/><Vertex X="6" Y="1"/><Vertex X="6" Y="4"/></Vertices></Region></Regions></Annotation></Annotations>"#;
+    for id in ["a", "b", "c"] {
+        std::fs::write(
+            d.join(format!("{id}.png")),
+            io::encode_png_rgb(&img).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(d.join(format!("{id}.xml")), xml_ok).unwrap();
+    }
+    std::fs::write(d.join("b.xml"), r#"<Annotations><Region Id="1"><Vertices><Vertex X="2" Y="oops"/></Vertices></Region></Annotations>"#).unwrap();
+    std::fs::write(d.join("c.png"), b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
+    let ds = Dataset::open(&d, Format::Monuseg, Split::Test).unwrap();
+    assert_eq!(ds.len(), 3);
+    let mut seen = 0;
+    let bad = ds.check_samples(|_| seen += 1);
+    assert_eq!(seen, 3);
+    assert_eq!(bad.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2]);
+    let e = ds.check(|_| {}).unwrap_err().to_string();
+    assert!(!e.contains('\n'), "{e}");
+    assert!(
+        e.contains("2 of 3") && e.contains("b.xml") && e.contains("oops") && e.contains("c.png"),
+        "{e}"
+    );
+    assert!(ds.check_sample(0).is_ok());
+    // The good sample still loads.
+    assert!(ds.load(0).is_ok());
+}
+
+#[test]
+fn a_file_failing_mid_run_ends_it_with_a_resumable_checkpoint() {
+    // A validation image whose header is intact but whose pixel data is cut: it passes the check
+    // at open and fails when the first validation decodes it, after two training steps.
+    let data = make_dataset("midrun", 4);
+    let val_img = data.join("images/crop05.png");
+    let whole = std::fs::read(&val_img).unwrap();
+    std::fs::write(&val_img, &whole[..whole.len() / 2]).unwrap();
+    let out = tmpdir("midrun-out");
+    let (code, text) = run(&train_args(&data, &out, &["--epochs", "2", "--lr", "1e-3"]));
+    assert_ne!(code, 0, "{text}");
+    let last = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .last()
+        .unwrap_or("");
+    assert!(
+        last.starts_with("error:") && last.contains("crop05.png"),
+        "{text}"
+    );
+    assert!(last.contains("checkpoint of step 2 is kept"), "{last}");
+    let ckpt = out.join("checkpoint.safetensors");
+    let w = Weights::load(&ckpt).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&w.metadata["medfastsam.train_state"]).unwrap();
+    assert_eq!(state["progress"]["step"], 2, "{state}");
+    // Repaired, the run continues from there to the end.
+    std::fs::write(&val_img, &whole).unwrap();
+    let (code, text) = run(&train_args(&data, &out, &["--epochs", "2", "--resume"]));
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("resumed") && out.join("final.safetensors").exists(),
+        "{text}"
+    );
+}

@@ -106,9 +106,13 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
     let model = MedFastSam::new(&gpu, &weights, &cfg, variant)?;
     drop(weights);
     let s = cfg.image_size;
+    let count = if good.len() == data.len() {
+        format!("{}", data.len())
+    } else {
+        format!("{} of {}", good.len(), data.len())
+    };
     eprintln!(
-        "evaluating {} images of {} ({}) at {s}x{s}, {} variant",
-        good.len(),
+        "evaluating {count} images of {} ({}) at {s}x{s}, {} variant",
         a.data.display(),
         a.format,
         variant.name()
@@ -187,11 +191,14 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
             .as_ref()
             .map(|o| format!(" and in {}", o.join("unscored.csv").display()))
             .unwrap_or_default();
+        let rest = match rows.len() {
+            0 => "no image was scored".to_string(),
+            k => format!("the scores are those of the other {k}"),
+        };
         anyhow::bail!(
-            "{} of {} images could not be scored (listed above{listed}); the scores are those of the other {}",
+            "{} of {} images could not be scored (listed above{listed}); {rest}",
             unscored.len(),
-            data.len(),
-            rows.len()
+            data.len()
         );
     }
     Ok(0)

@@ -146,51 +146,65 @@ fn open_split(root: &Path, format: Format, split: Split) -> anyhow::Result<Datas
 
 /// Validation summary of the current weights. Non-finite weights or logits mean that training
 /// diverged: an error naming the step and the image.
-fn validate(gpu: &Gpu, t: &Trainer, val: &Dataset) -> anyhow::Result<Summary> {
-    let w = t.finite_weights()?;
-    let model = MedFastSam::new(gpu, &w, &t.ps.cfg, t.ps.variant)?;
+fn validate(gpu: &Gpu, t: &Trainer, val: &Dataset) -> Result<Summary, ValidationError> {
+    let w = t
+        .finite_weights()
+        .map_err(|e| ValidationError::Diverged(e.into()))?;
+    let model = MedFastSam::new(gpu, &w, &t.ps.cfg, t.ps.variant)
+        .map_err(|e| ValidationError::Other(e.into()))?;
     let ev = evaluate_each(gpu, &model, val, false, |_, _| {});
     if let Some(u) = ev.unscored.iter().find(|u| u.non_finite) {
-        anyhow::bail!(
+        return Err(ValidationError::Diverged(anyhow::anyhow!(
             "training diverged by step {} (epoch {}): validation image {}; lower the learning rate (now --lr {:e})",
             t.progress.step,
             t.progress.epoch,
             u.error,
             t.opts.lr
-        );
+        )));
     }
-    let ev = ev.into_result()?;
+    let ev = ev
+        .into_result()
+        .map_err(|e| ValidationError::Other(anyhow::anyhow!("validation: {e}")))?;
     Ok(Summary::from_scores(ev.iter().map(|e| &e.scores)))
+}
+
+enum ValidationError {
+    /// The weights or their logits are not finite: nothing may be written from this state.
+    Diverged(anyhow::Error),
+    /// A validation file that cannot be read, or a GPU error: the trained state itself is whole.
+    Other(anyhow::Error),
 }
 
 /// What a failed run leaves to resume from, for its error message.
 struct Kept<'a> {
     path: &'a Path,
-    /// Step of the last checkpoint this run wrote, or of the one it resumed from.
-    step: Option<u64>,
-    written_here: bool,
+    /// The checkpoint this run resumed from and its step.
+    resumed: Option<(PathBuf, u64)>,
+    /// Step of the last checkpoint this run wrote.
+    written: Option<u64>,
 }
 
 impl Kept<'_> {
     fn describe(&self) -> String {
-        match (self.step, self.written_here) {
-            (Some(s), true) => format!(
-                "the checkpoint of step {s} is kept ({}; continue with --resume)",
+        match (self.written, &self.resumed) {
+            (Some(s), _) => format!(
+                "the checkpoint of step {s} is kept ({}); continue with --resume",
                 self.path.display()
             ),
-            (Some(s), false) => {
-                format!(
-                    "the checkpoint resumed from (step {s}) is unchanged ({}; continue with --resume)",
-                    self.path.display()
-                )
-            }
-            (None, _) => "no checkpoint was written by this run".into(),
+            (None, Some((p, s))) => format!(
+                "the checkpoint it resumed from (step {s}) is unchanged ({}); continue with --resume",
+                p.display()
+            ),
+            (None, None) if self.path.exists() => format!(
+                "no checkpoint was written by this run ({} is unchanged)",
+                self.path.display()
+            ),
+            (None, None) => "no checkpoint was written by this run".into(),
         }
     }
     fn write(&mut self, c: &Checkpoint) -> anyhow::Result<()> {
         c.write(self.path)?;
-        self.step = Some(c.step);
-        self.written_here = true;
+        self.written = Some(c.step);
         Ok(())
     }
 }
@@ -215,6 +229,7 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
     }
     check_samples(&sets)?;
     let gpu = gpu.open()?;
+    let mut resumed = None;
     let mut t = if let Some(r) = &a.resume {
         let p = if r.is_empty() {
             ckpt.clone()
@@ -222,6 +237,7 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
             PathBuf::from(r)
         };
         let mut t = Trainer::resume(&gpu, &p)?;
+        resumed = Some((p.clone(), t.progress.step));
         if a.epochs != t.opts.epochs {
             t.opts.epochs = a.epochs;
         }
@@ -323,8 +339,8 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
     let mut steps_here = 0u64;
     let mut kept = Kept {
         path: &ckpt,
-        step: a.resume.is_some().then_some(t.progress.step),
-        written_here: false,
+        resumed,
+        written: None,
     };
     // A checkpoint taken but not yet written: its weights are shown finite by the next step's loss
     // (or the validation), and only then may it replace the one on disk.
@@ -433,10 +449,28 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
         t.progress.epoch += 1;
         t.progress.step_in_epoch = 0;
         if let Some(v) = &val {
-            let s = validate(&gpu, &t, v).map_err(|e| {
-                bar.abandon();
-                anyhow::anyhow!("{e:#}; {}", kept.describe())
-            })?;
+            let s = match validate(&gpu, &t, v) {
+                Ok(s) => s,
+                Err(ValidationError::Diverged(e)) => {
+                    bar.abandon();
+                    anyhow::bail!("{e:#}; {}", kept.describe());
+                }
+                Err(ValidationError::Other(e)) => {
+                    // The epoch's training is done and whole: keep it (its validation is lost).
+                    bar.abandon();
+                    if let Err(w) = t
+                        .checkpoint()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|c| kept.write(&c))
+                    {
+                        anyhow::bail!(
+                            "{e:#}; writing a checkpoint failed too: {w:#}; {}",
+                            kept.describe()
+                        );
+                    }
+                    anyhow::bail!("{e:#}; {}", kept.describe());
+                }
+            };
             rec["val_miou"] = s.mean_iou.into();
             rec["val_dice"] = s.mean_dice.into();
             if t.progress.best_val_dice.is_none_or(|b| s.mean_dice > b) {
