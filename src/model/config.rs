@@ -1,4 +1,4 @@
-//! Model configuration: every size is a parameter (SPEC.md §1). Presets `paper` and `tiny`; JSON in
+//! Model configuration: every size is a parameter (docs/model.md). Presets `paper` and `tiny`; JSON in
 //! the format of fixtures/tiny.config.json, with optional fields for the decoder sizes.
 
 use crate::error::{Error, Result};
@@ -363,7 +363,7 @@ impl Config {
     }
 }
 
-/// Which forward the model computes (SPEC.md §1, fixtures/README.md "The two variants").
+/// Which forward the model computes (docs/model.md, "Group Attention and the two variants").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {

@@ -1,5 +1,5 @@
 //! LKA-Encoder (paper §3.1): TinyViT-5M layout with Group Attention (Eq. 3-4) and the sequential
-//! Hybrid Expert Head (Eq. 5); reference-architecture.md §2. Inference path (BatchNorm folded).
+//! Hybrid Expert Head (Eq. 5); docs/model.md, "LKA-Encoder". Inference path (BatchNorm folded).
 
 use super::config::Variant;
 use super::med_fastsam::{MedFastSam, Stages};

@@ -1,6 +1,6 @@
 //! MSF-Decoder (paper §3.3, Eq. 10-13) around the two-way transformer: multi-scale patch
 //! embeddings r2 (patch 4) and r1 (patch 8), upsampling with skip fusion, hypernetwork mask head;
-//! reference-architecture.md §4.1 and §4.4.
+//! docs/model.md, "MSF-Decoder".
 
 use super::lka_encoder::LN2D_EPS;
 use super::med_fastsam::MedFastSam;

@@ -1,5 +1,5 @@
 //! The state_dict schema: every key of the authors' `TinySAM` with its shape, derived from the
-//! configuration (reference-architecture.md Appendix A). Used to validate weight files, initialise
+//! configuration (docs/model.md, "Weights and key names"). Used to validate weight files, initialise
 //! new models, count parameters per module and decide what `semi` training freezes.
 
 use super::config::Config;
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(sp.len(), 541);
         let natural: usize =
             sp.iter().filter(|s| s.kind == Kind::Param && s.is_natural_branch()).map(|s| s.numel()).sum();
-        // Tuned parameters under the natural-branch rule (reference-architecture.md §5.2).
+        // Tuned parameters under the natural-branch rule (docs/training.md, "Modes").
         assert_eq!(param_count(&c) - natural, 8_413_572);
     }
 }

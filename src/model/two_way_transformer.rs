@@ -1,5 +1,5 @@
 //! SAM's two-way transformer (the core of the MSF-Decoder, Eq. 11): tokens attend to the image
-//! embedding and the image attends back; reference-architecture.md §4.3.
+//! embedding and the image attends back; docs/model.md, "MSF-Decoder".
 
 use super::lka_encoder::LN_EPS;
 use super::med_fastsam::MedFastSam;

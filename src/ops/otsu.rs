@@ -1,5 +1,5 @@
 //! Otsu coarse prompt of the CP-Encoder (shaders/otsu.wgsl), both variants of
-//! reference-architecture.md §3 / fixtures/README.md:
+//! docs/model.md, "Otsu coarse prompt":
 //!
 //! * [`OtsuRule::Paper`]: grey = (0.2989 R + 0.5870 G + 0.1140 B) / 255 of the raw pixels,
 //!   `mask = grey >= t`.

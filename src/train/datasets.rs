@@ -1,4 +1,4 @@
-//! Dataset loaders for the official layouts of SPEC.md §3 (ISIC-2018 Task 1, PH2, MoNuSeg-2018,
+//! Dataset loaders for the official layouts of docs/training.md (ISIC-2018 Task 1, PH2, MoNuSeg-2018,
 //! TNBC, a generic `images/` + `masks/` folder, and the authors' `image_1024/` + `mask_1024/`), the
 //! Aperio XML reader and polygon rasteriser for MoNuSeg's annotations, and mask binarisation.
 //!
@@ -155,7 +155,7 @@ pub struct Dataset {
 // ---------------------------------------------------------------------------------------------
 // Masks
 
-/// Binary mask (0/1) of a decoded mask image. Foreground = value > 127 (SPEC §3; 16-bit label
+/// Binary mask (0/1) of a decoded mask image. Foreground = value > 127 (docs/training.md; 16-bit label
 /// images arrive from [`crate::io::decode_gray`] as 255 where the label is nonzero). One extension:
 /// an 8-bit mask whose largest value is in 1..=127 cannot be a 0/255 mask — it is a 0/1 mask or an
 /// 8-bit label image — and there foreground = value > 0 (the rule > 127 would make it empty).

@@ -1,4 +1,4 @@
-//! Segmentation metrics of the paper's protocol (SPEC.md §3): per-image foreground IoU and Dice of
+//! Segmentation metrics of the paper's protocol (docs/training.md): per-image foreground IoU and Dice of
 //! binary masks, the 95th-percentile Hausdorff distance (HD95) of their boundaries, the mean over
 //! images, and a CSV writer for per-image results.
 //!
@@ -6,7 +6,7 @@
 //! - masks are `width × height` row-major bytes, nonzero = foreground;
 //! - IoU = TP / (TP + FP + FN), Dice = 2·TP / (2·TP + FP + FN) (sklearn's binary `jaccard_score` /
 //!   `f1_score` with foreground as the positive class); an image whose prediction AND ground truth
-//!   are both empty scores 1 and 1 (the SPEC's rule; sklearn would give 0);
+//!   are both empty scores 1 and 1 (the project's rule, docs/training.md; sklearn would give 0);
 //! - HD95 follows MONAI `compute_hausdorff_distance(percentile=95)` (voxel spacing 1, Euclidean,
 //!   symmetric): see [`hd95`].
 

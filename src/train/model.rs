@@ -1,4 +1,4 @@
-//! Med-FastSAM training forward and its explicit backward (DESIGN.md: every module's forward keeps
+//! Med-FastSAM training forward and its explicit backward (docs/training.md: every module's forward keeps
 //! what its backward needs; the backward calls the parts in reverse, accumulating parameter
 //! gradients into the [`ParamStore`]). Mirrors src/model/*.rs, which hold the inference path.
 

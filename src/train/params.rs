@@ -9,7 +9,7 @@ use crate::model::weights::{HostTensor, Stored};
 use crate::ops::optim::{adam_step, AdamConfig};
 use std::collections::BTreeMap;
 
-/// Which parameters train (SPEC.md §2).
+/// Which parameters train (docs/training.md, "Modes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TrainMode {

@@ -1,4 +1,4 @@
-//! CPU f64 reference: Otsu coarse prompt (reference-architecture.md §3), written from the
+//! CPU f64 reference: Otsu coarse prompt (docs/model.md), written from the
 //! definition with `torch.histc` semantics.
 
 use crate::ops::otsu::OtsuRule;
