@@ -182,6 +182,7 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     // The output folder must accept files before the first forward (and Segmenter::new checks
     // that the model at this size fits the memory there is before anything is resized).
     check_writable(&a.out)?;
+    super::train::remove_stale_temp_files(&a.out);
     let gpu = gpu.open()?;
     let t0 = Instant::now();
     let seg = Segmenter::new(&gpu, &weights, Some(&cfg), Some(variant))?;
