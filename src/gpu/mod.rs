@@ -33,8 +33,12 @@ impl AdapterRequest {
     pub fn with_env(mut self) -> Self {
         #[cfg(not(target_arch = "wasm32"))]
         {
+            // WGPU_BACKEND is read here too (not by wgpu), so that a bad value is an error
+            // naming it instead of silently no backend at all.
             if self.backend.is_none() {
-                self.backend = std::env::var("MEDFASTSAM_BACKEND").ok().filter(|s| !s.is_empty());
+                self.backend = ["MEDFASTSAM_BACKEND", "WGPU_BACKEND"]
+                    .iter()
+                    .find_map(|k| std::env::var(k).ok().filter(|s| !s.trim().is_empty()));
             }
             if self.adapter.is_none() {
                 self.adapter = std::env::var("MEDFASTSAM_ADAPTER").ok().filter(|s| !s.is_empty());
@@ -44,6 +48,44 @@ impl AdapterRequest {
             }
         }
         self
+    }
+
+    /// Checks the request without touching a GPU: a backend name that is not one wgpu knows is
+    /// an error naming it (so that a typo fails at once, before any work).
+    pub fn check(&self) -> Result<()> {
+        if let Some(b) = &self.backend {
+            parse_backends(b)?;
+        }
+        if self.adapter.as_deref().is_some_and(|a| a.trim().is_empty()) {
+            return Err(Error::Invalid(
+                "--adapter is empty (expected an index or part of an adapter's name)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Keeps window-system probes out of adapter enumeration, which never needs a window system.
+///
+/// Mesa's implicit Vulkan layer `VK_LAYER_MESA_device_select` connects to the Wayland (and X)
+/// display when the application enables the surface extensions (wgpu always does) to find the
+/// GPU that drives the screen; without `XDG_RUNTIME_DIR`, libwayland then prints
+/// "error: XDG_RUNTIME_DIR is invalid or not set in the environment." on every enumeration, even
+/// though nothing failed. The layer only reorders adapters, which [`Gpu::new`] does itself, so it
+/// is disabled (`NODEVICE_SELECT=1`, the switch its manifest declares) unless the user set
+/// `NODEVICE_SELECT` or asked for the layer's choice with `MESA_VK_DEVICE_SELECT`. (The GL
+/// backend, created without a display handle, uses EGL's surfaceless platform and probes nothing.)
+///
+/// # Safety
+/// Changes the process environment: call it before any other thread exists (first thing in
+/// `main`).
+#[cfg(not(target_arch = "wasm32"))]
+pub unsafe fn quiet_window_system_probes() {
+    if std::env::var_os("NODEVICE_SELECT").is_none()
+        && std::env::var_os("MESA_VK_DEVICE_SELECT").is_none()
+    {
+        // SAFETY: the caller guarantees that no other thread runs.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
     }
 }
 
@@ -214,8 +256,10 @@ impl Gpu {
                 };
                 return match pick {
                     Some(k) => Ok(adapters.swap_remove(k)),
-                    None => Err(Error::NoAdapter(format!(
-                        "no adapter matches '{sel}'; available: {}",
+                    // A selection that matches nothing is a mistake of the caller, not a
+                    // machine without a GPU: Invalid, not NoAdapter.
+                    None => Err(Error::Invalid(format!(
+                        "no adapter matches '{sel}'; adapters: {}",
                         names.join("; ")
                     ))),
                 };

@@ -2,6 +2,7 @@
 
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
+use medfastsam::gpu::Gpu;
 use medfastsam::model::schema::{self, Kind};
 use std::collections::BTreeMap;
 
@@ -18,7 +19,12 @@ pub struct InfoArgs {
 }
 
 pub fn run(gpu: &GpuArgs, a: &InfoArgs) -> anyhow::Result<i32> {
-    let m = ModelArgs { weights: a.weights.clone(), config: a.config.clone(), variant: a.variant.clone(), size: None };
+    let m = ModelArgs {
+        weights: a.weights.clone(),
+        config: a.config.clone(),
+        variant: a.variant.clone(),
+        size: None,
+    };
     let (w, cfg, variant) = m.load()?;
     println!("weights:       {}", a.weights.display());
     let src = if a.config.is_some() {
@@ -46,14 +52,25 @@ pub fn run(gpu: &GpuArgs, a: &InfoArgs) -> anyhow::Result<i32> {
         e.0 += s.numel();
         e.1 += 1;
     }
-    println!("parameters:    {} total ({:.2} M)", fmt(total), total as f64 / 1e6);
+    println!(
+        "parameters:    {} total ({:.2} M)",
+        fmt(total),
+        total as f64 / 1e6
+    );
     println!(
         "               {} tuned in semi mode (natural branch of {} frozen)",
         fmt(total - natural),
         fmt(natural)
     );
-    println!("buffers:       {} values (BatchNorm running statistics, PE matrix)", fmt(buffers));
-    let extra: Vec<&String> = w.tensors.keys().filter(|k| !specs.iter().any(|s| &s.key == *k)).collect();
+    println!(
+        "buffers:       {} values (BatchNorm running statistics, PE matrix)",
+        fmt(buffers)
+    );
+    let extra: Vec<&String> = w
+        .tensors
+        .keys()
+        .filter(|k| !specs.iter().any(|s| &s.key == *k))
+        .collect();
     if !extra.is_empty() {
         println!("extra tensors kept on save: {}", extra.len());
     }
@@ -61,9 +78,14 @@ pub fn run(gpu: &GpuArgs, a: &InfoArgs) -> anyhow::Result<i32> {
     for (g, (n, k)) in &groups {
         println!("  {g:<48} {:>12}  ({k} tensors)", fmt(*n));
     }
-    match gpu.open() {
+    // A machine without a usable GPU still gets the report ("none", exit 0); a backend or an
+    // adapter that was asked for and cannot be had is an error.
+    match Gpu::new(&gpu.request()) {
         Ok(g) => println!("adapter:       {}", g.summary()),
-        Err(e) => println!("adapter:       none ({e})"),
+        Err(e @ medfastsam::error::Error::NoAdapter(_)) if !gpu.explicit() => {
+            println!("adapter:       none ({e})")
+        }
+        Err(e) => return Err(e.into()),
     }
     Ok(0)
 }

@@ -37,14 +37,24 @@ pub struct GpuArgs {
 }
 
 impl GpuArgs {
-    pub fn open(&self) -> anyhow::Result<Gpu> {
-        let req = AdapterRequest {
+    /// The request these options (and the environment) make.
+    pub fn request(&self) -> AdapterRequest {
+        AdapterRequest {
             backend: self.backend.clone(),
             adapter: self.adapter.clone(),
             webgpu_limits: self.webgpu_limits,
         }
-        .with_env();
-        let gpu = Gpu::new(&req)?;
+        .with_env()
+    }
+
+    /// Whether a backend or an adapter was asked for (option or environment).
+    pub fn explicit(&self) -> bool {
+        let r = self.request();
+        r.backend.is_some() || r.adapter.is_some()
+    }
+
+    pub fn open(&self) -> anyhow::Result<Gpu> {
+        let gpu = Gpu::new(&self.request())?;
         eprintln!("adapter: {}", gpu.summary());
         Ok(gpu)
     }
@@ -120,7 +130,17 @@ pub fn bar_line(bar: Option<&indicatif::ProgressBar>, msg: impl AsRef<str>) {
 
 /// Runs the CLI; returns the process exit code. Errors are printed as one line.
 pub fn run() -> i32 {
+    // SAFETY: first thing the process does; no other thread exists yet.
+    unsafe { medfastsam::gpu::quiet_window_system_probes() };
     let cli = Cli::parse();
+    // A misspelt --backend (or MEDFASTSAM_BACKEND / WGPU_BACKEND) fails before any work, in
+    // every command that uses the GPU.
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        if let Err(e) = cli.gpu.request().check() {
+            eprintln!("error: {}", error_line(&e.into()));
+            return 1;
+        }
+    }
     let res = match &cli.cmd {
         Cmd::Segment(a) => segment::run(&cli.gpu, a),
         Cmd::Info(a) => info::run(&cli.gpu, a),
@@ -134,8 +154,14 @@ pub fn run() -> i32 {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             1
         }
     }
+}
+
+/// An error as one line: its message, then each cause not already in it (see
+/// [`medfastsam::error::report`]), so that nothing is said twice.
+pub fn error_line(e: &anyhow::Error) -> String {
+    medfastsam::error::report(e.as_ref())
 }
