@@ -268,6 +268,82 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
         .join(" ")
 }
 
+/// The tag values of a classic TIFF's IFDs must lie inside the file. The `tiff` crate reads the
+/// first IFD under its default limits (a 256 MiB value buffer), so a 300-byte file declaring a
+/// tag with 8 M values made it allocate 256 MiB before failing; such a file is refused here.
+fn check_tiff_values(b: &[u8], source: &str) -> Result<()> {
+    let le = match b.get(..4) {
+        Some([b'I', b'I', 42, 0]) => true,
+        Some([b'M', b'M', 0, 42]) => false,
+        _ => return Ok(()), // BigTIFF or not TIFF: left to the decoder
+    };
+    let u16_at = |i: usize| {
+        b.get(i..i + 2).map(|v| {
+            if le {
+                u16::from_le_bytes([v[0], v[1]])
+            } else {
+                u16::from_be_bytes([v[0], v[1]])
+            }
+        })
+    };
+    let u32_at = |i: usize| {
+        b.get(i..i + 4).map(|v| {
+            let a = [v[0], v[1], v[2], v[3]];
+            if le {
+                u32::from_le_bytes(a)
+            } else {
+                u32::from_be_bytes(a)
+            }
+        })
+    };
+    let len = b.len() as u64;
+    let past_end = |what: String| {
+        Error::image(
+            source,
+            format!("truncated or corrupt TIFF: {what}, past the end of the {len}-byte file"),
+        )
+    };
+    let mut ifd = u32_at(4).unwrap_or(0) as u64;
+    for _ in 0..64 {
+        if ifd == 0 {
+            break;
+        }
+        let i = ifd as usize;
+        let Some(n) = u16_at(i).filter(|_| ifd + 2 <= len) else {
+            return Err(past_end(format!("the IFD at byte {ifd}")));
+        };
+        if ifd + 2 + 12 * n as u64 + 4 > len {
+            return Err(past_end(format!("the IFD at byte {ifd} with {n} entries")));
+        }
+        for k in 0..n as usize {
+            let e = i + 2 + 12 * k;
+            let (tag, typ, count) = (
+                u16_at(e).unwrap(),
+                u16_at(e + 2).unwrap(),
+                u32_at(e + 4).unwrap() as u64,
+            );
+            let size: u64 = match typ {
+                1 | 2 | 6 | 7 => 1,
+                3 | 8 => 2,
+                4 | 9 | 11 | 13 => 4,
+                5 | 10 | 12 | 16 | 17 | 18 => 8,
+                _ => continue,
+            };
+            let bytes = count * size;
+            if bytes > 4 {
+                let at = u32_at(e + 8).unwrap() as u64;
+                if at + bytes > len {
+                    return Err(past_end(format!(
+                        "tag {tag} has {bytes} bytes of values at byte {at}"
+                    )));
+                }
+            }
+        }
+        ifd = u32_at(i + 2 + 12 * n as usize).unwrap() as u64;
+    }
+    Ok(())
+}
+
 fn decode_error(source: &str, format: image::ImageFormat, e: image::ImageError) -> Error {
     use image::error::{ImageError, LimitErrorKind};
     let eof =
@@ -311,6 +387,9 @@ fn open_decoder<'a>(
 ) -> Result<(image::ImageFormat, impl image::ImageDecoder + 'a)> {
     use image::ImageDecoder;
     let format = guess_format(bytes, source)?;
+    if format == image::ImageFormat::Tiff {
+        check_tiff_values(bytes, source)?;
+    }
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     // Side limits are applied after the budget check below, so that an over-budget image gets the
     // budget's message rather than the decoder's.

@@ -164,6 +164,14 @@ impl Fuzz {
         PEAK.with(|p| p.set(base));
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         let peak = PEAK.with(|p| p.get()) - base;
+        if peak > self.peak && peak > 1 << 27 {
+            // Large but allowed: kept for inspection.
+            if let Some(b) = bytes {
+                let p = self.dir.join(format!("peak-{i}.bin"));
+                std::fs::write(&p, b).unwrap();
+                eprintln!("fuzz {}: input {i} peaked at {:.0} MiB ({})", self.target, peak as f64 / (1 << 20) as f64, p.display());
+            }
+        }
         self.peak = self.peak.max(peak);
         let (accepted, problem) = match r {
             Ok(Ok(accepted)) => (accepted, None),
@@ -832,7 +840,7 @@ fn fuzz_weights_shapes_and_config_inference() {
                     log.push(format!("remove {k}"));
                 }
                 1 => {
-                    let t = w.tensors[&keys[0]].clone();
+                    let t = base.tensors[&keys[0]].clone();
                     let nk = format!(
                         "{}.{}.x",
                         [

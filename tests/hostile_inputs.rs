@@ -667,3 +667,24 @@ fn safetensors_with_lying_offsets_are_refused() {
     b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     assert!(no_panic("len", || Weights::from_bytes(&b, "x")).is_err());
 }
+
+/// A 300-byte TIFF whose tag declares 8 M values (found by the fuzzer): the `tiff` crate read it
+/// under its own default limits, allocating 256 MiB before failing. Refused from the IFD now.
+#[test]
+fn tiff_tags_declaring_values_past_the_end_are_refused() {
+    let mut t = huge_tiff(9, 7);
+    // BitsPerSample (third entry) claims 8388608 SHORTs at its offset.
+    let e = 8 + 2 + 2 * 12;
+    assert_eq!(u16::from_le_bytes([t[e], t[e + 1]]), 258);
+    t[e + 4..e + 8].copy_from_slice(&8_388_608u32.to_le_bytes());
+    for r in [
+        io::decode_rgb(&t, "tags.tif").map(|_| ()),
+        io::image_dimensions(&t, "tags.tif", &DecodeLimits::default()).map(|_| ()),
+    ] {
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.starts_with("tags.tif: truncated or corrupt TIFF: tag 258 has 16777216 bytes"),
+            "{e}"
+        );
+    }
+}
