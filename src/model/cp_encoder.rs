@@ -1,23 +1,110 @@
 //! CP-Encoder (paper §3.2, Eq. 6-9): the Otsu coarse prompt (ops::otsu, on the GPU) turned into a
-//! dense prompt by SAM's mask_downscaling: conv2×2 s2 → LN2d → GELU → conv2×2 s2 → LN2d → GELU → conv1×1.
+//! dense prompt by SAM's `mask_downscaling`: conv2×2 s2 → LN2d → GELU → conv2×2 s2 → LN2d → GELU →
+//! conv1×1. It is SAM's `prompt_encoder`, which also holds the random-Fourier positional encoding.
 
-use super::lka_encoder::LN2D_EPS;
-use super::med_fastsam::MedFastSam;
+use super::blocks::{
+    Conv2d, ConvSaved, LN2D_EPS, LayerNorm, LayerNormSaved, Linear, LinearSaved, Mode, Param,
+    Source, Vb,
+};
+use super::config::Config;
+use super::lka_encoder::saved;
+use super::schema::Kind;
 use crate::error::Result;
 use crate::gpu::{Recorder, Tensor};
-use crate::ops::conv::conv2d;
-use crate::ops::matmul::{linear, Act};
-use crate::ops::norm::layer_norm;
+use crate::ops::matmul::Act;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
-impl MedFastSam {
+pub struct CpEncoder<P = Param> {
+    /// `pe_layer.positional_encoding_gaussian_matrix` `[2, D/2]` (a buffer, never trained).
+    gauss: P,
+    c0: Conv2d<P>,
+    n1: LayerNorm<P>,
+    c3: Conv2d<P>,
+    n4: LayerNorm<P>,
+    l6: Linear<P>,
+    pe_cache: Mutex<HashMap<(usize, usize), Tensor>>,
+}
+
+pub struct CpEncoderSaved {
+    c0: ConvSaved,
+    n1: LayerNormSaved,
+    c3: ConvSaved,
+    n4: LayerNormSaved,
+    l6: LinearSaved,
+}
+
+impl<P: Clone> CpEncoder<P> {
+    pub fn new<S: Source<P = P>>(vb: Vb<S>, cfg: &Config) -> Result<Self> {
+        let dm = cfg.transformer_dim;
+        let gauss = vb.get_kind(
+            "pe_layer.positional_encoding_gaussian_matrix",
+            &[2, dm / 2],
+            Kind::Buffer,
+        )?;
+        // Point and box prompts: not used by Med-FastSAM.
+        for i in 0..4 {
+            vb.unused(&format!("point_embeddings.{i}.weight"), &[1, dm]);
+        }
+        vb.unused("not_a_point_embed.weight", &[1, dm]);
+        let mic = cfg.mask_in_chans;
+        let md = vb.pp("mask_downscaling");
+        let cp = CpEncoder {
+            gauss,
+            c0: Conv2d::new(md.pp("0"), mic / 4, 1, 2, 2, 0, true)?,
+            n1: LayerNorm::new(md.pp("1"), mic / 4, LN2D_EPS, Act::Gelu)?,
+            c3: Conv2d::new(md.pp("3"), mic, mic / 4, 2, 2, 0, true)?,
+            n4: LayerNorm::new(md.pp("4"), mic, LN2D_EPS, Act::Gelu)?,
+            l6: Linear::conv1x1(md.pp("6"), dm, mic, true, Act::None)?,
+            pe_cache: Mutex::new(HashMap::new()),
+        };
+        vb.unused("no_mask_embed.weight", &[1, dm]);
+        Ok(cp)
+    }
+}
+
+impl CpEncoder {
     /// Coarse mask at S/4 `[B, S/4, S/4, 1]` (values in {0, .25, .5, .75, 1}) → dense prompt `[B, S/16, S/16, D]`.
-    pub fn cp_encode(&self, rec: &mut Recorder, mask_lowres: &Tensor) -> Result<Tensor> {
-        let p = |i: usize, n: &str| format!("prompt_encoder.mask_downscaling.{i}.{n}");
-        let h = conv2d(rec, mask_lowres, self.t(&p(0, "weight"))?, Some(self.t(&p(0, "bias"))?), 2, 0, Act::None)?;
-        let h = layer_norm(rec, &h, self.t(&p(1, "weight"))?, self.t(&p(1, "bias"))?, LN2D_EPS, Act::Gelu)?;
-        let h = conv2d(rec, &h, self.t(&p(3, "weight"))?, Some(self.t(&p(3, "bias"))?), 2, 0, Act::None)?;
-        let h = layer_norm(rec, &h, self.t(&p(4, "weight"))?, self.t(&p(4, "bias"))?, LN2D_EPS, Act::Gelu)?;
-        let w6 = self.t(&p(6, "weight"))?;
-        linear(rec, &h, &w6.reshape(&[w6.shape[0], w6.shape[1]]), Some(self.t(&p(6, "bias"))?), Act::None, None)
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        mask_lowres: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<CpEncoderSaved>)> {
+        let (h, c0) = self.c0.forward(rec, mask_lowres, mode)?;
+        let (h, n1) = self.n1.forward(rec, &h, mode)?;
+        let (h, c3) = self.c3.forward(rec, &h, mode)?;
+        let (h, n4) = self.n4.forward(rec, &h, mode)?;
+        let (dense, l6) = self.l6.forward(rec, &h, mode)?;
+        Ok((
+            dense,
+            saved!(CpEncoderSaved {
+                c0: c0?,
+                n1: n1?,
+                c3: c3?,
+                n4: n4?,
+                l6: l6?
+            }),
+        ))
+    }
+
+    /// The coarse mask is an input: parameter gradients only.
+    pub fn backward(&self, rec: &mut Recorder, c: &CpEncoderSaved, ddense: &Tensor) -> Result<()> {
+        let d = self.l6.backward(rec, &c.l6, ddense)?;
+        let d = self.n4.backward(rec, &c.n4, &d, None)?;
+        let d = self.c3.backward(rec, &c.c3, &d)?;
+        let d = self.n1.backward(rec, &c.n1, &d, None)?;
+        self.c0.backward_params(rec, &c.c0, &d)
+    }
+
+    /// The dense positional encoding of an h×w grid `[h, w, D]`, computed once per grid size.
+    pub fn dense_pe(&self, rec: &mut Recorder, h: usize, w: usize) -> Result<Tensor> {
+        let mut cache = self.pe_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&(h, w)) {
+            return Ok(t.clone());
+        }
+        let pe = crate::ops::pe::dense_pe(rec, &self.gauss.v, h, w)?;
+        cache.insert((h, w), pe.clone());
+        Ok(pe)
     }
 }

@@ -1,165 +1,912 @@
-//! LKA-Encoder (paper §3.1): TinyViT-5M layout with Group Attention (Eq. 3-4) and the sequential
-//! Hybrid Expert Head (Eq. 5); docs/model.md, "LKA-Encoder". Inference path (BatchNorm folded).
+//! LKA-Encoder (paper §3.1): TinyViT-5M layout (PatchEmbed, an MBConv stage, three TinyViT stages
+//! with PatchMerging between them, the SAM neck) whose attention is Group Attention (Eq. 3-4) and
+//! whose MLP is the sequential Hybrid Expert Head (Eq. 5); docs/model.md, "LKA-Encoder".
 
-use super::config::Variant;
-use super::med_fastsam::{MedFastSam, Stages};
-use crate::error::Result;
+use super::blocks::{
+    AttnCoreSaved, Conv2d, Conv2dBn, Conv2dBnSaved, ConvKind, ConvSaved, LN_EPS, LN2D_EPS,
+    LayerNorm, LayerNormSaved, Linear, LinearSaved, Mode, Param, Source, Vb, window_attention,
+    window_attention_backward,
+};
+use super::config::{Config, Variant};
+use super::med_fastsam::Stages;
+use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Tensor};
-use crate::ops::attention::{window_attention, window_partition, window_reverse_add};
-use crate::ops::conv::{conv2d, depthwise_conv2d};
-use crate::ops::elementwise::add;
-use crate::ops::matmul::{linear, linear_residual_act, Act};
-use crate::ops::norm::layer_norm;
+use crate::ops::attention::{
+    window_partition, window_partition_backward, window_reverse_add, window_reverse_add_backward,
+};
+use crate::ops::elementwise::{
+    accumulate, act_backward, activation, add, slice_mid, slice_mid_backward,
+};
+use crate::ops::matmul::{Act, Gemm, gemm, linear_residual_act};
+use crate::ops::norm::BnSaved;
 
-/// Token LayerNorm epsilon (attention and MLP norms).
-pub const LN_EPS: f32 = 1e-5;
-/// LayerNorm2d epsilon (neck, SAM-style channel norms).
-pub const LN2D_EPS: f32 = 1e-6;
+/// `Some(..)` when every part is `Some` (train mode), else `None`.
+macro_rules! saved {
+    ($e:expr) => {
+        (|| Some($e))()
+    };
+}
+pub(crate) use saved;
 
-impl MedFastSam {
-    /// A folded `Conv2d_BN` on a channels-last map: 1×1 convolutions run as GEMMs, 3×3 depthwise
-    /// ones (`depthwise`) on the depthwise kernel, the rest on the dense convolution.
-    pub(crate) fn conv_bn(
+// ---------------------------------------------------------------- PatchEmbed
+
+/// PatchEmbed: Conv2d_BN(3→C0/2, 3×3 s2) → GELU → Conv2d_BN(C0/2→C0, 3×3 s2). [B,S,S,3] → [B,S/4,S/4,C0].
+pub struct PatchEmbed<P = Param> {
+    c0: Conv2dBn<P>,
+    c2: Conv2dBn<P>,
+}
+
+pub struct PatchEmbedSaved {
+    c0: Conv2dBnSaved,
+    c2: Conv2dBnSaved,
+}
+
+impl<P: Clone> PatchEmbed<P> {
+    pub fn new<S: Source<P = P>>(vb: Vb<S>, c0: usize) -> Result<Self> {
+        let dense = ConvKind::Dense { stride: 2, pad: 1 };
+        Ok(PatchEmbed {
+            c0: Conv2dBn::new(vb.pp("seq.0"), c0 / 2, 3, 3, dense, Act::Gelu)?,
+            c2: Conv2dBn::new(vb.pp("seq.2"), c0, c0 / 2, 3, dense, Act::None)?,
+        })
+    }
+}
+
+impl PatchEmbed {
+    pub fn forward(
         &self,
         rec: &mut Recorder,
-        pre: &str,
         x: &Tensor,
-        stride: usize,
-        depthwise: bool,
-        act: Act,
-        residual: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let w = self.t(&format!("{pre}.folded.weight"))?;
-        let b = self.t(&format!("{pre}.folded.bias"))?;
-        let k = w.shape[2];
-        if depthwise {
-            assert!(residual.is_none());
-            return depthwise_conv2d(rec, x, w, Some(b), stride, k / 2, act);
+        mode: Mode,
+    ) -> Result<(Tensor, Option<PatchEmbedSaved>)> {
+        let (h, c0) = self.c0.forward(rec, x, mode)?;
+        let (y, c2) = self.c2.forward(rec, &h, mode)?;
+        Ok((y, saved!(PatchEmbedSaved { c0: c0?, c2: c2? })))
+    }
+
+    /// The input is the image: parameter gradients only.
+    pub fn backward(&self, rec: &mut Recorder, s: &PatchEmbedSaved, dy: &Tensor) -> Result<()> {
+        let d = self.c2.backward(rec, &s.c2, dy)?;
+        self.c0.backward_params(rec, &s.c0, &d)
+    }
+}
+
+// ---------------------------------------------------------------- MBConv
+
+/// MBConv: GELU(x + BN(conv1×1)(GELU(BN(dw3×3)(GELU(BN(conv1×1)(x)))))). In train mode, when its
+/// 4x-wide hidden map exceeds the device's storage-binding limit (the paper preset at 1024² with
+/// batch 4: 256 MiB), the hidden channels are processed in groups: the expansion conv, its
+/// BatchNorm (per channel, so exact), the depthwise conv and its BatchNorm run per group, and the
+/// projection sums the groups' contributions.
+pub struct MbConv<P = Param> {
+    conv1: Conv2dBn<P>,
+    conv2: Conv2dBn<P>,
+    conv3: Conv2dBn<P>,
+}
+
+pub struct MbConvSaved {
+    path: MbPath,
+    /// x + BN(conv3(..)), before the GELU.
+    s: Tensor,
+    x_shape: Vec<usize>,
+}
+
+enum MbPath {
+    Whole {
+        c1: Conv2dBnSaved,
+        c2: Conv2dBnSaved,
+        c3: Conv2dBnSaved,
+    },
+    Grouped {
+        groups: Vec<MbGroup>,
+        z3: Tensor,
+        bn3: BnSaved,
+    },
+}
+
+struct MbGroup {
+    conv1: Conv2dBn,
+    conv2: Conv2dBn,
+    c1: Conv2dBnSaved,
+    c2: Conv2dBnSaved,
+    h2: Tensor,
+    w3: Tensor,
+    c0: usize,
+}
+
+/// Tests: a minimum number of MBConv hidden-channel groups (0 = as the device limits require).
+#[doc(hidden)]
+pub static FORCE_MBCONV_GROUPS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Number of hidden-channel groups so that each group's map fits one storage binding.
+fn hidden_groups(rec: &Recorder, rows: usize, hidden: usize) -> Result<usize> {
+    let limit = rec
+        .gpu
+        .limits
+        .max_storage_buffer_binding_size
+        .min(rec.gpu.limits.max_buffer_size);
+    let bytes = (rows * hidden * 4) as u64;
+    let forced = FORCE_MBCONV_GROUPS.load(std::sync::atomic::Ordering::Relaxed);
+    let mut g = (bytes.div_ceil(limit).max(1) as usize).max(forced);
+    while g <= hidden {
+        if hidden % g == 0 && (g == 1 || (hidden / g) % 64 == 0) {
+            return Ok(g);
         }
-        if k == 1 && stride == 1 {
-            let w2 = w.reshape(&[w.shape[0], w.shape[1]]);
-            return linear(rec, x, &w2, Some(b), act, residual);
+        g += 1;
+    }
+    Err(Error::Limit {
+        what: format!("MBConv hidden map of {rows} positions x {hidden} channels"),
+        needed: bytes,
+        limit_name: "max_storage_buffer_binding_size",
+        limit,
+        hint: "use a smaller batch or image size".into(),
+    })
+}
+
+fn nothing_saved(what: &str) -> Error {
+    Error::Invalid(format!("{what}: nothing saved in train mode"))
+}
+
+impl<P: Clone> MbConv<P> {
+    pub fn new<S: Source<P = P>>(vb: Vb<S>, d: usize, hidden: usize) -> Result<Self> {
+        Ok(MbConv {
+            conv1: Conv2dBn::new(vb.pp("conv1"), hidden, d, 1, ConvKind::Pointwise, Act::Gelu)?,
+            conv2: Conv2dBn::new(
+                vb.pp("conv2"),
+                hidden,
+                1,
+                3,
+                ConvKind::Depthwise { stride: 1, pad: 1 },
+                Act::Gelu,
+            )?,
+            conv3: Conv2dBn::new(vb.pp("conv3"), d, hidden, 1, ConvKind::Pointwise, Act::None)?,
+        })
+    }
+}
+
+impl MbConv {
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<MbConvSaved>)> {
+        if !mode.train() {
+            let (h, _) = self.conv1.forward(rec, x, mode)?;
+            let (h, _) = self.conv2.forward(rec, &h, mode)?;
+            if let Some((w, b)) = self.conv3.folded() {
+                // conv3 (1x1) + residual + GELU in one GEMM epilogue (the residual before the activation).
+                let y = linear_residual_act(
+                    rec,
+                    &h,
+                    &w.reshape(&[w.shape[0], w.shape[1]]),
+                    Some(b),
+                    x,
+                    Act::Gelu,
+                )?;
+                return Ok((y, None));
+            }
+            let (z, _) = self.conv3.forward(rec, &h, mode)?;
+            let s = add(rec, &z, x)?;
+            return Ok((activation(rec, &s, Act::Gelu)?, None));
         }
-        assert!(residual.is_none());
-        conv2d(rec, x, w, Some(b), stride, k / 2, act)
+        let hidden = self.conv1.weight()?.v.shape[0];
+        let c = x.dim(-1);
+        let rows = x.numel() / c;
+        let ng = hidden_groups(rec, rows, hidden)?;
+        let (z, path) = if ng == 1 {
+            let (h, c1) = self.conv1.forward(rec, x, mode)?;
+            let (h, c2) = self.conv2.forward(rec, &h, mode)?;
+            let (z, c3) = self.conv3.forward(rec, &h, mode)?;
+            let path = saved!(MbPath::Whole {
+                c1: c1?,
+                c2: c2?,
+                c3: c3?
+            });
+            (z, path.ok_or_else(|| nothing_saved("MBConv"))?)
+        } else {
+            let n = hidden / ng;
+            let w3_all = &self.conv3.weight()?.v;
+            let z3 = rec.gpu.empty(&x.shape)?;
+            let mut groups = Vec::new();
+            for gi in 0..ng {
+                let c0 = gi * n;
+                let conv1 = self.conv1.out_channels(c0, n)?;
+                let conv2 = self.conv2.out_channels(c0, n)?;
+                let (h, c1) = conv1.forward(rec, x, mode)?;
+                let (h2, c2) = conv2.forward(rec, &h, mode)?;
+                drop(h);
+                let w3 = slice_mid(rec, w3_all, c, hidden, 1, c0, n)?.reshape(&[c, n]);
+                let mut g = Gemm::new(rows, c, n);
+                g.trans_b = true;
+                g.accumulate = gi > 0;
+                gemm(rec, &g, &h2, &w3, None, None, &z3)?;
+                let (c1, c2) = c1.zip(c2).ok_or_else(|| nothing_saved("MBConv"))?;
+                groups.push(MbGroup {
+                    conv1,
+                    conv2,
+                    c1,
+                    c2,
+                    h2,
+                    w3,
+                    c0,
+                });
+            }
+            let (z, bn3) = self.conv3.bn_forward(rec, &z3)?;
+            (z, MbPath::Grouped { groups, z3, bn3 })
+        };
+        // y = GELU(x + BN(conv3(...)))
+        let s = add(rec, &z, x)?;
+        let y = activation(rec, &s, Act::Gelu)?;
+        Ok((
+            y,
+            Some(MbConvSaved {
+                path,
+                s,
+                x_shape: x.shape.clone(),
+            }),
+        ))
     }
 
-    /// PatchEmbed: Conv2d_BN(3→C0/2, 3×3 s2) → GELU → Conv2d_BN(C0/2→C0, 3×3 s2). [B,S,S,3] → [B,S/4,S/4,C0].
-    pub fn patch_embed(&self, rec: &mut Recorder, x: &Tensor) -> Result<Tensor> {
-        let pre = "image_encoder.patch_embed.seq";
-        let h = self.conv_bn(rec, &format!("{pre}.0"), x, 2, false, Act::Gelu, None)?;
-        self.conv_bn(rec, &format!("{pre}.2"), &h, 2, false, Act::None, None)
-    }
-
-    /// MBConv: GELU(x + BN(conv1×1)(GELU(BN(dw3×3)(GELU(BN(conv1×1)(x)))))).
-    fn mbconv(&self, rec: &mut Recorder, pre: &str, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv_bn(rec, &format!("{pre}.conv1"), x, 1, false, Act::Gelu, None)?;
-        let h = self.conv_bn(rec, &format!("{pre}.conv2"), &h, 1, true, Act::Gelu, None)?;
-        // conv3 (1x1) + residual + GELU in one GEMM epilogue (the residual before the activation).
-        let cp = format!("{pre}.conv3");
-        let w = self.t(&format!("{cp}.folded.weight"))?;
-        let b = self.t(&format!("{cp}.folded.bias"))?;
-        linear_residual_act(rec, &h, &w.reshape(&[w.shape[0], w.shape[1]]), Some(b), x, Act::Gelu)
-    }
-
-    /// PatchMerging: Conv2d_BN 1×1 → GELU → depthwise Conv2d_BN 3×3 (stride 2, or 1 into the last
-    /// stage) → GELU → Conv2d_BN 1×1.
-    fn patch_merging(&self, rec: &mut Recorder, pre: &str, x: &Tensor, stride: usize) -> Result<Tensor> {
-        let h = self.conv_bn(rec, &format!("{pre}.conv1"), x, 1, false, Act::Gelu, None)?;
-        let h = self.conv_bn(rec, &format!("{pre}.conv2"), &h, stride, true, Act::Gelu, None)?;
-        self.conv_bn(rec, &format!("{pre}.conv3"), &h, 1, false, Act::None, None)
-    }
-
-    /// Group Attention (Eq. 3-4) on zero-padded windows of x [B,H,W,d]; returns x + attention.
-    /// released: proj(MHA_nat(LN(x))); paper: proj(x_nat + MHA_med(x_nat + LN(x))), x_nat = proj(MHA_nat(LN(x))).
-    fn group_attention(&self, rec: &mut Recorder, pre: &str, x: &Tensor, heads: usize, ws: usize) -> Result<Tensor> {
-        let p = |n: &str| format!("{pre}.attn.{n}");
-        let xw = window_partition(rec, x, ws)?; // [NW, n, d]
-        let u = layer_norm(rec, &xw, self.t(&p("norm.weight"))?, self.t(&p("norm.bias"))?, super::lka_encoder::LN_EPS, Act::None)?;
-        drop(xw);
-        let qkv = linear(rec, &u, self.t(&p("qkv.weight"))?, Some(self.t(&p("qkv.bias"))?), Act::None, None)?;
-        let a_nat = window_attention(rec, &qkv, self.t(&p("attention_biases"))?, heads, ws)?;
-        drop(qkv);
-        let (pw, pb) = (self.t(&p("proj.weight"))?, self.t(&p("proj.bias"))?);
-        let y = match self.variant {
-            Variant::Released => linear(rec, &a_nat, pw, Some(pb), Act::None, None)?,
-            Variant::Paper => {
-                let x_nat = linear(rec, &a_nat, pw, Some(pb), Act::None, None)?;
-                let m = add(rec, &x_nat, &u)?;
-                let qkv_med = linear(rec, &m, self.t(&p("med_qkv.weight"))?, Some(self.t(&p("med_qkv.bias"))?), Act::None, None)?;
-                drop(m);
-                let a_med = window_attention(rec, &qkv_med, self.t(&p("attention_biases_med"))?, heads, ws)?;
-                let t = add(rec, &x_nat, &a_med)?;
-                linear(rec, &t, pw, Some(pb), Act::None, None)?
+    pub fn backward(&self, rec: &mut Recorder, c: &MbConvSaved, dy: &Tensor) -> Result<Tensor> {
+        let ds = act_backward(rec, &c.s, dy, Act::Gelu)?;
+        let dx = match &c.path {
+            MbPath::Whole { c1, c2, c3 } => {
+                let dh = self.conv3.backward(rec, c3, &ds)?;
+                let dh = self.conv2.backward(rec, c2, &dh)?;
+                self.conv1.backward(rec, c1, &dh)?
+            }
+            MbPath::Grouped { groups, z3, bn3 } => {
+                let dz3 = self.conv3.bn_backward(rec, z3, bn3, &ds)?;
+                let ch = c.x_shape.last().copied().unwrap_or(1);
+                let rows = dz3.numel() / ch;
+                let w3 = self.conv3.weight()?;
+                let hidden = w3.v.shape[1];
+                let dx = rec.zeros(&c.x_shape)?;
+                for g in groups {
+                    let n = g.w3.shape[1];
+                    if let Some(gw3) = &w3.g {
+                        // dW3[:, c0..c0+n] += dz3^T h2
+                        let part = rec.gpu.empty(&[ch, n, 1])?;
+                        let mut gm = Gemm::new(ch, n, rows);
+                        gm.trans_a = true;
+                        gemm(rec, &gm, &dz3, &g.h2, None, None, &part)?;
+                        slice_mid_backward(
+                            rec,
+                            &part,
+                            &gw3.reshape(&[ch, hidden, 1]),
+                            hidden,
+                            g.c0,
+                        )?;
+                    }
+                    let dh2 = rec.gpu.empty(&[rows, n])?;
+                    gemm(rec, &Gemm::new(rows, n, ch), &dz3, &g.w3, None, None, &dh2)?;
+                    let mut hshape = c.x_shape.clone();
+                    if let Some(l) = hshape.last_mut() {
+                        *l = n;
+                    }
+                    let dh1 = g.conv2.backward(rec, &g.c2, &dh2.reshape(&hshape))?;
+                    let dxg = g.conv1.backward(rec, &g.c1, &dh1)?;
+                    accumulate(rec, &dx, &dxg)?;
+                }
+                dx
             }
         };
-        window_reverse_add(rec, &y, x, ws)
+        accumulate(rec, &dx, &ds)?; // the residual branch
+        Ok(dx)
+    }
+}
+
+// ---------------------------------------------------------------- PatchMerging
+
+/// PatchMerging: Conv2d_BN 1×1 → GELU → depthwise Conv2d_BN 3×3 (stride 2, or 1 into the last
+/// stage) → GELU → Conv2d_BN 1×1.
+pub struct PatchMerging<P = Param> {
+    conv1: Conv2dBn<P>,
+    conv2: Conv2dBn<P>,
+    conv3: Conv2dBn<P>,
+}
+
+pub struct PatchMergingSaved {
+    c1: Conv2dBnSaved,
+    c2: Conv2dBnSaved,
+    c3: Conv2dBnSaved,
+}
+
+impl<P: Clone> PatchMerging<P> {
+    pub fn new<S: Source<P = P>>(vb: Vb<S>, d: usize, out: usize, stride: usize) -> Result<Self> {
+        Ok(PatchMerging {
+            conv1: Conv2dBn::new(vb.pp("conv1"), out, d, 1, ConvKind::Pointwise, Act::Gelu)?,
+            conv2: Conv2dBn::new(
+                vb.pp("conv2"),
+                out,
+                1,
+                3,
+                ConvKind::Depthwise { stride, pad: 1 },
+                Act::Gelu,
+            )?,
+            conv3: Conv2dBn::new(vb.pp("conv3"), out, out, 1, ConvKind::Pointwise, Act::None)?,
+        })
+    }
+}
+
+impl PatchMerging {
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<PatchMergingSaved>)> {
+        let (h, c1) = self.conv1.forward(rec, x, mode)?;
+        let (h, c2) = self.conv2.forward(rec, &h, mode)?;
+        let (y, c3) = self.conv3.forward(rec, &h, mode)?;
+        Ok((
+            y,
+            saved!(PatchMergingSaved {
+                c1: c1?,
+                c2: c2?,
+                c3: c3?
+            }),
+        ))
     }
 
-    /// Pre-norm MLP with residual: x + fc2(GELU(fc1(LN(x)))).
-    fn mlp(&self, rec: &mut Recorder, pre: &str, x: &Tensor) -> Result<Tensor> {
-        let p = |n: &str| format!("{pre}.{n}");
-        let h = layer_norm(rec, x, self.t(&p("norm.weight"))?, self.t(&p("norm.bias"))?, LN_EPS, Act::None)?;
-        let h = linear(rec, &h, self.t(&p("fc1.weight"))?, Some(self.t(&p("fc1.bias"))?), Act::Gelu, None)?;
-        linear(rec, &h, self.t(&p("fc2.weight"))?, Some(self.t(&p("fc2.bias"))?), Act::None, Some(x))
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        s: &PatchMergingSaved,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let d = self.conv3.backward(rec, &s.c3, dy)?;
+        let d = self.conv2.backward(rec, &s.c2, &d)?;
+        self.conv1.backward(rec, &s.c1, &d)
+    }
+}
+
+// ---------------------------------------------------------------- Group Attention
+
+/// Group Attention (Eq. 3-4) on zero-padded windows of x `[B,H,W,d]`; returns x + attention.
+/// `released`: proj(MHA_nat(LN(x))); `paper`: proj(x_nat + MHA_med(x_nat + LN(x))) with
+/// x_nat = proj(MHA_nat(LN(x))) (the same projection twice).
+pub struct GroupAttention<P = Param> {
+    bias: P,
+    norm: LayerNorm<P>,
+    qkv: Linear<P>,
+    proj: Linear<P>,
+    /// The medical branch (paper variant): its qkv and relative-position bias.
+    med: Option<(Linear<P>, P)>,
+    heads: usize,
+    ws: usize,
+}
+
+pub struct GroupAttentionSaved {
+    x_shape: Vec<usize>,
+    ln: LayerNormSaved,
+    qkv: LinearSaved,
+    nat: AttnCoreSaved,
+    proj: LinearSaved,
+    med: Option<MedSaved>,
+}
+
+struct MedSaved {
+    qkv: LinearSaved,
+    attn: AttnCoreSaved,
+    proj: LinearSaved,
+}
+
+impl<P: Clone> GroupAttention<P> {
+    pub fn new<S: Source<P = P>>(
+        vb: Vb<S>,
+        d: usize,
+        heads: usize,
+        ws: usize,
+        variant: Variant,
+    ) -> Result<Self> {
+        let paper = variant == Variant::Paper;
+        let bias = vb.get("attention_biases", &[heads, ws * ws])?;
+        let med_bias = if paper {
+            Some(vb.get("attention_biases_med", &[heads, ws * ws])?)
+        } else {
+            vb.unused("attention_biases_med", &[heads, ws * ws]);
+            None
+        };
+        let norm = LayerNorm::new(vb.pp("norm"), d, LN_EPS, Act::None)?;
+        let qkv = Linear::new(vb.pp("qkv"), 3 * d, d, Act::None)?;
+        let proj = Linear::new(vb.pp("proj"), d, d, Act::None)?;
+        let med = match med_bias {
+            Some(b) => Some((Linear::new(vb.pp("med_qkv"), 3 * d, d, Act::None)?, b)),
+            None => {
+                Linear::unused(vb.pp("med_qkv"), 3 * d, d);
+                None
+            }
+        };
+        Ok(GroupAttention {
+            bias,
+            norm,
+            qkv,
+            proj,
+            med,
+            heads,
+            ws,
+        })
+    }
+}
+
+impl GroupAttention {
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<GroupAttentionSaved>)> {
+        let (heads, ws) = (self.heads, self.ws);
+        let xw = window_partition(rec, x, ws)?; // [NW, n, d]
+        let (u, ln) = self.norm.forward(rec, &xw, mode)?;
+        drop(xw);
+        let (qkv, lq) = self.qkv.forward(rec, &u, mode)?;
+        let (a_nat, nat) = window_attention(rec, &qkv, &self.bias, heads, ws, mode)?;
+        drop(qkv);
+        let (y, proj, med) = match &self.med {
+            None => {
+                let (y, p) = self.proj.forward(rec, &a_nat, mode)?;
+                (y, p, None)
+            }
+            Some((med_qkv, med_bias)) => {
+                let (x_nat, p1) = self.proj.forward(rec, &a_nat, mode)?;
+                let m = add(rec, &x_nat, &u)?;
+                let (qkv_med, mq) = med_qkv.forward(rec, &m, mode)?;
+                drop(m);
+                let (a_med, am) = window_attention(rec, &qkv_med, med_bias, heads, ws, mode)?;
+                let t = add(rec, &x_nat, &a_med)?;
+                let (y, p2) = self.proj.forward(rec, &t, mode)?;
+                (
+                    y,
+                    p1,
+                    saved!(MedSaved {
+                        qkv: mq?,
+                        attn: am?,
+                        proj: p2?
+                    }),
+                )
+            }
+        };
+        let y = window_reverse_add(rec, &y, x, ws)?;
+        let paper = self.med.is_some();
+        let s = saved!(GroupAttentionSaved {
+            x_shape: x.shape.clone(),
+            ln: ln?,
+            qkv: lq?,
+            nat: nat?,
+            proj: proj?,
+            med: if paper { Some(med?) } else { None },
+        });
+        Ok((y, s))
     }
 
-    /// TinyViT block with Group Attention and the Hybrid Expert Head:
-    /// x += GA(x); x = BN(dw3×3(x)); x += MLP_nat(x); x += MLP_med(x).
-    fn vit_block(&self, rec: &mut Recorder, pre: &str, x: &Tensor, heads: usize, ws: usize) -> Result<Tensor> {
-        let x = self.group_attention(rec, pre, x, heads, ws)?;
-        let x = self.conv_bn(rec, &format!("{pre}.local_conv"), &x, 1, true, Act::None, None)?;
-        let x = self.mlp(rec, &format!("{pre}.mlp"), &x)?;
-        self.mlp(rec, &format!("{pre}.mlp_med"), &x)
-    }
-
-    /// Stage `s` (its blocks, then its patch merging for s < 3). x [B,H,W,C_s] → [B,H',W',C_{s+1}].
-    pub fn lka_stage(&self, rec: &mut Recorder, s: usize, x: &Tensor) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let r = cfg.stage_res(s);
-        let b = x.numel() / (r * r * cfg.embed_dims[s]);
-        let mut x = x.reshape(&[b, r, r, cfg.embed_dims[s]]);
-        let pre = format!("image_encoder.layers.{s}");
-        for blk in 0..cfg.depths[s] {
-            let bp = format!("{pre}.blocks.{blk}");
-            x = if s == 0 {
-                self.mbconv(rec, &bp, &x)?
-            } else {
-                self.vit_block(rec, &bp, &x, cfg.num_heads[s], cfg.window_sizes[s])?
-            };
+    /// From the gradient of x + attention, returns the gradient of x.
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        c: &GroupAttentionSaved,
+        dx1: &Tensor,
+    ) -> Result<Tensor> {
+        // x1 = x + reverse(y): dy_win = partition(dx1); dx (residual) = dx1.
+        let dyw = window_reverse_add_backward(rec, dx1, self.ws, None)?;
+        let (da_nat, du_extra) = match (&self.med, &c.med) {
+            (Some((med_qkv, med_bias)), Some(m)) => {
+                let dt = self.proj.backward(rec, &m.proj, &dyw)?;
+                // t = x_nat + a_med
+                let dqm =
+                    window_attention_backward(rec, med_bias, &m.attn, &dt, self.heads, self.ws)?;
+                let dm = med_qkv.backward(rec, &m.qkv, &dqm)?;
+                // m = x_nat + u
+                let dx_nat = dt;
+                accumulate(rec, &dx_nat, &dm)?;
+                (self.proj.backward(rec, &c.proj, &dx_nat)?, Some(dm))
+            }
+            _ => (self.proj.backward(rec, &c.proj, &dyw)?, None),
+        };
+        let dqkv =
+            window_attention_backward(rec, &self.bias, &c.nat, &da_nat, self.heads, self.ws)?;
+        let du = self.qkv.backward(rec, &c.qkv, &dqkv)?;
+        if let Some(e) = &du_extra {
+            accumulate(rec, &du, e)?;
         }
-        if s < 3 {
+        let dxw = self.norm.backward(rec, &c.ln, &du, None)?;
+        window_partition_backward(rec, &dxw, &c.x_shape, self.ws, Some(dx1))
+    }
+}
+
+// ---------------------------------------------------------------- MLP, TinyViT block
+
+/// Pre-norm MLP with residual: x + fc2(GELU(fc1(LN(x)))).
+pub struct Mlp<P = Param> {
+    norm: LayerNorm<P>,
+    fc1: Linear<P>,
+    fc2: Linear<P>,
+}
+
+pub struct MlpSaved {
+    ln: LayerNormSaved,
+    f1: LinearSaved,
+    f2: LinearSaved,
+}
+
+impl<P: Clone> Mlp<P> {
+    pub fn new<S: Source<P = P>>(vb: Vb<S>, d: usize, hidden: usize) -> Result<Self> {
+        Ok(Mlp {
+            norm: LayerNorm::new(vb.pp("norm"), d, LN_EPS, Act::None)?,
+            fc1: Linear::new(vb.pp("fc1"), hidden, d, Act::Gelu)?,
+            fc2: Linear::new(vb.pp("fc2"), d, hidden, Act::None)?,
+        })
+    }
+}
+
+impl Mlp {
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<MlpSaved>)> {
+        let (h, ln) = self.norm.forward(rec, x, mode)?;
+        let (h, f1) = self.fc1.forward(rec, &h, mode)?;
+        let (y, f2) = self.fc2.forward_res(rec, &h, Some(x), mode)?;
+        Ok((
+            y,
+            saved!(MlpSaved {
+                ln: ln?,
+                f1: f1?,
+                f2: f2?
+            }),
+        ))
+    }
+
+    pub fn backward(&self, rec: &mut Recorder, c: &MlpSaved, dy: &Tensor) -> Result<Tensor> {
+        let dpre = self
+            .fc2
+            .backward_through(rec, &c.f2, dy, &self.fc1, &c.f1)?;
+        let dh = self.fc1.backward_from_pre(rec, &c.f1, &dpre)?;
+        // dx = dy (residual) + LN backward
+        let acc = rec.clone_tensor(dy)?;
+        self.norm.backward(rec, &c.ln, &dh, Some(&acc))
+    }
+}
+
+/// TinyViT block with Group Attention and the Hybrid Expert Head:
+/// x += GA(x); x = BN(dw3×3(x)); x += MLP_nat(x); x += MLP_med(x).
+pub struct TinyVitBlock<P = Param> {
+    attn: GroupAttention<P>,
+    local_conv: Conv2dBn<P>,
+    mlp: Mlp<P>,
+    mlp_med: Mlp<P>,
+}
+
+pub struct TinyVitBlockSaved {
+    attn: GroupAttentionSaved,
+    local: Conv2dBnSaved,
+    mlp: MlpSaved,
+    mlp_med: MlpSaved,
+}
+
+impl<P: Clone> TinyVitBlock<P> {
+    pub fn new<S: Source<P = P>>(
+        vb: Vb<S>,
+        cfg: &Config,
+        s: usize,
+        variant: Variant,
+    ) -> Result<Self> {
+        let d = cfg.embed_dims[s];
+        let attn = GroupAttention::new(
+            vb.pp("attn"),
+            d,
+            cfg.num_heads[s],
+            cfg.window_sizes[s],
+            variant,
+        )?;
+        let mlp = Mlp::new(vb.pp("mlp"), d, cfg.mlp_ratio * d)?;
+        let mlp_med = Mlp::new(vb.pp("mlp_med"), d, cfg.mlp_ratio * d)?;
+        let dw = ConvKind::Depthwise { stride: 1, pad: 1 };
+        let local_conv = Conv2dBn::new(vb.pp("local_conv"), d, 1, 3, dw, Act::None)?;
+        Ok(TinyVitBlock {
+            attn,
+            local_conv,
+            mlp,
+            mlp_med,
+        })
+    }
+}
+
+impl TinyVitBlock {
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<TinyVitBlockSaved>)> {
+        let (x, attn) = self.attn.forward(rec, x, mode)?;
+        let (x, local) = self.local_conv.forward(rec, &x, mode)?;
+        let (x, mlp) = self.mlp.forward(rec, &x, mode)?;
+        let (x, mlp_med) = self.mlp_med.forward(rec, &x, mode)?;
+        Ok((
+            x,
+            saved!(TinyVitBlockSaved {
+                attn: attn?,
+                local: local?,
+                mlp: mlp?,
+                mlp_med: mlp_med?
+            }),
+        ))
+    }
+
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        c: &TinyVitBlockSaved,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let d = self.mlp_med.backward(rec, &c.mlp_med, dy)?;
+        let d = self.mlp.backward(rec, &c.mlp, &d)?;
+        let dx1 = self.local_conv.backward(rec, &c.local, &d)?;
+        self.attn.backward(rec, &c.attn, &dx1)
+    }
+}
+
+// ---------------------------------------------------------------- stages, neck, encoder
+
+enum StageBlock<P> {
+    MbConv(MbConv<P>),
+    Vit(TinyVitBlock<P>),
+}
+
+enum StageBlockSaved {
+    MbConv(MbConvSaved),
+    Vit(TinyVitBlockSaved),
+}
+
+/// One stage: its blocks (MBConv in stage 0, TinyViT blocks after), then PatchMerging for s < 3.
+pub struct LkaStage<P = Param> {
+    blocks: Vec<StageBlock<P>>,
+    downsample: Option<PatchMerging<P>>,
+    res: usize,
+    c: usize,
+}
+
+pub struct LkaStageSaved {
+    blocks: Vec<StageBlockSaved>,
+    downsample: Option<PatchMergingSaved>,
+}
+
+impl<P: Clone> LkaStage<P> {
+    pub fn new<S: Source<P = P>>(
+        vb: Vb<S>,
+        cfg: &Config,
+        s: usize,
+        variant: Variant,
+    ) -> Result<Self> {
+        let d = cfg.embed_dims[s];
+        let mut blocks = Vec::new();
+        for blk in 0..cfg.depths[s] {
+            let bv = vb.pp(format!("blocks.{blk}"));
+            blocks.push(if s == 0 {
+                StageBlock::MbConv(MbConv::new(bv, d, d * cfg.mbconv_expand_ratio)?)
+            } else {
+                StageBlock::Vit(TinyVitBlock::new(bv, cfg, s, variant)?)
+            });
+        }
+        let downsample = if s < 3 {
             // The merge into the last stage keeps the resolution (MobileSAM's change).
             let stride = if s == 2 { 1 } else { 2 };
-            x = self.patch_merging(rec, &format!("{pre}.downsample"), &x, stride)?;
+            Some(PatchMerging::new(
+                vb.pp("downsample"),
+                d,
+                cfg.embed_dims[s + 1],
+                stride,
+            )?)
+        } else {
+            None
+        };
+        Ok(LkaStage {
+            blocks,
+            downsample,
+            res: cfg.stage_res(s),
+            c: d,
+        })
+    }
+}
+
+impl LkaStage {
+    /// x `[B,H,W,C_s]` (or tokens) → `[B,H',W',C_{s+1}]`.
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<LkaStageSaved>)> {
+        let (r, c) = (self.res, self.c);
+        let b = x.numel() / (r * r * c);
+        let mut x = x.reshape(&[b, r, r, c]);
+        let mut blocks = Vec::new();
+        for blk in &self.blocks {
+            x = match blk {
+                StageBlock::MbConv(m) => {
+                    let (y, s) = m.forward(rec, &x, mode)?;
+                    blocks.extend(s.map(StageBlockSaved::MbConv));
+                    y
+                }
+                StageBlock::Vit(v) => {
+                    let (y, s) = v.forward(rec, &x, mode)?;
+                    blocks.extend(s.map(StageBlockSaved::Vit));
+                    y
+                }
+            };
         }
-        Ok(x)
+        let mut downsample = None;
+        if let Some(m) = &self.downsample {
+            let (y, s) = m.forward(rec, &x, mode)?;
+            x = y;
+            downsample = s;
+        }
+        Ok((x, mode.keep(|| LkaStageSaved { blocks, downsample })))
     }
 
-    /// Neck: conv1×1 (no bias) → LayerNorm2d → conv3×3 (no bias) → LayerNorm2d. → [B,S/16,S/16,D].
-    pub fn neck(&self, rec: &mut Recorder, x: &Tensor) -> Result<Tensor> {
-        let ie = "image_encoder.neck";
-        let (g, c) = (self.cfg.grid(), self.cfg.embed_dims[3]);
+    pub fn backward(&self, rec: &mut Recorder, c: &LkaStageSaved, dy: &Tensor) -> Result<Tensor> {
+        let mut d = match (&self.downsample, &c.downsample) {
+            (Some(m), Some(s)) => m.backward(rec, s, dy)?,
+            _ => dy.clone(),
+        };
+        for (blk, s) in self.blocks.iter().zip(&c.blocks).rev() {
+            d = match (blk, s) {
+                (StageBlock::MbConv(m), StageBlockSaved::MbConv(s)) => m.backward(rec, s, &d)?,
+                (StageBlock::Vit(v), StageBlockSaved::Vit(s)) => v.backward(rec, s, &d)?,
+                _ => {
+                    return Err(Error::Invalid(
+                        "LKA stage: saved state does not match its blocks".into(),
+                    ));
+                }
+            };
+        }
+        Ok(d)
+    }
+}
+
+/// Neck: conv1×1 (no bias) → LayerNorm2d → conv3×3 (no bias) → LayerNorm2d. → `[B,S/16,S/16,D]`.
+pub struct Neck<P = Param> {
+    c0: Linear<P>,
+    n1: LayerNorm<P>,
+    c2: Conv2d<P>,
+    n3: LayerNorm<P>,
+    grid: usize,
+    c: usize,
+}
+
+pub struct NeckSaved {
+    c0: LinearSaved,
+    n1: LayerNormSaved,
+    c2: ConvSaved,
+    n3: LayerNormSaved,
+}
+
+impl<P: Clone> Neck<P> {
+    pub fn new<S: Source<P = P>>(vb: Vb<S>, cfg: &Config) -> Result<Self> {
+        let (c, dm) = (cfg.embed_dims[3], cfg.transformer_dim);
+        Ok(Neck {
+            c0: Linear::conv1x1(vb.pp("0"), dm, c, false, Act::None)?,
+            n1: LayerNorm::new(vb.pp("1"), dm, LN2D_EPS, Act::None)?,
+            c2: Conv2d::new(vb.pp("2"), dm, dm, 3, 1, 1, false)?,
+            n3: LayerNorm::new(vb.pp("3"), dm, LN2D_EPS, Act::None)?,
+            grid: cfg.grid(),
+            c,
+        })
+    }
+}
+
+impl Neck {
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<NeckSaved>)> {
+        let (g, c) = (self.grid, self.c);
         let x = &x.reshape(&[x.numel() / (g * g * c), g, g, c]);
-        let w0 = self.t(&format!("{ie}.0.weight"))?;
-        let h = linear(rec, x, &w0.reshape(&[w0.shape[0], w0.shape[1]]), None, Act::None, None)?;
-        let h = layer_norm(rec, &h, self.t(&format!("{ie}.1.weight"))?, self.t(&format!("{ie}.1.bias"))?, LN2D_EPS, Act::None)?;
-        let h = conv2d(rec, &h, self.t(&format!("{ie}.2.weight"))?, None, 1, 1, Act::None)?;
-        layer_norm(rec, &h, self.t(&format!("{ie}.3.weight"))?, self.t(&format!("{ie}.3.bias"))?, LN2D_EPS, Act::None)
+        let (h, c0) = self.c0.forward(rec, x, mode)?;
+        let (h, n1) = self.n1.forward(rec, &h, mode)?;
+        let (h, c2) = self.c2.forward(rec, &h, mode)?;
+        let (y, n3) = self.n3.forward(rec, &h, mode)?;
+        Ok((
+            y,
+            saved!(NeckSaved {
+                c0: c0?,
+                n1: n1?,
+                c2: c2?,
+                n3: n3?
+            }),
+        ))
     }
 
-    /// The whole LKA-Encoder: normalised image [B,S,S,3] → embedding [B,S/16,S/16,D].
-    pub fn lka_encode(&self, rec: &mut Recorder, x: &Tensor, mut st: Option<&mut Stages>) -> Result<Tensor> {
-        let mut h = self.patch_embed(rec, x)?;
+    pub fn backward(&self, rec: &mut Recorder, c: &NeckSaved, dy: &Tensor) -> Result<Tensor> {
+        let d = self.n3.backward(rec, &c.n3, dy, None)?;
+        let d = self.c2.backward(rec, &c.c2, &d)?;
+        let d = self.n1.backward(rec, &c.n1, &d, None)?;
+        self.c0.backward(rec, &c.c0, &d)
+    }
+}
+
+/// The whole LKA-Encoder (`image_encoder`): normalised image `[B,S,S,3]` → embedding `[B,S/16,S/16,D]`.
+pub struct LkaEncoder<P = Param> {
+    pub patch_embed: PatchEmbed<P>,
+    pub stages: Vec<LkaStage<P>>,
+    pub neck: Neck<P>,
+}
+
+pub struct LkaEncoderSaved {
+    patch_embed: PatchEmbedSaved,
+    stages: Vec<LkaStageSaved>,
+    neck: NeckSaved,
+}
+
+impl<P: Clone> LkaEncoder<P> {
+    pub fn new<S: Source<P = P>>(vb: Vb<S>, cfg: &Config, variant: Variant) -> Result<Self> {
+        let patch_embed = PatchEmbed::new(vb.pp("patch_embed"), cfg.embed_dims[0])?;
+        let mut stages = Vec::new();
+        for s in 0..4 {
+            stages.push(LkaStage::new(
+                vb.pp(format!("layers.{s}")),
+                cfg,
+                s,
+                variant,
+            )?);
+        }
+        // TinyViT's classifier, not part of Med-FastSAM's forward.
+        LayerNorm::unused(vb.pp("norm_head"), cfg.embed_dims[3]);
+        Linear::unused(vb.pp("head"), cfg.num_classes, cfg.embed_dims[3]);
+        let neck = Neck::new(vb.pp("neck"), cfg)?;
+        Ok(LkaEncoder {
+            patch_embed,
+            stages,
+            neck,
+        })
+    }
+}
+
+impl LkaEncoder {
+    /// With `st`, the patch embedding and each stage output are kept for parity checks.
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+        mut st: Option<&mut Stages>,
+    ) -> Result<(Tensor, Option<LkaEncoderSaved>)> {
+        let (mut h, pe) = self.patch_embed.forward(rec, x, mode)?;
         if let Some(st) = st.as_deref_mut() {
             st.push("encoder.patch_embed", &h);
         }
-        for s in 0..4 {
-            h = self.lka_stage(rec, s, &h)?;
+        let mut stages = Vec::new();
+        for (s, stage) in self.stages.iter().enumerate() {
+            let (y, sv) = stage.forward(rec, &h, mode)?;
+            h = y;
+            stages.extend(sv);
             if let Some(st) = st.as_deref_mut() {
                 st.push(&format!("encoder.layers.{s}"), &h);
             }
         }
-        self.neck(rec, &h)
+        let (emb, neck) = self.neck.forward(rec, &h, mode)?;
+        Ok((
+            emb,
+            saved!(LkaEncoderSaved {
+                patch_embed: pe?,
+                stages,
+                neck: neck?
+            }),
+        ))
+    }
+
+    pub fn backward(&self, rec: &mut Recorder, c: &LkaEncoderSaved, demb: &Tensor) -> Result<()> {
+        let mut d = self.neck.backward(rec, &c.neck, demb)?;
+        for (stage, s) in self.stages.iter().zip(&c.stages).rev() {
+            d = stage.backward(rec, s, &d)?;
+        }
+        self.patch_embed.backward(rec, &c.patch_embed, &d)
     }
 }

@@ -2,30 +2,34 @@
 //! CP-Encoder coarse prompt → MSF-Decoder (two-way transformer, fusion, hypernetwork) → logits.
 //!
 //! All activations are channels-last; the model input is packed RGB u32 pixels `[B, S, S]` at the
-//! model size S, and the output logits are `[B, S, S, 1]`.
+//! model size S, and the output logits are `[B, S, S, 1]`. One forward serves inference
+//! ([`Mode::Eval`]) and training ([`Mode::Train`], with [`MedFastSam::backward`]).
 
+use super::blocks::{BN_EPS, Mode, Param, Source, Vb};
 use super::config::{Config, Variant};
-use super::schema::{self, Kind};
+use super::cp_encoder::{CpEncoder, CpEncoderSaved};
+use super::lka_encoder::{LkaEncoder, LkaEncoderSaved};
+use super::msf_decoder::{MaskHeadSaved, MsfDecoder, MsfFeatures, MsfFeaturesSaved, TwoWaySaved};
+use super::schema::Kind;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::ops::elementwise::image_normalize;
-use crate::ops::otsu::{otsu, OtsuRule};
-use crate::ops::resize::bilinear;
-use std::collections::HashMap;
-use std::sync::Mutex;
+use crate::ops::otsu::{OtsuRule, otsu};
+use crate::ops::resize::{bilinear, bilinear_backward};
+use std::cell::Cell;
 
-/// BatchNorm epsilon of every TinyViT `Conv2d_BN`.
-pub const BN_EPS: f64 = 1e-5;
-
-/// The model on a device, set up for inference (BatchNorm folded into the convolutions).
-pub struct MedFastSam {
+/// The model's parts, each owning its tensors under its key prefix. `P` is [`Param`] for a model
+/// on a device; the schema builds it with `P = Spec` to list every key.
+pub struct MedFastSam<P = Param> {
     pub cfg: Config,
     pub variant: Variant,
-    /// Device tensors by state_dict key, plus derived ones (`<conv_bn>.folded.weight/bias`,
-    /// `mask_decoder.all_tokens`).
-    dev: HashMap<String, Tensor>,
-    pe_cache: Mutex<HashMap<(usize, usize), Tensor>>,
+    pub encoder: LkaEncoder<P>,
+    pub prompt: CpEncoder<P>,
+    pub decoder: MsfDecoder<P>,
+    pub msf: MsfFeatures<P>,
+    /// Bytes of weights this model uploaded (0 when it runs on training parameters).
+    weight_bytes: u64,
 }
 
 /// Stage outputs kept for parity checks (channels-last; tokens `[B, L, C]` where the authors'
@@ -55,79 +59,97 @@ pub struct Output {
     pub stages: Stages,
 }
 
-/// Keys the inference forward never reads (kept in the host weights, not uploaded).
-fn unused_at_inference(key: &str, variant: Variant) -> bool {
-    key.starts_with("image_encoder.head.")
-        || key.starts_with("image_encoder.norm_head.")
-        || key.starts_with("mask_decoder.iou_prediction_head.")
-        || (key.starts_with("mask_decoder.output_hypernetworks_mlps.")
-            && !key.starts_with("mask_decoder.output_hypernetworks_mlps.0."))
-        || key.starts_with("prompt_encoder.point_embeddings.")
-        || key.starts_with("prompt_encoder.not_a_point_embed.")
-        || key.starts_with("prompt_encoder.no_mask_embed.")
-        || (variant == Variant::Released && (key.contains("med_qkv") || key.contains("attention_biases_med")))
+/// Everything the backward of one train-mode forward needs.
+pub struct Saved {
+    encoder: LkaEncoderSaved,
+    msf: MsfFeaturesSaved,
+    prompt: CpEncoderSaved,
+    two_way: TwoWaySaved,
+    head: MaskHeadSaved,
+    lowres_shape: Vec<usize>,
+}
+
+/// Host weights uploaded for inference, each `Conv2d_BN` folded into its convolution.
+struct Upload<'a> {
+    gpu: &'a Gpu,
+    weights: &'a Weights,
+    bytes: Cell<u64>,
+}
+
+impl Upload<'_> {
+    fn put(&self, data: &[f32], shape: &[usize]) -> Result<Param> {
+        let v = self.gpu.upload(data, shape)?;
+        self.bytes.set(self.bytes.get() + v.bytes());
+        Ok(Param { v, g: None })
+    }
+}
+
+impl Source for Upload<'_> {
+    type P = Param;
+    fn get(&self, key: &str, _shape: &[usize], _kind: Kind) -> Result<Param> {
+        let t = self.weights.get(key)?;
+        self.put(&t.data, &t.shape)
+    }
+    /// `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`, in f64.
+    fn fold_bn(&self, pre: &str) -> Result<Option<(Param, Param)>> {
+        let get = |n: &str| self.weights.get(&format!("{pre}.{n}"));
+        let w = get("c.weight")?;
+        let (g, b, rm, rv) = (
+            &get("bn.weight")?.data,
+            &get("bn.bias")?.data,
+            &get("bn.running_mean")?.data,
+            &get("bn.running_var")?.data,
+        );
+        let co = w.shape[0];
+        let per = w.numel() / co;
+        let mut fw = vec![0f32; w.numel()];
+        let mut fb = vec![0f32; co];
+        for o in 0..co {
+            let sc = g[o] as f64 / (rv[o] as f64 + BN_EPS).sqrt();
+            for i in 0..per {
+                fw[o * per + i] = (w.data[o * per + i] as f64 * sc) as f32;
+            }
+            fb[o] = (b[o] as f64 - rm[o] as f64 * sc) as f32;
+        }
+        Ok(Some((self.put(&fw, &w.shape)?, self.put(&fb, &[co])?)))
+    }
+}
+
+impl<P: Clone> MedFastSam<P> {
+    /// Builds every part from `src` (keys in the authors' state_dict order).
+    pub fn build<S: Source<P = P>>(src: &S, cfg: &Config, variant: Variant) -> Result<Self> {
+        let vb = Vb::new(src);
+        Ok(MedFastSam {
+            cfg: cfg.clone(),
+            variant,
+            encoder: LkaEncoder::new(vb.pp("image_encoder"), cfg, variant)?,
+            prompt: CpEncoder::new(vb.pp("prompt_encoder"), cfg)?,
+            decoder: MsfDecoder::new(vb.pp("mask_decoder"), cfg)?,
+            msf: MsfFeatures::new(vb.pp("conv1_med"), cfg)?,
+            weight_bytes: 0,
+        })
+    }
 }
 
 impl MedFastSam {
-    /// Uploads the weights the forward needs, folding each BatchNorm into its convolution
-    /// (`w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`, in f64).
+    /// Uploads the weights the forward needs for inference, folding each BatchNorm into its
+    /// convolution.
     pub fn new(gpu: &Gpu, weights: &Weights, cfg: &Config, variant: Variant) -> Result<MedFastSam> {
         cfg.validate()?;
         weights.check(cfg)?;
-        let mut dev = HashMap::new();
-        let specs = schema::specs(cfg);
-        for s in &specs {
-            if s.kind == Kind::Counter || unused_at_inference(&s.key, variant) {
-                continue;
-            }
-            // Conv2d_BN members are folded below.
-            if s.key.contains(".c.weight") || s.key.contains(".bn.") {
-                continue;
-            }
-            let t = weights.get(&s.key)?;
-            dev.insert(s.key.clone(), gpu.upload(&t.data, &t.shape)?);
-        }
-        for s in specs.iter().filter(|s| s.key.ends_with(".c.weight")) {
-            let pre = s.key.trim_end_matches(".c.weight");
-            let w = weights.get(&s.key)?;
-            let g = &weights.get(&format!("{pre}.bn.weight"))?.data;
-            let b = &weights.get(&format!("{pre}.bn.bias"))?.data;
-            let rm = &weights.get(&format!("{pre}.bn.running_mean"))?.data;
-            let rv = &weights.get(&format!("{pre}.bn.running_var"))?.data;
-            let co = w.shape[0];
-            let per = w.numel() / co;
-            let mut fw = vec![0f32; w.numel()];
-            let mut fb = vec![0f32; co];
-            for o in 0..co {
-                let sc = g[o] as f64 / (rv[o] as f64 + BN_EPS).sqrt();
-                for i in 0..per {
-                    fw[o * per + i] = (w.data[o * per + i] as f64 * sc) as f32;
-                }
-                fb[o] = (b[o] as f64 - rm[o] as f64 * sc) as f32;
-            }
-            dev.insert(format!("{pre}.folded.weight"), gpu.upload(&fw, &w.shape)?);
-            dev.insert(format!("{pre}.folded.bias"), gpu.upload(&fb, &[co])?);
-        }
-        // Output tokens: [iou_token; mask_tokens] -> [1 + T, D].
-        let iou = weights.get("mask_decoder.iou_token.weight")?;
-        let mt = weights.get("mask_decoder.mask_tokens.weight")?;
-        let mut all = iou.data.clone();
-        all.extend_from_slice(&mt.data);
-        dev.insert(
-            "mask_decoder.all_tokens".into(),
-            gpu.upload(&all, &[1 + mt.shape[0], cfg.transformer_dim])?,
-        );
-        Ok(MedFastSam { cfg: cfg.clone(), variant, dev, pe_cache: Mutex::new(HashMap::new()) })
+        let up = Upload {
+            gpu,
+            weights,
+            bytes: Cell::new(0),
+        };
+        let mut m = MedFastSam::build(&up, cfg, variant)?;
+        m.weight_bytes = up.bytes.get();
+        Ok(m)
     }
 
-    /// A device tensor by key.
-    pub fn t(&self, key: &str) -> Result<&Tensor> {
-        self.dev.get(key).ok_or_else(|| Error::Invalid(format!("model has no device tensor '{key}'")))
-    }
-
-    /// Bytes of weights held on the device.
+    /// Bytes of weights held on the device for this model.
     pub fn device_bytes(&self) -> u64 {
-        self.dev.values().map(|t| t.bytes()).sum()
+        self.weight_bytes
     }
 
     pub fn otsu_rule(&self) -> OtsuRule {
@@ -139,13 +161,7 @@ impl MedFastSam {
 
     /// The dense positional encoding of an h×w grid `[h, w, D]`, computed once per grid size.
     pub fn dense_pe(&self, rec: &mut Recorder, h: usize, w: usize) -> Result<Tensor> {
-        if let Some(t) = self.pe_cache.lock().unwrap().get(&(h, w)) {
-            return Ok(t.clone());
-        }
-        let g = self.t("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix")?;
-        let pe = crate::ops::pe::dense_pe(rec, g, h, w)?;
-        self.pe_cache.lock().unwrap().insert((h, w), pe.clone());
-        Ok(pe)
+        self.prompt.dense_pe(rec, h, w)
     }
 
     /// Checks a batch of packed pixels `[B, S, S]` against the configuration.
@@ -160,22 +176,39 @@ impl MedFastSam {
         Ok((px.shape[0], s))
     }
 
-    /// The whole forward, recorded into `rec` (no readback). With `keep_stages`, every stage
-    /// output named in fixtures/README.md is kept in `Output::stages`.
+    /// The whole eval-mode forward, recorded into `rec` (no readback). With `keep_stages`, every
+    /// stage output named in fixtures/README.md is kept in `Output::stages`.
     pub fn forward(&self, rec: &mut Recorder, px: &Tensor, keep_stages: bool) -> Result<Output> {
+        Ok(self.forward_mode(rec, px, Mode::Eval, keep_stages)?.0)
+    }
+
+    /// The forward in `mode`; in train mode also what [`MedFastSam::backward`] needs. BatchNorm
+    /// layers that train use batch statistics and update their running statistics.
+    pub fn forward_mode(
+        &self,
+        rec: &mut Recorder,
+        px: &Tensor,
+        mode: Mode,
+        keep_stages: bool,
+    ) -> Result<(Output, Option<Saved>)> {
         let (_b, s) = self.check_input(px)?;
         let mut st = Stages::default();
         let x = image_normalize(rec, px)?; // [B,S,S,3]
-        let emb = self.lka_encode(rec, &x, keep_stages.then_some(&mut st))?; // [B,S/16,S/16,D]
-        let (r2, r1) = self.msf_features(rec, &x)?;
+        let (emb, enc) = self
+            .encoder
+            .forward(rec, &x, mode, keep_stages.then_some(&mut st))?; // [B,S/16,S/16,D]
+        let (r2, r1, msf) = self.msf.forward(rec, &x, mode)?;
         let (threshold, coarse) = otsu(rec, px, &x, self.otsu_rule())?;
+        drop(x);
         let lr = self.cfg.lowres();
         let coarse_low = bilinear(rec, &coarse, lr, lr)?;
-        let dense = self.cp_encode(rec, &coarse_low)?;
+        let (dense, prompt) = self.prompt.forward(rec, &coarse_low, mode)?;
         let g = self.cfg.grid();
         let pe = self.dense_pe(rec, g, g)?;
-        let (tokens, image) = self.two_way(rec, &emb, &dense, &pe)?;
-        let lowres_logits = self.mask_head(rec, &tokens, &image, &r1, &r2)?;
+        let (tokens, image, two_way) = self.decoder.two_way(rec, &emb, &dense, &pe, mode)?;
+        let (lowres_logits, head) = self
+            .decoder
+            .mask_head(rec, &tokens, &image, &r1, &r2, mode)?;
         let logits = bilinear(rec, &lowres_logits, s, s)?;
         if keep_stages {
             st.push("encoder.embedding", &emb);
@@ -191,6 +224,102 @@ impl MedFastSam {
             st.push("decoder.lowres_logits", &lowres_logits);
             st.push("logits", &logits);
         }
-        Ok(Output { logits, lowres_logits, threshold, coarse, stages: st })
+        let saved = (|| {
+            Some(Saved {
+                encoder: enc?,
+                msf: msf?,
+                prompt: prompt?,
+                two_way: two_way?,
+                head: head?,
+                lowres_shape: lowres_logits.shape.clone(),
+            })
+        })();
+        Ok((
+            Output {
+                logits,
+                lowres_logits,
+                threshold,
+                coarse,
+                stages: st,
+            },
+            saved,
+        ))
+    }
+
+    /// Backward from `dlogits` (`[B,S,S,1]`), accumulating into the parameter gradients.
+    pub fn backward(&self, rec: &mut Recorder, c: &Saved, dlogits: &Tensor) -> Result<()> {
+        let dlow = rec.zeros(&c.lowres_shape)?;
+        bilinear_backward(rec, dlogits, &dlow)?;
+        let (dtok, dimg, dr1, dr2) = self.decoder.mask_head_backward(rec, &c.head, &dlow)?;
+        // src = embedding + dense prompt
+        let dsrc = self
+            .decoder
+            .two_way_backward(rec, &c.two_way, &dtok, &dimg)?;
+        self.prompt.backward(rec, &c.prompt, &dsrc)?;
+        self.msf.backward(rec, &c.msf, &dr2, &dr1)?;
+        self.encoder.backward(rec, &c.encoder, &dsrc)
+    }
+
+    // Eval-mode access to the parts, for stage-by-stage parity checks.
+
+    /// PatchEmbed: `[B,S,S,3]` → `[B,S/4,S/4,C0]`.
+    pub fn patch_embed(&self, rec: &mut Recorder, x: &Tensor) -> Result<Tensor> {
+        Ok(self.encoder.patch_embed.forward(rec, x, Mode::Eval)?.0)
+    }
+    /// Stage `s` of the LKA-Encoder (its blocks, then its patch merging for s < 3).
+    pub fn lka_stage(&self, rec: &mut Recorder, s: usize, x: &Tensor) -> Result<Tensor> {
+        let stage = self
+            .encoder
+            .stages
+            .get(s)
+            .ok_or_else(|| Error::Invalid(format!("no LKA stage {s}")))?;
+        Ok(stage.forward(rec, x, Mode::Eval)?.0)
+    }
+    /// The neck: last stage → embedding `[B,S/16,S/16,D]`.
+    pub fn neck(&self, rec: &mut Recorder, x: &Tensor) -> Result<Tensor> {
+        Ok(self.encoder.neck.forward(rec, x, Mode::Eval)?.0)
+    }
+    /// The whole LKA-Encoder.
+    pub fn lka_encode(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        st: Option<&mut Stages>,
+    ) -> Result<Tensor> {
+        Ok(self.encoder.forward(rec, x, Mode::Eval, st)?.0)
+    }
+    /// (r2, r1) of the normalised image.
+    pub fn msf_features(&self, rec: &mut Recorder, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (r2, r1, _) = self.msf.forward(rec, x, Mode::Eval)?;
+        Ok((r2, r1))
+    }
+    /// Coarse mask at S/4 → dense prompt.
+    pub fn cp_encode(&self, rec: &mut Recorder, mask_lowres: &Tensor) -> Result<Tensor> {
+        Ok(self.prompt.forward(rec, mask_lowres, Mode::Eval)?.0)
+    }
+    /// (tokens `[B, 1+T, D]`, image `[B, g, g, D]`).
+    pub fn two_way(
+        &self,
+        rec: &mut Recorder,
+        emb: &Tensor,
+        dense: &Tensor,
+        pe: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (t, i, _) = self.decoder.two_way(rec, emb, dense, pe, Mode::Eval)?;
+        Ok((t, i))
+    }
+    /// Low-resolution logits `[B, S/4, S/4, 1]`.
+    pub fn mask_head(
+        &self,
+        rec: &mut Recorder,
+        tokens: &Tensor,
+        image: &Tensor,
+        r1: &Tensor,
+        r2: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .decoder
+            .mask_head(rec, tokens, image, r1, r2, Mode::Eval)?
+            .0)
     }
 }

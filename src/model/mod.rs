@@ -1,6 +1,7 @@
 //! The Med-FastSAM model: configuration, weights, and the three parts named as in the paper
 //! (LKA-Encoder, CP-Encoder, MSF-Decoder with SAM's two-way transformer).
 
+pub mod blocks;
 pub mod config;
 pub mod cp_encoder;
 pub mod lka_encoder;
@@ -11,6 +12,7 @@ pub mod two_way_transformer;
 pub mod schema;
 pub mod weights;
 
+pub use blocks::Mode;
 pub use config::{Config, Variant};
-pub use med_fastsam::{MedFastSam, Output, Stages};
+pub use med_fastsam::{MedFastSam, Output, Saved, Stages};
 pub use weights::Weights;

@@ -4,7 +4,6 @@
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cleanup;
 pub mod datasets;
-pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod params;

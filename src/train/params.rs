@@ -3,10 +3,11 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Tensor};
+use crate::model::blocks::{Param, Source};
 use crate::model::schema::{self, Kind};
-use crate::model::{Config, Variant, Weights};
 use crate::model::weights::{HostTensor, Stored};
-use crate::ops::optim::{adam_step, AdamConfig};
+use crate::model::{Config, Variant, Weights};
+use crate::ops::optim::{AdamConfig, adam_step};
 use std::collections::BTreeMap;
 
 /// Which parameters train (docs/training.md, "Modes").
@@ -25,7 +26,9 @@ impl TrainMode {
         match s {
             "full" => Ok(TrainMode::Full),
             "semi" => Ok(TrainMode::Semi),
-            o => Err(Error::Config(format!("unknown training mode '{o}' (expected full or semi)"))),
+            o => Err(Error::Config(format!(
+                "unknown training mode '{o}' (expected full or semi)"
+            ))),
         }
     }
     pub fn name(self) -> &'static str {
@@ -56,7 +59,13 @@ pub struct ParamStore {
 }
 
 impl ParamStore {
-    pub fn new(gpu: &Gpu, weights: &Weights, cfg: &Config, variant: Variant, mode: TrainMode) -> Result<ParamStore> {
+    pub fn new(
+        gpu: &Gpu,
+        weights: &Weights,
+        cfg: &Config,
+        variant: Variant,
+        mode: TrainMode,
+    ) -> Result<ParamStore> {
         cfg.validate()?;
         weights.check(cfg)?;
         let mut ps = ParamStore {
@@ -77,11 +86,15 @@ impl ParamStore {
                 ps.host.insert(s.key.clone(), t.clone());
                 continue;
             }
-            ps.values.insert(s.key.clone(), gpu.upload(&t.data, &t.shape)?);
+            ps.values
+                .insert(s.key.clone(), gpu.upload(&t.data, &t.shape)?);
             if s.kind == Kind::Param && ps.is_trainable(&s.key) {
                 let z = vec![0f32; t.numel()];
                 ps.grads.insert(s.key.clone(), gpu.upload(&z, &t.shape)?);
-                ps.moments.insert(s.key.clone(), (gpu.upload(&z, &t.shape)?, gpu.upload(&z, &t.shape)?));
+                ps.moments.insert(
+                    s.key.clone(),
+                    (gpu.upload(&z, &t.shape)?, gpu.upload(&z, &t.shape)?),
+                );
             }
         }
         for (k, t) in &weights.tensors {
@@ -108,7 +121,10 @@ impl ParamStore {
     pub fn counts(&self) -> (usize, usize) {
         let mut tuned = 0;
         let mut total = 0;
-        for s in schema::specs(&self.cfg).iter().filter(|s| s.kind == Kind::Param) {
+        for s in schema::specs(&self.cfg)
+            .iter()
+            .filter(|s| s.kind == Kind::Param)
+        {
             total += s.numel();
             if self.is_trainable(&s.key) {
                 tuned += s.numel();
@@ -118,7 +134,9 @@ impl ParamStore {
     }
 
     pub fn v(&self, key: &str) -> Result<&Tensor> {
-        self.values.get(key).ok_or_else(|| Error::Invalid(format!("no parameter '{key}'")))
+        self.values
+            .get(key)
+            .ok_or_else(|| Error::Invalid(format!("no parameter '{key}'")))
     }
 
     /// The gradient buffer of `key` if it trains.
@@ -134,7 +152,12 @@ impl ParamStore {
 
     /// Counts one training-mode forward in every BatchNorm that used batch statistics.
     pub fn count_bn_batch(&mut self) {
-        let keys: Vec<String> = self.host.keys().filter(|k| k.ends_with("num_batches_tracked")).cloned().collect();
+        let keys: Vec<String> = self
+            .host
+            .keys()
+            .filter(|k| k.ends_with("num_batches_tracked"))
+            .cloned()
+            .collect();
         for k in keys {
             let pre = k.trim_end_matches(".bn.num_batches_tracked").to_string();
             if self.bn_trains(&pre) {
@@ -167,7 +190,14 @@ impl ParamStore {
         };
         for (k, t) in &self.values {
             let data = gpu.read_async(t).await?;
-            w.tensors.insert(k.clone(), HostTensor { shape: t.shape.clone(), data, stored: Stored::F32 });
+            w.tensors.insert(
+                k.clone(),
+                HostTensor {
+                    shape: t.shape.clone(),
+                    data,
+                    stored: Stored::F32,
+                },
+            );
         }
         for (k, t) in &self.host {
             w.tensors.insert(k.clone(), t.clone());
@@ -195,8 +225,14 @@ impl ParamStore {
     pub fn read_moments(&self, gpu: &Gpu) -> Result<BTreeMap<String, HostTensor>> {
         let mut out = BTreeMap::new();
         for (k, (m, v)) in &self.moments {
-            out.insert(format!("adam.m.{k}"), HostTensor::new(&m.shape, gpu.read(m)?));
-            out.insert(format!("adam.v.{k}"), HostTensor::new(&v.shape, gpu.read(v)?));
+            out.insert(
+                format!("adam.m.{k}"),
+                HostTensor::new(&m.shape, gpu.read(m)?),
+            );
+            out.insert(
+                format!("adam.v.{k}"),
+                HostTensor::new(&v.shape, gpu.read(v)?),
+            );
         }
         Ok(out)
     }
@@ -211,9 +247,28 @@ impl ParamStore {
                     *m = gpu.upload(&hm.data, &m.shape)?;
                     *v = gpu.upload(&hv.data, &v.shape)?;
                 }
-                _ => return Err(Error::Invalid(format!("checkpoint lacks the optimiser state of '{k}'"))),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "checkpoint lacks the optimiser state of '{k}'"
+                    )));
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// A model built on the parameters (for training, and for validation in eval mode without copying
+/// the weights): each part holds the device tensors and gradient buffers of its keys.
+impl Source for ParamStore {
+    type P = Param;
+    fn get(&self, key: &str, _shape: &[usize], _kind: Kind) -> Result<Param> {
+        Ok(Param {
+            v: self.v(key)?.clone(),
+            g: self.g(key).cloned(),
+        })
+    }
+    fn bn_trains(&self, pre: &str) -> bool {
+        ParamStore::bn_trains(self, pre)
     }
 }
