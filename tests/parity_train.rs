@@ -9,7 +9,7 @@ use common::*;
 use medfastsam::model::{Config, Variant, Weights};
 use medfastsam::ops::loss::{seg_loss, LossConfig};
 use medfastsam::testutil::test_gpu;
-use medfastsam::train::model::{backward, forward_train};
+use medfastsam::model::MedFastSam;
 use medfastsam::train::params::{ParamStore, TrainMode};
 
 #[test]
@@ -28,7 +28,7 @@ fn train_step(grouped: bool) {
     // Both tests share the thread-independent switch: run them one after the other.
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    medfastsam::train::model::FORCE_MBCONV_GROUPS.store(if grouped { 2 } else { 0 }, std::sync::atomic::Ordering::SeqCst);
+    medfastsam::model::lka_encoder::FORCE_MBCONV_GROUPS.store(if grouped { 2 } else { 0 }, std::sync::atomic::Ordering::SeqCst);
     let gpu = test_gpu();
     let cfg = Config::from_file(&fixtures_dir().join("tiny.config.json")).unwrap();
     let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
@@ -41,9 +41,10 @@ fn train_step(grouped: bool) {
 
     let mut rec = gpu.new_recorder();
     ps.zero_grads(&mut rec);
-    let (out, cache) = forward_train(&ps, &mut rec, &px).unwrap();
+    let model = MedFastSam::from_params(&ps).unwrap();
+    let (out, saved) = model.forward_train(&mut rec, &px).unwrap();
     let (loss, dlogits) = seg_loss(&mut rec, &out.logits, &target, &LossConfig::default()).unwrap();
-    backward(&ps, &mut rec, &cache, &dlogits).unwrap();
+    model.backward(&mut rec, &saved, &dlogits).unwrap();
     rec.submit().unwrap();
 
     let logits = gpu.read(&out.logits).unwrap();

@@ -246,6 +246,15 @@ impl MedFastSam {
         ))
     }
 
+    /// The train-mode forward and what its backward needs (a model built on training parameters).
+    pub fn forward_train(&self, rec: &mut Recorder, px: &Tensor) -> Result<(Output, Saved)> {
+        let (out, saved) = self.forward_mode(rec, px, Mode::Train, false)?;
+        let saved = saved.ok_or_else(|| {
+            Error::Invalid("train-mode forward kept nothing for the backward".into())
+        })?;
+        Ok((out, saved))
+    }
+
     /// Backward from `dlogits` (`[B,S,S,1]`), accumulating into the parameter gradients.
     pub fn backward(&self, rec: &mut Recorder, c: &Saved, dlogits: &Tensor) -> Result<()> {
         let dlow = rec.zeros(&c.lowres_shape)?;

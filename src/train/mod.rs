@@ -5,7 +5,6 @@
 pub mod cleanup;
 pub mod datasets;
 pub mod metrics;
-pub mod model;
 pub mod params;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod trainer;

@@ -6,7 +6,7 @@ use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::model::blocks::{Param, Source};
 use crate::model::schema::{self, Kind};
 use crate::model::weights::{HostTensor, Stored};
-use crate::model::{Config, Variant, Weights};
+use crate::model::{Config, MedFastSam, Variant, Weights};
 use crate::ops::optim::{AdamConfig, adam_step};
 use std::collections::BTreeMap;
 
@@ -270,5 +270,15 @@ impl Source for ParamStore {
     }
     fn bn_trains(&self, pre: &str) -> bool {
         ParamStore::bn_trains(self, pre)
+    }
+}
+
+impl MedFastSam {
+    /// The model on the training parameters already on the device (no copy), built once per
+    /// [`ParamStore`]: train mode for training, eval mode (BatchNorm with running statistics, not
+    /// folded) for validation. Adam updates the parameters in place, so the model always sees the
+    /// current values.
+    pub fn from_params(ps: &ParamStore) -> Result<MedFastSam> {
+        MedFastSam::build(ps, &ps.cfg, ps.variant)
     }
 }

@@ -5,7 +5,6 @@
 //! the position has to be stored to resume.
 
 use super::metrics::{self, Scores};
-use super::model::{backward, forward_train};
 use super::params::{ParamStore, TrainMode};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -187,6 +186,8 @@ struct TrainState {
 pub struct Trainer<'g> {
     pub gpu: &'g Gpu,
     pub ps: ParamStore,
+    /// The model built once on `ps` (train mode for steps, eval mode for validation).
+    pub model: MedFastSam,
     pub opts: TrainOptions,
     pub progress: Progress,
     pub loss: LossConfig,
@@ -211,9 +212,11 @@ impl<'g> Trainer<'g> {
             ));
         }
         let ps = ParamStore::new(gpu, weights, cfg, variant, opts.mode)?;
+        let model = MedFastSam::from_params(&ps)?;
         Ok(Trainer {
             gpu,
             ps,
+            model,
             opts,
             progress: Progress::default(),
             loss: LossConfig::default(),
@@ -284,9 +287,9 @@ impl<'g> Trainer<'g> {
                 .collect();
             let px = self.gpu.upload_u32(&px, &[b.len(), s, s])?;
             let tg = self.gpu.upload(&tg, &[b.len(), s, s, 1])?;
-            let (out, cache) = forward_train(&self.ps, &mut rec, &px)?;
+            let (out, saved) = self.model.forward_train(&mut rec, &px)?;
             let (v, dlogits) = seg_loss(&mut rec, &out.logits, &tg, &loss)?;
-            backward(&self.ps, &mut rec, &cache, &dlogits)?;
+            self.model.backward(&mut rec, &saved, &dlogits)?;
             values.push(v);
             // Keep one micro-batch's activations alive at a time.
             rec.flush()?;

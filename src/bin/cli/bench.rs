@@ -104,7 +104,6 @@ pub fn bench_train(gpu: &Gpu, preset: &str, size: usize, batch: usize, reps: usi
     let peak = gpu.pool_stats().peak_allocated;
     if profile {
         use medfastsam::ops::loss::{seg_loss, LossConfig};
-        use medfastsam::train::model::{backward, forward_train};
         let s = size;
         let px: Vec<u32> = micro[0].iter().flat_map(|e| e.image.packed()).collect();
         let tg: Vec<f32> = micro[0].iter().flat_map(|e| e.mask.iter().map(|&v| v as f32)).collect();
@@ -113,10 +112,10 @@ pub fn bench_train(gpu: &Gpu, preset: &str, size: usize, batch: usize, reps: usi
         let mut rec = gpu.new_recorder();
         rec.profile = Some(Default::default());
         let tp = Instant::now();
-        let (out, cache) = forward_train(&t.ps, &mut rec, &px)?;
+        let (out, saved) = t.model.forward_train(&mut rec, &px)?;
         let (_l, d) = seg_loss(&mut rec, &out.logits, &tg, &LossConfig::default())?;
         rec.profile_phase = "bwd ";
-        backward(&t.ps, &mut rec, &cache, &d)?;
+        t.model.backward(&mut rec, &saved, &d)?;
         let prof = rec.profile.take().unwrap();
         rec.submit()?;
         let total = tp.elapsed().as_secs_f64() * 1e3;

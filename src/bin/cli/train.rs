@@ -10,7 +10,7 @@
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
 use medfastsam::gpu::Gpu;
-use medfastsam::model::{Config, MedFastSam, Variant, Weights};
+use medfastsam::model::{Config, Variant, Weights};
 use medfastsam::train::datasets::{Dataset, Format, Split};
 use medfastsam::train::metrics::Summary;
 use medfastsam::train::params::TrainMode;
@@ -144,15 +144,11 @@ fn open_split(root: &Path, format: Format, split: Split) -> anyhow::Result<Datas
     Ok(Dataset::open(root, format, split)?)
 }
 
-/// Validation summary of the current weights. Non-finite weights or logits mean that training
-/// diverged: an error naming the step and the image.
+/// Validation summary of the current weights, run in eval mode on the parameters already on the
+/// device (nothing is copied). Non-finite logits mean that training diverged: an error naming the
+/// step and the image (files are only ever written through `finite_weights`).
 fn validate(gpu: &Gpu, t: &Trainer, val: &Dataset) -> Result<Summary, ValidationError> {
-    let w = t
-        .finite_weights()
-        .map_err(|e| ValidationError::Diverged(e.into()))?;
-    let model = MedFastSam::new(gpu, &w, &t.ps.cfg, t.ps.variant)
-        .map_err(|e| ValidationError::Other(e.into()))?;
-    let ev = evaluate_each(gpu, &model, val, false, |_, _| {});
+    let ev = evaluate_each(gpu, &t.model, val, false, |_, _| {});
     if let Some(u) = ev.unscored.iter().find(|u| u.non_finite) {
         return Err(ValidationError::Diverged(anyhow::anyhow!(
             "training diverged by step {} (epoch {}): validation image {}; lower the learning rate (now --lr {:e})",
