@@ -267,24 +267,48 @@ fn sum_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 // ---------------------------------------------------------------------------------------------
 // Depthwise convolution (groups = channels), weight [C, 1, k, k]:
 // y[b, oy, ox, c] = act(bias[c] + sum_{ky,kx} x[b, oy*s - p + ky, ox*s - p + kx, c] * w[c, ky, kx]).
-@group(0) @binding(1) var<storage, read> dw_x: array<f32>;
+// depthwise_dx (gather, accumulating): dx[b, iy, ix, c] += sum over taps (ky, kx) with
+// oy = (iy + p - ky) / s and ox = (ix + p - kx) / s integral and inside the output of
+// dy[b, oy, ox, c] * w[c, ky, kx].
+// Each in a scalar form and a vec4 form for C % 4 == 0 (`depthwise4`, `depthwise_dx4`: one
+// invocation handles 4 adjacent channels with 16-byte loads and stores, n counts vec4 elements).
+// w (binding 2) and bias (binding 3) stay f32 arrays in both forms.
 @group(0) @binding(2) var<storage, read> dw_w: array<f32>;
 @group(0) @binding(3) var<storage, read> dw_bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> dw_y: array<f32>;
+
+// Weights at tap t = ky*k + kx of channel c (scalar) or channels c .. c + 3 (vec4).
+fn dw_tap1(c: u32, kk: u32, t: u32) -> f32 {
+    return dw_w[c * kk + t];
+}
+fn dw_tap4(c: u32, kk: u32, t: u32) -> vec4<f32> {
+    return vec4<f32>(dw_w[c * kk + t], dw_w[(c + 1u) * kk + t], dw_w[(c + 2u) * kk + t], dw_w[(c + 3u) * kk + t]);
+}
+fn dw_bias1(c: u32) -> f32 {
+    return dw_bias[c];
+}
+fn dw_bias4(c: u32) -> vec4<f32> {
+    return vec4<f32>(dw_bias[c], dw_bias[c + 1u], dw_bias[c + 2u], dw_bias[c + 3u]);
+}
+
+//#width
+@group(0) @binding(1) var<storage, read> dw_x$S: array<$T>;
+@group(0) @binding(4) var<storage, read_write> dw_y$S: array<$T>;
 
 @compute @workgroup_size(256)
-fn depthwise(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
+fn depthwise$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
     let i = cv_index(wid, nwg, lid);
     if (i >= cp.n) { return; }
-    let c = i % cp.c;
-    let q = i / cp.c;
+    let cw = cp.c / ${W}u;
+    let cq = i % cw;
+    let c = cq * ${W}u;
+    let q = i / cw;
     let ox = q % cp.ow;
     let q2 = q / cp.ow;
     let oy = q2 % cp.oh;
     let b = q2 / cp.oh;
     let kk = cp.k * cp.k;
-    var acc = 0.0;
+    var acc = $T(0.0);
     for (var ky = 0u; ky < cp.k; ky++) {
         let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
         if (iy < 0 || iy >= i32(cp.h)) { continue; }
@@ -292,36 +316,34 @@ fn depthwise(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         for (var kx = 0u; kx < cp.k; kx++) {
             let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
             if (ix < 0 || ix >= i32(cp.w)) { continue; }
-            acc = fma(dw_x[(row + u32(ix)) * cp.c + c], dw_w[c * kk + ky * cp.k + kx], acc);
+            acc = fma(dw_x$S[(row + u32(ix)) * cw + cq], dw_tap$W(c, kk, ky * cp.k + kx), acc);
         }
     }
     if (HAS_BIAS) {
-        acc += dw_bias[c];
+        acc += dw_bias$W(c);
     }
-    dw_y[i] = activate(acc, ACT);
+    dw_y$S[i] = activate$S(acc, ACT);
 }
 
-// depthwise_dx (gather, accumulating): dx[b, iy, ix, c] += sum over taps (ky, kx) with
-// oy = (iy + p - ky) / s and ox = (ix + p - kx) / s integral and inside the output of
-// dy[b, oy, ox, c] * w[c, ky, kx].
-@group(0) @binding(1) var<storage, read> dwx_dy: array<f32>;
-@group(0) @binding(2) var<storage, read> dwx_w: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dwx_dx: array<f32>;
+@group(0) @binding(1) var<storage, read> dwx_dy$S: array<$T>;
+@group(0) @binding(3) var<storage, read_write> dwx_dx$S: array<$T>;
 
 @compute @workgroup_size(256)
-fn depthwise_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
+fn depthwise_dx$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
     let i = cv_index(wid, nwg, lid);
     if (i >= cp.n) { return; }
-    let c = i % cp.c;
-    let q = i / cp.c;
+    let cw = cp.c / ${W}u;
+    let cq = i % cw;
+    let c = cq * ${W}u;
+    let q = i / cw;
     let ix = q % cp.w;
     let q2 = q / cp.w;
     let iy = q2 % cp.h;
     let b = q2 / cp.h;
     let kk = cp.k * cp.k;
     let s = i32(cp.stride);
-    var acc = 0.0;
+    var acc = $T(0.0);
     for (var ky = 0u; ky < cp.k; ky++) {
         let ty = i32(iy + cp.pad) - i32(ky);
         if (ty < 0 || ty % s != 0) { continue; }
@@ -332,11 +354,12 @@ fn depthwise_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             if (tx < 0 || tx % s != 0) { continue; }
             let ox = u32(tx / s);
             if (ox >= cp.ow) { continue; }
-            acc = fma(dwx_dy[((b * cp.oh + oy) * cp.ow + ox) * cp.c + c], dwx_w[c * kk + ky * cp.k + kx], acc);
+            acc = fma(dwx_dy$S[((b * cp.oh + oy) * cp.ow + ox) * cw + cq], dw_tap$W(c, kk, ky * cp.k + kx), acc);
         }
     }
-    dwx_dx[i] = dwx_dx[i] + acc;
+    dwx_dx$S[i] = dwx_dx$S[i] + acc;
 }
+//#end
 
 // Output position (batch, row, column) of flat output index m = (b * OH + oy) * OW + ox, and
 // the next one: kernels that walk a run of m step the position without divisions.
@@ -368,154 +391,49 @@ fn next_out_pos(p: OutPos) -> OutPos {
 // depthwise_dw_partial: part[blk, t, c] = sum over output positions m in block blk (e0 positions
 // per block, rows = M positions in all) of dy[m, c] * x[b, oy*s - p + ky, ox*s - p + kx, c],
 // t = ky*k + kx. n = blocks * k*k * C. sum_rows with e1 = C then reduces the blocks into w's
-// [C, k*k] order.
-@group(0) @binding(1) var<storage, read> dww_x: array<f32>;
-@group(0) @binding(2) var<storage, read> dww_dy: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dww_part: array<f32>;
+// [C, k*k] order. depthwise_dw_partial4: part[blk, t, c..c+4] for C % 4 == 0, n = blocks * k*k * C/4.
+//#width
+@group(0) @binding(1) var<storage, read> dww_x$S: array<$T>;
+@group(0) @binding(2) var<storage, read> dww_dy$S: array<$T>;
+@group(0) @binding(3) var<storage, read_write> dww_part$S: array<$T>;
 
 @compute @workgroup_size(256)
-fn depthwise_dw_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                        @builtin(local_invocation_index) lid: u32) {
+fn depthwise_dw_partial$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_index) lid: u32) {
     let i = cv_index(wid, nwg, lid);
     if (i >= cp.n) { return; }
     let kk = cp.k * cp.k;
-    let c = i % cp.c;
-    let t = (i / cp.c) % kk;
-    let blk = i / (cp.c * kk);
+    let cw = cp.c / ${W}u;
+    let cq = i % cw;
+    let t = (i / cw) % kk;
+    let blk = i / (cw * kk);
     let ky = t / cp.k;
     let kx = t % cp.k;
     let m0 = blk * cp.e0;
     let m1 = min(m0 + cp.e0, cp.rows);
-    var acc = 0.0;
+    var acc = $T(0.0);
     // (b, oy, ox) of m0, then stepped along with m (no divisions in the loop).
     var pos = out_pos(m0);
     for (var m = m0; m < m1; m++) {
         let iy = i32(pos.oy * cp.stride + ky) - i32(cp.pad);
         let ix = i32(pos.ox * cp.stride + kx) - i32(cp.pad);
         if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
-            acc = fma(dww_dy[m * cp.c + c], dww_x[((pos.b * cp.h + u32(iy)) * cp.w + u32(ix)) * cp.c + c], acc);
+            acc = fma(dww_dy$S[m * cw + cq], dww_x$S[((pos.b * cp.h + u32(iy)) * cp.w + u32(ix)) * cw + cq], acc);
         }
         pos = next_out_pos(pos);
     }
-    dww_part[i] = acc;
+    dww_part$S[i] = acc;
 }
+//#end
 
-// Vectorised variants of the three depthwise kernels for C % 4 == 0: one invocation handles 4
-// adjacent channels with 16-byte loads and stores (n counts vec4 elements).
-@group(0) @binding(1) var<storage, read> dw4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dw4_w: array<f32>;
-@group(0) @binding(3) var<storage, read> dw4_bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> dw4_y: array<vec4<f32>>;
-
-@compute @workgroup_size(256)
-fn depthwise_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
-    let i = cv_index(wid, nwg, lid);
-    if (i >= cp.n) { return; }
-    let c4 = cp.c / 4u;
-    let cq = i % c4;
-    let c = cq * 4u;
-    let q = i / c4;
-    let ox = q % cp.ow;
-    let q2 = q / cp.ow;
-    let oy = q2 % cp.oh;
-    let b = q2 / cp.oh;
-    let kk = cp.k * cp.k;
-    var acc = vec4<f32>(0.0);
-    for (var ky = 0u; ky < cp.k; ky++) {
-        let iy = i32(oy * cp.stride + ky) - i32(cp.pad);
-        if (iy < 0 || iy >= i32(cp.h)) { continue; }
-        let row = (b * cp.h + u32(iy)) * cp.w;
-        for (var kx = 0u; kx < cp.k; kx++) {
-            let ix = i32(ox * cp.stride + kx) - i32(cp.pad);
-            if (ix < 0 || ix >= i32(cp.w)) { continue; }
-            acc = fma(dw4_x[(row + u32(ix)) * c4 + cq], vec4<f32>(dw4_w[c * kk + ky * cp.k + kx], dw4_w[(c + 1u) * kk + ky * cp.k + kx],
-                                 dw4_w[(c + 2u) * kk + ky * cp.k + kx], dw4_w[(c + 3u) * kk + ky * cp.k + kx]), acc);
-        }
-    }
-    if (HAS_BIAS) {
-        acc += vec4<f32>(dw4_bias[c], dw4_bias[c + 1u], dw4_bias[c + 2u], dw4_bias[c + 3u]);
-    }
-    dw4_y[i] = vec4<f32>(activate(acc.x, ACT), activate(acc.y, ACT), activate(acc.z, ACT), activate(acc.w, ACT));
-}
-
-@group(0) @binding(1) var<storage, read> dwx4_dy: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dwx4_w: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dwx4_dx: array<vec4<f32>>;
-
-@compute @workgroup_size(256)
-fn depthwise_dx_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                   @builtin(local_invocation_index) lid: u32) {
-    let i = cv_index(wid, nwg, lid);
-    if (i >= cp.n) { return; }
-    let c4 = cp.c / 4u;
-    let cq = i % c4;
-    let c = cq * 4u;
-    let q = i / c4;
-    let ix = q % cp.w;
-    let q2 = q / cp.w;
-    let iy = q2 % cp.h;
-    let b = q2 / cp.h;
-    let kk = cp.k * cp.k;
-    let s = i32(cp.stride);
-    var acc = vec4<f32>(0.0);
-    for (var ky = 0u; ky < cp.k; ky++) {
-        let ty = i32(iy + cp.pad) - i32(ky);
-        if (ty < 0 || ty % s != 0) { continue; }
-        let oy = u32(ty / s);
-        if (oy >= cp.oh) { continue; }
-        for (var kx = 0u; kx < cp.k; kx++) {
-            let tx = i32(ix + cp.pad) - i32(kx);
-            if (tx < 0 || tx % s != 0) { continue; }
-            let ox = u32(tx / s);
-            if (ox >= cp.ow) { continue; }
-            acc = fma(dwx4_dy[((b * cp.oh + oy) * cp.ow + ox) * c4 + cq], vec4<f32>(dwx4_w[c * kk + ky * cp.k + kx], dwx4_w[(c + 1u) * kk + ky * cp.k + kx],
-                                 dwx4_w[(c + 2u) * kk + ky * cp.k + kx], dwx4_w[(c + 3u) * kk + ky * cp.k + kx]), acc);
-        }
-    }
-    dwx4_dx[i] = dwx4_dx[i] + acc;
-}
-
-// part[blk, t, c..c+4] as in depthwise_dw_partial; n = blocks * k*k * C/4.
-@group(0) @binding(1) var<storage, read> dww4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dww4_dy: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> dww4_part: array<vec4<f32>>;
-
-@compute @workgroup_size(256)
-fn depthwise_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                           @builtin(local_invocation_index) lid: u32) {
-    let i = cv_index(wid, nwg, lid);
-    if (i >= cp.n) { return; }
-    let kk = cp.k * cp.k;
-    let c4 = cp.c / 4u;
-    let cq = i % c4;
-    let t = (i / c4) % kk;
-    let blk = i / (c4 * kk);
-    let ky = t / cp.k;
-    let kx = t % cp.k;
-    let m0 = blk * cp.e0;
-    let m1 = min(m0 + cp.e0, cp.rows);
-    var acc = vec4<f32>(0.0);
-    var pos = out_pos(m0);
-    for (var m = m0; m < m1; m++) {
-        let iy = i32(pos.oy * cp.stride + ky) - i32(cp.pad);
-        let ix = i32(pos.ox * cp.stride + kx) - i32(cp.pad);
-        if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
-            acc = fma(dww4_dy[m * c4 + cq], dww4_x[((pos.b * cp.h + u32(iy)) * cp.w + u32(ix)) * c4 + cq], acc);
-        }
-        pos = next_out_pos(pos);
-    }
-    dww4_part[i] = acc;
-}
-
-// depthwise3_dw_partial_v4: depthwise_dw_partial_v4 for 3x3 kernels with all 9 taps in one
+// depthwise3_dw_partial_v4: depthwise_dw_partial4 for 3x3 kernels with all 9 taps in one
 // invocation (n = blocks * C/4): each position loads dy once and 9 inputs (10 loads per 9 FMAs
 // instead of 18), summed in the same order per tap.
 fn dww3_x(b: u32, iy: i32, ix: i32, c4: u32, cq: u32) -> vec4<f32> {
     let ok = iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w);
     let cy = u32(clamp(iy, 0, i32(cp.h) - 1));
     let cx = u32(clamp(ix, 0, i32(cp.w) - 1));
-    return select(vec4(0.0), dww4_x[((b * cp.h + cy) * cp.w + cx) * c4 + cq], ok);
+    return select(vec4(0.0), dww_x4[((b * cp.h + cy) * cp.w + cx) * c4 + cq], ok);
 }
 
 @compute @workgroup_size(256)
@@ -533,7 +451,7 @@ fn depthwise3_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
     var a6 = vec4(0.0); var a7 = vec4(0.0); var a8 = vec4(0.0);
     var pos = out_pos(m0);
     for (var m = m0; m < m1; m++) {
-        let d = dww4_dy[m * c4 + cq];
+        let d = dww_dy4[m * c4 + cq];
         let y0 = i32(pos.oy * cp.stride) - i32(cp.pad);
         let x0 = i32(pos.ox * cp.stride) - i32(cp.pad);
         let b = pos.b;
@@ -549,15 +467,15 @@ fn depthwise3_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
         pos = next_out_pos(pos);
     }
     let o = blk * 9u * c4 + cq;
-    dww4_part[o] = a0;
-    dww4_part[o + c4] = a1;
-    dww4_part[o + 2u * c4] = a2;
-    dww4_part[o + 3u * c4] = a3;
-    dww4_part[o + 4u * c4] = a4;
-    dww4_part[o + 5u * c4] = a5;
-    dww4_part[o + 6u * c4] = a6;
-    dww4_part[o + 7u * c4] = a7;
-    dww4_part[o + 8u * c4] = a8;
+    dww_part4[o] = a0;
+    dww_part4[o + c4] = a1;
+    dww_part4[o + 2u * c4] = a2;
+    dww_part4[o + 3u * c4] = a3;
+    dww_part4[o + 4u * c4] = a4;
+    dww_part4[o + 5u * c4] = a5;
+    dww_part4[o + 6u * c4] = a6;
+    dww_part4[o + 7u * c4] = a7;
+    dww_part4[o + 8u * c4] = a8;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -576,7 +494,7 @@ fn depthwise3_dw_partial_v4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
 // The same kernel computes the input gradient of a stride-1 3x3 depthwise conv: dx is the
 // depthwise conv of dy with the taps rotated by 180 degrees (DW_FLIP) and padding 2 - pad, added
 // to dx (ACCUM).
-// Stride 2 uses depthwise_v4: a stride-2 version of this kernel (9 loads per row) made Chromium's
+// Stride 2 uses depthwise4: a stride-2 version of this kernel (9 loads per row) made Chromium's
 // SwiftShader compiler grow past 13 GB and crash the GPU process (web/test/pipelines.mjs finds
 // such kernels).
 

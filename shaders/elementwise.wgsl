@@ -14,75 +14,49 @@ struct EwParams {
 
 @group(0) @binding(0) var<uniform> ep: EwParams;
 
-// unary: out = ACT(a)
-@group(0) @binding(1) var<storage, read> ew_a: array<f32>;
-@group(0) @binding(2) var<storage, read_write> ew_out: array<f32>;
-
 fn ew_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return flat_group(wid, nwg) * 256u + lid;
 }
 
-@compute @workgroup_size(256)
-fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-         @builtin(local_invocation_index) lid: u32) {
-    let i = ew_index(wid, nwg, lid);
-    if (i >= ep.n) { return; }
-    ew_out[i] = activate(ew_a[i], ACT);
-}
-
-// binary: out = a OP b[i % nb]   (OP 0 add, 1 mul, 2 sub)
-@group(0) @binding(1) var<storage, read> bin_a: array<f32>;
-@group(0) @binding(2) var<storage, read> bin_b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> bin_out: array<f32>;
-
-@compute @workgroup_size(256)
-fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) lid: u32) {
-    let i = ew_index(wid, nwg, lid);
-    if (i >= ep.n) { return; }
-    let a = bin_a[i];
-    let b = bin_b[i % ep.nb];
-    var v: f32;
-    if (OP == 0u) { v = a + b; } else if (OP == 1u) { v = a * b; } else { v = a - b; }
-    bin_out[i] = v;
-}
-
-// unary4 / binary4: the same on vec4s (n counts vec4s; binary4 with nb % 4 == 0, nb in vec4s too).
-// BCAST = false when b has as many elements as a (no modulo: an integer division per element is
-// expensive on CPU adapters, which also scalarise every load, so vec4 halves the cost per float).
+// unary: out = ACT(a). binary: out = a OP b[i % nb] (OP 0 add, 1 mul, 2 sub). Both in a scalar
+// form and a vec4 form (`unary4` / `binary4`: n counts vec4s; binary4 with nb % 4 == 0, nb in
+// vec4s too). BCAST = false when b has as many elements as a (no modulo: an integer division per
+// element is expensive on CPU adapters, which also scalarise every load, so vec4 halves the cost
+// per float).
 override BCAST: bool = true;
 
-@group(0) @binding(1) var<storage, read> ew4_a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> ew4_out: array<vec4<f32>>;
+//#width
+@group(0) @binding(1) var<storage, read> ew_a$S: array<$T>;
+@group(0) @binding(2) var<storage, read_write> ew_out$S: array<$T>;
 
 @compute @workgroup_size(256)
-fn unary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) lid: u32) {
-    let i = ew_index(wid, nwg, lid);
-    if (i >= ep.n) { return; }
-    let v = ew4_a[i];
-    ew4_out[i] = activate4(v, ACT);
-}
-
-@group(0) @binding(1) var<storage, read> bin4_a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> bin4_b: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> bin4_out: array<vec4<f32>>;
-
-@compute @workgroup_size(256)
-fn binary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn unary$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
     let i = ew_index(wid, nwg, lid);
     if (i >= ep.n) { return; }
-    let a = bin4_a[i];
+    ew_out$S[i] = activate$S(ew_a$S[i], ACT);
+}
+
+@group(0) @binding(1) var<storage, read> bin_a$S: array<$T>;
+@group(0) @binding(2) var<storage, read> bin_b$S: array<$T>;
+@group(0) @binding(3) var<storage, read_write> bin_out$S: array<$T>;
+
+@compute @workgroup_size(256)
+fn binary$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = ew_index(wid, nwg, lid);
+    if (i >= ep.n) { return; }
+    let a = bin_a$S[i];
     var j = i;
     if (BCAST) {
         j = i % ep.nb;
     }
-    let b = bin4_b[j];
-    var v: vec4<f32>;
+    let b = bin_b$S[j];
+    var v: $T;
     if (OP == 0u) { v = a + b; } else if (OP == 1u) { v = a * b; } else { v = a - b; }
-    bin4_out[i] = v;
+    bin_out$S[i] = v;
 }
+//#end
 
 // in-place accumulate: acc += a  (gradient accumulation, residual sums)
 @group(0) @binding(1) var<storage, read> acc_a: array<f32>;
@@ -96,45 +70,28 @@ fn accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     acc_out[i] = acc_out[i] + acc_a[i];
 }
 
-// concat along the last (channel) axis: out[r, 0:c1] = a[r, :], out[r, c1:c1+c2] = b[r, :]
-@group(0) @binding(1) var<storage, read> cat_a: array<f32>;
-@group(0) @binding(2) var<storage, read> cat_b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> cat_out: array<f32>;
-
-@compute @workgroup_size(256)
-fn concat_last(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let i = ew_index(wid, nwg, lid);
-    if (i >= ep.n) { return; }
-    let c = ep.nb + ep.c2;
-    let r = i / c;
-    let ch = i % c;
-    if (ch < ep.nb) {
-        cat_out[i] = cat_a[r * ep.nb + ch];
-    } else {
-        cat_out[i] = cat_b[r * ep.c2 + ch - ep.nb];
-    }
-}
-
+// concat along the last (channel) axis: out[r, 0:c1] = a[r, :], out[r, c1:c1+c2] = b[r, :];
 // concat_last4: the same on vec4s for c1 % 4 == 0 and c2 % 4 == 0 (n, nb, c2 in vec4s).
-@group(0) @binding(1) var<storage, read> cat4_a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> cat4_b: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> cat4_out: array<vec4<f32>>;
+//#width
+@group(0) @binding(1) var<storage, read> cat_a$S: array<$T>;
+@group(0) @binding(2) var<storage, read> cat_b$S: array<$T>;
+@group(0) @binding(3) var<storage, read_write> cat_out$S: array<$T>;
 
 @compute @workgroup_size(256)
-fn concat_last4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
+fn concat_last$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
     let i = ew_index(wid, nwg, lid);
     if (i >= ep.n) { return; }
     let c = ep.nb + ep.c2;
     let r = i / c;
     let ch = i % c;
     if (ch < ep.nb) {
-        cat4_out[i] = cat4_a[r * ep.nb + ch];
+        cat_out$S[i] = cat_a$S[r * ep.nb + ch];
     } else {
-        cat4_out[i] = cat4_b[r * ep.c2 + ch - ep.nb];
+        cat_out$S[i] = cat_b$S[r * ep.c2 + ch - ep.nb];
     }
 }
+//#end
 
 // split along the last axis (backward of concat): a[r, :] = g[r, 0:c1], b[r, :] = g[r, c1:]
 @group(0) @binding(1) var<storage, read> spl_g: array<f32>;
@@ -204,31 +161,21 @@ fn slice_mid(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
 }
 
-// Activation backward: dpre = dy * act'(pre)   (ACT 1 GELU, 2 ReLU, 0 identity)
-@group(0) @binding(1) var<storage, read> ab_pre: array<f32>;
-@group(0) @binding(2) var<storage, read> ab_dy: array<f32>;
-@group(0) @binding(3) var<storage, read_write> ab_out: array<f32>;
+// Activation backward: dpre = dy * act'(pre)   (ACT 1 GELU, 2 ReLU, 0 identity); act_backward4
+// on vec4s (element count % 4 == 0).
+//#width
+@group(0) @binding(1) var<storage, read> ab_pre$S: array<$T>;
+@group(0) @binding(2) var<storage, read> ab_dy$S: array<$T>;
+@group(0) @binding(3) var<storage, read_write> ab_out$S: array<$T>;
 
 @compute @workgroup_size(256)
-fn act_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
+fn act_backward$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
     let i = ew_index(wid, nwg, lid);
     if (i >= ep.n) { return; }
-    ab_out[i] = ab_dy[i] * activate_grad(ab_pre[i], ACT);
+    ab_out$S[i] = ab_dy$S[i] * activate_grad$S(ab_pre$S[i], ACT);
 }
-
-// act_backward4: act_backward on vec4s (element count % 4 == 0).
-@group(0) @binding(1) var<storage, read> ab4_pre: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> ab4_dy: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> ab4_out: array<vec4<f32>>;
-
-@compute @workgroup_size(256)
-fn act_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) lid: u32) {
-    let i = ew_index(wid, nwg, lid);
-    if (i >= ep.n) { return; }
-    ab4_out[i] = ab4_dy[i] * activate_grad4(ab4_pre[i], ACT);
-}
+//#end
 
 // Column sums of x [rows, c], deterministic two-level reduction.
 // Level 1: workgroup (column tile of 64, chunk of CS_ROWS rows) -> part[chunk, col].
@@ -241,12 +188,15 @@ struct ColSumParams {
     col_tiles: u32,
 }
 @group(0) @binding(0) var<uniform> csp: ColSumParams;
-@group(0) @binding(1) var<storage, read> cs_x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> cs_part: array<f32>;
+// col_sum_partial4: the same for c % 4 == 0 on column quads (csp.c and csp.col_tiles counted in
+// quads); the partial sums have the scalar form's layout.
+//#width
+@group(0) @binding(1) var<storage, read> cs_x$S: array<$T>;
+@group(0) @binding(2) var<storage, read_write> cs_part$S: array<$T>;
 
 @compute @workgroup_size(64)
-fn col_sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                   @builtin(local_invocation_index) lid: u32) {
+fn col_sum_partial$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
     let g = flat_group(wid, nwg);
     if (g >= csp.col_tiles * csp.nchunks) { return; }
     let tile = g % csp.col_tiles;
@@ -255,35 +205,13 @@ fn col_sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     if (col >= csp.c) { return; }
     let r0 = chunk * csp.chunk_rows;
     let r1 = min(r0 + csp.chunk_rows, csp.rows);
-    var s = 0.0;
+    var s = $T(0.0);
     for (var r = r0; r < r1; r++) {
-        s += cs_x[r * csp.c + col];
+        s += cs_x$S[r * csp.c + col];
     }
-    cs_part[chunk * csp.c + col] = s;
+    cs_part$S[chunk * csp.c + col] = s;
 }
-
-// col_sum_partial4: col_sum_partial for c % 4 == 0 on column quads (csp.c and csp.col_tiles
-// counted in quads); the partial sums have the scalar form's layout.
-@group(0) @binding(1) var<storage, read> cs4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> cs4_part: array<vec4<f32>>;
-
-@compute @workgroup_size(64)
-fn col_sum_partial4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                    @builtin(local_invocation_index) lid: u32) {
-    let g = flat_group(wid, nwg);
-    if (g >= csp.col_tiles * csp.nchunks) { return; }
-    let tile = g % csp.col_tiles;
-    let chunk = g / csp.col_tiles;
-    let q = tile * 64u + lid;
-    if (q >= csp.c) { return; }
-    let r0 = chunk * csp.chunk_rows;
-    let r1 = min(r0 + csp.chunk_rows, csp.rows);
-    var s = vec4(0.0);
-    for (var r = r0; r < r1; r++) {
-        s += cs4_x[r * csp.c + q];
-    }
-    cs4_part[chunk * csp.c + q] = s;
-}
+//#end
 
 @group(0) @binding(1) var<storage, read> csf_part: array<f32>;
 @group(0) @binding(2) var<storage, read_write> csf_out: array<f32>;

@@ -704,119 +704,28 @@ fn bn_rstd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     br_rstd[i] = 1.0 / sqrt(br_var[i] + bp.eps);
 }
 
-// y = act((x - mean[ch]) * rstd[ch] * w[ch] + b[ch]); SAVE_PRE stores the pre-activation.
-@group(0) @binding(1) var<storage, read> ba_x: array<f32>;
-@group(0) @binding(2) var<storage, read> ba_mean: array<f32>;
-@group(0) @binding(3) var<storage, read> ba_rstd: array<f32>;
-@group(0) @binding(4) var<storage, read> ba_w: array<f32>;
-@group(0) @binding(5) var<storage, read> ba_b: array<f32>;
-@group(0) @binding(6) var<storage, read_write> ba_y: array<f32>;
-@group(0) @binding(7) var<storage, read_write> ba_pre: array<f32>;
-
-@compute @workgroup_size(64)
-fn bn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
-    let i = elem_index(wid, nwg, lid);
-    if (i >= bp.n) {
-        return;
-    }
-    let ch = i % bp.c;
-    let z = (ba_x[i] - ba_mean[ch]) * ba_rstd[ch] * ba_w[ch] + ba_b[ch];
-    ba_y[i] = activate(z, ACT);
-    if (SAVE_PRE) {
-        ba_pre[i] = z;
-    }
-}
-
-// BatchNorm backward, dx. sums = [sum dz*xhat (c values), sum dz (c values)].
+// bn_apply: y = act((x - mean[ch]) * rstd[ch] * w[ch] + b[ch]); SAVE_PRE stores the
+// pre-activation. bn_bwd_dx: BatchNorm backward, dx, with sums = [sum dz*xhat (c values),
+// sum dz (c values)]:
 //   train: dx = w * rstd * (dz - sum(dz)/rows - xhat * sum(dz*xhat)/rows)
 //   eval:  dx = w * rstd * dz
-@group(0) @binding(1) var<storage, read> bb_x: array<f32>;
-@group(0) @binding(2) var<storage, read> bb_dy: array<f32>;
-@group(0) @binding(3) var<storage, read> bb_pre: array<f32>;
-@group(0) @binding(4) var<storage, read> bb_mean: array<f32>;
-@group(0) @binding(5) var<storage, read> bb_rstd: array<f32>;
-@group(0) @binding(6) var<storage, read> bb_w: array<f32>;
-@group(0) @binding(7) var<storage, read> bb_sums: array<f32>;
-@group(0) @binding(8) var<storage, read_write> bb_dx: array<f32>;
-
-@compute @workgroup_size(64)
-fn bn_bwd_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
-    let i = elem_index(wid, nwg, lid);
-    if (i >= bp.n) {
-        return;
-    }
-    let ch = i % bp.c;
-    var dz = bb_dy[i];
-    if (ACT != 0u) {
-        dz *= activate_grad(bb_pre[i], ACT);
-    }
-    let rs = bb_rstd[ch];
-    var d: f32;
-    if (TRAIN) {
-        let xh = (bb_x[i] - bb_mean[ch]) * rs;
-        d = bb_w[ch] * rs * (dz - bb_sums[bp.c + ch] * bp.inv_rows - xh * bb_sums[ch] * bp.inv_rows);
-    } else {
-        d = bb_w[ch] * rs * dz;
-    }
-    if (ACCUM) {
-        d += bb_dx[i];
-    }
-    bb_dx[i] = d;
-}
-
-// bn_apply4 / bn_bwd_dx4: bn_apply / bn_bwd_dx for C % 4 == 0 with one vec4 of channels per
-// invocation and RB rows of it (bp.n and bp.c counted in vec4s; invocation t takes channel quad
-// t % c of rows (t / c) * RB ..), the same arithmetic per component. CPU adapters scalarise every
-// storage load, so this needs a quarter of the loads and index divisions, and the per-channel
-// loads are shared by the RB rows.
+// Invocation t takes channel t % c of rows (t / c) * RB .. (RB rows share the per-channel loads).
+// bn_apply4 / bn_bwd_dx4: the same for C % 4 == 0 with one vec4 of channels per invocation (bp.n
+// and bp.c counted in vec4s), the same arithmetic per component. CPU adapters scalarise every
+// storage load, so this needs a quarter of the loads and index divisions.
 override RB: u32 = 1u;
-@group(0) @binding(1) var<storage, read> ba4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> ba4_mean: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> ba4_rstd: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> ba4_w: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> ba4_b: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> ba4_y: array<vec4<f32>>;
-@group(0) @binding(7) var<storage, read_write> ba4_pre: array<vec4<f32>>;
+
+//#width
+@group(0) @binding(1) var<storage, read> ba_x$S: array<$T>;
+@group(0) @binding(2) var<storage, read> ba_mean$S: array<$T>;
+@group(0) @binding(3) var<storage, read> ba_rstd$S: array<$T>;
+@group(0) @binding(4) var<storage, read> ba_w$S: array<$T>;
+@group(0) @binding(5) var<storage, read> ba_b$S: array<$T>;
+@group(0) @binding(6) var<storage, read_write> ba_y$S: array<$T>;
+@group(0) @binding(7) var<storage, read_write> ba_pre$S: array<$T>;
 
 @compute @workgroup_size(64)
-fn bn_apply4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
-    let t = elem_index(wid, nwg, lid);
-    let ch = t % bp.c;
-    let i0 = (t / bp.c) * RB * bp.c + ch;
-    if (i0 >= bp.n) {
-        return;
-    }
-    let mean = ba4_mean[ch];
-    let rs = ba4_rstd[ch];
-    let w = ba4_w[ch];
-    let b = ba4_b[ch];
-    for (var r = 0u; r < RB; r++) {
-        let i = i0 + r * bp.c;
-        if (i >= bp.n) {
-            break;
-        }
-        let z = (ba4_x[i] - mean) * rs * w + b;
-        ba4_y[i] = activate4(z, ACT);
-        if (SAVE_PRE) {
-            ba4_pre[i] = z;
-        }
-    }
-}
-
-@group(0) @binding(1) var<storage, read> bb4_x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> bb4_dy: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> bb4_pre: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> bb4_mean: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> bb4_rstd: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read> bb4_w: array<vec4<f32>>;
-@group(0) @binding(7) var<storage, read> bb4_sums: array<vec4<f32>>;
-@group(0) @binding(8) var<storage, read_write> bb4_dx: array<vec4<f32>>;
-
-@compute @workgroup_size(64)
-fn bn_bwd_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn bn_apply$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let t = elem_index(wid, nwg, lid);
     let ch = t % bp.c;
@@ -824,34 +733,70 @@ fn bn_bwd_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     if (i0 >= bp.n) {
         return;
     }
-    let rs = bb4_rstd[ch];
-    let g = bb4_w[ch] * rs;
-    let mean = bb4_mean[ch];
-    // TRAIN: dx = g * (dz - mean(dz) - xhat * mean(dz * xhat)), xhat = (x - mean) * rs
-    let mdz = bb4_sums[bp.c + ch] * bp.inv_rows;
-    let mdzx = bb4_sums[ch] * bp.inv_rows;
+    let mean = ba_mean$S[ch];
+    let rs = ba_rstd$S[ch];
+    let w = ba_w$S[ch];
+    let b = ba_b$S[ch];
     for (var r = 0u; r < RB; r++) {
         let i = i0 + r * bp.c;
         if (i >= bp.n) {
             break;
         }
-        var dz = bb4_dy[i];
-        if (ACT != 0u) {
-            dz *= activate_grad4(bb4_pre[i], ACT);
+        let z = (ba_x$S[i] - mean) * rs * w + b;
+        ba_y$S[i] = activate$S(z, ACT);
+        if (SAVE_PRE) {
+            ba_pre$S[i] = z;
         }
-        var d: vec4<f32>;
+    }
+}
+
+@group(0) @binding(1) var<storage, read> bb_x$S: array<$T>;
+@group(0) @binding(2) var<storage, read> bb_dy$S: array<$T>;
+@group(0) @binding(3) var<storage, read> bb_pre$S: array<$T>;
+@group(0) @binding(4) var<storage, read> bb_mean$S: array<$T>;
+@group(0) @binding(5) var<storage, read> bb_rstd$S: array<$T>;
+@group(0) @binding(6) var<storage, read> bb_w$S: array<$T>;
+@group(0) @binding(7) var<storage, read> bb_sums$S: array<$T>;
+@group(0) @binding(8) var<storage, read_write> bb_dx$S: array<$T>;
+
+@compute @workgroup_size(64)
+fn bn_bwd_dx$S(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let t = elem_index(wid, nwg, lid);
+    let ch = t % bp.c;
+    let i0 = (t / bp.c) * RB * bp.c + ch;
+    if (i0 >= bp.n) {
+        return;
+    }
+    let rs = bb_rstd$S[ch];
+    let g = bb_w$S[ch] * rs;
+    let mean = bb_mean$S[ch];
+    // TRAIN: dx = g * (dz - mean(dz) - xhat * mean(dz * xhat)), xhat = (x - mean) * rs
+    let mdz = bb_sums$S[bp.c + ch] * bp.inv_rows;
+    let mdzx = bb_sums$S[ch] * bp.inv_rows;
+    for (var r = 0u; r < RB; r++) {
+        let i = i0 + r * bp.c;
+        if (i >= bp.n) {
+            break;
+        }
+        var dz = bb_dy$S[i];
+        if (ACT != 0u) {
+            dz *= activate_grad$S(bb_pre$S[i], ACT);
+        }
+        var d: $T;
         if (TRAIN) {
-            let xh = (bb4_x[i] - mean) * rs;
+            let xh = (bb_x$S[i] - mean) * rs;
             d = g * (dz - mdz - xh * mdzx);
         } else {
             d = g * dz;
         }
         if (ACCUM) {
-            d += bb4_dx[i];
+            d += bb_dx$S[i];
         }
-        bb4_dx[i] = d;
+        bb_dx$S[i] = d;
     }
 }
+//#end
 
 // dw += sum(dz*xhat), db += sum(dz), per channel.
 @group(0) @binding(1) var<storage, read> bg_sums: array<f32>;

@@ -74,7 +74,12 @@ pub struct Kernel {
 
 impl Kernel {
     pub fn new(family: ShaderFamily, entry: &'static str, invocations: u32) -> Self {
-        Kernel { family, entry, consts: Vec::new(), invocations }
+        Kernel {
+            family,
+            entry,
+            consts: Vec::new(),
+            invocations,
+        }
     }
     pub fn u(mut self, name: &'static str, v: u32) -> Self {
         self.consts.push((name, Const::U(v)));
@@ -111,18 +116,367 @@ impl Kernel {
     }
 }
 
-/// Full WGSL source of a family's module.
+/// Full WGSL source of a family's module: `common.wgsl`, then the family's file, with the
+/// kernel-variant directives expanded (see [`ShaderFamily::expand`]).
 pub fn family_source(f: ShaderFamily) -> String {
-    format!("{}\n{}", COMMON, f.source())
+    match ShaderFamily::expand(&format!("{}\n{}", COMMON, f.source())) {
+        Ok(s) => s,
+        // The shaders are compiled into the binary and every family is expanded by the tests.
+        Err(e) => panic!("shaders/{}.wgsl: {e}", f.name()),
+    }
+}
+
+impl ShaderFamily {
+    /// Checks the uniform params struct `P` against the binding-0 uniform struct that entry point
+    /// `entry` of this family uses (naga reflection of the expanded source): member count, names,
+    /// byte offsets, types and size. The error names the kernel and the first differing field.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn check_uniform<P: crate::gpu::Params>(self, entry: &str) -> Result<(), String> {
+        reflect::Reflected::new(self)?.check::<P>(self, entry)
+    }
+
+    pub const ALL: [ShaderFamily; 10] = [
+        ShaderFamily::Matmul,
+        ShaderFamily::Elementwise,
+        ShaderFamily::Norm,
+        ShaderFamily::Conv,
+        ShaderFamily::Attention,
+        ShaderFamily::Resize,
+        ShaderFamily::Otsu,
+        ShaderFamily::Pe,
+        ShaderFamily::Loss,
+        ShaderFamily::Optim,
+    ];
+
+    /// The module source as compiled: `common.wgsl` + the family's file, directives expanded.
+    pub fn wgsl(self) -> String {
+        family_source(self)
+    }
+
+    /// Expands the kernel-variant directives of a WGSL text. A directive is a line whose first
+    /// non-blank characters are `//#`; blocks end with `//#end` and nest:
+    ///
+    /// - `//#for NAME in A..B` (integers, B excluded) or `//#for NAME in w1 w2 ..` (words): the
+    ///   block once per value, in order, with `$NAME` (or `${NAME}`) replaced by the value.
+    /// - `//#width`: the block twice, scalar then vec4, binding `$W` (`1` / `4`), `$T` (`f32` /
+    ///   `vec4<f32>`) and `$S` (name suffix: empty / `4`, e.g. `fn unary$S` is `unary`, `unary4`).
+    /// - `//#if NAME == VALUE` (or `!=`), optional `//#else`: lines kept by a loop variable's value.
+    ///
+    /// Every `$` must name a variable of an enclosing block. Errors name the line (1-based).
+    pub fn expand(src: &str) -> Result<String, String> {
+        expand::expand(src)
+    }
+}
+
+mod expand {
+    enum Node<'a> {
+        Line(usize, &'a str),
+        /// Variables bound per pass (name, value), one list per pass.
+        Repeat(Vec<Vec<(String, String)>>, Vec<Node<'a>>),
+        If {
+            line: usize,
+            var: String,
+            eq: bool,
+            value: String,
+            then: Vec<Node<'a>>,
+            els: Vec<Node<'a>>,
+        },
+    }
+
+    enum Open<'a> {
+        Repeat(Vec<Vec<(String, String)>>),
+        If {
+            line: usize,
+            var: String,
+            eq: bool,
+            value: String,
+            then: Option<Vec<Node<'a>>>,
+        },
+    }
+
+    fn is_ident(s: &str) -> bool {
+        let mut c = s.chars();
+        matches!(c.next(), Some(ch) if ch == '_' || ch.is_ascii_alphabetic())
+            && c.all(|ch| ch == '_' || ch.is_ascii_alphanumeric())
+    }
+
+    fn parse_for(line: usize, args: &str) -> Result<Vec<Vec<(String, String)>>, String> {
+        let bad = || {
+            format!(
+                "line {line}: expected `//#for NAME in A..B` or `//#for NAME in WORD ..`, got `//#for {args}`"
+            )
+        };
+        let mut it = args.split_whitespace();
+        let name = it.next().filter(|n| is_ident(n)).ok_or_else(bad)?;
+        if it.next() != Some("in") {
+            return Err(bad());
+        }
+        let rest: Vec<&str> = it.collect();
+        let values: Vec<String> = match rest.as_slice() {
+            [] => return Err(bad()),
+            [r] if r.contains("..") => {
+                let (a, b) = r.split_once("..").unwrap();
+                let (a, b) = (
+                    a.parse::<u32>().map_err(|_| bad())?,
+                    b.parse::<u32>().map_err(|_| bad())?,
+                );
+                if a > b {
+                    return Err(format!("line {line}: empty range {a}..{b}"));
+                }
+                (a..b).map(|v| v.to_string()).collect()
+            }
+            words => words.iter().map(|w| w.to_string()).collect(),
+        };
+        Ok(values
+            .into_iter()
+            .map(|v| vec![(name.to_string(), v)])
+            .collect())
+    }
+
+    fn parse_width(line: usize, args: &str) -> Result<Vec<Vec<(String, String)>>, String> {
+        if !args.is_empty() {
+            return Err(format!("line {line}: `//#width` takes no arguments"));
+        }
+        let pass = |w: &str, t: &str, s: &str| {
+            vec![
+                ("W".into(), w.into()),
+                ("T".into(), t.into()),
+                ("S".into(), s.into()),
+            ]
+        };
+        Ok(vec![pass("1", "f32", ""), pass("4", "vec4<f32>", "4")])
+    }
+
+    fn parse_if(line: usize, args: &str) -> Result<(String, bool, String), String> {
+        let words: Vec<&str> = args.split_whitespace().collect();
+        match words.as_slice() {
+            [var, op @ ("==" | "!="), value] if is_ident(var) => {
+                Ok((var.to_string(), *op == "==", value.to_string()))
+            }
+            _ => Err(format!(
+                "line {line}: expected `//#if NAME == VALUE` or `//#if NAME != VALUE`, got `//#if {args}`"
+            )),
+        }
+    }
+
+    fn parse(src: &str) -> Result<Vec<Node<'_>>, String> {
+        // Stack of (open block, its line, nodes collected so far); the root has no block.
+        let mut stack: Vec<(Option<Open>, usize, Vec<Node>)> = vec![(None, 0, Vec::new())];
+        for (i, text) in src.lines().enumerate() {
+            let line = i + 1;
+            let Some(d) = text.trim_start().strip_prefix("//#") else {
+                stack.last_mut().unwrap().2.push(Node::Line(line, text));
+                continue;
+            };
+            let d = d.trim();
+            let (kw, args) = d.split_once(char::is_whitespace).unwrap_or((d, ""));
+            let args = args.trim();
+            match kw {
+                "for" => stack.push((Some(Open::Repeat(parse_for(line, args)?)), line, Vec::new())),
+                "width" => stack.push((
+                    Some(Open::Repeat(parse_width(line, args)?)),
+                    line,
+                    Vec::new(),
+                )),
+                "if" => {
+                    let (var, eq, value) = parse_if(line, args)?;
+                    stack.push((
+                        Some(Open::If {
+                            line,
+                            var,
+                            eq,
+                            value,
+                            then: None,
+                        }),
+                        line,
+                        Vec::new(),
+                    ));
+                }
+                "else" | "end" if !args.is_empty() => {
+                    return Err(format!("line {line}: `//#{kw}` takes no arguments"));
+                }
+                "else" => match stack.last_mut() {
+                    Some((Some(Open::If { then, .. }), _, nodes)) if then.is_none() => {
+                        *then = Some(std::mem::take(nodes))
+                    }
+                    _ => return Err(format!("line {line}: `//#else` without an open `//#if`")),
+                },
+                "end" => {
+                    if stack.len() == 1 {
+                        return Err(format!("line {line}: `//#end` without an open block"));
+                    }
+                    let (open, _, nodes) = stack.pop().unwrap();
+                    let node = match open.unwrap() {
+                        Open::Repeat(passes) => Node::Repeat(passes, nodes),
+                        Open::If {
+                            line,
+                            var,
+                            eq,
+                            value,
+                            then,
+                        } => match then {
+                            Some(then) => Node::If {
+                                line,
+                                var,
+                                eq,
+                                value,
+                                then,
+                                els: nodes,
+                            },
+                            None => Node::If {
+                                line,
+                                var,
+                                eq,
+                                value,
+                                then: nodes,
+                                els: Vec::new(),
+                            },
+                        },
+                    };
+                    stack.last_mut().unwrap().2.push(node);
+                }
+                _ => {
+                    return Err(format!(
+                        "line {line}: unknown directive `//#{kw}` (for, width, if, else, end)"
+                    ));
+                }
+            }
+        }
+        if stack.len() > 1 {
+            return Err(format!(
+                "line {}: block not closed by `//#end`",
+                stack.last().unwrap().1
+            ));
+        }
+        Ok(stack.pop().unwrap().2)
+    }
+
+    fn lookup<'e>(env: &'e [(String, String)], name: &str) -> Option<&'e str> {
+        env.iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn substitute(
+        line: usize,
+        text: &str,
+        env: &[(String, String)],
+        out: &mut String,
+    ) -> Result<(), String> {
+        let mut rest = text;
+        while let Some(p) = rest.find('$') {
+            out.push_str(&rest[..p]);
+            let after = &rest[p + 1..];
+            let (name, tail) = if let Some(b) = after.strip_prefix('{') {
+                let e = b
+                    .find('}')
+                    .ok_or_else(|| format!("line {line}: `${{` without `}}`"))?;
+                (&b[..e], &b[e + 1..])
+            } else {
+                let e = after
+                    .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
+                    .unwrap_or(after.len());
+                (&after[..e], &after[e..])
+            };
+            if !is_ident(name) {
+                return Err(format!(
+                    "line {line}: `$` must be followed by a variable name"
+                ));
+            }
+            let v = lookup(env, name).ok_or_else(|| {
+                format!("line {line}: `${name}` is not a variable of an enclosing block")
+            })?;
+            out.push_str(v);
+            rest = tail;
+        }
+        out.push_str(rest);
+        out.push('\n');
+        Ok(())
+    }
+
+    fn emit(
+        nodes: &[Node],
+        env: &mut Vec<(String, String)>,
+        out: &mut String,
+    ) -> Result<(), String> {
+        for n in nodes {
+            match n {
+                Node::Line(line, text) => substitute(*line, text, env, out)?,
+                Node::Repeat(passes, body) => {
+                    for vars in passes {
+                        let depth = env.len();
+                        env.extend(vars.iter().cloned());
+                        emit(body, env, out)?;
+                        env.truncate(depth);
+                    }
+                }
+                Node::If {
+                    line,
+                    var,
+                    eq,
+                    value,
+                    then,
+                    els,
+                } => {
+                    let v = lookup(env, var).ok_or_else(|| {
+                        format!("line {line}: `//#if {var}`: not a variable of an enclosing block")
+                    })?;
+                    emit(if (v == value) == *eq { then } else { els }, env, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn expand(src: &str) -> Result<String, String> {
+        let nodes = parse(src)?;
+        let mut out = String::with_capacity(src.len() * 2);
+        emit(&nodes, &mut Vec::new(), &mut out)?;
+        Ok(out)
+    }
 }
 
 #[derive(Default)]
 pub(crate) struct PipelineCache {
     modules: Mutex<HashMap<ShaderFamily, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// Natively: each family's module as naga reflects it, and the (family, entry point, Rust
+    /// params type) combinations whose uniform layout has been checked.
+    #[cfg(not(target_arch = "wasm32"))]
+    reflected: Mutex<HashMap<ShaderFamily, Arc<reflect::Reflected>>>,
+    #[cfg(not(target_arch = "wasm32"))]
+    checked: Mutex<std::collections::HashSet<(ShaderFamily, &'static str, std::any::TypeId)>>,
 }
 
 impl PipelineCache {
+    /// Checks `P` against the binding-0 uniform struct of kernel `k`'s entry point, once per
+    /// (family, entry point, `P`).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn check_uniform<P: crate::gpu::Params>(&self, k: &Kernel) -> crate::error::Result<()> {
+        let key = (k.family, k.entry, std::any::TypeId::of::<P>());
+        if self.checked.lock().unwrap().contains(&key) {
+            return Ok(());
+        }
+        let r = {
+            let mut r = self.reflected.lock().unwrap();
+            match r.get(&k.family) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = Arc::new(
+                        reflect::Reflected::new(k.family).map_err(crate::error::Error::Invalid)?,
+                    );
+                    r.insert(k.family, m.clone());
+                    m
+                }
+            }
+        };
+        r.check::<P>(k.family, k.entry)
+            .map_err(crate::error::Error::Invalid)?;
+        self.checked.lock().unwrap().insert(key);
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.pipelines.lock().unwrap().len()
     }
@@ -146,17 +500,19 @@ impl PipelineCache {
         let constants = k.constants();
         #[cfg(not(target_arch = "wasm32"))]
         dump_pipeline(k, &constants);
-        let pipeline = Arc::new(device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(k.entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(k.entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &constants,
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        }));
+        let pipeline = Arc::new(
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(k.entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(k.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            }),
+        );
         self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         pipeline
     }
@@ -169,17 +525,150 @@ impl PipelineCache {
 #[cfg(not(target_arch = "wasm32"))]
 fn dump_pipeline(k: &Kernel, constants: &[(&'static str, f64)]) {
     use std::io::Write;
-    let Some(dir) = std::env::var_os("MEDFASTSAM_DUMP_PIPELINES") else { return };
+    let Some(dir) = std::env::var_os("MEDFASTSAM_DUMP_PIPELINES") else {
+        return;
+    };
     let dir = std::path::PathBuf::from(dir);
     let _ = std::fs::create_dir_all(&dir);
     let src = dir.join(format!("{}.wgsl", k.family.name()));
     if !src.exists() {
         let _ = std::fs::write(&src, family_source(k.family));
     }
-    let consts: serde_json::Map<String, serde_json::Value> =
-        constants.iter().map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect();
-    let line = serde_json::json!({"family": k.family.name(), "entry": k.entry, "constants": consts});
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("pipelines.jsonl")) {
+    let consts: serde_json::Map<String, serde_json::Value> = constants
+        .iter()
+        .map(|(n, v)| (n.to_string(), serde_json::json!(v)))
+        .collect();
+    let line =
+        serde_json::json!({"family": k.family.name(), "entry": k.entry, "constants": consts});
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("pipelines.jsonl"))
+    {
         let _ = writeln!(f, "{line}");
+    }
+}
+
+/// naga reflection of a family's module for the uniform layout check (native builds only: the
+/// check needs naga's WGSL front end, which the web build does not carry).
+#[cfg(not(target_arch = "wasm32"))]
+mod reflect {
+    use super::{ShaderFamily, family_source};
+
+    pub struct Reflected {
+        module: naga::Module,
+        info: naga::valid::ModuleInfo,
+    }
+
+    /// A naga type written as in WGSL (the subset uniform structs use).
+    fn type_name(module: &naga::Module, ty: naga::Handle<naga::Type>) -> String {
+        use naga::{ScalarKind, TypeInner, VectorSize};
+        let scalar = |s: naga::Scalar| match (s.kind, s.width) {
+            (ScalarKind::Uint, 4) => "u32".to_string(),
+            (ScalarKind::Sint, 4) => "i32".to_string(),
+            (ScalarKind::Float, 4) => "f32".to_string(),
+            (k, w) => format!("{k:?}{}", w * 8),
+        };
+        match &module.types[ty].inner {
+            TypeInner::Scalar(s) => scalar(*s),
+            TypeInner::Vector { size, scalar: s } => {
+                let n = match size {
+                    VectorSize::Bi => 2,
+                    VectorSize::Tri => 3,
+                    VectorSize::Quad => 4,
+                };
+                format!("vec{n}<{}>", scalar(*s))
+            }
+            TypeInner::Array {
+                base,
+                size: naga::ArraySize::Constant(n),
+                ..
+            } => {
+                format!("array<{}, {n}>", type_name(module, *base))
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
+    impl Reflected {
+        pub fn new(family: ShaderFamily) -> Result<Self, String> {
+            let module = naga::front::wgsl::parse_str(&family_source(family))
+                .map_err(|e| format!("shaders/{}.wgsl: {e}", family.name()))?;
+            let info = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .map_err(|e| format!("shaders/{}.wgsl: {}", family.name(), e.into_inner()))?;
+            Ok(Reflected { module, info })
+        }
+
+        pub fn check<P: crate::gpu::Params>(
+            &self,
+            family: ShaderFamily,
+            entry: &str,
+        ) -> Result<(), String> {
+            let rust = std::any::type_name::<P>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("?");
+            let kernel = format!("kernel {}::{entry}", family.name());
+            let m = &self.module;
+            let ei = m
+                .entry_points
+                .iter()
+                .position(|e| e.name == entry)
+                .ok_or_else(|| format!("{kernel}: no such entry point"))?;
+            let uses = self.info.get_entry_point(ei);
+            let global = m
+                .global_variables
+                .iter()
+                .find(|(h, g)| {
+                    g.space == naga::AddressSpace::Uniform
+                        && g.binding
+                            == Some(naga::ResourceBinding {
+                                group: 0,
+                                binding: 0,
+                            })
+                        && !uses[*h].is_empty()
+                })
+                .map(|(_, g)| g)
+                .ok_or_else(|| {
+                    format!("{kernel}: uses no uniform struct at binding 0 (Rust {rust})")
+                })?;
+            let naga::TypeInner::Struct { members, span } = &m.types[global.ty].inner else {
+                return Err(format!("{kernel}: binding 0 is not a struct"));
+            };
+            let wgsl = m.types[global.ty].name.as_deref().unwrap_or("?");
+            let what = format!("{kernel}: Rust {rust} vs WGSL {wgsl}");
+            for (i, mem) in members.iter().enumerate() {
+                let mname = mem.name.as_deref().unwrap_or("?");
+                let mty = type_name(m, mem.ty);
+                let Some(&(name, ty, off)) = P::FIELDS.get(i) else {
+                    return Err(format!(
+                        "{what}: WGSL field {i} `{mname}: {mty}` is missing in Rust"
+                    ));
+                };
+                if name != mname || ty != mty || off != mem.offset as usize {
+                    return Err(format!(
+                        "{what}: field {i} is `{name}: {ty}` at byte {off} in Rust but `{mname}: {mty}` at byte {} in WGSL",
+                        mem.offset
+                    ));
+                }
+            }
+            if let Some((name, ty, _)) = P::FIELDS.get(members.len()) {
+                return Err(format!(
+                    "{what}: Rust field {} `{name}: {ty}` is not in WGSL",
+                    members.len()
+                ));
+            }
+            if std::mem::size_of::<P>() != *span as usize {
+                return Err(format!(
+                    "{what}: {} bytes in Rust, {span} in WGSL",
+                    std::mem::size_of::<P>()
+                ));
+            }
+            Ok(())
+        }
     }
 }

@@ -6,27 +6,40 @@ use super::pipeline::Kernel;
 use super::{Gpu, Tensor};
 use crate::error::{Error, Result};
 
-/// Uniform parameters of one dispatch: a flat list of 4-byte scalars, in the order of the WGSL
-/// `Params` struct of the kernel.
-#[derive(Clone, Debug, Default)]
-pub struct Params(pub Vec<u32>);
+/// Uniform parameters of one dispatch (binding 0): a `#[repr(C)]` struct declared with
+/// [`uniform!`](crate::uniform), one per WGSL params struct, with the WGSL struct's member names,
+/// order and types. Natively, the layout is checked against the kernel's WGSL struct (naga
+/// reflection) the first time a kernel is dispatched with it; a mismatch is an error naming the
+/// kernel and the field.
+pub trait Params: bytemuck::Pod {
+    /// Fields in memory order: (name, WGSL type, byte offset).
+    const FIELDS: &'static [(&'static str, &'static str, usize)];
+}
 
-impl Params {
-    pub fn new() -> Self {
-        Params(Vec::with_capacity(16))
-    }
-    pub fn u(mut self, v: usize) -> Self {
-        self.0.push(u32::try_from(v).expect("parameter exceeds u32"));
-        self
-    }
-    pub fn i(mut self, v: i64) -> Self {
-        self.0.push(i32::try_from(v).expect("parameter exceeds i32") as u32);
-        self
-    }
-    pub fn f(mut self, v: f32) -> Self {
-        self.0.push(v.to_bits());
-        self
-    }
+/// Declares a uniform params struct (see [`Params`](crate::gpu::Params)): `#[repr(C)]`, `Pod`,
+/// fields of WGSL scalar types `u32`, `i32`, `f32`, and their description for the layout check.
+///
+/// ```ignore
+/// medfastsam::uniform! {
+///     /// Parameters of `ln_fwd` and friends (norm.wgsl `LnParams`).
+///     pub struct LnParams { pub rows: u32, pub c: u32, pub eps: f32, pub pad: u32 }
+/// }
+/// ```
+#[macro_export]
+macro_rules! uniform {
+    ($(#[$m:meta])* $vis:vis struct $name:ident { $($(#[$fm:meta])* $fvis:vis $field:ident : $ty:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+        $vis struct $name { $($(#[$fm])* $fvis $field: $ty),* }
+        impl $crate::gpu::Params for $name {
+            const FIELDS: &'static [(&'static str, &'static str, usize)] =
+                &[$((stringify!($field), $crate::uniform!(@scalar $ty), core::mem::offset_of!($name, $field))),*];
+        }
+    };
+    (@scalar u32) => { "u32" };
+    (@scalar i32) => { "i32" };
+    (@scalar f32) => { "f32" };
 }
 
 const CHUNK: u64 = 64 * 1024;
@@ -66,10 +79,22 @@ pub struct ProfileEntry {
 
 impl<'g> Recorder<'g> {
     pub(crate) fn new(gpu: &'g Gpu) -> Self {
-        let encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("medfastsam"),
-        });
-        Recorder { gpu, encoder: Some(encoder), pass: None, chunks: Vec::new(), dispatches: 0, flops: 0.0, profile: None, profile_phase: "", profile_flops: 0.0 }
+        let encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("medfastsam"),
+            });
+        Recorder {
+            gpu,
+            encoder: Some(encoder),
+            pass: None,
+            chunks: Vec::new(),
+            dispatches: 0,
+            flops: 0.0,
+            profile: None,
+            profile_phase: "",
+            profile_flops: 0.0,
+        }
     }
 
     fn end_pass(&mut self) {
@@ -95,9 +120,9 @@ impl<'g> Recorder<'g> {
         }
     }
 
-    fn uniform_slot(&mut self, p: &Params) -> (usize, u64, u64) {
+    fn uniform_slot(&mut self, p: &[u8]) -> (usize, u64, u64) {
         let align = self.gpu.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
-        let size = (p.0.len() * 4).max(16).next_multiple_of(16);
+        let size = p.len().max(16).next_multiple_of(16);
         let need_new = match self.chunks.last() {
             Some(c) => c.data.len().next_multiple_of(align) + size > CHUNK as usize,
             None => true,
@@ -109,21 +134,30 @@ impl<'g> Recorder<'g> {
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
-            self.chunks.push(UniformChunk { buffer, data: Vec::with_capacity(CHUNK as usize) });
+            self.chunks.push(UniformChunk {
+                buffer,
+                data: Vec::with_capacity(CHUNK as usize),
+            });
         }
         let ci = self.chunks.len() - 1;
         let c = &mut self.chunks[ci];
         let off = c.data.len().next_multiple_of(align);
         c.data.resize(off, 0);
-        c.data.extend_from_slice(bytemuck::cast_slice(&p.0));
+        c.data.extend_from_slice(p);
         c.data.resize(off + size, 0);
         (ci, off as u64, size as u64)
     }
 
-    /// Records one dispatch: binding 0 is the uniform `Params`, bindings 1.. are `tensors` in order.
-    /// Workgroup counts, binding sizes and the number of storage buffers are checked against the
-    /// device limits first.
-    pub fn dispatch(&mut self, k: &Kernel, p: Params, tensors: &[&Tensor], groups: [u32; 3]) -> Result<()> {
+    /// Records one dispatch: binding 0 is the uniform params struct `p`, bindings 1.. are `tensors`
+    /// in order. Workgroup counts, binding sizes and the number of storage buffers are checked
+    /// against the device limits first, and (natively) `p`'s layout against the kernel's WGSL.
+    pub fn dispatch<P: Params>(
+        &mut self,
+        k: &Kernel,
+        p: P,
+        tensors: &[&Tensor],
+        groups: [u32; 3],
+    ) -> Result<()> {
         let lim = &self.gpu.limits;
         for (axis, &g) in groups.iter().enumerate() {
             if g > lim.max_compute_workgroups_per_dimension {
@@ -156,22 +190,33 @@ impl<'g> Recorder<'g> {
         }
         let align = self.gpu.limits.min_storage_buffer_offset_alignment as u64;
         for (i, t) in tensors.iter().enumerate() {
-            self.gpu.check_binding(&format!("kernel {} binding {} {:?}", k.entry, i + 1, t.shape), t.bytes())?;
+            self.gpu.check_binding(
+                &format!("kernel {} binding {} {:?}", k.entry, i + 1, t.shape),
+                t.bytes(),
+            )?;
             if t.offset % align != 0 {
                 return Err(Error::Limit {
-                    what: format!("kernel {} binding {} (view at byte {})", k.entry, i + 1, t.offset),
+                    what: format!(
+                        "kernel {} binding {} (view at byte {})",
+                        k.entry,
+                        i + 1,
+                        t.offset
+                    ),
                     needed: t.offset,
                     limit_name: "min_storage_buffer_offset_alignment",
                     limit: align,
-                    hint: "views must start at aligned offsets; this is a bug in the batch split".into(),
+                    hint: "views must start at aligned offsets; this is a bug in the batch split"
+                        .into(),
                 });
             }
         }
         if groups.contains(&0) {
             return Ok(());
         }
+        #[cfg(not(target_arch = "wasm32"))]
+        self.gpu.pipelines.check_uniform::<P>(k)?;
         let pipeline = self.gpu.pipelines.get(&self.gpu.device, k);
-        let (ci, off, size) = self.uniform_slot(&p);
+        let (ci, off, size) = self.uniform_slot(bytemuck::bytes_of(&p));
         let mut entries = Vec::with_capacity(tensors.len() + 1);
         entries.push(wgpu::BindGroupEntry {
             binding: 0,
@@ -191,15 +236,21 @@ impl<'g> Recorder<'g> {
                 }),
             });
         }
-        let bg = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(k.entry),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
+        let bg = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(k.entry),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
         if self.pass.is_none() {
             let enc = self.encoder.as_mut().expect("recorder already submitted");
             let pass = enc
-                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                })
                 .forget_lifetime();
             self.pass = Some(pass);
         }
@@ -216,7 +267,13 @@ impl<'g> Recorder<'g> {
             let dt = t0.elapsed().as_secs_f64() * 1e3;
             let key = if std::env::var_os("MEDFASTSAM_PROFILE_DETAIL").is_some() {
                 let c: Vec<String> = k.consts.iter().map(|(n, v)| format!("{n}={v:?}")).collect();
-                format!("{}{} {} [{}]", self.profile_phase, k.entry, c.join(","), groups.map(|g| g.to_string()).join("x"))
+                format!(
+                    "{}{} {} [{}]",
+                    self.profile_phase,
+                    k.entry,
+                    c.join(","),
+                    groups.map(|g| g.to_string()).join("x")
+                )
             } else {
                 format!("{}{}", self.profile_phase, k.entry)
             };
@@ -249,7 +306,8 @@ impl<'g> Recorder<'g> {
         assert_eq!(src.numel(), dst.numel());
         let bytes = src.bytes();
         let (so, dof) = (src.offset, dst.offset);
-        self.encoder().copy_buffer_to_buffer(src.buffer(), so, dst.buffer(), dof, bytes);
+        self.encoder()
+            .copy_buffer_to_buffer(src.buffer(), so, dst.buffer(), dof, bytes);
     }
 
     /// A new tensor holding a copy of `src`.
@@ -266,7 +324,9 @@ impl<'g> Recorder<'g> {
 
     fn submit_inner(&mut self) -> Result<()> {
         self.end_pass();
-        let Some(enc) = self.encoder.take() else { return Ok(()) };
+        let Some(enc) = self.encoder.take() else {
+            return Ok(());
+        };
         for c in &self.chunks {
             if !c.data.is_empty() {
                 self.gpu.queue.write_buffer(&c.buffer, 0, &c.data);

@@ -30,7 +30,32 @@
 //!   gradient buffer, like every parameter gradient of the crate (zero it once per step).
 
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use super::u;
+use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
+
+crate::uniform! {
+    /// attention.wgsl `AttnParams` (the attention core, its merge and gather kernels).
+    struct AttnParams {
+        lq: u32, lk: u32, heads: u32, nz: u32,
+        q_off: u32, q_row: u32, q_z: u32, q_h: u32,
+        k_off: u32, k_row: u32, k_z: u32, k_h: u32,
+        v_off: u32, v_row: u32, v_z: u32, v_h: u32,
+        o_off: u32, o_row: u32, o_z: u32, o_h: u32,
+        blocks: u32, splits: u32, split_len: u32, zgroup: u32, ngroups: u32, ws: u32, scale: f32, total: u32,
+    }
+}
+crate::uniform! {
+    /// attention.wgsl `RepackParams` (attn_repack; layouts in elements).
+    struct RepackParams {
+        len: u32, heads: u32, nz: u32, width: u32, valid: u32,
+        src_off: u32, src_row: u32, src_z: u32, src_h: u32,
+        dst_off: u32, dst_row: u32, dst_z: u32, dst_h: u32,
+    }
+}
+crate::uniform! {
+    /// attention.wgsl `WinParams` (window partition / reverse).
+    struct WinParams { b: u32, h: u32, w: u32, c: u32, ws: u32, nwh: u32, nww: u32, total: u32 }
+}
 
 /// Largest head dimension the kernels support.
 pub const MAX_HEAD_DIM: usize = 64;
@@ -64,9 +89,9 @@ fn check_map(what: &str, x: &Tensor, ws: usize) -> Result<(usize, usize, usize, 
     Ok((x.shape[0], x.shape[1], x.shape[2], x.shape[3]))
 }
 
-fn win_params(b: usize, h: usize, w: usize, c: usize, ws: usize, total: usize) -> Params {
+fn win_params(b: usize, h: usize, w: usize, c: usize, ws: usize, total: usize) -> WinParams {
     let (nwh, nww) = window_counts(h, w, ws);
-    Params::new().u(b).u(h).u(w).u(c).u(ws).u(nwh).u(nww).u(total)
+    WinParams { b: u(b), h: u(h), w: u(w), c: u(c), ws: u(ws), nwh: u(nwh), nww: u(nww), total: u(total) }
 }
 
 /// Records the partition kernel: dst (= or +=) partition(src); optionally dres += src.
@@ -341,13 +366,38 @@ fn core_params(
     zgroup: usize,
     ngroups: usize,
     total: usize,
-) -> Params {
-    let mut pr = Params::new().u(len).u(c.lk).u(c.heads).u(c.nz);
-    for l in [c.q, c.k, c.v, c.o] {
-        let l = l.quarter();
-        pr = pr.u(l.off).u(l.row).u(l.zs).u(l.hs);
+) -> AttnParams {
+    let [q, k, v, o] = [c.q, c.k, c.v, c.o].map(|l| l.quarter());
+    AttnParams {
+        lq: u(len),
+        lk: u(c.lk),
+        heads: u(c.heads),
+        nz: u(c.nz),
+        q_off: u(q.off),
+        q_row: u(q.row),
+        q_z: u(q.zs),
+        q_h: u(q.hs),
+        k_off: u(k.off),
+        k_row: u(k.row),
+        k_z: u(k.zs),
+        k_h: u(k.hs),
+        v_off: u(v.off),
+        v_row: u(v.row),
+        v_z: u(v.zs),
+        v_h: u(v.hs),
+        o_off: u(o.off),
+        o_row: u(o.row),
+        o_z: u(o.zs),
+        o_h: u(o.hs),
+        blocks: u(p.blocks),
+        splits: u(splits),
+        split_len: u(p.split_len),
+        zgroup: u(zgroup),
+        ngroups: u(ngroups),
+        ws: u(ws_field),
+        scale: c.scale,
+        total: u(total),
     }
-    pr.u(p.blocks).u(splits).u(p.split_len).u(zgroup).u(ngroups).u(ws_field).f(c.scale).u(total)
 }
 
 fn core_kernel(entry: &'static str, c: &Core, p: &Plan) -> Kernel {
@@ -389,11 +439,21 @@ fn record_repack(
     width: usize,
     valid: usize,
 ) -> Result<()> {
-    let mut p = Params::new().u(len).u(c.lk).u(c.heads).u(c.nz);
-    for l in [from, c.k, c.v, to] {
-        p = p.u(l.off).u(l.row).u(l.zs).u(l.hs);
-    }
-    let p = p.u(1).u(1).u(0).u(width).u(1).u(valid).f(0.0).u(0);
+    let p = RepackParams {
+        len: u(len),
+        heads: u(c.heads),
+        nz: u(c.nz),
+        width: u(width),
+        valid: u(valid),
+        src_off: u(from.off),
+        src_row: u(from.row),
+        src_z: u(from.zs),
+        src_h: u(from.hs),
+        dst_off: u(to.off),
+        dst_row: u(to.row),
+        dst_z: u(to.zs),
+        dst_h: u(to.hs),
+    };
     let n = c.nz * len * c.heads * width;
     let grid = rec.grid(n.div_ceil(64));
     rec.dispatch(&small_kernel("attn_repack", c), p, &[src, dst], grid)

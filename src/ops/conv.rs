@@ -33,14 +33,14 @@
 use super::matmul::{gemm, linear, Gemm};
 use super::Act;
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
 
 #[cfg(not(target_arch = "wasm32"))]
 use super::{bench_line, time_op, BenchResult};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::Gpu;
 
-/// Fields of the WGSL `ConvParams` struct (see shaders/conv.wgsl for each kernel's use).
+/// Fields of the WGSL `ConvParams` struct as sizes (see shaders/conv.wgsl for each kernel's use).
 #[derive(Clone, Copy, Debug, Default)]
 struct Cp {
     n: usize,
@@ -62,24 +62,34 @@ struct Cp {
 }
 
 impl Cp {
-    fn params(&self) -> Params {
-        Params::new()
-            .u(self.n)
-            .u(self.bsz)
-            .u(self.h)
-            .u(self.w)
-            .u(self.c)
-            .u(self.oh)
-            .u(self.ow)
-            .u(self.co)
-            .u(self.k)
-            .u(self.stride)
-            .u(self.pad)
-            .u(self.row0)
-            .u(self.rows)
-            .u(self.kc)
-            .u(self.e0)
-            .u(self.e1)
+    fn params(&self) -> ConvParams {
+        use super::u;
+        ConvParams {
+            n: u(self.n),
+            bsz: u(self.bsz),
+            h: u(self.h),
+            w: u(self.w),
+            c: u(self.c),
+            oh: u(self.oh),
+            ow: u(self.ow),
+            co: u(self.co),
+            k: u(self.k),
+            stride: u(self.stride),
+            pad: u(self.pad),
+            row0: u(self.row0),
+            rows: u(self.rows),
+            kc: u(self.kc),
+            e0: u(self.e0),
+            e1: u(self.e1),
+        }
+    }
+}
+
+crate::uniform! {
+    /// conv.wgsl `ConvParams`, built from [`Cp`].
+    struct ConvParams {
+        n: u32, bsz: u32, h: u32, w: u32, c: u32, oh: u32, ow: u32, co: u32,
+        k: u32, stride: u32, pad: u32, row0: u32, rows: u32, kc: u32, e0: u32, e1: u32,
     }
 }
 
@@ -531,7 +541,7 @@ fn depthwise_forward(
     if dw_tiled(g) {
         return depthwise_sliding(rec, g, x, w, bias, act, run, false, &y).map(|_| y);
     }
-    let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise_v4", 4) } else { ("depthwise", 1) };
+    let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise4", 4) } else { ("depthwise", 1) };
     let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
     launch(rec, &k, &Cp { n: n / v, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
     Ok(y)
@@ -614,7 +624,7 @@ pub fn depthwise_conv2d_backward(
             let gt = Geo { h: g.oh, w: g.ow, oh: g.h, ow: g.w, pad: 2 - g.pad, ..g };
             depthwise_sliding(rec, &gt, dy, w, None, Act::None, None, true, dx)?;
         } else {
-            let entry = if v4 { "depthwise_dx_v4" } else { "depthwise_dx" };
+            let entry = if v4 { "depthwise_dx4" } else { "depthwise_dx" };
             launch(rec, &kernel(entry), &Cp { n: x.numel() / v, ..g.cp() }, &[dy, w, dx])?;
         }
     }
@@ -626,7 +636,7 @@ pub fn depthwise_conv2d_backward(
             // All 9 taps of a channel quad in one invocation.
             ("depthwise3_dw_partial_v4", blocks * c / 4)
         } else if v4 {
-            ("depthwise_dw_partial_v4", blocks * kk * c / 4)
+            ("depthwise_dw_partial4", blocks * kk * c / 4)
         } else {
             ("depthwise_dw_partial", blocks * kk * c)
         };

@@ -4,7 +4,21 @@
 
 use super::matmul::Act;
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use super::u;
+use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
+
+crate::uniform! {
+    /// elementwise.wgsl `EwParams`.
+    struct EwParams { n: u32, nb: u32, c2: u32, pad: u32 }
+}
+crate::uniform! {
+    /// elementwise.wgsl `SliceParams` (slice_mid).
+    struct SliceParams { n: u32, mid: u32, m0: u32, mn: u32, inner: u32 }
+}
+crate::uniform! {
+    /// elementwise.wgsl `ColSumParams` (col_sum_partial, col_sum_final).
+    struct ColSumParams { rows: u32, c: u32, chunk_rows: u32, nchunks: u32, col_tiles: u32 }
+}
 
 fn ew(entry: &'static str) -> Kernel {
     Kernel::new(ShaderFamily::Elementwise, entry, 256)
@@ -12,7 +26,7 @@ fn ew(entry: &'static str) -> Kernel {
 
 fn launch(rec: &mut Recorder, k: Kernel, n: usize, nb: usize, c2: usize, t: &[&Tensor]) -> Result<()> {
     let groups = rec.grid(n.div_ceil(256));
-    rec.dispatch(&k, Params::new().u(n).u(nb.max(1)).u(c2).u(0), t, groups)
+    rec.dispatch(&k, EwParams { n: u(n), nb: u(nb.max(1)), c2: u(c2), pad: 0 }, t, groups)
 }
 
 /// `act(x)` elementwise.
@@ -116,7 +130,7 @@ pub fn slice_mid(rec: &mut Recorder, x: &Tensor, outer: usize, mid: usize, inner
     let y = rec.gpu.empty(&[outer, mn, inner])?;
     let n = y.numel();
     let groups = rec.grid(n.div_ceil(256));
-    let p = Params::new().u(n).u(mid).u(m0).u(mn).u(inner);
+    let p = SliceParams { n: u(n), mid: u(mid), m0: u(m0), mn: u(mn), inner: u(inner) };
     rec.dispatch(&ew("slice_mid"), p, &[x, &y], groups)?;
     Ok(y)
 }
@@ -129,7 +143,7 @@ pub fn slice_mid_backward(rec: &mut Recorder, gy: &Tensor, gx: &Tensor, mid: usi
     }
     let n = gy.numel();
     let groups = rec.grid(n.div_ceil(256));
-    let p = Params::new().u(n).u(mid).u(m0).u(mn).u(inner);
+    let p = SliceParams { n: u(n), mid: u(mid), m0: u(m0), mn: u(mn), inner: u(inner) };
     rec.dispatch(&ew("slice_mid").b("SLICE_BACKWARD", true), p, &[gy, gx], groups)
 }
 
@@ -160,11 +174,11 @@ pub fn col_sum(rec: &mut Recorder, x: &Tensor, c: usize, out: &Tensor, accumulat
     let part = rec.gpu.empty(&[nchunks, c])?;
     // First level on column quads (vec4) when c % 4 == 0.
     let (entry, cv) = if c.is_multiple_of(4) { ("col_sum_partial4", c / 4) } else { ("col_sum_partial", c) };
-    let p1 = Params::new().u(rows).u(cv).u(chunk_rows).u(nchunks).u(cv.div_ceil(64));
+    let p1 = ColSumParams { rows: u(rows), c: u(cv), chunk_rows: u(chunk_rows), nchunks: u(nchunks), col_tiles: u(cv.div_ceil(64)) };
     let g1 = rec.grid(cv.div_ceil(64) * nchunks);
     rec.dispatch(&Kernel::new(ShaderFamily::Elementwise, entry, 64), p1, &[x, &part], g1)?;
     let col_tiles = c.div_ceil(64);
-    let p = Params::new().u(rows).u(c).u(chunk_rows).u(nchunks).u(col_tiles);
+    let p = ColSumParams { rows: u(rows), c: u(c), chunk_rows: u(chunk_rows), nchunks: u(nchunks), col_tiles: u(col_tiles) };
     let g2 = rec.grid(col_tiles);
     let k = Kernel::new(ShaderFamily::Elementwise, "col_sum_final", 64).b("ACCUM_OUT", accumulate);
     rec.dispatch(&k, p, &[&part, out], g2)

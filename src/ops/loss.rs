@@ -13,7 +13,21 @@
 //! values and the gradient are reproducible bit for bit.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use super::u;
+use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
+
+crate::uniform! {
+    /// loss.wgsl `LossParams` (loss_partial, loss_reduce).
+    struct LossParams { hw: u32, nimg: u32, chunk_px: u32, nchunks: u32, alpha: f32, gamma: f32, pad0: u32, pad1: u32 }
+}
+crate::uniform! {
+    /// loss.wgsl `FinalParams` (loss_finalize).
+    struct FinalParams { nimg: u32, inv_pixels: f32, lambda: f32, smoothing: f32 }
+}
+crate::uniform! {
+    /// loss.wgsl `GradParams` (loss_grad).
+    struct GradParams { n: u32, hw: u32, alpha: f32, gamma: f32, cf: f32, cd: f32, smoothing: f32, pad: u32 }
+}
 
 /// Loss hyper-parameters; the defaults are those of the paper's training (and `tiny.train`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -63,8 +77,17 @@ fn plan(logits: &Tensor, target: &Tensor) -> Result<Plan> {
     Ok(Plan { nimg, hw, chunk_px, nchunks })
 }
 
-fn loss_params(p: &Plan, cfg: &LossConfig) -> Params {
-    Params::new().u(p.hw).u(p.nimg).u(p.chunk_px).u(p.nchunks).f(cfg.alpha).f(cfg.gamma).u(0).u(0)
+fn loss_params(p: &Plan, cfg: &LossConfig) -> LossParams {
+    LossParams {
+        hw: u(p.hw),
+        nimg: u(p.nimg),
+        chunk_px: u(p.chunk_px),
+        nchunks: u(p.nchunks),
+        alpha: cfg.alpha,
+        gamma: cfg.gamma,
+        pad0: 0,
+        pad1: 0,
+    }
 }
 
 /// Records the per-image sums `[B, 5]` = (Σ focal_i, Σ p t, Σ p, Σ t, Σ (1 - p_t)).
@@ -83,7 +106,7 @@ fn values_from_sums(rec: &mut Recorder, sums: &Tensor, cfg: &LossConfig, p: &Pla
     let inv = (1.0 / (p.nimg as f64 * p.hw as f64)) as f32;
     rec.dispatch(
         &kernel("loss_finalize", 1),
-        Params::new().u(p.nimg).f(inv).f(cfg.lambda).f(cfg.smooth),
+        FinalParams { nimg: u(p.nimg), inv_pixels: inv, lambda: cfg.lambda, smoothing: cfg.smooth },
         &[sums, &out],
         [1, 1, 1],
     )?;
@@ -109,7 +132,7 @@ pub fn seg_loss(rec: &mut Recorder, logits: &Tensor, target: &Tensor, cfg: &Loss
     let g = rec.grid(n.div_ceil(64));
     rec.dispatch(
         &kernel("loss_grad", 64),
-        Params::new().u(n).u(p.hw).f(cfg.alpha).f(cfg.gamma).f(cf).f(cd).f(cfg.smooth).u(0),
+        GradParams { n: u(n), hw: u(p.hw), alpha: cfg.alpha, gamma: cfg.gamma, cf, cd, smoothing: cfg.smooth, pad: 0 },
         &[logits, target, &sums, &grad],
         g,
     )?;

@@ -10,7 +10,12 @@
 //! before applying the epilogue. [`gemm_with`] overrides any of these choices.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, Params, Recorder, ShaderFamily, Tensor};
+use crate::gpu::{Gpu, Kernel, Recorder, ShaderFamily, Tensor};
+
+crate::uniform! {
+    /// matmul.wgsl `MatmulParams`.
+    struct MatmulParams { m: u32, n: u32, k: u32, batch: u32, a_bs: u32, b_bs: u32, c_bs: u32, m_tiles: u32, alpha: f32, k_len: u32, splits: u32 }
+}
 
 /// Fused activation of an epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -283,18 +288,20 @@ fn gemm_impl(
     }
     let invocations = if p.entry == "matmul" { 256 } else { LANES as u32 };
     let split = p.splits > 1;
-    let params = Params::new()
-        .u(g.m)
-        .u(g.n)
-        .u(g.k)
-        .u(g.batch)
-        .u(g.a_bs)
-        .u(g.b_bs)
-        .u(g.c_bs)
-        .u(p.m_tiles)
-        .f(g.alpha)
-        .u(p.k_len)
-        .u(p.splits);
+    use super::u;
+    let params = MatmulParams {
+        m: u(g.m),
+        n: u(g.n),
+        k: u(g.k),
+        batch: u(g.batch),
+        a_bs: u(g.a_bs),
+        b_bs: u(g.b_bs),
+        c_bs: u(g.c_bs),
+        m_tiles: u(p.m_tiles),
+        alpha: g.alpha,
+        k_len: u(p.k_len),
+        splits: u(p.splits),
+    };
     let yz = rec.grid(p.m_tiles * g.batch * p.splits);
     let groups = [p.n_tiles as u32, yz[0], yz[1]];
     let dummy = rec.gpu.dummy();
@@ -323,7 +330,7 @@ fn gemm_impl(
         .b("TRANS_B", g.trans_b)
         .b("LANES_N", p.lanes_n)
         .b("SPLIT", true);
-    rec.dispatch(&k, params.clone(), &[a, b, &dummy, &dummy, &scratch, &dummy_out], groups)?;
+    rec.dispatch(&k, params, &[a, b, &dummy, &dummy, &scratch, &dummy_out], groups)?;
     let r = Kernel::new(ShaderFamily::Matmul, "mm_reduce", 256)
         .b("HAS_BIAS", bias.is_some())
         .u("ACT", g.act.code())

@@ -15,6 +15,11 @@ pub mod resize;
 
 pub use matmul::Act;
 
+/// A size or index as a u32 uniform field (panics past u32, which a uniform cannot hold).
+pub(crate) fn u(v: usize) -> u32 {
+    u32::try_from(v).expect("parameter exceeds u32")
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Result;
 #[cfg(not(target_arch = "wasm32"))]

@@ -12,7 +12,29 @@
 
 use super::matmul::Act;
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use super::u;
+use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
+
+crate::uniform! {
+    /// norm.wgsl `LnParams` (LayerNorm kernels).
+    struct LnParams { rows: u32, c: u32, eps: f32, pad: u32 }
+}
+crate::uniform! {
+    /// norm.wgsl `ColParams` (first level of the column reductions).
+    struct ColParams { rows: u32, c: u32, chunk_rows: u32, nchunks: u32, ncoltiles: u32, pad0: u32, pad1: u32, pad2: u32 }
+}
+crate::uniform! {
+    /// norm.wgsl `ReduceParams` (reduce_part).
+    struct ReduceParams { jn: u32, kn: u32, split: u32, alpha: f32 }
+}
+crate::uniform! {
+    /// norm.wgsl `BnParams` (BatchNorm kernels).
+    struct BnParams { n: u32, c: u32, momentum: f32, eps: f32, unbias: f32, update: u32, inv_rows: f32, pad: u32 }
+}
+
+fn ln_params(rows: usize, c: usize, eps: f32) -> LnParams {
+    LnParams { rows: u(rows), c: u(c), eps, pad: 0 }
+}
 
 /// Threads per row of the LayerNorm kernels: about 16 values per thread. (One invocation per value
 /// made the barrier-heavy tree reductions dominate on lavapipe, 3-5x slower; ~16 per thread keeps
@@ -55,12 +77,12 @@ pub fn layer_norm(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, eps: f
     if c.is_multiple_of(4) {
         let k = norm_kernel("ln_row4", ROW4_WG as u32).u("ACT", act.code());
         let groups = rec.grid(rows.div_ceil(2 * ROW4_WG));
-        rec.dispatch(&k, Params::new().u(rows).u(c).f(eps).u(0), &[x, w, b, &y], groups)?;
+        rec.dispatch(&k, ln_params(rows, c, eps), &[x, w, b, &y], groups)?;
         return Ok(y);
     }
     let k = norm_kernel("ln_fwd", 256).u("T", t).u("ACT", act.code());
     let groups = rec.grid(rows.div_ceil((256 / t) as usize));
-    rec.dispatch(&k, Params::new().u(rows).u(c).f(eps).u(0), &[x, w, b, &y], groups)?;
+    rec.dispatch(&k, ln_params(rows, c, eps), &[x, w, b, &y], groups)?;
     Ok(y)
 }
 
@@ -104,7 +126,7 @@ pub fn layer_norm_train(
         let groups = rec.grid(rows.div_ceil(2 * ROW4_WG));
         rec.dispatch(
             &k,
-            Params::new().u(rows).u(c).f(eps).u(0),
+            ln_params(rows, c, eps),
             &[x, w, b, &y, &mean, &rstd, pre.as_ref().unwrap_or(&dummy)],
             groups,
         )?;
@@ -136,7 +158,7 @@ pub fn layer_norm_train_with_team(
     let groups = rec.grid(rows.div_ceil((256 / t) as usize));
     rec.dispatch(
         &k,
-        Params::new().u(rows).u(c).f(eps).u(0),
+        ln_params(rows, c, eps),
         &[x, w, b, &y, &mean, &rstd, pre.as_ref().unwrap_or(&dummy)],
         groups,
     )?;
@@ -220,7 +242,7 @@ fn layer_norm_backward_impl(
     let k = k.u("ACT", saved.act.code()).b("ACCUM", dx_acc.is_some());
     rec.dispatch(
         &k,
-        Params::new().u(rows).u(c).f(0.0).u(0),
+        ln_params(rows, c, 0.0),
         &[x, w, &saved.mean, &saved.rstd, dy, pre, &dx],
         groups,
     )?;
@@ -256,8 +278,9 @@ impl ColPlan {
         ColPlan { rows, c, v4, ct: ct as u32, ncoltiles: c.div_ceil(ct), chunk_rows, nchunks }
     }
 
-    fn params(&self) -> Params {
-        Params::new().u(self.rows).u(self.c).u(self.chunk_rows).u(self.nchunks).u(self.ncoltiles).u(0).u(0).u(0)
+    fn params(&self) -> ColParams {
+        let (rows, c, chunk_rows, nchunks, ncoltiles) = (u(self.rows), u(self.c), u(self.chunk_rows), u(self.nchunks), u(self.ncoltiles));
+        ColParams { rows, c, chunk_rows, nchunks, ncoltiles, pad0: 0, pad1: 0, pad2: 0 }
     }
 
     /// Number of matrix columns (C).
@@ -319,11 +342,11 @@ fn reduce_part(
 ) -> Result<()> {
     let k = norm_kernel("reduce_part", 64).b("ACCUM", accum);
     let g = rec.grid(jn);
-    rec.dispatch(&k, Params::new().u(jn).u(kn).u(split).f(alpha), &[part, out0, out1], g)
+    rec.dispatch(&k, ReduceParams { jn: u(jn), kn: u(kn), split: u(split), alpha }, &[part, out0, out1], g)
 }
 
-fn bn_params(n: usize, c: usize, momentum: f32, eps: f32, unbias: f32, update: bool, inv_rows: f32) -> Params {
-    Params::new().u(n).u(c).f(momentum).f(eps).f(unbias).u(update as usize).f(inv_rows).u(0)
+fn bn_params(n: usize, c: usize, momentum: f32, eps: f32, unbias: f32, update: bool, inv_rows: f32) -> BnParams {
+    BnParams { n: u(n), c: u(c), momentum, eps, unbias, update: update as u32, inv_rows, pad: 0 }
 }
 
 /// Rows per invocation of bn_apply4 / bn_bwd_dx4 (their per-channel loads are shared by these).

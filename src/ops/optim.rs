@@ -2,7 +2,12 @@
 //! moment buffers in place. Gradients are zeroed with `Recorder::zero`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
+
+crate::uniform! {
+    /// optim.wgsl `AdamParams`.
+    struct AdamParams { n: u32, beta1: f32, beta2: f32, eps: f32, step_size: f32, bc2_sqrt: f32, decay: f32, grad_scale: f32 }
+}
 
 /// Adam hyper-parameters (PyTorch defaults except `lr`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,15 +57,16 @@ pub fn adam_step(
     let t = step as i32;
     let bc1 = 1.0 - (cfg.beta1 as f64).powi(t);
     let bc2 = 1.0 - (cfg.beta2 as f64).powi(t);
-    let p = Params::new()
-        .u(n)
-        .f(cfg.beta1)
-        .f(cfg.beta2)
-        .f(cfg.eps)
-        .f((cfg.lr as f64 / bc1) as f32)
-        .f(bc2.sqrt() as f32)
-        .f((1.0 - cfg.lr as f64 * cfg.weight_decay as f64) as f32)
-        .f(cfg.grad_scale);
+    let p = AdamParams {
+        n: super::u(n),
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        step_size: (cfg.lr as f64 / bc1) as f32,
+        bc2_sqrt: bc2.sqrt() as f32,
+        decay: (1.0 - cfg.lr as f64 * cfg.weight_decay as f64) as f32,
+        grad_scale: cfg.grad_scale,
+    };
     let g = rec.grid(n.div_ceil(64));
     rec.dispatch(&Kernel::new(ShaderFamily::Optim, "adam_step", 64), p, &[grad, param, m, v], g)
 }

@@ -21,7 +21,41 @@
 //! (`x_norm = (px - mean) / std`), not of its f32 rounding; `x_norm` is only shape-checked.
 
 use crate::error::{Error, Result};
+use super::u;
 use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+
+crate::uniform! {
+    /// otsu.wgsl `OtsuParams` (otsu_hist, otsu_select, otsu_mask).
+    struct OtsuParams { npix: u32, batch: u32, gpi: u32, chunk: u32 }
+}
+
+/// Host constant words in the uniform of `otsu_consts` (otsu.wgsl `ConstParams`).
+const CONST_WORDS: usize = 2304;
+
+/// otsu.wgsl `ConstParams`. Written out rather than with `uniform!`, which takes scalars only.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConstParams {
+    n: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+    words: [[u32; 4]; CONST_WORDS / 4],
+}
+
+// SAFETY: repr(C), u32 fields and arrays of u32 only (no padding, every bit pattern valid).
+unsafe impl bytemuck::Zeroable for ConstParams {}
+unsafe impl bytemuck::Pod for ConstParams {}
+
+impl Params for ConstParams {
+    const FIELDS: &'static [(&'static str, &'static str, usize)] = &[
+        ("n", "u32", std::mem::offset_of!(ConstParams, n)),
+        ("pad0", "u32", std::mem::offset_of!(ConstParams, pad0)),
+        ("pad1", "u32", std::mem::offset_of!(ConstParams, pad1)),
+        ("pad2", "u32", std::mem::offset_of!(ConstParams, pad2)),
+        ("words", "array<vec4<u32>, 576>", std::mem::offset_of!(ConstParams, words)),
+    ];
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OtsuRule {
@@ -126,14 +160,14 @@ pub fn otsu_histogram(rec: &mut Recorder, px: &Tensor, rule: OtsuRule, chunk: us
     // (an upload would be destroyed when this function returns, before the recording runs).
     let words = host_constants();
     let consts = rec.gpu.empty(&[words.len()])?;
-    let mut cp = Params::new().u(words.len()).u(0).u(0).u(0);
-    cp.0.extend_from_slice(&words);
+    let mut cp = ConstParams { n: u(words.len()), pad0: 0, pad1: 0, pad2: 0, words: [[0; 4]; CONST_WORDS / 4] };
+    bytemuck::cast_slice_mut::<[u32; 4], u32>(&mut cp.words).copy_from_slice(&words);
     let groups = rec.grid(words.len().div_ceil(256));
     rec.dispatch(&Kernel::new(ShaderFamily::Otsu, "otsu_consts", 256), cp, &[&consts], groups)?;
     let hist = rec.zeros(&[b, 256])?;
     let gpi = npix.div_ceil(chunk).max(1);
     let groups = rec.grid(gpi * b);
-    let p = Params::new().u(npix).u(b).u(gpi).u(chunk);
+    let p = OtsuParams { npix: u(npix), batch: u(b), gpi: u(gpi), chunk: u(chunk) };
     rec.dispatch(&kernel("otsu_hist", rule), p, &[px, &consts, &hist], groups)?;
     Ok((hist, consts))
 }
@@ -153,7 +187,7 @@ pub fn otsu_chunked(
     let (hist, consts) = otsu_histogram(rec, px, rule, chunk)?;
     let thr = rec.gpu.empty(&[b])?;
     let tsel = rec.gpu.empty(&[b])?;
-    let p = || Params::new().u(npix).u(b).u(0).u(chunk);
+    let p = || OtsuParams { npix: u(npix), batch: u(b), gpi: 0, chunk: u(chunk) };
     let groups = rec.grid(b);
     rec.dispatch(&kernel("otsu_select", rule), p(), &[&hist, &consts, &thr, &tsel], groups)?;
     let mask = rec.gpu.empty(&[b, h, w, 1])?;

@@ -2,7 +2,12 @@
 //! a constant of the loaded weights that can be computed once per grid size.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
+
+crate::uniform! {
+    /// pe.wgsl `PeParams`.
+    struct PeParams { h: u32, w: u32, n: u32, pad: u32 }
+}
 
 /// gauss [2,128] (prompt_encoder.pe_layer.positional_encoding_gaussian_matrix). For cell (row y, col x)
 /// of an h x w grid: c = (2*(x+0.5)/w - 1, 2*(y+0.5)/h - 1) (x first); z = 2*pi*(c . G) (128 values);
@@ -21,7 +26,8 @@ pub fn dense_pe(rec: &mut Recorder, gauss: &Tensor, h: usize, w: usize) -> Resul
     let n = h * w * 128;
     let groups = rec.grid(n.div_ceil(256));
     let k = Kernel::new(ShaderFamily::Pe, "dense_pe", 256);
-    rec.dispatch(&k, Params::new().u(h).u(w).u(n).u(0), &[gauss, &out], groups)?;
+    let p = PeParams { h: super::u(h), w: super::u(w), n: super::u(n), pad: 0 };
+    rec.dispatch(&k, p, &[gauss, &out], groups)?;
     Ok(out)
 }
 

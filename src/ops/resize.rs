@@ -7,26 +7,23 @@
 //! resizes) and otherwise differs by the rounding of the coordinate (~1 ulp of `src`).
 
 use crate::error::{Error, Result};
-use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
+use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
 
 #[cfg(not(target_arch = "wasm32"))]
 use super::{bench_line, time_op, BenchResult};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::Gpu;
 
+crate::uniform! {
+    /// resize.wgsl `ResizeParams`.
+    struct ResizeParams { n: u32, bsz: u32, h: u32, w: u32, c: u32, oh: u32, ow: u32, pad: u32, sy: f32, sx: f32 }
+}
+
 #[allow(clippy::too_many_arguments)]
-fn params(n: usize, b: usize, h: usize, w: usize, c: usize, oh: usize, ow: usize) -> Params {
-    Params::new()
-        .u(n)
-        .u(b)
-        .u(h)
-        .u(w)
-        .u(c)
-        .u(oh)
-        .u(ow)
-        .u(0)
-        .f(h as f32 / oh as f32)
-        .f(w as f32 / ow as f32)
+fn params(n: usize, b: usize, h: usize, w: usize, c: usize, oh: usize, ow: usize) -> ResizeParams {
+    use super::u;
+    let (sy, sx) = (h as f32 / oh as f32, w as f32 / ow as f32);
+    ResizeParams { n: u(n), bsz: u(b), h: u(h), w: u(w), c: u(c), oh: u(oh), ow: u(ow), pad: 0, sy, sx }
 }
 
 /// The kernels evaluate `(2*dst + 1) * in` in u32.
