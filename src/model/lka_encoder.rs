@@ -90,6 +90,7 @@ pub struct MbConvSaved {
     x_shape: Vec<usize>,
 }
 
+#[allow(clippy::large_enum_variant)] // one per MBConv block, held for one step
 enum MbPath {
     Whole {
         c1: Conv2dBnSaved,
@@ -129,7 +130,7 @@ fn hidden_groups(rec: &Recorder, rows: usize, hidden: usize) -> Result<usize> {
     let forced = FORCE_MBCONV_GROUPS.load(std::sync::atomic::Ordering::Relaxed);
     let mut g = (bytes.div_ceil(limit).max(1) as usize).max(forced);
     while g <= hidden {
-        if hidden % g == 0 && (g == 1 || (hidden / g) % 64 == 0) {
+        if hidden.is_multiple_of(g) && (g == 1 || (hidden / g).is_multiple_of(64)) {
             return Ok(g);
         }
         g += 1;
@@ -658,6 +659,7 @@ enum StageBlock<P> {
     Vit(TinyVitBlock<P>),
 }
 
+#[allow(clippy::large_enum_variant)] // one per block, held for one step
 enum StageBlockSaved {
     MbConv(MbConvSaved),
     Vit(TinyVitBlockSaved),

@@ -108,7 +108,7 @@ impl ParamStore {
     pub fn is_trainable(&self, key: &str) -> bool {
         match self.mode {
             TrainMode::Full => true,
-            TrainMode::Semi => !(key.starts_with("image_encoder.") && !key.contains("med")),
+            TrainMode::Semi => !key.starts_with("image_encoder.") || key.contains("med"),
         }
     }
 
@@ -160,10 +160,10 @@ impl ParamStore {
             .collect();
         for k in keys {
             let pre = k.trim_end_matches(".bn.num_batches_tracked").to_string();
-            if self.bn_trains(&pre) {
-                if let Some(t) = self.host.get_mut(&k) {
-                    t.data[0] += 1.0;
-                }
+            if self.bn_trains(&pre)
+                && let Some(t) = self.host.get_mut(&k)
+            {
+                t.data[0] += 1.0;
             }
         }
     }
