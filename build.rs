@@ -4,7 +4,10 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(full_fixtures)");
     println!("cargo:rerun-if-env-changed=MEDFASTSAM_FIXTURES");
     if let Ok(p) = std::env::var("MEDFASTSAM_FIXTURES") {
-        if std::path::Path::new(&p).join("full.forward.safetensors").exists() {
+        if std::path::Path::new(&p)
+            .join("full.forward.safetensors")
+            .exists()
+        {
             println!("cargo:rustc-cfg=full_fixtures");
         }
     }

@@ -3,11 +3,11 @@
 
 pub mod error;
 pub mod gpu;
-pub mod model;
 pub mod io;
+pub mod model;
 pub mod ops;
-pub mod segment;
 pub mod rng;
+pub mod segment;
 pub mod testutil;
 pub mod train;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]

@@ -28,7 +28,12 @@ impl<'g> Segmenter<'g> {
     /// Loads weights onto the device. The configuration is `cfg` if given, else the file's
     /// metadata, else inferred from the tensor shapes (at 1024²); the variant likewise (default
     /// `paper`).
-    pub fn new(gpu: &'g Gpu, weights: &Weights, cfg: Option<&Config>, variant: Option<Variant>) -> Result<Self> {
+    pub fn new(
+        gpu: &'g Gpu,
+        weights: &Weights,
+        cfg: Option<&Config>,
+        variant: Option<Variant>,
+    ) -> Result<Self> {
         let cfg = weights.resolve_config(cfg, 1024)?;
         crate::model::memory::check_forward(gpu, &cfg, 1)?;
         let variant = variant.or(weights.variant).unwrap_or_default();
@@ -72,15 +77,26 @@ impl<'g> Segmenter<'g> {
         let mask = GrayImage {
             width: w0,
             height: h0,
-            data: logits.iter().map(|&v| if v > 0.0 { 255 } else { 0 }).collect(),
+            data: logits
+                .iter()
+                .map(|&v| if v > 0.0 { 255 } else { 0 })
+                .collect(),
         };
         let coarse = GrayImage {
             width: s,
             height: s,
-            data: coarse.iter().map(|&v| if v > 0.5 { 255 } else { 0 }).collect(),
+            data: coarse
+                .iter()
+                .map(|&v| if v > 0.5 { 255 } else { 0 })
+                .collect(),
         }
         .resize_nearest(w0, h0);
-        Ok(Segmentation { mask, coarse, threshold, logits })
+        Ok(Segmentation {
+            mask,
+            coarse,
+            threshold,
+            logits,
+        })
     }
 
     #[cfg(not(target_arch = "wasm32"))]

@@ -25,7 +25,11 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 pub fn max_abs(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
-        if !g.is_finite() { f64::INFINITY } else { m.max((g as f64 - w).abs()) }
+        if !g.is_finite() {
+            f64::INFINITY
+        } else {
+            m.max((g as f64 - w).abs())
+        }
     })
 }
 

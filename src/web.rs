@@ -13,7 +13,7 @@ use crate::io::{self, GrayImage, RgbImage};
 use crate::model::weights::Stored;
 use crate::model::{Config, MedFastSam, Variant, Weights};
 use crate::segment::Segmenter;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
@@ -66,15 +66,21 @@ fn gpu() -> Result<&'static Gpu, JsValue> {
 }
 
 fn weights() -> Result<Rc<Weights>, JsValue> {
-    STATE
-        .with(|s| s.borrow().weights.clone())
-        .ok_or_else(|| js_error("StateError", "no weights loaded: choose a .safetensors weights file first"))
+    STATE.with(|s| s.borrow().weights.clone()).ok_or_else(|| {
+        js_error(
+            "StateError",
+            "no weights loaded: choose a .safetensors weights file first",
+        )
+    })
 }
 
 fn segmenter() -> Result<Rc<Segmenter<'static>>, JsValue> {
-    STATE
-        .with(|s| s.borrow().seg.clone())
-        .ok_or_else(|| js_error("StateError", "the model is not prepared: load weights first"))
+    STATE.with(|s| s.borrow().seg.clone()).ok_or_else(|| {
+        js_error(
+            "StateError",
+            "the model is not prepared: load weights first",
+        )
+    })
 }
 
 fn install_panic_hook() {
@@ -121,7 +127,9 @@ pub async fn init_engine(max_binding_bytes: Option<f64>) -> Result<String, JsVal
         let emulated = STATE.with(|s| s.borrow().emulated_limit);
         return Ok(adapter_json(g, emulated));
     }
-    let mut gpu = Gpu::new_async(&AdapterRequest::default()).await.map_err(to_js)?;
+    let mut gpu = Gpu::new_async(&AdapterRequest::default())
+        .await
+        .map_err(to_js)?;
     let mut emulated = false;
     if let Some(m) = max_binding_bytes.filter(|m| *m >= 1.0) {
         let m = m as u64;
@@ -147,13 +155,23 @@ pub async fn init_engine(max_binding_bytes: Option<f64>) -> Result<String, JsVal
 pub fn load_weights(bytes: &[u8], name: &str) -> Result<String, JsValue> {
     let w = Weights::from_bytes(bytes, name).map_err(to_js)?;
     let cfg = w.resolve_config(None, 1024).map_err(to_js)?;
-    let params: usize =
-        w.tensors.values().filter(|t| t.stored != Stored::I64).map(|t| t.numel()).sum();
+    let params: usize = w
+        .tensors
+        .values()
+        .filter(|t| t.stored != Stored::I64)
+        .map(|t| t.numel())
+        .sum();
     let mut dtypes: Vec<&str> = w
         .tensors
         .values()
         .filter(|t| t.stored != Stored::I64)
-        .map(|t| if t.stored == Stored::F16 { "f16" } else { "f32" })
+        .map(|t| {
+            if t.stored == Stored::F16 {
+                "f16"
+            } else {
+                "f32"
+            }
+        })
         .collect();
     dtypes.sort();
     dtypes.dedup();
@@ -190,7 +208,11 @@ pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
     if size != 0 {
         cfg = cfg.with_image_size(size).map_err(to_js)?;
     }
-    let v = if variant.is_empty() { w.variant.unwrap_or_default() } else { Variant::parse(variant).map_err(to_js)? };
+    let v = if variant.is_empty() {
+        w.variant.unwrap_or_default()
+    } else {
+        Variant::parse(variant).map_err(to_js)?
+    };
     STATE.with(|s| s.borrow_mut().seg = None);
     gpu.trim_pool();
     let seg = Segmenter::new(gpu, &w, Some(&cfg), Some(v)).map_err(to_js)?;
@@ -218,7 +240,11 @@ pub async fn warm_up() -> Result<String, JsValue> {
             [v, (x * 4) as u8, (y * 5) as u8]
         })
         .collect();
-    let img = RgbImage { width: w, height: h, data };
+    let img = RgbImage {
+        width: w,
+        height: h,
+        data,
+    };
     seg.segment_async(&img).await.map_err(to_js)?;
     Ok(json!({
         "pipelines": seg.gpu.pipeline_count(),
@@ -303,7 +329,10 @@ impl SegResult {
 }
 
 fn rgb_to_rgba(img: &RgbImage) -> Vec<u8> {
-    img.data.chunks_exact(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect()
+    img.data
+        .chunks_exact(3)
+        .flat_map(|p| [p[0], p[1], p[2], 255])
+        .collect()
 }
 
 fn gray_to_rgba(img: &GrayImage) -> Vec<u8> {
@@ -339,7 +368,8 @@ pub async fn segment_image(bytes: Vec<u8>, name: String) -> Result<SegResult, Js
     let t2 = perf_now();
     let mask_png = io::encode_png_gray(&r.mask).map_err(to_js)?;
     let t3 = perf_now();
-    let fg = r.mask.data.iter().filter(|&&v| v > 127).count() as f64 / r.mask.data.len().max(1) as f64;
+    let fg =
+        r.mask.data.iter().filter(|&&v| v > 127).count() as f64 / r.mask.data.len().max(1) as f64;
     let (fill_rgba, edge_rgba) = overlay_layers(&r.mask);
     Ok(SegResult {
         width: img.width,
@@ -362,8 +392,14 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
-    let den = want.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
-    let num = got.iter().zip(want).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+    let den = want
+        .iter()
+        .fold(0.0f64, |m, &v| m.max((v as f64).abs()))
+        .max(1e-30);
+    let num = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
     num / den
 }
 
@@ -378,18 +414,29 @@ pub async fn fixture_check(forward: Vec<u8>) -> Result<String, JsValue> {
     let gpu = gpu()?;
     let w = weights()?;
     let bad = |m: String| js_error("FixtureError", m);
-    let st = safetensors::SafeTensors::deserialize(&forward).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&forward)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let f32s = |key: &str| -> Result<Vec<f32>, JsValue> {
         let t = st.tensor(key).map_err(|e| bad(format!("{key}: {e}")))?;
         if t.dtype() != safetensors::Dtype::F32 {
             return Err(bad(format!("{key}: expected f32, found {:?}", t.dtype())));
         }
-        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     };
     let image = st.tensor("image").map_err(|e| bad(format!("image: {e}")))?;
     let shape = image.shape().to_vec();
-    if image.dtype() != safetensors::Dtype::U8 || shape.len() != 4 || shape[3] != 3 || shape[1] != shape[2] {
-        return Err(bad(format!("image must be u8 [B,S,S,3], found {:?} {shape:?}", image.dtype())));
+    if image.dtype() != safetensors::Dtype::U8
+        || shape.len() != 4
+        || shape[3] != 3
+        || shape[1] != shape[2]
+    {
+        return Err(bad(format!(
+            "image must be u8 [B,S,S,3], found {:?} {shape:?}",
+            image.dtype()
+        )));
     }
     let (b, s) = (shape[0], shape[1]);
     let packed: Vec<u32> = image
@@ -397,7 +444,10 @@ pub async fn fixture_check(forward: Vec<u8>) -> Result<String, JsValue> {
         .chunks_exact(3)
         .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
         .collect();
-    let cfg: Config = w.resolve_config(None, s).and_then(|c| c.with_image_size(s)).map_err(to_js)?;
+    let cfg: Config = w
+        .resolve_config(None, s)
+        .and_then(|c| c.with_image_size(s))
+        .map_err(to_js)?;
     let mut out = serde_json::Map::new();
     for v in [Variant::Paper, Variant::Released] {
         let p = v.name();
@@ -412,7 +462,11 @@ pub async fn fixture_check(forward: Vec<u8>) -> Result<String, JsValue> {
         let coarse = gpu.read_async(&o.coarse).await.map_err(to_js)?;
         let want_thr = f32s(&format!("{p}.otsu.threshold"))?;
         let want_coarse = f32s(&format!("{p}.otsu.mask"))?;
-        let coarse_diff = coarse.iter().zip(&want_coarse).filter(|(a, b)| (**a > 0.5) != (**b > 0.5)).count()
+        let coarse_diff = coarse
+            .iter()
+            .zip(&want_coarse)
+            .filter(|(a, b)| (**a > 0.5) != (**b > 0.5))
+            .count()
             + coarse.len().abs_diff(want_coarse.len());
         out.insert(
             p.to_string(),

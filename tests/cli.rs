@@ -12,7 +12,10 @@ use std::process::Command;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()));
+    c.env(
+        "XDG_RUNTIME_DIR",
+        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
+    );
     c
 }
 
@@ -60,7 +63,11 @@ fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
 
 fn files_in(d: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(d)
-        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -70,7 +77,12 @@ fn files_in(d: &Path) -> Vec<String> {
 fn assert_clean_failure(r: &Run, needle: &str) {
     assert_ne!(r.code, 0, "expected failure; stderr: {}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
-    let err: Vec<&str> = r.stderr.lines().chain(r.stdout.lines()).filter(|l| l.starts_with("error:")).collect();
+    let err: Vec<&str> = r
+        .stderr
+        .lines()
+        .chain(r.stdout.lines())
+        .filter(|l| l.starts_with("error:"))
+        .collect();
     assert!(!err.is_empty(), "no error line in {}", r.stderr);
     assert!(
         err.iter().any(|l| l.contains(needle)),
@@ -92,7 +104,8 @@ fn bilinear_ref(x: &[f32], ih: usize, iw: usize, oh: usize, ow: usize) -> Vec<f6
         for ox in 0..ow {
             let (x0, x1, fx) = taps(ox, iw, ow);
             let v = |yy: usize, xx: usize| x[yy * iw + xx] as f64;
-            y[oy * ow + ox] = (v(y0, x0) * (1.0 - fx) + v(y0, x1) * fx) * (1.0 - fy) + (v(y1, x0) * (1.0 - fx) + v(y1, x1) * fx) * fy;
+            y[oy * ow + ox] = (v(y0, x0) * (1.0 - fx) + v(y0, x1) * fx) * (1.0 - fy)
+                + (v(y1, x0) * (1.0 - fx) + v(y1, x1) * fx) * fy;
         }
     }
     y
@@ -113,8 +126,15 @@ fn segment_writes_mask_and_overlay_at_original_size() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains(" ms"), "prints the time per image: {}", r.stdout);
-    assert_eq!(files_in(&out), vec!["stardist-histo_mask.png", "stardist-histo_overlay.png"]);
+    assert!(
+        r.stdout.contains(" ms"),
+        "prints the time per image: {}",
+        r.stdout
+    );
+    assert_eq!(
+        files_in(&out),
+        vec!["stardist-histo_mask.png", "stardist-histo_overlay.png"]
+    );
     let mask = io::load_gray(&out.join("stardist-histo_mask.png")).unwrap();
     let img = io::load_rgb(&img_path).unwrap();
     assert_eq!((mask.width, mask.height), (img.width, img.height));
@@ -128,24 +148,40 @@ fn segment_writes_mask_and_overlay_at_original_size() {
     let w = Weights::load(&tiny_weights()).unwrap();
     let m = MedFastSam::new(gpu, &w, &cfg, Variant::Paper).unwrap();
     let s = cfg.image_size;
-    let px = gpu.upload_u32(&img.resize(s, s).packed(), &[1, s, s]).unwrap();
+    let px = gpu
+        .upload_u32(&img.resize(s, s).packed(), &[1, s, s])
+        .unwrap();
     let mut rec = gpu.new_recorder();
     let o = m.forward(&mut rec, &px, false).unwrap();
     rec.submit().unwrap();
     let logits = gpu.read(&o.logits).unwrap();
     let want = bilinear_ref(&logits, s, s, img.height, img.width);
-    let differ = want.iter().zip(&mask.data).filter(|(l, m)| (**l > 0.0) != (**m == 255)).count();
-    eprintln!("mask pixels differing from the CPU-resized logits: {differ} of {}", mask.data.len());
+    let differ = want
+        .iter()
+        .zip(&mask.data)
+        .filter(|(l, m)| (**l > 0.0) != (**m == 255))
+        .count();
+    eprintln!(
+        "mask pixels differing from the CPU-resized logits: {differ} of {}",
+        mask.data.len()
+    );
     assert!(differ as f64 <= 0.001 * mask.data.len() as f64);
     let fg = mask.data.iter().filter(|&&v| v == 255).count();
-    assert!(fg > 0 && fg < mask.data.len(), "mask is neither empty nor full");
+    assert!(
+        fg > 0 && fg < mask.data.len(),
+        "mask is neither empty nor full"
+    );
 }
 
 #[test]
 fn segment_folder_and_16bit_tiff() {
     let input = tmpdir("folder-in");
     let out = tmpdir("folder-out");
-    std::fs::copy(repo("data/dsb2018-nuclei/image.tif"), input.join("nuclei.tif")).unwrap();
+    std::fs::copy(
+        repo("data/dsb2018-nuclei/image.tif"),
+        input.join("nuclei.tif"),
+    )
+    .unwrap();
     std::fs::copy(repo("data/he/skimage-ihc.png"), input.join("ihc.png")).unwrap();
     std::fs::write(input.join("notes.txt"), "not an image").unwrap();
     let r = run(&[
@@ -161,7 +197,15 @@ fn segment_folder_and_16bit_tiff() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    assert_eq!(files_in(&out), vec!["ihc_mask.png", "ihc_overlay.png", "nuclei_mask.png", "nuclei_overlay.png"]);
+    assert_eq!(
+        files_in(&out),
+        vec![
+            "ihc_mask.png",
+            "ihc_overlay.png",
+            "nuclei_mask.png",
+            "nuclei_overlay.png"
+        ]
+    );
     let m = io::load_gray(&out.join("nuclei_mask.png")).unwrap();
     assert_eq!((m.width, m.height), (512, 512));
 }
@@ -170,24 +214,47 @@ fn segment_folder_and_16bit_tiff() {
 fn info_reports_paper_parameter_count() {
     let d = tmpdir("info");
     let path = d.join("paper.safetensors");
-    Weights::init(&Config::paper(), 3).save(&path, &Config::paper(), Variant::Released, true).unwrap();
+    Weights::init(&Config::paper(), 3)
+        .save(&path, &Config::paper(), Variant::Released, true)
+        .unwrap();
     let r = run(&["info", path.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("14,479,104 total"), "{}", r.stdout);
     assert!(r.stdout.contains("8,413,572 tuned"), "{}", r.stdout);
     assert!(r.stdout.contains("variant:       released"), "{}", r.stdout);
-    assert!(r.stdout.contains("from the file's metadata"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("from the file's metadata"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("image_encoder.layers.2"), "{}", r.stdout);
     assert!(r.stdout.contains("adapter:"), "{}", r.stdout);
     // Tiny weights have no metadata: the configuration is inferred from the shapes.
     let r = run(&["info", tiny_weights().to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("inferred from tensor shapes"), "{}", r.stdout);
-    assert!(r.stdout.contains("\"embed_dims\":[32,64,96,128]"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("inferred from tensor shapes"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("\"embed_dims\":[32,64,96,128]"),
+        "{}",
+        r.stdout
+    );
 }
 
 fn segment_args<'a>(input: &'a str, weights: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec!["segment", input, "--weights", weights, "--config", tiny_config().to_str().unwrap().to_owned().leak(), "--out", out]
+    vec![
+        "segment",
+        input,
+        "--weights",
+        weights,
+        "--config",
+        tiny_config().to_str().unwrap().to_owned().leak(),
+        "--out",
+        out,
+    ]
 }
 
 #[test]
@@ -223,15 +290,31 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     let paper_cfg = d.join("paper.json");
     std::fs::write(&paper_cfg, Config::paper().to_json()).unwrap();
     let img = repo("data/he/stardist-histo.jpg");
-    let r = run(&["segment", img.to_str().unwrap(), "--weights", ws, "--config", paper_cfg.to_str().unwrap(), "--out", outs]);
-    assert_clean_failure(&r, "tensor 'image_encoder.patch_embed.seq.0.c.weight' has shape [16, 3, 3, 3] but the configuration expects [32, 3, 3, 3]");
+    let r = run(&[
+        "segment",
+        img.to_str().unwrap(),
+        "--weights",
+        ws,
+        "--config",
+        paper_cfg.to_str().unwrap(),
+        "--out",
+        outs,
+    ]);
+    assert_clean_failure(
+        &r,
+        "tensor 'image_encoder.patch_embed.seq.0.c.weight' has shape [16, 3, 3, 3] but the configuration expects [32, 3, 3, 3]",
+    );
     assert!(files_in(&out).is_empty());
 
     // Truncated weights file.
     let trunc = d.join("trunc.safetensors");
     let full = std::fs::read(&w).unwrap();
     std::fs::write(&trunc, &full[..full.len() / 2]).unwrap();
-    let r = run(&segment_args(img.to_str().unwrap(), trunc.to_str().unwrap(), outs));
+    let r = run(&segment_args(
+        img.to_str().unwrap(),
+        trunc.to_str().unwrap(),
+        outs,
+    ));
     assert_clean_failure(&r, "trunc.safetensors");
     assert!(files_in(&out).is_empty());
 
@@ -240,24 +323,57 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     let big = d.join("huge.png");
     let (bw, bh) = (6000u32, 6000u32);
     let raw: Vec<u8> = (0..bw * bh).map(|i| ((i % bw) / 24) as u8).collect();
-    image::GrayImage::from_raw(bw, bh, raw).unwrap().save(&big).unwrap();
-    let r = run_env(&segment_args(big.to_str().unwrap(), ws, outs), &[("MEDFASTSAM_LIMITS", "webgpu")]);
+    image::GrayImage::from_raw(bw, bh, raw)
+        .unwrap()
+        .save(&big)
+        .unwrap();
+    let r = run_env(
+        &segment_args(big.to_str().unwrap(), ws, outs),
+        &[("MEDFASTSAM_LIMITS", "webgpu")],
+    );
     assert_clean_failure(&r, "device limit exceeded");
-    assert!(files_in(&out).iter().all(|f| !f.starts_with("huge")), "{:?}", files_in(&out));
+    assert!(
+        files_in(&out).iter().all(|f| !f.starts_with("huge")),
+        "{:?}",
+        files_in(&out)
+    );
 
     // A mix of good and bad inputs: the good one is written, the exit code reports the failure.
-    let r = run(&["segment", img.to_str().unwrap(), bad.to_str().unwrap(), "--weights", ws, "--config", tiny_config().to_str().unwrap(), "--out", outs]);
+    let r = run(&[
+        "segment",
+        img.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--weights",
+        ws,
+        "--config",
+        tiny_config().to_str().unwrap(),
+        "--out",
+        outs,
+    ]);
     assert_clean_failure(&r, "corrupt.png");
-    assert_eq!(files_in(&out), vec!["stardist-histo_mask.png", "stardist-histo_overlay.png"]);
+    assert_eq!(
+        files_in(&out),
+        vec!["stardist-histo_mask.png", "stardist-histo_overlay.png"]
+    );
 }
 
 #[test]
 fn serve_sends_the_page_with_its_csp_and_refuses_paths_outside_web() {
     use std::io::{Read, Write};
     // A free port: bind to 0, read it, release it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = bin()
-        .args(["serve", "--port", &port.to_string(), "--dir", repo("web").to_str().unwrap()])
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--dir",
+            repo("web").to_str().unwrap(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -280,7 +396,11 @@ fn serve_sends_the_page_with_its_csp_and_refuses_paths_outside_web() {
     let js = get("/app.js").unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(index.starts_with("HTTP/1.1 200"), "{}", &index[..80.min(index.len())]);
+    assert!(
+        index.starts_with("HTTP/1.1 200"),
+        "{}",
+        &index[..80.min(index.len())]
+    );
     assert!(index.contains("Content-Security-Policy: default-src 'self'"));
     assert!(index.contains("<html"));
     assert!(js.contains("Content-Type: text/javascript"));

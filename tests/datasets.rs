@@ -24,12 +24,18 @@ fn mkdirs(p: &Path) {
 
 /// Image pixel values derived from a seed, so each test image is distinct and checkable.
 fn pixel(seed: u32, x: u32, y: u32) -> [u8; 3] {
-    [(x * 10 + seed) as u8, (y * 12 + seed * 3) as u8, (seed * 40 + x + y) as u8]
+    [
+        (x * 10 + seed) as u8,
+        (y * 12 + seed * 3) as u8,
+        (seed * 40 + x + y) as u8,
+    ]
 }
 
 fn write_image(path: &Path, seed: u32, w: u32, h: u32) {
     mkdirs(path.parent().unwrap());
-    image::RgbImage::from_fn(w, h, |x, y| image::Rgb(pixel(seed, x, y))).save(path).unwrap();
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb(pixel(seed, x, y)))
+        .save(path)
+        .unwrap();
 }
 
 /// Expected foreground of the masks written by `write_mask`: a seed-dependent rectangle.
@@ -93,7 +99,11 @@ fn assert_has(text: &str, parts: &[&str]) {
 // ---- ISIC-2018 -------------------------------------------------------------------------------
 
 fn build_isic(root: &Path) {
-    let sets = [("Training", &["0000000", "0000001", "0000003"][..]), ("Validation", &["0000004"][..]), ("Test", &["0000012", "0000010"][..])];
+    let sets = [
+        ("Training", &["0000000", "0000001", "0000003"][..]),
+        ("Validation", &["0000004"][..]),
+        ("Test", &["0000012", "0000010"][..]),
+    ];
     let mut seed = 1;
     for (part, ids) in sets {
         let input = root.join(format!("ISIC2018_Task1-2_{part}_Input"));
@@ -116,10 +126,15 @@ fn isic2018_splits_ids_and_loading() {
     let tr = Dataset::open(&root, Format::Isic2018, Split::Train).unwrap();
     assert_eq!(ids(&tr), ["ISIC_0000000", "ISIC_0000001", "ISIC_0000003"]);
     assert_eq!(tr.format, Format::Isic2018);
-    assert_eq!(tr.samples[1].image, root.join("ISIC2018_Task1-2_Training_Input/ISIC_0000001.jpg"));
+    assert_eq!(
+        tr.samples[1].image,
+        root.join("ISIC2018_Task1-2_Training_Input/ISIC_0000001.jpg")
+    );
     assert_eq!(
         tr.samples[1].mask,
-        MaskSource::Png(root.join("ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png"))
+        MaskSource::Png(
+            root.join("ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png")
+        )
     );
     let va = Dataset::open(&root, Format::Isic2018, Split::Val).unwrap();
     assert_eq!(ids(&va), ["ISIC_0000004"]);
@@ -129,7 +144,10 @@ fn isic2018_splits_ids_and_loading() {
     assert_eq!(all.len(), 6);
     // loading: the JPEG is lossy, so check the size and the mask exactly (seed of ISIC_0000001 is 2)
     let (img, mask) = tr.load(1).unwrap();
-    assert_eq!((img.width, img.height, img.data.len()), (W as usize, H as usize, (W * H * 3) as usize));
+    assert_eq!(
+        (img.width, img.height, img.data.len()),
+        (W as usize, H as usize, (W * H * 3) as usize)
+    );
     assert_eq!(mask, expected_mask(2, W, H));
     let e = err_text(tr.load(3));
     assert_has(&e, &["sample 3", "has 3"]);
@@ -152,29 +170,64 @@ fn isic2018_errors() {
         ],
     );
     // an image without its mask
-    std::fs::remove_file(root.join("ISIC2018_Task1_Test_GroundTruth/ISIC_0000012_segmentation.png")).unwrap();
+    std::fs::remove_file(
+        root.join("ISIC2018_Task1_Test_GroundTruth/ISIC_0000012_segmentation.png"),
+    )
+    .unwrap();
     let e = err_text(Dataset::open(&root, Format::Isic2018, Split::Test));
     assert_has(
         &e,
-        &["ISIC2018_Task1-2_Test_Input/ISIC_0000012.jpg", "without its mask", "ISIC2018_Task1_Test_GroundTruth/ISIC_0000012_segmentation.png"],
+        &[
+            "ISIC2018_Task1-2_Test_Input/ISIC_0000012.jpg",
+            "without its mask",
+            "ISIC2018_Task1_Test_GroundTruth/ISIC_0000012_segmentation.png",
+        ],
     );
     // a mask of another size: the error names both files and both sizes
-    write_mask(&root.join("ISIC2018_Task1_Training_GroundTruth/ISIC_0000003_segmentation.png"), 3, W + 1, H);
+    write_mask(
+        &root.join("ISIC2018_Task1_Training_GroundTruth/ISIC_0000003_segmentation.png"),
+        3,
+        W + 1,
+        H,
+    );
     let tr = Dataset::open(&root, Format::Isic2018, Split::Train).unwrap();
     let e = err_text(tr.load(2));
-    assert_has(&e, &["ISIC_0000003_segmentation.png", "21×16", "ISIC_0000003.jpg", "20×16"]);
+    assert_has(
+        &e,
+        &[
+            "ISIC_0000003_segmentation.png",
+            "21×16",
+            "ISIC_0000003.jpg",
+            "20×16",
+        ],
+    );
     // an unreadable (corrupt) image
-    std::fs::write(root.join("ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg"), b"not a jpeg").unwrap();
+    std::fs::write(
+        root.join("ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg"),
+        b"not a jpeg",
+    )
+    .unwrap();
     let e = err_text(tr.load(0));
     assert_has(&e, &["ISIC_0000000.jpg", "not a recognised image"]);
     // a corrupt mask
-    std::fs::write(root.join("ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png"), b"\x89PNG\r\n\x1a\nxx").unwrap();
+    std::fs::write(
+        root.join("ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png"),
+        b"\x89PNG\r\n\x1a\nxx",
+    )
+    .unwrap();
     let e = err_text(tr.load(1));
     assert_has(&e, &["ISIC_0000001_segmentation.png"]);
     // a folder without any ISIC layout
     let empty = tmpdir("isic-empty");
     let e = err_text(Dataset::open(&empty, Format::Isic2018, Split::Train));
-    assert_has(&e, &["no ISIC-2018 train", "expected e.g.", "ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg"]);
+    assert_has(
+        &e,
+        &[
+            "no ISIC-2018 train",
+            "expected e.g.",
+            "ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg",
+        ],
+    );
     std::fs::remove_dir_all(&root).unwrap();
     std::fs::remove_dir_all(&empty).unwrap();
 }
@@ -184,8 +237,18 @@ fn isic2018_errors() {
 fn build_ph2(root: &Path, cases: &[(&str, u32)]) {
     for &(id, seed) in cases {
         let dir = root.join("PH2 Dataset images").join(id);
-        write_image(&dir.join(format!("{id}_Dermoscopic_Image/{id}.bmp")), seed, W, H);
-        write_mask(&dir.join(format!("{id}_lesion/{id}_lesion.bmp")), seed, W, H);
+        write_image(
+            &dir.join(format!("{id}_Dermoscopic_Image/{id}.bmp")),
+            seed,
+            W,
+            H,
+        );
+        write_mask(
+            &dir.join(format!("{id}_lesion/{id}_lesion.bmp")),
+            seed,
+            W,
+            H,
+        );
         // PH2 also ships colour-class folders per case: ignored
         mkdirs(&dir.join(format!("{id}_roi")));
     }
@@ -207,12 +270,26 @@ fn ph2_all_samples_and_lossless_loading() {
     assert_eq!(img.data, expected_image(10, W, H));
     assert_eq!(mask, expected_mask(10, W, H));
     // a case without its lesion mask
-    std::fs::remove_file(root.join("PH2 Dataset images/IMD003/IMD003_lesion/IMD003_lesion.bmp")).unwrap();
+    std::fs::remove_file(root.join("PH2 Dataset images/IMD003/IMD003_lesion/IMD003_lesion.bmp"))
+        .unwrap();
     let e = err_text(Dataset::open(&root, Format::Ph2, Split::All));
-    assert_has(&e, &["IMD003/IMD003_Dermoscopic_Image/IMD003.bmp", "without its mask", "IMD003/IMD003_lesion/IMD003_lesion.bmp"]);
+    assert_has(
+        &e,
+        &[
+            "IMD003/IMD003_Dermoscopic_Image/IMD003.bmp",
+            "without its mask",
+            "IMD003/IMD003_lesion/IMD003_lesion.bmp",
+        ],
+    );
     let empty = tmpdir("ph2-empty");
     let e = err_text(Dataset::open(&empty, Format::Ph2, Split::All));
-    assert_has(&e, &["no PH2 cases", "PH2 Dataset images/IMD002/IMD002_Dermoscopic_Image/IMD002.bmp"]);
+    assert_has(
+        &e,
+        &[
+            "no PH2 cases",
+            "PH2 Dataset images/IMD002/IMD002_Dermoscopic_Image/IMD002.bmp",
+        ],
+    );
     std::fs::remove_dir_all(&root).unwrap();
     std::fs::remove_dir_all(&empty).unwrap();
 }
@@ -222,23 +299,37 @@ fn ph2_all_samples_and_lossless_loading() {
 #[test]
 fn tnbc_slides_in_natural_order() {
     let root = tmpdir("tnbc");
-    let files = [("01", "01_1", 1), ("01", "01_10", 2), ("01", "01_2", 3), ("02", "02_1", 4)];
+    let files = [
+        ("01", "01_1", 1),
+        ("01", "01_10", 2),
+        ("01", "01_2", 3),
+        ("02", "02_1", 4),
+    ];
     for (k, name, seed) in files {
         write_image(&root.join(format!("Slide_{k}/{name}.png")), seed, W, H);
         write_mask(&root.join(format!("GT_{k}/{name}.png")), seed, W, H);
     }
     let d = Dataset::open(&root, Format::Tnbc, Split::Test).unwrap();
     assert_eq!(ids(&d), ["01_1", "01_2", "01_10", "02_1"]);
-    assert_eq!(d.samples[2].mask, MaskSource::Png(root.join("GT_01/01_10.png")));
+    assert_eq!(
+        d.samples[2].mask,
+        MaskSource::Png(root.join("GT_01/01_10.png"))
+    );
     let (img, mask) = d.load(2).unwrap();
     assert_eq!(img.data, expected_image(2, W, H));
     assert_eq!(mask, expected_mask(2, W, H));
     std::fs::remove_file(root.join("GT_02/02_1.png")).unwrap();
     let e = err_text(Dataset::open(&root, Format::Tnbc, Split::All));
-    assert_has(&e, &["Slide_02/02_1.png", "without its mask", "GT_02/02_1.png"]);
+    assert_has(
+        &e,
+        &["Slide_02/02_1.png", "without its mask", "GT_02/02_1.png"],
+    );
     let empty = tmpdir("tnbc-empty");
     let e = err_text(Dataset::open(&empty, Format::Tnbc, Split::All));
-    assert_has(&e, &["no TNBC images", "Slide_01/01_1.png", "GT_01/01_1.png"]);
+    assert_has(
+        &e,
+        &["no TNBC images", "Slide_01/01_1.png", "GT_01/01_1.png"],
+    );
     std::fs::remove_dir_all(&root).unwrap();
     std::fs::remove_dir_all(&empty).unwrap();
 }
@@ -272,14 +363,18 @@ fn aperio_xml(polys: &[&[(f64, f64)]]) -> String {
 /// Two nuclei of a 20×16 image: the rectangle with corners (2,1)-(6,4) covers the pixels with
 /// centres in [2,6)×[1,4): x 2..=5, y 1..=3; the square (10.5,8.5)-(13.5,11.5) covers x 10..=12,
 /// y 8..=10.
-const NUCLEI: [&[(f64, f64)]; 2] =
-    [&[(2.0, 1.0), (6.0, 1.0), (6.0, 4.0), (2.0, 4.0)], &[(10.5, 8.5), (13.5, 8.5), (13.5, 11.5), (10.5, 11.5)]];
+const NUCLEI: [&[(f64, f64)]; 2] = [
+    &[(2.0, 1.0), (6.0, 1.0), (6.0, 4.0), (2.0, 4.0)],
+    &[(10.5, 8.5), (13.5, 8.5), (13.5, 11.5), (10.5, 11.5)],
+];
 
 fn nuclei_mask() -> Vec<u8> {
     let mut m = vec![0u8; (W * H) as usize];
     for y in 0..H as usize {
         for x in 0..W as usize {
-            if ((2..=5).contains(&x) && (1..=3).contains(&y)) || ((10..=12).contains(&x) && (8..=10).contains(&y)) {
+            if ((2..=5).contains(&x) && (1..=3).contains(&y))
+                || ((10..=12).contains(&x) && (8..=10).contains(&y))
+            {
                 m[y * W as usize + x] = 1;
             }
         }
@@ -290,7 +385,11 @@ fn nuclei_mask() -> Vec<u8> {
 fn build_monuseg_train(dir: &Path, ids: &[&str]) {
     for (i, id) in ids.iter().enumerate() {
         write_image(&dir.join(format!("Tissue Images/{id}.tif")), i as u32, W, H);
-        std::fs::write(dir.join(format!("Annotations/{id}.xml")), aperio_xml(&NUCLEI)).unwrap();
+        std::fs::write(
+            dir.join(format!("Annotations/{id}.xml")),
+            aperio_xml(&NUCLEI),
+        )
+        .unwrap();
     }
 }
 
@@ -307,12 +406,21 @@ fn monuseg_training_and_test_layouts() {
     let train = root.join("MoNuSeg 2018 Training Data");
     let test = root.join("MoNuSegTestData");
     mkdirs(&train.join("Annotations"));
-    build_monuseg_train(&train, &["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1"]);
+    build_monuseg_train(
+        &train,
+        &["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1"],
+    );
     build_monuseg_test(&test, &["TCGA-2Z-A9J9-01A-01-TS1"]);
     // the training folder itself
     let d = Dataset::open(&train, Format::Monuseg, Split::Train).unwrap();
-    assert_eq!(ids(&d), ["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1"]);
-    assert_eq!(d.samples[0].mask, MaskSource::AperioXml(train.join("Annotations/TCGA-18-5592-01Z-00-DX1.xml")));
+    assert_eq!(
+        ids(&d),
+        ["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1"]
+    );
+    assert_eq!(
+        d.samples[0].mask,
+        MaskSource::AperioXml(train.join("Annotations/TCGA-18-5592-01Z-00-DX1.xml"))
+    );
     let (img, mask) = d.load(1).unwrap();
     assert_eq!(img.data, expected_image(1, W, H));
     assert_eq!(mask, nuclei_mask());
@@ -323,23 +431,54 @@ fn monuseg_training_and_test_layouts() {
     assert_eq!(img.data, expected_image(7, W, H));
     assert_eq!(mask, nuclei_mask());
     // the parent: split picks the layout
-    assert_eq!(Dataset::open(&root, Format::Monuseg, Split::Train).unwrap().len(), 2);
-    assert_eq!(ids(&Dataset::open(&root, Format::Monuseg, Split::Test).unwrap()), ["TCGA-2Z-A9J9-01A-01-TS1"]);
-    assert_eq!(Dataset::open(&root, Format::Monuseg, Split::All).unwrap().len(), 3);
+    assert_eq!(
+        Dataset::open(&root, Format::Monuseg, Split::Train)
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        ids(&Dataset::open(&root, Format::Monuseg, Split::Test).unwrap()),
+        ["TCGA-2Z-A9J9-01A-01-TS1"]
+    );
+    assert_eq!(
+        Dataset::open(&root, Format::Monuseg, Split::All)
+            .unwrap()
+            .len(),
+        3
+    );
     let e = err_text(Dataset::open(&root, Format::Monuseg, Split::Val));
     assert_has(&e, &["no validation split"]);
     // an image without its annotation
     std::fs::remove_file(train.join("Annotations/TCGA-21-5784-01Z-00-DX1.xml")).unwrap();
     let e = err_text(Dataset::open(&train, Format::Monuseg, Split::Train));
-    assert_has(&e, &["Tissue Images/TCGA-21-5784-01Z-00-DX1.tif", "without its mask", "Annotations/TCGA-21-5784-01Z-00-DX1.xml"]);
+    assert_has(
+        &e,
+        &[
+            "Tissue Images/TCGA-21-5784-01Z-00-DX1.tif",
+            "without its mask",
+            "Annotations/TCGA-21-5784-01Z-00-DX1.xml",
+        ],
+    );
     // a malformed annotation: error names the file and the line
-    std::fs::write(test.join("TCGA-2Z-A9J9-01A-01-TS1.xml"), "<Annotations>\n<Regions>\n<Region Id=\"1\">\n<Vertex X=\"1\" Y=\"oops\"/>\n").unwrap();
+    std::fs::write(
+        test.join("TCGA-2Z-A9J9-01A-01-TS1.xml"),
+        "<Annotations>\n<Regions>\n<Region Id=\"1\">\n<Vertex X=\"1\" Y=\"oops\"/>\n",
+    )
+    .unwrap();
     let d = Dataset::open(&test, Format::Monuseg, Split::Test).unwrap();
     let e = err_text(d.load(0));
     assert_has(&e, &["TCGA-2Z-A9J9-01A-01-TS1.xml", "line 4", "Y=\"oops\""]);
     let empty = tmpdir("monuseg-empty");
     let e = err_text(Dataset::open(&empty, Format::Monuseg, Split::Train));
-    assert_has(&e, &["no MoNuSeg-2018 train images", "Tissue Images/TCGA-18-5592-01Z-00-DX1.tif", "Annotations/TCGA-18-5592-01Z-00-DX1.xml"]);
+    assert_has(
+        &e,
+        &[
+            "no MoNuSeg-2018 train images",
+            "Tissue Images/TCGA-18-5592-01Z-00-DX1.tif",
+            "Annotations/TCGA-18-5592-01Z-00-DX1.xml",
+        ],
+    );
     std::fs::remove_dir_all(&root).unwrap();
     std::fs::remove_dir_all(&empty).unwrap();
 }
@@ -349,7 +488,10 @@ fn aperio_xml_reader() {
     let src = Path::new("/data/a.xml");
     let polys = parse_aperio_xml(&aperio_xml(&NUCLEI), src).unwrap();
     assert_eq!(polys.len(), 2);
-    assert_eq!(polys[0], vec![[2.0, 1.0], [6.0, 1.0], [6.0, 4.0], [2.0, 4.0]]);
+    assert_eq!(
+        polys[0],
+        vec![[2.0, 1.0], [6.0, 1.0], [6.0, 4.0], [2.0, 4.0]]
+    );
     assert_eq!(polys[1][2], [13.5, 11.5]);
     // single quotes, whitespace, separate closing tags, attribute order, fractional values
     let t = "<Annotations><Annotation><Regions><Region Id='1'><Vertices>\
@@ -361,11 +503,26 @@ fn aperio_xml_reader() {
     assert_eq!(parse_aperio_xml("<Annotations/>", src).unwrap().len(), 0);
     // errors name the file (and the line)
     let cases = [
-        ("<Regions><Region><Vertex X=\"1\" Y=\"2\"/></Region></Regions>", "no <Annotations>"),
-        ("<Annotations>\n<Region>\n<Vertex X=\"1\"/>\n</Region></Annotations>", "line 3: <Vertex> without a Y attribute"),
-        ("<Annotations>\n<Region>\n<Vertex X=\"nan\" Y=\"2\"/>", "line 3: <Vertex> X=\"nan\" is not a finite number"),
-        ("<Annotations>\n<Region Id=\"4\">\n<Vertex X=\"1\" Y=\"2\"/>\n</Annotations>", "line 2: <Region> never closed"),
-        ("<Annotations>\n</Region>", "line 2: </Region> without an open <Region>"),
+        (
+            "<Regions><Region><Vertex X=\"1\" Y=\"2\"/></Region></Regions>",
+            "no <Annotations>",
+        ),
+        (
+            "<Annotations>\n<Region>\n<Vertex X=\"1\"/>\n</Region></Annotations>",
+            "line 3: <Vertex> without a Y attribute",
+        ),
+        (
+            "<Annotations>\n<Region>\n<Vertex X=\"nan\" Y=\"2\"/>",
+            "line 3: <Vertex> X=\"nan\" is not a finite number",
+        ),
+        (
+            "<Annotations>\n<Region Id=\"4\">\n<Vertex X=\"1\" Y=\"2\"/>\n</Annotations>",
+            "line 2: <Region> never closed",
+        ),
+        (
+            "<Annotations>\n</Region>",
+            "line 2: </Region> without an open <Region>",
+        ),
         ("<Annotations>\n<Region><Region>", "line 2: <Region> inside"),
         ("<Annotations>\n<Vertex X=\"1\"", "line 2: unterminated tag"),
         ("<Annotations><!-- never ends", "unterminated comment"),
@@ -379,15 +536,30 @@ fn aperio_xml_reader() {
 // ---- rasteriser --------------------------------------------------------------------------------
 
 fn art(rows: &[&str]) -> Vec<u8> {
-    rows.iter().flat_map(|r| r.bytes().map(|c| (c == b'#') as u8)).collect()
+    rows.iter()
+        .flat_map(|r| r.bytes().map(|c| (c == b'#') as u8))
+        .collect()
 }
 
 fn show(m: &[u8], w: usize) -> String {
-    m.chunks(w).map(|r| r.iter().map(|&v| if v != 0 { '#' } else { '.' }).collect::<String>() + "\n").collect()
+    m.chunks(w)
+        .map(|r| {
+            r.iter()
+                .map(|&v| if v != 0 { '#' } else { '.' })
+                .collect::<String>()
+                + "\n"
+        })
+        .collect()
 }
 
 fn assert_mask(got: &[u8], want: &[u8], w: usize) {
-    assert_eq!(got, want, "\ngot:\n{}want:\n{}", show(got, w), show(want, w));
+    assert_eq!(
+        got,
+        want,
+        "\ngot:\n{}want:\n{}",
+        show(got, w),
+        show(want, w)
+    );
 }
 
 #[test]
@@ -397,7 +569,10 @@ fn rasterise_triangle_with_vertices_on_pixel_centres() {
     // x = 0.5 holds the centres of column 0 -> inside; the top edge y = 0.5 row 0 -> inside.
     // Row y keeps x = 0 ..= 5 − y.
     let m = rasterize_polygons(&[vec![[0.5, 0.5], [6.5, 0.5], [0.5, 6.5]]], 8, 8);
-    let want = art(&["######..", "#####...", "####....", "###.....", "##......", "#.......", "........", "........"]);
+    let want = art(&[
+        "######..", "#####...", "####....", "###.....", "##......", "#.......", "........",
+        "........",
+    ]);
     assert_mask(&m, &want, 8);
     // the same triangle in the other orientation (vertex order reversed) gives the same pixels
     let m = rasterize_polygons(&[vec![[0.5, 6.5], [6.5, 0.5], [0.5, 0.5]]], 8, 8);
@@ -434,30 +609,76 @@ fn rasterise_rectangles_concave_and_even_odd() {
     // integer corners (1,1)-(4,3): centres in [1,4)×[1,3) -> x 1..=3, y 1..=2;
     // half-integer corners (5.5,0.5)-(7.5,2.5): the centres on the left/top edges are inside
     let m = rasterize_polygons(
-        &[vec![[1.0, 1.0], [4.0, 1.0], [4.0, 3.0], [1.0, 3.0]], vec![[5.5, 0.5], [7.5, 0.5], [7.5, 2.5], [5.5, 2.5]]],
+        &[
+            vec![[1.0, 1.0], [4.0, 1.0], [4.0, 3.0], [1.0, 3.0]],
+            vec![[5.5, 0.5], [7.5, 0.5], [7.5, 2.5], [5.5, 2.5]],
+        ],
         9,
         4,
     );
-    assert_mask(&m, &art(&[".....##..", ".###.##..", ".###.....", "........."]), 9);
+    assert_mask(
+        &m,
+        &art(&[".....##..", ".###.##..", ".###.....", "........."]),
+        9,
+    );
     // a concave U: outer [1,7)×[1,6) minus the notch [3,5)×[3,6)
-    let u = vec![[1.0, 1.0], [7.0, 1.0], [7.0, 6.0], [5.0, 6.0], [5.0, 3.0], [3.0, 3.0], [3.0, 6.0], [1.0, 6.0]];
+    let u = vec![
+        [1.0, 1.0],
+        [7.0, 1.0],
+        [7.0, 6.0],
+        [5.0, 6.0],
+        [5.0, 3.0],
+        [3.0, 3.0],
+        [3.0, 6.0],
+        [1.0, 6.0],
+    ];
     let m = rasterize_polygons(&[u], 8, 7);
-    assert_mask(&m, &art(&["........", ".######.", ".######.", ".##..##.", ".##..##.", ".##..##.", "........"]), 8);
+    assert_mask(
+        &m,
+        &art(&[
+            "........", ".######.", ".######.", ".##..##.", ".##..##.", ".##..##.", "........",
+        ]),
+        8,
+    );
     // even-odd: an outer square and an inner square traced in the same direction, joined by a
     // doubled bridge edge; the inner square is a hole (under non-zero winding it would be filled)
     let ring = vec![
-        [0.0, 0.0], [8.0, 0.0], [8.0, 8.0], [0.0, 8.0], [0.0, 0.0],
-        [2.0, 2.0], [6.0, 2.0], [6.0, 6.0], [2.0, 6.0], [2.0, 2.0],
+        [0.0, 0.0],
+        [8.0, 0.0],
+        [8.0, 8.0],
+        [0.0, 8.0],
+        [0.0, 0.0],
+        [2.0, 2.0],
+        [6.0, 2.0],
+        [6.0, 6.0],
+        [2.0, 6.0],
+        [2.0, 2.0],
     ];
     let m = rasterize_polygons(&[ring], 8, 8);
-    let want = art(&["########", "########", "##....##", "##....##", "##....##", "##....##", "########", "########"]);
+    let want = art(&[
+        "########", "########", "##....##", "##....##", "##....##", "##....##", "########",
+        "########",
+    ]);
     assert_mask(&m, &want, 8);
     // overlapping polygons: union
     let a = vec![[0.0, 0.0], [3.0, 0.0], [3.0, 2.0], [0.0, 2.0]];
     let b = vec![[2.0, 1.0], [5.0, 1.0], [5.0, 3.0], [2.0, 3.0]];
-    assert_mask(&rasterize_polygons(&[a, b], 6, 3), &art(&["###...", "#####.", "..###."]), 6);
+    assert_mask(
+        &rasterize_polygons(&[a, b], 6, 3),
+        &art(&["###...", "#####.", "..###."]),
+        6,
+    );
     // degenerate polygons cover nothing
-    let m = rasterize_polygons(&[vec![], vec![[1.0, 1.0]], vec![[0.0, 0.0], [5.0, 5.0]], vec![[0.0, 2.0], [5.0, 2.0], [3.0, 2.0]]], 6, 6);
+    let m = rasterize_polygons(
+        &[
+            vec![],
+            vec![[1.0, 1.0]],
+            vec![[0.0, 0.0], [5.0, 5.0]],
+            vec![[0.0, 2.0], [5.0, 2.0], [3.0, 2.0]],
+        ],
+        6,
+        6,
+    );
     assert!(m.iter().all(|&v| v == 0));
 }
 
@@ -506,7 +727,10 @@ fn rasterise_matches_point_in_polygon_on_random_polygons() {
     for trial in 0..200 {
         let n = 3 + rng.below(9);
         // star-shaped around a centre (concave), some crossing the border; every 4th on the grid
-        let (cx, cy) = (rng.range(-5.0, w as f64 + 5.0), rng.range(-5.0, h as f64 + 5.0));
+        let (cx, cy) = (
+            rng.range(-5.0, w as f64 + 5.0),
+            rng.range(-5.0, h as f64 + 5.0),
+        );
         let mut poly: Vec<[f64; 2]> = (0..n)
             .map(|i| {
                 let a = std::f64::consts::TAU * (i as f64 + rng.range(0.0, 0.9)) / n as f64;
@@ -527,7 +751,11 @@ fn rasterise_matches_point_in_polygon_on_random_polygons() {
         for y in 0..h {
             for x in 0..w {
                 let want = pnpoly(&poly, x as f64 + 0.5, y as f64 + 0.5);
-                assert_eq!(m[y * w + x] != 0, want, "trial {trial}: pixel ({x},{y}) of {poly:?}");
+                assert_eq!(
+                    m[y * w + x] != 0,
+                    want,
+                    "trial {trial}: pixel ({x},{y}) of {poly:?}"
+                );
             }
         }
     }
@@ -566,14 +794,35 @@ fn generic_folder_with_and_without_split_json() {
         r#"{"train": ["case1", "case10.bmp"], "val": ["images/case3.tif"], "test": ["case2.jpg"]}"#,
     )
     .unwrap();
-    assert_eq!(ids(&Dataset::open(&root, Format::Generic, Split::Train).unwrap()), ["case1", "case10"]);
-    assert_eq!(ids(&Dataset::open(&root, Format::Generic, Split::Val).unwrap()), ["case3"]);
-    assert_eq!(ids(&Dataset::open(&root, Format::Generic, Split::Test).unwrap()), ["case2"]);
-    assert_eq!(Dataset::open(&root, Format::Generic, Split::All).unwrap().len(), 4);
+    assert_eq!(
+        ids(&Dataset::open(&root, Format::Generic, Split::Train).unwrap()),
+        ["case1", "case10"]
+    );
+    assert_eq!(
+        ids(&Dataset::open(&root, Format::Generic, Split::Val).unwrap()),
+        ["case3"]
+    );
+    assert_eq!(
+        ids(&Dataset::open(&root, Format::Generic, Split::Test).unwrap()),
+        ["case2"]
+    );
+    assert_eq!(
+        Dataset::open(&root, Format::Generic, Split::All)
+            .unwrap()
+            .len(),
+        4
+    );
     // split.json naming an unknown image
-    std::fs::write(root.join("split.json"), r#"{"train": ["case1"], "test": ["case7.png"]}"#).unwrap();
+    std::fs::write(
+        root.join("split.json"),
+        r#"{"train": ["case1"], "test": ["case7.png"]}"#,
+    )
+    .unwrap();
     let e = err_text(Dataset::open(&root, Format::Generic, Split::Test));
-    assert_has(&e, &["split.json", "\"case7.png\"", "no image with id \"case7\""]);
+    assert_has(
+        &e,
+        &["split.json", "\"case7.png\"", "no image with id \"case7\""],
+    );
     // a missing split key
     let e = err_text(Dataset::open(&root, Format::Generic, Split::Val));
     assert_has(&e, &["split.json", "no \"val\" list", "\"train\""]);
@@ -585,11 +834,17 @@ fn generic_folder_with_and_without_split_json() {
     // an image without its mask
     std::fs::remove_file(root.join("masks/case3.png")).unwrap();
     let e = err_text(Dataset::open(&root, Format::Generic, Split::All));
-    assert_has(&e, &["images/case3.tif", "without its mask", "masks/case3.png"]);
+    assert_has(
+        &e,
+        &["images/case3.tif", "without its mask", "masks/case3.png"],
+    );
     // a mask in another image format is accepted when no .png exists
     write_mask(&root.join("masks/case3.bmp"), 4, W, H);
     let d = Dataset::open(&root, Format::Generic, Split::All).unwrap();
-    assert_eq!(d.samples[2].mask, MaskSource::Png(root.join("masks/case3.bmp")));
+    assert_eq!(
+        d.samples[2].mask,
+        MaskSource::Png(root.join("masks/case3.bmp"))
+    );
     assert_eq!(d.load(2).unwrap().1, expected_mask(4, W, H));
     // two images with the same id
     write_image(&root.join("images/case1.jpg"), 1, W, H);
@@ -597,7 +852,14 @@ fn generic_folder_with_and_without_split_json() {
     assert_has(&e, &["same id \"case1\"", "case1.jpg", "case1.png"]);
     let empty = tmpdir("generic-empty");
     let e = err_text(Dataset::open(&empty, Format::Generic, Split::All));
-    assert_has(&e, &["no images/ folder", "images/case001.png", "masks/case001.png"]);
+    assert_has(
+        &e,
+        &[
+            "no images/ folder",
+            "images/case001.png",
+            "masks/case001.png",
+        ],
+    );
     std::fs::remove_dir_all(&root).unwrap();
     std::fs::remove_dir_all(&empty).unwrap();
 }
@@ -605,13 +867,23 @@ fn generic_folder_with_and_without_split_json() {
 #[test]
 fn authors_layout_with_data_split() {
     let root = tmpdir("authors");
-    let names = ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002", "ISIC_0000003"];
+    let names = [
+        "ISIC_0000000",
+        "ISIC_0000001",
+        "ISIC_0000002",
+        "ISIC_0000003",
+    ];
     for (i, id) in names.iter().enumerate() {
         write_image(&root.join(format!("image_1024/{id}.png")), i as u32, W, H);
         write_mask(&root.join(format!("mask_1024/{id}.png")), i as u32, W, H);
     }
     // all works without data_split.json; a split needs it
-    assert_eq!(Dataset::open(&root, Format::Authors, Split::All).unwrap().len(), 4);
+    assert_eq!(
+        Dataset::open(&root, Format::Authors, Split::All)
+            .unwrap()
+            .len(),
+        4
+    );
     let e = err_text(Dataset::open(&root, Format::Authors, Split::Test));
     assert_has(&e, &["data_split.json not found", "test split"]);
     std::fs::write(
@@ -621,7 +893,10 @@ fn authors_layout_with_data_split() {
     .unwrap();
     let tr = Dataset::open(&root, Format::Authors, Split::Train).unwrap();
     assert_eq!(ids(&tr), ["ISIC_0000000", "ISIC_0000001", "ISIC_0000003"]);
-    assert_eq!(tr.samples[2].image, root.join("image_1024/ISIC_0000003.png"));
+    assert_eq!(
+        tr.samples[2].image,
+        root.join("image_1024/ISIC_0000003.png")
+    );
     let te = Dataset::open(&root, Format::Authors, Split::Test).unwrap();
     assert_eq!(ids(&te), ["ISIC_0000002"]);
     let (img, mask) = te.load(0).unwrap();
@@ -637,7 +912,14 @@ fn authors_layout_with_data_split() {
 #[test]
 fn missing_root_and_file_root() {
     let root = std::env::temp_dir().join(format!("medfastsam-ds-nowhere-{}", std::process::id()));
-    for f in [Format::Isic2018, Format::Ph2, Format::Monuseg, Format::Tnbc, Format::Generic, Format::Authors] {
+    for f in [
+        Format::Isic2018,
+        Format::Ph2,
+        Format::Monuseg,
+        Format::Tnbc,
+        Format::Generic,
+        Format::Authors,
+    ] {
         let e = err_text(Dataset::open(&root, f, Split::All));
         assert_has(&e, &[root.to_str().unwrap(), "dataset folder not found"]);
     }
@@ -651,12 +933,22 @@ fn missing_root_and_file_root() {
 
 #[test]
 fn format_and_split_names() {
-    for f in [Format::Isic2018, Format::Ph2, Format::Monuseg, Format::Tnbc, Format::Generic, Format::Authors] {
+    for f in [
+        Format::Isic2018,
+        Format::Ph2,
+        Format::Monuseg,
+        Format::Tnbc,
+        Format::Generic,
+        Format::Authors,
+    ] {
         assert_eq!(f.to_string().parse::<Format>().unwrap(), f);
     }
     assert_eq!("ISIC2018".parse::<Format>().unwrap(), Format::Isic2018);
     let e = "kvasir".parse::<Format>().unwrap_err().to_string();
-    assert_has(&e, &["\"kvasir\"", "isic2018|ph2|monuseg|tnbc|generic|authors"]);
+    assert_has(
+        &e,
+        &["\"kvasir\"", "isic2018|ph2|monuseg|tnbc|generic|authors"],
+    );
     for s in [Split::Train, Split::Val, Split::Test, Split::All] {
         assert_eq!(s.to_string().parse::<Split>().unwrap(), s);
     }
@@ -670,7 +962,10 @@ fn mask_binarisation_rules() {
     let dir = tmpdir("binarize");
     let load = |name: &str| medfastsam::io::load_gray(&dir.join(name)).unwrap();
     // 8-bit 0/255 with grey levels: > 127
-    image::GrayImage::from_raw(4, 1, vec![0, 127, 128, 255]).unwrap().save(dir.join("a.png")).unwrap();
+    image::GrayImage::from_raw(4, 1, vec![0, 127, 128, 255])
+        .unwrap()
+        .save(dir.join("a.png"))
+        .unwrap();
     assert_eq!(binarize(&load("a.png")), vec![0, 0, 1, 1]);
     // 16-bit label image: label > 0
     image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_raw(4, 1, vec![0, 1, 2, 300])
@@ -679,15 +974,27 @@ fn mask_binarisation_rules() {
         .unwrap();
     assert_eq!(binarize(&load("b.png")), vec![0, 1, 1, 1]);
     // 8-bit 0/1 mask (max 1): > 0, and an 8-bit label image with labels below 128
-    image::GrayImage::from_raw(4, 1, vec![0, 1, 0, 1]).unwrap().save(dir.join("c.png")).unwrap();
+    image::GrayImage::from_raw(4, 1, vec![0, 1, 0, 1])
+        .unwrap()
+        .save(dir.join("c.png"))
+        .unwrap();
     assert_eq!(binarize(&load("c.png")), vec![0, 1, 0, 1]);
-    image::GrayImage::from_raw(4, 1, vec![0, 3, 17, 0]).unwrap().save(dir.join("d.png")).unwrap();
+    image::GrayImage::from_raw(4, 1, vec![0, 3, 17, 0])
+        .unwrap()
+        .save(dir.join("d.png"))
+        .unwrap();
     assert_eq!(binarize(&load("d.png")), vec![0, 1, 1, 0]);
     // RGB mask: first channel
-    image::RgbImage::from_raw(2, 1, vec![255, 0, 0, 0, 255, 255]).unwrap().save(dir.join("e.png")).unwrap();
+    image::RgbImage::from_raw(2, 1, vec![255, 0, 0, 0, 255, 255])
+        .unwrap()
+        .save(dir.join("e.png"))
+        .unwrap();
     assert_eq!(binarize(&load("e.png")), vec![1, 0]);
     // empty mask stays empty
-    image::GrayImage::from_raw(3, 1, vec![0, 0, 0]).unwrap().save(dir.join("f.png")).unwrap();
+    image::GrayImage::from_raw(3, 1, vec![0, 0, 0])
+        .unwrap()
+        .save(dir.join("f.png"))
+        .unwrap();
     assert_eq!(binarize(&load("f.png")), vec![0, 0, 0]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

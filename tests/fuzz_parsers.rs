@@ -169,7 +169,12 @@ impl Fuzz {
             if let Some(b) = bytes {
                 let p = self.dir.join(format!("peak-{i}.bin"));
                 std::fs::write(&p, b).unwrap();
-                eprintln!("fuzz {}: input {i} peaked at {:.0} MiB ({})", self.target, peak as f64 / (1 << 20) as f64, p.display());
+                eprintln!(
+                    "fuzz {}: input {i} peaked at {:.0} MiB ({})",
+                    self.target,
+                    peak as f64 / (1 << 20) as f64,
+                    p.display()
+                );
             }
         }
         self.peak = self.peak.max(peak);

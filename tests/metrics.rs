@@ -53,11 +53,25 @@ fn empty_masks() {
     let (w, h) = (7, 5);
     let z = vec![0u8; w * h];
     let s = scores(&z, &z, w, h, true);
-    assert_eq!(s, Scores { iou: 1.0, dice: 1.0, hd95: Some(0.0) });
+    assert_eq!(
+        s,
+        Scores {
+            iou: 1.0,
+            dice: 1.0,
+            hd95: Some(0.0)
+        }
+    );
     let one = rect(w, h, 2, 4, 1, 3);
     for (p, g) in [(&one, &z), (&z, &one)] {
         let s = scores(p, g, w, h, true);
-        assert_eq!(s, Scores { iou: 0.0, dice: 0.0, hd95: None });
+        assert_eq!(
+            s,
+            Scores {
+                iou: 0.0,
+                dice: 0.0,
+                hd95: None
+            }
+        );
         assert_eq!(hd95(p, g, w, h), None);
     }
 }
@@ -81,7 +95,10 @@ fn hd95_two_squares_shifted_by_three() {
     assert_eq!(hd95(&b, &a, w, h), Some(3.0));
     let s = scores(&a, &b, w, h, true);
     // overlap 3×6 = 18, union 54
-    assert_eq!((s.iou, s.dice, s.hd95), (18.0 / 54.0, 36.0 / 72.0, Some(3.0)));
+    assert_eq!(
+        (s.iou, s.dice, s.hd95),
+        (18.0 / 54.0, 36.0 / 72.0, Some(3.0))
+    );
 }
 
 #[test]
@@ -96,7 +113,10 @@ fn hd95_interpolates_and_takes_the_max_of_the_directions() {
     assert_eq!(hd95(&g, &p, w, h), Some(9.5));
     // two single pixels 3 across and 4 down: 5
     let (w, h) = (10, 10);
-    assert_eq!(hd95(&rect(w, h, 1, 2, 2, 3), &rect(w, h, 4, 5, 6, 7), w, h), Some(5.0));
+    assert_eq!(
+        hd95(&rect(w, h, 1, 2, 2, 3), &rect(w, h, 4, 5, 6, 7), w, h),
+        Some(5.0)
+    );
 }
 
 #[test]
@@ -104,8 +124,12 @@ fn hd95_counts_hole_boundaries_and_image_border() {
     // gt: 5×5 square; pred: the same with its centre pixel missing. The hole adds 4 boundary pixels
     // to pred at distance 1 from gt's perimeter: pred->gt = sixteen 0 and four 1 -> position 18.05
     // -> 1; gt->pred = 0.
-    let (g, w, h) = art(&[".......", ".#####.", ".#####.", ".##.##.", ".#####.", ".#####.", "......."]);
-    let (f, _, _) = art(&[".......", ".#####.", ".#####.", ".#####.", ".#####.", ".#####.", "......."]);
+    let (g, w, h) = art(&[
+        ".......", ".#####.", ".#####.", ".##.##.", ".#####.", ".#####.", ".......",
+    ]);
+    let (f, _, _) = art(&[
+        ".......", ".#####.", ".#####.", ".#####.", ".#####.", ".#####.", ".......",
+    ]);
     assert_eq!(hd95(&g, &f, w, h), Some(1.0));
     // pixels on the image border are boundary pixels (outside counts as background): pred = the
     // whole 5×5 image, gt = columns 0..4. pred->gt: column 4 (5 pixels) at 1, eleven at 0 ->
@@ -119,7 +143,9 @@ fn hd95_counts_hole_boundaries_and_image_border() {
 // ---- brute-force reference, written from the definitions --------------------------------------
 
 fn ref_boundary(m: &[u8], w: usize, h: usize) -> Vec<(i64, i64)> {
-    let fg = |x: i64, y: i64| x >= 0 && y >= 0 && x < w as i64 && y < h as i64 && m[y as usize * w + x as usize] != 0;
+    let fg = |x: i64, y: i64| {
+        x >= 0 && y >= 0 && x < w as i64 && y < h as i64 && m[y as usize * w + x as usize] != 0
+    };
     let mut out = Vec::new();
     for y in 0..h as i64 {
         for x in 0..w as i64 {
@@ -150,7 +176,9 @@ fn ref_hd95(p: &[u8], g: &[u8], w: usize, h: usize) -> Option<f64> {
         let d: Vec<f64> = a
             .iter()
             .map(|&(x, y)| {
-                b.iter().map(|&(u, v)| (((x - u).pow(2) + (y - v).pow(2)) as f64).sqrt()).fold(f64::INFINITY, f64::min)
+                b.iter()
+                    .map(|&(u, v)| (((x - u).pow(2) + (y - v).pow(2)) as f64).sqrt())
+                    .fold(f64::INFINITY, f64::min)
             })
             .collect();
         ref_percentile95(d)
@@ -169,7 +197,11 @@ fn random_mask(rng: &mut Rng, w: usize, h: usize, shapes: usize, noise: f64) -> 
         for y in 0..h {
             for x in 0..w {
                 let (dx, dy) = (x as f64 - cx, y as f64 - cy);
-                let inside = if disc { dx * dx + dy * dy <= r * r } else { dx.abs() <= r && dy.abs() <= 0.6 * r };
+                let inside = if disc {
+                    dx * dx + dy * dy <= r * r
+                } else {
+                    dx.abs() <= r && dy.abs() <= 0.6 * r
+                };
                 if inside {
                     m[y * w + x] = 255;
                 }
@@ -200,7 +232,10 @@ fn hd95_matches_brute_force_on_random_shapes() {
         match (got, want) {
             (Some(a), Some(b)) => {
                 max_err = max_err.max((a - b).abs());
-                assert!((a - b).abs() <= 1e-9, "trial {trial} ({w}×{h}): hd95 {a} vs brute force {b}");
+                assert!(
+                    (a - b).abs() <= 1e-9,
+                    "trial {trial} ({w}×{h}): hd95 {a} vs brute force {b}"
+                );
                 checked += 1;
             }
             (a, b) => assert_eq!(a, b, "trial {trial}"),
@@ -215,9 +250,21 @@ fn hd95_matches_brute_force_on_random_shapes() {
 #[test]
 fn summary_means() {
     let s = [
-        Scores { iou: 0.5, dice: 0.6, hd95: Some(2.0) },
-        Scores { iou: 1.0, dice: 1.0, hd95: None },
-        Scores { iou: 0.0, dice: 0.2, hd95: Some(5.0) },
+        Scores {
+            iou: 0.5,
+            dice: 0.6,
+            hd95: Some(2.0),
+        },
+        Scores {
+            iou: 1.0,
+            dice: 1.0,
+            hd95: None,
+        },
+        Scores {
+            iou: 0.0,
+            dice: 0.2,
+            hd95: Some(5.0),
+        },
     ];
     let m = Summary::from_scores(&s);
     assert_eq!(m.n, 3);
@@ -230,7 +277,12 @@ fn summary_means() {
     assert_eq!(m.mean_hd95, Some(3.5));
     assert_eq!(m.n_hd95, 2);
     let text = m.to_string();
-    assert!(text.contains("3 images") && text.contains("mIoU 50.00%") && text.contains("HD95 3.50 px (over 2 images)"), "{text}");
+    assert!(
+        text.contains("3 images")
+            && text.contains("mIoU 50.00%")
+            && text.contains("HD95 3.50 px (over 2 images)"),
+        "{text}"
+    );
     let e = Summary::from_scores(&[]);
     assert_eq!((e.n, e.n_hd95, e.mean_hd95), (0, 0, None));
     assert!(e.mean_iou.is_nan());
@@ -239,8 +291,22 @@ fn summary_means() {
 #[test]
 fn csv_rows_and_atomic_write() {
     let rows = vec![
-        ("ISIC_0000000".to_string(), Scores { iou: 0.5, dice: 2.0 / 3.0, hd95: Some(3.0) }),
-        ("a,\"b\"".to_string(), Scores { iou: 1.0, dice: 1.0, hd95: None }),
+        (
+            "ISIC_0000000".to_string(),
+            Scores {
+                iou: 0.5,
+                dice: 2.0 / 3.0,
+                hd95: Some(3.0),
+            },
+        ),
+        (
+            "a,\"b\"".to_string(),
+            Scores {
+                iou: 1.0,
+                dice: 1.0,
+                hd95: None,
+            },
+        ),
     ];
     let want = "id,iou,dice,hd95\nISIC_0000000,0.5,0.6666666666666666,3\n\"a,\"\"b\"\"\",1,1,\n";
     assert_eq!(csv_text(&rows), want);
@@ -251,7 +317,12 @@ fn csv_rows_and_atomic_write() {
     write_csv(&path, &rows).unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), want);
     // the values read back are the same f64s
-    let line = std::fs::read_to_string(&path).unwrap().lines().nth(1).unwrap().to_string();
+    let line = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
     let dice: f64 = line.split(',').nth(2).unwrap().parse().unwrap();
     assert_eq!(dice, 2.0 / 3.0);
     // no stray temporary files
@@ -288,5 +359,8 @@ fn hd95_at_the_paper_resolution() {
     let dt = t.elapsed();
     let want = ref_hd95(&p, &g, w, h).unwrap();
     assert!((got - want).abs() <= 1e-9, "{got} vs {want}");
-    println!("hd95 at 1024²: {got:.4} px in {:.1} ms", dt.as_secs_f64() * 1e3);
+    println!(
+        "hd95 at 1024²: {got:.4} px in {:.1} ms",
+        dt.as_secs_f64() * 1e3
+    );
 }

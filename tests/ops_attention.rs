@@ -7,7 +7,7 @@
 use medfastsam::gpu::{Gpu, Tensor};
 use medfastsam::ops::attention::*;
 use medfastsam::ops::reference::attention as refa;
-use medfastsam::testutil::{rel_err, test_gpu, to_f64, Rng};
+use medfastsam::testutil::{Rng, rel_err, test_gpu, to_f64};
 
 const FWD_TOL: f64 = 1e-5;
 const BWD_TOL: f64 = 5e-5;
@@ -32,8 +32,13 @@ fn scaled(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
 // ---------------------------------------------------------------------------------------------
 // partition / reverse
 
-const MAPS: [(usize, usize, usize, usize, usize); 5] =
-    [(2, 10, 13, 5, 7), (1, 7, 7, 3, 7), (2, 16, 9, 4, 4), (1, 5, 3, 2, 14), (2, 30, 17, 9, 14)];
+const MAPS: [(usize, usize, usize, usize, usize); 5] = [
+    (2, 10, 13, 5, 7),
+    (1, 7, 7, 3, 7),
+    (2, 16, 9, 4, 4),
+    (1, 5, 3, 2, 14),
+    (2, 30, 17, 9, 14),
+];
 
 #[test]
 fn partition_and_reverse_add_awkward_shapes() {
@@ -52,9 +57,19 @@ fn partition_and_reverse_add_awkward_shapes() {
         let want = refa::window_partition(&to_f64(&x), b, h, w, c, ws);
         let (nwh, nww) = refa::n_windows(h, w, ws);
         assert_eq!(win.shape, vec![b * nwh * nww, ws * ws, c]);
-        check(&format!("partition {:?}", (b, h, w, c, ws)), &gpu.read(&win).unwrap(), &want, 0.0);
+        check(
+            &format!("partition {:?}", (b, h, w, c, ws)),
+            &gpu.read(&win).unwrap(),
+            &want,
+            0.0,
+        );
         let want_back = refa::window_reverse_add(&want, &to_f64(&res), b, h, w, c, ws);
-        check(&format!("reverse_add {:?}", (b, h, w, c, ws)), &gpu.read(&back).unwrap(), &want_back, 1e-7);
+        check(
+            &format!("reverse_add {:?}", (b, h, w, c, ws)),
+            &gpu.read(&back).unwrap(),
+            &want_back,
+            1e-7,
+        );
     }
 }
 
@@ -75,7 +90,8 @@ fn partition_reverse_backward() {
         let tacc2 = up(gpu, &acc0, &[b, h, w, c]);
         let mut rec = gpu.new_recorder();
         let dx = window_partition_backward(&mut rec, &tdwin, &[b, h, w, c], ws, None).unwrap();
-        let dx_acc = window_partition_backward(&mut rec, &tdwin, &[b, h, w, c], ws, Some(&tacc)).unwrap();
+        let dx_acc =
+            window_partition_backward(&mut rec, &tdwin, &[b, h, w, c], ws, Some(&tacc)).unwrap();
         let dy = window_reverse_add_backward(&mut rec, &tdmap, ws, None).unwrap();
         let dy2 = window_reverse_add_backward(&mut rec, &tdmap, ws, Some(&tacc2)).unwrap();
         rec.submit().unwrap();
@@ -83,13 +99,42 @@ fn partition_reverse_backward() {
 
         let want_dx = refa::window_partition_backward(&to_f64(&dwin), b, h, w, c, ws);
         check("partition_backward", &gpu.read(&dx).unwrap(), &want_dx, 0.0);
-        let want_acc: Vec<f64> = want_dx.iter().zip(&acc0).map(|(a, &b)| a + b as f64).collect();
-        check("partition_backward accumulate", &gpu.read(&tacc).unwrap(), &want_acc, 1e-7);
-        let (want_dy, want_dres) = refa::window_reverse_add_backward(&to_f64(&dmap), b, h, w, c, ws);
-        check("reverse_add_backward dy", &gpu.read(&dy).unwrap(), &want_dy, 0.0);
-        check("reverse_add_backward dy (with dres)", &gpu.read(&dy2).unwrap(), &want_dy, 0.0);
-        let want_dres_acc: Vec<f64> = want_dres.iter().zip(&acc0).map(|(a, &b)| a + b as f64).collect();
-        check("reverse_add_backward dres accumulate", &gpu.read(&tacc2).unwrap(), &want_dres_acc, 1e-7);
+        let want_acc: Vec<f64> = want_dx
+            .iter()
+            .zip(&acc0)
+            .map(|(a, &b)| a + b as f64)
+            .collect();
+        check(
+            "partition_backward accumulate",
+            &gpu.read(&tacc).unwrap(),
+            &want_acc,
+            1e-7,
+        );
+        let (want_dy, want_dres) =
+            refa::window_reverse_add_backward(&to_f64(&dmap), b, h, w, c, ws);
+        check(
+            "reverse_add_backward dy",
+            &gpu.read(&dy).unwrap(),
+            &want_dy,
+            0.0,
+        );
+        check(
+            "reverse_add_backward dy (with dres)",
+            &gpu.read(&dy2).unwrap(),
+            &want_dy,
+            0.0,
+        );
+        let want_dres_acc: Vec<f64> = want_dres
+            .iter()
+            .zip(&acc0)
+            .map(|(a, &b)| a + b as f64)
+            .collect();
+        check(
+            "reverse_add_backward dres accumulate",
+            &gpu.read(&tacc2).unwrap(),
+            &want_dres_acc,
+            1e-7,
+        );
 
         // The reference gradients are the adjoints of the reference forward maps:
         // <partition(x), dwin> = <x, partition_backward(dwin)>, same for reverse_add w.r.t. y.
@@ -97,12 +142,18 @@ fn partition_reverse_backward() {
         let px = refa::window_partition(&x, b, h, w, c, ws);
         let lhs: f64 = px.iter().zip(&dwin).map(|(a, &b)| a * b as f64).sum();
         let rhs: f64 = x.iter().zip(&want_dx).map(|(a, b)| a * b).sum();
-        assert!((lhs - rhs).abs() <= 1e-12 * (1.0 + lhs.abs()), "partition adjoint {lhs} vs {rhs}");
+        assert!(
+            (lhs - rhs).abs() <= 1e-12 * (1.0 + lhs.abs()),
+            "partition adjoint {lhs} vs {rhs}"
+        );
         let y = to_f64(&rng.vec(nwin));
         let ry = refa::window_reverse_add(&y, &vec![0.0; nmap], b, h, w, c, ws);
         let lhs: f64 = ry.iter().zip(&dmap).map(|(a, &b)| a * b as f64).sum();
         let rhs: f64 = y.iter().zip(&want_dy).map(|(a, b)| a * b).sum();
-        assert!((lhs - rhs).abs() <= 1e-12 * (1.0 + lhs.abs()), "reverse adjoint {lhs} vs {rhs}");
+        assert!(
+            (lhs - rhs).abs() <= 1e-12 * (1.0 + lhs.abs()),
+            "reverse adjoint {lhs} vs {rhs}"
+        );
     }
 }
 
@@ -124,7 +175,12 @@ fn partition_reverse_grid_beyond_65535_workgroups() {
     rec.submit().unwrap();
     let want = refa::window_partition(&to_f64(&x), b, h, w, c, ws);
     check("partition 16.8M", &gpu.read(&win).unwrap(), &want, 0.0);
-    check("reverse 16.8M (round trip)", &gpu.read(&back).unwrap(), &to_f64(&x), 0.0);
+    check(
+        "reverse 16.8M (round trip)",
+        &gpu.read(&back).unwrap(),
+        &to_f64(&x),
+        0.0,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,7 +199,10 @@ const WIN_CASES: [(usize, usize, usize, usize); 6] = [
 fn win_inputs(rng: &mut Rng, nw: usize, ws: usize, c: usize, heads: usize) -> (Vec<f32>, Vec<f32>) {
     let n = ws * ws;
     // logits of a few units so the softmax is neither flat nor one-hot
-    (scaled(rng, nw * n * 3 * c, 1.5), scaled(rng, heads * n, 1.0))
+    (
+        scaled(rng, nw * n * 3 * c, 1.5),
+        scaled(rng, heads * n, 1.0),
+    )
 }
 
 fn check_window_forward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64, tag: &str) {
@@ -161,8 +220,18 @@ fn check_window_forward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64,
     let what = format!("window_attention{tag} nw{nw} ws{ws} C{c} h{heads}");
     assert_eq!(out.shape, vec![nw, n, c]);
     check(&what, &gpu.read(&out).unwrap(), &want, FWD_TOL);
-    check(&format!("{what} (train out)"), &gpu.read(&saved.out).unwrap(), &want, FWD_TOL);
-    check(&format!("{what} (train lse)"), &gpu.read(&saved.lse).unwrap(), &want_lse, FWD_TOL);
+    check(
+        &format!("{what} (train out)"),
+        &gpu.read(&saved.out).unwrap(),
+        &want,
+        FWD_TOL,
+    );
+    check(
+        &format!("{what} (train lse)"),
+        &gpu.read(&saved.lse).unwrap(),
+        &want_lse,
+        FWD_TOL,
+    );
 }
 
 #[test]
@@ -194,7 +263,12 @@ fn window_attention_on_partitioned_map_batch2() {
     let wq = refa::window_partition(&to_f64(&x), b, h, w, c3, ws);
     let (wo, _) = refa::window_attention(&wq, &to_f64(&bias), ws, 15, heads);
     let want = refa::window_reverse_add(&wo, &to_f64(&res), b, h, w, 15, ws);
-    check("partition -> window_attention -> reverse_add", &gpu.read(&y).unwrap(), &want, FWD_TOL);
+    check(
+        "partition -> window_attention -> reverse_add",
+        &gpu.read(&y).unwrap(),
+        &want,
+        FWD_TOL,
+    );
 }
 
 #[test]
@@ -210,7 +284,12 @@ fn window_attention_grid_beyond_65535_workgroups() {
     let out = window_attention(&mut rec, &tq, &tb, heads, ws).unwrap();
     rec.submit().unwrap();
     let (want, _) = refa::window_attention(&to_f64(&qkv), &to_f64(&bias), ws, c, heads);
-    check("window_attention 66000 windows", &gpu.read(&out).unwrap(), &want, FWD_TOL);
+    check(
+        "window_attention 66000 windows",
+        &gpu.read(&out).unwrap(),
+        &want,
+        FWD_TOL,
+    );
 }
 
 #[test]
@@ -248,15 +327,29 @@ const MHA_CASES: [(usize, usize, usize, usize, usize); 6] = [
     (2, 17, 23, 15, 5),  // odd everything
 ];
 
-fn mha_inputs(rng: &mut Rng, b: usize, lq: usize, lk: usize, e: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    (scaled(rng, b * lq * e, 1.5), scaled(rng, b * lk * e, 1.5), rng.vec(b * lk * e))
+fn mha_inputs(
+    rng: &mut Rng,
+    b: usize,
+    lq: usize,
+    lk: usize,
+    e: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    (
+        scaled(rng, b * lq * e, 1.5),
+        scaled(rng, b * lk * e, 1.5),
+        rng.vec(b * lk * e),
+    )
 }
 
 fn check_mha_forward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, seed: u64, tag: &str) {
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
-    let (tq, tk, tv) = (up(gpu, &q, &[b, lq, e]), up(gpu, &k, &[b, lk, e]), up(gpu, &v, &[b, lk, e]));
+    let (tq, tk, tv) = (
+        up(gpu, &q, &[b, lq, e]),
+        up(gpu, &k, &[b, lk, e]),
+        up(gpu, &v, &[b, lk, e]),
+    );
     let mut rec = gpu.new_recorder();
     let out = mha(&mut rec, &tq, &tk, &tv, heads).unwrap();
     let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
@@ -264,8 +357,18 @@ fn check_mha_forward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, see
     let (want, want_lse) = refa::mha(&to_f64(&q), &to_f64(&k), &to_f64(&v), b, lq, lk, e, heads);
     let what = format!("mha{tag} B{b} Lq{lq} Lk{lk} E{e} h{heads}");
     check(&what, &gpu.read(&out).unwrap(), &want, FWD_TOL);
-    check(&format!("{what} (train out)"), &gpu.read(&saved.out).unwrap(), &want, FWD_TOL);
-    check(&format!("{what} (train lse)"), &gpu.read(&saved.lse).unwrap(), &want_lse, FWD_TOL);
+    check(
+        &format!("{what} (train out)"),
+        &gpu.read(&saved.out).unwrap(),
+        &want,
+        FWD_TOL,
+    );
+    check(
+        &format!("{what} (train lse)"),
+        &gpu.read(&saved.lse).unwrap(),
+        &want_lse,
+        FWD_TOL,
+    );
 }
 
 #[test]
@@ -282,12 +385,21 @@ fn mha_decoder_shapes() {
         let (b, e, heads) = (1, 128, 8);
         let mut rng = Rng::new(lq as u64);
         let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
-        let (tq, tk, tv) = (up(gpu, &q, &[b, lq, e]), up(gpu, &k, &[b, lk, e]), up(gpu, &v, &[b, lk, e]));
+        let (tq, tk, tv) = (
+            up(gpu, &q, &[b, lq, e]),
+            up(gpu, &k, &[b, lk, e]),
+            up(gpu, &v, &[b, lk, e]),
+        );
         let mut rec = gpu.new_recorder();
         let out = mha(&mut rec, &tq, &tk, &tv, heads).unwrap();
         rec.submit().unwrap();
         let (want, _) = refa::mha(&to_f64(&q), &to_f64(&k), &to_f64(&v), b, lq, lk, e, heads);
-        check(&format!("mha decoder Lq{lq} Lk{lk}"), &gpu.read(&out).unwrap(), &want, FWD_TOL);
+        check(
+            &format!("mha decoder Lq{lq} Lk{lk}"),
+            &gpu.read(&out).unwrap(),
+            &want,
+            FWD_TOL,
+        );
     }
 }
 
@@ -310,7 +422,10 @@ fn fd_check(what: &str, x: &[f64], grad: &[f64], loss: impl Fn(&[f64]) -> f64) {
         worst = worst.max((fd - grad[i]).abs() / scale);
     }
     eprintln!("{what}: reference gradient vs finite differences, rel err {worst:.2e}");
-    assert!(worst < 1e-7, "{what}: finite differences disagree: {worst:.3e}");
+    assert!(
+        worst < 1e-7,
+        "{what}: finite differences disagree: {worst:.3e}"
+    );
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -326,7 +441,9 @@ fn reference_backward_matches_finite_differences() {
         let bias = to_f64(&rng.vec(heads * n));
         let w = to_f64(&rng.vec(nw * n * c));
         let (dqkv, dbias) = refa::window_attention_backward(&qkv, &bias, &w, ws, c, heads);
-        fd_check("window_attention dqkv", &qkv, &dqkv, |x| dot(&refa::window_attention(x, &bias, ws, c, heads).0, &w));
+        fd_check("window_attention dqkv", &qkv, &dqkv, |x| {
+            dot(&refa::window_attention(x, &bias, ws, c, heads).0, &w)
+        });
         fd_check("window_attention dbias", &bias, &dbias, |bb| {
             dot(&refa::window_attention(&qkv, bb, ws, c, heads).0, &w)
         });
@@ -359,14 +476,32 @@ fn check_window_backward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64
     let tdb = up(gpu, &dbias0, &[heads, n]);
     let mut rec = gpu.new_recorder();
     let saved = window_attention_train(&mut rec, &tq, &tb, heads, ws).unwrap();
-    let dqkv = window_attention_backward(&mut rec, &tq, &tb, &saved, &tdo, heads, ws, &tdb).unwrap();
+    let dqkv =
+        window_attention_backward(&mut rec, &tq, &tb, &saved, &tdo, heads, ws, &tdb).unwrap();
     rec.submit().unwrap();
-    let (want_dqkv, want_db) =
-        refa::window_attention_backward(&to_f64(&qkv), &to_f64(&bias), &to_f64(&dout), ws, c, heads);
+    let (want_dqkv, want_db) = refa::window_attention_backward(
+        &to_f64(&qkv),
+        &to_f64(&bias),
+        &to_f64(&dout),
+        ws,
+        c,
+        heads,
+    );
     let what = format!("window_attention_backward{tag} nw{nw} ws{ws} C{c} h{heads}");
-    check(&format!("{what} dqkv"), &gpu.read(&dqkv).unwrap(), &want_dqkv, BWD_TOL);
+    check(
+        &format!("{what} dqkv"),
+        &gpu.read(&dqkv).unwrap(),
+        &want_dqkv,
+        BWD_TOL,
+    );
     // dbias was accumulated into a buffer holding dbias0
-    let got_db: Vec<f32> = gpu.read(&tdb).unwrap().iter().zip(&dbias0).map(|(a, b)| a - b).collect();
+    let got_db: Vec<f32> = gpu
+        .read(&tdb)
+        .unwrap()
+        .iter()
+        .zip(&dbias0)
+        .map(|(a, b)| a - b)
+        .collect();
     check(&format!("{what} dbias"), &got_db, &want_db, BWD_TOL);
 }
 
@@ -380,19 +515,40 @@ fn window_attention_backward_awkward_shapes() {
     }
 }
 
-fn check_mha_backward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, seed: u64, tag: &str) {
+fn check_mha_backward(
+    b: usize,
+    lq: usize,
+    lk: usize,
+    e: usize,
+    heads: usize,
+    seed: u64,
+    tag: &str,
+) {
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
     let dout = rng.vec(b * lq * e);
-    let (tq, tk, tv) = (up(gpu, &q, &[b, lq, e]), up(gpu, &k, &[b, lk, e]), up(gpu, &v, &[b, lk, e]));
+    let (tq, tk, tv) = (
+        up(gpu, &q, &[b, lq, e]),
+        up(gpu, &k, &[b, lk, e]),
+        up(gpu, &v, &[b, lk, e]),
+    );
     let tdo = up(gpu, &dout, &[b, lq, e]);
     let mut rec = gpu.new_recorder();
     let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
     let (dq, dk, dv) = mha_backward(&mut rec, &tq, &tk, &tv, &saved, &tdo, heads).unwrap();
     rec.submit().unwrap();
-    let (wq, wk, wv) =
-        refa::mha_backward(&to_f64(&q), &to_f64(&k), &to_f64(&v), &to_f64(&dout), b, lq, lk, e, heads);
+    let (wq, wk, wv) = refa::mha_backward(
+        &to_f64(&q),
+        &to_f64(&k),
+        &to_f64(&v),
+        &to_f64(&dout),
+        b,
+        lq,
+        lk,
+        e,
+        heads,
+    );
     let what = format!("mha_backward{tag} B{b} Lq{lq} Lk{lk} E{e} h{heads}");
     check(&format!("{what} dq"), &gpu.read(&dq).unwrap(), &wq, BWD_TOL);
     check(&format!("{what} dk"), &gpu.read(&dk).unwrap(), &wk, BWD_TOL);

@@ -4,13 +4,14 @@
 //! then the GPU backward (accumulating into pre-filled gradients) against the reference backward.
 
 use medfastsam::gpu::Tensor;
+use medfastsam::ops::Act;
 use medfastsam::ops::conv::{
-    conv2d, conv2d_backward, conv2d_backward_chunked, conv2d_chunked, conv_transpose2x2,
-    conv_transpose2x2_backward, depthwise_conv2d, depthwise_conv2d_backward, depthwise_conv2d_run,
+    conv_transpose2x2, conv_transpose2x2_backward, conv2d, conv2d_backward,
+    conv2d_backward_chunked, conv2d_chunked, depthwise_conv2d, depthwise_conv2d_backward,
+    depthwise_conv2d_run,
 };
 use medfastsam::ops::reference::conv::{self as refc, ConvShape};
-use medfastsam::ops::Act;
-use medfastsam::testutil::{rel_err, test_gpu, to_f64, Rng};
+use medfastsam::testutil::{Rng, rel_err, test_gpu, to_f64};
 
 /// Forward tolerance: f32 accumulation over K = Ci*k*k <= 576 terms of size ~1 gives relative
 /// errors of a few 1e-7 in practice; 1e-5 leaves margin (see the printed measurements).
@@ -26,8 +27,26 @@ fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn shp(b: usize, h: usize, w: usize, ci: usize, co: usize, k: usize, stride: usize, pad: usize) -> ConvShape {
-    ConvShape { b, h, w, ci, co, k, stride, pad }
+fn shp(
+    b: usize,
+    h: usize,
+    w: usize,
+    ci: usize,
+    co: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> ConvShape {
+    ConvShape {
+        b,
+        h,
+        w,
+        ci,
+        co,
+        k,
+        stride,
+        pad,
+    }
 }
 
 fn act_name(a: Act) -> &'static str {
@@ -53,8 +72,25 @@ fn dense_forward(s: ConvShape, bias: bool, act: Act, chunk: Option<usize>, seed:
     let tb = gpu.upload(&bv, &[s.co]).unwrap();
     let mut rec = gpu.new_recorder();
     let y = match chunk {
-        None => conv2d(&mut rec, &tx, &tw, bias.then_some(&tb), s.stride, s.pad, act),
-        Some(_) => conv2d_chunked(&mut rec, &tx, &tw, bias.then_some(&tb), s.stride, s.pad, act, chunk),
+        None => conv2d(
+            &mut rec,
+            &tx,
+            &tw,
+            bias.then_some(&tb),
+            s.stride,
+            s.pad,
+            act,
+        ),
+        Some(_) => conv2d_chunked(
+            &mut rec,
+            &tx,
+            &tw,
+            bias.then_some(&tb),
+            s.stride,
+            s.pad,
+            act,
+            chunk,
+        ),
     }
     .unwrap();
     rec.submit().unwrap();
@@ -62,32 +98,40 @@ fn dense_forward(s: ConvShape, bias: bool, act: Act, chunk: Option<usize>, seed:
     let got = gpu.read(&y).unwrap();
     let b64 = to_f64(&bv);
     let want = refc::conv2d(&s, &to_f64(&x), &to_f64(&w), bias.then_some(&b64[..]), act);
-    check(&format!("conv2d {s:?} bias={bias} act={} chunk={chunk:?}", act_name(act)), &got, &want, TOL);
+    check(
+        &format!(
+            "conv2d {s:?} bias={bias} act={} chunk={chunk:?}",
+            act_name(act)
+        ),
+        &got,
+        &want,
+        TOL,
+    );
 }
 
 #[test]
 fn conv2d_forward_awkward_shapes() {
     let cases = [
         shp(2, 7, 9, 3, 5, 3, 1, 1),
-        shp(1, 9, 7, 3, 32, 3, 2, 1),   // stem-like, odd sizes, stride 2
+        shp(1, 9, 7, 3, 32, 3, 2, 1), // stem-like, odd sizes, stride 2
         shp(2, 11, 13, 6, 7, 3, 2, 1),
-        shp(1, 8, 12, 3, 32, 4, 4, 0),  // patchify k4 s4
-        shp(2, 10, 6, 5, 9, 2, 2, 0),   // patchify k2 s2
-        shp(1, 5, 7, 1, 4, 2, 2, 0),    // k2 s2 on odd sizes drops the last row/col
-        shp(2, 5, 7, 6, 5, 1, 1, 0),    // 1x1 = linear path
-        shp(1, 9, 8, 6, 5, 1, 2, 0),    // 1x1 stride 2 = im2col path
-        shp(1, 6, 9, 4, 3, 5, 1, 2),    // k5 p2
-        shp(1, 10, 11, 2, 3, 3, 3, 0),  // k3 s3
-        shp(1, 1, 1, 3, 2, 3, 1, 1),    // 1x1 image, 3x3 kernel
+        shp(1, 8, 12, 3, 32, 4, 4, 0),   // patchify k4 s4
+        shp(2, 10, 6, 5, 9, 2, 2, 0),    // patchify k2 s2
+        shp(1, 5, 7, 1, 4, 2, 2, 0),     // k2 s2 on odd sizes drops the last row/col
+        shp(2, 5, 7, 6, 5, 1, 1, 0),     // 1x1 = linear path
+        shp(1, 9, 8, 6, 5, 1, 2, 0),     // 1x1 stride 2 = im2col path
+        shp(1, 6, 9, 4, 3, 5, 1, 2),     // k5 p2
+        shp(1, 10, 11, 2, 3, 3, 3, 0),   // k3 s3
+        shp(1, 1, 1, 3, 2, 3, 1, 1),     // 1x1 image, 3x3 kernel
         shp(1, 17, 15, 20, 70, 3, 1, 1), // K = 180, Co = 70: several GEMM tiles each way
-        shp(2, 4, 4, 3, 6, 3, 2, 2),    // pad larger than needed
-        shp(2, 9, 11, 3, 8, 3, 2, 1),   // K = 27 padded to 28 (Co % 4 == 0), stem-like
-        shp(1, 7, 6, 2, 4, 3, 1, 1),    // K = 18 padded to 20
-        shp(1, 9, 9, 5, 12, 2, 2, 0),   // K = 20, no padding needed
-        shp(2, 11, 9, 8, 12, 3, 2, 1),  // C % 4 == 0: vec4 im2col, (ky, kx, ci) weight copy
+        shp(2, 4, 4, 3, 6, 3, 2, 2),     // pad larger than needed
+        shp(2, 9, 11, 3, 8, 3, 2, 1),    // K = 27 padded to 28 (Co % 4 == 0), stem-like
+        shp(1, 7, 6, 2, 4, 3, 1, 1),     // K = 18 padded to 20
+        shp(1, 9, 9, 5, 12, 2, 2, 0),    // K = 20, no padding needed
+        shp(2, 11, 9, 8, 12, 3, 2, 1),   // C % 4 == 0: vec4 im2col, (ky, kx, ci) weight copy
         shp(1, 10, 10, 12, 16, 2, 2, 0), // patchify on C % 4 == 0
-        shp(1, 7, 8, 4, 6, 1, 2, 0),    // 1x1 stride 2, C % 4 == 0
-        shp(1, 6, 7, 8, 5, 3, 1, 2),    // C % 4 == 0, Co % 4 != 0, pad 2
+        shp(1, 7, 8, 4, 6, 1, 2, 0),     // 1x1 stride 2, C % 4 == 0
+        shp(1, 6, 7, 8, 5, 3, 1, 2),     // C % 4 == 0, Co % 4 != 0, pad 2
     ];
     let acts = [Act::None, Act::Gelu, Act::Relu];
     for (i, &s) in cases.iter().enumerate() {
@@ -103,7 +147,13 @@ fn conv2d_forward_chunked_path() {
     for (i, chunk) in [1usize, 7, 16, 59, 60, 1000].into_iter().enumerate() {
         dense_forward(s, true, Act::Gelu, Some(chunk), 40 + i as u64);
     }
-    dense_forward(shp(1, 12, 12, 32, 64, 3, 1, 1), false, Act::Relu, Some(50), 47);
+    dense_forward(
+        shp(1, 12, 12, 32, 64, 3, 1, 1),
+        false,
+        Act::Relu,
+        Some(50),
+        47,
+    );
     dense_forward(shp(1, 8, 8, 3, 32, 4, 4, 0), true, Act::None, Some(3), 48);
     dense_forward(shp(2, 9, 11, 3, 8, 3, 2, 1), true, Act::Gelu, Some(7), 49); // padded K
     dense_forward(shp(2, 9, 11, 8, 8, 3, 2, 1), true, Act::Relu, Some(13), 50); // vec4 im2col
@@ -126,7 +176,10 @@ fn conv2d_grid_beyond_65535_workgroups() {
     let s = shp(1, 4100, 4100, 1, 2, 3, 2, 1);
     assert!((s.oh() * s.ow()).div_ceil(64) > 65_535 && (s.h * s.w).div_ceil(256) > 65_535);
     let lim = test_gpu().limits.max_storage_buffer_binding_size;
-    eprintln!("max_storage_buffer_binding_size = {lim}, column matrix = {} bytes", 4 * s.oh() * s.ow() * 9);
+    eprintln!(
+        "max_storage_buffer_binding_size = {lim}, column matrix = {} bytes",
+        4 * s.oh() * s.ow() * 9
+    );
     dense_forward(s, true, Act::None, None, 61);
     dense_backward(s, None, 62);
 }
@@ -151,7 +204,10 @@ fn fd_check(what: &str, v: &[f64], r: &[f64], f: impl Fn(&[f64]) -> Vec<f64>, an
         worst = worst.max((num - analytic[i]).abs() / scale);
     }
     eprintln!("{what}: finite-difference rel err {worst:.2e}");
-    assert!(worst < 1e-9, "{what}: finite differences disagree ({worst:.3e})");
+    assert!(
+        worst < 1e-9,
+        "{what}: finite differences disagree ({worst:.3e})"
+    );
 }
 
 fn rvec(rng: &mut Rng, n: usize) -> Vec<f64> {
@@ -161,15 +217,37 @@ fn rvec(rng: &mut Rng, n: usize) -> Vec<f64> {
 #[test]
 fn conv2d_reference_backward_matches_finite_differences() {
     let mut rng = Rng::new(70);
-    for s in [shp(2, 5, 4, 3, 2, 3, 2, 1), shp(1, 4, 5, 2, 3, 3, 1, 1), shp(1, 6, 5, 2, 2, 2, 2, 0)] {
+    for s in [
+        shp(2, 5, 4, 3, 2, 3, 2, 1),
+        shp(1, 4, 5, 2, 3, 3, 1, 1),
+        shp(1, 6, 5, 2, 2, 2, 2, 0),
+    ] {
         let x = rvec(&mut rng, s.b * s.h * s.w * s.ci);
         let w = rvec(&mut rng, s.co * s.ci * s.k * s.k);
         let b = rvec(&mut rng, s.co);
         let r = rvec(&mut rng, s.b * s.oh() * s.ow() * s.co);
         let (dx, dw, db) = refc::conv2d_backward(&s, &x, &w, &r);
-        fd_check(&format!("conv2d dx {s:?}"), &x, &r, |v| refc::conv2d(&s, v, &w, Some(&b), Act::None), &dx);
-        fd_check(&format!("conv2d dw {s:?}"), &w, &r, |v| refc::conv2d(&s, &x, v, Some(&b), Act::None), &dw);
-        fd_check(&format!("conv2d db {s:?}"), &b, &r, |v| refc::conv2d(&s, &x, &w, Some(v), Act::None), &db);
+        fd_check(
+            &format!("conv2d dx {s:?}"),
+            &x,
+            &r,
+            |v| refc::conv2d(&s, v, &w, Some(&b), Act::None),
+            &dx,
+        );
+        fd_check(
+            &format!("conv2d dw {s:?}"),
+            &w,
+            &r,
+            |v| refc::conv2d(&s, &x, v, Some(&b), Act::None),
+            &dw,
+        );
+        fd_check(
+            &format!("conv2d db {s:?}"),
+            &b,
+            &r,
+            |v| refc::conv2d(&s, &x, &w, Some(v), Act::None),
+            &db,
+        );
     }
 }
 
@@ -182,10 +260,29 @@ fn depthwise_reference_backward_matches_finite_differences() {
         let b = rvec(&mut rng, s.ci);
         let r = rvec(&mut rng, s.b * s.oh() * s.ow() * s.ci);
         let (dx, dw, db) = refc::depthwise_conv2d_backward(&s, &x, &w, &r);
-        let f = |x: &[f64], w: &[f64], b: &[f64]| refc::depthwise_conv2d(&s, x, w, Some(b), Act::None);
-        fd_check(&format!("depthwise dx {s:?}"), &x, &r, |v| f(v, &w, &b), &dx);
-        fd_check(&format!("depthwise dw {s:?}"), &w, &r, |v| f(&x, v, &b), &dw);
-        fd_check(&format!("depthwise db {s:?}"), &b, &r, |v| f(&x, &w, v), &db);
+        let f =
+            |x: &[f64], w: &[f64], b: &[f64]| refc::depthwise_conv2d(&s, x, w, Some(b), Act::None);
+        fd_check(
+            &format!("depthwise dx {s:?}"),
+            &x,
+            &r,
+            |v| f(v, &w, &b),
+            &dx,
+        );
+        fd_check(
+            &format!("depthwise dw {s:?}"),
+            &w,
+            &r,
+            |v| f(&x, v, &b),
+            &dw,
+        );
+        fd_check(
+            &format!("depthwise db {s:?}"),
+            &b,
+            &r,
+            |v| f(&x, &w, v),
+            &db,
+        );
     }
 }
 
@@ -198,7 +295,9 @@ fn conv_transpose_reference_backward_matches_finite_differences() {
     let bias = rvec(&mut rng, co);
     let r = rvec(&mut rng, b * 4 * h * w * co);
     let (dx, dw, db) = refc::conv_transpose2x2_backward(b, h, w, ci, co, &x, &wt, &r);
-    let f = |x: &[f64], wt: &[f64], bs: &[f64]| refc::conv_transpose2x2(b, h, w, ci, co, x, wt, Some(bs), Act::None);
+    let f = |x: &[f64], wt: &[f64], bs: &[f64]| {
+        refc::conv_transpose2x2(b, h, w, ci, co, x, wt, Some(bs), Act::None)
+    };
     fd_check("convT dx", &x, &r, |v| f(v, &wt, &bias), &dx);
     fd_check("convT dw", &wt, &r, |v| f(&x, v, &bias), &dw);
     fd_check("convT db", &bias, &r, |v| f(&x, &wt, v), &db);
@@ -227,13 +326,24 @@ impl Grads {
         let gpu = test_gpu();
         for (i, name) in ["dx", "dw", "dbias"].iter().enumerate() {
             let got = gpu.read(&self.t[i]).unwrap();
-            let full: Vec<f64> = want[i].iter().zip(&self.init[i]).map(|(w, &g0)| w + g0 as f64).collect();
+            let full: Vec<f64> = want[i]
+                .iter()
+                .zip(&self.init[i])
+                .map(|(w, &g0)| w + g0 as f64)
+                .collect();
             check(&format!("{what} {name}"), &got, &full, tol);
             // Also relative to the gradient alone (the init is of similar size, so this is the
             // stricter measure for small gradients).
-            let diff: Vec<f32> = got.iter().zip(&self.init[i]).map(|(g, g0)| g - g0).collect();
+            let diff: Vec<f32> = got
+                .iter()
+                .zip(&self.init[i])
+                .map(|(g, g0)| g - g0)
+                .collect();
             let e = rel_err(&diff, want[i]);
-            assert!(e <= 10.0 * tol, "{what} {name}: gradient-relative error {e:.3e}");
+            assert!(
+                e <= 10.0 * tol,
+                "{what} {name}: gradient-relative error {e:.3e}"
+            );
         }
     }
 }
@@ -247,14 +357,33 @@ fn dense_backward(s: ConvShape, chunk: Option<usize>, seed: u64) {
     let x = rng.vec(xs.iter().product());
     let w = rng.vec(ws.iter().product());
     let dy = rng.vec(ys.iter().product());
-    let (tx, tw, tdy) = (gpu.upload(&x, &xs).unwrap(), gpu.upload(&w, &ws).unwrap(), gpu.upload(&dy, &ys).unwrap());
+    let (tx, tw, tdy) = (
+        gpu.upload(&x, &xs).unwrap(),
+        gpu.upload(&w, &ws).unwrap(),
+        gpu.upload(&dy, &ys).unwrap(),
+    );
     let g = grads(&mut rng, [&xs, &ws, &[s.co]]);
     let mut rec = gpu.new_recorder();
-    conv2d_backward_chunked(&mut rec, &tx, &tw, &tdy, s.stride, s.pad, Some(&g.t[0]), Some(&g.t[1]), Some(&g.t[2]), chunk)
-        .unwrap();
+    conv2d_backward_chunked(
+        &mut rec,
+        &tx,
+        &tw,
+        &tdy,
+        s.stride,
+        s.pad,
+        Some(&g.t[0]),
+        Some(&g.t[1]),
+        Some(&g.t[2]),
+        chunk,
+    )
+    .unwrap();
     rec.submit().unwrap();
     let (dx, dw, db) = refc::conv2d_backward(&s, &to_f64(&x), &to_f64(&w), &to_f64(&dy));
-    g.check(&format!("conv2d backward {s:?} chunk={chunk:?}"), [&dx, &dw, &db], TOL_GRAD);
+    g.check(
+        &format!("conv2d backward {s:?} chunk={chunk:?}"),
+        [&dx, &dw, &db],
+        TOL_GRAD,
+    );
 }
 
 #[test]
@@ -265,8 +394,8 @@ fn conv2d_backward_awkward_shapes() {
         shp(2, 11, 13, 6, 7, 3, 2, 1),
         shp(1, 8, 12, 3, 32, 4, 4, 0),
         shp(2, 10, 6, 5, 9, 2, 2, 0),
-        shp(2, 5, 7, 6, 5, 1, 1, 0),   // 1x1 (GEMM path)
-        shp(1, 9, 8, 6, 5, 1, 2, 0),   // 1x1 stride 2 (im2col path)
+        shp(2, 5, 7, 6, 5, 1, 1, 0), // 1x1 (GEMM path)
+        shp(1, 9, 8, 6, 5, 1, 2, 0), // 1x1 stride 2 (im2col path)
         shp(1, 6, 9, 4, 3, 5, 1, 2),
         shp(2, 16, 16, 3, 5, 3, 1, 1), // M = 512 -> split-K weight gradient
         shp(1, 17, 15, 20, 70, 3, 1, 1),
@@ -317,8 +446,18 @@ fn conv2d_backward_partial_gradients() {
         conv2d_backward(&mut rec, &tx, &tw, &tdy, 2, 1, Some(&zx), None, None).unwrap();
         conv2d_backward(&mut rec, &tx, &tw, &tdy, 2, 1, None, Some(&zw), None).unwrap();
         rec.submit().unwrap();
-        check(&format!("conv2d backward dx only, Ci {ci}"), &gpu.read(&zx).unwrap(), &dx, TOL_GRAD);
-        check(&format!("conv2d backward dw only, Ci {ci}"), &gpu.read(&zw).unwrap(), &dw, TOL_GRAD);
+        check(
+            &format!("conv2d backward dx only, Ci {ci}"),
+            &gpu.read(&zx).unwrap(),
+            &dx,
+            TOL_GRAD,
+        );
+        check(
+            &format!("conv2d backward dw only, Ci {ci}"),
+            &gpu.read(&zw).unwrap(),
+            &dw,
+            TOL_GRAD,
+        );
     }
 }
 
@@ -341,8 +480,25 @@ fn depthwise_forward_run(s: ConvShape, bias: bool, act: Act, run: Option<usize>,
     let tb = gpu.upload(&bv, &[s.ci]).unwrap();
     let mut rec = gpu.new_recorder();
     let y = match run {
-        None => depthwise_conv2d(&mut rec, &tx, &tw, bias.then_some(&tb), s.stride, s.pad, act),
-        Some(r) => depthwise_conv2d_run(&mut rec, &tx, &tw, bias.then_some(&tb), s.stride, s.pad, act, r),
+        None => depthwise_conv2d(
+            &mut rec,
+            &tx,
+            &tw,
+            bias.then_some(&tb),
+            s.stride,
+            s.pad,
+            act,
+        ),
+        Some(r) => depthwise_conv2d_run(
+            &mut rec,
+            &tx,
+            &tw,
+            bias.then_some(&tb),
+            s.stride,
+            s.pad,
+            act,
+            r,
+        ),
     }
     .unwrap();
     rec.submit().unwrap();
@@ -350,7 +506,15 @@ fn depthwise_forward_run(s: ConvShape, bias: bool, act: Act, run: Option<usize>,
     let got = gpu.read(&y).unwrap();
     let b64 = to_f64(&bv);
     let want = refc::depthwise_conv2d(&s, &to_f64(&x), &to_f64(&w), bias.then_some(&b64[..]), act);
-    check(&format!("depthwise {s:?} bias={bias} act={} run={run:?}", act_name(act)), &got, &want, TOL);
+    check(
+        &format!(
+            "depthwise {s:?} bias={bias} act={} run={run:?}",
+            act_name(act)
+        ),
+        &got,
+        &want,
+        TOL,
+    );
 }
 
 #[test]
@@ -363,7 +527,7 @@ fn depthwise_forward_awkward_shapes() {
         shp(1, 6, 5, 4, 4, 5, 1, 2),
         shp(1, 1, 1, 7, 7, 3, 1, 1),
         shp(2, 5, 6, 3, 3, 3, 1, 0),
-        shp(2, 9, 7, 8, 8, 3, 2, 1),    // C % 4 == 0: vectorised kernels
+        shp(2, 9, 7, 8, 8, 3, 2, 1), // C % 4 == 0: vectorised kernels
         shp(1, 6, 5, 12, 12, 3, 1, 1),
     ];
     let acts = [Act::None, Act::Gelu, Act::Relu];
@@ -423,14 +587,32 @@ fn depthwise_backward(s: ConvShape, seed: u64) {
     let x = rng.vec(xs.iter().product());
     let w = rng.vec(ws.iter().product());
     let dy = rng.vec(ys.iter().product());
-    let (tx, tw, tdy) = (gpu.upload(&x, &xs).unwrap(), gpu.upload(&w, &ws).unwrap(), gpu.upload(&dy, &ys).unwrap());
+    let (tx, tw, tdy) = (
+        gpu.upload(&x, &xs).unwrap(),
+        gpu.upload(&w, &ws).unwrap(),
+        gpu.upload(&dy, &ys).unwrap(),
+    );
     let g = grads(&mut rng, [&xs, &ws, &[s.ci]]);
     let mut rec = gpu.new_recorder();
-    depthwise_conv2d_backward(&mut rec, &tx, &tw, &tdy, s.stride, s.pad, Some(&g.t[0]), Some(&g.t[1]), Some(&g.t[2]))
-        .unwrap();
+    depthwise_conv2d_backward(
+        &mut rec,
+        &tx,
+        &tw,
+        &tdy,
+        s.stride,
+        s.pad,
+        Some(&g.t[0]),
+        Some(&g.t[1]),
+        Some(&g.t[2]),
+    )
+    .unwrap();
     rec.submit().unwrap();
     let (dx, dw, db) = refc::depthwise_conv2d_backward(&s, &to_f64(&x), &to_f64(&w), &to_f64(&dy));
-    g.check(&format!("depthwise backward {s:?}"), [&dx, &dw, &db], TOL_GRAD);
+    g.check(
+        &format!("depthwise backward {s:?}"),
+        [&dx, &dw, &db],
+        TOL_GRAD,
+    );
 }
 
 #[test]
@@ -480,14 +662,34 @@ fn convt_case(b: usize, h: usize, w: usize, ci: usize, co: usize, bias: bool, ac
     let g = grads(&mut rng, [&xs, &ws, &[co]]);
     let mut rec = gpu.new_recorder();
     let y = conv_transpose2x2(&mut rec, &tx, &tw, bias.then_some(&tb), act).unwrap();
-    conv_transpose2x2_backward(&mut rec, &tx, &tw, &tdy, Some(&g.t[0]), Some(&g.t[1]), Some(&g.t[2])).unwrap();
+    conv_transpose2x2_backward(
+        &mut rec,
+        &tx,
+        &tw,
+        &tdy,
+        Some(&g.t[0]),
+        Some(&g.t[1]),
+        Some(&g.t[2]),
+    )
+    .unwrap();
     rec.submit().unwrap();
     assert_eq!(y.shape, ys.to_vec());
     let b64 = to_f64(&bv);
-    let want = refc::conv_transpose2x2(b, h, w, ci, co, &to_f64(&x), &to_f64(&wt), bias.then_some(&b64[..]), act);
+    let want = refc::conv_transpose2x2(
+        b,
+        h,
+        w,
+        ci,
+        co,
+        &to_f64(&x),
+        &to_f64(&wt),
+        bias.then_some(&b64[..]),
+        act,
+    );
     let what = format!("convT2x2 x{xs:?} co={co} bias={bias} act={}", act_name(act));
     check(&what, &gpu.read(&y).unwrap(), &want, TOL);
-    let (dx, dw, db) = refc::conv_transpose2x2_backward(b, h, w, ci, co, &to_f64(&x), &to_f64(&wt), &to_f64(&dy));
+    let (dx, dw, db) =
+        refc::conv_transpose2x2_backward(b, h, w, ci, co, &to_f64(&x), &to_f64(&wt), &to_f64(&dy));
     g.check(&format!("{what} backward"), [&dx, &dw, &db], TOL_GRAD);
 }
 
@@ -521,7 +723,14 @@ fn bench_depthwise_model_shapes() {
     use medfastsam::ops::time_op;
     let gpu = test_gpu();
     // (resolution, channels, stride, calls)
-    let calls = [(256, 256, 1, 2), (256, 128, 2, 1), (128, 128, 1, 2), (128, 160, 2, 1), (64, 160, 1, 6), (64, 320, 1, 3)];
+    let calls = [
+        (256, 256, 1, 2),
+        (256, 128, 2, 1),
+        (128, 128, 1, 2),
+        (128, 160, 2, 1),
+        (64, 160, 1, 6),
+        (64, 320, 1, 3),
+    ];
     let mut rng = Rng::new(7);
     let mut total = 0.0;
     let mut total_cpu = 0.0;
@@ -529,8 +738,15 @@ fn bench_depthwise_model_shapes() {
         let x = gpu.upload(&rng.vec(r * r * c), &[1, r, r, c]).unwrap();
         let w = gpu.upload(&rng.vec(c * 9), &[c, 1, 3, 3]).unwrap();
         let b = gpu.upload(&rng.vec(c), &[c]).unwrap();
-        let act = if std::env::var("DW_NOACT").is_ok() { Act::None } else { Act::Gelu };
-        let ms = time_op(gpu, 3, |rec| depthwise_conv2d(rec, &x, &w, Some(&b), s, 1, act).map(|_| ())).unwrap();
+        let act = if std::env::var("DW_NOACT").is_ok() {
+            Act::None
+        } else {
+            Act::Gelu
+        };
+        let ms = time_op(gpu, 3, |rec| {
+            depthwise_conv2d(rec, &x, &w, Some(&b), s, 1, act).map(|_| ())
+        })
+        .unwrap();
         // CPU time of the process (the adapter's worker threads): less sensitive to other load.
         let reps = 10;
         let c0 = cpu_ms();
@@ -550,8 +766,16 @@ fn bench_depthwise_model_shapes() {
 
 /// User + system CPU time of this process in ms (Linux /proc; 0 elsewhere).
 fn cpu_ms() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     ticks * 10.0
 }

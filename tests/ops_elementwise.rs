@@ -3,8 +3,8 @@
 //! workgroups.
 
 use medfastsam::ops::elementwise::*;
-use medfastsam::ops::{reference, Act};
-use medfastsam::testutil::{assert_close, test_gpu, to_f64, Rng};
+use medfastsam::ops::{Act, reference};
+use medfastsam::testutil::{Rng, assert_close, test_gpu, to_f64};
 
 #[test]
 fn activations_and_their_backward() {
@@ -22,7 +22,12 @@ fn activations_and_their_backward() {
             let g = act_backward(&mut rec, &tx, &tdy, act).unwrap();
             rec.submit().unwrap();
             let want: Vec<f64> = x.iter().map(|&v| reference::act(v as f64, act)).collect();
-            assert_close(&format!("{act:?} n={n}"), &gpu.read(&y).unwrap(), &want, 1e-6);
+            assert_close(
+                &format!("{act:?} n={n}"),
+                &gpu.read(&y).unwrap(),
+                &want,
+                1e-6,
+            );
             let want: Vec<f64> = x
                 .iter()
                 .zip(&dy)
@@ -40,18 +45,28 @@ fn activations_and_their_backward() {
                         }
                 })
                 .collect();
-            assert_close(&format!("{act:?} backward n={n}"), &gpu.read(&g).unwrap(), &want, 1e-6);
+            assert_close(
+                &format!("{act:?} backward n={n}"),
+                &gpu.read(&g).unwrap(),
+                &want,
+                1e-6,
+            );
         }
     }
     // GELU against the exact form at the extremes (absolute error).
-    let xs: Vec<f32> = vec![-10.0, -5.0, -3.0, -1e-3, 0.0, 1e-3, 0.3, 0.70710677, 3.0, 10.0];
+    let xs: Vec<f32> = vec![
+        -10.0, -5.0, -3.0, -1e-3, 0.0, 1e-3, 0.3, 0.70710677, 3.0, 10.0,
+    ];
     let t = gpu.upload(&xs, &[xs.len()]).unwrap();
     let mut rec = gpu.new_recorder();
     let y = activation(&mut rec, &t, Act::Gelu).unwrap();
     rec.submit().unwrap();
     for (g, &x) in gpu.read(&y).unwrap().iter().zip(&xs) {
         let w = reference::gelu(x as f64);
-        assert!((*g as f64 - w).abs() <= 1e-7 + 1e-6 * w.abs(), "gelu({x}) = {g} vs {w}");
+        assert!(
+            (*g as f64 - w).abs() <= 1e-7 + 1e-6 * w.abs(),
+            "gelu({x}) = {g} vs {w}"
+        );
     }
 }
 
@@ -85,11 +100,17 @@ fn gelu_and_gradient_pointwise_accuracy() {
         let (wy, wg) = (reference::gelu(x), reference::gelu_grad(x));
         let (ey, eg) = ((y[i] as f64 - wy).abs(), (g[i] as f64 - wg).abs());
         assert!(ey <= 2e-6 * wy.abs() + 1e-9, "gelu({x}) = {} vs {wy}", y[i]);
-        assert!(eg <= 2e-6 * wg.abs() + 1e-7, "gelu'({x}) = {} vs {wg}", g[i]);
+        assert!(
+            eg <= 2e-6 * wg.abs() + 1e-7,
+            "gelu'({x}) = {} vs {wg}",
+            g[i]
+        );
         worst_y = worst_y.max(if wy.abs() > 1e-6 { ey / wy.abs() } else { 0.0 });
         worst_g = worst_g.max(eg);
     }
-    eprintln!("gelu over [-12, 12]: worst relative error {worst_y:.2e} (where |gelu| > 1e-6); gradient worst absolute error {worst_g:.2e}");
+    eprintln!(
+        "gelu over [-12, 12]: worst relative error {worst_y:.2e} (where |gelu| > 1e-6); gradient worst absolute error {worst_g:.2e}"
+    );
 }
 
 #[test]
@@ -121,13 +142,34 @@ fn binary_broadcast_concat_split_slice() {
     assert_close("concat", &gpu.read(&cat).unwrap(), &want, 0.0);
     assert_close("split a", &gpu.read(&sa).unwrap(), &to_f64(&a), 0.0);
     assert_close("split b", &gpu.read(&sb).unwrap(), &to_f64(&b), 0.0);
-    let w: Vec<f64> = a.iter().enumerate().map(|(i, &v)| v as f64 + bias[i % c1] as f64).collect();
+    let w: Vec<f64> = a
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v as f64 + bias[i % c1] as f64)
+        .collect();
     assert_close("add broadcast", &gpu.read(&sum).unwrap(), &w, 1e-7);
-    let w: Vec<f64> = a.iter().enumerate().map(|(i, &v)| v as f64 * bias[i % c1] as f64).collect();
+    let w: Vec<f64> = a
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v as f64 * bias[i % c1] as f64)
+        .collect();
     assert_close("mul broadcast", &gpu.read(&prod).unwrap(), &w, 1e-7);
     assert!(gpu.read(&diff).unwrap().iter().all(|&v| v == 0.0));
-    assert_close("slice", &gpu.read(&sl).unwrap(), &to_f64(&a[4 * c1..13 * c1]), 0.0);
-    let w: Vec<f64> = (0..rows * c1).map(|i| if (4 * c1..13 * c1).contains(&i) { a[i] as f64 } else { 0.0 }).collect();
+    assert_close(
+        "slice",
+        &gpu.read(&sl).unwrap(),
+        &to_f64(&a[4 * c1..13 * c1]),
+        0.0,
+    );
+    let w: Vec<f64> = (0..rows * c1)
+        .map(|i| {
+            if (4 * c1..13 * c1).contains(&i) {
+                a[i] as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
     assert_close("slice backward", &gpu.read(&back).unwrap(), &w, 0.0);
 }
 
@@ -143,13 +185,28 @@ fn vec4_activations_and_binary_ops() {
     let y = rng.vec(n);
     let v = rng.vec(c);
     let v8 = rng.vec(8); // broadcast period 8 over rows of 12: b[i % 8]
-    let (tx, ty) = (gpu.upload(&x, &[rows, c]).unwrap(), gpu.upload(&y, &[rows, c]).unwrap());
-    let (tv, tv8) = (gpu.upload(&v, &[c]).unwrap(), gpu.upload(&v8, &[8]).unwrap());
+    let (tx, ty) = (
+        gpu.upload(&x, &[rows, c]).unwrap(),
+        gpu.upload(&y, &[rows, c]).unwrap(),
+    );
+    let (tv, tv8) = (
+        gpu.upload(&v, &[c]).unwrap(),
+        gpu.upload(&v8, &[8]).unwrap(),
+    );
     let mut rec = gpu.new_recorder();
-    let acts: Vec<_> = [Act::None, Act::Gelu, Act::Relu].iter().map(|&a| (a, activation(&mut rec, &tx, a).unwrap())).collect();
+    let acts: Vec<_> = [Act::None, Act::Gelu, Act::Relu]
+        .iter()
+        .map(|&a| (a, activation(&mut rec, &tx, a).unwrap()))
+        .collect();
     let ops = [BinOp::Add, BinOp::Mul, BinOp::Sub];
-    let full: Vec<_> = ops.iter().map(|&op| binary(&mut rec, &tx, &ty, op).unwrap()).collect();
-    let bc: Vec<_> = ops.iter().map(|&op| binary(&mut rec, &tx, &tv, op).unwrap()).collect();
+    let full: Vec<_> = ops
+        .iter()
+        .map(|&op| binary(&mut rec, &tx, &ty, op).unwrap())
+        .collect();
+    let bc: Vec<_> = ops
+        .iter()
+        .map(|&op| binary(&mut rec, &tx, &tv, op).unwrap())
+        .collect();
     let bc8 = binary(&mut rec, &tx, &tv8, BinOp::Add).unwrap();
     rec.submit().unwrap();
     for (act, t) in &acts {
@@ -159,14 +216,29 @@ fn vec4_activations_and_binary_ops() {
     let f = |op: usize, a: f64, b: f64| [a + b, a * b, a - b][op];
     for (k, t) in full.iter().enumerate() {
         let want: Vec<f64> = (0..n).map(|i| f(k, x[i] as f64, y[i] as f64)).collect();
-        assert_close(&format!("vec4 binary full {k}"), &gpu.read(t).unwrap(), &want, 1e-7);
+        assert_close(
+            &format!("vec4 binary full {k}"),
+            &gpu.read(t).unwrap(),
+            &want,
+            1e-7,
+        );
     }
     for (k, t) in bc.iter().enumerate() {
         let want: Vec<f64> = (0..n).map(|i| f(k, x[i] as f64, v[i % c] as f64)).collect();
-        assert_close(&format!("vec4 binary broadcast {k}"), &gpu.read(t).unwrap(), &want, 1e-7);
+        assert_close(
+            &format!("vec4 binary broadcast {k}"),
+            &gpu.read(t).unwrap(),
+            &want,
+            1e-7,
+        );
     }
     let want: Vec<f64> = (0..n).map(|i| x[i] as f64 + v8[i % 8] as f64).collect();
-    assert_close("vec4 binary broadcast period 8", &gpu.read(&bc8).unwrap(), &want, 1e-7);
+    assert_close(
+        "vec4 binary broadcast period 8",
+        &gpu.read(&bc8).unwrap(),
+        &want,
+        1e-7,
+    );
     // Channel concat of [rows, 12] and [rows, 8] (vec4) and its split (scalar).
     let z = rng.vec(rows * 8);
     let tz = gpu.upload(&z, &[rows, 8]).unwrap();
@@ -189,7 +261,13 @@ fn vec4_activations_and_binary_ops() {
 fn column_sums_are_exact_enough_and_accumulate() {
     let gpu = test_gpu();
     let mut rng = Rng::new(3);
-    for &(rows, c) in &[(1usize, 1usize), (2048, 64), (65_537, 3), (300, 130), (5, 1000)] {
+    for &(rows, c) in &[
+        (1usize, 1usize),
+        (2048, 64),
+        (65_537, 3),
+        (300, 130),
+        (5, 1000),
+    ] {
         let x = rng.vec(rows * c);
         let init = rng.vec(c);
         let tx = gpu.upload(&x, &[rows, c]).unwrap();
@@ -205,9 +283,19 @@ fn column_sums_are_exact_enough_and_accumulate() {
                 want[j] += x[r * c + j] as f64;
             }
         }
-        assert_close(&format!("col_sum {rows}x{c}"), &gpu.read(&out2).unwrap(), &want, 1e-6);
+        assert_close(
+            &format!("col_sum {rows}x{c}"),
+            &gpu.read(&out2).unwrap(),
+            &want,
+            1e-6,
+        );
         let acc: Vec<f64> = want.iter().zip(&init).map(|(w, &i)| w + i as f64).collect();
-        assert_close(&format!("col_sum += {rows}x{c}"), &gpu.read(&out).unwrap(), &acc, 1e-6);
+        assert_close(
+            &format!("col_sum += {rows}x{c}"),
+            &gpu.read(&out).unwrap(),
+            &acc,
+            1e-6,
+        );
     }
 }
 
@@ -219,7 +307,9 @@ fn accumulate_and_normalize_beyond_65535_groups() {
     // 67,200 workgroups of 256, past the 65,535 per-dimension limit.
     let (h, w) = (2048usize, 2100usize);
     let n = 4096 * 4200;
-    let px: Vec<u32> = (0..h * w).map(|_| rng.next_u64() as u32 & 0xFF_FFFF).collect();
+    let px: Vec<u32> = (0..h * w)
+        .map(|_| rng.next_u64() as u32 & 0xFF_FFFF)
+        .collect();
     let t = gpu.upload_u32(&px, &[1, h, w]).unwrap();
     let a = rng.vec(n);
     let acc = gpu.upload(&a, &[n]).unwrap();

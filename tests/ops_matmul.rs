@@ -2,15 +2,32 @@
 //! scalar loads, lanes along M or N, split-K + reduce), awkward shapes around the tile sizes, every
 //! transpose and epilogue variant, broadcast weights, and grids past 65,535 workgroups.
 
-use medfastsam::ops::matmul::{gemm_with, linear, linear_residual_act, plan, vec4_ok, Gemm, GemmConfig, GemmPath};
-use medfastsam::ops::{reference, Act};
-use medfastsam::testutil::{assert_close, rel_err, test_gpu, to_f64, Rng};
+use medfastsam::ops::matmul::{
+    Gemm, GemmConfig, GemmPath, gemm_with, linear, linear_residual_act, plan, vec4_ok,
+};
+use medfastsam::ops::{Act, reference};
+use medfastsam::testutil::{Rng, assert_close, rel_err, test_gpu, to_f64};
 
-const TILED: GemmConfig = GemmConfig { path: GemmPath::Tiled, vec4: None, lanes_n: None, splits: None };
-const BLOCKED: GemmConfig = GemmConfig { path: GemmPath::Blocked, vec4: None, lanes_n: None, splits: None };
+const TILED: GemmConfig = GemmConfig {
+    path: GemmPath::Tiled,
+    vec4: None,
+    lanes_n: None,
+    splits: None,
+};
+const BLOCKED: GemmConfig = GemmConfig {
+    path: GemmPath::Blocked,
+    vec4: None,
+    lanes_n: None,
+    splits: None,
+};
 
 fn blocked(vec4: bool, lanes_n: bool) -> GemmConfig {
-    GemmConfig { path: GemmPath::Blocked, vec4: Some(vec4), lanes_n: Some(lanes_n), splits: None }
+    GemmConfig {
+        path: GemmPath::Blocked,
+        vec4: Some(vec4),
+        lanes_n: Some(lanes_n),
+        splits: None,
+    }
 }
 
 fn tol(g: &Gemm) -> f64 {
@@ -26,8 +43,18 @@ fn run_cfg(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig) -> 
 fn run_padded(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig, pad: usize) -> f64 {
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
-    let na = pad + if g.a_bs == 0 { g.m * g.k } else { g.a_bs * (g.batch - 1) + g.m * g.k };
-    let nb = pad + if g.b_bs == 0 { g.k * g.n } else { g.b_bs * (g.batch - 1) + g.k * g.n };
+    let na = pad
+        + if g.a_bs == 0 {
+            g.m * g.k
+        } else {
+            g.a_bs * (g.batch - 1) + g.m * g.k
+        };
+    let nb = pad
+        + if g.b_bs == 0 {
+            g.k * g.n
+        } else {
+            g.b_bs * (g.batch - 1) + g.k * g.n
+        };
     let nc = pad + g.c_bs * (g.batch - 1) + g.m * g.n;
     let a = rng.vec(na);
     let b = rng.vec(nb);
@@ -40,7 +67,17 @@ fn run_padded(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig, 
     let tr = gpu.upload(&r, &[nc]).unwrap();
     let tc = gpu.upload(&c0, &[nc]).unwrap();
     let mut rec = gpu.new_recorder();
-    gemm_with(&mut rec, &g, &ta, &tb, bias.then_some(&tbi), residual.then_some(&tr), &tc, cfg).unwrap();
+    gemm_with(
+        &mut rec,
+        &g,
+        &ta,
+        &tb,
+        bias.then_some(&tbi),
+        residual.then_some(&tr),
+        &tc,
+        cfg,
+    )
+    .unwrap();
     rec.submit().unwrap();
     let got = gpu.read(&tc).unwrap();
     let mut want = to_f64(&c0);
@@ -75,8 +112,16 @@ fn gemm_all_variants_awkward_shapes() {
     // Default path plus both kernel families, every transpose.
     // (1, 8, 12) and (5, 4, 8) take the vec4 kernel when A is not transposed (M = 1, odd M).
     let shapes = [
-        (1, 1, 1), (7, 5, 3), (65, 63, 17), (130, 33, 129), (64, 64, 64), (3, 200, 70), (1, 37, 9), (29, 1, 11),
-        (1, 8, 12), (5, 4, 8),
+        (1, 1, 1),
+        (7, 5, 3),
+        (65, 63, 17),
+        (130, 33, 129),
+        (64, 64, 64),
+        (3, 200, 70),
+        (1, 37, 9),
+        (29, 1, 11),
+        (1, 8, 12),
+        (5, 4, 8),
     ];
     let mut seed = 1;
     let mut worst: f64 = 0.0;
@@ -99,7 +144,14 @@ fn gemm_blocked_vec4_scalar_lanes_every_transpose() {
     // Shapes 4-aligned on every dimension (so vec4 loads are allowed in every transpose) and not on
     // the block sizes (vec4 kernel: 32 per invocation, 256 per workgroup; scalar: 16 and 128):
     // partial blocks, partial lane groups, single blocks, several workgroups both ways.
-    let shapes = [(4, 4, 4), (132, 20, 36), (20, 260, 68), (32, 32, 32), (264, 36, 12), (36, 292, 8)];
+    let shapes = [
+        (4, 4, 4),
+        (132, 20, 36),
+        (20, 260, 68),
+        (32, 32, 32),
+        (264, 36, 12),
+        (36, 292, 8),
+    ];
     let mut seed = 10;
     let mut worst: f64 = 0.0;
     for &(m, n, k) in &shapes {
@@ -123,7 +175,14 @@ fn gemm_blocked_vec4_scalar_lanes_every_transpose() {
         g.batch = 2;
         g.a_bs = 36 * 20;
         g.c_bs = 36 * 40;
-        worst = worst.max(run_padded(g, true, true, seed + pad as u64, &blocked(true, false), pad));
+        worst = worst.max(run_padded(
+            g,
+            true,
+            true,
+            seed + pad as u64,
+            &blocked(true, false),
+            pad,
+        ));
     }
     eprintln!("blocked kernels: worst relative error {worst:.2e}");
 }
@@ -143,13 +202,29 @@ fn gemm_vec4_k_tail_and_unaligned_operands() {
     }
     // Operands that are not 4-aligned take the scalar kernel automatically; forcing vec4 fails.
     for (g, why) in [
-        (with_trans(12, 8, 6, false, true), "K % 4 != 0 with A not transposed"),
-        (with_trans(6, 8, 12, true, false), "M % 4 != 0 with A transposed"),
-        (with_trans(8, 6, 12, false, false), "N % 4 != 0 with B not transposed"),
+        (
+            with_trans(12, 8, 6, false, true),
+            "K % 4 != 0 with A not transposed",
+        ),
+        (
+            with_trans(6, 8, 12, true, false),
+            "M % 4 != 0 with A transposed",
+        ),
+        (
+            with_trans(8, 6, 12, false, false),
+            "N % 4 != 0 with B not transposed",
+        ),
     ] {
         assert!(!vec4_ok(&g), "{why}");
-        assert_eq!(plan(test_gpu(), &g, &BLOCKED).unwrap().entry, "mm_s", "{why}");
-        assert!(plan(test_gpu(), &g, &blocked(true, false)).is_err(), "{why}");
+        assert_eq!(
+            plan(test_gpu(), &g, &BLOCKED).unwrap().entry,
+            "mm_s",
+            "{why}"
+        );
+        assert!(
+            plan(test_gpu(), &g, &blocked(true, false)).is_err(),
+            "{why}"
+        );
         worst = worst.max(run_cfg(g, false, true, 40, &BLOCKED));
     }
     let mut g = with_trans(8, 8, 8, false, true);
@@ -176,7 +251,13 @@ fn run_act_after_residual(g: Gemm, seed: u64, cfg: &GemmConfig) -> f64 {
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let (na, nb, nc) = (g.m * g.k, g.k * g.n, g.m * g.n);
-    let (a, b, bi, r, c0) = (rng.vec(na), rng.vec(nb), rng.vec(g.n), rng.vec(nc), rng.vec(nc));
+    let (a, b, bi, r, c0) = (
+        rng.vec(na),
+        rng.vec(nb),
+        rng.vec(g.n),
+        rng.vec(nc),
+        rng.vec(nc),
+    );
     let up = |v: &[f32]| gpu.upload(v, &[v.len()]).unwrap();
     let (ta, tb, tbi, tr, tc) = (up(&a), up(&b), up(&bi), up(&r), up(&c0));
     let mut rec = gpu.new_recorder();
@@ -188,7 +269,14 @@ fn run_act_after_residual(g: Gemm, seed: u64, cfg: &GemmConfig) -> f64 {
     plain.accumulate = false;
     plain.act_after_residual = false;
     let mut want = vec![0.0; nc];
-    reference::gemm(&plain, &to_f64(&a), &to_f64(&b), Some(&to_f64(&bi)), Some(&to_f64(&r)), &mut want);
+    reference::gemm(
+        &plain,
+        &to_f64(&a),
+        &to_f64(&b),
+        Some(&to_f64(&bi)),
+        Some(&to_f64(&r)),
+        &mut want,
+    );
     for (i, v) in want.iter_mut().enumerate() {
         *v = reference::act(*v, g.act) + if g.accumulate { c0[i] as f64 } else { 0.0 };
     }
@@ -202,9 +290,23 @@ fn run_act_after_residual(g: Gemm, seed: u64, cfg: &GemmConfig) -> f64 {
 fn gemm_epilogue_act_after_residual() {
     // Every kernel family and the split-K reduce, with and without accumulation and alpha.
     let mut worst: f64 = 0.0;
-    let split = GemmConfig { splits: Some(3), ..BLOCKED };
-    let split_tiled = GemmConfig { splits: Some(2), ..TILED };
-    let cfgs = [GemmConfig::default(), TILED, blocked(true, false), blocked(true, true), blocked(false, false), split, split_tiled];
+    let split = GemmConfig {
+        splits: Some(3),
+        ..BLOCKED
+    };
+    let split_tiled = GemmConfig {
+        splits: Some(2),
+        ..TILED
+    };
+    let cfgs = [
+        GemmConfig::default(),
+        TILED,
+        blocked(true, false),
+        blocked(true, true),
+        blocked(false, false),
+        split,
+        split_tiled,
+    ];
     let mut seed = 400;
     for (m, n, k) in [(36usize, 28usize, 44usize), (37, 29, 45), (70, 64, 256)] {
         for (act, accs) in [(Act::Gelu, &[false, true][..]), (Act::Relu, &[false][..])] {
@@ -246,7 +348,9 @@ fn gemm_epilogue_act_after_residual() {
     let want: Vec<f64> = (0..m * n)
         .map(|i| {
             let (row, col) = (i / n, i % n);
-            let s: f64 = (0..k).map(|l| x[row * k + l] as f64 * w[col * k + l] as f64).sum();
+            let s: f64 = (0..k)
+                .map(|l| x[row * k + l] as f64 * w[col * k + l] as f64)
+                .sum();
             reference::act(s + b[col] as f64 + r[i] as f64, Act::Gelu)
         })
         .collect();
@@ -278,9 +382,24 @@ fn gemm_epilogues() {
     gall.act = Act::Gelu;
     gall.accumulate = true;
     gall.alpha = -1.5;
-    let split = GemmConfig { splits: Some(3), ..BLOCKED };
-    let split_tiled = GemmConfig { splits: Some(2), ..TILED };
-    for (i, cfg) in [TILED, blocked(true, false), blocked(false, true), split, split_tiled].iter().enumerate() {
+    let split = GemmConfig {
+        splits: Some(3),
+        ..BLOCKED
+    };
+    let split_tiled = GemmConfig {
+        splits: Some(2),
+        ..TILED
+    };
+    for (i, cfg) in [
+        TILED,
+        blocked(true, false),
+        blocked(false, true),
+        split,
+        split_tiled,
+    ]
+    .iter()
+    .enumerate()
+    {
         worst = worst.max(run_cfg(gall, true, true, 140 + i as u64, cfg));
         worst = worst.max(run_cfg(g4, true, false, 150 + i as u64, cfg));
     }
@@ -309,14 +428,28 @@ fn gemm_batched_and_broadcast() {
     h.trans_b = true;
     assert!(!vec4_ok(&h));
     assert_eq!(plan(test_gpu(), &h, &BLOCKED).unwrap().entry, "mm_s");
-    for cfg in [BLOCKED, TILED, GemmConfig { splits: Some(2), ..BLOCKED }] {
+    for cfg in [
+        BLOCKED,
+        TILED,
+        GemmConfig {
+            splits: Some(2),
+            ..BLOCKED
+        },
+    ] {
         worst = worst.max(run_cfg(h, true, false, 9, &cfg));
     }
     let mut h8 = h;
     h8.n = 8;
     h8.c_bs = 36 * 8;
     assert!(vec4_ok(&h8));
-    for cfg in [blocked(true, false), blocked(true, true), GemmConfig { splits: Some(2), ..blocked(true, false) }] {
+    for cfg in [
+        blocked(true, false),
+        blocked(true, true),
+        GemmConfig {
+            splits: Some(2),
+            ..blocked(true, false)
+        },
+    ] {
         worst = worst.max(run_cfg(h8, true, false, 9, &cfg));
     }
     let mut w = Gemm::new(20, 12, 16);
@@ -326,7 +459,14 @@ fn gemm_batched_and_broadcast() {
     w.c_bs = 20 * 12 + 8;
     w.trans_a = true;
     assert!(vec4_ok(&w));
-    for cfg in [blocked(true, false), blocked(true, true), GemmConfig { splits: Some(2), ..blocked(true, false) }] {
+    for cfg in [
+        blocked(true, false),
+        blocked(true, true),
+        GemmConfig {
+            splits: Some(2),
+            ..blocked(true, false)
+        },
+    ] {
         worst = worst.max(run_cfg(w, false, true, 10, &cfg));
     }
     eprintln!("batched: worst relative error {worst:.2e}");
@@ -343,15 +483,51 @@ fn gemm_split_k() {
     let mut worst: f64 = 0.0;
     worst = worst.max(run_cfg(g, true, false, 50, &BLOCKED));
     for splits in [1, 2, 7] {
-        worst = worst.max(run_cfg(g, false, false, 51, &GemmConfig { splits: Some(splits), ..BLOCKED }));
-        worst = worst.max(run_cfg(g, false, false, 52, &GemmConfig { splits: Some(splits), ..TILED }));
+        worst = worst.max(run_cfg(
+            g,
+            false,
+            false,
+            51,
+            &GemmConfig {
+                splits: Some(splits),
+                ..BLOCKED
+            },
+        ));
+        worst = worst.max(run_cfg(
+            g,
+            false,
+            false,
+            52,
+            &GemmConfig {
+                splits: Some(splits),
+                ..TILED
+            },
+        ));
     }
     let t = with_trans(24, 40, 4101, true, false); // vec4 kernel, K % 4 tail in the last slice
     assert_eq!(plan(gpu, &t, &BLOCKED).unwrap().entry, "mm_v4");
-    worst = worst.max(run_cfg(t, true, false, 54, &GemmConfig { splits: Some(3), ..BLOCKED }));
+    worst = worst.max(run_cfg(
+        t,
+        true,
+        false,
+        54,
+        &GemmConfig {
+            splits: Some(3),
+            ..BLOCKED
+        },
+    ));
     let mut h = with_trans(13, 9, 1999, false, true); // scalar kernel, K % 4 != 0
     h.accumulate = true;
-    worst = worst.max(run_cfg(h, false, false, 53, &GemmConfig { splits: Some(5), ..BLOCKED }));
+    worst = worst.max(run_cfg(
+        h,
+        false,
+        false,
+        53,
+        &GemmConfig {
+            splits: Some(5),
+            ..BLOCKED
+        },
+    ));
     eprintln!("split-K: worst relative error {worst:.2e}");
 }
 
@@ -373,7 +549,16 @@ fn gemm_grid_beyond_65535_workgroups() {
     h.c_bs = 16;
     h.trans_b = true;
     run_cfg(h, false, false, 11, &blocked(true, true));
-    run_cfg(h, false, false, 12, &GemmConfig { splits: Some(2), ..BLOCKED });
+    run_cfg(
+        h,
+        false,
+        false,
+        12,
+        &GemmConfig {
+            splits: Some(2),
+            ..BLOCKED
+        },
+    );
 }
 
 #[test]
@@ -396,7 +581,14 @@ fn linear_matches_reference() {
     g.trans_b = true;
     g.act = Act::Gelu;
     let mut want = vec![0.0; rows * n];
-    reference::gemm(&g, &to_f64(&x), &to_f64(&w), Some(&to_f64(&bias)), None, &mut want);
+    reference::gemm(
+        &g,
+        &to_f64(&x),
+        &to_f64(&w),
+        Some(&to_f64(&bias)),
+        None,
+        &mut want,
+    );
     assert_close("linear", &got, &want, 2e-6);
 }
 
@@ -407,7 +599,10 @@ fn gemm_plan_for_model_shapes() {
     let lin = |m, n, k| with_trans(m, n, k, false, true);
     let p = plan(gpu, &lin(1024, 1024, 1024), &BLOCKED).unwrap();
     assert_eq!((p.entry, p.lanes_n, p.splits), ("mm_v4", false, 1));
-    assert_eq!(plan(gpu, &lin(262144, 32, 27), &BLOCKED).unwrap().entry, "mm_s");
+    assert_eq!(
+        plan(gpu, &lin(262144, 32, 27), &BLOCKED).unwrap().entry,
+        "mm_s"
+    );
     assert!(plan(gpu, &lin(5, 2048, 256), &BLOCKED).unwrap().lanes_n);
     let head = plan(gpu, &lin(65536, 1, 32), &BLOCKED).unwrap();
     assert_eq!((head.entry, head.lanes_n), ("mm_s", false));
@@ -415,7 +610,10 @@ fn gemm_plan_for_model_shapes() {
     assert_eq!(dw.entry, "mm_v4");
     let dx = plan(gpu, &with_trans(4096, 320, 1280, false, false), &BLOCKED).unwrap();
     assert_eq!((dx.entry, dx.splits), ("mm_v4", 1));
-    assert_eq!(plan(gpu, &lin(1024, 1024, 1024), &TILED).unwrap().entry, "matmul");
+    assert_eq!(
+        plan(gpu, &lin(1024, 1024, 1024), &TILED).unwrap().entry,
+        "matmul"
+    );
 }
 
 /// Micro-benchmark (run with `cargo test --release --test ops_matmul -- --ignored --nocapture`).
@@ -435,12 +633,30 @@ fn gemm_epilogue_act_grad_and_save_pre() {
     use medfastsam::ops::matmul::gemm_save_pre;
     use medfastsam::ops::reference::norm::act_grad;
     let gpu = test_gpu();
-    let split = GemmConfig { splits: Some(3), ..BLOCKED };
-    let split_tiled = GemmConfig { splits: Some(2), ..TILED };
-    let cfgs = [GemmConfig::default(), TILED, blocked(true, false), blocked(true, true), blocked(false, false), split, split_tiled];
+    let split = GemmConfig {
+        splits: Some(3),
+        ..BLOCKED
+    };
+    let split_tiled = GemmConfig {
+        splits: Some(2),
+        ..TILED
+    };
+    let cfgs = [
+        GemmConfig::default(),
+        TILED,
+        blocked(true, false),
+        blocked(true, true),
+        blocked(false, false),
+        split,
+        split_tiled,
+    ];
     let (mut worst_grad, mut worst_pre): (f64, f64) = (0.0, 0.0);
     let mut seed = 700;
-    for (m, n, k, ta) in [(36usize, 28usize, 44usize, false), (37, 29, 45, false), (70, 64, 256, true)] {
+    for (m, n, k, ta) in [
+        (36usize, 28usize, 44usize, false),
+        (37, 29, 45, false),
+        (70, 64, 256, true),
+    ] {
         for act in [Act::Gelu, Act::Relu] {
             for accumulate in [false, true] {
                 let mut g = Gemm::new(m, n, k);
@@ -449,21 +665,35 @@ fn gemm_epilogue_act_grad_and_save_pre() {
                 g.alpha = if accumulate { 0.75 } else { 1.0 };
                 // Every kernel family with GELU (each variant is a pipeline to compile); ReLU on the
                 // default choice only.
-                let cfgs = if act == Act::Gelu { &cfgs[..] } else { &cfgs[..1] };
+                let cfgs = if act == Act::Gelu {
+                    &cfgs[..]
+                } else {
+                    &cfgs[..1]
+                };
                 for cfg in cfgs {
                     if cfg.vec4 == Some(true) && !vec4_ok(&g) {
                         continue;
                     }
                     seed += 1;
                     let mut rng = Rng::new(seed);
-                    let (a, b, bi, r, c0) = (rng.vec(m * k), rng.vec(k * n), rng.vec(n), rng.vec(m * n), rng.vec(m * n));
+                    let (a, b, bi, r, c0) = (
+                        rng.vec(m * k),
+                        rng.vec(k * n),
+                        rng.vec(n),
+                        rng.vec(m * n),
+                        rng.vec(m * n),
+                    );
                     let up = |v: &[f32]| gpu.upload(v, &[v.len()]).unwrap();
-                    let (ta_, tb, tbi, tr, tc, tp) = (up(&a), up(&b), up(&bi), up(&r), up(&c0), up(&c0));
+                    let (ta_, tb, tbi, tr, tc, tp) =
+                        (up(&a), up(&b), up(&bi), up(&r), up(&c0), up(&c0));
                     let mut plain = g;
                     plain.act = Act::None;
                     let mut ab = vec![0.0; m * n];
                     reference::gemm(&plain, &to_f64(&a), &to_f64(&b), None, None, &mut ab);
-                    let what = format!("{g:?} accumulate={accumulate} {cfg:?} -> {:?}", plan(gpu, &g, cfg).unwrap());
+                    let what = format!(
+                        "{g:?} accumulate={accumulate} {cfg:?} -> {:?}",
+                        plan(gpu, &g, cfg).unwrap()
+                    );
                     // act_grad: C (+)= alpha A B * act'(R)
                     let mut gg = g;
                     gg.act_grad = true;
@@ -472,7 +702,10 @@ fn gemm_epilogue_act_grad_and_save_pre() {
                     gemm_with(&mut rec, &gg, &ta_, &tb, None, Some(&tr), &tc, cfg).unwrap();
                     rec.submit().unwrap();
                     let want: Vec<f64> = (0..m * n)
-                        .map(|i| ab[i] * act_grad(r[i] as f64, act) + if accumulate { c0[i] as f64 } else { 0.0 })
+                        .map(|i| {
+                            ab[i] * act_grad(r[i] as f64, act)
+                                + if accumulate { c0[i] as f64 } else { 0.0 }
+                        })
                         .collect();
                     let got = gpu.read(&tc).unwrap();
                     assert_close(&format!("act_grad {what}"), &got, &want, tol(&g));
@@ -495,13 +728,31 @@ fn gemm_epilogue_act_grad_and_save_pre() {
             }
         }
     }
-    eprintln!("act_grad epilogue: worst relative error {worst_grad:.2e}; save_pre: {worst_pre:.2e}");
+    eprintln!(
+        "act_grad epilogue: worst relative error {worst_grad:.2e}; save_pre: {worst_pre:.2e}"
+    );
     // Misuse is an error, not a wrong result.
     let t = gpu.upload(&[0.0; 16], &[16]).unwrap();
     let mut g = Gemm::new(4, 4, 1);
     g.act_grad = true;
     g.act = Act::Gelu;
     let mut rec = gpu.new_recorder();
-    assert!(gemm_with(&mut rec, &g, &t, &t, None, None, &t, &GemmConfig::default()).is_err(), "act_grad without R");
-    assert!(gemm_with(&mut rec, &g, &t, &t, Some(&t), Some(&t), &t, &GemmConfig::default()).is_err(), "act_grad with bias");
+    assert!(
+        gemm_with(&mut rec, &g, &t, &t, None, None, &t, &GemmConfig::default()).is_err(),
+        "act_grad without R"
+    );
+    assert!(
+        gemm_with(
+            &mut rec,
+            &g,
+            &t,
+            &t,
+            Some(&t),
+            Some(&t),
+            &t,
+            &GemmConfig::default()
+        )
+        .is_err(),
+        "act_grad with bias"
+    );
 }

@@ -3,8 +3,8 @@
 
 use medfastsam::gpu::Gpu;
 use medfastsam::ops::norm::*;
-use medfastsam::ops::{reference, Act};
-use medfastsam::testutil::{assert_close, rel_err, test_gpu, to_f64, Rng};
+use medfastsam::ops::{Act, reference};
+use medfastsam::testutil::{Rng, assert_close, rel_err, test_gpu, to_f64};
 
 fn up(gpu: &Gpu, v: &[f32], shape: &[usize]) -> medfastsam::gpu::Tensor {
     gpu.upload(v, shape).unwrap()
@@ -41,7 +41,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ln_fwd_case(rows: usize, c: usize, eps: f32, act: Act, offset: f64, scale: f64, tol: f64, seed: u64) -> f64 {
+fn ln_fwd_case(
+    rows: usize,
+    c: usize,
+    eps: f32,
+    act: Act,
+    offset: f64,
+    scale: f64,
+    tol: f64,
+    seed: u64,
+) -> f64 {
     ln_fwd_case_team(rows, c, eps, act, offset, scale, tol, seed, None)
 }
 
@@ -62,7 +71,11 @@ fn ln_fwd_case_team(
     let x = ln_input(&mut rng, rows, c, offset, scale);
     let w: Vec<f32> = (0..c).map(|_| rng.range(0.5, 1.5) as f32).collect();
     let b = rng.vec(c);
-    let (tx, tw, tb) = (up(gpu, &x, &[rows, c]), up(gpu, &w, &[c]), up(gpu, &b, &[c]));
+    let (tx, tw, tb) = (
+        up(gpu, &x, &[rows, c]),
+        up(gpu, &w, &[c]),
+        up(gpu, &b, &[c]),
+    );
     let mut rec = gpu.new_recorder();
     let y = layer_norm(&mut rec, &tx, &tw, &tb, eps, act).unwrap();
     let (y2, saved) = match team {
@@ -74,15 +87,29 @@ fn ln_fwd_case_team(
     let got2 = gpu.read(&y2).unwrap();
     let (want, pre, mean, rstd) =
         reference::norm::layer_norm_full(&to_f64(&x), &to_f64(&w), &to_f64(&b), c, eps as f64, act);
-    let what = format!("layer_norm rows={rows} c={c} eps={eps} {act:?} offset={offset} team={team:?}");
+    let what =
+        format!("layer_norm rows={rows} c={c} eps={eps} {act:?} offset={offset} team={team:?}");
     assert_close(&what, &got, &want, tol);
     if team.is_none() {
-        assert_eq!(got, got2, "{what}: train forward differs from inference forward");
+        assert_eq!(
+            got, got2,
+            "{what}: train forward differs from inference forward"
+        );
     } else {
         assert_close(&what, &got2, &want, tol);
     }
-    assert_close(&format!("{what} mean"), &gpu.read(&saved.mean).unwrap(), &mean, tol);
-    assert_close(&format!("{what} rstd"), &gpu.read(&saved.rstd).unwrap(), &rstd, tol);
+    assert_close(
+        &format!("{what} mean"),
+        &gpu.read(&saved.mean).unwrap(),
+        &mean,
+        tol,
+    );
+    assert_close(
+        &format!("{what} rstd"),
+        &gpu.read(&saved.rstd).unwrap(),
+        &rstd,
+        tol,
+    );
     if let Some(p) = &saved.pre {
         assert_close(&format!("{what} pre"), &gpu.read(p).unwrap(), &pre, tol);
     }
@@ -126,7 +153,16 @@ fn layer_norm_large_offset_small_variance() {
     // everything; the two-pass form only sees the rounding of the mean.
     let mut worst: f64 = 0.0;
     for (i, &c) in [32usize, 96, 320].iter().enumerate() {
-        worst = worst.max(ln_fwd_case(50, c, 1e-6, Act::None, 30.0, 0.1, 5e-5, 200 + i as u64));
+        worst = worst.max(ln_fwd_case(
+            50,
+            c,
+            1e-6,
+            Act::None,
+            30.0,
+            0.1,
+            5e-5,
+            200 + i as u64,
+        ));
     }
     eprintln!("layer_norm large offset: worst rel err {worst:.2e}");
 }
@@ -140,7 +176,17 @@ fn layer_norm_every_team_width() {
     let mut seed = 250;
     for team in [1u32, 2, 4, 8, 16, 32, 64, 128, 256] {
         for &c in &[3usize, 32, 33, 320] {
-            worst = worst.max(ln_fwd_case_team(37, c, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, seed, Some(team)));
+            worst = worst.max(ln_fwd_case_team(
+                37,
+                c,
+                1e-5,
+                Act::Gelu,
+                1.0,
+                1.0,
+                2e-6,
+                seed,
+                Some(team),
+            ));
             seed += 1;
         }
     }
@@ -156,7 +202,9 @@ fn layer_norm_grid_beyond_65535_workgroups() {
     let e2 = ln_fwd_case(262_147, 33, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 301);
     // C % 4 == 0: two rows per invocation, 8 per workgroup: 1,048,579 rows = 65,537 workgroups.
     let e3 = ln_fwd_case(1_048_579, 4, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 302);
-    eprintln!("layer_norm 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 1048579x4: {e3:.2e}");
+    eprintln!(
+        "layer_norm 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 1048579x4: {e3:.2e}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -220,27 +268,48 @@ fn ln_gpu_backward_team(
     let (tx, tw, tb) = (up(gpu, x, &[rows, c]), up(gpu, w, &[c]), up(gpu, b, &[c]));
     let tdy = up(gpu, dy, &[rows, c]);
     let zeros = vec![0.0f32; c];
-    let (dw0, db0) = init.map(|(a, b, _)| (a.to_vec(), b.to_vec())).unwrap_or((zeros.clone(), zeros));
+    let (dw0, db0) = init
+        .map(|(a, b, _)| (a.to_vec(), b.to_vec()))
+        .unwrap_or((zeros.clone(), zeros));
     let (tdw, tdb) = (up(gpu, &dw0, &[c]), up(gpu, &db0, &[c]));
     let tdx0 = init.map(|(_, _, d)| up(gpu, d, &[rows, c]));
     let mut rec = gpu.new_recorder();
     let (_, saved) = layer_norm_train(&mut rec, &tx, &tw, &tb, eps, act).unwrap();
     let dx = match team {
-        Some(t) => layer_norm_backward_with_team(&mut rec, &tx, &tw, &saved, &tdy, &tdw, &tdb, tdx0.as_ref(), t),
+        Some(t) => layer_norm_backward_with_team(
+            &mut rec,
+            &tx,
+            &tw,
+            &saved,
+            &tdy,
+            &tdw,
+            &tdb,
+            tdx0.as_ref(),
+            t,
+        ),
         None => layer_norm_backward(&mut rec, &tx, &tw, &saved, &tdy, &tdw, &tdb, tdx0.as_ref()),
     }
     .unwrap();
     rec.submit().unwrap();
-    LnGrads { dx: gpu.read(&dx).unwrap(), dw: gpu.read(&tdw).unwrap(), db: gpu.read(&tdb).unwrap() }
+    LnGrads {
+        dx: gpu.read(&dx).unwrap(),
+        dw: gpu.read(&tdw).unwrap(),
+        db: gpu.read(&tdb).unwrap(),
+    }
 }
 
 #[test]
 fn layer_norm_backward_vs_finite_differences() {
     let _g = serial();
     let mut worst: f64 = 0.0;
-    for (i, &(rows, c, act)) in [(5usize, 7usize, Act::None), (3, 33, Act::Gelu), (4, 4, Act::Gelu), (2, 130, Act::None)]
-        .iter()
-        .enumerate()
+    for (i, &(rows, c, act)) in [
+        (5usize, 7usize, Act::None),
+        (3, 33, Act::Gelu),
+        (4, 4, Act::Gelu),
+        (2, 130, Act::None),
+    ]
+    .iter()
+    .enumerate()
     {
         let mut rng = Rng::new(400 + i as u64);
         let x = ln_input(&mut rng, rows, c, 1.0, 1.0);
@@ -250,7 +319,12 @@ fn layer_norm_backward_vs_finite_differences() {
         let eps = 1e-5;
         let g = ln_gpu_backward(&x, &w, &b, &dy, c, eps, act, None);
         let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
-        let obj = |x: &[f64], w: &[f64], b: &[f64]| dot(&dy64, &reference::norm::layer_norm(x, w, b, c, eps as f64, act));
+        let obj = |x: &[f64], w: &[f64], b: &[f64]| {
+            dot(
+                &dy64,
+                &reference::norm::layer_norm(x, w, b, c, eps as f64, act),
+            )
+        };
         let fdx = fd_grad(&x64, 1e-5, |p| obj(p, &w64, &b64));
         let fdw = fd_grad(&w64, 1e-5, |p| obj(&x64, p, &b64));
         let fdb = fd_grad(&b64, 1e-5, |p| obj(&x64, &w64, p));
@@ -258,11 +332,18 @@ fn layer_norm_backward_vs_finite_differences() {
         assert_close(&format!("{what} dx"), &g.dx, &fdx, 1e-5);
         assert_close(&format!("{what} dw"), &g.dw, &fdw, 1e-5);
         assert_close(&format!("{what} db"), &g.db, &fdb, 1e-5);
-        worst = worst.max(rel_err(&g.dx, &fdx)).max(rel_err(&g.dw, &fdw)).max(rel_err(&g.db, &fdb));
+        worst = worst
+            .max(rel_err(&g.dx, &fdx))
+            .max(rel_err(&g.dw, &fdw))
+            .max(rel_err(&g.db, &fdb));
         // The f64 analytic reference agrees with finite differences too.
-        let (rdx, rdw, rdb) = reference::norm::layer_norm_backward(&x64, &w64, &b64, &dy64, c, eps as f64, act);
+        let (rdx, rdw, rdb) =
+            reference::norm::layer_norm_backward(&x64, &w64, &b64, &dy64, c, eps as f64, act);
         for (a, b) in [(&rdx, &fdx), (&rdw, &fdw), (&rdb, &fdb)] {
-            let e = a.iter().zip(b.iter()).fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
+            let e = a
+                .iter()
+                .zip(b.iter())
+                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
             assert!(e < 1e-7, "{what}: analytic reference vs FD {e:e}");
         }
     }
@@ -273,7 +354,15 @@ fn ln_bwd_case(rows: usize, c: usize, act: Act, accumulate: bool, tol: f64, seed
     ln_bwd_case_team(rows, c, act, accumulate, tol, seed, None)
 }
 
-fn ln_bwd_case_team(rows: usize, c: usize, act: Act, accumulate: bool, tol: f64, seed: u64, team: Option<u32>) -> f64 {
+fn ln_bwd_case_team(
+    rows: usize,
+    c: usize,
+    act: Act,
+    accumulate: bool,
+    tol: f64,
+    seed: u64,
+    team: Option<u32>,
+) -> f64 {
     let mut rng = Rng::new(seed);
     let x = ln_input(&mut rng, rows, c, 1.0, 1.0);
     let w: Vec<f32> = (0..c).map(|_| rng.range(0.5, 1.5) as f32).collect();
@@ -282,8 +371,15 @@ fn ln_bwd_case_team(rows: usize, c: usize, act: Act, accumulate: bool, tol: f64,
     let (dw0, db0, dx0) = (rng.vec(c), rng.vec(c), rng.vec(rows * c));
     let init = accumulate.then_some((&dw0[..], &db0[..], &dx0[..]));
     let g = ln_gpu_backward_team(&x, &w, &b, &dy, c, 1e-6, act, init, team);
-    let (mut dx, mut dw, mut db) =
-        reference::norm::layer_norm_backward(&to_f64(&x), &to_f64(&w), &to_f64(&b), &to_f64(&dy), c, 1e-6, act);
+    let (mut dx, mut dw, mut db) = reference::norm::layer_norm_backward(
+        &to_f64(&x),
+        &to_f64(&w),
+        &to_f64(&b),
+        &to_f64(&dy),
+        c,
+        1e-6,
+        act,
+    );
     if accumulate {
         for (a, b) in dx.iter_mut().zip(&dx0) {
             *a += *b as f64;
@@ -295,11 +391,14 @@ fn ln_bwd_case_team(rows: usize, c: usize, act: Act, accumulate: bool, tol: f64,
             *a += *b as f64;
         }
     }
-    let what = format!("layer_norm_backward rows={rows} c={c} {act:?} acc={accumulate} team={team:?}");
+    let what =
+        format!("layer_norm_backward rows={rows} c={c} {act:?} acc={accumulate} team={team:?}");
     assert_close(&format!("{what} dx"), &g.dx, &dx, tol);
     assert_close(&format!("{what} dw"), &g.dw, &dw, tol);
     assert_close(&format!("{what} db"), &g.db, &db, tol);
-    rel_err(&g.dx, &dx).max(rel_err(&g.dw, &dw)).max(rel_err(&g.db, &db))
+    rel_err(&g.dx, &dx)
+        .max(rel_err(&g.dw, &dw))
+        .max(rel_err(&g.db, &db))
 }
 
 #[test]
@@ -307,7 +406,15 @@ fn layer_norm_backward_shapes() {
     let _g = serial();
     let mut worst: f64 = 0.0;
     let mut seed = 500;
-    for &(rows, c) in &[(1usize, 4usize), (67, 3), (130, 32), (1000, 96), (4099, 128), (33, 320), (9, 2051)] {
+    for &(rows, c) in &[
+        (1usize, 4usize),
+        (67, 3),
+        (130, 32),
+        (1000, 96),
+        (4099, 128),
+        (33, 320),
+        (9, 2051),
+    ] {
         for act in [Act::None, Act::Gelu, Act::Relu] {
             worst = worst.max(ln_bwd_case(rows, c, act, seed % 2 == 0, 1e-5, seed));
             seed += 1;
@@ -323,7 +430,15 @@ fn layer_norm_backward_every_team_width() {
     let mut seed = 650;
     for team in [1u32, 2, 8, 32, 128, 256] {
         for &c in &[3usize, 33, 320] {
-            worst = worst.max(ln_bwd_case_team(29, c, Act::Gelu, seed % 2 == 0, 1e-5, seed, Some(team)));
+            worst = worst.max(ln_bwd_case_team(
+                29,
+                c,
+                Act::Gelu,
+                seed % 2 == 0,
+                1e-5,
+                seed,
+                Some(team),
+            ));
             seed += 1;
         }
     }
@@ -339,7 +454,9 @@ fn layer_norm_backward_many_rows_and_big_grid() {
     let e2 = ln_bwd_case(262_147, 33, Act::Gelu, true, 1e-5, 601);
     // C % 4 == 0: one row per invocation, 8 per workgroup: 65,538 workgroups.
     let e3 = ln_bwd_case(524_297, 4, Act::Gelu, true, 1e-5, 602);
-    eprintln!("layer_norm_backward 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 524297x4: {e3:.2e}");
+    eprintln!(
+        "layer_norm_backward 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 524297x4: {e3:.2e}"
+    );
 }
 
 #[test]
@@ -372,7 +489,9 @@ struct BnCase {
 fn bn_case(rng: &mut Rng, rows: usize, c: usize, offset: f64, scale: f64) -> BnCase {
     let mo: Vec<f64> = (0..c).map(|_| offset * rng.range(-1.0, 1.0)).collect();
     let sc: Vec<f64> = (0..c).map(|_| scale * rng.range(0.2, 1.0)).collect();
-    let x = (0..rows * c).map(|i| (mo[i % c] + sc[i % c] * rng.normal()) as f32).collect();
+    let x = (0..rows * c)
+        .map(|i| (mo[i % c] + sc[i % c] * rng.normal()) as f32)
+        .collect();
     BnCase {
         x,
         w: (0..c).map(|_| rng.range(0.5, 1.5) as f32).collect(),
@@ -389,7 +508,12 @@ fn bn_train_case(shape: &[usize], act: Act, offset: f64, scale: f64, tol: f64, s
     let mut rng = Rng::new(seed);
     let d = bn_case(&mut rng, rows, c, offset, scale);
     let tx = up(gpu, &d.x, shape);
-    let (tw, tb, trm, trv) = (up(gpu, &d.w, &[c]), up(gpu, &d.b, &[c]), up(gpu, &d.rm, &[c]), up(gpu, &d.rv, &[c]));
+    let (tw, tb, trm, trv) = (
+        up(gpu, &d.w, &[c]),
+        up(gpu, &d.b, &[c]),
+        up(gpu, &d.rm, &[c]),
+        up(gpu, &d.rv, &[c]),
+    );
     let mut rec = gpu.new_recorder();
     let (y, saved) = batch_norm_train(&mut rec, &tx, &tw, &tb, &trm, &trv, 0.1, 1e-5, act).unwrap();
     rec.submit().unwrap();
@@ -407,11 +531,31 @@ fn bn_train_case(shape: &[usize], act: Act, offset: f64, scale: f64, tol: f64, s
     let what = format!("batch_norm_train {shape:?} {act:?} offset={offset} scale={scale}");
     let got = gpu.read(&y).unwrap();
     assert_close(&what, &got, &ry, tol);
-    assert_close(&format!("{what} mean"), &gpu.read(&saved.mean).unwrap(), &rmean, tol);
+    assert_close(
+        &format!("{what} mean"),
+        &gpu.read(&saved.mean).unwrap(),
+        &rmean,
+        tol,
+    );
     let rrstd: Vec<f64> = rvar.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
-    assert_close(&format!("{what} rstd"), &gpu.read(&saved.rstd).unwrap(), &rrstd, tol);
-    assert_close(&format!("{what} running_mean"), &gpu.read(&trm).unwrap(), &rrm, tol);
-    assert_close(&format!("{what} running_var"), &gpu.read(&trv).unwrap(), &rrv, tol);
+    assert_close(
+        &format!("{what} rstd"),
+        &gpu.read(&saved.rstd).unwrap(),
+        &rrstd,
+        tol,
+    );
+    assert_close(
+        &format!("{what} running_mean"),
+        &gpu.read(&trm).unwrap(),
+        &rrm,
+        tol,
+    );
+    assert_close(
+        &format!("{what} running_var"),
+        &gpu.read(&trv).unwrap(),
+        &rrv,
+        tol,
+    );
     if let Some(p) = &saved.pre {
         assert_close(&format!("{what} pre"), &gpu.read(p).unwrap(), &rpre, tol);
     }
@@ -453,16 +597,25 @@ fn batch_norm_eval_forward() {
     let _g = serial();
     let gpu = test_gpu();
     let mut worst: f64 = 0.0;
-    for (i, (shape, act)) in [(vec![2usize, 7, 5, 3], Act::None), (vec![1, 33, 31, 64], Act::Relu), (vec![2, 4, 4, 160], Act::Gelu)]
-        .into_iter()
-        .enumerate()
+    for (i, (shape, act)) in [
+        (vec![2usize, 7, 5, 3], Act::None),
+        (vec![1, 33, 31, 64], Act::Relu),
+        (vec![2, 4, 4, 160], Act::Gelu),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let c = *shape.last().unwrap();
         let rows = shape.iter().product::<usize>() / c;
         let mut rng = Rng::new(1000 + i as u64);
         let d = bn_case(&mut rng, rows, c, 1.0, 1.0);
         let tx = up(gpu, &d.x, &shape);
-        let (tw, tb, trm, trv) = (up(gpu, &d.w, &[c]), up(gpu, &d.b, &[c]), up(gpu, &d.rm, &[c]), up(gpu, &d.rv, &[c]));
+        let (tw, tb, trm, trv) = (
+            up(gpu, &d.w, &[c]),
+            up(gpu, &d.b, &[c]),
+            up(gpu, &d.rm, &[c]),
+            up(gpu, &d.rv, &[c]),
+        );
         let mut rec = gpu.new_recorder();
         let y = batch_norm_eval(&mut rec, &tx, &tw, &tb, &trm, &trv, 1e-5, act).unwrap();
         rec.submit().unwrap();
@@ -477,9 +630,18 @@ fn batch_norm_eval_forward() {
             act,
         );
         let got = gpu.read(&y).unwrap();
-        assert_close(&format!("batch_norm_eval {shape:?} {act:?}"), &got, &want, 2e-6);
+        assert_close(
+            &format!("batch_norm_eval {shape:?} {act:?}"),
+            &got,
+            &want,
+            2e-6,
+        );
         worst = worst.max(rel_err(&got, &want));
-        assert_eq!(gpu.read(&trm).unwrap(), d.rm, "eval must not touch running stats");
+        assert_eq!(
+            gpu.read(&trm).unwrap(),
+            d.rm,
+            "eval must not touch running stats"
+        );
     }
     eprintln!("batch_norm_eval: worst rel err {worst:.2e}");
 }
@@ -490,14 +652,28 @@ struct BnGrads {
     db: Vec<f32>,
 }
 
-fn bn_gpu_backward(d: &BnCase, dy: &[f32], shape: &[usize], act: Act, train: bool, init: Option<(&[f32], &[f32], &[f32])>) -> BnGrads {
+fn bn_gpu_backward(
+    d: &BnCase,
+    dy: &[f32],
+    shape: &[usize],
+    act: Act,
+    train: bool,
+    init: Option<(&[f32], &[f32], &[f32])>,
+) -> BnGrads {
     let gpu = test_gpu();
     let c = *shape.last().unwrap();
     let tx = up(gpu, &d.x, shape);
-    let (tw, tb, trm, trv) = (up(gpu, &d.w, &[c]), up(gpu, &d.b, &[c]), up(gpu, &d.rm, &[c]), up(gpu, &d.rv, &[c]));
+    let (tw, tb, trm, trv) = (
+        up(gpu, &d.w, &[c]),
+        up(gpu, &d.b, &[c]),
+        up(gpu, &d.rm, &[c]),
+        up(gpu, &d.rv, &[c]),
+    );
     let tdy = up(gpu, dy, shape);
     let zeros = vec![0.0f32; c];
-    let (dw0, db0) = init.map(|(a, b, _)| (a.to_vec(), b.to_vec())).unwrap_or((zeros.clone(), zeros));
+    let (dw0, db0) = init
+        .map(|(a, b, _)| (a.to_vec(), b.to_vec()))
+        .unwrap_or((zeros.clone(), zeros));
     let (tdw, tdb) = (up(gpu, &dw0, &[c]), up(gpu, &db0, &[c]));
     let tdx0 = init.map(|(_, _, x)| up(gpu, x, shape));
     let mut rec = gpu.new_recorder();
@@ -506,9 +682,14 @@ fn bn_gpu_backward(d: &BnCase, dy: &[f32], shape: &[usize], act: Act, train: boo
     } else {
         batch_norm_eval_saved(&mut rec, &tx, &tw, &tb, &trm, &trv, 1e-5, act).unwrap()
     };
-    let dx = batch_norm_backward(&mut rec, &tx, &tw, &saved, &tdy, &tdw, &tdb, tdx0.as_ref()).unwrap();
+    let dx =
+        batch_norm_backward(&mut rec, &tx, &tw, &saved, &tdy, &tdw, &tdb, tdx0.as_ref()).unwrap();
     rec.submit().unwrap();
-    BnGrads { dx: gpu.read(&dx).unwrap(), dw: gpu.read(&tdw).unwrap(), db: gpu.read(&tdb).unwrap() }
+    BnGrads {
+        dx: gpu.read(&dx).unwrap(),
+        dw: gpu.read(&tdw).unwrap(),
+        db: gpu.read(&tdb).unwrap(),
+    }
 }
 
 #[test]
@@ -530,8 +711,14 @@ fn batch_norm_backward_vs_finite_differences() {
         let d = bn_case(&mut rng, rows, c, 1.0, 1.0);
         let dy = rng.vec(rows * c);
         let g = bn_gpu_backward(&d, &dy, shape, act, train, None);
-        let (x64, w64, b64, rm, rv, dy64) =
-            (to_f64(&d.x), to_f64(&d.w), to_f64(&d.b), to_f64(&d.rm), to_f64(&d.rv), to_f64(&dy));
+        let (x64, w64, b64, rm, rv, dy64) = (
+            to_f64(&d.x),
+            to_f64(&d.w),
+            to_f64(&d.b),
+            to_f64(&d.rm),
+            to_f64(&d.rv),
+            to_f64(&dy),
+        );
         let obj = |x: &[f64], w: &[f64], b: &[f64]| {
             let y = if train {
                 reference::norm::batch_norm_train(x, w, b, &rm, &rv, c, 0.1, 1e-5, act).0
@@ -547,17 +734,32 @@ fn batch_norm_backward_vs_finite_differences() {
         assert_close(&format!("{what} dx"), &g.dx, &fdx, 1e-5);
         assert_close(&format!("{what} dw"), &g.dw, &fdw, 1e-5);
         assert_close(&format!("{what} db"), &g.db, &fdb, 1e-5);
-        worst = worst.max(rel_err(&g.dx, &fdx)).max(rel_err(&g.dw, &fdw)).max(rel_err(&g.db, &fdb));
-        let (rdx, rdw, rdb) = reference::norm::batch_norm_backward(&x64, &w64, &b64, &rm, &rv, &dy64, c, 1e-5, act, train);
+        worst = worst
+            .max(rel_err(&g.dx, &fdx))
+            .max(rel_err(&g.dw, &fdw))
+            .max(rel_err(&g.db, &fdb));
+        let (rdx, rdw, rdb) = reference::norm::batch_norm_backward(
+            &x64, &w64, &b64, &rm, &rv, &dy64, c, 1e-5, act, train,
+        );
         for (a, b) in [(&rdx, &fdx), (&rdw, &fdw), (&rdb, &fdb)] {
-            let e = a.iter().zip(b.iter()).fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
+            let e = a
+                .iter()
+                .zip(b.iter())
+                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
             assert!(e < 1e-7, "{what}: analytic reference vs FD {e:e}");
         }
     }
     eprintln!("batch_norm_backward vs FD: worst rel err {worst:.2e}");
 }
 
-fn bn_bwd_case(shape: &[usize], act: Act, train: bool, accumulate: bool, tol: f64, seed: u64) -> f64 {
+fn bn_bwd_case(
+    shape: &[usize],
+    act: Act,
+    train: bool,
+    accumulate: bool,
+    tol: f64,
+    seed: u64,
+) -> f64 {
     let c = *shape.last().unwrap();
     let rows = shape.iter().product::<usize>() / c;
     let mut rng = Rng::new(seed);
@@ -593,7 +795,9 @@ fn bn_bwd_case(shape: &[usize], act: Act, train: bool, accumulate: bool, tol: f6
     assert_close(&format!("{what} dx"), &g.dx, &dx, tol);
     assert_close(&format!("{what} dw"), &g.dw, &dw, tol);
     assert_close(&format!("{what} db"), &g.db, &db, tol);
-    rel_err(&g.dx, &dx).max(rel_err(&g.dw, &dw)).max(rel_err(&g.db, &db))
+    rel_err(&g.dx, &dx)
+        .max(rel_err(&g.dw, &dw))
+        .max(rel_err(&g.db, &db))
 }
 
 #[test]
@@ -601,7 +805,13 @@ fn batch_norm_backward_shapes() {
     let _g = serial();
     let mut worst: f64 = 0.0;
     let mut seed = 1200;
-    for shape in [vec![2usize, 5, 7, 3], vec![2, 9, 11, 32], vec![1, 8, 8, 320], vec![2, 64, 65, 32], vec![1, 301, 300, 5]] {
+    for shape in [
+        vec![2usize, 5, 7, 3],
+        vec![2, 9, 11, 32],
+        vec![1, 8, 8, 320],
+        vec![2, 64, 65, 32],
+        vec![1, 301, 300, 5],
+    ] {
         for (act, train) in [(Act::None, true), (Act::Gelu, true), (Act::Relu, false)] {
             worst = worst.max(bn_bwd_case(&shape, act, train, seed % 2 == 1, 1e-5, seed));
             seed += 1;
@@ -632,11 +842,21 @@ fn batch_norm_train_is_deterministic() {
     let d = bn_case(&mut rng, 2 * 100 * 101, 32, 1.0, 1.0);
     let run = || {
         let tx = up(gpu, &d.x, &shape);
-        let (tw, tb, trm, trv) = (up(gpu, &d.w, &[32]), up(gpu, &d.b, &[32]), up(gpu, &d.rm, &[32]), up(gpu, &d.rv, &[32]));
+        let (tw, tb, trm, trv) = (
+            up(gpu, &d.w, &[32]),
+            up(gpu, &d.b, &[32]),
+            up(gpu, &d.rm, &[32]),
+            up(gpu, &d.rv, &[32]),
+        );
         let mut rec = gpu.new_recorder();
-        let (y, s) = batch_norm_train(&mut rec, &tx, &tw, &tb, &trm, &trv, 0.1, 1e-5, Act::None).unwrap();
+        let (y, s) =
+            batch_norm_train(&mut rec, &tx, &tw, &tb, &trm, &trv, 0.1, 1e-5, Act::None).unwrap();
         rec.submit().unwrap();
-        (gpu.read(&y).unwrap(), gpu.read(&s.mean).unwrap(), gpu.read(&trv).unwrap())
+        (
+            gpu.read(&y).unwrap(),
+            gpu.read(&s.mean).unwrap(),
+            gpu.read(&trv).unwrap(),
+        )
     };
     assert_eq!(run(), run());
 }
@@ -651,7 +871,6 @@ fn bench_norm() {
     }
 }
 
-
 /// The LayerNorms of one paper-preset forward at 1024² (run with `--ignored --nocapture`).
 #[test]
 #[ignore]
@@ -659,14 +878,27 @@ fn bench_layer_norm_model_shapes() {
     let _g = serial();
     let gpu = test_gpu();
     // (rows, C, calls)
-    let calls = [(17689usize, 128usize, 2usize), (16384, 128, 4), (4900, 160, 6), (4096, 160, 12), (4900, 320, 2), (4096, 320, 4), (4096, 256, 10), (65536, 32, 1), (16384, 64, 2)];
+    let calls = [
+        (17689usize, 128usize, 2usize),
+        (16384, 128, 4),
+        (4900, 160, 6),
+        (4096, 160, 12),
+        (4900, 320, 2),
+        (4096, 320, 4),
+        (4096, 256, 10),
+        (65536, 32, 1),
+        (16384, 64, 2),
+    ];
     let mut rng = Rng::new(3);
     let (mut total, mut total_cpu) = (0.0, 0.0);
     for (rows, c, n) in calls {
         let x = up(gpu, &rng.vec(rows * c), &[rows, c]);
         let w = up(gpu, &rng.vec(c), &[c]);
         let b = up(gpu, &rng.vec(c), &[c]);
-        let ms = medfastsam::ops::time_op(gpu, 3, |rec| layer_norm(rec, &x, &w, &b, 1e-5, Act::None).map(|_| ())).unwrap();
+        let ms = medfastsam::ops::time_op(gpu, 3, |rec| {
+            layer_norm(rec, &x, &w, &b, 1e-5, Act::None).map(|_| ())
+        })
+        .unwrap();
         let reps = 10;
         let c0 = cpu_ms();
         for _ in 0..reps {
@@ -685,8 +917,16 @@ fn bench_layer_norm_model_shapes() {
 
 /// User + system CPU time of this process in ms (Linux /proc; 0 elsewhere).
 fn cpu_ms() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     ticks * 10.0
 }

@@ -1,9 +1,9 @@
 //! Adam / AdamW kernel vs the CPU f64 reference over several steps, per step (from the same state)
 //! and along a whole trajectory, on awkward sizes and a grid past 65,535 workgroups.
 
-use medfastsam::ops::optim::{adam_step, AdamConfig};
+use medfastsam::ops::optim::{AdamConfig, adam_step};
 use medfastsam::ops::reference::optim as ro;
-use medfastsam::testutil::{assert_close, rel_err, test_gpu, to_f64, Rng};
+use medfastsam::testutil::{Rng, assert_close, rel_err, test_gpu, to_f64};
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -38,15 +38,42 @@ fn run(n: usize, cfg: AdamConfig, steps: u32, seed: u64) -> (f64, f64) {
             })
             .collect();
         let tg = gpu.upload(&g, &[n]).unwrap();
-        let (sp, sm, sv) = (gpu.read(&tp).unwrap(), gpu.read(&tm).unwrap(), gpu.read(&tv).unwrap());
+        let (sp, sm, sv) = (
+            gpu.read(&tp).unwrap(),
+            gpu.read(&tm).unwrap(),
+            gpu.read(&tv).unwrap(),
+        );
         let mut rec = gpu.new_recorder();
         adam_step(&mut rec, &tp, &tm, &tv, &tg, &cfg, t).unwrap();
         rec.submit().unwrap();
-        let (np, nm, nv) = (gpu.read(&tp).unwrap(), gpu.read(&tm).unwrap(), gpu.read(&tv).unwrap());
+        let (np, nm, nv) = (
+            gpu.read(&tp).unwrap(),
+            gpu.read(&tm).unwrap(),
+            gpu.read(&tv).unwrap(),
+        );
         // One reference step from the GPU's state: compare the update itself.
         let (mut ep, mut em, mut ev) = (to_f64(&sp), to_f64(&sm), to_f64(&sv));
-        let hyper = (cfg.lr as f64, cfg.beta1 as f64, cfg.beta2 as f64, cfg.eps as f64, cfg.weight_decay as f64, cfg.grad_scale as f64);
-        ro::adam_step(&mut ep, &mut em, &mut ev, &to_f64(&g), hyper.0, hyper.1, hyper.2, hyper.3, hyper.4, hyper.5, t);
+        let hyper = (
+            cfg.lr as f64,
+            cfg.beta1 as f64,
+            cfg.beta2 as f64,
+            cfg.eps as f64,
+            cfg.weight_decay as f64,
+            cfg.grad_scale as f64,
+        );
+        ro::adam_step(
+            &mut ep,
+            &mut em,
+            &mut ev,
+            &to_f64(&g),
+            hyper.0,
+            hyper.1,
+            hyper.2,
+            hyper.3,
+            hyper.4,
+            hyper.5,
+            t,
+        );
         let got_d: Vec<f32> = np.iter().zip(&sp).map(|(a, b)| a - b).collect();
         let want_d: Vec<f64> = ep.iter().zip(&sp).map(|(a, &b)| a - b as f64).collect();
         let what = format!("adam n={n} step {t} {cfg:?}");
@@ -59,7 +86,19 @@ fn run(n: usize, cfg: AdamConfig, steps: u32, seed: u64) -> (f64, f64) {
         assert_close(&format!("{what} v"), &nv, &ev, 1e-6);
         worst_step = worst_step.max(rel_err(&nm, &em)).max(rel_err(&nv, &ev));
         worst_update().with(|w| w.set(w.get().max(rel_err(&got_d, &want_d))));
-        ro::adam_step(&mut rp, &mut rm, &mut rv, &to_f64(&g), hyper.0, hyper.1, hyper.2, hyper.3, hyper.4, hyper.5, t);
+        ro::adam_step(
+            &mut rp,
+            &mut rm,
+            &mut rv,
+            &to_f64(&g),
+            hyper.0,
+            hyper.1,
+            hyper.2,
+            hyper.3,
+            hyper.4,
+            hyper.5,
+            t,
+        );
     }
     let fp = gpu.read(&tp).unwrap();
     assert_close(&format!("adam n={n} trajectory {cfg:?}"), &fp, &rp, 1e-5);
@@ -72,10 +111,28 @@ fn adam_matches_reference_over_steps() {
     let mut ws: f64 = 0.0;
     let mut wt: f64 = 0.0;
     let configs = [
-        AdamConfig { lr: 1e-3, ..Default::default() },
-        AdamConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() },
-        AdamConfig { lr: 3e-4, weight_decay: 0.05, grad_scale: 0.25, ..Default::default() },
-        AdamConfig { lr: 1e-3, beta1: 0.8, beta2: 0.99, eps: 1e-6, ..Default::default() },
+        AdamConfig {
+            lr: 1e-3,
+            ..Default::default()
+        },
+        AdamConfig {
+            lr: 1e-2,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+        AdamConfig {
+            lr: 3e-4,
+            weight_decay: 0.05,
+            grad_scale: 0.25,
+            ..Default::default()
+        },
+        AdamConfig {
+            lr: 1e-3,
+            beta1: 0.8,
+            beta2: 0.99,
+            eps: 1e-6,
+            ..Default::default()
+        },
     ];
     let mut seed = 1;
     for cfg in configs {
@@ -87,14 +144,25 @@ fn adam_matches_reference_over_steps() {
         }
     }
     let wu = worst_update().with(|w| w.get());
-    eprintln!("adam: worst per-step update rel err {wu:.2e}, m/v {ws:.2e}; worst 6-step trajectory rel err {wt:.2e}");
+    eprintln!(
+        "adam: worst per-step update rel err {wu:.2e}, m/v {ws:.2e}; worst 6-step trajectory rel err {wt:.2e}"
+    );
 }
 
 #[test]
 fn adam_grid_beyond_65535_workgroups() {
     let _g = serial();
     // 4,194,307 parameters: 65,537 workgroups of 64.
-    let (s, t) = run(4_194_307, AdamConfig { lr: 1e-3, weight_decay: 0.01, ..Default::default() }, 2, 50);
+    let (s, t) = run(
+        4_194_307,
+        AdamConfig {
+            lr: 1e-3,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+        2,
+        50,
+    );
     eprintln!("adam 4194307: per-step rel err {s:.2e}, trajectory {t:.2e}");
 }
 

@@ -4,9 +4,9 @@
 
 use medfastsam::gpu::Gpu;
 use medfastsam::ops::elementwise::image_normalize;
-use medfastsam::ops::otsu::{otsu, otsu_chunked, otsu_histogram, OtsuRule};
+use medfastsam::ops::otsu::{OtsuRule, otsu, otsu_chunked, otsu_histogram};
 use medfastsam::ops::reference::otsu as reference;
-use medfastsam::testutil::{test_gpu, Rng};
+use medfastsam::testutil::{Rng, test_gpu};
 use safetensors::SafeTensors;
 
 const RULES: [OtsuRule; 2] = [OtsuRule::Paper, OtsuRule::Released];
@@ -17,11 +17,22 @@ fn pack(r: u8, g: u8, b: u8) -> u32 {
 
 /// Packs u8 RGB [.., 3] into 0xAABBGGRR words.
 fn pack_rgb(bytes: &[u8]) -> Vec<u32> {
-    bytes.chunks_exact(3).map(|c| pack(c[0], c[1], c[2])).collect()
+    bytes
+        .chunks_exact(3)
+        .map(|c| pack(c[0], c[1], c[2]))
+        .collect()
 }
 
 /// Runs the GPU op with the real normalised input: (thresholds, mask).
-fn run_gpu(gpu: &Gpu, px: &[u32], b: usize, h: usize, w: usize, rule: OtsuRule, chunk: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+fn run_gpu(
+    gpu: &Gpu,
+    px: &[u32],
+    b: usize,
+    h: usize,
+    w: usize,
+    rule: OtsuRule,
+    chunk: Option<usize>,
+) -> (Vec<f32>, Vec<f32>) {
     let tpx = gpu.upload_u32(px, &[b, h, w]).unwrap();
     let mut rec = gpu.new_recorder();
     // The real normalised input where it fits one storage binding; otherwise (4 x 2048² x 3 f32
@@ -43,7 +54,15 @@ fn run_gpu(gpu: &Gpu, px: &[u32], b: usize, h: usize, w: usize, rule: OtsuRule, 
 }
 
 /// Compares with the f64 reference: thresholds bit-exact (t*/255 rounded to f32), mask exact.
-fn check_vs_reference(what: &str, px: &[u32], b: usize, h: usize, w: usize, rule: OtsuRule, chunk: Option<usize>) {
+fn check_vs_reference(
+    what: &str,
+    px: &[u32],
+    b: usize,
+    h: usize,
+    w: usize,
+    rule: OtsuRule,
+    chunk: Option<usize>,
+) {
     let gpu = test_gpu();
     let (thr, mask) = run_gpu(gpu, px, b, h, w, rule, chunk);
     let (ts, want_thr, want_mask) = reference::otsu(px, b, h, w, rule);
@@ -58,7 +77,11 @@ fn check_vs_reference(what: &str, px: &[u32], b: usize, h: usize, w: usize, rule
             ts[i]
         );
     }
-    let diff = mask.iter().zip(&want_mask).filter(|(g, w)| **g as f64 != **w).count();
+    let diff = mask
+        .iter()
+        .zip(&want_mask)
+        .filter(|(g, w)| **g as f64 != **w)
+        .count();
     assert_eq!(diff, 0, "{what} {rule:?}: {diff} mask pixels differ");
     eprintln!("{what} {rule:?}: t* = {ts:?}, thresholds exact, 0 mask differences");
 }
@@ -66,29 +89,61 @@ fn check_vs_reference(what: &str, px: &[u32], b: usize, h: usize, w: usize, rule
 #[test]
 fn otsu_tiny_fixture() {
     let gpu = test_gpu();
-    let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/otsu_pe_tiny.safetensors")).unwrap();
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/otsu_pe_tiny.safetensors"
+    ))
+    .unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let img = st.tensor("image").unwrap();
     assert_eq!(img.shape(), &[2, 256, 256, 3]);
     let px = pack_rgb(img.data());
     for rule in RULES {
-        let v = if rule == OtsuRule::Paper { "paper" } else { "released" };
-        let want_thr: Vec<f32> = bytemuck::pod_collect_to_vec(st.tensor(&format!("{v}.otsu.threshold")).unwrap().data());
-        let want_mask = st.tensor(&format!("{v}.otsu.mask")).unwrap().data().to_vec(); // u8 [2,1,256,256]
+        let v = if rule == OtsuRule::Paper {
+            "paper"
+        } else {
+            "released"
+        };
+        let want_thr: Vec<f32> =
+            bytemuck::pod_collect_to_vec(st.tensor(&format!("{v}.otsu.threshold")).unwrap().data());
+        let want_mask = st
+            .tensor(&format!("{v}.otsu.mask"))
+            .unwrap()
+            .data()
+            .to_vec(); // u8 [2,1,256,256]
         let (thr, mask) = run_gpu(gpu, &px, 2, 256, 256, rule, None);
         for i in 0..2 {
-            assert_eq!(thr[i].to_bits(), want_thr[i].to_bits(), "{v} image {i}: threshold {} want {}", thr[i], want_thr[i]);
+            assert_eq!(
+                thr[i].to_bits(),
+                want_thr[i].to_bits(),
+                "{v} image {i}: threshold {} want {}",
+                thr[i],
+                want_thr[i]
+            );
         }
-        let diff = mask.iter().zip(&want_mask).filter(|(g, w)| **g != **w as f32).count();
-        eprintln!("tiny fixture {v}: thresholds {thr:?} exact, {diff} of {} mask pixels differ", mask.len());
-        assert!(diff * 1000 <= mask.len(), "{v}: {diff} mask pixels differ (> 0.1%)");
+        let diff = mask
+            .iter()
+            .zip(&want_mask)
+            .filter(|(g, w)| **g != **w as f32)
+            .count();
+        eprintln!(
+            "tiny fixture {v}: thresholds {thr:?} exact, {diff} of {} mask pixels differ",
+            mask.len()
+        );
+        assert!(
+            diff * 1000 <= mask.len(),
+            "{v}: {diff} mask pixels differ (> 0.1%)"
+        );
         // The same data through the f64 reference (exact agreement expected).
         check_vs_reference("tiny fixture image", &px, 2, 256, 256, rule, None);
     }
 }
 
 #[test]
-#[cfg_attr(not(full_fixtures), ignore = "needs MEDFASTSAM_FIXTURES (folder with full.forward.safetensors)")]
+#[cfg_attr(
+    not(full_fixtures),
+    ignore = "needs MEDFASTSAM_FIXTURES (folder with full.forward.safetensors)"
+)]
 fn otsu_full_fixture_from_env() {
     let dir = std::env::var_os("MEDFASTSAM_FIXTURES")
         .expect("MEDFASTSAM_FIXTURES must name the folder with full.forward.safetensors");
@@ -100,20 +155,41 @@ fn otsu_full_fixture_from_env() {
     let px = pack_rgb(img.data());
     let gpu = test_gpu();
     for rule in RULES {
-        let v = if rule == OtsuRule::Paper { "paper" } else { "released" };
-        let want: Vec<f32> = bytemuck::pod_collect_to_vec(st.tensor(&format!("{v}.otsu.threshold")).unwrap().data());
+        let v = if rule == OtsuRule::Paper {
+            "paper"
+        } else {
+            "released"
+        };
+        let want: Vec<f32> =
+            bytemuck::pod_collect_to_vec(st.tensor(&format!("{v}.otsu.threshold")).unwrap().data());
         let (thr, mask) = run_gpu(gpu, &px, 1, 1024, 1024, rule, None);
-        assert_eq!(thr[0].to_bits(), want[0].to_bits(), "{v}: threshold {} want {}", thr[0], want[0]);
+        assert_eq!(
+            thr[0].to_bits(),
+            want[0].to_bits(),
+            "{v}: threshold {} want {}",
+            thr[0],
+            want[0]
+        );
         let (_, _, want_mask) = reference::otsu(&px, 1, 1024, 1024, rule);
-        let diff = mask.iter().zip(&want_mask).filter(|(g, w)| **g as f64 != **w).count();
+        let diff = mask
+            .iter()
+            .zip(&want_mask)
+            .filter(|(g, w)| **g as f64 != **w)
+            .count();
         // The fixture keeps only the 256² bilinear downsample of the mask (align_corners=False,
         // scale 4: the mean of pixels {4i+1, 4i+2} x {4j+1, 4j+2}); compare ours through it.
-        let lowres: Vec<f32> = bytemuck::pod_collect_to_vec(st.tensor(&format!("{v}.otsu.mask_lowres")).unwrap().data());
+        let lowres: Vec<f32> = bytemuck::pod_collect_to_vec(
+            st.tensor(&format!("{v}.otsu.mask_lowres")).unwrap().data(),
+        );
         let mut low_diff = 0;
         for i in 0..256 {
             for j in 0..256 {
                 let m = |y: usize, x: usize| mask[y * 1024 + x];
-                let v = 0.25 * (m(4 * i + 1, 4 * j + 1) + m(4 * i + 1, 4 * j + 2) + m(4 * i + 2, 4 * j + 1) + m(4 * i + 2, 4 * j + 2));
+                let v = 0.25
+                    * (m(4 * i + 1, 4 * j + 1)
+                        + m(4 * i + 1, 4 * j + 2)
+                        + m(4 * i + 2, 4 * j + 1)
+                        + m(4 * i + 2, 4 * j + 2));
                 if (v - lowres[i * 256 + j]).abs() > 1e-6 {
                     low_diff += 1;
                 }
@@ -125,21 +201,36 @@ fn otsu_full_fixture_from_env() {
             thr[0]
         );
         assert_eq!(diff, 0);
-        assert!(low_diff * 1000 <= 65536, "{v}: {low_diff} low-res mask values differ");
+        assert!(
+            low_diff * 1000 <= 65536,
+            "{v}: {low_diff} low-res mask values differ"
+        );
     }
 }
 
 /// An image whose grey values follow a smooth pattern plus noise (a realistic bimodal histogram).
 fn blobs(rng: &mut Rng, h: usize, w: usize, lo: f64, hi: f64, noise: f64) -> Vec<u32> {
-    let (cy, cx, r) = (rng.range(0.3, 0.7) * h as f64, rng.range(0.3, 0.7) * w as f64, 0.3 * h.min(w) as f64);
-    let tint = [rng.range(0.8, 1.2), rng.range(0.8, 1.2), rng.range(0.8, 1.2)];
+    let (cy, cx, r) = (
+        rng.range(0.3, 0.7) * h as f64,
+        rng.range(0.3, 0.7) * w as f64,
+        0.3 * h.min(w) as f64,
+    );
+    let tint = [
+        rng.range(0.8, 1.2),
+        rng.range(0.8, 1.2),
+        rng.range(0.8, 1.2),
+    ];
     let mut v = Vec::with_capacity(h * w);
     for y in 0..h {
         for x in 0..w {
             let d = ((y as f64 - cy).powi(2) + (x as f64 - cx).powi(2)).sqrt();
             let base = if d < r { hi } else { lo };
             let c: Vec<u8> = (0..3)
-                .map(|k| (base * tint[k] + noise * rng.normal()).round().clamp(0.0, 255.0) as u8)
+                .map(|k| {
+                    (base * tint[k] + noise * rng.normal())
+                        .round()
+                        .clamp(0.0, 255.0) as u8
+                })
                 .collect();
             v.push(pack(c[0], c[1], c[2]));
         }
@@ -152,17 +243,35 @@ fn otsu_synthetic_vs_reference() {
     let mut rng = Rng::new(5);
     for rule in RULES {
         // Uniform random colours, odd non-square size.
-        let px: Vec<u32> = (0..97 * 61).map(|_| rng.next_u64() as u32 & 0xff_ffff).collect();
+        let px: Vec<u32> = (0..97 * 61)
+            .map(|_| rng.next_u64() as u32 & 0xff_ffff)
+            .collect();
         check_vs_reference("random 97x61", &px, 1, 97, 61, rule, None);
         // All dark, all bright, mid grey (a single histogram bin, or none in range).
-        for (name, c) in [("all-dark", 0u8), ("all-bright", 255), ("mid-grey", 128), ("released-range-grey", 140)] {
+        for (name, c) in [
+            ("all-dark", 0u8),
+            ("all-bright", 255),
+            ("mid-grey", 128),
+            ("released-range-grey", 140),
+        ] {
             let px = vec![pack(c, c, c); 40 * 40];
             check_vs_reference(name, &px, 1, 40, 40, rule, None);
         }
         // Two levels (ties over the empty bins between them resolve to the first index).
-        for (a, b, frac) in [(30u8, 200u8, 0.5), (120, 125, 0.2), (130, 170, 0.7), (0, 255, 0.01)] {
+        for (a, b, frac) in [
+            (30u8, 200u8, 0.5),
+            (120, 125, 0.2),
+            (130, 170, 0.7),
+            (0, 255, 0.01),
+        ] {
             let px: Vec<u32> = (0..33 * 47)
-                .map(|i| if (i as f64) < frac * (33.0 * 47.0) { pack(a, a, a) } else { pack(b, b, b) })
+                .map(|i| {
+                    if (i as f64) < frac * (33.0 * 47.0) {
+                        pack(a, a, a)
+                    } else {
+                        pack(b, b, b)
+                    }
+                })
                 .collect();
             check_vs_reference(&format!("two-level {a}/{b}"), &px, 1, 33, 47, rule, None);
         }
@@ -174,9 +283,21 @@ fn otsu_synthetic_vs_reference() {
         // Few distinct colours with random counts: many near-ties in sigma².
         for seed in 0..6 {
             let mut r2 = Rng::new(100 + seed);
-            let levels: Vec<u32> = (0..2 + r2.below(5)).map(|_| r2.next_u64() as u32 & 0xff_ffff).collect();
-            let px: Vec<u32> = (0..50 * 50).map(|_| levels[r2.below(levels.len())]).collect();
-            check_vs_reference(&format!("{} colours", levels.len()), &px, 1, 50, 50, rule, None);
+            let levels: Vec<u32> = (0..2 + r2.below(5))
+                .map(|_| r2.next_u64() as u32 & 0xff_ffff)
+                .collect();
+            let px: Vec<u32> = (0..50 * 50)
+                .map(|_| levels[r2.below(levels.len())])
+                .collect();
+            check_vs_reference(
+                &format!("{} colours", levels.len()),
+                &px,
+                1,
+                50,
+                50,
+                rule,
+                None,
+            );
         }
     }
 }
@@ -191,7 +312,15 @@ fn otsu_released_no_pixel_in_range() {
         let (thr, mask) = run_gpu(gpu, &px, 3, 20, 20, OtsuRule::Released, None);
         assert_eq!(thr, vec![0.0; 3]);
         assert!(mask.iter().all(|&m| m == on), "colour {c}");
-        check_vs_reference(&format!("released out of range {c}"), &px, 3, 20, 20, OtsuRule::Released, None);
+        check_vs_reference(
+            &format!("released out of range {c}"),
+            &px,
+            3,
+            20,
+            20,
+            OtsuRule::Released,
+            None,
+        );
     }
 }
 
@@ -210,12 +339,22 @@ fn otsu_every_colour_large_grid() {
         let hist = gpu.read_u32(&hist).unwrap();
         let mut total = 0u64;
         for i in 0..4 {
-            let grey: Vec<f64> = px[i * s * s..(i + 1) * s * s].iter().map(|&p| reference::grey(p, rule)).collect();
+            let grey: Vec<f64> = px[i * s * s..(i + 1) * s * s]
+                .iter()
+                .map(|&p| reference::grey(p, rule))
+                .collect();
             let want = reference::histogram(&grey);
             for bin in 0..256 {
-                assert_eq!(hist[i * 256 + bin] as f64, want[bin], "{rule:?} image {i} bin {bin}");
+                assert_eq!(
+                    hist[i * 256 + bin] as f64,
+                    want[bin],
+                    "{rule:?} image {i} bin {bin}"
+                );
             }
-            total += hist[i * 256..(i + 1) * 256].iter().map(|&c| c as u64).sum::<u64>();
+            total += hist[i * 256..(i + 1) * 256]
+                .iter()
+                .map(|&c| c as u64)
+                .sum::<u64>();
         }
         eprintln!("every colour {rule:?}: histograms of 2^24 colours exact ({total} in range)");
         check_vs_reference("every colour (chunk 256)", &px, 4, s, s, rule, Some(256));
@@ -241,4 +380,3 @@ fn otsu_bench() {
         eprintln!("{r}");
     }
 }
-

@@ -3,7 +3,7 @@
 
 use medfastsam::ops::pe::dense_pe;
 use medfastsam::ops::reference::pe as reference;
-use medfastsam::testutil::{max_abs, test_gpu, to_f64, Rng};
+use medfastsam::testutil::{Rng, max_abs, test_gpu, to_f64};
 use safetensors::SafeTensors;
 
 fn run(gauss: &[f32], h: usize, w: usize) -> Vec<f32> {
@@ -18,9 +18,14 @@ fn run(gauss: &[f32], h: usize, w: usize) -> Vec<f32> {
 
 #[test]
 fn pe_tiny_fixture() {
-    let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/otsu_pe_tiny.safetensors")).unwrap();
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/otsu_pe_tiny.safetensors"
+    ))
+    .unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let gauss: Vec<f32> = bytemuck::pod_collect_to_vec(st.tensor("pe.gaussian_matrix").unwrap().data());
+    let gauss: Vec<f32> =
+        bytemuck::pod_collect_to_vec(st.tensor("pe.gaussian_matrix").unwrap().data());
     let want_nchw: Vec<f32> = bytemuck::pod_collect_to_vec(st.tensor("pe.dense").unwrap().data());
     assert_eq!(st.tensor("pe.dense").unwrap().shape(), &[256, 16, 16]);
     let got = run(&gauss, 16, 16);
@@ -41,7 +46,9 @@ fn pe_tiny_fixture() {
         }
     }
     let e_fix_ref = max_abs(&want_nchw, &r_nchw);
-    eprintln!("pe 16x16: max abs err vs fixture {e:.2e}, vs f64 reference {e_ref:.2e} (fixture vs reference {e_fix_ref:.2e})");
+    eprintln!(
+        "pe 16x16: max abs err vs fixture {e:.2e}, vs f64 reference {e_ref:.2e} (fixture vs reference {e_fix_ref:.2e})"
+    );
     assert!(e <= 2e-6, "pe vs fixture: {e:.3e}");
     assert!(e_ref <= 2e-6, "pe vs reference: {e_ref:.3e}");
 }
@@ -51,9 +58,17 @@ fn pe_random_vs_reference() {
     let mut rng = Rng::new(11);
     // 64x64 (the paper's grid) with N(0,1) entries, then entries scaled so |z| reaches ~40 rad,
     // and odd non-square grids.
-    for (h, w, scale) in [(64, 64, 1.0), (64, 64, 3.0), (37, 53, 1.5), (1, 1, 1.0), (5, 200, 2.0)] {
+    for (h, w, scale) in [
+        (64, 64, 1.0),
+        (64, 64, 3.0),
+        (37, 53, 1.5),
+        (1, 1, 1.0),
+        (5, 200, 2.0),
+    ] {
         let gauss: Vec<f32> = (0..256).map(|_| (scale * rng.normal()) as f32).collect();
-        let zmax = (0..128).map(|k| 2.0 * std::f64::consts::PI * (gauss[k].abs() + gauss[128 + k].abs()) as f64).fold(0.0, f64::max);
+        let zmax = (0..128)
+            .map(|k| 2.0 * std::f64::consts::PI * (gauss[k].abs() + gauss[128 + k].abs()) as f64)
+            .fold(0.0, f64::max);
         let got = run(&gauss, h, w);
         let want = reference::dense_pe(&to_f64(&gauss), h, w);
         let e = max_abs(&got, &want);

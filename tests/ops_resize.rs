@@ -4,7 +4,7 @@
 
 use medfastsam::ops::reference::resize as refr;
 use medfastsam::ops::resize::{bilinear, bilinear_backward};
-use medfastsam::testutil::{rel_err, test_gpu, to_f64, Rng};
+use medfastsam::testutil::{Rng, rel_err, test_gpu, to_f64};
 
 /// Each output is a convex combination of 4 inputs with exact taps and f32-rounded weights, so
 /// errors are a few 1e-7 of the tensor's scale.
@@ -26,7 +26,12 @@ fn forward(b: usize, h: usize, w: usize, c: usize, oh: usize, ow: usize, seed: u
     rec.submit().unwrap();
     assert_eq!(y.shape, vec![b, oh, ow, c]);
     let want = refr::bilinear(b, h, w, c, &to_f64(&x), oh, ow);
-    check(&format!("bilinear [{b},{h},{w},{c}] -> {oh}x{ow}"), &gpu.read(&y).unwrap(), &want, TOL);
+    check(
+        &format!("bilinear [{b},{h},{w},{c}] -> {oh}x{ow}"),
+        &gpu.read(&y).unwrap(),
+        &want,
+        TOL,
+    );
 }
 
 #[test]
@@ -86,7 +91,11 @@ fn bilinear_reference_backward_matches_finite_differences() {
         let scale = dx.iter().fold(1e-12f64, |m, &a| m.max(a.abs()));
         for i in 0..x.len() {
             let loss = |v: &[f64]| -> f64 {
-                refr::bilinear(b, h, w, c, v, oh, ow).iter().zip(&r).map(|(a, b)| a * b).sum()
+                refr::bilinear(b, h, w, c, v, oh, ow)
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, b)| a * b)
+                    .sum()
             };
             x2[i] = x[i] + hstep;
             let lp = loss(&x2);
@@ -95,7 +104,9 @@ fn bilinear_reference_backward_matches_finite_differences() {
             x2[i] = x[i];
             worst = worst.max(((lp - lm) / (2.0 * hstep) - dx[i]).abs() / scale);
         }
-        eprintln!("bilinear dx [{b},{h},{w},{c}] -> {oh}x{ow}: finite-difference rel err {worst:.2e}");
+        eprintln!(
+            "bilinear dx [{b},{h},{w},{c}] -> {oh}x{ow}: finite-difference rel err {worst:.2e}"
+        );
         assert!(worst < 1e-9);
     }
 }

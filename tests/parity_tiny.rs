@@ -88,33 +88,83 @@ fn stage_by_stage(v: Variant) {
     let emb = m.neck(&mut rec, &c.upload(&k("encoder.layers.3"))).unwrap();
     let (r2, r1) = m.msf_features(&mut rec, &x).unwrap();
     let low = bilinear(&mut rec, &c.upload(&k("otsu.mask")), 64, 64).unwrap();
-    let dense = m.cp_encode(&mut rec, &c.upload(&k("otsu.mask_lowres"))).unwrap();
+    let dense = m
+        .cp_encode(&mut rec, &c.upload(&k("otsu.mask_lowres")))
+        .unwrap();
     let g = c.cfg.grid();
     let pe = m.dense_pe(&mut rec, g, g).unwrap();
     // pe.dense is stored [256, g, g]: channels-first without a batch axis.
     let pe_want = nchw_to_nhwc(&c.fwd.f32(&k("pe.dense")), &[1, 256, g, g]);
     let pe_rec = gpu.upload(&pe_want, &[g, g, 256]).unwrap();
-    let (tok, img) = m.two_way(&mut rec, &c.upload(&k("encoder.embedding")), &c.upload(&k("prompt.dense")), &pe_rec).unwrap();
+    let (tok, img) = m
+        .two_way(
+            &mut rec,
+            &c.upload(&k("encoder.embedding")),
+            &c.upload(&k("prompt.dense")),
+            &pe_rec,
+        )
+        .unwrap();
     let lowres = m
-        .mask_head(&mut rec, &c.upload(&k("decoder.tokens")), &c.upload(&k("decoder.image")), &c.upload(&k("msf.r1")), &c.upload(&k("msf.r2")))
+        .mask_head(
+            &mut rec,
+            &c.upload(&k("decoder.tokens")),
+            &c.upload(&k("decoder.image")),
+            &c.upload(&k("msf.r1")),
+            &c.upload(&k("msf.r2")),
+        )
         .unwrap();
     let logits = bilinear(&mut rec, &c.upload(&k("decoder.lowres_logits")), 256, 256).unwrap();
     rec.submit().unwrap();
 
-    check(&k("encoder.patch_embed"), &patch, &c.rec(&k("encoder.patch_embed")).0, STAGE_TOL);
+    check(
+        &k("encoder.patch_embed"),
+        &patch,
+        &c.rec(&k("encoder.patch_embed")).0,
+        STAGE_TOL,
+    );
     for (s, t) in stages.iter().enumerate() {
         let key = k(&format!("encoder.layers.{s}"));
         check(&key, t, &c.rec(&key).0, STAGE_TOL);
     }
-    check(&k("encoder.embedding"), &emb, &c.rec(&k("encoder.embedding")).0, STAGE_TOL);
+    check(
+        &k("encoder.embedding"),
+        &emb,
+        &c.rec(&k("encoder.embedding")).0,
+        STAGE_TOL,
+    );
     check(&k("msf.r2"), &r2, &c.rec(&k("msf.r2")).0, STAGE_TOL);
     check(&k("msf.r1"), &r1, &c.rec(&k("msf.r1")).0, STAGE_TOL);
-    check(&k("otsu.mask_lowres"), &low, &c.rec(&k("otsu.mask_lowres")).0, 1e-6);
+    check(
+        &k("otsu.mask_lowres"),
+        &low,
+        &c.rec(&k("otsu.mask_lowres")).0,
+        1e-6,
+    );
     check(&k("pe.dense"), &pe, &pe_want, STAGE_TOL);
-    check(&k("prompt.dense"), &dense, &c.rec(&k("prompt.dense")).0, STAGE_TOL);
-    check(&k("decoder.tokens"), &tok, &c.rec(&k("decoder.tokens")).0, STAGE_TOL);
-    check(&k("decoder.image"), &img, &c.rec(&k("decoder.image")).0, STAGE_TOL);
-    check(&k("decoder.lowres_logits"), &lowres, &c.rec(&k("decoder.lowres_logits")).0, LOGIT_TOL);
+    check(
+        &k("prompt.dense"),
+        &dense,
+        &c.rec(&k("prompt.dense")).0,
+        STAGE_TOL,
+    );
+    check(
+        &k("decoder.tokens"),
+        &tok,
+        &c.rec(&k("decoder.tokens")).0,
+        STAGE_TOL,
+    );
+    check(
+        &k("decoder.image"),
+        &img,
+        &c.rec(&k("decoder.image")).0,
+        STAGE_TOL,
+    );
+    check(
+        &k("decoder.lowres_logits"),
+        &lowres,
+        &c.rec(&k("decoder.lowres_logits")).0,
+        LOGIT_TOL,
+    );
     check(&k("logits"), &logits, &c.rec(&k("logits")).0, 1e-6);
 }
 
@@ -133,8 +183,14 @@ fn end_to_end(v: Variant) {
     let mask = gpu.read(&out.coarse).unwrap();
     let want = c.rec(&k("otsu.mask")).0;
     let diff = mask.iter().zip(&want).filter(|(a, b)| a != b).count();
-    eprintln!("{p}: Otsu thresholds {thr:?} exact, {diff} of {} mask pixels differ", want.len());
-    assert!(diff as f64 <= 0.001 * want.len() as f64, "{p}: {diff} Otsu mask pixels differ");
+    eprintln!(
+        "{p}: Otsu thresholds {thr:?} exact, {diff} of {} mask pixels differ",
+        want.len()
+    );
+    assert!(
+        diff as f64 <= 0.001 * want.len() as f64,
+        "{p}: {diff} Otsu mask pixels differ"
+    );
     for name in [
         "encoder.patch_embed",
         "encoder.layers.0",
@@ -148,10 +204,25 @@ fn end_to_end(v: Variant) {
         "decoder.tokens",
         "decoder.image",
     ] {
-        check(&format!("{p} end-to-end {name}"), out.stages.get(name).unwrap(), &c.rec(&k(name)).0, STAGE_TOL);
+        check(
+            &format!("{p} end-to-end {name}"),
+            out.stages.get(name).unwrap(),
+            &c.rec(&k(name)).0,
+            STAGE_TOL,
+        );
     }
-    check(&format!("{p} end-to-end lowres_logits"), &out.lowres_logits, &c.rec(&k("decoder.lowres_logits")).0, LOGIT_TOL);
-    check(&format!("{p} end-to-end logits"), &out.logits, &c.rec(&k("logits")).0, LOGIT_TOL);
+    check(
+        &format!("{p} end-to-end lowres_logits"),
+        &out.lowres_logits,
+        &c.rec(&k("decoder.lowres_logits")).0,
+        LOGIT_TOL,
+    );
+    check(
+        &format!("{p} end-to-end logits"),
+        &out.logits,
+        &c.rec(&k("logits")).0,
+        LOGIT_TOL,
+    );
 }
 
 #[test]

@@ -6,10 +6,10 @@
 mod common;
 
 use common::*;
-use medfastsam::model::{Config, Variant, Weights};
-use medfastsam::ops::loss::{seg_loss, LossConfig};
-use medfastsam::testutil::test_gpu;
 use medfastsam::model::MedFastSam;
+use medfastsam::model::{Config, Variant, Weights};
+use medfastsam::ops::loss::{LossConfig, seg_loss};
+use medfastsam::testutil::test_gpu;
 use medfastsam::train::params::{ParamStore, TrainMode};
 
 #[test]
@@ -28,14 +28,19 @@ fn train_step(grouped: bool) {
     // Both tests share the thread-independent switch: run them one after the other.
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    medfastsam::model::lka_encoder::FORCE_MBCONV_GROUPS.store(if grouped { 2 } else { 0 }, std::sync::atomic::Ordering::SeqCst);
+    medfastsam::model::lka_encoder::FORCE_MBCONV_GROUPS.store(
+        if grouped { 2 } else { 0 },
+        std::sync::atomic::Ordering::SeqCst,
+    );
     let gpu = test_gpu();
     let cfg = Config::from_file(&fixtures_dir().join("tiny.config.json")).unwrap();
     let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
     let fx = Fixture::open(fixtures_dir().join("tiny.train.safetensors"));
     let ps = ParamStore::new(gpu, &w, &cfg, Variant::Paper, TrainMode::Full).unwrap();
     let s = fx.shape("image");
-    let px = gpu.upload_u32(&pack_rgb(&fx.u8("image")), &[s[0], s[1], s[2]]).unwrap();
+    let px = gpu
+        .upload_u32(&pack_rgb(&fx.u8("image")), &[s[0], s[1], s[2]])
+        .unwrap();
     let target: Vec<f32> = fx.u8("target").iter().map(|&v| v as f32).collect();
     let target = gpu.upload(&target, &[s[0], s[1], s[2], 1]).unwrap();
 
@@ -52,10 +57,19 @@ fn train_step(grouped: bool) {
     eprintln!("logits rel err {e:.2e}");
     assert!(e <= 2e-3);
     let l = gpu.read(&loss).unwrap();
-    let want = [fx.f32("loss")[0], fx.f32("loss.focal")[0], fx.f32("loss.dice")[0]];
+    let want = [
+        fx.f32("loss")[0],
+        fx.f32("loss.focal")[0],
+        fx.f32("loss.dice")[0],
+    ];
     eprintln!("loss {l:?} vs PyTorch {want:?}");
     for i in 0..3 {
-        assert!(((l[i] - want[i]) / want[i]).abs() < 1e-4, "loss component {i}: {} vs {}", l[i], want[i]);
+        assert!(
+            ((l[i] - want[i]) / want[i]).abs() < 1e-4,
+            "loss component {i}: {} vs {}",
+            l[i],
+            want[i]
+        );
     }
 
     // Reference gradients of every trainable tensor, and their overall scale.
@@ -65,16 +79,25 @@ fn train_step(grouped: bool) {
         assert!(fx.has(&key), "fixture lacks {key}");
         pairs.push((k.clone(), gpu.read(g).unwrap(), fx.f32(&key)));
     }
-    let global = pairs.iter().flat_map(|p| p.2.iter()).fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let global = pairs
+        .iter()
+        .flat_map(|p| p.2.iter())
+        .fold(0f32, |m, v| m.max(v.abs())) as f64;
     let mut worst = (String::new(), 0.0f64);
     let mut errs = Vec::new();
     let (mut zero, mut structural_zero) = (0, 0);
     for (k, got, want) in &pairs {
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-        let abs = got.iter().zip(want).fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+        let abs = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
         if scale == 0.0 {
             // A parameter that does not influence the loss: our gradient is exactly zero too.
-            assert!(abs == 0.0, "{k}: PyTorch gradient is zero, ours reaches {abs:e}");
+            assert!(
+                abs == 0.0,
+                "{k}: PyTorch gradient is zero, ours reaches {abs:e}"
+            );
             zero += 1;
             continue;
         }
@@ -82,7 +105,10 @@ fn train_step(grouped: bool) {
             // Mathematically zero (e.g. a key bias under softmax, a bias before a training-mode
             // BatchNorm): the float64 reference holds rounding noise of ~1e-19; ours must be
             // rounding noise at f32 scale.
-            assert!(abs <= 1e-6 * global, "{k}: structurally zero gradient reaches {abs:e}");
+            assert!(
+                abs <= 1e-6 * global,
+                "{k}: structurally zero gradient reaches {abs:e}"
+            );
             structural_zero += 1;
             continue;
         }
@@ -92,10 +118,19 @@ fn train_step(grouped: bool) {
             worst = (k.clone(), e);
         }
         if e > 1e-3 {
-            eprintln!("{k}: rel err {e:.3e}; got {:?} want {:?}", &got[..4.min(got.len())], &want[..4.min(want.len())]);
+            eprintln!(
+                "{k}: rel err {e:.3e}; got {:?} want {:?}",
+                &got[..4.min(got.len())],
+                &want[..4.min(want.len())]
+            );
         }
     }
-    assert!(worst.1 <= 1e-3, "worst gradient {}: relative error {:.3e}", worst.0, worst.1);
+    assert!(
+        worst.1 <= 1e-3,
+        "worst gradient {}: relative error {:.3e}",
+        worst.0,
+        worst.1
+    );
     errs.sort_by(|a, b| a.partial_cmp(b).unwrap());
     eprintln!(
         "{} gradients within 1e-3: median rel err {:.2e}, worst {:.2e} ({}); {zero} exactly zero, {structural_zero} \

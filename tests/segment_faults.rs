@@ -31,7 +31,11 @@ fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let o = c.output().unwrap();
     Run {
         code: o.status.code().unwrap_or(-1),
-        out: format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        out: format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
     }
 }
 
@@ -41,7 +45,11 @@ fn run(args: &[&str]) -> Run {
 
 fn files_in(d: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(d)
-        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -51,14 +59,19 @@ fn assert_failed_with(r: &Run, needle: &str) {
     assert_ne!(r.code, 0, "expected failure:\n{}", r.out);
     assert!(!r.out.contains("panicked"), "panic:\n{}", r.out);
     assert!(
-        r.out.lines().any(|l| l.starts_with("error:") && l.contains(needle)),
+        r.out
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains(needle)),
         "no error line mentioning '{needle}':\n{}",
         r.out
     );
 }
 
 fn tiny_weights() -> String {
-    fixtures_dir().join("tiny.weights.safetensors").to_string_lossy().into_owned()
+    fixtures_dir()
+        .join("tiny.weights.safetensors")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A small RGB image with a bright disc whose position depends on `k` (so outputs differ).
@@ -66,7 +79,11 @@ fn write_image(path: &Path, k: u32) {
     let (w, h) = (48u32, 40u32);
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         let (dx, dy) = (x as i32 - 12 - 4 * k as i32, y as i32 - 20);
-        let v = if dx * dx + dy * dy < 64 { 220 } else { 30 + (k as u8) * 10 };
+        let v = if dx * dx + dy * dy < 64 {
+            220
+        } else {
+            30 + (k as u8) * 10
+        };
         image::Rgb([v, v / 2, v])
     });
     img.save(path).unwrap();
@@ -82,12 +99,20 @@ fn inputs_sharing_a_stem_get_distinct_deterministic_outputs() {
     for sub in ["a", "b"] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
-    let inputs = [d.join("a/case.png"), d.join("b/case.png"), d.join("case.jpg"), d.join("other.png")];
+    let inputs = [
+        d.join("a/case.png"),
+        d.join("b/case.png"),
+        d.join("case.jpg"),
+        d.join("other.png"),
+    ];
     for (k, p) in inputs.iter().enumerate() {
         write_image(p, k as u32);
     }
     let out = d.join("out");
-    let ins: Vec<String> = inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let ins: Vec<String> = inputs
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     let mut args = vec!["segment"];
     args.extend(ins.iter().map(|s| s.as_str()));
     let w = tiny_weights();
@@ -106,14 +131,33 @@ fn inputs_sharing_a_stem_get_distinct_deterministic_outputs() {
         "other_overlay.png",
     ];
     assert_eq!(files_in(&out), want);
-    assert!(r.out.contains("share a file name stem"), "the renaming is said: {}", r.out);
+    assert!(
+        r.out.contains("share a file name stem"),
+        "the renaming is said: {}",
+        r.out
+    );
     // Each output belongs to its own input: segmenting one input alone gives the same mask.
     let solo = d.join("solo");
     let s = solo.to_string_lossy().into_owned();
-    let r = run(&["segment", &ins[1], "--weights", &w, "--size", "64", "--out", &s]);
+    let r = run(&[
+        "segment",
+        &ins[1],
+        "--weights",
+        &w,
+        "--size",
+        "64",
+        "--out",
+        &s,
+    ]);
     assert_eq!(r.code, 0, "{}", r.out);
-    assert_eq!(decode_mask(&solo.join("case_mask.png")), decode_mask(&out.join("b_case_png_mask.png")));
-    assert_ne!(decode_mask(&out.join("a_case_png_mask.png")), decode_mask(&out.join("b_case_png_mask.png")));
+    assert_eq!(
+        decode_mask(&solo.join("case_mask.png")),
+        decode_mask(&out.join("b_case_png_mask.png"))
+    );
+    assert_ne!(
+        decode_mask(&out.join("a_case_png_mask.png")),
+        decode_mask(&out.join("b_case_png_mask.png"))
+    );
     // Deterministic: the same command names the outputs the same way again.
     let r = run(&args);
     assert_eq!(r.code, 0, "{}", r.out);
@@ -126,7 +170,11 @@ fn sizes_that_cannot_fit_are_refused_before_any_allocation() {
     let img = d.join("x.png");
     write_image(&img, 0);
     let out = d.join("out");
-    let (i, w, o) = (img.to_string_lossy().into_owned(), tiny_weights(), out.to_string_lossy().into_owned());
+    let (i, w, o) = (
+        img.to_string_lossy().into_owned(),
+        tiny_weights(),
+        out.to_string_lossy().into_owned(),
+    );
     for size in ["20000", "100000"] {
         let before = children_max_rss_kib();
         let r = run(&["segment", &i, "--weights", &w, "--size", size, "--out", &o]);
@@ -136,12 +184,27 @@ fn sizes_that_cannot_fit_are_refused_before_any_allocation() {
         let after = children_max_rss_kib();
         // The child never grew past a few hundred MiB (the former behaviour: 4.3 GB at 20000,
         // an abort on a 30 GB allocation at 100000).
-        assert!(after.max(before) < 1 << 20, "--size {size}: peak RSS of a child {after} KiB");
+        assert!(
+            after.max(before) < 1 << 20,
+            "--size {size}: peak RSS of a child {after} KiB"
+        );
         assert!(files_in(&out).is_empty(), "{:?}", files_in(&out));
     }
     // The guard names the estimate and the limit (an explicit limit makes this independent of the
     // machine's memory).
-    let r = run_env(&["segment", &i, "--weights", &w, "--size", "1024", "--out", &o], &[("MEDFASTSAM_MAX_MEMORY", "64M")]);
+    let r = run_env(
+        &[
+            "segment",
+            &i,
+            "--weights",
+            &w,
+            "--size",
+            "1024",
+            "--out",
+            &o,
+        ],
+        &[("MEDFASTSAM_MAX_MEMORY", "64M")],
+    );
     assert_failed_with(&r, "not enough memory");
     assert!(r.out.contains("MEDFASTSAM_MAX_MEMORY"), "{}", r.out);
 }
@@ -179,8 +242,18 @@ fn weights_that_overflow_f32_are_an_error_not_an_empty_mask() {
         &out.to_string_lossy(),
     ]);
     assert_failed_with(&r, "non-finite logits");
-    assert!(r.out.lines().any(|l| l.starts_with("error:") && l.contains("x.png")), "names the image: {}", r.out);
-    assert!(files_in(&out).is_empty(), "no mask from NaN logits: {:?}", files_in(&out));
+    assert!(
+        r.out
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains("x.png")),
+        "names the image: {}",
+        r.out
+    );
+    assert!(
+        files_in(&out).is_empty(),
+        "no mask from NaN logits: {:?}",
+        files_in(&out)
+    );
 }
 
 #[test]
@@ -191,10 +264,24 @@ fn an_unusable_output_folder_is_found_before_the_first_forward() {
     let blocker = d.join("not-a-folder");
     std::fs::write(&blocker, b"a file where the output folder should be").unwrap();
     let out = blocker.join("out");
-    let r = run(&["segment", &img.to_string_lossy(), "--weights", &tiny_weights(), "--out", &out.to_string_lossy()]);
+    let r = run(&[
+        "segment",
+        &img.to_string_lossy(),
+        "--weights",
+        &tiny_weights(),
+        "--out",
+        &out.to_string_lossy(),
+    ]);
     assert_failed_with(&r, "not-a-folder");
-    assert!(!r.out.contains("adapter:"), "failed before opening the GPU: {}", r.out);
-    assert_eq!(std::fs::read(&blocker).unwrap(), b"a file where the output folder should be");
+    assert!(
+        !r.out.contains("adapter:"),
+        "failed before opening the GPU: {}",
+        r.out
+    );
+    assert_eq!(
+        std::fs::read(&blocker).unwrap(),
+        b"a file where the output folder should be"
+    );
 }
 
 #[test]
@@ -234,12 +321,17 @@ fn memory_estimates_bound_the_measured_peaks() {
     use medfastsam::train::trainer::{Example, TrainOptions, Trainer};
     let gpu = test_gpu();
     for (preset, size) in [("tiny", 64), ("tiny", 128), ("paper", 256)] {
-        let cfg = Config::preset(preset).unwrap().with_image_size(size).unwrap();
+        let cfg = Config::preset(preset)
+            .unwrap()
+            .with_image_size(size)
+            .unwrap();
         gpu.trim_pool();
         gpu.reset_peak();
         let w = Weights::init(&cfg, 1);
         let model = MedFastSam::new(gpu, &w, &cfg, Variant::Paper).unwrap();
-        let px: Vec<u32> = (0..size * size).map(|i| (i as u32).wrapping_mul(2654435761) & 0xFF_FFFF).collect();
+        let px: Vec<u32> = (0..size * size)
+            .map(|i| (i as u32).wrapping_mul(2654435761) & 0xFF_FFFF)
+            .collect();
         let px = gpu.upload_u32(&px, &[1, size, size]).unwrap();
         let mut rec = gpu.new_recorder();
         let out = model.forward(&mut rec, &px, false).unwrap();
@@ -248,33 +340,57 @@ fn memory_estimates_bound_the_measured_peaks() {
         let measured = gpu.pool_stats().peak_allocated;
         let est = memory::forward(&cfg, 1, 0, 0).device;
         println!("forward {preset} {size}²: measured {measured} B, estimate {est} B");
-        assert!(est >= measured, "forward {preset} {size}²: estimate {est} < measured {measured}");
-        assert!(est <= 2 * measured, "forward {preset} {size}²: estimate {est} > 2 x measured {measured}");
+        assert!(
+            est >= measured,
+            "forward {preset} {size}²: estimate {est} < measured {measured}"
+        );
+        assert!(
+            est <= 2 * measured,
+            "forward {preset} {size}²: estimate {est} > 2 x measured {measured}"
+        );
         drop((out, model, px));
     }
     for (preset, size, batch) in [("tiny", 128, 2), ("paper", 128, 2)] {
-        let cfg = Config::preset(preset).unwrap().with_image_size(size).unwrap();
+        let cfg = Config::preset(preset)
+            .unwrap()
+            .with_image_size(size)
+            .unwrap();
         gpu.trim_pool();
         gpu.reset_peak();
         let w = Weights::init(&cfg, 1);
-        let opts = TrainOptions { batch, ..TrainOptions::default() };
+        let opts = TrainOptions {
+            batch,
+            ..TrainOptions::default()
+        };
         let mut t = Trainer::new(gpu, &w, &cfg, Variant::Paper, opts).unwrap();
-        let micro = vec![(0..batch)
-            .map(|i| Example {
-                id: format!("{i}"),
-                image: medfastsam::io::RgbImage {
-                    width: size,
-                    height: size,
-                    data: (0..size * size * 3).map(|k| (k * 31 + i * 7) as u8).collect(),
-                },
-                mask: (0..size * size).map(|k| ((k / size + k % size) % 2) as u8).collect(),
-            })
-            .collect::<Vec<_>>()];
+        let micro = vec![
+            (0..batch)
+                .map(|i| Example {
+                    id: format!("{i}"),
+                    image: medfastsam::io::RgbImage {
+                        width: size,
+                        height: size,
+                        data: (0..size * size * 3)
+                            .map(|k| (k * 31 + i * 7) as u8)
+                            .collect(),
+                    },
+                    mask: (0..size * size)
+                        .map(|k| ((k / size + k % size) % 2) as u8)
+                        .collect(),
+                })
+                .collect::<Vec<_>>(),
+        ];
         t.step(&micro).unwrap();
         let measured = gpu.pool_stats().peak_allocated;
         let est = memory::train_step(&cfg, batch).device;
         println!("train {preset} {size}² batch {batch}: measured {measured} B, estimate {est} B");
-        assert!(est >= measured, "train {preset} {size}²: estimate {est} < measured {measured}");
-        assert!(est <= 2 * measured, "train {preset} {size}²: estimate {est} > 2 x measured {measured}");
+        assert!(
+            est >= measured,
+            "train {preset} {size}²: estimate {est} < measured {measured}"
+        );
+        assert!(
+            est <= 2 * measured,
+            "train {preset} {size}²: estimate {est} > 2 x measured {measured}"
+        );
     }
 }

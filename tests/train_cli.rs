@@ -13,7 +13,10 @@ use std::process::Command;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()));
+    c.env(
+        "XDG_RUNTIME_DIR",
+        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
+    );
     c
 }
 
@@ -42,8 +45,16 @@ fn make_dataset() -> PathBuf {
         let id = format!("crop{k:02}");
         let c = img.crop(x, y, 64, 64);
         let m = lab.crop(x, y, 64, 64);
-        std::fs::write(d.join(format!("images/{id}.png")), io::encode_png_rgb(&c).unwrap()).unwrap();
-        std::fs::write(d.join(format!("masks/{id}.png")), io::encode_png_gray(&m).unwrap()).unwrap();
+        std::fs::write(
+            d.join(format!("images/{id}.png")),
+            io::encode_png_rgb(&c).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join(format!("masks/{id}.png")),
+            io::encode_png_gray(&m).unwrap(),
+        )
+        .unwrap();
         ids.push(id);
     }
     let split = serde_json::json!({"train": ids[..8], "val": ids[8..], "test": ids[8..]});
@@ -53,8 +64,26 @@ fn make_dataset() -> PathBuf {
 
 fn train_args(data: &Path, out: &Path) -> Vec<String> {
     [
-        "train", "--data", data.to_str().unwrap(), "--format", "generic", "--preset", "tiny", "--size", "64",
-        "--epochs", "2", "--batch", "2", "--lr", "1e-3", "--augment", "--seed", "5", "--out", out.to_str().unwrap(),
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--format",
+        "generic",
+        "--preset",
+        "tiny",
+        "--size",
+        "64",
+        "--epochs",
+        "2",
+        "--batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--augment",
+        "--seed",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -63,7 +92,11 @@ fn train_args(data: &Path, out: &Path) -> Vec<String> {
 
 fn run(args: &[String]) -> (i32, String) {
     let o = bin().args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     (o.status.code().unwrap_or(-1), text)
 }
 
@@ -81,7 +114,10 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("parameters tuned"), "{text}");
     let log = std::fs::read_to_string(a.join("log.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["epoch"], i + 1);
@@ -90,13 +126,25 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
         assert!((0.0..=1.0).contains(&d));
     }
     assert_eq!(lines[1]["step"], 8);
-    for f in ["checkpoint.safetensors", "best.safetensors", "final.safetensors"] {
+    for f in [
+        "checkpoint.safetensors",
+        "best.safetensors",
+        "final.safetensors",
+    ] {
         assert!(a.join(f).exists(), "{f} missing");
     }
     let reference = tensors(&a.join("final.safetensors"));
     // Training changed the weights.
-    let init = Weights::init(&medfastsam::model::Config::tiny().with_image_size(64).unwrap(), 5);
-    let changed = reference.iter().filter(|(k, v)| init.tensors.get(k).is_some_and(|t| &t.data != v)).count();
+    let init = Weights::init(
+        &medfastsam::model::Config::tiny()
+            .with_image_size(64)
+            .unwrap(),
+        5,
+    );
+    let changed = reference
+        .iter()
+        .filter(|(k, v)| init.tensors.get(k).is_some_and(|t| &t.data != v))
+        .count();
     assert!(changed > 100, "only {changed} tensors changed");
 
     // 2. Stopped after 3 steps (mid-epoch), then resumed.
@@ -111,7 +159,11 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
     let (code, text) = run(&args);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("resumed"), "{text}");
-    assert_eq!(tensors(&b.join("final.safetensors")), reference, "resumed run differs from the uninterrupted one");
+    assert_eq!(
+        tensors(&b.join("final.safetensors")),
+        reference,
+        "resumed run differs from the uninterrupted one"
+    );
 
     // 3. Interrupted with Ctrl-C (SIGINT) during training, then resumed.
     let c = tmpdir("c");
@@ -127,9 +179,15 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
     let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if out.status.code() == Some(0) {
         // Finished before the signal arrived: nothing to resume, but the result must match.
         assert_eq!(tensors(&c.join("final.safetensors")), reference);
@@ -141,7 +199,11 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
         args.push("--resume".into());
         let (code, text) = run(&args);
         assert_eq!(code, 0, "{text}");
-        assert_eq!(tensors(&c.join("final.safetensors")), reference, "interrupted+resumed run differs");
+        assert_eq!(
+            tensors(&c.join("final.safetensors")),
+            reference,
+            "interrupted+resumed run differs"
+        );
     }
 
     // 4. Evaluation of the trained weights: CSV rows recomputed from the written masks.
@@ -163,7 +225,10 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
     ]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("Med-FastSAM: 2 images, mIoU"), "{text}");
-    assert!(text.contains("Otsu coarse prompt alone: 2 images"), "{text}");
+    assert!(
+        text.contains("Otsu coarse prompt alone: 2 images"),
+        "{text}"
+    );
     let csv = std::fs::read_to_string(e.join("scores.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 2);
@@ -180,10 +245,21 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
             sp += p as usize;
             sg += g as usize;
         }
-        let iou = if union == 0 { 1.0 } else { inter as f64 / union as f64 };
-        let dice = if sp + sg == 0 { 1.0 } else { 2.0 * inter as f64 / (sp + sg) as f64 };
+        let iou = if union == 0 {
+            1.0
+        } else {
+            inter as f64 / union as f64
+        };
+        let dice = if sp + sg == 0 {
+            1.0
+        } else {
+            2.0 * inter as f64 / (sp + sg) as f64
+        };
         let (ci, cd): (f64, f64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
-        assert!((ci - iou).abs() < 1e-9 && (cd - dice).abs() < 1e-9, "{r}: recomputed {iou} {dice}");
+        assert!(
+            (ci - iou).abs() < 1e-9 && (cd - dice).abs() < 1e-9,
+            "{r}: recomputed {iou} {dice}"
+        );
     }
 }
 
@@ -197,9 +273,20 @@ fn gradients_command_matches_the_training_fixture() {
     let (mut imgs, mut masks) = (Vec::new(), Vec::new());
     for b in 0..2 {
         let n = 256 * 256;
-        let rgb = io::RgbImage { width: 256, height: 256, data: img[b * n * 3..(b + 1) * n * 3].to_vec() };
-        let m = io::GrayImage { width: 256, height: 256, data: tgt[b * n..(b + 1) * n].iter().map(|&v| v * 255).collect() };
-        let (ip, mp) = (d.join(format!("img{b}.png")), d.join(format!("mask{b}.png")));
+        let rgb = io::RgbImage {
+            width: 256,
+            height: 256,
+            data: img[b * n * 3..(b + 1) * n * 3].to_vec(),
+        };
+        let m = io::GrayImage {
+            width: 256,
+            height: 256,
+            data: tgt[b * n..(b + 1) * n].iter().map(|&v| v * 255).collect(),
+        };
+        let (ip, mp) = (
+            d.join(format!("img{b}.png")),
+            d.join(format!("mask{b}.png")),
+        );
         std::fs::write(&ip, io::encode_png_rgb(&rgb).unwrap()).unwrap();
         std::fs::write(&mp, io::encode_png_gray(&m).unwrap()).unwrap();
         imgs.push(ip.to_str().unwrap().to_string());
@@ -207,9 +294,17 @@ fn gradients_command_matches_the_training_fixture() {
     }
     args.extend([
         "--weights".into(),
-        fixtures_dir().join("tiny.weights.safetensors").to_str().unwrap().into(),
+        fixtures_dir()
+            .join("tiny.weights.safetensors")
+            .to_str()
+            .unwrap()
+            .into(),
         "--config".into(),
-        fixtures_dir().join("tiny.config.json").to_str().unwrap().into(),
+        fixtures_dir()
+            .join("tiny.config.json")
+            .to_str()
+            .unwrap()
+            .into(),
     ]);
     args.push("--images".into());
     args.extend(imgs);
@@ -224,13 +319,19 @@ fn gradients_command_matches_the_training_fixture() {
         let (g, w) = (got.f32(k)[0], fx.f32(k)[0]);
         assert!(((g - w) / w).abs() < 1e-4, "{k}: {g} vs {w}");
     }
-    let global = ["grad.mask_decoder.output_hypernetworks_mlps.0.layers.2.weight", "grad.image_encoder.patch_embed.seq.0.c.weight"]
-        .iter()
-        .map(|k| fx.f32(k).iter().fold(0f32, |m, v| m.max(v.abs())))
-        .fold(0f32, f32::max);
-    for key in ["grad.image_encoder.patch_embed.seq.0.c.weight", "grad.mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
-        "grad.image_encoder.layers.2.blocks.1.attn.attention_biases_med", "grad.conv1_med.features1.0.weight"]
-    {
+    let global = [
+        "grad.mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
+        "grad.image_encoder.patch_embed.seq.0.c.weight",
+    ]
+    .iter()
+    .map(|k| fx.f32(k).iter().fold(0f32, |m, v| m.max(v.abs())))
+    .fold(0f32, f32::max);
+    for key in [
+        "grad.image_encoder.patch_embed.seq.0.c.weight",
+        "grad.mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
+        "grad.image_encoder.layers.2.blocks.1.attn.attention_biases_med",
+        "grad.conv1_med.features1.0.weight",
+    ] {
         let (g, w) = (got.f32(key), fx.f32(key));
         let e = rel(&g, &w);
         assert!(e < 1e-3, "{key}: relative error {e:.2e} (scale {global})");
@@ -240,10 +341,24 @@ fn gradients_command_matches_the_training_fixture() {
 #[test]
 fn quickstart_runs_and_writes_its_outputs() {
     let out = tmpdir("quickstart");
-    let (code, text) = run(&["quickstart".into(), "--steps".into(), "2".into(), "--out".into(), out.to_str().unwrap().into()]);
+    let (code, text) = run(&[
+        "quickstart".into(),
+        "--steps".into(),
+        "2".into(),
+        "--out".into(),
+        out.to_str().unwrap().into(),
+    ]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("trained Med-FastSAM (tiny)") && text.contains("Otsu coarse prompt alone"), "{text}");
-    for f in ["tiny-nuclei.safetensors", "heldout_mask.png", "heldout_overlay.png", "heldout_otsu_overlay.png"] {
+    assert!(
+        text.contains("trained Med-FastSAM (tiny)") && text.contains("Otsu coarse prompt alone"),
+        "{text}"
+    );
+    for f in [
+        "tiny-nuclei.safetensors",
+        "heldout_mask.png",
+        "heldout_overlay.png",
+        "heldout_otsu_overlay.png",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let w = Weights::load(&out.join("tiny-nuclei.safetensors")).unwrap();

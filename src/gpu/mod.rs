@@ -41,7 +41,9 @@ impl AdapterRequest {
                     .find_map(|k| std::env::var(k).ok().filter(|s| !s.trim().is_empty()));
             }
             if self.adapter.is_none() {
-                self.adapter = std::env::var("MEDFASTSAM_ADAPTER").ok().filter(|s| !s.is_empty());
+                self.adapter = std::env::var("MEDFASTSAM_ADAPTER")
+                    .ok()
+                    .filter(|s| !s.is_empty());
             }
             if std::env::var("MEDFASTSAM_LIMITS").is_ok_and(|v| v.eq_ignore_ascii_case("webgpu")) {
                 self.webgpu_limits = true;
@@ -174,7 +176,11 @@ impl Gpu {
         let instance = wgpu::Instance::new(desc);
         let adapter = Self::choose_adapter(&instance, backends, req).await?;
         let info = adapter.get_info();
-        let limits = if req.webgpu_limits { wgpu::Limits::default() } else { adapter.limits() };
+        let limits = if req.webgpu_limits {
+            wgpu::Limits::default()
+        } else {
+            adapter.limits()
+        };
         let mut features = wgpu::Features::empty();
         for f in [wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::SHADER_F16] {
             if adapter.features().contains(f) {
@@ -199,8 +205,14 @@ impl Gpu {
         }));
         let sink = errors.clone();
         device.set_device_lost_callback(move |reason, msg| {
-            let msg = if msg.trim().is_empty() { String::new() } else { format!(": {msg}") };
-            sink.lock().unwrap().push(format!("device lost ({reason:?}){msg}"));
+            let msg = if msg.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {msg}")
+            };
+            sink.lock()
+                .unwrap()
+                .push(format!("device lost ({reason:?}){msg}"));
         });
         let limits = device.limits();
         Ok(Gpu {
@@ -240,19 +252,26 @@ impl Gpu {
             adapters.sort_by_key(|a| {
                 let i = a.get_info();
                 // Prefer real GPUs, then Vulkan over GL.
-                (type_rank(i.device_type), (i.backend != wgpu::Backend::Vulkan) as u32)
+                (
+                    type_rank(i.device_type),
+                    (i.backend != wgpu::Backend::Vulkan) as u32,
+                )
             });
             if let Some(sel) = &req.adapter {
                 let names: Vec<String> = adapters
                     .iter()
                     .enumerate()
-                    .map(|(k, a)| format!("{k}: {} ({:?})", a.get_info().name, a.get_info().backend))
+                    .map(|(k, a)| {
+                        format!("{k}: {} ({:?})", a.get_info().name, a.get_info().backend)
+                    })
                     .collect();
                 let pick = if let Ok(idx) = sel.parse::<usize>() {
                     (idx < adapters.len()).then_some(idx)
                 } else {
                     let s = sel.to_ascii_lowercase();
-                    adapters.iter().position(|a| a.get_info().name.to_ascii_lowercase().contains(&s))
+                    adapters
+                        .iter()
+                        .position(|a| a.get_info().name.to_ascii_lowercase().contains(&s))
                 };
                 return match pick {
                     Some(k) => Ok(adapters.swap_remove(k)),
@@ -302,7 +321,11 @@ impl Gpu {
     pub fn is_lost(&self) -> bool {
         #[cfg(not(target_arch = "wasm32"))]
         let _ = self.device.poll(wgpu::PollType::Poll);
-        self.errors.lock().unwrap().iter().any(|m| m.starts_with("device lost"))
+        self.errors
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.starts_with("device lost"))
     }
 
     /// Returns and clears the errors wgpu reported since the last call.
@@ -327,7 +350,10 @@ impl Gpu {
 
     /// Makes the buffers this thread freed reusable by every thread (after a submission).
     pub(crate) fn release_pending(&self) {
-        self.pool.lock().unwrap().release_pending(std::thread::current().id());
+        self.pool
+            .lock()
+            .unwrap()
+            .release_pending(std::thread::current().id());
     }
 
     /// Releases cached free buffers (keeps those in use).
@@ -338,14 +364,16 @@ impl Gpu {
     /// A 4-element tensor bound where a kernel's optional input is absent.
     pub fn dummy(&self) -> Tensor {
         let mut d = self.dummy.lock().unwrap();
-        d.get_or_insert_with(|| self.upload(&[0.0; 4], &[4]).expect("dummy tensor")).clone()
+        d.get_or_insert_with(|| self.upload(&[0.0; 4], &[4]).expect("dummy tensor"))
+            .clone()
     }
 
     /// A 4-element tensor bound where a kernel's optional output is absent (a binding cannot be
     /// both read-only and writable in one dispatch, so this is not [`Gpu::dummy`]).
     pub fn dummy_out(&self) -> Tensor {
         let mut d = self.dummy_out.lock().unwrap();
-        d.get_or_insert_with(|| self.upload(&[0.0; 4], &[4]).expect("dummy output tensor")).clone()
+        d.get_or_insert_with(|| self.upload(&[0.0; 4], &[4]).expect("dummy output tensor"))
+            .clone()
     }
 
     /// Number of compiled compute pipelines.
@@ -367,7 +395,8 @@ impl Gpu {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
-        rx.await.map_err(|_| Error::Gpu("device lost while waiting".into()))?;
+        rx.await
+            .map_err(|_| Error::Gpu("device lost while waiting".into()))?;
         self.take_errors()
     }
 
@@ -385,8 +414,9 @@ impl Gpu {
                 needed: bytes,
                 limit_name: "max_storage_buffer_binding_size",
                 limit: lim,
-                hint: "use a smaller image size or batch, or an adapter with larger storage bindings"
-                    .into(),
+                hint:
+                    "use a smaller image size or batch, or an adapter with larger storage bindings"
+                        .into(),
             });
         }
         let lim = self.limits.max_buffer_size;
@@ -406,5 +436,9 @@ impl Gpu {
 /// wgpu's error texts span lines ("Validation Error\n\nCaused by:\n  ..."); a user-facing error
 /// is one line, so the parts are joined with ": ".
 pub(crate) fn one_line(msg: &str) -> String {
-    msg.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "Caused by:").collect::<Vec<_>>().join(": ")
+    msg.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "Caused by:")
+        .collect::<Vec<_>>()
+        .join(": ")
 }

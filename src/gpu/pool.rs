@@ -88,14 +88,21 @@ impl PooledBuffer {
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        let Some(buf) = self.buffer.take() else { return };
+        let Some(buf) = self.buffer.take() else {
+            return;
+        };
         match self.pool.upgrade() {
             Some(pool) => {
                 let mut p = pool.lock().unwrap();
                 p.stats.in_use -= self.class;
                 if self.pooled {
                     let t = std::thread::current().id();
-                    p.pending.entry(t).or_default().entry(self.class).or_default().push(buf);
+                    p.pending
+                        .entry(t)
+                        .or_default()
+                        .entry(self.class)
+                        .or_default()
+                        .push(buf);
                 } else {
                     // Not destroyed: recorded commands may still use it; wgpu frees it after them.
                     p.stats.allocated -= self.class;
@@ -116,7 +123,11 @@ pub(crate) fn acquire(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, bytes: u64
     let class = size_class(bytes);
     let mut p = pool.lock().unwrap();
     let t = std::thread::current().id();
-    let own = p.pending.get_mut(&t).and_then(|m| m.get_mut(&class)).and_then(|v| v.pop());
+    let own = p
+        .pending
+        .get_mut(&t)
+        .and_then(|m| m.get_mut(&class))
+        .and_then(|v| v.pop());
     let buf = match own.or_else(|| p.free.get_mut(&class).and_then(|v| v.pop())) {
         Some(b) => b,
         None => {
@@ -130,7 +141,12 @@ pub(crate) fn acquire(device: &wgpu::Device, pool: &Arc<Mutex<Pool>>, bytes: u64
         }
     };
     p.note_use(class);
-    PooledBuffer { buffer: Some(buf), class, pooled: true, pool: Arc::downgrade(pool) }
+    PooledBuffer {
+        buffer: Some(buf),
+        class,
+        pooled: true,
+        pool: Arc::downgrade(pool),
+    }
 }
 
 /// A dedicated buffer initialised with `data` (weights, inputs); released on drop, never reused,
@@ -156,7 +172,12 @@ pub(crate) fn create_init(
     let mut p = pool.lock().unwrap();
     p.note_alloc(class);
     p.note_use(class);
-    Ok(PooledBuffer { buffer: Some(buf), class, pooled: false, pool: Arc::downgrade(pool) })
+    Ok(PooledBuffer {
+        buffer: Some(buf),
+        class,
+        pooled: false,
+        pool: Arc::downgrade(pool),
+    })
 }
 
 #[cfg(test)]
@@ -164,7 +185,20 @@ mod tests {
     use super::size_class;
     #[test]
     fn size_classes_waste_little() {
-        for n in [1u64, 15, 16, 17, 255, 256, 1000, 4096, 4097, 1 << 20, (1 << 20) + 1, 67_108_864] {
+        for n in [
+            1u64,
+            15,
+            16,
+            17,
+            255,
+            256,
+            1000,
+            4096,
+            4097,
+            1 << 20,
+            (1 << 20) + 1,
+            67_108_864,
+        ] {
             let c = size_class(n);
             assert!(c >= n, "{n} -> {c}");
             assert!(c % 16 == 0);

@@ -1,8 +1,8 @@
 //! A tensor is a shape and a storage buffer of 4-byte elements (f32, or u32 for packed pixels and
 //! counters). Feature maps are channels-last (B, H, W, C) = tokens (B, L, C), row-major.
 
-use super::pool::{self, PooledBuffer};
 use super::Gpu;
+use super::pool::{self, PooledBuffer};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -39,7 +39,11 @@ impl Tensor {
             self.shape,
             shape
         );
-        Tensor { shape: shape.to_vec(), buf: self.buf.clone(), offset: self.offset }
+        Tensor {
+            shape: shape.to_vec(),
+            buf: self.buf.clone(),
+            offset: self.offset,
+        }
     }
 
     /// Byte offset inside the underlying buffer.
@@ -51,11 +55,19 @@ impl Tensor {
     /// multiple of the device's storage offset alignment (256 on every adapter we know) for the view
     /// to be bound; `Recorder::dispatch` checks this.
     pub fn narrow(&self, start: usize, len: usize) -> Tensor {
-        assert!(start + len <= self.shape[0], "narrow {start}+{len} of {:?}", self.shape);
+        assert!(
+            start + len <= self.shape[0],
+            "narrow {start}+{len} of {:?}",
+            self.shape
+        );
         let per: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();
         shape[0] = len;
-        Tensor { shape, buf: self.buf.clone(), offset: self.offset + (start * per * 4) as u64 }
+        Tensor {
+            shape,
+            buf: self.buf.clone(),
+            offset: self.offset + (start * per * 4) as u64,
+        }
     }
     /// Size of dimension `i`, negative indices from the end.
     pub fn dim(&self, i: isize) -> usize {
@@ -86,7 +98,11 @@ impl Gpu {
         let n: usize = shape.iter().product();
         let bytes = (n.max(1) * 4) as u64;
         self.check_alloc(&format!("tensor {shape:?}"), bytes)?;
-        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(pool::acquire(&self.device, &self.pool, bytes)), offset: 0 })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            buf: Arc::new(pool::acquire(&self.device, &self.pool, bytes)),
+            offset: 0,
+        })
     }
 
     pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
@@ -100,21 +116,30 @@ impl Gpu {
     fn upload_bytes(&self, bytes: &[u8], n: usize, shape: &[usize]) -> Result<Tensor> {
         let want: usize = shape.iter().product();
         if want != n {
-            return Err(Error::Invalid(format!("upload: {n} values for shape {shape:?}")));
+            return Err(Error::Invalid(format!(
+                "upload: {n} values for shape {shape:?}"
+            )));
         }
         self.check_alloc(&format!("tensor {shape:?}"), bytes.len() as u64)?;
-        let data: std::borrow::Cow<[u8]> =
-            if bytes.is_empty() { vec![0u8; 4].into() } else { bytes.into() };
+        let data: std::borrow::Cow<[u8]> = if bytes.is_empty() {
+            vec![0u8; 4].into()
+        } else {
+            bytes.into()
+        };
         let buf = pool::create_init(&self.device, &self.pool, &data).map_err(|e| {
             // A buffer that cannot be mapped at creation follows an earlier error (usually a lost
             // device, whose callback runs on the next poll): report that cause first.
             #[cfg(not(target_arch = "wasm32"))]
             let _ = self.device.poll(wgpu::PollType::Poll);
-            self.take_errors()
-                .err()
-                .unwrap_or_else(|| Error::Gpu(super::one_line(&format!("upload of {shape:?}: {e}"))))
+            self.take_errors().err().unwrap_or_else(|| {
+                Error::Gpu(super::one_line(&format!("upload of {shape:?}: {e}")))
+            })
         })?;
-        Ok(Tensor { shape: shape.to_vec(), buf: Arc::new(buf), offset: 0 })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            buf: Arc::new(buf),
+            offset: 0,
+        })
     }
 
     /// Copies a tensor back to the CPU as raw 4-byte words.
@@ -137,7 +162,9 @@ impl Gpu {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
-        let mapped = rx.await.map_err(|_| Error::Gpu("readback cancelled".into()))?;
+        let mapped = rx
+            .await
+            .map_err(|_| Error::Gpu("readback cancelled".into()))?;
         // A failed map is usually the consequence of an earlier error (an invalid pipeline or
         // bind group, a lost device): report that cause first.
         self.take_errors()?;
@@ -157,7 +184,12 @@ impl Gpu {
     }
 
     pub async fn read_async(&self, t: &Tensor) -> Result<Vec<f32>> {
-        Ok(self.read_u32_async(t).await?.into_iter().map(f32::from_bits).collect())
+        Ok(self
+            .read_u32_async(t)
+            .await?
+            .into_iter()
+            .map(f32::from_bits)
+            .collect())
     }
 
     #[cfg(not(target_arch = "wasm32"))]

@@ -30,7 +30,10 @@ pub struct MemoryEstimate {
 
 /// f32 bytes of every parameter and buffer in the configuration's state dict.
 pub fn weight_bytes(cfg: &Config) -> u64 {
-    schema::specs(cfg).iter().map(|s| s.numel() as u64 * 4).sum()
+    schema::specs(cfg)
+        .iter()
+        .map(|s| s.numel() as u64 * 4)
+        .sum()
 }
 
 /// The MBConv hidden map of one image, in floats: (S/4)² positions × expand·C0 channels. The
@@ -48,7 +51,11 @@ fn saved_volume(cfg: &Config) -> f64 {
     let pos = [s / 4.0, s / 8.0, s / 16.0, s / 16.0].map(|side| side * side);
     (0..4)
         .map(|i| {
-            let ratio = if i == 0 { cfg.mbconv_expand_ratio } else { cfg.mlp_ratio };
+            let ratio = if i == 0 {
+                cfg.mbconv_expand_ratio
+            } else {
+                cfg.mlp_ratio
+            };
             (cfg.depths[i] * cfg.embed_dims[i] * ratio) as f64 * pos[i]
         })
         .sum()
@@ -131,7 +138,11 @@ pub enum LimitSource {
 /// it). None where nothing is known.
 pub fn limit(gpu: &Gpu) -> Option<(u64, LimitSource, bool)> {
     #[cfg(not(target_arch = "wasm32"))]
-    if let Some(b) = std::env::var("MEDFASTSAM_MAX_MEMORY").ok().as_deref().and_then(parse_bytes) {
+    if let Some(b) = std::env::var("MEDFASTSAM_MAX_MEMORY")
+        .ok()
+        .as_deref()
+        .and_then(parse_bytes)
+    {
         return Some((b, LimitSource::Env, true));
     }
     let software = gpu.info.device_type == wgpu::DeviceType::Cpu;
@@ -148,18 +159,28 @@ fn mib(b: u64) -> String {
 
 /// Refuses `what` when its estimate exceeds the limit in force (see the module comment).
 pub fn check(gpu: &Gpu, what: &str, est: MemoryEstimate) -> Result<()> {
-    let Some((lim, src, device_counts)) = limit(gpu) else { return Ok(()) };
-    let need = est.host.saturating_add(if device_counts { est.device } else { 0 });
+    let Some((lim, src, device_counts)) = limit(gpu) else {
+        return Ok(());
+    };
+    let need = est
+        .host
+        .saturating_add(if device_counts { est.device } else { 0 });
     if need <= lim {
         return Ok(());
     }
     let (name, hint) = match src {
-        LimitSource::Env => ("MEDFASTSAM_MAX_MEMORY", "raise MEDFASTSAM_MAX_MEMORY if the machine has more"),
+        LimitSource::Env => (
+            "MEDFASTSAM_MAX_MEMORY",
+            "raise MEDFASTSAM_MAX_MEMORY if the machine has more",
+        ),
         LimitSource::HostMemory if device_counts => (
             "available host memory (the software adapter keeps device buffers in host memory)",
             "use a smaller --size or batch, free memory, or run on a GPU",
         ),
-        LimitSource::HostMemory => ("available host memory", "use a smaller image, --size or batch, or free memory"),
+        LimitSource::HostMemory => (
+            "available host memory",
+            "use a smaller image, --size or batch, or free memory",
+        ),
     };
     Err(Error::Invalid(format!(
         "not enough memory: {what} needs about {} ({} device + {} host) but the {name} is {}; {hint}",
@@ -174,13 +195,21 @@ pub fn check(gpu: &Gpu, what: &str, est: MemoryEstimate) -> Result<()> {
 /// is known).
 pub fn check_forward(gpu: &Gpu, cfg: &Config, batch: usize) -> Result<()> {
     let s = cfg.image_size;
-    check(gpu, &format!("a forward at {s}x{s}, batch {batch}"), forward(cfg, batch, 0, 0))
+    check(
+        gpu,
+        &format!("a forward at {s}x{s}, batch {batch}"),
+        forward(cfg, batch, 0, 0),
+    )
 }
 
 /// [`check`] for one training step.
 pub fn check_train(gpu: &Gpu, cfg: &Config, batch: usize) -> Result<()> {
     let s = cfg.image_size;
-    check(gpu, &format!("a training step at {s}x{s}, batch {batch}"), train_step(cfg, batch))
+    check(
+        gpu,
+        &format!("a training step at {s}x{s}, batch {batch}"),
+        train_step(cfg, batch),
+    )
 }
 
 #[cfg(test)]

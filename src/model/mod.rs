@@ -8,8 +8,8 @@ pub mod lka_encoder;
 pub mod med_fastsam;
 pub mod memory;
 pub mod msf_decoder;
-pub mod two_way_transformer;
 pub mod schema;
+pub mod two_way_transformer;
 pub mod weights;
 
 pub use blocks::Mode;

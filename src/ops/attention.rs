@@ -29,8 +29,8 @@
 //! * The gradient w.r.t. the parameter `bias` is **accumulated** (`dbias += ..`) into the caller's
 //!   gradient buffer, like every parameter gradient of the crate (zero it once per step).
 
-use crate::error::{Error, Result};
 use super::u;
+use crate::error::{Error, Result};
 use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
 
 crate::uniform! {
@@ -91,7 +91,16 @@ fn check_map(what: &str, x: &Tensor, ws: usize) -> Result<(usize, usize, usize, 
 
 fn win_params(b: usize, h: usize, w: usize, c: usize, ws: usize, total: usize) -> WinParams {
     let (nwh, nww) = window_counts(h, w, ws);
-    WinParams { b: u(b), h: u(h), w: u(w), c: u(c), ws: u(ws), nwh: u(nwh), nww: u(nww), total: u(total) }
+    WinParams {
+        b: u(b),
+        h: u(h),
+        w: u(w),
+        c: u(c),
+        ws: u(ws),
+        nwh: u(nwh),
+        nww: u(nww),
+        total: u(total),
+    }
 }
 
 /// Records the partition kernel: dst (= or +=) partition(src); optionally dres += src.
@@ -118,7 +127,12 @@ fn record_partition(
         }
     };
     let groups = rec.grid(total.div_ceil(256));
-    rec.dispatch(&k, win_params(b, h, w, c, ws, total), &[src, dst, dres], groups)
+    rec.dispatch(
+        &k,
+        win_params(b, h, w, c, ws, total),
+        &[src, dst, dres],
+        groups,
+    )
 }
 
 /// Records the reverse kernel: dst = reverse(y) (+ res) (+ dst when accum).
@@ -138,7 +152,12 @@ fn record_reverse(
         .b("HAS_RES", res.is_some());
     let dummy = rec.gpu.dummy();
     let groups = rec.grid(total.div_ceil(256));
-    rec.dispatch(&k, win_params(b, h, w, c, ws, total), &[y, res.unwrap_or(&dummy), dst], groups)
+    rec.dispatch(
+        &k,
+        win_params(b, h, w, c, ws, total),
+        &[y, res.unwrap_or(&dummy), dst],
+        groups,
+    )
 }
 
 fn windows_shape(b: usize, h: usize, w: usize, c: usize, ws: usize) -> [usize; 3] {
@@ -156,17 +175,31 @@ pub fn window_partition(rec: &mut Recorder, x: &Tensor, ws: usize) -> Result<Ten
     Ok(out)
 }
 
-fn check_windows(what: &str, y: &Tensor, dims: (usize, usize, usize, usize), ws: usize) -> Result<()> {
+fn check_windows(
+    what: &str,
+    y: &Tensor,
+    dims: (usize, usize, usize, usize),
+    ws: usize,
+) -> Result<()> {
     let (b, h, w, c) = dims;
     let want = windows_shape(b, h, w, c, ws);
     if y.numel() != want.iter().product::<usize>() || y.dim(-1) != c {
-        return invalid(format!("{what}: windows {:?} do not match {:?} (ws {ws}) -> {want:?}", y.shape, [b, h, w, c]));
+        return invalid(format!(
+            "{what}: windows {:?} do not match {:?} (ws {ws}) -> {want:?}",
+            y.shape,
+            [b, h, w, c]
+        ));
     }
     Ok(())
 }
 
 /// res [B,H,W,C] + crop(reverse(y)) where y is [B*nWin, ws*ws, C] in window_partition's order.
-pub fn window_reverse_add(rec: &mut Recorder, y: &Tensor, res: &Tensor, ws: usize) -> Result<Tensor> {
+pub fn window_reverse_add(
+    rec: &mut Recorder,
+    y: &Tensor,
+    res: &Tensor,
+    ws: usize,
+) -> Result<Tensor> {
     let dims = check_map("window_reverse_add", res, ws)?;
     check_windows("window_reverse_add", y, dims, ws)?;
     let out = rec.gpu.empty(&res.shape)?;
@@ -185,14 +218,19 @@ pub fn window_partition_backward(
     accumulate: Option<&Tensor>,
 ) -> Result<Tensor> {
     if x_shape.len() != 4 || ws == 0 {
-        return invalid(format!("window_partition_backward: x shape {x_shape:?}, ws {ws}"));
+        return invalid(format!(
+            "window_partition_backward: x shape {x_shape:?}, ws {ws}"
+        ));
     }
     let dims = (x_shape[0], x_shape[1], x_shape[2], x_shape[3]);
     check_windows("window_partition_backward", dwin, dims, ws)?;
     let dst = match accumulate {
         Some(g) => {
             if g.numel() != x_shape.iter().product::<usize>() {
-                return invalid(format!("window_partition_backward: accumulator {:?} vs {x_shape:?}", g.shape));
+                return invalid(format!(
+                    "window_partition_backward: accumulator {:?} vs {x_shape:?}",
+                    g.shape
+                ));
             }
             g.clone()
         }
@@ -217,7 +255,10 @@ pub fn window_reverse_add_backward(
     if let Some(d) = dres_acc
         && (d.numel() != dout.numel() || d.same_buffer(dout))
     {
-        return invalid(format!("window_reverse_add_backward: dres_acc {:?} vs dout {:?}", d.shape, dout.shape));
+        return invalid(format!(
+            "window_reverse_add_backward: dres_acc {:?} vs dout {:?}",
+            d.shape, dout.shape
+        ));
     }
     let dy = rec.gpu.empty(&windows_shape(b, h, w, c, ws))?;
     record_partition(rec, dout, dims, ws, &dy, false, dres_acc)?;
@@ -239,11 +280,18 @@ struct Layout {
 
 impl Layout {
     fn aligned(&self) -> bool {
-        [self.off, self.row, self.zs, self.hs].iter().all(|x| x.is_multiple_of(4))
+        [self.off, self.row, self.zs, self.hs]
+            .iter()
+            .all(|x| x.is_multiple_of(4))
     }
     /// The same layout in vec4 units (only for aligned layouts).
     fn quarter(&self) -> Layout {
-        Layout { off: self.off / 4, row: self.row / 4, zs: self.zs / 4, hs: self.hs / 4 }
+        Layout {
+            off: self.off / 4,
+            row: self.row / 4,
+            zs: self.zs / 4,
+            hs: self.hs / 4,
+        }
     }
 }
 
@@ -275,9 +323,26 @@ impl Core {
     /// k and v interleaved in one buffer [nz, lk, heads, 2, dp] (dp = 4 * d4).
     fn padded(&self) -> Core {
         let dp = 4 * self.d4();
-        let qo = Layout { off: 0, row: self.heads * dp, zs: self.lq * self.heads * dp, hs: dp };
-        let kv = |off| Layout { off, row: self.heads * 2 * dp, zs: self.lk * self.heads * 2 * dp, hs: 2 * dp };
-        Core { d: dp, q: qo, k: kv(0), v: kv(dp), o: qo, ..*self }
+        let qo = Layout {
+            off: 0,
+            row: self.heads * dp,
+            zs: self.lq * self.heads * dp,
+            hs: dp,
+        };
+        let kv = |off| Layout {
+            off,
+            row: self.heads * 2 * dp,
+            zs: self.lk * self.heads * 2 * dp,
+            hs: 2 * dp,
+        };
+        Core {
+            d: dp,
+            q: qo,
+            k: kv(0),
+            v: kv(dp),
+            o: qo,
+            ..*self
+        }
     }
 }
 
@@ -340,17 +405,38 @@ fn plan(rec: &Recorder, own: usize, other: usize, d4: usize, cmax: usize) -> Pla
         let wg = if cpu { 8 } else { 64 };
         let split_len = other.div_ceil(64).max(32);
         let splits = other.div_ceil(split_len).div_ceil(wg);
-        return Plan { par: true, r: own, wg, blocks: 1, splits, split_len };
+        return Plan {
+            par: true,
+            r: own,
+            wg,
+            blocks: 1,
+            splits,
+            split_len,
+        };
     }
     if cpu {
         let groups8 = own.div_ceil(8 * rmax);
         let r = own.div_ceil(8 * groups8);
         let wg = 8 * groups8.min(8);
-        Plan { par: false, r, wg, blocks: own.div_ceil(wg * r), splits: 1, split_len: 0 }
+        Plan {
+            par: false,
+            r,
+            wg,
+            blocks: own.div_ceil(wg * r),
+            splits: 1,
+            split_len: 0,
+        }
     } else {
         let blocks = own.div_ceil(256).max(1);
         let wg = own.div_ceil(blocks).next_multiple_of(8).clamp(8, 256);
-        Plan { par: false, r: 1, wg, blocks, splits: 1, split_len: 0 }
+        Plan {
+            par: false,
+            r: 1,
+            wg,
+            blocks,
+            splits: 1,
+            split_len: 0,
+        }
     }
 }
 
@@ -414,7 +500,14 @@ fn small_kernel(entry: &'static str, c: &Core) -> Kernel {
     Kernel::new(ShaderFamily::Attention, entry, 64).u("D4", c.d4() as u32)
 }
 
-const SMALL: Plan = Plan { par: false, r: 1, wg: 64, blocks: 1, splits: 1, split_len: 0 };
+const SMALL: Plan = Plan {
+    par: false,
+    r: 1,
+    wg: 64,
+    blocks: 1,
+    splits: 1,
+    split_len: 0,
+};
 
 fn attn_flops(c: &Core) -> f64 {
     4.0 * c.lq as f64 * c.lk as f64 * c.d as f64 * c.heads as f64 * c.nz as f64
@@ -460,7 +553,13 @@ fn record_repack(
 }
 
 /// Zero-padded aligned copies (q', kv') of q, k, v for `c.padded()`.
-fn pad_inputs(rec: &mut Recorder, c: &Core, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+fn pad_inputs(
+    rec: &mut Recorder,
+    c: &Core,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let pc = c.padded();
     let qp = rec.gpu.empty(&[c.nz, c.lq, c.heads * pc.d])?;
     let kvp = rec.gpu.empty(&[c.nz, c.lk, c.heads * 2 * pc.d])?;
@@ -498,7 +597,12 @@ fn core_forward_aligned(
     let chunks = p.chunks();
     let part = rec.gpu.empty(&[chunks, rows, 4 * c.d4()])?;
     let ml = rec.gpu.empty(&[chunks, rows, 2])?;
-    rec.dispatch(&core_kernel("attn_fwd", c, &p), params, &[q, k, v, bias, &part, &ml], grid)?;
+    rec.dispatch(
+        &core_kernel("attn_fwd", c, &p),
+        params,
+        &[q, k, v, bias, &part, &ml],
+        grid,
+    )?;
     let sp = spare(rec)?;
     let kc = small_kernel("attn_combine", c).b("SAVE_LSE", lse.is_some());
     let grid = rec.grid(rows.div_ceil(64));
@@ -584,7 +688,12 @@ fn core_backward_aligned(
     {
         let grid = rec.grid(rows.div_ceil(64));
         let params = core_params(c, &SMALL, c.lq, 1, c.ws, 1, 1, 0);
-        rec.dispatch(&small_kernel("attn_bwd_prep", c), params, &[out, dout, lse, &stat], grid)?;
+        rec.dispatch(
+            &small_kernel("attn_bwd_prep", c),
+            params,
+            &[out, dout, lse, &stat],
+            grid,
+        )?;
     }
 
     // query side: dq (+ dbias partial sums T)
@@ -597,16 +706,33 @@ fn core_backward_aligned(
         } else {
             (1, c.nz)
         };
-        let t_buf = if c.ws > 0 { rec.gpu.empty(&[ngroups, c.heads, c.lk, c.lq])? } else { spare(rec)? };
+        let t_buf = if c.ws > 0 {
+            rec.gpu.empty(&[ngroups, c.heads, c.lk, c.lq])?
+        } else {
+            spare(rec)?
+        };
         let chunks = p.chunks();
-        let part = if p.par { Some(rec.gpu.empty(&[chunks, rows, 4 * c.d4()])?) } else { None };
+        let part = if p.par {
+            Some(rec.gpu.empty(&[chunks, rows, 4 * c.d4()])?)
+        } else {
+            None
+        };
         let total = ngroups * c.heads * p.blocks * p.splits;
         let grid = rec.grid(total);
         let params = core_params(c, &p, c.lq, p.splits, c.ws, zgroup, ngroups, total);
         rec.dispatch(
             &core_kernel("attn_bwd_dq", c, &p),
             params,
-            &[q, k, v, bias_t, dout, &stat, part.as_ref().unwrap_or(dq), &t_buf],
+            &[
+                q,
+                k,
+                v,
+                bias_t,
+                dout,
+                &stat,
+                part.as_ref().unwrap_or(dq),
+                &t_buf,
+            ],
             grid,
         )?;
         if let Some(part) = &part {
@@ -616,7 +742,12 @@ fn core_backward_aligned(
             let n = c.ws * c.ws;
             let grid = rec.grid((c.heads * n).div_ceil(64));
             let params = core_params(c, &SMALL, c.lq, 1, c.ws, zgroup, ngroups, 0);
-            rec.dispatch(&small_kernel("attn_dbias", c), params, &[&t_buf, dbias], grid)?;
+            rec.dispatch(
+                &small_kernel("attn_dbias", c),
+                params,
+                &[&t_buf, dbias],
+                grid,
+            )?;
         }
     }
 
@@ -629,11 +760,15 @@ fn core_backward_aligned(
         let direct = !p.par && matches!(kv, KvDest::Shared(_));
         let kk = core_kernel("attn_bwd_dkv", c, &p).b("DIRECT", direct);
         if direct {
-            let KvDest::Shared(dst) = kv else { unreachable!() };
+            let KvDest::Shared(dst) = kv else {
+                unreachable!()
+            };
             rec.dispatch(&kk, params, &[q, k, v, bias_t, dout, &stat, dst], grid)?;
         } else {
             let chunks = p.chunks();
-            let part = rec.gpu.empty(&[chunks, c.nz * c.heads * c.lk, 2, 4 * c.d4()])?;
+            let part = rec
+                .gpu
+                .empty(&[chunks, c.nz * c.heads * c.lk, 2, 4 * c.d4()])?;
             rec.dispatch(&kk, params, &[q, k, v, bias_t, dout, &stat, &part], grid)?;
             let (dk, dv) = match kv {
                 KvDest::Shared(t) => (t, t),
@@ -663,7 +798,9 @@ fn core_backward(
 ) -> Result<()> {
     rec.flops += 2.5 * attn_flops(c);
     if c.aligned() {
-        return core_backward_aligned(rec, c, q, k, v, bias, &saved.out, &saved.lse, dout, dq, kv, dbias);
+        return core_backward_aligned(
+            rec, c, q, k, v, bias, &saved.out, &saved.lse, dout, dq, kv, dbias,
+        );
     }
     let pc = c.padded();
     let (qp, kvp) = pad_inputs(rec, c, q, k, v)?;
@@ -704,22 +841,41 @@ fn window_core(qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<C
             "window_attention: window {ws}x{ws} has {n} tokens; the kernel supports 1..={MAX_WINDOW_TOKENS}"
         ));
     }
-    if qkv.shape.len() != 3 || qkv.shape[1] != n || !qkv.shape[2].is_multiple_of(3) || qkv.shape[0] == 0 {
-        return invalid(format!("window_attention: qkv {:?} is not [NW, {n}, 3C]", qkv.shape));
+    if qkv.shape.len() != 3
+        || qkv.shape[1] != n
+        || !qkv.shape[2].is_multiple_of(3)
+        || qkv.shape[0] == 0
+    {
+        return invalid(format!(
+            "window_attention: qkv {:?} is not [NW, {n}, 3C]",
+            qkv.shape
+        ));
     }
     let c = qkv.shape[2] / 3;
     if heads == 0 || !c.is_multiple_of(heads) {
-        return invalid(format!("window_attention: C = {c} is not divisible by {heads} heads"));
+        return invalid(format!(
+            "window_attention: C = {c} is not divisible by {heads} heads"
+        ));
     }
     let d = c / heads;
     if d == 0 || d > MAX_HEAD_DIM {
-        return invalid(format!("window_attention: head dim {d} (C {c} / {heads} heads) exceeds {MAX_HEAD_DIM}"));
+        return invalid(format!(
+            "window_attention: head dim {d} (C {c} / {heads} heads) exceeds {MAX_HEAD_DIM}"
+        ));
     }
     if bias.numel() != heads * n {
-        return invalid(format!("window_attention: bias {:?} is not [{heads}, {n}]", bias.shape));
+        return invalid(format!(
+            "window_attention: bias {:?} is not [{heads}, {n}]",
+            bias.shape
+        ));
     }
     let nw = qkv.shape[0];
-    let l = |off| Layout { off, row: 3 * c, zs: n * 3 * c, hs: 3 * d };
+    let l = |off| Layout {
+        off,
+        row: 3 * c,
+        zs: n * 3 * c,
+        hs: 3 * d,
+    };
     Ok(Core {
         lq: n,
         lk: n,
@@ -729,7 +885,12 @@ fn window_core(qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<C
         q: l(0),
         k: l(d),
         v: l(2 * d),
-        o: Layout { off: 0, row: c, zs: n * c, hs: d },
+        o: Layout {
+            off: 0,
+            row: c,
+            zs: n * c,
+            hs: d,
+        },
         ws,
         scale: (d as f32).powf(-0.5),
     })
@@ -740,7 +901,13 @@ fn window_core(qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<C
 /// (d = C/heads). logits[h,i,j] = (q_i . k_j) * d^-0.5 + bias[h, |row_i-row_j|*ws + |col_i-col_j|]
 /// (row/col = position inside the ws x ws window); softmax over all n keys (padded zero tokens are NOT
 /// masked); out[NW, n, C] with head h's result in channels [h*d, h*d+d).
-pub fn window_attention(rec: &mut Recorder, qkv: &Tensor, bias: &Tensor /*[heads, ws*ws]*/, heads: usize, ws: usize) -> Result<Tensor> {
+pub fn window_attention(
+    rec: &mut Recorder,
+    qkv: &Tensor,
+    bias: &Tensor, /*[heads, ws*ws]*/
+    heads: usize,
+    ws: usize,
+) -> Result<Tensor> {
     let c = window_core(qkv, bias, heads, ws)?;
     let out = rec.gpu.empty(&[c.nz, c.lq, c.d * heads])?;
     core_forward(rec, &c, qkv, qkv, qkv, Some(bias), &out, None)?;
@@ -748,7 +915,13 @@ pub fn window_attention(rec: &mut Recorder, qkv: &Tensor, bias: &Tensor /*[heads
 }
 
 /// `window_attention` for training: also returns the log-sum-exp per (window, head, query).
-pub fn window_attention_train(rec: &mut Recorder, qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<AttnSaved> {
+pub fn window_attention_train(
+    rec: &mut Recorder,
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    ws: usize,
+) -> Result<AttnSaved> {
     let c = window_core(qkv, bias, heads, ws)?;
     let out = rec.gpu.empty(&[c.nz, c.lq, c.d * heads])?;
     let lse = rec.gpu.empty(&[c.nz, heads, c.lq])?;
@@ -756,7 +929,13 @@ pub fn window_attention_train(rec: &mut Recorder, qkv: &Tensor, bias: &Tensor, h
     Ok(AttnSaved { out, lse })
 }
 
-fn check_saved(what: &str, saved: &AttnSaved, dout: &Tensor, out_len: usize, rows: usize) -> Result<()> {
+fn check_saved(
+    what: &str,
+    saved: &AttnSaved,
+    dout: &Tensor,
+    out_len: usize,
+    rows: usize,
+) -> Result<()> {
     if saved.out.numel() != out_len || dout.numel() != out_len || saved.lse.numel() != rows {
         return invalid(format!(
             "{what}: saved out {:?} / lse {:?} / dout {:?} do not match the inputs",
@@ -780,18 +959,42 @@ pub fn window_attention_backward(
     dbias: &Tensor,
 ) -> Result<Tensor> {
     let c = window_core(qkv, bias, heads, ws)?;
-    check_saved("window_attention_backward", saved, dout, c.nz * c.lq * c.d * heads, c.nz * heads * c.lq)?;
+    check_saved(
+        "window_attention_backward",
+        saved,
+        dout,
+        c.nz * c.lq * c.d * heads,
+        c.nz * heads * c.lq,
+    )?;
     if dbias.numel() != bias.numel() {
-        return invalid(format!("window_attention_backward: dbias {:?} vs bias {:?}", dbias.shape, bias.shape));
+        return invalid(format!(
+            "window_attention_backward: dbias {:?} vs bias {:?}",
+            dbias.shape, bias.shape
+        ));
     }
     let dqkv = rec.gpu.empty(&qkv.shape)?;
-    core_backward(rec, &c, qkv, qkv, qkv, Some(bias), saved, dout, &dqkv, KvDest::Shared(&dqkv), Some(dbias))?;
+    core_backward(
+        rec,
+        &c,
+        qkv,
+        qkv,
+        qkv,
+        Some(bias),
+        saved,
+        dout,
+        &dqkv,
+        KvDest::Shared(&dqkv),
+        Some(dbias),
+    )?;
     Ok(dqkv)
 }
 
 fn mha_core(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Core> {
     if q.shape.len() != 3 || k.shape.len() != 3 || k.shape != v.shape {
-        return invalid(format!("mha: q {:?}, k {:?}, v {:?} are not [B,Lq,E], [B,Lk,E], [B,Lk,E]", q.shape, k.shape, v.shape));
+        return invalid(format!(
+            "mha: q {:?}, k {:?}, v {:?} are not [B,Lq,E], [B,Lk,E], [B,Lk,E]",
+            q.shape, k.shape, v.shape
+        ));
     }
     let (b, lq, e) = (q.shape[0], q.shape[1], q.shape[2]);
     let lk = k.shape[1];
@@ -805,7 +1008,12 @@ fn mha_core(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Core> {
     if d > MAX_HEAD_DIM {
         return invalid(format!("mha: head dim {d} exceeds {MAX_HEAD_DIM}"));
     }
-    let lay = |len: usize| Layout { off: 0, row: e, zs: len * e, hs: d };
+    let lay = |len: usize| Layout {
+        off: 0,
+        row: e,
+        zs: len * e,
+        hs: d,
+    };
     Ok(Core {
         lq,
         lk,
@@ -831,7 +1039,13 @@ pub fn mha(rec: &mut Recorder, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize)
 }
 
 /// `mha` for training: also returns the log-sum-exp per (batch, head, query).
-pub fn mha_train(rec: &mut Recorder, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttnSaved> {
+pub fn mha_train(
+    rec: &mut Recorder,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> Result<AttnSaved> {
     let c = mha_core(q, k, v, heads)?;
     let out = rec.gpu.empty(&q.shape)?;
     let lse = rec.gpu.empty(&[c.nz, heads, c.lq])?;
@@ -855,7 +1069,19 @@ pub fn mha_backward(
     let dq = rec.gpu.empty(&q.shape)?;
     let dk = rec.gpu.empty(&k.shape)?;
     let dv = rec.gpu.empty(&v.shape)?;
-    core_backward(rec, &c, q, k, v, None, saved, dout, &dq, KvDest::Separate(&dk, &dv), None)?;
+    core_backward(
+        rec,
+        &c,
+        q,
+        k,
+        v,
+        None,
+        saved,
+        dout,
+        &dq,
+        KvDest::Separate(&dk, &dv),
+        None,
+    )?;
     Ok((dq, dk, dv))
 }
 
@@ -871,9 +1097,13 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
     let mut rng = crate::testutil::Rng::new(7);
     let mut out = Vec::new();
     // (C, heads, ws, H=W)
-    for (stage, &(c, heads, ws, hw)) in [(128usize, 4usize, 7usize, 128usize), (160, 5, 14, 64), (320, 10, 7, 64)]
-        .iter()
-        .enumerate()
+    for (stage, &(c, heads, ws, hw)) in [
+        (128usize, 4usize, 7usize, 128usize),
+        (160, 5, 14, 64),
+        (320, 10, 7, 64),
+    ]
+    .iter()
+    .enumerate()
     {
         let nw = hw.div_ceil(ws).pow(2);
         let n = ws * ws;
@@ -881,8 +1111,15 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
         let bias = gpu.upload(&rng.vec(heads * n), &[heads, n])?;
         let flops = 4.0 * (n * n * (c / heads) * heads * nw) as f64;
         let name = format!("stage{} C{c} h{heads} ws{ws} NW{nw}", stage + 1);
-        let ms = time_op(gpu, 5, |rec| window_attention(rec, &qkv, &bias, heads, ws).map(|_| ()))?;
-        out.push(bench_line(format!("window_attention {name}"), ms, Some(flops), None));
+        let ms = time_op(gpu, 5, |rec| {
+            window_attention(rec, &qkv, &bias, heads, ws).map(|_| ())
+        })?;
+        out.push(bench_line(
+            format!("window_attention {name}"),
+            ms,
+            Some(flops),
+            None,
+        ));
         let saved = {
             let mut rec = gpu.new_recorder();
             let s = window_attention_train(&mut rec, &qkv, &bias, heads, ws)?;
@@ -892,18 +1129,33 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
         let dout = gpu.upload(&rng.vec(nw * n * c), &[nw, n, c])?;
         let dbias = gpu.upload(&vec![0.0; heads * n], &[heads, n])?;
         let ms = time_op(gpu, 3, |rec| {
-            window_attention_backward(rec, &qkv, &bias, &saved, &dout, heads, ws, &dbias).map(|_| ())
+            window_attention_backward(rec, &qkv, &bias, &saved, &dout, heads, ws, &dbias)
+                .map(|_| ())
         })?;
-        out.push(bench_line(format!("window_attention_backward {name}"), ms, Some(2.5 * flops), None));
+        out.push(bench_line(
+            format!("window_attention_backward {name}"),
+            ms,
+            Some(2.5 * flops),
+            None,
+        ));
     }
     // (E, heads, Lq, Lk)
-    for &(e, heads, lq, lk) in &[(256usize, 8usize, 5usize, 5usize), (128, 8, 5, 4096), (128, 8, 4096, 5)] {
+    for &(e, heads, lq, lk) in &[
+        (256usize, 8usize, 5usize, 5usize),
+        (128, 8, 5, 4096),
+        (128, 8, 4096, 5),
+    ] {
         let q = gpu.upload(&rng.vec(lq * e), &[1, lq, e])?;
         let k = gpu.upload(&rng.vec(lk * e), &[1, lk, e])?;
         let v = gpu.upload(&rng.vec(lk * e), &[1, lk, e])?;
         let ms = time_op(gpu, 5, |rec| mha(rec, &q, &k, &v, heads).map(|_| ()))?;
         let flops = 4.0 * (lq * lk * e) as f64;
-        out.push(bench_line(format!("mha E{e} h{heads} Lq{lq} Lk{lk}"), ms, Some(flops), None));
+        out.push(bench_line(
+            format!("mha E{e} h{heads} Lq{lq} Lk{lk}"),
+            ms,
+            Some(flops),
+            None,
+        ));
     }
     Ok(out)
 }

@@ -30,13 +30,13 @@
 //! is optional. Weight gradients of long reductions (many output positions, few weight tiles) use a
 //! split-K batched GEMM followed by a row-sum, so the work spreads over the device.
 
-use super::matmul::{gemm, linear, Gemm};
 use super::Act;
+use super::matmul::{Gemm, gemm, linear};
 use crate::error::{Error, Result};
 use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
 
 #[cfg(not(target_arch = "wasm32"))]
-use super::{bench_line, time_op, BenchResult};
+use super::{BenchResult, bench_line, time_op};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::Gpu;
 
@@ -150,15 +150,28 @@ fn invalid(msg: String) -> Error {
 }
 
 /// Checks `x [B,H,W,Ci]` and `w [Co, w_ci, k, k]` and computes the output size.
-fn geometry(what: &str, x: &Tensor, w: &Tensor, stride: usize, pad: usize, depthwise: bool) -> Result<Geo> {
+fn geometry(
+    what: &str,
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    depthwise: bool,
+) -> Result<Geo> {
     if x.shape.len() != 4 || w.shape.len() != 4 {
-        return Err(invalid(format!("{what}: expected x [B,H,W,C] and w [Co,Ci,k,k], got {:?} and {:?}", x.shape, w.shape)));
+        return Err(invalid(format!(
+            "{what}: expected x [B,H,W,C] and w [Co,Ci,k,k], got {:?} and {:?}",
+            x.shape, w.shape
+        )));
     }
     let [b, h, wd, ci] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
     let [co, wci, k, k2] = [w.shape[0], w.shape[1], w.shape[2], w.shape[3]];
     let want_ci = if depthwise { 1 } else { ci };
     if k != k2 || k == 0 || wci != want_ci || (depthwise && co != ci) {
-        return Err(invalid(format!("{what}: weight {:?} does not fit input {:?}", w.shape, x.shape)));
+        return Err(invalid(format!(
+            "{what}: weight {:?} does not fit input {:?}",
+            w.shape, x.shape
+        )));
     }
     if stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
         return Err(invalid(format!(
@@ -168,25 +181,51 @@ fn geometry(what: &str, x: &Tensor, w: &Tensor, stride: usize, pad: usize, depth
     }
     let oh = (h + 2 * pad - k) / stride + 1;
     let ow = (wd + 2 * pad - k) / stride + 1;
-    Ok(Geo { b, h, w: wd, ci, co, k, stride, pad, oh, ow })
+    Ok(Geo {
+        b,
+        h,
+        w: wd,
+        ci,
+        co,
+        k,
+        stride,
+        pad,
+        oh,
+        ow,
+    })
 }
 
 fn check_len(what: &str, t: &Tensor, n: usize) -> Result<()> {
     if t.numel() != n {
-        return Err(invalid(format!("{what}: {:?} has {} elements, expected {n}", t.shape, t.numel())));
+        return Err(invalid(format!(
+            "{what}: {:?} has {} elements, expected {n}",
+            t.shape,
+            t.numel()
+        )));
     }
     Ok(())
 }
 
 /// Largest number of rows of `width` floats that one storage binding (and buffer) can hold.
 fn max_rows(rec: &Recorder, width: usize) -> usize {
-    let lim = rec.gpu.limits.max_storage_buffer_binding_size.min(rec.gpu.limits.max_buffer_size);
+    let lim = rec
+        .gpu
+        .limits
+        .max_storage_buffer_binding_size
+        .min(rec.gpu.limits.max_buffer_size);
     ((lim / 4) as usize / width.max(1)).max(1)
 }
 
 /// Records `out[c'] += sum_r src[r, c]` for `src` seen as `[r, c]` (multi-pass for long columns).
 /// `remap = T > 0` stores column `c = t*T + j` of a `[K, T]` column layout at `j*K + t`.
-fn reduce_rows(rec: &mut Recorder, src: &Tensor, r: usize, c: usize, out: &Tensor, remap: usize) -> Result<()> {
+fn reduce_rows(
+    rec: &mut Recorder,
+    src: &Tensor,
+    r: usize,
+    c: usize,
+    out: &Tensor,
+    remap: usize,
+) -> Result<()> {
     const BLOCK: usize = 256;
     const SINGLE: usize = 1024;
     if r == 0 || c == 0 {
@@ -197,12 +236,25 @@ fn reduce_rows(rec: &mut Recorder, src: &Tensor, r: usize, c: usize, out: &Tenso
     while rows > SINGLE {
         let blocks = rows.div_ceil(BLOCK);
         let part = rec.gpu.empty(&[blocks, c])?;
-        let cp = Cp { n: blocks * c, rows, kc: c, e0: BLOCK, ..Cp::default() };
+        let cp = Cp {
+            n: blocks * c,
+            rows,
+            kc: c,
+            e0: BLOCK,
+            ..Cp::default()
+        };
         launch(rec, &kernel("sum_rows"), &cp, &[&cur, &part])?;
         cur = part;
         rows = blocks;
     }
-    let cp = Cp { n: c, rows, kc: c, e0: rows, e1: remap, ..Cp::default() };
+    let cp = Cp {
+        n: c,
+        rows,
+        kc: c,
+        e0: rows,
+        e1: remap,
+        ..Cp::default()
+    };
     launch(rec, &kernel("sum_rows").b("ACCUM", true), &cp, &[&cur, out])
 }
 
@@ -225,7 +277,10 @@ fn atb_accumulate(
     let mut slices = 1;
     if tiles < 64 {
         let target = 128usize.div_ceil(tiles);
-        slices = (1..=target).rev().find(|&d| rows.is_multiple_of(d) && rows / d >= 128).unwrap_or(1);
+        slices = (1..=target)
+            .rev()
+            .find(|&d| rows.is_multiple_of(d) && rows / d >= 128)
+            .unwrap_or(1);
     }
     if slices == 1 {
         let mut g = Gemm::new(ma, nb, rows);
@@ -246,8 +301,20 @@ fn atb_accumulate(
 }
 
 /// Records `dst[dst_off..dst_off + n] = src[src_off..src_off + n]` (element offsets).
-fn copy_range(rec: &mut Recorder, src: &Tensor, src_off: usize, dst: &Tensor, dst_off: usize, n: usize) -> Result<()> {
-    let cp = Cp { n, row0: dst_off, rows: src_off, ..Cp::default() };
+fn copy_range(
+    rec: &mut Recorder,
+    src: &Tensor,
+    src_off: usize,
+    dst: &Tensor,
+    dst_off: usize,
+    n: usize,
+) -> Result<()> {
+    let cp = Cp {
+        n,
+        row0: dst_off,
+        rows: src_off,
+        ..Cp::default()
+    };
     launch(rec, &kernel("copy_range"), &cp, &[src, dst])
 }
 
@@ -255,11 +322,31 @@ fn copy_range(rec: &mut Recorder, src: &Tensor, src_off: usize, dst: &Tensor, ds
 /// (ky, kx, ci) order as vec4s (`im2col4`) when `v4` (Ci % 4 == 0, width = Ci*k*k), else the
 /// (ci, ky, kx) order with zero columns up to `width` (`im2col_row`).
 #[allow(clippy::too_many_arguments)]
-fn im2col(rec: &mut Recorder, g: &Geo, x: &Tensor, row0: usize, rows: usize, v4: bool, width: usize, col: &Tensor) -> Result<()> {
-    let cp = Cp { n: rows, row0, rows, e0: width, ..g.cp() };
+fn im2col(
+    rec: &mut Recorder,
+    g: &Geo,
+    x: &Tensor,
+    row0: usize,
+    rows: usize,
+    v4: bool,
+    width: usize,
+    col: &Tensor,
+) -> Result<()> {
+    let cp = Cp {
+        n: rows,
+        row0,
+        rows,
+        e0: width,
+        ..g.cp()
+    };
     let entry = if v4 { "im2col4" } else { "im2col_row" };
     let groups = rec.grid(rows.div_ceil(64));
-    rec.dispatch(&Kernel::new(ShaderFamily::Conv, entry, 64), cp.params(), &[x, col], groups)
+    rec.dispatch(
+        &Kernel::new(ShaderFamily::Conv, entry, 64),
+        cp.params(),
+        &[x, col],
+        groups,
+    )
 }
 
 fn is_pointwise(g: &Geo) -> bool {
@@ -268,7 +355,13 @@ fn is_pointwise(g: &Geo) -> bool {
 
 /// The forward GEMM's copy of a dense conv weight `[Co, width]` (`w_reorder`): columns (ky, kx, ci)
 /// when `khwc`, else (ci, ky, kx) with zero columns beyond Ci*k*k.
-fn weight_copy(rec: &mut Recorder, g: &Geo, w: &Tensor, khwc: bool, width: usize) -> Result<Tensor> {
+fn weight_copy(
+    rec: &mut Recorder,
+    g: &Geo,
+    w: &Tensor,
+    khwc: bool,
+    width: usize,
+) -> Result<Tensor> {
     let out = rec.gpu.empty(&[g.co, width])?;
     weight_reorder(rec, g, w, &out, khwc, false, width)?;
     Ok(out)
@@ -276,10 +369,24 @@ fn weight_copy(rec: &mut Recorder, g: &Geo, w: &Tensor, khwc: bool, width: usize
 
 /// `w_reorder` between a weight (or its gradient) `w` and a GEMM copy `copy` of row length
 /// `width`: `back` = false copies w into the copy, true adds the copy into w.
-fn weight_reorder(rec: &mut Recorder, g: &Geo, w: &Tensor, copy: &Tensor, khwc: bool, back: bool, width: usize) -> Result<()> {
-    let cp = Cp { n: g.co * g.ci, e0: width, ..g.cp() };
+fn weight_reorder(
+    rec: &mut Recorder,
+    g: &Geo,
+    w: &Tensor,
+    copy: &Tensor,
+    khwc: bool,
+    back: bool,
+    width: usize,
+) -> Result<()> {
+    let cp = Cp {
+        n: g.co * g.ci,
+        e0: width,
+        ..g.cp()
+    };
     let groups = rec.grid(cp.n.div_ceil(64));
-    let k = Kernel::new(ShaderFamily::Conv, "w_reorder", 64).b("KHWC", khwc).b("BACK", back);
+    let k = Kernel::new(ShaderFamily::Conv, "w_reorder", 64)
+        .b("KHWC", khwc)
+        .b("BACK", back);
     let t: [&Tensor; 2] = if back { [copy, w] } else { [w, copy] };
     rec.dispatch(&k, cp.params(), &t, groups)
 }
@@ -326,7 +433,14 @@ pub fn conv2d_chunked(
     }
     let (m, kc) = (g.m(), g.kc());
     if is_pointwise(&g) {
-        let y = linear(rec, &x.reshape(&[m, g.ci]), &w.reshape(&[g.co, g.ci]), bias, act, None)?;
+        let y = linear(
+            rec,
+            &x.reshape(&[m, g.ci]),
+            &w.reshape(&[g.co, g.ci]),
+            bias,
+            act,
+            None,
+        )?;
         return Ok(y.reshape(&g.out_shape()));
     }
     let y = rec.gpu.empty(&g.out_shape())?;
@@ -337,7 +451,11 @@ pub fn conv2d_chunked(
     // otherwise (ci, ky, kx), K padded with zero columns to a multiple of 4 when that makes the
     // GEMM vec4-eligible (Co % 4 == 0), e.g. the 3-channel stem conv (K = 27 -> 28).
     let v4 = g.ci.is_multiple_of(4);
-    let kcp = if !v4 && g.co.is_multiple_of(4) { kc.next_multiple_of(4) } else { kc };
+    let kcp = if !v4 && g.co.is_multiple_of(4) {
+        kc.next_multiple_of(4)
+    } else {
+        kc
+    };
     let wk = w.reshape(&[g.co, kc]);
     let w2 = if v4 && g.k > 1 {
         weight_copy(rec, &g, w, true, kc)?
@@ -348,7 +466,11 @@ pub fn conv2d_chunked(
     };
     let cap = chunk_rows(rec, &g, kcp, max_chunk_rows);
     let col = rec.gpu.empty(&[cap, kcp])?;
-    let tmp = if cap < m { Some(rec.gpu.empty(&[cap, g.co])?) } else { None };
+    let tmp = if cap < m {
+        Some(rec.gpu.empty(&[cap, g.co])?)
+    } else {
+        None
+    };
     let mut r0 = 0;
     while r0 < m {
         let rows = cap.min(m - r0);
@@ -427,7 +549,11 @@ pub fn conv2d_backward_chunked(
     // weight copy and weight gradient re-ordered by w_reorder); otherwise (ci, ky, kx),
     // with K padded to a multiple of 4 for the weight-gradient GEMM when Co % 4 == 0 (the stem).
     let v4 = g.ci.is_multiple_of(4);
-    let kcp = if !v4 && g.co.is_multiple_of(4) && dw.is_some() { kc.next_multiple_of(4) } else { kc };
+    let kcp = if !v4 && g.co.is_multiple_of(4) && dw.is_some() {
+        kc.next_multiple_of(4)
+    } else {
+        kc
+    };
     let w2 = match dx {
         Some(_) if v4 => weight_copy(rec, &g, w, true, kc)?,
         _ => w.reshape(&[g.co, kc]),
@@ -439,7 +565,11 @@ pub fn conv2d_backward_chunked(
     };
     let cap = chunk_rows(rec, &g, kcp, max_chunk_rows);
     let col = rec.gpu.empty(&[cap, kcp])?;
-    let dyc = if cap < m { Some(rec.gpu.empty(&[cap, g.co])?) } else { None };
+    let dyc = if cap < m {
+        Some(rec.gpu.empty(&[cap, g.co])?)
+    } else {
+        None
+    };
     let mut r0 = 0;
     while r0 < m {
         let rows = cap.min(m - r0);
@@ -452,18 +582,41 @@ pub fn conv2d_backward_chunked(
         };
         if let Some(dw) = dw {
             im2col(rec, &g, x, r0, rows, v4, kcp, &col)?;
-            atb_accumulate(rec, dy_rows, &col, rows, g.co, kcp, dw_cols.as_ref().unwrap_or(dw))?;
+            atb_accumulate(
+                rec,
+                dy_rows,
+                &col,
+                rows,
+                g.co,
+                kcp,
+                dw_cols.as_ref().unwrap_or(dw),
+            )?;
         }
         if let Some(dx) = dx {
             // dcol [rows, kc] = dy_rows [rows, Co] * w [Co, kc], into the (reused) column buffer.
             let gm = Gemm::new(rows, kc, g.co);
             gemm(rec, &gm, dy_rows, &w2, None, None, &col)?;
             if v4 {
-                let cp = Cp { n: x.numel() / g.ci, row0: r0, rows, ..g.cp() };
+                let cp = Cp {
+                    n: x.numel() / g.ci,
+                    row0: r0,
+                    rows,
+                    ..g.cp()
+                };
                 let groups = rec.grid(cp.n.div_ceil(64));
-                rec.dispatch(&Kernel::new(ShaderFamily::Conv, "col2im4", 64), cp.params(), &[&col, dx], groups)?;
+                rec.dispatch(
+                    &Kernel::new(ShaderFamily::Conv, "col2im4", 64),
+                    cp.params(),
+                    &[&col, dx],
+                    groups,
+                )?;
             } else {
-                let cp = Cp { n: x.numel(), row0: r0, rows, ..g.cp() };
+                let cp = Cp {
+                    n: x.numel(),
+                    row0: r0,
+                    rows,
+                    ..g.cp()
+                };
                 launch(rec, &kernel("col2im"), &cp, &[&col, dx])?;
             }
         }
@@ -541,9 +694,20 @@ fn depthwise_forward(
     if dw_tiled(g) {
         return depthwise_sliding(rec, g, x, w, bias, act, run, false, &y).map(|_| y);
     }
-    let (entry, v) = if g.ci.is_multiple_of(4) { ("depthwise4", 4) } else { ("depthwise", 1) };
-    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
-    launch(rec, &k, &Cp { n: n / v, ..g.cp() }, &[x, w, bias.unwrap_or(&dummy), &y])?;
+    let (entry, v) = if g.ci.is_multiple_of(4) {
+        ("depthwise4", 4)
+    } else {
+        ("depthwise", 1)
+    };
+    let k = kernel(entry)
+        .b("HAS_BIAS", bias.is_some())
+        .u("ACT", act.code());
+    launch(
+        rec,
+        &k,
+        &Cp { n: n / v, ..g.cp() },
+        &[x, w, bias.unwrap_or(&dummy), &y],
+    )?;
     Ok(y)
 }
 
@@ -570,18 +734,37 @@ fn depthwise_sliding(
         .u("ACT", act.code())
         .b("DW_FLIP", flip_accum)
         .b("ACCUM", flip_accum);
-    let cp = Cp { n: inv, e0: run, ..g.cp() };
+    let cp = Cp {
+        n: inv,
+        e0: run,
+        ..g.cp()
+    };
     let groups = rec.grid(inv.div_ceil(8));
     rec.dispatch(&k, cp.params(), &[x, w, bias.unwrap_or(&dummy), y], groups)
 }
 
 /// Checks a convolution backward's `dy` against the geometry and the gradient buffers
 /// `[dx, dw, dbias]` (where given) against the sizes of x, w and the bias.
-fn check_backward(name: &str, g: &Geo, x: &Tensor, w: &Tensor, dy: &Tensor, grads: [Option<&Tensor>; 3]) -> Result<()> {
+fn check_backward(
+    name: &str,
+    g: &Geo,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    grads: [Option<&Tensor>; 3],
+) -> Result<()> {
     if dy.shape != g.out_shape() {
-        return Err(invalid(format!("{name}: dy {:?}, expected {:?}", dy.shape, g.out_shape())));
+        return Err(invalid(format!(
+            "{name}: dy {:?}, expected {:?}",
+            dy.shape,
+            g.out_shape()
+        )));
     }
-    for ((t, what), n) in grads.iter().zip(["dx", "dw", "dbias"]).zip([x.numel(), w.numel(), g.co]) {
+    for ((t, what), n) in grads
+        .iter()
+        .zip(["dx", "dw", "dbias"])
+        .zip([x.numel(), w.numel(), g.co])
+    {
         if let Some(t) = t {
             check_len(&format!("{name} {what}"), t, n)?;
         }
@@ -621,11 +804,26 @@ pub fn depthwise_conv2d_backward(
         if dw_tiled(&g) && g.pad <= 2 {
             // Stride 1: dx += dy conv (taps rotated 180 degrees, padding 2 - pad), which maps
             // the [OH, OW] of dy back to [H, W].
-            let gt = Geo { h: g.oh, w: g.ow, oh: g.h, ow: g.w, pad: 2 - g.pad, ..g };
+            let gt = Geo {
+                h: g.oh,
+                w: g.ow,
+                oh: g.h,
+                ow: g.w,
+                pad: 2 - g.pad,
+                ..g
+            };
             depthwise_sliding(rec, &gt, dy, w, None, Act::None, None, true, dx)?;
         } else {
             let entry = if v4 { "depthwise_dx4" } else { "depthwise_dx" };
-            launch(rec, &kernel(entry), &Cp { n: x.numel() / v, ..g.cp() }, &[dy, w, dx])?;
+            launch(
+                rec,
+                &kernel(entry),
+                &Cp {
+                    n: x.numel() / v,
+                    ..g.cp()
+                },
+                &[dy, w, dx],
+            )?;
         }
     }
     if let Some(dw) = dw {
@@ -640,16 +838,33 @@ pub fn depthwise_conv2d_backward(
         } else {
             ("depthwise_dw_partial", blocks * kk * c)
         };
-        let cp = Cp { n, rows: m, e0: PER_BLOCK, ..g.cp() };
+        let cp = Cp {
+            n,
+            rows: m,
+            e0: PER_BLOCK,
+            ..g.cp()
+        };
         launch(rec, &kernel(entry), &cp, &[x, dy, &part])?;
         reduce_rows(rec, &part, blocks, kk * c, dw, c)?;
     }
     Ok(())
 }
 
-fn convt_geometry(what: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
-    if x.shape.len() != 4 || w.shape.len() != 4 || w.shape[0] != x.shape[3] || w.shape[2] != 2 || w.shape[3] != 2 {
-        return Err(invalid(format!("{what}: expected x [B,H,W,Ci] and w [Ci,Co,2,2], got {:?} and {:?}", x.shape, w.shape)));
+fn convt_geometry(
+    what: &str,
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    if x.shape.len() != 4
+        || w.shape.len() != 4
+        || w.shape[0] != x.shape[3]
+        || w.shape[2] != 2
+        || w.shape[3] != 2
+    {
+        return Err(invalid(format!(
+            "{what}: expected x [B,H,W,Ci] and w [Ci,Co,2,2], got {:?} and {:?}",
+            x.shape, w.shape
+        )));
     }
     Ok((x.shape[0], x.shape[1], x.shape[2], x.shape[3], w.shape[1]))
 }
@@ -658,7 +873,13 @@ fn convt_geometry(what: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize, u
 /// y[b, 2i+a, 2j+c, o] = bias[o] + sum_ci x[b,i,j,ci] * w[ci,o,a,c]. x [B,H,W,Ci] -> [B,2H,2W,Co].
 /// GEMM `t [B*H*W, 4*Co] = x w` (w's memory read as `[Ci, 4*Co]`, no re-ordering) followed by
 /// `pixel_shuffle2` (+ bias, activation).
-pub fn conv_transpose2x2(rec: &mut Recorder, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
+pub fn conv_transpose2x2(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
     let (b, h, wd, ci, co) = convt_geometry("conv_transpose2x2", x, w)?;
     if let Some(bv) = bias {
         check_len("conv_transpose2x2 bias", bv, co)?;
@@ -671,11 +892,25 @@ pub fn conv_transpose2x2(rec: &mut Recorder, x: &Tensor, w: &Tensor, bias: Optio
     let t = rec.gpu.empty(&[m, 4 * co])?;
     gemm(rec, &Gemm::new(m, 4 * co, ci), x, w, None, None, &t)?;
     let v4 = co.is_multiple_of(4);
-    let entry = if v4 { "pixel_shuffle2_v4" } else { "pixel_shuffle2" };
-    let k = kernel(entry).b("HAS_BIAS", bias.is_some()).u("ACT", act.code());
+    let entry = if v4 {
+        "pixel_shuffle2_v4"
+    } else {
+        "pixel_shuffle2"
+    };
+    let k = kernel(entry)
+        .b("HAS_BIAS", bias.is_some())
+        .u("ACT", act.code());
     // v4: one invocation per (input position, 4 channels) = 16 outputs.
     let n = if v4 { m * co / 4 } else { y.numel() };
-    let cp = Cp { n, bsz: b, h, w: wd, c: ci, co, ..Cp::default() };
+    let cp = Cp {
+        n,
+        bsz: b,
+        h,
+        w: wd,
+        c: ci,
+        co,
+        ..Cp::default()
+    };
     let dummy = rec.gpu.dummy();
     launch(rec, &k, &cp, &[&t, bias.unwrap_or(&dummy), &y])?;
     Ok(y)
@@ -696,7 +931,10 @@ pub fn conv_transpose2x2_backward(
 ) -> Result<()> {
     let (b, h, wd, ci, co) = convt_geometry("conv_transpose2x2_backward", x, w)?;
     if dy.shape != [b, 2 * h, 2 * wd, co] {
-        return Err(invalid(format!("conv_transpose2x2_backward: dy {:?} for x {:?}, w {:?}", dy.shape, x.shape, w.shape)));
+        return Err(invalid(format!(
+            "conv_transpose2x2_backward: dy {:?} for x {:?}, w {:?}",
+            dy.shape, x.shape, w.shape
+        )));
     }
     if let Some(t) = dx {
         check_len("conv_transpose2x2_backward dx", t, x.numel())?;
@@ -718,7 +956,15 @@ pub fn conv_transpose2x2_backward(
         return Ok(());
     }
     let dt = rec.gpu.empty(&[m, 4 * co])?;
-    let cp = Cp { n: dt.numel(), bsz: b, h, w: wd, c: ci, co, ..Cp::default() };
+    let cp = Cp {
+        n: dt.numel(),
+        bsz: b,
+        h,
+        w: wd,
+        c: ci,
+        co,
+        ..Cp::default()
+    };
     launch(rec, &kernel("pixel_unshuffle2"), &cp, &[dy, &dt])?;
     if let Some(dx) = dx {
         let mut gm = Gemm::new(m, ci, 4 * co);
@@ -740,16 +986,56 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
     let reps = 3;
     let mut out = Vec::new();
     let fill = |n: usize, seed: u32| -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5).collect()
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0)
+                    - 0.5
+            })
+            .collect()
     };
     // (name, x shape, Co, k, stride, pad)
     type Case = (&'static str, [usize; 4], usize, usize, usize, usize);
     let dense: [Case; 5] = [
-        ("conv2d stem 3->32 k3 s2 p1 @1024²", [1, 1024, 1024, 3], 32, 3, 2, 1),
-        ("conv2d stem 32->64 k3 s2 p1 @512²", [1, 512, 512, 32], 64, 3, 2, 1),
-        ("conv2d neck 256->256 k3 s1 p1 @64²", [1, 64, 64, 256], 256, 3, 1, 1),
-        ("conv2d patchify 3->32 k4 s4 @1024²", [1, 1024, 1024, 3], 32, 4, 4, 0),
-        ("conv2d patchify 32->64 k2 s2 @256²", [1, 256, 256, 32], 64, 2, 2, 0),
+        (
+            "conv2d stem 3->32 k3 s2 p1 @1024²",
+            [1, 1024, 1024, 3],
+            32,
+            3,
+            2,
+            1,
+        ),
+        (
+            "conv2d stem 32->64 k3 s2 p1 @512²",
+            [1, 512, 512, 32],
+            64,
+            3,
+            2,
+            1,
+        ),
+        (
+            "conv2d neck 256->256 k3 s1 p1 @64²",
+            [1, 64, 64, 256],
+            256,
+            3,
+            1,
+            1,
+        ),
+        (
+            "conv2d patchify 3->32 k4 s4 @1024²",
+            [1, 1024, 1024, 3],
+            32,
+            4,
+            4,
+            0,
+        ),
+        (
+            "conv2d patchify 32->64 k2 s2 @256²",
+            [1, 256, 256, 32],
+            64,
+            2,
+            2,
+            0,
+        ),
     ];
     for (name, xs, co, k, s, p) in dense {
         let x = gpu.upload(&fill(xs.iter().product(), 1), &xs)?;
@@ -757,7 +1043,9 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
         let bias = gpu.upload(&fill(co, 3), &[co])?;
         let (oh, ow) = ((xs[1] + 2 * p - k) / s + 1, (xs[2] + 2 * p - k) / s + 1);
         let flops = 2.0 * (oh * ow * co * xs[3] * k * k) as f64;
-        let ms = time_op(gpu, reps, |rec| conv2d(rec, &x, &w, Some(&bias), s, p, Act::Gelu).map(|_| ()))?;
+        let ms = time_op(gpu, reps, |rec| {
+            conv2d(rec, &x, &w, Some(&bias), s, p, Act::Gelu).map(|_| ())
+        })?;
         out.push(bench_line(name, ms, Some(flops), None));
         if k == 3 && xs[3] > 3 {
             let dy = gpu.upload(&fill(oh * ow * co, 4), &[1, oh, ow, co])?;
@@ -765,10 +1053,18 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
             let ms = time_op(gpu, reps, |rec| {
                 conv2d_backward(rec, &x, &w, &dy, s, p, Some(&dx), Some(&dw), Some(&db))
             })?;
-            out.push(bench_line(format!("{name} backward"), ms, Some(2.0 * flops), None));
+            out.push(bench_line(
+                format!("{name} backward"),
+                ms,
+                Some(2.0 * flops),
+                None,
+            ));
         }
     }
-    for (name, s) in [("depthwise 256ch k3 s1 p1 @256²", 1), ("depthwise 256ch k3 s2 p1 @256²", 2)] {
+    for (name, s) in [
+        ("depthwise 256ch k3 s1 p1 @256²", 1),
+        ("depthwise 256ch k3 s2 p1 @256²", 2),
+    ] {
         let xs = [1, 256, 256, 256];
         let x = gpu.upload(&fill(xs.iter().product(), 5), &xs)?;
         let w = gpu.upload(&fill(256 * 9, 6), &[256, 1, 3, 3])?;
@@ -776,7 +1072,9 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
         let o = (256 + 2 - 3) / s + 1;
         let n_out = (o * o * 256) as f64;
         let bytes = 4.0 * (x.numel() as f64 + n_out);
-        let ms = time_op(gpu, reps, |rec| depthwise_conv2d(rec, &x, &w, Some(&bias), s, 1, Act::Gelu).map(|_| ()))?;
+        let ms = time_op(gpu, reps, |rec| {
+            depthwise_conv2d(rec, &x, &w, Some(&bias), s, 1, Act::Gelu).map(|_| ())
+        })?;
         out.push(bench_line(name, ms, Some(18.0 * n_out), Some(bytes)));
         if s == 1 {
             let dy = gpu.upload(&fill(o * o * 256, 8), &[1, o, o, 256])?;
@@ -784,23 +1082,38 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
             let ms = time_op(gpu, reps, |rec| {
                 depthwise_conv2d_backward(rec, &x, &w, &dy, s, 1, Some(&dx), Some(&dw), Some(&db))
             })?;
-            out.push(bench_line(format!("{name} backward"), ms, Some(36.0 * n_out), Some(3.0 * bytes)));
+            out.push(bench_line(
+                format!("{name} backward"),
+                ms,
+                Some(36.0 * n_out),
+                Some(3.0 * bytes),
+            ));
         }
     }
-    for (name, hw, ci, co) in [("conv_transpose2x2 256->64 @64²->128²", 64, 256, 64), ("conv_transpose2x2 64->32 @128²->256²", 128, 64, 32)] {
+    for (name, hw, ci, co) in [
+        ("conv_transpose2x2 256->64 @64²->128²", 64, 256, 64),
+        ("conv_transpose2x2 64->32 @128²->256²", 128, 64, 32),
+    ] {
         let xs = [1, hw, hw, ci];
         let x = gpu.upload(&fill(xs.iter().product(), 9), &xs)?;
         let w = gpu.upload(&fill(ci * co * 4, 10), &[ci, co, 2, 2])?;
         let bias = gpu.upload(&fill(co, 11), &[co])?;
         let flops = 2.0 * (hw * hw * ci * co * 4) as f64;
-        let ms = time_op(gpu, reps, |rec| conv_transpose2x2(rec, &x, &w, Some(&bias), Act::Gelu).map(|_| ()))?;
+        let ms = time_op(gpu, reps, |rec| {
+            conv_transpose2x2(rec, &x, &w, Some(&bias), Act::Gelu).map(|_| ())
+        })?;
         out.push(bench_line(name, ms, Some(flops), None));
         let dy = gpu.upload(&fill(4 * hw * hw * co, 12), &[1, 2 * hw, 2 * hw, co])?;
         let (dx, dw, db) = (gpu.empty(&xs)?, gpu.empty(&w.shape)?, gpu.empty(&[co])?);
         let ms = time_op(gpu, reps, |rec| {
             conv_transpose2x2_backward(rec, &x, &w, &dy, Some(&dx), Some(&dw), Some(&db))
         })?;
-        out.push(bench_line(format!("{name} backward"), ms, Some(2.0 * flops), None));
+        out.push(bench_line(
+            format!("{name} backward"),
+            ms,
+            Some(2.0 * flops),
+            None,
+        ));
     }
     Ok(out)
 }

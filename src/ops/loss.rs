@@ -12,8 +12,8 @@
 //! All sums are two-level (per image and pixel chunk, then per image in a fixed order), so the
 //! values and the gradient are reproducible bit for bit.
 
-use crate::error::{Error, Result};
 use super::u;
+use crate::error::{Error, Result};
 use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
 
 crate::uniform! {
@@ -46,7 +46,13 @@ pub struct LossConfig {
 
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig { lambda: 0.8, alpha: 0.25, gamma: 2.0, smooth: 1.0, grad_scale: 1.0 }
+        LossConfig {
+            lambda: 0.8,
+            alpha: 0.25,
+            gamma: 2.0,
+            smooth: 1.0,
+            grad_scale: 1.0,
+        }
     }
 }
 
@@ -74,7 +80,12 @@ fn plan(logits: &Tensor, target: &Tensor) -> Result<Plan> {
     let nchunks = hw.div_ceil(256 * 8).clamp(1, 256);
     let chunk_px = hw.div_ceil(nchunks);
     let nchunks = hw.div_ceil(chunk_px);
-    Ok(Plan { nimg, hw, chunk_px, nchunks })
+    Ok(Plan {
+        nimg,
+        hw,
+        chunk_px,
+        nchunks,
+    })
 }
 
 fn loss_params(p: &Plan, cfg: &LossConfig) -> LossParams {
@@ -91,22 +102,48 @@ fn loss_params(p: &Plan, cfg: &LossConfig) -> LossParams {
 }
 
 /// Records the per-image sums `[B, 5]` = (Σ focal_i, Σ p t, Σ p, Σ t, Σ (1 - p_t)).
-fn image_sums(rec: &mut Recorder, logits: &Tensor, target: &Tensor, cfg: &LossConfig, p: &Plan) -> Result<Tensor> {
+fn image_sums(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    target: &Tensor,
+    cfg: &LossConfig,
+    p: &Plan,
+) -> Result<Tensor> {
     let part = rec.gpu.empty(&[p.nimg, 5, p.nchunks])?;
     let g = rec.grid(p.nimg * p.nchunks);
-    rec.dispatch(&kernel("loss_partial", 256), loss_params(p, cfg), &[logits, target, &part], g)?;
+    rec.dispatch(
+        &kernel("loss_partial", 256),
+        loss_params(p, cfg),
+        &[logits, target, &part],
+        g,
+    )?;
     let sums = rec.gpu.empty(&[p.nimg, 5])?;
     let g = rec.grid(p.nimg * 5);
-    rec.dispatch(&kernel("loss_reduce", 64), loss_params(p, cfg), &[&part, &sums], g)?;
+    rec.dispatch(
+        &kernel("loss_reduce", 64),
+        loss_params(p, cfg),
+        &[&part, &sums],
+        g,
+    )?;
     Ok(sums)
 }
 
-fn values_from_sums(rec: &mut Recorder, sums: &Tensor, cfg: &LossConfig, p: &Plan) -> Result<Tensor> {
+fn values_from_sums(
+    rec: &mut Recorder,
+    sums: &Tensor,
+    cfg: &LossConfig,
+    p: &Plan,
+) -> Result<Tensor> {
     let out = rec.gpu.empty(&[3])?;
     let inv = (1.0 / (p.nimg as f64 * p.hw as f64)) as f32;
     rec.dispatch(
         &kernel("loss_finalize", 1),
-        FinalParams { nimg: u(p.nimg), inv_pixels: inv, lambda: cfg.lambda, smoothing: cfg.smooth },
+        FinalParams {
+            nimg: u(p.nimg),
+            inv_pixels: inv,
+            lambda: cfg.lambda,
+            smoothing: cfg.smooth,
+        },
         &[sums, &out],
         [1, 1, 1],
     )?;
@@ -114,14 +151,24 @@ fn values_from_sums(rec: &mut Recorder, sums: &Tensor, cfg: &LossConfig, p: &Pla
 }
 
 /// Loss values only: a `[3]` tensor (total, focal, dice).
-pub fn seg_loss_values(rec: &mut Recorder, logits: &Tensor, target: &Tensor, cfg: &LossConfig) -> Result<Tensor> {
+pub fn seg_loss_values(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    target: &Tensor,
+    cfg: &LossConfig,
+) -> Result<Tensor> {
     let p = plan(logits, target)?;
     let sums = image_sums(rec, logits, target, cfg, &p)?;
     values_from_sums(rec, &sums, cfg, &p)
 }
 
 /// Loss values `[3]` (total, focal, dice) and `grad_scale * dL/dlogits` (logits' shape, written).
-pub fn seg_loss(rec: &mut Recorder, logits: &Tensor, target: &Tensor, cfg: &LossConfig) -> Result<(Tensor, Tensor)> {
+pub fn seg_loss(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    target: &Tensor,
+    cfg: &LossConfig,
+) -> Result<(Tensor, Tensor)> {
     let p = plan(logits, target)?;
     let sums = image_sums(rec, logits, target, cfg, &p)?;
     let values = values_from_sums(rec, &sums, cfg, &p)?;
@@ -132,7 +179,16 @@ pub fn seg_loss(rec: &mut Recorder, logits: &Tensor, target: &Tensor, cfg: &Loss
     let g = rec.grid(n.div_ceil(64));
     rec.dispatch(
         &kernel("loss_grad", 64),
-        GradParams { n: u(n), hw: u(p.hw), alpha: cfg.alpha, gamma: cfg.gamma, cf, cd, smoothing: cfg.smooth, pad: 0 },
+        GradParams {
+            n: u(n),
+            hw: u(p.hw),
+            alpha: cfg.alpha,
+            gamma: cfg.gamma,
+            cf,
+            cd,
+            smoothing: cfg.smooth,
+            pad: 0,
+        },
         &[logits, target, &sums, &grad],
         g,
     )?;

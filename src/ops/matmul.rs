@@ -158,7 +158,9 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
         let aligned = vec4_ok(g);
         let vec4 = match cfg.vec4 {
             Some(true) if !aligned => {
-                return Err(Error::Invalid(format!("gemm: the vec4 kernel needs 4-aligned A, B and C: {g:?}")));
+                return Err(Error::Invalid(format!(
+                    "gemm: the vec4 kernel needs 4-aligned A, B and C: {g:?}"
+                )));
             }
             Some(v) => v,
             None => aligned,
@@ -169,7 +171,11 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
         let groups_m = m.div_ceil(wide) * n.div_ceil(blk);
         let groups_n = m.div_ceil(blk) * n.div_ceil(wide);
         let lanes_n = cfg.lanes_n.unwrap_or(groups_n < groups_m);
-        let (mt, nt) = if lanes_n { (m.div_ceil(blk), n.div_ceil(wide)) } else { (m.div_ceil(wide), n.div_ceil(blk)) };
+        let (mt, nt) = if lanes_n {
+            (m.div_ceil(blk), n.div_ceil(wide))
+        } else {
+            (m.div_ceil(wide), n.div_ceil(blk))
+        };
         (if vec4 { "mm_v4" } else { "mm_s" }, lanes_n, mt, nt)
     } else {
         ("matmul", false, m.div_ceil(64), n.div_ceil(64))
@@ -191,7 +197,14 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
     };
     let k_len = g.k.div_ceil(splits).max(1).next_multiple_of(16);
     let splits = g.k.div_ceil(k_len).max(1);
-    Ok(GemmPlan { entry, lanes_n, splits, k_len, m_tiles, n_tiles })
+    Ok(GemmPlan {
+        entry,
+        lanes_n,
+        splits,
+        k_len,
+        m_tiles,
+        n_tiles,
+    })
 }
 
 /// Records `c = epilogue(alpha * op(a) op(b))`. `bias` has `n` values; `residual` has c's shape.
@@ -256,16 +269,27 @@ fn gemm_impl(
         )));
     }
     if pre.is_some() && residual.is_some() {
-        return Err(Error::Invalid("gemm: saving the pre-activation excludes a residual".into()));
+        return Err(Error::Invalid(
+            "gemm: saving the pre-activation excludes a residual".into(),
+        ));
     }
     let need = |t: &Tensor, n: usize, what: &str| -> Result<()> {
         if t.numel() < n {
-            Err(Error::Invalid(format!("gemm: {what} has {} elements, needs {n}", t.numel())))
+            Err(Error::Invalid(format!(
+                "gemm: {what} has {} elements, needs {n}",
+                t.numel()
+            )))
         } else {
             Ok(())
         }
     };
-    let last = |bs: usize, per: usize| if bs == 0 { per } else { bs * (g.batch - 1) + per };
+    let last = |bs: usize, per: usize| {
+        if bs == 0 {
+            per
+        } else {
+            bs * (g.batch - 1) + per
+        }
+    };
     need(a, last(g.a_bs, g.m * g.k), "A")?;
     need(b, last(g.b_bs, g.k * g.n), "B")?;
     need(c, last(g.c_bs, g.m * g.n), "C")?;
@@ -284,9 +308,16 @@ fn gemm_impl(
     let p = plan(rec.gpu, g, cfg)?;
     let max_dim = rec.gpu.limits.max_compute_workgroups_per_dimension as usize;
     if p.n_tiles > max_dim {
-        return Err(Error::Invalid(format!("gemm: N = {} needs {} column tiles (> {max_dim})", g.n, p.n_tiles)));
+        return Err(Error::Invalid(format!(
+            "gemm: N = {} needs {} column tiles (> {max_dim})",
+            g.n, p.n_tiles
+        )));
     }
-    let invocations = if p.entry == "matmul" { 256 } else { LANES as u32 };
+    let invocations = if p.entry == "matmul" {
+        256
+    } else {
+        LANES as u32
+    };
     let split = p.splits > 1;
     use super::u;
     let params = MatmulParams {
@@ -319,7 +350,14 @@ fn gemm_impl(
             .b("LANES_N", p.lanes_n)
             .b("SAVE_PRE", pre.is_some())
             .b("ACT_GRAD", g.act_grad);
-        let t = [a, b, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c, pre.unwrap_or(&dummy_out)];
+        let t = [
+            a,
+            b,
+            bias.unwrap_or(&dummy),
+            residual.unwrap_or(&dummy),
+            c,
+            pre.unwrap_or(&dummy_out),
+        ];
         return rec.dispatch(&k, params, &t, groups);
     }
     // Split-K: raw partial sums of every K slice into a scratch tensor, then one pass that adds
@@ -330,7 +368,12 @@ fn gemm_impl(
         .b("TRANS_B", g.trans_b)
         .b("LANES_N", p.lanes_n)
         .b("SPLIT", true);
-    rec.dispatch(&k, params, &[a, b, &dummy, &dummy, &scratch, &dummy_out], groups)?;
+    rec.dispatch(
+        &k,
+        params,
+        &[a, b, &dummy, &dummy, &scratch, &dummy_out],
+        groups,
+    )?;
     let r = Kernel::new(ShaderFamily::Matmul, "mm_reduce", 256)
         .b("HAS_BIAS", bias.is_some())
         .u("ACT", g.act.code())
@@ -340,7 +383,13 @@ fn gemm_impl(
         .b("SAVE_PRE", pre.is_some())
         .b("ACT_GRAD", g.act_grad);
     let groups = rec.grid((g.batch * g.m * g.n).div_ceil(256));
-    let t = [&scratch, bias.unwrap_or(&dummy), residual.unwrap_or(&dummy), c, pre.unwrap_or(&dummy_out)];
+    let t = [
+        &scratch,
+        bias.unwrap_or(&dummy),
+        residual.unwrap_or(&dummy),
+        c,
+        pre.unwrap_or(&dummy_out),
+    ];
     rec.dispatch(&r, params, &t, groups)
 }
 
@@ -366,7 +415,17 @@ pub fn linear_residual_act(
     residual: &Tensor,
     act: Act,
 ) -> Result<Tensor> {
-    linear_impl(rec, "linear_residual_act", x, w, b, act, Some(residual), true, None)
+    linear_impl(
+        rec,
+        "linear_residual_act",
+        x,
+        w,
+        b,
+        act,
+        Some(residual),
+        true,
+        None,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -383,7 +442,10 @@ fn linear_impl(
 ) -> Result<Tensor> {
     let (n, k) = (w.shape[0], w.shape[1]);
     if x.dim(-1) != k {
-        return Err(Error::Invalid(format!("{what}: input {:?} vs weight {:?}", x.shape, w.shape)));
+        return Err(Error::Invalid(format!(
+            "{what}: input {:?} vs weight {:?}",
+            x.shape, w.shape
+        )));
     }
     let m = x.numel() / k;
     let mut shape = x.shape.clone();
@@ -401,11 +463,27 @@ fn linear_impl(
 }
 
 /// `y = act(x W^T + b)` and the pre-activation `x W^T + b` (for the activation's backward).
-pub fn linear_save_pre(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<(Tensor, Tensor)> {
+pub fn linear_save_pre(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Act,
+) -> Result<(Tensor, Tensor)> {
     let mut shape = x.shape.clone();
     *shape.last_mut().unwrap() = w.shape[0];
     let pre = rec.gpu.empty(&shape)?;
-    let y = linear_impl(rec, "linear_save_pre", x, w, b, act, None, false, Some(&pre))?;
+    let y = linear_impl(
+        rec,
+        "linear_save_pre",
+        x,
+        w,
+        b,
+        act,
+        None,
+        false,
+        Some(&pre),
+    )?;
     Ok((y, pre))
 }
 
@@ -416,7 +494,14 @@ pub const BENCH_SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
     ("1024^3 A.B", 1024, 1024, 1024, false, false),
     ("1024^3 A^T.B", 1024, 1024, 1024, true, false),
     ("mbconv expand M65536 K64 N256", 65536, 256, 64, false, true),
-    ("mbconv project M65536 K256 N64", 65536, 64, 256, false, true),
+    (
+        "mbconv project M65536 K256 N64",
+        65536,
+        64,
+        256,
+        false,
+        true,
+    ),
     ("qkv s1 M17689 K128 N384", 17689, 384, 128, false, true),
     ("mlp1 s1 M16384 K128 N512", 16384, 512, 128, false, true),
     ("mlp2 s1 M16384 K512 N128", 16384, 128, 512, false, true),
@@ -425,14 +510,49 @@ pub const BENCH_SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
     ("s3 M4900 K320 N960", 4900, 960, 320, false, true),
     ("mlp1 s3 M4096 K320 N1280", 4096, 1280, 320, false, true),
     ("mlp2 s3 M4096 K1280 N320", 4096, 320, 1280, false, true),
-    ("neck 3x3 im2col M4096 K2304 N256", 4096, 256, 2304, false, true),
-    ("stem conv im2col M65536 K288 N64", 65536, 64, 288, false, true),
-    ("stem conv1 im2col M262144 K27 N32", 262144, 32, 27, false, true),
+    (
+        "neck 3x3 im2col M4096 K2304 N256",
+        4096,
+        256,
+        2304,
+        false,
+        true,
+    ),
+    (
+        "stem conv im2col M65536 K288 N64",
+        65536,
+        64,
+        288,
+        false,
+        true,
+    ),
+    (
+        "stem conv1 im2col M262144 K27 N32",
+        262144,
+        32,
+        27,
+        false,
+        true,
+    ),
     ("mask head M65536 K32 N1", 65536, 1, 32, false, true),
     ("decoder proj M4096 K256 N128", 4096, 128, 256, false, true),
     ("M5 K256 N2048", 5, 2048, 256, false, true),
-    ("dX=dY.W M4096 K1280 N320 (A.B)", 4096, 320, 1280, false, false),
-    ("dW=dY^T.X M128 N512 K65536 (A^T.B)", 128, 512, 65536, true, false),
+    (
+        "dX=dY.W M4096 K1280 N320 (A.B)",
+        4096,
+        320,
+        1280,
+        false,
+        false,
+    ),
+    (
+        "dW=dY^T.X M128 N512 K65536 (A^T.B)",
+        128,
+        512,
+        65536,
+        true,
+        false,
+    ),
 ];
 
 /// Times [`gemm`] (automatic kernel choice) at [`BENCH_SHAPES`].
@@ -459,10 +579,20 @@ pub fn bench_shapes(
         let b = gpu.upload(&rng.vec(k * n), &[k * n])?;
         let c = gpu.empty(&[m, n])?;
         let reps = if g.flops() > 2e9 { 3 } else { 5 };
-        let ms = time_op(gpu, reps, |rec| gemm_with(rec, &g, &a, &b, None, None, &c, cfg))?;
+        let ms = time_op(gpu, reps, |rec| {
+            gemm_with(rec, &g, &a, &b, None, None, &c, cfg)
+        })?;
         let p = plan(gpu, &g, cfg)?;
-        let label = format!("gemm {name} [{}{}{}]", p.entry, if p.lanes_n { " lanesN" } else { "" },
-            if p.splits > 1 { format!(" split{}", p.splits) } else { String::new() });
+        let label = format!(
+            "gemm {name} [{}{}{}]",
+            p.entry,
+            if p.lanes_n { " lanesN" } else { "" },
+            if p.splits > 1 {
+                format!(" split{}", p.splits)
+            } else {
+                String::new()
+            }
+        );
         out.push(bench_line(label, ms, Some(g.flops()), None));
     }
     Ok(out)

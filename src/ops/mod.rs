@@ -51,7 +51,11 @@ impl std::fmt::Display for BenchResult {
 /// Times `record` (which records one call of a kernel): one warm-up submission (compiles the
 /// pipelines), then `reps` timed submissions, each waited for. Returns the median ms.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn time_op(gpu: &Gpu, reps: usize, mut record: impl FnMut(&mut Recorder) -> Result<()>) -> Result<f64> {
+pub fn time_op(
+    gpu: &Gpu,
+    reps: usize,
+    mut record: impl FnMut(&mut Recorder) -> Result<()>,
+) -> Result<f64> {
     let mut once = |gpu: &Gpu| -> Result<f64> {
         let t0 = std::time::Instant::now();
         let mut rec = gpu.new_recorder();
@@ -67,7 +71,12 @@ pub fn time_op(gpu: &Gpu, reps: usize, mut record: impl FnMut(&mut Recorder) -> 
 }
 
 /// A benchmark line from a median time and the work done per call.
-pub fn bench_line(name: impl Into<String>, ms: f64, flops: Option<f64>, bytes: Option<f64>) -> BenchResult {
+pub fn bench_line(
+    name: impl Into<String>,
+    ms: f64,
+    flops: Option<f64>,
+    bytes: Option<f64>,
+) -> BenchResult {
     BenchResult {
         name: name.into(),
         ms,

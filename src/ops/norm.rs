@@ -11,8 +11,8 @@
 //! sums the partials in a fixed order. No atomics.
 
 use super::matmul::Act;
-use crate::error::{Error, Result};
 use super::u;
+use crate::error::{Error, Result};
 use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
 
 crate::uniform! {
@@ -33,7 +33,12 @@ crate::uniform! {
 }
 
 fn ln_params(rows: usize, c: usize, eps: f32) -> LnParams {
-    LnParams { rows: u(rows), c: u(c), eps, pad: 0 }
+    LnParams {
+        rows: u(rows),
+        c: u(c),
+        eps,
+        pad: 0,
+    }
 }
 
 /// Threads per row of the LayerNorm kernels: about 16 values per thread. (One invocation per value
@@ -45,7 +50,9 @@ fn team_size(c: usize) -> u32 {
 
 fn check_team(team: u32) -> Result<u32> {
     if team == 0 || team > 256 || !team.is_power_of_two() {
-        return Err(Error::Invalid(format!("layer_norm: team size {team} is not a power of two in 1..=256")));
+        return Err(Error::Invalid(format!(
+            "layer_norm: team size {team} is not a power of two in 1..=256"
+        )));
     }
     Ok(team)
 }
@@ -55,7 +62,10 @@ fn norm_kernel(entry: &'static str, inv: u32) -> Kernel {
 }
 
 fn check_ln(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(usize, usize)> {
-    let c = *x.shape.last().ok_or_else(|| Error::Invalid("layer_norm: scalar input".into()))?;
+    let c = *x
+        .shape
+        .last()
+        .ok_or_else(|| Error::Invalid("layer_norm: scalar input".into()))?;
     if c == 0 || w.numel() != c || b.numel() != c {
         return Err(Error::Invalid(format!(
             "layer_norm: input {:?}, weight {:?}, bias {:?} (weight and bias need C = {c} values)",
@@ -67,7 +77,14 @@ fn check_ln(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(usize, usize)> {
 
 /// LayerNorm over the last dim C: y = (x - mean)/sqrt(var + eps) * w + b (biased variance), then act.
 /// Used with eps 1e-5 (token LayerNorm) and 1e-6 (LayerNorm2d on channels-last maps).
-pub fn layer_norm(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, act: Act) -> Result<Tensor> {
+pub fn layer_norm(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+    act: Act,
+) -> Result<Tensor> {
     let (rows, c) = check_ln(x, w, b)?;
     let y = rec.gpu.empty(&x.shape)?;
     let t = team_size(c);
@@ -119,7 +136,11 @@ pub fn layer_norm_train(
     let y = rec.gpu.empty(&x.shape)?;
     let mean = rec.gpu.empty(&[rows])?;
     let rstd = rec.gpu.empty(&[rows])?;
-    let pre = if act != Act::None { Some(rec.gpu.empty(&x.shape)?) } else { None };
+    let pre = if act != Act::None {
+        Some(rec.gpu.empty(&x.shape)?)
+    } else {
+        None
+    };
     if rows > 0 {
         let dummy = rec.gpu.dummy();
         let k = norm_kernel("ln_row4_train", ROW4_WG as u32).u("ACT", act.code());
@@ -131,7 +152,15 @@ pub fn layer_norm_train(
             groups,
         )?;
     }
-    Ok((y, LnSaved { mean, rstd, pre, act }))
+    Ok((
+        y,
+        LnSaved {
+            mean,
+            rstd,
+            pre,
+            act,
+        },
+    ))
 }
 
 /// [`layer_norm_train`] with an explicit number of threads per row (a power of two ≤ 256); used by
@@ -151,10 +180,16 @@ pub fn layer_norm_train_with_team(
     let y = rec.gpu.empty(&x.shape)?;
     let mean = rec.gpu.empty(&[rows])?;
     let rstd = rec.gpu.empty(&[rows])?;
-    let pre = if act != Act::None { Some(rec.gpu.empty(&x.shape)?) } else { None };
+    let pre = if act != Act::None {
+        Some(rec.gpu.empty(&x.shape)?)
+    } else {
+        None
+    };
     let dummy = rec.gpu.dummy();
     let t = team;
-    let k = norm_kernel("ln_fwd_train", 256).u("T", t).u("ACT", act.code());
+    let k = norm_kernel("ln_fwd_train", 256)
+        .u("T", t)
+        .u("ACT", act.code());
     let groups = rec.grid(rows.div_ceil((256 / t) as usize));
     rec.dispatch(
         &k,
@@ -162,7 +197,15 @@ pub fn layer_norm_train_with_team(
         &[x, w, b, &y, &mean, &rstd, pre.as_ref().unwrap_or(&dummy)],
         groups,
     )?;
-    Ok((y, LnSaved { mean, rstd, pre, act }))
+    Ok((
+        y,
+        LnSaved {
+            mean,
+            rstd,
+            pre,
+            act,
+        },
+    ))
 }
 
 /// Backward of [`layer_norm_train`] given `dy` (gradient of its output y): accumulates
@@ -181,7 +224,11 @@ pub fn layer_norm_backward(
 ) -> Result<Tensor> {
     let c = x.shape.last().copied().unwrap_or(0);
     // C % 4 == 0 (every LayerNorm of the model): one invocation per row with vec4 loads.
-    let team = if c > 0 && c.is_multiple_of(4) { 0 } else { team_size(c) };
+    let team = if c > 0 && c.is_multiple_of(4) {
+        0
+    } else {
+        team_size(c)
+    };
     layer_norm_backward_impl(rec, x, w, saved, dy, dw, db, dx_acc, team)
 }
 
@@ -223,7 +270,10 @@ fn layer_norm_backward_impl(
         )));
     }
     if let Some(d) = dx_acc.filter(|d| d.numel() != x.numel()) {
-        return Err(Error::Invalid(format!("layer_norm_backward: dx {:?} vs x {:?}", d.shape, x.shape)));
+        return Err(Error::Invalid(format!(
+            "layer_norm_backward: dx {:?} vs x {:?}",
+            d.shape, x.shape
+        )));
     }
     let dummy = rec.gpu.dummy();
     let pre = saved.pre.as_ref().unwrap_or(&dummy);
@@ -235,9 +285,15 @@ fn layer_norm_backward_impl(
         return Ok(dx);
     }
     let (k, groups) = if team == 0 {
-        (norm_kernel("ln_bwd_dx4", ROW4_WG as u32), rec.grid(rows.div_ceil(ROW4_WG)))
+        (
+            norm_kernel("ln_bwd_dx4", ROW4_WG as u32),
+            rec.grid(rows.div_ceil(ROW4_WG)),
+        )
     } else {
-        (norm_kernel("ln_bwd_dx", 256).u("T", team), rec.grid(rows.div_ceil((256 / team) as usize)))
+        (
+            norm_kernel("ln_bwd_dx", 256).u("T", team),
+            rec.grid(rows.div_ceil((256 / team) as usize)),
+        )
     };
     let k = k.u("ACT", saved.act.code()).b("ACCUM", dx_acc.is_some());
     rec.dispatch(
@@ -275,12 +331,35 @@ impl ColPlan {
         let nchunks = rows.div_ceil(lanes * 8).clamp(1, 512);
         let chunk_rows = rows.div_ceil(nchunks).max(1);
         let nchunks = rows.div_ceil(chunk_rows).max(1);
-        ColPlan { rows, c, v4, ct: ct as u32, ncoltiles: c.div_ceil(ct), chunk_rows, nchunks }
+        ColPlan {
+            rows,
+            c,
+            v4,
+            ct: ct as u32,
+            ncoltiles: c.div_ceil(ct),
+            chunk_rows,
+            nchunks,
+        }
     }
 
     fn params(&self) -> ColParams {
-        let (rows, c, chunk_rows, nchunks, ncoltiles) = (u(self.rows), u(self.c), u(self.chunk_rows), u(self.nchunks), u(self.ncoltiles));
-        ColParams { rows, c, chunk_rows, nchunks, ncoltiles, pad0: 0, pad1: 0, pad2: 0 }
+        let (rows, c, chunk_rows, nchunks, ncoltiles) = (
+            u(self.rows),
+            u(self.c),
+            u(self.chunk_rows),
+            u(self.nchunks),
+            u(self.ncoltiles),
+        );
+        ColParams {
+            rows,
+            c,
+            chunk_rows,
+            nchunks,
+            ncoltiles,
+            pad0: 0,
+            pad1: 0,
+            pad2: 0,
+        }
     }
 
     /// Number of matrix columns (C).
@@ -296,7 +375,9 @@ impl ColPlan {
     fn col_sum(&self, rec: &mut Recorder, x: &Tensor, mean: Option<&Tensor>) -> Result<Tensor> {
         let part = rec.gpu.empty(&[self.columns(), self.nchunks])?;
         let dummy = rec.gpu.dummy();
-        let k = norm_kernel(if self.v4 { "col_sum4" } else { "col_sum" }, 256).u("CT", self.ct).b("SQ", mean.is_some());
+        let k = norm_kernel(if self.v4 { "col_sum4" } else { "col_sum" }, 256)
+            .u("CT", self.ct)
+            .b("SQ", mean.is_some());
         let g = self.groups(rec);
         rec.dispatch(&k, self.params(), &[x, mean.unwrap_or(&dummy), &part], g)?;
         Ok(part)
@@ -342,11 +423,38 @@ fn reduce_part(
 ) -> Result<()> {
     let k = norm_kernel("reduce_part", 64).b("ACCUM", accum);
     let g = rec.grid(jn);
-    rec.dispatch(&k, ReduceParams { jn: u(jn), kn: u(kn), split: u(split), alpha }, &[part, out0, out1], g)
+    rec.dispatch(
+        &k,
+        ReduceParams {
+            jn: u(jn),
+            kn: u(kn),
+            split: u(split),
+            alpha,
+        },
+        &[part, out0, out1],
+        g,
+    )
 }
 
-fn bn_params(n: usize, c: usize, momentum: f32, eps: f32, unbias: f32, update: bool, inv_rows: f32) -> BnParams {
-    BnParams { n: u(n), c: u(c), momentum, eps, unbias, update: update as u32, inv_rows, pad: 0 }
+fn bn_params(
+    n: usize,
+    c: usize,
+    momentum: f32,
+    eps: f32,
+    unbias: f32,
+    update: bool,
+    inv_rows: f32,
+) -> BnParams {
+    BnParams {
+        n: u(n),
+        c: u(c),
+        momentum,
+        eps,
+        unbias,
+        update: update as u32,
+        inv_rows,
+        pad: 0,
+    }
 }
 
 /// Rows per invocation of bn_apply4 / bn_bwd_dx4 (their per-channel loads are shared by these).
@@ -371,7 +479,10 @@ pub struct BnSaved {
 }
 
 fn check_bn(x: &Tensor, w: &Tensor, b: &Tensor, others: &[&Tensor]) -> Result<(usize, usize)> {
-    let c = *x.shape.last().ok_or_else(|| Error::Invalid("batch_norm: scalar input".into()))?;
+    let c = *x
+        .shape
+        .last()
+        .ok_or_else(|| Error::Invalid("batch_norm: scalar input".into()))?;
     let ok = c > 0 && w.numel() == c && b.numel() == c && others.iter().all(|t| t.numel() == c);
     if !ok {
         return Err(Error::Invalid(format!(
@@ -395,12 +506,18 @@ fn bn_apply(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let c = w.numel();
     let y = rec.gpu.empty(&x.shape)?;
-    let pre = if save_pre && act != Act::None { Some(rec.gpu.empty(&x.shape)?) } else { None };
+    let pre = if save_pre && act != Act::None {
+        Some(rec.gpu.empty(&x.shape)?)
+    } else {
+        None
+    };
     let dummy = rec.gpu.dummy();
     // vec4 of channels per invocation when C % 4 == 0.
     let v = if c.is_multiple_of(4) { 4 } else { 1 };
     let entry = if v == 4 { "bn_apply4" } else { "bn_apply" };
-    let mut k = norm_kernel(entry, 64).u("ACT", act.code()).b("SAVE_PRE", pre.is_some());
+    let mut k = norm_kernel(entry, 64)
+        .u("ACT", act.code())
+        .b("SAVE_PRE", pre.is_some());
     let n = x.numel() / v;
     let mut g = bn_groups(rec, n);
     if v == 4 {
@@ -460,7 +577,16 @@ pub fn batch_norm_train(
         g,
     )?;
     let (y, pre) = bn_apply(rec, x, &mean, &rstd, w, b, act, true)?;
-    Ok((y, BnSaved { mean, rstd, pre, act, train: true }))
+    Ok((
+        y,
+        BnSaved {
+            mean,
+            rstd,
+            pre,
+            act,
+            train: true,
+        },
+    ))
 }
 
 /// BatchNorm2d in eval mode (running statistics): `y = act((x - rm) / sqrt(rv + eps) * w + b)`.
@@ -516,7 +642,16 @@ fn batch_norm_eval_impl(
         g,
     )?;
     let (y, pre) = bn_apply(rec, x, running_mean, &rstd, w, b, act, save)?;
-    Ok((y, BnSaved { mean: running_mean.clone(), rstd, pre, act, train: false }))
+    Ok((
+        y,
+        BnSaved {
+            mean: running_mean.clone(),
+            rstd,
+            pre,
+            act,
+            train: false,
+        },
+    ))
 }
 
 /// Backward of [`batch_norm_train`] (batch statistics) or [`batch_norm_eval_saved`] (fixed
@@ -548,7 +683,17 @@ pub fn batch_norm_backward(
     let plan = ColPlan::new(rows, c);
     let part = plan.col_grad(rec, x, dy, pre, &saved.mean, &saved.rstd, saved.act, false)?;
     let sums = rec.gpu.empty(&[2, c])?;
-    reduce_part(rec, &part, 2 * c, plan.nchunks, 2 * c, 1.0, false, &sums, &dummy)?;
+    reduce_part(
+        rec,
+        &part,
+        2 * c,
+        plan.nchunks,
+        2 * c,
+        1.0,
+        false,
+        &sums,
+        &dummy,
+    )?;
     let dx = match dx_acc {
         Some(d) => d.clone(),
         None => rec.gpu.empty(&x.shape)?,
@@ -599,15 +744,27 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
         let dw = gpu.upload(&vec![0.0; c], &[c])?;
         let db = gpu.upload(&vec![0.0; c], &[c])?;
         let bytes = (rows * c * 8) as f64;
-        let ms = time_op(gpu, reps, |rec| layer_norm(rec, &x, &w, &b, 1e-5, Act::None).map(|_| ()))?;
-        out.push(bench_line(format!("layer_norm fwd {rows}x{c}"), ms, None, Some(bytes)));
+        let ms = time_op(gpu, reps, |rec| {
+            layer_norm(rec, &x, &w, &b, 1e-5, Act::None).map(|_| ())
+        })?;
+        out.push(bench_line(
+            format!("layer_norm fwd {rows}x{c}"),
+            ms,
+            None,
+            Some(bytes),
+        ));
         let mut rec = gpu.new_recorder();
         let (_, saved) = layer_norm_train(&mut rec, &x, &w, &b, 1e-5, Act::None)?;
         rec.submit()?;
         let ms = time_op(gpu, reps, |rec| {
             layer_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ())
         })?;
-        out.push(bench_line(format!("layer_norm bwd {rows}x{c}"), ms, None, Some(bytes * 1.5)));
+        out.push(bench_line(
+            format!("layer_norm bwd {rows}x{c}"),
+            ms,
+            None,
+            Some(bytes * 1.5),
+        ));
     }
     let (rows, c) = (65536usize, 256usize);
     let x = gpu.upload(&rng.vec(rows * c), &[rows, c])?;
@@ -621,13 +778,27 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
     let bytes = (rows * c * 8) as f64;
     // Without and with the fused GELU (MBConv's hidden layers).
     for (act, name) in [(Act::None, ""), (Act::Gelu, " +GELU")] {
-        let ms = time_op(gpu, reps, |rec| batch_norm_train(rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, act).map(|_| ()))?;
-        out.push(bench_line(format!("batch_norm_train{name} fwd {rows}x{c}"), ms, None, Some(bytes)));
+        let ms = time_op(gpu, reps, |rec| {
+            batch_norm_train(rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, act).map(|_| ())
+        })?;
+        out.push(bench_line(
+            format!("batch_norm_train{name} fwd {rows}x{c}"),
+            ms,
+            None,
+            Some(bytes),
+        ));
         let mut rec = gpu.new_recorder();
         let (_, saved) = batch_norm_train(&mut rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, act)?;
         rec.submit()?;
-        let ms = time_op(gpu, reps, |rec| batch_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ()))?;
-        out.push(bench_line(format!("batch_norm_train{name} bwd {rows}x{c}"), ms, None, Some(bytes * 1.5)));
+        let ms = time_op(gpu, reps, |rec| {
+            batch_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ())
+        })?;
+        out.push(bench_line(
+            format!("batch_norm_train{name} bwd {rows}x{c}"),
+            ms,
+            None,
+            Some(bytes * 1.5),
+        ));
     }
     Ok(out)
 }

@@ -24,7 +24,14 @@ pub struct AdamConfig {
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        AdamConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, grad_scale: 1.0 }
+        AdamConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_scale: 1.0,
+        }
     }
 }
 
@@ -68,5 +75,10 @@ pub fn adam_step(
         grad_scale: cfg.grad_scale,
     };
     let g = rec.grid(n.div_ceil(64));
-    rec.dispatch(&Kernel::new(ShaderFamily::Optim, "adam_step", 64), p, &[grad, param, m, v], g)
+    rec.dispatch(
+        &Kernel::new(ShaderFamily::Optim, "adam_step", 64),
+        p,
+        &[grad, param, m, v],
+        g,
+    )
 }

@@ -20,8 +20,8 @@
 //! computed from the packed pixels, i.e. it is the grey of `x_norm` *as defined*
 //! (`x_norm = (px - mean) / std`), not of its f32 rounding; `x_norm` is only shape-checked.
 
-use crate::error::{Error, Result};
 use super::u;
+use crate::error::{Error, Result};
 use crate::gpu::{Kernel, Params, Recorder, ShaderFamily, Tensor};
 
 crate::uniform! {
@@ -53,7 +53,11 @@ impl Params for ConstParams {
         ("pad0", "u32", std::mem::offset_of!(ConstParams, pad0)),
         ("pad1", "u32", std::mem::offset_of!(ConstParams, pad1)),
         ("pad2", "u32", std::mem::offset_of!(ConstParams, pad2)),
-        ("words", "array<vec4<u32>, 576>", std::mem::offset_of!(ConstParams, words)),
+        (
+            "words",
+            "array<vec4<u32>, 576>",
+            std::mem::offset_of!(ConstParams, words),
+        ),
     ];
 }
 
@@ -127,7 +131,10 @@ fn kernel(entry: &'static str, rule: OtsuRule) -> Kernel {
 
 fn check_shapes(px: &Tensor, x_norm: Option<&Tensor>) -> Result<(usize, usize, usize)> {
     if px.shape.len() != 3 {
-        return Err(Error::Invalid(format!("otsu: pixels must be [B, H, W], got {:?}", px.shape)));
+        return Err(Error::Invalid(format!(
+            "otsu: pixels must be [B, H, W], got {:?}",
+            px.shape
+        )));
     }
     let (b, h, w) = (px.shape[0], px.shape[1], px.shape[2]);
     if let Some(x) = x_norm {
@@ -150,24 +157,47 @@ fn check_shapes(px: &Tensor, x_norm: Option<&Tensor>) -> Result<(usize, usize, u
 /// Records the per-image 256-bin histograms (u32 counts in an f32-typed tensor [B, 256]) with
 /// `chunk` pixels per workgroup (a multiple of 256). Exposed for tests.
 #[doc(hidden)]
-pub fn otsu_histogram(rec: &mut Recorder, px: &Tensor, rule: OtsuRule, chunk: usize) -> Result<(Tensor, Tensor)> {
+pub fn otsu_histogram(
+    rec: &mut Recorder,
+    px: &Tensor,
+    rule: OtsuRule,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
     let (b, h, w) = check_shapes(px, None)?;
     if chunk == 0 || chunk % 256 != 0 {
-        return Err(Error::Invalid(format!("otsu: chunk {chunk} must be a positive multiple of 256")));
+        return Err(Error::Invalid(format!(
+            "otsu: chunk {chunk} must be a positive multiple of 256"
+        )));
     }
     let npix = h * w;
     // The constants travel in the uniform parameters of a small copy kernel into a pooled buffer
     // (an upload would be destroyed when this function returns, before the recording runs).
     let words = host_constants();
     let consts = rec.gpu.empty(&[words.len()])?;
-    let mut cp = ConstParams { n: u(words.len()), pad0: 0, pad1: 0, pad2: 0, words: [[0; 4]; CONST_WORDS / 4] };
+    let mut cp = ConstParams {
+        n: u(words.len()),
+        pad0: 0,
+        pad1: 0,
+        pad2: 0,
+        words: [[0; 4]; CONST_WORDS / 4],
+    };
     bytemuck::cast_slice_mut::<[u32; 4], u32>(&mut cp.words).copy_from_slice(&words);
     let groups = rec.grid(words.len().div_ceil(256));
-    rec.dispatch(&Kernel::new(ShaderFamily::Otsu, "otsu_consts", 256), cp, &[&consts], groups)?;
+    rec.dispatch(
+        &Kernel::new(ShaderFamily::Otsu, "otsu_consts", 256),
+        cp,
+        &[&consts],
+        groups,
+    )?;
     let hist = rec.zeros(&[b, 256])?;
     let gpi = npix.div_ceil(chunk).max(1);
     let groups = rec.grid(gpi * b);
-    let p = OtsuParams { npix: u(npix), batch: u(b), gpi: u(gpi), chunk: u(chunk) };
+    let p = OtsuParams {
+        npix: u(npix),
+        batch: u(b),
+        gpi: u(gpi),
+        chunk: u(chunk),
+    };
     rec.dispatch(&kernel("otsu_hist", rule), p, &[px, &consts, &hist], groups)?;
     Ok((hist, consts))
 }
@@ -187,12 +217,27 @@ pub fn otsu_chunked(
     let (hist, consts) = otsu_histogram(rec, px, rule, chunk)?;
     let thr = rec.gpu.empty(&[b])?;
     let tsel = rec.gpu.empty(&[b])?;
-    let p = || OtsuParams { npix: u(npix), batch: u(b), gpi: 0, chunk: u(chunk) };
+    let p = || OtsuParams {
+        npix: u(npix),
+        batch: u(b),
+        gpi: 0,
+        chunk: u(chunk),
+    };
     let groups = rec.grid(b);
-    rec.dispatch(&kernel("otsu_select", rule), p(), &[&hist, &consts, &thr, &tsel], groups)?;
+    rec.dispatch(
+        &kernel("otsu_select", rule),
+        p(),
+        &[&hist, &consts, &thr, &tsel],
+        groups,
+    )?;
     let mask = rec.gpu.empty(&[b, h, w, 1])?;
     let groups = rec.grid((b * npix).div_ceil(256));
-    rec.dispatch(&kernel("otsu_mask", rule), p(), &[px, &consts, &mask, &tsel], groups)?;
+    rec.dispatch(
+        &kernel("otsu_mask", rule),
+        p(),
+        &[px, &consts, &mask, &tsel],
+        groups,
+    )?;
     Ok((thr, mask))
 }
 
@@ -206,7 +251,12 @@ pub fn otsu_chunked(
 /// Both greys are evaluated exactly from `px` (see the module docs); `x_norm` must be the
 /// normalisation of `px` and is only checked for its shape. Non-square [B, H, W] inputs work too.
 /// At most [`MAX_PIXELS_PER_IMAGE`] pixels per image.
-pub fn otsu(rec: &mut Recorder, px: &Tensor, x_norm: &Tensor, rule: OtsuRule) -> Result<(Tensor, Tensor)> {
+pub fn otsu(
+    rec: &mut Recorder,
+    px: &Tensor,
+    x_norm: &Tensor,
+    rule: OtsuRule,
+) -> Result<(Tensor, Tensor)> {
     otsu_chunked(rec, px, x_norm, rule, CHUNK)
 }
 
@@ -216,7 +266,9 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<crate::ops::BenchResult>> {
     use crate::ops::{bench_line, time_op};
     let s = 1024;
     let mut rng = crate::testutil::Rng::new(42);
-    let px: Vec<u32> = (0..s * s).map(|_| rng.next_u64() as u32 & 0x00ff_ffff).collect();
+    let px: Vec<u32> = (0..s * s)
+        .map(|_| rng.next_u64() as u32 & 0x00ff_ffff)
+        .collect();
     let px = gpu.upload_u32(&px, &[1, s, s])?;
     let xn = gpu.empty(&[1, s, s, 3])?;
     let mut out = Vec::new();
@@ -227,7 +279,12 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<crate::ops::BenchResult>> {
         })?;
         // px read twice (histogram, mask), mask written once.
         let bytes = (3 * 4 * s * s) as f64;
-        out.push(bench_line(format!("otsu {rule:?} 1x1024x1024"), ms, None, Some(bytes)));
+        out.push(bench_line(
+            format!("otsu {rule:?} 1x1024x1024"),
+            ms,
+            None,
+            Some(bytes),
+        ));
     }
     Ok(out)
 }

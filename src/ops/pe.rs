@@ -17,16 +17,26 @@ crate::uniform! {
 /// exact integer arithmetic; see shaders/pe.wgsl). Grid sides up to 65,536.
 pub fn dense_pe(rec: &mut Recorder, gauss: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     if gauss.numel() != 256 || gauss.shape.first() != Some(&2) {
-        return Err(Error::Invalid(format!("dense_pe: gaussian matrix must be [2, 128], got {:?}", gauss.shape)));
+        return Err(Error::Invalid(format!(
+            "dense_pe: gaussian matrix must be [2, 128], got {:?}",
+            gauss.shape
+        )));
     }
     if h == 0 || w == 0 || h > 65_536 || w > 65_536 {
-        return Err(Error::Invalid(format!("dense_pe: grid {h}x{w} must have sides in 1..=65536")));
+        return Err(Error::Invalid(format!(
+            "dense_pe: grid {h}x{w} must have sides in 1..=65536"
+        )));
     }
     let out = rec.gpu.empty(&[h, w, 256])?;
     let n = h * w * 128;
     let groups = rec.grid(n.div_ceil(256));
     let k = Kernel::new(ShaderFamily::Pe, "dense_pe", 256);
-    let p = PeParams { h: super::u(h), w: super::u(w), n: super::u(n), pad: 0 };
+    let p = PeParams {
+        h: super::u(h),
+        w: super::u(w),
+        n: super::u(n),
+        pad: 0,
+    };
     rec.dispatch(&k, p, &[gauss, &out], groups)?;
     Ok(out)
 }
@@ -43,5 +53,10 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<crate::ops::BenchResult>> {
         Ok(())
     })?;
     let bytes = (64 * 64 * 256 * 4) as f64;
-    Ok(vec![bench_line("dense_pe 64x64x256", ms, None, Some(bytes))])
+    Ok(vec![bench_line(
+        "dense_pe 64x64x256",
+        ms,
+        None,
+        Some(bytes),
+    )])
 }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Kernel, Recorder, ShaderFamily, Tensor};
 
 #[cfg(not(target_arch = "wasm32"))]
-use super::{bench_line, time_op, BenchResult};
+use super::{BenchResult, bench_line, time_op};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::Gpu;
 
@@ -23,20 +23,36 @@ crate::uniform! {
 fn params(n: usize, b: usize, h: usize, w: usize, c: usize, oh: usize, ow: usize) -> ResizeParams {
     use super::u;
     let (sy, sx) = (h as f32 / oh as f32, w as f32 / ow as f32);
-    ResizeParams { n: u(n), bsz: u(b), h: u(h), w: u(w), c: u(c), oh: u(oh), ow: u(ow), pad: 0, sy, sx }
+    ResizeParams {
+        n: u(n),
+        bsz: u(b),
+        h: u(h),
+        w: u(w),
+        c: u(c),
+        oh: u(oh),
+        ow: u(ow),
+        pad: 0,
+        sy,
+        sx,
+    }
 }
 
 /// The kernels evaluate `(2*dst + 1) * in` in u32.
 fn check_sizes(what: &str, h: usize, w: usize, oh: usize, ow: usize) -> Result<()> {
     if (2 * oh + 1) as u64 * h as u64 >= 1 << 32 || (2 * ow + 1) as u64 * w as u64 >= 1 << 32 {
-        return Err(Error::Invalid(format!("{what}: sizes {h}x{w} -> {oh}x{ow} are too large")));
+        return Err(Error::Invalid(format!(
+            "{what}: sizes {h}x{w} -> {oh}x{ow} are too large"
+        )));
     }
     Ok(())
 }
 
 fn dims4(what: &str, t: &Tensor) -> Result<[usize; 4]> {
     if t.shape.len() != 4 {
-        return Err(Error::Invalid(format!("{what}: expected [B,H,W,C], got {:?}", t.shape)));
+        return Err(Error::Invalid(format!(
+            "{what}: expected [B,H,W,C], got {:?}",
+            t.shape
+        )));
     }
     Ok([t.shape[0], t.shape[1], t.shape[2], t.shape[3]])
 }
@@ -47,7 +63,10 @@ fn dims4(what: &str, t: &Tensor) -> Result<[usize; 4]> {
 pub fn bilinear(rec: &mut Recorder, x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     let [b, h, w, c] = dims4("bilinear", x)?;
     if (h == 0 || w == 0) && oh * ow > 0 {
-        return Err(Error::Invalid(format!("bilinear: cannot resize empty {:?} to {oh}x{ow}", x.shape)));
+        return Err(Error::Invalid(format!(
+            "bilinear: cannot resize empty {:?} to {oh}x{ow}",
+            x.shape
+        )));
     }
     check_sizes("bilinear", h, w, oh, ow)?;
     let y = rec.gpu.empty(&[b, oh, ow, c])?;
@@ -68,7 +87,10 @@ pub fn bilinear_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor) -> Result
     let [b, oh, ow, c] = dims4("bilinear_backward dy", dy)?;
     let [b2, h, w, c2] = dims4("bilinear_backward dx", dx)?;
     if b != b2 || c != c2 {
-        return Err(Error::Invalid(format!("bilinear_backward: dy {:?} vs dx {:?}", dy.shape, dx.shape)));
+        return Err(Error::Invalid(format!(
+            "bilinear_backward: dy {:?} vs dx {:?}",
+            dy.shape, dx.shape
+        )));
     }
     check_sizes("bilinear_backward", h, w, oh, ow)?;
     let n = dx.numel();
@@ -86,8 +108,15 @@ pub fn bilinear_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor) -> Result
 pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
     let reps = 7;
     let mut out = Vec::new();
-    let fill = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect() };
-    for (name, hin, hout) in [("bilinear 256²->1024² 1ch", 256, 1024), ("bilinear 1024²->256² 1ch", 1024, 256)] {
+    let fill = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect()
+    };
+    for (name, hin, hout) in [
+        ("bilinear 256²->1024² 1ch", 256, 1024),
+        ("bilinear 1024²->256² 1ch", 1024, 256),
+    ] {
         let x = gpu.upload(&fill(hin * hin), &[1, hin, hin, 1])?;
         let bytes = 4.0 * (hin * hin + hout * hout) as f64;
         let ms = time_op(gpu, reps, |rec| bilinear(rec, &x, hout, hout).map(|_| ()))?;
@@ -96,6 +125,11 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
     let dy = gpu.upload(&fill(1024 * 1024), &[1, 1024, 1024, 1])?;
     let dx = gpu.empty(&[1, 256, 256, 1])?;
     let ms = time_op(gpu, reps, |rec| bilinear_backward(rec, &dy, &dx))?;
-    out.push(bench_line("bilinear 256²->1024² 1ch backward", ms, None, Some(4.0 * (1024.0 * 1024.0 + 2.0 * 65536.0))));
+    out.push(bench_line(
+        "bilinear 256²->1024² 1ch backward",
+        ms,
+        None,
+        Some(4.0 * (1024.0 * 1024.0 + 2.0 * 65536.0)),
+    ));
     Ok(out)
 }

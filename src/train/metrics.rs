@@ -56,9 +56,16 @@ pub fn scores(pred: &[u8], gt: &[u8], width: usize, height: usize, with_hd95: bo
     let (iou, dice) = if union == 0 {
         (1.0, 1.0)
     } else {
-        (tp as f64 / union as f64, 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64)
+        (
+            tp as f64 / union as f64,
+            2.0 * tp as f64 / (2 * tp + fp + fn_) as f64,
+        )
     };
-    let hd95 = if with_hd95 { hd95(pred, gt, width, height) } else { None };
+    let hd95 = if with_hd95 {
+        hd95(pred, gt, width, height)
+    } else {
+        None
+    };
     Scores { iou, dice, hd95 }
 }
 
@@ -77,7 +84,14 @@ fn boundary(m: &[u8], width: usize, x0: usize, x1: usize, y0: usize, y1: usize) 
             }
             // neighbours outside the box are background (the box holds all the foreground), and
             // outside the image count as background too
-            let interior = x > x0 && x + 1 < x1 && y > y0 && y + 1 < y1 && fg(x - 1, y) && fg(x + 1, y) && fg(x, y - 1) && fg(x, y + 1);
+            let interior = x > x0
+                && x + 1 < x1
+                && y > y0
+                && y + 1 < y1
+                && fg(x - 1, y)
+                && fg(x + 1, y)
+                && fg(x, y - 1)
+                && fg(x, y + 1);
             out[(y - y0) * bw + (x - x0)] = !interior;
         }
     }
@@ -133,8 +147,16 @@ fn sq_edt_1d(f: &[f64], d: &mut [f64], v: &mut [usize], z: &mut [f64]) {
 /// pixel of `set` (separable: columns, then rows). Infinite everywhere if `set` is empty.
 fn sq_distance_to(set: &[bool], w: usize, h: usize) -> Vec<f64> {
     let n = w.max(h);
-    let (mut f, mut d, mut v, mut z) = (vec![0.0; n], vec![0.0; n], vec![0usize; n], vec![0.0; n + 1]);
-    let mut g: Vec<f64> = set.iter().map(|&b| if b { 0.0 } else { f64::INFINITY }).collect();
+    let (mut f, mut d, mut v, mut z) = (
+        vec![0.0; n],
+        vec![0.0; n],
+        vec![0usize; n],
+        vec![0.0; n + 1],
+    );
+    let mut g: Vec<f64> = set
+        .iter()
+        .map(|&b| if b { 0.0 } else { f64::INFINITY })
+        .collect();
     for x in 0..w {
         for y in 0..h {
             f[y] = g[y * w + x];
@@ -205,7 +227,12 @@ pub fn hd95(pred: &[u8], gt: &[u8], width: usize, height: usize) -> Option<f64> 
     let bg = boundary(gt, width, x0, x1, y0, y1);
     let directed = |from: &[bool], to: &[bool]| -> f64 {
         let d2 = sq_distance_to(to, bw, bh);
-        let mut d: Vec<f64> = from.iter().zip(&d2).filter(|(b, _)| **b).map(|(_, &v)| v.sqrt()).collect();
+        let mut d: Vec<f64> = from
+            .iter()
+            .zip(&d2)
+            .filter(|(b, _)| **b)
+            .map(|(_, &v)| v.sqrt())
+            .collect();
         quantile_linear(&mut d, 0.95)
     };
     Some(directed(&bp, &bg).max(directed(&bg, &bp)))
@@ -236,7 +263,9 @@ impl Summary {
         let s: Vec<&Scores> = scores.into_iter().collect();
         let n = s.len();
         let mean = |f: &dyn Fn(&Scores) -> f64| s.iter().map(|x| f(x)).sum::<f64>() / n as f64;
-        let std = |f: &dyn Fn(&Scores) -> f64, m: f64| (s.iter().map(|x| (f(x) - m).powi(2)).sum::<f64>() / n as f64).sqrt();
+        let std = |f: &dyn Fn(&Scores) -> f64, m: f64| {
+            (s.iter().map(|x| (f(x) - m).powi(2)).sum::<f64>() / n as f64).sqrt()
+        };
         let (mean_iou, mean_dice) = (mean(&|x| x.iou), mean(&|x| x.dice));
         let hd: Vec<f64> = s.iter().filter_map(|x| x.hd95).collect();
         Summary {
@@ -245,7 +274,11 @@ impl Summary {
             mean_dice,
             std_iou: std(&|x| x.iou, mean_iou),
             std_dice: std(&|x| x.dice, mean_dice),
-            mean_hd95: if hd.is_empty() { None } else { Some(hd.iter().sum::<f64>() / hd.len() as f64) },
+            mean_hd95: if hd.is_empty() {
+                None
+            } else {
+                Some(hd.iter().sum::<f64>() / hd.len() as f64)
+            },
             n_hd95: hd.len(),
         }
     }

@@ -18,7 +18,11 @@ pub fn full_fixtures() -> PathBuf {
     let p = std::env::var("MEDFASTSAM_FIXTURES")
         .expect("MEDFASTSAM_FIXTURES must name the folder with full.forward.safetensors");
     let p = PathBuf::from(p);
-    assert!(p.join("full.forward.safetensors").exists(), "{}: no full.forward.safetensors", p.display());
+    assert!(
+        p.join("full.forward.safetensors").exists(),
+        "{}: no full.forward.safetensors",
+        p.display()
+    );
     p
 }
 
@@ -31,7 +35,10 @@ pub struct Fixture {
 impl Fixture {
     pub fn open(path: PathBuf) -> Fixture {
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Fixture { bytes, name: path.display().to_string() }
+        Fixture {
+            bytes,
+            name: path.display().to_string(),
+        }
     }
     fn st(&self) -> safetensors::SafeTensors<'_> {
         safetensors::SafeTensors::deserialize(&self.bytes).unwrap()
@@ -40,19 +47,34 @@ impl Fixture {
         self.st().tensor(key).is_ok()
     }
     pub fn shape(&self, key: &str) -> Vec<usize> {
-        self.st().tensor(key).unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name)).shape().to_vec()
+        self.st()
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name))
+            .shape()
+            .to_vec()
     }
     /// Any numeric tensor as f32.
     pub fn f32(&self, key: &str) -> Vec<f32> {
         let st = self.st();
-        let t = st.tensor(key).unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name));
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name));
         let d = t.data();
         use safetensors::Dtype::*;
         match t.dtype() {
-            F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            F16 => d
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             U8 => d.iter().map(|&v| v as f32).collect(),
-            I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
             other => panic!("{key}: dtype {other:?}"),
         }
     }
@@ -82,7 +104,9 @@ pub fn nchw_to_nhwc(x: &[f32], shape: &[usize]) -> Vec<f32> {
 
 /// u8 RGB [B,H,W,3] -> packed u32 pixels [B,H,W].
 pub fn pack_rgb(x: &[u8]) -> Vec<u32> {
-    x.chunks_exact(3).map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16).collect()
+    x.chunks_exact(3)
+        .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
+        .collect()
 }
 
 /// `max |got - want| / max |want|`.
@@ -90,7 +114,11 @@ pub fn rel(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f64, |m, &v| m.max(v.abs() as f64));
     let e = got.iter().zip(want).fold(0f64, |m, (&g, &w)| {
-        if !g.is_finite() { f64::INFINITY } else { m.max((g as f64 - w as f64).abs()) }
+        if !g.is_finite() {
+            f64::INFINITY
+        } else {
+            m.max((g as f64 - w as f64).abs())
+        }
     });
     if scale > 0.0 { e / scale } else { e }
 }

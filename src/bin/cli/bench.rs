@@ -59,37 +59,66 @@ pub struct TrainBench {
 /// Prints the `top` most expensive entries of a dispatch profile (MEDFASTSAM_PROFILE_TOP
 /// overrides `top`; MEDFASTSAM_PROFILE_DETAIL=1 makes the recorder key entries by kernel variant
 /// and grid), with the GFLOP/s of the entries that declared FLOPs.
-fn print_profile(title: &str, prof: std::collections::BTreeMap<String, medfastsam::gpu::ProfileEntry>, total: f64, top: usize) {
-    let top = std::env::var("MEDFASTSAM_PROFILE_TOP").ok().and_then(|v| v.parse().ok()).unwrap_or(top);
+fn print_profile(
+    title: &str,
+    prof: std::collections::BTreeMap<String, medfastsam::gpu::ProfileEntry>,
+    total: f64,
+    top: usize,
+) {
+    let top = std::env::var("MEDFASTSAM_PROFILE_TOP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(top);
     let mut v: Vec<_> = prof.into_iter().collect();
     v.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
     eprintln!("{title} (each dispatch waited for; {total:.0} ms in all):");
     for (k, e) in v.iter().take(top) {
-        let rate = if e.flops > 0.0 { format!(" {:>6.1} GFLOP/s", e.flops / e.ms / 1e6) } else { String::new() };
-        eprintln!("  {k:<28} {:>4} calls {:>9.1} ms {:>5.1}%{rate}", e.calls, e.ms, 100.0 * e.ms / total);
+        let rate = if e.flops > 0.0 {
+            format!(" {:>6.1} GFLOP/s", e.flops / e.ms / 1e6)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "  {k:<28} {:>4} calls {:>9.1} ms {:>5.1}%{rate}",
+            e.calls,
+            e.ms,
+            100.0 * e.ms / total
+        );
     }
 }
 
-pub fn bench_train(gpu: &Gpu, preset: &str, size: usize, batch: usize, reps: usize, profile: bool) -> anyhow::Result<TrainBench> {
+pub fn bench_train(
+    gpu: &Gpu,
+    preset: &str,
+    size: usize,
+    batch: usize,
+    reps: usize,
+    profile: bool,
+) -> anyhow::Result<TrainBench> {
     use medfastsam::train::trainer::{Example, TrainOptions, Trainer};
     let cfg = Config::preset(preset)?.with_image_size(size)?;
     gpu.trim_pool();
     gpu.reset_peak();
     let w = Weights::init(&cfg, 1);
-    let opts = TrainOptions { batch, ..TrainOptions::default() };
+    let opts = TrainOptions {
+        batch,
+        ..TrainOptions::default()
+    };
     let mut t = Trainer::new(gpu, &w, &cfg, Variant::Paper, opts)?;
     let mut rng = medfastsam::rng::Rng::new(3);
-    let micro = vec![(0..batch)
-        .map(|i| Example {
-            id: format!("{i}"),
-            image: medfastsam::io::RgbImage {
-                width: size,
-                height: size,
-                data: (0..size * size * 3).map(|_| rng.below(256) as u8).collect(),
-            },
-            mask: (0..size * size).map(|_| rng.below(2) as u8).collect(),
-        })
-        .collect::<Vec<_>>()];
+    let micro = vec![
+        (0..batch)
+            .map(|i| Example {
+                id: format!("{i}"),
+                image: medfastsam::io::RgbImage {
+                    width: size,
+                    height: size,
+                    data: (0..size * size * 3).map(|_| rng.below(256) as u8).collect(),
+                },
+                mask: (0..size * size).map(|_| rng.below(2) as u8).collect(),
+            })
+            .collect::<Vec<_>>(),
+    ];
     let t0 = Instant::now();
     t.step(&micro)?;
     let first = t0.elapsed().as_secs_f64() * 1e3;
@@ -103,10 +132,13 @@ pub fn bench_train(gpu: &Gpu, preset: &str, size: usize, batch: usize, reps: usi
     let step = v[v.len() / 2];
     let peak = gpu.pool_stats().peak_allocated;
     if profile {
-        use medfastsam::ops::loss::{seg_loss, LossConfig};
+        use medfastsam::ops::loss::{LossConfig, seg_loss};
         let s = size;
         let px: Vec<u32> = micro[0].iter().flat_map(|e| e.image.packed()).collect();
-        let tg: Vec<f32> = micro[0].iter().flat_map(|e| e.mask.iter().map(|&v| v as f32)).collect();
+        let tg: Vec<f32> = micro[0]
+            .iter()
+            .flat_map(|e| e.mask.iter().map(|&v| v as f32))
+            .collect();
         let px = gpu.upload_u32(&px, &[batch, s, s])?;
         let tg = gpu.upload(&tg, &[batch, s, s, 1])?;
         let mut rec = gpu.new_recorder();
@@ -119,7 +151,12 @@ pub fn bench_train(gpu: &Gpu, preset: &str, size: usize, batch: usize, reps: usi
         let prof = rec.profile.take().unwrap();
         rec.submit()?;
         let total = tp.elapsed().as_secs_f64() * 1e3;
-        print_profile(&format!("training-step profile {preset} {s}² batch {batch}"), prof, total, 25);
+        print_profile(
+            &format!("training-step profile {preset} {s}² batch {batch}"),
+            prof,
+            total,
+            25,
+        );
     }
     // The eval-mode forward of the same images, for the step/forward ratio (one image per
     // forward, as inference runs, so that it fits the device at every size).
@@ -176,7 +213,11 @@ pub struct Report {
 }
 
 /// One forward of a batch of one image, waited for.
-fn run_once(gpu: &Gpu, model: &MedFastSam, px: &medfastsam::gpu::Tensor) -> anyhow::Result<(f64, usize, f64)> {
+fn run_once(
+    gpu: &Gpu,
+    model: &MedFastSam,
+    px: &medfastsam::gpu::Tensor,
+) -> anyhow::Result<(f64, usize, f64)> {
     let t = Instant::now();
     let mut rec = gpu.new_recorder();
     let out = model.forward(&mut rec, px, false)?;
@@ -187,14 +228,22 @@ fn run_once(gpu: &Gpu, model: &MedFastSam, px: &medfastsam::gpu::Tensor) -> anyh
     Ok((t.elapsed().as_secs_f64() * 1e3, d, f))
 }
 
-pub fn bench_model(gpu: &Gpu, cfg: &Config, variant: Variant, reps: usize, profile: bool) -> anyhow::Result<ModelBench> {
+pub fn bench_model(
+    gpu: &Gpu,
+    cfg: &Config,
+    variant: Variant,
+    reps: usize,
+    profile: bool,
+) -> anyhow::Result<ModelBench> {
     let weights = Weights::init(cfg, 1);
     gpu.trim_pool();
     gpu.reset_peak();
     let model = MedFastSam::new(gpu, &weights, cfg, variant)?;
     let s = cfg.image_size;
     let mut rng = medfastsam::rng::Rng::new(7);
-    let px: Vec<u32> = (0..s * s).map(|_| rng.next_u64() as u32 & 0xFF_FFFF).collect();
+    let px: Vec<u32> = (0..s * s)
+        .map(|_| rng.next_u64() as u32 & 0xFF_FFFF)
+        .collect();
     let px = gpu.upload_u32(&px, &[1, s, s])?;
     let (first, dispatches, flops) = run_once(gpu, &model, &px)?;
     let mut times = Vec::new();
@@ -246,7 +295,12 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
     let gpu = gpu.open()?;
     let base = Config::preset(&a.preset)?;
     let variant = Variant::parse(&a.variant)?;
-    let mut report = Report { adapter: gpu.summary().to_string(), models: Vec::new(), train: Vec::new(), kernels: Vec::new() };
+    let mut report = Report {
+        adapter: gpu.summary().to_string(),
+        models: Vec::new(),
+        train: Vec::new(),
+        kernels: Vec::new(),
+    };
     for &s in &a.sizes {
         let cfg = base.with_image_size(s)?;
         let m = bench_model(&gpu, &cfg, variant, a.reps, a.profile)?;
@@ -305,7 +359,10 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
                         r.compile_ms,
                         r.peak_gpu_bytes as f64 / 1048576.0
                     ),
-                    Some(e) => println!("train step {} {}² batch {}: not run: {e}", r.preset, r.size, r.batch),
+                    Some(e) => println!(
+                        "train step {} {}² batch {}: not run: {e}",
+                        r.preset, r.size, r.batch
+                    ),
                 }
             }
             report.train.push(r);

@@ -4,10 +4,10 @@
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
 use medfastsam::io;
-use medfastsam::model::weights::HostTensor;
-use medfastsam::ops::loss::{seg_loss, LossConfig};
-use medfastsam::train::datasets::binarize;
 use medfastsam::model::MedFastSam;
+use medfastsam::model::weights::HostTensor;
+use medfastsam::ops::loss::{LossConfig, seg_loss};
+use medfastsam::train::datasets::binarize;
 use medfastsam::train::params::{ParamStore, TrainMode};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,7 +32,11 @@ pub struct GradientsArgs {
 
 pub fn run(gpu: &GpuArgs, a: &GradientsArgs) -> anyhow::Result<i32> {
     if a.images.len() != a.masks.len() {
-        anyhow::bail!("{} images but {} masks: give one mask per image", a.images.len(), a.masks.len());
+        anyhow::bail!(
+            "{} images but {} masks: give one mask per image",
+            a.images.len(),
+            a.masks.len()
+        );
     }
     let (weights, cfg, variant) = a.model.load()?;
     let s = cfg.image_size;
@@ -52,7 +56,11 @@ pub fn run(gpu: &GpuArgs, a: &GradientsArgs) -> anyhow::Result<i32> {
                 img.height
             );
         }
-        let bin = io::GrayImage { width: m.width, height: m.height, data: binarize(&m) };
+        let bin = io::GrayImage {
+            width: m.width,
+            height: m.height,
+            data: binarize(&m),
+        };
         px.extend(img.resize(s, s).packed());
         tg.extend(bin.resize_nearest(s, s).data.iter().map(|&v| v as f32));
     }
@@ -75,8 +83,15 @@ pub fn run(gpu: &GpuArgs, a: &GradientsArgs) -> anyhow::Result<i32> {
     tensors.insert("loss".into(), HostTensor::new(&[1], vec![l[0]]));
     tensors.insert("loss.focal".into(), HostTensor::new(&[1], vec![l[1]]));
     tensors.insert("loss.dice".into(), HostTensor::new(&[1], vec![l[2]]));
-    tensors.insert("logits".into(), HostTensor::new(&[n, 1, s, s], gpu.read(&out.logits)?));
-    let w = medfastsam::model::Weights { tensors, source: a.out.display().to_string(), ..Default::default() };
+    tensors.insert(
+        "logits".into(),
+        HostTensor::new(&[n, 1, s, s], gpu.read(&out.logits)?),
+    );
+    let w = medfastsam::model::Weights {
+        tensors,
+        source: a.out.display().to_string(),
+        ..Default::default()
+    };
     w.save(&a.out, &cfg, variant, false)?;
     println!(
         "loss {:.6} (focal {:.6}, dice {:.6}) on {n} image(s) at {s}x{s}, {} gradients ({} mode) -> {} in {:.1} s",

@@ -15,7 +15,11 @@ use medfastsam::model::{Config, Variant, Weights};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "medfastsam", version, about = "Prompt-free medical image segmentation (Med-FastSAM) on any GPU through wgpu")]
+#[command(
+    name = "medfastsam",
+    version,
+    about = "Prompt-free medical image segmentation (Med-FastSAM) on any GPU through wgpu"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub gpu: GpuArgs,

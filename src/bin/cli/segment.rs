@@ -41,7 +41,11 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                 .collect();
             v.sort();
             if v.is_empty() {
-                anyhow::bail!("{}: folder holds no images ({})", p.display(), io::SUPPORTED);
+                anyhow::bail!(
+                    "{}: folder holds no images ({})",
+                    p.display(),
+                    io::SUPPORTED
+                );
             }
             out.extend(v);
         } else if p.exists() {
@@ -54,7 +58,9 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 fn stem(p: &Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
 }
 
 /// Output base names (`<base>_mask.png`, `<base>_overlay.png`), one per input, unique and
@@ -70,13 +76,23 @@ pub fn output_names(files: &[PathBuf]) -> Vec<String> {
     for f in files {
         *count.entry(key(&stem(f))).or_default() += 1;
     }
-    let abs: Vec<PathBuf> = files.iter().map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone())).collect();
-    let parents: Vec<&Path> = abs.iter().map(|p| p.parent().unwrap_or(Path::new(""))).collect();
+    let abs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let parents: Vec<&Path> = abs
+        .iter()
+        .map(|p| p.parent().unwrap_or(Path::new("")))
+        .collect();
     let common: PathBuf = match parents.split_first() {
         Some((first, rest)) => {
             let mut c: Vec<_> = first.components().collect();
             for p in rest {
-                let n = c.iter().zip(p.components()).take_while(|(a, b)| **a == *b).count();
+                let n = c
+                    .iter()
+                    .zip(p.components())
+                    .take_while(|(a, b)| **a == *b)
+                    .count();
                 c.truncate(n);
             }
             c.iter().collect()
@@ -116,9 +132,11 @@ pub fn output_names(files: &[PathBuf]) -> Vec<String> {
 /// Checks that `dir` accepts new files (a probe file is created and removed), so an unwritable
 /// output folder is found before the first forward, not after it.
 fn check_writable(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create the output folder: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create the output folder: {e}", dir.display()))?;
     let probe = dir.join(format!(".medfastsam-write-test.{}.tmp", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| anyhow::anyhow!("{}: output folder is not writable: {e}", dir.display()))?;
+    std::fs::write(&probe, b"")
+        .map_err(|e| anyhow::anyhow!("{}: output folder is not writable: {e}", dir.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
@@ -129,8 +147,14 @@ fn check_writable(dir: &Path) -> anyhow::Result<()> {
 /// before it, so a mask is never left without its overlay.
 fn write_all_atomic(files: &[(&Path, &[u8])]) -> anyhow::Result<()> {
     let tmp_of = |p: &Path| {
-        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         dir.join(format!(".{name}.{}.tmp", std::process::id()))
     };
     let tmps: Vec<PathBuf> = files.iter().map(|(p, _)| tmp_of(p)).collect();
@@ -177,7 +201,11 @@ fn is_device_lost(e: &anyhow::Error) -> bool {
 pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     let files = collect_inputs(&a.inputs)?;
     let names = output_names(&files);
-    let renamed: Vec<(&PathBuf, &String)> = files.iter().zip(&names).filter(|(f, n)| stem(f) != **n).collect();
+    let renamed: Vec<(&PathBuf, &String)> = files
+        .iter()
+        .zip(&names)
+        .filter(|(f, n)| stem(f) != **n)
+        .collect();
     let (weights, cfg, variant) = a.model.load()?;
     // The output folder must accept files before the first forward (and Segmenter::new checks
     // that the model at this size fits the memory there is before anything is resized).
@@ -195,20 +223,26 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         t0.elapsed().as_secs_f64() * 1e3
     );
     if !renamed.is_empty() {
-        eprintln!("note: {} inputs share a file name stem; their outputs are named by path:", renamed.len());
+        eprintln!(
+            "note: {} inputs share a file name stem; their outputs are named by path:",
+            renamed.len()
+        );
         for (f, n) in &renamed {
             eprintln!("  {} -> {n}_mask.png, {n}_overlay.png", f.display());
         }
     }
     // Test-only fault injection: destroy the device after this many images (simulates a driver
     // reset or a device lost to out-of-memory).
-    let lose_after: Option<usize> =
-        std::env::var("MEDFASTSAM_TEST_LOSE_DEVICE_AFTER").ok().and_then(|v| v.parse().ok());
+    let lose_after: Option<usize> = std::env::var("MEDFASTSAM_TEST_LOSE_DEVICE_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let bar = if files.len() > 1 {
         let b = indicatif::ProgressBar::new(files.len() as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-                .expect("static template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("static template"),
         );
         Some(b)
     } else {
@@ -224,14 +258,17 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         let t = Instant::now();
         let res = (|| -> anyhow::Result<String> {
             let img = io::load_rgb(f)?;
-            let r = seg.segment(&img).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            let r = seg
+                .segment(&img)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let mask_path = a.out.join(format!("{base}_mask.png"));
             let over_path = a.out.join(format!("{base}_overlay.png"));
             let mask_png = io::encode_png_gray(&r.mask)?;
             let over_png = io::encode_png_rgb(&io::overlay(&img, &r.mask, a.opacity))?;
             write_all_atomic(&[(&mask_path, &mask_png), (&over_path, &over_png)])?;
-            let fg = r.mask.data.iter().filter(|&&v| v > 0).count() as f64 / r.mask.data.len() as f64;
+            let fg =
+                r.mask.data.iter().filter(|&&v| v > 0).count() as f64 / r.mask.data.len() as f64;
             Ok(format!(
                 "{}: {}x{} -> {} ({:.1}% foreground, Otsu t={:.4}) in {:.0} ms",
                 f.display(),
@@ -254,7 +291,11 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
                 say(format!("error: {e:#}"));
                 if lost {
                     let left = files.len() - k - 1;
-                    let rest = if left > 0 { format!(", {left} not attempted (run again on those)") } else { String::new() };
+                    let rest = if left > 0 {
+                        format!(", {left} not attempted (run again on those)")
+                    } else {
+                        String::new()
+                    };
                     say(format!(
                         "error: the GPU device was lost while segmenting {}; stopping with {done} images written{rest}",
                         f.display()
@@ -272,6 +313,9 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         b.finish_and_clear();
     }
     let n = files.len();
-    eprintln!("{done} of {n} images segmented in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "{done} of {n} images segmented in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(if failures > 0 { 1 } else { 0 })
 }

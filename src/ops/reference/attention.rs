@@ -23,7 +23,8 @@ pub fn window_partition(x: &[f64], b: usize, h: usize, w: usize, c: usize, ws: u
                             continue;
                         }
                         for ch in 0..c {
-                            out[(win * n + tr * ws + tc) * c + ch] = x[((bi * h + r) * w + col) * c + ch];
+                            out[(win * n + tr * ws + tc) * c + ch] =
+                                x[((bi * h + r) * w + col) * c + ch];
                         }
                     }
                 }
@@ -34,7 +35,15 @@ pub fn window_partition(x: &[f64], b: usize, h: usize, w: usize, c: usize, ws: u
 }
 
 /// res [B,H,W,C] + crop(reverse(y)).
-pub fn window_reverse_add(y: &[f64], res: &[f64], b: usize, h: usize, w: usize, c: usize, ws: usize) -> Vec<f64> {
+pub fn window_reverse_add(
+    y: &[f64],
+    res: &[f64],
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    ws: usize,
+) -> Vec<f64> {
     let mut out = res.to_vec();
     let (nwh, nww) = n_windows(h, w, ws);
     let n = ws * ws;
@@ -53,7 +62,14 @@ pub fn window_reverse_add(y: &[f64], res: &[f64], b: usize, h: usize, w: usize, 
 }
 
 /// Gradient of `window_partition` w.r.t. x: reverse + crop of the window gradients.
-pub fn window_partition_backward(dwin: &[f64], b: usize, h: usize, w: usize, c: usize, ws: usize) -> Vec<f64> {
+pub fn window_partition_backward(
+    dwin: &[f64],
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    ws: usize,
+) -> Vec<f64> {
     window_reverse_add(dwin, &vec![0.0; b * h * w * c], b, h, w, c, ws)
 }
 
@@ -128,7 +144,9 @@ fn head_backward(hd: &Head, dout: &[Vec<f64>]) -> HeadGrad {
     let mut ds = vec![vec![0.0; lk]; lq];
     for i in 0..lq {
         // dP_ij = dout_i . v_j ; softmax backward: dS_ij = P_ij (dP_ij - sum_l P_il dP_il)
-        let dp: Vec<f64> = (0..lk).map(|j| (0..d).map(|e| dout[i][e] * hd.v[j][e]).sum()).collect();
+        let dp: Vec<f64> = (0..lk)
+            .map(|j| (0..d).map(|e| dout[i][e] * hd.v[j][e]).sum())
+            .collect();
         let rs: f64 = (0..lk).map(|j| f.p[i][j] * dp[j]).sum();
         for j in 0..lk {
             ds[i][j] = f.p[i][j] * (dp[j] - rs);
@@ -150,24 +168,44 @@ fn rel_index(i: usize, j: usize, ws: usize) -> usize {
 }
 
 /// Extracts head `h` of window `z` from the interleaved qkv [NW, n, 3C].
-fn window_head(qkv: &[f64], bias: &[f64], z: usize, h: usize, ws: usize, c: usize, heads: usize) -> Head {
+fn window_head(
+    qkv: &[f64],
+    bias: &[f64],
+    z: usize,
+    h: usize,
+    ws: usize,
+    c: usize,
+    heads: usize,
+) -> Head {
     let n = ws * ws;
     let d = c / heads;
     let row = |i: usize, part: usize| -> Vec<f64> {
-        (0..d).map(|e| qkv[(z * n + i) * 3 * c + h * 3 * d + part * d + e]).collect()
+        (0..d)
+            .map(|e| qkv[(z * n + i) * 3 * c + h * 3 * d + part * d + e])
+            .collect()
     };
     Head {
         q: (0..n).map(|i| row(i, 0)).collect(),
         k: (0..n).map(|i| row(i, 1)).collect(),
         v: (0..n).map(|i| row(i, 2)).collect(),
-        bias: Some((0..n).map(|i| (0..n).map(|j| bias[h * n + rel_index(i, j, ws)]).collect()).collect()),
+        bias: Some(
+            (0..n)
+                .map(|i| (0..n).map(|j| bias[h * n + rel_index(i, j, ws)]).collect())
+                .collect(),
+        ),
         scale: 1.0 / (d as f64).sqrt(),
     }
 }
 
 /// TinyViT windowed attention: qkv [NW, n, 3C] (per head interleaved q|k|v), bias [heads, n].
 /// Returns out [NW, n, C] and lse [NW, heads, n].
-pub fn window_attention(qkv: &[f64], bias: &[f64], ws: usize, c: usize, heads: usize) -> (Vec<f64>, Vec<f64>) {
+pub fn window_attention(
+    qkv: &[f64],
+    bias: &[f64],
+    ws: usize,
+    c: usize,
+    heads: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let n = ws * ws;
     let nw = qkv.len() / (n * 3 * c);
     let d = c / heads;
@@ -204,8 +242,9 @@ pub fn window_attention_backward(
     for z in 0..nw {
         for h in 0..heads {
             let hd = window_head(qkv, bias, z, h, ws, c, heads);
-            let dor: Vec<Vec<f64>> =
-                (0..n).map(|i| (0..d).map(|e| dout[(z * n + i) * c + h * d + e]).collect()).collect();
+            let dor: Vec<Vec<f64>> = (0..n)
+                .map(|i| (0..d).map(|e| dout[(z * n + i) * c + h * d + e]).collect())
+                .collect();
             let g = head_backward(&hd, &dor);
             for i in 0..n {
                 for e in 0..d {
@@ -224,12 +263,30 @@ pub fn window_attention_backward(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn mha_head(q: &[f64], k: &[f64], v: &[f64], bz: usize, h: usize, lq: usize, lk: usize, e: usize, heads: usize) -> Head {
+fn mha_head(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    bz: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    e: usize,
+    heads: usize,
+) -> Head {
     let c = e / heads;
     let rows = |t: &[f64], len: usize| -> Vec<Vec<f64>> {
-        (0..len).map(|i| (0..c).map(|x| t[(bz * len + i) * e + h * c + x]).collect()).collect()
+        (0..len)
+            .map(|i| (0..c).map(|x| t[(bz * len + i) * e + h * c + x]).collect())
+            .collect()
     };
-    Head { q: rows(q, lq), k: rows(k, lk), v: rows(v, lk), bias: None, scale: 1.0 / (c as f64).sqrt() }
+    Head {
+        q: rows(q, lq),
+        k: rows(k, lk),
+        v: rows(v, lk),
+        bias: None,
+        scale: 1.0 / (c as f64).sqrt(),
+    }
 }
 
 /// SAM attention core: q [B,Lq,E], k/v [B,Lk,E], contiguous heads. Returns out [B,Lq,E] and
@@ -280,8 +337,13 @@ pub fn mha_backward(
     for bz in 0..b {
         for h in 0..heads {
             let hd = mha_head(q, k, v, bz, h, lq, lk, e, heads);
-            let dor: Vec<Vec<f64>> =
-                (0..lq).map(|i| (0..c).map(|x| dout[(bz * lq + i) * e + h * c + x]).collect()).collect();
+            let dor: Vec<Vec<f64>> = (0..lq)
+                .map(|i| {
+                    (0..c)
+                        .map(|x| dout[(bz * lq + i) * e + h * c + x])
+                        .collect()
+                })
+                .collect();
             let g = head_backward(&hd, &dor);
             for x in 0..c {
                 for i in 0..lq {

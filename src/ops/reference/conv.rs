@@ -48,7 +48,9 @@ pub fn conv2d(s: &ConvShape, x: &[f64], w: &[f64], bias: Option<&[f64]>, act: Ac
                     let mut acc = bias.map_or(0.0, |bv| bv[o]);
                     for ky in 0..k {
                         for kx in 0..k {
-                            let Some((iy, ix)) = s.input_at(oy, ox, ky, kx) else { continue };
+                            let Some((iy, ix)) = s.input_at(oy, ox, ky, kx) else {
+                                continue;
+                            };
                             for i in 0..s.ci {
                                 acc += x[((b * s.h + iy) * s.w + ix) * s.ci + i]
                                     * w[((o * s.ci + i) * k + ky) * k + kx];
@@ -64,7 +66,12 @@ pub fn conv2d(s: &ConvShape, x: &[f64], w: &[f64], bias: Option<&[f64]>, act: Ac
 }
 
 /// Gradients of [`conv2d`] without activation, given `dy` = dL/dy: `(dx, dw, dbias)`.
-pub fn conv2d_backward(s: &ConvShape, x: &[f64], w: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn conv2d_backward(
+    s: &ConvShape,
+    x: &[f64],
+    w: &[f64],
+    dy: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (oh, ow, k) = (s.oh(), s.ow(), s.k);
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; w.len()];
@@ -77,7 +84,9 @@ pub fn conv2d_backward(s: &ConvShape, x: &[f64], w: &[f64], dy: &[f64]) -> (Vec<
                     db[o] += g;
                     for ky in 0..k {
                         for kx in 0..k {
-                            let Some((iy, ix)) = s.input_at(oy, ox, ky, kx) else { continue };
+                            let Some((iy, ix)) = s.input_at(oy, ox, ky, kx) else {
+                                continue;
+                            };
                             for i in 0..s.ci {
                                 let xi = ((b * s.h + iy) * s.w + ix) * s.ci + i;
                                 let wi = ((o * s.ci + i) * k + ky) * k + kx;
@@ -94,7 +103,13 @@ pub fn conv2d_backward(s: &ConvShape, x: &[f64], w: &[f64], dy: &[f64]) -> (Vec<
 }
 
 /// Depthwise convolution (`co == ci`, groups = channels), `w [C, 1, k, k]`.
-pub fn depthwise_conv2d(s: &ConvShape, x: &[f64], w: &[f64], bias: Option<&[f64]>, act: Act) -> Vec<f64> {
+pub fn depthwise_conv2d(
+    s: &ConvShape,
+    x: &[f64],
+    w: &[f64],
+    bias: Option<&[f64]>,
+    act: Act,
+) -> Vec<f64> {
     let (oh, ow, k, c) = (s.oh(), s.ow(), s.k, s.ci);
     let mut y = vec![0.0; s.b * oh * ow * c];
     for b in 0..s.b {
@@ -105,7 +120,8 @@ pub fn depthwise_conv2d(s: &ConvShape, x: &[f64], w: &[f64], bias: Option<&[f64]
                     for ky in 0..k {
                         for kx in 0..k {
                             if let Some((iy, ix)) = s.input_at(oy, ox, ky, kx) {
-                                acc += x[((b * s.h + iy) * s.w + ix) * c + ch] * w[(ch * k + ky) * k + kx];
+                                acc += x[((b * s.h + iy) * s.w + ix) * c + ch]
+                                    * w[(ch * k + ky) * k + kx];
                             }
                         }
                     }
@@ -174,7 +190,8 @@ pub fn conv_transpose2x2(
                 for o in 0..co {
                     let mut acc = bias.map_or(0.0, |bv| bv[o]);
                     for q in 0..ci {
-                        acc += x[((bb * h + i) * w + j) * ci + q] * wt[((q * co + o) * 2 + a) * 2 + c];
+                        acc +=
+                            x[((bb * h + i) * w + j) * ci + q] * wt[((q * co + o) * 2 + a) * 2 + c];
                     }
                     y[((bb * oh + yy) * ow + xx) * co + o] = super::act(acc, act);
                 }

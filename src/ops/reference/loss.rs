@@ -12,7 +12,12 @@ pub struct LossParams {
 
 impl Default for LossParams {
     fn default() -> Self {
-        LossParams { lambda: 0.8, alpha: 0.25, gamma: 2.0, smooth: 1.0 }
+        LossParams {
+            lambda: 0.8,
+            alpha: 0.25,
+            gamma: 2.0,
+            smooth: 1.0,
+        }
     }
 }
 
@@ -58,7 +63,11 @@ pub fn seg_loss_grad(logits: &[f64], target: &[f64], nimg: usize, prm: &LossPara
     for b in 0..nimg {
         let r = b * hw..(b + 1) * hw;
         let inter: f64 = r.clone().map(|i| sigmoid(logits[i]) * target[i]).sum();
-        let u: f64 = r.clone().map(|i| sigmoid(logits[i]) + target[i]).sum::<f64>() + prm.smooth;
+        let u: f64 = r
+            .clone()
+            .map(|i| sigmoid(logits[i]) + target[i])
+            .sum::<f64>()
+            + prm.smooth;
         for i in r {
             let (l, t) = (logits[i], target[i]);
             let p = sigmoid(l);
@@ -68,7 +77,11 @@ pub fn seg_loss_grad(logits: &[f64], target: &[f64], nimg: usize, prm: &LossPara
             let m = 1.0 - (p * t + (1.0 - p) * (1.0 - t)); // 1 - p_t
             let dm = -(2.0 * t - 1.0) * dp;
             let a_t = prm.alpha * t + (1.0 - prm.alpha) * (1.0 - t);
-            let dmod = if prm.gamma == 0.0 { 0.0 } else { prm.gamma * m.powf(prm.gamma - 1.0) * dm };
+            let dmod = if prm.gamma == 0.0 {
+                0.0
+            } else {
+                prm.gamma * m.powf(prm.gamma - 1.0) * dm
+            };
             let dfocal = a_t * (dbce * m.powf(prm.gamma) + bce * dmod);
             // dice_b = 1 - (2 I + s) / U
             let ddice = -(2.0 * t * u - (2.0 * inter + prm.smooth)) / (u * u) * dp;

@@ -48,8 +48,16 @@ pub fn gemm(
             for j in 0..g.n {
                 let mut s = 0.0;
                 for l in 0..g.k {
-                    let av = if g.trans_a { a[ao + l * g.m + i] } else { a[ao + i * g.k + l] };
-                    let bv = if g.trans_b { b[bo + j * g.k + l] } else { b[bo + l * g.n + j] };
+                    let av = if g.trans_a {
+                        a[ao + l * g.m + i]
+                    } else {
+                        a[ao + i * g.k + l]
+                    };
+                    let bv = if g.trans_b {
+                        b[bo + j * g.k + l]
+                    } else {
+                        b[bo + l * g.n + j]
+                    };
                     s += av * bv;
                 }
                 let mut v = s * g.alpha as f64;

@@ -113,7 +113,10 @@ pub fn batch_norm_train(
     let mut var = vec![0.0; c];
     for k in 0..c {
         mean[k] = (0..rows).map(|r| x[r * c + k]).sum::<f64>() / n;
-        var[k] = (0..rows).map(|r| (x[r * c + k] - mean[k]).powi(2)).sum::<f64>() / n;
+        var[k] = (0..rows)
+            .map(|r| (x[r * c + k] - mean[k]).powi(2))
+            .sum::<f64>()
+            / n;
     }
     let mut y = vec![0.0; x.len()];
     let mut pre = vec![0.0; x.len()];
@@ -123,7 +126,9 @@ pub fn batch_norm_train(
         pre[i] = z;
         y[i] = act(z, a);
     }
-    let rm = (0..c).map(|k| (1.0 - momentum) * running_mean[k] + momentum * mean[k]).collect();
+    let rm = (0..c)
+        .map(|k| (1.0 - momentum) * running_mean[k] + momentum * mean[k])
+        .collect();
     let rv = (0..c)
         .map(|k| (1.0 - momentum) * running_var[k] + momentum * var[k] * n / (n - 1.0))
         .collect();
@@ -145,7 +150,10 @@ pub fn batch_norm_eval(
     (0..x.len())
         .map(|i| {
             let k = i % c;
-            act((x[i] - running_mean[k]) / (running_var[k] + eps).sqrt() * w[k] + b[k], a)
+            act(
+                (x[i] - running_mean[k]) / (running_var[k] + eps).sqrt() * w[k] + b[k],
+                a,
+            )
         })
         .collect()
 }
@@ -168,13 +176,16 @@ pub fn batch_norm_backward(
     let rows = x.len() / c;
     let n = rows as f64;
     let (mean, var) = if train {
-        let (_, _, m, v, _, _) = batch_norm_train(x, w, b, running_mean, running_var, c, 0.0, eps, a);
+        let (_, _, m, v, _, _) =
+            batch_norm_train(x, w, b, running_mean, running_var, c, 0.0, eps, a);
         (m, v)
     } else {
         (running_mean.to_vec(), running_var.to_vec())
     };
     let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let xhat: Vec<f64> = (0..x.len()).map(|i| (x[i] - mean[i % c]) * rstd[i % c]).collect();
+    let xhat: Vec<f64> = (0..x.len())
+        .map(|i| (x[i] - mean[i % c]) * rstd[i % c])
+        .collect();
     let dz: Vec<f64> = (0..x.len())
         .map(|i| dy[i] * act_grad(xhat[i] * w[i % c] + b[i % c], a))
         .collect();

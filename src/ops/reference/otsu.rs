@@ -15,7 +15,9 @@ pub fn grey(p: u32, rule: OtsuRule) -> f64 {
     match rule {
         OtsuRule::Paper => (2989.0 * r + 5870.0 * g + 1140.0 * b) / 2_550_000.0,
         OtsuRule::Released => {
-            0.2989 * ((r - 123.675) / 58.395) + 0.5870 * ((g - 116.28) / 57.12) + 0.1140 * ((b - 103.53) / 57.375)
+            0.2989 * ((r - 123.675) / 58.395)
+                + 0.5870 * ((g - 116.28) / 57.12)
+                + 0.1140 * ((b - 103.53) / 57.375)
         }
     }
 }
@@ -64,14 +66,23 @@ pub fn otsu_index(hist: &[f64]) -> usize {
 }
 
 /// Per image of `px` ([b, h, w] packed pixels): (t* per image, threshold t*/255, mask [b, h, w]).
-pub fn otsu(px: &[u32], b: usize, h: usize, w: usize, rule: OtsuRule) -> (Vec<usize>, Vec<f64>, Vec<f64>) {
+pub fn otsu(
+    px: &[u32],
+    b: usize,
+    h: usize,
+    w: usize,
+    rule: OtsuRule,
+) -> (Vec<usize>, Vec<f64>, Vec<f64>) {
     let n = h * w;
     assert_eq!(px.len(), b * n);
     let mut ts = Vec::with_capacity(b);
     let mut thr = Vec::with_capacity(b);
     let mut mask = Vec::with_capacity(b * n);
     for i in 0..b {
-        let g: Vec<f64> = px[i * n..(i + 1) * n].iter().map(|&p| grey(p, rule)).collect();
+        let g: Vec<f64> = px[i * n..(i + 1) * n]
+            .iter()
+            .map(|&p| grey(p, rule))
+            .collect();
         let t = otsu_index(&histogram(&g));
         let tau = t as f64 / 255.0;
         ts.push(t);

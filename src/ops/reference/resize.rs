@@ -15,7 +15,15 @@ pub fn taps(d: usize, n: usize, o: usize) -> [(usize, f64); 2] {
 
 /// `x [B, H, W, C]` -> `[B, OH, OW, C]`.
 #[allow(clippy::too_many_arguments)]
-pub fn bilinear(b: usize, h: usize, w: usize, c: usize, x: &[f64], oh: usize, ow: usize) -> Vec<f64> {
+pub fn bilinear(
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    x: &[f64],
+    oh: usize,
+    ow: usize,
+) -> Vec<f64> {
     let mut y = vec![0.0; b * oh * ow * c];
     for bb in 0..b {
         for oy in 0..oh {
@@ -39,7 +47,15 @@ pub fn bilinear(b: usize, h: usize, w: usize, c: usize, x: &[f64], oh: usize, ow
 
 /// Gradient of [`bilinear`] (scatter form): `dx [B, H, W, C]` from `dy [B, OH, OW, C]`.
 #[allow(clippy::too_many_arguments)]
-pub fn bilinear_backward(b: usize, h: usize, w: usize, c: usize, dy: &[f64], oh: usize, ow: usize) -> Vec<f64> {
+pub fn bilinear_backward(
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    dy: &[f64],
+    oh: usize,
+    ow: usize,
+) -> Vec<f64> {
     let mut dx = vec![0.0; b * h * w * c];
     for bb in 0..b {
         for oy in 0..oh {
