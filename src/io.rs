@@ -413,6 +413,16 @@ fn open_decoder<'a>(
     Ok((format, decoder))
 }
 
+/// Refuses a declared `w × h` above the pixel budget in force, with the same message as a decode
+/// (for callers that read a header themselves, e.g. the dataset check).
+pub fn check_pixel_budget(source: &str, w: u64, h: u64) -> Result<()> {
+    let limits = DecodeLimits::current()?;
+    if w.saturating_mul(h) > limits.max_pixels {
+        return Err(over_budget(source, w, h, &limits));
+    }
+    Ok(())
+}
+
 /// The width and height an image file declares in its header (format and pixel budget checked,
 /// pixels not decoded).
 pub fn image_dimensions(

@@ -204,3 +204,33 @@ fn a_bad_sample_does_not_lose_the_scores_of_the_others() {
     assert!(live.exists());
     assert!(stderr.contains("removed stale temporary file"), "{stderr}");
 }
+
+#[test]
+fn an_evaluation_that_cannot_fit_is_refused_before_any_image() {
+    let d = tmpdir("memguard");
+    let data = make_dataset("memguard-data", 2);
+    let out = d.join("out");
+    let w = fixture("tiny.weights.safetensors");
+    let c = fixture("tiny.config.json");
+    let args = eval_args(
+        w.to_str().unwrap(),
+        c.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let o = bin()
+        .args(&args)
+        .env("MEDFASTSAM_MAX_MEMORY", "4M")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && o.status.code() != Some(101),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("not enough memory") && stderr.contains("forward at 64x64"),
+        "{stderr}"
+    );
+    assert!(!out.join("scores.csv").exists() && !out.join("case0_mask.png").exists());
+}

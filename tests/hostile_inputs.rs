@@ -398,12 +398,10 @@ fn every_bad_configuration_field_is_refused_by_name() {
         decoder_heads: 0,
         ..Config::paper()
     };
-    assert!(
-        no_panic("struct", || c.validate())
-            .unwrap_err()
-            .to_string()
-            .contains("decoder_heads")
-    );
+    assert!(no_panic("struct", || c.validate())
+        .unwrap_err()
+        .to_string()
+        .contains("decoder_heads"));
     let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
     let e = no_panic("resolve", || w.resolve_config(Some(&c), 256))
         .unwrap_err()
@@ -549,6 +547,30 @@ fn cli_refuses_huge_and_over_budget_images() {
         "bad budget",
         &seg(&img, &[("MEDFASTSAM_MAX_PIXELS", "many")]),
         "MEDFASTSAM_MAX_PIXELS",
+    );
+    // So does --max-pixels, which wins over the variable; a bad value is refused by the parser.
+    let flag = |budget: &str| {
+        run_cli(
+            &[
+                "--max-pixels",
+                budget,
+                "segment",
+                img.to_str().unwrap(),
+                "--weights",
+                w.to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &[("MEDFASTSAM_MAX_PIXELS", "100000000")],
+        )
+    };
+    assert_clean_failure("--max-pixels", &flag("100_000"), "above the pixel budget");
+    let (code, text) = flag("0");
+    assert!(
+        code == 2 && text.contains("must be positive"),
+        "{code}: {text}"
     );
     // A truncated JPEG is an error, not a grey-filled segmentation.
     let jpg = std::fs::read(&img).unwrap();

@@ -279,6 +279,18 @@ fn bad_samples_are_all_listed_before_training_starts() {
         "training started: {text}"
     );
     assert!(!out.join("log.jsonl").exists());
+    // The pixel budget applies at open too: every 64x64 sample is above a 1000-pixel budget.
+    let o = bin()
+        .args(train_args(&data, &out, &["--epochs", "1"]))
+        .env("MEDFASTSAM_MAX_PIXELS", "1000")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{text}");
+    assert!(
+        text.contains("above the pixel budget") && !text.contains("parameters tuned"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -299,11 +311,9 @@ fn stale_temporary_files_are_removed_on_start() {
     let removed = remove_stale_temp_files(&d).unwrap();
     assert_eq!(removed, vec![stale.clone()]);
     assert!(!stale.exists() && live.exists() && other.exists() && plain.exists());
-    assert!(
-        remove_stale_temp_files(&d.join("missing"))
-            .unwrap()
-            .is_empty()
-    );
+    assert!(remove_stale_temp_files(&d.join("missing"))
+        .unwrap()
+        .is_empty());
 
     // The train command does it on start (and says so), before anything else can fail.
     std::fs::write(&stale, vec![0u8; 1000]).unwrap();
@@ -389,4 +399,87 @@ fn a_file_failing_mid_run_ends_it_with_a_resumable_checkpoint() {
         text.contains("resumed") && out.join("final.safetensors").exists(),
         "{text}"
     );
+}
+
+#[test]
+fn a_device_lost_mid_run_keeps_the_last_good_checkpoint() {
+    // The device is destroyed (as a driver reset or a device-side out-of-memory would) before the
+    // third step; a checkpoint is taken every step. The run must end with an error and leave the
+    // checkpoint of step 2, loadable and resumable.
+    let data = make_dataset("lost", 8);
+    let out = tmpdir("lost-out");
+    let mut args = train_args(
+        &data,
+        &out,
+        &["--epochs", "1", "--lr", "1e-3", "--checkpoint-every", "1"],
+    );
+    let o = bin()
+        .args(&args)
+        .env("MEDFASTSAM_TEST_LOSE_DEVICE_AFTER", "2")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let code = o.status.code().unwrap_or(-1);
+    assert!(code != 0 && code != 101, "exit {code}: {text}");
+    assert!(!text.contains("panicked"), "{text}");
+    let last = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .last()
+        .unwrap_or("");
+    assert!(last.starts_with("error:"), "{text}");
+    assert!(last.contains("checkpoint of step 2 is kept"), "{last}");
+    let w = Weights::load(&out.join("checkpoint.safetensors")).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&w.metadata["medfastsam.train_state"]).unwrap();
+    assert_eq!(state["progress"]["step"], 2, "{state}");
+    // No temporary file is left, and the run resumes to the end on a working device.
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    args.push("--resume".into());
+    let (code, text) = run(&args);
+    assert_eq!(code, 0, "{text}");
+    assert!(out.join("final.safetensors").exists(), "{text}");
+}
+
+#[test]
+fn a_training_step_that_cannot_fit_is_refused_before_it_starts() {
+    // The memory guard names the estimate and the limit; nothing is trained or written.
+    let data = make_dataset("memguard", 4);
+    let out = tmpdir("memguard-out");
+    let o = bin()
+        .args(train_args(&data, &out, &["--epochs", "1"]))
+        .env("MEDFASTSAM_MAX_MEMORY", "16M")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && o.status.code() != Some(101),
+        "{text}"
+    );
+    let err: Vec<&str> = text.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(err.len(), 1, "{text}");
+    assert!(
+        err[0].contains("not enough memory")
+            && err[0].contains("training step at 64x64, batch 2")
+            && err[0].contains("MEDFASTSAM_MAX_MEMORY"),
+        "{text}"
+    );
+    assert!(!out.join("checkpoint.safetensors").exists());
+    // The same estimate fits a generous limit.
+    let o = bin()
+        .args(train_args(&data, &out, &["--epochs", "1", "--lr", "1e-3"]))
+        .env("MEDFASTSAM_MAX_MEMORY", "4G")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

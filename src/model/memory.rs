@@ -100,6 +100,7 @@ pub fn train_step(cfg: &Config, batch: usize) -> MemoryEstimate {
     MemoryEstimate { device, host }
 }
 
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 fn parse_bytes(v: &str) -> Option<u64> {
     let v = v.trim();
     let (num, mul) = match v.chars().last()?.to_ascii_uppercase() {

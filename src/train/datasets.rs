@@ -1075,6 +1075,7 @@ fn header_size(p: &Path) -> Result<(usize, usize)> {
     if w == 0 || h == 0 {
         return Err(Error::image(p, format!("image has zero size ({w}x{h})")));
     }
+    crate::io::check_pixel_budget(&p.display().to_string(), w as u64, h as u64)?;
     Ok((w as usize, h as usize))
 }
 

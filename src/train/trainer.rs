@@ -11,7 +11,7 @@ use crate::gpu::Gpu;
 use crate::io::RgbImage;
 use crate::model::weights::HostTensor;
 use crate::model::{Config, MedFastSam, Variant, Weights};
-use crate::ops::loss::{LossConfig, seg_loss};
+use crate::ops::loss::{seg_loss, LossConfig};
 use crate::ops::optim::AdamConfig;
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
@@ -211,6 +211,8 @@ impl<'g> Trainer<'g> {
                 "full training uses BatchNorm batch statistics and needs batches of at least 2 images (or use --mode semi)".into(),
             ));
         }
+        // Refuse a step that cannot fit before any buffer is allocated (issue 8's memory guard).
+        crate::model::memory::check_train(gpu, cfg, opts.batch)?;
         let ps = ParamStore::new(gpu, weights, cfg, variant, opts.mode)?;
         let model = MedFastSam::from_params(&ps)?;
         Ok(Trainer {

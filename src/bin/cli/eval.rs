@@ -103,6 +103,7 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
         .filter(|i| !bad.iter().any(|(b, _)| b == i))
         .collect();
     let gpu = gpu.open()?;
+    medfastsam::model::memory::check_forward(&gpu, &cfg, 1)?;
     let model = MedFastSam::new(&gpu, &weights, &cfg, variant)?;
     drop(weights);
     let s = cfg.image_size;

@@ -38,6 +38,10 @@ pub struct GpuArgs {
     /// Request only WebGPU's default limits (check that the work fits a browser); env MEDFASTSAM_LIMITS=webgpu.
     #[arg(long, global = true)]
     pub webgpu_limits: bool,
+    /// Largest image (width x height, in pixels) any command decodes; larger ones are refused from
+    /// their header before anything is allocated (default: env MEDFASTSAM_MAX_PIXELS, else 268435456).
+    #[arg(long, global = true, value_name = "N", value_parser = medfastsam::io::parse_max_pixels)]
+    pub max_pixels: Option<u64>,
 }
 
 impl GpuArgs {
@@ -137,6 +141,9 @@ pub fn run() -> i32 {
     // SAFETY: first thing the process does; no other thread exists yet.
     unsafe { medfastsam::gpu::quiet_window_system_probes() };
     let cli = Cli::parse();
+    if let Some(n) = cli.gpu.max_pixels {
+        medfastsam::io::set_max_pixels(n);
+    }
     // A misspelt --backend (or MEDFASTSAM_BACKEND / WGPU_BACKEND) fails before any work, in
     // every command that uses the GPU.
     if !matches!(cli.cmd, Cmd::Serve(_)) {

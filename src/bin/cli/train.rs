@@ -14,7 +14,7 @@ use medfastsam::model::{Config, Variant, Weights};
 use medfastsam::train::datasets::{Dataset, Format, Split};
 use medfastsam::train::metrics::Summary;
 use medfastsam::train::params::TrainMode;
-use medfastsam::train::trainer::{Checkpoint, TrainOptions, Trainer, evaluate_each};
+use medfastsam::train::trainer::{evaluate_each, Checkpoint, TrainOptions, Trainer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -341,6 +341,11 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
     // A checkpoint taken but not yet written: its weights are shown finite by the next step's loss
     // (or the validation), and only then may it replace the one on disk.
     let mut pending: Option<Checkpoint> = None;
+    // Test-only fault injection: destroy the device before this run's step N+1 (simulates a
+    // driver reset or a device lost to out-of-memory).
+    let lose_after: Option<u64> = std::env::var("MEDFASTSAM_TEST_LOSE_DEVICE_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok());
     while t.progress.epoch < t.opts.epochs {
         let epoch = t.progress.epoch;
         let t_epoch = Instant::now();
@@ -369,6 +374,9 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
                     anyhow::bail!("{e}; {}", kept.describe());
                 }
             };
+            if lose_after == Some(steps_here) {
+                gpu.device.destroy();
+            }
             let l = match t.step(&micro) {
                 Ok(l) => l,
                 Err(e) => {
