@@ -398,10 +398,12 @@ fn every_bad_configuration_field_is_refused_by_name() {
         decoder_heads: 0,
         ..Config::paper()
     };
-    assert!(no_panic("struct", || c.validate())
-        .unwrap_err()
-        .to_string()
-        .contains("decoder_heads"));
+    assert!(
+        no_panic("struct", || c.validate())
+            .unwrap_err()
+            .to_string()
+            .contains("decoder_heads")
+    );
     let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
     let e = no_panic("resolve", || w.resolve_config(Some(&c), 256))
         .unwrap_err()

@@ -311,9 +311,11 @@ fn stale_temporary_files_are_removed_on_start() {
     let removed = remove_stale_temp_files(&d).unwrap();
     assert_eq!(removed, vec![stale.clone()]);
     assert!(!stale.exists() && live.exists() && other.exists() && plain.exists());
-    assert!(remove_stale_temp_files(&d.join("missing"))
-        .unwrap()
-        .is_empty());
+    assert!(
+        remove_stale_temp_files(&d.join("missing"))
+            .unwrap()
+            .is_empty()
+    );
 
     // The train command does it on start (and says so), before anything else can fail.
     std::fs::write(&stale, vec![0u8; 1000]).unwrap();

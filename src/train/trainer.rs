@@ -11,7 +11,7 @@ use crate::gpu::Gpu;
 use crate::io::RgbImage;
 use crate::model::weights::HostTensor;
 use crate::model::{Config, MedFastSam, Variant, Weights};
-use crate::ops::loss::{seg_loss, LossConfig};
+use crate::ops::loss::{LossConfig, seg_loss};
 use crate::ops::optim::AdamConfig;
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};

@@ -14,7 +14,7 @@ use medfastsam::model::{Config, Variant, Weights};
 use medfastsam::train::datasets::{Dataset, Format, Split};
 use medfastsam::train::metrics::Summary;
 use medfastsam::train::params::TrainMode;
-use medfastsam::train::trainer::{evaluate_each, Checkpoint, TrainOptions, Trainer};
+use medfastsam::train::trainer::{Checkpoint, TrainOptions, Trainer, evaluate_each};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
