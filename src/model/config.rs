@@ -77,9 +77,66 @@ pub struct Config {
     /// Mask-downscaling width (SAM's mask_in_chans).
     #[serde(default = "d16")]
     pub mask_in_chans: usize,
-    /// Size of the (unused) classifier head kept for key compatibility.
+    /// Size of the (unused) classifier head kept for key compatibility (0: no head, as in
+    /// LiteMedSAM's checkpoint).
     #[serde(default = "d1000")]
     pub num_classes: usize,
+    /// Which network these sizes describe (default Med-FastSAM; `mobilesam` and `litemedsam` are
+    /// SAM with prompts, built from the same blocks without the medical branches).
+    #[serde(default, skip_serializing_if = "Arch::is_default")]
+    pub arch: Arch,
+    /// Stride of the patch embedding: 4 (two 3×3 stride-2 convolutions, TinyViT) or 1 (two 1×1
+    /// convolutions, LiteMedSAM). The embedding grid is S / (4 · patch_stride).
+    #[serde(default = "d4", skip_serializing_if = "is_four")]
+    pub patch_stride: usize,
+}
+
+fn is_four(v: &usize) -> bool {
+    *v == 4
+}
+
+/// The network a configuration describes (docs/model.md, "Architectures").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Arch {
+    /// The paper's prompt-free model (LKA-Encoder with the medical branches, CP-Encoder,
+    /// MSF-Decoder).
+    #[default]
+    #[serde(rename = "med-fastsam")]
+    MedFastSam,
+    /// MobileSAM: TinyViT-5M at 1024², SAM's prompt encoder and mask decoder.
+    #[serde(rename = "mobilesam")]
+    MobileSam,
+    /// LiteMedSAM: the same with a 1×1 patch embedding at 256² (64×64 embedding), box prompts.
+    #[serde(rename = "litemedsam")]
+    LiteMedSam,
+}
+
+impl Arch {
+    pub fn is_default(&self) -> bool {
+        *self == Arch::MedFastSam
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::MedFastSam => "med-fastsam",
+            Arch::MobileSam => "mobilesam",
+            Arch::LiteMedSam => "litemedsam",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Arch> {
+        match s {
+            "med-fastsam" | "medfastsam" => Ok(Arch::MedFastSam),
+            "mobilesam" => Ok(Arch::MobileSam),
+            "litemedsam" => Ok(Arch::LiteMedSam),
+            o => Err(Error::Config(format!(
+                "unknown architecture '{o}' (expected med-fastsam, mobilesam or litemedsam)"
+            ))),
+        }
+    }
+    /// Whether the image encoder has the medical branches (`med_qkv`, `mlp_med`, ...) and the
+    /// model is prompt-free.
+    pub fn is_med_fastsam(self) -> bool {
+        self == Arch::MedFastSam
+    }
 }
 
 impl Config {
@@ -101,6 +158,28 @@ impl Config {
             iou_head_hidden_dim: 256,
             mask_in_chans: 16,
             num_classes: 1000,
+            arch: Arch::MedFastSam,
+            patch_stride: 4,
+        }
+    }
+
+    /// MobileSAM (`vit_t`): the paper's sizes without the medical branches, 10,130,092
+    /// parameters with TinyViT's unused classifier head.
+    pub fn mobilesam() -> Config {
+        Config {
+            arch: Arch::MobileSam,
+            ..Config::paper()
+        }
+    }
+
+    /// LiteMedSAM: TinyViT-5M widths with a 1×1 patch embedding at 256², no classifier head.
+    pub fn litemedsam() -> Config {
+        Config {
+            arch: Arch::LiteMedSam,
+            image_size: 256,
+            patch_stride: 1,
+            num_classes: 0,
+            ..Config::paper()
         }
     }
 
@@ -122,8 +201,10 @@ impl Config {
         match name {
             "paper" => Ok(Config::paper()),
             "tiny" => Ok(Config::tiny()),
+            "mobilesam" => Ok(Config::mobilesam()),
+            "litemedsam" => Ok(Config::litemedsam()),
             other => Err(Error::Config(format!(
-                "unknown preset '{other}' (expected paper or tiny)"
+                "unknown preset '{other}' (expected paper, tiny, mobilesam or litemedsam)"
             ))),
         }
     }
@@ -176,6 +257,12 @@ impl Config {
         range("image_size", s, 16, MAX_IMAGE_SIZE)?;
         if s % 16 != 0 {
             return bad(format!("image_size {s} must be a multiple of 16"));
+        }
+        if self.patch_stride != 4 && self.patch_stride != 1 {
+            return bad(format!(
+                "patch_stride is {}; it must be 4 (TinyViT) or 1 (LiteMedSAM)",
+                self.patch_stride
+            ));
         }
         for (name, v) in [
             ("embed_dims", &self.embed_dims),
@@ -277,7 +364,7 @@ impl Config {
                 self.mask_in_chans
             ));
         }
-        range("num_classes", self.num_classes, 1, MAX_CLASSES)?;
+        range("num_classes", self.num_classes, 0, MAX_CLASSES)?;
 
         // Sizes derived from the fields, in u64 with checked products: the largest per-image
         // feature map and the parameter count.
@@ -285,7 +372,8 @@ impl Config {
             f.iter().try_fold(1u64, |a, &v| a.checked_mul(v as u64))
         };
         let e = &self.embed_dims;
-        let (r4, r8, r16) = (s / 4, s / 8, s / 16);
+        let (r4, r8, r16) = (self.stage_res(0), self.stage_res(1), self.stage_res(2));
+        let stem = s / (self.patch_stride / 2).max(1);
         let maps: [(&str, &str, Option<u64>); 6] = [
             (
                 "image_size",
@@ -294,28 +382,28 @@ impl Config {
             ),
             (
                 "image_size",
-                "the stem's output ((S/2)² × embed_dims[0]/2)",
-                prod(&[s / 2, s / 2, e[0] / 2]),
+                "the stem's output (S/2 or S squared × embed_dims[0]/2)",
+                prod(&[stem, stem, e[0] / 2]),
             ),
             (
                 "mbconv_expand_ratio",
-                "stage 0's MBConv hidden map ((S/4)² × embed_dims[0] × mbconv_expand_ratio)",
+                "stage 0's MBConv hidden map (stage 0's resolution squared × embed_dims[0] × mbconv_expand_ratio)",
                 prod(&[r4, r4, e[0], self.mbconv_expand_ratio]),
             ),
             (
                 "embed_dims",
-                "stage 1's qkv or MLP hidden map ((S/8)² × embed_dims[1] × max(3, mlp_ratio))",
+                "stage 1's qkv or MLP hidden map (stage 1's resolution squared × embed_dims[1] × max(3, mlp_ratio))",
                 prod(&[r8, r8, e[1], self.mlp_ratio.max(3)]),
             ),
             (
                 "embed_dims",
-                "stage 2-3's qkv or MLP hidden map ((S/16)² × max(embed_dims[2..4]) × max(3, mlp_ratio))",
+                "stage 2-3's qkv or MLP hidden map (the grid squared × max(embed_dims[2..4]) × max(3, mlp_ratio))",
                 prod(&[r16, r16, e[2].max(e[3]), self.mlp_ratio.max(3)]),
             ),
             (
                 "transformer_dim",
-                "the decoder's upscaled map ((S/4)² × transformer_dim/4)",
-                prod(&[r4, r4, dm / 4]),
+                "the decoder's upscaled map ((4 × grid)² × transformer_dim/4)",
+                prod(&[self.lowres(), self.lowres(), dm / 4]),
             ),
         ];
         for (field, what, n) in maps {
@@ -342,20 +430,22 @@ impl Config {
         }
     }
 
-    /// Side of the token grid (S/16) = embedding and dense-prompt resolution.
+    /// Side of the token grid (S/16; S/4 with a stride-1 patch embedding) = embedding and
+    /// dense-prompt resolution.
     pub fn grid(&self) -> usize {
-        self.image_size / 16
+        self.image_size / (4 * self.patch_stride)
     }
-    /// Side of the low-resolution mask (S/4).
+    /// Side of the low-resolution mask (4 × grid).
     pub fn lowres(&self) -> usize {
-        self.image_size / 4
+        4 * self.grid()
     }
-    /// Resolution at the input of stage `s` (0..4): S/4, S/8, S/16, S/16.
+    /// Resolution at the input of stage `s` (0..4): S/p, S/2p, S/4p, S/4p for patch stride p.
     pub fn stage_res(&self, s: usize) -> usize {
+        let r0 = self.image_size / self.patch_stride;
         match s {
-            0 => self.image_size / 4,
-            1 => self.image_size / 8,
-            _ => self.image_size / 16,
+            0 => r0,
+            1 => r0 / 2,
+            _ => r0 / 4,
         }
     }
     pub fn num_mask_tokens(&self) -> usize {

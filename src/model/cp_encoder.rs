@@ -15,9 +15,22 @@ use crate::ops::matmul::Act;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// SAM's sparse-prompt and no-mask embeddings (MobileSAM, LiteMedSAM; unused by Med-FastSAM).
+pub struct PromptTensors<P> {
+    /// `point_embeddings.{0..3}`: background point, foreground point, box top-left, box
+    /// bottom-right, each `[1, D]`.
+    pub points: Vec<P>,
+    /// `not_a_point_embed` `[1, D]` (padding point, label −1).
+    pub not_a_point: P,
+    /// `no_mask_embed` `[1, D]`: the dense prompt when there is no mask prompt.
+    pub no_mask: P,
+}
+
 pub struct CpEncoder<P = Param> {
     /// `pe_layer.positional_encoding_gaussian_matrix` `[2, D/2]` (a buffer, never trained).
-    gauss: P,
+    pub gauss: P,
+    /// Point, box and no-mask embeddings where the architecture takes prompts.
+    pub prompts: Option<PromptTensors<P>>,
     c0: Conv2d<P>,
     n1: LayerNorm<P>,
     c3: Conv2d<P>,
@@ -43,14 +56,27 @@ impl<P: Clone> CpEncoder<P> {
             Kind::Buffer,
         )?;
         // Point and box prompts: not used by Med-FastSAM.
+        let prompted = !cfg.arch.is_med_fastsam();
+        let mut points = Vec::new();
         for i in 0..4 {
-            vb.unused(&format!("point_embeddings.{i}.weight"), &[1, dm]);
+            let k = format!("point_embeddings.{i}.weight");
+            if prompted {
+                points.push(vb.get(&k, &[1, dm])?);
+            } else {
+                vb.unused(&k, &[1, dm]);
+            }
         }
-        vb.unused("not_a_point_embed.weight", &[1, dm]);
+        let not_a_point = if prompted {
+            Some(vb.get("not_a_point_embed.weight", &[1, dm])?)
+        } else {
+            vb.unused("not_a_point_embed.weight", &[1, dm]);
+            None
+        };
         let mic = cfg.mask_in_chans;
         let md = vb.pp("mask_downscaling");
-        let cp = CpEncoder {
+        let mut cp = CpEncoder {
             gauss,
+            prompts: None,
             c0: Conv2d::new(md.pp("0"), mic / 4, 1, 2, 2, 0, true)?,
             n1: LayerNorm::new(md.pp("1"), mic / 4, LN2D_EPS, Act::Gelu)?,
             c3: Conv2d::new(md.pp("3"), mic, mic / 4, 2, 2, 0, true)?,
@@ -58,7 +84,16 @@ impl<P: Clone> CpEncoder<P> {
             l6: Linear::conv1x1(md.pp("6"), dm, mic, true, Act::None)?,
             pe_cache: Mutex::new(HashMap::new()),
         };
-        vb.unused("no_mask_embed.weight", &[1, dm]);
+        if let Some(not_a_point) = not_a_point {
+            let no_mask = vb.get("no_mask_embed.weight", &[1, dm])?;
+            cp.prompts = Some(PromptTensors {
+                points,
+                not_a_point,
+                no_mask,
+            });
+        } else {
+            vb.unused("no_mask_embed.weight", &[1, dm]);
+        }
         Ok(cp)
     }
 }

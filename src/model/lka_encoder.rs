@@ -30,7 +30,8 @@ pub(crate) use saved;
 
 // ---------------------------------------------------------------- PatchEmbed
 
-/// PatchEmbed: Conv2d_BN(3→C0/2, 3×3 s2) → GELU → Conv2d_BN(C0/2→C0, 3×3 s2). [B,S,S,3] → [B,S/4,S/4,C0].
+/// PatchEmbed: Conv2d_BN(3→C0/2, 3×3 s2) → GELU → Conv2d_BN(C0/2→C0, 3×3 s2), [B,S,S,3] →
+/// [B,S/4,S/4,C0]; with patch stride 1 (LiteMedSAM) both convolutions are 1×1, [B,S,S,C0].
 pub struct PatchEmbed<P = Param> {
     c0: Conv2dBn<P>,
     c2: Conv2dBn<P>,
@@ -42,11 +43,15 @@ pub struct PatchEmbedSaved {
 }
 
 impl<P: Clone> PatchEmbed<P> {
-    pub fn new<S: Source<P = P>>(vb: Vb<S>, c0: usize) -> Result<Self> {
-        let dense = ConvKind::Dense { stride: 2, pad: 1 };
+    pub fn new<S: Source<P = P>>(vb: Vb<S>, c0: usize, patch_stride: usize) -> Result<Self> {
+        let (k, kind) = if patch_stride == 1 {
+            (1, ConvKind::Pointwise)
+        } else {
+            (3, ConvKind::Dense { stride: 2, pad: 1 })
+        };
         Ok(PatchEmbed {
-            c0: Conv2dBn::new(vb.pp("seq.0"), c0 / 2, 3, 3, dense, Act::Gelu)?,
-            c2: Conv2dBn::new(vb.pp("seq.2"), c0, c0 / 2, 3, dense, Act::None)?,
+            c0: Conv2dBn::new(vb.pp("seq.0"), c0 / 2, 3, k, kind, Act::Gelu)?,
+            c2: Conv2dBn::new(vb.pp("seq.2"), c0, c0 / 2, k, kind, Act::None)?,
         })
     }
 }
@@ -401,13 +406,16 @@ impl<P: Clone> GroupAttention<P> {
         heads: usize,
         ws: usize,
         variant: Variant,
+        has_med: bool,
     ) -> Result<Self> {
         let paper = variant == Variant::Paper;
         let bias = vb.get("attention_biases", &[heads, ws * ws])?;
-        let med_bias = if paper {
+        let med_bias = if paper && has_med {
             Some(vb.get("attention_biases_med", &[heads, ws * ws])?)
         } else {
-            vb.unused("attention_biases_med", &[heads, ws * ws]);
+            if has_med {
+                vb.unused("attention_biases_med", &[heads, ws * ws]);
+            }
             None
         };
         let norm = LayerNorm::new(vb.pp("norm"), d, LN_EPS, Act::None)?;
@@ -416,7 +424,9 @@ impl<P: Clone> GroupAttention<P> {
         let med = match med_bias {
             Some(b) => Some((Linear::new(vb.pp("med_qkv"), 3 * d, d, Act::None)?, b)),
             None => {
-                Linear::unused(vb.pp("med_qkv"), 3 * d, d);
+                if has_med {
+                    Linear::unused(vb.pp("med_qkv"), 3 * d, d);
+                }
                 None
             }
         };
@@ -574,19 +584,20 @@ impl Mlp {
 }
 
 /// TinyViT block with Group Attention and the Hybrid Expert Head:
-/// x += GA(x); x = BN(dw3×3(x)); x += MLP_nat(x); x += MLP_med(x).
+/// x += GA(x); x = BN(dw3×3(x)); x += MLP_nat(x); x += MLP_med(x). Without the medical branch
+/// (MobileSAM, LiteMedSAM) it is TinyViT's block: no `med_qkv`, no MLP_med.
 pub struct TinyVitBlock<P = Param> {
     attn: GroupAttention<P>,
     local_conv: Conv2dBn<P>,
     mlp: Mlp<P>,
-    mlp_med: Mlp<P>,
+    mlp_med: Option<Mlp<P>>,
 }
 
 pub struct TinyVitBlockSaved {
     attn: GroupAttentionSaved,
     local: Conv2dBnSaved,
     mlp: MlpSaved,
-    mlp_med: MlpSaved,
+    mlp_med: Option<MlpSaved>,
 }
 
 impl<P: Clone> TinyVitBlock<P> {
@@ -603,9 +614,14 @@ impl<P: Clone> TinyVitBlock<P> {
             cfg.num_heads[s],
             cfg.window_sizes[s],
             variant,
+            cfg.arch.is_med_fastsam(),
         )?;
         let mlp = Mlp::new(vb.pp("mlp"), d, cfg.mlp_ratio * d)?;
-        let mlp_med = Mlp::new(vb.pp("mlp_med"), d, cfg.mlp_ratio * d)?;
+        let mlp_med = if cfg.arch.is_med_fastsam() {
+            Some(Mlp::new(vb.pp("mlp_med"), d, cfg.mlp_ratio * d)?)
+        } else {
+            None
+        };
         let dw = ConvKind::Depthwise { stride: 1, pad: 1 };
         let local_conv = Conv2dBn::new(vb.pp("local_conv"), d, 1, 3, dw, Act::None)?;
         Ok(TinyVitBlock {
@@ -627,14 +643,23 @@ impl TinyVitBlock {
         let (x, attn) = self.attn.forward(rec, x, mode)?;
         let (x, local) = self.local_conv.forward(rec, &x, mode)?;
         let (x, mlp) = self.mlp.forward(rec, &x, mode)?;
-        let (x, mlp_med) = self.mlp_med.forward(rec, &x, mode)?;
+        let (x, mlp_med) = match &self.mlp_med {
+            Some(m) => {
+                let (y, s) = m.forward(rec, &x, mode)?;
+                (y, Some(s))
+            }
+            None => (x, None),
+        };
         Ok((
             x,
             saved!(TinyVitBlockSaved {
                 attn: attn?,
                 local: local?,
                 mlp: mlp?,
-                mlp_med: mlp_med?
+                mlp_med: match mlp_med {
+                    Some(s) => Some(s?),
+                    None => None,
+                },
             }),
         ))
     }
@@ -645,7 +670,10 @@ impl TinyVitBlock {
         c: &TinyVitBlockSaved,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        let d = self.mlp_med.backward(rec, &c.mlp_med, dy)?;
+        let d = match (&self.mlp_med, &c.mlp_med) {
+            (Some(m), Some(s)) => m.backward(rec, s, dy)?,
+            _ => dy.clone(),
+        };
         let d = self.mlp.backward(rec, &c.mlp, &d)?;
         let dx1 = self.local_conv.backward(rec, &c.local, &d)?;
         self.attn.backward(rec, &c.attn, &dx1)
@@ -849,7 +877,8 @@ pub struct LkaEncoderSaved {
 
 impl<P: Clone> LkaEncoder<P> {
     pub fn new<S: Source<P = P>>(vb: Vb<S>, cfg: &Config, variant: Variant) -> Result<Self> {
-        let patch_embed = PatchEmbed::new(vb.pp("patch_embed"), cfg.embed_dims[0])?;
+        let patch_embed =
+            PatchEmbed::new(vb.pp("patch_embed"), cfg.embed_dims[0], cfg.patch_stride)?;
         let mut stages = Vec::new();
         for s in 0..4 {
             stages.push(LkaStage::new(
@@ -859,9 +888,11 @@ impl<P: Clone> LkaEncoder<P> {
                 variant,
             )?);
         }
-        // TinyViT's classifier, not part of Med-FastSAM's forward.
-        LayerNorm::unused(vb.pp("norm_head"), cfg.embed_dims[3]);
-        Linear::unused(vb.pp("head"), cfg.num_classes, cfg.embed_dims[3]);
+        // TinyViT's classifier, not part of any forward (LiteMedSAM's checkpoint has none).
+        if cfg.num_classes > 0 {
+            LayerNorm::unused(vb.pp("norm_head"), cfg.embed_dims[3]);
+            Linear::unused(vb.pp("head"), cfg.num_classes, cfg.embed_dims[3]);
+        }
         let neck = Neck::new(vb.pp("neck"), cfg)?;
         Ok(LkaEncoder {
             patch_embed,

@@ -70,10 +70,10 @@ pub struct Saved {
 }
 
 /// Host weights uploaded for inference, each `Conv2d_BN` folded into its convolution.
-struct Upload<'a> {
-    gpu: &'a Gpu,
-    weights: &'a Weights,
-    bytes: Cell<u64>,
+pub(crate) struct Upload<'a> {
+    pub(crate) gpu: &'a Gpu,
+    pub(crate) weights: &'a Weights,
+    pub(crate) bytes: Cell<u64>,
 }
 
 impl Upload<'_> {

@@ -8,11 +8,12 @@ pub mod lka_encoder;
 pub mod med_fastsam;
 pub mod memory;
 pub mod msf_decoder;
+pub mod sam;
 pub mod schema;
 pub mod two_way_transformer;
 pub mod weights;
 
 pub use blocks::Mode;
-pub use config::{Config, Variant};
+pub use config::{Arch, Config, Variant};
 pub use med_fastsam::{MedFastSam, Output, Saved, Stages};
 pub use weights::Weights;

@@ -81,7 +81,11 @@ impl Source for Recorder {
 pub fn specs(cfg: &Config) -> Vec<Spec> {
     let rec = Recorder::default();
     // Building from the recorder only names keys and multiplies dimensions: it cannot fail.
-    let _ = MedFastSam::<Spec>::build(&rec, cfg, Variant::Paper);
+    if cfg.arch.is_med_fastsam() {
+        let _ = MedFastSam::<Spec>::build(&rec, cfg, Variant::Paper);
+    } else {
+        let _ = super::sam::Sam::<Spec>::build(&rec, cfg);
+    }
     rec.0.into_inner()
 }
 
@@ -110,5 +114,20 @@ mod tests {
             .sum();
         // Tuned parameters under the natural-branch rule (docs/training.md, "Modes").
         assert_eq!(param_count(&c) - natural, 8_413_572);
+    }
+    #[test]
+    fn mobilesam_and_litemedsam_have_their_published_parameter_counts() {
+        // MobileSAM: 10,130,092 with TinyViT's unused classifier head (its paper's Table 1 and the
+        // Med-FastSAM paper's count); 9,808,452 without.
+        assert_eq!(param_count(&Config::mobilesam()), 10_130_092);
+        let lite = Config::litemedsam();
+        // LiteMedSAM: MobileSAM without the head, its patch embedding 1×1 instead of 3×3:
+        // the stem convolutions have 3·32·1 + 32·64·1 instead of 3·32·9 + 32·64·9 weights.
+        let stem_diff = (3 * 32 + 32 * 64) * 8;
+        assert_eq!(param_count(&lite), 10_130_092 - 321_640 - stem_diff);
+        // No medical-branch key in either.
+        for c in [Config::mobilesam(), lite] {
+            assert!(specs(&c).iter().all(|s| !s.key.contains("med")));
+        }
     }
 }

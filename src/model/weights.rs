@@ -3,7 +3,7 @@
 //! `__metadata__`, so a file describes itself. Tensors the model does not use (classifier head,
 //! point embeddings, IoU head, hypernetworks 1-3, unknown extras) are kept and written back.
 
-use super::config::{Config, Variant};
+use super::config::{Arch, Config, Variant};
 use super::schema::{self, Kind};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -274,6 +274,18 @@ impl Weights {
         let ie = "image_encoder";
         let mut c = Config::paper();
         c.image_size = image_size;
+        // Architecture: the medical branches (Med-FastSAM) or SAM's decoder keys (MobileSAM), and
+        // LiteMedSAM's 1×1 patch embedding.
+        let has = |k: &str| self.tensors.contains_key(k);
+        if !has("conv1_med.features1.0.weight") && has("mask_decoder.output_upscaling.0.weight") {
+            let k = dim(&format!("{ie}.patch_embed.seq.0.c.weight"), 2)?;
+            c.arch = if k == 1 {
+                Arch::LiteMedSam
+            } else {
+                Arch::MobileSam
+            };
+            c.patch_stride = if k == 1 { 1 } else { 4 };
+        }
         c.embed_dims[0] = dim(&format!("{ie}.patch_embed.seq.2.c.weight"), 0)?;
         for s in 0..3 {
             c.embed_dims[s + 1] = dim(&format!("{ie}.layers.{s}.downsample.conv1.c.weight"), 0)?;
@@ -300,7 +312,11 @@ impl Weights {
             dim(&format!("{ie}.layers.1.blocks.0.mlp.fc1.weight"), 0)?,
             c.embed_dims[1],
         )?;
-        c.num_classes = dim(&format!("{ie}.head.weight"), 0)?;
+        c.num_classes = if c.arch.is_med_fastsam() || has(&format!("{ie}.head.weight")) {
+            dim(&format!("{ie}.head.weight"), 0)?
+        } else {
+            0
+        };
         c.transformer_dim = dim("mask_decoder.iou_token.weight", 1)?;
         c.decoder_depth = count("mask_decoder.transformer.layers");
         c.decoder_mlp_dim = dim("mask_decoder.transformer.layers.0.mlp.lin1.weight", 0)?;
