@@ -553,7 +553,101 @@ fn bilinear_taps(out: usize, inp: usize) -> Vec<(usize, usize, f64)> {
         .collect()
 }
 
+/// Fixed-point bits of Pillow's 8-bit resampling coefficients (32 − 8 − 2).
+const PIL_PRECISION_BITS: u32 = 22;
+
+/// Pillow's bilinear resampling taps for one axis: for each output index the first input index
+/// and the fixed-point weights. The triangle filter is widened by the scale when shrinking
+/// (antialiasing), weights are normalised per output and rounded to 22 fractional bits.
+fn pil_taps(inp: usize, out: usize) -> Vec<(usize, Vec<i64>)> {
+    let scale = inp as f64 / out as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale; // the bilinear filter's support is 1
+    (0..out)
+        .map(|o| {
+            let center = (o as f64 + 0.5) * scale;
+            // C's (int) truncates toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(inp as i64) as usize;
+            let k: Vec<f64> = (xmin..xmax)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) / filterscale).abs();
+                    if t < 1.0 { 1.0 - t } else { 0.0 }
+                })
+                .collect();
+            let total: f64 = k.iter().sum();
+            let one = (1i64 << PIL_PRECISION_BITS) as f64;
+            let kk = k
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    if w < 0.0 {
+                        (-0.5 + w * one) as i64
+                    } else {
+                        (0.5 + w * one) as i64
+                    }
+                })
+                .collect();
+            (xmin, kk)
+        })
+        .collect()
+}
+
+fn pil_clip8(v: i64) -> u8 {
+    (v >> PIL_PRECISION_BITS).clamp(0, 255) as u8
+}
+
 impl RgbImage {
+    /// Resize as Pillow's `Image.resize(..., BILINEAR)` does for 8-bit RGB, to the last bit:
+    /// horizontal pass first (rounded to u8), then vertical, with Pillow's fixed-point taps
+    /// (antialiased when shrinking). SAM's and LiteMedSAM's reference preprocessing use it.
+    pub fn resize_pil_bilinear(&self, w: usize, h: usize) -> RgbImage {
+        let (iw, ih) = (self.width, self.height);
+        let mut tmp = self.data.clone();
+        let mut tw = iw;
+        if w != iw {
+            let taps = pil_taps(iw, w);
+            tmp = vec![0u8; w * ih * 3];
+            for y in 0..ih {
+                for (x, (x0, k)) in taps.iter().enumerate() {
+                    for c in 0..3 {
+                        let mut acc = 1i64 << (PIL_PRECISION_BITS - 1);
+                        for (j, &kj) in k.iter().enumerate() {
+                            acc += self.data[(y * iw + x0 + j) * 3 + c] as i64 * kj;
+                        }
+                        tmp[(y * w + x) * 3 + c] = pil_clip8(acc);
+                    }
+                }
+            }
+            tw = w;
+        }
+        if h == ih {
+            return RgbImage {
+                width: tw,
+                height: ih,
+                data: tmp,
+            };
+        }
+        let taps = pil_taps(ih, h);
+        let mut out = vec![0u8; tw * h * 3];
+        for (y, (y0, k)) in taps.iter().enumerate() {
+            for x in 0..tw {
+                for c in 0..3 {
+                    let mut acc = 1i64 << (PIL_PRECISION_BITS - 1);
+                    for (j, &kj) in k.iter().enumerate() {
+                        acc += tmp[((y0 + j) * tw + x) * 3 + c] as i64 * kj;
+                    }
+                    out[(y * tw + x) * 3 + c] = pil_clip8(acc);
+                }
+            }
+        }
+        RgbImage {
+            width: tw,
+            height: h,
+            data: out,
+        }
+    }
+
     /// Stretch-resize (no aspect preservation) with bilinear interpolation, align_corners=False,
     /// rounded to u8 (the authors pre-resized their datasets to 1024² 8-bit PNGs this way).
     pub fn resize(&self, w: usize, h: usize) -> RgbImage {

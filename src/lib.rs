@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod gpu;
+pub mod import;
 pub mod io;
 pub mod model;
 pub mod ops;
