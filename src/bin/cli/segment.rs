@@ -20,6 +20,8 @@ pub struct SegmentArgs {
     /// Overlay opacity of the mask tint (0..1).
     #[arg(long, default_value_t = 0.45)]
     pub opacity: f32,
+    #[command(flatten)]
+    pub prompts: super::prompted::PromptArgs,
 }
 
 const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
@@ -57,7 +59,7 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn stem(p: &Path) -> String {
+pub fn stem(p: &Path) -> String {
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "image".into())
@@ -131,7 +133,7 @@ pub fn output_names(files: &[PathBuf]) -> Vec<String> {
 
 /// Checks that `dir` accepts new files (a probe file is created and removed), so an unwritable
 /// output folder is found before the first forward, not after it.
-fn check_writable(dir: &Path) -> anyhow::Result<()> {
+pub fn check_writable(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("{}: cannot create the output folder: {e}", dir.display()))?;
     let probe = dir.join(format!(".medfastsam-write-test.{}.tmp", std::process::id()));
@@ -145,7 +147,7 @@ fn check_writable(dir: &Path) -> anyhow::Result<()> {
 /// an error) none is: every file goes to a temporary name first, and only when all are written
 /// are they renamed into place. A failure cleans up the temporary files and any file renamed
 /// before it, so a mask is never left without its overlay.
-fn write_all_atomic(files: &[(&Path, &[u8])]) -> anyhow::Result<()> {
+pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> anyhow::Result<()> {
     let tmp_of = |p: &Path| {
         let dir = p
             .parent()
@@ -191,7 +193,7 @@ fn write_all_atomic(files: &[(&Path, &[u8])]) -> anyhow::Result<()> {
 
 /// True for the errors after which the device cannot run anything more (driver reset, device
 /// out of memory, device destroyed): segmenting the next image would fail the same way.
-fn is_device_lost(e: &anyhow::Error) -> bool {
+pub fn is_device_lost(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         matches!(c.downcast_ref::<medfastsam::error::Error>(), Some(medfastsam::error::Error::Gpu(m)) if m.contains("device lost"))
             || c.to_string().contains("device lost")
@@ -207,6 +209,15 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         .filter(|(f, n)| stem(f) != **n)
         .collect();
     let (weights, cfg, variant) = a.model.load()?;
+    if !cfg.arch.is_med_fastsam() {
+        return super::prompted::run(gpu, a, &files, &names, weights, cfg);
+    }
+    if a.prompts.any() {
+        anyhow::bail!(
+            "{}: Med-FastSAM weights are prompt-free; --box, --point, --prompts, --multimask and              --auto-boxes need MobileSAM or LiteMedSAM weights (medfastsam import)",
+            a.model.weights.display()
+        );
+    }
     // The output folder must accept files before the first forward (and Segmenter::new checks
     // that the model at this size fits the memory there is before anything is resized).
     check_writable(&a.out)?;
