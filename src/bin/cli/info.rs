@@ -35,7 +35,25 @@ pub fn run(gpu: &GpuArgs, a: &InfoArgs) -> anyhow::Result<i32> {
         "inferred from tensor shapes"
     };
     println!("configuration: {} ({src})", cfg.to_json());
-    println!("variant:       {}", variant.name());
+    println!("architecture:  {}", cfg.arch.name());
+    if cfg.arch.is_med_fastsam() {
+        println!("variant:       {}", variant.name());
+    }
+    use medfastsam::import::convert as imp;
+    if let Some(src) = w.metadata.get(imp::META_SOURCE) {
+        let sha = w
+            .metadata
+            .get(imp::META_SOURCE_SHA256)
+            .cloned()
+            .unwrap_or_default();
+        println!("imported from: {src} (sha256 {sha})");
+    }
+    if let Some(p) = w.metadata.get(imp::META_PREPROCESSING) {
+        println!("preprocessing: {p}");
+    }
+    if let Some(n) = w.metadata.get(imp::META_IMPORT_NOTES) {
+        println!("import notes:  {n}");
+    }
     let specs = schema::specs(&cfg);
     let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let (mut total, mut natural, mut buffers) = (0usize, 0usize, 0usize);
