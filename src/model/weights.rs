@@ -375,6 +375,7 @@ impl Weights {
                         || k.contains("neck.1")
                         || k.contains("neck.3")
                         || k.contains("output_upscaling_part1.1")
+                        || k.contains("output_upscaling.1")
                         || k.contains("features1.1")
                         || k.contains("features2.1");
                     if is_norm {

@@ -39,6 +39,88 @@ pub struct BenchArgs {
     /// Skip the training-step benchmarks.
     #[arg(long)]
     pub no_train: bool,
+    /// Benchmark a prompted architecture instead (mobilesam or litemedsam, at its native size):
+    /// the image encoder per image and the mask decoder per prompt.
+    #[arg(long)]
+    pub arch: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct SamBench {
+    pub arch: String,
+    pub size: usize,
+    pub encoder_compile_ms: f64,
+    pub encoder_ms: f64,
+    pub decoder_ms_per_prompt: f64,
+    pub peak_gpu_bytes: u64,
+    pub weight_bytes: u64,
+}
+
+/// Encoder and per-prompt decoder times of MobileSAM / LiteMedSAM (random weights; median of
+/// `reps` runs after one warm-up that includes pipeline compilation).
+pub fn bench_sam(gpu: &Gpu, cfg: &Config, reps: usize) -> anyhow::Result<SamBench> {
+    use medfastsam::model::sam::{LabelledPoint, Sam};
+    let weights = Weights::init(cfg, 1);
+    gpu.trim_pool();
+    gpu.reset_peak();
+    let model = Sam::new(gpu, &weights, cfg)?;
+    let s = cfg.image_size;
+    let mut rng = medfastsam::rng::Rng::new(7);
+    let x: Vec<f32> = (0..s * s * 3).map(|_| rng.normal() as f32).collect();
+    let x = gpu.upload(&x, &[1, s, s, 3])?;
+    let encode = || -> anyhow::Result<(f64, medfastsam::gpu::Tensor)> {
+        let t = Instant::now();
+        let mut rec = gpu.new_recorder();
+        let emb = model.encode(&mut rec, &x)?;
+        rec.submit()?;
+        let _ = gpu.read(&emb.reshape(&[emb.numel()]).narrow(0, 1))?;
+        Ok((t.elapsed().as_secs_f64() * 1e3, emb))
+    };
+    let (first, emb) = encode()?;
+    let mut te = Vec::new();
+    for _ in 0..reps.max(1) {
+        te.push(encode()?.0);
+    }
+    let q = s as f32;
+    let pts = [
+        LabelledPoint {
+            x: 0.3 * q,
+            y: 0.3 * q,
+            label: 2,
+        },
+        LabelledPoint {
+            x: 0.5 * q,
+            y: 0.45 * q,
+            label: 3,
+        },
+    ];
+    let decode = || -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let mut rec = gpu.new_recorder();
+        let out = model.decode(&mut rec, &emb, &pts, None)?;
+        rec.submit()?;
+        let _ = gpu.read(&out.iou)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    decode()?;
+    let mut td = Vec::new();
+    for _ in 0..(3 * reps).max(3) {
+        td.push(decode()?);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let encoder_ms = med(&mut te);
+    Ok(SamBench {
+        arch: cfg.arch.name().into(),
+        size: s,
+        encoder_compile_ms: (first - encoder_ms).max(0.0),
+        encoder_ms,
+        decoder_ms_per_prompt: med(&mut td),
+        peak_gpu_bytes: gpu.pool_stats().peak_allocated,
+        weight_bytes: model.device_bytes(),
+    })
 }
 
 #[derive(Serialize)]
@@ -293,6 +375,28 @@ pub fn kernel_benches(gpu: &Gpu) -> anyhow::Result<Vec<BenchResult>> {
 
 pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
     let gpu = gpu.open()?;
+    if let Some(arch) = &a.arch {
+        let cfg = Config::preset(arch)?;
+        if cfg.arch.is_med_fastsam() {
+            anyhow::bail!("--arch {arch}: expected mobilesam or litemedsam");
+        }
+        let r = bench_sam(&gpu, &cfg, a.reps)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!(
+                "{} {}²: image encoder {:.1} ms (pipeline compile + first run overhead {:.0} ms), mask decoder {:.1} ms per prompt, peak GPU memory {:.1} MiB (weights {:.1} MiB)",
+                r.arch,
+                r.size,
+                r.encoder_ms,
+                r.encoder_compile_ms,
+                r.decoder_ms_per_prompt,
+                r.peak_gpu_bytes as f64 / 1048576.0,
+                r.weight_bytes as f64 / 1048576.0
+            );
+        }
+        return Ok(0);
+    }
     let base = Config::preset(&a.preset)?;
     let variant = Variant::parse(&a.variant)?;
     let mut report = Report {
