@@ -10,9 +10,10 @@
 use crate::error::Error;
 use crate::gpu::{AdapterRequest, Gpu};
 use crate::io::{self, GrayImage, RgbImage};
+use crate::model::sam::{MaskChoice, Prompt};
 use crate::model::weights::Stored;
 use crate::model::{Config, MedFastSam, Variant, Weights};
-use crate::segment::Segmenter;
+use crate::segment::{Encoded, PromptSegmenter, Segmenter};
 use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -33,7 +34,12 @@ struct State {
     /// True when a smaller storage-binding limit than the adapter's is emulated.
     emulated_limit: bool,
     weights: Option<Rc<Weights>>,
+    /// Whether the current weights were converted from a PyTorch or ONNX file.
+    converted: bool,
     seg: Option<Rc<Segmenter<'static>>>,
+    /// MobileSAM / LiteMedSAM: the prompted model and the image encoded last.
+    sam: Option<Rc<PromptSegmenter<'static>>>,
+    encoded: Option<Rc<(Encoded, RgbImage)>>,
 }
 
 thread_local! {
@@ -151,9 +157,60 @@ pub async fn init_engine(max_binding_bytes: Option<f64>) -> Result<String, JsVal
 /// the previous model. Returns JSON: tensor and parameter counts, storage types, the configuration
 /// (from the metadata, or inferred from the shapes at 1024²) and whether it came from metadata,
 /// the variant in the metadata (or null) and the default input size.
+///
+/// A PyTorch checkpoint (`.pth`/`.pt`, zip or legacy format) is converted here, in the worker
+/// (`import::convert`), as `medfastsam import` does; ONNX exports come in pairs through
+/// [`load_weights_onnx`].
 #[wasm_bindgen]
 pub fn load_weights(bytes: &[u8], name: &str) -> Result<String, JsValue> {
-    let w = Weights::from_bytes(bytes, name).map_err(to_js)?;
+    let safetensors = bytes.len() >= 9 && bytes[8] == b'{';
+    let onnx = !safetensors && bytes.first() == Some(&0x08);
+    if onnx {
+        return Err(js_error(
+            "WeightsError",
+            format!(
+                "{name}: an ONNX file alone is half of MobileSAM: choose encoder.onnx and sam.onnx together"
+            ),
+        ));
+    }
+    let (w, converted) = if safetensors {
+        (Weights::from_bytes(bytes, name).map_err(to_js)?, false)
+    } else {
+        let imp = crate::import::convert::from_pth(bytes, name, None).map_err(to_js)?;
+        (imp.weights, true)
+    };
+    install_weights(w, name, converted)
+}
+
+/// MobileSAM from its two ONNX exports (image encoder; prompt encoder + mask decoder), converted
+/// in the worker.
+#[wasm_bindgen]
+pub fn load_weights_onnx(
+    a: &[u8],
+    a_name: &str,
+    b: &[u8],
+    b_name: &str,
+) -> Result<String, JsValue> {
+    use crate::import::onnx::{no_external, read_onnx};
+    let ma = read_onnx(a, a_name, &no_external)
+        .map_err(|e| js_error("WeightsError", format!("{e:#}")))?;
+    let mb = read_onnx(b, b_name, &no_external)
+        .map_err(|e| js_error("WeightsError", format!("{e:#}")))?;
+    let name = format!("{a_name} + {b_name}");
+    let imp = crate::import::convert::from_onnx(&[ma, mb], &name).map_err(to_js)?;
+    install_weights(imp.weights, &name, true)
+}
+
+/// The current weights as a safetensors file (for the page's cache of converted weights).
+#[wasm_bindgen]
+pub fn weights_safetensors() -> Result<Vec<u8>, JsValue> {
+    let w = weights()?;
+    let cfg = w.resolve_config(None, 1024).map_err(to_js)?;
+    w.to_bytes(&cfg, w.variant.unwrap_or_default(), false)
+        .map_err(to_js)
+}
+
+fn install_weights(w: Weights, name: &str, converted: bool) -> Result<String, JsValue> {
     let cfg = w.resolve_config(None, 1024).map_err(to_js)?;
     let params: usize = w
         .tensors
@@ -185,10 +242,16 @@ pub fn load_weights(bytes: &[u8], name: &str) -> Result<String, JsValue> {
         "variant": w.variant.map(|v| v.name()),
         "default_size": cfg.image_size,
         "default_variant": w.variant.unwrap_or_default().name(),
+        "arch": cfg.arch.name(),
+        "prompted": !cfg.arch.is_med_fastsam(),
+        "converted": converted,
     });
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         s.seg = None;
+        s.sam = None;
+        s.encoded = None;
+        s.converted = converted;
         s.weights = Some(Rc::new(w));
         if let Some(g) = s.gpu {
             g.trim_pool();
@@ -213,8 +276,25 @@ pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
     } else {
         Variant::parse(variant).map_err(to_js)?
     };
-    STATE.with(|s| s.borrow_mut().seg = None);
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.seg = None;
+        s.sam = None;
+        s.encoded = None;
+    });
     gpu.trim_pool();
+    if !cfg.arch.is_med_fastsam() {
+        let sam = PromptSegmenter::new(gpu, &w, &cfg).map_err(to_js)?;
+        gpu.take_errors().map_err(to_js)?;
+        STATE.with(|s| s.borrow_mut().sam = Some(Rc::new(sam)));
+        return Ok(json!({
+            "image_size": cfg.image_size,
+            "arch": cfg.arch.name(),
+            "prompted": true,
+            "config": serde_json::from_str::<Value>(&cfg.to_json()).unwrap_or(Value::Null),
+        })
+        .to_string());
+    }
     let seg = Segmenter::new(gpu, &w, Some(&cfg), Some(v)).map_err(to_js)?;
     gpu.take_errors().map_err(to_js)?;
     STATE.with(|s| s.borrow_mut().seg = Some(Rc::new(seg)));
@@ -230,6 +310,27 @@ pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
 /// and surfaces limit errors before the first real image. Returns JSON with the pipeline count.
 #[wasm_bindgen]
 pub async fn warm_up() -> Result<String, JsValue> {
+    if let Some(sam) = STATE.with(|s| s.borrow().sam.clone()) {
+        let before = sam.gpu.pipeline_count();
+        let img = RgbImage {
+            width: 64,
+            height: 48,
+            data: (0..64 * 48 * 3).map(|i| (i * 37 % 251) as u8).collect(),
+        };
+        let e = sam.encode_async(&img).await.map_err(to_js)?;
+        let p = Prompt {
+            points: vec![],
+            bbox: Some([8.0, 8.0, 40.0, 30.0]),
+        };
+        sam.decode_async(&e, &p, MaskChoice::Auto, false)
+            .await
+            .map_err(to_js)?;
+        return Ok(json!({
+            "pipelines": sam.gpu.pipeline_count(),
+            "compiled": sam.gpu.pipeline_count() - before,
+        })
+        .to_string());
+    }
     let seg = segmenter()?;
     let before = seg.gpu.pipeline_count();
     let (w, h) = (64usize, 48usize);
@@ -268,10 +369,17 @@ pub struct SegResult {
     fill_rgba: Vec<u8>,
     edge_rgba: Vec<u8>,
     mask_png: Vec<u8>,
+    /// Prompted models: JSON with the IoU predictions and the chosen mask token.
+    prompt_info: String,
 }
 
 #[wasm_bindgen]
 impl SegResult {
+    /// Prompted models: JSON `{iou: [...], chosen}` (empty for Med-FastSAM).
+    #[wasm_bindgen(getter)]
+    pub fn prompt_info(&self) -> String {
+        self.prompt_info.clone()
+    }
     #[wasm_bindgen(getter)]
     pub fn width(&self) -> usize {
         self.width
@@ -384,6 +492,144 @@ pub async fn segment_image(bytes: Vec<u8>, name: String) -> Result<SegResult, Js
         fill_rgba,
         edge_rgba,
         mask_png,
+        prompt_info: String::new(),
+    })
+}
+
+/// Prompted models: decodes one image file and runs the image encoder once; the prompts that
+/// follow ([`decode_prompt`]) reuse its embedding. Returns the image (RGBA) with empty masks.
+#[wasm_bindgen]
+pub async fn encode_image(bytes: Vec<u8>, name: String) -> Result<SegResult, JsValue> {
+    let sam = STATE.with(|s| s.borrow().sam.clone()).ok_or_else(|| {
+        js_error(
+            "StateError",
+            "no prompted model (MobileSAM / LiteMedSAM) is prepared",
+        )
+    })?;
+    let t0 = perf_now();
+    let img = io::decode_rgb(&bytes, &name).map_err(to_js)?;
+    drop(bytes);
+    let t1 = perf_now();
+    let e = sam.encode_async(&img).await.map_err(to_js)?;
+    // Wait for the encoder so its time is measured here, not in the first prompt.
+    let _ = sam
+        .gpu
+        .read_async(&e.emb.reshape(&[e.emb.numel()]).narrow(0, 1))
+        .await
+        .map_err(to_js)?;
+    let t2 = perf_now();
+    let rgba = rgb_to_rgba(&img);
+    let (w, h) = (img.width, img.height);
+    STATE.with(|s| s.borrow_mut().encoded = Some(Rc::new((e, img))));
+    Ok(SegResult {
+        width: w,
+        height: h,
+        threshold: f32::NAN,
+        foreground: 0.0,
+        decode_ms: t1 - t0,
+        gpu_ms: t2 - t1,
+        encode_ms: 0.0,
+        rgba,
+        coarse_rgba: Vec::new(),
+        fill_rgba: Vec::new(),
+        edge_rgba: Vec::new(),
+        mask_png: Vec::new(),
+        prompt_info: String::new(),
+    })
+}
+
+/// Prompted models: the mask of the prompts given as JSON `{"points": [[x, y, 1|0], ...],
+/// "boxes": [[x0, y0, x1, y1], ...]}` in the encoded image's pixels. The points form one prompt
+/// (with the first box); every other box is decoded alone; the masks are merged (union), as the
+/// CLI's `segment --box ... --point ...` does, so the PNG equals the CLI's for the same prompts.
+#[wasm_bindgen]
+pub async fn decode_prompt(prompts: String) -> Result<SegResult, JsValue> {
+    let sam = STATE.with(|s| s.borrow().sam.clone()).ok_or_else(|| {
+        js_error(
+            "StateError",
+            "no prompted model (MobileSAM / LiteMedSAM) is prepared",
+        )
+    })?;
+    let enc = STATE
+        .with(|s| s.borrow().encoded.clone())
+        .ok_or_else(|| js_error("StateError", "no image is encoded yet"))?;
+    let (e, img) = (&enc.0, &enc.1);
+    let v: Value = serde_json::from_str(&prompts)
+        .map_err(|err| js_error("Error", format!("prompts: {err}")))?;
+    let num = |x: &Value| x.as_f64().filter(|v| v.is_finite()).map(|v| v as f32);
+    let mut points = Vec::new();
+    for p in v["points"].as_array().into_iter().flatten() {
+        match (num(&p[0]), num(&p[1])) {
+            (Some(x), Some(y)) => points.push((x, y, p[2].as_i64() != Some(0))),
+            _ => return Err(js_error("Error", "prompts: a point is [x, y, label]")),
+        }
+    }
+    let mut boxes = Vec::new();
+    for b in v["boxes"].as_array().into_iter().flatten() {
+        let c: Vec<f32> = (0..4).filter_map(|i| num(&b[i])).collect();
+        if c.len() != 4 {
+            return Err(js_error("Error", "prompts: a box is [x0, y0, x1, y1]"));
+        }
+        boxes.push([
+            c[0].min(c[2]),
+            c[1].min(c[3]),
+            c[0].max(c[2]),
+            c[1].max(c[3]),
+        ]);
+    }
+    let mut list: Vec<Prompt> = boxes
+        .iter()
+        .map(|b| Prompt {
+            points: vec![],
+            bbox: Some(*b),
+        })
+        .collect();
+    if !points.is_empty() {
+        match list.first_mut() {
+            Some(f) => f.points = points,
+            None => list.push(Prompt { points, bbox: None }),
+        }
+    }
+    let t0 = perf_now();
+    let (w, h) = (img.width, img.height);
+    let mut union = vec![f32::NEG_INFINITY; w * h];
+    let mut infos = Vec::new();
+    for p in &list {
+        let m = sam
+            .decode_async(e, p, MaskChoice::Auto, false)
+            .await
+            .map_err(to_js)?;
+        for (u, &l) in union.iter_mut().zip(&m.logits) {
+            *u = u.max(l);
+        }
+        infos.push(json!({"iou": m.iou, "chosen": m.chosen}));
+    }
+    let t1 = perf_now();
+    let mask = GrayImage {
+        width: w,
+        height: h,
+        data: union
+            .iter()
+            .map(|&v| if v > 0.0 { 255 } else { 0 })
+            .collect(),
+    };
+    let mask_png = io::encode_png_gray(&mask).map_err(to_js)?;
+    let fg = mask.data.iter().filter(|&&v| v > 127).count() as f64 / mask.data.len().max(1) as f64;
+    let (fill_rgba, edge_rgba) = overlay_layers(&mask);
+    Ok(SegResult {
+        width: w,
+        height: h,
+        threshold: f32::NAN,
+        foreground: fg,
+        decode_ms: 0.0,
+        gpu_ms: t1 - t0,
+        encode_ms: perf_now() - t1,
+        rgba: Vec::new(),
+        coarse_rgba: Vec::new(),
+        fill_rgba,
+        edge_rgba,
+        mask_png,
+        prompt_info: json!({ "prompts": infos }).to_string(),
     })
 }
 
