@@ -1,7 +1,8 @@
 //! Deterministic mutation fuzzing of every parser a user can feed a file to (issue 8, "Beyond the
 //! list"): images (PNG, JPEG, BMP, TIFF), safetensors weights (bytes, and the configuration
 //! inference over their shapes), configuration JSON, dataset folder layouts (with their split
-//! files), and MoNuSeg's Aperio XML annotations with the polygon rasteriser.
+//! files), MoNuSeg's Aperio XML annotations with the polygon rasteriser, and PyTorch checkpoints
+//! (zip and legacy `.pth`, mutated through the zip structure and the pickle).
 //!
 //! Each input runs under `catch_unwind`; a counting global allocator records the peak memory of
 //! each call (it must stay under 1 GiB) and refuses any single allocation above 2 GiB (the process
@@ -977,6 +978,309 @@ fn fuzz_aperio_xml() {
                 }
             }
         });
+    }
+    fz.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch checkpoints (.pth): zip and legacy containers, the pickle VM, storages and views
+
+fn pth_fixture(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/pth")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The entries of a zip seed, to be mutated and written back with valid CRCs.
+fn unzip(b: &[u8]) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut a = zip::ZipArchive::new(std::io::Cursor::new(b)).unwrap();
+    (0..a.len())
+        .map(|i| {
+            let mut f = a.by_index(i).unwrap();
+            let mut v = Vec::new();
+            f.read_to_end(&mut v).unwrap();
+            (f.name().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+fn rezip(entries: &[(String, Vec<u8>)], deflate: bool) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opt = zip::write::SimpleFileOptions::default().compression_method(if deflate {
+        zip::CompressionMethod::Deflated
+    } else {
+        zip::CompressionMethod::Stored
+    });
+    for (name, b) in entries {
+        // A name the writer refuses (a duplicate) is left out.
+        if w.start_file(name.as_str(), opt).is_ok() {
+            w.write_all(b).unwrap();
+        }
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// Small checkpoints beside the fixtures, so that mutations often reach each structure: a zip
+/// state_dict with a transposed view, a shared storage and an i64 scalar, and the same pickle in
+/// a legacy stream.
+fn small_pth_seeds() -> Vec<Vec<u8>> {
+    fn s(p: &mut Vec<u8>, x: &str) {
+        p.push(b'X');
+        p.extend_from_slice(&(x.len() as u32).to_le_bytes());
+        p.extend_from_slice(x.as_bytes());
+    }
+    let mut p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01(".to_vec();
+    for (name, ty, key, n, off, shape, stride) in [
+        (
+            "module.w",
+            "FloatStorage",
+            "0",
+            12u8,
+            1u8,
+            &[2u8, 3][..],
+            &[1u8, 2][..],
+        ),
+        ("module.v", "FloatStorage", "0", 12, 4, &[4], &[2]),
+        ("module.n", "LongStorage", "1", 1, 0, &[], &[]),
+        ("module.h", "HalfStorage", "2", 4, 0, &[2, 2], &[2, 1]),
+    ] {
+        s(&mut p, name);
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+        s(&mut p, "storage");
+        p.extend_from_slice(format!("ctorch\n{ty}\n").as_bytes());
+        s(&mut p, key);
+        s(&mut p, "cpu");
+        p.extend_from_slice(&[b'K', n, b't', b'Q', b'K', off, b'(']);
+        for &d in shape {
+            p.extend_from_slice(&[b'K', d]);
+        }
+        p.extend_from_slice(b"t(");
+        for &d in stride {
+            p.extend_from_slice(&[b'K', d]);
+        }
+        p.extend_from_slice(b"t\x89ccollections\nOrderedDict\n)RtR");
+    }
+    s(&mut p, "epoch");
+    p.extend_from_slice(b"K\x03u}X\x09\x00\x00\x00_metadata}sb.");
+    let st0: Vec<u8> = (0..12)
+        .flat_map(|i| (i as f32 - 3.5).to_le_bytes())
+        .collect();
+    let st1 = 7i64.to_le_bytes().to_vec();
+    let st2: Vec<u8> = [1.0f32, -2.0, 0.5, 65504.0]
+        .iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+        .collect();
+    let z = rezip(
+        &[
+            ("c/data.pkl".into(), p.clone()),
+            ("c/byteorder".into(), b"little".to_vec()),
+            ("c/data/0".into(), st0.clone()),
+            ("c/data/1".into(), st1.clone()),
+            ("c/data/2".into(), st2.clone()),
+        ],
+        false,
+    );
+    // Legacy: magic, protocol 1001, sys info, the pickle, keys, storages (u64 count + bytes).
+    let mut l =
+        b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.\x80\x02M\xe9\x03.".to_vec();
+    l.extend_from_slice(b"\x80\x02}(");
+    s(&mut l, "little_endian");
+    l.extend_from_slice(b"\x88u.");
+    l.extend_from_slice(&p);
+    l.extend_from_slice(b"\x80\x02](");
+    for k in ["0", "1", "2"] {
+        s(&mut l, k);
+    }
+    l.extend_from_slice(b"e.");
+    for (n, d) in [(12u64, &st0), (1, &st1), (4, &st2)] {
+        l.extend_from_slice(&n.to_le_bytes());
+        l.extend_from_slice(d);
+    }
+    vec![z, l]
+}
+
+/// Tokens of a checkpoint's pickle that a mutation swaps for one another (types, callables,
+/// refused globals, persistent-id fields).
+const PTH_TOKENS: &[&[u8]] = &[
+    b"FloatStorage",
+    b"HalfStorage",
+    b"BFloat16Storage",
+    b"DoubleStorage",
+    b"LongStorage",
+    b"BoolStorage",
+    b"ByteStorage",
+    b"ComplexFloatStorage",
+    b"_rebuild_tensor_v2",
+    b"_rebuild_tensor",
+    b"_rebuild_parameter",
+    b"OrderedDict",
+    b"collections",
+    b"torch._utils",
+    b"os\nsystem",
+    b"storage",
+    b"cpu",
+    b"model",
+    b"module.",
+];
+
+fn mutate_pickle(rng: &mut Rng, p: &mut Vec<u8>, others: &[Vec<u8>]) {
+    if rng.below(3) == 0 {
+        let from = PTH_TOKENS[rng.below(PTH_TOKENS.len())];
+        let to = PTH_TOKENS[rng.below(PTH_TOKENS.len())];
+        if let Some(at) = p.windows(from.len()).position(|w| w == from) {
+            p.splice(at..at + from.len(), to.iter().copied());
+            // A BINUNICODE length before it stays as it was: often wrong, on purpose.
+            return;
+        }
+    }
+    if rng.below(3) == 0 {
+        // An integer operand (BININT1/BININT2/BININT) set to an interesting value.
+        let ops: Vec<usize> = p
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| matches!(b, b'K' | b'M' | b'J'))
+            .map(|(i, _)| i)
+            .collect();
+        if !ops.is_empty() {
+            let at = ops[rng.below(ops.len())];
+            let v = interesting(rng);
+            let w = match p[at] {
+                b'K' => 1,
+                b'M' => 2,
+                _ => 4,
+            };
+            for (k, x) in v.to_le_bytes()[..w].iter().enumerate() {
+                if at + 1 + k < p.len() {
+                    p[at + 1 + k] = *x;
+                }
+            }
+            return;
+        }
+    }
+    mutate_bytes(rng, p, others);
+}
+
+fn mutate_pth(rng: &mut Rng, seeds: &[Vec<u8>], zips: &[Vec<(String, Vec<u8>)>]) -> Vec<u8> {
+    let k = rng.below(seeds.len());
+    let mut b = seeds[k].clone();
+    if b.starts_with(b"PK") && rng.below(3) != 0 {
+        // Zip-structure aware: mutate the pickle or a storage (or drop / duplicate / rename an
+        // entry) and write the archive back, so that the CRCs hold and the reader gets past them.
+        let mut e = zips[k].clone();
+        let i = rng.below(e.len());
+        match rng.below(8) {
+            0..=3 => {
+                let pkl = e.iter().position(|(n, _)| n.ends_with("data.pkl")).unwrap();
+                mutate_pickle(rng, &mut e[pkl].1, &[]);
+            }
+            4 => {
+                let n = rng.below(e[i].1.len() + 1);
+                e[i].1.truncate(n);
+            }
+            5 => {
+                e.remove(i);
+            }
+            6 => {
+                // Another data.pkl or storage, in another folder or none.
+                let (n, v) = e[i].clone();
+                let base = n
+                    .rsplit_once('/')
+                    .map_or(n.as_str(), |(_, b)| b)
+                    .to_string();
+                let n = [format!("x/{n}"), base, format!("{n}/{n}")][rng.below(3)].clone();
+                e.insert(rng.below(e.len() + 1), (n, v));
+            }
+            _ => {
+                let (mut n, v) = e[i].clone();
+                n.push_str(["0", "/x", ".pkl"][rng.below(3)]);
+                e[i] = (n, v);
+            }
+        }
+        b = rezip(&e, rng.below(4) == 0);
+    } else if !b.starts_with(b"PK") && rng.below(2) == 0 {
+        // Legacy: the pickles are most of what precedes the storages; their counts are u64s.
+        let end = b.len().min(1200);
+        let mut head = b[..end].to_vec();
+        mutate_pickle(rng, &mut head, &[]);
+        head.extend_from_slice(&b[end..]);
+        b = head;
+    } else {
+        mutate_bytes(rng, &mut b, seeds);
+    }
+    b
+}
+
+fn check_pth(b: &[u8]) -> Result<bool, String> {
+    use medfastsam::import::pth;
+    match pth::read_pth(b, "fuzz.pth") {
+        Err(e) => {
+            let m = e.to_string();
+            if !m.starts_with("fuzz.pth: ") || m.contains('\n') {
+                return Err(format!("message {m:?}"));
+            }
+            Ok(false)
+        }
+        Ok(ck) => {
+            let mut names = std::collections::HashSet::new();
+            for t in &ck.tensors {
+                let n = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                if n != Some(t.data.len()) {
+                    return Err(format!(
+                        "tensor {}: shape {:?} but {} values",
+                        t.name,
+                        t.shape,
+                        t.data.len()
+                    ));
+                }
+                if t.raw_i64.is_some() == t.dtype.is_float()
+                    || t.raw_i64.as_ref().is_some_and(|v| v.len() != t.data.len())
+                {
+                    return Err(format!(
+                        "tensor {}: integer values of a {:?}",
+                        t.name, t.dtype
+                    ));
+                }
+                if !names.insert(t.name.as_str()) {
+                    return Err(format!("tensor {} twice", t.name));
+                }
+            }
+            if ck.tensors.is_empty() {
+                return Err("accepted without tensors".into());
+            }
+            Ok(true)
+        }
+    }
+}
+
+#[test]
+fn fuzz_pth_checkpoints() {
+    let mut seeds = vec![
+        pth_fixture("formats.nested-f16.pth"),
+        pth_fixture("formats.bf16-views.pth"),
+        pth_fixture("formats.legacy.pth"),
+    ];
+    seeds.extend(small_pth_seeds());
+    let zips: Vec<Vec<(String, Vec<u8>)>> = seeds
+        .iter()
+        .map(|s| {
+            if s.starts_with(b"PK") {
+                unzip(s)
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    for s in &seeds {
+        assert_eq!(check_pth(s), Ok(true));
+    }
+    let mut rng = Rng::new(seed(7));
+    let mut fz = Fuzz::new("pth");
+    for _ in 0..iters() {
+        let b = mutate_pth(&mut rng, &seeds, &zips);
+        fz.case(Some(&b), None, || check_pth(&b));
     }
     fz.finish();
 }

@@ -51,7 +51,7 @@
 //! turns unknown globals into placeholders instead of refusing them; the other pickle readers that
 //! understand torch files live inside large ML frameworks. A state_dict needs only ~40 opcodes.
 //!
-//! Everything is bounded: objects (8 Mi), stack (1 Mi entries), marks (4096), memo (4 Mi
+//! Everything is bounded: objects (4 Mi), stack (1 Mi entries), marks (4096), memo (4 Mi
 //! entries), lengths by the bytes actually present, a zip entry's declared size by the file size
 //! (stored) or 32 x the file size + 64 MiB in total (deflated) and by what it really holds, each
 //! tensor's extent by its storage, shape products by overflow checks, and the values of all
@@ -182,7 +182,7 @@ pub fn read_pth(bytes: &[u8], file: &str) -> Result<PthCheckpoint> {
 // ---------------------------------------------------------------------------------------------
 // Limits
 
-const MAX_OBJECTS: usize = 8 << 20;
+const MAX_OBJECTS: usize = 4 << 20;
 const MAX_STACK: usize = 1 << 20;
 const MAX_MARKS: usize = 4096;
 const MAX_MEMO: usize = 4 << 20;
@@ -1551,7 +1551,18 @@ fn materialise(
     let dtype = s.dtype;
     let es = dtype.size();
     let avail = (data.len() / es) as u64;
-    let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+    let shape = t
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<std::result::Result<Vec<usize>, _>>()
+        .map_err(|_| {
+            format!(
+                "tensor '{}': shape {:?} does not fit in memory",
+                show(name),
+                t.shape
+            )
+        })?;
     if numel > 0 {
         let last = t
             .shape
