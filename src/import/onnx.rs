@@ -413,19 +413,52 @@ pub struct OnnxModel {
 impl OnnxModel {
     /// The initializer or constant named `name`.
     pub fn tensor(&self, name: &str) -> Option<&OnnxTensor> {
-        self.index.get(name).map(|&i| &self.tensors[i])
+        self.index
+            .get(name)
+            .and_then(|&i| self.tensors.get(i))
+            .filter(|t| t.name == name)
     }
     /// The nodes reading `name`, each with the input slot it is read at.
-    pub fn consumers(&self, name: &str) -> impl Iterator<Item = (&OnnxNode, usize)> {
+    pub fn consumers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (&'a OnnxNode, usize)> {
         self.consumers
             .get(name)
             .into_iter()
             .flatten()
-            .map(|&(n, i)| (&self.nodes[n], i))
+            .filter_map(move |&(n, i)| {
+                let node = self.nodes.get(n)?;
+                (node.inputs.get(i).map(|s| s.as_str()) == Some(name)).then_some((node, i))
+            })
     }
     /// The node writing `name`.
     pub fn producer(&self, name: &str) -> Option<&OnnxNode> {
-        self.producers.get(name).map(|&i| &self.nodes[i])
+        self.producers
+            .get(name)
+            .and_then(|&i| self.nodes.get(i))
+            .filter(|n| n.outputs.iter().any(|o| o == name))
+    }
+    /// Rebuilds the name lookups after `nodes` or `tensors` were edited (lookups on a stale index
+    /// miss, they never return the wrong entry). Of two tensors with one name the first is found.
+    pub fn reindex(&mut self) {
+        self.index.clear();
+        for (i, t) in self.tensors.iter().enumerate() {
+            self.index.entry(t.name.clone()).or_insert(i);
+        }
+        self.consumers.clear();
+        self.producers.clear();
+        for (ni, n) in self.nodes.iter().enumerate() {
+            for (ii, i) in n.inputs.iter().enumerate() {
+                if !i.is_empty() {
+                    self.consumers.entry(i.clone()).or_default().push((ni, ii));
+                }
+            }
+            for o in &n.outputs {
+                self.producers.entry(o.clone()).or_insert(ni);
+            }
+        }
+    }
+    fn reindexed(mut self) -> Self {
+        self.reindex();
+        self
     }
     /// A one-line summary: inputs with shapes, outputs, node count and the most frequent ops.
     pub fn describe(&self) -> String {
@@ -789,6 +822,9 @@ pub fn read_onnx(
     let Some(g) = model.graph else {
         bail!("{file}: not an ONNX model (no graph)");
     };
+    if model.opset_import.is_empty() {
+        bail!("{file}: not an ONNX model (no opset_import)");
+    }
     if model.ir_version <= 0 {
         bail!(
             "{file}: not an ONNX model (IR version {})",
@@ -889,18 +925,6 @@ pub fn read_onnx(
                 }),
         })
         .collect();
-    let mut consumers: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
-    let mut producers = HashMap::new();
-    for (ni, n) in nodes.iter().enumerate() {
-        for (ii, i) in n.inputs.iter().enumerate() {
-            if !i.is_empty() {
-                consumers.entry(i.clone()).or_default().push((ni, ii));
-            }
-        }
-        for o in &n.outputs {
-            producers.entry(o.clone()).or_insert(ni);
-        }
-    }
     Ok(OnnxModel {
         file: file.to_string(),
         ir_version: model.ir_version,
@@ -916,10 +940,11 @@ pub fn read_onnx(
         outputs: g.output.iter().map(|o| o.name.clone()).collect(),
         nodes,
         tensors,
-        index,
-        consumers,
-        producers,
-    })
+        index: HashMap::new(),
+        consumers: HashMap::new(),
+        producers: HashMap::new(),
+    }
+    .reindexed())
 }
 
 /// An external-data resolver for [`read_onnx`] that refuses every location (a model that must be
@@ -1601,53 +1626,56 @@ impl Importer<'_> {
         }
         Ok(())
     }
+}
 
-    /// Checks that each attention multiplies q·kᵀ by its scale as a separate operation (a scale
-    /// folded into the q weights would not be undone by this reader).
-    fn check_attention_scales(&self) -> Result<()> {
-        let m = self.m;
-        let mut modules: Vec<(String, f64)> = Vec::new();
-        match self.kind {
+/// Checks that each attention multiplies q·kᵀ by its scale as a separate operation (a scale folded
+/// into the q weights would not be undone by this reader). `part` holds the graph's tensors.
+fn check_attention_scales(
+    m: &OnnxModel,
+    kind: GraphKind,
+    part: &HashMap<String, (Vec<usize>, Vec<f32>, String)>,
+) -> Result<()> {
+    let mut modules: Vec<(String, f64)> = Vec::new();
+    for (k, (shape, _, _)) in part {
+        match kind {
             GraphKind::ImageEncoder => {
-                for k in self.out.keys() {
-                    if let Some(base) = k.strip_suffix(".attention_biases") {
-                        let heads = self.out[k].0[0];
-                        let dim = self.out[&format!("{base}.qkv.weight")].0[1];
-                        modules.push((base.to_string(), (dim / heads) as f64));
-                    }
+                if let Some(base) = k.strip_suffix(".attention_biases")
+                    && let Some((qkv, _, _)) = part.get(&format!("{base}.qkv.weight"))
+                    && shape[0] > 0
+                {
+                    modules.push((base.to_string(), (qkv[1] / shape[0]) as f64));
                 }
             }
             GraphKind::PromptMaskDecoder => {
-                for k in self.out.keys() {
-                    if let Some(base) = k.strip_suffix(".q_proj.weight") {
-                        modules.push((base.to_string(), (self.out[k].0[0] / 8) as f64));
-                    }
+                if let Some(base) = k.strip_suffix(".q_proj.weight") {
+                    modules.push((base.to_string(), (shape[0] / 8) as f64));
                 }
             }
         }
-        for (module, head_dim) in modules {
-            let scale = head_dim.powf(-0.5);
-            let found = m.nodes.iter().any(|n| {
-                if module_of(&n.name, self.kind).as_deref() != Some(module.as_str()) {
-                    return false;
-                }
-                let c = n.inputs.iter().filter_map(|i| m.tensor(i)?.scalar()).next();
-                let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs();
-                match (n.op_type.as_str(), c) {
-                    ("Mul", Some(c)) => close(c, scale),
-                    ("Div", Some(c)) => close(c, 1.0 / scale),
-                    _ => false,
-                }
-            });
-            if !found {
-                bail!(
-                    "{}: {module}: no multiplication of q·kᵀ by {scale} (head dim {head_dim}) found; the exporter may have folded the attention scale into the q weights, which this reader does not undo",
-                    m.file
-                );
-            }
-        }
-        Ok(())
     }
+    modules.sort_by(|a, b| a.0.cmp(&b.0));
+    for (module, head_dim) in modules {
+        let scale = head_dim.powf(-0.5);
+        let found = m.nodes.iter().any(|n| {
+            if module_of(&n.name, kind).as_deref() != Some(module.as_str()) {
+                return false;
+            }
+            let c = n.inputs.iter().filter_map(|i| m.tensor(i)?.scalar()).next();
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs();
+            match (n.op_type.as_str(), c) {
+                ("Mul", Some(c)) => close(c, scale),
+                ("Div", Some(c)) => close(c, 1.0 / scale),
+                _ => false,
+            }
+        });
+        if !found {
+            bail!(
+                "{}: {module}: no multiplication of q·kᵀ by {scale} (head dim {head_dim}) found; the exporter may have folded the attention scale into the q weights, which this reader does not undo",
+                m.file
+            );
+        }
+    }
+    Ok(())
 }
 
 /// MobileSAM's state_dict from its ONNX exports: `encoder` the TinyViT image encoder + neck,
@@ -1701,7 +1729,6 @@ pub fn mobilesam_state_dict(
             ignored: Vec::new(),
         };
         imp.run()?;
-        imp.check_attention_scales()?;
         let (folded, transposed, reshaped, tables, tokens, ignored) = (
             std::mem::take(&mut imp.folded),
             imp.transposed,
@@ -1730,6 +1757,7 @@ pub fn mobilesam_state_dict(
                 }
             );
         }
+        check_attention_scales(m, kind, &part)?;
         let f = &m.file;
         imported.notes.push(format!(
             "{f}: {} ({}), {} tensors imported",
