@@ -1286,6 +1286,543 @@ fn fuzz_pth_checkpoints() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ONNX models (src/import/onnx.rs): the protobuf, tensor encodings (raw, typed, external), Constant
+// nodes, and the MobileSAM mapping, on small models built here (not the 28 MB real export)
+
+mod onnx_fuzz {
+    use super::*;
+    use medfastsam::import::onnx::{TensorData, mobilesam_state_dict, proto, read_onnx};
+    use prost::Message;
+
+    fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> proto::TensorProto {
+        proto::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: proto::data_type::FLOAT,
+            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> proto::NodeProto {
+        proto::NodeProto {
+            op_type: op.into(),
+            name: name.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn constant(name: &str, out: &str, t: proto::TensorProto) -> proto::NodeProto {
+        let mut c = node("Constant", name, &[], &[out]);
+        c.attribute.push(proto::AttributeProto {
+            name: "value".into(),
+            r#type: proto::attribute_type::TENSOR,
+            t: Some(t),
+            ..Default::default()
+        });
+        c
+    }
+
+    fn input(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
+        proto::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(proto::TypeProto {
+                tensor_type: Some(proto::TypeProtoTensor {
+                    elem_type: proto::data_type::FLOAT,
+                    shape: Some(proto::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| proto::Dimension {
+                                dim_value: Some(d),
+                                dim_param: None,
+                            })
+                            .collect(),
+                    }),
+                }),
+            }),
+        }
+    }
+
+    fn model(graph: proto::GraphProto) -> proto::ModelProto {
+        proto::ModelProto {
+            ir_version: 8,
+            producer_name: "fuzz".into(),
+            graph: Some(graph),
+            opset_import: vec![proto::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A consistent TinyViT attention bias table (heads × ws² × ws²).
+    fn bias_table(heads: usize, ws: usize) -> Vec<f32> {
+        let n = ws * ws;
+        let mut v = Vec::with_capacity(heads * n * n);
+        for h in 0..heads {
+            for p in 0..n {
+                for q in 0..n {
+                    let (dr, dc) = ((p / ws).abs_diff(q / ws), (p % ws).abs_diff(q % ws));
+                    v.push((h * 100 + dr * ws + dc) as f32 * 0.01);
+                }
+            }
+        }
+        v
+    }
+
+    pub fn seeds() -> Vec<Vec<u8>> {
+        // 1. Another model: y = x + b.
+        let add = model(proto::GraphProto {
+            node: vec![node("Add", "/Add", &["x", "b"], &["y"])],
+            initializer: vec![f32_tensor("b", &[2, 3], &[1., 2., 3., 4., 5., 6.])],
+            input: vec![input("x", &[2, 3])],
+            output: vec![input("y", &[2, 3])],
+            ..Default::default()
+        });
+        // 2. Typed fields, f16/f64/i64, Constant node forms, external data.
+        let mut g = add.graph.clone().unwrap();
+        g.initializer.push(proto::TensorProto {
+            name: "typed".into(),
+            dims: vec![2, 2],
+            data_type: proto::data_type::FLOAT,
+            float_data: vec![0.5, 1.5, -2.0, 4.0],
+            ..Default::default()
+        });
+        g.initializer.push(proto::TensorProto {
+            name: "half".into(),
+            dims: vec![3],
+            data_type: proto::data_type::FLOAT16,
+            int32_data: vec![0x3C00, 0xC000, 0x3555],
+            ..Default::default()
+        });
+        g.initializer.push(proto::TensorProto {
+            name: "double".into(),
+            dims: vec![2],
+            data_type: proto::data_type::DOUBLE,
+            double_data: vec![0.25, -8.0],
+            ..Default::default()
+        });
+        g.initializer.push(proto::TensorProto {
+            name: "shape".into(),
+            dims: vec![3],
+            data_type: proto::data_type::INT64,
+            int64_data: vec![1, -1, 4],
+            ..Default::default()
+        });
+        g.initializer.push(proto::TensorProto {
+            name: "ext".into(),
+            dims: vec![4],
+            data_type: proto::data_type::FLOAT,
+            data_location: proto::EXTERNAL,
+            external_data: [("location", "w.bin"), ("offset", "16"), ("length", "16")]
+                .iter()
+                .map(|(k, v)| proto::StringStringEntryProto {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        });
+        g.node
+            .push(constant("/c", "c_out", f32_tensor("", &[2], &[3.0, 4.0])));
+        let mut c = node("Constant", "/c2", &[], &["c2_out"]);
+        c.attribute.push(proto::AttributeProto {
+            name: "value_ints".into(),
+            r#type: proto::attribute_type::INTS,
+            ints: vec![1, 2, 3],
+            ..Default::default()
+        });
+        g.node.push(c);
+        let typed = model(g);
+        // 3. Like the encoder export: stem conv with a folded bias, an attention bias table, the
+        // attention scale, a transposed Linear weight of the wrong size, a LayerNorm2d weight.
+        let mut g = proto::GraphProto {
+            input: vec![input("input", &[1, 3, 1024, 1024])],
+            ..Default::default()
+        };
+        g.node.push(node(
+            "Conv",
+            "/patch_embed/seq/seq.0/c/Conv",
+            &["input", "onnx::Conv_1", "onnx::Conv_2"],
+            &["p"],
+        ));
+        g.node.push(node(
+            "MatMul",
+            "/layers.1/blocks.0/attn/qkv/MatMul",
+            &["p", "onnx::MatMul_3"],
+            &["qkv"],
+        ));
+        g.node.push(constant(
+            "/layers.1/blocks.0/attn/Constant_4",
+            "scale",
+            f32_tensor("", &[], &[32f32.powf(-0.5)]),
+        ));
+        g.node.push(node(
+            "Mul",
+            "/layers.1/blocks.0/attn/Mul",
+            &["qkv", "scale"],
+            &["s"],
+        ));
+        g.node.push(constant(
+            "/layers.1/blocks.0/attn/Constant_5",
+            "tab",
+            f32_tensor("", &[4, 49, 49], &bias_table(4, 7)),
+        ));
+        g.node.push(node(
+            "Add",
+            "/layers.1/blocks.0/attn/Add",
+            &["s", "tab"],
+            &["a"],
+        ));
+        g.node.push(node(
+            "Mul",
+            "/neck/neck.1/Mul",
+            &["a", "onnx::Mul_4"],
+            &["n"],
+        ));
+        g.initializer = vec![
+            f32_tensor("onnx::Conv_1", &[32, 3, 3, 3], &[0.5; 32 * 27]),
+            f32_tensor("onnx::Conv_2", &[32], &[0.25; 32]),
+            f32_tensor("onnx::MatMul_3", &[4, 12], &[0.125; 48]),
+            f32_tensor("onnx::Mul_4", &[256, 1, 1], &[1.0; 256]),
+            f32_tensor("layers.1.blocks.0.attn.norm.weight", &[128], &[1.0; 128]),
+        ];
+        let encoder = model(g);
+        // 4. Like the decoder export: the token table, no_mask_embed, a Gemm, a LayerNormalization.
+        let mut g = proto::GraphProto {
+            input: vec![
+                input("image_embeddings", &[1, 256, 64, 64]),
+                input("has_mask_input", &[1]),
+            ],
+            ..Default::default()
+        };
+        g.node.push(node(
+            "Expand",
+            "/Expand_1",
+            &["onnx::Expand_1", "shape"],
+            &["tok"],
+        ));
+        g.node
+            .push(node("Sub", "/Sub_1", &["one", "has_mask_input"], &["inv"]));
+        g.node
+            .push(node("Mul", "/Mul_9", &["inv", "onnx::Mul_2"], &["nm"]));
+        let mut gemm = node(
+            "Gemm",
+            "/output_hypernetworks_mlps.0/layers.0/Gemm",
+            &[
+                "tok",
+                "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight",
+                "mask_decoder.output_hypernetworks_mlps.0.layers.0.bias",
+            ],
+            &["h"],
+        );
+        gemm.attribute.push(proto::AttributeProto {
+            name: "transB".into(),
+            r#type: proto::attribute_type::INT,
+            i: 1,
+            ..Default::default()
+        });
+        g.node.push(gemm);
+        g.node.push(node(
+            "LayerNormalization",
+            "/transformer/layers.0/norm1/LayerNormalization",
+            &[
+                "h",
+                "mask_decoder.transformer.layers.0.norm1.weight",
+                "mask_decoder.transformer.layers.0.norm1.bias",
+            ],
+            &["o"],
+        ));
+        g.initializer = vec![
+            f32_tensor("onnx::Expand_1", &[1, 5, 256], &[0.5; 5 * 256]),
+            f32_tensor("one", &[], &[1.0]),
+            f32_tensor("onnx::Mul_2", &[1, 256, 1, 1], &[0.25; 256]),
+            f32_tensor(
+                "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight",
+                &[8, 8],
+                &[0.0; 64],
+            ),
+            f32_tensor(
+                "mask_decoder.output_hypernetworks_mlps.0.layers.0.bias",
+                &[256],
+                &[0.0; 256],
+            ),
+            f32_tensor(
+                "mask_decoder.transformer.layers.0.norm1.weight",
+                &[256],
+                &[1.0; 256],
+            ),
+            f32_tensor(
+                "mask_decoder.transformer.layers.0.norm1.bias",
+                &[256],
+                &[0.0; 256],
+            ),
+        ];
+        let decoder = model(g);
+        [add, typed, encoder, decoder]
+            .iter()
+            .map(|m| m.encode_to_vec())
+            .collect()
+    }
+
+    /// Every tensor of a model, initializers and Constant node values.
+    fn tensors(m: &mut proto::ModelProto) -> Vec<&mut proto::TensorProto> {
+        let g = m.graph.as_mut().unwrap();
+        let mut v: Vec<&mut proto::TensorProto> = g.initializer.iter_mut().collect();
+        for n in &mut g.node {
+            for a in &mut n.attribute {
+                if let Some(t) = a.t.as_mut() {
+                    v.push(t);
+                }
+            }
+        }
+        v
+    }
+
+    fn mutate_tensor(rng: &mut Rng, t: &mut proto::TensorProto) {
+        match rng.below(9) {
+            0 => {
+                let rank = rng.below(5);
+                t.dims = (0..rank)
+                    .map(|_| {
+                        if rng.below(2) == 0 {
+                            rng.below(8) as i64
+                        } else {
+                            interesting(rng) as i64
+                        }
+                    })
+                    .collect();
+            }
+            1 if !t.dims.is_empty() => {
+                let i = rng.below(t.dims.len());
+                t.dims[i] = [0, 1, -1, 2, 49, 256, i64::MAX, i64::MIN][rng.below(8)];
+            }
+            2 => t.data_type = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 13, 16, 99][rng.below(13)],
+            3 => {
+                let n = rng.below(t.raw_data.len() + 9);
+                t.raw_data.resize(n, 0x3F);
+            }
+            4 => {
+                // Move the data to a typed field (or drop it).
+                let f: Vec<f32> = t
+                    .raw_data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                t.raw_data.clear();
+                match rng.below(5) {
+                    0 => t.float_data = f,
+                    1 => t.int32_data = f.iter().map(|&x| x as i32).collect(),
+                    2 => t.int64_data = f.iter().map(|&x| x as i64).collect(),
+                    3 => t.double_data = f.iter().map(|&x| x as f64).collect(),
+                    _ => t.uint64_data = f.iter().map(|&x| x as u64).collect(),
+                }
+            }
+            5 => {
+                t.data_location = proto::EXTERNAL;
+                t.raw_data.clear();
+                let mut e = vec![proto::StringStringEntryProto {
+                    key: "location".into(),
+                    value: ["w.bin", "../w.bin", "/w.bin", "", "missing.bin", "a/b.bin"]
+                        [rng.below(6)]
+                    .into(),
+                }];
+                for k in ["offset", "length"] {
+                    if rng.below(3) > 0 {
+                        let v = if rng.below(2) == 0 {
+                            rng.below(80).to_string()
+                        } else if rng.below(4) == 0 {
+                            "-3".to_string()
+                        } else {
+                            interesting(rng).to_string()
+                        };
+                        e.push(proto::StringStringEntryProto {
+                            key: k.into(),
+                            value: v,
+                        });
+                    }
+                }
+                t.external_data = e;
+            }
+            6 => t.data_location = rng.below(3) as i32,
+            7 => {
+                t.name = [
+                    "b",
+                    "",
+                    "onnx::MatMul_9",
+                    "neck.0.weight",
+                    "model.prompt_encoder.no_mask_embed.weight",
+                    "tab",
+                ][rng.below(6)]
+                .into()
+            }
+            _ => {
+                for x in t.raw_data.iter_mut().take(64) {
+                    if rng.below(8) == 0 {
+                        *x = rng.next_u64() as u8;
+                    }
+                }
+            }
+        }
+    }
+
+    fn mutate_graph(rng: &mut Rng, m: &mut proto::ModelProto) {
+        let g = m.graph.as_mut().unwrap();
+        if g.node.is_empty() {
+            return;
+        }
+        let i = rng.below(g.node.len());
+        let n = &mut g.node[i];
+        match rng.below(6) {
+            0 => {
+                n.op_type = [
+                    "Add", "Mul", "MatMul", "Gemm", "Conv", "Expand", "Constant", "Sub", "",
+                ][rng.below(9)]
+                .into()
+            }
+            1 => {
+                n.name = [
+                    "/layers.1/blocks.0/attn/Add",
+                    "/neck/neck.1/Add_1",
+                    "/patch_embed/seq/seq.2/c/Conv",
+                    "/transformer/layers.0/mlp/lin1/MatMul",
+                    "/mask_downscaling/mask_downscaling.1/Mul",
+                    "/",
+                    "",
+                    "//a//b/",
+                ][rng.below(8)]
+                .into()
+            }
+            2 if !n.input.is_empty() => {
+                let k = rng.below(n.input.len());
+                n.input[k] =
+                    ["", "tab", "onnx::Conv_2", "has_mask_input", "x"][rng.below(5)].into();
+            }
+            3 => {
+                n.attribute.push(proto::AttributeProto {
+                    name: ["transB", "alpha", "group", "value", "value_float"][rng.below(5)].into(),
+                    r#type: rng.below(12) as i32,
+                    i: interesting(rng) as i64,
+                    f: [0.0, 1.0, 2.5, f32::NAN][rng.below(4)],
+                    ..Default::default()
+                });
+            }
+            4 => {
+                g.node.remove(i);
+            }
+            _ => {
+                let n = n.clone();
+                g.node.push(n);
+            }
+        }
+        if rng.below(6) == 0 {
+            m.opset_import.clear();
+        }
+        if rng.below(6) == 0 {
+            m.ir_version = [0, -1, 3, 1 << 40][rng.below(4)];
+        }
+    }
+
+    pub fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
+        let mut b = seeds[rng.below(seeds.len())].clone();
+        if rng.below(10) < 7 {
+            let mut m = proto::ModelProto::decode(b.as_slice()).unwrap();
+            for _ in 0..1 + rng.below(3) {
+                if rng.below(3) == 0 {
+                    mutate_graph(rng, &mut m);
+                } else {
+                    let mut ts = tensors(&mut m);
+                    if !ts.is_empty() {
+                        let i = rng.below(ts.len());
+                        mutate_tensor(rng, ts[i]);
+                    }
+                }
+            }
+            b = m.encode_to_vec();
+            if rng.below(5) == 0 {
+                mutate_bytes(rng, &mut b, seeds);
+            }
+        } else {
+            mutate_bytes(rng, &mut b, seeds);
+        }
+        b
+    }
+
+    pub fn check(b: &[u8]) -> Result<bool, String> {
+        let ext_file: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37)).collect();
+        let resolver = |loc: &str| -> anyhow::Result<Vec<u8>> {
+            match loc {
+                "w.bin" => Ok(ext_file.clone()),
+                "a/b.bin" => anyhow::bail!("a/b.bin:\nnot readable"),
+                o => anyhow::bail!("no file {o}"),
+            }
+        };
+        let message = |e: anyhow::Error| {
+            let m = format!("{e:#}");
+            if !m.starts_with("fuzz.onnx: ") || m.contains('\n') {
+                Err(format!("message {m:?}"))
+            } else {
+                Ok(())
+            }
+        };
+        let m = match read_onnx(b, "fuzz.onnx", &resolver) {
+            Err(e) => return message(e).map(|_| false),
+            Ok(m) => m,
+        };
+        for t in &m.tensors {
+            let n = t.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let len = match &t.data {
+                TensorData::F32(v) => Some(v.len()),
+                TensorData::F64(v) => Some(v.len()),
+                TensorData::I64(v) => Some(v.len()),
+                TensorData::Unsupported(_) => None,
+            };
+            if len.is_some() && n != len {
+                return Err(format!(
+                    "tensor {}: dims {:?} but {len:?} values",
+                    t.name, t.dims
+                ));
+            }
+        }
+        let _ = m.describe();
+        for (e, d) in [(Some(&m), None), (None, Some(&m))] {
+            match mobilesam_state_dict(e, d) {
+                Err(e) => message(e)?,
+                Ok(w) => {
+                    for (k, s, v) in &w.tensors {
+                        if s.iter().product::<usize>() != v.len() {
+                            return Err(format!(
+                                "imported {k}: shape {s:?} but {} values",
+                                v.len()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[test]
+fn fuzz_onnx() {
+    let seeds = onnx_fuzz::seeds();
+    for s in &seeds {
+        assert_eq!(onnx_fuzz::check(s), Ok(true));
+    }
+    let mut rng = Rng::new(seed(8));
+    let mut fz = Fuzz::new("onnx");
+    for _ in 0..iters() {
+        let b = onnx_fuzz::mutate(&mut rng, &seeds);
+        fz.case(Some(&b), None, || onnx_fuzz::check(&b));
+    }
+    fz.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dataset folder layouts
 
 /// (format, files as (relative path, kind)) with kind: "img", "mask", "xml", "split:<json>".

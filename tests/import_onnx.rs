@@ -461,7 +461,7 @@ fn external_data_outside_its_file_is_refused() {
     one_line_error(
         read_onnx(&ext("w.bin", "0", "16"), "x.onnx", &failing),
         "x.onnx",
-        "line one line two",
+        "line one\\nline two",
     );
 }
 

@@ -512,9 +512,26 @@ impl OnnxModel {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
-/// Message text on one line (errors from a caller's closure may span several).
+/// Message text on one line, with the control characters that names in a file may hold escaped.
 fn one_line(s: impl std::fmt::Display) -> String {
-    s.to_string().replace(['\n', '\r'], " ")
+    let s = s.to_string();
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Every public entry point's error as one line (see [`one_line`]).
+fn tidy<T>(r: Result<T>) -> Result<T> {
+    r.map_err(|e| anyhow!("{}", one_line(format!("{e:#}"))))
 }
 
 /// External data files, fetched once each through the caller's closure.
@@ -813,6 +830,14 @@ pub fn read_onnx(
     file: &str,
     external: &dyn Fn(&str) -> Result<Vec<u8>>,
 ) -> Result<OnnxModel> {
+    tidy(read_onnx_inner(bytes, file, external))
+}
+
+fn read_onnx_inner(
+    bytes: &[u8],
+    file: &str,
+    external: &dyn Fn(&str) -> Result<Vec<u8>>,
+) -> Result<OnnxModel> {
     use prost::Message;
     if bytes.is_empty() {
         bail!("{file}: empty file, not an ONNX model");
@@ -964,7 +989,7 @@ pub fn in_folder(dir: &std::path::Path) -> impl Fn(&str) -> Result<Vec<u8>> + '_
 
 /// Reads an ONNX file from disk, resolving external data next to it.
 pub fn read_onnx_file(path: &std::path::Path) -> Result<OnnxModel> {
-    let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let bytes = tidy(std::fs::read(path).map_err(|e| anyhow!("{}: {e}", path.display())))?;
     let dir = path
         .parent()
         .map(|p| p.to_path_buf())
@@ -1252,6 +1277,10 @@ impl ImportedWeights {
 /// Which MobileSAM export `m` is, from its nodes and inputs; an error that says what was expected
 /// and what was found for any other graph.
 pub fn identify(m: &OnnxModel) -> Result<GraphKind> {
+    tidy(identify_inner(m))
+}
+
+fn identify_inner(m: &OnnxModel) -> Result<GraphKind> {
     let has = |p: &str| m.nodes.iter().any(|n| n.name.contains(p));
     let input = |n: &str| m.inputs.iter().any(|i| i.name == n);
     if has("patch_embed/") && has("layers.1/blocks.0/attn") && has("neck") {
@@ -1683,6 +1712,13 @@ fn check_attention_scales(
 /// Every tensor MobileSAM has that the export holds must be found with MobileSAM's shape, else an
 /// error lists the missing keys. See the module documentation for what is undone.
 pub fn mobilesam_state_dict(
+    encoder: Option<&OnnxModel>,
+    decoder: Option<&OnnxModel>,
+) -> Result<ImportedWeights> {
+    tidy(state_dict_inner(encoder, decoder))
+}
+
+fn state_dict_inner(
     encoder: Option<&OnnxModel>,
     decoder: Option<&OnnxModel>,
 ) -> Result<ImportedWeights> {
