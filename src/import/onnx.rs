@@ -1023,46 +1023,17 @@ pub struct MobileSamKey {
 /// ONNX exports (271 encoder, 137 prompt encoder + mask decoder; the classifier head and norm_head
 /// and the 27 BatchNorm counters are not).
 pub fn mobilesam_keys() -> Vec<MobileSamKey> {
-    use GraphKind::*;
-    let mut v: Vec<MobileSamKey> = Vec::new();
-    let mut put = |key: String, shape: &[usize], graph: Option<GraphKind>| {
-        v.push(MobileSamKey {
-            key,
-            shape: shape.to_vec(),
-            graph,
-        })
-    };
-    let e = Some(ImageEncoder);
-    let d = Some(PromptMaskDecoder);
+    let mut k = KeyList(Vec::new());
     let ie = "image_encoder";
-    let conv_bn =
-        |put: &mut dyn FnMut(String, &[usize], Option<GraphKind>), pre: &str, w: &[usize]| {
-            put(format!("{pre}.c.weight"), w, e);
-            for s in ["weight", "bias", "running_mean", "running_var"] {
-                put(format!("{pre}.bn.{s}"), &[w[0]], e);
-            }
-            put(format!("{pre}.bn.num_batches_tracked"), &[], None);
-        };
-    conv_bn(&mut put, &format!("{ie}.patch_embed.seq.0"), &[32, 3, 3, 3]);
-    conv_bn(
-        &mut put,
-        &format!("{ie}.patch_embed.seq.2"),
-        &[64, 32, 3, 3],
-    );
-    let merge =
-        |put: &mut dyn FnMut(String, &[usize], Option<GraphKind>), s: usize, i: usize, o: usize| {
-            let p = format!("{ie}.layers.{s}.downsample");
-            conv_bn(put, &format!("{p}.conv1"), &[o, i, 1, 1]);
-            conv_bn(put, &format!("{p}.conv2"), &[o, 1, 3, 3]);
-            conv_bn(put, &format!("{p}.conv3"), &[o, o, 1, 1]);
-        };
+    k.conv_bn(&format!("{ie}.patch_embed.seq.0"), &[32, 3, 3, 3]);
+    k.conv_bn(&format!("{ie}.patch_embed.seq.2"), &[64, 32, 3, 3]);
     for b in 0..2 {
         let p = format!("{ie}.layers.0.blocks.{b}");
-        conv_bn(&mut put, &format!("{p}.conv1"), &[256, 64, 1, 1]);
-        conv_bn(&mut put, &format!("{p}.conv2"), &[256, 1, 3, 3]);
-        conv_bn(&mut put, &format!("{p}.conv3"), &[64, 256, 1, 1]);
+        k.conv_bn(&format!("{p}.conv1"), &[256, 64, 1, 1]);
+        k.conv_bn(&format!("{p}.conv2"), &[256, 1, 3, 3]);
+        k.conv_bn(&format!("{p}.conv3"), &[64, 256, 1, 1]);
     }
-    merge(&mut put, 0, 64, 128);
+    k.merge(&format!("{ie}.layers.0.downsample"), 64, 128);
     for (s, dim, heads, ws, depth, next) in [
         (1, 128, 4, 7, 2, Some(160)),
         (2, 160, 5, 14, 6, Some(320)),
@@ -1070,46 +1041,45 @@ pub fn mobilesam_keys() -> Vec<MobileSamKey> {
     ] {
         for b in 0..depth {
             let p = format!("{ie}.layers.{s}.blocks.{b}");
-            put(format!("{p}.attn.attention_biases"), &[heads, ws * ws], e);
-            put(format!("{p}.attn.norm.weight"), &[dim], e);
-            put(format!("{p}.attn.norm.bias"), &[dim], e);
-            put(format!("{p}.attn.qkv.weight"), &[3 * dim, dim], e);
-            put(format!("{p}.attn.qkv.bias"), &[3 * dim], e);
-            put(format!("{p}.attn.proj.weight"), &[dim, dim], e);
-            put(format!("{p}.attn.proj.bias"), &[dim], e);
-            put(format!("{p}.mlp.norm.weight"), &[dim], e);
-            put(format!("{p}.mlp.norm.bias"), &[dim], e);
-            put(format!("{p}.mlp.fc1.weight"), &[4 * dim, dim], e);
-            put(format!("{p}.mlp.fc1.bias"), &[4 * dim], e);
-            put(format!("{p}.mlp.fc2.weight"), &[dim, 4 * dim], e);
-            put(format!("{p}.mlp.fc2.bias"), &[dim], e);
-            conv_bn(&mut put, &format!("{p}.local_conv"), &[dim, 1, 3, 3]);
+            k.enc(format!("{p}.attn.attention_biases"), &[heads, ws * ws]);
+            k.enc(format!("{p}.attn.norm.weight"), &[dim]);
+            k.enc(format!("{p}.attn.norm.bias"), &[dim]);
+            k.enc(format!("{p}.attn.qkv.weight"), &[3 * dim, dim]);
+            k.enc(format!("{p}.attn.qkv.bias"), &[3 * dim]);
+            k.enc(format!("{p}.attn.proj.weight"), &[dim, dim]);
+            k.enc(format!("{p}.attn.proj.bias"), &[dim]);
+            k.enc(format!("{p}.mlp.norm.weight"), &[dim]);
+            k.enc(format!("{p}.mlp.norm.bias"), &[dim]);
+            k.enc(format!("{p}.mlp.fc1.weight"), &[4 * dim, dim]);
+            k.enc(format!("{p}.mlp.fc1.bias"), &[4 * dim]);
+            k.enc(format!("{p}.mlp.fc2.weight"), &[dim, 4 * dim]);
+            k.enc(format!("{p}.mlp.fc2.bias"), &[dim]);
+            k.conv_bn(&format!("{p}.local_conv"), &[dim, 1, 3, 3]);
         }
         if let Some(o) = next {
-            merge(&mut put, s, dim, o);
+            k.merge(&format!("{ie}.layers.{s}.downsample"), dim, o);
         }
     }
-    put(format!("{ie}.norm_head.weight"), &[320], None);
-    put(format!("{ie}.norm_head.bias"), &[320], None);
-    put(format!("{ie}.head.weight"), &[1000, 320], None);
-    put(format!("{ie}.head.bias"), &[1000], None);
-    put(format!("{ie}.neck.0.weight"), &[256, 320, 1, 1], e);
-    put(format!("{ie}.neck.1.weight"), &[256], e);
-    put(format!("{ie}.neck.1.bias"), &[256], e);
-    put(format!("{ie}.neck.2.weight"), &[256, 256, 3, 3], e);
-    put(format!("{ie}.neck.3.weight"), &[256], e);
-    put(format!("{ie}.neck.3.bias"), &[256], e);
+    k.put(format!("{ie}.norm_head.weight"), &[320], None);
+    k.put(format!("{ie}.norm_head.bias"), &[320], None);
+    k.put(format!("{ie}.head.weight"), &[1000, 320], None);
+    k.put(format!("{ie}.head.bias"), &[1000], None);
+    k.enc(format!("{ie}.neck.0.weight"), &[256, 320, 1, 1]);
+    k.enc(format!("{ie}.neck.1.weight"), &[256]);
+    k.enc(format!("{ie}.neck.1.bias"), &[256]);
+    k.enc(format!("{ie}.neck.2.weight"), &[256, 256, 3, 3]);
+    k.enc(format!("{ie}.neck.3.weight"), &[256]);
+    k.enc(format!("{ie}.neck.3.bias"), &[256]);
 
     let pe = "prompt_encoder";
-    put(
+    k.dec(
         format!("{pe}.pe_layer.positional_encoding_gaussian_matrix"),
         &[2, 128],
-        d,
     );
     for i in 0..4 {
-        put(format!("{pe}.point_embeddings.{i}.weight"), &[1, 256], d);
+        k.dec(format!("{pe}.point_embeddings.{i}.weight"), &[1, 256]);
     }
-    put(format!("{pe}.not_a_point_embed.weight"), &[1, 256], d);
+    k.dec(format!("{pe}.not_a_point_embed.weight"), &[1, 256]);
     for (i, w, b) in [
         (0, &[4usize, 1, 2, 2][..], 4),
         (1, &[4][..], 4),
@@ -1117,71 +1087,94 @@ pub fn mobilesam_keys() -> Vec<MobileSamKey> {
         (4, &[16][..], 16),
         (6, &[256, 16, 1, 1][..], 256),
     ] {
-        put(format!("{pe}.mask_downscaling.{i}.weight"), w, d);
-        put(format!("{pe}.mask_downscaling.{i}.bias"), &[b], d);
+        k.dec(format!("{pe}.mask_downscaling.{i}.weight"), w);
+        k.dec(format!("{pe}.mask_downscaling.{i}.bias"), &[b]);
     }
-    put(format!("{pe}.no_mask_embed.weight"), &[1, 256], d);
+    k.dec(format!("{pe}.no_mask_embed.weight"), &[1, 256]);
 
     let md = "mask_decoder";
-    let attn = |put: &mut dyn FnMut(String, &[usize], Option<GraphKind>), p: &str, inner: usize| {
-        for n in ["q_proj", "k_proj", "v_proj"] {
-            put(format!("{p}.{n}.weight"), &[inner, 256], d);
-            put(format!("{p}.{n}.bias"), &[inner], d);
-        }
-        put(format!("{p}.out_proj.weight"), &[256, inner], d);
-        put(format!("{p}.out_proj.bias"), &[256], d);
-    };
-    let norm = |put: &mut dyn FnMut(String, &[usize], Option<GraphKind>), p: &str| {
-        put(format!("{p}.weight"), &[256], d);
-        put(format!("{p}.bias"), &[256], d);
-    };
     for l in 0..2 {
         let p = format!("{md}.transformer.layers.{l}");
-        attn(&mut put, &format!("{p}.self_attn"), 256);
-        norm(&mut put, &format!("{p}.norm1"));
-        attn(&mut put, &format!("{p}.cross_attn_token_to_image"), 128);
-        norm(&mut put, &format!("{p}.norm2"));
-        put(format!("{p}.mlp.lin1.weight"), &[2048, 256], d);
-        put(format!("{p}.mlp.lin1.bias"), &[2048], d);
-        put(format!("{p}.mlp.lin2.weight"), &[256, 2048], d);
-        put(format!("{p}.mlp.lin2.bias"), &[256], d);
-        norm(&mut put, &format!("{p}.norm3"));
-        norm(&mut put, &format!("{p}.norm4"));
-        attn(&mut put, &format!("{p}.cross_attn_image_to_token"), 128);
+        k.attention(&format!("{p}.self_attn"), 256);
+        k.norm(&format!("{p}.norm1"));
+        k.attention(&format!("{p}.cross_attn_token_to_image"), 128);
+        k.norm(&format!("{p}.norm2"));
+        k.dec(format!("{p}.mlp.lin1.weight"), &[2048, 256]);
+        k.dec(format!("{p}.mlp.lin1.bias"), &[2048]);
+        k.dec(format!("{p}.mlp.lin2.weight"), &[256, 2048]);
+        k.dec(format!("{p}.mlp.lin2.bias"), &[256]);
+        k.norm(&format!("{p}.norm3"));
+        k.norm(&format!("{p}.norm4"));
+        k.attention(&format!("{p}.cross_attn_image_to_token"), 128);
     }
-    attn(
-        &mut put,
-        &format!("{md}.transformer.final_attn_token_to_image"),
-        128,
-    );
-    norm(&mut put, &format!("{md}.transformer.norm_final_attn"));
-    put(format!("{md}.iou_token.weight"), &[1, 256], d);
-    put(format!("{md}.mask_tokens.weight"), &[4, 256], d);
-    put(
-        format!("{md}.output_upscaling.0.weight"),
-        &[256, 64, 2, 2],
-        d,
-    );
-    put(format!("{md}.output_upscaling.0.bias"), &[64], d);
-    put(format!("{md}.output_upscaling.1.weight"), &[64], d);
-    put(format!("{md}.output_upscaling.1.bias"), &[64], d);
-    put(
-        format!("{md}.output_upscaling.3.weight"),
-        &[64, 32, 2, 2],
-        d,
-    );
-    put(format!("{md}.output_upscaling.3.bias"), &[32], d);
-    let mlp3 = |put: &mut dyn FnMut(String, &[usize], Option<GraphKind>), p: &str, out: usize| {
-        for (l, o) in [(0, 256), (1, 256), (2, out)] {
-            put(format!("{p}.layers.{l}.weight"), &[o, 256], d);
-            put(format!("{p}.layers.{l}.bias"), &[o], d);
+    k.attention(&format!("{md}.transformer.final_attn_token_to_image"), 128);
+    k.norm(&format!("{md}.transformer.norm_final_attn"));
+    k.dec(format!("{md}.iou_token.weight"), &[1, 256]);
+    k.dec(format!("{md}.mask_tokens.weight"), &[4, 256]);
+    k.dec(format!("{md}.output_upscaling.0.weight"), &[256, 64, 2, 2]);
+    k.dec(format!("{md}.output_upscaling.0.bias"), &[64]);
+    k.dec(format!("{md}.output_upscaling.1.weight"), &[64]);
+    k.dec(format!("{md}.output_upscaling.1.bias"), &[64]);
+    k.dec(format!("{md}.output_upscaling.3.weight"), &[64, 32, 2, 2]);
+    k.dec(format!("{md}.output_upscaling.3.bias"), &[32]);
+    for i in 0..4 {
+        k.mlp3(&format!("{md}.output_hypernetworks_mlps.{i}"), 32);
+    }
+    k.mlp3(&format!("{md}.iou_prediction_head"), 4);
+    k.0
+}
+
+/// Builds [`mobilesam_keys`].
+struct KeyList(Vec<MobileSamKey>);
+
+impl KeyList {
+    fn put(&mut self, key: String, shape: &[usize], graph: Option<GraphKind>) {
+        self.0.push(MobileSamKey {
+            key,
+            shape: shape.to_vec(),
+            graph,
+        });
+    }
+    fn enc(&mut self, key: String, shape: &[usize]) {
+        self.put(key, shape, Some(GraphKind::ImageEncoder));
+    }
+    fn dec(&mut self, key: String, shape: &[usize]) {
+        self.put(key, shape, Some(GraphKind::PromptMaskDecoder));
+    }
+    /// TinyViT's Conv2d_BN: conv without bias, BatchNorm2d (its counter is in no export).
+    fn conv_bn(&mut self, pre: &str, w: &[usize]) {
+        self.enc(format!("{pre}.c.weight"), w);
+        for s in ["weight", "bias", "running_mean", "running_var"] {
+            self.enc(format!("{pre}.bn.{s}"), &[w[0]]);
         }
-    };
-    for k in 0..4 {
-        mlp3(&mut put, &format!("{md}.output_hypernetworks_mlps.{k}"), 32);
+        self.put(format!("{pre}.bn.num_batches_tracked"), &[], None);
     }
-    mlp3(&mut put, &format!("{md}.iou_prediction_head"), 4);
-    v
+    /// TinyViT's PatchMerging `i` → `o` channels.
+    fn merge(&mut self, pre: &str, i: usize, o: usize) {
+        self.conv_bn(&format!("{pre}.conv1"), &[o, i, 1, 1]);
+        self.conv_bn(&format!("{pre}.conv2"), &[o, 1, 3, 3]);
+        self.conv_bn(&format!("{pre}.conv3"), &[o, o, 1, 1]);
+    }
+    /// SAM's two-way-transformer Attention (embedding 256, `inner` internal channels).
+    fn attention(&mut self, p: &str, inner: usize) {
+        for n in ["q_proj", "k_proj", "v_proj"] {
+            self.dec(format!("{p}.{n}.weight"), &[inner, 256]);
+            self.dec(format!("{p}.{n}.bias"), &[inner]);
+        }
+        self.dec(format!("{p}.out_proj.weight"), &[256, inner]);
+        self.dec(format!("{p}.out_proj.bias"), &[256]);
+    }
+    fn norm(&mut self, p: &str) {
+        self.dec(format!("{p}.weight"), &[256]);
+        self.dec(format!("{p}.bias"), &[256]);
+    }
+    /// SAM's 3-layer MLP 256 → 256 → 256 → `out`.
+    fn mlp3(&mut self, p: &str, out: usize) {
+        for (l, o) in [(0, 256), (1, 256), (2, out)] {
+            self.dec(format!("{p}.layers.{l}.weight"), &[o, 256]);
+            self.dec(format!("{p}.layers.{l}.bias"), &[o]);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
