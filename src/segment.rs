@@ -276,7 +276,7 @@ pub fn otsu_boxes(img: &RgbImage, min_area: usize, max_boxes: usize) -> Vec<[f32
         boxes.push((n, [x0 as f32, y0 as f32, x1 as f32, y1 as f32]));
     }
     boxes.retain(|(n, _)| *n >= min_area);
-    boxes.sort_by(|a, b| b.0.cmp(&a.0));
+    boxes.sort_by_key(|b| std::cmp::Reverse(b.0));
     boxes.truncate(max_boxes);
     boxes.into_iter().map(|(_, b)| b).collect()
 }

@@ -37,7 +37,8 @@ pub fn max_abs(got: &[f32], want: &[f64]) -> f64 {
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     let e = rel_err(got, want);
-    if !(e <= tol) {
+    // NaN errors fail too.
+    if e.is_nan() || e > tol {
         let (i, _) = got
             .iter()
             .zip(want)

@@ -268,7 +268,9 @@ pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
     let gpu = gpu()?;
     let w = weights()?;
     let mut cfg = w.resolve_config(None, 1024).map_err(to_js)?;
-    if size != 0 {
+    // A prompted model runs at the size it was trained at (its positional encoding and the
+    // prompt coordinates assume it).
+    if size != 0 && cfg.arch.is_med_fastsam() {
         cfg = cfg.with_image_size(size).map_err(to_js)?;
     }
     let v = if variant.is_empty() {

@@ -182,11 +182,7 @@ fn a_bad_sample_does_not_lose_the_scores_of_the_others() {
         "{stderr}"
     );
     assert!(stderr.contains("case2.png"), "{stderr}");
-    let last = stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
-        .unwrap();
+    let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap();
     assert!(
         last.starts_with("error:") && last.contains("2 of 4"),
         "{last}"

@@ -2031,13 +2031,13 @@ fn build_dataset(rng: &mut Rng, root: &Path, format: Format, seeds: &[Vec<u8>]) 
     }
     if rng.below(10) == 0 {
         // A symlink loop inside the image folder.
-        if let Some((p, _)) = files.first() {
-            if let Some((d, _)) = p.rsplit_once('/') {
-                let link = root.join(d).join("loop");
-                #[cfg(unix)]
-                let _ = std::os::unix::fs::symlink("..", &link);
-                log.push(format!("symlink {d}/loop -> .."));
-            }
+        if let Some((p, _)) = files.first()
+            && let Some((d, _)) = p.rsplit_once('/')
+        {
+            let link = root.join(d).join("loop");
+            #[cfg(unix)]
+            let _ = std::os::unix::fs::symlink("..", &link);
+            log.push(format!("symlink {d}/loop -> .."));
         }
     }
     log

@@ -122,11 +122,7 @@ fn diverging_learning_rate_stops_at_that_step_and_keeps_the_good_checkpoint() {
         &["--epochs", "3", "--lr", "1e30", "--checkpoint-every", "1"],
     ));
     assert_ne!(code, 0, "diverging run reported success: {text}");
-    let last = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
-        .unwrap_or("");
+    let last = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
     assert!(
         last.starts_with("error:"),
         "last line is not the error: {text}"
@@ -378,11 +374,7 @@ fn a_file_failing_mid_run_ends_it_with_a_resumable_checkpoint() {
     let out = tmpdir("midrun-out");
     let (code, text) = run(&train_args(&data, &out, &["--epochs", "2", "--lr", "1e-3"]));
     assert_ne!(code, 0, "{text}");
-    let last = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
-        .unwrap_or("");
+    let last = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
     assert!(
         last.starts_with("error:") && last.contains("crop05.png"),
         "{text}"
@@ -428,11 +420,7 @@ fn a_device_lost_mid_run_keeps_the_last_good_checkpoint() {
     let code = o.status.code().unwrap_or(-1);
     assert!(code != 0 && code != 101, "exit {code}: {text}");
     assert!(!text.contains("panicked"), "{text}");
-    let last = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
-        .unwrap_or("");
+    let last = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
     assert!(last.starts_with("error:"), "{text}");
     assert!(last.contains("checkpoint of step 2 is kept"), "{last}");
     let w = Weights::load(&out.join("checkpoint.safetensors")).unwrap();

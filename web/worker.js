@@ -76,13 +76,64 @@ const ops = {
     return { value: { gpu, browser } };
   },
 
+  // One weights file (safetensors, or a PyTorch .pth/.pt converted here), or MobileSAM's two ONNX
+  // exports (msg.blobs). Converted weights come back as a safetensors file for the page's cache.
   async weights(msg, progress) {
-    const bytes = await readBlob(msg.blob, progress);
+    const files = msg.blobs || [{ blob: msg.blob, name: msg.name }];
+    const bytes = [];
+    for (const f of files) bytes.push(await readBlob(f.blob, progress));
     progress({ phase: 'parse' });
     const t0 = performance.now();
-    const info = JSON.parse(wasm.load_weights(bytes, msg.name));
+    const info =
+      files.length === 2
+        ? JSON.parse(wasm.load_weights_onnx(bytes[0], files[0].name, bytes[1], files[1].name))
+        : JSON.parse(wasm.load_weights(bytes[0], files[0].name));
     info.parse_ms = performance.now() - t0;
+    if (info.converted) {
+      const st = wasm.weights_safetensors();
+      info.safetensors = st.buffer;
+      return { value: info, transfer: [st.buffer] };
+    }
     return { value: info };
+  },
+
+  // Prompted models: the image encoder once per image.
+  async encode(msg) {
+    const t0 = performance.now();
+    const bytes = new Uint8Array(await msg.blob.arrayBuffer());
+    const r = await wasm.encode_image(bytes, msg.name);
+    try {
+      const orig = await bitmap(r.take_rgba(), r.width, r.height);
+      const value = { width: r.width, height: r.height, decode_ms: r.decode_ms, encoder_ms: r.gpu_ms, total_ms: performance.now() - t0, orig };
+      return { value, transfer: [orig] };
+    } finally {
+      r.free();
+    }
+  },
+
+  // Prompted models: the mask decoder for the prompts on the image encoded last.
+  async decode(msg) {
+    const t0 = performance.now();
+    const r = await wasm.decode_prompt(JSON.stringify(msg.prompts));
+    try {
+      const w = r.width, h = r.height;
+      const [fill, edge] = await Promise.all([bitmap(r.take_fill_rgba(), w, h), bitmap(r.take_edge_rgba(), w, h)]);
+      const maskPng = r.take_mask_png();
+      const value = {
+        width: w,
+        height: h,
+        foreground: r.foreground,
+        decoder_ms: r.gpu_ms,
+        total_ms: performance.now() - t0,
+        info: JSON.parse(r.prompt_info),
+        fill,
+        edge,
+        maskPng: maskPng.buffer,
+      };
+      return { value, transfer: [fill, edge, maskPng.buffer] };
+    } finally {
+      r.free();
+    }
   },
 
   async prepare(msg, progress) {

@@ -201,7 +201,7 @@ mod tests {
         ] {
             let c = size_class(n);
             assert!(c >= n, "{n} -> {c}");
-            assert!(c % 16 == 0);
+            assert!(c.is_multiple_of(16));
             if n > 4096 {
                 assert!((c - n) as f64 <= n as f64 * 0.125 + 1.0, "{n} -> {c}");
             }

@@ -255,7 +255,7 @@ impl Config {
         };
         let s = self.image_size;
         range("image_size", s, 16, MAX_IMAGE_SIZE)?;
-        if s % 16 != 0 {
+        if !s.is_multiple_of(16) {
             return bad(format!("image_size {s} must be a multiple of 16"));
         }
         if self.patch_stride != 4 && self.patch_stride != 1 {
@@ -296,7 +296,7 @@ impl Config {
             )?;
             range(&format!("num_heads[{i}]"), self.num_heads[i], 1, MAX_WIDTH)?;
         }
-        if self.embed_dims[0] % 2 != 0 {
+        if !self.embed_dims[0].is_multiple_of(2) {
             return bad(format!(
                 "embed_dims[0] {} must be even (the stem's first convolution has half as many channels)",
                 self.embed_dims[0]
@@ -325,11 +325,11 @@ impl Config {
         )?;
         let dm = self.transformer_dim;
         range("transformer_dim", dm, 8, MAX_WIDTH)?;
-        if dm % 8 != 0 {
+        if !dm.is_multiple_of(8) {
             return bad(format!("transformer_dim {dm} must be a multiple of 8"));
         }
         range("decoder_heads", self.decoder_heads, 1, dm / 2)?;
-        if (dm / 2) % self.decoder_heads != 0 {
+        if !(dm / 2).is_multiple_of(self.decoder_heads) {
             return bad(format!(
                 "decoder_heads {} must divide transformer_dim/2 = {} (the cross-attention width)",
                 self.decoder_heads,
@@ -358,7 +358,7 @@ impl Config {
             MAX_WIDTH,
         )?;
         range("mask_in_chans", self.mask_in_chans, 4, MAX_WIDTH)?;
-        if self.mask_in_chans % 4 != 0 {
+        if !self.mask_in_chans.is_multiple_of(4) {
             return bad(format!(
                 "mask_in_chans {} must be a multiple of 4",
                 self.mask_in_chans

@@ -110,7 +110,7 @@ fn parse_bytes(v: &str) -> Option<u64> {
         _ => (v, 1),
     };
     let n: f64 = num.trim().parse().ok()?;
-    (n.is_finite() && n >= 0.0).then(|| (n * mul as f64) as u64)
+    (n.is_finite() && n >= 0.0).then_some((n * mul as f64) as u64)
 }
 
 /// Host memory available now (Linux `MemAvailable`), if known.

@@ -380,9 +380,8 @@ impl Weights {
                         || k.contains("features2.1");
                     if is_norm {
                         vec![if k.ends_with("weight") { 1.0 } else { 0.0 }; n]
-                    } else if k.ends_with("bias") && !k.contains("attention_biases") {
-                        vec![0.0; n]
-                    } else if k.contains("attention_biases") {
+                    } else if k.ends_with("bias") || k.contains("attention_biases") {
+                        // Biases and relative-position bias tables start at zero.
                         vec![0.0; n]
                     } else if k.contains("embed")
                         || k.ends_with("token.weight")

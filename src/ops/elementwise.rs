@@ -74,7 +74,7 @@ pub enum BinOp {
 
 /// `a op b`, with `b` broadcast by repetition (`b[i % b.numel()]`, e.g. a per-channel vector).
 pub fn binary(rec: &mut Recorder, a: &Tensor, b: &Tensor, op: BinOp) -> Result<Tensor> {
-    if b.numel() == 0 || a.numel() % b.numel() != 0 {
+    if b.numel() == 0 || !a.numel().is_multiple_of(b.numel()) {
         return Err(Error::Invalid(format!(
             "binary op: {:?} does not broadcast over {:?}",
             b.shape, a.shape
@@ -265,7 +265,7 @@ pub fn col_sum(
     out: &Tensor,
     accumulate: bool,
 ) -> Result<()> {
-    if c == 0 || x.numel() % c != 0 || out.numel() != c {
+    if c == 0 || !x.numel().is_multiple_of(c) || out.numel() != c {
         return Err(Error::Invalid(format!(
             "col_sum: {:?} by {c} columns into {:?}",
             x.shape, out.shape

@@ -137,13 +137,13 @@ fn check_shapes(px: &Tensor, x_norm: Option<&Tensor>) -> Result<(usize, usize, u
         )));
     }
     let (b, h, w) = (px.shape[0], px.shape[1], px.shape[2]);
-    if let Some(x) = x_norm {
-        if x.shape != [b, h, w, 3] {
-            return Err(Error::Invalid(format!(
-                "otsu: normalised input {:?} does not match pixels {:?} (want [B, H, W, 3])",
-                x.shape, px.shape
-            )));
-        }
+    if let Some(x) = x_norm
+        && x.shape != [b, h, w, 3]
+    {
+        return Err(Error::Invalid(format!(
+            "otsu: normalised input {:?} does not match pixels {:?} (want [B, H, W, 3])",
+            x.shape, px.shape
+        )));
     }
     if h * w > MAX_PIXELS_PER_IMAGE {
         return Err(Error::Invalid(format!(
@@ -164,7 +164,7 @@ pub fn otsu_histogram(
     chunk: usize,
 ) -> Result<(Tensor, Tensor)> {
     let (b, h, w) = check_shapes(px, None)?;
-    if chunk == 0 || chunk % 256 != 0 {
+    if chunk == 0 || !chunk.is_multiple_of(256) {
         return Err(Error::Invalid(format!(
             "otsu: chunk {chunk} must be a positive multiple of 256"
         )));

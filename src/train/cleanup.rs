@@ -31,7 +31,7 @@ fn writer_may_be_alive(pid: u32, path: &Path) -> bool {
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.elapsed().ok());
-    !age.is_some_and(|a| a.as_secs() > 3600)
+    age.is_none_or(|a| a.as_secs() <= 3600)
 }
 
 /// Removes the stale temporary files of [`crate::io::write_atomic`] in `dir` (not its

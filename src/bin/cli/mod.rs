@@ -151,11 +151,11 @@ pub fn run() -> i32 {
     }
     // A misspelt --backend (or MEDFASTSAM_BACKEND / WGPU_BACKEND) fails before any work, in
     // every command that uses the GPU.
-    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::Import(_)) {
-        if let Err(e) = cli.gpu.request().check() {
-            eprintln!("error: {}", error_line(&e.into()));
-            return 1;
-        }
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::Import(_))
+        && let Err(e) = cli.gpu.request().check()
+    {
+        eprintln!("error: {}", error_line(&e.into()));
+        return 1;
     }
     let res = match &cli.cmd {
         Cmd::Segment(a) => segment::run(&cli.gpu, a),

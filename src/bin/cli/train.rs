@@ -359,17 +359,16 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
                 Err(e) => {
                     // A file that became unreadable: the state after the last step is whole, keep it.
                     bar.abandon();
-                    if steps_here > 0 {
-                        if let Err(w) = t
+                    if steps_here > 0
+                        && let Err(w) = t
                             .checkpoint()
                             .map_err(anyhow::Error::from)
                             .and_then(|c| kept.write(&c))
-                        {
-                            anyhow::bail!(
-                                "{e}; writing a checkpoint failed too: {w:#}; {}",
-                                kept.describe()
-                            );
-                        }
+                    {
+                        anyhow::bail!(
+                            "{e}; writing a checkpoint failed too: {w:#}; {}",
+                            kept.describe()
+                        );
                     }
                     anyhow::bail!("{e}; {}", kept.describe());
                 }
@@ -383,10 +382,10 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
                     bar.abandon();
                     // Not a divergence (a GPU error): the pending checkpoint predates the failed
                     // step and was checked finite, so it is kept.
-                    if !matches!(e, medfastsam::Error::Invalid(_)) {
-                        if let Some(p) = pending.take() {
-                            let _ = kept.write(&p);
-                        }
+                    if !matches!(e, medfastsam::Error::Invalid(_))
+                        && let Some(p) = pending.take()
+                    {
+                        let _ = kept.write(&p);
                     }
                     anyhow::bail!("{e}; {}", kept.describe());
                 }
