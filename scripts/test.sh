@@ -14,6 +14,14 @@ if [ -n "${MEDFASTSAM_FIXTURES:-}" ] && [ ! -f "$MEDFASTSAM_FIXTURES/full.forwar
     "the paper-configuration parity tests will be reported ignored" >&2
 fi
 echo "[test] MEDFASTSAM_FIXTURES=${MEDFASTSAM_FIXTURES:-<unset: paper-configuration parity tests are reported ignored>}"
+# Style is enforced: formatting, and clippy with warnings as errors natively (every target) and for
+# the browser build (wasm32 + the web feature).
+echo "[test] cargo fmt --check; cargo clippy -D warnings (native all targets, wasm32 --features web)"
+cargo fmt --check
+cargo clippy --release --all-targets -- -D warnings
+if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+  cargo clippy --release --target wasm32-unknown-unknown --lib --features web -- -D warnings
+fi
 cargo test --release --no-fail-fast
 if [ -x web/test.sh ] && [ "${SKIP_BROWSER:-0}" != 1 ]; then
   bash web/test.sh

@@ -94,6 +94,8 @@ impl Gpu {
     }
 
     /// An uninitialised pooled tensor (every kernel writing it must cover all elements).
+    // wgpu's buffers are not Send/Sync on wasm32 (one thread there); the Arc only shares them.
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
     pub fn empty(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let bytes = (n.max(1) * 4) as u64;
@@ -113,6 +115,7 @@ impl Gpu {
         self.upload_bytes(bytemuck::cast_slice(data), data.len(), shape)
     }
 
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
     fn upload_bytes(&self, bytes: &[u8], n: usize, shape: &[usize]) -> Result<Tensor> {
         let want: usize = shape.iter().product();
         if want != n {
