@@ -3,7 +3,7 @@
 //! transpose and epilogue variant, broadcast weights, and grids past 65,535 workgroups.
 
 use medfastsam::ops::matmul::{
-    Gemm, GemmConfig, GemmPath, gemm_with, linear, linear_residual_act, plan, vec4_ok,
+    Gemm, GemmConfig, GemmIo, GemmPath, gemm_with, linear, linear_residual_act, plan, vec4_ok,
 };
 use medfastsam::ops::{Act, reference};
 use medfastsam::testutil::{Rng, assert_close, rel_err, test_gpu, to_f64};
@@ -67,17 +67,14 @@ fn run_padded(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig, 
     let tr = gpu.upload(&r, &[nc]).unwrap();
     let tc = gpu.upload(&c0, &[nc]).unwrap();
     let mut rec = gpu.new_recorder();
-    gemm_with(
-        &mut rec,
-        &g,
-        &ta,
-        &tb,
-        bias.then_some(&tbi),
-        residual.then_some(&tr),
-        &tc,
-        cfg,
-    )
-    .unwrap();
+    let io = GemmIo {
+        a: &ta,
+        b: &tb,
+        bias: bias.then_some(&tbi),
+        residual: residual.then_some(&tr),
+        c: &tc,
+    };
+    gemm_with(&mut rec, &g, io, cfg).unwrap();
     rec.submit().unwrap();
     let got = gpu.read(&tc).unwrap();
     let mut want = to_f64(&c0);
@@ -261,7 +258,14 @@ fn run_act_after_residual(g: Gemm, seed: u64, cfg: &GemmConfig) -> f64 {
     let up = |v: &[f32]| gpu.upload(v, &[v.len()]).unwrap();
     let (ta, tb, tbi, tr, tc) = (up(&a), up(&b), up(&bi), up(&r), up(&c0));
     let mut rec = gpu.new_recorder();
-    gemm_with(&mut rec, &g, &ta, &tb, Some(&tbi), Some(&tr), &tc, cfg).unwrap();
+    let io = GemmIo {
+        a: &ta,
+        b: &tb,
+        bias: Some(&tbi),
+        residual: Some(&tr),
+        c: &tc,
+    };
+    gemm_with(&mut rec, &g, io, cfg).unwrap();
     rec.submit().unwrap();
     let got = gpu.read(&tc).unwrap();
     let mut plain = g;
@@ -699,7 +703,14 @@ fn gemm_epilogue_act_grad_and_save_pre() {
                     gg.act_grad = true;
                     gg.accumulate = accumulate;
                     let mut rec = gpu.new_recorder();
-                    gemm_with(&mut rec, &gg, &ta_, &tb, None, Some(&tr), &tc, cfg).unwrap();
+                    let io = GemmIo {
+                        a: &ta_,
+                        b: &tb,
+                        bias: None,
+                        residual: Some(&tr),
+                        c: &tc,
+                    };
+                    gemm_with(&mut rec, &gg, io, cfg).unwrap();
                     rec.submit().unwrap();
                     let want: Vec<f64> = (0..m * n)
                         .map(|i| {
@@ -716,7 +727,14 @@ fn gemm_epilogue_act_grad_and_save_pre() {
                     // save_pre: P = alpha A B + bias, C = act(P)
                     let tc2 = up(&c0);
                     let mut rec = gpu.new_recorder();
-                    gemm_save_pre(&mut rec, &g, &ta_, &tb, Some(&tbi), &tc2, &tp, cfg).unwrap();
+                    let io = GemmIo {
+                        a: &ta_,
+                        b: &tb,
+                        bias: Some(&tbi),
+                        residual: None,
+                        c: &tc2,
+                    };
+                    gemm_save_pre(&mut rec, &g, io, &tp, cfg).unwrap();
                     rec.submit().unwrap();
                     let pre: Vec<f64> = (0..m * n).map(|i| ab[i] + bi[i % n] as f64).collect();
                     let y: Vec<f64> = pre.iter().map(|&v| reference::act(v, act)).collect();
@@ -736,23 +754,20 @@ fn gemm_epilogue_act_grad_and_save_pre() {
     let mut g = Gemm::new(4, 4, 1);
     g.act_grad = true;
     g.act = Act::Gelu;
+    let io = |bias, residual| GemmIo {
+        a: &t,
+        b: &t,
+        bias,
+        residual,
+        c: &t,
+    };
     let mut rec = gpu.new_recorder();
     assert!(
-        gemm_with(&mut rec, &g, &t, &t, None, None, &t, &GemmConfig::default()).is_err(),
+        gemm_with(&mut rec, &g, io(None, None), &GemmConfig::default()).is_err(),
         "act_grad without R"
     );
     assert!(
-        gemm_with(
-            &mut rec,
-            &g,
-            &t,
-            &t,
-            Some(&t),
-            Some(&t),
-            &t,
-            &GemmConfig::default()
-        )
-        .is_err(),
+        gemm_with(&mut rec, &g, io(Some(&t), Some(&t)), &GemmConfig::default()).is_err(),
         "act_grad with bias"
     );
 }

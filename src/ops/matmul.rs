@@ -207,6 +207,17 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
     })
 }
 
+/// Operands of one GEMM: A, B, the optional epilogue bias (`n` values) and residual (C's
+/// shape), and the output C.
+#[derive(Clone, Copy)]
+pub struct GemmIo<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+    pub c: &'a Tensor,
+}
+
 /// Records `c = epilogue(alpha * op(a) op(b))`. `bias` has `n` values; `residual` has c's shape.
 pub fn gemm(
     rec: &mut Recorder,
@@ -217,52 +228,47 @@ pub fn gemm(
     residual: Option<&Tensor>,
     c: &Tensor,
 ) -> Result<()> {
-    gemm_with(rec, g, a, b, bias, residual, c, &GemmConfig::default())
+    let io = GemmIo {
+        a,
+        b,
+        bias,
+        residual,
+        c,
+    };
+    gemm_with(rec, g, io, &GemmConfig::default())
 }
 
 /// [`gemm`] with explicit kernel choices.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_with(
-    rec: &mut Recorder,
-    g: &Gemm,
-    a: &Tensor,
-    b: &Tensor,
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-    c: &Tensor,
-    cfg: &GemmConfig,
-) -> Result<()> {
-    gemm_impl(rec, g, a, b, bias, residual, c, None, cfg)
+pub fn gemm_with(rec: &mut Recorder, g: &Gemm, io: GemmIo, cfg: &GemmConfig) -> Result<()> {
+    gemm_impl(rec, g, io, None, cfg)
 }
 
 /// [`gemm`] that also stores the pre-activation `alpha * op(a) op(b) + bias` to `pre` (what the
-/// backward of the activation needs); no residual.
-#[allow(clippy::too_many_arguments)]
+/// backward of the activation needs); no residual (`io.residual` must be `None`).
 pub fn gemm_save_pre(
     rec: &mut Recorder,
     g: &Gemm,
-    a: &Tensor,
-    b: &Tensor,
-    bias: Option<&Tensor>,
-    c: &Tensor,
+    io: GemmIo,
     pre: &Tensor,
     cfg: &GemmConfig,
 ) -> Result<()> {
-    gemm_impl(rec, g, a, b, bias, None, c, Some(pre), cfg)
+    gemm_impl(rec, g, io, Some(pre), cfg)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn gemm_impl(
     rec: &mut Recorder,
     g: &Gemm,
-    a: &Tensor,
-    b: &Tensor,
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-    c: &Tensor,
+    io: GemmIo,
     pre: Option<&Tensor>,
     cfg: &GemmConfig,
 ) -> Result<()> {
+    let GemmIo {
+        a,
+        b,
+        bias,
+        residual,
+        c,
+    } = io;
     if g.act_grad && (residual.is_none() || bias.is_some() || g.act == Act::None || pre.is_some()) {
         return Err(Error::Invalid(format!(
             "gemm: act_grad needs the pre-activation as residual, an activation, no bias and no saved pre-activation: {g:?}"
@@ -402,7 +408,13 @@ pub fn linear(
     act: Act,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    linear_impl(rec, "linear", x, w, b, act, residual, false, None)
+    let ep = LinearEpilogue {
+        act,
+        residual,
+        act_after_residual: false,
+        pre: None,
+    };
+    linear_impl(rec, "linear", x, w, b, ep)
 }
 
 /// `y = act(x W^T + b + residual)` over the last dimension of `x` (`w` is [out, in]): the
@@ -415,31 +427,38 @@ pub fn linear_residual_act(
     residual: &Tensor,
     act: Act,
 ) -> Result<Tensor> {
-    linear_impl(
-        rec,
-        "linear_residual_act",
-        x,
-        w,
-        b,
+    let ep = LinearEpilogue {
         act,
-        Some(residual),
-        true,
-        None,
-    )
+        residual: Some(residual),
+        act_after_residual: true,
+        pre: None,
+    };
+    linear_impl(rec, "linear_residual_act", x, w, b, ep)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Epilogue of a linear layer: activation, residual (added before the activation with
+/// `act_after_residual`), and where to save the pre-activation (no residual then).
+struct LinearEpilogue<'a> {
+    act: Act,
+    residual: Option<&'a Tensor>,
+    act_after_residual: bool,
+    pre: Option<&'a Tensor>,
+}
+
 fn linear_impl(
     rec: &mut Recorder,
     what: &str,
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    act: Act,
-    residual: Option<&Tensor>,
-    act_after_residual: bool,
-    pre: Option<&Tensor>,
+    ep: LinearEpilogue,
 ) -> Result<Tensor> {
+    let LinearEpilogue {
+        act,
+        residual,
+        act_after_residual,
+        pre,
+    } = ep;
     let (n, k) = (w.shape[0], w.shape[1]);
     if x.dim(-1) != k {
         return Err(Error::Invalid(format!(
@@ -456,7 +475,16 @@ fn linear_impl(
     g.act = act;
     g.act_after_residual = act_after_residual;
     match pre {
-        Some(p) => gemm_save_pre(rec, &g, x, w, b, &y, p, &GemmConfig::default())?,
+        Some(p) => {
+            let io = GemmIo {
+                a: x,
+                b: w,
+                bias: b,
+                residual: None,
+                c: &y,
+            };
+            gemm_save_pre(rec, &g, io, p, &GemmConfig::default())?
+        }
         None => gemm(rec, &g, x, w, b, residual, &y)?,
     }
     Ok(y)
@@ -473,17 +501,13 @@ pub fn linear_save_pre(
     let mut shape = x.shape.clone();
     *shape.last_mut().unwrap() = w.shape[0];
     let pre = rec.gpu.empty(&shape)?;
-    let y = linear_impl(
-        rec,
-        "linear_save_pre",
-        x,
-        w,
-        b,
+    let ep = LinearEpilogue {
         act,
-        None,
-        false,
-        Some(&pre),
-    )?;
+        residual: None,
+        act_after_residual: false,
+        pre: Some(&pre),
+    };
+    let y = linear_impl(rec, "linear_save_pre", x, w, b, ep)?;
     Ok((y, pre))
 }
 
@@ -580,7 +604,14 @@ pub fn bench_shapes(
         let c = gpu.empty(&[m, n])?;
         let reps = if g.flops() > 2e9 { 3 } else { 5 };
         let ms = time_op(gpu, reps, |rec| {
-            gemm_with(rec, &g, &a, &b, None, None, &c, cfg)
+            let io = GemmIo {
+                a: &a,
+                b: &b,
+                bias: None,
+                residual: None,
+                c: &c,
+            };
+            gemm_with(rec, &g, io, cfg)
         })?;
         let p = plan(gpu, &g, cfg)?;
         let label = format!(
