@@ -213,8 +213,8 @@ fn check_window_forward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64,
     let tq = up(gpu, &qkv, &[nw, n, 3 * c]);
     let tb = up(gpu, &bias, &[heads, n]);
     let mut rec = gpu.new_recorder();
-    let out = window_attention(&mut rec, &tq, &tb, heads, ws).unwrap();
-    let saved = window_attention_train(&mut rec, &tq, &tb, heads, ws).unwrap();
+    let out = window_attention(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
+    let saved = window_attention_train(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     rec.submit().unwrap();
     let (want, want_lse) = refa::window_attention(&to_f64(&qkv), &to_f64(&bias), ws, c, heads);
     let what = format!("window_attention{tag} nw{nw} ws{ws} C{c} h{heads}");
@@ -257,7 +257,7 @@ fn window_attention_on_partitioned_map_batch2() {
     let tres = up(gpu, &res, &[b, h, w, 15]);
     let mut rec = gpu.new_recorder();
     let qkv = window_partition(&mut rec, &tx, ws).unwrap();
-    let o = window_attention(&mut rec, &qkv, &tb, heads, ws).unwrap();
+    let o = window_attention(&mut rec, &qkv, &tb, Window { heads, ws }).unwrap();
     let y = window_reverse_add(&mut rec, &o, &tres, ws).unwrap();
     rec.submit().unwrap();
     let wq = refa::window_partition(&to_f64(&x), b, h, w, c3, ws);
@@ -281,7 +281,7 @@ fn window_attention_grid_beyond_65535_workgroups() {
     let tq = up(gpu, &qkv, &[nw, 4, 3 * c]);
     let tb = up(gpu, &bias, &[heads, 4]);
     let mut rec = gpu.new_recorder();
-    let out = window_attention(&mut rec, &tq, &tb, heads, ws).unwrap();
+    let out = window_attention(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     rec.submit().unwrap();
     let (want, _) = refa::window_attention(&to_f64(&qkv), &to_f64(&bias), ws, c, heads);
     check(
@@ -299,17 +299,17 @@ fn window_attention_rejects_unsupported_shapes() {
     // n = 17*17 = 289 > 256
     let qkv = gpu.empty(&[1, 289, 6]).unwrap();
     let bias = gpu.empty(&[1, 289]).unwrap();
-    assert!(window_attention(&mut rec, &qkv, &bias, 1, 17).is_err());
+    assert!(window_attention(&mut rec, &qkv, &bias, Window { heads: 1, ws: 17 }).is_err());
     // head dim 65 > 64
     let qkv = gpu.empty(&[1, 4, 3 * 65]).unwrap();
     let bias = gpu.empty(&[1, 4]).unwrap();
-    let e = window_attention(&mut rec, &qkv, &bias, 1, 2).unwrap_err();
+    let e = window_attention(&mut rec, &qkv, &bias, Window { heads: 1, ws: 2 }).unwrap_err();
     assert!(e.to_string().contains("head dim"), "{e}");
     // channels not divisible by heads, wrong bias size, wrong n
     let qkv = gpu.empty(&[1, 4, 3 * 10]).unwrap();
-    assert!(window_attention(&mut rec, &qkv, &bias, 3, 2).is_err());
-    assert!(window_attention(&mut rec, &qkv, &bias, 2, 2).is_err());
-    assert!(window_attention(&mut rec, &qkv, &bias, 2, 3).is_err());
+    assert!(window_attention(&mut rec, &qkv, &bias, Window { heads: 3, ws: 2 }).is_err());
+    assert!(window_attention(&mut rec, &qkv, &bias, Window { heads: 2, ws: 2 }).is_err());
+    assert!(window_attention(&mut rec, &qkv, &bias, Window { heads: 2, ws: 3 }).is_err());
     let q = gpu.empty(&[1, 3, 130]).unwrap();
     assert!(mha(&mut rec, &q, &q, &q, 2).is_err());
 }
@@ -475,9 +475,10 @@ fn check_window_backward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64
     let tdo = up(gpu, &dout, &[nw, n, c]);
     let tdb = up(gpu, &dbias0, &[heads, n]);
     let mut rec = gpu.new_recorder();
-    let saved = window_attention_train(&mut rec, &tq, &tb, heads, ws).unwrap();
+    let saved = window_attention_train(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     let dqkv =
-        window_attention_backward(&mut rec, &tq, &tb, &saved, &tdo, heads, ws, &tdb).unwrap();
+        window_attention_backward(&mut rec, &tq, &tb, &saved, &tdo, Window { heads, ws }, &tdb)
+            .unwrap();
     rec.submit().unwrap();
     let (want_dqkv, want_db) = refa::window_attention_backward(
         &to_f64(&qkv),

@@ -11,7 +11,7 @@
 use super::schema::Kind;
 use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Tensor};
-use crate::ops::attention::{self, AttnSaved};
+use crate::ops::attention::{self, AttnSaved, Window};
 use crate::ops::conv;
 use crate::ops::elementwise::{act_backward, activation, col_sum};
 use crate::ops::matmul::{Act, Gemm, gemm, linear, linear_save_pre};
@@ -803,11 +803,11 @@ pub fn window_attention(
 ) -> Result<(Tensor, Option<AttnCoreSaved>)> {
     if !mode.train() {
         return Ok((
-            attention::window_attention(rec, qkv, &bias.v, heads, ws)?,
+            attention::window_attention(rec, qkv, &bias.v, Window { heads, ws })?,
             None,
         ));
     }
-    let saved = attention::window_attention_train(rec, qkv, &bias.v, heads, ws)?;
+    let saved = attention::window_attention_train(rec, qkv, &bias.v, Window { heads, ws })?;
     Ok((
         saved.out.clone(),
         Some(AttnCoreSaved {
@@ -827,5 +827,6 @@ pub fn window_attention_backward(
     ws: usize,
 ) -> Result<Tensor> {
     let db = bias.grad_or_scratch(rec)?;
-    attention::window_attention_backward(rec, &s.qkv, &bias.v, &s.saved, dout, heads, ws, &db)
+    let win = Window { heads, ws };
+    attention::window_attention_backward(rec, &s.qkv, &bias.v, &s.saved, dout, win, &db)
 }

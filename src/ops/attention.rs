@@ -440,19 +440,28 @@ fn plan(rec: &Recorder, own: usize, other: usize, d4: usize, cmax: usize) -> Pla
     }
 }
 
-/// Uniform parameters of the attention kernels (layouts in vec4 units). `len` goes to the `lq`
-/// field (rows per (z, h) of the merge kernels).
-#[allow(clippy::too_many_arguments)]
-fn core_params(
-    c: &Core,
-    p: &Plan,
+/// Per-dispatch fields of [`AttnParams`] beyond the core and plan.
+struct Fields {
+    /// Goes to the `lq` field (rows per (z, h) of the merge kernels).
     len: usize,
     splits: usize,
+    /// Goes to the `ws` field (the window size, or the partial width of the gather kernel).
     ws_field: usize,
     zgroup: usize,
     ngroups: usize,
     total: usize,
-) -> AttnParams {
+}
+
+/// Uniform parameters of the attention kernels (layouts in vec4 units).
+fn core_params(c: &Core, p: &Plan, f: Fields) -> AttnParams {
+    let Fields {
+        len,
+        splits,
+        ws_field,
+        zgroup,
+        ngroups,
+        total,
+    } = f;
     let [q, k, v, o] = [c.q, c.k, c.v, c.o].map(|l| l.quarter());
     AttnParams {
         lq: u(len),
@@ -518,17 +527,18 @@ fn spare(rec: &Recorder) -> Result<Tensor> {
     rec.gpu.empty(&[4])
 }
 
+/// A tensor read or written through a layout.
+#[derive(Clone, Copy)]
+struct View<'a>(&'a Tensor, Layout);
+
 /// Copies rows of `len` per (z, h) with `width` values each from layout `from` of `src` to layout
 /// `to` of `dst`; values past the first `valid` are written as zeros.
-#[allow(clippy::too_many_arguments)]
 fn record_repack(
     rec: &mut Recorder,
     c: &Core,
     len: usize,
-    src: &Tensor,
-    from: Layout,
-    dst: &Tensor,
-    to: Layout,
+    View(src, from): View,
+    View(dst, to): View,
     width: usize,
     valid: usize,
 ) -> Result<()> {
@@ -563,31 +573,52 @@ fn pad_inputs(
     let pc = c.padded();
     let qp = rec.gpu.empty(&[c.nz, c.lq, c.heads * pc.d])?;
     let kvp = rec.gpu.empty(&[c.nz, c.lk, c.heads * 2 * pc.d])?;
-    record_repack(rec, c, c.lq, q, c.q, &qp, pc.q, pc.d, c.d)?;
-    record_repack(rec, c, c.lk, k, c.k, &kvp, pc.k, pc.d, c.d)?;
-    record_repack(rec, c, c.lk, v, c.v, &kvp, pc.v, pc.d, c.d)?;
+    record_repack(rec, c, c.lq, View(q, c.q), View(&qp, pc.q), pc.d, c.d)?;
+    record_repack(rec, c, c.lk, View(k, c.k), View(&kvp, pc.k), pc.d, c.d)?;
+    record_repack(rec, c, c.lk, View(v, c.v), View(&kvp, pc.v), pc.d, c.d)?;
     Ok((qp, kvp))
 }
 
-/// Forward of an aligned core: writes `out` (o layout) and, when given, `lse` [nz, heads, lq].
-#[allow(clippy::too_many_arguments)]
-fn core_forward_aligned(
-    rec: &mut Recorder,
-    c: &Core,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    out: &Tensor,
-    lse: Option<&Tensor>,
-) -> Result<()> {
+/// Tensors of a core's forward: inputs q, k, v (and the window bias), output `out` (o layout)
+/// and, when given, `lse` [nz, heads, lq].
+#[derive(Clone, Copy)]
+struct FwdIo<'a> {
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    out: &'a Tensor,
+    lse: Option<&'a Tensor>,
+}
+
+/// Forward of an aligned core.
+fn core_forward_aligned(rec: &mut Recorder, c: &Core, io: FwdIo) -> Result<()> {
+    let FwdIo {
+        q,
+        k,
+        v,
+        bias,
+        out,
+        lse,
+    } = io;
     debug_assert!(c.aligned());
     let p = plan(rec, c.lq, c.lk, c.d4(), CMAX_FWD);
     let dummy = rec.gpu.dummy();
     let bias = bias.unwrap_or(&dummy);
     let total = c.nz * c.heads * p.blocks * p.splits;
     let grid = rec.grid(total);
-    let params = core_params(c, &p, c.lq, p.splits, c.ws, 1, c.nz, total);
+    let params = core_params(
+        c,
+        &p,
+        Fields {
+            len: c.lq,
+            splits: p.splits,
+            ws_field: c.ws,
+            zgroup: 1,
+            ngroups: c.nz,
+            total,
+        },
+    );
     if !p.par {
         let sp = spare(rec)?;
         let k_ = core_kernel("attn_fwd", c, &p).b("SAVE_LSE", lse.is_some());
@@ -606,31 +637,48 @@ fn core_forward_aligned(
     let sp = spare(rec)?;
     let kc = small_kernel("attn_combine", c).b("SAVE_LSE", lse.is_some());
     let grid = rec.grid(rows.div_ceil(64));
-    let params = core_params(c, &SMALL, c.lq, chunks, c.ws, 1, 1, 0);
+    let params = core_params(
+        c,
+        &SMALL,
+        Fields {
+            len: c.lq,
+            splits: chunks,
+            ws_field: c.ws,
+            zgroup: 1,
+            ngroups: 1,
+            total: 0,
+        },
+    );
     rec.dispatch(&kc, params, &[&part, &ml, out, lse.unwrap_or(&sp)], grid)
 }
 
 /// Forward of any core (repacks unaligned rows through zero-padded copies).
-#[allow(clippy::too_many_arguments)]
-fn core_forward(
-    rec: &mut Recorder,
-    c: &Core,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    out: &Tensor,
-    lse: Option<&Tensor>,
-) -> Result<()> {
+fn core_forward(rec: &mut Recorder, c: &Core, io: FwdIo) -> Result<()> {
+    let FwdIo {
+        q,
+        k,
+        v,
+        bias,
+        out,
+        lse,
+    } = io;
     rec.flops += attn_flops(c);
     if c.aligned() {
-        return core_forward_aligned(rec, c, q, k, v, bias, out, lse);
+        return core_forward_aligned(rec, c, io);
     }
     let pc = c.padded();
     let (qp, kvp) = pad_inputs(rec, c, q, k, v)?;
     let op = rec.gpu.empty(&[c.nz, c.lq, c.heads * pc.d])?;
-    core_forward_aligned(rec, &pc, &qp, &kvp, &kvp, bias, &op, lse)?;
-    record_repack(rec, c, c.lq, &op, pc.o, out, c.o, c.d, c.d)
+    let padded = FwdIo {
+        q: &qp,
+        k: &kvp,
+        v: &kvp,
+        bias,
+        out: &op,
+        lse,
+    };
+    core_forward_aligned(rec, &pc, padded)?;
+    record_repack(rec, c, c.lq, View(&op, pc.o), View(out, c.o), c.d, c.d)
 }
 
 /// Where the backward writes dk/dv.
@@ -641,43 +689,72 @@ enum KvDest<'a> {
     Separate(&'a Tensor, &'a Tensor),
 }
 
-/// Sums partials [chunks, nz, heads, len, width, d4] (component `comp`) into `dst` with layout `l`.
-#[allow(clippy::too_many_arguments)]
-fn record_gather(
-    rec: &mut Recorder,
-    c: &Core,
-    part: &Tensor,
+/// Partial sums [chunks, nz, heads, len, width, d4] and the component `comp` to gather.
+struct Partials<'a> {
+    t: &'a Tensor,
     len: usize,
     chunks: usize,
     width: usize,
     comp: usize,
-    l: Layout,
-    dst: &Tensor,
-) -> Result<()> {
+}
+
+/// Sums the partials into `dst` with layout `l`.
+fn record_gather(rec: &mut Recorder, c: &Core, part: Partials, View(dst, l): View) -> Result<()> {
+    let Partials {
+        t: part,
+        len,
+        chunks,
+        width,
+        comp,
+    } = part;
     let cc = Core { o: l, ..*c };
     let n = c.nz * c.heads * len * c.d4();
     let grid = rec.grid(n.div_ceil(64));
-    let params = core_params(&cc, &SMALL, len, chunks, width, comp, 1, 0);
+    let params = core_params(
+        &cc,
+        &SMALL,
+        Fields {
+            len,
+            splits: chunks,
+            ws_field: width,
+            zgroup: comp,
+            ngroups: 1,
+            total: 0,
+        },
+    );
     rec.dispatch(&small_kernel("attn_gather", c), params, &[part, dst], grid)
 }
 
-/// Backward of an aligned core. `dq` receives dq in the q layout (fully written), `kv` the dk/dv,
-/// `dbias` (when the core has a bias) is accumulated.
-#[allow(clippy::too_many_arguments)]
-fn core_backward_aligned(
-    rec: &mut Recorder,
-    c: &Core,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    out: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    dq: &Tensor,
-    kv: KvDest,
-    dbias: Option<&Tensor>,
-) -> Result<()> {
+/// Tensors of a core's backward: the forward's inputs and saved `out` / `lse`, the output
+/// gradient `dout`; `dq` receives dq in the q layout (fully written), `kv` the dk/dv, `dbias`
+/// (when the core has a bias) is accumulated.
+struct BwdIo<'a> {
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    out: &'a Tensor,
+    lse: &'a Tensor,
+    dout: &'a Tensor,
+    dq: &'a Tensor,
+    kv: KvDest<'a>,
+    dbias: Option<&'a Tensor>,
+}
+
+/// Backward of an aligned core.
+fn core_backward_aligned(rec: &mut Recorder, c: &Core, io: BwdIo) -> Result<()> {
+    let BwdIo {
+        q,
+        k,
+        v,
+        bias,
+        out,
+        lse,
+        dout,
+        dq,
+        kv,
+        dbias,
+    } = io;
     debug_assert!(c.aligned());
     let rows = c.nz * c.heads * c.lq;
     let dummy = rec.gpu.dummy();
@@ -687,7 +764,18 @@ fn core_backward_aligned(
     let stat = rec.gpu.empty(&[rows, 2])?;
     {
         let grid = rec.grid(rows.div_ceil(64));
-        let params = core_params(c, &SMALL, c.lq, 1, c.ws, 1, 1, 0);
+        let params = core_params(
+            c,
+            &SMALL,
+            Fields {
+                len: c.lq,
+                splits: 1,
+                ws_field: c.ws,
+                zgroup: 1,
+                ngroups: 1,
+                total: 0,
+            },
+        );
         rec.dispatch(
             &small_kernel("attn_bwd_prep", c),
             params,
@@ -719,7 +807,18 @@ fn core_backward_aligned(
         };
         let total = ngroups * c.heads * p.blocks * p.splits;
         let grid = rec.grid(total);
-        let params = core_params(c, &p, c.lq, p.splits, c.ws, zgroup, ngroups, total);
+        let params = core_params(
+            c,
+            &p,
+            Fields {
+                len: c.lq,
+                splits: p.splits,
+                ws_field: c.ws,
+                zgroup,
+                ngroups,
+                total,
+            },
+        );
         rec.dispatch(
             &core_kernel("attn_bwd_dq", c, &p),
             params,
@@ -736,12 +835,34 @@ fn core_backward_aligned(
             grid,
         )?;
         if let Some(part) = &part {
-            record_gather(rec, c, part, c.lq, chunks, 1, 0, c.q, dq)?;
+            record_gather(
+                rec,
+                c,
+                Partials {
+                    t: part,
+                    len: c.lq,
+                    chunks,
+                    width: 1,
+                    comp: 0,
+                },
+                View(dq, c.q),
+            )?;
         }
         if let Some(dbias) = dbias {
             let n = c.ws * c.ws;
             let grid = rec.grid((c.heads * n).div_ceil(64));
-            let params = core_params(c, &SMALL, c.lq, 1, c.ws, zgroup, ngroups, 0);
+            let params = core_params(
+                c,
+                &SMALL,
+                Fields {
+                    len: c.lq,
+                    splits: 1,
+                    ws_field: c.ws,
+                    zgroup,
+                    ngroups,
+                    total: 0,
+                },
+            );
             rec.dispatch(
                 &small_kernel("attn_dbias", c),
                 params,
@@ -756,7 +877,18 @@ fn core_backward_aligned(
         let p = plan(rec, c.lk, c.lq, c.d4(), CMAX_BWD);
         let total = c.nz * c.heads * p.blocks * p.splits;
         let grid = rec.grid(total);
-        let params = core_params(c, &p, c.lq, p.splits, c.ws, 1, c.nz, total);
+        let params = core_params(
+            c,
+            &p,
+            Fields {
+                len: c.lq,
+                splits: p.splits,
+                ws_field: c.ws,
+                zgroup: 1,
+                ngroups: c.nz,
+                total,
+            },
+        );
         let direct = !p.par && matches!(kv, KvDest::Shared(_));
         let kk = core_kernel("attn_bwd_dkv", c, &p).b("DIRECT", direct);
         if direct {
@@ -774,67 +906,94 @@ fn core_backward_aligned(
                 KvDest::Shared(t) => (t, t),
                 KvDest::Separate(a, b) => (a, b),
             };
-            record_gather(rec, c, &part, c.lk, chunks, 2, 0, c.k, dk)?;
-            record_gather(rec, c, &part, c.lk, chunks, 2, 1, c.v, dv)?;
+            record_gather(
+                rec,
+                c,
+                Partials {
+                    t: &part,
+                    len: c.lk,
+                    chunks,
+                    width: 2,
+                    comp: 0,
+                },
+                View(dk, c.k),
+            )?;
+            record_gather(
+                rec,
+                c,
+                Partials {
+                    t: &part,
+                    len: c.lk,
+                    chunks,
+                    width: 2,
+                    comp: 1,
+                },
+                View(dv, c.v),
+            )?;
         }
     }
     Ok(())
 }
 
 /// Backward of any core (repacks unaligned rows through zero-padded copies).
-#[allow(clippy::too_many_arguments)]
-fn core_backward(
-    rec: &mut Recorder,
-    c: &Core,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    saved: &AttnSaved,
-    dout: &Tensor,
-    dq: &Tensor,
-    kv: KvDest,
-    dbias: Option<&Tensor>,
-) -> Result<()> {
+fn core_backward(rec: &mut Recorder, c: &Core, io: BwdIo) -> Result<()> {
     rec.flops += 2.5 * attn_flops(c);
     if c.aligned() {
-        return core_backward_aligned(
-            rec, c, q, k, v, bias, &saved.out, &saved.lse, dout, dq, kv, dbias,
-        );
+        return core_backward_aligned(rec, c, io);
     }
+    let BwdIo {
+        q,
+        k,
+        v,
+        bias,
+        out,
+        lse,
+        dout,
+        dq,
+        kv,
+        dbias,
+    } = io;
     let pc = c.padded();
     let (qp, kvp) = pad_inputs(rec, c, q, k, v)?;
     let rows_shape = [c.nz, c.lq, c.heads * pc.d];
     let outp = rec.gpu.empty(&rows_shape)?;
     let doutp = rec.gpu.empty(&rows_shape)?;
-    record_repack(rec, c, c.lq, &saved.out, c.o, &outp, pc.o, pc.d, c.d)?;
-    record_repack(rec, c, c.lq, dout, c.o, &doutp, pc.o, pc.d, c.d)?;
+    record_repack(rec, c, c.lq, View(out, c.o), View(&outp, pc.o), pc.d, c.d)?;
+    record_repack(rec, c, c.lq, View(dout, c.o), View(&doutp, pc.o), pc.d, c.d)?;
     let dqp = rec.gpu.empty(&rows_shape)?;
     let dkvp = rec.gpu.empty(&kvp.shape)?;
-    core_backward_aligned(
-        rec,
-        &pc,
-        &qp,
-        &kvp,
-        &kvp,
+    let padded = BwdIo {
+        q: &qp,
+        k: &kvp,
+        v: &kvp,
         bias,
-        &outp,
-        &saved.lse,
-        &doutp,
-        &dqp,
-        KvDest::Shared(&dkvp),
+        out: &outp,
+        lse,
+        dout: &doutp,
+        dq: &dqp,
+        kv: KvDest::Shared(&dkvp),
         dbias,
-    )?;
+    };
+    core_backward_aligned(rec, &pc, padded)?;
     let (dk, dv) = match kv {
         KvDest::Shared(t) => (t, t),
         KvDest::Separate(a, b) => (a, b),
     };
-    record_repack(rec, c, c.lq, &dqp, pc.q, dq, c.q, c.d, c.d)?;
-    record_repack(rec, c, c.lk, &dkvp, pc.k, dk, c.k, c.d, c.d)?;
-    record_repack(rec, c, c.lk, &dkvp, pc.v, dv, c.v, c.d, c.d)
+    record_repack(rec, c, c.lq, View(&dqp, pc.q), View(dq, c.q), c.d, c.d)?;
+    record_repack(rec, c, c.lk, View(&dkvp, pc.k), View(dk, c.k), c.d, c.d)?;
+    record_repack(rec, c, c.lk, View(&dkvp, pc.v), View(dv, c.v), c.d, c.d)
 }
 
-fn window_core(qkv: &Tensor, bias: &Tensor, heads: usize, ws: usize) -> Result<Core> {
+/// Heads and window size of a windowed attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub heads: usize,
+    /// The windows are ws x ws tokens.
+    pub ws: usize,
+}
+
+fn window_core(qkv: &Tensor, bias: &Tensor, win: Window) -> Result<Core> {
+    let Window { heads, ws } = win;
     let n = ws * ws;
     if ws == 0 || n > MAX_WINDOW_TOKENS {
         return invalid(format!(
@@ -905,12 +1064,19 @@ pub fn window_attention(
     rec: &mut Recorder,
     qkv: &Tensor,
     bias: &Tensor, /*[heads, ws*ws]*/
-    heads: usize,
-    ws: usize,
+    win: Window,
 ) -> Result<Tensor> {
-    let c = window_core(qkv, bias, heads, ws)?;
-    let out = rec.gpu.empty(&[c.nz, c.lq, c.d * heads])?;
-    core_forward(rec, &c, qkv, qkv, qkv, Some(bias), &out, None)?;
+    let c = window_core(qkv, bias, win)?;
+    let out = rec.gpu.empty(&[c.nz, c.lq, c.d * win.heads])?;
+    let io = FwdIo {
+        q: qkv,
+        k: qkv,
+        v: qkv,
+        bias: Some(bias),
+        out: &out,
+        lse: None,
+    };
+    core_forward(rec, &c, io)?;
     Ok(out)
 }
 
@@ -919,13 +1085,20 @@ pub fn window_attention_train(
     rec: &mut Recorder,
     qkv: &Tensor,
     bias: &Tensor,
-    heads: usize,
-    ws: usize,
+    win: Window,
 ) -> Result<AttnSaved> {
-    let c = window_core(qkv, bias, heads, ws)?;
-    let out = rec.gpu.empty(&[c.nz, c.lq, c.d * heads])?;
-    let lse = rec.gpu.empty(&[c.nz, heads, c.lq])?;
-    core_forward(rec, &c, qkv, qkv, qkv, Some(bias), &out, Some(&lse))?;
+    let c = window_core(qkv, bias, win)?;
+    let out = rec.gpu.empty(&[c.nz, c.lq, c.d * win.heads])?;
+    let lse = rec.gpu.empty(&[c.nz, win.heads, c.lq])?;
+    let io = FwdIo {
+        q: qkv,
+        k: qkv,
+        v: qkv,
+        bias: Some(bias),
+        out: &out,
+        lse: Some(&lse),
+    };
+    core_forward(rec, &c, io)?;
     Ok(AttnSaved { out, lse })
 }
 
@@ -947,18 +1120,17 @@ fn check_saved(
 
 /// Backward of `window_attention`: returns dqkv [NW, n, 3C] (same interleaved layout) and adds the
 /// bias gradient, summed over all windows and (query, key) pairs, into `dbias` [heads, ws*ws].
-#[allow(clippy::too_many_arguments)]
 pub fn window_attention_backward(
     rec: &mut Recorder,
     qkv: &Tensor,
     bias: &Tensor,
     saved: &AttnSaved,
     dout: &Tensor,
-    heads: usize,
-    ws: usize,
+    win: Window,
     dbias: &Tensor,
 ) -> Result<Tensor> {
-    let c = window_core(qkv, bias, heads, ws)?;
+    let c = window_core(qkv, bias, win)?;
+    let heads = win.heads;
     check_saved(
         "window_attention_backward",
         saved,
@@ -973,19 +1145,19 @@ pub fn window_attention_backward(
         ));
     }
     let dqkv = rec.gpu.empty(&qkv.shape)?;
-    core_backward(
-        rec,
-        &c,
-        qkv,
-        qkv,
-        qkv,
-        Some(bias),
-        saved,
+    let io = BwdIo {
+        q: qkv,
+        k: qkv,
+        v: qkv,
+        bias: Some(bias),
+        out: &saved.out,
+        lse: &saved.lse,
         dout,
-        &dqkv,
-        KvDest::Shared(&dqkv),
-        Some(dbias),
-    )?;
+        dq: &dqkv,
+        kv: KvDest::Shared(&dqkv),
+        dbias: Some(dbias),
+    };
+    core_backward(rec, &c, io)?;
     Ok(dqkv)
 }
 
@@ -1034,7 +1206,15 @@ fn mha_core(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Core> {
 pub fn mha(rec: &mut Recorder, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let c = mha_core(q, k, v, heads)?;
     let out = rec.gpu.empty(&q.shape)?;
-    core_forward(rec, &c, q, k, v, None, &out, None)?;
+    let io = FwdIo {
+        q,
+        k,
+        v,
+        bias: None,
+        out: &out,
+        lse: None,
+    };
+    core_forward(rec, &c, io)?;
     Ok(out)
 }
 
@@ -1049,12 +1229,19 @@ pub fn mha_train(
     let c = mha_core(q, k, v, heads)?;
     let out = rec.gpu.empty(&q.shape)?;
     let lse = rec.gpu.empty(&[c.nz, heads, c.lq])?;
-    core_forward(rec, &c, q, k, v, None, &out, Some(&lse))?;
+    let io = FwdIo {
+        q,
+        k,
+        v,
+        bias: None,
+        out: &out,
+        lse: Some(&lse),
+    };
+    core_forward(rec, &c, io)?;
     Ok(AttnSaved { out, lse })
 }
 
 /// Backward of `mha`: returns (dq, dk, dv) with the shapes of q, k, v.
-#[allow(clippy::too_many_arguments)]
 pub fn mha_backward(
     rec: &mut Recorder,
     q: &Tensor,
@@ -1069,19 +1256,19 @@ pub fn mha_backward(
     let dq = rec.gpu.empty(&q.shape)?;
     let dk = rec.gpu.empty(&k.shape)?;
     let dv = rec.gpu.empty(&v.shape)?;
-    core_backward(
-        rec,
-        &c,
+    let io = BwdIo {
         q,
         k,
         v,
-        None,
-        saved,
+        bias: None,
+        out: &saved.out,
+        lse: &saved.lse,
         dout,
-        &dq,
-        KvDest::Separate(&dk, &dv),
-        None,
-    )?;
+        dq: &dq,
+        kv: KvDest::Separate(&dk, &dv),
+        dbias: None,
+    };
+    core_backward(rec, &c, io)?;
     Ok((dq, dk, dv))
 }
 
@@ -1112,7 +1299,7 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
         let flops = 4.0 * (n * n * (c / heads) * heads * nw) as f64;
         let name = format!("stage{} C{c} h{heads} ws{ws} NW{nw}", stage + 1);
         let ms = time_op(gpu, 5, |rec| {
-            window_attention(rec, &qkv, &bias, heads, ws).map(|_| ())
+            window_attention(rec, &qkv, &bias, Window { heads, ws }).map(|_| ())
         })?;
         out.push(bench_line(
             format!("window_attention {name}"),
@@ -1122,15 +1309,23 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
         ));
         let saved = {
             let mut rec = gpu.new_recorder();
-            let s = window_attention_train(&mut rec, &qkv, &bias, heads, ws)?;
+            let s = window_attention_train(&mut rec, &qkv, &bias, Window { heads, ws })?;
             rec.submit()?;
             s
         };
         let dout = gpu.upload(&rng.vec(nw * n * c), &[nw, n, c])?;
         let dbias = gpu.upload(&vec![0.0; heads * n], &[heads, n])?;
         let ms = time_op(gpu, 3, |rec| {
-            window_attention_backward(rec, &qkv, &bias, &saved, &dout, heads, ws, &dbias)
-                .map(|_| ())
+            window_attention_backward(
+                rec,
+                &qkv,
+                &bias,
+                &saved,
+                &dout,
+                Window { heads, ws },
+                &dbias,
+            )
+            .map(|_| ())
         })?;
         out.push(bench_line(
             format!("window_attention_backward {name}"),
