@@ -6,7 +6,7 @@
 use medfastsam::gpu::Tensor;
 use medfastsam::ops::Act;
 use medfastsam::ops::conv::{
-    conv_transpose2x2, conv_transpose2x2_backward, conv2d, conv2d_backward,
+    ConvGeom, ConvGrads, conv_transpose2x2, conv_transpose2x2_backward, conv2d, conv2d_backward,
     conv2d_backward_chunked, conv2d_chunked, depthwise_conv2d, depthwise_conv2d_backward,
     depthwise_conv2d_run,
 };
@@ -77,8 +77,10 @@ fn dense_forward(s: ConvShape, bias: bool, act: Act, chunk: Option<usize>, seed:
             &tx,
             &tw,
             bias.then_some(&tb),
-            s.stride,
-            s.pad,
+            ConvGeom {
+                stride: s.stride,
+                pad: s.pad,
+            },
             act,
         ),
         Some(_) => conv2d_chunked(
@@ -86,8 +88,10 @@ fn dense_forward(s: ConvShape, bias: bool, act: Act, chunk: Option<usize>, seed:
             &tx,
             &tw,
             bias.then_some(&tb),
-            s.stride,
-            s.pad,
+            ConvGeom {
+                stride: s.stride,
+                pad: s.pad,
+            },
             act,
             chunk,
         ),
@@ -369,11 +373,15 @@ fn dense_backward(s: ConvShape, chunk: Option<usize>, seed: u64) {
         &tx,
         &tw,
         &tdy,
-        s.stride,
-        s.pad,
-        Some(&g.t[0]),
-        Some(&g.t[1]),
-        Some(&g.t[2]),
+        ConvGeom {
+            stride: s.stride,
+            pad: s.pad,
+        },
+        ConvGrads {
+            dx: Some(&g.t[0]),
+            dw: Some(&g.t[1]),
+            dbias: Some(&g.t[2]),
+        },
         chunk,
     )
     .unwrap();
@@ -443,8 +451,30 @@ fn conv2d_backward_partial_gradients() {
         let zx = gpu.upload(&vec![0.0; x.len()], &tx.shape).unwrap();
         let zw = gpu.upload(&vec![0.0; w.len()], &tw.shape).unwrap();
         let mut rec = gpu.new_recorder();
-        conv2d_backward(&mut rec, &tx, &tw, &tdy, 2, 1, Some(&zx), None, None).unwrap();
-        conv2d_backward(&mut rec, &tx, &tw, &tdy, 2, 1, None, Some(&zw), None).unwrap();
+        conv2d_backward(
+            &mut rec,
+            &tx,
+            &tw,
+            &tdy,
+            ConvGeom { stride: 2, pad: 1 },
+            ConvGrads {
+                dx: Some(&zx),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        conv2d_backward(
+            &mut rec,
+            &tx,
+            &tw,
+            &tdy,
+            ConvGeom { stride: 2, pad: 1 },
+            ConvGrads {
+                dw: Some(&zw),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         rec.submit().unwrap();
         check(
             &format!("conv2d backward dx only, Ci {ci}"),
@@ -485,8 +515,10 @@ fn depthwise_forward_run(s: ConvShape, bias: bool, act: Act, run: Option<usize>,
             &tx,
             &tw,
             bias.then_some(&tb),
-            s.stride,
-            s.pad,
+            ConvGeom {
+                stride: s.stride,
+                pad: s.pad,
+            },
             act,
         ),
         Some(r) => depthwise_conv2d_run(
@@ -494,8 +526,10 @@ fn depthwise_forward_run(s: ConvShape, bias: bool, act: Act, run: Option<usize>,
             &tx,
             &tw,
             bias.then_some(&tb),
-            s.stride,
-            s.pad,
+            ConvGeom {
+                stride: s.stride,
+                pad: s.pad,
+            },
             act,
             r,
         ),
@@ -599,11 +633,15 @@ fn depthwise_backward(s: ConvShape, seed: u64) {
         &tx,
         &tw,
         &tdy,
-        s.stride,
-        s.pad,
-        Some(&g.t[0]),
-        Some(&g.t[1]),
-        Some(&g.t[2]),
+        ConvGeom {
+            stride: s.stride,
+            pad: s.pad,
+        },
+        ConvGrads {
+            dx: Some(&g.t[0]),
+            dw: Some(&g.t[1]),
+            dbias: Some(&g.t[2]),
+        },
     )
     .unwrap();
     rec.submit().unwrap();
@@ -667,9 +705,11 @@ fn convt_case(b: usize, h: usize, w: usize, ci: usize, co: usize, bias: bool, ac
         &tx,
         &tw,
         &tdy,
-        Some(&g.t[0]),
-        Some(&g.t[1]),
-        Some(&g.t[2]),
+        ConvGrads {
+            dx: Some(&g.t[0]),
+            dw: Some(&g.t[1]),
+            dbias: Some(&g.t[2]),
+        },
     )
     .unwrap();
     rec.submit().unwrap();
@@ -744,7 +784,7 @@ fn bench_depthwise_model_shapes() {
             Act::Gelu
         };
         let ms = time_op(gpu, 3, |rec| {
-            depthwise_conv2d(rec, &x, &w, Some(&b), s, 1, act).map(|_| ())
+            depthwise_conv2d(rec, &x, &w, Some(&b), ConvGeom { stride: s, pad: 1 }, act).map(|_| ())
         })
         .unwrap();
         // CPU time of the process (the adapter's worker threads): less sensitive to other load.
@@ -752,7 +792,15 @@ fn bench_depthwise_model_shapes() {
         let c0 = cpu_ms();
         for _ in 0..reps {
             let mut rec = gpu.new_recorder();
-            depthwise_conv2d(&mut rec, &x, &w, Some(&b), s, 1, act).unwrap();
+            depthwise_conv2d(
+                &mut rec,
+                &x,
+                &w,
+                Some(&b),
+                ConvGeom { stride: s, pad: 1 },
+                act,
+            )
+            .unwrap();
             rec.submit().unwrap();
             gpu.sync().unwrap();
         }

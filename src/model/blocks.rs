@@ -12,7 +12,7 @@ use super::schema::Kind;
 use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Tensor};
 use crate::ops::attention::{self, AttnSaved, Window};
-use crate::ops::conv;
+use crate::ops::conv::{self, ConvGeom, ConvGrads};
 use crate::ops::elementwise::{act_backward, activation, col_sum};
 use crate::ops::matmul::{Act, Gemm, gemm, linear, linear_save_pre};
 use crate::ops::norm::{self, BnSaved, LnSaved};
@@ -422,8 +422,10 @@ impl Conv2d {
             x,
             &self.w.v,
             self.b.as_ref().map(|b| &b.v),
-            self.stride,
-            self.pad,
+            ConvGeom {
+                stride: self.stride,
+                pad: self.pad,
+            },
             Act::None,
         )?;
         Ok((y, mode.keep(|| ConvSaved { x: x.clone() })))
@@ -453,11 +455,15 @@ impl Conv2d {
             &s.x,
             &self.w.v,
             dy,
-            self.stride,
-            self.pad,
-            dx,
-            self.w.g.as_ref(),
-            db,
+            ConvGeom {
+                stride: self.stride,
+                pad: self.pad,
+            },
+            ConvGrads {
+                dx,
+                dw: self.w.g.as_ref(),
+                dbias: db,
+            },
         )
     }
 }
@@ -518,9 +524,11 @@ impl ConvT2x2 {
             &s.x,
             &self.w.v,
             &dz,
-            Some(&dx),
-            self.w.g.as_ref(),
-            self.b.g.as_ref(),
+            ConvGrads {
+                dx: Some(&dx),
+                dw: self.w.g.as_ref(),
+                dbias: self.b.g.as_ref(),
+            },
         )?;
         Ok(dx)
     }
@@ -632,9 +640,11 @@ impl Conv2dBn {
     ) -> Result<Tensor> {
         match self.kind {
             ConvKind::Pointwise => linear(rec, x, &as_matrix(w), b, act, None),
-            ConvKind::Dense { stride, pad } => conv::conv2d(rec, x, w, b, stride, pad, act),
+            ConvKind::Dense { stride, pad } => {
+                conv::conv2d(rec, x, w, b, ConvGeom { stride, pad }, act)
+            }
             ConvKind::Depthwise { stride, pad } => {
-                conv::depthwise_conv2d(rec, x, w, b, stride, pad, act)
+                conv::depthwise_conv2d(rec, x, w, b, ConvGeom { stride, pad }, act)
             }
         }
     }
@@ -773,12 +783,30 @@ impl Conv2dBn {
                 Ok(())
             }
             _ if dx.is_none() && gw.is_none() => Ok(()),
-            ConvKind::Dense { stride, pad } => {
-                conv::conv2d_backward(rec, &s.x, &w.v, &dz, stride, pad, dx, gw, None)
-            }
-            ConvKind::Depthwise { stride, pad } => {
-                conv::depthwise_conv2d_backward(rec, &s.x, &w.v, &dz, stride, pad, dx, gw, None)
-            }
+            ConvKind::Dense { stride, pad } => conv::conv2d_backward(
+                rec,
+                &s.x,
+                &w.v,
+                &dz,
+                ConvGeom { stride, pad },
+                ConvGrads {
+                    dx,
+                    dw: gw,
+                    ..Default::default()
+                },
+            ),
+            ConvKind::Depthwise { stride, pad } => conv::depthwise_conv2d_backward(
+                rec,
+                &s.x,
+                &w.v,
+                &dz,
+                ConvGeom { stride, pad },
+                ConvGrads {
+                    dx,
+                    dw: gw,
+                    ..Default::default()
+                },
+            ),
         }
     }
 }

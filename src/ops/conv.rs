@@ -150,14 +150,8 @@ fn invalid(msg: String) -> Error {
 }
 
 /// Checks `x [B,H,W,Ci]` and `w [Co, w_ci, k, k]` and computes the output size.
-fn geometry(
-    what: &str,
-    x: &Tensor,
-    w: &Tensor,
-    stride: usize,
-    pad: usize,
-    depthwise: bool,
-) -> Result<Geo> {
+fn geometry(what: &str, x: &Tensor, w: &Tensor, geom: ConvGeom, depthwise: bool) -> Result<Geo> {
+    let ConvGeom { stride, pad } = geom;
     if x.shape.len() != 4 || w.shape.len() != 4 {
         return Err(invalid(format!(
             "{what}: expected x [B,H,W,C] and w [Co,Ci,k,k], got {:?} and {:?}",
@@ -318,20 +312,26 @@ fn copy_range(
     launch(rec, &kernel("copy_range"), &cp, &[src, dst])
 }
 
-/// Column rows `row0 .. row0 + rows` of `x` into `col` (rows of `width` >= Ci*k*k floats): the
-/// (ky, kx, ci) order as vec4s (`im2col4`) when `v4` (Ci % 4 == 0, width = Ci*k*k), else the
-/// (ci, ky, kx) order with zero columns up to `width` (`im2col_row`).
-#[allow(clippy::too_many_arguments)]
+/// Layout of a column matrix: rows of `width` >= Ci*k*k floats, the (ky, kx, ci) order as vec4s
+/// when `v4` (Ci % 4 == 0, width = Ci*k*k), else the (ci, ky, kx) order with zero columns up to
+/// `width`.
+#[derive(Clone, Copy)]
+struct ColLayout {
+    v4: bool,
+    width: usize,
+}
+
+/// Column rows `rows` of `x` into `col` (`im2col4` or `im2col_row`, see [`ColLayout`]).
 fn im2col(
     rec: &mut Recorder,
     g: &Geo,
     x: &Tensor,
-    row0: usize,
-    rows: usize,
-    v4: bool,
-    width: usize,
+    rows: std::ops::Range<usize>,
+    cols: ColLayout,
     col: &Tensor,
 ) -> Result<()> {
+    let ColLayout { v4, width } = cols;
+    let (row0, rows) = (rows.start, rows.len());
     let cp = Cp {
         n: rows,
         row0,
@@ -399,6 +399,22 @@ fn chunk_rows(rec: &Recorder, g: &Geo, width: usize, force: Option<usize>) -> us
     cap.min(g.m().max(1))
 }
 
+/// Stride and zero padding of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub stride: usize,
+    pub pad: usize,
+}
+
+/// Gradient buffers a convolution backward accumulates into, each where given: the input's
+/// `dx`, the weight's `dw` and the bias's `dbias`.
+#[derive(Clone, Copy, Default)]
+pub struct ConvGrads<'a> {
+    pub dx: Option<&'a Tensor>,
+    pub dw: Option<&'a Tensor>,
+    pub dbias: Option<&'a Tensor>,
+}
+
 /// Dense conv, square kernel k from w [Co, Ci, k, k], zero padding `pad`, stride `stride`, optional
 /// bias [Co], fused activation. x [B,H,W,Ci] -> [B,OH,OW,Co], OH = (H + 2pad - k)/stride + 1.
 pub fn conv2d(
@@ -406,28 +422,25 @@ pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
+    geom: ConvGeom,
     act: Act,
 ) -> Result<Tensor> {
-    conv2d_chunked(rec, x, w, bias, stride, pad, act, None)
+    conv2d_chunked(rec, x, w, bias, geom, act, None)
 }
 
 /// [`conv2d`] with the im2col chunk capped at `max_chunk_rows` output positions (tests of the
 /// chunked path; `None` = as large as the device allows).
 #[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
 pub fn conv2d_chunked(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
+    geom: ConvGeom,
     act: Act,
     max_chunk_rows: Option<usize>,
 ) -> Result<Tensor> {
-    let g = geometry("conv2d", x, w, stride, pad, false)?;
+    let g = geometry("conv2d", x, w, geom, false)?;
     if let Some(b) = bias {
         check_len("conv2d bias", b, g.co)?;
     }
@@ -456,6 +469,7 @@ pub fn conv2d_chunked(
     } else {
         kc
     };
+    let cols = ColLayout { v4, width: kcp };
     let wk = w.reshape(&[g.co, kc]);
     let w2 = if v4 && g.k > 1 {
         weight_copy(rec, &g, w, true, kc)?
@@ -474,7 +488,7 @@ pub fn conv2d_chunked(
     let mut r0 = 0;
     while r0 < m {
         let rows = cap.min(m - r0);
-        im2col(rec, &g, x, r0, rows, v4, kcp, &col)?;
+        im2col(rec, &g, x, r0..r0 + rows, cols, &col)?;
         let mut gm = Gemm::new(rows, g.co, kcp);
         gm.trans_b = true;
         gm.act = act;
@@ -492,37 +506,30 @@ pub fn conv2d_chunked(
 /// `dx [B,H,W,Ci] += dL/dx`, `dw [Co,Ci,k,k] += dL/dw`, `dbias [Co] += dL/dbias` for each one given.
 /// dx: GEMM `dcol = dy w` then `col2im` (gather); dw: `im2col(x)` then `dw += dy^T col` (split-K);
 /// dbias: column sums of dy. Chunked like the forward when the column matrix is too large.
-#[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
-    stride: usize,
-    pad: usize,
-    dx: Option<&Tensor>,
-    dw: Option<&Tensor>,
-    dbias: Option<&Tensor>,
+    geom: ConvGeom,
+    grads: ConvGrads,
 ) -> Result<()> {
-    conv2d_backward_chunked(rec, x, w, dy, stride, pad, dx, dw, dbias, None)
+    conv2d_backward_chunked(rec, x, w, dy, geom, grads, None)
 }
 
 /// [`conv2d_backward`] with the column chunk capped at `max_chunk_rows` positions (tests).
 #[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward_chunked(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
-    stride: usize,
-    pad: usize,
-    dx: Option<&Tensor>,
-    dw: Option<&Tensor>,
-    dbias: Option<&Tensor>,
+    geom: ConvGeom,
+    grads: ConvGrads,
     max_chunk_rows: Option<usize>,
 ) -> Result<()> {
-    let g = geometry("conv2d_backward", x, w, stride, pad, false)?;
+    let ConvGrads { dx, dw, dbias } = grads;
+    let g = geometry("conv2d_backward", x, w, geom, false)?;
     let (m, kc) = (g.m(), g.kc());
     check_backward("conv2d_backward", &g, x, w, dy, [dx, dw, dbias])?;
     if m == 0 || g.co == 0 {
@@ -554,6 +561,7 @@ pub fn conv2d_backward_chunked(
     } else {
         kc
     };
+    let cols = ColLayout { v4, width: kcp };
     let w2 = match dx {
         Some(_) if v4 => weight_copy(rec, &g, w, true, kc)?,
         _ => w.reshape(&[g.co, kc]),
@@ -581,7 +589,7 @@ pub fn conv2d_backward_chunked(
             None => dy,
         };
         if let Some(dw) = dw {
-            im2col(rec, &g, x, r0, rows, v4, kcp, &col)?;
+            im2col(rec, &g, x, r0..r0 + rows, cols, &col)?;
             atb_accumulate(
                 rec,
                 dy_rows,
@@ -635,11 +643,10 @@ pub fn depthwise_conv2d(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
+    geom: ConvGeom,
     act: Act,
 ) -> Result<Tensor> {
-    depthwise_forward(rec, x, w, bias, stride, pad, act, None)
+    depthwise_forward(rec, x, w, bias, geom, act, None)
 }
 
 /// Output rows per invocation of `depthwise3_v4` when not forced: long runs (the window of input
@@ -655,32 +662,28 @@ fn dw_tiled(g: &Geo) -> bool {
 /// [`depthwise_conv2d`] with the output rows per invocation of the 3x3 sliding-window kernel
 /// forced (tests; ignored by the other kernels).
 #[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv2d_run(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
+    geom: ConvGeom,
     act: Act,
     run: usize,
 ) -> Result<Tensor> {
-    depthwise_forward(rec, x, w, bias, stride, pad, act, Some(run.max(1)))
+    depthwise_forward(rec, x, w, bias, geom, act, Some(run.max(1)))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn depthwise_forward(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
+    geom: ConvGeom,
     act: Act,
     run: Option<usize>,
 ) -> Result<Tensor> {
-    let g = &geometry("depthwise_conv2d", x, w, stride, pad, true)?;
+    let g = &geometry("depthwise_conv2d", x, w, geom, true)?;
     if let Some(b) = bias {
         check_len("depthwise_conv2d bias", b, g.co)?;
     }
@@ -692,7 +695,8 @@ fn depthwise_forward(
     let dummy = rec.gpu.dummy();
     rec.flops += 2.0 * (n * g.k * g.k) as f64;
     if dw_tiled(g) {
-        return depthwise_sliding(rec, g, x, w, bias, act, run, false, &y).map(|_| y);
+        let io = SlidingIo { x, w, bias, y: &y };
+        return depthwise_sliding(rec, g, io, act, run, false).map(|_| y);
     }
     let (entry, v) = if g.ci.is_multiple_of(4) {
         ("depthwise4", 4)
@@ -711,21 +715,26 @@ fn depthwise_forward(
     Ok(y)
 }
 
+/// Tensors of [`depthwise_sliding`]: input, taps, optional bias, output.
+struct SlidingIo<'a> {
+    x: &'a Tensor,
+    w: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    y: &'a Tensor,
+}
+
 /// `depthwise3_v4` into `y` (see the shader): one invocation per (batch, run of output rows,
 /// strip of 4 columns, 4 channels). `flip_accum`: taps rotated by 180 degrees and the result
 /// added to `y` (the input gradient of a stride-1 conv).
-#[allow(clippy::too_many_arguments)]
 fn depthwise_sliding(
     rec: &mut Recorder,
     g: &Geo,
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
+    io: SlidingIo,
     act: Act,
     run: Option<usize>,
     flip_accum: bool,
-    y: &Tensor,
 ) -> Result<()> {
+    let SlidingIo { x, w, bias, y } = io;
     let dummy = rec.gpu.dummy();
     let run = run.unwrap_or(DW_RUN).min(g.oh);
     let inv = g.b * g.oh.div_ceil(run) * g.ow.div_ceil(4) * (g.ci / 4);
@@ -776,19 +785,16 @@ fn check_backward(
 /// `dw [C,1,k,k]`, `dbias [C]` where given. dx: for stride-1 3x3 with C % 4 == 0 the
 /// sliding-window forward kernel on dy with rotated taps, otherwise a gather kernel; dw: per-block
 /// partial sums over output positions, then a row-sum into w's layout; dbias: column sums of dy.
-#[allow(clippy::too_many_arguments)]
 pub fn depthwise_conv2d_backward(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
-    stride: usize,
-    pad: usize,
-    dx: Option<&Tensor>,
-    dw: Option<&Tensor>,
-    dbias: Option<&Tensor>,
+    geom: ConvGeom,
+    grads: ConvGrads,
 ) -> Result<()> {
-    let g = geometry("depthwise_conv2d_backward", x, w, stride, pad, true)?;
+    let ConvGrads { dx, dw, dbias } = grads;
+    let g = geometry("depthwise_conv2d_backward", x, w, geom, true)?;
     check_backward("depthwise_conv2d_backward", &g, x, w, dy, [dx, dw, dbias])?;
     let (m, c, kk) = (g.m(), g.ci, g.k * g.k);
     if m == 0 || c == 0 {
@@ -812,7 +818,13 @@ pub fn depthwise_conv2d_backward(
                 pad: 2 - g.pad,
                 ..g
             };
-            depthwise_sliding(rec, &gt, dy, w, None, Act::None, None, true, dx)?;
+            let io = SlidingIo {
+                x: dy,
+                w,
+                bias: None,
+                y: dx,
+            };
+            depthwise_sliding(rec, &gt, io, Act::None, None, true)?;
         } else {
             let entry = if v4 { "depthwise_dx4" } else { "depthwise_dx" };
             launch(
@@ -919,16 +931,14 @@ pub fn conv_transpose2x2(
 /// Gradients of [`conv_transpose2x2`] (dy [B,2H,2W,Co] before activation); accumulates into
 /// `dx [B,H,W,Ci]`, `dw [Ci,Co,2,2]`, `dbias [Co]` where given. `dt = pixel_unshuffle2(dy)`
 /// `[B*H*W, 4*Co]`, then `dx += dt w^T` and `dw += x^T dt` (GEMMs), `dbias +=` column sums of dy.
-#[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2x2_backward(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
-    dx: Option<&Tensor>,
-    dw: Option<&Tensor>,
-    dbias: Option<&Tensor>,
+    grads: ConvGrads,
 ) -> Result<()> {
+    let ConvGrads { dx, dw, dbias } = grads;
     let (b, h, wd, ci, co) = convt_geometry("conv_transpose2x2_backward", x, w)?;
     if dy.shape != [b, 2 * h, 2 * wd, co] {
         return Err(invalid(format!(
@@ -1044,14 +1054,33 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
         let (oh, ow) = ((xs[1] + 2 * p - k) / s + 1, (xs[2] + 2 * p - k) / s + 1);
         let flops = 2.0 * (oh * ow * co * xs[3] * k * k) as f64;
         let ms = time_op(gpu, reps, |rec| {
-            conv2d(rec, &x, &w, Some(&bias), s, p, Act::Gelu).map(|_| ())
+            conv2d(
+                rec,
+                &x,
+                &w,
+                Some(&bias),
+                ConvGeom { stride: s, pad: p },
+                Act::Gelu,
+            )
+            .map(|_| ())
         })?;
         out.push(bench_line(name, ms, Some(flops), None));
         if k == 3 && xs[3] > 3 {
             let dy = gpu.upload(&fill(oh * ow * co, 4), &[1, oh, ow, co])?;
             let (dx, dw, db) = (gpu.empty(&xs)?, gpu.empty(&w.shape)?, gpu.empty(&[co])?);
             let ms = time_op(gpu, reps, |rec| {
-                conv2d_backward(rec, &x, &w, &dy, s, p, Some(&dx), Some(&dw), Some(&db))
+                conv2d_backward(
+                    rec,
+                    &x,
+                    &w,
+                    &dy,
+                    ConvGeom { stride: s, pad: p },
+                    ConvGrads {
+                        dx: Some(&dx),
+                        dw: Some(&dw),
+                        dbias: Some(&db),
+                    },
+                )
             })?;
             out.push(bench_line(
                 format!("{name} backward"),
@@ -1073,14 +1102,33 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
         let n_out = (o * o * 256) as f64;
         let bytes = 4.0 * (x.numel() as f64 + n_out);
         let ms = time_op(gpu, reps, |rec| {
-            depthwise_conv2d(rec, &x, &w, Some(&bias), s, 1, Act::Gelu).map(|_| ())
+            depthwise_conv2d(
+                rec,
+                &x,
+                &w,
+                Some(&bias),
+                ConvGeom { stride: s, pad: 1 },
+                Act::Gelu,
+            )
+            .map(|_| ())
         })?;
         out.push(bench_line(name, ms, Some(18.0 * n_out), Some(bytes)));
         if s == 1 {
             let dy = gpu.upload(&fill(o * o * 256, 8), &[1, o, o, 256])?;
             let (dx, dw, db) = (gpu.empty(&xs)?, gpu.empty(&w.shape)?, gpu.empty(&[256])?);
             let ms = time_op(gpu, reps, |rec| {
-                depthwise_conv2d_backward(rec, &x, &w, &dy, s, 1, Some(&dx), Some(&dw), Some(&db))
+                depthwise_conv2d_backward(
+                    rec,
+                    &x,
+                    &w,
+                    &dy,
+                    ConvGeom { stride: s, pad: 1 },
+                    ConvGrads {
+                        dx: Some(&dx),
+                        dw: Some(&dw),
+                        dbias: Some(&db),
+                    },
+                )
             })?;
             out.push(bench_line(
                 format!("{name} backward"),
@@ -1106,7 +1154,17 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchResult>> {
         let dy = gpu.upload(&fill(4 * hw * hw * co, 12), &[1, 2 * hw, 2 * hw, co])?;
         let (dx, dw, db) = (gpu.empty(&xs)?, gpu.empty(&w.shape)?, gpu.empty(&[co])?);
         let ms = time_op(gpu, reps, |rec| {
-            conv_transpose2x2_backward(rec, &x, &w, &dy, Some(&dx), Some(&dw), Some(&db))
+            conv_transpose2x2_backward(
+                rec,
+                &x,
+                &w,
+                &dy,
+                ConvGrads {
+                    dx: Some(&dx),
+                    dw: Some(&dw),
+                    dbias: Some(&db),
+                },
+            )
         })?;
         out.push(bench_line(
             format!("{name} backward"),
