@@ -282,12 +282,25 @@ fn ln_gpu_backward_team(
             &tw,
             &saved,
             &tdy,
-            &tdw,
-            &tdb,
-            tdx0.as_ref(),
+            NormGrads {
+                dw: &tdw,
+                db: &tdb,
+                dx_acc: tdx0.as_ref(),
+            },
             t,
         ),
-        None => layer_norm_backward(&mut rec, &tx, &tw, &saved, &tdy, &tdw, &tdb, tdx0.as_ref()),
+        None => layer_norm_backward(
+            &mut rec,
+            &tx,
+            &tw,
+            &saved,
+            &tdy,
+            NormGrads {
+                dw: &tdw,
+                db: &tdb,
+                dx_acc: tdx0.as_ref(),
+            },
+        ),
     }
     .unwrap();
     rec.submit().unwrap();
@@ -515,7 +528,20 @@ fn bn_train_case(shape: &[usize], act: Act, offset: f64, scale: f64, tol: f64, s
         up(gpu, &d.rv, &[c]),
     );
     let mut rec = gpu.new_recorder();
-    let (y, saved) = batch_norm_train(&mut rec, &tx, &tw, &tb, &trm, &trv, 0.1, 1e-5, act).unwrap();
+    let (y, saved) = batch_norm_train(
+        &mut rec,
+        &tx,
+        BnLayer {
+            w: &tw,
+            b: &tb,
+            running_mean: &trm,
+            running_var: &trv,
+        },
+        0.1,
+        1e-5,
+        act,
+    )
+    .unwrap();
     rec.submit().unwrap();
     let (ry, rpre, rmean, rvar, rrm, rrv) = reference::norm::batch_norm_train(
         &to_f64(&d.x),
@@ -617,7 +643,19 @@ fn batch_norm_eval_forward() {
             up(gpu, &d.rv, &[c]),
         );
         let mut rec = gpu.new_recorder();
-        let y = batch_norm_eval(&mut rec, &tx, &tw, &tb, &trm, &trv, 1e-5, act).unwrap();
+        let y = batch_norm_eval(
+            &mut rec,
+            &tx,
+            BnLayer {
+                w: &tw,
+                b: &tb,
+                running_mean: &trm,
+                running_var: &trv,
+            },
+            1e-5,
+            act,
+        )
+        .unwrap();
         rec.submit().unwrap();
         let want = reference::norm::batch_norm_eval(
             &to_f64(&d.x),
@@ -678,12 +716,48 @@ fn bn_gpu_backward(
     let tdx0 = init.map(|(_, _, x)| up(gpu, x, shape));
     let mut rec = gpu.new_recorder();
     let (_, saved) = if train {
-        batch_norm_train(&mut rec, &tx, &tw, &tb, &trm, &trv, 0.1, 1e-5, act).unwrap()
+        batch_norm_train(
+            &mut rec,
+            &tx,
+            BnLayer {
+                w: &tw,
+                b: &tb,
+                running_mean: &trm,
+                running_var: &trv,
+            },
+            0.1,
+            1e-5,
+            act,
+        )
+        .unwrap()
     } else {
-        batch_norm_eval_saved(&mut rec, &tx, &tw, &tb, &trm, &trv, 1e-5, act).unwrap()
+        batch_norm_eval_saved(
+            &mut rec,
+            &tx,
+            BnLayer {
+                w: &tw,
+                b: &tb,
+                running_mean: &trm,
+                running_var: &trv,
+            },
+            1e-5,
+            act,
+        )
+        .unwrap()
     };
-    let dx =
-        batch_norm_backward(&mut rec, &tx, &tw, &saved, &tdy, &tdw, &tdb, tdx0.as_ref()).unwrap();
+    let dx = batch_norm_backward(
+        &mut rec,
+        &tx,
+        &tw,
+        &saved,
+        &tdy,
+        NormGrads {
+            dw: &tdw,
+            db: &tdb,
+            dx_acc: tdx0.as_ref(),
+        },
+    )
+    .unwrap();
     rec.submit().unwrap();
     BnGrads {
         dx: gpu.read(&dx).unwrap(),
@@ -849,8 +923,20 @@ fn batch_norm_train_is_deterministic() {
             up(gpu, &d.rv, &[32]),
         );
         let mut rec = gpu.new_recorder();
-        let (y, s) =
-            batch_norm_train(&mut rec, &tx, &tw, &tb, &trm, &trv, 0.1, 1e-5, Act::None).unwrap();
+        let (y, s) = batch_norm_train(
+            &mut rec,
+            &tx,
+            BnLayer {
+                w: &tw,
+                b: &tb,
+                running_mean: &trm,
+                running_var: &trv,
+            },
+            0.1,
+            1e-5,
+            Act::None,
+        )
+        .unwrap();
         rec.submit().unwrap();
         (
             gpu.read(&y).unwrap(),

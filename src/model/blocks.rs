@@ -15,7 +15,7 @@ use crate::ops::attention::{self, AttnSaved, Window};
 use crate::ops::conv::{self, ConvGeom, ConvGrads};
 use crate::ops::elementwise::{act_backward, activation, col_sum};
 use crate::ops::matmul::{Act, Gemm, gemm, linear, linear_save_pre};
-use crate::ops::norm::{self, BnSaved, LnSaved};
+use crate::ops::norm::{self, BnLayer, BnSaved, LnSaved, NormGrads};
 
 /// Token LayerNorm epsilon (attention, MLP and two-way transformer norms).
 pub const LN_EPS: f32 = 1e-5;
@@ -371,7 +371,18 @@ impl LayerNorm {
     ) -> Result<Tensor> {
         let gw = self.w.grad_or_scratch(rec)?;
         let gb = self.b.grad_or_scratch(rec)?;
-        norm::layer_norm_backward(rec, &s.x, &self.w.v, &s.saved, dy, &gw, &gb, dx_acc)
+        norm::layer_norm_backward(
+            rec,
+            &s.x,
+            &self.w.v,
+            &s.saved,
+            dy,
+            NormGrads {
+                dw: &gw,
+                db: &gb,
+                dx_acc,
+            },
+        )
     }
 }
 
@@ -662,7 +673,18 @@ impl Conv2dBn {
         let z = self.conv(rec, x, &w.v, None, Act::None)?;
         if !mode.train() {
             return Ok((
-                norm::batch_norm_eval(rec, &z, &g.v, &b.v, &rm.v, &rv.v, BN_EPS as f32, self.act)?,
+                norm::batch_norm_eval(
+                    rec,
+                    &z,
+                    BnLayer {
+                        w: &g.v,
+                        b: &b.v,
+                        running_mean: &rm.v,
+                        running_var: &rv.v,
+                    },
+                    BN_EPS as f32,
+                    self.act,
+                )?,
                 None,
             ));
         }
@@ -684,16 +706,29 @@ impl Conv2dBn {
             norm::batch_norm_train(
                 rec,
                 z,
-                &g.v,
-                &b.v,
-                &rm.v,
-                &rv.v,
+                BnLayer {
+                    w: &g.v,
+                    b: &b.v,
+                    running_mean: &rm.v,
+                    running_var: &rv.v,
+                },
                 BN_MOMENTUM,
                 BN_EPS as f32,
                 self.act,
             )
         } else {
-            norm::batch_norm_eval_saved(rec, z, &g.v, &b.v, &rm.v, &rv.v, BN_EPS as f32, self.act)
+            norm::batch_norm_eval_saved(
+                rec,
+                z,
+                BnLayer {
+                    w: &g.v,
+                    b: &b.v,
+                    running_mean: &rm.v,
+                    running_var: &rv.v,
+                },
+                BN_EPS as f32,
+                self.act,
+            )
         }
     }
 
@@ -708,7 +743,18 @@ impl Conv2dBn {
         let [g, b, ..] = self.raw()?.1;
         let gg = g.grad_or_scratch(rec)?;
         let gb = b.grad_or_scratch(rec)?;
-        norm::batch_norm_backward(rec, z, &g.v, saved, dy, &gg, &gb, None)
+        norm::batch_norm_backward(
+            rec,
+            z,
+            &g.v,
+            saved,
+            dy,
+            NormGrads {
+                dw: &gg,
+                db: &gb,
+                dx_acc: None,
+            },
+        )
     }
 
     /// Output channels `[c0, c0 + n)` as a layer of its own (views of the raw tensors; offsets must

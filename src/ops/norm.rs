@@ -208,19 +208,26 @@ pub fn layer_norm_train_with_team(
     ))
 }
 
+/// Where a normalisation backward puts its gradients: the weight's `dw` and the bias's `db`
+/// (accumulated), and, when given, `dx_acc`, a tensor the input gradient is added into (returned)
+/// instead of a new one.
+#[derive(Clone, Copy)]
+pub struct NormGrads<'a> {
+    pub dw: &'a Tensor,
+    pub db: &'a Tensor,
+    pub dx_acc: Option<&'a Tensor>,
+}
+
 /// Backward of [`layer_norm_train`] given `dy` (gradient of its output y): accumulates
-/// `dw += Σ_rows dz * xhat`, `db += Σ_rows dz` (dz = dy * act'(pre)) and returns dx. With `dx_acc`
-/// the input gradient is added into that tensor (returned) instead of a new one.
-#[allow(clippy::too_many_arguments)]
+/// `dw += Σ_rows dz * xhat`, `db += Σ_rows dz` (dz = dy * act'(pre)) and returns dx (see
+/// [`NormGrads`]).
 pub fn layer_norm_backward(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     saved: &LnSaved,
     dy: &Tensor,
-    dw: &Tensor,
-    db: &Tensor,
-    dx_acc: Option<&Tensor>,
+    grads: NormGrads,
 ) -> Result<Tensor> {
     let c = x.shape.last().copied().unwrap_or(0);
     // C % 4 == 0 (every LayerNorm of the model): one invocation per row with vec4 loads.
@@ -229,39 +236,34 @@ pub fn layer_norm_backward(
     } else {
         team_size(c)
     };
-    layer_norm_backward_impl(rec, x, w, saved, dy, dw, db, dx_acc, team)
+    layer_norm_backward_impl(rec, x, w, saved, dy, grads, team)
 }
 
 /// [`layer_norm_backward`] with an explicit number of threads per row (tests).
 #[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
 pub fn layer_norm_backward_with_team(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     saved: &LnSaved,
     dy: &Tensor,
-    dw: &Tensor,
-    db: &Tensor,
-    dx_acc: Option<&Tensor>,
+    grads: NormGrads,
     team: u32,
 ) -> Result<Tensor> {
-    layer_norm_backward_impl(rec, x, w, saved, dy, dw, db, dx_acc, check_team(team)?)
+    layer_norm_backward_impl(rec, x, w, saved, dy, grads, check_team(team)?)
 }
 
 /// `team` = 0: `ln_bwd_dx4` (C % 4 == 0), else `ln_bwd_dx` with teams of that size.
-#[allow(clippy::too_many_arguments)]
 fn layer_norm_backward_impl(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     saved: &LnSaved,
     dy: &Tensor,
-    dw: &Tensor,
-    db: &Tensor,
-    dx_acc: Option<&Tensor>,
+    grads: NormGrads,
     team: u32,
 ) -> Result<Tensor> {
+    let NormGrads { dw, db, dx_acc } = grads;
     let (rows, c) = check_ln(x, w, w)?;
     if dy.numel() != x.numel() || dw.numel() != c || db.numel() != c || saved.mean.numel() != rows {
         return Err(Error::Invalid(format!(
@@ -303,8 +305,23 @@ fn layer_norm_backward_impl(
         groups,
     )?;
     let plan = ColPlan::new(rows, c);
-    let part = plan.col_grad(rec, x, dy, pre, &saved.mean, &saved.rstd, saved.act, true)?;
-    reduce_part(rec, &part, 2 * c, plan.nchunks, c, 1.0, true, dw, db)?;
+    let terms = GradTerms {
+        x,
+        dy,
+        pre,
+        mean: &saved.mean,
+        rstd: &saved.rstd,
+        act: saved.act,
+    };
+    let part = plan.col_grad(rec, terms, true)?;
+    let r = Reduce {
+        jn: 2 * c,
+        kn: plan.nchunks,
+        split: c,
+        alpha: 1.0,
+        accum: true,
+    };
+    reduce_part(rec, &part, r, dw, db)?;
     Ok(dx)
 }
 
@@ -383,19 +400,17 @@ impl ColPlan {
         Ok(part)
     }
 
-    /// Partial per-column sums of dz * xhat and dz: `[2, c, nchunks]`.
-    #[allow(clippy::too_many_arguments)]
-    fn col_grad(
-        &self,
-        rec: &mut Recorder,
-        x: &Tensor,
-        dy: &Tensor,
-        pre: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        act: Act,
-        per_row: bool,
-    ) -> Result<Tensor> {
+    /// Partial per-column sums of dz * xhat and dz: `[2, c, nchunks]`; statistics per row
+    /// (LayerNorm) when `per_row`, else per column (BatchNorm).
+    fn col_grad(&self, rec: &mut Recorder, t: GradTerms, per_row: bool) -> Result<Tensor> {
+        let GradTerms {
+            x,
+            dy,
+            pre,
+            mean,
+            rstd,
+            act,
+        } = t;
         let part = rec.gpu.empty(&[2, self.columns(), self.nchunks])?;
         let k = norm_kernel(if self.v4 { "col_grad4" } else { "col_grad" }, 256)
             .u("CT", self.ct)
@@ -407,20 +422,48 @@ impl ColPlan {
     }
 }
 
+/// What dz * xhat and dz are computed from: the input, the output gradient, the saved
+/// pre-activation (dz = dy * act'(pre)) and the normalisation statistics.
+#[derive(Clone, Copy)]
+struct GradTerms<'a> {
+    x: &'a Tensor,
+    dy: &'a Tensor,
+    pre: &'a Tensor,
+    mean: &'a Tensor,
+    rstd: &'a Tensor,
+    act: Act,
+}
+
+/// Shape and scaling of a second reduction level (see [`reduce_part`]).
+#[derive(Clone, Copy)]
+struct Reduce {
+    /// Sums computed (rows of the partials).
+    jn: usize,
+    /// Partials per sum.
+    kn: usize,
+    /// Sums below this index go to the first output, the rest to the second.
+    split: usize,
+    alpha: f32,
+    /// Add to the outputs' contents.
+    accum: bool,
+}
+
 /// Second reduction level: for j < jn, `alpha * Σ_k part[j, k]` goes to `out0[j]` (j < split) or
 /// `out1[j - split]`, added to their contents when `accum`.
-#[allow(clippy::too_many_arguments)]
 fn reduce_part(
     rec: &mut Recorder,
     part: &Tensor,
-    jn: usize,
-    kn: usize,
-    split: usize,
-    alpha: f32,
-    accum: bool,
+    r: Reduce,
     out0: &Tensor,
     out1: &Tensor,
 ) -> Result<()> {
+    let Reduce {
+        jn,
+        kn,
+        split,
+        alpha,
+        accum,
+    } = r;
     let k = norm_kernel("reduce_part", 64).b("ACCUM", accum);
     let g = rec.grid(jn);
     rec.dispatch(
@@ -493,24 +536,63 @@ fn check_bn(x: &Tensor, w: &Tensor, b: &Tensor, others: &[&Tensor]) -> Result<(u
     Ok((x.numel() / c, c))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bn_apply(
+/// A BatchNorm layer's tensors: weight, bias and running statistics (per channel).
+#[derive(Clone, Copy)]
+pub struct BnLayer<'a> {
+    pub w: &'a Tensor,
+    pub b: &'a Tensor,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+}
+
+/// The normalisation [`bn_apply`] records: `y = act((x - mean) * rstd * w + b)`.
+#[derive(Clone, Copy)]
+struct BnNormalize<'a> {
+    mean: &'a Tensor,
+    rstd: &'a Tensor,
+    w: &'a Tensor,
+    b: &'a Tensor,
+    act: Act,
+}
+
+/// `y` of [`BnNormalize`].
+fn bn_apply(rec: &mut Recorder, x: &Tensor, n: BnNormalize) -> Result<Tensor> {
+    let y = rec.gpu.empty(&x.shape)?;
+    bn_apply_into(rec, x, n, &y, None)?;
+    Ok(y)
+}
+
+/// `y` of [`BnNormalize`] and the pre-activation (when there is an activation).
+fn bn_apply_save_pre(
     rec: &mut Recorder,
     x: &Tensor,
-    mean: &Tensor,
-    rstd: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    act: Act,
-    save_pre: bool,
+    n: BnNormalize,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let c = w.numel();
     let y = rec.gpu.empty(&x.shape)?;
-    let pre = if save_pre && act != Act::None {
+    let pre = if n.act != Act::None {
         Some(rec.gpu.empty(&x.shape)?)
     } else {
         None
     };
+    bn_apply_into(rec, x, n, &y, pre.as_ref())?;
+    Ok((y, pre))
+}
+
+fn bn_apply_into(
+    rec: &mut Recorder,
+    x: &Tensor,
+    n: BnNormalize,
+    y: &Tensor,
+    pre: Option<&Tensor>,
+) -> Result<()> {
+    let BnNormalize {
+        mean,
+        rstd,
+        w,
+        b,
+        act,
+    } = n;
+    let c = w.numel();
     let dummy = rec.gpu.dummy();
     // vec4 of channels per invocation when C % 4 == 0.
     let v = if c.is_multiple_of(4) { 4 } else { 1 };
@@ -527,10 +609,9 @@ fn bn_apply(
     rec.dispatch(
         &k,
         bn_params(n, c / v, 0.0, 0.0, 0.0, false, 0.0),
-        &[x, mean, rstd, w, b, &y, pre.as_ref().unwrap_or(&dummy)],
+        &[x, mean, rstd, w, b, y, pre.unwrap_or(&dummy)],
         g,
-    )?;
-    Ok((y, pre))
+    )
 }
 
 /// BatchNorm2d in training mode on channels-last `x` `[B, H, W, C]` (any leading dims): batch
@@ -539,18 +620,20 @@ fn bn_apply(
 /// `running_mean = (1 - momentum) * running_mean + momentum * mean`,
 /// `running_var = (1 - momentum) * running_var + momentum * var * rows / (rows - 1)`
 /// (PyTorch: momentum 0.1, eps 1e-5). Needs rows >= 2.
-#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_train(
     rec: &mut Recorder,
     x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
+    bn: BnLayer,
     momentum: f32,
     eps: f32,
     act: Act,
 ) -> Result<(Tensor, BnSaved)> {
+    let BnLayer {
+        w,
+        b,
+        running_mean,
+        running_var,
+    } = bn;
     let (rows, c) = check_bn(x, w, b, &[running_mean, running_var])?;
     if rows < 2 {
         return Err(Error::Invalid(format!(
@@ -564,10 +647,18 @@ pub fn batch_norm_train(
     let mean = rec.gpu.empty(&[c])?;
     let var = rec.gpu.empty(&[c])?;
     let rstd = rec.gpu.empty(&[c])?;
+    // Means over the rows: of x, then of (x - mean)^2.
+    let r = Reduce {
+        jn: c,
+        kn: plan.nchunks,
+        split: c,
+        alpha: inv,
+        accum: false,
+    };
     let part = plan.col_sum(rec, x, None)?;
-    reduce_part(rec, &part, c, plan.nchunks, c, inv, false, &mean, &dummy)?;
+    reduce_part(rec, &part, r, &mean, &dummy)?;
     let part = plan.col_sum(rec, x, Some(&mean))?;
-    reduce_part(rec, &part, c, plan.nchunks, c, inv, false, &var, &dummy)?;
+    reduce_part(rec, &part, r, &var, &dummy)?;
     let unbias = (rows as f64 / (rows - 1) as f64) as f32;
     let g = bn_groups(rec, c);
     rec.dispatch(
@@ -576,7 +667,14 @@ pub fn batch_norm_train(
         &[&mean, &var, &rstd, running_mean, running_var],
         g,
     )?;
-    let (y, pre) = bn_apply(rec, x, &mean, &rstd, w, b, act, true)?;
+    let n = BnNormalize {
+        mean: &mean,
+        rstd: &rstd,
+        w,
+        b,
+        act,
+    };
+    let (y, pre) = bn_apply_save_pre(rec, x, n)?;
     Ok((
         y,
         BnSaved {
@@ -590,62 +688,32 @@ pub fn batch_norm_train(
 }
 
 /// BatchNorm2d in eval mode (running statistics): `y = act((x - rm) / sqrt(rv + eps) * w + b)`.
-#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_eval(
     rec: &mut Recorder,
     x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
+    bn: BnLayer,
     eps: f32,
     act: Act,
 ) -> Result<Tensor> {
-    Ok(batch_norm_eval_impl(rec, x, w, b, running_mean, running_var, eps, act, false)?.0)
+    let rstd = bn_eval_rstd(rec, x, bn, eps)?;
+    bn_apply(rec, x, bn_eval_normalize(bn, &rstd, act))
 }
 
 /// [`batch_norm_eval`] that also keeps what [`batch_norm_backward`] needs (gradients through a
 /// BatchNorm with frozen statistics: dx = w * rstd * dz; dw, db as usual).
-#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_eval_saved(
     rec: &mut Recorder,
     x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
+    bn: BnLayer,
     eps: f32,
     act: Act,
 ) -> Result<(Tensor, BnSaved)> {
-    batch_norm_eval_impl(rec, x, w, b, running_mean, running_var, eps, act, true)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn batch_norm_eval_impl(
-    rec: &mut Recorder,
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f32,
-    act: Act,
-    save: bool,
-) -> Result<(Tensor, BnSaved)> {
-    let (_, c) = check_bn(x, w, b, &[running_mean, running_var])?;
-    let rstd = rec.gpu.empty(&[c])?;
-    let g = bn_groups(rec, c);
-    rec.dispatch(
-        &norm_kernel("bn_rstd", 64),
-        bn_params(c, c, 0.0, eps, 0.0, false, 0.0),
-        &[running_var, &rstd],
-        g,
-    )?;
-    let (y, pre) = bn_apply(rec, x, running_mean, &rstd, w, b, act, save)?;
+    let rstd = bn_eval_rstd(rec, x, bn, eps)?;
+    let (y, pre) = bn_apply_save_pre(rec, x, bn_eval_normalize(bn, &rstd, act))?;
     Ok((
         y,
         BnSaved {
-            mean: running_mean.clone(),
+            mean: bn.running_mean.clone(),
             rstd,
             pre,
             act,
@@ -654,21 +722,44 @@ fn batch_norm_eval_impl(
     ))
 }
 
+/// Checks the eval-mode inputs and records `rstd = 1 / sqrt(running_var + eps)`.
+fn bn_eval_rstd(rec: &mut Recorder, x: &Tensor, bn: BnLayer, eps: f32) -> Result<Tensor> {
+    let (_, c) = check_bn(x, bn.w, bn.b, &[bn.running_mean, bn.running_var])?;
+    let rstd = rec.gpu.empty(&[c])?;
+    let g = bn_groups(rec, c);
+    rec.dispatch(
+        &norm_kernel("bn_rstd", 64),
+        bn_params(c, c, 0.0, eps, 0.0, false, 0.0),
+        &[bn.running_var, &rstd],
+        g,
+    )?;
+    Ok(rstd)
+}
+
+/// Eval-mode normalisation with the running mean and `rstd` from [`bn_eval_rstd`].
+fn bn_eval_normalize<'a>(bn: BnLayer<'a>, rstd: &'a Tensor, act: Act) -> BnNormalize<'a> {
+    BnNormalize {
+        mean: bn.running_mean,
+        rstd,
+        w: bn.w,
+        b: bn.b,
+        act,
+    }
+}
+
 /// Backward of [`batch_norm_train`] (batch statistics) or [`batch_norm_eval_saved`] (fixed
 /// statistics) given `dy`: accumulates `dw += Σ dz * xhat`, `db += Σ dz` per channel and returns dx
 /// (added into `dx_acc` when given). With batch statistics
 /// `dx = w * rstd * (dz - mean(dz) - xhat * mean(dz * xhat))`, means over the rows.
-#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_backward(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
     saved: &BnSaved,
     dy: &Tensor,
-    dw: &Tensor,
-    db: &Tensor,
-    dx_acc: Option<&Tensor>,
+    grads: NormGrads,
 ) -> Result<Tensor> {
+    let NormGrads { dw, db, dx_acc } = grads;
     let (rows, c) = check_bn(x, w, w, &[dw, db, &saved.mean, &saved.rstd])?;
     if dy.numel() != x.numel() || dx_acc.is_some_and(|d| d.numel() != x.numel()) {
         return Err(Error::Invalid(format!(
@@ -681,19 +772,24 @@ pub fn batch_norm_backward(
     let dummy = rec.gpu.dummy();
     let pre = saved.pre.as_ref().unwrap_or(&dummy);
     let plan = ColPlan::new(rows, c);
-    let part = plan.col_grad(rec, x, dy, pre, &saved.mean, &saved.rstd, saved.act, false)?;
+    let terms = GradTerms {
+        x,
+        dy,
+        pre,
+        mean: &saved.mean,
+        rstd: &saved.rstd,
+        act: saved.act,
+    };
+    let part = plan.col_grad(rec, terms, false)?;
     let sums = rec.gpu.empty(&[2, c])?;
-    reduce_part(
-        rec,
-        &part,
-        2 * c,
-        plan.nchunks,
-        2 * c,
-        1.0,
-        false,
-        &sums,
-        &dummy,
-    )?;
+    let r = Reduce {
+        jn: 2 * c,
+        kn: plan.nchunks,
+        split: 2 * c,
+        alpha: 1.0,
+        accum: false,
+    };
+    reduce_part(rec, &part, r, &sums, &dummy)?;
     let dx = match dx_acc {
         Some(d) => d.clone(),
         None => rec.gpu.empty(&x.shape)?,
@@ -757,7 +853,19 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
         let (_, saved) = layer_norm_train(&mut rec, &x, &w, &b, 1e-5, Act::None)?;
         rec.submit()?;
         let ms = time_op(gpu, reps, |rec| {
-            layer_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ())
+            layer_norm_backward(
+                rec,
+                &x,
+                &w,
+                &saved,
+                &dy,
+                NormGrads {
+                    dw: &dw,
+                    db: &db,
+                    dx_acc: None,
+                },
+            )
+            .map(|_| ())
         })?;
         out.push(bench_line(
             format!("layer_norm bwd {rows}x{c}"),
@@ -779,7 +887,20 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
     // Without and with the fused GELU (MBConv's hidden layers).
     for (act, name) in [(Act::None, ""), (Act::Gelu, " +GELU")] {
         let ms = time_op(gpu, reps, |rec| {
-            batch_norm_train(rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, act).map(|_| ())
+            batch_norm_train(
+                rec,
+                &x,
+                BnLayer {
+                    w: &w,
+                    b: &b,
+                    running_mean: &rm,
+                    running_var: &rv,
+                },
+                0.1,
+                1e-5,
+                act,
+            )
+            .map(|_| ())
         })?;
         out.push(bench_line(
             format!("batch_norm_train{name} fwd {rows}x{c}"),
@@ -788,10 +909,34 @@ pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
             Some(bytes),
         ));
         let mut rec = gpu.new_recorder();
-        let (_, saved) = batch_norm_train(&mut rec, &x, &w, &b, &rm, &rv, 0.1, 1e-5, act)?;
+        let (_, saved) = batch_norm_train(
+            &mut rec,
+            &x,
+            BnLayer {
+                w: &w,
+                b: &b,
+                running_mean: &rm,
+                running_var: &rv,
+            },
+            0.1,
+            1e-5,
+            act,
+        )?;
         rec.submit()?;
         let ms = time_op(gpu, reps, |rec| {
-            batch_norm_backward(rec, &x, &w, &saved, &dy, &dw, &db, None).map(|_| ())
+            batch_norm_backward(
+                rec,
+                &x,
+                &w,
+                &saved,
+                &dy,
+                NormGrads {
+                    dw: &dw,
+                    db: &db,
+                    dx_acc: None,
+                },
+            )
+            .map(|_| ())
         })?;
         out.push(bench_line(
             format!("batch_norm_train{name} bwd {rows}x{c}"),
