@@ -401,16 +401,16 @@ pub struct ConvSaved {
 }
 
 impl<P: Clone> Conv2d<P> {
-    #[allow(clippy::too_many_arguments)]
+    /// `nn.Conv2d(inp, out, k)` with `geom`; `bias`: whether the layer has one.
     pub fn new<S: Source<P = P>>(
         vb: Vb<S>,
         out: usize,
         inp: usize,
         k: usize,
-        stride: usize,
-        pad: usize,
+        geom: ConvGeom,
         bias: bool,
     ) -> Result<Self> {
+        let ConvGeom { stride, pad } = geom;
         let w = vb.get("weight", &[out, inp, k, k])?;
         let b = if bias {
             Some(vb.get("bias", &[out])?)

@@ -11,6 +11,7 @@ use super::lka_encoder::saved;
 use super::schema::Kind;
 use crate::error::Result;
 use crate::gpu::{Recorder, Tensor};
+use crate::ops::conv::ConvGeom;
 use crate::ops::matmul::Act;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -77,9 +78,23 @@ impl<P: Clone> CpEncoder<P> {
         let mut cp = CpEncoder {
             gauss,
             prompts: None,
-            c0: Conv2d::new(md.pp("0"), mic / 4, 1, 2, 2, 0, true)?,
+            c0: Conv2d::new(
+                md.pp("0"),
+                mic / 4,
+                1,
+                2,
+                ConvGeom { stride: 2, pad: 0 },
+                true,
+            )?,
             n1: LayerNorm::new(md.pp("1"), mic / 4, LN2D_EPS, Act::Gelu)?,
-            c3: Conv2d::new(md.pp("3"), mic, mic / 4, 2, 2, 0, true)?,
+            c3: Conv2d::new(
+                md.pp("3"),
+                mic,
+                mic / 4,
+                2,
+                ConvGeom { stride: 2, pad: 0 },
+                true,
+            )?,
             n4: LayerNorm::new(md.pp("4"), mic, LN2D_EPS, Act::Gelu)?,
             l6: Linear::conv1x1(md.pp("6"), dm, mic, true, Act::None)?,
             pe_cache: Mutex::new(HashMap::new()),

@@ -14,6 +14,7 @@ use crate::gpu::{Recorder, Tensor};
 use crate::ops::attention::{
     window_partition, window_partition_backward, window_reverse_add, window_reverse_add_backward,
 };
+use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::{
     accumulate, act_backward, activation, add, slice_mid, slice_mid_backward,
 };
@@ -822,7 +823,7 @@ impl<P: Clone> Neck<P> {
         Ok(Neck {
             c0: Linear::conv1x1(vb.pp("0"), dm, c, false, Act::None)?,
             n1: LayerNorm::new(vb.pp("1"), dm, LN2D_EPS, Act::None)?,
-            c2: Conv2d::new(vb.pp("2"), dm, dm, 3, 1, 1, false)?,
+            c2: Conv2d::new(vb.pp("2"), dm, dm, 3, ConvGeom { stride: 1, pad: 1 }, false)?,
             n3: LayerNorm::new(vb.pp("3"), dm, LN2D_EPS, Act::None)?,
             grid: cfg.grid(),
             c,

@@ -11,6 +11,7 @@ use super::lka_encoder::saved;
 use super::two_way_transformer::{TwoWayTransformer, TwoWayTransformerSaved};
 use crate::error::Result;
 use crate::gpu::{Recorder, Tensor};
+use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::{
     add, col_sum, concat_last, slice_mid, slice_mid_backward, split_last,
 };
@@ -36,9 +37,23 @@ impl<P: Clone> MsfFeatures<P> {
     pub fn new<S: Source<P = P>>(vb: Vb<S>, cfg: &Config) -> Result<Self> {
         let dm = cfg.transformer_dim;
         Ok(MsfFeatures {
-            c1: Conv2d::new(vb.pp("features1.0"), dm / 8, 3, 4, 4, 0, true)?,
+            c1: Conv2d::new(
+                vb.pp("features1.0"),
+                dm / 8,
+                3,
+                4,
+                ConvGeom { stride: 4, pad: 0 },
+                true,
+            )?,
             n1: LayerNorm::new(vb.pp("features1.1"), dm / 8, LN2D_EPS, Act::Gelu)?,
-            c2: Conv2d::new(vb.pp("features2.0"), dm / 4, dm / 8, 2, 2, 0, true)?,
+            c2: Conv2d::new(
+                vb.pp("features2.0"),
+                dm / 4,
+                dm / 8,
+                2,
+                ConvGeom { stride: 2, pad: 0 },
+                true,
+            )?,
             n2: LayerNorm::new(vb.pp("features2.1"), dm / 4, LN2D_EPS, Act::Gelu)?,
         })
     }

@@ -19,7 +19,6 @@ crate::uniform! {
     struct ResizeParams { n: u32, bsz: u32, h: u32, w: u32, c: u32, oh: u32, ow: u32, pad: u32, sy: f32, sx: f32 }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn params(n: usize, b: usize, h: usize, w: usize, c: usize, oh: usize, ow: usize) -> ResizeParams {
     use super::u;
     let (sy, sx) = (h as f32 / oh as f32, w as f32 / ow as f32);

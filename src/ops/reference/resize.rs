@@ -14,7 +14,6 @@ pub fn taps(d: usize, n: usize, o: usize) -> [(usize, f64); 2] {
 }
 
 /// `x [B, H, W, C]` -> `[B, OH, OW, C]`.
-#[allow(clippy::too_many_arguments)]
 pub fn bilinear(
     b: usize,
     h: usize,
@@ -46,7 +45,6 @@ pub fn bilinear(
 }
 
 /// Gradient of [`bilinear`] (scatter form): `dx [B, H, W, C]` from `dy [B, OH, OW, C]`.
-#[allow(clippy::too_many_arguments)]
 pub fn bilinear_backward(
     b: usize,
     h: usize,
