@@ -6,7 +6,7 @@
 
 use medfastsam::gpu::{Gpu, Tensor};
 use medfastsam::ops::attention::*;
-use medfastsam::ops::reference::attention as refa;
+use medfastsam::ops::reference::attention::{self as refa, MhaShape};
 use medfastsam::testutil::{Rng, rel_err, test_gpu, to_f64};
 
 const FWD_TOL: f64 = 1e-5;
@@ -354,7 +354,18 @@ fn check_mha_forward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, see
     let out = mha(&mut rec, &tq, &tk, &tv, heads).unwrap();
     let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
     rec.submit().unwrap();
-    let (want, want_lse) = refa::mha(&to_f64(&q), &to_f64(&k), &to_f64(&v), b, lq, lk, e, heads);
+    let (want, want_lse) = refa::mha(
+        &to_f64(&q),
+        &to_f64(&k),
+        &to_f64(&v),
+        MhaShape {
+            b,
+            lq,
+            lk,
+            e,
+            heads,
+        },
+    );
     let what = format!("mha{tag} B{b} Lq{lq} Lk{lk} E{e} h{heads}");
     check(&what, &gpu.read(&out).unwrap(), &want, FWD_TOL);
     check(
@@ -393,7 +404,18 @@ fn mha_decoder_shapes() {
         let mut rec = gpu.new_recorder();
         let out = mha(&mut rec, &tq, &tk, &tv, heads).unwrap();
         rec.submit().unwrap();
-        let (want, _) = refa::mha(&to_f64(&q), &to_f64(&k), &to_f64(&v), b, lq, lk, e, heads);
+        let (want, _) = refa::mha(
+            &to_f64(&q),
+            &to_f64(&k),
+            &to_f64(&v),
+            MhaShape {
+                b,
+                lq,
+                lk,
+                e,
+                heads,
+            },
+        );
         check(
             &format!("mha decoder Lq{lq} Lk{lk}"),
             &gpu.read(&out).unwrap(),
@@ -453,8 +475,37 @@ fn reference_backward_matches_finite_differences() {
     let k = to_f64(&scaled(&mut rng, b * lk * e, 1.5));
     let v = to_f64(&rng.vec(b * lk * e));
     let w = to_f64(&rng.vec(b * lq * e));
-    let (dq, dk, dv) = refa::mha_backward(&q, &k, &v, &w, b, lq, lk, e, heads);
-    let l = |q: &[f64], k: &[f64], v: &[f64]| dot(&refa::mha(q, k, v, b, lq, lk, e, heads).0, &w);
+    let (dq, dk, dv) = refa::mha_backward(
+        &q,
+        &k,
+        &v,
+        &w,
+        MhaShape {
+            b,
+            lq,
+            lk,
+            e,
+            heads,
+        },
+    );
+    let l = |q: &[f64], k: &[f64], v: &[f64]| {
+        dot(
+            &refa::mha(
+                q,
+                k,
+                v,
+                MhaShape {
+                    b,
+                    lq,
+                    lk,
+                    e,
+                    heads,
+                },
+            )
+            .0,
+            &w,
+        )
+    };
     fd_check("mha dq", &q, &dq, |x| l(x, &k, &v));
     fd_check("mha dk", &k, &dk, |x| l(&q, x, &v));
     fd_check("mha dv", &v, &dv, |x| l(&q, &k, x));
@@ -544,11 +595,13 @@ fn check_mha_backward(
         &to_f64(&k),
         &to_f64(&v),
         &to_f64(&dout),
-        b,
-        lq,
-        lk,
-        e,
-        heads,
+        MhaShape {
+            b,
+            lq,
+            lk,
+            e,
+            heads,
+        },
     );
     let what = format!("mha_backward{tag} B{b} Lq{lq} Lk{lk} E{e} h{heads}");
     check(&format!("{what} dq"), &gpu.read(&dq).unwrap(), &wq, BWD_TOL);

@@ -10,7 +10,7 @@ use medfastsam::ops::conv::{
     conv2d_backward_chunked, conv2d_chunked, depthwise_conv2d, depthwise_conv2d_backward,
     depthwise_conv2d_run,
 };
-use medfastsam::ops::reference::conv::{self as refc, ConvShape};
+use medfastsam::ops::reference::conv::{self as refc, ConvShape, ConvTShape};
 use medfastsam::testutil::{Rng, rel_err, test_gpu, to_f64};
 
 /// Forward tolerance: f32 accumulation over K = Ci*k*k <= 576 terms of size ~1 gives relative
@@ -298,9 +298,10 @@ fn conv_transpose_reference_backward_matches_finite_differences() {
     let wt = rvec(&mut rng, ci * co * 4);
     let bias = rvec(&mut rng, co);
     let r = rvec(&mut rng, b * 4 * h * w * co);
-    let (dx, dw, db) = refc::conv_transpose2x2_backward(b, h, w, ci, co, &x, &wt, &r);
+    let (dx, dw, db) =
+        refc::conv_transpose2x2_backward(ConvTShape { b, h, w, ci, co }, &x, &wt, &r);
     let f = |x: &[f64], wt: &[f64], bs: &[f64]| {
-        refc::conv_transpose2x2(b, h, w, ci, co, x, wt, Some(bs), Act::None)
+        refc::conv_transpose2x2(ConvTShape { b, h, w, ci, co }, x, wt, Some(bs), Act::None)
     };
     fd_check("convT dx", &x, &r, |v| f(v, &wt, &bias), &dx);
     fd_check("convT dw", &wt, &r, |v| f(&x, v, &bias), &dw);
@@ -716,11 +717,7 @@ fn convt_case(b: usize, h: usize, w: usize, ci: usize, co: usize, bias: bool, ac
     assert_eq!(y.shape, ys.to_vec());
     let b64 = to_f64(&bv);
     let want = refc::conv_transpose2x2(
-        b,
-        h,
-        w,
-        ci,
-        co,
+        ConvTShape { b, h, w, ci, co },
         &to_f64(&x),
         &to_f64(&wt),
         bias.then_some(&b64[..]),
@@ -728,8 +725,12 @@ fn convt_case(b: usize, h: usize, w: usize, ci: usize, co: usize, bias: bool, ac
     );
     let what = format!("convT2x2 x{xs:?} co={co} bias={bias} act={}", act_name(act));
     check(&what, &gpu.read(&y).unwrap(), &want, TOL);
-    let (dx, dw, db) =
-        refc::conv_transpose2x2_backward(b, h, w, ci, co, &to_f64(&x), &to_f64(&wt), &to_f64(&dy));
+    let (dx, dw, db) = refc::conv_transpose2x2_backward(
+        ConvTShape { b, h, w, ci, co },
+        &to_f64(&x),
+        &to_f64(&wt),
+        &to_f64(&dy),
+    );
     g.check(&format!("{what} backward"), [&dx, &dw, &db], TOL_GRAD);
 }
 

@@ -545,10 +545,12 @@ fn bn_train_case(shape: &[usize], act: Act, offset: f64, scale: f64, tol: f64, s
     rec.submit().unwrap();
     let (ry, rpre, rmean, rvar, rrm, rrv) = reference::norm::batch_norm_train(
         &to_f64(&d.x),
-        &to_f64(&d.w),
-        &to_f64(&d.b),
-        &to_f64(&d.rm),
-        &to_f64(&d.rv),
+        reference::norm::BnLayer {
+            w: &to_f64(&d.w),
+            b: &to_f64(&d.b),
+            running_mean: &to_f64(&d.rm),
+            running_var: &to_f64(&d.rv),
+        },
         c,
         0.1,
         1e-5,
@@ -659,10 +661,12 @@ fn batch_norm_eval_forward() {
         rec.submit().unwrap();
         let want = reference::norm::batch_norm_eval(
             &to_f64(&d.x),
-            &to_f64(&d.w),
-            &to_f64(&d.b),
-            &to_f64(&d.rm),
-            &to_f64(&d.rv),
+            reference::norm::BnLayer {
+                w: &to_f64(&d.w),
+                b: &to_f64(&d.b),
+                running_mean: &to_f64(&d.rm),
+                running_var: &to_f64(&d.rv),
+            },
             c,
             1e-5,
             act,
@@ -794,10 +798,16 @@ fn batch_norm_backward_vs_finite_differences() {
             to_f64(&dy),
         );
         let obj = |x: &[f64], w: &[f64], b: &[f64]| {
+            let bn = reference::norm::BnLayer {
+                w,
+                b,
+                running_mean: &rm,
+                running_var: &rv,
+            };
             let y = if train {
-                reference::norm::batch_norm_train(x, w, b, &rm, &rv, c, 0.1, 1e-5, act).0
+                reference::norm::batch_norm_train(x, bn, c, 0.1, 1e-5, act).0
             } else {
-                reference::norm::batch_norm_eval(x, w, b, &rm, &rv, c, 1e-5, act)
+                reference::norm::batch_norm_eval(x, bn, c, 1e-5, act)
             };
             dot(&dy64, &y)
         };
@@ -813,7 +823,18 @@ fn batch_norm_backward_vs_finite_differences() {
             .max(rel_err(&g.dw, &fdw))
             .max(rel_err(&g.db, &fdb));
         let (rdx, rdw, rdb) = reference::norm::batch_norm_backward(
-            &x64, &w64, &b64, &rm, &rv, &dy64, c, 1e-5, act, train,
+            &x64,
+            reference::norm::BnLayer {
+                w: &w64,
+                b: &b64,
+                running_mean: &rm,
+                running_var: &rv,
+            },
+            &dy64,
+            c,
+            1e-5,
+            act,
+            train,
         );
         for (a, b) in [(&rdx, &fdx), (&rdw, &fdw), (&rdb, &fdb)] {
             let e = a
@@ -844,10 +865,12 @@ fn bn_bwd_case(
     let g = bn_gpu_backward(&d, &dy, shape, act, train, init);
     let (mut dx, mut dw, mut db) = reference::norm::batch_norm_backward(
         &to_f64(&d.x),
-        &to_f64(&d.w),
-        &to_f64(&d.b),
-        &to_f64(&d.rm),
-        &to_f64(&d.rv),
+        reference::norm::BnLayer {
+            w: &to_f64(&d.w),
+            b: &to_f64(&d.b),
+            running_mean: &to_f64(&d.rm),
+            running_var: &to_f64(&d.rv),
+        },
         &to_f64(&dy),
         c,
         1e-5,

@@ -53,27 +53,7 @@ fn run(n: usize, cfg: AdamConfig, steps: u32, seed: u64) -> (f64, f64) {
         );
         // One reference step from the GPU's state: compare the update itself.
         let (mut ep, mut em, mut ev) = (to_f64(&sp), to_f64(&sm), to_f64(&sv));
-        let hyper = (
-            cfg.lr as f64,
-            cfg.beta1 as f64,
-            cfg.beta2 as f64,
-            cfg.eps as f64,
-            cfg.weight_decay as f64,
-            cfg.grad_scale as f64,
-        );
-        ro::adam_step(
-            &mut ep,
-            &mut em,
-            &mut ev,
-            &to_f64(&g),
-            hyper.0,
-            hyper.1,
-            hyper.2,
-            hyper.3,
-            hyper.4,
-            hyper.5,
-            t,
-        );
+        ro::adam_step(&mut ep, &mut em, &mut ev, &to_f64(&g), &cfg, t);
         let got_d: Vec<f32> = np.iter().zip(&sp).map(|(a, b)| a - b).collect();
         let want_d: Vec<f64> = ep.iter().zip(&sp).map(|(a, &b)| a - b as f64).collect();
         let what = format!("adam n={n} step {t} {cfg:?}");
@@ -86,19 +66,7 @@ fn run(n: usize, cfg: AdamConfig, steps: u32, seed: u64) -> (f64, f64) {
         assert_close(&format!("{what} v"), &nv, &ev, 1e-6);
         worst_step = worst_step.max(rel_err(&nm, &em)).max(rel_err(&nv, &ev));
         worst_update().with(|w| w.set(w.get().max(rel_err(&got_d, &want_d))));
-        ro::adam_step(
-            &mut rp,
-            &mut rm,
-            &mut rv,
-            &to_f64(&g),
-            hyper.0,
-            hyper.1,
-            hyper.2,
-            hyper.3,
-            hyper.4,
-            hyper.5,
-            t,
-        );
+        ro::adam_step(&mut rp, &mut rm, &mut rv, &to_f64(&g), &cfg, t);
     }
     let fp = gpu.read(&tp).unwrap();
     assert_close(&format!("adam n={n} trajectory {cfg:?}"), &fp, &rp, 1e-5);

@@ -262,18 +262,21 @@ pub fn window_attention_backward(
     (dqkv, dbias)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn mha_head(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    bz: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    e: usize,
-    heads: usize,
-) -> Head {
+/// Shape of an [`mha`] problem: batch `b`, query / key lengths, embedding `e` split into `heads`.
+#[derive(Clone, Copy, Debug)]
+pub struct MhaShape {
+    pub b: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub e: usize,
+    pub heads: usize,
+}
+
+/// Head `h` of batch entry `bz`.
+fn mha_head(q: &[f64], k: &[f64], v: &[f64], s: MhaShape, bz: usize, h: usize) -> Head {
+    let MhaShape {
+        lq, lk, e, heads, ..
+    } = s;
     let c = e / heads;
     let rows = |t: &[f64], len: usize| -> Vec<Vec<f64>> {
         (0..len)
@@ -291,23 +294,20 @@ fn mha_head(
 
 /// SAM attention core: q [B,Lq,E], k/v [B,Lk,E], contiguous heads. Returns out [B,Lq,E] and
 /// lse [B, heads, Lq].
-#[allow(clippy::too_many_arguments)]
-pub fn mha(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    b: usize,
-    lq: usize,
-    lk: usize,
-    e: usize,
-    heads: usize,
-) -> (Vec<f64>, Vec<f64>) {
+pub fn mha(q: &[f64], k: &[f64], v: &[f64], s: MhaShape) -> (Vec<f64>, Vec<f64>) {
+    let MhaShape {
+        b,
+        lq,
+        lk: _,
+        e,
+        heads,
+    } = s;
     let c = e / heads;
     let mut out = vec![0.0; b * lq * e];
     let mut lse = vec![0.0; b * heads * lq];
     for bz in 0..b {
         for h in 0..heads {
-            let f = head_forward(&mha_head(q, k, v, bz, h, lq, lk, e, heads));
+            let f = head_forward(&mha_head(q, k, v, s, bz, h));
             for i in 0..lq {
                 lse[(bz * heads + h) * lq + i] = f.lse[i];
                 for x in 0..c {
@@ -320,23 +320,26 @@ pub fn mha(
 }
 
 /// Gradients of `mha` w.r.t. q, k, v.
-#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+#[allow(clippy::type_complexity)]
 pub fn mha_backward(
     q: &[f64],
     k: &[f64],
     v: &[f64],
     dout: &[f64],
-    b: usize,
-    lq: usize,
-    lk: usize,
-    e: usize,
-    heads: usize,
+    s: MhaShape,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let MhaShape {
+        b,
+        lq,
+        lk,
+        e,
+        heads,
+    } = s;
     let c = e / heads;
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
     for bz in 0..b {
         for h in 0..heads {
-            let hd = mha_head(q, k, v, bz, h, lq, lk, e, heads);
+            let hd = mha_head(q, k, v, s, bz, h);
             let dor: Vec<Vec<f64>> = (0..lq)
                 .map(|i| {
                     (0..c)

@@ -169,18 +169,24 @@ pub fn depthwise_conv2d_backward(
 
 /// ConvTranspose2d, kernel 2, stride 2, `w [Ci, Co, 2, 2]`: x `[B,H,W,Ci]` -> `[B,2H,2W,Co]`,
 /// `y[b, 2i+a, 2j+c, o] = act(bias[o] + sum_ci x[b,i,j,ci] * w[ci,o,a,c])`.
-#[allow(clippy::too_many_arguments)]
+/// Shape of a [`conv_transpose2x2`]: x `[b, h, w, ci]`, `co` output channels.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvTShape {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub ci: usize,
+    pub co: usize,
+}
+
 pub fn conv_transpose2x2(
-    b: usize,
-    h: usize,
-    w: usize,
-    ci: usize,
-    co: usize,
+    s: ConvTShape,
     x: &[f64],
     wt: &[f64],
     bias: Option<&[f64]>,
     act: Act,
 ) -> Vec<f64> {
+    let ConvTShape { b, h, w, ci, co } = s;
     let (oh, ow) = (2 * h, 2 * w);
     let mut y = vec![0.0; b * oh * ow * co];
     for bb in 0..b {
@@ -202,17 +208,13 @@ pub fn conv_transpose2x2(
 }
 
 /// Gradients of [`conv_transpose2x2`] without activation: `(dx, dw, dbias)`.
-#[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2x2_backward(
-    b: usize,
-    h: usize,
-    w: usize,
-    ci: usize,
-    co: usize,
+    s: ConvTShape,
     x: &[f64],
     wt: &[f64],
     dy: &[f64],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let ConvTShape { b, h, w, ci, co } = s;
     let (oh, ow) = (2 * h, 2 * w);
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; wt.len()];

@@ -95,18 +95,30 @@ pub fn layer_norm_backward(
 
 /// BatchNorm2d (training mode) on channels-last `[rows, c]`: returns
 /// (y, pre-activation, batch mean, biased batch variance, new running mean, new running var).
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+/// A BatchNorm layer's weight, bias and running statistics (`c` values each).
+#[derive(Clone, Copy)]
+pub struct BnLayer<'a> {
+    pub w: &'a [f64],
+    pub b: &'a [f64],
+    pub running_mean: &'a [f64],
+    pub running_var: &'a [f64],
+}
+
+#[allow(clippy::type_complexity)]
 pub fn batch_norm_train(
     x: &[f64],
-    w: &[f64],
-    b: &[f64],
-    running_mean: &[f64],
-    running_var: &[f64],
+    bn: BnLayer,
     c: usize,
     momentum: f64,
     eps: f64,
     a: Act,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let BnLayer {
+        w,
+        b,
+        running_mean,
+        running_var,
+    } = bn;
     let rows = x.len() / c;
     let n = rows as f64;
     let mut mean = vec![0.0; c];
@@ -136,17 +148,13 @@ pub fn batch_norm_train(
 }
 
 /// BatchNorm2d in eval mode (running statistics).
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm_eval(
-    x: &[f64],
-    w: &[f64],
-    b: &[f64],
-    running_mean: &[f64],
-    running_var: &[f64],
-    c: usize,
-    eps: f64,
-    a: Act,
-) -> Vec<f64> {
+pub fn batch_norm_eval(x: &[f64], bn: BnLayer, c: usize, eps: f64, a: Act) -> Vec<f64> {
+    let BnLayer {
+        w,
+        b,
+        running_mean,
+        running_var,
+    } = bn;
     (0..x.len())
         .map(|i| {
             let k = i % c;
@@ -160,24 +168,25 @@ pub fn batch_norm_eval(
 
 /// Gradients (dx, dw, db) of `sum(dy * batch_norm(x))`, with batch statistics (`train`) or with
 /// the running statistics held fixed.
-#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_backward(
     x: &[f64],
-    w: &[f64],
-    b: &[f64],
-    running_mean: &[f64],
-    running_var: &[f64],
+    bn: BnLayer,
     dy: &[f64],
     c: usize,
     eps: f64,
     a: Act,
     train: bool,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let BnLayer {
+        w,
+        b,
+        running_mean,
+        running_var,
+    } = bn;
     let rows = x.len() / c;
     let n = rows as f64;
     let (mean, var) = if train {
-        let (_, _, m, v, _, _) =
-            batch_norm_train(x, w, b, running_mean, running_var, c, 0.0, eps, a);
+        let (_, _, m, v, _, _) = batch_norm_train(x, bn, c, 0.0, eps, a);
         (m, v)
     } else {
         (running_mean.to_vec(), running_var.to_vec())

@@ -1,20 +1,25 @@
 //! CPU f64 reference of the Adam / AdamW update (PyTorch semantics).
 
-/// One step `t` (1-based) in place on f64 state.
-#[allow(clippy::too_many_arguments)]
+use crate::ops::optim::AdamConfig;
+
+/// One step `t` (1-based) in place on f64 state, with the hyperparameters of `cfg` widened to f64.
 pub fn adam_step(
     p: &mut [f64],
     m: &mut [f64],
     v: &mut [f64],
     grad: &[f64],
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    grad_scale: f64,
+    cfg: &AdamConfig,
     t: u32,
 ) {
+    let [lr, beta1, beta2, eps, weight_decay, grad_scale] = [
+        cfg.lr,
+        cfg.beta1,
+        cfg.beta2,
+        cfg.eps,
+        cfg.weight_decay,
+        cfg.grad_scale,
+    ]
+    .map(f64::from);
     let bc1 = 1.0 - beta1.powi(t as i32);
     let bc2 = 1.0 - beta2.powi(t as i32);
     for i in 0..p.len() {
