@@ -922,20 +922,32 @@ fn squeeze(d: &[usize]) -> Vec<usize> {
     d.iter().copied().filter(|&x| x != 1).collect()
 }
 
+/// A convolution's output channels `o`, kernel `k` = (kh, kw), stride, padding and groups.
+#[derive(Clone, Copy)]
+struct ConvSpec {
+    o: usize,
+    k: (usize, usize),
+    stride: usize,
+    pad: usize,
+    groups: usize,
+}
+
 /// Direct convolution in f64: x [C,H,W], w [O, C/g, kh, kw].
-#[allow(clippy::too_many_arguments)]
 fn conv2d(
     x: &[f64],
     c: usize,
     h: usize,
     wd: usize,
     w: &[f64],
-    o: usize,
-    k: (usize, usize),
-    stride: usize,
-    pad: usize,
-    groups: usize,
+    spec: ConvSpec,
 ) -> (Vec<f64>, usize, usize) {
+    let ConvSpec {
+        o,
+        k,
+        stride,
+        pad,
+        groups,
+    } = spec;
     let (kh, kw) = k;
     let cg = c / groups;
     let og = o / groups;
@@ -1003,12 +1015,19 @@ fn folded_convolutions_are_reproduced_exactly() {
         let x: Vec<f64> = (0..c * h * wd).map(|_| rng.normal()).collect();
         // Reference: the exporter's folded conv, in f64.
         let wf: Vec<f64> = w.f64().unwrap();
-        let (z_ref, oh, ow) = conv2d(&x, c, h, wd, &wf, o, (kh, kw), stride, pad, groups);
+        let spec = ConvSpec {
+            o,
+            k: (kh, kw),
+            stride,
+            pad,
+            groups,
+        };
+        let (z_ref, oh, ow) = conv2d(&x, c, h, wd, &wf, spec);
         // Reconstructed: the imported conv weight, then the identity BatchNorm.
         let (cs, cw) = r.get(&format!("{base}.c.weight"));
         assert_eq!(cs, w.dims.as_slice(), "{base}");
         let cw: Vec<f64> = cw.iter().map(|&v| v as f64).collect();
-        let (z, _, _) = conv2d(&x, c, h, wd, &cw, o, (kh, kw), stride, pad, groups);
+        let (z, _, _) = conv2d(&x, c, h, wd, &cw, spec);
         let g = r.get(&format!("{base}.bn.weight")).1;
         let be = r.get(&format!("{base}.bn.bias")).1;
         let mu = r.get(&format!("{base}.bn.running_mean")).1;
@@ -1218,7 +1237,20 @@ fn eval_node(n: &onnx::OnnxNode, x: &[T]) -> T {
             let groups = n.attr_int("group").unwrap_or(1) as usize;
             let stride = ints(n, "strides").first().copied().unwrap_or(1) as usize;
             let pad = ints(n, "pads").first().copied().unwrap_or(0) as usize;
-            let (mut y, oh, ow) = conv2d(&xi.v, c, h, wd, &w.v, o, (kh, kw), stride, pad, groups);
+            let (mut y, oh, ow) = conv2d(
+                &xi.v,
+                c,
+                h,
+                wd,
+                &w.v,
+                ConvSpec {
+                    o,
+                    k: (kh, kw),
+                    stride,
+                    pad,
+                    groups,
+                },
+            );
             if let Some(b) = x.get(2) {
                 for oc in 0..o {
                     for p in 0..oh * ow {
@@ -1354,7 +1386,20 @@ fn conv(r: &Real, key: &str, x: &T, stride: usize, pad: usize, groups: usize, bi
     let (o, kh, kw) = (s[0], s[2], s[3]);
     let w = w64(r, &format!("{key}.weight"));
     let (c, h, wd) = (x.shape[1], x.shape[2], x.shape[3]);
-    let (mut y, oh, ow) = conv2d(&x.v, c, h, wd, &w, o, (kh, kw), stride, pad, groups);
+    let (mut y, oh, ow) = conv2d(
+        &x.v,
+        c,
+        h,
+        wd,
+        &w,
+        ConvSpec {
+            o,
+            k: (kh, kw),
+            stride,
+            pad,
+            groups,
+        },
+    );
     if bias {
         let b = w64(r, &format!("{key}.bias"));
         for oc in 0..o {

@@ -26,17 +26,9 @@ fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
 }
 
-#[allow(clippy::too_many_arguments)]
-fn shp(
-    b: usize,
-    h: usize,
-    w: usize,
-    ci: usize,
-    co: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> ConvShape {
+/// The shape of a conv from x `[b, h, w, ci]` to `co` channels with a k x k kernel.
+fn shp(x: [usize; 4], co: usize, k: usize, stride: usize, pad: usize) -> ConvShape {
+    let [b, h, w, ci] = x;
     ConvShape {
         b,
         h,
@@ -116,26 +108,26 @@ fn dense_forward(s: ConvShape, bias: bool, act: Act, chunk: Option<usize>, seed:
 #[test]
 fn conv2d_forward_awkward_shapes() {
     let cases = [
-        shp(2, 7, 9, 3, 5, 3, 1, 1),
-        shp(1, 9, 7, 3, 32, 3, 2, 1), // stem-like, odd sizes, stride 2
-        shp(2, 11, 13, 6, 7, 3, 2, 1),
-        shp(1, 8, 12, 3, 32, 4, 4, 0),   // patchify k4 s4
-        shp(2, 10, 6, 5, 9, 2, 2, 0),    // patchify k2 s2
-        shp(1, 5, 7, 1, 4, 2, 2, 0),     // k2 s2 on odd sizes drops the last row/col
-        shp(2, 5, 7, 6, 5, 1, 1, 0),     // 1x1 = linear path
-        shp(1, 9, 8, 6, 5, 1, 2, 0),     // 1x1 stride 2 = im2col path
-        shp(1, 6, 9, 4, 3, 5, 1, 2),     // k5 p2
-        shp(1, 10, 11, 2, 3, 3, 3, 0),   // k3 s3
-        shp(1, 1, 1, 3, 2, 3, 1, 1),     // 1x1 image, 3x3 kernel
-        shp(1, 17, 15, 20, 70, 3, 1, 1), // K = 180, Co = 70: several GEMM tiles each way
-        shp(2, 4, 4, 3, 6, 3, 2, 2),     // pad larger than needed
-        shp(2, 9, 11, 3, 8, 3, 2, 1),    // K = 27 padded to 28 (Co % 4 == 0), stem-like
-        shp(1, 7, 6, 2, 4, 3, 1, 1),     // K = 18 padded to 20
-        shp(1, 9, 9, 5, 12, 2, 2, 0),    // K = 20, no padding needed
-        shp(2, 11, 9, 8, 12, 3, 2, 1),   // C % 4 == 0: vec4 im2col, (ky, kx, ci) weight copy
-        shp(1, 10, 10, 12, 16, 2, 2, 0), // patchify on C % 4 == 0
-        shp(1, 7, 8, 4, 6, 1, 2, 0),     // 1x1 stride 2, C % 4 == 0
-        shp(1, 6, 7, 8, 5, 3, 1, 2),     // C % 4 == 0, Co % 4 != 0, pad 2
+        shp([2, 7, 9, 3], 5, 3, 1, 1),
+        shp([1, 9, 7, 3], 32, 3, 2, 1), // stem-like, odd sizes, stride 2
+        shp([2, 11, 13, 6], 7, 3, 2, 1),
+        shp([1, 8, 12, 3], 32, 4, 4, 0),   // patchify k4 s4
+        shp([2, 10, 6, 5], 9, 2, 2, 0),    // patchify k2 s2
+        shp([1, 5, 7, 1], 4, 2, 2, 0),     // k2 s2 on odd sizes drops the last row/col
+        shp([2, 5, 7, 6], 5, 1, 1, 0),     // 1x1 = linear path
+        shp([1, 9, 8, 6], 5, 1, 2, 0),     // 1x1 stride 2 = im2col path
+        shp([1, 6, 9, 4], 3, 5, 1, 2),     // k5 p2
+        shp([1, 10, 11, 2], 3, 3, 3, 0),   // k3 s3
+        shp([1, 1, 1, 3], 2, 3, 1, 1),     // 1x1 image, 3x3 kernel
+        shp([1, 17, 15, 20], 70, 3, 1, 1), // K = 180, Co = 70: several GEMM tiles each way
+        shp([2, 4, 4, 3], 6, 3, 2, 2),     // pad larger than needed
+        shp([2, 9, 11, 3], 8, 3, 2, 1),    // K = 27 padded to 28 (Co % 4 == 0), stem-like
+        shp([1, 7, 6, 2], 4, 3, 1, 1),     // K = 18 padded to 20
+        shp([1, 9, 9, 5], 12, 2, 2, 0),    // K = 20, no padding needed
+        shp([2, 11, 9, 8], 12, 3, 2, 1),   // C % 4 == 0: vec4 im2col, (ky, kx, ci) weight copy
+        shp([1, 10, 10, 12], 16, 2, 2, 0), // patchify on C % 4 == 0
+        shp([1, 7, 8, 4], 6, 1, 2, 0),     // 1x1 stride 2, C % 4 == 0
+        shp([1, 6, 7, 8], 5, 3, 1, 2),     // C % 4 == 0, Co % 4 != 0, pad 2
     ];
     let acts = [Act::None, Act::Gelu, Act::Relu];
     for (i, &s) in cases.iter().enumerate() {
@@ -147,26 +139,32 @@ fn conv2d_forward_awkward_shapes() {
 fn conv2d_forward_chunked_path() {
     // Row chunks forced small: chunk sizes that divide M and that leave a remainder, with bias
     // and activation applied per chunk.
-    let s = shp(2, 9, 11, 3, 7, 3, 2, 1); // M = 2*5*6 = 60
+    let s = shp([2, 9, 11, 3], 7, 3, 2, 1); // M = 2*5*6 = 60
     for (i, chunk) in [1usize, 7, 16, 59, 60, 1000].into_iter().enumerate() {
         dense_forward(s, true, Act::Gelu, Some(chunk), 40 + i as u64);
     }
     dense_forward(
-        shp(1, 12, 12, 32, 64, 3, 1, 1),
+        shp([1, 12, 12, 32], 64, 3, 1, 1),
         false,
         Act::Relu,
         Some(50),
         47,
     );
-    dense_forward(shp(1, 8, 8, 3, 32, 4, 4, 0), true, Act::None, Some(3), 48);
-    dense_forward(shp(2, 9, 11, 3, 8, 3, 2, 1), true, Act::Gelu, Some(7), 49); // padded K
-    dense_forward(shp(2, 9, 11, 8, 8, 3, 2, 1), true, Act::Relu, Some(13), 50); // vec4 im2col
+    dense_forward(shp([1, 8, 8, 3], 32, 4, 4, 0), true, Act::None, Some(3), 48);
+    dense_forward(shp([2, 9, 11, 3], 8, 3, 2, 1), true, Act::Gelu, Some(7), 49); // padded K
+    dense_forward(
+        shp([2, 9, 11, 8], 8, 3, 2, 1),
+        true,
+        Act::Relu,
+        Some(13),
+        50,
+    ); // vec4 im2col
 }
 
 #[test]
 fn conv2d_neck_like_long_reduction() {
     // K = 256*9 = 2304 as in the neck's 3x3 256->256 conv (forward and backward).
-    let s = shp(1, 12, 10, 256, 20, 3, 1, 1);
+    let s = shp([1, 12, 10, 256], 20, 3, 1, 1);
     dense_forward(s, true, Act::None, None, 60);
     dense_backward(s, None, 63);
 }
@@ -177,7 +175,7 @@ fn conv2d_grid_beyond_65535_workgroups() {
     // invocation per dx element, 16.81 M = 65,665 workgroups (per chunk), and an unchunked GEMM
     // would have 65,665 row tiles. The column matrix (151 MB) exceeds a 128 MiB binding limit
     // (lavapipe's, WebGPU's default), so this also runs the automatic row-chunk split.
-    let s = shp(1, 4100, 4100, 1, 2, 3, 2, 1);
+    let s = shp([1, 4100, 4100, 1], 2, 3, 2, 1);
     assert!((s.oh() * s.ow()).div_ceil(64) > 65_535 && (s.h * s.w).div_ceil(256) > 65_535);
     let lim = test_gpu().limits.max_storage_buffer_binding_size;
     eprintln!(
@@ -222,9 +220,9 @@ fn rvec(rng: &mut Rng, n: usize) -> Vec<f64> {
 fn conv2d_reference_backward_matches_finite_differences() {
     let mut rng = Rng::new(70);
     for s in [
-        shp(2, 5, 4, 3, 2, 3, 2, 1),
-        shp(1, 4, 5, 2, 3, 3, 1, 1),
-        shp(1, 6, 5, 2, 2, 2, 2, 0),
+        shp([2, 5, 4, 3], 2, 3, 2, 1),
+        shp([1, 4, 5, 2], 3, 3, 1, 1),
+        shp([1, 6, 5, 2], 2, 2, 2, 0),
     ] {
         let x = rvec(&mut rng, s.b * s.h * s.w * s.ci);
         let w = rvec(&mut rng, s.co * s.ci * s.k * s.k);
@@ -258,7 +256,7 @@ fn conv2d_reference_backward_matches_finite_differences() {
 #[test]
 fn depthwise_reference_backward_matches_finite_differences() {
     let mut rng = Rng::new(71);
-    for s in [shp(2, 5, 4, 3, 3, 3, 2, 1), shp(1, 4, 5, 5, 5, 3, 1, 1)] {
+    for s in [shp([2, 5, 4, 3], 3, 3, 2, 1), shp([1, 4, 5, 5], 5, 3, 1, 1)] {
         let x = rvec(&mut rng, s.b * s.h * s.w * s.ci);
         let w = rvec(&mut rng, s.ci * s.k * s.k);
         let b = rvec(&mut rng, s.ci);
@@ -398,39 +396,39 @@ fn dense_backward(s: ConvShape, chunk: Option<usize>, seed: u64) {
 #[test]
 fn conv2d_backward_awkward_shapes() {
     let cases = [
-        shp(2, 7, 9, 3, 5, 3, 1, 1),
-        shp(1, 9, 7, 3, 32, 3, 2, 1),
-        shp(2, 11, 13, 6, 7, 3, 2, 1),
-        shp(1, 8, 12, 3, 32, 4, 4, 0),
-        shp(2, 10, 6, 5, 9, 2, 2, 0),
-        shp(2, 5, 7, 6, 5, 1, 1, 0), // 1x1 (GEMM path)
-        shp(1, 9, 8, 6, 5, 1, 2, 0), // 1x1 stride 2 (im2col path)
-        shp(1, 6, 9, 4, 3, 5, 1, 2),
-        shp(2, 16, 16, 3, 5, 3, 1, 1), // M = 512 -> split-K weight gradient
-        shp(1, 17, 15, 20, 70, 3, 1, 1),
-        shp(2, 4, 4, 3, 6, 3, 2, 2),
+        shp([2, 7, 9, 3], 5, 3, 1, 1),
+        shp([1, 9, 7, 3], 32, 3, 2, 1),
+        shp([2, 11, 13, 6], 7, 3, 2, 1),
+        shp([1, 8, 12, 3], 32, 4, 4, 0),
+        shp([2, 10, 6, 5], 9, 2, 2, 0),
+        shp([2, 5, 7, 6], 5, 1, 1, 0), // 1x1 (GEMM path)
+        shp([1, 9, 8, 6], 5, 1, 2, 0), // 1x1 stride 2 (im2col path)
+        shp([1, 6, 9, 4], 3, 5, 1, 2),
+        shp([2, 16, 16, 3], 5, 3, 1, 1), // M = 512 -> split-K weight gradient
+        shp([1, 17, 15, 20], 70, 3, 1, 1),
+        shp([2, 4, 4, 3], 6, 3, 2, 2),
         // C % 4 == 0: (ky, kx, ci) columns (im2col4 / col2im4 / w_reorder back)
-        shp(2, 11, 13, 8, 12, 3, 2, 1), // the patch embedding's second conv
-        shp(1, 9, 8, 8, 5, 1, 2, 0),    // 1x1 stride 2
-        shp(2, 8, 12, 4, 8, 4, 4, 0),   // patchify
-        shp(1, 7, 6, 12, 5, 3, 2, 2),   // pad > stride: taps beyond the first output
+        shp([2, 11, 13, 8], 12, 3, 2, 1), // the patch embedding's second conv
+        shp([1, 9, 8, 8], 5, 1, 2, 0),    // 1x1 stride 2
+        shp([2, 8, 12, 4], 8, 4, 4, 0),   // patchify
+        shp([1, 7, 6, 12], 5, 3, 2, 2),   // pad > stride: taps beyond the first output
     ];
     for (i, &s) in cases.iter().enumerate() {
         dense_backward(s, None, 80 + i as u64);
     }
     // Pointwise conv over many positions: split-K for dw on the GEMM path.
-    dense_backward(shp(2, 40, 30, 7, 9, 1, 1, 0), None, 95);
+    dense_backward(shp([2, 40, 30, 7], 9, 1, 1, 0), None, 95);
 }
 
 #[test]
 fn conv2d_backward_chunked_path() {
-    let s = shp(2, 9, 11, 3, 7, 3, 2, 1); // M = 60
+    let s = shp([2, 9, 11, 3], 7, 3, 2, 1); // M = 60
     for (i, chunk) in [1usize, 7, 16, 59].into_iter().enumerate() {
         dense_backward(s, Some(chunk), 100 + i as u64);
     }
-    dense_backward(shp(1, 16, 16, 8, 6, 3, 1, 1), Some(100), 105); // chunks of 100 rows, split-K in each
+    dense_backward(shp([1, 16, 16, 8], 6, 3, 1, 1), Some(100), 105); // chunks of 100 rows, split-K in each
     for (i, chunk) in [1usize, 13, 29].into_iter().enumerate() {
-        dense_backward(shp(2, 9, 11, 8, 4, 3, 2, 1), Some(chunk), 106 + i as u64); // vec4 columns
+        dense_backward(shp([2, 9, 11, 8], 4, 3, 2, 1), Some(chunk), 106 + i as u64); // vec4 columns
     }
 }
 
@@ -440,7 +438,7 @@ fn conv2d_backward_partial_gradients() {
     // with K padded for the weight gradient; Ci = 8: (ky, kx, ci) columns.
     let gpu = test_gpu();
     for ci in [3, 8] {
-        let s = shp(1, 6, 7, ci, 4, 3, 2, 1);
+        let s = shp([1, 6, 7, ci], 4, 3, 2, 1);
         let mut rng = Rng::new(110);
         let x = rng.vec(s.b * s.h * s.w * s.ci);
         let w = rng.vec(s.co * s.ci * 9);
@@ -555,15 +553,15 @@ fn depthwise_forward_run(s: ConvShape, bias: bool, act: Act, run: Option<usize>,
 #[test]
 fn depthwise_forward_awkward_shapes() {
     let cases = [
-        shp(2, 7, 9, 3, 3, 3, 1, 1),
-        shp(1, 9, 7, 5, 5, 3, 2, 1),
-        shp(2, 8, 8, 6, 6, 3, 2, 1),
-        shp(1, 11, 10, 13, 13, 3, 1, 1),
-        shp(1, 6, 5, 4, 4, 5, 1, 2),
-        shp(1, 1, 1, 7, 7, 3, 1, 1),
-        shp(2, 5, 6, 3, 3, 3, 1, 0),
-        shp(2, 9, 7, 8, 8, 3, 2, 1), // C % 4 == 0: vectorised kernels
-        shp(1, 6, 5, 12, 12, 3, 1, 1),
+        shp([2, 7, 9, 3], 3, 3, 1, 1),
+        shp([1, 9, 7, 5], 5, 3, 2, 1),
+        shp([2, 8, 8, 6], 6, 3, 2, 1),
+        shp([1, 11, 10, 13], 13, 3, 1, 1),
+        shp([1, 6, 5, 4], 4, 5, 1, 2),
+        shp([1, 1, 1, 7], 7, 3, 1, 1),
+        shp([2, 5, 6, 3], 3, 3, 1, 0),
+        shp([2, 9, 7, 8], 8, 3, 2, 1), // C % 4 == 0: vectorised kernels
+        shp([1, 6, 5, 12], 12, 3, 1, 1),
     ];
     let acts = [Act::None, Act::Gelu, Act::Relu];
     for (i, &s) in cases.iter().enumerate() {
@@ -577,20 +575,20 @@ fn depthwise3_sliding_window_shapes() {
     // partial strips, heights that leave partial runs, strides 1 and 2, padding 0, 1 and 2,
     // images smaller than a strip, several batch entries.
     let cases = [
-        (shp(1, 9, 11, 4, 4, 3, 1, 1), None),
-        (shp(2, 13, 6, 8, 8, 3, 1, 1), Some(1)),
-        (shp(2, 13, 7, 8, 8, 3, 1, 1), Some(5)),
-        (shp(1, 10, 9, 12, 12, 3, 2, 1), None),
-        (shp(2, 11, 17, 4, 4, 3, 2, 1), Some(3)),
-        (shp(1, 12, 12, 16, 16, 3, 2, 1), Some(1)),
-        (shp(1, 8, 10, 4, 4, 3, 1, 0), Some(4)),
-        (shp(2, 9, 8, 8, 8, 3, 2, 0), None),
-        (shp(1, 7, 9, 4, 4, 3, 1, 2), Some(2)),
-        (shp(1, 7, 6, 8, 8, 3, 2, 2), None),
-        (shp(1, 1, 1, 4, 4, 3, 1, 1), None),
-        (shp(1, 2, 3, 4, 4, 3, 2, 1), None),
-        (shp(1, 37, 35, 20, 20, 3, 1, 1), None),
-        (shp(1, 37, 35, 20, 20, 3, 2, 1), Some(100)),
+        (shp([1, 9, 11, 4], 4, 3, 1, 1), None),
+        (shp([2, 13, 6, 8], 8, 3, 1, 1), Some(1)),
+        (shp([2, 13, 7, 8], 8, 3, 1, 1), Some(5)),
+        (shp([1, 10, 9, 12], 12, 3, 2, 1), None),
+        (shp([2, 11, 17, 4], 4, 3, 2, 1), Some(3)),
+        (shp([1, 12, 12, 16], 16, 3, 2, 1), Some(1)),
+        (shp([1, 8, 10, 4], 4, 3, 1, 0), Some(4)),
+        (shp([2, 9, 8, 8], 8, 3, 2, 0), None),
+        (shp([1, 7, 9, 4], 4, 3, 1, 2), Some(2)),
+        (shp([1, 7, 6, 8], 8, 3, 2, 2), None),
+        (shp([1, 1, 1, 4], 4, 3, 1, 1), None),
+        (shp([1, 2, 3, 4], 4, 3, 2, 1), None),
+        (shp([1, 37, 35, 20], 20, 3, 1, 1), None),
+        (shp([1, 37, 35, 20], 20, 3, 2, 1), Some(100)),
     ];
     let acts = [Act::None, Act::Gelu, Act::Relu];
     for (i, &(s, run)) in cases.iter().enumerate() {
@@ -603,12 +601,12 @@ fn depthwise_grid_beyond_65535_workgroups() {
     // The model's MBConv depthwise: 256 channels at 256². The sliding-window kernel (8 invocations
     // per workgroup) with one output row per invocation: 256 * 64 strips * 64 channel quads / 8 =
     // 131,072 workgroups; then the automatic runs of rows.
-    let s = shp(1, 256, 256, 256, 256, 3, 1, 1);
+    let s = shp([1, 256, 256, 256], 256, 3, 1, 1);
     assert!(s.oh() * s.ow().div_ceil(4) * (s.ci / 4) / 8 > 65_535);
     depthwise_forward_run(s, true, Act::Gelu, Some(1), 130);
     depthwise_forward(s, false, Act::None, 131);
     // The scalar kernel (C % 4 != 0): one invocation per output, 256 per workgroup.
-    let s = shp(1, 256, 256, 257, 257, 3, 1, 1);
+    let s = shp([1, 256, 256, 257], 257, 3, 1, 1);
     assert!((s.oh() * s.ow() * s.ci).div_ceil(256) > 65_535);
     depthwise_forward(s, true, Act::Gelu, 132);
 }
@@ -657,19 +655,19 @@ fn depthwise_backward(s: ConvShape, seed: u64) {
 #[test]
 fn depthwise_backward_awkward_shapes() {
     for (i, s) in [
-        shp(2, 7, 9, 3, 3, 3, 1, 1),
-        shp(1, 9, 7, 5, 5, 3, 2, 1),
-        shp(2, 8, 8, 6, 6, 3, 2, 1),
-        shp(1, 6, 5, 4, 4, 5, 1, 2),
-        shp(2, 5, 6, 3, 3, 3, 1, 0),
-        shp(2, 45, 47, 10, 10, 3, 1, 1), // M = 4230 positions: multi-pass reductions
-        shp(2, 9, 7, 8, 8, 3, 2, 1),     // C % 4 == 0: vectorised kernels
-        shp(1, 45, 46, 12, 12, 3, 1, 1),
+        shp([2, 7, 9, 3], 3, 3, 1, 1),
+        shp([1, 9, 7, 5], 5, 3, 2, 1),
+        shp([2, 8, 8, 6], 6, 3, 2, 1),
+        shp([1, 6, 5, 4], 4, 5, 1, 2),
+        shp([2, 5, 6, 3], 3, 3, 1, 0),
+        shp([2, 45, 47, 10], 10, 3, 1, 1), // M = 4230 positions: multi-pass reductions
+        shp([2, 9, 7, 8], 8, 3, 2, 1),     // C % 4 == 0: vectorised kernels
+        shp([1, 45, 46, 12], 12, 3, 1, 1),
         // Stride 1, 3x3, C % 4 == 0: dx by the sliding-window kernel (rotated taps, padding
         // 2 - pad), for every padding it accepts, and runs of rows split over invocations.
-        shp(2, 7, 9, 8, 8, 3, 1, 0),
-        shp(1, 6, 11, 4, 4, 3, 1, 2),
-        shp(1, 37, 5, 16, 16, 3, 1, 1),
+        shp([2, 7, 9, 8], 8, 3, 1, 0),
+        shp([1, 6, 11, 4], 4, 3, 1, 2),
+        shp([1, 37, 5, 16], 16, 3, 1, 1),
     ]
     .into_iter()
     .enumerate()
@@ -681,8 +679,8 @@ fn depthwise_backward_awkward_shapes() {
 // ------------------------------------------------------------------------------------------------
 // 2x2 stride-2 transposed conv
 
-#[allow(clippy::too_many_arguments)]
-fn convt_case(b: usize, h: usize, w: usize, ci: usize, co: usize, bias: bool, act: Act, seed: u64) {
+fn convt_case(s: ConvTShape, bias: bool, act: Act, seed: u64) {
+    let ConvTShape { b, h, w, ci, co } = s;
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let xs = [b, h, w, ci];
@@ -736,15 +734,103 @@ fn convt_case(b: usize, h: usize, w: usize, ci: usize, co: usize, bias: bool, ac
 
 #[test]
 fn conv_transpose2x2_awkward_shapes() {
-    convt_case(2, 3, 5, 3, 5, true, Act::Gelu, 150);
-    convt_case(1, 7, 6, 13, 3, false, Act::None, 151);
-    convt_case(1, 1, 1, 1, 1, true, Act::Relu, 152);
-    convt_case(2, 9, 7, 70, 33, true, Act::Gelu, 153); // 4*Co = 132: three GEMM column tiles
-    convt_case(1, 16, 16, 24, 8, true, Act::None, 154); // M = 256: split-K dw
+    convt_case(
+        ConvTShape {
+            b: 2,
+            h: 3,
+            w: 5,
+            ci: 3,
+            co: 5,
+        },
+        true,
+        Act::Gelu,
+        150,
+    );
+    convt_case(
+        ConvTShape {
+            b: 1,
+            h: 7,
+            w: 6,
+            ci: 13,
+            co: 3,
+        },
+        false,
+        Act::None,
+        151,
+    );
+    convt_case(
+        ConvTShape {
+            b: 1,
+            h: 1,
+            w: 1,
+            ci: 1,
+            co: 1,
+        },
+        true,
+        Act::Relu,
+        152,
+    );
+    convt_case(
+        ConvTShape {
+            b: 2,
+            h: 9,
+            w: 7,
+            ci: 70,
+            co: 33,
+        },
+        true,
+        Act::Gelu,
+        153,
+    ); // 4*Co = 132: three GEMM column tiles
+    convt_case(
+        ConvTShape {
+            b: 1,
+            h: 16,
+            w: 16,
+            ci: 24,
+            co: 8,
+        },
+        true,
+        Act::None,
+        154,
+    ); // M = 256: split-K dw
     // Co % 4 == 0: the vec4 pixel shuffle.
-    convt_case(2, 5, 3, 6, 4, true, Act::Gelu, 155);
-    convt_case(1, 3, 7, 8, 12, true, Act::Relu, 156);
-    convt_case(2, 4, 4, 16, 32, false, Act::Gelu, 157);
+    convt_case(
+        ConvTShape {
+            b: 2,
+            h: 5,
+            w: 3,
+            ci: 6,
+            co: 4,
+        },
+        true,
+        Act::Gelu,
+        155,
+    );
+    convt_case(
+        ConvTShape {
+            b: 1,
+            h: 3,
+            w: 7,
+            ci: 8,
+            co: 12,
+        },
+        true,
+        Act::Relu,
+        156,
+    );
+    convt_case(
+        ConvTShape {
+            b: 2,
+            h: 4,
+            w: 4,
+            ci: 16,
+            co: 32,
+        },
+        false,
+        Act::Gelu,
+        157,
+    );
 }
 
 /// Micro-benchmarks (run with `cargo test --test ops_conv -- --ignored --nocapture`).

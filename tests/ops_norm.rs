@@ -40,32 +40,30 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     M.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn ln_fwd_case(
+/// A LayerNorm forward case: `rows` x `c` inputs around `offset` with spread `scale`.
+#[derive(Clone, Copy)]
+struct LnFwd {
     rows: usize,
     c: usize,
     eps: f32,
     act: Act,
     offset: f64,
     scale: f64,
-    tol: f64,
-    seed: u64,
-) -> f64 {
-    ln_fwd_case_team(rows, c, eps, act, offset, scale, tol, seed, None)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn ln_fwd_case_team(
-    rows: usize,
-    c: usize,
-    eps: f32,
-    act: Act,
-    offset: f64,
-    scale: f64,
-    tol: f64,
-    seed: u64,
-    team: Option<u32>,
-) -> f64 {
+fn ln_fwd_case(case: LnFwd, tol: f64, seed: u64) -> f64 {
+    ln_fwd_case_team(case, tol, seed, None)
+}
+
+fn ln_fwd_case_team(case: LnFwd, tol: f64, seed: u64, team: Option<u32>) -> f64 {
+    let LnFwd {
+        rows,
+        c,
+        eps,
+        act,
+        offset,
+        scale,
+    } = case;
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let x = ln_input(&mut rng, rows, c, offset, scale);
@@ -124,7 +122,18 @@ fn layer_norm_model_channel_counts() {
     for &c in &[4usize, 16, 32, 64, 96, 128, 160, 256, 320, 2048] {
         for &rows in &[1usize, 7, 130] {
             for (eps, act) in [(1e-5, Act::None), (1e-6, Act::Gelu)] {
-                worst = worst.max(ln_fwd_case(rows, c, eps, act, 1.0, 1.0, 2e-6, seed));
+                worst = worst.max(ln_fwd_case(
+                    LnFwd {
+                        rows,
+                        c,
+                        eps,
+                        act,
+                        offset: 1.0,
+                        scale: 1.0,
+                    },
+                    2e-6,
+                    seed,
+                ));
                 seed += 1;
             }
         }
@@ -139,7 +148,18 @@ fn layer_norm_awkward_channels() {
     let mut worst: f64 = 0.0;
     for &c in &[1usize, 2, 3, 5, 7, 31, 33, 129, 257, 1000, 2051] {
         for act in [Act::None, Act::Relu] {
-            worst = worst.max(ln_fwd_case(67, c, 1e-5, act, 1.0, 1.0, 2e-6, seed));
+            worst = worst.max(ln_fwd_case(
+                LnFwd {
+                    rows: 67,
+                    c,
+                    eps: 1e-5,
+                    act,
+                    offset: 1.0,
+                    scale: 1.0,
+                },
+                2e-6,
+                seed,
+            ));
             seed += 1;
         }
     }
@@ -154,12 +174,14 @@ fn layer_norm_large_offset_small_variance() {
     let mut worst: f64 = 0.0;
     for (i, &c) in [32usize, 96, 320].iter().enumerate() {
         worst = worst.max(ln_fwd_case(
-            50,
-            c,
-            1e-6,
-            Act::None,
-            30.0,
-            0.1,
+            LnFwd {
+                rows: 50,
+                c,
+                eps: 1e-6,
+                act: Act::None,
+                offset: 30.0,
+                scale: 0.1,
+            },
             5e-5,
             200 + i as u64,
         ));
@@ -177,12 +199,14 @@ fn layer_norm_every_team_width() {
     for team in [1u32, 2, 4, 8, 16, 32, 64, 128, 256] {
         for &c in &[3usize, 32, 33, 320] {
             worst = worst.max(ln_fwd_case_team(
-                37,
-                c,
-                1e-5,
-                Act::Gelu,
-                1.0,
-                1.0,
+                LnFwd {
+                    rows: 37,
+                    c,
+                    eps: 1e-5,
+                    act: Act::Gelu,
+                    offset: 1.0,
+                    scale: 1.0,
+                },
                 2e-6,
                 seed,
                 Some(team),
@@ -197,11 +221,45 @@ fn layer_norm_every_team_width() {
 fn layer_norm_grid_beyond_65535_workgroups() {
     let _g = serial();
     // Teams of 256 = one row per workgroup: 65,601 rows need 65,601 workgroups (split over x/y).
-    let e = ln_fwd_case_team(65_601, 5, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 300, Some(256));
+    let e = ln_fwd_case_team(
+        LnFwd {
+            rows: 65_601,
+            c: 5,
+            eps: 1e-5,
+            act: Act::Gelu,
+            offset: 1.0,
+            scale: 1.0,
+        },
+        2e-6,
+        300,
+        Some(256),
+    );
     // With the default team (C = 33 -> 4 threads, 64 rows per workgroup) on many rows.
-    let e2 = ln_fwd_case(262_147, 33, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 301);
+    let e2 = ln_fwd_case(
+        LnFwd {
+            rows: 262_147,
+            c: 33,
+            eps: 1e-5,
+            act: Act::Gelu,
+            offset: 1.0,
+            scale: 1.0,
+        },
+        2e-6,
+        301,
+    );
     // C % 4 == 0: two rows per invocation, 8 per workgroup: 1,048,579 rows = 65,537 workgroups.
-    let e3 = ln_fwd_case(1_048_579, 4, 1e-5, Act::Gelu, 1.0, 1.0, 2e-6, 302);
+    let e3 = ln_fwd_case(
+        LnFwd {
+            rows: 1_048_579,
+            c: 4,
+            eps: 1e-5,
+            act: Act::Gelu,
+            offset: 1.0,
+            scale: 1.0,
+        },
+        2e-6,
+        302,
+    );
     eprintln!(
         "layer_norm 65601x5 (team 256): rel err {e:.2e}; 262147x33: {e2:.2e}; 1048579x4: {e3:.2e}"
     );
@@ -237,32 +295,34 @@ struct LnGrads {
 }
 
 /// Runs the GPU training forward + backward. dw/db/dx start from the given values (accumulation).
-#[allow(clippy::too_many_arguments)]
+/// Input, weight, bias and output gradient of a LayerNorm backward case.
+#[derive(Clone, Copy)]
+struct LnData<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    b: &'a [f32],
+    dy: &'a [f32],
+}
+
 fn ln_gpu_backward(
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    dy: &[f32],
+    d: LnData,
     c: usize,
     eps: f32,
     act: Act,
     init: Option<(&[f32], &[f32], &[f32])>,
 ) -> LnGrads {
-    ln_gpu_backward_team(x, w, b, dy, c, eps, act, init, None)
+    ln_gpu_backward_team(d, c, eps, act, init, None)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn ln_gpu_backward_team(
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    dy: &[f32],
+    d: LnData,
     c: usize,
     eps: f32,
     act: Act,
     init: Option<(&[f32], &[f32], &[f32])>,
     team: Option<u32>,
 ) -> LnGrads {
+    let LnData { x, w, b, dy } = d;
     let gpu = test_gpu();
     let rows = x.len() / c;
     let (tx, tw, tb) = (up(gpu, x, &[rows, c]), up(gpu, w, &[c]), up(gpu, b, &[c]));
@@ -330,7 +390,18 @@ fn layer_norm_backward_vs_finite_differences() {
         let b = rng.vec(c);
         let dy = rng.vec(rows * c);
         let eps = 1e-5;
-        let g = ln_gpu_backward(&x, &w, &b, &dy, c, eps, act, None);
+        let g = ln_gpu_backward(
+            LnData {
+                x: &x,
+                w: &w,
+                b: &b,
+                dy: &dy,
+            },
+            c,
+            eps,
+            act,
+            None,
+        );
         let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
         let obj = |x: &[f64], w: &[f64], b: &[f64]| {
             dot(
@@ -383,7 +454,19 @@ fn ln_bwd_case_team(
     let dy = rng.vec(rows * c);
     let (dw0, db0, dx0) = (rng.vec(c), rng.vec(c), rng.vec(rows * c));
     let init = accumulate.then_some((&dw0[..], &db0[..], &dx0[..]));
-    let g = ln_gpu_backward_team(&x, &w, &b, &dy, c, 1e-6, act, init, team);
+    let g = ln_gpu_backward_team(
+        LnData {
+            x: &x,
+            w: &w,
+            b: &b,
+            dy: &dy,
+        },
+        c,
+        1e-6,
+        act,
+        init,
+        team,
+    );
     let (mut dx, mut dw, mut db) = reference::norm::layer_norm_backward(
         &to_f64(&x),
         &to_f64(&w),
@@ -481,8 +564,30 @@ fn layer_norm_backward_is_deterministic() {
     let w = rng.vec(c);
     let b = rng.vec(c);
     let dy = rng.vec(rows * c);
-    let a = ln_gpu_backward(&x, &w, &b, &dy, c, 1e-5, Act::None, None);
-    let b2 = ln_gpu_backward(&x, &w, &b, &dy, c, 1e-5, Act::None, None);
+    let a = ln_gpu_backward(
+        LnData {
+            x: &x,
+            w: &w,
+            b: &b,
+            dy: &dy,
+        },
+        c,
+        1e-5,
+        Act::None,
+        None,
+    );
+    let b2 = ln_gpu_backward(
+        LnData {
+            x: &x,
+            w: &w,
+            b: &b,
+            dy: &dy,
+        },
+        c,
+        1e-5,
+        Act::None,
+        None,
+    );
     assert_eq!(a.dw, b2.dw);
     assert_eq!(a.db, b2.db);
     assert_eq!(a.dx, b2.dx);
