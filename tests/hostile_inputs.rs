@@ -346,8 +346,11 @@ fn bad_config_cases() -> Vec<(&'static str, serde_json::Value, &'static str)> {
         ("iou_head_hidden_dim", json!(0), "iou_head_hidden_dim"),
         ("mask_in_chans", json!(0), "mask_in_chans"),
         ("mask_in_chans", json!(6), "mask_in_chans"),
-        ("num_classes", json!(0), "num_classes"),
+        // num_classes 0 is valid: no classifier head (LiteMedSAM's checkpoint, ONNX exports).
         ("num_classes", json!(u64::MAX), "num_classes"),
+        ("patch_stride", json!(2), "patch_stride"),
+        ("patch_stride", json!(0), "patch_stride"),
+        ("arch", json!("sam2"), "unknown variant"),
     ]
 }
 

@@ -212,3 +212,80 @@ fn bad_import_sources_are_refused_and_nothing_is_written() {
     ]);
     assert!(code == 1 && text.contains("unknown architecture"), "{text}");
 }
+
+#[test]
+fn a_state_dict_that_does_not_fit_names_the_first_key_and_both_shapes() {
+    use medfastsam::import::convert::{ForeignTensor, to_weights};
+    use medfastsam::model::{Config, Weights};
+    let w = Weights::init(&Config::mobilesam(), 1);
+    let tensors = |edit: &dyn Fn(&mut ForeignTensor)| -> Vec<ForeignTensor> {
+        w.tensors
+            .iter()
+            .map(|(k, t)| {
+                let mut f = ForeignTensor {
+                    name: k.clone(),
+                    shape: t.shape.clone(),
+                    data: t.data.clone(),
+                    counter: t.stored == medfastsam::model::weights::Stored::I64,
+                };
+                edit(&mut f);
+                f
+            })
+            .collect()
+    };
+    // Unchanged: imports as MobileSAM with the head, 10,130,092 parameters.
+    let ok = to_weights(tensors(&|_| {}), "ok.pth", None, vec![]).unwrap();
+    assert_eq!(ok.cfg, Config::mobilesam());
+    // One tensor with another shape.
+    let key = "mask_decoder.transformer.layers.1.cross_attn_token_to_image.k_proj.weight";
+    let bad = to_weights(
+        tensors(&|f| {
+            if f.name == key {
+                f.shape = vec![64, 256];
+                f.data.truncate(64 * 256);
+            }
+        }),
+        "bad.pth",
+        None,
+        vec![],
+    )
+    .err()
+    .expect("a wrong shape must be refused")
+    .to_string();
+    assert!(
+        bad.contains("bad.pth")
+            && bad.contains(key)
+            && bad.contains("[64, 256]")
+            && bad.contains("[128, 256]"),
+        "{bad}"
+    );
+    // A Med-FastSAM architecture asked of a MobileSAM checkpoint.
+    let e = to_weights(
+        tensors(&|_| {}),
+        "m.pth",
+        Some(medfastsam::model::Arch::MedFastSam),
+        vec![],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("mobilesam") && e.contains("medfastsam init"),
+        "{e}"
+    );
+    // A non-finite value.
+    let e = to_weights(
+        tensors(&|f| {
+            if f.name == key {
+                f.data[3] = f32::NAN;
+            }
+        }),
+        "nan.pth",
+        None,
+        vec![],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains(key) && e.contains("non-finite"), "{e}");
+}
