@@ -2,5 +2,6 @@
 //! conversion of what they read into our weights (`convert`).
 
 pub mod convert;
+pub mod init;
 pub mod onnx;
 pub mod pth;

@@ -18,7 +18,9 @@ use crate::ops::elementwise::{
 use crate::ops::matmul::{Act, Gemm, gemm};
 
 /// Multi-scale patch embeddings (`conv1_med`): r2 = GELU(LN2d(conv4×4 s4(x))) `[B,S/4,S/4,D/8]`;
-/// r1 = GELU(LN2d(conv2×2 s2(r2))) `[B,S/8,S/8,D/4]`.
+/// r1 = GELU(LN2d(conv2×2 s2(r2))) `[B,S/8,S/8,D/4]`. With a stride-1 patch embedding (the
+/// LiteMedSAM geometry, whose decoder upsamples to S) the first convolution is 1×1 stride 1, so
+/// r2 and r1 stay at the decoder's two upsampled resolutions (S and S/2).
 pub struct MsfFeatures<P = Param> {
     c1: Conv2d<P>,
     n1: LayerNorm<P>,
@@ -36,13 +38,14 @@ pub struct MsfFeaturesSaved {
 impl<P: Clone> MsfFeatures<P> {
     pub fn new<S: Source<P = P>>(vb: Vb<S>, cfg: &Config) -> Result<Self> {
         let dm = cfg.transformer_dim;
+        let k = cfg.patch_stride;
         Ok(MsfFeatures {
             c1: Conv2d::new(
                 vb.pp("features1.0"),
                 dm / 8,
                 3,
-                4,
-                ConvGeom { stride: 4, pad: 0 },
+                k,
+                ConvGeom { stride: k, pad: 0 },
                 true,
             )?,
             n1: LayerNorm::new(vb.pp("features1.1"), dm / 8, LN2D_EPS, Act::Gelu)?,

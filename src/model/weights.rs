@@ -285,6 +285,10 @@ impl Weights {
                 Arch::MobileSam
             };
             c.patch_stride = if k == 1 { 1 } else { 4 };
+        } else if has("conv1_med.features1.0.weight") {
+            // Med-FastSAM on the LiteMedSAM geometry: 1×1 stem and 1×1 first MSF convolution.
+            let k = dim(&format!("{ie}.patch_embed.seq.0.c.weight"), 2)?;
+            c.patch_stride = if k == 1 { 1 } else { 4 };
         }
         c.embed_dims[0] = dim(&format!("{ie}.patch_embed.seq.2.c.weight"), 0)?;
         for s in 0..3 {
@@ -350,67 +354,28 @@ impl Weights {
         Ok(c)
     }
 
-    /// Freshly initialised weights for `cfg` (for training from scratch): TinyViT/SAM-style
-    /// initialisation — linear weights trunc-normal(0.02) with zero bias, convolutions
-    /// kaiming-uniform-like with fan-in scaling, norms weight 1 / bias 0, BatchNorm running stats
-    /// 0/1, the PE matrix N(0,1), embeddings N(0,1).
+    /// Freshly initialised weights for `cfg` (for training from scratch), every parameter as the
+    /// authors' code initialises it (see `authors_init`), BatchNorm running statistics 0/1, the
+    /// PE matrix N(0, 1).
     pub fn init(cfg: &Config, seed: u64) -> Weights {
         let mut rng = Rng::new(seed);
         let mut w = Weights {
             source: "initialisation".into(),
             ..Default::default()
         };
-        for s in schema::specs(cfg) {
+        let specs = schema::specs(cfg);
+        let shapes: BTreeMap<&str, &[usize]> = specs
+            .iter()
+            .map(|s| (s.key.as_str(), s.shape.as_slice()))
+            .collect();
+        for s in &specs {
             let n = s.numel();
             let k = &s.key;
             let data: Vec<f32> = match s.kind {
                 Kind::Counter => vec![0.0; n],
                 Kind::RunningStat => vec![if k.ends_with("running_var") { 1.0 } else { 0.0 }; n],
                 Kind::Buffer => (0..n).map(|_| rng.normal() as f32).collect(),
-                Kind::Param => {
-                    let is_norm = k.contains("norm")
-                        || k.contains(".bn.")
-                        || k.contains("mask_downscaling.1")
-                        || k.contains("mask_downscaling.4")
-                        || k.contains("neck.1")
-                        || k.contains("neck.3")
-                        || k.contains("output_upscaling_part1.1")
-                        || k.contains("output_upscaling.1")
-                        || k.contains("features1.1")
-                        || k.contains("features2.1");
-                    if is_norm {
-                        vec![if k.ends_with("weight") { 1.0 } else { 0.0 }; n]
-                    } else if k.ends_with("bias") || k.contains("attention_biases") {
-                        // Biases and relative-position bias tables start at zero.
-                        vec![0.0; n]
-                    } else if k.contains("embed")
-                        || k.ends_with("token.weight")
-                        || k.ends_with("tokens.weight")
-                    {
-                        (0..n).map(|_| rng.normal() as f32).collect()
-                    } else if s.shape.len() == 2 {
-                        // trunc-normal(0, 0.02) truncated at 2 sigma
-                        (0..n)
-                            .map(|_| {
-                                loop {
-                                    let v = rng.normal();
-                                    if v.abs() <= 2.0 {
-                                        break (v * 0.02) as f32;
-                                    }
-                                }
-                            })
-                            .collect()
-                    } else {
-                        // conv: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default bound)
-                        let fan_in: usize = if k.contains("output_upscaling") {
-                            s.shape[1] * s.shape[2] * s.shape[3]
-                        } else {
-                            s.shape[1..].iter().product()
-                        };
-                        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-                        (0..n).map(|_| rng.range(-bound, bound) as f32).collect()
-                    }
-                }
+                Kind::Param => authors_init(s, &shapes, &mut rng),
             };
             let stored = if s.kind == Kind::Counter {
                 Stored::I64
@@ -503,4 +468,70 @@ impl Weights {
         let bytes = self.to_bytes(cfg, variant, f16)?;
         crate::io::write_atomic(path, &bytes)
     }
+}
+
+/// The initial value of one parameter as the authors' PyTorch code gives it (docs/training.md,
+/// "Initialisation"): TinyViT's `_init_weights` inside the image encoder (linear weights
+/// normal σ 0.02, truncated at ±2 — in effect untruncated —, zero bias; LayerNorm 1/0),
+/// `Conv2d_BN` BatchNorm weight 1 (0 for the last convolution of each MBConv) and bias 0,
+/// relative-position bias tables zero, embeddings and tokens N(0, 1), and PyTorch's default
+/// elsewhere: weights and biases of convolutions, transposed convolutions and linear layers
+/// uniform in ±1/√fan_in, with fan_in = size(1) × kernel area of the weight.
+fn authors_init(s: &schema::Spec, shapes: &BTreeMap<&str, &[usize]>, rng: &mut Rng) -> Vec<f32> {
+    let k = s.key.as_str();
+    let n = s.numel();
+    let is_norm = k.contains("norm")
+        || k.contains(".bn.")
+        || k.contains("mask_downscaling.1")
+        || k.contains("mask_downscaling.4")
+        || k.contains("neck.1")
+        || k.contains("neck.3")
+        || k.contains("output_upscaling_part1.1")
+        || k.contains("output_upscaling.1")
+        || k.contains("features1.1")
+        || k.contains("features2.1");
+    let weight = k.ends_with("weight");
+    let in_encoder = k.starts_with("image_encoder.");
+    if is_norm {
+        let zero_gamma = k.contains(".conv3.bn.weight");
+        return vec![if weight && !zero_gamma { 1.0 } else { 0.0 }; n];
+    }
+    if k.contains("attention_biases") {
+        return vec![0.0; n];
+    }
+    let embedding = (k.contains("embed") && !k.contains("patch_embed"))
+        || k.ends_with("token.weight")
+        || k.ends_with("tokens.weight");
+    if embedding {
+        return (0..n).map(|_| rng.normal() as f32).collect();
+    }
+    // The weight this tensor belongs to (itself, or the weight beside a bias).
+    let wshape: &[usize] = if weight {
+        &s.shape
+    } else {
+        shapes
+            .get(format!("{}weight", k.trim_end_matches("bias")).as_str())
+            .copied()
+            .unwrap_or(&s.shape)
+    };
+    if in_encoder && wshape.len() == 2 {
+        // TinyViT's `_init_weights` on nn.Linear.
+        return if weight {
+            (0..n)
+                .map(|_| {
+                    loop {
+                        let v = rng.normal() * 0.02;
+                        if v.abs() <= 2.0 {
+                            break v as f32;
+                        }
+                    }
+                })
+                .collect()
+        } else {
+            vec![0.0; n]
+        };
+    }
+    let fan_in: usize = wshape.iter().skip(1).product();
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    (0..n).map(|_| rng.range(-bound, bound) as f32).collect()
 }

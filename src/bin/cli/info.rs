@@ -54,6 +54,9 @@ pub fn run(gpu: &GpuArgs, a: &InfoArgs) -> anyhow::Result<i32> {
     if let Some(n) = w.metadata.get(imp::META_IMPORT_NOTES) {
         println!("import notes:  {n}");
     }
+    if let Some(p) = medfastsam::import::init::Provenance::of(&w) {
+        super::init::print_provenance(&p, &cfg);
+    }
     let specs = schema::specs(&cfg);
     let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let (mut total, mut natural, mut buffers) = (0usize, 0usize, 0usize);

@@ -5,6 +5,7 @@ mod eval;
 mod gradients;
 mod import;
 mod info;
+mod init;
 mod prompted;
 mod quickstart;
 mod segment;
@@ -116,6 +117,9 @@ pub enum Cmd {
     /// Import PyTorch (.pth/.pt) or ONNX checkpoints (Med-FastSAM, MobileSAM, LiteMedSAM) into a
     /// weights file.
     Import(import::ImportArgs),
+    /// Initialise Med-FastSAM from imported pretrained weights (MobileSAM, LiteMedSAM): the natural
+    /// branch, neck, prompt encoder and decoder copied, the medical modules initialised.
+    Init(init::InitArgs),
     /// Benchmarks: ms per image at 256²/512²/1024², kernel GFLOP/s, peak GPU memory.
     Bench(bench::BenchArgs),
     /// One forward + backward in train mode; writes the loss and every gradient (grad.<key>).
@@ -146,12 +150,22 @@ pub fn run() -> i32 {
     // SAFETY: first thing the process does; no other thread exists yet.
     unsafe { medfastsam::gpu::quiet_window_system_probes() };
     let cli = Cli::parse();
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`medfastsam info W | head`) panics;
+    // the one-shot commands take the default action and end quietly like other tools. `serve`
+    // keeps ignoring it: a browser closing its connection must not end the server.
+    #[cfg(unix)]
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        // SAFETY: no other thread exists yet; resetting a signal's disposition is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Some(n) = cli.gpu.max_pixels {
         medfastsam::io::set_max_pixels(n);
     }
     // A misspelt --backend (or MEDFASTSAM_BACKEND / WGPU_BACKEND) fails before any work, in
     // every command that uses the GPU.
-    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::Import(_))
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::Import(_) | Cmd::Init(_))
         && let Err(e) = cli.gpu.request().check()
     {
         eprintln!("error: {}", error_line(&e.into()));
@@ -161,6 +175,7 @@ pub fn run() -> i32 {
         Cmd::Segment(a) => segment::run(&cli.gpu, a),
         Cmd::Info(a) => info::run(&cli.gpu, a),
         Cmd::Import(a) => import::run(a),
+        Cmd::Init(a) => init::run(a),
         Cmd::Bench(a) => bench::run(&cli.gpu, a),
         Cmd::Gradients(a) => gradients::run(&cli.gpu, a),
         Cmd::Train(a) => train::run(&cli.gpu, a),
