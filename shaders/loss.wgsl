@@ -1,4 +1,5 @@
 // ---- loss.wgsl: training loss of tiny.train (focal + dice on sigmoid(logits)) and dL/dlogits ----
+// (the feature distillation loss, mean squared error between embeddings, is at the end of the file)
 // logits and target: [B, HW] (B images of HW pixels; [B,1,H,W] and [B,H,W,1] are the same memory).
 //   p = sigmoid(l), BCE = max(l, 0) - l t + log(1 + exp(-|l|)), p_t = p t + (1-p)(1-t),
 //   a_t = alpha t + (1-alpha)(1-t), focal_i = a_t BCE (1-p_t)^gamma, FL = mean over all pixels,
@@ -248,4 +249,94 @@ fn loss_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let num = t * (lg_sums[o + 4u] + u) - (1.0 - t) * (2.0 * inter + lgp.smoothing);
     let ddice = -num / (u * u) * pq;
     lg_grad[i] = lgp.cf * dfocal + lgp.cd * ddice;
+}
+
+// ---- feature distillation loss (Med-FastSAM paper, Eq. 1) and its gradient ----
+// student s and teacher t: N = numel elements each (image embeddings [B, g, g, D], any layout, the
+// same for both).
+//   L = 1/N sum_i (s_i - t_i)^2,   dL/ds_i = 2 (s_i - t_i) / N (times grad_scale).
+// Reductions: per chunk of `chunk` elements a partial sum of squares (mse_partial), then one
+// workgroup sums the partials in a fixed order (mse_finalize). Deterministic, no atomics.
+
+struct MseParams {
+    n: u32,        // elements
+    chunk: u32,    // elements per partial sum (mse_partial)
+    nchunks: u32,
+    pad0: u32,
+    inv_n: f32,    // 1 / N
+    gscale: f32,   // 2 grad_scale / N (mse_grad)
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> msp: MseParams;
+
+var<workgroup> mred: array<f32, 256>;
+
+// Tree sum of mred[0..256] into mred[0] (every invocation of the workgroup calls it).
+fn mse_tree(lid: u32) {
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            mred[lid] = mred[lid] + mred[lid + s];
+        }
+        workgroupBarrier();
+    }
+}
+
+// part[c] = sum over chunk c of (s - t)^2 (one workgroup per chunk).
+@group(0) @binding(1) var<storage, read> mp_s: array<f32>;
+@group(0) @binding(2) var<storage, read> mp_t: array<f32>;
+@group(0) @binding(3) var<storage, read_write> mp_part: array<f32>;
+
+@compute @workgroup_size(256)
+fn mse_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let c = flat_group(wid, nwg);
+    var acc = 0.0;
+    if (c < msp.nchunks) {
+        let i0 = c * msp.chunk;
+        let i1 = min(msp.n, i0 + msp.chunk);
+        for (var i = i0 + lid; i < i1; i += 256u) {
+            let d = mp_s[i] - mp_t[i];
+            acc += d * d;
+        }
+    }
+    mred[lid] = acc;
+    mse_tree(lid);
+    if (lid == 0u && c < msp.nchunks) {
+        mp_part[c] = mred[0];
+    }
+}
+
+// out[0] = (sum_c part[c]) / N (one workgroup).
+@group(0) @binding(1) var<storage, read> mf_part: array<f32>;
+@group(0) @binding(2) var<storage, read_write> mf_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn mse_finalize(@builtin(local_invocation_index) lid: u32) {
+    var acc = 0.0;
+    for (var k = lid; k < msp.nchunks; k += 256u) {
+        acc += mf_part[k];
+    }
+    mred[lid] = acc;
+    mse_tree(lid);
+    if (lid == 0u) {
+        mf_out[0] = mred[0] * msp.inv_n;
+    }
+}
+
+// grad[i] = gscale (s_i - t_i).
+@group(0) @binding(1) var<storage, read> mg_s: array<f32>;
+@group(0) @binding(2) var<storage, read> mg_t: array<f32>;
+@group(0) @binding(3) var<storage, read_write> mg_grad: array<f32>;
+
+@compute @workgroup_size(64)
+fn mse_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = flat_group(wid, nwg) * 64u + lid;
+    if (i >= msp.n) {
+        return;
+    }
+    mg_grad[i] = msp.gscale * (mg_s[i] - mg_t[i]);
 }

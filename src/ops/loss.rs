@@ -11,6 +11,10 @@
 //!
 //! All sums are two-level (per image and pixel chunk, then per image in a fixed order), so the
 //! values and the gradient are reproducible bit for bit.
+//!
+//! Also the feature distillation loss of `medfastsam distill` ([`mse_loss`]): the mean squared
+//! error between a student's and a teacher's image embeddings and its gradient `2 (s − t) / N`,
+//! with the same two-level deterministic reduction.
 
 use super::u;
 use crate::error::{Error, Result};
@@ -193,4 +197,65 @@ pub fn seg_loss(
         g,
     )?;
     Ok((values, grad))
+}
+
+// ---- Feature distillation loss (shaders/loss.wgsl, `mse_*`) ----
+
+crate::uniform! {
+    /// loss.wgsl `MseParams` (mse_partial, mse_finalize, mse_grad).
+    struct MseParams { n: u32, chunk: u32, nchunks: u32, pad0: u32, inv_n: f32, gscale: f32, pad1: u32, pad2: u32 }
+}
+
+/// Elements per partial sum: at least 2048 (8 per invocation), at most 4096 partials.
+fn mse_params(student: &Tensor, teacher: &Tensor, grad_scale: f32) -> Result<MseParams> {
+    if student.numel() == 0 || student.shape != teacher.shape {
+        return Err(Error::Invalid(format!(
+            "distillation loss: student {:?} and teacher {:?} must have the same non-empty shape",
+            student.shape, teacher.shape
+        )));
+    }
+    let n = student.numel();
+    let chunk = n.div_ceil(4096).max(2048);
+    Ok(MseParams {
+        n: u(n),
+        chunk: u(chunk),
+        nchunks: u(n.div_ceil(chunk)),
+        pad0: 0,
+        inv_n: (1.0 / n as f64) as f32,
+        gscale: (2.0 * grad_scale as f64 / n as f64) as f32,
+        pad1: 0,
+        pad2: 0,
+    })
+}
+
+fn mse_value(rec: &mut Recorder, s: &Tensor, t: &Tensor, p: MseParams) -> Result<Tensor> {
+    let part = rec.gpu.empty(&[p.nchunks as usize])?;
+    let g = rec.grid(p.nchunks as usize);
+    rec.dispatch(&kernel("mse_partial", 256), p, &[s, t, &part], g)?;
+    let out = rec.gpu.empty(&[1])?;
+    rec.dispatch(&kernel("mse_finalize", 256), p, &[&part, &out], [1, 1, 1])?;
+    Ok(out)
+}
+
+/// The feature distillation loss of the Med-FastSAM paper (Eq. 1), `1/N Σ (s − t)²` over all N
+/// elements of the student and teacher embeddings (same shape and layout): a `[1]` tensor.
+pub fn mse_loss_value(rec: &mut Recorder, student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let p = mse_params(student, teacher, 1.0)?;
+    mse_value(rec, student, teacher, p)
+}
+
+/// The loss `[1]` (as [`mse_loss_value`], unscaled) and `grad_scale · dL/ds = grad_scale · 2 (s − t) / N`
+/// (the student's shape, written).
+pub fn mse_loss(
+    rec: &mut Recorder,
+    student: &Tensor,
+    teacher: &Tensor,
+    grad_scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let p = mse_params(student, teacher, grad_scale)?;
+    let value = mse_value(rec, student, teacher, p)?;
+    let grad = rec.gpu.empty(&student.shape)?;
+    let g = rec.grid((p.n as usize).div_ceil(64));
+    rec.dispatch(&kernel("mse_grad", 64), p, &[student, teacher, &grad], g)?;
+    Ok((value, grad))
 }

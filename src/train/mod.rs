@@ -4,6 +4,8 @@
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cleanup;
 pub mod datasets;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod distill;
 pub mod metrics;
 pub mod params;
 #[cfg(not(target_arch = "wasm32"))]

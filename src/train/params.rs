@@ -19,6 +19,10 @@ pub enum TrainMode {
     /// Semi-parameter fine-tuning: the natural-knowledge branch (every `image_encoder` tensor
     /// without `med` in its name) is frozen, with its BatchNorm in eval mode.
     Semi,
+    /// Feature distillation (`medfastsam distill`, src/train/distill.rs): only the natural-knowledge
+    /// branch and the neck train (every `image_encoder` tensor without `med`, BatchNorm with batch
+    /// statistics); the med branch, the prompt encoder and the decoder are frozen.
+    Distill,
 }
 
 impl TrainMode {
@@ -35,6 +39,7 @@ impl TrainMode {
         match self {
             TrainMode::Full => "full",
             TrainMode::Semi => "semi",
+            TrainMode::Distill => "distill",
         }
     }
 }
@@ -109,6 +114,7 @@ impl ParamStore {
         match self.mode {
             TrainMode::Full => true,
             TrainMode::Semi => !key.starts_with("image_encoder.") || key.contains("med"),
+            TrainMode::Distill => key.starts_with("image_encoder.") && !key.contains("med"),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and the subcommands.
 
 mod bench;
+mod distill;
 mod eval;
 mod gradients;
 mod import;
@@ -126,6 +127,8 @@ pub enum Cmd {
     Gradients(gradients::GradientsArgs),
     /// Train on a dataset (ISIC-2018, PH2, MoNuSeg, TNBC, generic, the authors' layout).
     Train(train::TrainArgs),
+    /// Feature distillation (paper Eq. 1): a teacher's embeddings into the natural branch and neck.
+    Distill(distill::DistillArgs),
     /// Evaluate under the paper protocol (mean per-image IoU, Dice, HD95; per-image CSV).
     Eval(eval::EvalArgs),
     /// Train the tiny preset on the shipped nuclei image and compare with the Otsu prompt.
@@ -179,6 +182,7 @@ pub fn run() -> i32 {
         Cmd::Bench(a) => bench::run(&cli.gpu, a),
         Cmd::Gradients(a) => gradients::run(&cli.gpu, a),
         Cmd::Train(a) => train::run(&cli.gpu, a),
+        Cmd::Distill(a) => distill::run(&cli.gpu, a),
         Cmd::Eval(a) => eval::run(&cli.gpu, a),
         Cmd::Quickstart(a) => quickstart::run(&cli.gpu, a),
         Cmd::Serve(a) => serve::run(a),

@@ -1,5 +1,5 @@
-//! CPU f64 reference of the training loss (focal + dice, see `ops::loss`), written from the
-//! definition, and its analytic gradient.
+//! CPU f64 references of the training losses (focal + dice; the distillation MSE, see `ops::loss`),
+//! written from their definitions, with their analytic gradients.
 
 /// Loss hyper-parameters in f64 (same meaning as `ops::loss::LossConfig`).
 #[derive(Clone, Copy, Debug)]
@@ -89,4 +89,25 @@ pub fn seg_loss_grad(logits: &[f64], target: &[f64], nimg: usize, prm: &LossPara
         }
     }
     grad
+}
+
+/// The feature distillation loss `1/N Σ (s − t)²` (mean squared error over all elements).
+pub fn mse(student: &[f64], teacher: &[f64]) -> f64 {
+    assert_eq!(student.len(), teacher.len());
+    let sum: f64 = student
+        .iter()
+        .zip(teacher)
+        .map(|(s, t)| (s - t) * (s - t))
+        .sum();
+    sum / student.len() as f64
+}
+
+/// d[`mse`]/d student = `2 (s − t) / N`.
+pub fn mse_grad(student: &[f64], teacher: &[f64]) -> Vec<f64> {
+    let n = student.len() as f64;
+    student
+        .iter()
+        .zip(teacher)
+        .map(|(s, t)| 2.0 * (s - t) / n)
+        .collect()
 }
