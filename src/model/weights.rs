@@ -493,7 +493,8 @@ fn authors_init(s: &schema::Spec, shapes: &BTreeMap<&str, &[usize]>, rng: &mut R
     let weight = k.ends_with("weight");
     let in_encoder = k.starts_with("image_encoder.");
     if is_norm {
-        let zero_gamma = k.contains(".conv3.bn.weight");
+        // Only the MBConv blocks' last BatchNorm (not PatchMerging's `downsample.conv3`).
+        let zero_gamma = k.contains(".blocks.") && k.contains(".conv3.bn.weight");
         return vec![if weight && !zero_gamma { 1.0 } else { 0.0 }; n];
     }
     if k.contains("attention_biases") {

@@ -97,8 +97,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Initial weights (fine-tuning); default: a fresh initialisation.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init")]
     pub weights: Option<PathBuf>,
+    /// Pretrained weights (imported MobileSAM or LiteMedSAM) to initialise Med-FastSAM from, as
+    /// `medfastsam init` does (the --preset's added modules initialised, default paper); the
+    /// training mode then defaults to semi.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[arg(long, default_value = "paper")]
     pub variant: String,
     #[arg(long, default_value_t = 200)]
@@ -118,9 +123,9 @@ pub struct TrainArgs {
     /// Input size S (multiple of 16); default: the configuration's.
     #[arg(long)]
     pub size: Option<usize>,
-    /// full or semi (natural branch frozen).
-    #[arg(long, default_value = "full")]
-    pub mode: String,
+    /// full or semi (natural branch frozen) [default: semi with --init, else full].
+    #[arg(long)]
+    pub mode: Option<String>,
     /// Random flips and 90° rotations.
     #[arg(long)]
     pub augment: bool,
@@ -254,8 +259,17 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
         t
     } else {
         let variant = Variant::parse(&a.variant)?;
-        let (weights, cfg) = match &a.weights {
-            Some(w) => {
+        let (weights, cfg) = match (&a.weights, &a.init) {
+            (_, Some(from)) => {
+                let preset = a.preset.as_deref().unwrap_or("paper");
+                let (w, mut c, prov) = super::init::initialise(from, preset, a.seed)?;
+                super::init::print_provenance(&prov, &c);
+                if let Some(s) = a.size {
+                    c = c.with_image_size(s)?;
+                }
+                (w, c)
+            }
+            (Some(w), None) => {
                 let m = ModelArgs {
                     weights: w.clone(),
                     config: a.config.clone(),
@@ -265,7 +279,7 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
                 let (w, c, _) = m.load()?;
                 (w, c)
             }
-            None => {
+            (None, None) => {
                 let mut cfg = match (&a.config, &a.preset) {
                     (Some(p), _) => Config::from_file(p)?,
                     (None, Some(p)) => Config::preset(p)?,
@@ -283,7 +297,11 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
             accum: a.accum,
             lr: a.lr.unwrap_or(5e-4),
             weight_decay: a.weight_decay,
-            mode: TrainMode::parse(&a.mode)?,
+            mode: match &a.mode {
+                Some(m) => TrainMode::parse(m)?,
+                None if a.init.is_some() => TrainMode::Semi,
+                None => TrainMode::Full,
+            },
             augment: a.augment,
             seed: a.seed,
             checkpoint_every: a.checkpoint_every,
