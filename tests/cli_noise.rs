@@ -319,3 +319,34 @@ fn report_joins_the_chain_saying_each_thing_once() {
     assert_eq!(r.matches("os error 2").count(), 1, "{r}");
     assert!(r.starts_with("loading the weights: w.safetensors: "), "{r}");
 }
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly_instead_of_panicking() {
+    // `medfastsam info W | head -1`: the reader goes away before the output is written. Rust
+    // ignores SIGPIPE, so `println!` used to panic ("failed printing to stdout: Broken pipe",
+    // exit 101); the one-shot commands now take SIGPIPE's default action like other tools.
+    use std::process::Stdio;
+    let w = weights();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_medfastsam"))
+        .args(["info", w.as_str()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // close the read end before anything is printed
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        // Either ended by SIGPIPE (the usual case: the adapter takes longer to open than the pipe
+        // to close) or, had it printed nothing after the close, a normal success.
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) || out.status.success(),
+            "{:?}: {stderr}",
+            out.status
+        );
+    }
+}
