@@ -207,6 +207,40 @@ impl<'g> PromptSegmenter<'g> {
         })
     }
 
+    /// Encodes `img` once and decodes one box prompt per entry of `boxes` (original pixels),
+    /// merging the chosen masks: the logit of each pixel is the largest over the boxes
+    /// (`f32::NEG_INFINITY` everywhere when there is no box).
+    pub async fn segment_boxes_async(
+        &self,
+        img: &RgbImage,
+        boxes: &[[f32; 4]],
+    ) -> Result<Vec<f32>> {
+        let mut union = vec![f32::NEG_INFINITY; img.width * img.height];
+        if boxes.is_empty() {
+            return Ok(union);
+        }
+        let enc = self.encode_async(img).await?;
+        for (k, b) in boxes.iter().enumerate() {
+            let prompt = Prompt {
+                points: vec![],
+                bbox: Some(*b),
+            };
+            let m = self
+                .decode_async(&enc, &prompt, MaskChoice::Auto, false)
+                .await
+                .map_err(|e| Error::Invalid(format!("box {k} {b:?}: {e}")))?;
+            for (u, &v) in union.iter_mut().zip(&m.logits) {
+                *u = u.max(v);
+            }
+        }
+        Ok(union)
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn segment_boxes(&self, img: &RgbImage, boxes: &[[f32; 4]]) -> Result<Vec<f32>> {
+        pollster::block_on(self.segment_boxes_async(img, boxes))
+    }
+
     #[cfg(not(target_arch = "wasm32"))]
     pub fn encode(&self, img: &RgbImage) -> Result<Encoded> {
         pollster::block_on(self.encode_async(img))
@@ -224,12 +258,9 @@ impl<'g> PromptSegmenter<'g> {
     }
 }
 
-/// Box prompts from the Otsu coarse mask of an image (a prompt-free baseline from a pretrained
-/// SAM): Otsu's threshold of the grey image (mean of R, G, B; foreground at or above it, the
-/// paper's rule), 8-connected components, one box (original pixels, inclusive corners) per
-/// component of at least `min_area` pixels, largest first, at most `max_boxes`.
-pub fn otsu_boxes(img: &RgbImage, min_area: usize, max_boxes: usize) -> Vec<[f32; 4]> {
-    let (w, h) = (img.width, img.height);
+/// The Otsu coarse mask of an image at its own resolution: Otsu's threshold of the grey image
+/// (mean of R, G, B), foreground at or above it (the paper's rule).
+pub fn otsu_foreground(img: &RgbImage) -> Vec<bool> {
     let grey: Vec<u8> = img
         .data
         .chunks_exact(3)
@@ -240,17 +271,28 @@ pub fn otsu_boxes(img: &RgbImage, min_area: usize, max_boxes: usize) -> Vec<[f32
         hist[g as usize] += 1;
     }
     let t = otsu_level(&hist);
-    let fg: Vec<bool> = grey.iter().map(|&g| g >= t).collect();
-    let mut label = vec![u32::MAX; w * h];
+    grey.iter().map(|&g| g >= t).collect()
+}
+
+/// One box (inclusive corners, pixels) per 8-connected component of `fg` (`w × h`, row-major)
+/// with at least `min_area` pixels, largest first, at most `max_boxes`.
+pub fn component_boxes(
+    fg: &[bool],
+    w: usize,
+    h: usize,
+    min_area: usize,
+    max_boxes: usize,
+) -> Vec<[f32; 4]> {
+    assert_eq!(fg.len(), w * h, "component_boxes: mask is not {w}x{h}");
+    let mut seen = vec![false; w * h];
     let mut boxes: Vec<(usize, [f32; 4])> = Vec::new();
     let mut stack = Vec::new();
     for start in 0..w * h {
-        if !fg[start] || label[start] != u32::MAX {
+        if !fg[start] || seen[start] {
             continue;
         }
-        let id = boxes.len() as u32;
         let (mut x0, mut y0, mut x1, mut y1, mut n) = (w, h, 0, 0, 0usize);
-        label[start] = id;
+        seen[start] = true;
         stack.push(start);
         while let Some(p) = stack.pop() {
             let (x, y) = (p % w, p / w);
@@ -259,15 +301,11 @@ pub fn otsu_boxes(img: &RgbImage, min_area: usize, max_boxes: usize) -> Vec<[f32
             y0 = y0.min(y);
             x1 = x1.max(x);
             y1 = y1.max(y);
-            for dy in -1i64..=1 {
-                for dx in -1i64..=1 {
-                    let (nx, ny) = (x as i64 + dx, y as i64 + dy);
-                    if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
-                        continue;
-                    }
-                    let q = ny as usize * w + nx as usize;
-                    if fg[q] && label[q] == u32::MAX {
-                        label[q] = id;
+            for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                    let q = ny * w + nx;
+                    if fg[q] && !seen[q] {
+                        seen[q] = true;
                         stack.push(q);
                     }
                 }
@@ -276,10 +314,32 @@ pub fn otsu_boxes(img: &RgbImage, min_area: usize, max_boxes: usize) -> Vec<[f32
         boxes.push((n, [x0 as f32, y0 as f32, x1 as f32, y1 as f32]));
     }
     boxes.retain(|(n, _)| *n >= min_area);
+    // stable: equal areas keep raster order
     boxes.sort_by_key(|b| std::cmp::Reverse(b.0));
     boxes.truncate(max_boxes);
     boxes.into_iter().map(|(_, b)| b).collect()
 }
+
+/// Box prompts from the Otsu coarse mask of an image (a prompt-free baseline from a pretrained
+/// SAM): [`component_boxes`] of [`otsu_foreground`].
+pub fn otsu_boxes(img: &RgbImage, min_area: usize, max_boxes: usize) -> Vec<[f32; 4]> {
+    component_boxes(
+        &otsu_foreground(img),
+        img.width,
+        img.height,
+        min_area,
+        max_boxes,
+    )
+}
+
+/// The smallest component an automatic box is drawn around: 1/20,000 of the image, at least 16
+/// pixels (specks of noise in the coarse mask are not objects).
+pub fn auto_box_min_area(width: usize, height: usize) -> usize {
+    ((width * height) / 20_000).max(16)
+}
+
+/// At most this many automatic boxes per image (each costs one decoder pass).
+pub const MAX_AUTO_BOXES: usize = 512;
 
 /// Otsu's threshold of a 256-bin histogram: the level t maximising the between-class variance of
 /// {< t} and {≥ t}.

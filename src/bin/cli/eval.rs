@@ -2,6 +2,10 @@
 //! binary ground truth at the model input size S×S, foreground IoU and Dice (and HD95), then the
 //! mean over images; per-image CSV. Works zero-shot on any dataset layout.
 //!
+//! MobileSAM and LiteMedSAM weights are evaluated with box prompts (`--auto-boxes otsu`: one box
+//! per connected component of the Otsu coarse mask; `--gt-boxes`: one per connected component of
+//! the ground truth, MedSAM's protocol), at each image's own resolution, with the same metrics.
+//!
 //! A sample that cannot be scored (a file that cannot be read, a mask of another size, logits
 //! that are not finite) does not stop the others: they are scored and written, the unscored ones
 //! are listed on stderr and in `unscored.csv`, and the exit status is non-zero.
@@ -10,9 +14,12 @@ use super::{GpuArgs, ModelArgs};
 use clap::Args;
 use medfastsam::io;
 use medfastsam::model::MedFastSam;
+use medfastsam::segment::{PromptSegmenter, otsu_foreground};
 use medfastsam::train::datasets::{Dataset, Format, Split};
 use medfastsam::train::metrics::{self, Summary};
-use medfastsam::train::trainer::{evaluate_each, evaluate_otsu};
+use medfastsam::train::trainer::{
+    BoxPrompts, Evaluated, evaluate_each, evaluate_otsu, evaluate_prompted,
+};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -39,6 +46,14 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub save_masks: bool,
+    /// MobileSAM/LiteMedSAM weights: one box prompt per connected component of the Otsu coarse
+    /// mask ("otsu"), the prompt-free baseline.
+    #[arg(long, value_name = "otsu", conflicts_with = "gt_boxes")]
+    pub auto_boxes: Option<String>,
+    /// MobileSAM/LiteMedSAM weights: one box prompt per connected component of the ground truth
+    /// (MedSAM's protocol; an upper bound, the boxes come from the answer).
+    #[arg(long)]
+    pub gt_boxes: bool,
 }
 
 fn print_summary(what: &str, s: &Summary) {
@@ -102,30 +117,41 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
     let index_of: Vec<usize> = (0..data.len())
         .filter(|i| !bad.iter().any(|(b, _)| b == i))
         .collect();
+    let boxes = match (a.auto_boxes.as_deref(), a.gt_boxes) {
+        (None, false) => None,
+        (Some("otsu"), _) => Some(BoxPrompts::Otsu),
+        (Some(o), _) => anyhow::bail!("--auto-boxes {o}: the only method is otsu"),
+        (None, true) => Some(BoxPrompts::GroundTruth),
+    };
+    let prompted = !cfg.arch.is_med_fastsam();
+    let boxes = match (prompted, boxes) {
+        (true, Some(b)) => Some(b),
+        (true, None) => anyhow::bail!(
+            "{}: {} weights segment what a prompt points at: evaluate them with --auto-boxes otsu \
+             (one box per Otsu component, prompt-free) or --gt-boxes (one box per ground-truth object)",
+            a.model.weights.display(),
+            cfg.arch.name()
+        ),
+        (false, Some(_)) => anyhow::bail!(
+            "{}: Med-FastSAM is prompt-free; --auto-boxes and --gt-boxes are for MobileSAM/LiteMedSAM weights",
+            a.model.weights.display()
+        ),
+        (false, None) => None,
+    };
     let gpu = gpu.open()?;
-    medfastsam::model::memory::check_forward(&gpu, &cfg, 1)?;
-    let model = MedFastSam::new(&gpu, &weights, &cfg, variant)?;
-    drop(weights);
     let s = cfg.image_size;
     let count = if good.len() == data.len() {
         format!("{}", data.len())
     } else {
         format!("{} of {}", good.len(), data.len())
     };
-    eprintln!(
-        "evaluating {count} images of {} ({}) at {s}x{s}, {} variant",
-        a.data.display(),
-        a.format,
-        variant.name()
-    );
     let bar = indicatif::ProgressBar::new(good.len() as u64);
     let mut save_err = None;
-    let ev = evaluate_each(&gpu, &model, &good, !a.no_hd95, |_, e| {
-        bar.inc(1);
+    let mut save = |e: &Evaluated| {
         if let (true, Some(o)) = (a.save_masks, &a.out) {
             let m = io::GrayImage {
-                width: s,
-                height: s,
+                width: e.width,
+                height: e.height,
                 data: e.pred.iter().map(|&v| v * 255).collect(),
             };
             let r = io::encode_png_gray(&m)
@@ -134,8 +160,57 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
                 save_err.get_or_insert(err);
             }
         }
-    });
-    bar.finish_and_clear();
+    };
+    let (ev, model_name, model) = if let Some(boxes) = boxes {
+        let seg = PromptSegmenter::new(&gpu, &weights, &cfg)?;
+        drop(weights);
+        eprintln!(
+            "evaluating {count} images of {} ({}) with {} at their own resolution ({} encoder at {s}x{s})",
+            a.data.display(),
+            a.format,
+            boxes.name(),
+            cfg.arch.name()
+        );
+        let mut n_boxes = 0usize;
+        let ev = evaluate_prompted(
+            &seg,
+            good.len(),
+            |i| {
+                let (img, m) = good.load(i)?;
+                Ok((good.samples[i].id.clone(), img, m))
+            },
+            boxes,
+            !a.no_hd95,
+            |_, e, k| {
+                n_boxes += k;
+                bar.inc(1);
+                save(e);
+            },
+        );
+        bar.finish_and_clear();
+        eprintln!("{n_boxes} box prompts decoded");
+        let mut ev = ev;
+        for u in &mut ev.unscored {
+            u.id = good.samples[u.index].id.clone();
+        }
+        (ev, format!("{} ({})", cfg.arch.name(), boxes.name()), None)
+    } else {
+        medfastsam::model::memory::check_forward(&gpu, &cfg, 1)?;
+        let model = MedFastSam::new(&gpu, &weights, &cfg, variant)?;
+        drop(weights);
+        eprintln!(
+            "evaluating {count} images of {} ({}) at {s}x{s}, {} variant",
+            a.data.display(),
+            a.format,
+            variant.name()
+        );
+        let ev = evaluate_each(&gpu, &model, &good, !a.no_hd95, |_, e| {
+            bar.inc(1);
+            save(e);
+        });
+        bar.finish_and_clear();
+        (ev, "Med-FastSAM".to_string(), Some(model))
+    };
     for u in &ev.unscored {
         unscored.push((index_of[u.index], u.id.clone(), u.error.to_string()));
     }
@@ -168,7 +243,7 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
     }
     if !rows.is_empty() {
         print_summary(
-            "Med-FastSAM",
+            &model_name,
             &Summary::from_scores(rows.iter().map(|r| &r.1)),
         );
     }
@@ -180,7 +255,10 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
         );
     }
     if a.otsu && !rows.is_empty() {
-        let ot = evaluate_otsu(&gpu, &model, &good, !a.no_hd95)?;
+        let ot = match &model {
+            Some(model) => evaluate_otsu(&gpu, model, &good, !a.no_hd95)?,
+            None => otsu_at_own_size(&good, !a.no_hd95)?,
+        };
         print_summary(
             "Otsu coarse prompt alone",
             &Summary::from_scores(ot.iter().map(|e| &e.scores)),
@@ -203,4 +281,22 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// The Otsu coarse mask alone, scored at each image's own resolution (the resolution at which the
+/// prompt-based models are scored).
+fn otsu_at_own_size(data: &Dataset, with_hd95: bool) -> anyhow::Result<Vec<Evaluated>> {
+    let mut out = Vec::new();
+    for i in 0..data.len() {
+        let (img, gt) = data.load(i)?;
+        let pred: Vec<u8> = otsu_foreground(&img).iter().map(|&f| f as u8).collect();
+        out.push(Evaluated {
+            id: data.samples[i].id.clone(),
+            scores: metrics::scores(&pred, &gt, img.width, img.height, with_hd95),
+            pred,
+            width: img.width,
+            height: img.height,
+        });
+    }
+    Ok(out)
 }

@@ -7,7 +7,6 @@ use clap::Args;
 use medfastsam::import::init::{self, Provenance};
 use medfastsam::model::schema::{self, Kind};
 use medfastsam::model::{Config, Variant, Weights};
-use sha2::Digest;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -53,10 +52,7 @@ pub fn initialise(
     let pre_cfg = pre.resolve_config(None, 1024)?;
     pre.check(&pre_cfg)?;
     let target = init::target_config(&pre_cfg, &Config::preset(preset)?, preset)?;
-    let sha: String = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect();
+    let sha = medfastsam::train::distill::sha256_hex(&bytes);
     let name = from
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
