@@ -337,30 +337,3 @@ fn gradients_command_matches_the_training_fixture() {
         assert!(e < 1e-3, "{key}: relative error {e:.2e} (scale {global})");
     }
 }
-
-#[test]
-fn quickstart_runs_and_writes_its_outputs() {
-    let out = tmpdir("quickstart");
-    let (code, text) = run(&[
-        "quickstart".into(),
-        "--steps".into(),
-        "2".into(),
-        "--out".into(),
-        out.to_str().unwrap().into(),
-    ]);
-    assert_eq!(code, 0, "{text}");
-    assert!(
-        text.contains("trained Med-FastSAM (tiny)") && text.contains("Otsu coarse prompt alone"),
-        "{text}"
-    );
-    for f in [
-        "tiny-nuclei.safetensors",
-        "heldout_mask.png",
-        "heldout_overlay.png",
-        "heldout_otsu_overlay.png",
-    ] {
-        assert!(out.join(f).exists(), "{f} missing");
-    }
-    let w = Weights::load(&out.join("tiny-nuclei.safetensors")).unwrap();
-    assert_eq!(w.config, Some(medfastsam::model::Config::tiny()));
-}

@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: fixture loading and layout conversion.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::path::PathBuf;
 
 pub fn data_dir() -> PathBuf {
