@@ -25,7 +25,7 @@ use crate::io::RgbImage;
 use crate::model::blocks::{Mode, Vb};
 use crate::model::lka_encoder::LkaEncoder;
 use crate::model::sam::{Sam, encoder_input};
-use crate::model::weights::{HostTensor, Weights};
+use crate::model::weights::Weights;
 use crate::model::{Config, MedFastSam, Variant};
 use crate::ops::elementwise::image_normalize;
 use crate::ops::loss::mse_loss;
@@ -359,32 +359,14 @@ impl<'g> Distiller<'g> {
 
     /// Continues from a checkpoint written by [`Distiller::save_checkpoint`].
     pub fn resume(gpu: &'g Gpu, path: &Path) -> Result<(Self, DistillState)> {
-        let mut w = Weights::load(path)?;
-        let state: DistillState = match w.metadata.remove(META_DISTILL_STATE) {
-            Some(s) => serde_json::from_str(&s).map_err(|e| {
-                Error::weights(path, format!("bad distillation state in metadata: {e}"))
-            })?,
-            None => {
-                return Err(Error::weights(
-                    path,
-                    "not a distillation checkpoint (no distillation state in its metadata)",
-                ));
-            }
-        };
-        let moments: BTreeMap<String, HostTensor> = w
-            .tensors
-            .iter()
-            .filter(|(k, _)| k.starts_with("adam."))
-            .map(|(k, t)| (k.clone(), t.clone()))
-            .collect();
-        w.tensors.retain(|k, _| !k.starts_with("adam."));
-        let cfg = w
-            .config
-            .clone()
-            .ok_or_else(|| Error::weights(path, "checkpoint has no configuration"))?;
-        let variant = w.variant.unwrap_or_default();
-        let mut d = Distiller::new(gpu, &w, &cfg, variant, state.options.clone())?;
-        d.ps.load_moments(gpu, &moments)
+        let ck = super::trainer::read_checkpoint::<DistillState>(
+            path,
+            META_DISTILL_STATE,
+            "distillation",
+        )?;
+        let state = ck.state;
+        let mut d = Distiller::new(gpu, &ck.weights, &ck.cfg, ck.variant, state.options.clone())?;
+        d.ps.load_moments(gpu, &ck.moments)
             .map_err(|e| Error::weights(path, e.to_string()))?;
         d.ps.step = state.step;
         d.step = state.step;

@@ -393,37 +393,64 @@ impl<'g> Trainer<'g> {
 
     /// Continues from a checkpoint written by [`Trainer::save_checkpoint`].
     pub fn resume(gpu: &'g Gpu, path: &std::path::Path) -> Result<Self> {
-        let mut w = Weights::load(path)?;
-        let state: TrainState = match w.metadata.remove(META_TRAIN) {
-            Some(s) => serde_json::from_str(&s).map_err(|e| {
-                Error::weights(path, format!("bad training state in metadata: {e}"))
-            })?,
-            None => {
-                return Err(Error::weights(
-                    path,
-                    "not a training checkpoint (no training state in its metadata)",
-                ));
-            }
-        };
-        let moments: BTreeMap<String, HostTensor> = w
-            .tensors
-            .iter()
-            .filter(|(k, _)| k.starts_with("adam."))
-            .map(|(k, t)| (k.clone(), t.clone()))
-            .collect();
-        w.tensors.retain(|k, _| !k.starts_with("adam."));
-        let cfg = w
-            .config
-            .clone()
-            .ok_or_else(|| Error::weights(path, "checkpoint has no configuration"))?;
-        let variant = w.variant.unwrap_or_default();
-        let mut t = Trainer::new(gpu, &w, &cfg, variant, state.options)?;
-        t.ps.load_moments(gpu, &moments)
+        let ck = read_checkpoint::<TrainState>(path, META_TRAIN, "training")?;
+        let mut t = Trainer::new(gpu, &ck.weights, &ck.cfg, ck.variant, ck.state.options)?;
+        t.ps.load_moments(gpu, &ck.moments)
             .map_err(|e| Error::weights(path, e.to_string()))?;
-        t.ps.step = state.progress.step;
-        t.progress = state.progress;
+        t.ps.step = ck.state.progress.step;
+        t.progress = ck.state.progress;
         Ok(t)
     }
+}
+
+/// What a checkpoint file holds: the weights (without the optimiser's tensors), their
+/// configuration and variant, the Adam moments (`adam.m.*`, `adam.v.*`) and the run's state from
+/// the metadata.
+pub struct CheckpointFile<S> {
+    pub weights: Weights,
+    pub cfg: Config,
+    pub variant: Variant,
+    pub moments: BTreeMap<String, HostTensor>,
+    pub state: S,
+}
+
+/// Reads a checkpoint whose run state is JSON under metadata key `meta_key`; `what` names the
+/// kind of run in errors ("not a training checkpoint").
+pub fn read_checkpoint<S: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    meta_key: &str,
+    what: &str,
+) -> Result<CheckpointFile<S>> {
+    let mut w = Weights::load(path)?;
+    let state: S = match w.metadata.remove(meta_key) {
+        Some(s) => serde_json::from_str(&s)
+            .map_err(|e| Error::weights(path, format!("bad {what} state in metadata: {e}")))?,
+        None => {
+            return Err(Error::weights(
+                path,
+                format!("not a {what} checkpoint (no {what} state in its metadata)"),
+            ));
+        }
+    };
+    let moments: BTreeMap<String, HostTensor> = w
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("adam."))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    w.tensors.retain(|k, _| !k.starts_with("adam."));
+    let cfg = w
+        .config
+        .clone()
+        .ok_or_else(|| Error::weights(path, "checkpoint has no configuration"))?;
+    let variant = w.variant.unwrap_or_default();
+    Ok(CheckpointFile {
+        weights: w,
+        cfg,
+        variant,
+        moments,
+        state,
+    })
 }
 
 /// A checkpoint held in memory (see [`Trainer::checkpoint`]).
