@@ -10,6 +10,7 @@ pub mod ops;
 pub mod rng;
 pub mod segment;
 pub mod testutil;
+pub mod tile;
 pub mod train;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;

@@ -105,6 +105,146 @@ impl<'g> Segmenter<'g> {
     }
 }
 
+// ---------------------------------------------------------------- tiled (whole images at native scale)
+
+/// How [`Segmenter::segment_tiled`] lays out and prompts its windows.
+#[derive(Clone, Copy, Debug)]
+pub struct TileOptions {
+    /// Pixels shared by neighbouring windows (at most half the model's input size).
+    pub overlap: usize,
+    /// One Otsu threshold for the whole image (chosen on the whole image) instead of one per
+    /// window as the paper's CP-Encoder does per input.
+    pub global_otsu: bool,
+    /// Windows per forward (1 = one at a time); bounded by the device's memory.
+    pub batch: usize,
+}
+
+/// What a tiled segmentation did.
+#[derive(Clone, Debug)]
+pub struct TiledStats {
+    pub tiles: usize,
+    /// The global threshold index t* (0..=255) with [`TileOptions::global_otsu`].
+    pub global_t: Option<u32>,
+    pub seconds: f64,
+}
+
+/// The Otsu threshold index t* of a whole image under `rule`, on the GPU; images above the
+/// kernel's pixel limit are first subsampled (nearest) to fit it.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn global_otsu_index(
+    gpu: &Gpu,
+    img: &RgbImage,
+    rule: crate::ops::otsu::OtsuRule,
+) -> Result<u32> {
+    let max = crate::ops::otsu::MAX_PIXELS_PER_IMAGE;
+    let (w, h) = (img.width, img.height);
+    let f = ((w * h) as f64 / max as f64).sqrt().ceil().max(1.0) as usize;
+    let (sw, sh) = (w.div_ceil(f), h.div_ceil(f));
+    let packed: Vec<u32> = if f == 1 {
+        img.packed()
+    } else {
+        let all = img.packed();
+        (0..sh)
+            .flat_map(|y| (0..sw).map(move |x| (y * f, x * f)))
+            .map(|(y, x)| all[y * w + x])
+            .collect()
+    };
+    let px = gpu.upload_u32(&packed, &[1, sh, sw])?;
+    let x = gpu.empty(&[1, sh, sw, 3])?;
+    let mut rec = gpu.new_recorder();
+    let (thr, _mask) = crate::ops::otsu::otsu(&mut rec, &px, &x, rule)?;
+    rec.submit()?;
+    let t = gpu.read(&thr)?[0];
+    Ok((t * 255.0).round() as u32)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Segmenter<'_> {
+    /// Segments `img` at its own pixel scale in windows of the model's input size S (see
+    /// [`crate::tile`]): the blended logits are handed to `on_row(y, row)` in row order, one
+    /// band of windows at a time (memory: one band of S rows); `on_tile(done, total)` after each
+    /// forward. Non-finite logits are an error naming the window.
+    pub fn segment_tiled(
+        &self,
+        img: &RgbImage,
+        opts: &TileOptions,
+        mut on_row: impl FnMut(usize, &[f32]) -> Result<()>,
+        mut on_tile: impl FnMut(usize, usize),
+    ) -> Result<TiledStats> {
+        let t0 = std::time::Instant::now();
+        let s = self.model.cfg.image_size;
+        let plan = crate::tile::TilePlan::new(img.width, img.height, s, opts.overlap)?;
+        let global_t = if opts.global_otsu {
+            Some(global_otsu_index(self.gpu, img, self.model.otsu_rule())?)
+        } else {
+            None
+        };
+        let batch = opts.batch.max(1);
+        let mut blend = crate::tile::Blender::new(&plan);
+        let total = plan.count();
+        let mut done = 0;
+        for iy in 0..plan.ys.len() {
+            let row: Vec<usize> = (0..plan.xs.len()).collect();
+            for chunk in row.chunks(batch) {
+                let b = chunk.len();
+                let mut packed = Vec::with_capacity(b * s * s);
+                for &ix in chunk {
+                    packed.extend(plan.window(img, ix, iy).packed());
+                }
+                let px = self.gpu.upload_u32(&packed, &[b, s, s])?;
+                let mut rec = self.gpu.new_recorder();
+                let fixed = match global_t {
+                    Some(t) => Some(crate::model::med_fastsam::FixedOtsu::new(self.gpu, t, b)?),
+                    None => None,
+                };
+                let out = match &fixed {
+                    Some(f) => self.model.forward_fixed_otsu(&mut rec, &px, f)?,
+                    None => self.model.forward(&mut rec, &px, false)?,
+                };
+                rec.submit()?;
+                let logits = self.gpu.read(&out.logits)?;
+                drop(fixed);
+                for (k, &ix) in chunk.iter().enumerate() {
+                    let l = &logits[k * s * s..(k + 1) * s * s];
+                    if let Some(bad) = l.iter().find(|v| !v.is_finite()) {
+                        return Err(Error::Invalid(format!(
+                            "the model produced non-finite logits (e.g. {bad}) in the window at x {}, y {}: the \
+                             weights are corrupt or too large for f32 arithmetic; no mask was written",
+                            plan.xs[ix], plan.ys[iy]
+                        )));
+                    }
+                    blend.add(ix, iy, l);
+                }
+                done += b;
+                on_tile(done, total);
+            }
+            blend.finish_row(iy, &mut on_row)?;
+        }
+        Ok(TiledStats {
+            tiles: total,
+            global_t,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The logits of one S×S image at the model's input size (no resizing), for checks against
+    /// [`Segmenter::segment_tiled`].
+    pub fn logits_at_model_size(&self, img: &RgbImage) -> Result<Vec<f32>> {
+        let s = self.model.cfg.image_size;
+        if (img.width, img.height) != (s, s) {
+            return Err(Error::Invalid(format!(
+                "logits_at_model_size: the image is {}x{}, the model's input {s}x{s}",
+                img.width, img.height
+            )));
+        }
+        let px = self.gpu.upload_u32(&img.packed(), &[1, s, s])?;
+        let mut rec = self.gpu.new_recorder();
+        let out = self.model.forward(&mut rec, &px, false)?;
+        rec.submit()?;
+        self.gpu.read(&out.logits)
+    }
+}
+
 // ---------------------------------------------------------------- prompted (MobileSAM, LiteMedSAM)
 
 use crate::gpu::Tensor;
@@ -258,20 +398,31 @@ impl<'g> PromptSegmenter<'g> {
     }
 }
 
-/// The Otsu coarse mask of an image at its own resolution: Otsu's threshold of the grey image
-/// (mean of R, G, B), foreground at or above it (the paper's rule).
-pub fn otsu_foreground(img: &RgbImage) -> Vec<bool> {
-    let grey: Vec<u8> = img
-        .data
-        .chunks_exact(3)
-        .map(|p| ((p[0] as u32 + p[1] as u32 + p[2] as u32 + 1) / 3) as u8)
-        .collect();
-    let mut hist = [0u64; 256];
-    for &g in &grey {
-        hist[g as usize] += 1;
+/// The CP-Encoder's Otsu coarse prompt of an image at its own resolution, computed on the GPU by
+/// the model's kernel with the paper's rule (grey = 0.2989 R + 0.5870 G + 0.1140 B, 256-bin
+/// histogram, foreground at or above the threshold): true = foreground.
+pub async fn coarse_prompt_async(gpu: &Gpu, img: &RgbImage) -> Result<Vec<bool>> {
+    let (w, h) = (img.width, img.height);
+    if w == 0 || h == 0 {
+        return Err(Error::Invalid("empty image".into()));
     }
-    let t = otsu_level(&hist);
-    grey.iter().map(|&g| g >= t).collect()
+    let px = gpu.upload_u32(&img.packed(), &[1, h, w])?;
+    let mut rec = gpu.new_recorder();
+    // The paper rule reads only the packed pixels; the normalised input is shape-checked.
+    let x = gpu.empty(&[1, h, w, 3])?;
+    let (_t, mask) = crate::ops::otsu::otsu(&mut rec, &px, &x, crate::ops::otsu::OtsuRule::Paper)?;
+    rec.submit()?;
+    Ok(gpu
+        .read_async(&mask)
+        .await?
+        .iter()
+        .map(|&v| v > 0.5)
+        .collect())
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub fn coarse_prompt(gpu: &Gpu, img: &RgbImage) -> Result<Vec<bool>> {
+    pollster::block_on(coarse_prompt_async(gpu, img))
 }
 
 /// One box (inclusive corners, pixels) per 8-connected component of `fg` (`w × h`, row-major)
@@ -320,16 +471,19 @@ pub fn component_boxes(
     boxes.into_iter().map(|(_, b)| b).collect()
 }
 
-/// Box prompts from the Otsu coarse mask of an image (a prompt-free baseline from a pretrained
-/// SAM): [`component_boxes`] of [`otsu_foreground`].
-pub fn otsu_boxes(img: &RgbImage, min_area: usize, max_boxes: usize) -> Vec<[f32; 4]> {
-    component_boxes(
-        &otsu_foreground(img),
+/// Box prompts from the Otsu coarse prompt of an image (a prompt-free baseline from a pretrained
+/// SAM): [`component_boxes`] of [`coarse_prompt`], components of at least [`auto_box_min_area`]
+/// pixels, at most [`MAX_AUTO_BOXES`].
+#[cfg(not(target_arch = "wasm32"))]
+pub fn otsu_boxes(gpu: &Gpu, img: &RgbImage) -> Result<Vec<[f32; 4]>> {
+    let fg = coarse_prompt(gpu, img)?;
+    Ok(component_boxes(
+        &fg,
         img.width,
         img.height,
-        min_area,
-        max_boxes,
-    )
+        auto_box_min_area(img.width, img.height),
+        MAX_AUTO_BOXES,
+    ))
 }
 
 /// The smallest component an automatic box is drawn around: 1/20,000 of the image, at least 16
@@ -340,30 +494,3 @@ pub fn auto_box_min_area(width: usize, height: usize) -> usize {
 
 /// At most this many automatic boxes per image (each costs one decoder pass).
 pub const MAX_AUTO_BOXES: usize = 512;
-
-/// Otsu's threshold of a 256-bin histogram: the level t maximising the between-class variance of
-/// {< t} and {≥ t}.
-fn otsu_level(hist: &[u64; 256]) -> u8 {
-    let total: f64 = hist.iter().map(|&c| c as f64).sum();
-    let sum: f64 = hist
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| i as f64 * c as f64)
-        .sum();
-    let (mut wb, mut sb, mut best, mut best_t) = (0f64, 0f64, -1f64, 0u8);
-    for t in 1..256 {
-        wb += hist[t - 1] as f64;
-        sb += (t - 1) as f64 * hist[t - 1] as f64;
-        let wf = total - wb;
-        if wb == 0.0 || wf == 0.0 {
-            continue;
-        }
-        let (mb, mf) = (sb / wb, (sum - sb) / wf);
-        let v = wb * wf * (mb - mf) * (mb - mf);
-        if v > best {
-            best = v;
-            best_t = t as u8;
-        }
-    }
-    best_t
-}

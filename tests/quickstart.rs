@@ -1,6 +1,6 @@
 //! `medfastsam quickstart` (the README's main job): the rows run, every row writes an overlay and a
 //! line of results.csv, the quadrants are written as a dataset that `eval` reads, the Otsu row's
-//! score equals one computed here from scratch, and missing pretrained weights are explained while
+//! score equals that of the f64 CPU reference Otsu, and missing pretrained weights are explained while
 //! the other rows still run. With the pretrained packages (MEDFASTSAM_PRETRAINED), the zero-shot
 //! rows agree with `segment --auto-boxes otsu` scored here, and the Med-FastSAM row initialised
 //! from MobileSAM trains 8.41 M of 14.48 M parameters with the natural branch left bit-identical.
@@ -44,35 +44,16 @@ fn dice(a: &[u8], b: &[u8]) -> f64 {
     }
 }
 
-/// Otsu's method by brute force: for every threshold t, the between-class variance of the grey
-/// levels {< t} and {≥ t} (grey = rounded mean of R, G, B), foreground = grey ≥ the best t.
+/// The CP-Encoder's Otsu prompt (paper rule) of an image by the f64 CPU reference.
 fn otsu_here(img: &io::RgbImage) -> Vec<u8> {
-    let grey: Vec<u32> = img
-        .data
-        .chunks(3)
-        .map(|p| (p[0] as u32 + p[1] as u32 + p[2] as u32 + 1) / 3)
-        .collect();
-    let n = grey.len() as f64;
-    let (mut best, mut best_t) = (-1.0, 0);
-    for t in 1..256u32 {
-        let lo: Vec<f64> = grey.iter().filter(|&&g| g < t).map(|&g| g as f64).collect();
-        let hi: Vec<f64> = grey
-            .iter()
-            .filter(|&&g| g >= t)
-            .map(|&g| g as f64)
-            .collect();
-        if lo.is_empty() || hi.is_empty() {
-            continue;
-        }
-        let m = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let (w0, w1) = (lo.len() as f64 / n, hi.len() as f64 / n);
-        let v = w0 * w1 * (m(&lo) - m(&hi)).powi(2);
-        if v > best + 1e-12 {
-            best = v;
-            best_t = t;
-        }
-    }
-    grey.iter().map(|&g| (g >= best_t) as u8).collect()
+    let (_t, _thr, mask) = medfastsam::ops::reference::otsu::otsu(
+        &img.packed(),
+        1,
+        img.height,
+        img.width,
+        medfastsam::ops::otsu::OtsuRule::Paper,
+    );
+    mask.iter().map(|&v| (v > 0.5) as u8).collect()
 }
 
 #[test]

@@ -191,6 +191,30 @@ impl MedFastSam {
         mode: Mode,
         keep_stages: bool,
     ) -> Result<(Output, Option<Saved>)> {
+        self.forward_impl(rec, px, mode, keep_stages, None)
+    }
+
+    /// The eval-mode forward with the Otsu threshold given rather than chosen per image (one
+    /// threshold for every window of a large image; see [`FixedOtsu`]).
+    pub fn forward_fixed_otsu(
+        &self,
+        rec: &mut Recorder,
+        px: &Tensor,
+        fixed: &FixedOtsu,
+    ) -> Result<Output> {
+        Ok(self
+            .forward_impl(rec, px, Mode::Eval, false, Some(fixed))?
+            .0)
+    }
+
+    fn forward_impl(
+        &self,
+        rec: &mut Recorder,
+        px: &Tensor,
+        mode: Mode,
+        keep_stages: bool,
+        fixed: Option<&FixedOtsu>,
+    ) -> Result<(Output, Option<Saved>)> {
         let (_b, s) = self.check_input(px)?;
         let mut st = Stages::default();
         let x = image_normalize(rec, px)?; // [B,S,S,3]
@@ -198,7 +222,13 @@ impl MedFastSam {
             .encoder
             .forward(rec, &x, mode, keep_stages.then_some(&mut st))?; // [B,S/16,S/16,D]
         let (r2, r1, msf) = self.msf.forward(rec, &x, mode)?;
-        let (threshold, coarse) = otsu(rec, px, &x, self.otsu_rule())?;
+        let (threshold, coarse) = match fixed {
+            None => otsu(rec, px, &x, self.otsu_rule())?,
+            Some(f) => (
+                f.thr.clone(),
+                crate::ops::otsu::otsu_mask_at(rec, px, &x, self.otsu_rule(), &f.tsel)?,
+            ),
+        };
         drop(x);
         let lr = self.cfg.lowres();
         let coarse_low = bilinear(rec, &coarse, lr, lr)?;
@@ -330,5 +360,25 @@ impl MedFastSam {
             .decoder
             .mask_head(rec, tokens, image, r1, r2, Mode::Eval)?
             .0)
+    }
+}
+
+/// Otsu thresholds given to [`MedFastSam::forward_fixed_otsu`]: t* (0..=255) for each image of a
+/// batch, on the device (kept alive by this value until the recording is submitted).
+pub struct FixedOtsu {
+    tsel: Tensor,
+    thr: Tensor,
+}
+
+impl FixedOtsu {
+    /// The same threshold index `t` for `batch` images.
+    pub fn new(gpu: &crate::gpu::Gpu, t: u32, batch: usize) -> Result<FixedOtsu> {
+        if t > 255 {
+            return Err(Error::Invalid(format!("Otsu threshold index {t} > 255")));
+        }
+        Ok(FixedOtsu {
+            tsel: gpu.upload_u32(&vec![t; batch], &[batch])?,
+            thr: gpu.upload(&vec![t as f32 / 255.0; batch], &[batch])?,
+        })
     }
 }

@@ -170,8 +170,24 @@ pub fn otsu_histogram(
         )));
     }
     let npix = h * w;
-    // The constants travel in the uniform parameters of a small copy kernel into a pooled buffer
-    // (an upload would be destroyed when this function returns, before the recording runs).
+    let consts = record_constants(rec)?;
+    let hist = rec.zeros(&[b, 256])?;
+    let gpi = npix.div_ceil(chunk).max(1);
+    let groups = rec.grid(gpi * b);
+    let p = OtsuParams {
+        npix: u(npix),
+        batch: u(b),
+        gpi: u(gpi),
+        chunk: u(chunk),
+    };
+    rec.dispatch(&kernel("otsu_hist", rule), p, &[px, &consts, &hist], groups)?;
+    Ok((hist, consts))
+}
+
+/// Records the copy of the host constants into a pooled buffer: they travel in the uniform
+/// parameters of a small copy kernel (an upload would be destroyed when the calling function
+/// returns, before the recording runs).
+fn record_constants(rec: &mut Recorder) -> Result<Tensor> {
     let words = host_constants();
     let consts = rec.gpu.empty(&[words.len()])?;
     let mut cp = ConstParams {
@@ -189,17 +205,7 @@ pub fn otsu_histogram(
         &[&consts],
         groups,
     )?;
-    let hist = rec.zeros(&[b, 256])?;
-    let gpi = npix.div_ceil(chunk).max(1);
-    let groups = rec.grid(gpi * b);
-    let p = OtsuParams {
-        npix: u(npix),
-        batch: u(b),
-        gpi: u(gpi),
-        chunk: u(chunk),
-    };
-    rec.dispatch(&kernel("otsu_hist", rule), p, &[px, &consts, &hist], groups)?;
-    Ok((hist, consts))
+    Ok(consts)
 }
 
 /// [`otsu`] with a chosen number of pixels per histogram workgroup (a multiple of 256), so that
@@ -239,6 +245,42 @@ pub fn otsu_chunked(
         groups,
     )?;
     Ok((thr, mask))
+}
+
+/// The coarse mask `[B, H, W, 1]` of `px` at given threshold indices: `tsel` holds t* (0..=255,
+/// u32) per image, as [`otsu`] would have chosen them (e.g. one threshold for every window of a
+/// large image). The caller keeps `tsel` alive until the recording is submitted.
+pub fn otsu_mask_at(
+    rec: &mut Recorder,
+    px: &Tensor,
+    x_norm: &Tensor,
+    rule: OtsuRule,
+    tsel: &Tensor,
+) -> Result<Tensor> {
+    let (b, h, w) = check_shapes(px, Some(x_norm))?;
+    if tsel.shape != [b] {
+        return Err(Error::Invalid(format!(
+            "otsu_mask_at: thresholds {:?} for a batch of {b}",
+            tsel.shape
+        )));
+    }
+    let npix = h * w;
+    let consts = record_constants(rec)?;
+    let p = OtsuParams {
+        npix: u(npix),
+        batch: u(b),
+        gpi: 0,
+        chunk: u(CHUNK),
+    };
+    let mask = rec.gpu.empty(&[b, h, w, 1])?;
+    let groups = rec.grid((b * npix).div_ceil(256));
+    rec.dispatch(
+        &kernel("otsu_mask", rule),
+        p,
+        &[px, &consts, &mask, tsel],
+        groups,
+    )?;
+    Ok(mask)
 }
 
 /// px: packed RGB pixels u32 (0xAABBGGRR; R = low byte) [B,S,S] at model resolution; x_norm: the

@@ -660,16 +660,17 @@ impl BoxPrompts {
     }
 
     /// The boxes for one image and its 0/1 ground truth (original pixels).
-    pub fn boxes(self, image: &RgbImage, gt: &[u8]) -> Vec<[f32; 4]> {
-        use crate::segment::{MAX_AUTO_BOXES, auto_box_min_area, component_boxes, otsu_boxes};
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn boxes(self, gpu: &Gpu, image: &RgbImage, gt: &[u8]) -> Result<Vec<[f32; 4]>> {
+        use crate::segment::{component_boxes, otsu_boxes};
         let (w, h) = (image.width, image.height);
-        match self {
-            BoxPrompts::Otsu => otsu_boxes(image, auto_box_min_area(w, h), MAX_AUTO_BOXES),
+        Ok(match self {
+            BoxPrompts::Otsu => otsu_boxes(gpu, image)?,
             BoxPrompts::GroundTruth => {
                 let fg: Vec<bool> = gt.iter().map(|&v| v != 0).collect();
                 component_boxes(&fg, w, h, 1, usize::MAX)
             }
-        }
+        })
     }
 }
 
@@ -702,8 +703,10 @@ pub fn evaluate_prompted(
                 continue;
             }
         };
-        let boxes = prompts.boxes(&image, &gt);
-        let logits = match seg.segment_boxes(&image, &boxes) {
+        let logits = match prompts
+            .boxes(seg.gpu, &image, &gt)
+            .and_then(|boxes| Ok((seg.segment_boxes(&image, &boxes)?, boxes.len())))
+        {
             Ok(l) => l,
             Err(e @ Error::Invalid(_)) => {
                 out.unscored.push(Unscored {
@@ -719,7 +722,7 @@ pub fn evaluate_prompted(
                 break;
             }
         };
-        let (w, h) = (image.width, image.height);
+        let ((logits, n_boxes), (w, h)) = (logits, (image.width, image.height));
         let pred: Vec<u8> = logits.iter().map(|&v| (v > 0.0) as u8).collect();
         let e = Evaluated {
             scores: metrics::scores(&pred, &gt, w, h, with_hd95),
@@ -728,7 +731,7 @@ pub fn evaluate_prompted(
             width: w,
             height: h,
         };
-        on_image(i, &e, boxes.len());
+        on_image(i, &e, n_boxes);
         out.scored.push(e);
     }
     out

@@ -14,7 +14,7 @@ use super::{GpuArgs, ModelArgs};
 use clap::Args;
 use medfastsam::io;
 use medfastsam::model::MedFastSam;
-use medfastsam::segment::{PromptSegmenter, otsu_foreground};
+use medfastsam::segment::{PromptSegmenter, coarse_prompt};
 use medfastsam::train::datasets::{Dataset, Format, Split};
 use medfastsam::train::metrics::{self, Summary};
 use medfastsam::train::trainer::{
@@ -257,7 +257,7 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
     if a.otsu && !rows.is_empty() {
         let ot = match &model {
             Some(model) => evaluate_otsu(&gpu, model, &good, !a.no_hd95)?,
-            None => otsu_at_own_size(&good, !a.no_hd95)?,
+            None => otsu_at_own_size(&gpu, &good, !a.no_hd95)?,
         };
         print_summary(
             "Otsu coarse prompt alone",
@@ -285,11 +285,15 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
 
 /// The Otsu coarse mask alone, scored at each image's own resolution (the resolution at which the
 /// prompt-based models are scored).
-fn otsu_at_own_size(data: &Dataset, with_hd95: bool) -> anyhow::Result<Vec<Evaluated>> {
+fn otsu_at_own_size(
+    gpu: &medfastsam::gpu::Gpu,
+    data: &Dataset,
+    with_hd95: bool,
+) -> anyhow::Result<Vec<Evaluated>> {
     let mut out = Vec::new();
     for i in 0..data.len() {
         let (img, gt) = data.load(i)?;
-        let pred: Vec<u8> = otsu_foreground(&img).iter().map(|&f| f as u8).collect();
+        let pred: Vec<u8> = coarse_prompt(gpu, &img)?.iter().map(|&f| f as u8).collect();
         out.push(Evaluated {
             id: data.samples[i].id.clone(),
             scores: metrics::scores(&pred, &gt, img.width, img.height, with_hd95),

@@ -10,7 +10,7 @@ use clap::Args;
 use medfastsam::io::{self, GrayImage};
 use medfastsam::model::sam::{MaskChoice, Prompt};
 use medfastsam::model::{Config, Weights};
-use medfastsam::segment::{MAX_AUTO_BOXES, PromptSegmenter, auto_box_min_area, otsu_boxes};
+use medfastsam::segment::{PromptSegmenter, otsu_boxes};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -212,15 +212,12 @@ pub fn run(
                 }
             }
             if auto {
-                let min_area = auto_box_min_area(img.width, img.height);
-                prompts.extend(
-                    otsu_boxes(&img, min_area, MAX_AUTO_BOXES)
-                        .into_iter()
-                        .map(|b| Prompt {
-                            points: vec![],
-                            bbox: Some(b),
-                        }),
-                );
+                let boxes =
+                    otsu_boxes(&gpu, &img).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                prompts.extend(boxes.into_iter().map(|b| Prompt {
+                    points: vec![],
+                    bbox: Some(b),
+                }));
             }
             if prompts.is_empty() {
                 anyhow::bail!("{}: no prompt for this image", f.display());

@@ -25,9 +25,7 @@ use medfastsam::io::{self, GrayImage, RgbImage};
 use medfastsam::model::config::Arch;
 use medfastsam::model::{Config, MedFastSam, Variant, Weights};
 use medfastsam::rng::Rng;
-use medfastsam::segment::{
-    MAX_AUTO_BOXES, PromptSegmenter, auto_box_min_area, otsu_boxes, otsu_foreground,
-};
+use medfastsam::segment::{PromptSegmenter, coarse_prompt, otsu_boxes};
 use medfastsam::train::metrics::{self, Scores};
 use medfastsam::train::params::TrainMode;
 use medfastsam::train::trainer::{Example, MemorySource, Source, TrainOptions, Trainer, evaluate};
@@ -269,11 +267,7 @@ impl Ctx<'_> {
         let t = Instant::now();
         let seg = PromptSegmenter::new(self.gpu, &w, &cfg)?;
         let img = &self.held_img;
-        let boxes = otsu_boxes(
-            img,
-            auto_box_min_area(img.width, img.height),
-            MAX_AUTO_BOXES,
-        );
+        let boxes = otsu_boxes(self.gpu, img)?;
         let logits = seg.segment_boxes(img, &boxes)?;
         let pred: Vec<u8> = logits.iter().map(|&v| (v > 0.0) as u8).collect();
         let detail = format!("{} boxes, encoder at {}²", boxes.len(), cfg.image_size);
@@ -535,7 +529,7 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
         let row = match r.as_str() {
             "otsu" => {
                 let t = Instant::now();
-                let pred: Vec<u8> = otsu_foreground(&cx.held_img)
+                let pred: Vec<u8> = coarse_prompt(&gpu, &cx.held_img)?
                     .iter()
                     .map(|&f| f as u8)
                     .collect();

@@ -3,7 +3,8 @@
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
 use medfastsam::io;
-use medfastsam::segment::Segmenter;
+use medfastsam::io::{GrayImage, RgbImage};
+use medfastsam::segment::{Segmenter, TileOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,6 +23,33 @@ pub struct SegmentArgs {
     pub opacity: f32,
     #[command(flatten)]
     pub prompts: super::prompted::PromptArgs,
+    #[command(flatten)]
+    pub tiling: TileArgs,
+}
+
+/// Whole images at their own pixel scale (Med-FastSAM weights).
+#[derive(Args, Clone, Default)]
+pub struct TileArgs {
+    /// Segment in windows of the model's input size (--size) at the image's own pixel scale,
+    /// blended over their overlaps; the default for images larger than the input.
+    #[arg(long)]
+    pub tile: bool,
+    /// Stretch every image to the model's input size and resize the logits back (no tiling).
+    #[arg(long, conflicts_with = "tile")]
+    pub resize: bool,
+    /// Pixels shared by neighbouring windows [default: 1/8 of the window].
+    #[arg(long)]
+    pub overlap: Option<usize>,
+    /// One Otsu threshold for the whole image instead of one per window.
+    #[arg(long)]
+    pub global_otsu: bool,
+    /// Resample the image by this factor before tiling (e.g. 0.5 to run a model trained at 20x
+    /// on a 40x image); the mask is returned at the original size.
+    #[arg(long)]
+    pub scale: Option<f64>,
+    /// Windows per forward [default: up to 4 of a row, as the device's memory allows].
+    #[arg(long)]
+    pub tile_batch: Option<usize>,
 }
 
 const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
@@ -212,6 +240,20 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     if !cfg.arch.is_med_fastsam() {
         return super::prompted::run(gpu, a, &files, &names, weights, cfg);
     }
+    let tl = &a.tiling;
+    if tl.resize
+        && (tl.overlap.is_some() || tl.global_otsu || tl.scale.is_some() || tl.tile_batch.is_some())
+    {
+        anyhow::bail!(
+            "--overlap, --global-otsu, --scale and --tile-batch are options of tiling; --resize turns it off"
+        );
+    }
+    if let Some(f) = tl
+        .scale
+        .filter(|f| !(f.is_finite() && *f > 0.0 && *f <= 16.0))
+    {
+        anyhow::bail!("--scale {f}: a factor in (0, 16]");
+    }
     if a.prompts.any() {
         anyhow::bail!(
             "{}: Med-FastSAM weights are prompt-free; --box, --point, --prompts, --multimask and              --auto-boxes need MobileSAM or LiteMedSAM weights (medfastsam import)",
@@ -269,6 +311,9 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         let t = Instant::now();
         let res = (|| -> anyhow::Result<String> {
             let img = io::load_rgb(f)?;
+            if tiled(&a.tiling, &img, cfg.image_size) {
+                return segment_tiled(&seg, a, &img, f, base, t, bar.as_ref());
+            }
             let r = seg
                 .segment(&img)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
@@ -329,4 +374,126 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         t0.elapsed().as_secs_f64()
     );
     Ok(if failures > 0 { 1 } else { 0 })
+}
+
+/// Whether `img` is segmented in windows: `--tile`, or by default when it is larger than the
+/// model's input in either dimension (after `--scale`); never with `--resize`.
+fn tiled(t: &TileArgs, img: &RgbImage, s: usize) -> bool {
+    if t.resize {
+        return false;
+    }
+    let f = t.scale.unwrap_or(1.0);
+    let (w, h) = (
+        (img.width as f64 * f).round() as usize,
+        (img.height as f64 * f).round() as usize,
+    );
+    t.tile || t.scale.is_some() || w > s || h > s
+}
+
+/// One image in windows: the blended logits' mask and overlay written as for a resized image.
+fn segment_tiled(
+    seg: &Segmenter,
+    a: &SegmentArgs,
+    img: &RgbImage,
+    f: &Path,
+    base: &str,
+    t: Instant,
+    files_bar: Option<&indicatif::ProgressBar>,
+) -> anyhow::Result<String> {
+    let tl = &a.tiling;
+    let s = seg.model.cfg.image_size;
+    let scaled;
+    let work = match tl.scale {
+        Some(k) if k != 1.0 => {
+            let (w, h) = (
+                ((img.width as f64 * k).round() as usize).max(1),
+                ((img.height as f64 * k).round() as usize).max(1),
+            );
+            medfastsam::io::check_pixel_budget(&f.display().to_string(), w as u64, h as u64)?;
+            scaled = img.resize(w, h);
+            &scaled
+        }
+        _ => img,
+    };
+    let overlap = tl.overlap.unwrap_or(s / 8);
+    let batch = match tl.tile_batch {
+        Some(b) => b.max(1),
+        None => (1..=4)
+            .rev()
+            .find(|&b| medfastsam::model::memory::check_forward(seg.gpu, &seg.model.cfg, b).is_ok())
+            .unwrap_or(1),
+    };
+    let opts = TileOptions {
+        overlap,
+        global_otsu: tl.global_otsu,
+        batch,
+    };
+    let plan = medfastsam::tile::TilePlan::new(work.width, work.height, s, overlap)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+    let bar = if files_bar.is_none() && plan.count() > 1 {
+        let b = indicatif::ProgressBar::new(plan.count() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} tiles {per_sec} [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("static template"),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut mask = GrayImage {
+        width: work.width,
+        height: work.height,
+        data: vec![0u8; work.width * work.height],
+    };
+    let w = work.width;
+    let stats = seg
+        .segment_tiled(
+            work,
+            &opts,
+            |y, row| {
+                for (m, &l) in mask.data[y * w..(y + 1) * w].iter_mut().zip(row) {
+                    *m = if l > 0.0 { 255 } else { 0 };
+                }
+                Ok(())
+            },
+            |done, _| {
+                if let Some(b) = &bar {
+                    b.set_position(done as u64);
+                }
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if (mask.width, mask.height) != (img.width, img.height) {
+        mask = mask.resize_nearest(img.width, img.height);
+    }
+    let mask_path = a.out.join(format!("{base}_mask.png"));
+    let over_path = a.out.join(format!("{base}_overlay.png"));
+    let mask_png = io::encode_png_gray(&mask)?;
+    let over_png = io::encode_png_rgb(&io::overlay(img, &mask, a.opacity))?;
+    write_all_atomic(&[(&mask_path, &mask_png), (&over_path, &over_png)])?;
+    let fg = mask.data.iter().filter(|&&v| v > 0).count() as f64 / mask.data.len() as f64;
+    let otsu = match stats.global_t {
+        Some(t) => format!("global Otsu t={:.4}", t as f64 / 255.0),
+        None => "Otsu per window".into(),
+    };
+    Ok(format!(
+        "{}: {}x{} in {} windows of {s}x{s} (overlap {overlap}{}, {otsu}, {:.2} windows/s) -> {} ({:.1}% foreground) in {:.0} ms",
+        f.display(),
+        img.width,
+        img.height,
+        stats.tiles,
+        match tl.scale {
+            Some(k) => format!(", scale {k}"),
+            None => String::new(),
+        },
+        stats.tiles as f64 / stats.seconds.max(1e-9),
+        mask_path.display(),
+        fg * 100.0,
+        t.elapsed().as_secs_f64() * 1e3
+    ))
 }
