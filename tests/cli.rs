@@ -3,32 +3,12 @@
 
 mod common;
 
+use common::cli::{Run, bin, files_in, repo, run_split, run_split_env, tmpdir};
 use common::*;
 use medfastsam::io;
 use medfastsam::model::{Config, MedFastSam, Variant, Weights};
 use medfastsam::testutil::test_gpu;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env(
-        "XDG_RUNTIME_DIR",
-        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-    );
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("medfastsam-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn repo(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
-}
+use std::path::PathBuf;
 
 fn tiny_weights() -> PathBuf {
     fixtures_dir().join("tiny.weights.safetensors")
@@ -37,52 +17,11 @@ fn tiny_config() -> PathBuf {
     fixtures_dir().join("tiny.config.json")
 }
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(args: &[&str]) -> Run {
-    run_env(args, &[])
-}
-
-fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut c = bin();
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into(),
-        stderr: String::from_utf8_lossy(&o.stderr).into(),
-    }
-}
-
-fn files_in(d: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(d)
-        .map(|r| {
-            r.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// The error is reported on one `error:` line, without a panic.
 fn assert_clean_failure(r: &Run, needle: &str) {
     assert_ne!(r.code, 0, "expected failure; stderr: {}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
-    let err: Vec<&str> = r
-        .stderr
-        .lines()
-        .chain(r.stdout.lines())
-        .filter(|l| l.starts_with("error:"))
-        .collect();
+    let err = r.error_lines();
     assert!(!err.is_empty(), "no error line in {}", r.stderr);
     assert!(
         err.iter().any(|l| l.contains(needle)),
@@ -115,7 +54,7 @@ fn bilinear_ref(x: &[f32], ih: usize, iw: usize, oh: usize, ow: usize) -> Vec<f6
 fn segment_writes_mask_and_overlay_at_original_size() {
     let out = tmpdir("seg");
     let img_path = repo("data/he/stardist-histo.jpg");
-    let r = run(&[
+    let r = run_split(&[
         "segment",
         img_path.to_str().unwrap(),
         "--weights",
@@ -184,7 +123,7 @@ fn segment_folder_and_16bit_tiff() {
     .unwrap();
     std::fs::copy(repo("data/he/skimage-ihc.png"), input.join("ihc.png")).unwrap();
     std::fs::write(input.join("notes.txt"), "not an image").unwrap();
-    let r = run(&[
+    let r = run_split(&[
         "segment",
         input.to_str().unwrap(),
         "--weights",
@@ -217,7 +156,7 @@ fn info_reports_paper_parameter_count() {
     Weights::init(&Config::paper(), 3)
         .save(&path, &Config::paper(), Variant::Released, true)
         .unwrap();
-    let r = run(&["info", path.to_str().unwrap()]);
+    let r = run_split(&["info", path.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("14,479,104 total"), "{}", r.stdout);
     assert!(r.stdout.contains("8,413,572 tuned"), "{}", r.stdout);
@@ -230,7 +169,7 @@ fn info_reports_paper_parameter_count() {
     assert!(r.stdout.contains("image_encoder.layers.2"), "{}", r.stdout);
     assert!(r.stdout.contains("adapter:"), "{}", r.stdout);
     // Tiny weights have no metadata: the configuration is inferred from the shapes.
-    let r = run(&["info", tiny_weights().to_str().unwrap()]);
+    let r = run_split(&["info", tiny_weights().to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stdout.contains("inferred from tensor shapes"),
@@ -266,7 +205,7 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     let ws = w.to_str().unwrap();
 
     // Missing image.
-    let r = run(&segment_args("/nonexistent/x.png", ws, outs));
+    let r = run_split(&segment_args("/nonexistent/x.png", ws, outs));
     assert_clean_failure(&r, "/nonexistent/x.png");
     assert!(files_in(&out).is_empty());
 
@@ -275,14 +214,14 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
     bytes.extend((0..500u32).map(|i| (i * 7 + 3) as u8));
     std::fs::write(&bad, &bytes).unwrap();
-    let r = run(&segment_args(bad.to_str().unwrap(), ws, outs));
+    let r = run_split(&segment_args(bad.to_str().unwrap(), ws, outs));
     assert_clean_failure(&r, "corrupt.png");
     assert!(files_in(&out).is_empty());
 
     // Unsupported format (GIF).
     let gif = d.join("anim.gif");
     std::fs::write(&gif, b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap();
-    let r = run(&segment_args(gif.to_str().unwrap(), ws, outs));
+    let r = run_split(&segment_args(gif.to_str().unwrap(), ws, outs));
     assert_clean_failure(&r, "unsupported image format");
     assert!(files_in(&out).is_empty());
 
@@ -290,7 +229,7 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     let paper_cfg = d.join("paper.json");
     std::fs::write(&paper_cfg, Config::paper().to_json()).unwrap();
     let img = repo("data/he/stardist-histo.jpg");
-    let r = run(&[
+    let r = run_split(&[
         "segment",
         img.to_str().unwrap(),
         "--weights",
@@ -310,7 +249,7 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     let trunc = d.join("trunc.safetensors");
     let full = std::fs::read(&w).unwrap();
     std::fs::write(&trunc, &full[..full.len() / 2]).unwrap();
-    let r = run(&segment_args(
+    let r = run_split(&segment_args(
         img.to_str().unwrap(),
         trunc.to_str().unwrap(),
         outs,
@@ -327,7 +266,7 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
         .unwrap()
         .save(&big)
         .unwrap();
-    let r = run_env(
+    let r = run_split_env(
         &segment_args(big.to_str().unwrap(), ws, outs),
         &[("MEDFASTSAM_LIMITS", "webgpu")],
     );
@@ -339,7 +278,7 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     );
 
     // A mix of good and bad inputs: the good one is written, the exit code reports the failure.
-    let r = run(&[
+    let r = run_split(&[
         "segment",
         img.to_str().unwrap(),
         bad.to_str().unwrap(),

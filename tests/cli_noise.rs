@@ -4,30 +4,12 @@
 
 mod common;
 
+use common::cli::{Run, finish, repo, tmpdir};
 use common::*;
-use std::path::PathBuf;
 use std::process::Command;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-    fn error_lines(&self) -> Vec<&str> {
-        self.stderr
-            .lines()
-            .chain(self.stdout.lines())
-            .filter(|l| l.starts_with("error:"))
-            .collect()
-    }
-}
-
-/// Runs the tool with `XDG_RUNTIME_DIR` (and the switches of the device-select layer) removed.
+/// Runs the tool with `XDG_RUNTIME_DIR` (and the switches of the device-select layer) removed,
+/// which is why it does not start from [`common::cli::bin`].
 fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
     c.args(args)
@@ -40,12 +22,7 @@ fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     for (k, v) in env {
         c.env(k, v);
     }
-    let o = c.output().unwrap();
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into(),
-        stderr: String::from_utf8_lossy(&o.stderr).into(),
-    }
+    finish(&mut c)
 }
 
 fn run(args: &[&str]) -> Run {
@@ -57,13 +34,6 @@ fn weights() -> String {
         .join("tiny.weights.safetensors")
         .to_string_lossy()
         .into_owned()
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("medfastsam-noise-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// One `error:` line, exit non-zero, no panic, the line mentions every needle; returns the line.
@@ -117,7 +87,7 @@ fn gpu_run_without_xdg_runtime_dir_prints_no_window_system_noise() {
 
     // A command that computes on the GPU: a forward of the tiny model on a small image.
     let out = tmpdir("segment");
-    let img = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/he/skimage-ihc.png");
+    let img = repo("data/he/skimage-ihc.png");
     let r = run(&[
         "segment",
         img.to_str().unwrap(),
@@ -147,7 +117,7 @@ fn a_bad_backend_is_an_error_in_every_command() {
     let w = weights();
     let out = tmpdir("backend");
     let o = out.to_str().unwrap();
-    let img = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/he/skimage-ihc.png");
+    let img = repo("data/he/skimage-ihc.png");
     let img = img.to_str().unwrap();
     for args in [
         vec!["--backend", "bogus", "info", &w],
@@ -211,7 +181,7 @@ fn an_adapter_that_matches_nothing_is_an_error_listing_the_adapters() {
     let r = run(&["info", &w, "--adapter", "99"]);
     one_error(&r, &["'99'"]);
     let out = tmpdir("adapter");
-    let img = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/he/skimage-ihc.png");
+    let img = repo("data/he/skimage-ihc.png");
     let r = run(&[
         "segment",
         img.to_str().unwrap(),
@@ -235,7 +205,7 @@ fn io_errors_say_their_cause_once() {
     let under = file.join("sub");
     let under = under.to_str().unwrap();
     let w = weights();
-    let img = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/he/skimage-ihc.png");
+    let img = repo("data/he/skimage-ihc.png");
     let cases: Vec<Vec<&str>> = vec![
         vec!["info", under],
         vec!["info", &w, "--config", under],

@@ -2,21 +2,17 @@
 //! Aperio XML reader and polygon rasteriser against hand-listed masks, and the error cases (each
 //! error must name the file and the problem).
 
+mod common;
+
+use common::cli::tmpdir;
 use medfastsam::rng::Rng;
 use medfastsam::train::datasets::{
     Dataset, Format, MaskSource, Split, binarize, parse_aperio_xml, rasterize_polygons,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const W: u32 = 20;
 const H: u32 = 16;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("medfastsam-ds-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn mkdirs(p: &Path) {
     std::fs::create_dir_all(p).unwrap();

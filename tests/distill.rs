@@ -8,6 +8,9 @@
 //! at 64², seed 7), the student another (seed 1): a real pretrained teacher is not needed to check
 //! the mechanics, and runs in seconds on a software GPU.
 
+mod common;
+
+use common::cli::{repo, run, run_owned, tmpdir};
 use medfastsam::gpu::Gpu;
 use medfastsam::io::{self, RgbImage};
 use medfastsam::model::blocks::Mode;
@@ -19,39 +22,8 @@ use medfastsam::ops::reference::loss as rl;
 use medfastsam::testutil::{Rng, assert_close, test_gpu, to_f64};
 use medfastsam::train::distill::{DistillOptions, Distiller};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const S: usize = 64;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env(
-        "XDG_RUNTIME_DIR",
-        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-    );
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("medfastsam-distill-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn repo(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn run(args: &[&str]) -> (i32, String) {
-    let o = bin().args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.code().unwrap_or(-1), text)
-}
 
 fn tiny() -> Config {
     Config::tiny().with_image_size(S).unwrap()
@@ -324,10 +296,7 @@ fn distill_on_he_images_reduces_the_objective_keeps_frozen_tensors_and_resumes_e
         .collect()
     };
     let strs = |v: &[String]| v.to_vec();
-    let call = |v: Vec<String>| {
-        let r: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
-        run(&r)
-    };
+    let call = |v: Vec<String>| run_owned(&v);
 
     // (b) a straight run of 24 steps.
     let a = dir.join("a");

@@ -2,34 +2,13 @@
 //! score; a bad sample does not lose the others (they are scored and written, the bad ones listed,
 //! exit non-zero); stale temporary files of killed writers are removed from the output folder.
 
+mod common;
+
+use common::cli::{Run, bin, repo, run_split, tmpdir};
 use medfastsam::io;
 use medfastsam::model::weights::Stored;
 use medfastsam::model::{Config, Variant, Weights};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env(
-        "XDG_RUNTIME_DIR",
-        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-    );
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "medfastsam-evalfault-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn repo(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
-}
 
 fn fixture(name: &str) -> PathBuf {
     repo("tests/data/fixtures").join(name)
@@ -64,15 +43,6 @@ fn make_dataset(name: &str, n: usize) -> PathBuf {
     )
     .unwrap();
     d
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let o = bin().args(args).output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
 }
 
 fn eval_args<'a>(weights: &'a str, config: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
@@ -119,7 +89,11 @@ fn huge_weights_give_an_error_naming_the_image_not_a_score() {
     w.save(&wp, &cfg, Variant::Paper, false).unwrap();
     let data = make_dataset("huge-data", 2);
     let out = d.join("out");
-    let (code, stdout, stderr) = run(&eval_args(
+    let Run {
+        code,
+        stdout,
+        stderr,
+    } = run_split(&eval_args(
         wp.to_str().unwrap(),
         fixture("tiny.config.json").to_str().unwrap(),
         data.to_str().unwrap(),
@@ -161,7 +135,11 @@ fn a_bad_sample_does_not_lose_the_scores_of_the_others() {
     let live = out.join(format!(".scores.csv.{}.tmp", std::process::id()));
     std::fs::write(&stale, b"partial").unwrap();
     std::fs::write(&live, b"partial").unwrap();
-    let (code, stdout, stderr) = run(&eval_args(
+    let Run {
+        code,
+        stdout,
+        stderr,
+    } = run_split(&eval_args(
         fixture("tiny.weights.safetensors").to_str().unwrap(),
         fixture("tiny.config.json").to_str().unwrap(),
         data.to_str().unwrap(),

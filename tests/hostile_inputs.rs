@@ -5,22 +5,11 @@
 
 mod common;
 
+use common::cli::{repo, run_env, tmpdir};
 use common::*;
 use medfastsam::io::{self, DecodeLimits};
 use medfastsam::model::{Config, Weights};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn repo(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("medfastsam-hostile-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::path::Path;
 
 // ---------------------------------------------------------------------------------------------
 // Hand-made image files
@@ -433,23 +422,6 @@ fn config_file_errors_name_the_file_once() {
     assert!(e.contains("bad.json"), "{e}");
 }
 
-fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env(
-        "XDG_RUNTIME_DIR",
-        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-    );
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout),
-    )
-}
-
 /// Non-zero exit, no panic, and an `error:` line mentioning `needle`.
 fn assert_clean_failure(what: &str, (code, out): &(i32, String), needle: &str) {
     assert!(
@@ -488,7 +460,7 @@ fn cli_refuses_bad_configurations_without_panicking() {
         j[field] = value;
         let p = d.join(format!("{field}.json"));
         std::fs::write(&p, j.to_string()).unwrap();
-        let r = run_cli(
+        let r = run_env(
             &["info", w.to_str().unwrap(), "--config", p.to_str().unwrap()],
             &[],
         );
@@ -496,7 +468,7 @@ fn cli_refuses_bad_configurations_without_panicking() {
         assert_eq!(r.1.matches("configuration:").count(), 1, "{}", r.1);
         let img = repo("data/he/stardist-histo.jpg");
         let out = d.join("out");
-        let r = run_cli(
+        let r = run_env(
             &[
                 "segment",
                 img.to_str().unwrap(),
@@ -522,7 +494,7 @@ fn cli_refuses_huge_and_over_budget_images() {
     let huge = d.join("huge.png");
     std::fs::write(&huge, huge_png(100_000, 100_000)).unwrap();
     let seg = |img: &Path, env: &[(&str, &str)]| {
-        run_cli(
+        run_env(
             &[
                 "segment",
                 img.to_str().unwrap(),
@@ -555,7 +527,7 @@ fn cli_refuses_huge_and_over_budget_images() {
     );
     // So does --max-pixels, which wins over the variable; a bad value is refused by the parser.
     let flag = |budget: &str| {
-        run_cli(
+        run_env(
             &[
                 "--max-pixels",
                 budget,

@@ -3,41 +3,11 @@
 //! reported ignored without it) imported and used with box prompts on the nuclei image, each mask
 //! checked against the ground-truth nucleus; bad sources refused with one line, nothing written.
 
+mod common;
+
+use common::cli::{repo, run, s, tmpdir};
 use medfastsam::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env(
-        "XDG_RUNTIME_DIR",
-        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-    );
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("medfastsam-prompted-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn repo(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn run(args: &[&str]) -> (i32, String) {
-    let o = bin().args(args).output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// IoU of a 0/255 mask with the ground-truth instance that covers most of `bx`.
 fn iou_with_instance(mask: &io::GrayImage, labels: &Labels, bx: [usize; 4]) -> f64 {

@@ -4,66 +4,20 @@
 
 mod common;
 
+use common::cli::{Run, files_in, run_split, run_split_env, tmpdir};
 use common::*;
 use medfastsam::model::{Config, MedFastSam, Variant, Weights, memory};
 use medfastsam::testutil::test_gpu;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("medfastsam-segfault-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-struct Run {
-    code: i32,
-    out: String,
-}
-
-fn run_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    }
-}
-
-fn run(args: &[&str]) -> Run {
-    run_env(args, &[])
-}
-
-fn files_in(d: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(d)
-        .map(|r| {
-            r.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
+use std::path::Path;
 
 fn assert_failed_with(r: &Run, needle: &str) {
-    assert_ne!(r.code, 0, "expected failure:\n{}", r.out);
-    assert!(!r.out.contains("panicked"), "panic:\n{}", r.out);
+    let out = r.all();
+    assert_ne!(r.code, 0, "expected failure:\n{out}");
+    assert!(!out.contains("panicked"), "panic:\n{out}");
     assert!(
-        r.out
-            .lines()
+        out.lines()
             .any(|l| l.starts_with("error:") && l.contains(needle)),
-        "no error line mentioning '{needle}':\n{}",
-        r.out
+        "no error line mentioning '{needle}':\n{out}"
     );
 }
 
@@ -118,8 +72,8 @@ fn inputs_sharing_a_stem_get_distinct_deterministic_outputs() {
     let w = tiny_weights();
     let o = out.to_string_lossy().into_owned();
     args.extend(["--weights", &w, "--size", "64", "--out", &o]);
-    let r = run(&args);
-    assert_eq!(r.code, 0, "{}", r.out);
+    let r = run_split(&args);
+    assert_eq!(r.code, 0, "{}", r.all());
     let want = [
         "a_case_png_mask.png",
         "a_case_png_overlay.png",
@@ -132,14 +86,14 @@ fn inputs_sharing_a_stem_get_distinct_deterministic_outputs() {
     ];
     assert_eq!(files_in(&out), want);
     assert!(
-        r.out.contains("share a file name stem"),
+        r.all().contains("share a file name stem"),
         "the renaming is said: {}",
-        r.out
+        r.all()
     );
     // Each output belongs to its own input: segmenting one input alone gives the same mask.
     let solo = d.join("solo");
     let s = solo.to_string_lossy().into_owned();
-    let r = run(&[
+    let r = run_split(&[
         "segment",
         &ins[1],
         "--weights",
@@ -149,7 +103,7 @@ fn inputs_sharing_a_stem_get_distinct_deterministic_outputs() {
         "--out",
         &s,
     ]);
-    assert_eq!(r.code, 0, "{}", r.out);
+    assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(
         decode_mask(&solo.join("case_mask.png")),
         decode_mask(&out.join("b_case_png_mask.png"))
@@ -159,8 +113,8 @@ fn inputs_sharing_a_stem_get_distinct_deterministic_outputs() {
         decode_mask(&out.join("b_case_png_mask.png"))
     );
     // Deterministic: the same command names the outputs the same way again.
-    let r = run(&args);
-    assert_eq!(r.code, 0, "{}", r.out);
+    let r = run_split(&args);
+    assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(files_in(&out), want);
 }
 
@@ -177,10 +131,14 @@ fn sizes_that_cannot_fit_are_refused_before_any_allocation() {
     );
     for size in ["20000", "100000"] {
         let before = children_max_rss_kib();
-        let r = run(&["segment", &i, "--weights", &w, "--size", size, "--out", &o]);
-        assert_ne!(r.code, 0, "--size {size}: {}", r.out);
-        assert!(!r.out.contains("panicked"), "{}", r.out);
-        assert!(r.out.lines().any(|l| l.starts_with("error:")), "{}", r.out);
+        let r = run_split(&["segment", &i, "--weights", &w, "--size", size, "--out", &o]);
+        assert_ne!(r.code, 0, "--size {size}: {}", r.all());
+        assert!(!r.all().contains("panicked"), "{}", r.all());
+        assert!(
+            r.all().lines().any(|l| l.starts_with("error:")),
+            "{}",
+            r.all()
+        );
         let after = children_max_rss_kib();
         // The child never grew past a few hundred MiB (the former behaviour: 4.3 GB at 20000,
         // an abort on a 30 GB allocation at 100000).
@@ -192,7 +150,7 @@ fn sizes_that_cannot_fit_are_refused_before_any_allocation() {
     }
     // The guard names the estimate and the limit (an explicit limit makes this independent of the
     // machine's memory).
-    let r = run_env(
+    let r = run_split_env(
         &[
             "segment",
             &i,
@@ -206,7 +164,7 @@ fn sizes_that_cannot_fit_are_refused_before_any_allocation() {
         &[("MEDFASTSAM_MAX_MEMORY", "64M")],
     );
     assert_failed_with(&r, "not enough memory");
-    assert!(r.out.contains("MEDFASTSAM_MAX_MEMORY"), "{}", r.out);
+    assert!(r.all().contains("MEDFASTSAM_MAX_MEMORY"), "{}", r.all());
 }
 
 /// Largest resident set of any waited-for child so far, in KiB.
@@ -231,7 +189,7 @@ fn weights_that_overflow_f32_are_an_error_not_an_empty_mask() {
     let img = d.join("x.png");
     write_image(&img, 1);
     let out = d.join("out");
-    let r = run(&[
+    let r = run_split(&[
         "segment",
         &img.to_string_lossy(),
         "--weights",
@@ -243,11 +201,11 @@ fn weights_that_overflow_f32_are_an_error_not_an_empty_mask() {
     ]);
     assert_failed_with(&r, "non-finite logits");
     assert!(
-        r.out
+        r.all()
             .lines()
             .any(|l| l.starts_with("error:") && l.contains("x.png")),
         "names the image: {}",
-        r.out
+        r.all()
     );
     assert!(
         files_in(&out).is_empty(),
@@ -264,7 +222,7 @@ fn an_unusable_output_folder_is_found_before_the_first_forward() {
     let blocker = d.join("not-a-folder");
     std::fs::write(&blocker, b"a file where the output folder should be").unwrap();
     let out = blocker.join("out");
-    let r = run(&[
+    let r = run_split(&[
         "segment",
         &img.to_string_lossy(),
         "--weights",
@@ -274,9 +232,9 @@ fn an_unusable_output_folder_is_found_before_the_first_forward() {
     ]);
     assert_failed_with(&r, "not-a-folder");
     assert!(
-        !r.out.contains("adapter:"),
+        !r.all().contains("adapter:"),
         "failed before opening the GPU: {}",
-        r.out
+        r.all()
     );
     assert_eq!(
         std::fs::read(&blocker).unwrap(),
@@ -293,7 +251,7 @@ fn a_device_lost_mid_folder_keeps_what_was_written_and_names_the_image() {
         write_image(&inputs.join(format!("img{k}.png")), k);
     }
     let out = d.join("out");
-    let r = run_env(
+    let r = run_split_env(
         &[
             "segment",
             &inputs.to_string_lossy(),
@@ -307,8 +265,8 @@ fn a_device_lost_mid_folder_keeps_what_was_written_and_names_the_image() {
         &[("MEDFASTSAM_TEST_LOSE_DEVICE_AFTER", "1")],
     );
     assert_failed_with(&r, "img1.png");
-    assert!(r.out.contains("device was lost"), "{}", r.out);
-    assert!(r.out.contains("1 not attempted"), "{}", r.out);
+    assert!(r.all().contains("device was lost"), "{}", r.all());
+    assert!(r.all().contains("1 not attempted"), "{}", r.all());
     // The image done before the loss stays written, complete and decodable; nothing else.
     assert_eq!(files_in(&out), vec!["img0_mask.png", "img0_overlay.png"]);
     assert_eq!(decode_mask(&out.join("img0_mask.png")).len(), 48 * 40);

@@ -5,31 +5,12 @@
 
 mod common;
 
+use common::cli::{bin, repo, run_owned, tmpdir};
 use common::*;
 use medfastsam::io;
 use medfastsam::model::Weights;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env(
-        "XDG_RUNTIME_DIR",
-        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-    );
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("medfastsam-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn repo(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
-}
 
 /// `images/<id>.png` + `masks/<id>.png` + split.json: 8 train and 2 val crops (64×64) of the
 /// nuclei image with their real masks.
@@ -90,16 +71,6 @@ fn train_args(data: &Path, out: &Path) -> Vec<String> {
     .collect()
 }
 
-fn run(args: &[String]) -> (i32, String) {
-    let o = bin().args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.code().unwrap_or(-1), text)
-}
-
 fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
     let w = Weights::load(p).unwrap();
     w.tensors.into_iter().map(|(k, t)| (k, t.data)).collect()
@@ -110,7 +81,7 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
     let data = make_dataset();
     // 1. Uninterrupted: 2 epochs of 4 steps.
     let a = tmpdir("a");
-    let (code, text) = run(&train_args(&data, &a));
+    let (code, text) = run_owned(&train_args(&data, &a));
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("parameters tuned"), "{text}");
     let log = std::fs::read_to_string(a.join("log.jsonl")).unwrap();
@@ -151,12 +122,12 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
     let b = tmpdir("b");
     let mut args = train_args(&data, &b);
     args.extend(["--max-steps".into(), "3".into()]);
-    let (code, text) = run(&args);
+    let (code, text) = run_owned(&args);
     assert_eq!(code, 0, "{text}");
     assert!(!b.join("final.safetensors").exists());
     let mut args = train_args(&data, &b);
     args.push("--resume".into());
-    let (code, text) = run(&args);
+    let (code, text) = run_owned(&args);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("resumed"), "{text}");
     assert_eq!(
@@ -197,7 +168,7 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
         assert!(c.join("checkpoint.safetensors").exists());
         let mut args = train_args(&data, &c);
         args.push("--resume".into());
-        let (code, text) = run(&args);
+        let (code, text) = run_owned(&args);
         assert_eq!(code, 0, "{text}");
         assert_eq!(
             tensors(&c.join("final.safetensors")),
@@ -208,7 +179,7 @@ fn train_resume_and_interrupt_reproduce_the_uninterrupted_run() {
 
     // 4. Evaluation of the trained weights: CSV rows recomputed from the written masks.
     let e = tmpdir("eval");
-    let (code, text) = run(&[
+    let (code, text) = run_owned(&[
         "eval".into(),
         "--weights".into(),
         a.join("final.safetensors").to_str().unwrap().into(),
@@ -312,7 +283,7 @@ fn gradients_command_matches_the_training_fixture() {
     args.extend(masks);
     let out = d.join("grads.safetensors");
     args.extend(["--out".into(), out.to_str().unwrap().into()]);
-    let (code, text) = run(&args);
+    let (code, text) = run_owned(&args);
     assert_eq!(code, 0, "{text}");
     let got = Fixture::open(out);
     for k in ["loss", "loss.focal", "loss.dice"] {

@@ -3,33 +3,13 @@
 //! Ctrl-C; bad samples are all found when the dataset is opened, before any step; stale temporary
 //! files of killed writers are removed from the output folder.
 
+mod common;
+
+use common::cli::{bin, repo, run_owned, tmpdir};
 use medfastsam::io;
 use medfastsam::model::Weights;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medfastsam"));
-    c.env(
-        "XDG_RUNTIME_DIR",
-        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-    );
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "medfastsam-trainfault-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn repo(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
-}
 
 /// A generic dataset of `n_train` + 2 crops (64×64) of the nuclei image with their masks; the last
 /// two are the val split.
@@ -86,16 +66,6 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
-fn run(args: &[String]) -> (i32, String) {
-    let o = bin().args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.code().unwrap_or(-1), text)
-}
-
 fn all_finite(p: &Path) -> bool {
     // Weights::load refuses non-finite tensors; a file that loads is finite.
     Weights::load(p).is_ok()
@@ -106,7 +76,7 @@ fn diverging_learning_rate_stops_at_that_step_and_keeps_the_good_checkpoint() {
     let data = make_dataset("diverge", 4);
     let out = tmpdir("diverge-out");
     // A good checkpoint first (one step at a sane learning rate).
-    let (code, text) = run(&train_args(
+    let (code, text) = run_owned(&train_args(
         &data,
         &out,
         &["--epochs", "2", "--lr", "1e-3", "--max-steps", "1"],
@@ -116,7 +86,7 @@ fn diverging_learning_rate_stops_at_that_step_and_keeps_the_good_checkpoint() {
     let good = std::fs::read(&ckpt).unwrap();
 
     // A fresh run into the same folder with a learning rate that diverges; checkpoints every step.
-    let (code, text) = run(&train_args(
+    let (code, text) = run_owned(&train_args(
         &data,
         &out,
         &["--epochs", "3", "--lr", "1e30", "--checkpoint-every", "1"],
@@ -150,7 +120,7 @@ fn diverging_learning_rate_stops_at_that_step_and_keeps_the_good_checkpoint() {
         }
     }
     // The kept checkpoint resumes.
-    let (code, text) = run(&train_args(
+    let (code, text) = run_owned(&train_args(
         &data,
         &out,
         &["--epochs", "2", "--resume", "--max-steps", "1"],
@@ -160,7 +130,7 @@ fn diverging_learning_rate_stops_at_that_step_and_keeps_the_good_checkpoint() {
 
     // Without an earlier checkpoint: the run stops at the same step and writes no weights at all.
     let out2 = tmpdir("diverge-out2");
-    let (code, text) = run(&train_args(
+    let (code, text) = run_owned(&train_args(
         &data,
         &out2,
         &["--epochs", "3", "--lr", "1e30"],
@@ -227,7 +197,7 @@ fn sigterm_writes_a_checkpoint_that_resumes() {
         state["progress"]["step"].as_u64().unwrap() > 2,
         "checkpoint not written on SIGTERM: {state}"
     );
-    let (code, text) = run(&train_args(
+    let (code, text) = run_owned(&train_args(
         &data,
         &out,
         &[
@@ -257,7 +227,7 @@ fn bad_samples_are_all_listed_before_training_starts() {
     std::fs::write(data.join("masks/crop03.png"), b"this is not a png").unwrap();
     std::fs::write(data.join("images/crop04.png"), b"\x89PNG\r\n\x1a\n").unwrap();
     let out = tmpdir("badsamples-out");
-    let (code, text) = run(&train_args(&data, &out, &["--epochs", "1", "--lr", "1e-3"]));
+    let (code, text) = run_owned(&train_args(&data, &out, &["--epochs", "1", "--lr", "1e-3"]));
     assert_ne!(code, 0, "{text}");
     let err: Vec<&str> = text.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(err.len(), 1, "expected one error line: {text}");
@@ -315,7 +285,7 @@ fn stale_temporary_files_are_removed_on_start() {
 
     // The train command does it on start (and says so), before anything else can fail.
     std::fs::write(&stale, vec![0u8; 1000]).unwrap();
-    let (code, text) = run(&train_args(&d.join("no-such-data"), &d, &["--epochs", "1"]));
+    let (code, text) = run_owned(&train_args(&d.join("no-such-data"), &d, &["--epochs", "1"]));
     assert_ne!(code, 0);
     assert!(!stale.exists(), "stale temporary file kept: {text}");
     assert!(
@@ -372,7 +342,7 @@ fn a_file_failing_mid_run_ends_it_with_a_resumable_checkpoint() {
     let whole = std::fs::read(&val_img).unwrap();
     std::fs::write(&val_img, &whole[..whole.len() / 2]).unwrap();
     let out = tmpdir("midrun-out");
-    let (code, text) = run(&train_args(&data, &out, &["--epochs", "2", "--lr", "1e-3"]));
+    let (code, text) = run_owned(&train_args(&data, &out, &["--epochs", "2", "--lr", "1e-3"]));
     assert_ne!(code, 0, "{text}");
     let last = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
     assert!(
@@ -387,7 +357,7 @@ fn a_file_failing_mid_run_ends_it_with_a_resumable_checkpoint() {
     assert_eq!(state["progress"]["step"], 2, "{state}");
     // Repaired, the run continues from there to the end.
     std::fs::write(&val_img, &whole).unwrap();
-    let (code, text) = run(&train_args(&data, &out, &["--epochs", "2", "--resume"]));
+    let (code, text) = run_owned(&train_args(&data, &out, &["--epochs", "2", "--resume"]));
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("resumed") && out.join("final.safetensors").exists(),
@@ -436,7 +406,7 @@ fn a_device_lost_mid_run_keeps_the_last_good_checkpoint() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     args.push("--resume".into());
-    let (code, text) = run(&args);
+    let (code, text) = run_owned(&args);
     assert_eq!(code, 0, "{text}");
     assert!(out.join("final.safetensors").exists(), "{text}");
 }
