@@ -46,8 +46,8 @@ pub fn axis_weights(starts: &[usize], tile: usize, len: usize) -> Vec<Vec<f32>> 
             }
             if i + 1 < starts.len() {
                 let ov = (starts[i] + span).saturating_sub(starts[i + 1]);
-                for j in span - ov..span {
-                    w[j] *= ramp((span as f64 - j as f64 - 0.5) / ov as f64);
+                for (j, v) in w.iter_mut().enumerate().skip(span - ov) {
+                    *v *= ramp((span as f64 - j as f64 - 0.5) / ov as f64);
                 }
             }
             w

@@ -121,7 +121,7 @@ fn nuclei_600() -> RgbImage {
     let mut data = Vec::with_capacity(600 * 512 * 3);
     for y in 0..512 {
         for x in 0..600 {
-            let sx = if x < 88 { 88 - x } else { x - 88 };
+            let sx = (x as usize).abs_diff(88);
             let p = (y * 512 + sx) * 3;
             data.extend_from_slice(&img.data[p..p + 3]);
         }

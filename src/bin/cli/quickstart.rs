@@ -388,11 +388,11 @@ impl Ctx<'_> {
             tuned as f64 / 1e6,
             total as f64 / 1e6
         );
-        Ok(self.row(name, &pred, t_all.elapsed().as_secs_f64(), detail)?)
+        self.row(name, &pred, t_all.elapsed().as_secs_f64(), detail)
     }
 
     /// Med-FastSAM (paper preset) initialised from an imported pretrained model at 256².
-    fn from_pretrained(
+    fn fine_tune_pretrained(
         &mut self,
         name: &'static str,
         arch: Arch,
@@ -550,9 +550,13 @@ pub fn run(gpu: &GpuArgs, a: &QuickstartArgs) -> anyhow::Result<i32> {
                     "tiny-nuclei.safetensors",
                 )?)
             }
-            "init-mobilesam" => cx.from_pretrained(name, Arch::MobileSam, TrainMode::Semi)?,
-            "init-litemedsam" => cx.from_pretrained(name, Arch::LiteMedSam, TrainMode::Semi)?,
-            "init-mobilesam-full" => cx.from_pretrained(name, Arch::MobileSam, TrainMode::Full)?,
+            "init-mobilesam" => cx.fine_tune_pretrained(name, Arch::MobileSam, TrainMode::Semi)?,
+            "init-litemedsam" => {
+                cx.fine_tune_pretrained(name, Arch::LiteMedSam, TrainMode::Semi)?
+            }
+            "init-mobilesam-full" => {
+                cx.fine_tune_pretrained(name, Arch::MobileSam, TrainMode::Full)?
+            }
             _ => unreachable!("rows were checked above"),
         };
         if let Some(row) = row {
