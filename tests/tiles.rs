@@ -1,7 +1,7 @@
 //! Tiled inference (`medfastsam::tile`, `Segmenter::segment_tiled`, `segment --tile`): the window
 //! layout covers every pixel with the overlap asked for; the blending weights are a partition of
 //! unity; a window's logits come out bit for bit where it alone covers the image (against the model
-//! run on that crop); no seam shows on a smooth image; one global Otsu threshold equals the f64
+//! run on that crop; within 1e-4 when windows are batched); no seam shows on a smooth image; one global Otsu threshold equals the f64
 //! reference's; the command line tiles large images by default and refuses bad options.
 
 mod common;
@@ -179,6 +179,7 @@ fn a_window_alone_is_the_model_on_its_crop_bit_for_bit() {
             continue;
         }
         // Every window against the model on its crop, where no other window reaches.
+        let (mut own, mut total_checked) = (0, 0);
         for iy in 0..plan.ys.len() {
             for ix in 0..plan.xs.len() {
                 let (x0, y0) = (plan.xs[ix], plan.ys[iy]);
@@ -203,14 +204,33 @@ fn a_window_alone_is_the_model_on_its_crop_bit_for_bit() {
                     for x in x0..x0 + s {
                         if alone(x, y) {
                             let (g, e) = (out[y * img.width + x], want[(y - y0) * s + x - x0]);
-                            assert_eq!(g.to_bits(), e.to_bits(), "window {ix},{iy} pixel {x},{y}");
+                            if batch == 1 {
+                                assert_eq!(
+                                    g.to_bits(),
+                                    e.to_bits(),
+                                    "window {ix},{iy} pixel {x},{y}"
+                                );
+                            } else {
+                                // batched windows take other GEMM tilings: same values to f32 rounding
+                                assert!(
+                                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                    "batch {batch}: window {ix},{iy} pixel {x},{y}: {g} vs {e}"
+                                );
+                            }
                             checked += 1;
                         }
                     }
                 }
-                assert!(checked > 0, "window {ix},{iy} has no pixel of its own");
+                // (on 512 rows the middle row of windows is covered by its neighbours everywhere)
+                own += (checked > 0) as usize;
+                total_checked += checked;
             }
         }
+        assert_eq!(own, 6, "windows with pixels of their own");
+        assert!(
+            total_checked > 600 * 512 / 3,
+            "{total_checked} pixels checked"
+        );
     }
 }
 

@@ -30,7 +30,7 @@ trap 'rm -rf "$tmp"' EXIT
 images=(data/he/stardist-histo.jpg data/he/skimage-ihc.png data/dsb2018-nuclei/image.tif)
 say "native CLI masks of ${images[*]}"
 "$target_dir/release/medfastsam" segment "${images[@]}" \
-  --weights tests/data/fixtures/tiny.weights.safetensors --config tests/data/fixtures/tiny.config.json \
+  --weights tests/data/fixtures/tiny.weights.safetensors --config tests/data/fixtures/tiny.config.json --resize \
   --out "$tmp/cli" || die "the native CLI failed"
 
 prompted=()
