@@ -54,8 +54,10 @@ fn bilinear_ref(x: &[f32], ih: usize, iw: usize, oh: usize, ow: usize) -> Vec<f6
 fn segment_writes_mask_and_overlay_at_original_size() {
     let out = tmpdir("seg");
     let img_path = repo("data/he/stardist-histo.jpg");
+    // the whole image stretched to S×S (tiling is tests/tiles.rs)
     let r = run_split(&[
         "segment",
+        "--resize",
         img_path.to_str().unwrap(),
         "--weights",
         tiny_weights().to_str().unwrap(),
@@ -257,8 +259,9 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
     assert_clean_failure(&r, "trunc.safetensors");
     assert!(files_in(&out).is_empty());
 
-    // An image whose full-resolution logits exceed the storage-binding limit (WebGPU's default
-    // 128 MiB, requested explicitly so the test means the same on every adapter).
+    // With --resize (the whole image stretched to S×S), an image whose full-resolution logits
+    // exceed the storage-binding limit (WebGPU's default 128 MiB, requested explicitly so the test
+    // means the same on every adapter). Tiled (the default for it), it would run window by window.
     let big = d.join("huge.png");
     let (bw, bh) = (6000u32, 6000u32);
     let raw: Vec<u8> = (0..bw * bh).map(|i| ((i % bw) / 24) as u8).collect();
@@ -266,10 +269,9 @@ fn bad_inputs_fail_cleanly_without_partial_files() {
         .unwrap()
         .save(&big)
         .unwrap();
-    let r = run_split_env(
-        &segment_args(big.to_str().unwrap(), ws, outs),
-        &[("MEDFASTSAM_LIMITS", "webgpu")],
-    );
+    let mut args = segment_args(big.to_str().unwrap(), ws, outs);
+    args.push("--resize");
+    let r = run_split_env(&args, &[("MEDFASTSAM_LIMITS", "webgpu")]);
     assert_clean_failure(&r, "device limit exceeded");
     assert!(
         files_in(&out).iter().all(|f| !f.starts_with("huge")),
