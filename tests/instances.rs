@@ -137,6 +137,51 @@ fn isolated_discs_stay_single_and_keep_their_area() {
     }
 }
 
+/// A filled ellipse with semi-axes a, b, rotated by t, centred at (cx, cy).
+fn ellipse(s: usize, cx: f64, cy: f64, a: f64, b: f64, t: f64) -> GrayImage {
+    let mut data = vec![0u8; s * s];
+    for y in 0..s {
+        for x in 0..s {
+            let (dx, dy) = (x as f64 + 0.5 - cx, y as f64 + 0.5 - cy);
+            let (u, v) = (dx * t.cos() + dy * t.sin(), -dx * t.sin() + dy * t.cos());
+            if (u / a).powi(2) + (v / b).powi(2) <= 1.0 {
+                data[y * s + x] = 255;
+            }
+        }
+    }
+    GrayImage {
+        width: s,
+        height: s,
+        data,
+    }
+}
+
+#[test]
+fn whole_discs_and_ellipses_are_never_split() {
+    let mut rng = Rng::new(1);
+    let mut r = 5.0;
+    while r <= 60.0 {
+        let s = (2.0 * r) as usize + 10;
+        let c = s as f64 / 2.0;
+        let (cx, cy) = (c + rng.range(-0.5, 0.5), c + rng.range(-0.5, 0.5));
+        assert_eq!(count(&ellipse(s, cx, cy, r, r, 0.0)), 1, "disc r={r}");
+        r += 0.5;
+    }
+    for _ in 0..150 {
+        let a = rng.range(6.0, 25.0);
+        let b = a * rng.range(0.5, 1.0);
+        let t = rng.range(0.0, PI);
+        let s = (2.0 * a) as usize + 10;
+        let c = s as f64 / 2.0;
+        let (cx, cy) = (c + rng.range(-0.5, 0.5), c + rng.range(-0.5, 0.5));
+        assert_eq!(
+            count(&ellipse(s, cx, cy, a, b, t)),
+            1,
+            "ellipse {a:.2} x {b:.2} at {t:.2}"
+        );
+    }
+}
+
 #[test]
 fn touching_pairs_and_chains_split_into_their_discs() {
     // The case named in the design: radius 12, centres 20 px apart.
