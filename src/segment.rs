@@ -136,19 +136,33 @@ pub fn global_otsu_index(
     img: &RgbImage,
     rule: crate::ops::otsu::OtsuRule,
 ) -> Result<u32> {
+    global_otsu_index_rows(gpu, &mut crate::stream::MemoryRows::new(img), rule)
+}
+
+/// [`global_otsu_index`] of an image read row by row (every f-th row and column kept, f the
+/// smallest factor that fits the kernel's pixel limit).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn global_otsu_index_rows(
+    gpu: &Gpu,
+    src: &mut dyn crate::stream::RowSource,
+    rule: crate::ops::otsu::OtsuRule,
+) -> Result<u32> {
     let max = crate::ops::otsu::MAX_PIXELS_PER_IMAGE;
-    let (w, h) = (img.width, img.height);
+    let (w, h) = (src.width(), src.height());
     let f = ((w * h) as f64 / max as f64).sqrt().ceil().max(1.0) as usize;
     let (sw, sh) = (w.div_ceil(f), h.div_ceil(f));
-    let packed: Vec<u32> = if f == 1 {
-        img.packed()
-    } else {
-        let all = img.packed();
-        (0..sh)
-            .flat_map(|y| (0..sw).map(move |x| (y * f, x * f)))
-            .map(|(y, x)| all[y * w + x])
-            .collect()
-    };
+    let mut packed: Vec<u32> = Vec::with_capacity(sw * sh);
+    let mut row = vec![0u8; w * 3];
+    for y in 0..h {
+        src.read_row(&mut row)?;
+        if y % f == 0 {
+            packed.extend(
+                row.chunks_exact(3)
+                    .step_by(f)
+                    .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16),
+            );
+        }
+    }
     let px = gpu.upload_u32(&packed, &[1, sh, sw])?;
     let x = gpu.empty(&[1, sh, sw, 3])?;
     let mut rec = gpu.new_recorder();
@@ -161,49 +175,88 @@ pub fn global_otsu_index(
 #[cfg(not(target_arch = "wasm32"))]
 impl Segmenter<'_> {
     /// Segments `img` at its own pixel scale in windows of the model's input size S (see
-    /// [`crate::tile`]): the blended logits are handed to `on_row(y, row)` in row order, one
-    /// band of windows at a time (memory: one band of S rows); `on_tile(done, total)` after each
-    /// forward. Non-finite logits are an error naming the window.
+    /// [`crate::tile`]): the blended logits are handed to `on_row(y, logits, rgb)` in row order,
+    /// one band of windows at a time (memory: one band of S rows); `on_tile(done, total)` after
+    /// each forward. Non-finite logits are an error naming the window.
     pub fn segment_tiled(
         &self,
         img: &RgbImage,
         opts: &TileOptions,
-        mut on_row: impl FnMut(usize, &[f32]) -> Result<()>,
-        mut on_tile: impl FnMut(usize, usize),
+        on_row: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
+        on_tile: impl FnMut(usize, usize),
     ) -> Result<TiledStats> {
-        let t0 = std::time::Instant::now();
-        let s = self.model.cfg.image_size;
-        let plan = crate::tile::TilePlan::new(img.width, img.height, s, opts.overlap)?;
         let global_t = if opts.global_otsu {
             Some(global_otsu_index(self.gpu, img, self.model.otsu_rule())?)
         } else {
             None
         };
+        let mut src = crate::stream::MemoryRows::new(img);
+        self.segment_tiled_rows(&mut src, opts, global_t, on_row, on_tile)
+    }
+
+    /// [`Segmenter::segment_tiled`] of an image read row by row, with the global threshold index
+    /// (see [`global_otsu_index_rows`]) given when [`TileOptions::global_otsu`] is set. Host
+    /// memory: the band of rows one row of windows reads and its blended logits.
+    pub fn segment_tiled_rows(
+        &self,
+        src: &mut dyn crate::stream::RowSource,
+        opts: &TileOptions,
+        global_t: Option<u32>,
+        mut on_row: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
+        mut on_tile: impl FnMut(usize, usize),
+    ) -> Result<TiledStats> {
+        let t0 = std::time::Instant::now();
+        let s = self.model.cfg.image_size;
+        let plan = crate::tile::TilePlan::new(src.width(), src.height(), s, opts.overlap)?;
+        if opts.global_otsu && global_t.is_none() {
+            return Err(Error::Invalid(
+                "segment_tiled_rows: --global-otsu needs the threshold of the whole image".into(),
+            ));
+        }
+        let global_t = global_t.filter(|_| opts.global_otsu);
         let batch = opts.batch.max(1);
         let mut blend = crate::tile::Blender::new(&plan);
+        let mut band = crate::stream::Band::new(plan.width);
         let total = plan.count();
         let mut done = 0;
+        let fixed = match global_t {
+            Some(t) => Some(crate::model::med_fastsam::FixedOtsu::new(
+                self.gpu, t, batch,
+            )?),
+            None => None,
+        };
+        let mut fixed_last: Option<crate::model::med_fastsam::FixedOtsu> = None;
         for iy in 0..plan.ys.len() {
+            let (r0, r1) = plan.band_rows(iy);
+            band.advance(src, r0, r1)?;
             let row: Vec<usize> = (0..plan.xs.len()).collect();
             for chunk in row.chunks(batch) {
                 let b = chunk.len();
                 let mut packed = Vec::with_capacity(b * s * s);
                 for &ix in chunk {
-                    packed.extend(plan.window(img, ix, iy).packed());
+                    packed.extend(plan.window_from(|y| band.row(y), ix, iy).packed());
                 }
                 let px = self.gpu.upload_u32(&packed, &[b, s, s])?;
                 let mut rec = self.gpu.new_recorder();
-                let fixed = match global_t {
-                    Some(t) => Some(crate::model::med_fastsam::FixedOtsu::new(self.gpu, t, b)?),
+                // The fixed threshold is uploaded once for full batches (and once more for the
+                // shorter last batch of a row).
+                let f = match global_t {
                     None => None,
+                    Some(_) if b == batch => fixed.as_ref(),
+                    Some(t) => {
+                        if fixed_last.as_ref().is_none_or(|f| f.batch() != b) {
+                            fixed_last =
+                                Some(crate::model::med_fastsam::FixedOtsu::new(self.gpu, t, b)?);
+                        }
+                        fixed_last.as_ref()
+                    }
                 };
-                let out = match &fixed {
+                let out = match f {
                     Some(f) => self.model.forward_fixed_otsu(&mut rec, &px, f)?,
                     None => self.model.forward(&mut rec, &px, false)?,
                 };
                 rec.submit()?;
                 let logits = self.gpu.read(&out.logits)?;
-                drop(fixed);
                 for (k, &ix) in chunk.iter().enumerate() {
                     let l = &logits[k * s * s..(k + 1) * s * s];
                     if let Some(bad) = l.iter().find(|v| !v.is_finite()) {
@@ -218,7 +271,7 @@ impl Segmenter<'_> {
                 done += b;
                 on_tile(done, total);
             }
-            blend.finish_row(iy, &mut on_row)?;
+            blend.finish_row(iy, |y, logits| on_row(y, logits, band.row(y)))?;
         }
         Ok(TiledStats {
             tiles: total,

@@ -367,7 +367,7 @@ mod tiff_rows {
         if levels.is_empty() {
             levels.push(all[0].0.clone());
         }
-        levels.sort_by(|a, b| b.width.cmp(&a.width));
+        levels.sort_by_key(|l| std::cmp::Reverse(l.width));
         let (w0, m0) = (levels[0].width, levels[0].mpp);
         for l in levels.iter_mut().skip(1) {
             if l.mpp.is_none() {

@@ -101,6 +101,18 @@ impl TilePlan {
     /// The S×S input of window (`ix`, `iy`): the crop, mirrored beyond the image where the image
     /// is smaller than a window.
     pub fn window(&self, img: &RgbImage, ix: usize, iy: usize) -> RgbImage {
+        let w3 = img.width * 3;
+        self.window_from(|y| &img.data[y * w3..(y + 1) * w3], ix, iy)
+    }
+
+    /// [`TilePlan::window`] with the image's rows given by `row(y)` (only the rows of window row
+    /// `iy` are asked for: `ys[iy] .. ys[iy] + S`, or all rows of an image shorter than S).
+    pub fn window_from<'a>(
+        &self,
+        row: impl Fn(usize) -> &'a [u8],
+        ix: usize,
+        iy: usize,
+    ) -> RgbImage {
         let s = self.tile;
         let (x0, y0) = (self.xs[ix], self.ys[iy]);
         let mirror = |v: usize, n: usize| -> usize {
@@ -114,11 +126,14 @@ impl TilePlan {
         };
         let mut data = Vec::with_capacity(s * s * 3);
         for y in 0..s {
-            let sy = mirror(y0 + y, img.height);
+            let r = row(mirror(y0 + y, self.height));
+            if x0 + s <= self.width {
+                data.extend_from_slice(&r[x0 * 3..(x0 + s) * 3]);
+                continue;
+            }
             for x in 0..s {
-                let sx = mirror(x0 + x, img.width);
-                let p = (sy * img.width + sx) * 3;
-                data.extend_from_slice(&img.data[p..p + 3]);
+                let sx = mirror(x0 + x, self.width);
+                data.extend_from_slice(&r[sx * 3..sx * 3 + 3]);
             }
         }
         RgbImage {
@@ -126,6 +141,11 @@ impl TilePlan {
             height: s,
             data,
         }
+    }
+
+    /// Rows of the image that window row `iy` reads: `[first, end)`.
+    pub fn band_rows(&self, iy: usize) -> (usize, usize) {
+        (self.ys[iy], (self.ys[iy] + self.tile).min(self.height))
     }
 }
 

@@ -152,7 +152,9 @@ fn a_window_alone_is_the_model_on_its_crop_bit_for_bit() {
             .segment_tiled(
                 &img,
                 &opts,
-                |y, row| {
+                |y, row, rgb| {
+                    // the image row that goes with the logits row
+                    assert_eq!(rgb, &img.data[y * img.width * 3..(y + 1) * img.width * 3]);
                     out[y * img.width..(y + 1) * img.width].copy_from_slice(row);
                     Ok(())
                 },
@@ -265,7 +267,7 @@ fn no_seam_on_a_smooth_image() {
     seg.segment_tiled(
         &img,
         &opts,
-        |y, row| {
+        |y, row, _| {
             out[y * iw..(y + 1) * iw].copy_from_slice(row);
             Ok(())
         },

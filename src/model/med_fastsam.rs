@@ -381,4 +381,9 @@ impl FixedOtsu {
             thr: gpu.upload(&vec![t as f32 / 255.0; batch], &[batch])?,
         })
     }
+
+    /// Images it holds the threshold for.
+    pub fn batch(&self) -> usize {
+        self.tsel.shape[0]
+    }
 }

@@ -3,8 +3,8 @@
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
 use medfastsam::io;
-use medfastsam::io::{GrayImage, RgbImage};
 use medfastsam::segment::{Segmenter, TileOptions};
+use medfastsam::stream::{self, RowSource};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -45,11 +45,33 @@ pub struct TileArgs {
     pub global_otsu: bool,
     /// Resample the image by this factor before tiling (e.g. 0.5 to run a model trained at 20x
     /// on a 40x image); the mask is returned at the original size.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mpp")]
     pub scale: Option<f64>,
+    /// Resample to this many microns per pixel before tiling (the file must state its own, as
+    /// Aperio SVS and TIFFs with resolution tags do).
+    #[arg(long)]
+    pub mpp: Option<f64>,
+    /// Pyramid level of a whole-slide TIFF (0 = full resolution).
+    #[arg(long, default_value_t = 0)]
+    pub level: usize,
+    /// Only this rectangle `x,y,w,h` (pixels of the chosen level).
+    #[arg(long, value_parser = parse_region)]
+    pub region: Option<[usize; 4]>,
     /// Windows per forward [default: up to 4 of a row, as the device's memory allows].
     #[arg(long)]
     pub tile_batch: Option<usize>,
+}
+
+fn parse_region(s: &str) -> Result<[usize; 4], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{s:?}: four non-negative integers x,y,w,h"))?;
+    match v[..] {
+        [x, y, w, h] if w > 0 && h > 0 => Ok([x, y, w, h]),
+        _ => Err(format!("{s:?}: four integers x,y,w,h with w, h > 0")),
+    }
 }
 
 const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
@@ -171,45 +193,34 @@ pub fn check_writable(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes several files so that either all of them are replaced by complete new versions or (on
-/// an error) none is: every file goes to a temporary name first, and only when all are written
-/// are they renamed into place. A failure cleans up the temporary files and any file renamed
-/// before it, so a mask is never left without its overlay.
-pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> anyhow::Result<()> {
-    let tmp_of = |p: &Path| {
-        let dir = p
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        dir.join(format!(".{name}.{}.tmp", std::process::id()))
-    };
-    let tmps: Vec<PathBuf> = files.iter().map(|(p, _)| tmp_of(p)).collect();
+/// The temporary name a file is written under before it is renamed into place (a name the
+/// stale-file cleanup recognises).
+pub fn temp_path(p: &Path) -> PathBuf {
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Renames complete temporary files into place so that either all of them replace their
+/// targets or (on an error) none does: a failure removes the temporary files and any target
+/// renamed before it, so a mask is never left without its overlay.
+pub fn commit_temp_files(files: &[(PathBuf, &Path)]) -> anyhow::Result<()> {
     let cleanup = |renamed: &[&Path]| {
-        for t in &tmps {
+        for (t, _) in files {
             let _ = std::fs::remove_file(t);
         }
         for p in renamed {
             let _ = std::fs::remove_file(p);
         }
     };
-    for ((path, bytes), tmp) in files.iter().zip(&tmps) {
-        let res = (|| -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()
-        })();
-        if let Err(e) = res {
-            cleanup(&[]);
-            anyhow::bail!("{}: {e}", path.display());
-        }
-    }
     let mut renamed: Vec<&Path> = Vec::new();
-    for ((path, _), tmp) in files.iter().zip(&tmps) {
+    for (tmp, path) in files {
         if let Err(e) = std::fs::rename(tmp, path) {
             cleanup(&renamed);
             anyhow::bail!("{}: {e}", path.display());
@@ -217,6 +228,28 @@ pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> anyhow::Result<()> {
         renamed.push(path);
     }
     Ok(())
+}
+
+/// Writes several files so that either all of them are replaced by complete new versions or (on
+/// an error) none is: every file goes to a temporary name first, and only when all are written
+/// are they renamed into place ([`commit_temp_files`]).
+pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> anyhow::Result<()> {
+    let tmps: Vec<(PathBuf, &Path)> = files.iter().map(|(p, _)| (temp_path(p), *p)).collect();
+    for ((path, bytes), (tmp, _)) in files.iter().zip(&tmps) {
+        let res = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        if let Err(e) = res {
+            for (t, _) in &tmps {
+                let _ = std::fs::remove_file(t);
+            }
+            anyhow::bail!("{}: {e}", path.display());
+        }
+    }
+    commit_temp_files(&tmps)
 }
 
 /// True for the errors after which the device cannot run anything more (driver reset, device
@@ -242,11 +275,18 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     }
     let tl = &a.tiling;
     if tl.resize
-        && (tl.overlap.is_some() || tl.global_otsu || tl.scale.is_some() || tl.tile_batch.is_some())
+        && (tl.overlap.is_some()
+            || tl.global_otsu
+            || tl.scale.is_some()
+            || tl.mpp.is_some()
+            || tl.tile_batch.is_some())
     {
         anyhow::bail!(
-            "--overlap, --global-otsu, --scale and --tile-batch are options of tiling; --resize turns it off"
+            "--overlap, --global-otsu, --scale, --mpp and --tile-batch are options of tiling; --resize turns it off"
         );
+    }
+    if let Some(m) = tl.mpp.filter(|m| !(m.is_finite() && *m > 0.0)) {
+        anyhow::bail!("--mpp {m}: microns per pixel, a positive number");
     }
     if let Some(f) = tl
         .scale
@@ -310,10 +350,16 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         }
         let t = Instant::now();
         let res = (|| -> anyhow::Result<String> {
-            let img = io::load_rgb(f)?;
-            if tiled(&a.tiling, &img, cfg.image_size) {
-                return segment_tiled(&seg, a, &img, f, base, t, bar.as_ref());
+            let opened = stream::open(f, &open_options(&a.tiling))?;
+            let scale = input_scale(&a.tiling, f, opened.mpp)?;
+            let (w, h) = (opened.rows.width(), opened.rows.height());
+            if tiled(&a.tiling, w, h, scale, cfg.image_size) {
+                return segment_tiled(&seg, a, f, base, opened, scale, t, bar.as_ref());
             }
+            io::check_pixel_budget(&f.display().to_string(), w as u64, h as u64)?;
+            let mut rows = opened.rows;
+            let img = stream::read_all(&mut rows)?;
+            drop(rows);
             let r = seg
                 .segment(&img)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
@@ -376,45 +422,197 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     Ok(if failures > 0 { 1 } else { 0 })
 }
 
-/// Whether `img` is segmented in windows: `--tile`, or by default when it is larger than the
-/// model's input in either dimension (after `--scale`); never with `--resize`.
-fn tiled(t: &TileArgs, img: &RgbImage, s: usize) -> bool {
+fn open_options(t: &TileArgs) -> stream::OpenOptions {
+    stream::OpenOptions {
+        level: t.level,
+        region: t.region,
+    }
+}
+
+/// The resampling factor before tiling: `--scale`, or the file's microns per pixel over
+/// `--mpp`.
+fn input_scale(t: &TileArgs, f: &Path, mpp: Option<f64>) -> anyhow::Result<Option<f64>> {
+    Ok(match (t.scale, t.mpp) {
+        (Some(k), _) => Some(k),
+        (None, Some(target)) => {
+            let Some(own) = mpp else {
+                anyhow::bail!(
+                    "{}: --mpp {target}: the file does not state its microns per pixel (no Aperio MPP, no TIFF resolution tags); use --scale",
+                    f.display()
+                );
+            };
+            let k = own / target;
+            if !(k > 0.0 && k <= 16.0) {
+                anyhow::bail!(
+                    "{}: --mpp {target}: the image is at {own} µm/px, a factor of {k:.4} (at most 16)",
+                    f.display()
+                );
+            }
+            Some(k)
+        }
+        (None, None) => None,
+    })
+}
+
+/// Whether a `w × h` image is segmented in windows: `--tile`, or by default when it is larger
+/// than the model's input in either dimension (after rescaling); never with `--resize`.
+fn tiled(t: &TileArgs, w: usize, h: usize, scale: Option<f64>, s: usize) -> bool {
     if t.resize {
         return false;
     }
-    let f = t.scale.unwrap_or(1.0);
+    let f = scale.unwrap_or(1.0);
     let (w, h) = (
-        (img.width as f64 * f).round() as usize,
-        (img.height as f64 * f).round() as usize,
+        (w as f64 * f).round() as usize,
+        (h as f64 * f).round() as usize,
     );
-    t.tile || t.scale.is_some() || w > s || h > s
+    t.tile || scale.is_some() || w > s || h > s
 }
 
-/// One image in windows: the blended logits' mask and overlay written as for a resized image.
+/// The files of one tiled image, written row by row under temporary names and renamed into
+/// place together when complete (removed if anything fails).
+struct RowOutputs {
+    /// Mask, overlay, and the overlay's row logic; taken when finished.
+    writers: Option<(PngFile, PngFile, stream::OverlayRows)>,
+    /// The files under the writers, synced before the rename.
+    handles: Vec<SharedFile>,
+    /// (temporary, final) paths.
+    files: Vec<(PathBuf, PathBuf)>,
+    foreground: u64,
+    committed: bool,
+}
+
+type PngFile = stream::PngRowWriter<SharedFile>;
+
+/// A buffered file the PNG encoder writes to and the caller still holds, to flush and sync it
+/// (and see its errors) when the encoder is done.
+#[derive(Clone)]
+struct SharedFile(std::rc::Rc<std::cell::RefCell<std::io::BufWriter<std::fs::File>>>);
+
+impl std::io::Write for SharedFile {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.borrow_mut().flush()
+    }
+}
+
+impl SharedFile {
+    fn sync(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = self.0.borrow_mut();
+        f.flush()?;
+        f.get_ref().sync_all()
+    }
+}
+
+impl RowOutputs {
+    fn create(out: &Path, base: &str, w: usize, h: usize, opacity: f32) -> anyhow::Result<Self> {
+        let mask_path = out.join(format!("{base}_mask.png"));
+        let over_path = out.join(format!("{base}_overlay.png"));
+        let mut o = RowOutputs {
+            writers: None,
+            handles: Vec::new(),
+            files: vec![
+                (temp_path(&mask_path), mask_path),
+                (temp_path(&over_path), over_path),
+            ],
+            foreground: 0,
+            committed: false,
+        };
+        let mut open = |k: usize, rgb: bool| -> anyhow::Result<PngFile> {
+            let (tmp, what) = &o.files[k];
+            let f = std::fs::File::create(tmp)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", what.display()))?;
+            let shared = SharedFile(std::rc::Rc::new(std::cell::RefCell::new(
+                std::io::BufWriter::with_capacity(1 << 20, f),
+            )));
+            o.handles.push(shared.clone());
+            Ok(stream::PngRowWriter::new(
+                shared,
+                w,
+                h,
+                rgb,
+                &what.display().to_string(),
+            )?)
+        };
+        let mask = open(0, false)?;
+        let overlay = open(1, true)?;
+        o.writers = Some((mask, overlay, stream::OverlayRows::new(w, h, opacity)));
+        Ok(o)
+    }
+
+    /// Mask row `y` (0 or 255) and the image's row `y`, in order.
+    fn push(&mut self, mask: &[u8], rgb: &[u8]) -> medfastsam::Result<()> {
+        let Some((m, over, rows)) = self.writers.as_mut() else {
+            return Err(medfastsam::Error::Invalid(
+                "outputs already finished".into(),
+            ));
+        };
+        self.foreground += mask.iter().filter(|&&v| v > 127).count() as u64;
+        m.write_row(mask)?;
+        rows.push(mask, rgb, |r| over.write_row(r))
+    }
+
+    /// Finishes every file and renames them into place: the mask's path and its foreground
+    /// pixel count.
+    fn finish(mut self) -> anyhow::Result<(PathBuf, u64)> {
+        if let Some((mask, mut over, rows)) = self.writers.take() {
+            rows.finish(|r| over.write_row(r))?;
+            mask.finish()?;
+            over.finish()?;
+        }
+        for (h, (_, p)) in self.handles.iter().zip(&self.files) {
+            h.sync()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        }
+        let files: Vec<(PathBuf, &Path)> = self
+            .files
+            .iter()
+            .map(|(t, p)| (t.clone(), p.as_path()))
+            .collect();
+        commit_temp_files(&files)?;
+        self.committed = true;
+        Ok((self.files[0].1.clone(), self.foreground))
+    }
+}
+
+impl Drop for RowOutputs {
+    fn drop(&mut self) {
+        if !self.committed {
+            for (t, _) in &self.files {
+                let _ = std::fs::remove_file(t);
+            }
+        }
+    }
+}
+
+/// One image in windows, read and written row by row: the blended logits' mask and overlay
+/// at the image's own size (rescaled back with `scale`).
+#[allow(clippy::too_many_arguments)]
 fn segment_tiled(
     seg: &Segmenter,
     a: &SegmentArgs,
-    img: &RgbImage,
     f: &Path,
     base: &str,
+    opened: stream::Opened,
+    scale: Option<f64>,
     t: Instant,
     files_bar: Option<&indicatif::ProgressBar>,
 ) -> anyhow::Result<String> {
     let tl = &a.tiling;
     let s = seg.model.cfg.image_size;
-    let scaled;
-    let work = match tl.scale {
-        Some(k) if k != 1.0 => {
-            let (w, h) = (
-                ((img.width as f64 * k).round() as usize).max(1),
-                ((img.height as f64 * k).round() as usize).max(1),
-            );
-            medfastsam::io::check_pixel_budget(&f.display().to_string(), w as u64, h as u64)?;
-            scaled = img.resize(w, h);
-            &scaled
-        }
-        _ => img,
+    let named = |e: medfastsam::Error| anyhow::anyhow!("{}: {e}", f.display());
+    let (w, h) = (opened.rows.width(), opened.rows.height());
+    let (sw, sh) = match scale {
+        Some(k) if k != 1.0 => (
+            ((w as f64 * k).round() as usize).max(1),
+            ((h as f64 * k).round() as usize).max(1),
+        ),
+        _ => (w, h),
     };
+    let scaled = (sw, sh) != (w, h);
+    let open_again = || stream::open(f, &open_options(tl)).map(|o| o.rows);
     let overlap = tl.overlap.unwrap_or(s / 8);
     let batch = match tl.tile_batch {
         Some(b) => b.max(1),
@@ -428,8 +626,24 @@ fn segment_tiled(
         global_otsu: tl.global_otsu,
         batch,
     };
-    let plan = medfastsam::tile::TilePlan::new(work.width, work.height, s, overlap)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+    let plan = medfastsam::tile::TilePlan::new(sw, sh, s, overlap).map_err(named)?;
+    let rule = seg.model.otsu_rule();
+    let global_t = if tl.global_otsu {
+        let pass = open_again()?;
+        let t = if scaled {
+            medfastsam::segment::global_otsu_index_rows(
+                seg.gpu,
+                &mut stream::Scaled::new(pass, sw, sh),
+                rule,
+            )
+        } else {
+            let mut pass = pass;
+            medfastsam::segment::global_otsu_index_rows(seg.gpu, &mut pass, rule)
+        };
+        Some(t.map_err(named)?)
+    } else {
+        None
+    };
     let bar = if files_bar.is_none() && plan.count() > 1 {
         let b = indicatif::ProgressBar::new(plan.count() as u64);
         b.set_style(
@@ -442,21 +656,42 @@ fn segment_tiled(
     } else {
         None
     };
-    let mut mask = GrayImage {
-        width: work.width,
-        height: work.height,
-        data: vec![0u8; work.width * work.height],
+    let mut outs = RowOutputs::create(&a.out, base, w, h, a.opacity)?;
+    // With rescaling, the image's own rows come from a second reader, in step with the mask.
+    let mut orig: Option<Box<dyn RowSource>> = if scaled { Some(open_again()?) } else { None };
+    let mut work: Box<dyn RowSource> = if scaled {
+        Box::new(stream::Scaled::new(opened.rows, sw, sh))
+    } else {
+        opened.rows
     };
-    let w = work.width;
+    let xmap: Vec<usize> = (0..w).map(|x| stream::nearest_index(x, w, sw)).collect();
+    let mut mask_row = vec![0u8; w];
+    let mut orig_row = vec![0u8; w * 3];
+    let mut next_y = 0;
     let stats = seg
-        .segment_tiled(
-            work,
+        .segment_tiled_rows(
+            &mut *work,
             &opts,
-            |y, row| {
-                for (m, &l) in mask.data[y * w..(y + 1) * w].iter_mut().zip(row) {
-                    *m = if l > 0.0 { 255 } else { 0 };
+            global_t,
+            |sy, logits, rgb| match orig.as_mut() {
+                None => {
+                    for (m, &l) in mask_row.iter_mut().zip(logits) {
+                        *m = if l > 0.0 { 255 } else { 0 };
+                    }
+                    outs.push(&mask_row, rgb)
                 }
-                Ok(())
+                Some(src) => {
+                    // every original row whose nearest scaled row is sy
+                    while next_y < h && stream::nearest_index(next_y, h, sh) == sy {
+                        src.read_row(&mut orig_row)?;
+                        for (m, &sx) in mask_row.iter_mut().zip(&xmap) {
+                            *m = if logits[sx] > 0.0 { 255 } else { 0 };
+                        }
+                        outs.push(&mask_row, &orig_row)?;
+                        next_y += 1;
+                    }
+                    Ok(())
+                }
             },
             |done, _| {
                 if let Some(b) = &bar {
@@ -464,31 +699,22 @@ fn segment_tiled(
                 }
             },
         )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        .map_err(named)?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if (mask.width, mask.height) != (img.width, img.height) {
-        mask = mask.resize_nearest(img.width, img.height);
-    }
-    let mask_path = a.out.join(format!("{base}_mask.png"));
-    let over_path = a.out.join(format!("{base}_overlay.png"));
-    let mask_png = io::encode_png_gray(&mask)?;
-    let over_png = io::encode_png_rgb(&io::overlay(img, &mask, a.opacity))?;
-    write_all_atomic(&[(&mask_path, &mask_png), (&over_path, &over_png)])?;
-    let fg = mask.data.iter().filter(|&&v| v > 0).count() as f64 / mask.data.len() as f64;
+    let (mask_path, fg) = outs.finish()?;
+    let fg = fg as f64 / (w * h) as f64;
     let otsu = match stats.global_t {
         Some(t) => format!("global Otsu t={:.4}", t as f64 / 255.0),
         None => "Otsu per window".into(),
     };
     Ok(format!(
-        "{}: {}x{} in {} windows of {s}x{s} (overlap {overlap}{}, {otsu}, {:.2} windows/s) -> {} ({:.1}% foreground) in {:.0} ms",
+        "{}: {w}x{h} in {} windows of {s}x{s} (overlap {overlap}{}, {otsu}, {:.2} windows/s) -> {} ({:.1}% foreground) in {:.0} ms",
         f.display(),
-        img.width,
-        img.height,
         stats.tiles,
-        match tl.scale {
-            Some(k) => format!(", scale {k}"),
+        match scale {
+            Some(k) => format!(", scale {k:.4}"),
             None => String::new(),
         },
         stats.tiles as f64 / stats.seconds.max(1e-9),
