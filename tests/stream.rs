@@ -473,3 +473,21 @@ fn aperio_slide_reads_as_tifffile_reads_it() {
         assert!(e.contains("1 level (0: 2220x2967)"), "{e}");
     }
 }
+
+/// The real TIFFs of the repository's data read the same streamed and whole.
+#[test]
+fn repository_tiffs_read_the_same_streamed() {
+    for rel in ["data/dsb2018-nuclei/image.tif"] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+        let want = io::load_rgb(&p).unwrap();
+        let got = read(&p, &OpenOptions::default()).unwrap();
+        assert_eq!((got.width, got.height), (want.width, want.height), "{rel}");
+        let diff = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(diff, 0, "{rel}: {diff} samples differ");
+    }
+}
