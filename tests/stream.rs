@@ -474,10 +474,15 @@ fn aperio_slide_reads_as_tifffile_reads_it() {
     }
 }
 
-/// The real TIFFs of the repository's data read the same streamed and whole.
+/// The real images of the repository read the same streamed and whole.
 #[test]
-fn repository_tiffs_read_the_same_streamed() {
-    for rel in ["data/dsb2018-nuclei/image.tif"] {
+fn repository_images_read_the_same_streamed() {
+    for rel in [
+        "data/dsb2018-nuclei/image.tif",
+        "data/dsb2018-nuclei/labels.tif",
+        "data/he/skimage-ihc.png",
+        "data/he/stardist-histo.jpg",
+    ] {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
         let want = io::load_rgb(&p).unwrap();
         let got = read(&p, &OpenOptions::default()).unwrap();

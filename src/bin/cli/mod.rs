@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and the subcommands.
 
+mod batch;
 mod bench;
 mod distill;
 mod eval;

@@ -194,9 +194,17 @@ pub fn run(
         t0.elapsed().as_secs_f64() * 1e3
     );
     let choice = MaskChoice::Auto;
-    let (mut failures, mut done) = (0, 0);
+    let (mut failures, mut done, mut skipped) = (0, 0, 0);
+    let mut manifest = super::batch::Manifest::open(&a.out, a.shard)?;
     for (f, base) in files.iter().zip(names) {
         let t = Instant::now();
+        let outputs = super::segment::expected_outputs(a, base, true);
+        if a.skip_existing && super::batch::all_exist(&outputs) {
+            manifest.record(f, &outputs, super::batch::Outcome::Skipped, 0.0)?;
+            skipped += 1;
+            println!("{}: skipped (its outputs exist)", f.display());
+            continue;
+        }
         let res = (|| -> anyhow::Result<String> {
             let img = io::load_rgb(f)?;
             let name = f
@@ -282,6 +290,16 @@ pub fn run(
                 t.elapsed().as_secs_f64() * 1e3
             ))
         })();
+        let secs = t.elapsed().as_secs_f64();
+        match &res {
+            Ok(_) => manifest.record(f, &outputs, super::batch::Outcome::Done, secs)?,
+            Err(e) => manifest.record(
+                f,
+                &[],
+                super::batch::Outcome::Failed(&format!("{e:#}")),
+                secs,
+            )?,
+        }
         match res {
             Ok(m) => {
                 done += 1;
@@ -297,8 +315,13 @@ pub fn run(
         }
     }
     eprintln!(
-        "{done} of {} images segmented in {:.1} s",
+        "{done} of {} images segmented{} in {:.1} s",
         files.len(),
+        if skipped > 0 {
+            format!(", {skipped} skipped (outputs exist)")
+        } else {
+            String::new()
+        },
         t0.elapsed().as_secs_f64()
     );
     Ok(if failures > 0 { 1 } else { 0 })

@@ -28,6 +28,29 @@ pub struct SegmentArgs {
     pub tiling: TileArgs,
     #[command(flatten)]
     pub objects: ObjectArgs,
+    /// Only shard i of n (0-based): every n-th input starting at the i-th, of the list as every
+    /// shard sees it (folders expanded and sorted); for job arrays across machines.
+    #[arg(long, value_parser = super::batch::parse_shard, value_name = "I/N")]
+    pub shard: Option<super::batch::Shard>,
+    /// Leave inputs whose outputs all exist (resume an interrupted run).
+    #[arg(long)]
+    pub skip_existing: bool,
+}
+
+/// The files `segment` writes for the input named `base` (those a resumed run looks for).
+pub fn expected_outputs(a: &SegmentArgs, base: &str, prompted: bool) -> Vec<PathBuf> {
+    let mut v = vec!["_mask.png", "_overlay.png"];
+    if prompted {
+        v.push("_prompts.json");
+    } else if a.objects.wanted() {
+        v.extend(["_labels.tif", "_objects.csv"]);
+        if a.objects.geojson {
+            v.push("_objects.geojson");
+        }
+    }
+    v.iter()
+        .map(|suffix| a.out.join(format!("{base}{suffix}")))
+        .collect()
 }
 
 /// Nuclei as objects (Med-FastSAM weights).
@@ -291,8 +314,26 @@ pub fn is_device_lost(e: &anyhow::Error) -> bool {
 }
 
 pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
-    let files = collect_inputs(&a.inputs)?;
-    let names = output_names(&files);
+    let all = collect_inputs(&a.inputs)?;
+    // Names come from the whole list, so a shard names its outputs as the whole run would.
+    let all_names = output_names(&all);
+    let (files, names): (Vec<PathBuf>, Vec<String>) = all
+        .into_iter()
+        .zip(all_names)
+        .enumerate()
+        .filter(|(k, _)| a.shard.is_none_or(|s| s.takes(*k)))
+        .map(|(_, fn_)| fn_)
+        .unzip();
+    if files.is_empty() {
+        let s = a.shard.expect("only a shard can be empty");
+        eprintln!(
+            "shard {}/{}: no inputs (the list has fewer than {} images)",
+            s.index,
+            s.count,
+            s.index + 1
+        );
+        return Ok(0);
+    }
     let renamed: Vec<(&PathBuf, &String)> = files
         .iter()
         .zip(&names)
@@ -379,11 +420,23 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     let say = |m: String| super::bar_line(bar.as_ref(), m);
     let mut failures = 0;
     let mut done = 0;
+    let mut manifest = super::batch::Manifest::open(&a.out, a.shard)?;
+    let mut skipped = 0;
     for (k, (f, base)) in files.iter().zip(&names).enumerate() {
         if lose_after == Some(k) {
             gpu.device.destroy();
         }
         let t = Instant::now();
+        let outputs = expected_outputs(a, base, false);
+        if a.skip_existing && super::batch::all_exist(&outputs) {
+            manifest.record(f, &outputs, super::batch::Outcome::Skipped, 0.0)?;
+            skipped += 1;
+            say(format!("{}: skipped (its outputs exist)", f.display()));
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            continue;
+        }
         let res = (|| -> anyhow::Result<String> {
             let opened = stream::open(f, &open_options(&a.tiling))?;
             let scale = input_scale(&a.tiling, f, opened.mpp)?;
@@ -419,6 +472,16 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
                 t.elapsed().as_secs_f64() * 1e3
             ))
         })();
+        let secs = t.elapsed().as_secs_f64();
+        match &res {
+            Ok(_) => manifest.record(f, &outputs, super::batch::Outcome::Done, secs)?,
+            Err(e) => manifest.record(
+                f,
+                &[],
+                super::batch::Outcome::Failed(&format!("{e:#}")),
+                secs,
+            )?,
+        }
         match res {
             Ok(msg) => {
                 done += 1;
@@ -452,8 +515,17 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         b.finish_and_clear();
     }
     let n = files.len();
+    let skipped = if skipped > 0 {
+        format!(", {skipped} skipped (outputs exist)")
+    } else {
+        String::new()
+    };
+    let shard = match a.shard {
+        Some(s) => format!(" (shard {}/{})", s.index, s.count),
+        None => String::new(),
+    };
     eprintln!(
-        "{done} of {n} images segmented in {:.1} s",
+        "{done} of {n} images segmented{shard}{skipped} in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
     Ok(if failures > 0 { 1 } else { 0 })
