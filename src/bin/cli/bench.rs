@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// Skip the training-step benchmarks.
     #[arg(long)]
     pub no_train: bool,
+    /// Benchmark tiled inference instead (windows per second, blending overhead, megapixels per
+    /// minute) at each of --sizes, for each of these presets.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_missing_value = "tiny,paper")]
+    pub tiles: Option<Vec<String>>,
     /// Benchmark a prompted architecture instead (mobilesam or litemedsam, at its native size):
     /// the image encoder per image and the mask decoder per prompt.
     #[arg(long)]
@@ -360,6 +364,119 @@ pub fn bench_model(
     })
 }
 
+#[derive(Serialize)]
+pub struct TileBench {
+    pub preset: String,
+    /// Window size S (the model's input).
+    pub size: usize,
+    pub width: usize,
+    pub height: usize,
+    pub windows: usize,
+    pub overlap: usize,
+    /// The whole tiled segmentation (windows cut, uploaded, run, read back, blended, thresholded).
+    pub seconds: f64,
+    pub windows_per_s: f64,
+    pub megapixels_per_min: f64,
+    /// One window's forward alone (upload, forward, logits read back), median.
+    pub forward_ms: f64,
+    /// The CPU blending of one window's logits (weights, accumulation, normalisation), median.
+    pub blend_ms_per_window: f64,
+    /// Blending against the forward: `blend_ms_per_window / forward_ms`.
+    pub blend_overhead: f64,
+    /// Everything that is not a forward: `seconds / (windows × forward) − 1` (noisy: within the
+    /// run-to-run spread of the forward itself on a shared machine).
+    pub pipeline_overhead: f64,
+}
+
+/// Tiled inference of a synthetic image 2.5 S × 2 S (3 × 3 windows at overlap S/8), one window
+/// per forward, random weights of `preset`.
+pub fn bench_tiles(gpu: &Gpu, preset: &str, s: usize, reps: usize) -> anyhow::Result<TileBench> {
+    use medfastsam::segment::{Segmenter, TileOptions};
+    use medfastsam::tile::{Blender, TilePlan};
+    let cfg = Config::preset(preset)?.with_image_size(s)?;
+    let weights = Weights::init(&cfg, 1);
+    gpu.trim_pool();
+    let seg = Segmenter::new(gpu, &weights, Some(&cfg), Some(Variant::Paper))?;
+    let (w, h) = (s * 5 / 2, s * 2);
+    let mut rng = medfastsam::rng::Rng::new(11);
+    let img = medfastsam::io::RgbImage {
+        width: w,
+        height: h,
+        data: (0..w * h * 3)
+            .map(|i| (((i / 3 % w) / 9 + (i / 3 / w) / 7) * 37 % 200 + rng.below(40)) as u8)
+            .collect(),
+    };
+    let overlap = s / 8;
+    let plan = TilePlan::new(w, h, s, overlap)?;
+    let window = plan.window(&img, 1, 1);
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    seg.logits_at_model_size(&window)?; // pipeline compilation
+    let mut fw = Vec::new();
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        seg.logits_at_model_size(&window)?;
+        fw.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let forward_ms = med(&mut fw);
+    let opts = TileOptions {
+        overlap,
+        global_otsu: false,
+        batch: 1,
+    };
+    let mut mask = vec![0u8; w * h];
+    let t = Instant::now();
+    let stats = seg.segment_tiled(
+        &img,
+        &opts,
+        |y, row, _| {
+            for (m, &l) in mask[y * w..(y + 1) * w].iter_mut().zip(row) {
+                *m = if l > 0.0 { 255 } else { 0 };
+            }
+            Ok(())
+        },
+        |_, _| {},
+    )?;
+    let seconds = t.elapsed().as_secs_f64();
+    // Blending alone, on the same plan with stand-in logits.
+    let logits: Vec<f32> = (0..s * s).map(|i| (i % 97) as f32 - 48.0).collect();
+    let mut bl = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut b = Blender::new(&plan);
+        let mut sink = 0f32;
+        for iy in 0..plan.ys.len() {
+            for ix in 0..plan.xs.len() {
+                b.add(ix, iy, &logits);
+            }
+            b.finish_row(iy, |_, row| {
+                sink += row[0];
+                Ok(())
+            })?;
+        }
+        std::hint::black_box(sink);
+        bl.push(t.elapsed().as_secs_f64() * 1e3 / plan.count() as f64);
+    }
+    let blend_ms_per_window = med(&mut bl);
+    Ok(TileBench {
+        preset: preset.into(),
+        size: s,
+        width: w,
+        height: h,
+        windows: stats.tiles,
+        overlap,
+        seconds,
+        windows_per_s: stats.tiles as f64 / seconds,
+        megapixels_per_min: (w * h) as f64 / 1e6 / seconds * 60.0,
+        forward_ms,
+        blend_ms_per_window,
+        blend_overhead: blend_ms_per_window / forward_ms,
+        pipeline_overhead: seconds * 1e3 / (stats.tiles as f64 * forward_ms) - 1.0,
+    })
+}
+
 pub fn kernel_benches(gpu: &Gpu) -> anyhow::Result<Vec<BenchResult>> {
     use medfastsam::ops;
     let mut v = Vec::new();
@@ -394,6 +511,39 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
                 r.peak_gpu_bytes as f64 / 1048576.0,
                 r.weight_bytes as f64 / 1048576.0
             );
+        }
+        return Ok(0);
+    }
+    if let Some(presets) = &a.tiles {
+        let mut out = Vec::new();
+        for p in presets {
+            for &size in &a.sizes {
+                let r = bench_tiles(&gpu, p, size, a.reps.min(3))?;
+                if !a.json {
+                    println!(
+                        "tiles {} {}²: {}x{} in {} windows (overlap {}) in {:.1} s: {:.2} windows/s, {:.1} Mpx/min; \
+                         {:.0} ms per window tiled vs {:.0} ms for a forward alone; \
+                         blending {:.2} ms/window ({:.2} % of the forward)",
+                        r.preset,
+                        r.size,
+                        r.width,
+                        r.height,
+                        r.windows,
+                        r.overlap,
+                        r.seconds,
+                        r.windows_per_s,
+                        r.megapixels_per_min,
+                        r.seconds * 1e3 / r.windows as f64,
+                        r.forward_ms,
+                        r.blend_ms_per_window,
+                        100.0 * r.blend_overhead
+                    );
+                }
+                out.push(r);
+            }
+        }
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&out)?);
         }
         return Ok(0);
     }
