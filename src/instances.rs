@@ -1802,6 +1802,16 @@ impl<W: Write> GeoJsonWriter<W> {
     }
 }
 
+/// The UUID seed ([`GeoJsonWriter::with_uuid_seed`]) of an image's objects: FNV-1a 64 of the
+/// image's output base name (`<name>_objects.geojson`), so that objects of different images get
+/// different UUIDs and the same image gets the same ones in every run, from the command line or
+/// the web page alike.
+pub fn uuid_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// A version-4-shaped UUID made from (seed, id) by a fixed mixing function.
 fn uuid_for(seed: u64, id: u32) -> String {
     fn mix(mut z: u64) -> u64 {

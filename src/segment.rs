@@ -172,40 +172,50 @@ pub fn global_otsu_index_rows(
     Ok((t * 255.0).round() as u32)
 }
 
-#[cfg(not(target_arch = "wasm32"))]
-impl Segmenter<'_> {
-    /// Segments `img` at its own pixel scale in windows of the model's input size S (see
-    /// [`crate::tile`]): the blended logits are handed to `on_row(y, logits, rgb)` in row order,
-    /// one band of windows at a time (memory: one band of S rows); `on_tile(done, total)` after
-    /// each forward. Non-finite logits are an error naming the window.
-    pub fn segment_tiled(
-        &self,
-        img: &RgbImage,
-        opts: &TileOptions,
-        on_row: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
-        on_tile: impl FnMut(usize, usize),
-    ) -> Result<TiledStats> {
-        let global_t = if opts.global_otsu {
-            Some(global_otsu_index(self.gpu, img, self.model.otsu_rule())?)
-        } else {
-            None
-        };
-        let mut src = crate::stream::MemoryRows::new(img);
-        self.segment_tiled_rows(&mut src, opts, global_t, on_row, on_tile)
+/// Seconds on a wall clock with an arbitrary origin, on every target (std's clock does not exist
+/// in the browser).
+fn wall_seconds() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        ORIGIN
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
     }
+    #[cfg(all(target_arch = "wasm32", feature = "web"))]
+    {
+        js_sys::Date::now() / 1e3
+    }
+    #[cfg(all(target_arch = "wasm32", not(feature = "web")))]
+    {
+        0.0
+    }
+}
 
-    /// [`Segmenter::segment_tiled`] of an image read row by row, with the global threshold index
-    /// (see [`global_otsu_index_rows`]) given when [`TileOptions::global_otsu`] is set. Host
-    /// memory: the band of rows one row of windows reads and its blended logits.
-    pub fn segment_tiled_rows(
+/// Each window's Otsu coarse prompt, handed to `(ix, iy, coarse)` (S×S, row-major, 1 =
+/// foreground) by [`Segmenter::segment_tiled_rows_async`] when asked for.
+pub type CoarseHook<'a> = &'a mut dyn FnMut(usize, usize, &[f32]);
+
+impl Segmenter<'_> {
+    /// The tiling loop, the one implementation behind the command line's
+    /// [`Segmenter::segment_tiled_rows`] (which runs it to completion with `pollster`) and the web
+    /// page's worker (which awaits it, its GPU reads being asynchronous there). Windows of the
+    /// model's input size S over the image read from `src`, [`TileOptions::batch`] per forward,
+    /// blended row of windows by row of windows: the blended logits go to `on_row(y, logits, rgb)`
+    /// in row order, `on_tile(done, total)` is called after each forward, and with `on_coarse`
+    /// each window's coarse prompt is read back too and handed over. Non-finite logits are an
+    /// error naming the window.
+    pub async fn segment_tiled_rows_async(
         &self,
         src: &mut dyn crate::stream::RowSource,
         opts: &TileOptions,
         global_t: Option<u32>,
         mut on_row: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
         mut on_tile: impl FnMut(usize, usize),
+        mut on_coarse: Option<CoarseHook<'_>>,
     ) -> Result<TiledStats> {
-        let t0 = std::time::Instant::now();
+        let t0 = wall_seconds();
         let s = self.model.cfg.image_size;
         let plan = crate::tile::TilePlan::new(src.width(), src.height(), s, opts.overlap)?;
         if opts.global_otsu && global_t.is_none() {
@@ -256,7 +266,11 @@ impl Segmenter<'_> {
                     None => self.model.forward(&mut rec, &px, false)?,
                 };
                 rec.submit()?;
-                let logits = self.gpu.read(&out.logits)?;
+                let logits = self.gpu.read_async(&out.logits).await?;
+                let coarse = match on_coarse {
+                    Some(_) => Some(self.gpu.read_async(&out.coarse).await?),
+                    None => None,
+                };
                 for (k, &ix) in chunk.iter().enumerate() {
                     let l = &logits[k * s * s..(k + 1) * s * s];
                     if let Some(bad) = l.iter().find(|v| !v.is_finite()) {
@@ -267,6 +281,9 @@ impl Segmenter<'_> {
                         )));
                     }
                     blend.add(ix, iy, l);
+                    if let (Some(hook), Some(c)) = (on_coarse.as_mut(), coarse.as_ref()) {
+                        hook(ix, iy, &c[k * s * s..(k + 1) * s * s]);
+                    }
                 }
                 done += b;
                 on_tile(done, total);
@@ -276,8 +293,48 @@ impl Segmenter<'_> {
         Ok(TiledStats {
             tiles: total,
             global_t,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds: (wall_seconds() - t0).max(0.0),
         })
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Segmenter<'_> {
+    /// Segments `img` at its own pixel scale in windows of the model's input size S (see
+    /// [`crate::tile`]): the blended logits are handed to `on_row(y, logits, rgb)` in row order,
+    /// one band of windows at a time (memory: one band of S rows); `on_tile(done, total)` after
+    /// each forward. Non-finite logits are an error naming the window.
+    pub fn segment_tiled(
+        &self,
+        img: &RgbImage,
+        opts: &TileOptions,
+        on_row: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
+        on_tile: impl FnMut(usize, usize),
+    ) -> Result<TiledStats> {
+        let global_t = if opts.global_otsu {
+            Some(global_otsu_index(self.gpu, img, self.model.otsu_rule())?)
+        } else {
+            None
+        };
+        let mut src = crate::stream::MemoryRows::new(img);
+        self.segment_tiled_rows(&mut src, opts, global_t, on_row, on_tile)
+    }
+
+    /// [`Segmenter::segment_tiled`] of an image read row by row, with the global threshold index
+    /// (see [`global_otsu_index_rows`]) given when [`TileOptions::global_otsu`] is set. Host
+    /// memory: the band of rows one row of windows reads and its blended logits. Runs
+    /// [`Segmenter::segment_tiled_rows_async`] to completion.
+    pub fn segment_tiled_rows(
+        &self,
+        src: &mut dyn crate::stream::RowSource,
+        opts: &TileOptions,
+        global_t: Option<u32>,
+        on_row: impl FnMut(usize, &[f32], &[u8]) -> Result<()>,
+        on_tile: impl FnMut(usize, usize),
+    ) -> Result<TiledStats> {
+        pollster::block_on(
+            self.segment_tiled_rows_async(src, opts, global_t, on_row, on_tile, None),
+        )
     }
 
     /// The logits of one S×S image at the model's input size (no resizing), for checks against

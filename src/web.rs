@@ -9,11 +9,12 @@
 
 use crate::error::Error;
 use crate::gpu::{AdapterRequest, Gpu};
+use crate::instances;
 use crate::io::{self, GrayImage, RgbImage};
 use crate::model::sam::{MaskChoice, Prompt};
 use crate::model::weights::Stored;
 use crate::model::{Config, MedFastSam, Variant, Weights};
-use crate::segment::{Encoded, PromptSegmenter, Segmenter};
+use crate::segment::{Encoded, PromptSegmenter, Segmenter, TileOptions};
 use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -373,6 +374,17 @@ pub struct SegResult {
     mask_png: Vec<u8>,
     /// Prompted models: JSON with the IoU predictions and the chosen mask token.
     prompt_info: String,
+    /// How the image was segmented: `resized` (stretched to S×S and back) or `tiled`; empty for
+    /// prompted models.
+    mode: &'static str,
+    /// Windows of a tiled image (0 otherwise) and their rate.
+    tiles: usize,
+    tiles_per_s: f64,
+    /// The objects ([`crate::instances`]): JSON summary, CSV and GeoJSON as the CLI's
+    /// `segment --instances --geojson` writes them.
+    objects: String,
+    objects_csv: Vec<u8>,
+    objects_geojson: Vec<u8>,
 }
 
 #[wasm_bindgen]
@@ -436,6 +448,37 @@ impl SegResult {
     pub fn take_mask_png(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.mask_png)
     }
+    /// `tiled` (windows at the image's own scale) or `resized` (stretched to the model's size).
+    #[wasm_bindgen(getter)]
+    pub fn mode(&self) -> String {
+        self.mode.to_string()
+    }
+    /// Windows of a tiled image (0 when resized).
+    #[wasm_bindgen(getter)]
+    pub fn tiles(&self) -> usize {
+        self.tiles
+    }
+    /// Windows per second of a tiled image.
+    #[wasm_bindgen(getter)]
+    pub fn tiles_per_s(&self) -> f64 {
+        self.tiles_per_s
+    }
+    /// The objects' summary as JSON: `count`, `mean_area` (px), `coverage` (0–1), `object_pixels`,
+    /// `text` (as the CLI prints it), `labelling_ms`.
+    #[wasm_bindgen(getter)]
+    pub fn objects(&self) -> String {
+        self.objects.clone()
+    }
+    /// `<stem>_objects.csv`, byte for byte what `medfastsam segment --instances` writes for the
+    /// same mask.
+    pub fn take_objects_csv(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.objects_csv)
+    }
+    /// `<stem>_objects.geojson` (QuPath detections), byte for byte what `medfastsam segment
+    /// --geojson` writes for the same mask and output name.
+    pub fn take_objects_geojson(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.objects_geojson)
+    }
 }
 
 fn rgb_to_rgba(img: &RgbImage) -> Vec<u8> {
@@ -466,35 +509,222 @@ fn overlay_layers(mask: &GrayImage) -> (Vec<u8>, Vec<u8>) {
     (fill, edge)
 }
 
-/// Decodes one image file (PNG, JPEG, BMP, TIFF) and segments it with the prepared model.
+/// Microns per pixel a TIFF states for its first image, as the CLI reads it (Aperio's `MPP = `
+/// in the image description, or the resolution tags in inch or centimetre units); None for other
+/// formats. Used for the objects' areas in µm².
+fn tiff_mpp(bytes: &[u8]) -> Option<f64> {
+    use tiff::tags::Tag;
+    let magic = bytes.get(..4)?;
+    if ![b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"].contains(&magic.try_into().ok()?) {
+        return None;
+    }
+    let mut dec = tiff::decoder::Decoder::new(std::io::Cursor::new(bytes)).ok()?;
+    if let Ok(Some(tiff::decoder::ifd::Value::Ascii(d))) = dec.find_tag(Tag::ImageDescription)
+        && let Some(i) = d.find("MPP = ")
+    {
+        let v: String = d[i + 6..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        if let Ok(m) = v.parse::<f64>()
+            && m > 0.0
+        {
+            return Some(m);
+        }
+    }
+    let xres = dec.get_tag_f64(Tag::XResolution).ok()?;
+    let per = match dec
+        .find_tag_unsigned::<u16>(Tag::ResolutionUnit)
+        .ok()
+        .flatten()
+    {
+        Some(3) => 1e4,
+        Some(2) => 2.54e4,
+        _ => return None,
+    };
+    (xres > 0.0 && xres.is_finite()).then(|| per / xres)
+}
+
+/// The objects of a mask with the CLI's defaults (`segment --instances --geojson`): the summary
+/// and the CSV and GeoJSON files, made row by row by the same [`instances::Labeler`] and writers.
+fn objects(
+    mask: &GrayImage,
+    img: &RgbImage,
+    base: &str,
+    mpp: Option<f64>,
+) -> crate::Result<(instances::Summary, Vec<u8>, Vec<u8>)> {
+    let w = mask.width;
+    let csv = instances::CsvWriter::new(Vec::new(), mpp)?;
+    let geojson = instances::GeoJsonWriter::new(Vec::new())?
+        .with_mpp(mpp)
+        .with_uuid_seed(instances::uuid_seed(base));
+    let mut sink = instances::WriterSink::<std::io::Cursor<Vec<u8>>, Vec<u8>, Vec<u8>> {
+        labels: None,
+        csv: Some(csv),
+        geojson: Some(geojson),
+    };
+    let mut lab = instances::Labeler::new(w, instances::InstanceOptions::default());
+    for (m, px) in mask.data.chunks_exact(w).zip(img.data.chunks_exact(3 * w)) {
+        lab.push_row(m, px, &mut sink)?;
+    }
+    let summary = lab.finish(&mut sink)?;
+    let (_, csv, geojson) = sink.finish()?;
+    Ok((
+        summary,
+        csv.unwrap_or_default(),
+        geojson.unwrap_or_default(),
+    ))
+}
+
+/// The part of window `i` of an axis (starts `st`, window span `span`, axis length `len`) whose
+/// pixels are nearer its own centre than a neighbour's: up to the middle of each overlap.
+fn core_span(st: &[usize], i: usize, span: usize, len: usize) -> (usize, usize) {
+    let lo = if i == 0 {
+        0
+    } else {
+        (st[i] + st[i - 1] + span) / 2
+    };
+    let hi = if i + 1 == st.len() {
+        len
+    } else {
+        (st[i + 1] + st[i] + span) / 2
+    };
+    (lo, hi)
+}
+
+/// Decodes one image file (PNG, JPEG, BMP, TIFF) and segments it with the prepared model, then
+/// splits the mask into objects.
+///
+/// An image larger than the model's input size S in either dimension is segmented at its own
+/// pixel scale in S×S windows (overlap S/8, one window per forward, each with its own Otsu
+/// prompt, logits blended over the overlaps), as `medfastsam segment` does by default; with
+/// `stretch`, and for images no larger than S, it is stretched to S×S and the logits resized back
+/// (`segment --resize`). `on_progress(done, total, windows_per_s)` is called after each window.
+/// `base` is the output base name (`<base>_objects.geojson`), which seeds the objects' UUIDs as
+/// the CLI's does.
 #[wasm_bindgen]
-pub async fn segment_image(bytes: Vec<u8>, name: String) -> Result<SegResult, JsValue> {
+pub async fn segment_image(
+    bytes: Vec<u8>,
+    name: String,
+    base: String,
+    stretch: bool,
+    on_progress: Option<js_sys::Function>,
+) -> Result<SegResult, JsValue> {
     let seg = segmenter()?;
+    let s = seg.model.cfg.image_size;
     let t0 = perf_now();
     let img = io::decode_rgb(&bytes, &name).map_err(to_js)?;
+    let mpp = tiff_mpp(&bytes);
     drop(bytes);
+    let (w, h) = (img.width, img.height);
     let t1 = perf_now();
-    let r = seg.segment_async(&img).await.map_err(to_js)?;
+    let tiled = !stretch && (w > s || h > s);
+    let (mask, coarse, threshold, tiles) = if tiled {
+        let overlap = s / 8;
+        let opts = TileOptions {
+            overlap,
+            global_otsu: false,
+            batch: 1,
+        };
+        let plan = crate::tile::TilePlan::new(w, h, s, overlap).map_err(to_js)?;
+        let mut mask = vec![0u8; w * h];
+        let mut coarse = vec![0u8; w * h];
+        let mut src = crate::stream::MemoryRows::new(&img);
+        let mut put_coarse = |ix: usize, iy: usize, c: &[f32]| {
+            let (x0, y0) = (plan.xs[ix], plan.ys[iy]);
+            let (xa, xb) = core_span(&plan.xs, ix, s.min(w), w);
+            let (ya, yb) = core_span(&plan.ys, iy, s.min(h), h);
+            for y in ya..yb {
+                let src = &c[(y - y0) * s..];
+                for (x, o) in coarse[y * w..(y + 1) * w]
+                    .iter_mut()
+                    .enumerate()
+                    .take(xb)
+                    .skip(xa)
+                {
+                    *o = if src[x - x0] > 0.5 { 255 } else { 0 };
+                }
+            }
+        };
+        let start = perf_now();
+        let stats = seg
+            .segment_tiled_rows_async(
+                &mut src,
+                &opts,
+                None,
+                |y, logits, _rgb| {
+                    for (m, &l) in mask[y * w..(y + 1) * w].iter_mut().zip(logits) {
+                        *m = if l > 0.0 { 255 } else { 0 };
+                    }
+                    Ok(())
+                },
+                |done, total| {
+                    if let Some(f) = &on_progress {
+                        let secs = ((perf_now() - start) / 1e3).max(1e-9);
+                        let _ = f.call3(
+                            &JsValue::NULL,
+                            &JsValue::from(done as f64),
+                            &JsValue::from(total as f64),
+                            &JsValue::from(done as f64 / secs),
+                        );
+                    }
+                },
+                Some(&mut put_coarse),
+            )
+            .await
+            .map_err(to_js)?;
+        let gray = |data| GrayImage {
+            width: w,
+            height: h,
+            data,
+        };
+        (gray(mask), gray(coarse), f32::NAN, stats.tiles)
+    } else {
+        let r = seg.segment_async(&img).await.map_err(to_js)?;
+        (r.mask, r.coarse, r.threshold, 0)
+    };
     let t2 = perf_now();
-    let mask_png = io::encode_png_gray(&r.mask).map_err(to_js)?;
+    let mask_png = io::encode_png_gray(&mask).map_err(to_js)?;
     let t3 = perf_now();
-    let fg =
-        r.mask.data.iter().filter(|&&v| v > 127).count() as f64 / r.mask.data.len().max(1) as f64;
-    let (fill_rgba, edge_rgba) = overlay_layers(&r.mask);
+    let (summary, objects_csv, objects_geojson) =
+        objects(&mask, &img, &base, mpp).map_err(to_js)?;
+    let t4 = perf_now();
+    let fg = mask.data.iter().filter(|&&v| v > 127).count() as f64 / mask.data.len().max(1) as f64;
+    let (fill_rgba, edge_rgba) = overlay_layers(&mask);
+    let gpu_ms = t2 - t1;
     Ok(SegResult {
-        width: img.width,
-        height: img.height,
-        threshold: r.threshold,
+        width: w,
+        height: h,
+        threshold,
         foreground: fg,
         decode_ms: t1 - t0,
-        gpu_ms: t2 - t1,
+        gpu_ms,
         encode_ms: t3 - t2,
         rgba: rgb_to_rgba(&img),
-        coarse_rgba: gray_to_rgba(&r.coarse),
+        coarse_rgba: gray_to_rgba(&coarse),
         fill_rgba,
         edge_rgba,
         mask_png,
         prompt_info: String::new(),
+        mode: if tiled { "tiled" } else { "resized" },
+        tiles,
+        tiles_per_s: if tiles > 0 {
+            tiles as f64 / (gpu_ms / 1e3).max(1e-9)
+        } else {
+            0.0
+        },
+        objects: json!({
+            "count": summary.count,
+            "mean_area": summary.mean_area,
+            "coverage": summary.coverage,
+            "object_pixels": summary.object_pixels,
+            "text": summary.to_string(),
+            "labelling_ms": t4 - t3,
+            "mpp": mpp,
+        })
+        .to_string(),
+        objects_csv,
+        objects_geojson,
     })
 }
 
@@ -537,6 +767,12 @@ pub async fn encode_image(bytes: Vec<u8>, name: String) -> Result<SegResult, JsV
         edge_rgba: Vec::new(),
         mask_png: Vec::new(),
         prompt_info: String::new(),
+        mode: "",
+        tiles: 0,
+        tiles_per_s: 0.0,
+        objects: String::new(),
+        objects_csv: Vec::new(),
+        objects_geojson: Vec::new(),
     })
 }
 
@@ -632,6 +868,12 @@ pub async fn decode_prompt(prompts: String) -> Result<SegResult, JsValue> {
         edge_rgba,
         mask_png,
         prompt_info: json!({ "prompts": infos }).to_string(),
+        mode: "",
+        tiles: 0,
+        tiles_per_s: 0.0,
+        objects: String::new(),
+        objects_csv: Vec::new(),
+        objects_geojson: Vec::new(),
     })
 }
 

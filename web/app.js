@@ -23,6 +23,7 @@ const ui = {
   variant: $('#variant'),
   opacity: $('#opacity'),
   opacityValue: $('#opacity-value'),
+  stretch: $('#stretch'),
   settingsAlert: $('#settings-alert'),
   imagesInput: $('#images-input'),
   progress: $('#progress'),
@@ -219,6 +220,7 @@ function loadSettings() {
     if ([...ui.size.options].some((o) => o.value === s.size)) ui.size.value = s.size;
     if ([...ui.variant.options].some((o) => o.value === s.variant)) ui.variant.value = s.variant;
     if (Number.isFinite(s.opacity)) ui.opacity.value = s.opacity;
+    ui.stretch.checked = s.stretch === true;
   } catch {
     /* no saved settings */
   }
@@ -226,7 +228,7 @@ function loadSettings() {
 
 function saveSettings() {
   try {
-    localStorage.setItem(SETTINGS_KEY, JSON.stringify({ size: ui.size.value, variant: ui.variant.value, opacity: Number(ui.opacity.value) }));
+    localStorage.setItem(SETTINGS_KEY, JSON.stringify({ size: ui.size.value, variant: ui.variant.value, opacity: Number(ui.opacity.value), stretch: ui.stretch.checked }));
   } catch {
     /* storage unavailable: settings are not remembered */
   }
@@ -511,9 +513,15 @@ function makeCard(file) {
     edge: el.querySelector('canvas.edge'),
     maskLink: el.querySelector('.download-mask'),
     overlayButton: el.querySelector('.download-overlay'),
+    csvLink: el.querySelector('.download-csv'),
+    geojsonLink: el.querySelector('.download-geojson'),
+    objects: el.querySelector('.objects'),
     timing: el.querySelector('.timing'),
     result: null,
     maskUrl: null,
+    csvUrl: null,
+    geojsonUrl: null,
+    tileProgress: [],
   };
   card.fill.style.opacity = String(Number(ui.opacity.value) / 100);
   card.status.textContent = state.weights ? 'Queued' : 'Waiting for weights';
@@ -548,12 +556,27 @@ async function segmentCard(card) {
   card.el.dataset.state = 'running';
   card.status.textContent = 'Segmenting…';
   setState('busy');
-  progress.start(`Segmenting ${card.file.name} (${index} of ${state.cards.length}) at ${state.prepared.image_size} × ${state.prepared.image_size}`);
+  const s = state.prepared.image_size;
+  const what = `Segmenting ${card.file.name} (${index} of ${state.cards.length}) at ${s} × ${s}`;
+  progress.start(what);
   const t0 = performance.now();
+  const stretch = ui.stretch.checked;
+  // One message per window of a tiled image: {done, total, rate (windows/s)}.
+  const ticks = [];
+  card.tileProgress = ticks;
+  const onProgress = (p) => {
+    if (p.phase !== 'tiles') return;
+    ticks.push({ done: p.done, total: p.total, rate: p.rate, ms: performance.now() - t0 });
+    const left = p.rate > 0 ? ((p.total - p.done) / p.rate) * 1000 : NaN;
+    const eta = p.done < p.total ? (Number.isFinite(left) ? `about ${fmtMs(left)} left` : '') : 'blending, finding the objects';
+    progress.set(`${what}: window ${p.done} of ${p.total} · ${p.rate.toFixed(2)} windows/s${eta ? ' · ' + eta : ''}`, p.done / p.total);
+    card.status.textContent = `Window ${p.done} of ${p.total}…`;
+  };
   try {
-    const r = await call('segment', { blob: card.file, name: card.file.name });
+    const r = await call('segment', { blob: card.file, name: card.file.name, base: stem(card.file.name), stretch }, onProgress);
     r.page_ms = performance.now() - t0;
-    r.setting = `${state.prepared.image_size}:${state.prepared.variant}`;
+    r.setting = `${s}:${state.prepared.variant}`;
+    r.stretch = stretch;
     render(card, r);
   } catch (e) {
     card.el.dataset.state = 'error';
@@ -563,7 +586,7 @@ async function segmentCard(card) {
       e.name === 'ImageError'
         ? `Cannot read this image: ${e.message}`
         : e.name === 'LimitError'
-          ? `This image is too large for this GPU's limits (${e.message}). Downscale it and try again.`
+          ? `This image is too large for this GPU's limits (${e.message}). ${stretch ? 'Turn off "Stretch to the model\'s size" to segment it in windows, or downscale it.' : 'Downscale it and try again.'}`
           : `Failed: ${e.name}: ${e.message}`;
     if (e.fatal) {
       showFatal('The segmentation engine stopped.', [e.message]);
@@ -744,6 +767,31 @@ function draw(canvas, bitmap) {
   canvas.getContext('2d').drawImage(bitmap, 0, 0);
 }
 
+// The objects of a result: the summary line and the two downloads, kept as blobs of this card
+// (freed with it, or when the card is segmented again).
+function setObjects(card, r) {
+  freeObjects(card);
+  const base = stem(card.file.name);
+  card.csvUrl = URL.createObjectURL(new Blob([r.csv], { type: 'text/csv' }));
+  card.geojsonUrl = URL.createObjectURL(new Blob([r.geojson], { type: 'application/geo+json' }));
+  card.csvLink.href = card.csvUrl;
+  card.csvLink.download = `${base}_objects.csv`;
+  card.geojsonLink.href = card.geojsonUrl;
+  card.geojsonLink.download = `${base}_objects.geojson`;
+  card.csvLink.title = `${r.objects.count} objects, one line each: area, centroid, box, perimeter, eccentricity, mean colour`;
+  card.geojsonLink.title = 'The outlines as detections QuPath imports (File › Import objects)';
+  card.csvLink.hidden = card.geojsonLink.hidden = false;
+  card.objects.textContent = r.objects.text;
+  card.objects.hidden = false;
+}
+
+function freeObjects(card) {
+  for (const k of ['csvUrl', 'geojsonUrl']) {
+    if (card[k]) URL.revokeObjectURL(card[k]);
+    card[k] = null;
+  }
+}
+
 function render(card, r) {
   draw(card.orig, r.orig);
   draw(card.base, r.orig);
@@ -758,13 +806,33 @@ function render(card, r) {
   card.maskLink.textContent = `Download mask (PNG, ${r.width} × ${r.height})`;
   card.maskLink.hidden = false;
   card.overlayButton.hidden = false;
-  card.result = { width: r.width, height: r.height, threshold: r.threshold, foreground: r.foreground, total_ms: r.total_ms, gpu_ms: r.gpu_ms, setting: r.setting };
+  setObjects(card, r);
+  card.result = {
+    width: r.width,
+    height: r.height,
+    mode: r.mode,
+    stretch: r.stretch,
+    tiles: r.tiles,
+    tiles_per_s: r.tiles_per_s,
+    progress_messages: card.tileProgress.length,
+    threshold: r.threshold,
+    foreground: r.foreground,
+    objects: r.objects,
+    total_ms: r.total_ms,
+    gpu_ms: r.gpu_ms,
+    setting: r.setting,
+  };
   card.el.dataset.state = 'done';
   card.el.dataset.width = r.width;
   card.el.dataset.height = r.height;
   card.el.dataset.ms = Math.round(r.total_ms);
-  card.status.textContent = `${r.width} × ${r.height} · ${(r.foreground * 100).toFixed(1)}% foreground · Otsu t = ${r.threshold.toFixed(4)}`;
-  card.timing.textContent = `${fmtMs(r.total_ms)} (decode ${fmtMs(r.decode_ms)}, GPU ${fmtMs(r.gpu_ms)}, PNG ${fmtMs(r.encode_ms)})`;
+  card.el.dataset.mode = r.mode;
+  card.el.dataset.objects = r.objects.count;
+  const s = r.setting.split(':')[0];
+  const how = r.mode === 'tiled' ? `${r.tiles} windows of ${s} × ${s} · Otsu per window` : `stretched to ${s} × ${s} · Otsu t = ${r.threshold.toFixed(4)}`;
+  card.status.textContent = `${r.width} × ${r.height} · ${(r.foreground * 100).toFixed(1)}% foreground · ${how}`;
+  const gpu = r.mode === 'tiled' ? `GPU ${fmtMs(r.gpu_ms)} at ${r.tiles_per_s.toFixed(2)} windows/s` : `GPU ${fmtMs(r.gpu_ms)}`;
+  card.timing.textContent = `${fmtMs(r.total_ms)} (decode ${fmtMs(r.decode_ms)}, ${gpu}, PNG ${fmtMs(r.encode_ms)}, objects ${fmtMs(r.objects.labelling_ms)})`;
   card.timing.title = `Time in the engine for this image at ${r.setting.replace(':', ' px, ')}`;
   updateSummary();
 }
@@ -809,9 +877,19 @@ function updateSummary() {
 }
 
 function updateRerun() {
+  ui.rerun.hidden = !state.cards.some((c) => stale(c));
+}
+
+// Whether a card's result came from other settings than the current ones (input size, variant,
+// or, for an image larger than the input, tiled versus stretched).
+function stale(c) {
   const p = state.prepared;
-  const setting = p ? `${p.image_size}:${p.prompted ? p.arch : p.variant}` : null;
-  ui.rerun.hidden = !setting || !state.cards.some((c) => c.result && c.result.setting !== setting);
+  if (!p || !c.result) return false;
+  const setting = `${p.image_size}:${p.prompted ? p.arch : p.variant}`;
+  if (c.result.setting !== setting) return true;
+  if (p.prompted || !c.result.mode) return false;
+  const large = c.result.width > p.image_size || c.result.height > p.image_size;
+  return (large && !ui.stretch.checked ? 'tiled' : 'resized') !== c.result.mode;
 }
 
 let toastTimer = null;
@@ -862,6 +940,10 @@ function wireInputs() {
   };
   ui.size.addEventListener('change', onSetting);
   ui.variant.addEventListener('change', onSetting);
+  ui.stretch.addEventListener('change', () => {
+    saveSettings();
+    updateRerun();
+  });
   ui.opacity.addEventListener('input', () => {
     applyOpacity();
     saveSettings();
@@ -872,11 +954,9 @@ function wireInputs() {
     toast('The saved weights were removed from this browser. The model stays loaded until you reload.');
   });
   ui.rerun.addEventListener('click', () => {
-    const p = state.prepared;
-    if (!p) return;
-    const setting = `${p.image_size}:${p.variant}`;
+    if (!state.prepared) return;
     for (const c of state.cards) {
-      if (c.result && c.result.setting !== setting && !state.waiting.includes(c)) {
+      if (stale(c) && !state.waiting.includes(c)) {
         c.el.dataset.state = 'queued';
         c.status.textContent = 'Queued';
         state.waiting.push(c);
@@ -895,7 +975,9 @@ function wireInputs() {
   });
   ui.clear.addEventListener('click', () => {
     for (const c of state.cards) {
+      if (c.el.dataset.state === 'running') continue;
       if (c.maskUrl) URL.revokeObjectURL(c.maskUrl);
+      freeObjects(c);
       c.el.remove();
     }
     state.cards = state.cards.filter((c) => c.el.dataset.state === 'running');
@@ -1012,7 +1094,7 @@ window.medfastsam = {
     weights: state.weights?.name || null,
     prepared: state.prepared,
     gpu: state.gpu,
-    cards: state.cards.map((c) => ({ name: c.file.name, state: c.el.dataset.state, result: c.result })),
+    cards: state.cards.map((c) => ({ name: c.file.name, state: c.el.dataset.state, result: c.result, progress: c.tileProgress })),
   }),
 };
 

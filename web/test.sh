@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The browser test: builds the page (web/build.sh) and the native CLI, segments three real images
 # with the CLI and with the page in headless Chromium (WebGPU on SwiftShader), and checks
-# (a) masks equal (<= 0.1 % of pixels), (b) tiny-fixture logits within tolerance, (c) no request
-# leaves the page's origin, plus responsiveness, storage, and the no-WebGPU / small-limits messages.
+# (a) masks equal (<= 0.1 % of pixels): the 512x512 nuclei image tiled in 9 windows at 256 (as
+# `segment` does by default), the H&E and IHC images stretched (`segment --resize`, the page's
+# "Stretch" box), and the nuclei image's objects (count, CSV and GeoJSON) against
+# `segment --instances --geojson`, (b) tiny-fixture logits within tolerance, (c) no request leaves
+# the page's origin, plus progress, responsiveness, storage, and the no-WebGPU / small-limits
+# messages.
 # Run from anywhere; exits non-zero on any failure. Needs what .ci/setup installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,11 +31,15 @@ fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-images=(data/he/stardist-histo.jpg data/he/skimage-ihc.png data/dsb2018-nuclei/image.tif)
-say "native CLI masks of ${images[*]}"
-"$target_dir/release/medfastsam" segment "${images[@]}" \
-  --weights tests/data/fixtures/tiny.weights.safetensors --config tests/data/fixtures/tiny.config.json --resize \
+tiny=(--weights tests/data/fixtures/tiny.weights.safetensors --config tests/data/fixtures/tiny.config.json)
+resized=(data/he/stardist-histo.jpg data/he/skimage-ihc.png)
+tiled=data/dsb2018-nuclei/image.tif
+say "native CLI masks and objects of ${resized[*]} (--resize --instances --geojson)"
+"$target_dir/release/medfastsam" segment "${resized[@]}" "${tiny[@]}" --resize --instances --geojson \
   --out "$tmp/cli" || die "the native CLI failed"
+say "native CLI mask and objects of $tiled (tiled, --instances --geojson)"
+"$target_dir/release/medfastsam" segment "$tiled" "${tiny[@]}" --instances --geojson \
+  --out "$tmp/cli-tiled" || die "the native CLI failed (tiled)"
 
 prompted=()
 if [ -f web/pkg/mobilesam.safetensors ]; then
@@ -42,5 +50,5 @@ if [ -f web/pkg/mobilesam.safetensors ]; then
 fi
 
 say "browser test"
-node web/test/run.mjs --cli-masks "$tmp/cli" "${prompted[@]}" --chromium "$chromium" || die "browser checks failed (see above)"
+node web/test/run.mjs --cli-masks "$tmp/cli" --cli-tiled "$tmp/cli-tiled" "${prompted[@]}" --chromium "$chromium" || die "browser checks failed (see above)"
 say "passed"

@@ -147,10 +147,14 @@ const ops = {
     return { value: { ...cfg, ...warm, upload_ms: t1 - t0, warmup_ms: t2 - t1 } };
   },
 
-  async segment(msg) {
+  // Med-FastSAM: one image, stretched to the input size or (larger than it, unless msg.stretch)
+  // in windows at its own scale, with a progress message after each window; then its objects.
+  // The CSV and GeoJSON go to the page with the result (transferred, not kept here).
+  async segment(msg, progress) {
     const t0 = performance.now();
     const bytes = new Uint8Array(await msg.blob.arrayBuffer());
-    const r = await wasm.segment_image(bytes, msg.name);
+    const onTile = (done, total, rate) => progress({ phase: 'tiles', done, total, rate });
+    const r = await wasm.segment_image(bytes, msg.name, msg.base || msg.name, Boolean(msg.stretch), onTile);
     try {
       const w = r.width, h = r.height;
       const [orig, coarse, fill, edge] = await Promise.all([
@@ -160,22 +164,30 @@ const ops = {
         bitmap(r.take_edge_rgba(), w, h),
       ]);
       const maskPng = r.take_mask_png();
+      const csv = r.take_objects_csv();
+      const geojson = r.take_objects_geojson();
       const value = {
         width: w,
         height: h,
+        mode: r.mode,
+        tiles: r.tiles,
+        tiles_per_s: r.tiles_per_s,
         threshold: r.threshold,
         foreground: r.foreground,
         decode_ms: r.decode_ms,
         gpu_ms: r.gpu_ms,
         encode_ms: r.encode_ms,
+        objects: JSON.parse(r.objects),
         total_ms: performance.now() - t0,
         orig,
         coarse,
         fill,
         edge,
         maskPng: maskPng.buffer,
+        csv: csv.buffer,
+        geojson: geojson.buffer,
       };
-      return { value, transfer: [orig, coarse, fill, edge, maskPng.buffer] };
+      return { value, transfer: [orig, coarse, fill, edge, maskPng.buffer, csv.buffer, geojson.buffer] };
     } finally {
       r.free();
     }

@@ -1,13 +1,16 @@
 // Browser test of the medfastsam page (run by web/test.sh): Debian's Chromium, headless, WebGPU on
 // SwiftShader, driven by playwright-core. It serves web/ from a local static server, feeds real
 // images and the tiny fixture weights through the page's own file inputs, and checks
-//   (a) every mask the page offers for download equals the native CLI's mask (<= 0.1 % of pixels),
+//   (a) every mask the page offers for download equals the native CLI's mask (<= 0.1 % of pixels):
+//       the 512x512 nuclei image tiled (9 windows at 256, as `segment` does by default) and the
+//       H&E/IHC images stretched (`segment --resize`; the page's "Stretch" box); the nuclei image's
+//       objects (summary, CSV, GeoJSON downloads) against `segment --instances --geojson`,
 //   (b) the tiny-fixture logits computed in the page match fixtures/tiny.forward,
 //   (c) no request left the page's origin,
 // plus: the page never stalls, the weights survive a reload, a browser without WebGPU and a GPU
 // with too small limits get a plain message, and the CSP blocks other origins (page and worker).
 //
-// Usage: node run.mjs --cli-masks DIR [--chromium PATH]
+// Usage: node run.mjs --cli-masks DIR --cli-tiled DIR [--cli-prompted DIR] [--chromium PATH]
 //        node run.mjs --bench --weights FILE [--image FILE] [--size N] [--repeat N]
 
 import http from 'node:http';
@@ -145,6 +148,50 @@ function decodePng(buf) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Objects: the CSV's rows, and which of them the pixels where two masks differ may have changed.
+
+function csvRows(text) {
+  const lines = text.split('\n').filter((l) => l.length);
+  return { header: lines[0], rows: lines.slice(1).map((l) => l.split(',')) };
+}
+
+// Boxes [x0, y0, x1, y1) of the 8-connected components of (a OR b) that hold a pixel where the
+// masks a and b (w x h, > 127 = foreground) differ: outside them both masks are the same
+// components, so the objects of both runs must be the same there.
+function taintedBoxes(a, b, w, h) {
+  const fg = (k) => a[k] > 127 || b[k] > 127;
+  const seen = new Uint8Array(w * h);
+  const boxes = [];
+  const stack = [];
+  for (let k0 = 0; k0 < w * h; k0++) {
+    if (seen[k0] || !fg(k0)) continue;
+    let tainted = false;
+    let [x0, y0, x1, y1] = [w, h, 0, 0];
+    seen[k0] = 1;
+    stack.push(k0);
+    while (stack.length) {
+      const k = stack.pop();
+      const x = k % w, y = (k - x) / w;
+      if ((a[k] > 127) !== (b[k] > 127)) tainted = true;
+      x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + 1); y1 = Math.max(y1, y + 1);
+      for (let dy = -1; dy <= 1; dy++) {
+        for (let dx = -1; dx <= 1; dx++) {
+          const nx = x + dx, ny = y + dy;
+          if (nx < 0 || ny < 0 || nx >= w || ny >= h) continue;
+          const q = ny * w + nx;
+          if (!seen[q] && fg(q)) {
+            seen[q] = 1;
+            stack.push(q);
+          }
+        }
+      }
+    }
+    if (tainted) boxes.push([x0, y0, x1, y1]);
+  }
+  return boxes;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Browser
 
 const STALL_MONITOR = () => {
@@ -221,12 +268,13 @@ async function waitReady(page, prepared, timeout) {
 
 async function runTest() {
   const cliDir = opt('--cli-masks');
-  if (!cliDir) throw new Error('--cli-masks DIR is required (the native CLI masks of the same images)');
-  const images = [
-    path.join(repoRoot, 'data/he/stardist-histo.jpg'),
-    path.join(repoRoot, 'data/he/skimage-ihc.png'),
-    path.join(repoRoot, 'data/dsb2018-nuclei/image.tif'),
-  ];
+  const cliTiled = opt('--cli-tiled');
+  if (!cliDir || !cliTiled) throw new Error('--cli-masks DIR and --cli-tiled DIR are required (the native CLI\'s outputs for the same images)');
+  // Stretched to 256 x 256 as `segment --resize` (both are larger than 256: 500x300 and 512x512).
+  const resized = [path.join(repoRoot, 'data/he/stardist-histo.jpg'), path.join(repoRoot, 'data/he/skimage-ihc.png')];
+  // 512x512, 16-bit grey: 3 x 3 windows of 256 with overlap 32, as `segment` without --resize.
+  const tiled = path.join(repoRoot, 'data/dsb2018-nuclei/image.tif');
+  const images = [resized[0]];
   const weights = path.join(fixturesDir, 'tiny.weights.safetensors');
 
   const { server, served, origin } = await startServer();
@@ -261,26 +309,47 @@ async function runTest() {
     const prep = await page.evaluate(() => window.medfastsam.status().prepared);
     log(`prepared: upload ${prep.upload_ms.toFixed(0)} ms, ${prep.pipelines} pipelines + first pass ${prep.warmup_ms.toFixed(0)} ms`);
 
-    // 3. Images through the page's own input; wait for every card.
-    await page.evaluate(() => (window.__stall.max = 0));
-    await page.setInputFiles('#images-input', images);
-    await waitFor(
-      page,
-      (n) => {
-        const cards = [...document.querySelectorAll('.card')];
-        return cards.length === n && cards.every((c) => c.dataset.state === 'done' || c.dataset.state === 'error');
-      },
-      images.length,
-      'all images to be segmented',
-      300000,
-    );
+    // 3. Images through the page's own input: first the nuclei image tiled (the stretch box off),
+    // recording the progress panel's label as the worker reports each window; then the H&E and IHC
+    // images with the stretch box on.
+    const allDone = (n) => {
+      const cards = [...document.querySelectorAll('.card')];
+      return cards.length === n && cards.every((c) => c.dataset.state === 'done' || c.dataset.state === 'error');
+    };
+    await page.evaluate(() => {
+      window.__stall.max = 0;
+      window.__labels = [];
+      const label = document.querySelector('#progress-label');
+      const bar = document.querySelector('#progress-bar');
+      new MutationObserver(() => window.__labels.push({ text: label.textContent, value: bar.getAttribute('value') })).observe(label, { childList: true, characterData: true, subtree: true });
+    });
+    check(!(await page.isChecked('#stretch')), 'the stretch box is off by default (images larger than the input are tiled)');
+    const tTiled = Date.now();
+    await page.setInputFiles('#images-input', tiled);
+    await waitFor(page, allDone, 1, 'the tiled image to be segmented', 300000);
+    const tiledSeconds = (Date.now() - tTiled) / 1000;
+    await page.check('#stretch');
+    await page.setInputFiles('#images-input', resized);
+    await waitFor(page, allDone, 1 + resized.length, 'all images to be segmented', 300000);
     const stall = await page.evaluate(() => window.__stall.max);
     check(stall < 500, `the page never froze while segmenting (longest main-thread stall ${stall.toFixed(0)} ms < 500 ms)`);
     const cards = await page.$$eval('.card', (cs) =>
-      cs.map((c) => ({ name: c.dataset.name, state: c.dataset.state, w: +c.dataset.width, h: +c.dataset.height, ms: +c.dataset.ms, status: c.querySelector('.status').textContent, timing: c.querySelector('.timing').textContent })),
+      cs.map((c) => ({ name: c.dataset.name, state: c.dataset.state, w: +c.dataset.width, h: +c.dataset.height, ms: +c.dataset.ms, mode: c.dataset.mode, status: c.querySelector('.status').textContent, objects: c.querySelector('.objects').textContent, timing: c.querySelector('.timing').textContent })),
     );
-    for (const c of cards) log(`  ${c.name}: ${c.state} · ${c.status} · ${c.timing}`);
+    for (const c of cards) log(`  ${c.name}: ${c.state} · ${c.status} · ${c.objects} · ${c.timing}`);
     check(cards.every((c) => c.state === 'done'), 'every image segmented');
+    check(cards[0].mode === 'tiled' && cards[1].mode === 'resized' && cards[2].mode === 'resized', `the nuclei image was tiled, the others stretched (${cards.map((c) => c.mode).join(', ')})`);
+
+    // Progress: one message per window, shown in the progress panel with the rate and an estimate.
+    const st = await page.evaluate(() => window.medfastsam.status().cards[0]);
+    const ticks = st.progress;
+    const last = ticks[ticks.length - 1] || {};
+    check(st.result.tiles === 9 && ticks.length >= 9 && last.done === 9 && last.total === 9 && ticks.every((t, i) => t.done === i + 1 && t.rate > 0),
+      `the worker reported every window (${ticks.length} progress messages for ${st.result.tiles} windows; ${st.result.tiles_per_s.toFixed(2)} windows/s on this adapter; ${tiledSeconds.toFixed(1)} s for the image in the page)`);
+    const labels = await page.evaluate(() => window.__labels);
+    const windowLabels = labels.filter((l) => /window \d+ of 9 · [\d.]+ windows\/s/.test(l.text));
+    check(windowLabels.length >= 9 && windowLabels.some((l) => /about .* left/.test(l.text)) && windowLabels.every((l) => l.value !== null),
+      `the progress bar is labelled with the window, the rate and an estimate (${windowLabels.length} updates, e.g. "${(windowLabels[1] || windowLabels[0] || {}).text}")`);
 
     // Canvases: original, coarse prompt and overlay at the image's resolution; the slider changes the tint.
     const canv = await page.$$eval('.card', (cs) =>
@@ -298,15 +367,19 @@ async function runTest() {
     check(op === '0.8', `opacity slider sets the mask tint's opacity (${op})`);
 
     // (a) Masks offered for download vs the native CLI's masks.
-    let worst = 0;
+    const download = async (card, selector, name) => {
+      const [dl] = await Promise.all([page.waitForEvent('download'), card.locator(selector).click()]);
+      const file = path.join(downloadsDir, name || dl.suggestedFilename());
+      await dl.saveAs(file);
+      return { file, suggested: dl.suggestedFilename() };
+    };
+    const compared = [];
     for (let i = 0; i < cards.length; i++) {
       const card = page.locator('.card').nth(i);
-      const [dl] = await Promise.all([page.waitForEvent('download'), card.locator('a.download-mask').click()]);
-      const fname = dl.suggestedFilename();
-      const file = path.join(downloadsDir, fname);
-      await dl.saveAs(file);
+      const { file, suggested: fname } = await download(card, 'a.download-mask');
       const mine = decodePng(fs.readFileSync(file));
-      const cliFile = path.join(cliDir, fname);
+      const dir = cards[i].mode === 'tiled' ? cliTiled : cliDir;
+      const cliFile = path.join(dir, fname);
       if (!check(fs.existsSync(cliFile), `CLI mask ${fname} exists`)) continue;
       const ref = decodePng(fs.readFileSync(cliFile));
       check(mine.width === cards[i].w && mine.height === cards[i].h && mine.channels === 1, `${fname}: grey PNG at the original resolution ${mine.width}x${mine.height}`);
@@ -321,10 +394,67 @@ async function runTest() {
         if (mine.data[k] !== 0 && mine.data[k] !== 255) nonBinary++;
       }
       const frac = diff / ref.data.length;
-      worst = Math.max(worst, frac);
       const fg = mine.data.reduce((s, v) => s + (v > 127), 0) / mine.data.length;
       check(nonBinary === 0, `${fname}: mask is 0/255`);
-      check(frac <= 0.001, `(a) ${fname}: ${diff} of ${ref.data.length} pixels differ from the CLI's mask (${(frac * 100).toFixed(4)}% <= 0.1%; ${(fg * 100).toFixed(1)}% foreground; byte-identical PNG: ${fs.readFileSync(file).equals(fs.readFileSync(cliFile))})`);
+      check(frac <= 0.001, `(a) ${fname} (${cards[i].mode === 'tiled' ? 'tiled, vs segment' : 'stretched, vs segment --resize'}): ${diff} of ${ref.data.length} pixels differ from the CLI's mask (${(frac * 100).toFixed(4)}% <= 0.1%; ${(fg * 100).toFixed(1)}% foreground; byte-identical PNG: ${fs.readFileSync(file).equals(fs.readFileSync(cliFile))})`);
+      compared[i] = { mine, ref, diff, dir };
+    }
+
+    // Objects of every image: the card's summary and the two downloads, against the CLI's files
+    // (`segment --instances --geojson`, with --resize for the stretched images).
+    for (let i = 0; i < cards.length; i++) {
+      const card = page.locator('.card').nth(i);
+      const base = cards[i].name.replace(/\.[^.]*$/, '');
+      const what = `${cards[i].name} (${cards[i].mode})`;
+      const csvDl = await download(card, 'a.download-csv');
+      const geoDl = await download(card, 'a.download-geojson');
+      check(csvDl.suggested === `${base}_objects.csv` && geoDl.suggested === `${base}_objects.geojson`, `${what}: the objects' downloads are named like the CLI's (${csvDl.suggested}, ${geoDl.suggested})`);
+      const c = compared[i];
+      if (!check(Boolean(c), `${what}: the mask was compared`)) continue;
+      const csvText = fs.readFileSync(csvDl.file, 'utf8');
+      const geoText = fs.readFileSync(geoDl.file, 'utf8');
+      const cliCsvText = fs.readFileSync(path.join(c.dir, `${base}_objects.csv`), 'utf8');
+      const cliGeoText = fs.readFileSync(path.join(c.dir, `${base}_objects.geojson`), 'utf8');
+      const mineCsv = csvRows(csvText);
+      const cliCsv = csvRows(cliCsvText);
+      let geo = null;
+      let cliGeo = null;
+      try {
+        geo = JSON.parse(geoText);
+        cliGeo = JSON.parse(cliGeoText);
+      } catch (e) {
+        check(false, `${what}: the GeoJSON files parse (${e})`);
+      }
+      const count = Number(cards[i].objects.match(/^(\d+) nucle/)?.[1]);
+      check(/^\d+ nucle(us|i), mean area [\d.]+ px, [\d.]+% coverage$/.test(cards[i].objects), `${what}: the card shows the objects' summary ("${cards[i].objects}")`);
+      check(mineCsv.header === cliCsv.header && mineCsv.rows.length === count && mineCsv.rows.every((r, k) => r.length === 14 && Number(r[0]) === k + 1),
+        `${what}: the CSV download parses: the CLI's columns, ${mineCsv.rows.length} objects numbered 1..N, as many as the card says (${count})`);
+      if (geo && cliGeo) {
+        const ok = geo.type === 'FeatureCollection' && geo.features.length === mineCsv.rows.length &&
+          geo.features.every((f, k) => f.properties.medfastsam_id === k + 1 && f.properties.objectType === 'detection' && /^(Multi)?Polygon$/.test(f.geometry.type));
+        check(ok, `${what}: the GeoJSON download parses: ${geo.features.length} detections, one per CSV row (the CLI's: ${cliGeo.features.length} detections, ${cliCsv.rows.length} CSV rows)`);
+      }
+      // The rule: with identical masks the page finds as many objects as the CLI and both files
+      // are byte-identical; otherwise the objects whose box meets no component (8-connected, both
+      // masks together) holding a differing pixel must be in both CSVs with the same measurements
+      // (the id aside: ids follow the order in which objects finish), so the counts differ by at
+      // most the objects of those components.
+      const csvSame = csvText === cliCsvText;
+      const geoSame = geoText === cliGeoText;
+      if (c.diff === 0) {
+        check(mineCsv.rows.length === cliCsv.rows.length, `${what}: with identical masks the page finds as many objects as the CLI's CSV (${mineCsv.rows.length} = ${cliCsv.rows.length})`);
+        check(csvSame && geoSame, `${what}: with identical masks the downloads are byte-identical to the CLI's files (CSV ${csvSame}, GeoJSON ${geoSame})`);
+      } else {
+        const boxes = taintedBoxes(c.mine.data, c.ref.data, c.mine.width, c.mine.height);
+        const touches = (r) => {
+          const [x0, y0, x1, y1] = r.slice(5, 9).map(Number);
+          return boxes.some((b) => x0 < b[2] && b[0] < x1 && y0 < b[3] && b[1] < y1);
+        };
+        const clean = (rows) => rows.filter((r) => !touches(r)).map((r) => r.slice(1).join(',')).sort();
+        const [a, b] = [clean(mineCsv.rows), clean(cliCsv.rows)];
+        const same = a.length === b.length && a.every((v, k) => v === b[k]);
+        check(same, `${what}: objects away from the ${c.diff} differing pixels (${boxes.length} components) are the CLI's (${a.length} of ${mineCsv.rows.length} in the page, ${b.length} of ${cliCsv.rows.length} in the CLI; counts ${mineCsv.rows.length} vs ${cliCsv.rows.length}; byte-identical CSV ${csvSame}, GeoJSON ${geoSame})`);
+      }
     }
 
     // (b) Parity with fixtures/tiny.forward, computed in the page with the weights loaded above.
@@ -355,6 +485,7 @@ async function runTest() {
     await waitReady(page, '256:paper', 180000);
     const restored = await page.textContent('#weights-info');
     check(/Saved in this browser/.test(restored) && restored.includes('tiny.weights.safetensors'), 'after a reload the weights are restored from browser storage');
+    check(await page.isChecked('#stretch'), 'after a reload the stretch setting is kept');
     await page.setInputFiles('#images-input', images[0]);
     await waitFor(page, () => document.querySelector('.card')?.dataset.state === 'done', null, 'segmentation after reload', 120000);
     const [dl2] = await Promise.all([page.waitForEvent('download'), page.locator('.card a.download-mask').first().click()]);
