@@ -12,7 +12,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN SKIP_BROWSER=1 SKIP_PRETRAINED=1 bash .ci/setup \
+RUN SKIP_BROWSER=1 SKIP_PRETRAINED=1 SKIP_OPENSLIDE=1 bash .ci/setup \
  && cargo build --release --locked --bin medfastsam
 
 FROM debian:bookworm-slim

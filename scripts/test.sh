@@ -19,10 +19,24 @@ echo "[test] MEDFASTSAM_FIXTURES=${MEDFASTSAM_FIXTURES:-<unset: paper-configurat
 echo "[test] cargo fmt --check; cargo clippy -D warnings (native all targets, wasm32 --features web)"
 cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings
+# The optional OpenSlide reader where its library is installed (.ci/setup installs it).
+openslide=0
+if pkg-config --exists openslide 2>/dev/null; then
+  openslide=1
+  cargo clippy --release --all-targets --features openslide -- -D warnings
+else
+  echo "[test] warning: libopenslide-dev not installed; the feature openslide is not built and its tests are reported ignored" >&2
+fi
 if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
   cargo clippy --release --target wasm32-unknown-unknown --lib --features web -- -D warnings
 fi
-cargo test --release --no-fail-fast
+status=0
+cargo test --release --no-fail-fast || status=$?
+if [ "$openslide" = 1 ]; then
+  # The readers with OpenSlide in (it takes over slides from the built-in TIFF reader).
+  cargo test --release --no-fail-fast --features openslide --test slide_openslide --test stream || status=$?
+fi
+[ "$status" = 0 ] || exit "$status"
 if [ -x web/test.sh ] && [ "${SKIP_BROWSER:-0}" != 1 ]; then
   bash web/test.sh
 fi

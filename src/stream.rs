@@ -632,6 +632,208 @@ mod tiff_rows {
 #[cfg(not(target_arch = "wasm32"))]
 pub use tiff_rows::{TiffRows, tiff_levels};
 
+/// `--level N` beyond what `what` has, listing its levels.
+#[cfg(not(target_arch = "wasm32"))]
+fn no_such_level(path: &std::path::Path, level: usize, what: &str, levels: &[TiffLevel]) -> Error {
+    Error::image(
+        path,
+        format!(
+            "--level {level}: {what} has {} level{} ({})",
+            levels.len(),
+            if levels.len() == 1 { "" } else { "s" },
+            levels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| format!("{i}: {}x{}", l.width, l.height))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+}
+
+// ------------------------------------------------------------------------------------ OpenSlide
+
+/// Whole-slide images through OpenSlide (feature `openslide`): a region of one level, read in
+/// strips of rows with `openslide_read_region`.
+#[cfg(all(feature = "openslide", not(target_arch = "wasm32")))]
+mod slide_rows {
+    use super::*;
+    use openslide_rs::{Address, OpenSlide, Region, Size};
+    use std::path::Path;
+
+    /// Rows read from OpenSlide per call.
+    const STRIP: usize = 256;
+
+    pub struct SlideRows {
+        slide: OpenSlide,
+        source: String,
+        vendor: String,
+        level: u32,
+        downsample: f64,
+        x0: usize,
+        y0: usize,
+        width: usize,
+        height: usize,
+        buf: Vec<u8>,
+        buf_y0: Option<usize>,
+        y: usize,
+    }
+
+    /// The vendor OpenSlide recognises in a file (`None` when it recognises none).
+    pub fn slide_vendor(path: &Path) -> Option<String> {
+        OpenSlide::detect_vendor(path).ok()
+    }
+
+    impl SlideRows {
+        /// Level `level` of the slide, the region `x, y, w, h` in that level's pixels.
+        pub fn open(
+            path: &Path,
+            vendor: &str,
+            level: usize,
+            region: Option<[usize; 4]>,
+        ) -> Result<(SlideRows, Vec<TiffLevel>, Option<f64>)> {
+            let source = path.display().to_string();
+            let slide = OpenSlide::new(path).map_err(|e| {
+                Error::image(
+                    &source,
+                    format!("OpenSlide recognises a {vendor} slide but cannot open it: {e}"),
+                )
+            })?;
+            let mpp = slide
+                .property_value("openslide.mpp-x")
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|m| *m > 0.0 && m.is_finite());
+            let levels: Vec<TiffLevel> = slide
+                .all_level_dimensions()
+                .iter()
+                .zip(slide.all_level_downsamples())
+                .enumerate()
+                .map(|(i, (s, d))| TiffLevel {
+                    ifd: i,
+                    width: s.w as usize,
+                    height: s.h as usize,
+                    tiled: true,
+                    mpp: mpp.map(|m| m * d),
+                })
+                .collect();
+            let Some(l) = levels.get(level) else {
+                return Err(no_such_level(
+                    path,
+                    level,
+                    &format!("the {vendor} slide"),
+                    &levels,
+                ));
+            };
+            let (iw, ih) = (l.width, l.height);
+            let [x0, y0, width, height] = region.unwrap_or([0, 0, iw, ih]);
+            if width == 0 || height == 0 || x0 + width > iw || y0 + height > ih {
+                return Err(Error::image(
+                    &source,
+                    format!(
+                        "region {x0},{y0},{width},{height} is not inside the {iw}x{ih} level {level}"
+                    ),
+                ));
+            }
+            let downsample = slide.all_level_downsamples()[level];
+            let mpp_level = l.mpp;
+            Ok((
+                SlideRows {
+                    slide,
+                    source,
+                    vendor: vendor.to_string(),
+                    level: level as u32,
+                    downsample,
+                    x0,
+                    y0,
+                    width,
+                    height,
+                    buf: Vec::new(),
+                    buf_y0: None,
+                    y: 0,
+                },
+                levels,
+                mpp_level,
+            ))
+        }
+
+        fn load(&mut self, y: usize) -> Result<()> {
+            let rows = STRIP.min(self.height - y);
+            // OpenSlide addresses the region's corner in level-0 pixels.
+            let ax = ((self.x0 as f64) * self.downsample).round() as u32;
+            let ay = (((self.y0 + y) as f64) * self.downsample).round() as u32;
+            let argb = self
+                .slide
+                .read_region(&Region {
+                    size: Size {
+                        w: self.width as u32,
+                        h: rows as u32,
+                    },
+                    level: self.level,
+                    address: Address { x: ax, y: ay },
+                })
+                .map_err(|e| {
+                    Error::image(
+                        &self.source,
+                        format!(
+                            "OpenSlide cannot read rows {}..{} of this {} slide: {e}",
+                            self.y0 + y,
+                            self.y0 + y + rows,
+                            self.vendor
+                        ),
+                    )
+                })?;
+            // Premultiplied ARGB, one native-endian u32 per pixel; transparent (unscanned)
+            // areas become white, as slide background is.
+            self.buf.clear();
+            self.buf.reserve(self.width * rows * 3);
+            for p in argb.chunks_exact(4) {
+                let v = u32::from_ne_bytes([p[0], p[1], p[2], p[3]]);
+                let a = v >> 24;
+                let rgb = [(v >> 16) & 255, (v >> 8) & 255, v & 255];
+                for c in rgb {
+                    let c = match a {
+                        255 => c,
+                        0 => 255,
+                        // premultiplied colour composited over white
+                        _ => c + (255 - a),
+                    };
+                    self.buf.push(c.min(255) as u8);
+                }
+            }
+            self.buf_y0 = Some(y);
+            Ok(())
+        }
+    }
+
+    impl RowSource for SlideRows {
+        fn width(&self) -> usize {
+            self.width
+        }
+        fn height(&self) -> usize {
+            self.height
+        }
+        fn read_row(&mut self, out: &mut [u8]) -> Result<()> {
+            if self.y >= self.height {
+                return Err(past_end(self.height));
+            }
+            let loaded = self
+                .buf_y0
+                .is_some_and(|b| self.y >= b && self.y < b + STRIP);
+            if !loaded {
+                self.load(self.y)?;
+            }
+            let r = self.y - self.buf_y0.unwrap_or(0);
+            let w3 = self.width * 3;
+            out.copy_from_slice(&self.buf[r * w3..(r + 1) * w3]);
+            self.y += 1;
+            Ok(())
+        }
+    }
+}
+#[cfg(all(feature = "openslide", not(target_arch = "wasm32")))]
+pub use slide_rows::{SlideRows, slide_vendor};
+
 // ------------------------------------------------------------------------------------ opening
 
 /// Where to read: a pyramid level and a region of it.
@@ -663,6 +865,17 @@ pub fn open(path: &std::path::Path, opts: &OpenOptions) -> Result<Opened> {
         .and_then(|mut f| f.read(&mut magic))
         .map_err(|e| Error::io(path, e))?;
     let magic = &magic[..n];
+    // With OpenSlide built in, every slide it recognises (other than a plain TIFF, which the
+    // built-in reader streams strip by strip) is read through it.
+    #[cfg(feature = "openslide")]
+    if let Some(vendor) = slide_vendor(path).filter(|v| v != "generic-tiff") {
+        let (rows, levels, mpp) = SlideRows::open(path, &vendor, opts.level, opts.region)?;
+        return Ok(Opened {
+            rows: Box::new(rows),
+            mpp,
+            levels,
+        });
+    }
     let is_tiff = magic.starts_with(b"II*\0")
         || magic.starts_with(b"MM\0*")
         || magic.starts_with(b"II+\0")
@@ -670,21 +883,7 @@ pub fn open(path: &std::path::Path, opts: &OpenOptions) -> Result<Opened> {
     if is_tiff {
         let levels = tiff_levels(path)?;
         let Some(level) = levels.get(opts.level) else {
-            return Err(Error::image(
-                path,
-                format!(
-                    "--level {}: the file has {} level{} ({})",
-                    opts.level,
-                    levels.len(),
-                    if levels.len() == 1 { "" } else { "s" },
-                    levels
-                        .iter()
-                        .enumerate()
-                        .map(|(i, l)| format!("{i}: {}x{}", l.width, l.height))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
+            return Err(no_such_level(path, opts.level, "the file", &levels));
         };
         let rows = TiffRows::open(path, level.ifd, opts.region)?;
         return Ok(Opened {
