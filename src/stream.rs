@@ -96,6 +96,7 @@ impl RowSource for OwnedRows {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Interleaved samples of `channels` per pixel to RGB (1: grey replicated, 2: grey + alpha,
 /// 3: RGB, 4: RGBA; alpha dropped).
 fn to_rgb<T: Copy>(src: &[T], channels: usize, out: &mut [u8], conv: impl Fn(T) -> u8) {
@@ -109,6 +110,7 @@ fn to_rgb<T: Copy>(src: &[T], channels: usize, out: &mut [u8], conv: impl Fn(T) 
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// The 16→8-bit rule of [`crate::io::decode_rgb`] given the image's largest colour sample.
 fn u16_rule(max: u16) -> impl Fn(u16) -> u8 {
     let s = 255.0 / max.max(1) as f64;
@@ -121,6 +123,7 @@ fn u16_rule(max: u16) -> impl Fn(u16) -> u8 {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Colour samples of interleaved pixels (alpha excluded), for the 16-bit maximum.
 fn colour_samples(channels: usize) -> usize {
     if channels < 3 { 1 } else { 3 }
@@ -254,6 +257,48 @@ pub struct TiffLevel {
     pub mpp: Option<f64>,
 }
 
+/// Microns per pixel of a TIFF decoder's current image: Aperio's `MPP = …` in the image
+/// description, or the resolution tags (inch or centimetre units); `None` when it states neither.
+pub fn tiff_mpp<R: std::io::Read + std::io::Seek>(
+    dec: &mut tiff::decoder::Decoder<R>,
+) -> Option<f64> {
+    use tiff::tags::Tag;
+    if let Ok(Some(tiff::decoder::ifd::Value::Ascii(d))) = dec.find_tag(Tag::ImageDescription)
+        && let Some(i) = d.find("MPP = ")
+    {
+        let v: String = d[i + 6..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        if let Ok(m) = v.parse::<f64>()
+            && m > 0.0
+        {
+            return Some(m);
+        }
+    }
+    let xres = dec.get_tag_f64(Tag::XResolution).ok()?;
+    let unit = dec
+        .find_tag_unsigned::<u16>(Tag::ResolutionUnit)
+        .ok()
+        .flatten();
+    let per = match unit {
+        Some(3) => 1e4,    // centimetre
+        Some(2) => 2.54e4, // inch
+        _ => return None,
+    };
+    (xres > 0.0 && xres.is_finite()).then(|| per / xres)
+}
+
+/// [`tiff_mpp`] of the first image of a TIFF file's bytes (`None` for other formats).
+pub fn tiff_bytes_mpp(bytes: &[u8]) -> Option<f64> {
+    let magic = bytes.get(..4)?;
+    if ![b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"].contains(&magic.try_into().ok()?) {
+        return None;
+    }
+    let mut dec = tiff::decoder::Decoder::new(std::io::Cursor::new(bytes)).ok()?;
+    tiff_mpp(&mut dec)
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 mod tiff_rows {
     use super::*;
@@ -292,35 +337,6 @@ mod tiff_rows {
             .map_err(|e| terr(&source, "header", e))
     }
 
-    /// Microns per pixel of the current image: Aperio's `MPP = …` in the image description, or
-    /// the resolution tags (inch or centimetre units).
-    fn mpp_of(dec: &mut Dec) -> Option<f64> {
-        if let Ok(Some(tiff::decoder::ifd::Value::Ascii(d))) = dec.find_tag(Tag::ImageDescription)
-            && let Some(i) = d.find("MPP = ")
-        {
-            let v: String = d[i + 6..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.')
-                .collect();
-            if let Ok(m) = v.parse::<f64>()
-                && m > 0.0
-            {
-                return Some(m);
-            }
-        }
-        let xres = dec.get_tag_f64(Tag::XResolution).ok()?;
-        let unit = dec
-            .find_tag_unsigned::<u16>(Tag::ResolutionUnit)
-            .ok()
-            .flatten();
-        let per = match unit {
-            Some(3) => 1e4,    // centimetre
-            Some(2) => 2.54e4, // inch
-            _ => return None,
-        };
-        (xres > 0.0 && xres.is_finite()).then(|| per / xres)
-    }
-
     fn description(dec: &mut Dec) -> String {
         match dec.find_tag(Tag::ImageDescription) {
             Ok(Some(tiff::decoder::ifd::Value::Ascii(d))) => d,
@@ -354,7 +370,7 @@ mod tiff_rows {
                     width: w as usize,
                     height: h as usize,
                     tiled: dec.get_chunk_type() == ChunkType::Tile,
-                    mpp: mpp_of(&mut dec),
+                    mpp: tiff_mpp(&mut dec),
                 },
                 associated,
             ));

@@ -509,42 +509,6 @@ fn overlay_layers(mask: &GrayImage) -> (Vec<u8>, Vec<u8>) {
     (fill, edge)
 }
 
-/// Microns per pixel a TIFF states for its first image, as the CLI reads it (Aperio's `MPP = `
-/// in the image description, or the resolution tags in inch or centimetre units); None for other
-/// formats. Used for the objects' areas in µm².
-fn tiff_mpp(bytes: &[u8]) -> Option<f64> {
-    use tiff::tags::Tag;
-    let magic = bytes.get(..4)?;
-    if ![b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"].contains(&magic.try_into().ok()?) {
-        return None;
-    }
-    let mut dec = tiff::decoder::Decoder::new(std::io::Cursor::new(bytes)).ok()?;
-    if let Ok(Some(tiff::decoder::ifd::Value::Ascii(d))) = dec.find_tag(Tag::ImageDescription)
-        && let Some(i) = d.find("MPP = ")
-    {
-        let v: String = d[i + 6..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.')
-            .collect();
-        if let Ok(m) = v.parse::<f64>()
-            && m > 0.0
-        {
-            return Some(m);
-        }
-    }
-    let xres = dec.get_tag_f64(Tag::XResolution).ok()?;
-    let per = match dec
-        .find_tag_unsigned::<u16>(Tag::ResolutionUnit)
-        .ok()
-        .flatten()
-    {
-        Some(3) => 1e4,
-        Some(2) => 2.54e4,
-        _ => return None,
-    };
-    (xres > 0.0 && xres.is_finite()).then(|| per / xres)
-}
-
 /// The objects of a mask with the CLI's defaults (`segment --instances --geojson`): the summary
 /// and the CSV and GeoJSON files, made row by row by the same [`instances::Labeler`] and writers.
 fn objects(
@@ -614,7 +578,7 @@ pub async fn segment_image(
     let s = seg.model.cfg.image_size;
     let t0 = perf_now();
     let img = io::decode_rgb(&bytes, &name).map_err(to_js)?;
-    let mpp = tiff_mpp(&bytes);
+    let mpp = crate::stream::tiff_bytes_mpp(&bytes);
     drop(bytes);
     let (w, h) = (img.width, img.height);
     let t1 = perf_now();

@@ -678,9 +678,7 @@ impl RowOutputs {
             let geojson = if a.objects.geojson {
                 let (f, path) = create("_objects.geojson")?;
                 // object UUIDs differ between images and repeat between runs
-                let seed = base.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-                });
+                let seed = instances::uuid_seed(base);
                 Some(
                     instances::GeoJsonWriter::new(f)?
                         .named(&path)
