@@ -1676,6 +1676,8 @@ pub struct GeoJsonWriter<W: Write> {
     path: PathBuf,
     mpp: Option<f64>,
     offset: (i64, i64),
+    /// Geometry scale after the offset (a pyramid level's downsample, to level-0 pixels).
+    scale: f64,
     class_name: String,
     color: [u8; 3],
     uuid_seed: u64,
@@ -1694,6 +1696,7 @@ impl<W: Write> GeoJsonWriter<W> {
             path,
             mpp: None,
             offset: (0, 0),
+            scale: 1.0,
             class_name: "Nucleus".to_string(),
             color: [32, 160, 255],
             uuid_seed: 0,
@@ -1716,6 +1719,16 @@ impl<W: Write> GeoJsonWriter<W> {
     /// Adds `(x, y)` to every coordinate (for a mask that is a region of a larger image).
     pub fn with_offset(mut self, x: i64, y: i64) -> Self {
         self.offset = (x, y);
+        self
+    }
+
+    /// Multiplies the geometry's coordinates (after the offset) by `f`: for a mask of a pyramid
+    /// level whose downsample is `f`, the outlines land on the slide's full-resolution (level-0)
+    /// pixels, where QuPath places imported objects. Measurements stay in the analysed pixels.
+    pub fn with_downsample(mut self, f: f64) -> Self {
+        if f.is_finite() && f > 0.0 {
+            self.scale = f;
+        }
         self
     }
 
@@ -1742,9 +1755,10 @@ impl<W: Write> GeoJsonWriter<W> {
     /// One feature.
     pub fn write(&mut self, o: &Object) -> Result<()> {
         let (dx, dy) = (self.offset.0 as f64, self.offset.1 as f64);
+        let k = self.scale;
         let ring = |r: &Ring| -> serde_json::Value {
             r.iter()
-                .map(|p| serde_json::json!([p[0] + dx, p[1] + dy]))
+                .map(|p| serde_json::json!([(p[0] + dx) * k, (p[1] + dy) * k]))
                 .collect()
         };
         let poly = |p: &Polygon| -> serde_json::Value { p.iter().map(ring).collect() };

@@ -423,6 +423,30 @@ pub fn check_pixel_budget(source: &str, w: u64, h: u64) -> Result<()> {
     Ok(())
 }
 
+/// An image read row by row is never held whole, so its budget is this many times the pixel
+/// budget (65,536² pixels by default); what it holds at once is checked separately.
+pub const STREAMED_BUDGET_FACTOR: u64 = 16;
+
+/// Refuses a declared `w × h` above the budget of images read row by row
+/// ([`STREAMED_BUDGET_FACTOR`] × the pixel budget in force).
+pub fn check_streamed_pixel_budget(source: &str, w: u64, h: u64) -> Result<()> {
+    let limits = DecodeLimits::current()?;
+    let max = limits.max_pixels.saturating_mul(STREAMED_BUDGET_FACTOR);
+    if w.saturating_mul(h) > max {
+        return Err(Error::image(
+            source,
+            format!(
+                "image is {w}x{h} ({} Mpx), above the pixel budget of {} Mpx for images read row by row \
+                 ({STREAMED_BUDGET_FACTOR} times the budget of {} pixels; set --max-pixels / {MAX_PIXELS_ENV} to raise it)",
+                mpx(w.saturating_mul(h)),
+                mpx(max),
+                limits.max_pixels
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The width and height an image file declares in its header (format and pixel budget checked,
 /// pixels not decoded).
 pub fn image_dimensions(

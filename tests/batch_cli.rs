@@ -69,7 +69,7 @@ fn shards_union_equals_the_whole_run_and_skip_existing_resumes() {
         run(&a)
     };
     let whole = d.join("whole");
-    let (code, text) = seg(&whole, &[]);
+    let (code, text) = seg(&whole, &["--manifest"]);
     assert_eq!(code, 0, "{text}");
     let sharded = d.join("sharded");
     for sh in ["0/2", "1/2"] {
@@ -170,7 +170,7 @@ fn shards_union_equals_the_whole_run_and_skip_existing_resumes() {
     // A corrupt input is recorded with its error; the others still run.
     std::fs::write(inputs.join("crop9.png"), b"not a png").unwrap();
     let out = d.join("failing");
-    let (code, text) = seg(&out, &[]);
+    let (code, text) = seg(&out, &["--manifest"]);
     assert_eq!(code, 1, "{text}");
     let m = manifest_lines(&out.join("manifest.jsonl"));
     let bad: Vec<&serde_json::Value> = m.iter().filter(|l| l["status"] == "error").collect();

@@ -219,3 +219,99 @@ fn a_regions_objects_are_placed_in_the_files_coordinates() {
         "{text}"
     );
 }
+
+/// GeoJSON outlines of a pyramid level's mask land on level-0 pixels: (p + offset) × downsample;
+/// the measurements stay in the analysed pixels.
+#[test]
+fn geojson_outlines_of_a_level_are_in_level_0_pixels() {
+    use medfastsam::instances::GeoJsonWriter;
+    let mut mask = io::GrayImage {
+        width: 20,
+        height: 10,
+        data: vec![0; 200],
+    };
+    for y in 2..6 {
+        for x in 3..8 {
+            mask.data[y * 20 + x] = 255;
+        }
+    }
+    let rgb = io::RgbImage {
+        width: 20,
+        height: 10,
+        data: vec![100; 600],
+    };
+    let (_, objects, _) = label_image(&mask, &rgb, &InstanceOptions::default()).unwrap();
+    assert_eq!(objects.len(), 1);
+    let mut g = GeoJsonWriter::new(Vec::new())
+        .unwrap()
+        .with_offset(100, 50)
+        .with_downsample(4.0);
+    g.write(&objects[0]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&g.finish().unwrap()).unwrap();
+    let f = &v["features"][0];
+    let ring = f["geometry"]["coordinates"][0].as_array().unwrap();
+    let xs: Vec<f64> = ring.iter().map(|p| p[0].as_f64().unwrap()).collect();
+    let ys: Vec<f64> = ring.iter().map(|p| p[1].as_f64().unwrap()).collect();
+    let (x0, x1) = (
+        xs.iter().cloned().fold(f64::MAX, f64::min),
+        xs.iter().cloned().fold(0.0, f64::max),
+    );
+    let (y0, y1) = (
+        ys.iter().cloned().fold(f64::MAX, f64::min),
+        ys.iter().cloned().fold(0.0, f64::max),
+    );
+    // pixels 3..8 × 2..6 of the level, region corner (100, 50), downsample 4
+    assert_eq!((x0, x1, y0, y1), (412.0, 432.0, 208.0, 224.0));
+    assert_eq!(
+        f["properties"]["measurements"]["Area px"].as_f64(),
+        Some(20.0)
+    );
+}
+
+/// A streamed image that turns out truncated half-way: one error line naming the file once, no
+/// output and no temporary file left, and the other input of the run still written.
+#[test]
+fn a_truncated_streamed_image_leaves_nothing_behind() {
+    let d = tmpdir("objects-cut");
+    let img = io::load_rgb(&repo("data/dsb2018-nuclei/image.tif")).unwrap();
+    let png = io::encode_png_rgb(&img).unwrap();
+    let cut = d.join("cut.png");
+    std::fs::write(&cut, &png[..png.len() * 2 / 3]).unwrap();
+    let good = d.join("good.png");
+    std::fs::write(&good, &png).unwrap();
+    let out = d.join("out");
+    let w = repo("tests/data/fixtures/tiny.weights.safetensors");
+    let cfg = repo("tests/data/fixtures/tiny.config.json");
+    let (code, text) = run(&[
+        "segment",
+        s(&cut),
+        s(&good),
+        "--weights",
+        s(&w),
+        "--config",
+        s(&cfg),
+        "--instances",
+        "--geojson",
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(code, 1, "{text}");
+    let errs: Vec<&str> = text.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errs.len(), 1, "{text}");
+    assert_eq!(errs[0].matches("cut.png").count(), 1, "{}", errs[0]);
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "good_labels.tif",
+            "good_mask.png",
+            "good_objects.csv",
+            "good_objects.geojson",
+            "good_overlay.png"
+        ]
+    );
+}

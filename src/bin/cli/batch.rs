@@ -126,6 +126,20 @@ impl Manifest {
     }
 }
 
+/// [`Manifest::record`] when a manifest is kept.
+pub fn record(
+    m: &mut Option<Manifest>,
+    input: &Path,
+    outputs: &[PathBuf],
+    outcome: Outcome,
+    seconds: f64,
+) -> anyhow::Result<()> {
+    match m {
+        Some(m) => m.record(input, outputs, outcome, seconds),
+        None => Ok(()),
+    }
+}
+
 /// Whether every file of `outputs` exists (they are written under temporary names and renamed
 /// into place together, so existing ones are complete).
 pub fn all_exist(outputs: &[PathBuf]) -> bool {

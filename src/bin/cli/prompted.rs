@@ -195,12 +195,18 @@ pub fn run(
     );
     let choice = MaskChoice::Auto;
     let (mut failures, mut done, mut skipped) = (0, 0, 0);
-    let mut manifest = super::batch::Manifest::open(&a.out, a.shard)?;
+    let mut manifest = a.open_manifest()?;
     for (f, base) in files.iter().zip(names) {
         let t = Instant::now();
         let outputs = super::segment::expected_outputs(a, base, true);
         if a.skip_existing && super::batch::all_exist(&outputs) {
-            manifest.record(f, &outputs, super::batch::Outcome::Skipped, 0.0)?;
+            super::batch::record(
+                &mut manifest,
+                f,
+                &outputs,
+                super::batch::Outcome::Skipped,
+                0.0,
+            )?;
             skipped += 1;
             println!("{}: skipped (its outputs exist)", f.display());
             continue;
@@ -292,8 +298,15 @@ pub fn run(
         })();
         let secs = t.elapsed().as_secs_f64();
         match &res {
-            Ok(_) => manifest.record(f, &outputs, super::batch::Outcome::Done, secs)?,
-            Err(e) => manifest.record(
+            Ok(_) => super::batch::record(
+                &mut manifest,
+                f,
+                &outputs,
+                super::batch::Outcome::Done,
+                secs,
+            )?,
+            Err(e) => super::batch::record(
+                &mut manifest,
                 f,
                 &[],
                 super::batch::Outcome::Failed(&format!("{e:#}")),

@@ -35,6 +35,21 @@ pub struct SegmentArgs {
     /// Leave inputs whose outputs all exist (resume an interrupted run).
     #[arg(long)]
     pub skip_existing: bool,
+    /// Record each input's outcome in manifest.jsonl in the output folder (implied by --shard
+    /// and --skip-existing).
+    #[arg(long)]
+    pub manifest: bool,
+}
+
+impl SegmentArgs {
+    /// The manifest of this run, when one is kept.
+    pub fn open_manifest(&self) -> anyhow::Result<Option<super::batch::Manifest>> {
+        if self.manifest || self.shard.is_some() || self.skip_existing {
+            Ok(Some(super::batch::Manifest::open(&self.out, self.shard)?))
+        } else {
+            Ok(None)
+        }
+    }
 }
 
 /// The files `segment` writes for the input named `base` (those a resumed run looks for).
@@ -420,7 +435,7 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     let say = |m: String| super::bar_line(bar.as_ref(), m);
     let mut failures = 0;
     let mut done = 0;
-    let mut manifest = super::batch::Manifest::open(&a.out, a.shard)?;
+    let mut manifest = a.open_manifest()?;
     let mut skipped = 0;
     for (k, (f, base)) in files.iter().zip(&names).enumerate() {
         if lose_after == Some(k) {
@@ -429,7 +444,13 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         let t = Instant::now();
         let outputs = expected_outputs(a, base, false);
         if a.skip_existing && super::batch::all_exist(&outputs) {
-            manifest.record(f, &outputs, super::batch::Outcome::Skipped, 0.0)?;
+            super::batch::record(
+                &mut manifest,
+                f,
+                &outputs,
+                super::batch::Outcome::Skipped,
+                0.0,
+            )?;
             skipped += 1;
             say(format!("{}: skipped (its outputs exist)", f.display()));
             if let Some(b) = &bar {
@@ -442,10 +463,12 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
             let scale = input_scale(&a.tiling, f, opened.mpp)?;
             let (w, h) = (opened.rows.width(), opened.rows.height());
             if tiled(&a.tiling, w, h, scale, cfg.image_size) {
+                io::check_streamed_pixel_budget(&f.display().to_string(), w as u64, h as u64)?;
                 return segment_tiled(&seg, a, f, base, opened, scale, t, bar.as_ref());
             }
             io::check_pixel_budget(&f.display().to_string(), w as u64, h as u64)?;
             let mpp = opened.mpp;
+            let downsample = level_downsample(&opened, a.tiling.level);
             let mut rows = opened.rows;
             let img = stream::read_all(&mut rows)?;
             drop(rows);
@@ -453,7 +476,8 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
                 .segment(&img)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
             let offset = a.tiling.region.map(|r| (r[0], r[1])).unwrap_or((0, 0));
-            let mut outs = RowOutputs::create(a, base, (img.width, img.height), mpp, offset)?;
+            let mut outs =
+                RowOutputs::create(a, base, (img.width, img.height), mpp, offset, downsample)?;
             let (mw, iw) = (r.mask.width, img.width * 3);
             for (m, px) in r.mask.data.chunks_exact(mw).zip(img.data.chunks_exact(iw)) {
                 outs.push(m, px)?;
@@ -474,8 +498,15 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         })();
         let secs = t.elapsed().as_secs_f64();
         match &res {
-            Ok(_) => manifest.record(f, &outputs, super::batch::Outcome::Done, secs)?,
-            Err(e) => manifest.record(
+            Ok(_) => super::batch::record(
+                &mut manifest,
+                f,
+                &outputs,
+                super::batch::Outcome::Done,
+                secs,
+            )?,
+            Err(e) => super::batch::record(
+                &mut manifest,
                 f,
                 &[],
                 super::batch::Outcome::Failed(&format!("{e:#}")),
@@ -529,6 +560,14 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         t0.elapsed().as_secs_f64()
     );
     Ok(if failures > 0 { 1 } else { 0 })
+}
+
+/// Full-resolution pixels per pixel of the level read (1 for level 0 and single images).
+fn level_downsample(o: &stream::Opened, level: usize) -> f64 {
+    match (o.levels.first(), o.levels.get(level)) {
+        (Some(l0), Some(l)) if level > 0 => l0.width as f64 / l.width as f64,
+        _ => 1.0,
+    }
 }
 
 fn open_options(t: &TileArgs) -> stream::OpenOptions {
@@ -625,13 +664,15 @@ fn sync(f: &mut Buffered) -> std::io::Result<()> {
 
 impl RowOutputs {
     /// `mpp`: microns per pixel of the image (for areas in µm²); `offset`: where the image's
-    /// pixel (0, 0) lies in the file's (a --region's corner), for object coordinates.
+    /// pixel (0, 0) lies in the file's (a --region's corner), for object coordinates;
+    /// `downsample`: the pyramid level's, for GeoJSON outlines in level-0 pixels.
     fn create(
         a: &SegmentArgs,
         base: &str,
         (w, h): (usize, usize),
         mpp: Option<f64>,
         offset: (usize, usize),
+        downsample: f64,
     ) -> anyhow::Result<Self> {
         let mut o = RowOutputs {
             writers: None,
@@ -684,6 +725,7 @@ impl RowOutputs {
                         .named(&path)
                         .with_mpp(mpp)
                         .with_offset(x0, y0)
+                        .with_downsample(downsample)
                         .with_uuid_seed(seed),
                 )
             } else {
@@ -783,7 +825,15 @@ fn segment_tiled(
 ) -> anyhow::Result<String> {
     let tl = &a.tiling;
     let s = seg.model.cfg.image_size;
-    let named = |e: medfastsam::Error| anyhow::anyhow!("{}: {e}", f.display());
+    // Errors of the reader already name the file.
+    let named = |e: medfastsam::Error| {
+        let m = e.to_string();
+        if m.starts_with(&f.display().to_string()) {
+            anyhow::anyhow!(m)
+        } else {
+            anyhow::anyhow!("{}: {m}", f.display())
+        }
+    };
     let (w, h) = (opened.rows.width(), opened.rows.height());
     let (sw, sh) = match scale {
         Some(k) if k != 1.0 => (
@@ -808,6 +858,20 @@ fn segment_tiled(
         batch,
     };
     let plan = medfastsam::tile::TilePlan::new(sw, sh, s, overlap).map_err(named)?;
+    // A streamed image is never held whole, but one band of windows is (3 bytes per pixel of
+    // image and 8 of blended logits): its width times S must fit the pixel budget.
+    let limits = io::DecodeLimits::current()?;
+    let band = sw as u64 * s.min(sh) as u64;
+    if band > limits.max_pixels {
+        anyhow::bail!(
+            "{}: the image is {w}x{h}; one band of {s}-pixel windows across it is {sw}x{} = {band} pixels, \
+             above the pixel budget of {} (set --max-pixels / {} to raise it)",
+            f.display(),
+            s.min(sh),
+            limits.max_pixels,
+            io::MAX_PIXELS_ENV
+        );
+    }
     let rule = seg.model.otsu_rule();
     let global_t = if tl.global_otsu {
         let pass = open_again()?;
@@ -838,7 +902,8 @@ fn segment_tiled(
         None
     };
     let offset = tl.region.map(|r| (r[0], r[1])).unwrap_or((0, 0));
-    let mut outs = RowOutputs::create(a, base, (w, h), opened.mpp, offset)?;
+    let downsample = level_downsample(&opened, tl.level);
+    let mut outs = RowOutputs::create(a, base, (w, h), opened.mpp, offset, downsample)?;
     // With rescaling, the image's own rows come from a second reader, in step with the mask.
     let mut orig: Option<Box<dyn RowSource>> = if scaled { Some(open_again()?) } else { None };
     let mut work: Box<dyn RowSource> = if scaled {
