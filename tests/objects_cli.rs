@@ -71,27 +71,28 @@ fn per_label(labels: &[u32], w: usize) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
+/// `segment INPUTS --weights <tiny fixture> --config <its config> EXTRA --out OUT`.
+fn segment_tiny(inputs: &[&Path], extra: &[&str], out: &Path) -> (i32, String) {
+    let w = repo("tests/data/fixtures/tiny.weights.safetensors");
+    let cfg = repo("tests/data/fixtures/tiny.config.json");
+    let mut a: Vec<&str> = vec!["segment"];
+    a.extend(inputs.iter().map(|p| s(p)));
+    a.extend(["--weights", s(&w), "--config", s(&cfg)]);
+    a.extend_from_slice(extra);
+    a.extend(["--out", s(out)]);
+    run(&a)
+}
+
 #[test]
 fn instances_from_a_tiled_image_equal_the_in_memory_labelling() {
     let d = tmpdir("objects-cli");
-    let w = repo("tests/data/fixtures/tiny.weights.safetensors");
-    let cfg = repo("tests/data/fixtures/tiny.config.json");
     let img_path = repo("data/dsb2018-nuclei/image.tif");
     let out = d.join("tiled");
-    let (code, text) = run(&[
-        "segment",
-        s(&img_path),
-        "--weights",
-        s(&w),
-        "--config",
-        s(&cfg),
-        "--instances",
-        "--geojson",
-        "--min-area",
-        "5",
-        "--out",
-        s(&out),
-    ]);
+    let (code, text) = segment_tiny(
+        &[&img_path],
+        &["--instances", "--geojson", "--min-area", "5"],
+        &out,
+    );
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("windows of 256x256") && text.contains("nuclei, mean area"),
@@ -166,25 +167,19 @@ fn instances_from_a_tiled_image_equal_the_in_memory_labelling() {
 #[test]
 fn a_regions_objects_are_placed_in_the_files_coordinates() {
     let d = tmpdir("objects-region");
-    let w = repo("tests/data/fixtures/tiny.weights.safetensors");
-    let cfg = repo("tests/data/fixtures/tiny.config.json");
     let img_path = repo("data/dsb2018-nuclei/image.tif");
     let out = d.join("region");
-    let (code, text) = run(&[
-        "segment",
-        s(&img_path),
-        "--weights",
-        s(&w),
-        "--config",
-        s(&cfg),
-        "--region",
-        "100,60,300,200",
-        "--instances",
-        "--min-area",
-        "5",
-        "--out",
-        s(&out),
-    ]);
+    let (code, text) = segment_tiny(
+        &[&img_path],
+        &[
+            "--region",
+            "100,60,300,200",
+            "--instances",
+            "--min-area",
+            "5",
+        ],
+        &out,
+    );
     assert_eq!(code, 0, "{text}");
     let (lw, lh, labels) = read_labels(&out.join("image_labels.tif"));
     assert_eq!((lw, lh), (300, 200), "the label image covers the region");
@@ -201,18 +196,7 @@ fn a_regions_objects_are_placed_in_the_files_coordinates() {
         );
     }
     // A region outside the image names the image's size.
-    let (code, text) = run(&[
-        "segment",
-        s(&img_path),
-        "--weights",
-        s(&w),
-        "--config",
-        s(&cfg),
-        "--region",
-        "400,0,200,10",
-        "--out",
-        s(&d.join("bad")),
-    ]);
+    let (code, text) = segment_tiny(&[&img_path], &["--region", "400,0,200,10"], &d.join("bad"));
     assert_ne!(code, 0);
     assert!(
         text.contains("512x512") && text.contains("region"),
@@ -280,21 +264,7 @@ fn a_truncated_streamed_image_leaves_nothing_behind() {
     let good = d.join("good.png");
     std::fs::write(&good, &png).unwrap();
     let out = d.join("out");
-    let w = repo("tests/data/fixtures/tiny.weights.safetensors");
-    let cfg = repo("tests/data/fixtures/tiny.config.json");
-    let (code, text) = run(&[
-        "segment",
-        s(&cut),
-        s(&good),
-        "--weights",
-        s(&w),
-        "--config",
-        s(&cfg),
-        "--instances",
-        "--geojson",
-        "--out",
-        s(&out),
-    ]);
+    let (code, text) = segment_tiny(&[&cut, &good], &["--instances", "--geojson"], &out);
     assert_eq!(code, 1, "{text}");
     let errs: Vec<&str> = text.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errs.len(), 1, "{text}");

@@ -140,6 +140,20 @@ pub fn record(
     }
 }
 
+/// Records how one input ended: its outputs when `res` is a success, its error otherwise.
+pub fn record_result<T>(
+    m: &mut Option<Manifest>,
+    input: &Path,
+    outputs: &[PathBuf],
+    res: &anyhow::Result<T>,
+    seconds: f64,
+) -> anyhow::Result<()> {
+    match res {
+        Ok(_) => record(m, input, outputs, Outcome::Done, seconds),
+        Err(e) => record(m, input, &[], Outcome::Failed(&format!("{e:#}")), seconds),
+    }
+}
+
 /// Whether every file of `outputs` exists (they are written under temporary names and renamed
 /// into place together, so existing ones are complete).
 pub fn all_exist(outputs: &[PathBuf]) -> bool {

@@ -496,23 +496,7 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
                 t.elapsed().as_secs_f64() * 1e3
             ))
         })();
-        let secs = t.elapsed().as_secs_f64();
-        match &res {
-            Ok(_) => super::batch::record(
-                &mut manifest,
-                f,
-                &outputs,
-                super::batch::Outcome::Done,
-                secs,
-            )?,
-            Err(e) => super::batch::record(
-                &mut manifest,
-                f,
-                &[],
-                super::batch::Outcome::Failed(&format!("{e:#}")),
-                secs,
-            )?,
-        }
+        super::batch::record_result(&mut manifest, f, &outputs, &res, t.elapsed().as_secs_f64())?;
         match res {
             Ok(msg) => {
                 done += 1;
