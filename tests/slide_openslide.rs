@@ -104,8 +104,7 @@ fn a_slide_openslide_cannot_read_names_the_vendor() {
         let e = match stream::open(&cut, &OpenOptions::default()) {
             Err(e) => e.to_string(),
             Ok(mut o) => stream::read_all(&mut o.rows)
-                .err()
-                .expect("a cut slide fails")
+                .expect_err("a cut slide fails")
                 .to_string(),
         };
         assert!(e.contains("cut.svs") && e.contains("aperio"), "{e}");
