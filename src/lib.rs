@@ -11,6 +11,7 @@ pub mod ops;
 pub mod rng;
 pub mod segment;
 pub mod stream;
+#[cfg(any(test, feature = "testing"))]
 pub mod testutil;
 pub mod tile;
 pub mod train;

@@ -1,5 +1,6 @@
-//! Helpers shared by tests, benchmarks and the CLI self-checks: deterministic random data and
-//! error measures. (Not part of the model.)
+//! Helpers of the tests (feature `testing`, on for `cargo test` through the crate's
+//! dev-dependency on itself; not in the CLI or the wasm build): the tests' GPU, deterministic
+//! random data and error measures.
 
 pub use crate::rng::Rng;
 

@@ -4,25 +4,22 @@
 //! Shapes are awkward on purpose (H, W not multiples of ws, odd head dims, batch 2, n = 196, key
 //! splits) and two kernels run past 65,535 workgroups.
 
-use medfastsam::gpu::{Gpu, Tensor};
 use medfastsam::ops::attention::*;
 use medfastsam::ops::reference::attention::{self as refa, MhaShape};
-use medfastsam::testutil::{Rng, rel_err, test_gpu, to_f64};
+use medfastsam::testutil::{Rng, test_gpu, to_f64};
+mod common;
+use common::{check, dot, up};
 
 const FWD_TOL: f64 = 1e-5;
 const BWD_TOL: f64 = 5e-5;
 
-fn up(gpu: &Gpu, v: &[f32], shape: &[usize]) -> Tensor {
-    gpu.upload(v, shape).unwrap()
-}
-
-/// Asserts and reports the relative error (max abs error / max |want|).
-#[track_caller]
-fn check(what: &str, got: &[f32], want: &[f64], tol: f64) -> f64 {
-    let e = rel_err(got, want);
-    eprintln!("{what}: rel err {e:.2e}");
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
-    e
+/// How the attention kernels are laid out in a check's name: by adapter, or pinned.
+fn layout_tag(layout: Option<bool>) -> &'static str {
+    match layout {
+        None => "",
+        Some(false) => " [1 row/inv]",
+        Some(true) => " [R rows/inv]",
+    }
 }
 
 fn scaled(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
@@ -205,7 +202,15 @@ fn win_inputs(rng: &mut Rng, nw: usize, ws: usize, c: usize, heads: usize) -> (V
     )
 }
 
-fn check_window_forward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64, tag: &str) {
+fn check_window_forward(
+    nw: usize,
+    ws: usize,
+    c: usize,
+    heads: usize,
+    seed: u64,
+    layout: Option<bool>,
+) {
+    let tag = layout_tag(layout);
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let n = ws * ws;
@@ -213,6 +218,7 @@ fn check_window_forward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64,
     let tq = up(gpu, &qkv, &[nw, n, 3 * c]);
     let tb = up(gpu, &bias, &[heads, n]);
     let mut rec = gpu.new_recorder();
+    rec.plan.register_rows = layout;
     let out = window_attention(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     let saved = window_attention_train(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     rec.submit().unwrap();
@@ -237,7 +243,7 @@ fn check_window_forward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64,
 #[test]
 fn window_attention_forward_awkward_shapes() {
     for (s, &(nw, ws, c, heads)) in WIN_CASES.iter().enumerate() {
-        check_window_forward(nw, ws, c, heads, 100 + s as u64, "");
+        check_window_forward(nw, ws, c, heads, 100 + s as u64, None);
     }
 }
 
@@ -341,7 +347,16 @@ fn mha_inputs(
     )
 }
 
-fn check_mha_forward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, seed: u64, tag: &str) {
+fn check_mha_forward(
+    b: usize,
+    lq: usize,
+    lk: usize,
+    e: usize,
+    heads: usize,
+    seed: u64,
+    layout: Option<bool>,
+) {
+    let tag = layout_tag(layout);
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
@@ -351,6 +366,7 @@ fn check_mha_forward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, see
         up(gpu, &v, &[b, lk, e]),
     );
     let mut rec = gpu.new_recorder();
+    rec.plan.register_rows = layout;
     let out = mha(&mut rec, &tq, &tk, &tv, heads).unwrap();
     let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
     rec.submit().unwrap();
@@ -385,7 +401,7 @@ fn check_mha_forward(b: usize, lq: usize, lk: usize, e: usize, heads: usize, see
 #[test]
 fn mha_forward_awkward_shapes() {
     for (s, &(b, lq, lk, e, heads)) in MHA_CASES.iter().enumerate() {
-        check_mha_forward(b, lq, lk, e, heads, 200 + s as u64, "");
+        check_mha_forward(b, lq, lk, e, heads, 200 + s as u64, None);
     }
 }
 
@@ -450,10 +466,6 @@ fn fd_check(what: &str, x: &[f64], grad: &[f64], loss: impl Fn(&[f64]) -> f64) {
     );
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
 #[test]
 fn reference_backward_matches_finite_differences() {
     let mut rng = Rng::new(77);
@@ -514,7 +526,15 @@ fn reference_backward_matches_finite_differences() {
 // ---------------------------------------------------------------------------------------------
 // backward: GPU vs CPU reference
 
-fn check_window_backward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64, tag: &str) {
+fn check_window_backward(
+    nw: usize,
+    ws: usize,
+    c: usize,
+    heads: usize,
+    seed: u64,
+    layout: Option<bool>,
+) {
+    let tag = layout_tag(layout);
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let n = ws * ws;
@@ -526,6 +546,7 @@ fn check_window_backward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64
     let tdo = up(gpu, &dout, &[nw, n, c]);
     let tdb = up(gpu, &dbias0, &[heads, n]);
     let mut rec = gpu.new_recorder();
+    rec.plan.register_rows = layout;
     let saved = window_attention_train(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     let dqkv =
         window_attention_backward(&mut rec, &tq, &tb, &saved, &tdo, Window { heads, ws }, &tdb)
@@ -563,7 +584,7 @@ fn window_attention_backward_awkward_shapes() {
     let mut cases = WIN_CASES.to_vec();
     cases.push((131, 3, 4, 2));
     for (s, &(nw, ws, c, heads)) in cases.iter().enumerate() {
-        check_window_backward(nw, ws, c, heads, 300 + s as u64, "");
+        check_window_backward(nw, ws, c, heads, 300 + s as u64, None);
     }
 }
 
@@ -574,8 +595,9 @@ fn check_mha_backward(
     e: usize,
     heads: usize,
     seed: u64,
-    tag: &str,
+    layout: Option<bool>,
 ) {
+    let tag = layout_tag(layout);
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let (q, k, v) = mha_inputs(&mut rng, b, lq, lk, e);
@@ -587,6 +609,7 @@ fn check_mha_backward(
     );
     let tdo = up(gpu, &dout, &[b, lq, e]);
     let mut rec = gpu.new_recorder();
+    rec.plan.register_rows = layout;
     let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
     let (dq, dk, dv) = mha_backward(&mut rec, &tq, &tk, &tv, &saved, &tdo, heads).unwrap();
     rec.submit().unwrap();
@@ -614,7 +637,7 @@ fn mha_backward_awkward_shapes() {
     let mut cases = MHA_CASES.to_vec();
     cases.push((1, 300, 5, 16, 4)); // few keys, many queries: dk/dv split over queries
     for (s, &(b, lq, lk, e, heads)) in cases.iter().enumerate() {
-        check_mha_backward(b, lq, lk, e, heads, 400 + s as u64, "");
+        check_mha_backward(b, lq, lk, e, heads, 400 + s as u64, None);
     }
 }
 
@@ -622,16 +645,15 @@ fn mha_backward_awkward_shapes() {
 fn both_kernel_layouts() {
     // The kernels keep R rows per invocation on CPU adapters and one row on GPUs; run a few cases
     // in the layout the adapter would not pick by default (and in the other, for completeness).
-    for (mode, tag) in [(false, " [1 row/inv]"), (true, " [R rows/inv]")] {
-        force_register_rows(Some(mode));
-        check_window_forward(3, 7, 64, 2, 500, tag); // aligned, n = 49
-        check_window_forward(2, 14, 15, 3, 501, tag); // unaligned head dim 5, n = 196
-        check_window_backward(3, 7, 64, 2, 502, tag);
-        check_window_backward(2, 14, 15, 3, 503, tag);
-        check_mha_forward(2, 5, 300, 32, 4, 504, tag); // split over keys
-        check_mha_backward(2, 5, 300, 32, 4, 505, tag);
-        check_mha_backward(1, 300, 5, 16, 4, 506, tag); // split over queries
-        check_mha_forward(1, 300, 33, 12, 4, 507, tag);
+    for mode in [false, true] {
+        let l = Some(mode);
+        check_window_forward(3, 7, 64, 2, 500, l); // aligned, n = 49
+        check_window_forward(2, 14, 15, 3, 501, l); // unaligned head dim 5, n = 196
+        check_window_backward(3, 7, 64, 2, 502, l);
+        check_window_backward(2, 14, 15, 3, 503, l);
+        check_mha_forward(2, 5, 300, 32, 4, 504, l); // split over keys
+        check_mha_backward(2, 5, 300, 32, 4, 505, l);
+        check_mha_backward(1, 300, 5, 16, 4, 506, l); // split over queries
+        check_mha_forward(1, 300, 33, 12, 4, 507, l);
     }
-    force_register_rows(None);
 }

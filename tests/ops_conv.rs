@@ -5,6 +5,8 @@
 
 use medfastsam::gpu::Tensor;
 use medfastsam::ops::Act;
+mod common;
+use common::check;
 use medfastsam::ops::conv::{
     ConvGeom, ConvGrads, conv_transpose2x2, conv_transpose2x2_backward, conv2d, conv2d_backward,
     conv2d_backward_chunked, conv2d_chunked, depthwise_conv2d, depthwise_conv2d_backward,
@@ -18,13 +20,6 @@ use medfastsam::testutil::{Rng, rel_err, test_gpu, to_f64};
 const TOL: f64 = 1e-5;
 /// Gradients reduce over up to ~40,000 output positions (dw, dbias) in f32: 2e-5.
 const TOL_GRAD: f64 = 2e-5;
-
-#[track_caller]
-fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    let e = rel_err(got, want);
-    eprintln!("{what}: rel err {e:.2e}");
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
-}
 
 /// The shape of a conv from x `[b, h, w, ci]` to `co` channels with a k x k kernel.
 fn shp(x: [usize; 4], co: usize, k: usize, stride: usize, pad: usize) -> ConvShape {
@@ -831,86 +826,4 @@ fn conv_transpose2x2_awkward_shapes() {
         Act::Gelu,
         157,
     );
-}
-
-/// Micro-benchmarks (run with `cargo test --test ops_conv -- --ignored --nocapture`).
-#[test]
-#[ignore]
-fn bench_conv() {
-    for line in medfastsam::ops::conv::bench(test_gpu()).unwrap() {
-        eprintln!("{line}");
-    }
-}
-
-/// The depthwise convolutions of one paper-preset forward at 1024² (run with `--ignored
-/// --nocapture`): total milliseconds, each call timed separately.
-#[test]
-#[ignore]
-fn bench_depthwise_model_shapes() {
-    use medfastsam::ops::time_op;
-    let gpu = test_gpu();
-    // (resolution, channels, stride, calls)
-    let calls = [
-        (256, 256, 1, 2),
-        (256, 128, 2, 1),
-        (128, 128, 1, 2),
-        (128, 160, 2, 1),
-        (64, 160, 1, 6),
-        (64, 320, 1, 3),
-    ];
-    let mut rng = Rng::new(7);
-    let mut total = 0.0;
-    let mut total_cpu = 0.0;
-    for (r, c, s, n) in calls {
-        let x = gpu.upload(&rng.vec(r * r * c), &[1, r, r, c]).unwrap();
-        let w = gpu.upload(&rng.vec(c * 9), &[c, 1, 3, 3]).unwrap();
-        let b = gpu.upload(&rng.vec(c), &[c]).unwrap();
-        let act = if std::env::var("DW_NOACT").is_ok() {
-            Act::None
-        } else {
-            Act::Gelu
-        };
-        let ms = time_op(gpu, 3, |rec| {
-            depthwise_conv2d(rec, &x, &w, Some(&b), ConvGeom { stride: s, pad: 1 }, act).map(|_| ())
-        })
-        .unwrap();
-        // CPU time of the process (the adapter's worker threads): less sensitive to other load.
-        let reps = 10;
-        let c0 = cpu_ms();
-        for _ in 0..reps {
-            let mut rec = gpu.new_recorder();
-            depthwise_conv2d(
-                &mut rec,
-                &x,
-                &w,
-                Some(&b),
-                ConvGeom { stride: s, pad: 1 },
-                act,
-            )
-            .unwrap();
-            rec.submit().unwrap();
-            gpu.sync().unwrap();
-        }
-        let cpu = (cpu_ms() - c0) / reps as f64;
-        eprintln!("depthwise {r}² x {c} stride {s}: {ms:.2} ms, {cpu:.1} CPU-ms x {n}");
-        total_cpu += cpu * n as f64;
-        total += ms * n as f64;
-    }
-    eprintln!("depthwise total per forward: {total:.1} ms, {total_cpu:.1} CPU-ms");
-}
-
-/// User + system CPU time of this process in ms (Linux /proc; 0 elsewhere).
-fn cpu_ms() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks * 10.0
 }

@@ -5,11 +5,8 @@ use medfastsam::gpu::Tensor;
 use medfastsam::ops::loss::{LossConfig, seg_loss, seg_loss_values};
 use medfastsam::ops::reference::loss as rl;
 use medfastsam::testutil::{Rng, assert_close, rel_err, test_gpu, to_f64};
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    M.lock().unwrap_or_else(|e| e.into_inner())
-}
+mod common;
+use common::serial;
 
 fn params(cfg: &LossConfig) -> rl::LossParams {
     rl::LossParams {

@@ -620,15 +620,6 @@ fn gemm_plan_for_model_shapes() {
     );
 }
 
-/// Micro-benchmark (run with `cargo test --release --test ops_matmul -- --ignored --nocapture`).
-#[test]
-#[ignore]
-fn bench_gemm() {
-    for r in medfastsam::ops::matmul::bench(test_gpu()).unwrap() {
-        println!("{r}");
-    }
-}
-
 /// The activation-backward epilogue `alpha * op(A) op(B) * act'(R) (+ C)` and the saved
 /// pre-activation `alpha * op(A) op(B) + bias` (with `act(..)` in C) vs the f64 reference, on every
 /// kernel family and the split-K reduce.

@@ -1,14 +1,11 @@
 //! LayerNorm and BatchNorm2d kernels vs the CPU f64 reference (and finite differences for the
 //! backward passes) on the model's channel counts, awkward sizes and a grid past 65,535 workgroups.
 
-use medfastsam::gpu::Gpu;
 use medfastsam::ops::norm::*;
 use medfastsam::ops::{Act, reference};
 use medfastsam::testutil::{Rng, assert_close, rel_err, test_gpu, to_f64};
-
-fn up(gpu: &Gpu, v: &[f32], shape: &[usize]) -> medfastsam::gpu::Tensor {
-    gpu.upload(v, shape).unwrap()
-}
+mod common;
+use common::{dot, serial, up};
 
 /// Rows of x with a per-row offset and scale, so the two-pass variance is exercised.
 /// Rows whose sample spread is below a third of the drawn scale are redrawn: with C = 3 a nearly
@@ -30,14 +27,6 @@ fn ln_input(rng: &mut Rng, rows: usize, c: usize, offset: f64, scale: f64) -> Ve
         }
     }
     x
-}
-
-/// The GPU is shared by the tests of this file, which run on several threads; the buffer pool hands
-/// a buffer freed (at drop, before its recording is submitted) by one thread to another, whose
-/// submission can then be overtaken. Tests therefore take turns.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    M.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A LayerNorm forward case: `rows` x `c` inputs around `offset` with spread `scale`.
@@ -282,10 +271,6 @@ fn fd_grad(p: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
             (up - dn) / (2.0 * step)
         })
         .collect()
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 struct LnGrads {
@@ -1073,74 +1058,4 @@ fn batch_norm_train_is_deterministic() {
         )
     };
     assert_eq!(run(), run());
-}
-
-/// `cargo test --test ops_norm -- --ignored --nocapture bench` prints the micro-benchmarks.
-#[test]
-#[ignore]
-fn bench_norm() {
-    let _g = serial();
-    for line in bench(test_gpu()).unwrap() {
-        eprintln!("{line}");
-    }
-}
-
-/// The LayerNorms of one paper-preset forward at 1024² (run with `--ignored --nocapture`).
-#[test]
-#[ignore]
-fn bench_layer_norm_model_shapes() {
-    let _g = serial();
-    let gpu = test_gpu();
-    // (rows, C, calls)
-    let calls = [
-        (17689usize, 128usize, 2usize),
-        (16384, 128, 4),
-        (4900, 160, 6),
-        (4096, 160, 12),
-        (4900, 320, 2),
-        (4096, 320, 4),
-        (4096, 256, 10),
-        (65536, 32, 1),
-        (16384, 64, 2),
-    ];
-    let mut rng = Rng::new(3);
-    let (mut total, mut total_cpu) = (0.0, 0.0);
-    for (rows, c, n) in calls {
-        let x = up(gpu, &rng.vec(rows * c), &[rows, c]);
-        let w = up(gpu, &rng.vec(c), &[c]);
-        let b = up(gpu, &rng.vec(c), &[c]);
-        let ms = medfastsam::ops::time_op(gpu, 3, |rec| {
-            layer_norm(rec, &x, &w, &b, 1e-5, Act::None).map(|_| ())
-        })
-        .unwrap();
-        let reps = 10;
-        let c0 = cpu_ms();
-        for _ in 0..reps {
-            let mut rec = gpu.new_recorder();
-            layer_norm(&mut rec, &x, &w, &b, 1e-5, Act::None).unwrap();
-            rec.submit().unwrap();
-            gpu.sync().unwrap();
-        }
-        let cpu = (cpu_ms() - c0) / reps as f64;
-        eprintln!("layer_norm {rows} x {c}: {ms:.2} ms, {cpu:.1} CPU-ms x {n}");
-        total += ms * n as f64;
-        total_cpu += cpu * n as f64;
-    }
-    eprintln!("layer_norm total: {total:.1} ms, {total_cpu:.1} CPU-ms");
-}
-
-/// User + system CPU time of this process in ms (Linux /proc; 0 elsewhere).
-fn cpu_ms() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks * 10.0
 }

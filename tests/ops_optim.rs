@@ -4,11 +4,8 @@
 use medfastsam::ops::optim::{AdamConfig, adam_step};
 use medfastsam::ops::reference::optim as ro;
 use medfastsam::testutil::{Rng, assert_close, rel_err, test_gpu, to_f64};
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    M.lock().unwrap_or_else(|e| e.into_inner())
-}
+mod common;
+use common::serial;
 
 fn worst_update() -> &'static std::thread::LocalKey<std::cell::Cell<f64>> {
     thread_local!(static W: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) });

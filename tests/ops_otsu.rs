@@ -371,12 +371,3 @@ fn otsu_rejects_bad_shapes() {
     let px2 = gpu.upload_u32(&[0; 16], &[16]).unwrap();
     assert!(otsu(&mut rec, &px2, &xn, OtsuRule::Paper).is_err());
 }
-
-/// Micro-benchmark (not a check): `cargo test --test ops_otsu -- --ignored --nocapture`.
-#[test]
-#[ignore = "benchmark"]
-fn otsu_bench() {
-    for r in medfastsam::ops::otsu::bench(test_gpu()).unwrap() {
-        eprintln!("{r}");
-    }
-}

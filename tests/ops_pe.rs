@@ -84,12 +84,3 @@ fn pe_rejects_bad_matrix() {
     let mut rec = gpu.new_recorder();
     assert!(dense_pe(&mut rec, &g, 4, 4).is_err());
 }
-
-/// Micro-benchmark (not a check): `cargo test --test ops_pe -- --ignored --nocapture`.
-#[test]
-#[ignore = "benchmark"]
-fn pe_bench() {
-    for r in medfastsam::ops::pe::bench(test_gpu()).unwrap() {
-        eprintln!("{r}");
-    }
-}

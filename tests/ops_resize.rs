@@ -4,18 +4,13 @@
 
 use medfastsam::ops::reference::resize as refr;
 use medfastsam::ops::resize::{bilinear, bilinear_backward};
-use medfastsam::testutil::{Rng, rel_err, test_gpu, to_f64};
+use medfastsam::testutil::{Rng, test_gpu, to_f64};
+mod common;
+use common::check;
 
 /// Each output is a convex combination of 4 inputs with exact taps and f32-rounded weights, so
 /// errors are a few 1e-7 of the tensor's scale.
 const TOL: f64 = 1e-6;
-
-#[track_caller]
-fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    let e = rel_err(got, want);
-    eprintln!("{what}: rel err {e:.2e}");
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
-}
 
 fn forward(b: usize, h: usize, w: usize, c: usize, oh: usize, ow: usize, seed: u64) {
     let gpu = test_gpu();
@@ -142,13 +137,4 @@ fn bilinear_backward_awkward_shapes() {
     backward(1, 9, 9, 4, 9, 9, 38);
     backward(1, 3, 250, 1, 767, 7, 39); // strong up in H, strong down in W
     backward(1, 256, 256, 1, 1024, 1024, 40); // the model's logits upsampling
-}
-
-/// Micro-benchmarks (run with `cargo test --test ops_resize -- --ignored --nocapture`).
-#[test]
-#[ignore]
-fn bench_resize() {
-    for line in medfastsam::ops::resize::bench(test_gpu()).unwrap() {
-        eprintln!("{line}");
-    }
 }

@@ -25,13 +25,6 @@ fn tiny_train_step_with_grouped_mbconv_matches_pytorch() {
 }
 
 fn train_step(grouped: bool) {
-    // Both tests share the thread-independent switch: run them one after the other.
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    medfastsam::model::lka_encoder::FORCE_MBCONV_GROUPS.store(
-        if grouped { 2 } else { 0 },
-        std::sync::atomic::Ordering::SeqCst,
-    );
     let gpu = test_gpu();
     let cfg = Config::from_file(&fixtures_dir().join("tiny.config.json")).unwrap();
     let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
@@ -45,6 +38,8 @@ fn train_step(grouped: bool) {
     let target = gpu.upload(&target, &[s[0], s[1], s[2], 1]).unwrap();
 
     let mut rec = gpu.new_recorder();
+    // the grouped path: at least two hidden-channel groups in every MBConv of this recording
+    rec.plan.min_mbconv_groups = if grouped { 2 } else { 0 };
     ps.zero_grads(&mut rec);
     let model = MedFastSam::from_params(&ps).unwrap();
     let (out, saved) = model.forward_train(&mut rec, &px).unwrap();

@@ -9,7 +9,7 @@ mod tensor;
 
 pub use pipeline::{Kernel, ShaderFamily};
 pub use pool::PoolStats;
-pub use recorder::{Params, ProfileEntry, Recorder};
+pub use recorder::{KernelPlan, Params, ProfileEntry, Recorder};
 pub use tensor::Tensor;
 
 use crate::error::{Error, Result};

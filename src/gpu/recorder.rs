@@ -51,6 +51,9 @@ struct UniformChunk {
 
 pub struct Recorder<'g> {
     pub gpu: &'g Gpu,
+    /// Explicit kernel choices for the ops recorded here (tests and benchmarks pin a layout with
+    /// it); the default lets each op choose by adapter and shape.
+    pub plan: KernelPlan,
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     chunks: Vec<UniformChunk>,
@@ -66,6 +69,17 @@ pub struct Recorder<'g> {
     /// `flops` at the previous profiled dispatch (each dispatch is charged the FLOPs declared since).
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     profile_flops: f64,
+}
+
+/// Kernel choices a recording can pin instead of leaving them to the adapter and the shapes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelPlan {
+    /// Attention kernels: several query/key rows per invocation (`Some(true)`, what CPU adapters
+    /// such as lavapipe get by default), one (`Some(false)`, what GPUs get), or by adapter (`None`).
+    pub register_rows: Option<bool>,
+    /// MBConv: at least this many hidden-channel groups (0 = as many as the device's storage
+    /// binding limit requires).
+    pub min_mbconv_groups: usize,
 }
 
 /// Profile totals of one kernel (or kernel variant).
@@ -86,6 +100,7 @@ impl<'g> Recorder<'g> {
             });
         Recorder {
             gpu,
+            plan: KernelPlan::default(),
             encoder: Some(encoder),
             pass: None,
             chunks: Vec::new(),

@@ -120,11 +120,6 @@ struct MbGroup {
     c0: usize,
 }
 
-/// Tests: a minimum number of MBConv hidden-channel groups (0 = as the device limits require).
-#[doc(hidden)]
-pub static FORCE_MBCONV_GROUPS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
-
 /// Number of hidden-channel groups so that each group's map fits one storage binding.
 fn hidden_groups(rec: &Recorder, rows: usize, hidden: usize) -> Result<usize> {
     let limit = rec
@@ -133,7 +128,7 @@ fn hidden_groups(rec: &Recorder, rows: usize, hidden: usize) -> Result<usize> {
         .max_storage_buffer_binding_size
         .min(rec.gpu.limits.max_buffer_size);
     let bytes = (rows * hidden * 4) as u64;
-    let forced = FORCE_MBCONV_GROUPS.load(std::sync::atomic::Ordering::Relaxed);
+    let forced = rec.plan.min_mbconv_groups;
     let mut g = (bytes.div_ceil(limit).max(1) as usize).max(forced);
     while g <= hidden {
         if hidden.is_multiple_of(g) && (g == 1 || (hidden / g).is_multiple_of(64)) {

@@ -370,21 +370,11 @@ impl Plan {
     }
 }
 
-thread_local! {
-    static REGISTER_ROWS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
-
-/// Testing hook: force (Some(true)) or disable (Some(false)) the several-rows-per-invocation
-/// layout of the attention kernels for calls recorded on this thread; None = by adapter (on for
-/// CPU adapters such as lavapipe, off for GPUs).
-#[doc(hidden)]
-pub fn force_register_rows(v: Option<bool>) {
-    REGISTER_ROWS.with(|c| c.set(v));
-}
-
+/// Several rows per invocation: as the recording's plan says, else on CPU adapters (lavapipe)
+/// and not on GPUs.
 fn register_rows(rec: &Recorder) -> bool {
-    REGISTER_ROWS
-        .with(|c| c.get())
+    rec.plan
+        .register_rows
         .unwrap_or(rec.gpu.info.device_type == wgpu::DeviceType::Cpu)
 }
 
@@ -1281,7 +1271,7 @@ pub fn mha_backward(
 #[cfg(not(target_arch = "wasm32"))]
 pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
     use super::{bench_line, time_op};
-    let mut rng = crate::testutil::Rng::new(7);
+    let mut rng = crate::rng::Rng::new(7);
     let mut out = Vec::new();
     // (C, heads, ws, H=W)
     for (stage, &(c, heads, ws, hw)) in [

@@ -425,13 +425,12 @@ pub fn conv2d(
     geom: ConvGeom,
     act: Act,
 ) -> Result<Tensor> {
-    conv2d_chunked(rec, x, w, bias, geom, act, None)
+    conv2d_chunked_impl(rec, x, w, bias, geom, act, None)
 }
 
 /// [`conv2d`] with the im2col chunk capped at `max_chunk_rows` output positions (tests of the
 /// chunked path; `None` = as large as the device allows).
-#[doc(hidden)]
-pub fn conv2d_chunked(
+fn conv2d_chunked_impl(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
@@ -502,6 +501,20 @@ pub fn conv2d_chunked(
     Ok(y)
 }
 
+/// (With the `testing` feature: the hook tests use to pin this choice.)
+#[cfg(any(test, feature = "testing"))]
+pub fn conv2d_chunked(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    geom: ConvGeom,
+    act: Act,
+    max_chunk_rows: Option<usize>,
+) -> Result<Tensor> {
+    conv2d_chunked_impl(rec, x, w, bias, geom, act, max_chunk_rows)
+}
+
 /// Gradients of [`conv2d`]: `dy [B,OH,OW,Co]` is dL/d(conv output before activation). Accumulates
 /// `dx [B,H,W,Ci] += dL/dx`, `dw [Co,Ci,k,k] += dL/dw`, `dbias [Co] += dL/dbias` for each one given.
 /// dx: GEMM `dcol = dy w` then `col2im` (gather); dw: `im2col(x)` then `dw += dy^T col` (split-K);
@@ -514,12 +527,11 @@ pub fn conv2d_backward(
     geom: ConvGeom,
     grads: ConvGrads,
 ) -> Result<()> {
-    conv2d_backward_chunked(rec, x, w, dy, geom, grads, None)
+    conv2d_backward_chunked_impl(rec, x, w, dy, geom, grads, None)
 }
 
 /// [`conv2d_backward`] with the column chunk capped at `max_chunk_rows` positions (tests).
-#[doc(hidden)]
-pub fn conv2d_backward_chunked(
+fn conv2d_backward_chunked_impl(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
@@ -636,6 +648,20 @@ pub fn conv2d_backward_chunked(
     Ok(())
 }
 
+/// (With the `testing` feature: the hook tests use to pin this choice.)
+#[cfg(any(test, feature = "testing"))]
+pub fn conv2d_backward_chunked(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    geom: ConvGeom,
+    grads: ConvGrads,
+    max_chunk_rows: Option<usize>,
+) -> Result<()> {
+    conv2d_backward_chunked_impl(rec, x, w, dy, geom, grads, max_chunk_rows)
+}
+
 /// Depthwise conv (groups = C), w [C, 1, k, k], optional bias [C], fused activation.
 /// x [B,H,W,C] -> [B,OH,OW,C].
 pub fn depthwise_conv2d(
@@ -661,7 +687,7 @@ fn dw_tiled(g: &Geo) -> bool {
 
 /// [`depthwise_conv2d`] with the output rows per invocation of the 3x3 sliding-window kernel
 /// forced (tests; ignored by the other kernels).
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub fn depthwise_conv2d_run(
     rec: &mut Recorder,
     x: &Tensor,

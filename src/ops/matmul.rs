@@ -595,7 +595,7 @@ pub fn bench_shapes(
     use crate::ops::{bench_line, time_op};
     let mut out = Vec::new();
     for &(name, m, n, k, ta, tb) in shapes {
-        let mut rng = crate::testutil::Rng::new(1);
+        let mut rng = crate::rng::Rng::new(1);
         let mut g = Gemm::new(m, n, k);
         g.trans_a = ta;
         g.trans_b = tb;

@@ -130,7 +130,7 @@ pub fn layer_norm_train(
 ) -> Result<(Tensor, LnSaved)> {
     let c = x.shape.last().copied().unwrap_or(0);
     if c == 0 || !c.is_multiple_of(4) {
-        return layer_norm_train_with_team(rec, x, w, b, eps, act, team_size(c));
+        return layer_norm_train_with_team_impl(rec, x, w, b, eps, act, team_size(c));
     }
     let (rows, c) = check_ln(x, w, b)?;
     let y = rec.gpu.empty(&x.shape)?;
@@ -165,8 +165,7 @@ pub fn layer_norm_train(
 
 /// [`layer_norm_train`] with an explicit number of threads per row (a power of two ≤ 256); used by
 /// the tests to cover every reduction width and the grid splitting with small tensors.
-#[doc(hidden)]
-pub fn layer_norm_train_with_team(
+fn layer_norm_train_with_team_impl(
     rec: &mut Recorder,
     x: &Tensor,
     w: &Tensor,
@@ -208,6 +207,20 @@ pub fn layer_norm_train_with_team(
     ))
 }
 
+/// (With the `testing` feature: the hook tests use to pin this choice.)
+#[cfg(any(test, feature = "testing"))]
+pub fn layer_norm_train_with_team(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+    act: Act,
+    team: u32,
+) -> Result<(Tensor, LnSaved)> {
+    layer_norm_train_with_team_impl(rec, x, w, b, eps, act, team)
+}
+
 /// Where a normalisation backward puts its gradients: the weight's `dw` and the bias's `db`
 /// (accumulated), and, when given, `dx_acc`, a tensor the input gradient is added into (returned)
 /// instead of a new one.
@@ -240,7 +253,7 @@ pub fn layer_norm_backward(
 }
 
 /// [`layer_norm_backward`] with an explicit number of threads per row (tests).
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub fn layer_norm_backward_with_team(
     rec: &mut Recorder,
     x: &Tensor,
@@ -829,7 +842,7 @@ pub fn batch_norm_backward(
 #[cfg(not(target_arch = "wasm32"))]
 pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<super::BenchResult>> {
     use super::{bench_line, time_op};
-    let mut rng = crate::testutil::Rng::new(42);
+    let mut rng = crate::rng::Rng::new(42);
     let mut out = Vec::new();
     let reps = 5;
     for (rows, c) in [(16384usize, 128usize), (65536, 32)] {

@@ -156,8 +156,7 @@ fn check_shapes(px: &Tensor, x_norm: Option<&Tensor>) -> Result<(usize, usize, u
 
 /// Records the per-image 256-bin histograms (u32 counts in an f32-typed tensor [B, 256]) with
 /// `chunk` pixels per workgroup (a multiple of 256). Exposed for tests.
-#[doc(hidden)]
-pub fn otsu_histogram(
+fn otsu_histogram_impl(
     rec: &mut Recorder,
     px: &Tensor,
     rule: OtsuRule,
@@ -182,6 +181,17 @@ pub fn otsu_histogram(
     };
     rec.dispatch(&kernel("otsu_hist", rule), p, &[px, &consts, &hist], groups)?;
     Ok((hist, consts))
+}
+
+/// (With the `testing` feature: the hook tests use to pin this choice.)
+#[cfg(any(test, feature = "testing"))]
+pub fn otsu_histogram(
+    rec: &mut Recorder,
+    px: &Tensor,
+    rule: OtsuRule,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    otsu_histogram_impl(rec, px, rule, chunk)
 }
 
 /// Records the copy of the host constants into a pooled buffer: they travel in the uniform
@@ -210,8 +220,7 @@ fn record_constants(rec: &mut Recorder) -> Result<Tensor> {
 
 /// [`otsu`] with a chosen number of pixels per histogram workgroup (a multiple of 256), so that
 /// tests can force large histogram grids.
-#[doc(hidden)]
-pub fn otsu_chunked(
+fn otsu_chunked_impl(
     rec: &mut Recorder,
     px: &Tensor,
     x_norm: &Tensor,
@@ -220,7 +229,7 @@ pub fn otsu_chunked(
 ) -> Result<(Tensor, Tensor)> {
     let (b, h, w) = check_shapes(px, Some(x_norm))?;
     let npix = h * w;
-    let (hist, consts) = otsu_histogram(rec, px, rule, chunk)?;
+    let (hist, consts) = otsu_histogram_impl(rec, px, rule, chunk)?;
     let thr = rec.gpu.empty(&[b])?;
     let tsel = rec.gpu.empty(&[b])?;
     let p = || OtsuParams {
@@ -245,6 +254,18 @@ pub fn otsu_chunked(
         groups,
     )?;
     Ok((thr, mask))
+}
+
+/// (With the `testing` feature: the hook tests use to pin this choice.)
+#[cfg(any(test, feature = "testing"))]
+pub fn otsu_chunked(
+    rec: &mut Recorder,
+    px: &Tensor,
+    x_norm: &Tensor,
+    rule: OtsuRule,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    otsu_chunked_impl(rec, px, x_norm, rule, chunk)
 }
 
 /// The coarse mask `[B, H, W, 1]` of `px` at given threshold indices: `tsel` holds t* (0..=255,
@@ -299,7 +320,7 @@ pub fn otsu(
     x_norm: &Tensor,
     rule: OtsuRule,
 ) -> Result<(Tensor, Tensor)> {
-    otsu_chunked(rec, px, x_norm, rule, CHUNK)
+    otsu_chunked_impl(rec, px, x_norm, rule, CHUNK)
 }
 
 /// Micro-benchmark: both rules on one 1024² image.
@@ -307,7 +328,7 @@ pub fn otsu(
 pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<crate::ops::BenchResult>> {
     use crate::ops::{bench_line, time_op};
     let s = 1024;
-    let mut rng = crate::testutil::Rng::new(42);
+    let mut rng = crate::rng::Rng::new(42);
     let px: Vec<u32> = (0..s * s)
         .map(|_| rng.next_u64() as u32 & 0x00ff_ffff)
         .collect();

@@ -45,7 +45,7 @@ pub fn dense_pe(rec: &mut Recorder, gauss: &Tensor, h: usize, w: usize) -> Resul
 #[cfg(not(target_arch = "wasm32"))]
 pub fn bench(gpu: &crate::gpu::Gpu) -> Result<Vec<crate::ops::BenchResult>> {
     use crate::ops::{bench_line, time_op};
-    let mut rng = crate::testutil::Rng::new(7);
+    let mut rng = crate::rng::Rng::new(7);
     let g: Vec<f32> = (0..256).map(|_| rng.normal() as f32).collect();
     let g = gpu.upload(&g, &[2, 128])?;
     let ms = time_op(gpu, 20, |rec| {

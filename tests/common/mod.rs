@@ -1,4 +1,5 @@
-//! Shared helpers of the integration tests: fixture loading and layout conversion.
+//! Shared helpers of the integration tests: fixture loading, layout conversion, uploads, error
+//! checks, and the lock of the tests that must not share the GPU concurrently.
 #![allow(dead_code)]
 
 pub mod cli;
@@ -123,4 +124,30 @@ pub fn rel(got: &[f32], want: &[f32]) -> f64 {
         }
     });
     if scale > 0.0 { e / scale } else { e }
+}
+
+/// Uploads f32 values of `shape`.
+pub fn up(gpu: &medfastsam::gpu::Gpu, v: &[f32], shape: &[usize]) -> medfastsam::gpu::Tensor {
+    gpu.upload(v, shape).unwrap()
+}
+
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Asserts and prints the relative error (max abs error / max |want|); returns it.
+#[track_caller]
+pub fn check(what: &str, got: &[f32], want: &[f64], tol: f64) -> f64 {
+    let e = medfastsam::testutil::rel_err(got, want);
+    eprintln!("{what}: rel err {e:.2e}");
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
+    e
+}
+
+/// The GPU is shared by the tests of a file, which run on several threads; the buffer pool hands
+/// a buffer freed (at drop, before its recording is submitted) by one thread to another, whose
+/// submission can then be overtaken. Tests that hit this take turns through this lock.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
 }
