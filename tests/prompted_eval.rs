@@ -8,6 +8,7 @@
 mod common;
 
 use common::cli::{repo, run, s, tmpdir};
+use common::dice;
 use medfastsam::io;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,19 +24,6 @@ fn dice_column(p: &Path) -> BTreeMap<String, f64> {
             (f[0].to_string(), f[2].parse().unwrap())
         })
         .collect()
-}
-
-fn dice(a: &[u8], b: &[u8]) -> f64 {
-    let (mut inter, mut sum) = (0usize, 0usize);
-    for (&x, &y) in a.iter().zip(b) {
-        inter += (x > 0 && y > 0) as usize;
-        sum += (x > 0) as usize + (y > 0) as usize;
-    }
-    if sum == 0 {
-        1.0
-    } else {
-        2.0 * inter as f64 / sum as f64
-    }
 }
 
 /// Bounding boxes [x0, y0, x1, y1] (inclusive) of the 8-connected components of a mask, by

@@ -8,6 +8,7 @@
 mod common;
 
 use common::cli::{run, s, tmpdir};
+use common::dice;
 use medfastsam::io;
 use medfastsam::model::Weights;
 use std::collections::BTreeMap;
@@ -27,21 +28,6 @@ fn results(dir: &Path) -> BTreeMap<String, (f64, f64)> {
             )
         })
         .collect()
-}
-
-/// Foreground Dice of two masks (nonzero = foreground), computed here.
-fn dice(a: &[u8], b: &[u8]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut inter, mut sum) = (0usize, 0usize);
-    for (&x, &y) in a.iter().zip(b) {
-        inter += (x > 0 && y > 0) as usize;
-        sum += (x > 0) as usize + (y > 0) as usize;
-    }
-    if sum == 0 {
-        1.0
-    } else {
-        2.0 * inter as f64 / sum as f64
-    }
 }
 
 /// The CP-Encoder's Otsu prompt (paper rule) of an image by the f64 CPU reference.

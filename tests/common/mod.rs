@@ -151,3 +151,19 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
     M.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Dice of two masks (foreground > 0), 1 when both are empty: an independent count for checking
+/// the metrics the tools print.
+pub fn dice(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut inter, mut sum) = (0usize, 0usize);
+    for (&x, &y) in a.iter().zip(b) {
+        inter += (x > 0 && y > 0) as usize;
+        sum += (x > 0) as usize + (y > 0) as usize;
+    }
+    if sum == 0 {
+        1.0
+    } else {
+        2.0 * inter as f64 / sum as f64
+    }
+}
