@@ -154,6 +154,20 @@ pub fn record_result<T>(
     }
 }
 
+/// With `skip`, and every file of `outputs` there: records the input as skipped and says so.
+pub fn skip_if_done(
+    m: &mut Option<Manifest>,
+    skip: bool,
+    input: &Path,
+    outputs: &[PathBuf],
+) -> anyhow::Result<bool> {
+    if !(skip && all_exist(outputs)) {
+        return Ok(false);
+    }
+    record(m, input, outputs, Outcome::Skipped, 0.0)?;
+    Ok(true)
+}
+
 /// Whether every file of `outputs` exists (they are written under temporary names and renamed
 /// into place together, so existing ones are complete).
 pub fn all_exist(outputs: &[PathBuf]) -> bool {

@@ -199,14 +199,7 @@ pub fn run(
     for (f, base) in files.iter().zip(names) {
         let t = Instant::now();
         let outputs = super::segment::expected_outputs(a, base, true);
-        if a.skip_existing && super::batch::all_exist(&outputs) {
-            super::batch::record(
-                &mut manifest,
-                f,
-                &outputs,
-                super::batch::Outcome::Skipped,
-                0.0,
-            )?;
+        if super::batch::skip_if_done(&mut manifest, a.skip_existing, f, &outputs)? {
             skipped += 1;
             println!("{}: skipped (its outputs exist)", f.display());
             continue;

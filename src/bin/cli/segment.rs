@@ -443,14 +443,7 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         }
         let t = Instant::now();
         let outputs = expected_outputs(a, base, false);
-        if a.skip_existing && super::batch::all_exist(&outputs) {
-            super::batch::record(
-                &mut manifest,
-                f,
-                &outputs,
-                super::batch::Outcome::Skipped,
-                0.0,
-            )?;
+        if super::batch::skip_if_done(&mut manifest, a.skip_existing, f, &outputs)? {
             skipped += 1;
             say(format!("{}: skipped (its outputs exist)", f.display()));
             if let Some(b) = &bar {
@@ -467,17 +460,14 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
                 return segment_tiled(&seg, a, f, base, opened, scale, t, bar.as_ref());
             }
             io::check_pixel_budget(&f.display().to_string(), w as u64, h as u64)?;
-            let mpp = opened.mpp;
-            let downsample = level_downsample(&opened, a.tiling.level);
+            let place = Placement::of(&opened, &a.tiling);
             let mut rows = opened.rows;
             let img = stream::read_all(&mut rows)?;
             drop(rows);
             let r = seg
                 .segment(&img)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
-            let offset = a.tiling.region.map(|r| (r[0], r[1])).unwrap_or((0, 0));
-            let mut outs =
-                RowOutputs::create(a, base, (img.width, img.height), mpp, offset, downsample)?;
+            let mut outs = RowOutputs::create(a, base, (img.width, img.height), place)?;
             let (mw, iw) = (r.mask.width, img.width * 3);
             for (m, px) in r.mask.data.chunks_exact(mw).zip(img.data.chunks_exact(iw)) {
                 outs.push(m, px)?;
@@ -546,11 +536,28 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     Ok(if failures > 0 { 1 } else { 0 })
 }
 
-/// Full-resolution pixels per pixel of the level read (1 for level 0 and single images).
-fn level_downsample(o: &stream::Opened, level: usize) -> f64 {
-    match (o.levels.first(), o.levels.get(level)) {
-        (Some(l0), Some(l)) if level > 0 => l0.width as f64 / l.width as f64,
-        _ => 1.0,
+/// Where an image's pixels lie in its file, for the objects' coordinates and areas.
+#[derive(Clone, Copy)]
+struct Placement {
+    /// Microns per pixel, when the file says.
+    mpp: Option<f64>,
+    /// The image's pixel (0, 0) in the level's pixels (a --region's corner).
+    offset: (usize, usize),
+    /// Full-resolution pixels per pixel of the level read (1 for level 0 and single images).
+    downsample: f64,
+}
+
+impl Placement {
+    fn of(o: &stream::Opened, t: &TileArgs) -> Placement {
+        let downsample = match (o.levels.first(), o.levels.get(t.level)) {
+            (Some(l0), Some(l)) if t.level > 0 => l0.width as f64 / l.width as f64,
+            _ => 1.0,
+        };
+        Placement {
+            mpp: o.mpp,
+            offset: t.region.map(|r| (r[0], r[1])).unwrap_or((0, 0)),
+            downsample,
+        }
     }
 }
 
@@ -647,17 +654,19 @@ fn sync(f: &mut Buffered) -> std::io::Result<()> {
 }
 
 impl RowOutputs {
-    /// `mpp`: microns per pixel of the image (for areas in µm²); `offset`: where the image's
-    /// pixel (0, 0) lies in the file's (a --region's corner), for object coordinates;
-    /// `downsample`: the pyramid level's, for GeoJSON outlines in level-0 pixels.
+    /// `place`: microns per pixel (areas in µm²), the region's corner (object coordinates) and
+    /// the level's downsample (GeoJSON outlines in level-0 pixels).
     fn create(
         a: &SegmentArgs,
         base: &str,
         (w, h): (usize, usize),
-        mpp: Option<f64>,
-        offset: (usize, usize),
-        downsample: f64,
+        place: Placement,
     ) -> anyhow::Result<Self> {
+        let Placement {
+            mpp,
+            offset,
+            downsample,
+        } = place;
         let mut o = RowOutputs {
             writers: None,
             objects: None,
@@ -857,18 +866,17 @@ fn segment_tiled(
         );
     }
     let rule = seg.model.otsu_rule();
-    let global_t = if tl.global_otsu {
-        let pass = open_again()?;
-        let t = if scaled {
-            medfastsam::segment::global_otsu_index_rows(
-                seg.gpu,
-                &mut stream::Scaled::new(pass, sw, sh),
-                rule,
-            )
+    // The source the windows read: the file's rows, rescaled when asked.
+    let work_rows = |rows: Box<dyn RowSource>| -> Box<dyn RowSource> {
+        if scaled {
+            Box::new(stream::Scaled::new(rows, sw, sh))
         } else {
-            let mut pass = pass;
-            medfastsam::segment::global_otsu_index_rows(seg.gpu, &mut pass, rule)
-        };
+            rows
+        }
+    };
+    let global_t = if tl.global_otsu {
+        let mut pass = work_rows(open_again()?);
+        let t = medfastsam::segment::global_otsu_index_rows(seg.gpu, &mut *pass, rule);
         Some(t.map_err(named)?)
     } else {
         None
@@ -885,16 +893,10 @@ fn segment_tiled(
     } else {
         None
     };
-    let offset = tl.region.map(|r| (r[0], r[1])).unwrap_or((0, 0));
-    let downsample = level_downsample(&opened, tl.level);
-    let mut outs = RowOutputs::create(a, base, (w, h), opened.mpp, offset, downsample)?;
+    let mut outs = RowOutputs::create(a, base, (w, h), Placement::of(&opened, tl))?;
     // With rescaling, the image's own rows come from a second reader, in step with the mask.
     let mut orig: Option<Box<dyn RowSource>> = if scaled { Some(open_again()?) } else { None };
-    let mut work: Box<dyn RowSource> = if scaled {
-        Box::new(stream::Scaled::new(opened.rows, sw, sh))
-    } else {
-        opened.rows
-    };
+    let mut work = work_rows(opened.rows);
     let xmap: Vec<usize> = (0..w).map(|x| stream::nearest_index(x, w, sw)).collect();
     let mut mask_row = vec![0u8; w];
     let mut orig_row = vec![0u8; w * 3];
