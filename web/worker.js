@@ -142,26 +142,34 @@ const ops = {
     const cfg = JSON.parse(wasm.prepare(msg.size || 0, msg.variant || ''));
     const t1 = performance.now();
     progress({ phase: 'compile', image_size: cfg.image_size });
-    const warm = JSON.parse(await wasm.warm_up());
+    // The engine calls back once per pipeline it creates (k = created so far in this warm-up).
+    const warm = JSON.parse(await wasm.warm_up((k) => progress({ phase: 'pipeline', k })));
     const t2 = performance.now();
     return { value: { ...cfg, ...warm, upload_ms: t1 - t0, warmup_ms: t2 - t1 } };
   },
 
   // Med-FastSAM: one image, stretched to the input size or (larger than it, unless msg.stretch)
   // in windows at its own scale, with a progress message after each window; then its objects.
-  // The CSV and GeoJSON go to the page with the result (transferred, not kept here).
+  // msg.channel: '' for the model's recorded channel, else rgb|grey|invert|hematoxylin|eosin|dab;
+  // msg.macenko: stain vectors estimated per image. The CSV and GeoJSON go to the page with the
+  // result (transferred, not kept here).
   async segment(msg, progress) {
     const t0 = performance.now();
     const bytes = new Uint8Array(await msg.blob.arrayBuffer());
     const onTile = (done, total, rate) => progress({ phase: 'tiles', done, total, rate });
-    const r = await wasm.segment_image(bytes, msg.name, msg.base || msg.name, Boolean(msg.stretch), onTile);
+    // TEMPORARY (until the wasm with channels is built): the old five-argument entry point.
+    const r = wasm.segment_image.length >= 7
+      ? await wasm.segment_image(bytes, msg.name, msg.base || msg.name, Boolean(msg.stretch), msg.channel || '', Boolean(msg.macenko), onTile)
+      : await wasm.segment_image(bytes, msg.name, msg.base || msg.name, Boolean(msg.stretch), onTile);
     try {
       const w = r.width, h = r.height;
-      const [orig, coarse, fill, edge] = await Promise.all([
+      const inputRgba = r.take_input_rgba ? r.take_input_rgba() : new Uint8Array(0);
+      const [orig, coarse, fill, edge, input] = await Promise.all([
         bitmap(r.take_rgba(), w, h),
         bitmap(r.take_coarse_rgba(), w, h),
         bitmap(r.take_fill_rgba(), w, h),
         bitmap(r.take_edge_rgba(), w, h),
+        inputRgba.length ? bitmap(inputRgba, w, h) : null,
       ]);
       const maskPng = r.take_mask_png();
       const csv = r.take_objects_csv();
@@ -178,16 +186,21 @@ const ops = {
         gpu_ms: r.gpu_ms,
         encode_ms: r.encode_ms,
         objects: JSON.parse(r.objects),
+        warnings: JSON.parse(r.warnings || '[]'),
+        channel: r.channel,
         total_ms: performance.now() - t0,
         orig,
         coarse,
         fill,
         edge,
+        input,
         maskPng: maskPng.buffer,
         csv: csv.buffer,
         geojson: geojson.buffer,
       };
-      return { value, transfer: [orig, coarse, fill, edge, maskPng.buffer, csv.buffer, geojson.buffer] };
+      const transfer = [orig, coarse, fill, edge, maskPng.buffer, csv.buffer, geojson.buffer];
+      if (input) transfer.push(input);
+      return { value, transfer };
     } finally {
       r.free();
     }
