@@ -263,6 +263,7 @@ function createViewer(options) {
     };
     if (base && base.source) {
       if (!checker) makeChecker();
+      checker.setTransform(new DOMMatrix([1, 0, 0, 1, ox, oy])); // the squares move with the image
       ctx.fillStyle = checker;
       const fx0 = Math.max(0, dx);
       const fy0 = Math.max(0, dy);
