@@ -1,6 +1,7 @@
 //! medfastsam: prompt-free medical image segmentation (Med-FastSAM, NeurIPS 2024) on wgpu, with every
 //! numerical kernel a hand-written WGSL compute shader.
 
+pub mod channel;
 pub mod error;
 pub mod gpu;
 pub mod import;
@@ -15,6 +16,7 @@ pub mod stream;
 pub mod testutil;
 pub mod tile;
 pub mod train;
+pub mod trained_on;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;
 

@@ -150,6 +150,9 @@ pub struct Dataset {
     pub format: Format,
     pub root: PathBuf,
     pub samples: Vec<Sample>,
+    /// The channel transform [`Dataset::load`] applies to every image (rgb: none), as inference
+    /// does with the model's recorded channel (`crate::channel`).
+    pub channel: (crate::channel::Channel, crate::channel::StainVectors),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -964,6 +967,7 @@ impl Dataset {
             format,
             root: root.to_path_buf(),
             samples,
+            channel: Default::default(),
         })
     }
 
@@ -1038,9 +1042,19 @@ impl Dataset {
         )))
     }
 
-    /// Loads sample `i`: the RGB image and its binary mask (0/1, `width * height`, row-major) at the
-    /// image's size. Errors name the file: unreadable image or mask, a mask whose size differs
-    /// from the image's (naming both), a malformed annotation file.
+    /// With the channel transform `channel` applied by [`Dataset::load`].
+    pub fn with_channel(
+        mut self,
+        channel: (crate::channel::Channel, crate::channel::StainVectors),
+    ) -> Dataset {
+        self.channel = channel;
+        self
+    }
+
+    /// Loads sample `i`: the RGB image (after the dataset's channel transform) and its binary
+    /// mask (0/1, `width * height`, row-major) at the image's size. Errors name the file:
+    /// unreadable image or mask, a mask whose size differs from the image's (naming both), a
+    /// malformed annotation file.
     pub fn load(&self, i: usize) -> Result<(RgbImage, Vec<u8>)> {
         let s = self.samples.get(i).ok_or_else(|| {
             Error::Invalid(format!(
@@ -1051,7 +1065,12 @@ impl Dataset {
         })?;
         let image = crate::io::load_rgb(&s.image)?;
         let mask = load_mask(&s.mask, image.width, image.height, &s.image)?;
-        Ok((image, mask))
+        let (channel, vectors) = self.channel;
+        if channel == crate::channel::Channel::Rgb {
+            return Ok((image, mask));
+        }
+        let (t, _) = crate::channel::ChannelTransform::for_image(channel, vectors, &image);
+        Ok((t.apply(&image), mask))
     }
 }
 

@@ -110,6 +110,60 @@ impl ModelArgs {
     }
 }
 
+/// The channel transform applied before the model, in training and inference alike.
+#[derive(Args, Clone, Default)]
+pub struct ChannelArgs {
+    /// Channel or stain transform: rgb, grey, invert, hematoxylin, eosin or dab (colour
+    /// deconvolution); default: the one recorded in the weights (rgb when none).
+    #[arg(long, value_name = "CHANNEL")]
+    pub channel: Option<String>,
+    /// Stain vectors of hematoxylin/eosin/dab: standard (Ruifrok & Johnston) or macenko
+    /// (estimated per image); default: the recorded ones (standard when none).
+    #[arg(long, value_name = "standard|macenko")]
+    pub stain_vectors: Option<String>,
+}
+
+impl ChannelArgs {
+    /// The channel and stain vectors to use: those given, else those `trained_on` records.
+    pub fn resolve(
+        &self,
+        trained_on: Option<&medfastsam::trained_on::TrainedOn>,
+    ) -> anyhow::Result<(
+        medfastsam::channel::Channel,
+        medfastsam::channel::StainVectors,
+    )> {
+        use medfastsam::channel::{Channel, StainVectors};
+        let channel = match (&self.channel, trained_on) {
+            (Some(c), _) => Channel::parse(c)?,
+            (None, Some(t)) => t.channel()?,
+            (None, None) => Channel::Rgb,
+        };
+        let vectors = match (&self.stain_vectors, trained_on) {
+            (Some(v), _) => StainVectors::parse(v)?,
+            (None, Some(t)) if self.channel.is_none() => t.stain_vectors()?,
+            _ => StainVectors::Standard,
+        };
+        if vectors == StainVectors::Macenko && !channel.is_stain() {
+            anyhow::bail!(
+                "--stain-vectors macenko applies to hematoxylin, eosin or dab, not to --channel {}",
+                channel.name()
+            );
+        }
+        Ok((channel, vectors))
+    }
+}
+
+/// What the weights at `path` record about their training data (None when nothing).
+pub fn trained_on(
+    w: &Weights,
+    path: &std::path::Path,
+) -> anyhow::Result<Option<medfastsam::trained_on::TrainedOn>> {
+    Ok(medfastsam::trained_on::TrainedOn::from_metadata(
+        &w.metadata,
+        &path.display().to_string(),
+    )?)
+}
+
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Segment images (files or folders) and write <stem>_mask.png and <stem>_overlay.png.

@@ -2,10 +2,12 @@
 
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
+use medfastsam::channel::ChannelTransform;
 use medfastsam::instances::{self, Labeler};
 use medfastsam::io;
 use medfastsam::segment::{Segmenter, TileOptions};
 use medfastsam::stream::{self, RowSource};
+use medfastsam::trained_on::{GreyHistogram, TrainedOn};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -28,6 +30,8 @@ pub struct SegmentArgs {
     pub tiling: TileArgs,
     #[command(flatten)]
     pub objects: ObjectArgs,
+    #[command(flatten)]
+    pub channel: super::ChannelArgs,
     /// Only shard i of n (0-based): every n-th input starting at the i-th, of the list as every
     /// shard sees it (folders expanded and sorted); for job arrays across machines.
     #[arg(long, value_parser = super::batch::parse_shard, value_name = "I/N")]
@@ -398,14 +402,26 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     let gpu = gpu.open()?;
     let t0 = Instant::now();
     let seg = Segmenter::new(&gpu, &weights, Some(&cfg), Some(variant))?;
+    let trained = super::trained_on(&weights, &a.model.weights)?;
+    let (channel, vectors) = a.channel.resolve(trained.as_ref())?;
     drop(weights);
+    let prep = Prep {
+        trained,
+        channel,
+        vectors,
+        image_size: cfg.image_size,
+    };
     eprintln!(
-        "model: {} variant, {}x{} input, weights on device in {:.0} ms",
+        "model: {} variant, {}x{} input, channel {}, weights on device in {:.0} ms",
         variant.name(),
         cfg.image_size,
         cfg.image_size,
+        medfastsam::channel::ChannelTransform::standard(channel).describe(),
         t0.elapsed().as_secs_f64() * 1e3
     );
+    if let Some(t) = &prep.trained {
+        eprintln!("trained on: {}", t.summary());
+    }
     if !renamed.is_empty() {
         eprintln!(
             "note: {} inputs share a file name stem; their outputs are named by path:",
@@ -457,15 +473,25 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
             let (w, h) = (opened.rows.width(), opened.rows.height());
             if tiled(&a.tiling, w, h, scale, cfg.image_size) {
                 io::check_streamed_pixel_budget(&f.display().to_string(), w as u64, h as u64)?;
-                return segment_tiled(&seg, a, f, base, opened, scale, t, bar.as_ref());
+                return segment_tiled(&seg, &prep, a, f, base, opened, scale, t, bar.as_ref());
             }
             io::check_pixel_budget(&f.display().to_string(), w as u64, h as u64)?;
             let place = Placement::of(&opened, &a.tiling);
             let mut rows = opened.rows;
             let img = stream::read_all(&mut rows)?;
             drop(rows);
+            let (xf, note) = ChannelTransform::for_image(prep.channel, prep.vectors, &img);
+            let transformed;
+            let input = if xf.is_identity() {
+                &img
+            } else {
+                transformed = xf.apply(&img);
+                &transformed
+            };
+            let mut hist = GreyHistogram::default();
+            hist.add(&input.data);
             let r = seg
-                .segment(&img)
+                .segment(input)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
             let mut outs = RowOutputs::create(a, base, (img.width, img.height), place)?;
             let (mw, iw) = (r.mask.width, img.width * 3);
@@ -475,7 +501,7 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
             let written = outs.finish()?;
             let fg = written.foreground as f64 / r.mask.data.len() as f64;
             Ok(format!(
-                "{}: {}x{} -> {} ({:.1}% foreground, Otsu t={:.4}{}) in {:.0} ms",
+                "{}: {}x{} -> {} ({:.1}% foreground, Otsu t={:.4}{}) in {:.0} ms{}",
                 f.display(),
                 img.width,
                 img.height,
@@ -483,7 +509,8 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
                 fg * 100.0,
                 r.threshold,
                 objects_note(&written),
-                t.elapsed().as_secs_f64() * 1e3
+                t.elapsed().as_secs_f64() * 1e3,
+                prep.warning_lines(f, &xf, &hist, fg, note)
             ))
         })();
         super::batch::record_result(&mut manifest, f, &outputs, &res, t.elapsed().as_secs_f64())?;
@@ -808,6 +835,7 @@ impl Drop for RowOutputs {
 #[allow(clippy::too_many_arguments)]
 fn segment_tiled(
     seg: &Segmenter,
+    prep: &Prep,
     a: &SegmentArgs,
     f: &Path,
     base: &str,
@@ -866,12 +894,31 @@ fn segment_tiled(
         );
     }
     let rule = seg.model.otsu_rule();
-    // The source the windows read: the file's rows, rescaled when asked.
+    // The channel transform (a stain's display range, and Macenko's vectors, from a pass over the
+    // rows at the model's scale).
+    let (xf, note) = if prep.channel.is_stain() {
+        let mut pass: Box<dyn RowSource> = if scaled {
+            Box::new(stream::Scaled::new(open_again()?, sw, sh))
+        } else {
+            open_again()?
+        };
+        medfastsam::channel::transform_from_rows(prep.channel, prep.vectors, &mut *pass)
+            .map_err(named)?
+    } else {
+        (ChannelTransform::standard(prep.channel), None)
+    };
+    // The source the windows read: the file's rows, rescaled when asked, through the channel
+    // transform.
     let work_rows = |rows: Box<dyn RowSource>| -> Box<dyn RowSource> {
-        if scaled {
+        let rows: Box<dyn RowSource> = if scaled {
             Box::new(stream::Scaled::new(rows, sw, sh))
         } else {
             rows
+        };
+        if xf.is_identity() {
+            rows
+        } else {
+            Box::new(medfastsam::channel::ChannelRows::new(rows, xf.clone()))
         }
     };
     let global_t = if tl.global_otsu {
@@ -894,8 +941,14 @@ fn segment_tiled(
         None
     };
     let mut outs = RowOutputs::create(a, base, (w, h), Placement::of(&opened, tl))?;
-    // With rescaling, the image's own rows come from a second reader, in step with the mask.
-    let mut orig: Option<Box<dyn RowSource>> = if scaled { Some(open_again()?) } else { None };
+    // With rescaling or a channel transform, the image's own rows come from a second reader, in
+    // step with the mask.
+    let mut orig: Option<Box<dyn RowSource>> = if scaled || !xf.is_identity() {
+        Some(open_again()?)
+    } else {
+        None
+    };
+    let mut hist = GreyHistogram::default();
     let mut work = work_rows(opened.rows);
     let xmap: Vec<usize> = (0..w).map(|x| stream::nearest_index(x, w, sw)).collect();
     let mut mask_row = vec![0u8; w];
@@ -906,24 +959,27 @@ fn segment_tiled(
             &mut *work,
             &opts,
             global_t,
-            |sy, logits, rgb| match orig.as_mut() {
-                None => {
-                    for (m, &l) in mask_row.iter_mut().zip(logits) {
-                        *m = if l > 0.0 { 255 } else { 0 };
-                    }
-                    outs.push(&mask_row, rgb)
-                }
-                Some(src) => {
-                    // every original row whose nearest scaled row is sy
-                    while next_y < h && stream::nearest_index(next_y, h, sh) == sy {
-                        src.read_row(&mut orig_row)?;
-                        for (m, &sx) in mask_row.iter_mut().zip(&xmap) {
-                            *m = if logits[sx] > 0.0 { 255 } else { 0 };
+            |sy, logits, rgb| {
+                hist.add(rgb);
+                match orig.as_mut() {
+                    None => {
+                        for (m, &l) in mask_row.iter_mut().zip(logits) {
+                            *m = if l > 0.0 { 255 } else { 0 };
                         }
-                        outs.push(&mask_row, &orig_row)?;
-                        next_y += 1;
+                        outs.push(&mask_row, rgb)
                     }
-                    Ok(())
+                    Some(src) => {
+                        // every original row whose nearest scaled row is sy
+                        while next_y < h && stream::nearest_index(next_y, h, sh) == sy {
+                            src.read_row(&mut orig_row)?;
+                            for (m, &sx) in mask_row.iter_mut().zip(&xmap) {
+                                *m = if logits[sx] > 0.0 { 255 } else { 0 };
+                            }
+                            outs.push(&mask_row, &orig_row)?;
+                            next_y += 1;
+                        }
+                        Ok(())
+                    }
                 }
             },
             |done, _| {
@@ -955,7 +1011,45 @@ fn segment_tiled(
         fg * 100.0,
         objects_note(&written),
         t.elapsed().as_secs_f64() * 1e3
-    ))
+    ) + &prep.warning_lines(f, &xf, &hist, fg, note))
+}
+
+/// The model's record of its training data and the channel transform of this run.
+struct Prep {
+    trained: Option<TrainedOn>,
+    channel: medfastsam::channel::Channel,
+    vectors: medfastsam::channel::StainVectors,
+    image_size: usize,
+}
+
+impl Prep {
+    /// `\n  warning: …` lines for an input that looks unlike the training data (empty when none).
+    fn warning_lines(
+        &self,
+        f: &Path,
+        xf: &ChannelTransform,
+        hist: &GreyHistogram,
+        foreground: f64,
+        note: Option<String>,
+    ) -> String {
+        let facts = medfastsam::trained_on::InputFacts {
+            trained_on: self.trained.as_ref(),
+            image_size: self.image_size,
+            transform: xf,
+            histogram: hist,
+            foreground,
+        };
+        let mut lines: Vec<String> = note.into_iter().collect();
+        lines.extend(
+            medfastsam::trained_on::input_warnings(&facts)
+                .into_iter()
+                .map(|w| w.message),
+        );
+        lines
+            .iter()
+            .map(|m| format!("\n  warning: {}: {m}", f.display()))
+            .collect()
+    }
 }
 
 /// `; 412 nuclei, mean area 187.3 px, 23.4% coverage` with --instances.
