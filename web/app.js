@@ -885,8 +885,8 @@ function makeCard(file, label) {
   card.status.textContent = waitingText();
   card.overlayButton.addEventListener('click', () => downloadOverlay(card));
   // Each panel opens the viewer: a click, or Enter/Space when it has the focus.
-  for (const fig of el.querySelectorAll('figure.view')) {
-    const caption = fig.querySelector('figcaption').textContent;
+  for (const fig of el.querySelectorAll('.view')) {
+    const caption = fig.querySelector('.caption').textContent;
     fig.setAttribute('aria-label', `${caption} of ${file.name}: open in the viewer`);
     fig.addEventListener('click', () => openCardViewer(card, fig));
     fig.addEventListener('keydown', (ev) => {
@@ -1048,7 +1048,7 @@ function wirePrompts(card) {
   marks.className = 'marks';
   stack.append(marks);
   card.marks = marks;
-  const fig = stack.closest('figure');
+  const fig = stack.closest('.view');
   fig.classList.add('promptable');
   const clear = document.createElement('button');
   clear.type = 'button';

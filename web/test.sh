@@ -6,7 +6,8 @@
 # "Stretch" box), and the nuclei image's objects (count, CSV and GeoJSON) against
 # `segment --instances --geojson`, (b) tiny-fixture logits within tolerance, (c) no request leaves
 # the page's origin, plus progress, responsiveness, storage, and the no-WebGPU / small-limits
-# messages.
+# messages; and from a fresh profile the demo (warnings, channel, stale marker, overlay pixels,
+# viewer keys, tab order, axe-core audit, the ZIP of "Download all").
 # Run from anywhere; exits non-zero on any failure. Needs what .ci/setup installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,8 @@ say "building the native CLI (release)"
 cargo build --release --bin medfastsam
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo target)
 
-if [ ! -d web/test/node_modules/playwright-core ]; then
-  say "npm ci in web/test (playwright-core only; no browser download)"
+if [ ! -d web/test/node_modules/playwright-core ] || [ ! -f web/test/node_modules/axe-core/axe.min.js ]; then
+  say "npm ci in web/test (playwright-core and axe-core; no browser download)"
   (cd web/test && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
 fi
 
@@ -50,5 +51,6 @@ if [ -f web/pkg/mobilesam.safetensors ]; then
 fi
 
 say "browser test"
-node web/test/run.mjs --cli-masks "$tmp/cli" --cli-tiled "$tmp/cli-tiled" "${prompted[@]}" --chromium "$chromium" || die "browser checks failed (see above)"
+# Extra arguments go to run.mjs (web/screenshots.sh passes --screenshots web/screenshots).
+node web/test/run.mjs --cli-masks "$tmp/cli" --cli-tiled "$tmp/cli-tiled" "${prompted[@]}" --chromium "$chromium" "$@" || die "browser checks failed (see above)"
 say "passed"
