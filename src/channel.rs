@@ -424,6 +424,7 @@ pub fn transform_from_rows(
 
 /// Eigen-decomposition of a symmetric 3×3 matrix (cyclic Jacobi): eigenvalues descending, with
 /// their unit eigenvectors.
+#[allow(clippy::needless_range_loop)]
 fn symmetric_eigen(mut a: [[f64; 3]; 3]) -> [(f64, [f64; 3]); 3] {
     let mut v = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
     for _ in 0..64 {

@@ -7,6 +7,7 @@
 //! `NoAdapterError`, `WeightsError`, `ImageError`, `ConfigError`, `GpuError`, `StateError`), so the
 //! page can say plainly what to do.
 
+use crate::channel::{Channel, ChannelTransform, StainVectors};
 use crate::error::Error;
 use crate::gpu::{AdapterRequest, Gpu};
 use crate::instances;
@@ -15,6 +16,7 @@ use crate::model::sam::{MaskChoice, Prompt};
 use crate::model::weights::Stored;
 use crate::model::{Config, MedFastSam, Variant, Weights};
 use crate::segment::{Encoded, PromptSegmenter, Segmenter, TileOptions};
+use crate::trained_on::{GreyHistogram, InputFacts, InputWarning, TrainedOn, input_warnings};
 use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -164,6 +166,15 @@ pub async fn init_engine(max_binding_bytes: Option<f64>) -> Result<String, JsVal
 /// [`load_weights_onnx`].
 #[wasm_bindgen]
 pub fn load_weights(bytes: &[u8], name: &str) -> Result<String, JsValue> {
+    if let Some(kind) = crate::model::weights::image_kind(bytes) {
+        return Err(js_error(
+            "WeightsError",
+            format!(
+                "{name} is an image ({kind}), not weights: add it under Images; weights are a \
+                 .safetensors, .pth or .onnx file"
+            ),
+        ));
+    }
     let safetensors = bytes.len() >= 9 && bytes[8] == b'{';
     let onnx = !safetensors && bytes.first() == Some(&0x08);
     if onnx {
@@ -213,6 +224,7 @@ pub fn weights_safetensors() -> Result<Vec<u8>, JsValue> {
 
 fn install_weights(w: Weights, name: &str, converted: bool) -> Result<String, JsValue> {
     let cfg = w.resolve_config(None, 1024).map_err(to_js)?;
+    let trained_on = TrainedOn::from_metadata(&w.metadata, name).map_err(to_js)?;
     let params: usize = w
         .tensors
         .values()
@@ -246,6 +258,7 @@ fn install_weights(w: Weights, name: &str, converted: bool) -> Result<String, Js
         "arch": cfg.arch.name(),
         "prompted": !cfg.arch.is_med_fastsam(),
         "converted": converted,
+        "trained_on": trained_on,
     });
     STATE.with(|s| {
         let mut s = s.borrow_mut();
@@ -311,8 +324,24 @@ pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
 
 /// One forward on a synthetic image at the prepared size: compiles every pipeline the model uses
 /// and surfaces limit errors before the first real image. Returns JSON with the pipeline count.
+/// `on_pipeline(k)` is called after each pipeline this warm-up creates (k = created so far).
 #[wasm_bindgen]
-pub async fn warm_up() -> Result<String, JsValue> {
+pub async fn warm_up(on_pipeline: Option<js_sys::Function>) -> Result<String, JsValue> {
+    let before = gpu()?.pipeline_count();
+    crate::gpu::on_pipeline_created(on_pipeline.map(|f| {
+        Box::new(move |n: usize| {
+            let _ = f.call1(
+                &JsValue::NULL,
+                &JsValue::from(n.saturating_sub(before) as f64),
+            );
+        }) as Box<dyn Fn(usize)>
+    }));
+    let r = warm_up_inner().await;
+    crate::gpu::on_pipeline_created(None);
+    r
+}
+
+async fn warm_up_inner() -> Result<String, JsValue> {
     if let Some(sam) = STATE.with(|s| s.borrow().sam.clone()) {
         let before = sam.gpu.pipeline_count();
         let img = RgbImage {
@@ -385,10 +414,34 @@ pub struct SegResult {
     objects: String,
     objects_csv: Vec<u8>,
     objects_geojson: Vec<u8>,
+    /// JSON array of `{code, message}`: how the input looks unlike the model's training data.
+    warnings: String,
+    /// The channel transform applied (`rgb` when none).
+    channel: String,
+    /// The model's input after the channel transform, RGBA (empty for `rgb`).
+    input_rgba: Vec<u8>,
 }
 
 #[wasm_bindgen]
 impl SegResult {
+    /// JSON array of `{code, message}` warnings (`foreground`, `polarity`, `size`, `stain`).
+    #[wasm_bindgen(getter)]
+    pub fn warnings(&self) -> String {
+        self.warnings.clone()
+    }
+
+    /// The channel transform applied, e.g. `hematoxylin (standard H&E vectors)` or `rgb`.
+    #[wasm_bindgen(getter)]
+    pub fn channel(&self) -> String {
+        self.channel.clone()
+    }
+
+    /// The model's input after the channel transform as RGBA at the image's size (empty when
+    /// the channel is rgb).
+    pub fn take_input_rgba(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.input_rgba)
+    }
+
     /// Prompted models: JSON `{iou: [...], chosen}` (empty for Med-FastSAM).
     #[wasm_bindgen(getter)]
     pub fn prompt_info(&self) -> String {
@@ -566,20 +619,36 @@ fn core_span(st: &[usize], i: usize, span: usize, len: usize) -> (usize, usize) 
 /// (`segment --resize`). `on_progress(done, total, windows_per_s)` is called after each window.
 /// `base` is the output base name (`<base>_objects.geojson`), which seeds the objects' UUIDs as
 /// the CLI's does.
+///
+/// `channel` is the channel transform applied before the model (`rgb`, `grey`, `invert`,
+/// `hematoxylin`, `eosin`, `dab`; empty = the one the weights record, as `segment` without
+/// `--channel`), `macenko` estimates the stain vectors from the image (`--stain-vectors
+/// macenko`). The result's `warnings` say how the input looks unlike the training data.
 #[wasm_bindgen]
 pub async fn segment_image(
     bytes: Vec<u8>,
     name: String,
     base: String,
     stretch: bool,
+    channel: String,
+    macenko: bool,
     on_progress: Option<js_sys::Function>,
 ) -> Result<SegResult, JsValue> {
     let seg = segmenter()?;
     let s = seg.model.cfg.image_size;
     let t0 = perf_now();
+    let w = weights()?;
+    let trained = TrainedOn::from_metadata(&w.metadata, "the weights").map_err(to_js)?;
+    drop(w);
+    let (ch, vectors) = resolve_channel(&channel, macenko, trained.as_ref()).map_err(to_js)?;
     let img = io::decode_rgb(&bytes, &name).map_err(to_js)?;
     let mpp = crate::stream::tiff_bytes_mpp(&bytes);
     drop(bytes);
+    let (xf, note) = ChannelTransform::for_image(ch, vectors, &img);
+    let transformed = (!xf.is_identity()).then(|| xf.apply(&img));
+    let input = transformed.as_ref().unwrap_or(&img);
+    let mut hist = GreyHistogram::default();
+    hist.add(&input.data);
     let (w, h) = (img.width, img.height);
     let t1 = perf_now();
     let tiled = !stretch && (w > s || h > s);
@@ -593,7 +662,7 @@ pub async fn segment_image(
         let plan = crate::tile::TilePlan::new(w, h, s, overlap).map_err(to_js)?;
         let mut mask = vec![0u8; w * h];
         let mut coarse = vec![0u8; w * h];
-        let mut src = crate::stream::MemoryRows::new(&img);
+        let mut src = crate::stream::MemoryRows::new(input);
         let mut put_coarse = |ix: usize, iy: usize, c: &[f32]| {
             let (x0, y0) = (plan.xs[ix], plan.ys[iy]);
             let (xa, xb) = core_span(&plan.xs, ix, s.min(w), w);
@@ -644,7 +713,7 @@ pub async fn segment_image(
         };
         (gray(mask), gray(coarse), f32::NAN, stats.tiles)
     } else {
-        let r = seg.segment_async(&img).await.map_err(to_js)?;
+        let r = seg.segment_async(input).await.map_err(to_js)?;
         (r.mask, r.coarse, r.threshold, 0)
     };
     let t2 = perf_now();
@@ -656,6 +725,21 @@ pub async fn segment_image(
     let fg = mask.data.iter().filter(|&&v| v > 127).count() as f64 / mask.data.len().max(1) as f64;
     let (fill_rgba, edge_rgba) = overlay_layers(&mask);
     let gpu_ms = t2 - t1;
+    let mut warnings: Vec<InputWarning> = note
+        .map(|m| InputWarning {
+            code: "stain",
+            message: m,
+        })
+        .into_iter()
+        .collect();
+    warnings.extend(input_warnings(&InputFacts {
+        trained_on: trained.as_ref(),
+        image_size: s,
+        transform: &xf,
+        histogram: &hist,
+        foreground: fg,
+    }));
+    let input_rgba = transformed.as_ref().map(rgb_to_rgba).unwrap_or_default();
     Ok(SegResult {
         width: w,
         height: h,
@@ -689,7 +773,29 @@ pub async fn segment_image(
         .to_string(),
         objects_csv,
         objects_geojson,
+        warnings: serde_json::to_string(&warnings).unwrap_or_else(|_| "[]".into()),
+        channel: xf.describe(),
+        input_rgba,
     })
+}
+
+/// The channel and stain vectors of a `segment_image` call: those asked for, else those the
+/// weights record.
+fn resolve_channel(
+    channel: &str,
+    macenko: bool,
+    trained: Option<&TrainedOn>,
+) -> crate::Result<(Channel, StainVectors)> {
+    let ch = match (channel.trim(), trained) {
+        ("", Some(t)) => t.channel()?,
+        (c, _) => Channel::parse(c)?,
+    };
+    let vectors = match (macenko, channel.trim(), trained) {
+        (true, _, _) => StainVectors::Macenko,
+        (false, "", Some(t)) => t.stain_vectors()?,
+        _ => StainVectors::Standard,
+    };
+    Ok((ch, vectors))
 }
 
 /// Prompted models: decodes one image file and runs the image encoder once; the prompts that
@@ -737,6 +843,9 @@ pub async fn encode_image(bytes: Vec<u8>, name: String) -> Result<SegResult, JsV
         objects: String::new(),
         objects_csv: Vec::new(),
         objects_geojson: Vec::new(),
+        warnings: "[]".into(),
+        channel: String::new(),
+        input_rgba: Vec::new(),
     })
 }
 
@@ -838,6 +947,9 @@ pub async fn decode_prompt(prompts: String) -> Result<SegResult, JsValue> {
         objects: String::new(),
         objects_csv: Vec::new(),
         objects_geojson: Vec::new(),
+        warnings: "[]".into(),
+        channel: String::new(),
+        input_rgba: Vec::new(),
     })
 }
 

@@ -7,6 +7,8 @@ mod pool;
 mod recorder;
 mod tensor;
 
+#[cfg(target_arch = "wasm32")]
+pub use pipeline::on_pipeline_created;
 pub use pipeline::{Kernel, ShaderFamily};
 pub use pool::PoolStats;
 pub use recorder::{KernelPlan, Params, ProfileEntry, Recorder};

@@ -513,9 +513,38 @@ impl PipelineCache {
                 cache: None,
             }),
         );
-        self.pipelines.lock().unwrap().insert(key, pipeline.clone());
+        let n = {
+            let mut p = self.pipelines.lock().unwrap();
+            p.insert(key, pipeline.clone());
+            p.len()
+        };
+        #[cfg(target_arch = "wasm32")]
+        ON_CREATE.with(|h| {
+            if let Some(f) = h.borrow().as_ref() {
+                f(n)
+            }
+        });
+        let _ = n;
         pipeline
     }
+}
+
+/// What [`on_pipeline_created`] calls.
+#[cfg(target_arch = "wasm32")]
+pub type PipelineHook = Box<dyn Fn(usize)>;
+
+#[cfg(target_arch = "wasm32")]
+thread_local! {
+    /// The page's progress report: called with the number of pipelines after each one is created
+    /// (the worker is single-threaded; set only while the page's warm-up runs).
+    static ON_CREATE: std::cell::RefCell<Option<PipelineHook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Sets (or clears) the function told the pipeline count after each pipeline is created.
+#[cfg(target_arch = "wasm32")]
+pub fn on_pipeline_created(f: Option<PipelineHook>) {
+    ON_CREATE.with(|h| *h.borrow_mut() = f);
 }
 
 /// Debugging aid: with `MEDFASTSAM_DUMP_PIPELINES=DIR`, every pipeline created is appended to

@@ -98,10 +98,40 @@ fn check_offsets(bytes: &[u8]) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The image format whose signature `bytes` start with (PNG, JPEG, TIFF, BMP, GIF, WebP); None
+/// for a safetensors file (its JSON header starts at byte 8), whatever its first bytes.
+pub fn image_kind(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.get(8) == Some(&b'{') {
+        return None;
+    }
+    const SIGNATURES: [(&[u8], &str); 7] = [
+        (b"\x89PNG\r\n\x1a\n", "PNG"),
+        (b"\xff\xd8\xff", "JPEG"),
+        (b"II*\0", "TIFF"),
+        (b"MM\0*", "TIFF"),
+        (b"II+\0", "BigTIFF"),
+        (b"BM", "BMP"),
+        (b"GIF8", "GIF"),
+    ];
+    if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        return Some("WebP");
+    }
+    SIGNATURES
+        .iter()
+        .find(|(sig, _)| bytes.starts_with(sig))
+        .map(|(_, k)| *k)
+}
+
 impl Weights {
     /// Parses a safetensors file's bytes. `source` names the file in errors.
     pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Weights> {
         let err = |m: String| Error::weights(source, m);
+        if let Some(kind) = image_kind(bytes) {
+            return Err(err(format!(
+                "this is an image ({kind}), not weights: give it as an image to segment, and \
+                 weights as a .safetensors (or .pth/.onnx) file"
+            )));
+        }
         check_offsets(bytes).map_err(|m| err(format!("not a valid safetensors file ({m})")))?;
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| err(format!("not a valid safetensors file ({e})")))?;
