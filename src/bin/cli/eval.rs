@@ -54,6 +54,8 @@ pub struct EvalArgs {
     /// (MedSAM's protocol; an upper bound, the boxes come from the answer).
     #[arg(long)]
     pub gt_boxes: bool,
+    #[command(flatten)]
+    pub channel: super::ChannelArgs,
 }
 
 fn print_summary(what: &str, s: &Summary) {
@@ -94,6 +96,16 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
         anyhow::bail!("{}: no images in split {}", a.data.display(), split.name());
     }
     let (weights, cfg, variant) = a.model.load()?;
+    let channel = a
+        .channel
+        .resolve(super::trained_on(&weights, &a.model.weights)?.as_ref())?;
+    if channel.0 != medfastsam::channel::Channel::Rgb {
+        eprintln!(
+            "channel: {}",
+            medfastsam::channel::ChannelTransform::standard(channel.0).describe()
+        );
+    }
+    let data = data.with_channel(channel);
     // Every sample checked first (headers, sizes, annotations): the bad ones are set aside.
     let check_bar = indicatif::ProgressBar::new(data.len() as u64);
     check_bar.set_style(

@@ -39,6 +39,17 @@ pub fn run(gpu: &GpuArgs, a: &InfoArgs) -> anyhow::Result<i32> {
     if cfg.arch.is_med_fastsam() {
         println!("variant:       {}", variant.name());
     }
+    match super::trained_on(&w, &a.weights)? {
+        Some(t) => {
+            println!("trained on:    {}", t.summary());
+            if let Some(n) = &t.note {
+                println!("               {n}");
+            }
+        }
+        None => println!(
+            "trained on:    not recorded (inference uses channel rgb and checks only the foreground fraction)"
+        ),
+    }
     use medfastsam::import::convert as imp;
     if let Some(src) = w.metadata.get(imp::META_SOURCE) {
         let sha = w

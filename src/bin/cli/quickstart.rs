@@ -29,6 +29,7 @@ use medfastsam::segment::{PromptSegmenter, coarse_prompt, otsu_boxes};
 use medfastsam::train::metrics::{self, Scores};
 use medfastsam::train::params::TrainMode;
 use medfastsam::train::trainer::{Example, MemorySource, Source, TrainOptions, Trainer, evaluate};
+use medfastsam::trained_on::{Polarity, PolarityStats, TrainedOn};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -378,7 +379,6 @@ impl Ctx<'_> {
         }
         .resize_nearest(self.held.width, self.held.height)
         .data;
-        w.save(&a.out.join(file), cfg, self.variant, false)?;
         if INTERRUPTED.load(Ordering::SeqCst) {
             INTERRUPTED.store(false, Ordering::SeqCst);
         }
@@ -388,7 +388,28 @@ impl Ctx<'_> {
             tuned as f64 / 1e6,
             total as f64 / 1e6
         );
-        self.row(name, &pred, t_all.elapsed().as_secs_f64(), detail)
+        let row = self.row(name, &pred, t_all.elapsed().as_secs_f64(), detail)?;
+        let mut w = w;
+        let mut polarity = PolarityStats::default();
+        polarity.add(&self.image.data, &self.mask);
+        TrainedOn {
+            modality: Some("fluorescence".into()),
+            polarity: Polarity::measure(&polarity),
+            input_size: Some(s),
+            channel: Some("rgb".into()),
+            stain_vectors: None,
+            dataset: Some("dsb2018-nuclei".into()),
+            note: Some(format!(
+                "medfastsam quickstart, row {name}: {} mode, {done} Adam steps of batch {batch} on \
+                 the left half and bottom-right quadrant of the 2018 Data Science Bowl image \
+                 (BBBC038, CC0); Dice {:.3} on the held-out top-right quadrant",
+                mode.name(),
+                row.scores.dice
+            )),
+        }
+        .write(&mut w.metadata);
+        w.save(&a.out.join(file), cfg, self.variant, false)?;
+        Ok(row)
     }
 
     /// Med-FastSAM (paper preset) initialised from an imported pretrained model at 256².

@@ -15,6 +15,7 @@ use medfastsam::train::datasets::{Dataset, Format, Split};
 use medfastsam::train::metrics::Summary;
 use medfastsam::train::params::TrainMode;
 use medfastsam::train::trainer::{Checkpoint, TrainOptions, Trainer, evaluate_each};
+use medfastsam::trained_on::{Polarity, PolarityStats, TrainedOn};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -143,6 +144,74 @@ pub struct TrainArgs {
     /// Output folder: checkpoint.safetensors, best.safetensors, final.safetensors, log.jsonl.
     #[arg(long)]
     pub out: PathBuf,
+    /// Channel transform applied to every image (recorded in the weights, so inference applies
+    /// it too); default: the one the initial weights record, else rgb.
+    #[command(flatten)]
+    pub channel: super::ChannelArgs,
+    /// Imaging modality recorded in the weights (e.g. fluorescence, H&E, dermoscopy); default:
+    /// from --format (isic2018/ph2: dermoscopy, monuseg/tnbc: H&E), else none.
+    #[arg(long)]
+    pub modality: Option<String>,
+    /// Dataset name recorded in the weights; default: the --data folder's name.
+    #[arg(long)]
+    pub dataset_name: Option<String>,
+}
+
+/// The modality a dataset layout implies.
+fn modality_of(format: Format) -> Option<&'static str> {
+    match format {
+        Format::Isic2018 | Format::Ph2 => Some("dermoscopy"),
+        Format::Monuseg | Format::Tnbc => Some("H&E"),
+        _ => None,
+    }
+}
+
+/// What the weights will record about this run's data: modality, polarity measured on up to 32
+/// training samples (through the channel transform), input size, channel, dataset, and what the
+/// initial weights had recorded.
+fn trained_on_record(
+    a: &TrainArgs,
+    train: &Dataset,
+    image_size: usize,
+    channel: (
+        medfastsam::channel::Channel,
+        medfastsam::channel::StainVectors,
+    ),
+    before: Option<&TrainedOn>,
+) -> anyhow::Result<TrainedOn> {
+    let mut stats = PolarityStats::default();
+    let step = (train.len() / 32).max(1);
+    for i in (0..train.len()).step_by(step).take(32) {
+        let (img, mask) = train.load(i)?;
+        stats.add(&img.data, &mask);
+    }
+    let dataset = a.dataset_name.clone().unwrap_or_else(|| {
+        a.data
+            .canonicalize()
+            .unwrap_or_else(|_| a.data.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| a.data.display().to_string())
+    });
+    Ok(TrainedOn {
+        modality: a
+            .modality
+            .clone()
+            .or_else(|| modality_of(a.format).map(String::from)),
+        polarity: Polarity::measure(&stats),
+        input_size: Some(image_size),
+        channel: Some(channel.0.name().into()),
+        stain_vectors: channel.0.is_stain().then(|| channel.1.name().to_string()),
+        dataset: Some(dataset),
+        note: Some(match before {
+            Some(b) => format!(
+                "medfastsam train ({} layout); fine-tuned from weights trained on: {}",
+                a.format.name(),
+                b.summary()
+            ),
+            None => format!("medfastsam train ({} layout)", a.format.name()),
+        }),
+    })
 }
 
 fn open_split(root: &Path, format: Format, split: Split) -> anyhow::Result<Dataset> {
@@ -308,6 +377,17 @@ pub fn run(gpu: &GpuArgs, a: &TrainArgs) -> anyhow::Result<i32> {
         };
         Trainer::new(&gpu, &weights, &cfg, variant, opts)?
     };
+    // The channel transform: the one asked for, else the one the starting weights (or the
+    // checkpoint) record; a new run records what it trains on.
+    let before = TrainedOn::from_metadata(&t.ps.metadata, "the initial weights")?;
+    let channel = a.channel.resolve(before.as_ref())?;
+    let train = train.with_channel(channel);
+    let val = val.map(|v| v.with_channel(channel));
+    if resumed.is_none() || before.is_none() {
+        let rec = trained_on_record(a, &train, t.ps.cfg.image_size, channel, before.as_ref())?;
+        eprintln!("recording in the weights: trained on {}", rec.summary());
+        rec.write(&mut t.ps.metadata);
+    }
     let n = train.len();
     let spe = t.steps_per_epoch(n);
     if spe == 0 {
