@@ -539,12 +539,13 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::needless_range_loop)] // i, j, k are matrix indices, clearer than iterators
     fn inverse_is_an_inverse() {
         for m in [StainMatrix::he(), StainMatrix::hdab()] {
             let inv = m.inverse().unwrap();
-            for i in 0..3 {
+            for (i, row) in m.0.iter().enumerate() {
                 for j in 0..3 {
-                    let v: f64 = (0..3).map(|k| m.0[i][k] * inv[k][j]).sum();
+                    let v: f64 = (0..3).map(|k| row[k] * inv[k][j]).sum();
                     assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
                 }
             }
