@@ -970,7 +970,9 @@ async function segmentCard(card) {
     r.page_ms = performance.now() - t0;
     r.setting = `${s}:${state.prepared.variant}`;
     r.stretch = stretch;
-    r.channel = r.channel || effectiveChannel();
+    // The engine says what it applied, e.g. "hematoxylin (standard H&E vectors)" or "rgb".
+    r.channelDesc = r.channel || effectiveChannel();
+    r.channel = r.channelDesc.split(/[\s(]/)[0];
     r.macenko = macenko;
     r.weights = state.weights.name;
     render(card, r);
@@ -1246,6 +1248,7 @@ function render(card, r) {
     encode_ms: r.encode_ms,
     setting: r.setting,
     channel: r.channel,
+    channel_desc: r.channelDesc,
     macenko: r.macenko,
     weights: r.weights,
     warnings: r.warnings || [],
@@ -1269,7 +1272,7 @@ function showResult(card) {
   card.status.removeAttribute('role');
   const s = r.setting.split(':')[0];
   const how = r.mode === 'tiled' ? `${r.tiles} windows of ${s} × ${s} · Otsu per window` : `stretched to ${s} × ${s} · Otsu t = ${r.threshold.toFixed(4)}`;
-  const ch = r.channel && r.channel !== 'rgb' ? ` · channel ${CHANNEL_NAMES[r.channel] || r.channel}${r.macenko ? ' (Macenko)' : ''}` : '';
+  const ch = r.channel && r.channel !== 'rgb' ? ` · channel ${r.channel_desc || CHANNEL_NAMES[r.channel] || r.channel}` : '';
   card.status.textContent = `${r.width} × ${r.height} · ${(r.foreground * 100).toFixed(1)}% foreground · ${how}${ch}`;
   const gpu = r.mode === 'tiled' ? `GPU ${fmtMs(r.gpu_ms)} at ${r.tiles_per_s.toFixed(2)} windows/s` : `GPU ${fmtMs(r.gpu_ms)}`;
   card.timing.textContent = `${fmtMs(r.total_ms)} (decode ${fmtMs(r.decode_ms)}, ${gpu}, PNG ${fmtMs(r.encode_ms)}, objects ${fmtMs(r.objects.labelling_ms)})`;
@@ -1550,7 +1553,7 @@ async function openCardViewer(card, fig) {
   const w = card.orig.width;
   const h = card.orig.height;
   const layers = [{ id: 'orig', label: 'Original', source: card.orig, kind: 'base' }];
-  if (card.input) layers.push({ id: 'input', label: `Model input (${CHANNEL_NAMES[card.result?.channel] || 'channel'})`, source: card.input, kind: 'base' });
+  if (card.input) layers.push({ id: 'input', label: `Model input (${card.result?.channel_desc || CHANNEL_NAMES[card.result?.channel] || 'channel'})`, source: card.input, kind: 'base' });
   if (!card.prompts && card.coarse.width) layers.push({ id: 'coarse', label: 'Otsu coarse prompt', source: card.coarse, kind: 'base' });
   layers.push({ id: 'mask', label: 'Mask', source: card.fill, kind: 'overlay', opacity: Number(ui.opacity.value) / 100 });
   layers.push({ id: 'edge', label: 'Outline', source: card.edge, kind: 'overlay' });

@@ -157,13 +157,10 @@ const ops = {
     const t0 = performance.now();
     const bytes = new Uint8Array(await msg.blob.arrayBuffer());
     const onTile = (done, total, rate) => progress({ phase: 'tiles', done, total, rate });
-    // TEMPORARY (until the wasm with channels is built): the old five-argument entry point.
-    const r = wasm.segment_image.length >= 7
-      ? await wasm.segment_image(bytes, msg.name, msg.base || msg.name, Boolean(msg.stretch), msg.channel || '', Boolean(msg.macenko), onTile)
-      : await wasm.segment_image(bytes, msg.name, msg.base || msg.name, Boolean(msg.stretch), onTile);
+    const r = await wasm.segment_image(bytes, msg.name, msg.base || msg.name, Boolean(msg.stretch), msg.channel || '', Boolean(msg.macenko), onTile);
     try {
       const w = r.width, h = r.height;
-      const inputRgba = r.take_input_rgba ? r.take_input_rgba() : new Uint8Array(0);
+      const inputRgba = r.take_input_rgba();
       const [orig, coarse, fill, edge, input] = await Promise.all([
         bitmap(r.take_rgba(), w, h),
         bitmap(r.take_coarse_rgba(), w, h),
@@ -186,7 +183,7 @@ const ops = {
         gpu_ms: r.gpu_ms,
         encode_ms: r.encode_ms,
         objects: JSON.parse(r.objects),
-        warnings: JSON.parse(r.warnings || '[]'),
+        warnings: JSON.parse(r.warnings),
         channel: r.channel,
         total_ms: performance.now() - t0,
         orig,

@@ -93,6 +93,9 @@ pub struct QuickstartArgs {
     pub seed: u64,
     #[arg(long, default_value = "paper")]
     pub variant: String,
+    /// Store the trained weights as f16 (half the size; how the page's demo model is made).
+    #[arg(long)]
+    pub f16: bool,
 }
 
 /// Random 256² crops of the three training quadrants: the crop slides along the top band or the
@@ -401,14 +404,14 @@ impl Ctx<'_> {
             dataset: Some("dsb2018-nuclei".into()),
             note: Some(format!(
                 "medfastsam quickstart, row {name}: {} mode, {done} Adam steps of batch {batch} on \
-                 the left half and bottom-right quadrant of the 2018 Data Science Bowl image \
-                 (BBBC038, CC0); Dice {:.3} on the held-out top-right quadrant",
+                 256² crops of three quadrants of the 2018 Data Science Bowl image (BBBC038, \
+                 CC0); Dice {:.3} on the held-out bottom-right quadrant",
                 mode.name(),
                 row.scores.dice
             )),
         }
         .write(&mut w.metadata);
-        w.save(&a.out.join(file), cfg, self.variant, false)?;
+        w.save(&a.out.join(file), cfg, self.variant, a.f16)?;
         Ok(row)
     }
 
