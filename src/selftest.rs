@@ -178,7 +178,9 @@ mod native {
                 let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
                 reference::gemm(&g, &a64, &b64, None, None, &mut want);
                 let ms = time_op(gpu, REPS, |rec| gemm_with(rec, &g, io(), &cfg))?;
-                let entry = if p.splits > 1 {
+                let entry = if p.entry == "matmul" {
+                    p.entry.to_string()
+                } else if p.splits > 1 {
                     format!("{} (split-K {})", p.entry, p.splits)
                 } else {
                     format!("{} (lanes {})", p.entry, if p.lanes_n { "N" } else { "M" })
@@ -218,7 +220,12 @@ mod native {
                 Ok(Outcome {
                     got,
                     want,
-                    entry: "act (GELU, erf)".into(),
+                    entry: if n.is_multiple_of(4) {
+                        "unary4 (GELU)"
+                    } else {
+                        "unary (GELU)"
+                    }
+                    .into(),
                     ms: Some(ms),
                     flops: None,
                     bytes: Some(8.0 * n as f64),
@@ -308,9 +315,55 @@ mod native {
                 Ok(Outcome {
                     got,
                     want,
-                    entry: "otsu_hist, otsu_threshold, otsu_mask".into(),
+                    entry: "otsu_hist, otsu_select, otsu_mask".into(),
                     ms: None,
                     flops: None,
+                    bytes: None,
+                })
+            }),
+        }
+    }
+
+    /// SAM attention (`mha`): `q_scale` scales q, so 1.5 gives logits of a few units and 200
+    /// logits of about +-100 (exp overflows f32 past 88): only a softmax that subtracts its row maximum
+    /// survives.
+    fn mha_check(name: &str, d: [usize; 5], q_scale: f32, tol: f64, seed: u64) -> Check {
+        let [b, lq, lk, e, heads] = d;
+        Check {
+            name: name.to_string(),
+            family: "attention",
+            shape: format!("B{b} Lq{lq} Lk{lk} E{e} h{heads} q*{q_scale}"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let q: Vec<f32> = rng.vec(b * lq * e).iter().map(|x| x * q_scale).collect();
+                let k: Vec<f32> = rng.vec(b * lk * e).iter().map(|x| x * 1.5).collect();
+                let v = rng.vec(b * lk * e);
+                let tq = gpu.upload(&q, &[b, lq, e])?;
+                let tk = gpu.upload(&k, &[b, lk, e])?;
+                let tv = gpu.upload(&v, &[b, lk, e])?;
+                let mut rec = gpu.new_recorder();
+                let out = crate::ops::attention::mha(&mut rec, &tq, &tk, &tv, heads)?;
+                rec.submit()?;
+                let got = gpu.read(&out)?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let shape = reference::attention::MhaShape {
+                    b,
+                    lq,
+                    lk,
+                    e,
+                    heads,
+                };
+                let (want, _) = reference::attention::mha(&f(&q), &f(&k), &f(&v), shape);
+                let ms = time_op(gpu, REPS, |rec| {
+                    crate::ops::attention::mha(rec, &tq, &tk, &tv, heads).map(|_| ())
+                })?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "mha (fused softmax attention)".into(),
+                    ms: Some(ms),
+                    flops: Some(4.0 * (b * lq * lk * e) as f64),
                     bytes: None,
                 })
             }),
@@ -357,6 +410,14 @@ mod native {
             layer_norm_check("layer_norm.random", 77, 96, 0.0, 1e-5, 6),
             layer_norm_check("layer_norm.odd_c", 77, 37, 0.0, 1e-5, 7),
             layer_norm_check("layer_norm.large_mean", 64, 96, 1e4, 1e-3, 8),
+            mha_check("attention.mha", [2, 5, 300, 24, 3], 1.5, 1e-5, 9),
+            mha_check(
+                "attention.mha_large_logits",
+                [1, 16, 64, 32, 2],
+                200.0,
+                1e-4,
+                10,
+            ),
             otsu_check("otsu.constant", "constant 128", |_, _| 128),
             otsu_check("otsu.two_level", "two levels 40/200", |_, c| {
                 if c < 20 { 40 } else { 200 }
@@ -376,6 +437,7 @@ mod native {
                 gemm_check("gemm.split_k_model", 64, 64, 16384, split, 13),
                 gelu_check("gelu.model", 4096 * 640, -10.0, 10.0, 1e-6),
                 layer_norm_check("layer_norm.model", 4096, 160, 0.0, 1e-5, 14),
+                mha_check("attention.mha_model", [1, 4096, 256, 256, 8], 1.5, 1e-5, 15),
             ]);
         }
         v
