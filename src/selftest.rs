@@ -121,7 +121,9 @@ pub use native::*;
 mod native {
     use super::*;
     use crate::gpu::Gpu;
+    use crate::ops::conv::{self, ConvGeom};
     use crate::ops::matmul::{Gemm, GemmConfig, GemmIo, GemmPath, gemm_with, plan};
+    use crate::ops::reference::conv::ConvShape;
     use crate::ops::{Act, reference, time_op};
     use crate::rng::Rng;
 
@@ -370,6 +372,99 @@ mod native {
         }
     }
 
+    /// Dense (`depthwise == false`) or depthwise convolution, channels-last, with bias and GELU.
+    fn conv_check(name: &str, s: ConvShape, depthwise: bool, tol: f64, seed: u64) -> Check {
+        Check {
+            name: name.to_string(),
+            family: if depthwise { "depthwise" } else { "conv" },
+            shape: format!(
+                "B{} {}x{} Ci{} Co{} k{} s{} p{}",
+                s.b, s.h, s.w, s.ci, s.co, s.k, s.stride, s.pad
+            ),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let wi = if depthwise { 1 } else { s.ci };
+                let x = rng.vec(s.b * s.h * s.w * s.ci);
+                let w = rng.vec(s.co * wi * s.k * s.k);
+                let bias = rng.vec(s.co);
+                let tx = gpu.upload(&x, &[s.b, s.h, s.w, s.ci])?;
+                let tw = gpu.upload(&w, &[s.co, wi, s.k, s.k])?;
+                let tb = gpu.upload(&bias, &[s.co])?;
+                let geom = ConvGeom {
+                    stride: s.stride,
+                    pad: s.pad,
+                };
+                let op = |rec: &mut crate::gpu::Recorder| {
+                    if depthwise {
+                        conv::depthwise_conv2d(rec, &tx, &tw, Some(&tb), geom, Act::Gelu)
+                    } else {
+                        conv::conv2d(rec, &tx, &tw, Some(&tb), geom, Act::Gelu)
+                    }
+                };
+                let mut rec = gpu.new_recorder();
+                let y = op(&mut rec)?;
+                rec.submit()?;
+                let got = gpu.read(&y)?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let (x, w, bias) = (f(&x), f(&w), f(&bias));
+                let want = if depthwise {
+                    reference::conv::depthwise_conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
+                } else {
+                    reference::conv::conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
+                };
+                let ms = time_op(gpu, REPS, |rec| op(rec).map(|_| ()))?;
+                let macs = (s.b * s.oh() * s.ow() * s.co * wi * s.k * s.k) as f64;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: if depthwise {
+                        "depthwise_conv2d"
+                    } else {
+                        "conv2d"
+                    }
+                    .into(),
+                    ms: Some(ms),
+                    flops: Some(2.0 * macs),
+                    bytes: None,
+                })
+            }),
+        }
+    }
+
+    /// Bilinear resize (align_corners = false) of `[b, h, w, c]` to `oh x ow`.
+    fn resize_check(name: &str, d: [usize; 6], tol: f64, seed: u64) -> Check {
+        let [b, h, w, c, oh, ow] = d;
+        Check {
+            name: name.to_string(),
+            family: "resize",
+            shape: format!("B{b} {h}x{w}x{c} -> {oh}x{ow}"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let x = rng.vec(b * h * w * c);
+                let tx = gpu.upload(&x, &[b, h, w, c])?;
+                let mut rec = gpu.new_recorder();
+                let y = crate::ops::resize::bilinear(&mut rec, &tx, oh, ow)?;
+                rec.submit()?;
+                let got = gpu.read(&y)?;
+                let x64: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+                let want = reference::resize::bilinear(b, h, w, c, &x64, oh, ow);
+                let ms = time_op(gpu, REPS, |rec| {
+                    crate::ops::resize::bilinear(rec, &tx, oh, ow).map(|_| ())
+                })?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "bilinear".into(),
+                    ms: Some(ms),
+                    flops: None,
+                    bytes: Some(4.0 * (b * c * (h * w + oh * ow)) as f64),
+                })
+            }),
+        }
+    }
+
     fn checks(opts: &Options) -> Vec<Check> {
         let tiled = GemmConfig {
             path: GemmPath::Tiled,
@@ -415,9 +510,75 @@ mod native {
                 "attention.mha_large_logits",
                 [1, 16, 64, 32, 2],
                 200.0,
-                1e-4,
+                1e-5,
                 10,
             ),
+            conv_check(
+                "conv.3x3_s2",
+                ConvShape {
+                    b: 1,
+                    h: 17,
+                    w: 15,
+                    ci: 5,
+                    co: 7,
+                    k: 3,
+                    stride: 2,
+                    pad: 1,
+                },
+                false,
+                1e-5,
+                16,
+            ),
+            conv_check(
+                "conv.1x1",
+                ConvShape {
+                    b: 2,
+                    h: 9,
+                    w: 11,
+                    ci: 12,
+                    co: 20,
+                    k: 1,
+                    stride: 1,
+                    pad: 0,
+                },
+                false,
+                1e-5,
+                17,
+            ),
+            conv_check(
+                "depthwise.3x3",
+                ConvShape {
+                    b: 1,
+                    h: 19,
+                    w: 13,
+                    ci: 8,
+                    co: 8,
+                    k: 3,
+                    stride: 1,
+                    pad: 1,
+                },
+                true,
+                1e-5,
+                18,
+            ),
+            conv_check(
+                "depthwise.odd_c",
+                ConvShape {
+                    b: 1,
+                    h: 11,
+                    w: 9,
+                    ci: 7,
+                    co: 7,
+                    k: 3,
+                    stride: 2,
+                    pad: 1,
+                },
+                true,
+                1e-5,
+                19,
+            ),
+            resize_check("resize.down", [1, 37, 29, 3, 16, 12], 1e-6, 20),
+            resize_check("resize.up", [2, 9, 7, 4, 31, 26], 1e-6, 21),
             otsu_check("otsu.constant", "constant 128", |_, _| 128),
             otsu_check("otsu.two_level", "two levels 40/200", |_, c| {
                 if c < 20 { 40 } else { 200 }
@@ -437,6 +598,39 @@ mod native {
                 gemm_check("gemm.split_k_model", 64, 64, 16384, split, 13),
                 gelu_check("gelu.model", 4096 * 640, -10.0, 10.0, 1e-6),
                 layer_norm_check("layer_norm.model", 4096, 160, 0.0, 1e-5, 14),
+                conv_check(
+                    "conv.model_3x3",
+                    ConvShape {
+                        b: 1,
+                        h: 64,
+                        w: 64,
+                        ci: 64,
+                        co: 64,
+                        k: 3,
+                        stride: 1,
+                        pad: 1,
+                    },
+                    false,
+                    1e-5,
+                    22,
+                ),
+                conv_check(
+                    "depthwise.model_3x3",
+                    ConvShape {
+                        b: 1,
+                        h: 64,
+                        w: 64,
+                        ci: 160,
+                        co: 160,
+                        k: 3,
+                        stride: 1,
+                        pad: 1,
+                    },
+                    true,
+                    1e-5,
+                    23,
+                ),
+                resize_check("resize.model", [1, 256, 256, 1, 1024, 1024], 1e-6, 24),
                 mha_check("attention.mha_model", [1, 4096, 256, 256, 8], 1.5, 1e-5, 15),
             ]);
         }
