@@ -100,6 +100,8 @@ pub struct Report {
     pub features: Vec<String>,
     pub checks: Vec<CheckRecord>,
     pub passed: usize,
+    /// Checks neither passed nor skipped (skipped ones, e.g. a fixture not found, are no fault of
+    /// the adapter).
     pub failed: usize,
 }
 
@@ -112,7 +114,24 @@ pub struct Options {
     pub only: Option<String>,
     /// Perturb the GPU output of the named check before comparison (tests of the report).
     pub fault: Option<String>,
+    /// Folder of the tiny-preset parity fixture (`tiny.weights.safetensors`,
+    /// `tiny.config.json`, `tiny.forward.safetensors`); default: env MEDFASTSAM_FIXTURES, else the
+    /// source tree's `tests/data/fixtures`. The end-to-end check is skipped when it is absent.
+    pub fixtures: Option<std::path::PathBuf>,
 }
+
+/// A check that could not run here for a reason that is no fault of the adapter (its verdict is
+/// `skipped`).
+#[derive(Debug)]
+pub struct Skip(pub String);
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Skip {}
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use native::*;
@@ -465,6 +484,84 @@ mod native {
         }
     }
 
+    /// The tiny preset end to end (image -> logits) against the authors' f64 PyTorch logits of
+    /// the parity fixture, at the parity tests' logit tolerance.
+    fn tiny_check(name: &str, variant: crate::model::Variant, dir: std::path::PathBuf) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "model",
+            shape: format!("tiny preset, {} variant", variant.name()),
+            tolerance: 2e-3,
+            body: Box::new(move |gpu: &Gpu| {
+                let files = [
+                    "tiny.weights.safetensors",
+                    "tiny.config.json",
+                    "tiny.forward.safetensors",
+                ];
+                if let Some(f) = files.iter().find(|f| !dir.join(f).is_file()) {
+                    return Err(Skip(format!(
+                        "fixture not found: {} (give --fixtures DIR or MEDFASTSAM_FIXTURES)",
+                        dir.join(f).display()
+                    ))
+                    .into());
+                }
+                let cfg = crate::model::Config::from_file(&dir.join(files[1]))?;
+                let w = crate::model::Weights::load(&dir.join(files[0]))?;
+                let model = crate::model::MedFastSam::new(gpu, &w, &cfg, variant)?;
+                let path = dir.join(files[2]);
+                let bytes =
+                    std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let st = safetensors::SafeTensors::deserialize(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let get = |k: &str| {
+                    st.tensor(k)
+                        .map_err(|e| anyhow::anyhow!("{}: tensor {k}: {e}", path.display()))
+                };
+                let img = get("image")?;
+                let sh = img.shape().to_vec();
+                if sh.len() != 4 || sh[3] != 3 || img.dtype() != safetensors::Dtype::U8 {
+                    anyhow::bail!("{}: image is not u8 [B, H, W, 3]", path.display());
+                }
+                let px: Vec<u32> = img
+                    .data()
+                    .chunks_exact(3)
+                    .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
+                    .collect();
+                let tpx = gpu.upload_u32(&px, &sh[..3])?;
+                let key = format!("{}.logits", variant.name());
+                let lg = get(&key)?;
+                // The authors' float64 run, stored as f32 or f64.
+                let want: Vec<f64> = match lg.dtype() {
+                    safetensors::Dtype::F64 => lg
+                        .data()
+                        .chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect(),
+                    safetensors::Dtype::F32 => lg
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64)
+                        .collect(),
+                    d => anyhow::bail!("{}: {key} is {d:?}, not f32 or f64", path.display()),
+                };
+                // [B, 1, S, S] in the fixture and [B, S, S, 1] here: the same order.
+                let mut rec = gpu.new_recorder();
+                let out = model.forward(&mut rec, &tpx, false)?;
+                rec.submit()?;
+                let got = gpu.read(&out.logits)?;
+                let ms = time_op(gpu, 1, |rec| model.forward(rec, &tpx, false).map(|_| ()))?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "MedFastSam::forward (every kernel of inference)".into(),
+                    ms: Some(ms),
+                    flops: None,
+                    bytes: None,
+                })
+            }),
+        }
+    }
+
     fn checks(opts: &Options) -> Vec<Check> {
         let tiled = GemmConfig {
             path: GemmPath::Tiled,
@@ -584,7 +681,24 @@ mod native {
                 if c < 20 { 40 } else { 200 }
             }),
         ];
+        let dir = opts
+            .fixtures
+            .clone()
+            .or_else(|| std::env::var_os("MEDFASTSAM_FIXTURES").map(Into::into))
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures")
+            });
+        v.push(tiny_check(
+            "model.tiny_paper",
+            crate::model::Variant::Paper,
+            dir.clone(),
+        ));
         if opts.full {
+            v.push(tiny_check(
+                "model.tiny_released",
+                crate::model::Variant::Released,
+                dir,
+            ));
             v.extend([
                 gemm_check("gemm.tiled_model", 4096, 160, 160, tiled, 11),
                 gemm_check(
@@ -707,6 +821,11 @@ mod native {
                 }
                 Err(e) => {
                     let msg = crate::error::report(e.as_ref());
+                    let verdict = if e.downcast_ref::<Skip>().is_some() {
+                        Verdict::Skipped
+                    } else {
+                        classify(&msg)
+                    };
                     CheckRecord {
                         name: c.name.clone(),
                         family: c.family.into(),
@@ -714,7 +833,7 @@ mod native {
                         shape: c.shape.clone(),
                         max_rel_err: None,
                         tolerance: c.tolerance,
-                        verdict: classify(&msg),
+                        verdict,
                         ms: None,
                         gflops: None,
                         gbps: None,
@@ -732,6 +851,10 @@ mod native {
     pub fn report(gpu: &Gpu, opts: &Options, checks: Vec<CheckRecord>) -> Report {
         let i = &gpu.info;
         let passed = checks.iter().filter(|c| c.verdict == Verdict::Pass).count();
+        let skipped = checks
+            .iter()
+            .filter(|c| c.verdict == Verdict::Skipped)
+            .count();
         Report {
             schema: SCHEMA.into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -749,7 +872,7 @@ mod native {
                 .iter_names()
                 .map(|(n, _)| n.to_string())
                 .collect(),
-            failed: checks.len() - passed,
+            failed: checks.len() - passed - skipped,
             passed,
             checks,
         }

@@ -22,6 +22,10 @@ pub struct SelftestArgs {
     /// Print two JSON reports side by side instead of running anything.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     pub compare: Option<Vec<PathBuf>>,
+    /// Folder of the tiny-preset parity fixture for the end-to-end check (default: env
+    /// MEDFASTSAM_FIXTURES, else the source tree's tests/data/fixtures; skipped when absent).
+    #[arg(long, value_name = "DIR")]
+    pub fixtures: Option<PathBuf>,
     /// Test hook: perturb the named check's GPU output before comparison.
     #[arg(long, hide = true, value_name = "NAME")]
     pub inject_fault: Option<String>,
@@ -36,6 +40,7 @@ pub fn run(gpu_args: &GpuArgs, a: &SelftestArgs) -> anyhow::Result<i32> {
         full: a.full,
         only: a.only.clone(),
         fault: a.inject_fault.clone(),
+        fixtures: a.fixtures.clone(),
     };
     let i = &gpu.info;
     println!(
@@ -68,6 +73,7 @@ pub fn run(gpu_args: &GpuArgs, a: &SelftestArgs) -> anyhow::Result<i32> {
     }
     let report = medfastsam::selftest::report(&gpu, &opts, checks);
     for c in report.checks.iter().filter(|c| c.verdict != Verdict::Pass) {
+        // (skipped checks are listed with their reason but do not fail the command)
         println!(
             "{} {}: {}",
             c.name,
@@ -75,7 +81,13 @@ pub fn run(gpu_args: &GpuArgs, a: &SelftestArgs) -> anyhow::Result<i32> {
             c.message.as_deref().unwrap_or("")
         );
     }
-    println!("{} of {} checks pass", report.passed, report.checks.len());
+    let skipped = report.checks.len() - report.passed - report.failed;
+    println!(
+        "{} of {} checks pass, {} fail, {skipped} skipped",
+        report.passed,
+        report.checks.len(),
+        report.failed
+    );
     if let Some(p) = &a.json {
         let bytes = serde_json::to_vec_pretty(&report)?;
         medfastsam::io::write_atomic(p, &bytes)?;
