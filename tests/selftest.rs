@@ -83,7 +83,17 @@ fn quick_passes_and_its_report_follows_the_schema() {
         assert_eq!(c["verdict"], "pass", "{c}");
         assert!(c["max_rel_err"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap());
     }
-    for family in ["gemm", "attention", "norm", "elementwise", "otsu"] {
+    for family in [
+        "gemm",
+        "attention",
+        "norm",
+        "elementwise",
+        "otsu",
+        "conv",
+        "depthwise",
+        "resize",
+        "model",
+    ] {
         assert!(
             checks.iter().any(|c| c["family"] == family),
             "no {family} check"
@@ -164,4 +174,24 @@ fn compare_prints_two_reports_side_by_side() {
     let r = run_split(&["selftest", "--compare", a.to_str().unwrap(), "Cargo.toml"]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("Cargo.toml"), "{}", r.stderr);
+}
+
+#[test]
+fn a_missing_fixture_is_skipped_with_its_path_not_failed() {
+    let d = tmpdir("selftest_skip");
+    let missing = d.join("no-fixtures");
+    let r = run_split(&[
+        "selftest",
+        "--only",
+        "model.tiny_paper",
+        "--fixtures",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("model.tiny_paper skipped: fixture not found"))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(line.contains("no-fixtures"), "{line}");
 }
