@@ -562,6 +562,51 @@ mod native {
         }
     }
 
+    /// AdamW: 5 steps from random state, the parameters against the f64 trajectory.
+    fn adam_check(name: &str, n: usize, tol: f64, seed: u64) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "optim",
+            shape: format!("{n} params, 5 steps, weight decay 0.01"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                use crate::ops::optim::{AdamConfig, adam_step};
+                let mut rng = Rng::new(seed);
+                let cfg = AdamConfig {
+                    weight_decay: 0.01,
+                    ..AdamConfig::default()
+                };
+                let p = rng.vec(n);
+                let zeros = vec![0.0f32; n];
+                let tp = gpu.upload(&p, &[n])?;
+                let tm = gpu.upload(&zeros, &[n])?;
+                let tv = gpu.upload(&zeros, &[n])?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let (mut rp, mut rm, mut rv) = (f(&p), vec![0.0; n], vec![0.0; n]);
+                for t in 1..=5u32 {
+                    let g = rng.vec(n);
+                    let tg = gpu.upload(&g, &[n])?;
+                    let mut rec = gpu.new_recorder();
+                    adam_step(&mut rec, &tp, &tm, &tv, &tg, &cfg, t)?;
+                    rec.submit()?;
+                    reference::optim::adam_step(&mut rp, &mut rm, &mut rv, &f(&g), &cfg, t);
+                }
+                let got = gpu.read(&tp)?;
+                let tg = gpu.upload(&zeros, &[n])?;
+                let ms = time_op(gpu, REPS, |rec| adam_step(rec, &tp, &tm, &tv, &tg, &cfg, 6))?;
+                Ok(Outcome {
+                    got,
+                    want: rp,
+                    entry: "adam_step".into(),
+                    ms: Some(ms),
+                    flops: None,
+                    // p, m, v read and written, g read.
+                    bytes: Some(28.0 * n as f64),
+                })
+            }),
+        }
+    }
+
     fn checks(opts: &Options) -> Vec<Check> {
         let tiled = GemmConfig {
             path: GemmPath::Tiled,
@@ -676,6 +721,7 @@ mod native {
             ),
             resize_check("resize.down", [1, 37, 29, 3, 16, 12], 1e-6, 20),
             resize_check("resize.up", [2, 9, 7, 4, 31, 26], 1e-6, 21),
+            adam_check("adam.adamw", 10_007, 1e-5, 25),
             otsu_check("otsu.constant", "constant 128", |_, _| 128),
             otsu_check("otsu.two_level", "two levels 40/200", |_, c| {
                 if c < 20 { 40 } else { 200 }

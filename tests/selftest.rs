@@ -92,6 +92,7 @@ fn quick_passes_and_its_report_follows_the_schema() {
         "conv",
         "depthwise",
         "resize",
+        "optim",
         "model",
     ] {
         assert!(
