@@ -14,6 +14,7 @@ pub use crate::selftest::{max_abs, rel_err};
 /// Panics with a readable message when `rel_err(got, want) > tol`.
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length mismatch");
     let e = rel_err(got, want);
     // NaN errors fail too.
     if e.is_nan() || e > tol {
