@@ -607,6 +607,58 @@ mod native {
         }
     }
 
+    /// BatchNorm2d in eval mode (running statistics) with GELU, channels-last `[rows, c]`.
+    fn bn_eval_check(name: &str, rows: usize, c: usize, tol: f64, seed: u64) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "norm",
+            shape: format!("{rows}x{c}"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let x = rng.vec(rows * c);
+                let w = rng.vec(c);
+                let b = rng.vec(c);
+                let rm = rng.vec(c);
+                let rv: Vec<f32> = (0..c).map(|_| rng.range(0.1, 2.0) as f32).collect();
+                let t = |v: &[f32], s: &[usize]| gpu.upload(v, s);
+                let (tx, tw, tb) = (t(&x, &[rows, c])?, t(&w, &[c])?, t(&b, &[c])?);
+                let (trm, trv) = (t(&rm, &[c])?, t(&rv, &[c])?);
+                let layer = || crate::ops::norm::BnLayer {
+                    w: &tw,
+                    b: &tb,
+                    running_mean: &trm,
+                    running_var: &trv,
+                };
+                let mut rec = gpu.new_recorder();
+                let y = crate::ops::norm::batch_norm_eval(&mut rec, &tx, layer(), 1e-5, Act::Gelu)?;
+                rec.submit()?;
+                let got = gpu.read(&y)?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let (w6, b6, rm6, rv6) = (f(&w), f(&b), f(&rm), f(&rv));
+                let bn = reference::norm::BnLayer {
+                    w: &w6,
+                    b: &b6,
+                    running_mean: &rm6,
+                    running_var: &rv6,
+                };
+                let want = reference::norm::batch_norm_eval(&f(&x), bn, c, 1e-5, Act::Gelu);
+                let ms = time_op(gpu, REPS, |rec| {
+                    crate::ops::norm::batch_norm_eval(rec, &tx, layer(), 1e-5, Act::Gelu)
+                        .map(|_| ())
+                })?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "batch_norm_eval".into(),
+                    ms: Some(ms),
+                    flops: None,
+                    bytes: Some(8.0 * (rows * c) as f64),
+                })
+            }),
+        }
+    }
+
     fn checks(opts: &Options) -> Vec<Check> {
         let tiled = GemmConfig {
             path: GemmPath::Tiled,
@@ -722,6 +774,7 @@ mod native {
             resize_check("resize.down", [1, 37, 29, 3, 16, 12], 1e-6, 20),
             resize_check("resize.up", [2, 9, 7, 4, 31, 26], 1e-6, 21),
             adam_check("adam.adamw", 10_007, 1e-5, 25),
+            bn_eval_check("batch_norm.eval", 143, 24, 1e-5, 26),
             otsu_check("otsu.constant", "constant 128", |_, _| 128),
             otsu_check("otsu.two_level", "two levels 40/200", |_, c| {
                 if c < 20 { 40 } else { 200 }
