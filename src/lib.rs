@@ -11,6 +11,7 @@ pub mod model;
 pub mod ops;
 pub mod rng;
 pub mod segment;
+pub mod selftest;
 pub mod stream;
 #[cfg(any(test, feature = "testing"))]
 pub mod testutil;

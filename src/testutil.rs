@@ -8,35 +8,13 @@ pub fn to_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// `max |got - want| / max |want|` (relative to the tensor's scale; 0 when both are zero).
-pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
-    let scale = want.iter().fold(0.0f64, |m, &w| m.max(w.abs()));
-    let err = got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
-        if g.is_nan() || !g.is_finite() {
-            f64::INFINITY
-        } else {
-            m.max((g as f64 - w).abs())
-        }
-    });
-    if scale == 0.0 { err } else { err / scale }
-}
-
-/// Maximum absolute difference.
-pub fn max_abs(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
-    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
-        if !g.is_finite() {
-            f64::INFINITY
-        } else {
-            m.max((g as f64 - w).abs())
-        }
-    })
-}
+/// The error measures are the product's (`medfastsam selftest` reports them).
+pub use crate::selftest::{max_abs, rel_err};
 
 /// Panics with a readable message when `rel_err(got, want) > tol`.
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length mismatch");
     let e = rel_err(got, want);
     // NaN errors fail too.
     if e.is_nan() || e > tol {

@@ -11,6 +11,7 @@ mod init;
 mod prompted;
 mod quickstart;
 mod segment;
+mod selftest;
 mod serve;
 mod train;
 
@@ -190,6 +191,8 @@ pub enum Cmd {
     Quickstart(quickstart::QuickstartArgs),
     /// Serve the web page on 127.0.0.1 (images never leave the machine).
     Serve(serve::ServeArgs),
+    /// Check every kernel against the CPU f64 reference on this adapter, and time it.
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Prints a line above a progress bar; indicatif drops such lines when the bar is hidden (output
@@ -241,6 +244,7 @@ pub fn run() -> i32 {
         Cmd::Eval(a) => eval::run(&cli.gpu, a),
         Cmd::Quickstart(a) => quickstart::run(&cli.gpu, a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Selftest(a) => selftest::run(&cli.gpu, a),
     };
     match res {
         Ok(code) => code,

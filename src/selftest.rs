@@ -1,0 +1,990 @@
+//! Self-test: does every kernel compute the right numbers on this adapter, and how fast?
+//!
+//! A list of checks, each running one GPU op on deterministic random (or known-answer) inputs and
+//! comparing it with the independent CPU f64 reference of `ops::reference`, by the maximum
+//! relative error [`rel_err`] against a stated tolerance. `medfastsam selftest` prints the
+//! results; `--json` writes them as a versioned report (schema [`SCHEMA`]).
+//!
+//! The error measures are product code (the tests use them through `testutil`).
+
+/// `max |got - want| / max |want|` (relative to the tensor's scale; the absolute error when the
+/// reference is all zero). Infinite when any value is not finite or the lengths differ.
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max(w.abs()));
+    let err = max_abs(got, want);
+    if scale == 0.0 { err } else { err / scale }
+}
+
+/// Maximum absolute difference (infinite when any value is not finite or the lengths differ).
+pub fn max_abs(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
+        if !g.is_finite() {
+            f64::INFINITY
+        } else {
+            m.max((g as f64 - w).abs())
+        }
+    })
+}
+
+/// Version tag of the JSON report.
+pub const SCHEMA: &str = "medfastsam-selftest/1";
+
+/// Outcome of one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Pass,
+    OutOfTolerance,
+    FailedToCompile,
+    DeviceError,
+    Skipped,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::OutOfTolerance => "out_of_tolerance",
+            Verdict::FailedToCompile => "failed_to_compile",
+            Verdict::DeviceError => "device_error",
+            Verdict::Skipped => "skipped",
+        }
+    }
+}
+
+/// The record of one check.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CheckRecord {
+    pub name: String,
+    pub family: String,
+    /// WGSL entry point(s) the check exercises.
+    pub entry: String,
+    pub shape: String,
+    /// Maximum relative error against the f64 reference (None when the op did not run).
+    pub max_rel_err: Option<f64>,
+    pub tolerance: f64,
+    pub verdict: Verdict,
+    /// Median ms per call (None when not timed).
+    pub ms: Option<f64>,
+    pub gflops: Option<f64>,
+    pub gbps: Option<f64>,
+    /// Why the check did not pass (error message), when it did not.
+    pub message: Option<String>,
+}
+
+/// The adapter a report was measured on.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct AdapterRecord {
+    pub name: String,
+    pub backend: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub device_type: String,
+}
+
+/// A whole report (what `--json` writes).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub schema: String,
+    pub version: String,
+    pub mode: String,
+    pub adapter: AdapterRecord,
+    /// The limits the device was opened with (wgpu's names).
+    pub limits: serde_json::Value,
+    pub features: Vec<String>,
+    pub checks: Vec<CheckRecord>,
+    pub passed: usize,
+    /// Checks neither passed nor skipped (skipped ones, e.g. a fixture not found, are no fault of
+    /// the adapter).
+    pub failed: usize,
+}
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Add the model-sized shapes.
+    pub full: bool,
+    /// Run only the checks whose name contains this.
+    pub only: Option<String>,
+    /// Perturb the GPU output of the named check before comparison (tests of the report).
+    pub fault: Option<String>,
+    /// Folder of the tiny-preset parity fixture (`tiny.weights.safetensors`,
+    /// `tiny.config.json`, `tiny.forward.safetensors`); default: env MEDFASTSAM_FIXTURES, else the
+    /// source tree's `tests/data/fixtures`. The end-to-end check is skipped when it is absent.
+    pub fixtures: Option<std::path::PathBuf>,
+}
+
+/// A check that could not run here for a reason that is no fault of the adapter (its verdict is
+/// `skipped`).
+#[derive(Debug)]
+pub struct Skip(pub String);
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Skip {}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub use native::*;
+
+#[cfg(not(target_arch = "wasm32"))]
+mod native {
+    use super::*;
+    use crate::gpu::Gpu;
+    use crate::ops::conv::{self, ConvGeom};
+    use crate::ops::matmul::{Gemm, GemmConfig, GemmIo, GemmPath, gemm_with, plan};
+    use crate::ops::reference::conv::ConvShape;
+    use crate::ops::{Act, reference, time_op};
+    use crate::rng::Rng;
+
+    /// What a check's body returns: the GPU output, the reference, and the timing's work.
+    struct Outcome {
+        got: Vec<f32>,
+        want: Vec<f64>,
+        entry: String,
+        ms: Option<f64>,
+        flops: Option<f64>,
+        bytes: Option<f64>,
+    }
+
+    type Body = Box<dyn Fn(&Gpu) -> anyhow::Result<Outcome>>;
+
+    struct Check {
+        name: String,
+        family: &'static str,
+        shape: String,
+        tolerance: f64,
+        body: Body,
+    }
+
+    const REPS: usize = 3;
+
+    fn gemm_check(name: &str, m: usize, n: usize, k: usize, cfg: GemmConfig, seed: u64) -> Check {
+        let g = Gemm::new(m, n, k);
+        Check {
+            name: name.to_string(),
+            family: "gemm",
+            shape: format!("{m}x{n}x{k}"),
+            tolerance: if k >= 1000 { 1e-5 } else { 2e-6 },
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let a = rng.vec(m * k);
+                let b = rng.vec(k * n);
+                let ta = gpu.upload(&a, &[m * k])?;
+                let tb = gpu.upload(&b, &[k * n])?;
+                let tc = gpu.upload(&vec![0.0; m * n], &[m * n])?;
+                let p = plan(gpu, &g, &cfg)?;
+                let io = || GemmIo {
+                    a: &ta,
+                    b: &tb,
+                    bias: None,
+                    residual: None,
+                    c: &tc,
+                };
+                let mut rec = gpu.new_recorder();
+                gemm_with(&mut rec, &g, io(), &cfg)?;
+                rec.submit()?;
+                let got = gpu.read(&tc)?;
+                let mut want = vec![0.0; m * n];
+                let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+                let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                reference::gemm(&g, &a64, &b64, None, None, &mut want);
+                let ms = time_op(gpu, REPS, |rec| gemm_with(rec, &g, io(), &cfg))?;
+                let entry = if p.entry == "matmul" {
+                    p.entry.to_string()
+                } else if p.splits > 1 {
+                    format!("{} (split-K {})", p.entry, p.splits)
+                } else {
+                    format!("{} (lanes {})", p.entry, if p.lanes_n { "N" } else { "M" })
+                };
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry,
+                    ms: Some(ms),
+                    flops: Some(g.flops()),
+                    bytes: None,
+                })
+            }),
+        }
+    }
+
+    fn gelu_check(name: &str, n: usize, lo: f64, hi: f64, tol: f64) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "elementwise",
+            shape: format!("{n} in [{lo}, {hi}]"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                // Evenly spaced over the range: the known answer is erf's, point by point.
+                let x: Vec<f32> = (0..n)
+                    .map(|i| (lo + (hi - lo) * i as f64 / (n - 1).max(1) as f64) as f32)
+                    .collect();
+                let tx = gpu.upload(&x, &[n])?;
+                let mut rec = gpu.new_recorder();
+                let y = crate::ops::elementwise::activation(&mut rec, &tx, Act::Gelu)?;
+                rec.submit()?;
+                let got = gpu.read(&y)?;
+                let want = x.iter().map(|&v| reference::gelu(v as f64)).collect();
+                let ms = time_op(gpu, REPS, |rec| {
+                    crate::ops::elementwise::activation(rec, &tx, Act::Gelu).map(|_| ())
+                })?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: if n.is_multiple_of(4) {
+                        "unary4 (GELU)"
+                    } else {
+                        "unary (GELU)"
+                    }
+                    .into(),
+                    ms: Some(ms),
+                    flops: None,
+                    bytes: Some(8.0 * n as f64),
+                })
+            }),
+        }
+    }
+
+    fn layer_norm_check(
+        name: &str,
+        rows: usize,
+        c: usize,
+        mean: f64,
+        tol: f64,
+        seed: u64,
+    ) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "norm",
+            shape: format!("{rows}x{c}, mean {mean}"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let x: Vec<f32> = (0..rows * c)
+                    .map(|_| (mean + rng.normal()) as f32)
+                    .collect();
+                let w = rng.vec(c);
+                let b = rng.vec(c);
+                let (tx, tw, tb) = (
+                    gpu.upload(&x, &[rows, c])?,
+                    gpu.upload(&w, &[c])?,
+                    gpu.upload(&b, &[c])?,
+                );
+                let mut rec = gpu.new_recorder();
+                let y = crate::ops::norm::layer_norm(&mut rec, &tx, &tw, &tb, 1e-5, Act::None)?;
+                rec.submit()?;
+                let got = gpu.read(&y)?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let want = reference::norm::layer_norm(&f(&x), &f(&w), &f(&b), c, 1e-5, Act::None);
+                let ms = time_op(gpu, REPS, |rec| {
+                    crate::ops::norm::layer_norm(rec, &tx, &tw, &tb, 1e-5, Act::None).map(|_| ())
+                })?;
+                let entry = if c.is_multiple_of(4) {
+                    "ln_row4"
+                } else {
+                    "ln_fwd"
+                };
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: entry.into(),
+                    ms: Some(ms),
+                    flops: None,
+                    bytes: Some(8.0 * (rows * c) as f64),
+                })
+            }),
+        }
+    }
+
+    /// Otsu on a synthetic grey image: the threshold (t*/255) against the reference's.
+    fn otsu_check(name: &str, shape: &'static str, levels: fn(usize, usize) -> u8) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "otsu",
+            shape: format!("64x64 {shape}"),
+            tolerance: 0.0,
+            body: Box::new(move |gpu: &Gpu| {
+                let (h, w) = (64usize, 64usize);
+                let px: Vec<u32> = (0..h * w)
+                    .map(|i| {
+                        let v = levels(i / w, i % w) as u32;
+                        v | (v << 8) | (v << 16)
+                    })
+                    .collect();
+                let tpx = gpu.upload_u32(&px, &[1, h, w])?;
+                let mut rec = gpu.new_recorder();
+                let xn = crate::ops::elementwise::image_normalize(&mut rec, &tpx)?;
+                let rule = crate::ops::otsu::OtsuRule::Paper;
+                let (thr, mask) = crate::ops::otsu::otsu(&mut rec, &tpx, &xn, rule)?;
+                rec.submit()?;
+                let mut got = gpu.read(&thr)?;
+                got.extend(gpu.read(&mask)?);
+                let (_, want_thr, want_mask) = reference::otsu::otsu(&px, 1, h, w, rule);
+                // The threshold as the GPU rounds it (t*/255 in f32), then the mask.
+                let mut want: Vec<f64> = want_thr.iter().map(|&t| t as f32 as f64).collect();
+                want.extend(want_mask);
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "otsu_hist, otsu_select, otsu_mask".into(),
+                    ms: None,
+                    flops: None,
+                    bytes: None,
+                })
+            }),
+        }
+    }
+
+    /// SAM attention (`mha`): `q_scale` scales q, so 1.5 gives logits of a few units and 200
+    /// logits of about +-100 (exp overflows f32 past 88): only a softmax that subtracts its row maximum
+    /// survives.
+    fn mha_check(name: &str, d: [usize; 5], q_scale: f32, tol: f64, seed: u64) -> Check {
+        let [b, lq, lk, e, heads] = d;
+        Check {
+            name: name.to_string(),
+            family: "attention",
+            shape: format!("B{b} Lq{lq} Lk{lk} E{e} h{heads} q*{q_scale}"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let q: Vec<f32> = rng.vec(b * lq * e).iter().map(|x| x * q_scale).collect();
+                let k: Vec<f32> = rng.vec(b * lk * e).iter().map(|x| x * 1.5).collect();
+                let v = rng.vec(b * lk * e);
+                let tq = gpu.upload(&q, &[b, lq, e])?;
+                let tk = gpu.upload(&k, &[b, lk, e])?;
+                let tv = gpu.upload(&v, &[b, lk, e])?;
+                let mut rec = gpu.new_recorder();
+                let out = crate::ops::attention::mha(&mut rec, &tq, &tk, &tv, heads)?;
+                rec.submit()?;
+                let got = gpu.read(&out)?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let shape = reference::attention::MhaShape {
+                    b,
+                    lq,
+                    lk,
+                    e,
+                    heads,
+                };
+                let (want, _) = reference::attention::mha(&f(&q), &f(&k), &f(&v), shape);
+                let ms = time_op(gpu, REPS, |rec| {
+                    crate::ops::attention::mha(rec, &tq, &tk, &tv, heads).map(|_| ())
+                })?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "mha (fused softmax attention)".into(),
+                    ms: Some(ms),
+                    flops: Some(4.0 * (b * lq * lk * e) as f64),
+                    bytes: None,
+                })
+            }),
+        }
+    }
+
+    /// Dense (`depthwise == false`) or depthwise convolution, channels-last, with bias and GELU.
+    fn conv_check(name: &str, s: ConvShape, depthwise: bool, tol: f64, seed: u64) -> Check {
+        Check {
+            name: name.to_string(),
+            family: if depthwise { "depthwise" } else { "conv" },
+            shape: format!(
+                "B{} {}x{} Ci{} Co{} k{} s{} p{}",
+                s.b, s.h, s.w, s.ci, s.co, s.k, s.stride, s.pad
+            ),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let wi = if depthwise { 1 } else { s.ci };
+                let x = rng.vec(s.b * s.h * s.w * s.ci);
+                let w = rng.vec(s.co * wi * s.k * s.k);
+                let bias = rng.vec(s.co);
+                let tx = gpu.upload(&x, &[s.b, s.h, s.w, s.ci])?;
+                let tw = gpu.upload(&w, &[s.co, wi, s.k, s.k])?;
+                let tb = gpu.upload(&bias, &[s.co])?;
+                let geom = ConvGeom {
+                    stride: s.stride,
+                    pad: s.pad,
+                };
+                let op = |rec: &mut crate::gpu::Recorder| {
+                    if depthwise {
+                        conv::depthwise_conv2d(rec, &tx, &tw, Some(&tb), geom, Act::Gelu)
+                    } else {
+                        conv::conv2d(rec, &tx, &tw, Some(&tb), geom, Act::Gelu)
+                    }
+                };
+                let mut rec = gpu.new_recorder();
+                let y = op(&mut rec)?;
+                rec.submit()?;
+                let got = gpu.read(&y)?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let (x, w, bias) = (f(&x), f(&w), f(&bias));
+                let want = if depthwise {
+                    reference::conv::depthwise_conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
+                } else {
+                    reference::conv::conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
+                };
+                let ms = time_op(gpu, REPS, |rec| op(rec).map(|_| ()))?;
+                let macs = (s.b * s.oh() * s.ow() * s.co * wi * s.k * s.k) as f64;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: if depthwise {
+                        "depthwise_conv2d"
+                    } else {
+                        "conv2d"
+                    }
+                    .into(),
+                    ms: Some(ms),
+                    flops: Some(2.0 * macs),
+                    bytes: None,
+                })
+            }),
+        }
+    }
+
+    /// Bilinear resize (align_corners = false) of `[b, h, w, c]` to `oh x ow`.
+    fn resize_check(name: &str, d: [usize; 6], tol: f64, seed: u64) -> Check {
+        let [b, h, w, c, oh, ow] = d;
+        Check {
+            name: name.to_string(),
+            family: "resize",
+            shape: format!("B{b} {h}x{w}x{c} -> {oh}x{ow}"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let x = rng.vec(b * h * w * c);
+                let tx = gpu.upload(&x, &[b, h, w, c])?;
+                let mut rec = gpu.new_recorder();
+                let y = crate::ops::resize::bilinear(&mut rec, &tx, oh, ow)?;
+                rec.submit()?;
+                let got = gpu.read(&y)?;
+                let x64: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+                let want = reference::resize::bilinear(b, h, w, c, &x64, oh, ow);
+                let ms = time_op(gpu, REPS, |rec| {
+                    crate::ops::resize::bilinear(rec, &tx, oh, ow).map(|_| ())
+                })?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "bilinear".into(),
+                    ms: Some(ms),
+                    flops: None,
+                    bytes: Some(4.0 * (b * c * (h * w + oh * ow)) as f64),
+                })
+            }),
+        }
+    }
+
+    /// The tiny preset end to end (image -> logits) against the authors' f64 PyTorch logits of
+    /// the parity fixture, at the parity tests' logit tolerance.
+    fn tiny_check(name: &str, variant: crate::model::Variant, dir: std::path::PathBuf) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "model",
+            shape: format!("tiny preset, {} variant", variant.name()),
+            tolerance: 2e-3,
+            body: Box::new(move |gpu: &Gpu| {
+                let files = [
+                    "tiny.weights.safetensors",
+                    "tiny.config.json",
+                    "tiny.forward.safetensors",
+                ];
+                if let Some(f) = files.iter().find(|f| !dir.join(f).is_file()) {
+                    return Err(Skip(format!(
+                        "fixture not found: {} (give --fixtures DIR or MEDFASTSAM_FIXTURES)",
+                        dir.join(f).display()
+                    ))
+                    .into());
+                }
+                let cfg = crate::model::Config::from_file(&dir.join(files[1]))?;
+                let w = crate::model::Weights::load(&dir.join(files[0]))?;
+                let model = crate::model::MedFastSam::new(gpu, &w, &cfg, variant)?;
+                let path = dir.join(files[2]);
+                let bytes =
+                    std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let st = safetensors::SafeTensors::deserialize(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let get = |k: &str| {
+                    st.tensor(k)
+                        .map_err(|e| anyhow::anyhow!("{}: tensor {k}: {e}", path.display()))
+                };
+                let img = get("image")?;
+                let sh = img.shape().to_vec();
+                if sh.len() != 4 || sh[3] != 3 || img.dtype() != safetensors::Dtype::U8 {
+                    anyhow::bail!("{}: image is not u8 [B, H, W, 3]", path.display());
+                }
+                let px: Vec<u32> = img
+                    .data()
+                    .chunks_exact(3)
+                    .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
+                    .collect();
+                let tpx = gpu.upload_u32(&px, &sh[..3])?;
+                let key = format!("{}.logits", variant.name());
+                let lg = get(&key)?;
+                // The authors' float64 run, stored as f32 or f64.
+                let want: Vec<f64> = match lg.dtype() {
+                    safetensors::Dtype::F64 => lg
+                        .data()
+                        .chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect(),
+                    safetensors::Dtype::F32 => lg
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64)
+                        .collect(),
+                    d => anyhow::bail!("{}: {key} is {d:?}, not f32 or f64", path.display()),
+                };
+                // [B, 1, S, S] in the fixture and [B, S, S, 1] here: the same order.
+                let mut rec = gpu.new_recorder();
+                let out = model.forward(&mut rec, &tpx, false)?;
+                rec.submit()?;
+                let got = gpu.read(&out.logits)?;
+                let ms = time_op(gpu, 1, |rec| model.forward(rec, &tpx, false).map(|_| ()))?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "MedFastSam::forward (every kernel of inference)".into(),
+                    ms: Some(ms),
+                    flops: None,
+                    bytes: None,
+                })
+            }),
+        }
+    }
+
+    /// AdamW: 5 steps from random state, the parameters against the f64 trajectory.
+    fn adam_check(name: &str, n: usize, tol: f64, seed: u64) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "optim",
+            shape: format!("{n} params, 5 steps, weight decay 0.01"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                use crate::ops::optim::{AdamConfig, adam_step};
+                let mut rng = Rng::new(seed);
+                let cfg = AdamConfig {
+                    weight_decay: 0.01,
+                    ..AdamConfig::default()
+                };
+                let p = rng.vec(n);
+                let zeros = vec![0.0f32; n];
+                let tp = gpu.upload(&p, &[n])?;
+                let tm = gpu.upload(&zeros, &[n])?;
+                let tv = gpu.upload(&zeros, &[n])?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let (mut rp, mut rm, mut rv) = (f(&p), vec![0.0; n], vec![0.0; n]);
+                for t in 1..=5u32 {
+                    let g = rng.vec(n);
+                    let tg = gpu.upload(&g, &[n])?;
+                    let mut rec = gpu.new_recorder();
+                    adam_step(&mut rec, &tp, &tm, &tv, &tg, &cfg, t)?;
+                    rec.submit()?;
+                    reference::optim::adam_step(&mut rp, &mut rm, &mut rv, &f(&g), &cfg, t);
+                }
+                let got = gpu.read(&tp)?;
+                let tg = gpu.upload(&zeros, &[n])?;
+                let ms = time_op(gpu, REPS, |rec| adam_step(rec, &tp, &tm, &tv, &tg, &cfg, 6))?;
+                Ok(Outcome {
+                    got,
+                    want: rp,
+                    entry: "adam_step".into(),
+                    ms: Some(ms),
+                    flops: None,
+                    // p, m, v read and written, g read.
+                    bytes: Some(28.0 * n as f64),
+                })
+            }),
+        }
+    }
+
+    /// BatchNorm2d in eval mode (running statistics) with GELU, channels-last `[rows, c]`.
+    fn bn_eval_check(name: &str, rows: usize, c: usize, tol: f64, seed: u64) -> Check {
+        Check {
+            name: name.to_string(),
+            family: "norm",
+            shape: format!("{rows}x{c}"),
+            tolerance: tol,
+            body: Box::new(move |gpu: &Gpu| {
+                let mut rng = Rng::new(seed);
+                let x = rng.vec(rows * c);
+                let w = rng.vec(c);
+                let b = rng.vec(c);
+                let rm = rng.vec(c);
+                let rv: Vec<f32> = (0..c).map(|_| rng.range(0.1, 2.0) as f32).collect();
+                let t = |v: &[f32], s: &[usize]| gpu.upload(v, s);
+                let (tx, tw, tb) = (t(&x, &[rows, c])?, t(&w, &[c])?, t(&b, &[c])?);
+                let (trm, trv) = (t(&rm, &[c])?, t(&rv, &[c])?);
+                let layer = || crate::ops::norm::BnLayer {
+                    w: &tw,
+                    b: &tb,
+                    running_mean: &trm,
+                    running_var: &trv,
+                };
+                let mut rec = gpu.new_recorder();
+                let y = crate::ops::norm::batch_norm_eval(&mut rec, &tx, layer(), 1e-5, Act::Gelu)?;
+                rec.submit()?;
+                let got = gpu.read(&y)?;
+                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                let (w6, b6, rm6, rv6) = (f(&w), f(&b), f(&rm), f(&rv));
+                let bn = reference::norm::BnLayer {
+                    w: &w6,
+                    b: &b6,
+                    running_mean: &rm6,
+                    running_var: &rv6,
+                };
+                let want = reference::norm::batch_norm_eval(&f(&x), bn, c, 1e-5, Act::Gelu);
+                let ms = time_op(gpu, REPS, |rec| {
+                    crate::ops::norm::batch_norm_eval(rec, &tx, layer(), 1e-5, Act::Gelu)
+                        .map(|_| ())
+                })?;
+                Ok(Outcome {
+                    got,
+                    want,
+                    entry: "batch_norm_eval".into(),
+                    ms: Some(ms),
+                    flops: None,
+                    bytes: Some(8.0 * (rows * c) as f64),
+                })
+            }),
+        }
+    }
+
+    fn checks(opts: &Options) -> Vec<Check> {
+        let tiled = GemmConfig {
+            path: GemmPath::Tiled,
+            ..Default::default()
+        };
+        let blocked = |vec4: bool, lanes_n: bool| GemmConfig {
+            path: GemmPath::Blocked,
+            vec4: Some(vec4),
+            lanes_n: Some(lanes_n),
+            splits: None,
+        };
+        let split = GemmConfig {
+            path: GemmPath::Blocked,
+            splits: Some(4),
+            ..Default::default()
+        };
+        let mut v = vec![
+            gemm_check("gemm.tiled", 67, 65, 33, tiled, 1),
+            gemm_check(
+                "gemm.blocked_vec4_lanes_n",
+                68,
+                72,
+                40,
+                blocked(true, true),
+                2,
+            ),
+            gemm_check(
+                "gemm.blocked_vec4_lanes_m",
+                68,
+                72,
+                40,
+                blocked(true, false),
+                3,
+            ),
+            gemm_check("gemm.blocked_scalar", 67, 65, 33, blocked(false, true), 4),
+            gemm_check("gemm.split_k", 16, 16, 1024, split, 5),
+            gelu_check("gelu.wide_range", 20_001, -10.0, 10.0, 1e-6),
+            layer_norm_check("layer_norm.random", 77, 96, 0.0, 1e-5, 6),
+            layer_norm_check("layer_norm.odd_c", 77, 37, 0.0, 1e-5, 7),
+            layer_norm_check("layer_norm.large_mean", 64, 96, 1e4, 1e-3, 8),
+            mha_check("attention.mha", [2, 5, 300, 24, 3], 1.5, 1e-5, 9),
+            mha_check(
+                "attention.mha_large_logits",
+                [1, 16, 64, 32, 2],
+                200.0,
+                1e-5,
+                10,
+            ),
+            conv_check(
+                "conv.3x3_s2",
+                ConvShape {
+                    b: 1,
+                    h: 17,
+                    w: 15,
+                    ci: 5,
+                    co: 7,
+                    k: 3,
+                    stride: 2,
+                    pad: 1,
+                },
+                false,
+                1e-5,
+                16,
+            ),
+            conv_check(
+                "conv.1x1",
+                ConvShape {
+                    b: 2,
+                    h: 9,
+                    w: 11,
+                    ci: 12,
+                    co: 20,
+                    k: 1,
+                    stride: 1,
+                    pad: 0,
+                },
+                false,
+                1e-5,
+                17,
+            ),
+            conv_check(
+                "depthwise.3x3",
+                ConvShape {
+                    b: 1,
+                    h: 19,
+                    w: 13,
+                    ci: 8,
+                    co: 8,
+                    k: 3,
+                    stride: 1,
+                    pad: 1,
+                },
+                true,
+                1e-5,
+                18,
+            ),
+            conv_check(
+                "depthwise.odd_c",
+                ConvShape {
+                    b: 1,
+                    h: 11,
+                    w: 9,
+                    ci: 7,
+                    co: 7,
+                    k: 3,
+                    stride: 2,
+                    pad: 1,
+                },
+                true,
+                1e-5,
+                19,
+            ),
+            resize_check("resize.down", [1, 37, 29, 3, 16, 12], 1e-6, 20),
+            resize_check("resize.up", [2, 9, 7, 4, 31, 26], 1e-6, 21),
+            adam_check("adam.adamw", 10_007, 1e-5, 25),
+            bn_eval_check("batch_norm.eval", 143, 24, 1e-5, 26),
+            otsu_check("otsu.constant", "constant 128", |_, _| 128),
+            otsu_check("otsu.two_level", "two levels 40/200", |_, c| {
+                if c < 20 { 40 } else { 200 }
+            }),
+        ];
+        let dir = opts
+            .fixtures
+            .clone()
+            .or_else(|| std::env::var_os("MEDFASTSAM_FIXTURES").map(Into::into))
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures")
+            });
+        v.push(tiny_check(
+            "model.tiny_paper",
+            crate::model::Variant::Paper,
+            dir.clone(),
+        ));
+        if opts.full {
+            v.push(tiny_check(
+                "model.tiny_released",
+                crate::model::Variant::Released,
+                dir,
+            ));
+            v.extend([
+                gemm_check("gemm.tiled_model", 4096, 160, 160, tiled, 11),
+                gemm_check(
+                    "gemm.blocked_model",
+                    4096,
+                    160,
+                    640,
+                    blocked(true, true),
+                    12,
+                ),
+                gemm_check("gemm.split_k_model", 64, 64, 16384, split, 13),
+                gelu_check("gelu.model", 4096 * 640, -10.0, 10.0, 1e-6),
+                layer_norm_check("layer_norm.model", 4096, 160, 0.0, 1e-5, 14),
+                conv_check(
+                    "conv.model_3x3",
+                    ConvShape {
+                        b: 1,
+                        h: 64,
+                        w: 64,
+                        ci: 64,
+                        co: 64,
+                        k: 3,
+                        stride: 1,
+                        pad: 1,
+                    },
+                    false,
+                    1e-5,
+                    22,
+                ),
+                conv_check(
+                    "depthwise.model_3x3",
+                    ConvShape {
+                        b: 1,
+                        h: 64,
+                        w: 64,
+                        ci: 160,
+                        co: 160,
+                        k: 3,
+                        stride: 1,
+                        pad: 1,
+                    },
+                    true,
+                    1e-5,
+                    23,
+                ),
+                resize_check("resize.model", [1, 256, 256, 1, 1024, 1024], 1e-6, 24),
+                mha_check("attention.mha_model", [1, 4096, 256, 256, 8], 1.5, 1e-5, 15),
+            ]);
+        }
+        v
+    }
+
+    /// Compile and validation failures say so; anything else is a device error.
+    fn classify(msg: &str) -> Verdict {
+        let m = msg.to_ascii_lowercase();
+        if m.contains("shader")
+            || m.contains("compil")
+            || m.contains("wgsl")
+            || m.contains("pipeline")
+        {
+            Verdict::FailedToCompile
+        } else {
+            Verdict::DeviceError
+        }
+    }
+
+    /// Runs the checks `opts` selects, one at a time, calling `each` after each; never panics on
+    /// a check's failure (it is the check's verdict).
+    pub fn run_checks(
+        gpu: &Gpu,
+        opts: &Options,
+        mut each: impl FnMut(&CheckRecord),
+    ) -> Vec<CheckRecord> {
+        let mut out = Vec::new();
+        for c in checks(opts) {
+            if let Some(o) = &opts.only
+                && !c.name.contains(o.as_str())
+            {
+                continue;
+            }
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.body)(gpu)));
+            let res = match res {
+                Ok(r) => r.and_then(|o| gpu.take_errors().map(|_| o).map_err(anyhow::Error::from)),
+                Err(p) => Err(anyhow::anyhow!(
+                    "panicked: {}",
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                )),
+            };
+            let rec = match res {
+                Ok(mut o) => {
+                    if opts.fault.as_deref() == Some(c.name.as_str())
+                        && let Some(x) = o.got.first_mut()
+                    {
+                        *x += 1.0 + x.abs();
+                    }
+                    let e = rel_err(&o.got, &o.want);
+                    let ok = e <= c.tolerance;
+                    CheckRecord {
+                        name: c.name.clone(),
+                        family: c.family.into(),
+                        entry: o.entry,
+                        shape: c.shape.clone(),
+                        max_rel_err: Some(e),
+                        tolerance: c.tolerance,
+                        verdict: if ok {
+                            Verdict::Pass
+                        } else {
+                            Verdict::OutOfTolerance
+                        },
+                        ms: o.ms,
+                        gflops: o.ms.zip(o.flops).map(|(ms, f)| f / (ms * 1e6)),
+                        gbps: o.ms.zip(o.bytes).map(|(ms, b)| b / (ms * 1e6)),
+                        message: (!ok).then(|| {
+                            format!("relative error {e:.3e} > tolerance {:.1e}", c.tolerance)
+                        }),
+                    }
+                }
+                Err(e) => {
+                    let msg = crate::error::report(e.as_ref());
+                    let verdict = if e.downcast_ref::<Skip>().is_some() {
+                        Verdict::Skipped
+                    } else {
+                        classify(&msg)
+                    };
+                    CheckRecord {
+                        name: c.name.clone(),
+                        family: c.family.into(),
+                        entry: String::new(),
+                        shape: c.shape.clone(),
+                        max_rel_err: None,
+                        tolerance: c.tolerance,
+                        verdict,
+                        ms: None,
+                        gflops: None,
+                        gbps: None,
+                        message: Some(msg),
+                    }
+                }
+            };
+            each(&rec);
+            out.push(rec);
+        }
+        out
+    }
+
+    /// A report of `checks` run on `gpu`.
+    pub fn report(gpu: &Gpu, opts: &Options, checks: Vec<CheckRecord>) -> Report {
+        let i = &gpu.info;
+        let passed = checks.iter().filter(|c| c.verdict == Verdict::Pass).count();
+        let skipped = checks
+            .iter()
+            .filter(|c| c.verdict == Verdict::Skipped)
+            .count();
+        Report {
+            schema: SCHEMA.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            mode: if opts.full { "full" } else { "quick" }.into(),
+            adapter: AdapterRecord {
+                name: i.name.clone(),
+                backend: format!("{:?}", i.backend),
+                driver: i.driver.clone(),
+                driver_info: i.driver_info.clone(),
+                device_type: format!("{:?}", i.device_type),
+            },
+            limits: limits_json(&gpu.limits),
+            features: gpu
+                .features
+                .iter_names()
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            failed: checks.len() - passed - skipped,
+            passed,
+            checks,
+        }
+    }
+
+    fn limits_json(l: &wgpu::Limits) -> serde_json::Value {
+        serde_json::json!({
+            "max_storage_buffer_binding_size": l.max_storage_buffer_binding_size,
+            "max_buffer_size": l.max_buffer_size,
+            "max_compute_workgroup_storage_size": l.max_compute_workgroup_storage_size,
+            "max_compute_invocations_per_workgroup": l.max_compute_invocations_per_workgroup,
+            "max_compute_workgroups_per_dimension": l.max_compute_workgroups_per_dimension,
+            "max_storage_buffers_per_shader_stage": l.max_storage_buffers_per_shader_stage,
+        })
+    }
+}

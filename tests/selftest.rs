@@ -1,0 +1,198 @@
+//! `medfastsam selftest`: the quick checks pass on the test adapter, the JSON report follows
+//! docs/selftest.schema.json, an injected fault is named out_of_tolerance with a non-zero exit, and
+//! `--compare` prints two reports side by side.
+
+mod common;
+
+use common::cli::{repo, run_split, tmpdir};
+use serde_json::Value;
+
+/// Whether `v` is of the JSON Schema type `t` (a name or a list of names).
+fn has_type(v: &Value, t: &Value) -> bool {
+    match t {
+        Value::Array(ts) => ts.iter().any(|t| has_type(v, t)),
+        Value::String(t) => match t.as_str() {
+            "string" => v.is_string(),
+            "number" => v.is_number(),
+            "integer" => v.is_u64() || v.is_i64(),
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "null" => v.is_null(),
+            "boolean" => v.is_boolean(),
+            other => panic!("schema type {other} not handled by this test"),
+        },
+        _ => panic!("schema type {t} is neither a name nor a list"),
+    }
+}
+
+/// Checks `v` against the subset of JSON Schema the report's schema uses: type, required,
+/// properties, items, const, enum.
+fn validate(what: &str, v: &Value, schema: &Value) {
+    if let Some(t) = schema.get("type") {
+        assert!(has_type(v, t), "{what}: {v} is not of type {t}");
+    }
+    if let Some(c) = schema.get("const") {
+        assert_eq!(v, c, "{what}");
+    }
+    if let Some(Value::Array(e)) = schema.get("enum") {
+        assert!(e.contains(v), "{what}: {v} is not one of {e:?}");
+    }
+    if let Some(Value::Array(req)) = schema.get("required") {
+        for k in req {
+            let k = k.as_str().unwrap();
+            assert!(v.get(k).is_some(), "{what}: required key {k} missing");
+        }
+    }
+    if let Some(Value::Object(props)) = schema.get("properties") {
+        for (k, s) in props {
+            if let Some(x) = v.get(k) {
+                validate(&format!("{what}.{k}"), x, s);
+            }
+        }
+    }
+    if let (Some(s), Some(items)) = (schema.get("items"), v.as_array()) {
+        for (i, x) in items.iter().enumerate() {
+            validate(&format!("{what}[{i}]"), x, s);
+        }
+    }
+}
+
+fn schema() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(repo("docs/selftest.schema.json")).unwrap())
+        .unwrap()
+}
+
+fn report(p: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn quick_passes_and_its_report_follows_the_schema() {
+    let d = tmpdir("selftest_quick");
+    let json = d.join("report.json");
+    let r = run_split(&["selftest", "--quick", "--json", json.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("checks pass"), "{}", r.stdout);
+    let v = report(&json);
+    validate("report", &v, &schema());
+    assert_eq!(v["schema"], "medfastsam-selftest/1");
+    assert_eq!(v["mode"], "quick");
+    let checks = v["checks"].as_array().unwrap();
+    assert!(checks.len() >= 10, "{} checks", checks.len());
+    for c in checks {
+        assert_eq!(c["verdict"], "pass", "{c}");
+        assert!(c["max_rel_err"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap());
+    }
+    for family in [
+        "gemm",
+        "attention",
+        "norm",
+        "elementwise",
+        "otsu",
+        "conv",
+        "depthwise",
+        "resize",
+        "optim",
+        "model",
+    ] {
+        assert!(
+            checks.iter().any(|c| c["family"] == family),
+            "no {family} check"
+        );
+    }
+    // Written atomically: no temporary file left beside the report.
+    let left: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[test]
+fn an_injected_fault_is_named_out_of_tolerance_and_fails_the_command() {
+    let d = tmpdir("selftest_fault");
+    let json = d.join("report.json");
+    let r = run_split(&[
+        "selftest",
+        "--only",
+        "gelu",
+        "--inject-fault",
+        "gelu.wide_range",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_ne!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout.contains("gelu.wide_range out_of_tolerance"),
+        "{}",
+        r.stdout
+    );
+    let v = report(&json);
+    validate("report", &v, &schema());
+    let c = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "gelu.wide_range")
+        .unwrap();
+    assert_eq!(c["verdict"], "out_of_tolerance", "{c}");
+    assert_eq!(v["failed"], 1);
+}
+
+#[test]
+fn compare_prints_two_reports_side_by_side() {
+    let d = tmpdir("selftest_compare");
+    let (a, b) = (d.join("a.json"), d.join("b.json"));
+    for (p, fault) in [(&a, "none"), (&b, "layer_norm.odd_c")] {
+        let r = run_split(&[
+            "selftest",
+            "--only",
+            "layer_norm",
+            "--inject-fault",
+            fault,
+            "--json",
+            p.to_str().unwrap(),
+        ]);
+        assert!(p.exists(), "{}", r.all());
+    }
+    let r = run_split(&[
+        "selftest",
+        "--compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("layer_norm.odd_c"))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(
+        line.contains("pass") && line.contains("out_of_tolerance"),
+        "{line}"
+    );
+    // A file that is not a report is refused with a message naming it.
+    let r = run_split(&["selftest", "--compare", a.to_str().unwrap(), "Cargo.toml"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("Cargo.toml"), "{}", r.stderr);
+}
+
+#[test]
+fn a_missing_fixture_is_skipped_with_its_path_not_failed() {
+    let d = tmpdir("selftest_skip");
+    let missing = d.join("no-fixtures");
+    let r = run_split(&[
+        "selftest",
+        "--only",
+        "model.tiny_paper",
+        "--fixtures",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("model.tiny_paper skipped: fixture not found"))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(line.contains("no-fixtures"), "{line}");
+}
