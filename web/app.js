@@ -1611,12 +1611,13 @@ async function loadDemo({ images = true } = {}) {
       if (!res.ok) throw new Error(`${name}: HTTP ${res.status}`);
       return new File([await res.blob()], name);
     };
-    if (images) {
-      const files = await Promise.all(m.images.map((i) => get(i.file)));
-      addImages(files, Object.fromEntries(m.images.map((i) => [i.file, i.label])));
-    }
-    const weights = await get(m.weights);
-    await loadWeights(weights, { source: 'demo', demo: m });
+    // Everything fetched first; then the model's load starts (it marks the model as loading
+    // before its first await) and the images are added, so their cards say "Queued — model
+    // loading" from the start instead of "Waiting for a model".
+    const [weights, ...files] = await Promise.all([get(m.weights), ...(images ? m.images.map((i) => get(i.file)) : [])]);
+    const loading = loadWeights(weights, { source: 'demo', demo: m });
+    if (images) addImages(files, Object.fromEntries(m.images.map((i) => [i.file, i.label])));
+    await loading;
   } catch (e) {
     showAlert(ui.weightsAlert, `The demo could not load: ${e.message}`);
   } finally {

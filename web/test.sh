@@ -7,7 +7,8 @@
 # `segment --instances --geojson`, (b) tiny-fixture logits within tolerance, (c) no request leaves
 # the page's origin, plus progress, responsiveness, storage, and the no-WebGPU / small-limits
 # messages; and from a fresh profile the demo (warnings, channel, stale marker, overlay pixels,
-# viewer keys, tab order, axe-core audit, the ZIP of "Download all").
+# viewer keys, tab order, axe-core audit, the ZIP of "Download all"), and the viewer alone
+# (web/test/viewer.mjs).
 # Run from anywhere; exits non-zero on any failure. Needs what .ci/setup installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,9 @@ if [ -f web/pkg/mobilesam.safetensors ]; then
     --box 391,74,428,105 --out "$tmp/prompted" || die "the native CLI failed (MobileSAM)"
   prompted=(--cli-prompted "$tmp/prompted")
 fi
+
+say "the viewer alone (web/test/viewer.mjs)"
+node web/test/viewer.mjs --chromium "$chromium" || die "viewer checks failed (see above)"
 
 say "browser test"
 # Extra arguments go to run.mjs (web/screenshots.sh passes --screenshots web/screenshots).

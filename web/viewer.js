@@ -134,7 +134,7 @@ function createViewer(options) {
   const zoomOutBtn = button('mfv-zoom-out', '\u2212', 'Zoom out', '\u2212');
   const zoomInBtn = button('mfv-zoom-in', '+', 'Zoom in', '+');
   const fitBtn = button('mfv-fit', 'Fit', 'Fit to window', '0');
-  const oneBtn = button('mfv-one', '1:1', 'Actual size, 100%', '1');
+  const oneBtn = button('mfv-one', '1:1', '1:1, actual size (100%)', '1');
   // Plain text, not a live region: zoom changes are not announced as they happen (the canvas
   // area's name carries the zoom for whoever asks).
   const zoomText = el('span', { class: 'mfv-zoom-value', text: '100%' });
