@@ -76,6 +76,22 @@ pub struct CheckRecord {
     pub gbps: Option<f64>,
     /// Why the check did not pass (error message), when it did not.
     pub message: Option<String>,
+    /// Milliseconds spent creating the pipelines this check was the first to use (shader module
+    /// and pipeline creation, where the driver compiles); None when all came from the cache.
+    #[serde(default)]
+    pub compile_ms: Option<f64>,
+    /// The pipelines the check used, in order of first use.
+    #[serde(default)]
+    pub pipelines: Vec<PipelineRecord>,
+}
+
+/// One pipeline a check used: its WGSL family (shader file) and entry point, and its creation
+/// time when this check created it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PipelineRecord {
+    pub family: String,
+    pub entry: String,
+    pub compile_ms: Option<f64>,
 }
 
 /// The adapter a report was measured on.
@@ -133,30 +149,41 @@ impl std::fmt::Display for Skip {
 
 impl std::error::Error for Skip {}
 
-#[cfg(not(target_arch = "wasm32"))]
-pub use native::*;
+pub use checks::*;
 
-#[cfg(not(target_arch = "wasm32"))]
-mod native {
+mod checks {
     use super::*;
     use crate::gpu::Gpu;
     use crate::ops::conv::{self, ConvGeom};
     use crate::ops::matmul::{Gemm, GemmConfig, GemmIo, GemmPath, gemm_with, plan};
     use crate::ops::reference::conv::ConvShape;
-    use crate::ops::{Act, reference, time_op};
+    use crate::ops::{Act, reference};
     use crate::rng::Rng;
+    use std::future::Future;
+    use std::pin::Pin;
 
     /// What a check's body returns: the GPU output, the reference, and the timing's work.
     struct Outcome {
         got: Vec<f32>,
         want: Vec<f64>,
+        /// What the entry points alone do not say (the GEMM path's lanes or splits), or "".
         entry: String,
         ms: Option<f64>,
         flops: Option<f64>,
         bytes: Option<f64>,
     }
 
-    type Body = Box<dyn Fn(&Gpu) -> anyhow::Result<Outcome>>;
+    type Fut<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Outcome>> + 'a>>;
+    type Body = Box<dyn for<'a> Fn(&'a Gpu) -> Fut<'a>>;
+
+    /// A check's body: async, so that the page (which cannot block on a readback) runs the same
+    /// code as the CLI.
+    fn body<F>(f: F) -> Body
+    where
+        F: for<'a> Fn(&'a Gpu) -> Fut<'a> + 'static,
+    {
+        Box::new(f)
+    }
 
     struct Check {
         name: String,
@@ -164,6 +191,28 @@ mod native {
         shape: String,
         tolerance: f64,
         body: Body,
+    }
+
+    /// Times `record` (one call of a kernel): a warm-up submission (compiles the pipelines), then
+    /// `reps` timed submissions, each waited for. Returns the median ms.
+    async fn time_async(
+        gpu: &Gpu,
+        reps: usize,
+        mut record: impl FnMut(&mut crate::gpu::Recorder) -> crate::Result<()>,
+    ) -> anyhow::Result<f64> {
+        let mut v = Vec::new();
+        for i in 0..=reps.max(1) {
+            let t0 = crate::gpu::now_ms();
+            let mut rec = gpu.new_recorder();
+            record(&mut rec)?;
+            rec.submit()?;
+            gpu.wait_idle().await?;
+            if i > 0 {
+                v.push(crate::gpu::now_ms() - t0);
+            }
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Ok(v[v.len() / 2])
     }
 
     const REPS: usize = 3;
@@ -175,44 +224,46 @@ mod native {
             family: "gemm",
             shape: format!("{m}x{n}x{k}"),
             tolerance: if k >= 1000 { 1e-5 } else { 2e-6 },
-            body: Box::new(move |gpu: &Gpu| {
-                let mut rng = Rng::new(seed);
-                let a = rng.vec(m * k);
-                let b = rng.vec(k * n);
-                let ta = gpu.upload(&a, &[m * k])?;
-                let tb = gpu.upload(&b, &[k * n])?;
-                let tc = gpu.upload(&vec![0.0; m * n], &[m * n])?;
-                let p = plan(gpu, &g, &cfg)?;
-                let io = || GemmIo {
-                    a: &ta,
-                    b: &tb,
-                    bias: None,
-                    residual: None,
-                    c: &tc,
-                };
-                let mut rec = gpu.new_recorder();
-                gemm_with(&mut rec, &g, io(), &cfg)?;
-                rec.submit()?;
-                let got = gpu.read(&tc)?;
-                let mut want = vec![0.0; m * n];
-                let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
-                let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
-                reference::gemm(&g, &a64, &b64, None, None, &mut want);
-                let ms = time_op(gpu, REPS, |rec| gemm_with(rec, &g, io(), &cfg))?;
-                let entry = if p.entry == "matmul" {
-                    p.entry.to_string()
-                } else if p.splits > 1 {
-                    format!("{} (split-K {})", p.entry, p.splits)
-                } else {
-                    format!("{} (lanes {})", p.entry, if p.lanes_n { "N" } else { "M" })
-                };
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry,
-                    ms: Some(ms),
-                    flops: Some(g.flops()),
-                    bytes: None,
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    let mut rng = Rng::new(seed);
+                    let a = rng.vec(m * k);
+                    let b = rng.vec(k * n);
+                    let ta = gpu.upload(&a, &[m * k])?;
+                    let tb = gpu.upload(&b, &[k * n])?;
+                    let tc = gpu.upload(&vec![0.0; m * n], &[m * n])?;
+                    let p = plan(gpu, &g, &cfg)?;
+                    let io = || GemmIo {
+                        a: &ta,
+                        b: &tb,
+                        bias: None,
+                        residual: None,
+                        c: &tc,
+                    };
+                    let mut rec = gpu.new_recorder();
+                    gemm_with(&mut rec, &g, io(), &cfg)?;
+                    rec.submit()?;
+                    let got = gpu.read_async(&tc).await?;
+                    let mut want = vec![0.0; m * n];
+                    let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+                    let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                    reference::gemm(&g, &a64, &b64, None, None, &mut want);
+                    let ms = time_async(gpu, REPS, |rec| gemm_with(rec, &g, io(), &cfg)).await?;
+                    let entry = if p.entry == "matmul" {
+                        String::new()
+                    } else if p.splits > 1 {
+                        format!("split-K {}", p.splits)
+                    } else {
+                        format!("lanes {}", if p.lanes_n { "N" } else { "M" })
+                    };
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry,
+                        ms: Some(ms),
+                        flops: Some(g.flops()),
+                        bytes: None,
+                    })
                 })
             }),
         }
@@ -224,32 +275,30 @@ mod native {
             family: "elementwise",
             shape: format!("{n} in [{lo}, {hi}]"),
             tolerance: tol,
-            body: Box::new(move |gpu: &Gpu| {
-                // Evenly spaced over the range: the known answer is erf's, point by point.
-                let x: Vec<f32> = (0..n)
-                    .map(|i| (lo + (hi - lo) * i as f64 / (n - 1).max(1) as f64) as f32)
-                    .collect();
-                let tx = gpu.upload(&x, &[n])?;
-                let mut rec = gpu.new_recorder();
-                let y = crate::ops::elementwise::activation(&mut rec, &tx, Act::Gelu)?;
-                rec.submit()?;
-                let got = gpu.read(&y)?;
-                let want = x.iter().map(|&v| reference::gelu(v as f64)).collect();
-                let ms = time_op(gpu, REPS, |rec| {
-                    crate::ops::elementwise::activation(rec, &tx, Act::Gelu).map(|_| ())
-                })?;
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry: if n.is_multiple_of(4) {
-                        "unary4 (GELU)"
-                    } else {
-                        "unary (GELU)"
-                    }
-                    .into(),
-                    ms: Some(ms),
-                    flops: None,
-                    bytes: Some(8.0 * n as f64),
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    // Evenly spaced over the range: the known answer is erf's, point by point.
+                    let x: Vec<f32> = (0..n)
+                        .map(|i| (lo + (hi - lo) * i as f64 / (n - 1).max(1) as f64) as f32)
+                        .collect();
+                    let tx = gpu.upload(&x, &[n])?;
+                    let mut rec = gpu.new_recorder();
+                    let y = crate::ops::elementwise::activation(&mut rec, &tx, Act::Gelu)?;
+                    rec.submit()?;
+                    let got = gpu.read_async(&y).await?;
+                    let want = x.iter().map(|&v| reference::gelu(v as f64)).collect();
+                    let ms = time_async(gpu, REPS, |rec| {
+                        crate::ops::elementwise::activation(rec, &tx, Act::Gelu).map(|_| ())
+                    })
+                    .await?;
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry: String::new(),
+                        ms: Some(ms),
+                        flops: None,
+                        bytes: Some(8.0 * n as f64),
+                    })
                 })
             }),
         }
@@ -268,39 +317,39 @@ mod native {
             family: "norm",
             shape: format!("{rows}x{c}, mean {mean}"),
             tolerance: tol,
-            body: Box::new(move |gpu: &Gpu| {
-                let mut rng = Rng::new(seed);
-                let x: Vec<f32> = (0..rows * c)
-                    .map(|_| (mean + rng.normal()) as f32)
-                    .collect();
-                let w = rng.vec(c);
-                let b = rng.vec(c);
-                let (tx, tw, tb) = (
-                    gpu.upload(&x, &[rows, c])?,
-                    gpu.upload(&w, &[c])?,
-                    gpu.upload(&b, &[c])?,
-                );
-                let mut rec = gpu.new_recorder();
-                let y = crate::ops::norm::layer_norm(&mut rec, &tx, &tw, &tb, 1e-5, Act::None)?;
-                rec.submit()?;
-                let got = gpu.read(&y)?;
-                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                let want = reference::norm::layer_norm(&f(&x), &f(&w), &f(&b), c, 1e-5, Act::None);
-                let ms = time_op(gpu, REPS, |rec| {
-                    crate::ops::norm::layer_norm(rec, &tx, &tw, &tb, 1e-5, Act::None).map(|_| ())
-                })?;
-                let entry = if c.is_multiple_of(4) {
-                    "ln_row4"
-                } else {
-                    "ln_fwd"
-                };
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry: entry.into(),
-                    ms: Some(ms),
-                    flops: None,
-                    bytes: Some(8.0 * (rows * c) as f64),
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    let mut rng = Rng::new(seed);
+                    let x: Vec<f32> = (0..rows * c)
+                        .map(|_| (mean + rng.normal()) as f32)
+                        .collect();
+                    let w = rng.vec(c);
+                    let b = rng.vec(c);
+                    let (tx, tw, tb) = (
+                        gpu.upload(&x, &[rows, c])?,
+                        gpu.upload(&w, &[c])?,
+                        gpu.upload(&b, &[c])?,
+                    );
+                    let mut rec = gpu.new_recorder();
+                    let y = crate::ops::norm::layer_norm(&mut rec, &tx, &tw, &tb, 1e-5, Act::None)?;
+                    rec.submit()?;
+                    let got = gpu.read_async(&y).await?;
+                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                    let want =
+                        reference::norm::layer_norm(&f(&x), &f(&w), &f(&b), c, 1e-5, Act::None);
+                    let ms = time_async(gpu, REPS, |rec| {
+                        crate::ops::norm::layer_norm(rec, &tx, &tw, &tb, 1e-5, Act::None)
+                            .map(|_| ())
+                    })
+                    .await?;
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry: String::new(),
+                        ms: Some(ms),
+                        flops: None,
+                        bytes: Some(8.0 * (rows * c) as f64),
+                    })
                 })
             }),
         }
@@ -313,33 +362,35 @@ mod native {
             family: "otsu",
             shape: format!("64x64 {shape}"),
             tolerance: 0.0,
-            body: Box::new(move |gpu: &Gpu| {
-                let (h, w) = (64usize, 64usize);
-                let px: Vec<u32> = (0..h * w)
-                    .map(|i| {
-                        let v = levels(i / w, i % w) as u32;
-                        v | (v << 8) | (v << 16)
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    let (h, w) = (64usize, 64usize);
+                    let px: Vec<u32> = (0..h * w)
+                        .map(|i| {
+                            let v = levels(i / w, i % w) as u32;
+                            v | (v << 8) | (v << 16)
+                        })
+                        .collect();
+                    let tpx = gpu.upload_u32(&px, &[1, h, w])?;
+                    let mut rec = gpu.new_recorder();
+                    let xn = crate::ops::elementwise::image_normalize(&mut rec, &tpx)?;
+                    let rule = crate::ops::otsu::OtsuRule::Paper;
+                    let (thr, mask) = crate::ops::otsu::otsu(&mut rec, &tpx, &xn, rule)?;
+                    rec.submit()?;
+                    let mut got = gpu.read_async(&thr).await?;
+                    got.extend(gpu.read_async(&mask).await?);
+                    let (_, want_thr, want_mask) = reference::otsu::otsu(&px, 1, h, w, rule);
+                    // The threshold as the GPU rounds it (t*/255 in f32), then the mask.
+                    let mut want: Vec<f64> = want_thr.iter().map(|&t| t as f32 as f64).collect();
+                    want.extend(want_mask);
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry: String::new(),
+                        ms: None,
+                        flops: None,
+                        bytes: None,
                     })
-                    .collect();
-                let tpx = gpu.upload_u32(&px, &[1, h, w])?;
-                let mut rec = gpu.new_recorder();
-                let xn = crate::ops::elementwise::image_normalize(&mut rec, &tpx)?;
-                let rule = crate::ops::otsu::OtsuRule::Paper;
-                let (thr, mask) = crate::ops::otsu::otsu(&mut rec, &tpx, &xn, rule)?;
-                rec.submit()?;
-                let mut got = gpu.read(&thr)?;
-                got.extend(gpu.read(&mask)?);
-                let (_, want_thr, want_mask) = reference::otsu::otsu(&px, 1, h, w, rule);
-                // The threshold as the GPU rounds it (t*/255 in f32), then the mask.
-                let mut want: Vec<f64> = want_thr.iter().map(|&t| t as f32 as f64).collect();
-                want.extend(want_mask);
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry: "otsu_hist, otsu_select, otsu_mask".into(),
-                    ms: None,
-                    flops: None,
-                    bytes: None,
                 })
             }),
         }
@@ -355,37 +406,40 @@ mod native {
             family: "attention",
             shape: format!("B{b} Lq{lq} Lk{lk} E{e} h{heads} q*{q_scale}"),
             tolerance: tol,
-            body: Box::new(move |gpu: &Gpu| {
-                let mut rng = Rng::new(seed);
-                let q: Vec<f32> = rng.vec(b * lq * e).iter().map(|x| x * q_scale).collect();
-                let k: Vec<f32> = rng.vec(b * lk * e).iter().map(|x| x * 1.5).collect();
-                let v = rng.vec(b * lk * e);
-                let tq = gpu.upload(&q, &[b, lq, e])?;
-                let tk = gpu.upload(&k, &[b, lk, e])?;
-                let tv = gpu.upload(&v, &[b, lk, e])?;
-                let mut rec = gpu.new_recorder();
-                let out = crate::ops::attention::mha(&mut rec, &tq, &tk, &tv, heads)?;
-                rec.submit()?;
-                let got = gpu.read(&out)?;
-                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                let shape = reference::attention::MhaShape {
-                    b,
-                    lq,
-                    lk,
-                    e,
-                    heads,
-                };
-                let (want, _) = reference::attention::mha(&f(&q), &f(&k), &f(&v), shape);
-                let ms = time_op(gpu, REPS, |rec| {
-                    crate::ops::attention::mha(rec, &tq, &tk, &tv, heads).map(|_| ())
-                })?;
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry: "mha (fused softmax attention)".into(),
-                    ms: Some(ms),
-                    flops: Some(4.0 * (b * lq * lk * e) as f64),
-                    bytes: None,
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    let mut rng = Rng::new(seed);
+                    let q: Vec<f32> = rng.vec(b * lq * e).iter().map(|x| x * q_scale).collect();
+                    let k: Vec<f32> = rng.vec(b * lk * e).iter().map(|x| x * 1.5).collect();
+                    let v = rng.vec(b * lk * e);
+                    let tq = gpu.upload(&q, &[b, lq, e])?;
+                    let tk = gpu.upload(&k, &[b, lk, e])?;
+                    let tv = gpu.upload(&v, &[b, lk, e])?;
+                    let mut rec = gpu.new_recorder();
+                    let out = crate::ops::attention::mha(&mut rec, &tq, &tk, &tv, heads)?;
+                    rec.submit()?;
+                    let got = gpu.read_async(&out).await?;
+                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                    let shape = reference::attention::MhaShape {
+                        b,
+                        lq,
+                        lk,
+                        e,
+                        heads,
+                    };
+                    let (want, _) = reference::attention::mha(&f(&q), &f(&k), &f(&v), shape);
+                    let ms = time_async(gpu, REPS, |rec| {
+                        crate::ops::attention::mha(rec, &tq, &tk, &tv, heads).map(|_| ())
+                    })
+                    .await?;
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry: String::new(),
+                        ms: Some(ms),
+                        flops: Some(4.0 * (b * lq * lk * e) as f64),
+                        bytes: None,
+                    })
                 })
             }),
         }
@@ -401,51 +455,48 @@ mod native {
                 s.b, s.h, s.w, s.ci, s.co, s.k, s.stride, s.pad
             ),
             tolerance: tol,
-            body: Box::new(move |gpu: &Gpu| {
-                let mut rng = Rng::new(seed);
-                let wi = if depthwise { 1 } else { s.ci };
-                let x = rng.vec(s.b * s.h * s.w * s.ci);
-                let w = rng.vec(s.co * wi * s.k * s.k);
-                let bias = rng.vec(s.co);
-                let tx = gpu.upload(&x, &[s.b, s.h, s.w, s.ci])?;
-                let tw = gpu.upload(&w, &[s.co, wi, s.k, s.k])?;
-                let tb = gpu.upload(&bias, &[s.co])?;
-                let geom = ConvGeom {
-                    stride: s.stride,
-                    pad: s.pad,
-                };
-                let op = |rec: &mut crate::gpu::Recorder| {
-                    if depthwise {
-                        conv::depthwise_conv2d(rec, &tx, &tw, Some(&tb), geom, Act::Gelu)
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    let mut rng = Rng::new(seed);
+                    let wi = if depthwise { 1 } else { s.ci };
+                    let x = rng.vec(s.b * s.h * s.w * s.ci);
+                    let w = rng.vec(s.co * wi * s.k * s.k);
+                    let bias = rng.vec(s.co);
+                    let tx = gpu.upload(&x, &[s.b, s.h, s.w, s.ci])?;
+                    let tw = gpu.upload(&w, &[s.co, wi, s.k, s.k])?;
+                    let tb = gpu.upload(&bias, &[s.co])?;
+                    let geom = ConvGeom {
+                        stride: s.stride,
+                        pad: s.pad,
+                    };
+                    let op = |rec: &mut crate::gpu::Recorder| {
+                        if depthwise {
+                            conv::depthwise_conv2d(rec, &tx, &tw, Some(&tb), geom, Act::Gelu)
+                        } else {
+                            conv::conv2d(rec, &tx, &tw, Some(&tb), geom, Act::Gelu)
+                        }
+                    };
+                    let mut rec = gpu.new_recorder();
+                    let y = op(&mut rec)?;
+                    rec.submit()?;
+                    let got = gpu.read_async(&y).await?;
+                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                    let (x, w, bias) = (f(&x), f(&w), f(&bias));
+                    let want = if depthwise {
+                        reference::conv::depthwise_conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
                     } else {
-                        conv::conv2d(rec, &tx, &tw, Some(&tb), geom, Act::Gelu)
-                    }
-                };
-                let mut rec = gpu.new_recorder();
-                let y = op(&mut rec)?;
-                rec.submit()?;
-                let got = gpu.read(&y)?;
-                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                let (x, w, bias) = (f(&x), f(&w), f(&bias));
-                let want = if depthwise {
-                    reference::conv::depthwise_conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
-                } else {
-                    reference::conv::conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
-                };
-                let ms = time_op(gpu, REPS, |rec| op(rec).map(|_| ()))?;
-                let macs = (s.b * s.oh() * s.ow() * s.co * wi * s.k * s.k) as f64;
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry: if depthwise {
-                        "depthwise_conv2d"
-                    } else {
-                        "conv2d"
-                    }
-                    .into(),
-                    ms: Some(ms),
-                    flops: Some(2.0 * macs),
-                    bytes: None,
+                        reference::conv::conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
+                    };
+                    let ms = time_async(gpu, REPS, |rec| op(rec).map(|_| ())).await?;
+                    let macs = (s.b * s.oh() * s.ow() * s.co * wi * s.k * s.k) as f64;
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry: String::new(),
+                        ms: Some(ms),
+                        flops: Some(2.0 * macs),
+                        bytes: None,
+                    })
                 })
             }),
         }
@@ -459,26 +510,29 @@ mod native {
             family: "resize",
             shape: format!("B{b} {h}x{w}x{c} -> {oh}x{ow}"),
             tolerance: tol,
-            body: Box::new(move |gpu: &Gpu| {
-                let mut rng = Rng::new(seed);
-                let x = rng.vec(b * h * w * c);
-                let tx = gpu.upload(&x, &[b, h, w, c])?;
-                let mut rec = gpu.new_recorder();
-                let y = crate::ops::resize::bilinear(&mut rec, &tx, oh, ow)?;
-                rec.submit()?;
-                let got = gpu.read(&y)?;
-                let x64: Vec<f64> = x.iter().map(|&a| a as f64).collect();
-                let want = reference::resize::bilinear(b, h, w, c, &x64, oh, ow);
-                let ms = time_op(gpu, REPS, |rec| {
-                    crate::ops::resize::bilinear(rec, &tx, oh, ow).map(|_| ())
-                })?;
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry: "bilinear".into(),
-                    ms: Some(ms),
-                    flops: None,
-                    bytes: Some(4.0 * (b * c * (h * w + oh * ow)) as f64),
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    let mut rng = Rng::new(seed);
+                    let x = rng.vec(b * h * w * c);
+                    let tx = gpu.upload(&x, &[b, h, w, c])?;
+                    let mut rec = gpu.new_recorder();
+                    let y = crate::ops::resize::bilinear(&mut rec, &tx, oh, ow)?;
+                    rec.submit()?;
+                    let got = gpu.read_async(&y).await?;
+                    let x64: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+                    let want = reference::resize::bilinear(b, h, w, c, &x64, oh, ow);
+                    let ms = time_async(gpu, REPS, |rec| {
+                        crate::ops::resize::bilinear(rec, &tx, oh, ow).map(|_| ())
+                    })
+                    .await?;
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry: String::new(),
+                        ms: Some(ms),
+                        flops: None,
+                        bytes: Some(4.0 * (b * c * (h * w + oh * ow)) as f64),
+                    })
                 })
             }),
         }
@@ -486,77 +540,82 @@ mod native {
 
     /// The tiny preset end to end (image -> logits) against the authors' f64 PyTorch logits of
     /// the parity fixture, at the parity tests' logit tolerance.
+    #[cfg(not(target_arch = "wasm32"))]
     fn tiny_check(name: &str, variant: crate::model::Variant, dir: std::path::PathBuf) -> Check {
         Check {
             name: name.to_string(),
             family: "model",
             shape: format!("tiny preset, {} variant", variant.name()),
             tolerance: 2e-3,
-            body: Box::new(move |gpu: &Gpu| {
-                let files = [
-                    "tiny.weights.safetensors",
-                    "tiny.config.json",
-                    "tiny.forward.safetensors",
-                ];
-                if let Some(f) = files.iter().find(|f| !dir.join(f).is_file()) {
-                    return Err(Skip(format!(
-                        "fixture not found: {} (give --fixtures DIR or MEDFASTSAM_FIXTURES)",
-                        dir.join(f).display()
-                    ))
-                    .into());
-                }
-                let cfg = crate::model::Config::from_file(&dir.join(files[1]))?;
-                let w = crate::model::Weights::load(&dir.join(files[0]))?;
-                let model = crate::model::MedFastSam::new(gpu, &w, &cfg, variant)?;
-                let path = dir.join(files[2]);
-                let bytes =
-                    std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                let st = safetensors::SafeTensors::deserialize(&bytes)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                let get = |k: &str| {
-                    st.tensor(k)
-                        .map_err(|e| anyhow::anyhow!("{}: tensor {k}: {e}", path.display()))
-                };
-                let img = get("image")?;
-                let sh = img.shape().to_vec();
-                if sh.len() != 4 || sh[3] != 3 || img.dtype() != safetensors::Dtype::U8 {
-                    anyhow::bail!("{}: image is not u8 [B, H, W, 3]", path.display());
-                }
-                let px: Vec<u32> = img
-                    .data()
-                    .chunks_exact(3)
-                    .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
-                    .collect();
-                let tpx = gpu.upload_u32(&px, &sh[..3])?;
-                let key = format!("{}.logits", variant.name());
-                let lg = get(&key)?;
-                // The authors' float64 run, stored as f32 or f64.
-                let want: Vec<f64> = match lg.dtype() {
-                    safetensors::Dtype::F64 => lg
+            body: body(move |gpu: &Gpu| {
+                let dir = dir.clone();
+                Box::pin(async move {
+                    let files = [
+                        "tiny.weights.safetensors",
+                        "tiny.config.json",
+                        "tiny.forward.safetensors",
+                    ];
+                    if let Some(f) = files.iter().find(|f| !dir.join(f).is_file()) {
+                        return Err(Skip(format!(
+                            "fixture not found: {} (give --fixtures DIR or MEDFASTSAM_FIXTURES)",
+                            dir.join(f).display()
+                        ))
+                        .into());
+                    }
+                    let cfg = crate::model::Config::from_file(&dir.join(files[1]))?;
+                    let w = crate::model::Weights::load(&dir.join(files[0]))?;
+                    let model = crate::model::MedFastSam::new(gpu, &w, &cfg, variant)?;
+                    let path = dir.join(files[2]);
+                    let bytes = std::fs::read(&path)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    let st = safetensors::SafeTensors::deserialize(&bytes)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    let get = |k: &str| {
+                        st.tensor(k)
+                            .map_err(|e| anyhow::anyhow!("{}: tensor {k}: {e}", path.display()))
+                    };
+                    let img = get("image")?;
+                    let sh = img.shape().to_vec();
+                    if sh.len() != 4 || sh[3] != 3 || img.dtype() != safetensors::Dtype::U8 {
+                        anyhow::bail!("{}: image is not u8 [B, H, W, 3]", path.display());
+                    }
+                    let px: Vec<u32> = img
                         .data()
-                        .chunks_exact(8)
-                        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                        .collect(),
-                    safetensors::Dtype::F32 => lg
-                        .data()
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64)
-                        .collect(),
-                    d => anyhow::bail!("{}: {key} is {d:?}, not f32 or f64", path.display()),
-                };
-                // [B, 1, S, S] in the fixture and [B, S, S, 1] here: the same order.
-                let mut rec = gpu.new_recorder();
-                let out = model.forward(&mut rec, &tpx, false)?;
-                rec.submit()?;
-                let got = gpu.read(&out.logits)?;
-                let ms = time_op(gpu, 1, |rec| model.forward(rec, &tpx, false).map(|_| ()))?;
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry: "MedFastSam::forward (every kernel of inference)".into(),
-                    ms: Some(ms),
-                    flops: None,
-                    bytes: None,
+                        .chunks_exact(3)
+                        .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
+                        .collect();
+                    let tpx = gpu.upload_u32(&px, &sh[..3])?;
+                    let key = format!("{}.logits", variant.name());
+                    let lg = get(&key)?;
+                    // The authors' float64 run, stored as f32 or f64.
+                    let want: Vec<f64> = match lg.dtype() {
+                        safetensors::Dtype::F64 => lg
+                            .data()
+                            .chunks_exact(8)
+                            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                            .collect(),
+                        safetensors::Dtype::F32 => lg
+                            .data()
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64)
+                            .collect(),
+                        d => anyhow::bail!("{}: {key} is {d:?}, not f32 or f64", path.display()),
+                    };
+                    // [B, 1, S, S] in the fixture and [B, S, S, 1] here: the same order.
+                    let mut rec = gpu.new_recorder();
+                    let out = model.forward(&mut rec, &tpx, false)?;
+                    rec.submit()?;
+                    let got = gpu.read_async(&out.logits).await?;
+                    let ms = time_async(gpu, 1, |rec| model.forward(rec, &tpx, false).map(|_| ()))
+                        .await?;
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry: "MedFastSam::forward".into(),
+                        ms: Some(ms),
+                        flops: None,
+                        bytes: None,
+                    })
                 })
             }),
         }
@@ -569,39 +628,43 @@ mod native {
             family: "optim",
             shape: format!("{n} params, 5 steps, weight decay 0.01"),
             tolerance: tol,
-            body: Box::new(move |gpu: &Gpu| {
-                use crate::ops::optim::{AdamConfig, adam_step};
-                let mut rng = Rng::new(seed);
-                let cfg = AdamConfig {
-                    weight_decay: 0.01,
-                    ..AdamConfig::default()
-                };
-                let p = rng.vec(n);
-                let zeros = vec![0.0f32; n];
-                let tp = gpu.upload(&p, &[n])?;
-                let tm = gpu.upload(&zeros, &[n])?;
-                let tv = gpu.upload(&zeros, &[n])?;
-                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                let (mut rp, mut rm, mut rv) = (f(&p), vec![0.0; n], vec![0.0; n]);
-                for t in 1..=5u32 {
-                    let g = rng.vec(n);
-                    let tg = gpu.upload(&g, &[n])?;
-                    let mut rec = gpu.new_recorder();
-                    adam_step(&mut rec, &tp, &tm, &tv, &tg, &cfg, t)?;
-                    rec.submit()?;
-                    reference::optim::adam_step(&mut rp, &mut rm, &mut rv, &f(&g), &cfg, t);
-                }
-                let got = gpu.read(&tp)?;
-                let tg = gpu.upload(&zeros, &[n])?;
-                let ms = time_op(gpu, REPS, |rec| adam_step(rec, &tp, &tm, &tv, &tg, &cfg, 6))?;
-                Ok(Outcome {
-                    got,
-                    want: rp,
-                    entry: "adam_step".into(),
-                    ms: Some(ms),
-                    flops: None,
-                    // p, m, v read and written, g read.
-                    bytes: Some(28.0 * n as f64),
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    use crate::ops::optim::{AdamConfig, adam_step};
+                    let mut rng = Rng::new(seed);
+                    let cfg = AdamConfig {
+                        weight_decay: 0.01,
+                        ..AdamConfig::default()
+                    };
+                    let p = rng.vec(n);
+                    let zeros = vec![0.0f32; n];
+                    let tp = gpu.upload(&p, &[n])?;
+                    let tm = gpu.upload(&zeros, &[n])?;
+                    let tv = gpu.upload(&zeros, &[n])?;
+                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                    let (mut rp, mut rm, mut rv) = (f(&p), vec![0.0; n], vec![0.0; n]);
+                    for t in 1..=5u32 {
+                        let g = rng.vec(n);
+                        let tg = gpu.upload(&g, &[n])?;
+                        let mut rec = gpu.new_recorder();
+                        adam_step(&mut rec, &tp, &tm, &tv, &tg, &cfg, t)?;
+                        rec.submit()?;
+                        reference::optim::adam_step(&mut rp, &mut rm, &mut rv, &f(&g), &cfg, t);
+                    }
+                    let got = gpu.read_async(&tp).await?;
+                    let tg = gpu.upload(&zeros, &[n])?;
+                    let ms =
+                        time_async(gpu, REPS, |rec| adam_step(rec, &tp, &tm, &tv, &tg, &cfg, 6))
+                            .await?;
+                    Ok(Outcome {
+                        got,
+                        want: rp,
+                        entry: String::new(),
+                        ms: Some(ms),
+                        flops: None,
+                        // p, m, v read and written, g read.
+                        bytes: Some(28.0 * n as f64),
+                    })
                 })
             }),
         }
@@ -614,46 +677,50 @@ mod native {
             family: "norm",
             shape: format!("{rows}x{c}"),
             tolerance: tol,
-            body: Box::new(move |gpu: &Gpu| {
-                let mut rng = Rng::new(seed);
-                let x = rng.vec(rows * c);
-                let w = rng.vec(c);
-                let b = rng.vec(c);
-                let rm = rng.vec(c);
-                let rv: Vec<f32> = (0..c).map(|_| rng.range(0.1, 2.0) as f32).collect();
-                let t = |v: &[f32], s: &[usize]| gpu.upload(v, s);
-                let (tx, tw, tb) = (t(&x, &[rows, c])?, t(&w, &[c])?, t(&b, &[c])?);
-                let (trm, trv) = (t(&rm, &[c])?, t(&rv, &[c])?);
-                let layer = || crate::ops::norm::BnLayer {
-                    w: &tw,
-                    b: &tb,
-                    running_mean: &trm,
-                    running_var: &trv,
-                };
-                let mut rec = gpu.new_recorder();
-                let y = crate::ops::norm::batch_norm_eval(&mut rec, &tx, layer(), 1e-5, Act::Gelu)?;
-                rec.submit()?;
-                let got = gpu.read(&y)?;
-                let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                let (w6, b6, rm6, rv6) = (f(&w), f(&b), f(&rm), f(&rv));
-                let bn = reference::norm::BnLayer {
-                    w: &w6,
-                    b: &b6,
-                    running_mean: &rm6,
-                    running_var: &rv6,
-                };
-                let want = reference::norm::batch_norm_eval(&f(&x), bn, c, 1e-5, Act::Gelu);
-                let ms = time_op(gpu, REPS, |rec| {
-                    crate::ops::norm::batch_norm_eval(rec, &tx, layer(), 1e-5, Act::Gelu)
-                        .map(|_| ())
-                })?;
-                Ok(Outcome {
-                    got,
-                    want,
-                    entry: "batch_norm_eval".into(),
-                    ms: Some(ms),
-                    flops: None,
-                    bytes: Some(8.0 * (rows * c) as f64),
+            body: body(move |gpu: &Gpu| {
+                Box::pin(async move {
+                    let mut rng = Rng::new(seed);
+                    let x = rng.vec(rows * c);
+                    let w = rng.vec(c);
+                    let b = rng.vec(c);
+                    let rm = rng.vec(c);
+                    let rv: Vec<f32> = (0..c).map(|_| rng.range(0.1, 2.0) as f32).collect();
+                    let t = |v: &[f32], s: &[usize]| gpu.upload(v, s);
+                    let (tx, tw, tb) = (t(&x, &[rows, c])?, t(&w, &[c])?, t(&b, &[c])?);
+                    let (trm, trv) = (t(&rm, &[c])?, t(&rv, &[c])?);
+                    let layer = || crate::ops::norm::BnLayer {
+                        w: &tw,
+                        b: &tb,
+                        running_mean: &trm,
+                        running_var: &trv,
+                    };
+                    let mut rec = gpu.new_recorder();
+                    let y =
+                        crate::ops::norm::batch_norm_eval(&mut rec, &tx, layer(), 1e-5, Act::Gelu)?;
+                    rec.submit()?;
+                    let got = gpu.read_async(&y).await?;
+                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+                    let (w6, b6, rm6, rv6) = (f(&w), f(&b), f(&rm), f(&rv));
+                    let bn = reference::norm::BnLayer {
+                        w: &w6,
+                        b: &b6,
+                        running_mean: &rm6,
+                        running_var: &rv6,
+                    };
+                    let want = reference::norm::batch_norm_eval(&f(&x), bn, c, 1e-5, Act::Gelu);
+                    let ms = time_async(gpu, REPS, |rec| {
+                        crate::ops::norm::batch_norm_eval(rec, &tx, layer(), 1e-5, Act::Gelu)
+                            .map(|_| ())
+                    })
+                    .await?;
+                    Ok(Outcome {
+                        got,
+                        want,
+                        entry: String::new(),
+                        ms: Some(ms),
+                        flops: None,
+                        bytes: Some(8.0 * (rows * c) as f64),
+                    })
                 })
             }),
         }
@@ -780,24 +847,29 @@ mod native {
                 if c < 20 { 40 } else { 200 }
             }),
         ];
-        let dir = opts
-            .fixtures
-            .clone()
-            .or_else(|| std::env::var_os("MEDFASTSAM_FIXTURES").map(Into::into))
-            .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures")
-            });
-        v.push(tiny_check(
-            "model.tiny_paper",
-            crate::model::Variant::Paper,
-            dir.clone(),
-        ));
-        if opts.full {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let dir = opts
+                .fixtures
+                .clone()
+                .or_else(|| std::env::var_os("MEDFASTSAM_FIXTURES").map(Into::into))
+                .unwrap_or_else(|| {
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures")
+                });
             v.push(tiny_check(
-                "model.tiny_released",
-                crate::model::Variant::Released,
-                dir,
+                "model.tiny_paper",
+                crate::model::Variant::Paper,
+                dir.clone(),
             ));
+            if opts.full {
+                v.push(tiny_check(
+                    "model.tiny_released",
+                    crate::model::Variant::Released,
+                    dir,
+                ));
+            }
+        }
+        if opts.full {
             v.extend([
                 gemm_check("gemm.tiled_model", 4096, 160, 160, tiled, 11),
                 gemm_check(
@@ -864,86 +936,150 @@ mod native {
         }
     }
 
-    /// Runs the checks `opts` selects, one at a time, calling `each` after each; never panics on
-    /// a check's failure (it is the check's verdict).
+    /// The names of the checks `opts` selects, in running order.
+    pub fn check_names(opts: &Options) -> Vec<String> {
+        selected(opts).map(|c| c.name).collect()
+    }
+
+    fn selected(opts: &Options) -> impl Iterator<Item = Check> + '_ {
+        checks(opts)
+            .into_iter()
+            .filter(move |c| opts.only.as_deref().is_none_or(|o| c.name.contains(o)))
+    }
+
+    /// Runs the checks `opts` selects, one at a time, calling `each` after each; a check's
+    /// failure is its verdict, never an error of the run. Natively a panicking check is caught
+    /// (see [`run_checks`]); in the browser this is the entry point.
+    pub async fn run_checks_async(
+        gpu: &Gpu,
+        opts: &Options,
+        mut each: impl FnMut(&CheckRecord),
+    ) -> Vec<CheckRecord> {
+        let mut out = Vec::new();
+        for c in selected(opts) {
+            gpu.trace_pipelines(true);
+            let res = (c.body)(gpu).await;
+            let rec = record(gpu, opts, &c, res);
+            each(&rec);
+            out.push(rec);
+        }
+        out
+    }
+
+    /// [`run_checks_async`], blocking; a check that panics is reported as its device error.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run_checks(
         gpu: &Gpu,
         opts: &Options,
         mut each: impl FnMut(&CheckRecord),
     ) -> Vec<CheckRecord> {
         let mut out = Vec::new();
-        for c in checks(opts) {
-            if let Some(o) = &opts.only
-                && !c.name.contains(o.as_str())
-            {
-                continue;
-            }
-            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.body)(gpu)));
-            let res = match res {
-                Ok(r) => r.and_then(|o| gpu.take_errors().map(|_| o).map_err(anyhow::Error::from)),
-                Err(p) => Err(anyhow::anyhow!(
+        for c in selected(opts) {
+            gpu.trace_pipelines(true);
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pollster::block_on((c.body)(gpu))
+            }));
+            let res = res.unwrap_or_else(|p| {
+                Err(anyhow::anyhow!(
                     "panicked: {}",
                     p.downcast_ref::<String>()
                         .cloned()
                         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_default()
-                )),
-            };
-            let rec = match res {
-                Ok(mut o) => {
-                    if opts.fault.as_deref() == Some(c.name.as_str())
-                        && let Some(x) = o.got.first_mut()
-                    {
-                        *x += 1.0 + x.abs();
-                    }
-                    let e = rel_err(&o.got, &o.want);
-                    let ok = e <= c.tolerance;
-                    CheckRecord {
-                        name: c.name.clone(),
-                        family: c.family.into(),
-                        entry: o.entry,
-                        shape: c.shape.clone(),
-                        max_rel_err: Some(e),
-                        tolerance: c.tolerance,
-                        verdict: if ok {
-                            Verdict::Pass
-                        } else {
-                            Verdict::OutOfTolerance
-                        },
-                        ms: o.ms,
-                        gflops: o.ms.zip(o.flops).map(|(ms, f)| f / (ms * 1e6)),
-                        gbps: o.ms.zip(o.bytes).map(|(ms, b)| b / (ms * 1e6)),
-                        message: (!ok).then(|| {
-                            format!("relative error {e:.3e} > tolerance {:.1e}", c.tolerance)
-                        }),
-                    }
-                }
-                Err(e) => {
-                    let msg = crate::error::report(e.as_ref());
-                    let verdict = if e.downcast_ref::<Skip>().is_some() {
-                        Verdict::Skipped
-                    } else {
-                        classify(&msg)
-                    };
-                    CheckRecord {
-                        name: c.name.clone(),
-                        family: c.family.into(),
-                        entry: String::new(),
-                        shape: c.shape.clone(),
-                        max_rel_err: None,
-                        tolerance: c.tolerance,
-                        verdict,
-                        ms: None,
-                        gflops: None,
-                        gbps: None,
-                        message: Some(msg),
-                    }
-                }
-            };
+                ))
+            });
+            let rec = record(gpu, opts, &c, res);
             each(&rec);
             out.push(rec);
         }
         out
+    }
+
+    /// The record of check `c` from its body's result (and the pipelines traced meanwhile).
+    fn record(gpu: &Gpu, opts: &Options, c: &Check, res: anyhow::Result<Outcome>) -> CheckRecord {
+        let used = gpu.trace_pipelines(false);
+        let res = res.and_then(|o| gpu.take_errors().map(|_| o).map_err(anyhow::Error::from));
+        let compiled: Vec<f64> = used.iter().filter_map(|u| u.compile_ms).collect();
+        let compile_ms = (!compiled.is_empty()).then(|| compiled.iter().sum());
+        let mut entries: Vec<&str> = Vec::new();
+        for u in &used {
+            if !entries.contains(&u.entry) {
+                entries.push(u.entry);
+            }
+        }
+        let entry = |detail: &str| {
+            let mut e = if entries.len() > 6 {
+                format!("{} entry points", entries.len())
+            } else {
+                entries.join(", ")
+            };
+            if !detail.is_empty() {
+                e = format!("{e} ({detail})");
+            }
+            e
+        };
+        let pipelines = used
+            .iter()
+            .map(|u| PipelineRecord {
+                family: u.family.into(),
+                entry: u.entry.into(),
+                compile_ms: u.compile_ms,
+            })
+            .collect();
+        match res {
+            Ok(mut o) => {
+                if opts.fault.as_deref() == Some(c.name.as_str())
+                    && let Some(x) = o.got.first_mut()
+                {
+                    *x += 1.0 + x.abs();
+                }
+                let e = rel_err(&o.got, &o.want);
+                let ok = e <= c.tolerance;
+                CheckRecord {
+                    name: c.name.clone(),
+                    family: c.family.into(),
+                    entry: entry(&o.entry),
+                    shape: c.shape.clone(),
+                    max_rel_err: Some(e),
+                    tolerance: c.tolerance,
+                    verdict: if ok {
+                        Verdict::Pass
+                    } else {
+                        Verdict::OutOfTolerance
+                    },
+                    ms: o.ms,
+                    gflops: o.ms.zip(o.flops).map(|(ms, f)| f / (ms * 1e6)),
+                    gbps: o.ms.zip(o.bytes).map(|(ms, b)| b / (ms * 1e6)),
+                    message: (!ok)
+                        .then(|| format!("relative error {e:.3e} > tolerance {:.1e}", c.tolerance)),
+                    compile_ms,
+                    pipelines,
+                }
+            }
+            Err(e) => {
+                let msg = crate::error::report(e.as_ref());
+                let verdict = if e.downcast_ref::<Skip>().is_some() {
+                    Verdict::Skipped
+                } else {
+                    classify(&msg)
+                };
+                CheckRecord {
+                    name: c.name.clone(),
+                    family: c.family.into(),
+                    entry: entry(""),
+                    shape: c.shape.clone(),
+                    max_rel_err: None,
+                    tolerance: c.tolerance,
+                    verdict,
+                    ms: None,
+                    gflops: None,
+                    gbps: None,
+                    message: Some(msg),
+                    compile_ms,
+                    pipelines,
+                }
+            }
+        }
     }
 
     /// A report of `checks` run on `gpu`.

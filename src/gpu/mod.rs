@@ -9,7 +9,7 @@ mod tensor;
 
 #[cfg(target_arch = "wasm32")]
 pub use pipeline::on_pipeline_created;
-pub use pipeline::{Kernel, ShaderFamily};
+pub use pipeline::{Kernel, PipelineUse, ShaderFamily, now_ms};
 pub use pool::PoolStats;
 pub use recorder::{KernelPlan, Params, ProfileEntry, Recorder};
 pub use tensor::Tensor;
@@ -381,6 +381,12 @@ impl Gpu {
     /// Number of compiled compute pipelines.
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.len()
+    }
+
+    /// Starts recording every pipeline the work recorded from now on uses (`true`), or stops and
+    /// returns them (`false`): WGSL entry points, with the creation time of those created meanwhile.
+    pub fn trace_pipelines(&self, on: bool) -> Vec<pipeline::PipelineUse> {
+        self.pipelines.trace(on)
     }
 
     pub fn new_recorder(&self) -> Recorder<'_> {

@@ -447,6 +447,45 @@ pub(crate) struct PipelineCache {
     reflected: Mutex<HashMap<ShaderFamily, Arc<reflect::Reflected>>>,
     #[cfg(not(target_arch = "wasm32"))]
     checked: Mutex<std::collections::HashSet<(ShaderFamily, &'static str, std::any::TypeId)>>,
+    /// While tracing ([`PipelineCache::trace`]): every pipeline used, in order of first use.
+    trace: Mutex<Option<Vec<PipelineUse>>>,
+}
+
+/// One pipeline a traced piece of work used: its family and WGSL entry point, and how long its
+/// creation took when it was created during the trace (shader module included when that was new
+/// too); `None` when it came from the cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineUse {
+    pub family: &'static str,
+    pub entry: &'static str,
+    pub compile_ms: Option<f64>,
+}
+
+/// Wall-clock milliseconds from an arbitrary origin (performance.now() in a browser).
+pub fn now_ms() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        T0.get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+            * 1e3
+    }
+    #[cfg(all(target_arch = "wasm32", feature = "web"))]
+    {
+        js_now()
+    }
+    #[cfg(all(target_arch = "wasm32", not(feature = "web")))]
+    {
+        0.0
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+#[wasm_bindgen::prelude::wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_namespace = performance, js_name = now)]
+    fn js_now() -> f64;
 }
 
 impl PipelineCache {
@@ -481,11 +520,44 @@ impl PipelineCache {
         self.pipelines.lock().unwrap().len()
     }
 
+    /// Starts recording the pipelines used (`true`), or stops and returns them (`false`).
+    pub fn trace(&self, on: bool) -> Vec<PipelineUse> {
+        let mut t = self.trace.lock().unwrap();
+        let out = t.take().unwrap_or_default();
+        if on {
+            *t = Some(Vec::new());
+        }
+        out
+    }
+
+    fn traced(&self, k: &Kernel, compile_ms: Option<f64>) {
+        if let Some(t) = self.trace.lock().unwrap().as_mut() {
+            let family = k.family.name();
+            match t
+                .iter_mut()
+                .find(|u| u.family == family && u.entry == k.entry)
+            {
+                Some(u) => {
+                    if let Some(ms) = compile_ms {
+                        u.compile_ms = Some(u.compile_ms.unwrap_or(0.0) + ms);
+                    }
+                }
+                None => t.push(PipelineUse {
+                    family,
+                    entry: k.entry,
+                    compile_ms,
+                }),
+            }
+        }
+    }
+
     pub fn get(&self, device: &wgpu::Device, k: &Kernel) -> Arc<wgpu::ComputePipeline> {
         let key = k.key();
-        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
-            return p.clone();
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key).cloned() {
+            self.traced(k, None);
+            return p;
         }
+        let t0 = now_ms();
         let module = {
             let mut mods = self.modules.lock().unwrap();
             mods.entry(k.family)
@@ -513,6 +585,7 @@ impl PipelineCache {
                 cache: None,
             }),
         );
+        self.traced(k, Some(now_ms() - t0));
         let n = {
             let mut p = self.pipelines.lock().unwrap();
             p.insert(key, pipeline.clone());
