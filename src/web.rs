@@ -1053,3 +1053,61 @@ pub async fn fixture_check(forward: Vec<u8>) -> Result<String, JsValue> {
     out.insert("image_size".into(), json!(s));
     Ok(Value::Object(out).to_string())
 }
+
+/// The names of the checks [`selftest`] runs (JSON array, in running order), for the page's
+/// progress ("check k of n — name") before the first one finishes.
+#[wasm_bindgen]
+pub fn selftest_names(full: bool) -> String {
+    let opts = crate::selftest::Options {
+        full,
+        ..Default::default()
+    };
+    json!(crate::selftest::check_names(&opts)).to_string()
+}
+
+/// "Check this GPU": the selftest (`medfastsam selftest`'s checks, the library's own code) on this
+/// page's WebGPU device. `full` adds the model-sized shapes. `on_check(json, index, total)` is
+/// called after each check with its record (JSON, as in the report), its 0-based index and the
+/// number of checks. Returns the report (JSON, schema `medfastsam-selftest/1`, as `--json`
+/// writes). `adapter` names the adapter as the browser describes it (vendor, architecture,
+/// description): WebGPU gives wgpu no adapter name, so the report's empty `adapter.name` (and
+/// `driver`) take it. Uses only its own buffers: a loaded model stays as it was (pipelines the model already
+/// compiled come from the cache, so a check reports compile time only for those it created).
+#[wasm_bindgen]
+pub async fn selftest(
+    full: bool,
+    adapter: String,
+    driver: String,
+    on_check: Option<js_sys::Function>,
+) -> Result<String, JsValue> {
+    use crate::selftest::{Options, check_names, report, run_checks_async};
+    let gpu = gpu()?;
+    let opts = Options {
+        full,
+        ..Options::default()
+    };
+    let total = check_names(&opts).len();
+    let mut k = 0usize;
+    let checks = run_checks_async(gpu, &opts, |rec| {
+        if let Some(f) = &on_check {
+            let s = serde_json::to_string(rec).unwrap_or_default();
+            let _ = f.call3(
+                &JsValue::NULL,
+                &JsValue::from(s),
+                &JsValue::from(k as f64),
+                &JsValue::from(total as f64),
+            );
+        }
+        k += 1;
+    })
+    .await;
+    gpu.trim_pool();
+    let mut r = report(gpu, &opts, checks);
+    if r.adapter.name.is_empty() {
+        r.adapter.name = adapter;
+    }
+    if r.adapter.driver.is_empty() {
+        r.adapter.driver = driver;
+    }
+    serde_json::to_string_pretty(&r).map_err(|e| js_error("Error", e))
+}

@@ -61,6 +61,20 @@ const ui = {
   results: $('#results'),
   dropzone: $('#dropzone'),
   template: $('#card-template'),
+  checkRun: $('#check-run'),
+  checkFull: $('#check-full'),
+  checkProgress: $('#check-progress'),
+  checkLabel: $('#check-label'),
+  checkTime: $('#check-time'),
+  checkBar: $('#check-bar'),
+  checkAlert: $('#check-alert'),
+  checkResult: $('#check-result'),
+  checkAdapter: $('#check-adapter'),
+  checkSummary: $('#check-summary'),
+  checkDownload: $('#check-download'),
+  checkRows: $('#check-rows'),
+  checkCompileSummary: $('#check-compile-summary'),
+  checkPipelines: $('#check-pipelines'),
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1734,6 +1748,153 @@ function wireInputs() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// "Check this GPU": medfastsam selftest's checks run by the worker on this page's device, a row per
+// check as it finishes, then the report (the same JSON as `medfastsam selftest --json`).
+
+const VERDICT_TEXT = {
+  pass: '✓ pass',
+  out_of_tolerance: '✕ out of tolerance',
+  failed_to_compile: '✕ failed to compile',
+  device_error: '✕ device error',
+  skipped: '– skipped',
+};
+
+function fmtNum(x, digits = 3) {
+  if (x === null || x === undefined || !Number.isFinite(x)) return x === null || x === undefined ? '—' : String(x);
+  if (x === 0) return '0';
+  return Math.abs(x) >= 1000 || Math.abs(x) < 0.01 ? x.toExponential(digits - 1) : x.toPrecision(digits);
+}
+
+function checkRow(rec) {
+  const tr = document.createElement('tr');
+  tr.dataset.name = rec.name;
+  tr.dataset.verdict = rec.verdict;
+  const td = (text, cls) => {
+    const c = document.createElement('td');
+    c.textContent = text;
+    if (cls) c.className = cls;
+    tr.append(c);
+    return c;
+  };
+  td(rec.name, 'name');
+  td(rec.entry || '—', 'entry');
+  td(rec.shape);
+  td(rec.max_rel_err === null ? '—' : rec.max_rel_err === 0 ? '0' : rec.max_rel_err.toExponential(2), 'num-col');
+  td(rec.tolerance === 0 ? '0 (exact)' : Number(rec.tolerance).toExponential(0), 'num-col');
+  const v = td(VERDICT_TEXT[rec.verdict] || rec.verdict, `verdict ${rec.verdict === 'pass' ? 'pass' : rec.verdict === 'skipped' ? 'skipped' : 'fail'}`);
+  if (rec.message && rec.verdict !== 'pass') {
+    const m = document.createElement('span');
+    m.className = 'message';
+    m.textContent = rec.message;
+    v.append(m);
+  }
+  td(rec.ms === null || rec.ms === undefined ? '—' : fmtNum(rec.ms), 'num-col');
+  td(rec.gflops != null ? `${fmtNum(rec.gflops)} GFLOP/s` : rec.gbps != null ? `${fmtNum(rec.gbps)} GB/s` : '—', 'num-col');
+  td(rec.compile_ms == null ? '—' : rec.compile_ms.toFixed(1), 'num-col');
+  return tr;
+}
+
+// Every pipeline a check created, slowest compile first.
+function renderPipelines(checks) {
+  const list = [];
+  for (const c of checks) for (const p of c.pipelines || []) if (p.compile_ms != null) list.push({ ...p, check: c.name });
+  list.sort((a, b) => b.compile_ms - a.compile_ms);
+  const total = list.reduce((t, p) => t + p.compile_ms, 0);
+  ui.checkCompileSummary.textContent = list.length
+    ? `Shader compile time: ${list.length} pipelines in ${fmtMs(total)}; slowest ${list[0].family} / ${list[0].entry} (${list[0].compile_ms.toFixed(1)} ms)`
+    : 'Shader compile time: no pipeline was created by the check (all came from the cache)';
+  ui.checkPipelines.replaceChildren(
+    ...list.map((p) => {
+      const li = document.createElement('li');
+      const ms = document.createElement('span');
+      ms.className = 'ms';
+      ms.textContent = ` — ${p.compile_ms.toFixed(1)} ms (${p.check})`;
+      const code = document.createElement('code');
+      code.textContent = `${p.family} / ${p.entry}`;
+      li.append(code, ms);
+      return li;
+    }),
+  );
+}
+
+function slug(s) {
+  return String(s).toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-+|-+$/g, '').slice(0, 60) || 'adapter';
+}
+
+async function runCheck() {
+  if (!state.worker || !state.gpu) return;
+  const full = ui.checkFull.checked;
+  ui.checkRun.disabled = ui.checkFull.disabled = true;
+  ui.checkDownload.disabled = true;
+  state.checkReport = null;
+  showAlert(ui.checkAlert, '');
+  ui.checkRows.replaceChildren();
+  ui.checkPipelines.replaceChildren();
+  ui.checkCompileSummary.textContent = 'Shader compile time per pipeline';
+  ui.checkSummary.textContent = '';
+  ui.checkSummary.className = 'check-summary';
+  ui.checkAdapter.textContent = `Adapter: ${ui.gpuName.textContent}`;
+  ui.checkResult.hidden = false;
+  ui.checkProgress.hidden = false;
+  ui.checkBar.value = 0;
+  ui.checkLabel.textContent = 'Starting the GPU check…';
+  const t0 = performance.now();
+  const timer = setInterval(() => (ui.checkTime.textContent = ((performance.now() - t0) / 1000).toFixed(1) + ' s'), 100);
+  announce(`Checking this GPU${full ? ' with the model-sized shapes' : ''}.`);
+  const records = [];
+  try {
+    const r = await call('selftest', { full }, (p) => {
+      if (p.phase === 'start') {
+        if (p.names.length) ui.checkLabel.textContent = `Check 1 of ${p.names.length} — ${p.names[0]}`;
+      } else if (p.phase === 'check') {
+        records.push(p.record);
+        ui.checkRows.append(checkRow(p.record));
+        ui.checkBar.value = (p.k + 1) / p.n;
+        ui.checkLabel.textContent = p.next ? `Check ${p.k + 2} of ${p.n} — ${p.next}` : `Checked ${p.n} of ${p.n}; writing the report…`;
+      }
+    });
+    const report = JSON.parse(r.report);
+    state.checkReport = { text: r.report, adapter: report.adapter.name, ms: r.ms };
+    // The table from the report itself (it is what the download holds).
+    ui.checkRows.replaceChildren(...report.checks.map(checkRow));
+    renderPipelines(report.checks);
+    const a = report.adapter;
+    ui.checkAdapter.textContent = `Adapter: ${a.name} · ${a.backend}, ${a.device_type}${a.driver ? ` · ${a.driver}` : ''}${a.driver_info ? ` ${a.driver_info}` : ''} · ${report.mode} checks · medfastsam ${report.version}`;
+    const n = report.checks.length;
+    const skipped = n - report.passed - report.failed;
+    // The largest error as a fraction of its check's tolerance (exact checks count when they miss).
+    const ratio = (c) => (c.max_rel_err === 0 ? 0 : c.tolerance > 0 ? c.max_rel_err / c.tolerance : Infinity);
+    const measured = report.checks.filter((c) => c.max_rel_err != null);
+    const worst = measured.reduce((m, c) => Math.max(m, ratio(c)), 0);
+    const text =
+      `${report.passed} of ${n} pass` +
+      (report.failed ? `, ${report.failed} failed` : '') +
+      (skipped ? `, ${skipped} skipped` : '') +
+      ` in ${fmtMs(r.ms)}` +
+      (measured.length && Number.isFinite(worst) ? ` · largest error ${(worst * 100).toFixed(worst < 0.1 ? 1 : 0)} % of its tolerance` : '');
+    ui.checkSummary.textContent = (report.failed ? '✕ ' : '✓ ') + text;
+    ui.checkSummary.className = `check-summary ${report.failed ? 'bad' : 'ok'}`;
+    ui.checkDownload.disabled = false;
+    ui.checkProgress.hidden = true;
+    announce(`GPU check finished: ${text}.`);
+  } catch (e) {
+    ui.checkProgress.hidden = true;
+    renderPipelines(records);
+    showAlert(ui.checkAlert, `The GPU check stopped after ${records.length} check${records.length === 1 ? '' : 's'}: ${e.message}`);
+    announce('The GPU check stopped with an error.');
+  } finally {
+    clearInterval(timer);
+    ui.checkRun.disabled = ui.checkFull.disabled = false;
+  }
+}
+
+function downloadCheckReport() {
+  const r = state.checkReport;
+  if (!r) return;
+  saveBlob(new Blob([r.text], { type: 'application/json' }), `medfastsam-selftest-${slug(r.adapter)}.json`);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Start
 
 async function main() {
@@ -1741,6 +1902,8 @@ async function main() {
   loadSettings();
   applyOpacity();
   wireInputs();
+  ui.checkRun.addEventListener('click', runCheck);
+  ui.checkDownload.addEventListener('click', downloadCheckReport);
   refreshChannelControls();
   const params = new URLSearchParams(location.search);
   // The two offers of a first visit: the demo (if demo/ is beside the page) and the bundled
@@ -1766,6 +1929,7 @@ async function main() {
     const { gpu, browser } = await call('init', { maxBindingMiB });
     state.gpu = { ...gpu, browser };
     renderGpu(gpu, browser);
+    ui.checkRun.disabled = false;
   } catch (e) {
     if (e.name === 'NoWebGPU') return noWebGpu('no-worker');
     if (e.name === 'NoAdapterError') return noWebGpu('no-adapter');
@@ -1825,6 +1989,8 @@ window.medfastsam = {
     await runPrompts(card);
     return card.result;
   },
+  // The last "Check this GPU" report (JSON text) and its time in the worker, or null.
+  checkReport: () => state.checkReport || null,
   status: () => ({
     state: document.body.dataset.state,
     weights: state.weights?.name || null,

@@ -8,7 +8,8 @@
 # the page's origin, plus progress, responsiveness, storage, and the no-WebGPU / small-limits
 # messages; and from a fresh profile the demo (warnings, channel, stale marker, overlay pixels,
 # viewer keys, tab order, axe-core audit, the ZIP of "Download all"), and the viewer alone
-# (web/test/viewer.mjs).
+# (web/test/viewer.mjs); and "Check this GPU" (web/test/selftest.mjs): the page's selftest report
+# validates against docs/selftest.schema.json and has the native `selftest --quick` verdicts.
 # Run from anywhere; exits non-zero on any failure. Needs what .ci/setup installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +54,9 @@ fi
 
 say "the viewer alone (web/test/viewer.mjs)"
 node web/test/viewer.mjs --chromium "$chromium" || die "viewer checks failed (see above)"
+
+say "Check this GPU against the native selftest (web/test/selftest.mjs)"
+node web/test/selftest.mjs --cli "$target_dir/release/medfastsam" --chromium "$chromium" "$@" || die "the page's GPU check failed (see above)"
 
 say "browser test"
 # Extra arguments go to run.mjs (web/screenshots.sh passes --screenshots web/screenshots).

@@ -8,6 +8,7 @@
 import init, * as wasm from './pkg/medfastsam.js';
 
 let wasmReady = null;
+let browserAdapter = {}; // the adapter as the browser describes it (WebGPU gives wgpu no name)
 let broken = null; // set after a panic: the wasm instance is no longer usable
 
 function errorInfo(e) {
@@ -73,6 +74,7 @@ const ops = {
     await wasmReady;
     const maxBinding = msg.maxBindingMiB ? msg.maxBindingMiB * 1024 * 1024 : undefined;
     const gpu = JSON.parse(await wasm.init_engine(maxBinding));
+    browserAdapter = browser;
     return { value: { gpu, browser } };
   },
 
@@ -201,6 +203,19 @@ const ops = {
     } finally {
       r.free();
     }
+  },
+
+  // "Check this GPU": medfastsam selftest's checks on this device; a progress message before each
+  // check (its name) and after it (its record). The report is returned as the engine wrote it.
+  async selftest(msg, progress) {
+    const full = Boolean(msg.full);
+    const names = JSON.parse(wasm.selftest_names(full));
+    const t0 = performance.now();
+    progress({ phase: 'start', names });
+    const b = browserAdapter;
+    const name = [b.vendor, b.architecture, b.device].filter(Boolean).join(' ');
+    const report = await wasm.selftest(full, name, b.description || '', (rec, k, n) => progress({ phase: 'check', record: JSON.parse(rec), k, n, next: names[k + 1] ?? null }));
+    return { value: { report, ms: performance.now() - t0 } };
   },
 
   async fixture(msg) {
