@@ -10,7 +10,9 @@
 //     page check passes on this adapter (else: which, and its message);
 //   - every check names its entry point(s), at least one pipeline has a compile time, the table
 //     has a row per check with the report's verdict, the compile list is every created pipeline,
-//     slowest first; the progress said "Check k of n — name"; the main thread never froze.
+//     slowest first; the progress said "Check k of n — name"; the main thread never froze;
+//   - with a model loaded (the tiny fixture), the check runs again with the same verdicts and the
+//     model is undisturbed (an image's mask after the check equals its mask before).
 // Prints the page's table and the time of its run.
 //
 // Usage: node web/test/selftest.mjs --cli PATH [--chromium PATH] [--screenshots DIR]   exits 1 on failure
@@ -270,6 +272,34 @@ async function main() {
     check(shown.summary.includes(`${rep.passed} of ${rep.checks.length} pass`), `summary: "${shown.summary}"`);
     check(rep.adapter.name.trim() !== '' && shown.adapter.includes(rep.adapter.name), `adapter named in the report and on the page: "${shown.adapter}"`);
     check(!/NaN|undefined|null/.test(shown.all), 'no NaN, undefined or null in the section');
+
+    // With a model loaded: the tiny fixture weights at 256, one image segmented (stretched, one
+    // pass), the check run again, then the same image segmented again: the check leaves the model
+    // as it was (the same mask, byte for byte) and its verdicts are the first run's.
+    const waitFor = (fn, arg, what, timeout = 180000) => page.waitForFunction(fn, arg, { timeout, polling: 100 }).catch(() => { throw new Error(`timed out waiting for ${what}`); });
+    await page.selectOption('#size', '256');
+    await page.setInputFiles('#weights-input', path.join(repoRoot, 'tests', 'data', 'fixtures', 'tiny.weights.safetensors'));
+    await waitFor(() => document.body.dataset.prepared === '256:paper' && document.body.dataset.state === 'ready', null, 'the tiny model');
+    await page.check('#stretch');
+    const image = path.join(repoRoot, 'data', 'he', 'skimage-ihc.png');
+    const maskOf = async (k) => {
+      await waitFor((n) => { const c = document.querySelectorAll('.card')[n]; return c && (c.dataset.state === 'done' || c.dataset.state === 'error'); }, k, `image ${k + 1}`);
+      const card = page.locator('.card').nth(k);
+      if ((await card.getAttribute('data-state')) !== 'done') throw new Error(`image ${k + 1} failed: ${await card.locator('.status').textContent()}`);
+      const [d] = await Promise.all([page.waitForEvent('download'), card.locator('a.download-mask').click()]);
+      return fs.readFileSync(await d.path());
+    };
+    await page.setInputFiles('#images-input', image);
+    const before = await maskOf(0);
+    const tm = Date.now();
+    await run.click();
+    await waitFor(() => !document.querySelector('#check-download').disabled || !document.querySelector('#check-alert').hidden, null, 'the second check', 20 * 60 * 1000);
+    const rep2 = JSON.parse((await page.evaluate(() => window.medfastsam.checkReport()))?.text || '{"checks":[]}');
+    const same = rep2.checks.length === rep.checks.length && rep2.checks.every((c, i) => c.name === rep.checks[i].name && c.verdict === rep.checks[i].verdict);
+    check(same && validate(schema, rep2).length === 0, `with a model loaded the check runs again with the same verdicts (${rep2.passed} of ${rep2.checks.length} pass, ${((Date.now() - tm) / 1000).toFixed(1)} s)`);
+    await page.setInputFiles('#images-input', image);
+    const after = await maskOf(1);
+    check(before.length > 0 && before.equals(after), `the loaded model is undisturbed: the same image's mask after the check equals the one before (${before.length} bytes)`);
 
     if (shotsDir) {
       fs.mkdirSync(shotsDir, { recursive: true });
