@@ -1765,7 +1765,7 @@ function fmtNum(x, digits = 3) {
   return Math.abs(x) >= 1000 || Math.abs(x) < 0.01 ? x.toExponential(digits - 1) : x.toPrecision(digits);
 }
 
-function checkRow(rec) {
+function checkRow(rec, wallMs) {
   const tr = document.createElement('tr');
   tr.dataset.name = rec.name;
   tr.dataset.verdict = rec.verdict;
@@ -1791,6 +1791,7 @@ function checkRow(rec) {
   td(rec.ms === null || rec.ms === undefined ? '—' : fmtNum(rec.ms), 'num-col');
   td(rec.gflops != null ? `${fmtNum(rec.gflops)} GFLOP/s` : rec.gbps != null ? `${fmtNum(rec.gbps)} GB/s` : '—', 'num-col');
   td(rec.compile_ms == null ? '—' : rec.compile_ms.toFixed(1), 'num-col');
+  td(wallMs == null ? '—' : Math.round(wallMs).toString(), 'num-col');
   return tr;
 }
 
@@ -1842,13 +1843,15 @@ async function runCheck() {
   const timer = setInterval(() => (ui.checkTime.textContent = ((performance.now() - t0) / 1000).toFixed(1) + ' s'), 100);
   announce(`Checking this GPU${full ? ' with the model-sized shapes' : ''}.`);
   const records = [];
+  const walls = new Map(); // check name -> wall ms in the worker (page only; not in the report)
   try {
     const r = await call('selftest', { full }, (p) => {
       if (p.phase === 'start') {
         if (p.names.length) ui.checkLabel.textContent = `Check 1 of ${p.names.length} — ${p.names[0]}`;
       } else if (p.phase === 'check') {
         records.push(p.record);
-        ui.checkRows.append(checkRow(p.record));
+        walls.set(p.record.name, p.wall_ms);
+        ui.checkRows.append(checkRow(p.record, p.wall_ms));
         ui.checkBar.value = (p.k + 1) / p.n;
         ui.checkLabel.textContent = p.next ? `Check ${p.k + 2} of ${p.n} — ${p.next}` : `Checked ${p.n} of ${p.n}; writing the report…`;
       }
@@ -1856,7 +1859,7 @@ async function runCheck() {
     const report = JSON.parse(r.report);
     state.checkReport = { text: r.report, adapter: report.adapter.name, ms: r.ms };
     // The table from the report itself (it is what the download holds).
-    ui.checkRows.replaceChildren(...report.checks.map(checkRow));
+    ui.checkRows.replaceChildren(...report.checks.map((c) => checkRow(c, walls.get(c.name))));
     renderPipelines(report.checks);
     const a = report.adapter;
     ui.checkAdapter.textContent = `Adapter: ${a.name} · ${a.backend}, ${a.device_type}${a.driver ? ` · ${a.driver}` : ''}${a.driver_info ? ` ${a.driver_info}` : ''} · ${report.mode} checks · medfastsam ${report.version}`;

@@ -214,7 +214,14 @@ const ops = {
     progress({ phase: 'start', names });
     const b = browserAdapter;
     const name = [b.vendor, b.architecture, b.device].filter(Boolean).join(' ');
-    const report = await wasm.selftest(full, name, b.description || '', (rec, k, n) => progress({ phase: 'check', record: JSON.parse(rec), k, n, next: names[k + 1] ?? null }));
+    // Each check's wall time (its reference, dispatches, reads and, in a browser, the shader
+    // compilation the GPU process does after createComputePipeline has returned).
+    let last = t0;
+    const report = await wasm.selftest(full, name, b.description || '', (rec, k, n) => {
+      const now = performance.now();
+      progress({ phase: 'check', record: JSON.parse(rec), k, n, next: names[k + 1] ?? null, wall_ms: now - last });
+      last = now;
+    });
     return { value: { report, ms: performance.now() - t0 } };
   },
 

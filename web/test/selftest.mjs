@@ -256,7 +256,7 @@ async function main() {
 
     // The page's table and compile list show the report.
     const shown = await page.evaluate(() => ({
-      rows: [...document.querySelectorAll('#check-rows tr')].map((tr) => ({ name: tr.dataset.name, verdict: tr.dataset.verdict, text: tr.querySelector('.verdict').textContent, cells: tr.cells.length })),
+      rows: [...document.querySelectorAll('#check-rows tr')].map((tr) => ({ name: tr.dataset.name, verdict: tr.dataset.verdict, text: tr.querySelector('.verdict').textContent, cells: tr.cells.length, wall: tr.cells[tr.cells.length - 1].textContent })),
       heads: document.querySelectorAll('#check-table thead th').length,
       pipelines: [...document.querySelectorAll('#check-pipelines li')].map((li) => li.textContent),
       summary: document.querySelector('#check-summary').textContent,
@@ -267,6 +267,10 @@ async function main() {
       shown.rows.length === rep.checks.length && shown.rows.every((r, i) => r.name === rep.checks[i].name && r.verdict === rep.checks[i].verdict && r.cells === shown.heads && /pass|tolerance|compile|error|skipped/.test(r.text)),
       `the table has a row per check with its verdict in words (${shown.rows.length} rows, ${shown.heads} columns)`,
     );
+    const walls = shown.rows.map((r) => Number(r.wall));
+    check(walls.every((w) => Number.isFinite(w) && w >= 0), 'every row has its wall time');
+    const byWall = shown.rows.map((r, i) => [r.name, walls[i]]).sort((a, b) => b[1] - a[1]);
+    log(`  wall time: ${walls.reduce((a, b) => a + b, 0)} ms in all; longest ${byWall.slice(0, 3).map(([n, w]) => `${n} ${w} ms`).join(', ')}`);
     const listed = shown.pipelines.map((t) => Number(/— ([\d.]+) ms/.exec(t)?.[1]));
     check(listed.length === compiled.length && listed.every((x, i) => i === 0 || x <= listed[i - 1]), `the compile list has every created pipeline, slowest first (${listed.length})`);
     check(shown.summary.includes(`${rep.passed} of ${rep.checks.length} pass`), `summary: "${shown.summary}"`);
@@ -296,6 +300,8 @@ async function main() {
     await waitFor(() => !document.querySelector('#check-download').disabled || !document.querySelector('#check-alert').hidden, null, 'the second check', 20 * 60 * 1000);
     const rep2 = JSON.parse((await page.evaluate(() => window.medfastsam.checkReport()))?.text || '{"checks":[]}');
     const same = rep2.checks.length === rep.checks.length && rep2.checks.every((c, i) => c.name === rep.checks[i].name && c.verdict === rep.checks[i].verdict);
+    const walls2 = await page.evaluate(() => [...document.querySelectorAll('#check-rows tr')].map((tr) => Number(tr.cells[tr.cells.length - 1].textContent)));
+    log(`  second run (pipelines cached): wall ${walls2.reduce((a, b) => a + b, 0)} ms in all, ${rep2.checks.filter((c) => c.compile_ms != null).length} checks created pipelines`);
     check(same && validate(schema, rep2).length === 0, `with a model loaded the check runs again with the same verdicts (${rep2.passed} of ${rep2.checks.length} pass, ${((Date.now() - tm) / 1000).toFixed(1)} s)`);
     await page.setInputFiles('#images-input', image);
     const after = await maskOf(1);
