@@ -345,3 +345,48 @@ fn all_adapters_runs_each_adapter_and_prints_them_side_by_side() {
     assert_ne!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains("--all-adapters"), "{}", r.stderr);
 }
+
+#[test]
+fn all_adapters_reports_a_device_that_does_not_open_as_a_device_error_row() {
+    let d = tmpdir("selftest_all_open");
+    let (json, html) = (d.join("r.json"), d.join("r.html"));
+    let r = run_split(&[
+        "selftest",
+        "--all-adapters",
+        "--only",
+        "gelu",
+        "--inject-open-failure",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let table = r
+        .stdout
+        .split("side by side:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("(open device)"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cols: Vec<&str> = row.split(" | ").collect();
+    assert!(cols[1].contains("device_error"), "{row}");
+    assert!(cols[2..].iter().all(|c| c.contains("ok")), "{row}");
+    assert!(
+        table.lines().any(|l| l.starts_with("gelu.wide_range")),
+        "{table}"
+    );
+    // No report for the adapter that did not open; the others' are written.
+    let files = common::cli::files_in(&d);
+    assert!(!files.iter().any(|f| f.starts_with("r.0-")), "{files:?}");
+    assert_eq!(files.len(), cols.len() - 1, "{files:?}"); // the page + one report per other adapter
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("injected failure &lt;test&gt; &amp; co"),
+        "{page}"
+    );
+    assert!(!page.contains("<test>"));
+}

@@ -40,6 +40,9 @@ pub struct SelftestArgs {
     /// Test hook: perturb the named check's GPU output before comparison.
     #[arg(long, hide = true, value_name = "NAME")]
     pub inject_fault: Option<String>,
+    /// Test hook of --all-adapters: adapter number I fails to open (a device_error).
+    #[arg(long, hide = true, value_name = "I", requires = "all_adapters")]
+    pub inject_open_failure: Option<usize>,
 }
 
 pub fn run(gpu_args: &GpuArgs, a: &SelftestArgs) -> anyhow::Result<i32> {
@@ -215,12 +218,18 @@ fn all_adapters(gpu_args: &GpuArgs, a: &SelftestArgs) -> anyhow::Result<i32> {
         );
         println!("== adapter {i} of {}: {label}", listed.len());
         let req = l.request(gpu_args.webgpu_limits || req.webgpu_limits);
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Gpu::new(&req)))
-            .unwrap_or_else(|_| {
-                Err(medfastsam::error::Error::Gpu(
-                    "panicked while opening the device".into(),
-                ))
-            });
+        let opened = if a.inject_open_failure == Some(i) {
+            Err(medfastsam::error::Error::Gpu(
+                "request_device: injected failure <test> & co".into(),
+            ))
+        } else {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Gpu::new(&req)))
+                .unwrap_or_else(|_| {
+                    Err(medfastsam::error::Error::Gpu(
+                        "panicked while opening the device".into(),
+                    ))
+                })
+        };
         let gpu = match opened {
             Ok(g) => g,
             Err(e) => {
