@@ -196,3 +196,197 @@ fn a_missing_fixture_is_skipped_with_its_path_not_failed() {
         .unwrap_or_else(|| panic!("{}", r.stdout));
     assert!(line.contains("no-fixtures"), "{line}");
 }
+
+/// The text of every `<td>` cell of `html` (a cell holds text only, no markup of ours).
+fn cells(html: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = html;
+    while let Some(i) = rest.find("<td") {
+        let open = &rest[i..];
+        let start = open.find('>').unwrap() + 1;
+        let end = open.find("</td>").unwrap();
+        out.push(&open[start..end]);
+        rest = &open[end..];
+    }
+    out
+}
+
+#[test]
+fn html_report_has_every_check_and_verdict_of_the_json_and_escapes_text() {
+    let d = tmpdir("selftest_html");
+    let (json, html) = (d.join("r.json"), d.join("r.html"));
+    let r = run_split(&[
+        "selftest",
+        "--only",
+        "norm",
+        "--inject-fault",
+        "layer_norm.odd_c",
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let v = report(&json);
+    validate("report", &v, &schema());
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+    // Self-contained: nothing fetched from elsewhere.
+    for external in ["<link", "<script", "src=", "http://", "https://", "@import"] {
+        assert!(!page.contains(external), "{external} in the page");
+    }
+    let cells = cells(&page);
+    let checks = v["checks"].as_array().unwrap();
+    assert!(checks.len() >= 3, "{} checks", checks.len());
+    for c in checks {
+        let name = c["name"].as_str().unwrap();
+        let at = cells
+            .iter()
+            .position(|&x| x == name)
+            .unwrap_or_else(|| panic!("no cell {name}"));
+        // The row's cells: name, family, entry, shape, error, tolerance, verdict, ...
+        assert_eq!(cells[at + 6], c["verdict"].as_str().unwrap(), "{name}");
+    }
+    // The fault's message ("relative error ... > tolerance ...") is escaped; no cell holds markup.
+    assert!(page.contains("&gt; tolerance"), "{page}");
+    for c in &cells {
+        assert!(
+            !c.contains('<') && !c.contains('>'),
+            "raw markup in cell {c:?}"
+        );
+    }
+    assert!(page.contains("3 of 4 checks pass, 1 fail, 0 skipped") || checks.len() != 4);
+    // Written atomically: only the two reports in the folder.
+    assert_eq!(common::cli::files_in(&d), ["r.html", "r.json"]);
+}
+
+#[test]
+fn an_html_report_in_a_missing_folder_is_refused_before_running_naming_the_file() {
+    let d = tmpdir("selftest_html_missing");
+    let html = d.join("no-such-folder").join("r.html");
+    let r = run_split(&[
+        "selftest",
+        "--only",
+        "gelu",
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    assert_ne!(r.code, 0, "{}", r.all());
+    assert!(r.stderr.contains("no-such-folder"), "{}", r.stderr);
+    assert!(!r.stdout.contains("checks pass"), "{}", r.stdout);
+}
+
+#[test]
+fn all_adapters_runs_each_adapter_and_prints_them_side_by_side() {
+    let d = tmpdir("selftest_all");
+    let (json, html) = (d.join("r.json"), d.join("r.html"));
+    let r = run_split(&[
+        "selftest",
+        "--all-adapters",
+        "--only",
+        "gelu",
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let n = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("== adapter "))
+        .count();
+    assert!(n >= 1, "{}", r.stdout);
+    let table = r
+        .stdout
+        .split("side by side:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("gelu.wide_range"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(row.matches("pass").count(), n, "{row}");
+    // One report per adapter, <stem>.<i>-<backend>.json, each following the schema.
+    let files = common::cli::files_in(&d);
+    let reports: Vec<&String> = files
+        .iter()
+        .filter(|f| f.starts_with("r.") && f.ends_with(".json"))
+        .collect();
+    assert_eq!(reports.len(), n, "{files:?}");
+    for (i, f) in reports.iter().enumerate() {
+        assert!(f.starts_with(&format!("r.{i}-")), "{f}");
+        let v = report(&d.join(f));
+        validate(f, &v, &schema());
+        let backend = f
+            .trim_start_matches(&format!("r.{i}-"))
+            .trim_end_matches(".json");
+        assert_eq!(
+            v["adapter"]["backend"]
+                .as_str()
+                .unwrap()
+                .to_ascii_lowercase(),
+            backend,
+            "{f}"
+        );
+    }
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert_eq!(page.matches("<section id=\"adapter-").count(), n);
+    assert!(page.contains("gelu.wide_range"));
+    // Not with --adapter.
+    let r = run_split(&[
+        "--adapter",
+        "0",
+        "selftest",
+        "--all-adapters",
+        "--only",
+        "gelu",
+    ]);
+    assert_ne!(r.code, 0, "{}", r.all());
+    assert!(r.stderr.contains("--all-adapters"), "{}", r.stderr);
+}
+
+#[test]
+fn all_adapters_reports_a_device_that_does_not_open_as_a_device_error_row() {
+    let d = tmpdir("selftest_all_open");
+    let (json, html) = (d.join("r.json"), d.join("r.html"));
+    let r = run_split(&[
+        "selftest",
+        "--all-adapters",
+        "--only",
+        "gelu",
+        "--inject-open-failure",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let table = r
+        .stdout
+        .split("side by side:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("(open device)"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cols: Vec<&str> = row.split(" | ").collect();
+    assert!(cols[1].contains("device_error"), "{row}");
+    assert!(cols[2..].iter().all(|c| c.contains("ok")), "{row}");
+    assert!(
+        table.lines().any(|l| l.starts_with("gelu.wide_range")),
+        "{table}"
+    );
+    // No report for the adapter that did not open; the others' are written.
+    let files = common::cli::files_in(&d);
+    assert!(!files.iter().any(|f| f.starts_with("r.0-")), "{files:?}");
+    assert_eq!(files.len(), cols.len() - 1, "{files:?}"); // the page + one report per other adapter
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("injected failure &lt;test&gt; &amp; co"),
+        "{page}"
+    );
+    assert!(!page.contains("<test>"));
+}

@@ -161,6 +161,90 @@ fn type_rank(t: wgpu::DeviceType) -> u32 {
 const INSTALL_HINT: &str = "install a GPU driver with Vulkan support; on a machine without a GPU \
 install the software Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1)";
 
+/// The adapters of `backends` that can run our kernels, in the order [`AdapterRequest::adapter`]'s
+/// index counts them: real GPUs first, then Vulkan before the other backends.
+#[cfg(not(target_arch = "wasm32"))]
+async fn usable_adapters(
+    instance: &wgpu::Instance,
+    backends: wgpu::Backends,
+) -> Vec<wgpu::Adapter> {
+    let mut adapters = instance.enumerate_adapters(backends).await;
+    // Compute shaders and storage buffers are required (WebGL-class GL adapters lack them).
+    adapters.retain(|a| {
+        a.get_downlevel_capabilities()
+            .flags
+            .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+            && a.limits().max_storage_buffers_per_shader_stage >= 8
+    });
+    adapters.sort_by_key(|a| {
+        let i = a.get_info();
+        // Prefer real GPUs, then Vulkan over GL.
+        (
+            type_rank(i.device_type),
+            (i.backend != wgpu::Backend::Vulkan) as u32,
+        )
+    });
+    adapters
+}
+
+/// One usable adapter, as [`list_adapters`] finds it.
+#[derive(Clone, Debug)]
+pub struct AdapterListing {
+    /// The backend's name as `--backend` spells it (`vulkan`, `gl`, `metal`, `dx12`).
+    pub backend: &'static str,
+    /// Its index among the usable adapters of that backend alone.
+    pub index: usize,
+    pub info: wgpu::AdapterInfo,
+}
+
+impl AdapterListing {
+    /// The request that opens exactly this adapter.
+    pub fn request(&self, webgpu_limits: bool) -> AdapterRequest {
+        AdapterRequest {
+            backend: Some(self.backend.to_string()),
+            adapter: Some(self.index.to_string()),
+            webgpu_limits,
+        }
+    }
+}
+
+/// Every usable adapter of `backends` (None: all), backend by backend (Vulkan, Metal, DX12, GL),
+/// without opening any. An adapter listed twice with identical information (the same driver
+/// found twice) is listed once. Native only.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn list_adapters(backends: Option<&str>) -> Result<Vec<AdapterListing>> {
+    let wanted = match backends {
+        Some(b) => parse_backends(b)?,
+        None => wgpu::InstanceDescriptor::new_without_display_handle_from_env().backends,
+    };
+    let mut out: Vec<AdapterListing> = Vec::new();
+    for (b, name) in [
+        (wgpu::Backends::VULKAN, "vulkan"),
+        (wgpu::Backends::METAL, "metal"),
+        (wgpu::Backends::DX12, "dx12"),
+        (wgpu::Backends::GL, "gl"),
+    ] {
+        if !wanted.contains(b) {
+            continue;
+        }
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = b;
+        let instance = wgpu::Instance::new(desc);
+        let adapters = pollster::block_on(usable_adapters(&instance, b));
+        for (index, a) in adapters.iter().enumerate() {
+            let info = a.get_info();
+            if !out.iter().any(|l| l.info == info) {
+                out.push(AdapterListing {
+                    backend: name,
+                    index,
+                    info,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Gpu {
     /// Native: blocks on adapter and device creation.
     #[cfg(not(target_arch = "wasm32"))]
@@ -238,27 +322,12 @@ impl Gpu {
     ) -> Result<wgpu::Adapter> {
         #[cfg(not(target_arch = "wasm32"))]
         {
-            let mut adapters = instance.enumerate_adapters(backends).await;
-            // Compute shaders and storage buffers are required (WebGL-class GL adapters lack them).
-            adapters.retain(|a| {
-                a.get_downlevel_capabilities()
-                    .flags
-                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
-                    && a.limits().max_storage_buffers_per_shader_stage >= 8
-            });
+            let mut adapters = usable_adapters(instance, backends).await;
             if adapters.is_empty() {
                 return Err(Error::NoAdapter(format!(
                     "no adapter with compute shaders found for backends {backends:?}; {INSTALL_HINT}"
                 )));
             }
-            adapters.sort_by_key(|a| {
-                let i = a.get_info();
-                // Prefer real GPUs, then Vulkan over GL.
-                (
-                    type_rank(i.device_type),
-                    (i.backend != wgpu::Backend::Vulkan) as u32,
-                )
-            });
             if let Some(sel) = &req.adapter {
                 let names: Vec<String> = adapters
                     .iter()

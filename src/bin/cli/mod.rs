@@ -12,6 +12,7 @@ mod prompted;
 mod quickstart;
 mod segment;
 mod selftest;
+mod selftest_html;
 mod serve;
 mod train;
 
