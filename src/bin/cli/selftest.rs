@@ -41,6 +41,7 @@ pub fn run(gpu_args: &GpuArgs, a: &SelftestArgs) -> anyhow::Result<i32> {
         only: a.only.clone(),
         fault: a.inject_fault.clone(),
         fixtures: a.fixtures.clone(),
+        ..Default::default()
     };
     let i = &gpu.info;
     println!(
