@@ -230,7 +230,7 @@ pub(super) fn tiny_check(name: &str, variant: Variant, src: TinySource) -> Check
 /// batch statistics, the paper's loss) on the fixture's batch of 2: the loss, its focal and Dice
 /// parts and the gradients of [`TINY_TRAIN_GRADS`] against PyTorch's float64 run, each tensor
 /// against its own scale (fixtures/README.md: gradients within 1e-3).
-pub(super) fn train_step_check(name: &str, src: TinySource, timed: bool) -> Check {
+pub(super) fn train_step_check(name: &str, src: TinySource) -> Check {
     Check {
         name: name.to_string(),
         family: "model",
@@ -265,12 +265,10 @@ pub(super) fn train_step_check(name: &str, src: TinySource, timed: bool) -> Chec
                     model.backward(rec, &saved, &dlogits)?;
                     Ok(loss)
                 };
-                let t0 = crate::gpu::now_ms();
                 let mut rec = gpu.new_recorder();
                 let loss = step(&mut rec)?;
                 rec.submit()?;
                 let l = gpu.read_async(&loss).await?;
-                let first_ms = crate::gpu::now_ms() - t0;
                 let mut p = Parts::default();
                 for (i, k) in ["loss", "loss.focal", "loss.dice"].iter().enumerate() {
                     p.push(k, l.get(i).copied().into_iter().collect(), fx.floats(k)?);
@@ -283,12 +281,8 @@ pub(super) fn train_step_check(name: &str, src: TinySource, timed: bool) -> Chec
                     let want = fx.floats(&format!("grad.{k}"))?;
                     p.push(&format!("grad.{k}"), gpu.read_async(g).await?, want);
                 }
-                // The first step's time includes creating its pipelines: a warm step when timed.
-                let ms = if timed {
-                    time_async(gpu, 1, |rec| step(rec).map(|_| ())).await?
-                } else {
-                    first_ms
-                };
+                // A warm step (the first one created the pipelines).
+                let ms = time_async(gpu, 1, |rec| step(rec).map(|_| ())).await?;
                 let mut o = p.outcome(Some(ms), None, None);
                 o.entry = "MedFastSam::forward_train + backward".into();
                 Ok(o)
