@@ -181,6 +181,7 @@ pub use checks::*;
 
 mod checks {
     mod backward;
+    mod f16;
     mod tiny;
 
     use super::*;
@@ -766,6 +767,7 @@ mod checks {
                 44,
             ),
             pe_check("pe.random", 13, 17, 2e-6, 45),
+            f16::f16_check("f16.storage", 1001, 1e-3, 46),
         ];
         if full {
             v.extend([
@@ -1112,7 +1114,9 @@ mod checks {
             } else {
                 entries.join(", ")
             };
-            if !detail.is_empty() {
+            if e.is_empty() {
+                e = detail.to_string();
+            } else if !detail.is_empty() {
                 e = format!("{e} ({detail})");
             }
             e

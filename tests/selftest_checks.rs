@@ -24,6 +24,7 @@ const NEW: &[&str] = &[
     "conv.transpose2x2",
     "conv.transpose2x2_backward",
     "pe.random",
+    "f16.storage",
 ];
 
 fn run(opts: &Options) -> Vec<CheckRecord> {
@@ -70,6 +71,10 @@ fn every_training_kernel_check_passes() {
             .iter()
             .find(|r| r.name == *n)
             .unwrap_or_else(|| panic!("{n} did not run"));
+        if *n == "f16.storage" && !test_gpu().features.contains(wgpu::Features::SHADER_F16) {
+            assert_eq!(r.verdict, Verdict::Skipped, "{n}: {:?}", r.message);
+            continue;
+        }
         assert_eq!(r.verdict, Verdict::Pass, "{n}: {:?}", r.message);
         assert!(r.max_rel_err.is_some_and(|e| e <= r.tolerance), "{n}");
         assert!(!r.entry.is_empty(), "{n}: no entry point traced");
