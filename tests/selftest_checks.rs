@@ -63,6 +63,7 @@ fn every_training_kernel_check_passes() {
         "conv.",
         "depthwise.",
         "pe.",
+        "f16.",
     ] {
         recs.extend(run(&only(prefix)));
     }
