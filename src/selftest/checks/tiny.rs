@@ -16,9 +16,11 @@ pub(super) enum TinySource {
     /// The compact file (build.rs) given by the caller.
     Bytes(Arc<Vec<u8>>),
     /// The compact file embedded in the binary.
+    #[cfg(not(target_arch = "wasm32"))]
     Static(&'static [u8]),
     /// A folder holding `tiny.config.json`, `tiny.weights.safetensors`,
     /// `tiny.forward.safetensors` and `tiny.train.safetensors`.
+    #[cfg(not(target_arch = "wasm32"))]
     Dir(std::path::PathBuf),
     /// Nothing to read: the checks are skipped with this reason.
     Missing(String),
@@ -56,6 +58,7 @@ impl TinySource {
     fn compact(&self) -> Option<&[u8]> {
         match self {
             TinySource::Bytes(b) => Some(b.as_slice()),
+            #[cfg(not(target_arch = "wasm32"))]
             TinySource::Static(b) => Some(b),
             _ => None,
         }
