@@ -99,7 +99,9 @@ impl safetensors::View for &Blob {
 fn tiny_fixture() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let out = out.join("tiny_fixture.safetensors");
-    let dir = std::path::Path::new("tests/data/fixtures");
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let dir = root.join("tests/data/fixtures");
+    let dir = dir.as_path();
     let names = [
         "tiny.config.json",
         "tiny.weights.safetensors",
