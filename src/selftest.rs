@@ -130,10 +130,38 @@ pub struct Options {
     pub only: Option<String>,
     /// Perturb the GPU output of the named check before comparison (tests of the report).
     pub fault: Option<String>,
-    /// Folder of the tiny-preset parity fixture (`tiny.weights.safetensors`,
-    /// `tiny.config.json`, `tiny.forward.safetensors`); default: env MEDFASTSAM_FIXTURES, else the
-    /// source tree's `tests/data/fixtures`. The end-to-end check is skipped when it is absent.
+    /// Folder of the tiny-preset parity fixture (`tiny.config.json`, `tiny.weights.safetensors`,
+    /// `tiny.forward.safetensors`, `tiny.train.safetensors`) to read instead of the compact copy;
+    /// natively also env MEDFASTSAM_FIXTURES (after `tiny_fixture`). A model check whose file is
+    /// absent there is skipped. Ignored in the browser.
     pub fixtures: Option<std::path::PathBuf>,
+    /// The compact tiny-preset fixture ([`write_tiny_fixture`]'s file) for the model checks. None:
+    /// natively the copy embedded in the binary ([`embedded_tiny_fixture`]); in the browser the
+    /// model checks are skipped ("the tiny fixture was not loaded").
+    pub tiny_fixture: Option<std::sync::Arc<Vec<u8>>>,
+}
+
+include!("selftest/tiny_fixture_keys.rs");
+
+/// The compact tiny-preset parity fixture the model checks use, embedded in the native binary
+/// (built by build.rs from tests/data/fixtures: the weights and configuration, the first forward
+/// image with both variants' logits, the training batch with its target, loss and the gradients
+/// of [`TINY_TRAIN_GRADS`]). None when the build had no fixture.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn embedded_tiny_fixture() -> Option<&'static [u8]> {
+    static BYTES: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tiny_fixture.safetensors"));
+    (!BYTES.is_empty()).then_some(BYTES)
+}
+
+/// Writes the embedded compact fixture to `path` (for the web page, which fetches it and passes
+/// it as [`Options::tiny_fixture`]); returns its size in bytes.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn write_tiny_fixture(path: &std::path::Path) -> anyhow::Result<usize> {
+    let bytes = embedded_tiny_fixture().ok_or_else(|| {
+        anyhow::anyhow!("this build has no embedded tiny fixture (tests/data/fixtures was absent)")
+    })?;
+    std::fs::write(path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(bytes.len())
 }
 
 /// A check that could not run here for a reason that is no fault of the adapter (its verdict is
@@ -152,6 +180,10 @@ impl std::error::Error for Skip {}
 pub use checks::*;
 
 mod checks {
+    mod backward;
+    mod f16;
+    mod tiny;
+
     use super::*;
     use crate::gpu::Gpu;
     use crate::ops::conv::{self, ConvGeom};
@@ -171,6 +203,9 @@ mod checks {
         ms: Option<f64>,
         flops: Option<f64>,
         bytes: Option<f64>,
+        /// Named consecutive parts of `got`/`want` (name, length), each compared against its own
+        /// scale (the check's error is the worst part's); empty: one tensor.
+        parts: Vec<(String, usize)>,
     }
 
     type Fut<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Outcome>> + 'a>>;
@@ -263,6 +298,7 @@ mod checks {
                         ms: Some(ms),
                         flops: Some(g.flops()),
                         bytes: None,
+                        parts: Vec::new(),
                     })
                 })
             }),
@@ -298,6 +334,7 @@ mod checks {
                         ms: Some(ms),
                         flops: None,
                         bytes: Some(8.0 * n as f64),
+                        parts: Vec::new(),
                     })
                 })
             }),
@@ -349,6 +386,7 @@ mod checks {
                         ms: Some(ms),
                         flops: None,
                         bytes: Some(8.0 * (rows * c) as f64),
+                        parts: Vec::new(),
                     })
                 })
             }),
@@ -390,6 +428,7 @@ mod checks {
                         ms: None,
                         flops: None,
                         bytes: None,
+                        parts: Vec::new(),
                     })
                 })
             }),
@@ -439,6 +478,7 @@ mod checks {
                         ms: Some(ms),
                         flops: Some(4.0 * (b * lq * lk * e) as f64),
                         bytes: None,
+                        parts: Vec::new(),
                     })
                 })
             }),
@@ -496,6 +536,7 @@ mod checks {
                         ms: Some(ms),
                         flops: Some(2.0 * macs),
                         bytes: None,
+                        parts: Vec::new(),
                     })
                 })
             }),
@@ -532,89 +573,7 @@ mod checks {
                         ms: Some(ms),
                         flops: None,
                         bytes: Some(4.0 * (b * c * (h * w + oh * ow)) as f64),
-                    })
-                })
-            }),
-        }
-    }
-
-    /// The tiny preset end to end (image -> logits) against the authors' f64 PyTorch logits of
-    /// the parity fixture, at the parity tests' logit tolerance.
-    #[cfg(not(target_arch = "wasm32"))]
-    fn tiny_check(name: &str, variant: crate::model::Variant, dir: std::path::PathBuf) -> Check {
-        Check {
-            name: name.to_string(),
-            family: "model",
-            shape: format!("tiny preset, {} variant", variant.name()),
-            tolerance: 2e-3,
-            body: body(move |gpu: &Gpu| {
-                let dir = dir.clone();
-                Box::pin(async move {
-                    let files = [
-                        "tiny.weights.safetensors",
-                        "tiny.config.json",
-                        "tiny.forward.safetensors",
-                    ];
-                    if let Some(f) = files.iter().find(|f| !dir.join(f).is_file()) {
-                        return Err(Skip(format!(
-                            "fixture not found: {} (give --fixtures DIR or MEDFASTSAM_FIXTURES)",
-                            dir.join(f).display()
-                        ))
-                        .into());
-                    }
-                    let cfg = crate::model::Config::from_file(&dir.join(files[1]))?;
-                    let w = crate::model::Weights::load(&dir.join(files[0]))?;
-                    let model = crate::model::MedFastSam::new(gpu, &w, &cfg, variant)?;
-                    let path = dir.join(files[2]);
-                    let bytes = std::fs::read(&path)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                    let st = safetensors::SafeTensors::deserialize(&bytes)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                    let get = |k: &str| {
-                        st.tensor(k)
-                            .map_err(|e| anyhow::anyhow!("{}: tensor {k}: {e}", path.display()))
-                    };
-                    let img = get("image")?;
-                    let sh = img.shape().to_vec();
-                    if sh.len() != 4 || sh[3] != 3 || img.dtype() != safetensors::Dtype::U8 {
-                        anyhow::bail!("{}: image is not u8 [B, H, W, 3]", path.display());
-                    }
-                    let px: Vec<u32> = img
-                        .data()
-                        .chunks_exact(3)
-                        .map(|p| p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16)
-                        .collect();
-                    let tpx = gpu.upload_u32(&px, &sh[..3])?;
-                    let key = format!("{}.logits", variant.name());
-                    let lg = get(&key)?;
-                    // The authors' float64 run, stored as f32 or f64.
-                    let want: Vec<f64> = match lg.dtype() {
-                        safetensors::Dtype::F64 => lg
-                            .data()
-                            .chunks_exact(8)
-                            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                            .collect(),
-                        safetensors::Dtype::F32 => lg
-                            .data()
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64)
-                            .collect(),
-                        d => anyhow::bail!("{}: {key} is {d:?}, not f32 or f64", path.display()),
-                    };
-                    // [B, 1, S, S] in the fixture and [B, S, S, 1] here: the same order.
-                    let mut rec = gpu.new_recorder();
-                    let out = model.forward(&mut rec, &tpx, false)?;
-                    rec.submit()?;
-                    let got = gpu.read_async(&out.logits).await?;
-                    let ms = time_async(gpu, 1, |rec| model.forward(rec, &tpx, false).map(|_| ()))
-                        .await?;
-                    Ok(Outcome {
-                        got,
-                        want,
-                        entry: "MedFastSam::forward".into(),
-                        ms: Some(ms),
-                        flops: None,
-                        bytes: None,
+                        parts: Vec::new(),
                     })
                 })
             }),
@@ -664,6 +623,7 @@ mod checks {
                         flops: None,
                         // p, m, v read and written, g read.
                         bytes: Some(28.0 * n as f64),
+                        parts: Vec::new(),
                     })
                 })
             }),
@@ -720,10 +680,138 @@ mod checks {
                         ms: Some(ms),
                         flops: None,
                         bytes: Some(8.0 * (rows * c) as f64),
+                        parts: Vec::new(),
                     })
                 })
             }),
         }
+    }
+
+    /// The training kernels: backward passes, BatchNorm with batch statistics, the loss, the
+    /// transposed convolution, the positional encoding. Awkward small shapes; model-sized ones
+    /// with `full`.
+    fn training_checks(full: bool) -> Vec<Check> {
+        use backward::*;
+        use reference::conv::ConvTShape;
+        let cs = |b, h, w, ci, co, k, stride, pad| ConvShape {
+            b,
+            h,
+            w,
+            ci,
+            co,
+            k,
+            stride,
+            pad,
+        };
+        let mut v = vec![
+            window_check("attention.window", [5, 7, 96, 3], false, 1e-5, 30),
+            window_check("attention.window_backward", [3, 7, 15, 3], true, 5e-5, 31),
+            mha_backward_check("attention.mha_backward", [2, 5, 300, 32, 4], 5e-5, 32),
+            mha_backward_check(
+                "attention.mha_backward_few_keys",
+                [1, 300, 5, 16, 4],
+                5e-5,
+                33,
+            ),
+            ln_backward_check("norm.layer_norm_backward", 67, 96, 1e-5, 34),
+            ln_backward_check("norm.layer_norm_backward_odd_c", 67, 37, 1e-5, 35),
+            bn_train_check("norm.batch_norm_train", 143, 24, false, 1e-5, 36),
+            bn_train_check("norm.batch_norm_backward", 143, 21, true, 1e-5, 37),
+            gelu_backward_check("elementwise.gelu_backward", 20_001, 1e-6, 38),
+            loss_check("loss.focal_dice", [2, 37, 29], 1e-5, 39),
+            conv_backward_check(
+                "conv.backward",
+                cs(2, 11, 13, 6, 7, 3, 2, 1),
+                false,
+                2e-5,
+                40,
+            ),
+            conv_backward_check(
+                "conv.backward_1x1",
+                cs(2, 5, 7, 6, 5, 1, 1, 0),
+                false,
+                2e-5,
+                41,
+            ),
+            conv_backward_check(
+                "depthwise.backward",
+                cs(1, 11, 9, 7, 7, 3, 2, 1),
+                true,
+                2e-5,
+                42,
+            ),
+            convt_check(
+                "conv.transpose2x2",
+                ConvTShape {
+                    b: 2,
+                    h: 5,
+                    w: 7,
+                    ci: 9,
+                    co: 6,
+                },
+                false,
+                1e-5,
+                43,
+            ),
+            convt_check(
+                "conv.transpose2x2_backward",
+                ConvTShape {
+                    b: 2,
+                    h: 5,
+                    w: 7,
+                    ci: 9,
+                    co: 5,
+                },
+                true,
+                2e-5,
+                44,
+            ),
+            pe_check("pe.random", 13, 17, 2e-6, 45),
+            f16::f16_check("f16.storage", 1001, 1e-3, 46),
+        ];
+        if full {
+            v.extend([
+                window_check("attention.window_model", [64, 7, 160, 5], false, 1e-5, 50),
+                window_check(
+                    "attention.window_backward_model",
+                    [64, 7, 160, 5],
+                    true,
+                    5e-5,
+                    51,
+                ),
+                mha_backward_check(
+                    "attention.mha_backward_model",
+                    [1, 4096, 5, 256, 8],
+                    5e-5,
+                    52,
+                ),
+                ln_backward_check("norm.layer_norm_backward_model", 4096, 160, 1e-5, 53),
+                bn_train_check("norm.batch_norm_backward_model", 4096, 160, true, 1e-5, 54),
+                loss_check("loss.focal_dice_model", [2, 256, 256], 1e-5, 55),
+                conv_backward_check(
+                    "conv.backward_model",
+                    cs(1, 32, 32, 64, 64, 3, 1, 1),
+                    false,
+                    2e-5,
+                    56,
+                ),
+                convt_check(
+                    "conv.transpose2x2_backward_model",
+                    ConvTShape {
+                        b: 1,
+                        h: 64,
+                        w: 64,
+                        ci: 256,
+                        co: 64,
+                    },
+                    true,
+                    2e-5,
+                    57,
+                ),
+                pe_check("pe.model", 64, 64, 2e-6, 58),
+            ]);
+        }
+        v
     }
 
     fn checks(opts: &Options) -> Vec<Check> {
@@ -847,27 +935,21 @@ mod checks {
                 if c < 20 { 40 } else { 200 }
             }),
         ];
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            let dir = opts
-                .fixtures
-                .clone()
-                .or_else(|| std::env::var_os("MEDFASTSAM_FIXTURES").map(Into::into))
-                .unwrap_or_else(|| {
-                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures")
-                });
-            v.push(tiny_check(
-                "model.tiny_paper",
-                crate::model::Variant::Paper,
-                dir.clone(),
+        v.extend(training_checks(opts.full));
+        let src = tiny::TinySource::of(opts);
+        v.push(tiny::tiny_check(
+            "model.tiny_paper",
+            crate::model::Variant::Paper,
+            src.clone(),
+        ));
+        if opts.full {
+            v.push(tiny::tiny_check(
+                "model.tiny_released",
+                crate::model::Variant::Released,
+                src.clone(),
             ));
-            if opts.full {
-                v.push(tiny_check(
-                    "model.tiny_released",
-                    crate::model::Variant::Released,
-                    dir,
-                ));
-            }
+            // One step takes about 25 s on a software rasteriser (2 cores): full mode only.
+            v.push(tiny::train_step_check("model.tiny_train_step", src));
         }
         if opts.full {
             v.extend([
@@ -995,6 +1077,25 @@ mod checks {
         out
     }
 
+    /// The worst relative error over an outcome's parts, and that part's name ("" for one tensor).
+    fn worst_part(o: &Outcome) -> (f64, &str) {
+        let total: usize = o.parts.iter().map(|p| p.1).sum();
+        if o.parts.is_empty() || total != o.got.len() || total != o.want.len() {
+            return (rel_err(&o.got, &o.want), "");
+        }
+        let mut at = 0;
+        let mut worst = (0.0f64, "");
+        for (name, n) in &o.parts {
+            let e = rel_err(&o.got[at..at + n], &o.want[at..at + n]);
+            // NaN-safe: a non-finite error is the worst.
+            if e.is_nan() || e > worst.0 {
+                worst = (e, name.as_str());
+            }
+            at += n;
+        }
+        worst
+    }
+
     /// The record of check `c` from its body's result (and the pipelines traced meanwhile).
     fn record(gpu: &Gpu, opts: &Options, c: &Check, res: anyhow::Result<Outcome>) -> CheckRecord {
         let used = gpu.trace_pipelines(false);
@@ -1013,7 +1114,9 @@ mod checks {
             } else {
                 entries.join(", ")
             };
-            if !detail.is_empty() {
+            if e.is_empty() {
+                e = detail.to_string();
+            } else if !detail.is_empty() {
                 e = format!("{e} ({detail})");
             }
             e
@@ -1033,7 +1136,7 @@ mod checks {
                 {
                     *x += 1.0 + x.abs();
                 }
-                let e = rel_err(&o.got, &o.want);
+                let (e, worst) = worst_part(&o);
                 let ok = e <= c.tolerance;
                 CheckRecord {
                     name: c.name.clone(),
@@ -1050,8 +1153,14 @@ mod checks {
                     ms: o.ms,
                     gflops: o.ms.zip(o.flops).map(|(ms, f)| f / (ms * 1e6)),
                     gbps: o.ms.zip(o.bytes).map(|(ms, b)| b / (ms * 1e6)),
-                    message: (!ok)
-                        .then(|| format!("relative error {e:.3e} > tolerance {:.1e}", c.tolerance)),
+                    message: (!ok).then(|| {
+                        let at = if worst.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({worst})")
+                        };
+                        format!("relative error {e:.3e} > tolerance {:.1e}{at}", c.tolerance)
+                    }),
                     compile_ms,
                     pipelines,
                 }

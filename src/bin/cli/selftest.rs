@@ -75,6 +75,7 @@ fn options(a: &SelftestArgs) -> Options {
         only: a.only.clone(),
         fault: a.inject_fault.clone(),
         fixtures: a.fixtures.clone(),
+        ..Default::default()
     }
 }
 
