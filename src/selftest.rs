@@ -160,7 +160,8 @@ pub fn write_tiny_fixture(path: &std::path::Path) -> anyhow::Result<usize> {
     let bytes = embedded_tiny_fixture().ok_or_else(|| {
         anyhow::anyhow!("this build has no embedded tiny fixture (tests/data/fixtures was absent)")
     })?;
-    std::fs::write(path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    crate::io::write_atomic(path, bytes)
+        .map_err(|e| anyhow::anyhow!("cannot write the tiny fixture: {e}"))?;
     Ok(bytes.len())
 }
 

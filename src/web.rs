@@ -1073,17 +1073,21 @@ pub fn selftest_names(full: bool) -> String {
 /// description): WebGPU gives wgpu no adapter name, so the report's empty `adapter.name` (and
 /// `driver`) take it. Uses only its own buffers: a loaded model stays as it was (pipelines the model already
 /// compiled come from the cache, so a check reports compile time only for those it created).
+/// `fixture`: the bytes of `selftest-tiny.safetensors` (the compact tiny-preset fixture that
+/// `medfastsam selftest --write-fixture` writes) for the model checks; without it they are skipped.
 #[wasm_bindgen]
 pub async fn selftest(
     full: bool,
     adapter: String,
     driver: String,
+    fixture: Option<Vec<u8>>,
     on_check: Option<js_sys::Function>,
 ) -> Result<String, JsValue> {
     use crate::selftest::{Options, check_names, report, run_checks_async};
     let gpu = gpu()?;
     let opts = Options {
         full,
+        tiny_fixture: fixture.map(std::sync::Arc::new),
         ..Options::default()
     };
     let total = check_names(&opts).len();

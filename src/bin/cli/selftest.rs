@@ -40,6 +40,10 @@ pub struct SelftestArgs {
     /// Test hook: perturb the named check's GPU output before comparison.
     #[arg(long, hide = true, value_name = "NAME")]
     pub inject_fault: Option<String>,
+    /// Write the compact tiny-preset fixture embedded in this binary (what the model checks read;
+    /// the web page fetches it as pkg/selftest-tiny.safetensors) to FILE, and run nothing.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub write_fixture: Option<PathBuf>,
     /// Test hook of --all-adapters: adapter number I fails to open (a device_error).
     #[arg(long, hide = true, value_name = "I", requires = "all_adapters")]
     pub inject_open_failure: Option<usize>,
@@ -48,6 +52,11 @@ pub struct SelftestArgs {
 pub fn run(gpu_args: &GpuArgs, a: &SelftestArgs) -> anyhow::Result<i32> {
     if let Some(files) = &a.compare {
         return compare(&files[0], &files[1]);
+    }
+    if let Some(p) = &a.write_fixture {
+        let n = medfastsam::selftest::write_tiny_fixture(p)?;
+        println!("{}: {n} bytes", p.display());
+        return Ok(0);
     }
     check_outputs(a)?;
     if a.all_adapters {
