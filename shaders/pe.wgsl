@@ -25,7 +25,14 @@ fn axis_turns(n: i32, g: f32, size: u32) -> vec2<f32> {
     let m = i32(round(g * 2048.0));
     let g_lo = g - f32(m) * 0.00048828125; // exact: m / 2048
     let d = 2048 * i32(size);
-    var r = (n * m) % d;              // truncated remainder, |r| < d
+    // Truncated remainder, |r| < d, taken on magnitudes: `%` of a negative i32 becomes GLSL's
+    // `%`, which GLSL leaves undefined for negative operands (llvmpipe GL got it wrong; found by
+    // `medfastsam selftest --all-adapters`).
+    let a = n * m;
+    var r = i32(u32(abs(a)) % u32(d));
+    if (a < 0) {
+        r = -r;
+    }
     if (2 * r > d) {
         r -= d;
     } else if (2 * r < -d) {

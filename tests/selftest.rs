@@ -227,6 +227,33 @@ fn write_fixture_writes_the_embedded_compact_fixture() {
     assert!(!d.join("no-such-folder").exists());
 }
 
+/// The positional encoding passes on every adapter found (Vulkan/lavapipe and, where Mesa's GL is
+/// installed, GL/llvmpipe): its argument reduction once took `%` of a negative i32, which WGSL
+/// defines and GLSL does not; on GL/llvmpipe `pe.random` was 1.87 relative off (found by
+/// `selftest --all-adapters`).
+#[test]
+fn the_positional_encoding_passes_on_every_adapter() {
+    let r = run_split(&["selftest", "--all-adapters", "--only", "pe."]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let adapters: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("== adapter "))
+        .collect();
+    eprintln!("{adapters:?}");
+    assert!(!adapters.is_empty(), "{}", r.stdout);
+    let rows: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("pe.random "))
+        .collect();
+    // One row per adapter as it runs, then one in the side-by-side table.
+    assert_eq!(rows.len(), adapters.len() + 1, "{}", r.stdout);
+    for row in &rows[..adapters.len()] {
+        assert!(row.contains(" pass "), "{row}");
+    }
+}
+
 /// The text of every `<td>` cell of `html` (a cell holds text only, no markup of ours).
 fn cells(html: &str) -> Vec<&str> {
     let mut out = Vec::new();
