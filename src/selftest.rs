@@ -32,6 +32,48 @@ pub fn max_abs(got: &[f32], want: &[f64]) -> f64 {
     })
 }
 
+/// Distance in units in the last place between two f32 values (0 when equal, +0 and -0 equal;
+/// counts the representable floats between them, across zero too). None when either is NaN.
+pub fn ulp_distance(a: f32, b: f32) -> Option<u64> {
+    if a.is_nan() || b.is_nan() {
+        return None;
+    }
+    // Map the bit patterns onto a line on which consecutive floats are consecutive integers.
+    let key = |x: f32| {
+        let i = x.to_bits() as i32 as i64;
+        if i < 0 { i32::MIN as i64 - i } else { i }
+    };
+    Some(key(a).abs_diff(key(b)))
+}
+
+/// ULP statistics of `got` against `want` rounded to f32, (maximum, median), over the elements
+/// whose reference is at least 1e-3 of the output's scale (`max |want|`): near zero an absolute
+/// error the relative measure accepts spans millions of ULPs (GELU(-10) ≈ -8e-23), which says
+/// nothing about the kernel. None when no element qualifies, the lengths differ or a value is NaN.
+/// Meaningful for elementwise results, where the reference rounded to f32 is the best answer an
+/// f32 kernel can give (a sum's result is judged by [`rel_err`] alone).
+pub fn ulp_stats(got: &[f32], want: &[f64]) -> Option<(u64, u64)> {
+    if got.len() != want.len() {
+        return None;
+    }
+    let scale = want.iter().fold(0.0f64, |m, &w| m.max(w.abs()));
+    let mut d: Vec<u64> = got
+        .iter()
+        .zip(want)
+        .filter(|(_, w)| w.abs() >= 1e-3 * scale && scale > 0.0)
+        .map(|(&g, &w)| ulp_distance(g, w as f32))
+        .collect::<Option<_>>()?;
+    if d.is_empty() {
+        return None;
+    }
+    d.sort_unstable();
+    Some((d[d.len() - 1], d[d.len() / 2]))
+}
+
+/// Check families whose outputs are elementwise functions of their inputs (no long sums), where
+/// the report gives ULP statistics besides the relative error.
+pub const ULP_FAMILIES: &[&str] = &["elementwise", "resize", "pe", "optim", "f16"];
+
 /// Version tag of the JSON report.
 pub const SCHEMA: &str = "medfastsam-selftest/1";
 
@@ -83,6 +125,12 @@ pub struct CheckRecord {
     /// The pipelines the check used, in order of first use.
     #[serde(default)]
     pub pipelines: Vec<PipelineRecord>,
+    /// For the elementwise families ([`ULP_FAMILIES`]): the largest and the median distance in
+    /// f32 units in the last place from the reference rounded to f32.
+    #[serde(default)]
+    pub ulp_max: Option<u64>,
+    #[serde(default)]
+    pub ulp_median: Option<u64>,
 }
 
 /// One pipeline a check used: its WGSL family (shader file) and entry point, and its creation
@@ -1139,6 +1187,10 @@ mod checks {
                 }
                 let (e, worst) = worst_part(&o);
                 let ok = e <= c.tolerance;
+                let ulp = ULP_FAMILIES
+                    .contains(&c.family)
+                    .then(|| ulp_stats(&o.got, &o.want))
+                    .flatten();
                 CheckRecord {
                     name: c.name.clone(),
                     family: c.family.into(),
@@ -1164,6 +1216,8 @@ mod checks {
                     }),
                     compile_ms,
                     pipelines,
+                    ulp_max: ulp.map(|u| u.0),
+                    ulp_median: ulp.map(|u| u.1),
                 }
             }
             Err(e) => {
@@ -1187,6 +1241,8 @@ mod checks {
                     message: Some(msg),
                     compile_ms,
                     pipelines,
+                    ulp_max: None,
+                    ulp_median: None,
                 }
             }
         }
@@ -1232,5 +1288,36 @@ mod checks {
             "max_compute_workgroups_per_dimension": l.max_compute_workgroups_per_dimension,
             "max_storage_buffers_per_shader_stage": l.max_storage_buffers_per_shader_stage,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ulp_distance_counts_representable_floats() {
+        let one = 1.0f32;
+        let next = f32::from_bits(one.to_bits() + 1);
+        assert_eq!(ulp_distance(one, one), Some(0));
+        assert_eq!(ulp_distance(one, next), Some(1));
+        assert_eq!(ulp_distance(next, one), Some(1));
+        assert_eq!(ulp_distance(0.0, -0.0), Some(0));
+        // The smallest subnormals on each side of zero are two steps apart (through zero).
+        let tiny = f32::from_bits(1);
+        assert_eq!(ulp_distance(tiny, -tiny), Some(2));
+        // 1.0 to 2.0 is one binade: 2^23 steps.
+        assert_eq!(ulp_distance(1.0, 2.0), Some(1 << 23));
+        assert_eq!(ulp_distance(f32::NAN, 1.0), None);
+    }
+
+    #[test]
+    fn ulp_stats_skip_elements_far_below_the_scale() {
+        // 1e-30 against 0: billions of ULPs, but below 1e-3 of the scale (1.0): not counted.
+        let got = [1.0f32, f32::from_bits(0.5f32.to_bits() + 3), 1e-30];
+        let want = [1.0f64, 0.5, 0.0];
+        assert_eq!(ulp_stats(&got, &want), Some((3, 3)));
+        assert_eq!(ulp_stats(&[0.0], &[0.0]), None);
+        assert_eq!(ulp_stats(&[1.0, 2.0], &[1.0]), None);
     }
 }

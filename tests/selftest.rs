@@ -100,6 +100,29 @@ fn quick_passes_and_its_report_follows_the_schema() {
             "no {family} check"
         );
     }
+    // ULP statistics where they mean something (elementwise families), not for sums.
+    let by = |n: &str| checks.iter().find(|c| c["name"] == n).unwrap();
+    assert!(
+        by("gelu.wide_range")["ulp_max"].is_u64(),
+        "{}",
+        by("gelu.wide_range")
+    );
+    assert!(by("gelu.wide_range")["ulp_median"].is_u64());
+    assert!(by("gemm.tiled")["ulp_max"].is_null());
+    // Every check lists the pipelines it dispatched, and its entry column names them.
+    for c in checks
+        .iter()
+        .filter(|c| c["verdict"] == "pass" && c["family"] != "f16")
+    {
+        let p = c["pipelines"].as_array().unwrap();
+        assert!(!p.is_empty(), "{c}");
+        let entry = c["entry"].as_str().unwrap();
+        let first = p[0]["entry"].as_str().unwrap();
+        assert!(
+            entry.contains(first) || entry.contains("entry points"),
+            "{entry} / {first}"
+        );
+    }
     // Written atomically: no temporary file left beside the report.
     let left: Vec<_> = std::fs::read_dir(&d)
         .unwrap()

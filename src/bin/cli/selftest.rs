@@ -332,8 +332,16 @@ fn side_by_side(runs: &[(String, Result<Report, String>)]) {
 
 fn header() -> String {
     format!(
-        "{:<28} {:<36} {:<24} {:>10} {:>8} {:<16} {:>9} {:>9}",
-        "check", "entry point", "shape", "max rel err", "tol", "verdict", "ms", "GFLOP/s"
+        "{:<28} {:<36} {:<24} {:>10} {:>8} {:<16} {:>9} {:>9} {:>11}",
+        "check",
+        "entry point",
+        "shape",
+        "max rel err",
+        "tol",
+        "verdict",
+        "ms",
+        "GFLOP/s",
+        "ULP max/med"
     )
 }
 
@@ -347,8 +355,12 @@ fn row(c: &CheckRecord) -> String {
         (None, Some(b)) => format!("{b:.2} GB/s"),
         _ => "-".into(),
     };
+    let ulp = match (c.ulp_max, c.ulp_median) {
+        (Some(m), Some(d)) => format!("{m}/{d}"),
+        _ => "-".into(),
+    };
     format!(
-        "{:<28} {:<36} {:<24} {:>10} {:>8} {:<16} {:>9} {:>9}",
+        "{:<28} {:<36} {:<24} {:>10} {:>8} {:<16} {:>9} {:>9} {:>11}",
         c.name,
         c.entry,
         c.shape,
@@ -356,7 +368,8 @@ fn row(c: &CheckRecord) -> String {
         format!("{:.0e}", c.tolerance),
         c.verdict.name(),
         opt(c.ms, |m| format!("{m:.3}")),
-        rate
+        rate,
+        ulp
     )
 }
 

@@ -150,6 +150,8 @@ fn report_body(out: &mut String, r: &Report, level: &str) {
         "verdict",
         "ms",
         "GFLOP/s or GB/s",
+        "ULP max / median",
+        "compile ms",
         "message",
     ] {
         let _ = write!(out, "<th scope=\"col\">{h}</th>");
@@ -160,7 +162,8 @@ fn report_body(out: &mut String, r: &Report, level: &str) {
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{}</td><td class=\"{}\">{}</td><td class=\"num\">{}</td>\
-             <td class=\"num\">{}</td><td>{}</td></tr>",
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td>{}</td></tr>",
             escape(&c.name),
             escape(&c.family),
             escape(&c.entry),
@@ -171,6 +174,11 @@ fn report_body(out: &mut String, r: &Report, level: &str) {
             escape(c.verdict.name()),
             escape(&num(c.ms, |m| format!("{m:.3}"))),
             escape(&rate(c)),
+            escape(&match (c.ulp_max, c.ulp_median) {
+                (Some(m), Some(d)) => format!("{m} / {d}"),
+                _ => "-".into(),
+            }),
+            escape(&num(c.compile_ms, |m| format!("{m:.1}"))),
             escape(c.message.as_deref().unwrap_or("")),
         );
     }
