@@ -277,26 +277,11 @@ mod checks {
         body: Body,
     }
 
-    /// Times `record` (one call of a kernel): a warm-up submission (compiles the pipelines), then
-    /// `reps` timed submissions, each waited for. Returns the median ms.
-    async fn time_async(
-        gpu: &Gpu,
-        reps: usize,
-        mut record: impl FnMut(&mut crate::gpu::Recorder) -> crate::Result<()>,
-    ) -> anyhow::Result<f64> {
-        let mut v = Vec::new();
-        for i in 0..=reps.max(1) {
-            let t0 = crate::gpu::now_ms();
-            let mut rec = gpu.new_recorder();
-            record(&mut rec)?;
-            rec.submit()?;
-            gpu.wait_idle().await?;
-            if i > 0 {
-                v.push(crate::gpu::now_ms() - t0);
-            }
-        }
-        v.sort_by(|a, b| a.total_cmp(b));
-        Ok(v[v.len() / 2])
+    use crate::ops::time_async;
+
+    /// The f64 copy of a host tensor that the references take.
+    fn f64s(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&a| a as f64).collect()
     }
 
     const REPS: usize = 3;
@@ -420,9 +405,14 @@ mod checks {
                     let y = crate::ops::norm::layer_norm(&mut rec, &tx, &tw, &tb, 1e-5, Act::None)?;
                     rec.submit()?;
                     let got = gpu.read_async(&y).await?;
-                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                    let want =
-                        reference::norm::layer_norm(&f(&x), &f(&w), &f(&b), c, 1e-5, Act::None);
+                    let want = reference::norm::layer_norm(
+                        &f64s(&x),
+                        &f64s(&w),
+                        &f64s(&b),
+                        c,
+                        1e-5,
+                        Act::None,
+                    );
                     let ms = time_async(gpu, REPS, |rec| {
                         crate::ops::norm::layer_norm(rec, &tx, &tw, &tb, 1e-5, Act::None)
                             .map(|_| ())
@@ -507,7 +497,6 @@ mod checks {
                     let out = crate::ops::attention::mha(&mut rec, &tq, &tk, &tv, heads)?;
                     rec.submit()?;
                     let got = gpu.read_async(&out).await?;
-                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
                     let shape = reference::attention::MhaShape {
                         b,
                         lq,
@@ -515,7 +504,8 @@ mod checks {
                         e,
                         heads,
                     };
-                    let (want, _) = reference::attention::mha(&f(&q), &f(&k), &f(&v), shape);
+                    let (want, _) =
+                        reference::attention::mha(&f64s(&q), &f64s(&k), &f64s(&v), shape);
                     let ms = time_async(gpu, REPS, |rec| {
                         crate::ops::attention::mha(rec, &tq, &tk, &tv, heads).map(|_| ())
                     })
@@ -539,15 +529,12 @@ mod checks {
         Check {
             name: name.to_string(),
             family: if depthwise { "depthwise" } else { "conv" },
-            shape: format!(
-                "B{} {}x{} Ci{} Co{} k{} s{} p{}",
-                s.b, s.h, s.w, s.ci, s.co, s.k, s.stride, s.pad
-            ),
+            shape: s.label(),
             tolerance: tol,
             body: body(move |gpu: &Gpu| {
                 Box::pin(async move {
                     let mut rng = Rng::new(seed);
-                    let wi = if depthwise { 1 } else { s.ci };
+                    let wi = s.weight_in(depthwise);
                     let x = rng.vec(s.b * s.h * s.w * s.ci);
                     let w = rng.vec(s.co * wi * s.k * s.k);
                     let bias = rng.vec(s.co);
@@ -569,8 +556,7 @@ mod checks {
                     let y = op(&mut rec)?;
                     rec.submit()?;
                     let got = gpu.read_async(&y).await?;
-                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                    let (x, w, bias) = (f(&x), f(&w), f(&bias));
+                    let (x, w, bias) = (f64s(&x), f64s(&w), f64s(&bias));
                     let want = if depthwise {
                         reference::conv::depthwise_conv2d(&s, &x, &w, Some(&bias), Act::Gelu)
                     } else {
@@ -649,15 +635,14 @@ mod checks {
                     let tp = gpu.upload(&p, &[n])?;
                     let tm = gpu.upload(&zeros, &[n])?;
                     let tv = gpu.upload(&zeros, &[n])?;
-                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                    let (mut rp, mut rm, mut rv) = (f(&p), vec![0.0; n], vec![0.0; n]);
+                    let (mut rp, mut rm, mut rv) = (f64s(&p), vec![0.0; n], vec![0.0; n]);
                     for t in 1..=5u32 {
                         let g = rng.vec(n);
                         let tg = gpu.upload(&g, &[n])?;
                         let mut rec = gpu.new_recorder();
                         adam_step(&mut rec, &tp, &tm, &tv, &tg, &cfg, t)?;
                         rec.submit()?;
-                        reference::optim::adam_step(&mut rp, &mut rm, &mut rv, &f(&g), &cfg, t);
+                        reference::optim::adam_step(&mut rp, &mut rm, &mut rv, &f64s(&g), &cfg, t);
                     }
                     let got = gpu.read_async(&tp).await?;
                     let tg = gpu.upload(&zeros, &[n])?;
@@ -708,15 +693,14 @@ mod checks {
                         crate::ops::norm::batch_norm_eval(&mut rec, &tx, layer(), 1e-5, Act::Gelu)?;
                     rec.submit()?;
                     let got = gpu.read_async(&y).await?;
-                    let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-                    let (w6, b6, rm6, rv6) = (f(&w), f(&b), f(&rm), f(&rv));
+                    let (w6, b6, rm6, rv6) = (f64s(&w), f64s(&b), f64s(&rm), f64s(&rv));
                     let bn = reference::norm::BnLayer {
                         w: &w6,
                         b: &b6,
                         running_mean: &rm6,
                         running_var: &rv6,
                     };
-                    let want = reference::norm::batch_norm_eval(&f(&x), bn, c, 1e-5, Act::Gelu);
+                    let want = reference::norm::batch_norm_eval(&f64s(&x), bn, c, 1e-5, Act::Gelu);
                     let ms = time_async(gpu, REPS, |rec| {
                         crate::ops::norm::batch_norm_eval(rec, &tx, layer(), 1e-5, Act::Gelu)
                             .map(|_| ())
@@ -1084,17 +1068,9 @@ mod checks {
     pub async fn run_checks_async(
         gpu: &Gpu,
         opts: &Options,
-        mut each: impl FnMut(&CheckRecord),
+        each: impl FnMut(&CheckRecord),
     ) -> Vec<CheckRecord> {
-        let mut out = Vec::new();
-        for c in selected(opts) {
-            gpu.trace_pipelines(true);
-            let res = (c.body)(gpu).await;
-            let rec = record(gpu, opts, &c, res);
-            each(&rec);
-            out.push(rec);
-        }
-        out
+        run_each(gpu, opts, each, |c| (c.body)(gpu)).await
     }
 
     /// [`run_checks_async`], blocking; a check that panics is reported as its device error.
@@ -1102,15 +1078,13 @@ mod checks {
     pub fn run_checks(
         gpu: &Gpu,
         opts: &Options,
-        mut each: impl FnMut(&CheckRecord),
+        each: impl FnMut(&CheckRecord),
     ) -> Vec<CheckRecord> {
-        let mut out = Vec::new();
-        for c in selected(opts) {
-            gpu.trace_pipelines(true);
+        let run = |c: &Check| -> Fut<'_> {
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 pollster::block_on((c.body)(gpu))
-            }));
-            let res = res.unwrap_or_else(|p| {
+            }))
+            .unwrap_or_else(|p| {
                 Err(anyhow::anyhow!(
                     "panicked: {}",
                     p.downcast_ref::<String>()
@@ -1119,6 +1093,23 @@ mod checks {
                         .unwrap_or_default()
                 ))
             });
+            Box::pin(std::future::ready(res))
+        };
+        pollster::block_on(run_each(gpu, opts, each, run))
+    }
+
+    /// Runs the selected checks in order, each through `run`, tracing the pipelines it uses and
+    /// reporting its record to `each`.
+    async fn run_each<'g>(
+        gpu: &'g Gpu,
+        opts: &Options,
+        mut each: impl FnMut(&CheckRecord),
+        mut run: impl FnMut(&Check) -> Fut<'g>,
+    ) -> Vec<CheckRecord> {
+        let mut out = Vec::new();
+        for c in selected(opts) {
+            gpu.trace_pipelines(true);
+            let res = run(&c).await;
             let rec = record(gpu, opts, &c, res);
             each(&rec);
             out.push(rec);

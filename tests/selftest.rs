@@ -250,6 +250,43 @@ fn write_fixture_writes_the_embedded_compact_fixture() {
     assert!(!d.join("no-such-folder").exists());
 }
 
+/// Lines of `selftest --all-adapters`' output that announce an adapter.
+fn adapter_headers(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("== adapter "))
+        .collect()
+}
+
+/// The side-by-side table that `--all-adapters` prints last.
+fn side_by_side(stdout: &str) -> &str {
+    stdout
+        .split("side by side:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no side-by-side table in:\n{stdout}"))
+}
+
+/// `selftest --all-adapters --only gelu --json D/r.json --html D/r.html` plus `extra`; returns the
+/// run and the HTML report's path.
+fn all_adapters_gelu(
+    d: &std::path::Path,
+    extra: &[&str],
+) -> (common::cli::Run, std::path::PathBuf) {
+    let (json, html) = (d.join("r.json"), d.join("r.html"));
+    let mut args = vec![
+        "selftest",
+        "--all-adapters",
+        "--only",
+        "gelu",
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    (run_split(&args), html)
+}
+
 /// The positional encoding passes on every adapter found (Vulkan/lavapipe and, where Mesa's GL is
 /// installed, GL/llvmpipe): its argument reduction once took `%` of a negative i32, which WGSL
 /// defines and GLSL does not; on GL/llvmpipe `pe.random` was 1.87 relative off (found by
@@ -258,11 +295,7 @@ fn write_fixture_writes_the_embedded_compact_fixture() {
 fn the_positional_encoding_passes_on_every_adapter() {
     let r = run_split(&["selftest", "--all-adapters", "--only", "pe."]);
     assert_eq!(r.code, 0, "{}", r.all());
-    let adapters: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("== adapter "))
-        .collect();
+    let adapters = adapter_headers(&r.stdout);
     eprintln!("{adapters:?}");
     assert!(!adapters.is_empty(), "{}", r.stdout);
     let rows: Vec<&str> = r
@@ -359,29 +392,11 @@ fn an_html_report_in_a_missing_folder_is_refused_before_running_naming_the_file(
 #[test]
 fn all_adapters_runs_each_adapter_and_prints_them_side_by_side() {
     let d = tmpdir("selftest_all");
-    let (json, html) = (d.join("r.json"), d.join("r.html"));
-    let r = run_split(&[
-        "selftest",
-        "--all-adapters",
-        "--only",
-        "gelu",
-        "--json",
-        json.to_str().unwrap(),
-        "--html",
-        html.to_str().unwrap(),
-    ]);
+    let (r, html) = all_adapters_gelu(&d, &[]);
     assert_eq!(r.code, 0, "{}", r.all());
-    let n = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("== adapter "))
-        .count();
+    let n = adapter_headers(&r.stdout).len();
     assert!(n >= 1, "{}", r.stdout);
-    let table = r
-        .stdout
-        .split("side by side:")
-        .nth(1)
-        .unwrap_or_else(|| panic!("{}", r.stdout));
+    let table = side_by_side(&r.stdout);
     let row = table
         .lines()
         .find(|l| l.starts_with("gelu.wide_range"))
@@ -429,25 +444,9 @@ fn all_adapters_runs_each_adapter_and_prints_them_side_by_side() {
 #[test]
 fn all_adapters_reports_a_device_that_does_not_open_as_a_device_error_row() {
     let d = tmpdir("selftest_all_open");
-    let (json, html) = (d.join("r.json"), d.join("r.html"));
-    let r = run_split(&[
-        "selftest",
-        "--all-adapters",
-        "--only",
-        "gelu",
-        "--inject-open-failure",
-        "0",
-        "--json",
-        json.to_str().unwrap(),
-        "--html",
-        html.to_str().unwrap(),
-    ]);
+    let (r, html) = all_adapters_gelu(&d, &["--inject-open-failure", "0"]);
     assert_eq!(r.code, 1, "{}", r.all());
-    let table = r
-        .stdout
-        .split("side by side:")
-        .nth(1)
-        .unwrap_or_else(|| panic!("{}", r.stdout));
+    let table = side_by_side(&r.stdout);
     let row = table
         .lines()
         .find(|l| l.starts_with("(open device)"))

@@ -20,9 +20,7 @@ pub(crate) fn u(v: usize) -> u32 {
     u32::try_from(v).expect("parameter exceeds u32")
 }
 
-#[cfg(not(target_arch = "wasm32"))]
 use crate::error::Result;
-#[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::{Gpu, Recorder};
 
 /// One micro-benchmark line: a kernel at one of the model's real shapes.
@@ -49,25 +47,36 @@ impl std::fmt::Display for BenchResult {
 }
 
 /// Times `record` (which records one call of a kernel): one warm-up submission (compiles the
-/// pipelines), then `reps` timed submissions, each waited for. Returns the median ms.
-#[cfg(not(target_arch = "wasm32"))]
-pub fn time_op(
+/// pipelines), then `reps` timed submissions, each waited for. Returns the median ms. Async, so
+/// the page (which cannot block on the device) and the native tools time the same way.
+pub async fn time_async(
     gpu: &Gpu,
     reps: usize,
     mut record: impl FnMut(&mut Recorder) -> Result<()>,
 ) -> Result<f64> {
-    let mut once = |gpu: &Gpu| -> Result<f64> {
-        let t0 = std::time::Instant::now();
+    let mut v = Vec::new();
+    for i in 0..=reps.max(1) {
+        let t0 = crate::gpu::now_ms();
         let mut rec = gpu.new_recorder();
         record(&mut rec)?;
         rec.submit()?;
-        gpu.sync()?;
-        Ok(t0.elapsed().as_secs_f64() * 1e3)
-    };
-    once(gpu)?;
-    let mut v: Vec<f64> = (0..reps.max(1)).map(|_| once(gpu)).collect::<Result<_>>()?;
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        gpu.wait_idle().await?;
+        if i > 0 {
+            v.push(crate::gpu::now_ms() - t0);
+        }
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
     Ok(v[v.len() / 2])
+}
+
+/// [`time_async`], blocking.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn time_op(
+    gpu: &Gpu,
+    reps: usize,
+    record: impl FnMut(&mut Recorder) -> Result<()>,
+) -> Result<f64> {
+    pollster::block_on(time_async(gpu, reps, record))
 }
 
 /// A benchmark line from a median time and the work done per call.

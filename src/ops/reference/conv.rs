@@ -19,6 +19,17 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
+    /// How a check or a benchmark names this shape.
+    pub fn label(&self) -> String {
+        format!(
+            "B{} {}x{} Ci{} Co{} k{} s{} p{}",
+            self.b, self.h, self.w, self.ci, self.co, self.k, self.stride, self.pad
+        )
+    }
+    /// Input channels per output channel of the weight tensor: 1 for a depthwise convolution.
+    pub fn weight_in(&self, depthwise: bool) -> usize {
+        if depthwise { 1 } else { self.ci }
+    }
     pub fn oh(&self) -> usize {
         (self.h + 2 * self.pad - self.k) / self.stride + 1
     }

@@ -9,10 +9,6 @@ use crate::ops::conv::ConvGrads;
 use crate::ops::norm::{BnLayer, NormGrads};
 use crate::ops::reference::conv::ConvTShape;
 
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&a| a as f64).collect()
-}
-
 /// Named parts of a check's output (dx, dw, ...), each compared against its own scale.
 #[derive(Default)]
 pub(super) struct Parts {
@@ -420,15 +416,12 @@ pub(super) fn conv_backward_check(
     Check {
         name: name.to_string(),
         family: if depthwise { "depthwise" } else { "conv" },
-        shape: format!(
-            "B{} {}x{} Ci{} Co{} k{} s{} p{}",
-            s.b, s.h, s.w, s.ci, s.co, s.k, s.stride, s.pad
-        ),
+        shape: s.label(),
         tolerance: tol,
         body: body(move |gpu: &Gpu| {
             Box::pin(async move {
                 let mut rng = Rng::new(seed);
-                let wi = if depthwise { 1 } else { s.ci };
+                let wi = s.weight_in(depthwise);
                 let xs = [s.b, s.h, s.w, s.ci];
                 let ws = [s.co, wi, s.k, s.k];
                 let ys = [s.b, s.oh(), s.ow(), s.co];
