@@ -54,6 +54,61 @@ pub struct Weights {
     pub source: String,
 }
 
+/// A number type that safetensors values are decoded into.
+pub trait FromStored: Copy {
+    fn from_f32(v: f32) -> Self;
+    fn from_f64(v: f64) -> Self;
+}
+
+impl FromStored for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl FromStored for f64 {
+    fn from_f32(v: f32) -> Self {
+        v as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// The values of a safetensors tensor stored as F32, F16, BF16, F64 or I64 (little-endian), as
+/// `T`; None for any other dtype.
+pub fn tensor_values<T: FromStored>(view: &safetensors::tensor::TensorView<'_>) -> Option<Vec<T>> {
+    use safetensors::Dtype;
+    let raw = view.data();
+    let eight = |c: &[u8]| -> [u8; 8] { c.try_into().unwrap_or([0; 8]) };
+    Some(match view.dtype() {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| T::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|c| T::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
+            .collect(),
+        Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|c| T::from_f32(half::bf16::from_le_bytes([c[0], c[1]]).to_f32()))
+            .collect(),
+        Dtype::F64 => raw
+            .chunks_exact(8)
+            .map(|c| T::from_f64(f64::from_le_bytes(eight(c))))
+            .collect(),
+        Dtype::I64 => raw
+            .chunks_exact(8)
+            .map(|c| T::from_f64(i64::from_le_bytes(eight(c)) as f64))
+            .collect(),
+        _ => return None,
+    })
+}
+
 fn shape_str(s: &[usize]) -> String {
     format!(
         "[{}]",
@@ -164,45 +219,18 @@ impl Weights {
             // Checkpoints saved from nn.DataParallel carry a `module.` prefix.
             let key = name.strip_prefix("module.").unwrap_or(name).to_string();
             let shape = view.shape().to_vec();
-            let raw = view.data();
             use safetensors::Dtype;
-            let (data, stored): (Vec<f32>, Stored) = match view.dtype() {
-                Dtype::F32 => (
-                    raw.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                    Stored::F32,
-                ),
-                Dtype::F16 => (
-                    raw.chunks_exact(2)
-                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                        .collect(),
-                    Stored::F16,
-                ),
-                Dtype::BF16 => (
-                    raw.chunks_exact(2)
-                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                        .collect(),
-                    Stored::F32,
-                ),
-                Dtype::F64 => (
-                    raw.chunks_exact(8)
-                        .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-                        .collect(),
-                    Stored::F32,
-                ),
-                Dtype::I64 => (
-                    raw.chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
-                        .collect(),
-                    Stored::I64,
-                ),
-                other => {
-                    return Err(err(format!(
-                        "tensor '{key}' has unsupported dtype {other:?}"
-                    )));
-                }
+            let stored = match view.dtype() {
+                Dtype::F16 => Stored::F16,
+                Dtype::I64 => Stored::I64,
+                _ => Stored::F32,
             };
+            let data: Vec<f32> = tensor_values(&view).ok_or_else(|| {
+                err(format!(
+                    "tensor '{key}' has unsupported dtype {:?}",
+                    view.dtype()
+                ))
+            })?;
             if data.iter().any(|v| !v.is_finite()) {
                 return Err(err(format!(
                     "tensor '{key}' contains NaN or infinite values"
@@ -565,4 +593,48 @@ fn authors_init(s: &schema::Spec, shapes: &BTreeMap<&str, &[usize]>, rng: &mut R
     let fan_in: usize = wshape.iter().skip(1).product();
     let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
     (0..n).map(|_| rng.range(-bound, bound) as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tensor_values;
+    use safetensors::Dtype;
+    use safetensors::tensor::TensorView;
+
+    fn view(dtype: Dtype, bytes: &[u8], n: usize) -> TensorView<'_> {
+        TensorView::new(dtype, vec![n], bytes).unwrap()
+    }
+
+    /// Each stored dtype decodes to the values written, as f32 and as f64.
+    #[test]
+    fn tensor_values_decodes_every_stored_dtype() {
+        let vals = [1.5f64, -0.25, 3.0];
+        let f32b: Vec<u8> = vals.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+        let f16b: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
+            .collect();
+        let bf16b: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
+            .collect();
+        let f64b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for (dt, b) in [
+            (Dtype::F32, &f32b),
+            (Dtype::F16, &f16b),
+            (Dtype::BF16, &bf16b),
+            (Dtype::F64, &f64b),
+        ] {
+            let v = view(dt, b, 3);
+            assert_eq!(tensor_values::<f64>(&v).unwrap(), vals, "{dt:?}");
+            let as32: Vec<f32> = vals.iter().map(|&x| x as f32).collect();
+            assert_eq!(tensor_values::<f32>(&v).unwrap(), as32, "{dt:?}");
+        }
+        let i64b: Vec<u8> = [7i64, -3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            tensor_values::<f64>(&view(Dtype::I64, &i64b, 2)).unwrap(),
+            [7.0, -3.0]
+        );
+        assert!(tensor_values::<f32>(&view(Dtype::U8, &[1, 2], 2)).is_none());
+    }
 }

@@ -457,20 +457,10 @@ pub fn parse_embedding(bytes: &[u8], path: &Path, dim: usize) -> Result<(Vec<f32
         )
     })?;
     let shape = t.shape().to_vec();
-    let raw = t.data();
     let vals: Vec<f32> = match t.dtype() {
-        safetensors::Dtype::F32 => raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        safetensors::Dtype::F16 => raw
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        safetensors::Dtype::BF16 => raw
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {
+            crate::model::weights::tensor_values(&t).unwrap_or_default()
+        }
         other => {
             return Err(Error::weights(
                 path,

@@ -136,22 +136,12 @@ impl TinySource {
 
 /// A tensor's values (f32, f64 or i64) as f64.
 fn floats(v: &safetensors::tensor::TensorView<'_>) -> anyhow::Result<Vec<f64>> {
-    let d = v.data();
-    Ok(match v.dtype() {
-        Dtype::F32 => d
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-            .collect(),
-        Dtype::F64 => d
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect(),
-        Dtype::I64 => d
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64)
-            .collect(),
+    match v.dtype() {
+        Dtype::F32 | Dtype::F64 | Dtype::I64 => {
+            crate::model::weights::tensor_values(v).ok_or_else(|| anyhow::anyhow!("unreadable"))
+        }
         t => anyhow::bail!("{t:?}, not f32, f64 or i64"),
-    })
+    }
 }
 
 /// Tensors of one fixture part by their key (without the prefix).
