@@ -98,6 +98,11 @@ export function startServer() {
       });
       return;
     }
+    if (p === '/favicon.ico') {
+      res.writeHead(204);
+      res.end();
+      return;
+    }
     if (p === '/__blank__.html') {
       res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
       res.end('<!doctype html><meta charset="utf-8"><title>medfastsam harness</title><body></body>');
@@ -238,7 +243,8 @@ export function readSafetensors(buf) {
 // `zeroBelow` > 0, a tensor whose reference is below zeroBelow x the largest reference value of
 // all compared tensors is mathematically zero (e.g. the gradient of a key bias under softmax: its
 // values are rounding noise) and is judged apart: `zero` holds their count and the largest
-// |a-b| among them relative to that largest value.
+// |a-b| among them relative to that largest value. `rows`: every compared tensor {key, abs, rel,
+// zero}.
 export function compareTensors(got, want, keep = () => true, zeroBelow = 0) {
   const missing = [];
   let worstRel = { key: null, value: 0 };
@@ -263,18 +269,21 @@ export function compareTensors(got, want, keep = () => true, zeroBelow = 0) {
     pairs.push({ k, num, den });
     global = Math.max(global, den);
   }
+  const rows = [];
   for (const { k, num, den } of pairs) {
     compared++;
     if (num > worstAbs.value || worstAbs.key === null) worstAbs = { key: k, value: num };
     if (zeroBelow > 0 && den < zeroBelow * global) {
+      rows.push({ key: k, abs: num, zero: true });
       zero.count++;
       const v = num / Math.max(global, 1e-30);
       if (v > zero.value || zero.key === null) Object.assign(zero, { key: k, value: v });
       continue;
     }
     const rel = num === 0 ? 0 : num / Math.max(den, 1e-30);
+    rows.push({ key: k, abs: num, rel, zero: false });
     if (rel > worstRel.value || worstRel.key === null) worstRel = { key: k, value: rel };
   }
   for (const k of Object.keys(got.tensors)) if (keep(k) && !(k in want.tensors)) missing.push(`${k} (only in the page's file)`);
-  return { compared, missing, worstRel, worstAbs, zero, global };
+  return { compared, missing, worstRel, worstAbs, zero, global, rows };
 }
