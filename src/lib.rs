@@ -20,5 +20,7 @@ pub mod train;
 pub mod trained_on;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+pub mod web_train;
 
 pub use error::{Error, Result};

@@ -49,13 +49,13 @@ thread_local! {
     static STATE: RefCell<State> = RefCell::new(State::default());
 }
 
-fn js_error(name: &str, msg: impl std::fmt::Display) -> JsValue {
+pub(crate) fn js_error(name: &str, msg: impl std::fmt::Display) -> JsValue {
     let e = js_sys::Error::new(&msg.to_string());
     e.set_name(name);
     e.into()
 }
 
-fn to_js(e: Error) -> JsValue {
+pub(crate) fn to_js(e: Error) -> JsValue {
     let name = match &e {
         Error::Limit { .. } => "LimitError",
         Error::NoAdapter(_) => "NoAdapterError",
@@ -68,13 +68,13 @@ fn to_js(e: Error) -> JsValue {
     js_error(name, e)
 }
 
-fn gpu() -> Result<&'static Gpu, JsValue> {
+pub(crate) fn gpu() -> Result<&'static Gpu, JsValue> {
     STATE
         .with(|s| s.borrow().gpu)
         .ok_or_else(|| js_error("StateError", "the GPU is not initialised yet"))
 }
 
-fn weights() -> Result<Rc<Weights>, JsValue> {
+pub(crate) fn weights() -> Result<Rc<Weights>, JsValue> {
     STATE.with(|s| s.borrow().weights.clone()).ok_or_else(|| {
         js_error(
             "StateError",
