@@ -15,10 +15,13 @@ pub mod selftest;
 pub mod stream;
 #[cfg(any(test, feature = "testing"))]
 pub mod testutil;
+pub mod teach;
 pub mod tile;
 pub mod train;
 pub mod trained_on;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+pub mod web_teach;
 
 pub use error::{Error, Result};

@@ -55,7 +55,7 @@ fn js_error(name: &str, msg: impl std::fmt::Display) -> JsValue {
     e.into()
 }
 
-fn to_js(e: Error) -> JsValue {
+pub(crate) fn to_js(e: Error) -> JsValue {
     let name = match &e {
         Error::Limit { .. } => "LimitError",
         Error::NoAdapter(_) => "NoAdapterError",
@@ -74,7 +74,7 @@ fn gpu() -> Result<&'static Gpu, JsValue> {
         .ok_or_else(|| js_error("StateError", "the GPU is not initialised yet"))
 }
 
-fn weights() -> Result<Rc<Weights>, JsValue> {
+pub(crate) fn weights() -> Result<Rc<Weights>, JsValue> {
     STATE.with(|s| s.borrow().weights.clone()).ok_or_else(|| {
         js_error(
             "StateError",
@@ -83,7 +83,7 @@ fn weights() -> Result<Rc<Weights>, JsValue> {
     })
 }
 
-fn segmenter() -> Result<Rc<Segmenter<'static>>, JsValue> {
+pub(crate) fn segmenter() -> Result<Rc<Segmenter<'static>>, JsValue> {
     STATE.with(|s| s.borrow().seg.clone()).ok_or_else(|| {
         js_error(
             "StateError",
@@ -781,7 +781,7 @@ pub async fn segment_image(
 
 /// The channel and stain vectors of a `segment_image` call: those asked for, else those the
 /// weights record.
-fn resolve_channel(
+pub(crate) fn resolve_channel(
     channel: &str,
     macenko: bool,
     trained: Option<&TrainedOn>,

@@ -243,6 +243,20 @@ const ops = {
     out.ms = performance.now() - t0;
     return { value: out };
   },
+
+  // Teaching mode: the prepared Med-FastSAM's inner maps for one image (src/web_teach.rs), each
+  // as an ImageBitmap: input, coarse prompt, PCA of the embedding and of msf.r2/msf.r1, low-res
+  // logits, mask.
+  async teachMaps(msg) {
+    const t0 = performance.now();
+    const bytes = new Uint8Array(await msg.blob.arrayBuffer());
+    const r = await wasm.teach_maps(bytes, msg.name, msg.channel || '', Boolean(msg.macenko));
+    const maps = await Promise.all(
+      r.maps.map(async (m) => ({ ...m, rgba: undefined, bitmap: await bitmap(m.rgba, m.width, m.height) })),
+    );
+    const value = { ...r, maps, ms: performance.now() - t0 };
+    return { value, transfer: maps.map((m) => m.bitmap) };
+  },
 };
 
 let chain = Promise.resolve();
