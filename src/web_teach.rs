@@ -98,8 +98,10 @@ pub async fn teach_maps(
     let coarse_fg = coarse.iter().filter(|&&v| v > 0.5).count() as f64 / coarse.len().max(1) as f64;
 
     let maps = Array::new();
-    maps.push(&map("input", s, &rgba_in)?);
-    maps.push(&map("coarse", s, &unit_rgba(&coarse))?);
+    let m0 = map("input", s, &rgba_in)?;
+    maps.push(&m0);
+    let mc = map("coarse", s, &unit_rgba(&coarse))?;
+    maps.push(&mc);
     let e = map("embedding", g, &emb_rgba)?;
     set(&e, "explained", shares(emb_share))?;
     set(&e, "channels", d as f64)?;
@@ -115,7 +117,8 @@ pub async fn teach_maps(
     let l = map("lowres_logits", lr, &logit_rgba(&low, scale))?;
     set(&l, "scale", scale as f64)?;
     maps.push(&l);
-    maps.push(&map("mask", s, &unit_rgba(&mask))?);
+    let mm = map("mask", s, &unit_rgba(&mask))?;
+    maps.push(&mm);
 
     let o = Object::new();
     set(&o, "size", s as f64)?;

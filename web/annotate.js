@@ -383,7 +383,8 @@ export class Annotator {
             return;
           }
         }
-        this.poly.push([x, y]);
+        // Vertices snap to pixel corners, so a polygon covers whole pixels predictably.
+        this.poly.push([Math.round(x), Math.round(y)]);
         this.redraw();
       }
     });
