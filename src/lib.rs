@@ -23,5 +23,7 @@ pub mod trained_on;
 pub mod web;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web_teach;
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+pub mod web_train;
 
 pub use error::{Error, Result};

@@ -49,7 +49,7 @@ thread_local! {
     static STATE: RefCell<State> = RefCell::new(State::default());
 }
 
-fn js_error(name: &str, msg: impl std::fmt::Display) -> JsValue {
+pub(crate) fn js_error(name: &str, msg: impl std::fmt::Display) -> JsValue {
     let e = js_sys::Error::new(&msg.to_string());
     e.set_name(name);
     e.into()
@@ -68,7 +68,7 @@ pub(crate) fn to_js(e: Error) -> JsValue {
     js_error(name, e)
 }
 
-fn gpu() -> Result<&'static Gpu, JsValue> {
+pub(crate) fn gpu() -> Result<&'static Gpu, JsValue> {
     STATE
         .with(|s| s.borrow().gpu)
         .ok_or_else(|| js_error("StateError", "the GPU is not initialised yet"))

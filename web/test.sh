@@ -9,7 +9,8 @@
 # messages; and from a fresh profile the demo (warnings, channel, stale marker, overlay pixels,
 # viewer keys, tab order, axe-core audit, the ZIP of "Download all"), and the viewer alone
 # (web/test/viewer.mjs); and "Check this GPU" (web/test/selftest.mjs): the page's selftest report
-# validates against docs/selftest.schema.json and has the native `selftest --quick` verdicts.
+# validates against docs/selftest.schema.json and has the native `selftest --quick` verdicts; and
+# fine-tuning (web/test/train.mjs): the page's gradients and 20 Adam steps equal the CLI's.
 # Run from anywhere; exits non-zero on any failure. Needs what .ci/setup installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,9 @@ node web/test/viewer.mjs --chromium "$chromium" || die "viewer checks failed (se
 
 say "Check this GPU against the native selftest (web/test/selftest.mjs)"
 node web/test/selftest.mjs --cli "$target_dir/release/medfastsam" --chromium "$chromium" "$@" || die "the page's GPU check failed (see above)"
+
+say "fine-tuning in the page against the native CLI (web/test/train.mjs)"
+node web/test/train.mjs --cli "$target_dir/release/medfastsam" --chromium "$chromium" || die "the page's training checks failed (see above)"
 
 say "browser test"
 # Extra arguments go to run.mjs (web/screenshots.sh passes --screenshots web/screenshots).

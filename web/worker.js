@@ -49,6 +49,24 @@ function bitmap(rgba, w, h) {
   return createImageBitmap(new ImageData(new Uint8ClampedArray(rgba.buffer, rgba.byteOffset, rgba.length), w, h));
 }
 
+let trainPaused = false; // set by trainPause (and trainStop); read by trainStep between steps
+
+// The bytes of a Blob, ArrayBuffer, typed array or DataView.
+async function bytesOf(x) {
+  if (x instanceof Uint8Array) return x;
+  if (x instanceof ArrayBuffer) return new Uint8Array(x);
+  if (ArrayBuffer.isView(x)) return new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
+  if (x && typeof x.arrayBuffer === 'function') return new Uint8Array(await x.arrayBuffer());
+  throw new Error('expected file bytes (a Blob, ArrayBuffer or Uint8Array)');
+}
+
+// The memory budget of a training step when the page gives none: half of what the browser says
+// the machine has (navigator.deviceMemory, in GiB, rounded and capped by the browser), else none.
+function defaultBudget() {
+  const gib = self.navigator && self.navigator.deviceMemory;
+  return gib ? (gib * 1024 * 1024 * 1024) / 2 : undefined;
+}
+
 const ops = {
   async init(msg) {
     if (!self.navigator.gpu) {
@@ -234,6 +252,94 @@ const ops = {
     return { value: { report, ms: performance.now() - t0 } };
   },
 
+  // ---------------------------------------------------------------------------------------------
+  // Fine-tuning (docs/browser-training.md). Ops, fields and results:
+  //   trainMemory {mode, batch, budgetBytes?, options?}      -> {bytes, device_bytes, host_bytes, limit_bytes, fits, detail, image_size, batch, mode}
+  //   trainStart {options, checkpoint?: ArrayBuffer|Uint8Array} -> {mode, batch, accum, lr, weight_decay, seed, augment, step, epoch,
+  //                                                            step_in_epoch, image_size, variant, tuned_parameters, parameters}
+  //       options: {mode: 'semi'|'full', batch 1-4, accum, lr, seed, weight_decay, augment, variant, config, size, budget_bytes}
+  //   trainClearExamples {}                                  -> {train: 0, held_out: 0}
+  //   trainAddExample {name, image: Blob|ArrayBuffer|Uint8Array, mask: Blob|ArrayBuffer|Uint8Array, maskWidth?, maskHeight?, heldOut?}
+  //       mask: a mask file (PNG/TIFF...), or raw 0/255 bytes when maskWidth x maskHeight equals its length -> {train, held_out}
+  //   trainStep {steps = 1}: one progress {type:'progress', phase:'train', step, epoch, loss, focal, dice, ms} per step;
+  //       stops early (between steps) after a trainPause        -> {steps, paused, last: <the last step's record> | null}
+  //   trainPause {}: handled at once (outside the queue)      -> {pausing: true}
+  //   trainEval {}                                           -> {count, dice, iou, per_example, width, height, step, mask: ImageBitmap|null}
+  //   trainCheckpoint {}                                     -> {bytes: ArrayBuffer} (a checkpoint safetensors file; give back to trainStart)
+  //   trainWeights {}                                        -> {bytes: ArrayBuffer} (a weights safetensors file the CLI loads)
+  //   trainGradients {images: [...], masks: [...], mode, options?} -> {bytes: ArrayBuffer} (what `medfastsam gradients` writes)
+  //   trainStop {}                                           -> {stopped: bool}
+  // Errors come back as results with ok: false and {name, message} (ConfigError, LimitError, ImageError, StateError, ...).
+  async trainMemory(msg) {
+    const budget = msg.budgetBytes ?? defaultBudget();
+    return { value: JSON.parse(wasm.train_memory(msg.mode || 'semi', msg.batch || 1, budget, JSON.stringify(msg.options || {}))) };
+  },
+
+  async trainStart(msg) {
+    const options = { ...(msg.options || {}) };
+    if (options.budget_bytes === undefined) options.budget_bytes = defaultBudget();
+    const ck = msg.checkpoint ? await bytesOf(msg.checkpoint) : undefined;
+    trainPaused = false;
+    return { value: JSON.parse(wasm.train_start(JSON.stringify(options), ck)) };
+  },
+
+  async trainClearExamples() {
+    wasm.train_clear_examples();
+    return { value: { train: 0, held_out: 0 } };
+  },
+
+  async trainAddExample(msg) {
+    const image = await bytesOf(msg.image);
+    const mask = await bytesOf(msg.mask);
+    const counts = wasm.train_add_example(msg.name || 'image', image, mask, msg.maskWidth || 0, msg.maskHeight || 0, Boolean(msg.heldOut));
+    return { value: JSON.parse(counts) };
+  },
+
+  async trainStep(msg, progress) {
+    const n = Math.max(1, Math.floor(msg.steps || 1));
+    trainPaused = false;
+    let last = null;
+    let done = 0;
+    for (let i = 0; i < n; i++) {
+      if (trainPaused) break;
+      last = JSON.parse(await wasm.train_step());
+      done++;
+      progress({ phase: 'train', ...last });
+    }
+    const paused = trainPaused;
+    trainPaused = false;
+    return { value: { steps: done, paused, last } };
+  },
+
+  async trainEval() {
+    const r = await wasm.train_eval();
+    const { rgba, ...info } = r;
+    const mask = rgba.length ? await bitmap(rgba, info.width, info.height) : null;
+    return { value: { ...info, mask }, transfer: mask ? [mask] : [] };
+  },
+
+  async trainCheckpoint() {
+    const b = await wasm.train_checkpoint();
+    return { value: { bytes: b.buffer }, transfer: [b.buffer] };
+  },
+
+  async trainWeights() {
+    const b = await wasm.train_weights();
+    return { value: { bytes: b.buffer }, transfer: [b.buffer] };
+  },
+
+  async trainGradients(msg) {
+    const images = await Promise.all((msg.images || []).map(bytesOf));
+    const masks = await Promise.all((msg.masks || []).map(bytesOf));
+    const b = await wasm.gradients(images, masks, msg.mode || 'full', JSON.stringify(msg.options || {}));
+    return { value: { bytes: b.buffer }, transfer: [b.buffer] };
+  },
+
+  async trainStop() {
+    trainPaused = true;
+    return { value: JSON.parse(wasm.train_stop()) };
+  },
+
   async fixture(msg) {
     const res = await fetch(msg.url);
     if (!res.ok) throw new Error(`${msg.url}: HTTP ${res.status}`);
@@ -263,6 +369,13 @@ let chain = Promise.resolve();
 
 self.onmessage = (ev) => {
   const msg = ev.data;
+  // A pause must reach a multi-step trainStep that is running, so it skips the queue: it sets the
+  // flag the step loop reads between steps and answers at once.
+  if (msg && msg.op === 'trainPause') {
+    trainPaused = true;
+    self.postMessage({ id: msg.id, type: 'result', ok: true, value: { pausing: true } });
+    return;
+  }
   chain = chain.then(() => handle(msg));
 };
 

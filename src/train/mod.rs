@@ -6,9 +6,9 @@ pub mod cleanup;
 pub mod datasets;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod distill;
+pub mod gradients;
 pub mod metrics;
 pub mod params;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod trainer;
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -219,9 +219,17 @@ impl ParamStore {
     /// Reads the gradients back (`grad.<key>`).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_grads(&self, gpu: &Gpu) -> Result<BTreeMap<String, HostTensor>> {
+        pollster::block_on(self.read_grads_async(gpu))
+    }
+
+    /// [`ParamStore::read_grads`] without blocking.
+    pub async fn read_grads_async(&self, gpu: &Gpu) -> Result<BTreeMap<String, HostTensor>> {
         let mut out = BTreeMap::new();
         for (k, g) in &self.grads {
-            out.insert(format!("grad.{k}"), HostTensor::new(&g.shape, gpu.read(g)?));
+            out.insert(
+                format!("grad.{k}"),
+                HostTensor::new(&g.shape, gpu.read_async(g).await?),
+            );
         }
         Ok(out)
     }
@@ -229,15 +237,20 @@ impl ParamStore {
     /// Optimiser state (moments) as host tensors `adam.m.<key>`, `adam.v.<key>`.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_moments(&self, gpu: &Gpu) -> Result<BTreeMap<String, HostTensor>> {
+        pollster::block_on(self.read_moments_async(gpu))
+    }
+
+    /// [`ParamStore::read_moments`] without blocking.
+    pub async fn read_moments_async(&self, gpu: &Gpu) -> Result<BTreeMap<String, HostTensor>> {
         let mut out = BTreeMap::new();
         for (k, (m, v)) in &self.moments {
             out.insert(
                 format!("adam.m.{k}"),
-                HostTensor::new(&m.shape, gpu.read(m)?),
+                HostTensor::new(&m.shape, gpu.read_async(m).await?),
             );
             out.insert(
                 format!("adam.v.{k}"),
-                HostTensor::new(&v.shape, gpu.read(v)?),
+                HostTensor::new(&v.shape, gpu.read_async(v).await?),
             );
         }
         Ok(out)

@@ -4,7 +4,9 @@
 //! uninterrupted one. All randomness is a pure function of (seed, epoch, position), so nothing but
 //! the position has to be stored to resume.
 
-use super::metrics::{self, Scores};
+#[cfg(not(target_arch = "wasm32"))]
+use super::metrics;
+use super::metrics::Scores;
 use super::params::{ParamStore, TrainMode};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -95,6 +97,7 @@ pub trait Source {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl Source for super::datasets::Dataset {
     fn len(&self) -> usize {
         self.samples.len()
@@ -272,7 +275,13 @@ impl<'g> Trainer<'g> {
 
     /// One optimiser step: for each micro-batch forward (train mode), loss, backward (gradients
     /// accumulate, scaled by 1/accum), then Adam. Returns the mean (loss, focal, dice).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn step(&mut self, micro: &[Vec<Example>]) -> Result<[f32; 3]> {
+        pollster_block(self.step_async(micro))
+    }
+
+    /// [`Trainer::step`] without blocking (the page's worker awaits it; natively `step` blocks on it).
+    pub async fn step_async(&mut self, micro: &[Vec<Example>]) -> Result<[f32; 3]> {
         let s = self.ps.cfg.image_size;
         let mut rec = self.gpu.new_recorder();
         self.ps.zero_grads(&mut rec);
@@ -308,7 +317,7 @@ impl<'g> Trainer<'g> {
         }
         let mut mean = [0f32; 3];
         for v in &values {
-            let r = pollster_block(self.gpu.read_async(v))?;
+            let r = self.gpu.read_async(v).await?;
             for i in 0..3 {
                 mean[i] += r[i] / values.len() as f32;
             }
@@ -332,14 +341,26 @@ impl<'g> Trainer<'g> {
     }
 
     /// The current weights (authors' keys), read back from the device.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn weights(&self) -> Result<Weights> {
-        pollster_block(self.ps.to_weights_async(self.gpu))
+        pollster_block(self.weights_async())
+    }
+
+    /// [`Trainer::weights`] without blocking.
+    pub async fn weights_async(&self) -> Result<Weights> {
+        self.ps.to_weights_async(self.gpu).await
     }
 
     /// The current weights, refused (an error naming the first tensor) when any value is not
     /// finite: what is written to a file goes through here, so no file ever holds NaN or infinity.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn finite_weights(&self) -> Result<Weights> {
-        let w = self.weights()?;
+        pollster_block(self.finite_weights_async())
+    }
+
+    /// [`Trainer::finite_weights`] without blocking.
+    pub async fn finite_weights_async(&self) -> Result<Weights> {
+        let w = self.weights_async().await?;
         self.check_finite(&w)?;
         Ok(w)
     }
@@ -363,9 +384,15 @@ impl<'g> Trainer<'g> {
 
     /// A checkpoint of the current state in host memory (weights, Adam moments `adam.m.*` /
     /// `adam.v.*`, options and position), checked finite; [`Checkpoint::write`] writes it.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn checkpoint(&self) -> Result<Checkpoint> {
-        let mut w = self.weights()?;
-        for (k, t) in self.ps.read_moments(self.gpu)? {
+        pollster_block(self.checkpoint_async())
+    }
+
+    /// [`Trainer::checkpoint`] without blocking.
+    pub async fn checkpoint_async(&self) -> Result<Checkpoint> {
+        let mut w = self.weights_async().await?;
+        for (k, t) in self.ps.read_moments_async(self.gpu).await? {
             w.tensors.insert(k, t);
         }
         self.check_finite(&w)?;
@@ -387,13 +414,31 @@ impl<'g> Trainer<'g> {
 
     /// Writes a checkpoint: weights, Adam moments (`adam.m.*`, `adam.v.*`), options and position.
     /// Refuses (writing nothing) when any value is not finite.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
         self.checkpoint()?.write(path)
     }
 
     /// Continues from a checkpoint written by [`Trainer::save_checkpoint`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn resume(gpu: &'g Gpu, path: &std::path::Path) -> Result<Self> {
         let ck = read_checkpoint::<TrainState>(path, META_TRAIN, "training")?;
+        Trainer::from_checkpoint(gpu, ck, path)
+    }
+
+    /// Continues from a checkpoint held in memory: the bytes of a safetensors file that
+    /// [`Checkpoint::to_bytes`] (or [`Trainer::save_checkpoint`]) wrote; `source` names it in errors.
+    pub fn resume_from_bytes(gpu: &'g Gpu, bytes: &[u8], source: &str) -> Result<Self> {
+        let w = Weights::from_bytes(bytes, source)?;
+        let ck = split_checkpoint::<TrainState>(w, source, META_TRAIN, "training")?;
+        Trainer::from_checkpoint(gpu, ck, source.as_ref())
+    }
+
+    fn from_checkpoint(
+        gpu: &'g Gpu,
+        ck: CheckpointFile<TrainState>,
+        path: &std::path::Path,
+    ) -> Result<Self> {
         let mut t = Trainer::new(gpu, &ck.weights, &ck.cfg, ck.variant, ck.state.options)?;
         t.ps.load_moments(gpu, &ck.moments)
             .map_err(|e| Error::weights(path, e.to_string()))?;
@@ -416,12 +461,24 @@ pub struct CheckpointFile<S> {
 
 /// Reads a checkpoint whose run state is JSON under metadata key `meta_key`; `what` names the
 /// kind of run in errors ("not a training checkpoint").
+#[cfg(not(target_arch = "wasm32"))]
 pub fn read_checkpoint<S: serde::de::DeserializeOwned>(
     path: &std::path::Path,
     meta_key: &str,
     what: &str,
 ) -> Result<CheckpointFile<S>> {
-    let mut w = Weights::load(path)?;
+    split_checkpoint(Weights::load(path)?, path, meta_key, what)
+}
+
+/// [`read_checkpoint`] of weights already parsed (a file's or an in-memory copy's); `path` names
+/// them in errors.
+pub fn split_checkpoint<S: serde::de::DeserializeOwned>(
+    mut w: Weights,
+    path: impl AsRef<std::path::Path>,
+    meta_key: &str,
+    what: &str,
+) -> Result<CheckpointFile<S>> {
+    let path = path.as_ref();
     let state: S = match w.metadata.remove(meta_key) {
         Some(s) => serde_json::from_str(&s)
             .map_err(|e| Error::weights(path, format!("bad {what} state in metadata: {e}")))?,
@@ -464,11 +521,18 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Writes it atomically (a complete file or the previous one, never a partial one).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
         self.weights.save(path, &self.cfg, self.variant, false)
     }
+
+    /// The bytes of the safetensors file [`Checkpoint::write`] writes (what the page persists).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.weights.to_bytes(&self.cfg, self.variant, false)
+    }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn pollster_block<T>(f: impl std::future::Future<Output = T>) -> T {
     pollster::block_on(f)
 }
@@ -525,6 +589,7 @@ impl Evaluation {
 /// not finite (never turned into a mask or a score), is listed in [`Evaluation::unscored`] and the
 /// others are still scored; a GPU error stops the evaluation ([`Evaluation::stopped`]) keeping
 /// what was scored before it.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn evaluate_each(
     gpu: &Gpu,
     model: &MedFastSam,
@@ -600,6 +665,7 @@ pub fn evaluate_each(
 }
 
 /// [`evaluate_each`] where any example that cannot be scored is an error.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn evaluate(
     gpu: &Gpu,
     model: &MedFastSam,
@@ -611,6 +677,7 @@ pub fn evaluate(
 }
 
 /// Scores of the Otsu coarse prompt alone (the CP-Encoder's mask at the model size).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn evaluate_otsu(
     gpu: &Gpu,
     model: &MedFastSam,

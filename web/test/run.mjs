@@ -19,6 +19,7 @@
 //                     [--screenshots DIR]   (also saves the README's screenshots into DIR)
 //        node run.mjs --demo-only [--screenshots DIR]   (the fresh-profile demo checks alone)
 //        node run.mjs --bench --weights FILE [--image FILE] [--size N] [--repeat N]
+//        node run.mjs gradients|train ...   (the training harness: see train-harness.mjs)
 
 import http from 'node:http';
 import fs from 'node:fs';
@@ -27,7 +28,7 @@ import path from 'node:path';
 import zlib from 'node:zlib';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launch as launchChromium } from './lib.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const webRoot = path.resolve(here, '..');
@@ -329,24 +330,8 @@ const STALL_MONITOR = () => {
   }, 20);
 };
 
-async function launch() {
-  return chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: [
-      '--enable-unsafe-webgpu',
-      '--no-first-run',
-      '--no-default-browser-check',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--disable-quic',
-      '--disable-dev-shm-usage',
-      // Extra flags for debugging, e.g. MEDFASTSAM_CHROMIUM_ARGS='--enable-logging=stderr --v=1'
-      ...(process.env.MEDFASTSAM_CHROMIUM_ARGS || '').split(' ').filter(Boolean),
-    ],
-  });
-}
+// Chromium with WebGPU (web/test/lib.mjs).
+const launch = () => launchChromium(chromiumPath);
 
 function watch(page, errors) {
   page.on('console', (m) => {
@@ -1064,7 +1049,8 @@ async function runDemoOnly() {
 }
 
 try {
-  if (flag('--bench')) await runBench();
+  if (args[0] === 'gradients' || args[0] === 'train') await (await import('./train-harness.mjs')).harnessMain(args);
+  else if (flag('--bench')) await runBench();
   else if (flag('--demo-only')) await runDemoOnly();
   else await runTest();
 } catch (e) {
