@@ -352,8 +352,8 @@ export function initTraining(env) {
           rec.items.push({ name: it.name, file: it.file, preview: await previewPng(it), width: it.width, height: it.height, mask: it.mask.slice(), heldOut: it.heldOut });
         }
         if (checkpoint && t.session) {
-          const bytes = await env.call('trainCheckpoint');
-          rec.checkpoint = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+          const r = await env.call('trainCheckpoint');
+          rec.checkpoint = new Uint8Array(r.bytes);
           rec.step = t.step;
           rec.losses = t.losses;
           rec.dice = t.dice;
@@ -430,8 +430,10 @@ export function initTraining(env) {
 
   // ------------------------------------------------------------------ training
 
+  // The run's options; it trains at the prepared model's input size and variant.
   function options() {
-    return {
+    const p = env.prepared();
+    const o = {
       mode: ui.mode.value,
       batch: Number(ui.batch.value),
       accum: Number(ui.accum.value),
@@ -439,6 +441,11 @@ export function initTraining(env) {
       seed: Number(ui.seed.value),
       weight_decay: 0,
     };
+    if (p && !p.prompted) {
+      o.size = p.image_size;
+      o.variant = p.variant;
+    }
+    return o;
   }
 
   function setOptions(o) {
@@ -455,6 +462,7 @@ export function initTraining(env) {
     if (!(Number.isInteger(o.accum) && o.accum >= 1 && o.accum <= 16)) return 'accumulation must be a whole number from 1 to 16';
     if (!(o.lr > 0 && o.lr < 1)) return 'the learning rate must be a number above 0 and below 1 (e.g. 0.0001)';
     if (!(Number.isInteger(o.seed) && o.seed >= 0)) return 'the seed must be a whole number ≥ 0';
+    if (o.mode === 'full' && o.batch < 2) return 'full mode trains the BatchNorm layers on batch statistics, which needs a batch of at least 2';
     return null;
   }
 
@@ -486,13 +494,10 @@ export function initTraining(env) {
     const o = options();
     const seq = ++memSeq;
     try {
-      const m = await env.call('trainMemory', { mode: o.mode, batch: o.batch });
+      const m = await env.call('trainMemory', { mode: o.mode, batch: o.batch, options: { size: o.size } });
       if (seq !== memSeq) return;
       t.fits = Boolean(m.fits);
-      const mib = (b) => (b / (1 << 20)).toFixed(0) + ' MiB';
-      ui.memory.textContent = m.fits
-        ? `Memory: about ${mib(m.bytes)} on the GPU for ${o.mode} training at batch ${o.batch}${m.limit_bytes ? ` (largest buffer allowed: ${mib(m.limit_bytes)})` : ''}: fits.`
-        : `Does not fit: ${o.mode} training at batch ${o.batch} needs about ${mib(m.bytes)}${m.limit_bytes ? `, over this GPU's limit of ${mib(m.limit_bytes)}` : ''}${m.detail ? ` (${m.detail})` : ''}. Choose a smaller batch or semi mode.`;
+      ui.memory.textContent = m.fits ? `Memory estimate: ${m.detail}: fits.` : `Does not fit: ${m.detail}. Choose a smaller batch or semi mode.`;
       ui.memory.dataset.fits = String(m.fits);
     } catch (e) {
       if (seq !== memSeq) return;
@@ -547,11 +552,12 @@ export function initTraining(env) {
       refreshButtons();
       status(resume ? `Restoring the saved state (step ${t.saved?.step ?? 0})…` : 'Starting: sending the annotated images to the worker…');
       try {
-        const m = await env.call('trainMemory', { mode: o.mode, batch: o.batch });
-        if (!m.fits) throw new Error(`${o.mode} training at batch ${o.batch} does not fit this GPU (about ${(m.bytes / (1 << 20)).toFixed(0)} MiB${m.detail ? `; ${m.detail}` : ''}): choose a smaller batch or semi mode`);
+        const m = await env.call('trainMemory', { mode: o.mode, batch: o.batch, options: { size: o.size } });
+        if (!m.fits) throw new Error(`${m.detail}`);
         const checkpoint = resume && t.saved?.checkpoint ? new Uint8Array(t.saved.checkpoint) : undefined;
-        await env.call('trainStart', { options: o, checkpoint });
+        const started = await env.call('trainStart', { options: o, checkpoint });
         t.session = true;
+        if (resume && Number.isFinite(started?.step)) t.step = started.step;
         t.weightsName = env.weights()?.name || null;
         if (!resume) {
           t.step = 0;
@@ -587,7 +593,7 @@ export function initTraining(env) {
           got++;
           record(p);
         });
-        if (!got && r) record(r);
+        if (!got && r?.last) record(r.last);
       } catch (e) {
         t.running = false;
         const lost = e.fatal || /lost|device/i.test(e.message);
@@ -634,7 +640,8 @@ export function initTraining(env) {
     ctx.clearRect(0, 0, W, H);
     if (it?.image) ctx.drawImage(it.image, 0, 0, W, H);
     let src = null;
-    if (r.mask && r.width && r.height) {
+    if (typeof ImageBitmap !== 'undefined' && r.mask instanceof ImageBitmap) src = r.mask;
+    else if (r.mask && r.width && r.height) {
       const bytes = r.mask instanceof Uint8Array ? r.mask : new Uint8Array(r.mask);
       if (bytes.length === r.width * r.height * 4) src = await createImageBitmap(new ImageData(new Uint8ClampedArray(bytes), r.width, r.height));
       else if (bytes.length === r.width * r.height) {
@@ -727,6 +734,8 @@ export function initTraining(env) {
     if (!t.running) return;
     t.running = false;
     ui.pause.disabled = true;
+    // Answered at once by the worker: a multi-step request stops before its next step.
+    env.call('trainPause').catch(() => {});
     status(statusLine() + ' · pausing after this step…');
     env.announce('Training pauses after the current step.');
   });
@@ -734,7 +743,7 @@ export function initTraining(env) {
     if (!t.session) return;
     ui.weightsBtn.disabled = true;
     try {
-      const bytes = await env.call('trainWeights');
+      const { bytes } = await env.call('trainWeights');
       const base = stemOf(t.weightsName || 'medfastsam');
       env.saveBlob(new Blob([bytes], { type: 'application/octet-stream' }), `${base}-finetuned-step${t.step}.safetensors`);
     } catch (e) {

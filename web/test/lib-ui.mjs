@@ -1,97 +1,16 @@
-// Shared pieces for browser tests of the page's own sections (web/test/train-ui.mjs): a static
-// server for web/ (plus the tiny fixtures and axe-core), a headless Chromium with WebGPU, a logger
-// with pass/fail counting, an axe-core audit, screenshots, and small PNG/ZIP/TIFF readers and a PNG
-// writer for comparing what the page downloads.
+// Helpers for browser tests of the page's own sections (web/test/train-ui.mjs), on top of the
+// shared ones in lib.mjs (Chromium, the static server, arguments, the logger): a main-thread block
+// monitor, an axe-core audit, element screenshots, and small PNG/ZIP/TIFF readers and a PNG writer
+// for checking what the page downloads.
 
-import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import zlib from 'node:zlib';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { here, repoRoot } from './lib.mjs';
 
-export const here = path.dirname(fileURLToPath(import.meta.url));
-export const webRoot = path.resolve(here, '..');
-export const repoRoot = path.resolve(webRoot, '..');
+export { launch, startServer, parseArgs, logger, readSafetensors, repoRoot } from './lib.mjs';
 export const fixturesDir = path.join(repoRoot, 'tests', 'data', 'fixtures');
 const axeFile = path.join(here, 'node_modules', 'axe-core', 'axe.min.js');
-
-export function args() {
-  const a = process.argv.slice(2);
-  return {
-    opt: (name, dflt) => {
-      const i = a.indexOf(name);
-      return i >= 0 && i + 1 < a.length ? a[i + 1] : dflt;
-    },
-    flag: (name) => a.includes(name),
-  };
-}
-
-/** A logger whose check() counts failures. */
-export function reporter(tag) {
-  const t0 = Date.now();
-  const r = {
-    failures: 0,
-    checks: 0,
-    t0,
-    log: (...m) => console.log(`[${tag} ${((Date.now() - t0) / 1000).toFixed(1).padStart(6)}s]`, ...m),
-    check(ok, what, detail) {
-      r.checks++;
-      if (ok) r.log(`ok   ${what}`);
-      else {
-        r.failures++;
-        r.log(`FAIL ${what}${detail !== undefined ? ` -- ${typeof detail === 'string' ? detail : JSON.stringify(detail)}` : ''}`);
-      }
-      return ok;
-    },
-  };
-  return r;
-}
-
-const MIME = {
-  '.html': 'text/html; charset=utf-8',
-  '.js': 'text/javascript; charset=utf-8',
-  '.css': 'text/css; charset=utf-8',
-  '.wasm': 'application/wasm',
-  '.svg': 'image/svg+xml',
-  '.json': 'application/json',
-  '.md': 'text/plain; charset=utf-8',
-  '.png': 'image/png',
-  '.jpg': 'image/jpeg',
-};
-
-/** Serves web/ at / (never web/test/), the tiny fixtures at /__fixtures__/ and axe-core at
- * /__axe__/axe.min.js. Resolves to {server, origin}. */
-export function startServer() {
-  const server = http.createServer((req, res) => {
-    const p = decodeURIComponent(new URL(req.url, 'http://localhost').pathname);
-    let file = null;
-    if (p.startsWith('/__fixtures__/')) {
-      const name = path.basename(p);
-      if (/^tiny\.[a-z]+\.safetensors$/.test(name)) file = path.join(fixturesDir, name);
-    } else if (p === '/__axe__/axe.min.js') file = axeFile;
-    else {
-      const abs = path.resolve(webRoot, p === '/' ? 'index.html' : p.slice(1));
-      if (abs.startsWith(webRoot + path.sep) && !abs.includes(`${path.sep}test${path.sep}`)) file = abs;
-    }
-    if (!file || !fs.existsSync(file) || !fs.statSync(file).isFile()) {
-      res.writeHead(404, { 'content-type': 'text/plain' });
-      res.end('not found');
-      return;
-    }
-    res.writeHead(200, { 'content-type': MIME[path.extname(file)] || 'application/octet-stream', 'cache-control': 'no-store' });
-    fs.createReadStream(file).pipe(res);
-  });
-  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ server, origin: `http://127.0.0.1:${server.address().port}` })));
-}
-
-export function launch(chromiumPath) {
-  return chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: ['--enable-unsafe-webgpu', '--no-first-run', '--no-default-browser-check', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
-  });
-}
 
 /** Installed before the page's scripts: the longest gap between 20 ms timer ticks, and the longest
  * long task the browser reports, on the page's main thread (window.__block). reset() restarts. */
@@ -113,11 +32,12 @@ export const BLOCK_MONITOR = () => {
   }
 };
 
-/** axe-core on the page; serious and critical violations fail (all are printed). An absent
- * axe-core is a failure here, not a skip. `include`: selectors to audit (default: the document). */
-export async function axeAudit(rep, page, origin, what, include) {
+/** axe-core on the page (served through lib.mjs's server: `srv` is what startServer resolved
+ * to); serious and critical violations fail (all are printed). An absent axe-core is a failure
+ * here, not a skip. `include`: selectors to audit (default: the document). */
+export async function axeAudit(rep, page, srv, what, include) {
   if (!fs.existsSync(axeFile)) return rep.check(false, `axe-core audit (${what})`, 'web/test/node_modules/axe-core is missing (npm ci in web/test)');
-  if (!(await page.evaluate(() => typeof window.axe === 'object'))) await page.addScriptTag({ url: `${origin}/__axe__/axe.min.js` });
+  if (!(await page.evaluate(() => typeof window.axe === 'object'))) await page.addScriptTag({ url: `${srv.origin}${srv.addFile(axeFile)}` });
   const violations = await page.evaluate(async (inc) => {
     const ctx = inc ? { include: inc.map((s) => [s]) } : document;
     const r = await window.axe.run(ctx, { resultTypes: ['violations'] });
@@ -263,21 +183,4 @@ export function readZip(buf) {
     off += 46 + nameLen + extra + comment;
   }
   return out;
-}
-
-/** A safetensors file's header: {tensors: {name: {dtype, shape, data_offsets}}, metadata}. */
-export function readSafetensorsHeader(buf) {
-  if (buf.length < 8) throw new Error('shorter than a safetensors header');
-  const n = Number(buf.readBigUInt64LE(0));
-  if (n <= 0 || 8 + n > buf.length) throw new Error(`header length ${n} does not fit a ${buf.length}-byte file`);
-  const j = JSON.parse(buf.toString('utf8', 8, 8 + n));
-  const metadata = j.__metadata__ || {};
-  delete j.__metadata__;
-  let end = 0;
-  for (const [k, t] of Object.entries(j)) {
-    if (!Array.isArray(t.data_offsets) || !Array.isArray(t.shape)) throw new Error(`tensor ${k}: no shape or offsets`);
-    end = Math.max(end, t.data_offsets[1]);
-  }
-  if (8 + n + end !== buf.length) throw new Error(`tensor data ends at ${8 + n + end}, file is ${buf.length} bytes`);
-  return { tensors: j, metadata };
 }

@@ -20,13 +20,13 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { args, reporter, startServer, launch, BLOCK_MONITOR, axeAudit, shotElement, readPng, writeGreyPng, readTiffGrey, readZip, readSafetensorsHeader, repoRoot, fixturesDir } from './lib-ui.mjs';
+import { parseArgs, logger, startServer, launch, BLOCK_MONITOR, axeAudit, shotElement, readPng, writeGreyPng, readTiffGrey, readZip, readSafetensors, repoRoot, fixturesDir } from './lib-ui.mjs';
 
-const { opt } = args();
+const { opt } = parseArgs(process.argv.slice(2));
 const chromiumPath = opt('--chromium', process.env.CHROMIUM || '/usr/bin/chromium');
 const shots = opt('--screenshots');
 const STEPS = Number(opt('--steps', '4'));
-const rep = reporter('train-ui-test');
+const rep = logger('train-ui-test');
 const { log, check } = rep;
 
 const weights = path.join(fixturesDir, 'tiny.weights.safetensors');
@@ -110,7 +110,8 @@ async function run() {
   fs.writeFileSync(maskFile, writeGreyPng(lab.width, lab.height, truth));
   const wrong = writeGreyPng(10, 10, new Uint8Array(100).fill(255));
 
-  const { server, origin } = await startServer();
+  const srv = await startServer();
+  const { server, origin } = srv;
   const browser = await launch(chromiumPath);
   log(`chromium ${browser.version()}, serving ${origin}`);
   try {
@@ -236,7 +237,7 @@ async function run() {
 
     // ------------------------------------------------------------------ teaching mode
     await teachingChecks(page);
-    await axeAudit(rep, page, origin, 'annotation, training and teaching sections', ['#annotate', '#train', '#teach']);
+    await axeAudit(rep, page, srv, 'annotation, training and teaching sections', ['#annotate', '#train', '#teach']);
   } finally {
     await browser.close();
     server.close();
@@ -273,10 +274,18 @@ async function trainingChecks(page) {
     // ------------------------------------------------------------------ downloads
     const w = await download(page, () => page.click('#train-weights'));
     try {
-      const h = readSafetensorsHeader(w.bytes);
-      const meta = JSON.stringify(h.metadata);
+      const h = readSafetensors(w.bytes);
+      const n = Number(w.bytes.readBigUInt64LE(0));
+      const end = Math.max(...Object.values(h.tensors).map((t) => t.bytes.byteOffset - w.bytes.byteOffset + t.bytes.length));
+      if (end !== w.bytes.length || n <= 0) throw new Error(`tensor data ends at ${end} of a ${w.bytes.length}-byte file`);
       check(/\.safetensors$/.test(w.name) && Object.keys(h.tensors).length > 10, `Download weights gives ${w.name}, a safetensors file of ${Object.keys(h.tensors).length} tensors`);
-      check(/fine|train/i.test(Object.keys(h.metadata).join(' ')) && meta.includes(String(tr.step)), `its metadata records the fine-tuning (keys: ${Object.keys(h.metadata).join(', ')})`);
+      let ft = null;
+      try {
+        ft = JSON.parse(h.metadata['medfastsam.fine_tuning']);
+      } catch {
+        ft = null;
+      }
+      check(ft && ft.steps === tr.step && ft.mode === 'semi', `its metadata records the fine-tuning (medfastsam.fine_tuning: ${h.metadata['medfastsam.fine_tuning']})`, Object.keys(h.metadata));
     } catch (e) {
       check(false, 'the downloaded weights parse as safetensors', e.message);
     }
@@ -333,5 +342,5 @@ try {
   check(false, 'the test ran to the end', e.stack || String(e));
 }
 fs.rmSync(tmp, { recursive: true, force: true });
-log(`${rep.checks - rep.failures} of ${rep.checks} checks passed in ${((Date.now() - rep.t0) / 1000).toFixed(0)} s`);
-process.exit(rep.failures ? 1 : 0);
+log(`${rep.failures() ? `${rep.failures()} check(s) FAILED` : 'every check passed'} in ${rep.seconds().toFixed(0)} s`);
+process.exit(rep.failures() ? 1 : 0);
