@@ -13,9 +13,9 @@ pub mod rng;
 pub mod segment;
 pub mod selftest;
 pub mod stream;
+pub mod teach;
 #[cfg(any(test, feature = "testing"))]
 pub mod testutil;
-pub mod teach;
 pub mod tile;
 pub mod train;
 pub mod trained_on;

@@ -27,7 +27,12 @@ fn jacobi_eigen(mut a: Vec<f64>, n: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..n {
         v[i * n + i] = 1.0;
     }
-    let scale: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    let scale: f64 = a
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
     for _sweep in 0..100 {
         let mut off = 0f64;
         for p in 0..n {
@@ -278,8 +283,16 @@ mod tests {
                 "variances {:?}",
                 p.variances
             );
-            let dot: f64 = p.components[a].iter().zip(&axes[a]).map(|(x, y)| x * y).sum();
-            assert!((dot.abs() - 1.0).abs() < 1e-6, "component {a}: {:?}", p.components[a]);
+            let dot: f64 = p.components[a]
+                .iter()
+                .zip(&axes[a])
+                .map(|(x, y)| x * y)
+                .sum();
+            assert!(
+                (dot.abs() - 1.0).abs() < 1e-6,
+                "component {a}: {:?}",
+                p.components[a]
+            );
             // Sign convention: the largest-magnitude entry is positive.
             let big = p.components[a]
                 .iter()

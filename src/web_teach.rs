@@ -49,7 +49,11 @@ pub async fn teach_maps(
     let img = io::decode_rgb(&bytes, &name).map_err(to_js)?;
     drop(bytes);
     let (xf, _) = ChannelTransform::for_image(ch, vectors, &img);
-    let input = if xf.is_identity() { img } else { xf.apply(&img) };
+    let input = if xf.is_identity() {
+        img
+    } else {
+        xf.apply(&img)
+    };
     let s = seg.model.cfg.image_size;
     let resized = input.resize(s, s);
     let gpu = seg.gpu;

@@ -37,7 +37,9 @@ fn examples(n: usize, s: usize) -> Vec<Example> {
                 height: s,
                 data: (0..s * s * 3).map(|_| rng.below(256) as u8).collect(),
             },
-            mask: (0..s * s).map(|p| ((p / s + p % s + i) % 9 < 4) as u8).collect(),
+            mask: (0..s * s)
+                .map(|p| ((p / s + p % s + i) % 9 < 4) as u8)
+                .collect(),
         })
         .collect()
 }

@@ -367,7 +367,8 @@ export function initTraining(env) {
           t.savedAt = rec.savedAt;
         }
         document.body.dataset.trainSaved = String(t.savedStep ?? '');
-        ui.forget.disabled = false;
+        if (rec.checkpoint || !t.saved) t.saved = rec;
+        refreshButtons();
         return true;
       } catch (e) {
         showAlert(ui.trainAlert, `The training state could not be saved: ${quotaText(e)}. Training goes on, but a reload would lose what is not saved${t.savedStep != null ? ` (last saved: step ${t.savedStep})` : ''}.`);
@@ -651,18 +652,17 @@ export function initTraining(env) {
       } else src = await createImageBitmap(new Blob([bytes], { type: 'image/png' }));
     }
     if (src) {
-      // The mask in teal over the image: white pixels of the mask become the tint.
+      // The predicted mask (white on transparent, at the model's size) as a teal layer over the
+      // image, so both stay visible.
       const tint = new OffscreenCanvas(W, H);
       const tc = tint.getContext('2d');
       tc.drawImage(src, 0, 0, W, H);
-      tc.globalCompositeOperation = 'multiply';
+      tc.globalCompositeOperation = 'source-in';
       tc.fillStyle = 'rgb(20, 220, 160)';
       tc.fillRect(0, 0, W, H);
-      ctx.globalAlpha = it?.image ? 0.55 : 1;
-      ctx.globalCompositeOperation = it?.image ? 'screen' : 'source-over';
+      ctx.globalAlpha = it?.image ? 0.6 : 1;
       ctx.drawImage(tint, 0, 0);
       ctx.globalAlpha = 1;
-      ctx.globalCompositeOperation = 'source-over';
       src.close?.();
     }
     ui.predCaption.textContent = `Held-out prediction for ${it?.name || 'the held-out image'} at step ${t.step}: Dice ${Number(r.dice).toFixed(3)}`;
