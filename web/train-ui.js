@@ -8,7 +8,10 @@ import { Annotator, countForeground, decodeMaskFile, encodeMaskPng, maskFromSour
 import { makeZip } from './zip.js';
 
 const $ = (sel) => document.querySelector(sel);
-const SAVE_EVERY = 10; // steps between saves of the training state (also saved on pause)
+// The training state is saved after every step while a save costs at most a quarter of a step's
+// time (so closing the tab loses at most the step in flight); for models whose checkpoint is slow
+// to save relative to a step, every k steps, k chosen to keep that share (and on every pause).
+const SAVE_SHARE = 0.25;
 const TRAIN_KEY = 'training';
 
 function stemOf(name) {
@@ -85,7 +88,7 @@ export function initTraining(env) {
     saved: null, // the record found at start (resume offer)
     fits: null,
     weightsName: null,
-    lastBlockMs: 0,
+    saveMs: 0, // how long the last save of the training state took
   };
 
   function showAlert(el, text) {
@@ -588,6 +591,7 @@ export function initTraining(env) {
     status(statusLine() || 'Training…');
     while (t.running) {
       let got = 0;
+      const tStep = performance.now();
       try {
         const r = await env.call('trainStep', { steps: 1 }, (p) => {
           if (p.phase !== 'train') return;
@@ -605,7 +609,13 @@ export function initTraining(env) {
         break;
       }
       if (heldOut && t.step % evalEvery === 0) await evaluate();
-      if (t.step % SAVE_EVERY === 0) await persist({ checkpoint: true });
+      const stepMs = t.losses[t.losses.length - 1]?.ms || performance.now() - tStep;
+      const every = Math.max(1, Math.ceil(t.saveMs / (SAVE_SHARE * Math.max(1, stepMs))));
+      if (t.savedStep == null || t.step - t.savedStep >= every) {
+        const s0 = performance.now();
+        await persist({ checkpoint: true });
+        t.saveMs = performance.now() - s0;
+      }
       status(statusLine());
     }
     if (t.session) await persist({ checkpoint: true });
