@@ -274,8 +274,8 @@ mod tests {
             }
         }
         let p = principal_components(&data, 8, 4, 3).unwrap();
-        for d in 0..4 {
-            assert!((p.mean[d] - offset[d]).abs() < 1e-6, "mean {:?}", p.mean);
+        for (m, o) in p.mean.iter().zip(&offset) {
+            assert!((m - o).abs() < 1e-6, "mean {:?}", p.mean);
         }
         for a in 0..3 {
             assert!(

@@ -12,7 +12,6 @@ const $ = (sel) => document.querySelector(sel);
 // time (so closing the tab loses at most the step in flight); for models whose checkpoint is slow
 // to save relative to a step, every k steps, k chosen to keep that share (and on every pause).
 const SAVE_SHARE = 0.25;
-const TRAIN_KEY = 'training';
 
 function stemOf(name) {
   return name.replace(/\.[^.]*$/, '') || 'image';
@@ -328,9 +327,17 @@ export function initTraining(env) {
 
   // ------------------------------------------------------------------ persistence
 
+  // Two records in the 'training' store: 'annotations' (images, masks, held-out flags; written
+  // when they change) and 'checkpoint' (the worker's checkpoint, step, loss history, options;
+  // written after steps). Neither save reads the other back, so a save per step moves only the
+  // checkpoint's bytes through this thread.
+  const ANN_KEY = 'annotations';
+  const CKPT_KEY = 'checkpoint';
   let saveTimer = null;
   let saving = Promise.resolve();
+  let annotationsDirty = false;
   function scheduleSave() {
+    annotationsDirty = true;
     clearTimeout(saveTimer);
     saveTimer = setTimeout(() => persist({ checkpoint: false }), 800);
   }
@@ -343,34 +350,35 @@ export function initTraining(env) {
     return it.preview;
   }
 
-  /** Writes the annotations, and with `checkpoint` the worker's training state, to IndexedDB.
-   * A failure (storage full) is shown, never dropped. */
+  /** Writes the annotations (when changed) and, with `checkpoint`, the worker's training state to
+   * IndexedDB. A failure (storage full) is shown, never dropped. */
   function persist({ checkpoint }) {
-    clearTimeout(saveTimer);
+    if (!checkpoint) clearTimeout(saveTimer);
     const job = saving.then(async () => {
       try {
-        const rec = (await env.idbRequest('readonly', (s) => s.get(TRAIN_KEY), 'training').catch(() => null)) || {};
-        rec.items = [];
-        for (const it of items.values()) {
-          rec.items.push({ name: it.name, file: it.file, preview: await previewPng(it), width: it.width, height: it.height, mask: it.mask.slice(), heldOut: it.heldOut });
+        if (annotationsDirty) {
+          annotationsDirty = false;
+          const rec = { savedAt: Date.now(), items: [] };
+          for (const it of items.values()) {
+            rec.items.push({ name: it.name, file: it.file, preview: await previewPng(it), width: it.width, height: it.height, mask: it.mask.slice(), heldOut: it.heldOut });
+          }
+          try {
+            await env.idbRequest('readwrite', (s) => s.put(rec, ANN_KEY), 'training');
+          } catch (e) {
+            annotationsDirty = true;
+            throw e;
+          }
         }
         if (checkpoint && t.session) {
           const r = await env.call('trainCheckpoint');
-          rec.checkpoint = new Uint8Array(r.bytes);
-          rec.step = t.step;
-          rec.losses = t.losses;
-          rec.dice = t.dice;
-          rec.options = options();
-          rec.weights = t.weightsName;
-        }
-        rec.savedAt = Date.now();
-        await env.idbRequest('readwrite', (s) => s.put(rec, TRAIN_KEY), 'training');
-        if (checkpoint && t.session) {
+          const rec = { checkpoint: new Uint8Array(r.bytes), step: t.step, losses: t.losses, dice: t.dice, options: options(), weights: t.weightsName, savedAt: Date.now() };
+          await env.idbRequest('readwrite', (s) => s.put(rec, CKPT_KEY), 'training');
           t.savedStep = t.step;
           t.savedAt = rec.savedAt;
+          t.saved = rec;
         }
+        if (!t.saved) t.saved = { savedAt: Date.now() };
         document.body.dataset.trainSaved = String(t.savedStep ?? '');
-        if (rec.checkpoint || !t.saved) t.saved = rec;
         refreshButtons();
         return true;
       } catch (e) {
@@ -384,28 +392,29 @@ export function initTraining(env) {
   }
 
   async function loadSaved() {
+    let ann = null;
     let rec = null;
     try {
-      rec = await env.idbRequest('readonly', (s) => s.get(TRAIN_KEY), 'training');
+      ann = await env.idbRequest('readonly', (s) => s.get(ANN_KEY), 'training');
+      rec = await env.idbRequest('readonly', (s) => s.get(CKPT_KEY), 'training');
     } catch (e) {
       console.warn('training storage unavailable:', e);
       return;
     }
-    if (!rec) return;
-    for (const r of rec.items || []) {
+    for (const r of ann?.items || []) {
       const file = r.file instanceof File ? r.file : new File([r.file], r.name);
       const mask = r.mask instanceof Uint8Array ? r.mask : new Uint8Array(r.mask);
       items.set(r.name, { name: r.name, file, preview: r.preview, image: null, width: r.width, height: r.height, mask, heldOut: Boolean(r.heldOut), undo: [], redo: [], edited: true });
     }
-    t.saved = rec;
-    ui.forget.disabled = false;
-    if (rec.checkpoint) {
+    if (ann || rec) t.saved = rec || { savedAt: ann.savedAt };
+    if (rec?.checkpoint) {
       t.losses = rec.losses || [];
       t.dice = rec.dice || [];
       t.step = rec.step || 0;
       t.savedStep = t.step;
       if (rec.options) setOptions(rec.options);
-      ui.saved.textContent = `A training run was saved in this browser at step ${rec.step} (${new Date(rec.savedAt).toLocaleString()}, ${rec.items?.length || 0} annotated image${rec.items?.length === 1 ? '' : 's'}${rec.weights ? `, from ${rec.weights}` : ''}). Load the same weights, then press Resume to continue it.`;
+      const n = items.size;
+      ui.saved.textContent = `A training run was saved in this browser at step ${rec.step} (${new Date(rec.savedAt).toLocaleString()}, ${n} annotated image${n === 1 ? '' : 's'}${rec.weights ? `, from ${rec.weights}` : ''}). With those weights loaded, press Resume to continue it.`;
       ui.saved.hidden = false;
       drawPlot();
     }
@@ -414,12 +423,13 @@ export function initTraining(env) {
       await openImage(first);
     }
     refreshImageList();
+    refreshButtons();
   }
 
   ui.forget.addEventListener('click', async () => {
     if (t.running) return;
     try {
-      await env.idbRequest('readwrite', (s) => s.delete(TRAIN_KEY), 'training');
+      await env.idbRequest('readwrite', (s) => s.clear(), 'training');
     } catch (e) {
       showAlert(ui.trainAlert, `Could not delete the saved training: ${errText(e)}`);
       return;
