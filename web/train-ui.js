@@ -371,7 +371,9 @@ export function initTraining(env) {
         }
         if (checkpoint && t.session) {
           const r = await env.call('trainCheckpoint');
-          const rec = { checkpoint: new Uint8Array(r.bytes), step: t.step, losses: t.losses, dice: t.dice, options: options(), weights: t.weightsName, savedAt: Date.now() };
+          // As a Blob: IndexedDB keeps a Blob's bytes out of line, so the put does not serialise
+          // the checkpoint (tens of MB) on this thread.
+          const rec = { checkpoint: new Blob([r.bytes]), step: t.step, losses: t.losses, dice: t.dice, options: options(), weights: t.weightsName, savedAt: Date.now() };
           await env.idbRequest('readwrite', (s) => s.put(rec, CKPT_KEY), 'training');
           t.savedStep = t.step;
           t.savedAt = rec.savedAt;
@@ -568,7 +570,7 @@ export function initTraining(env) {
       try {
         const m = await env.call('trainMemory', { mode: o.mode, batch: o.batch, options: { size: o.size } });
         if (!m.fits) throw new Error(`${m.detail}`);
-        const checkpoint = resume && t.saved?.checkpoint ? new Uint8Array(t.saved.checkpoint) : undefined;
+        const checkpoint = resume && t.saved?.checkpoint ? t.saved.checkpoint : undefined;
         const started = await env.call('trainStart', { options: o, checkpoint });
         t.session = true;
         if (resume && Number.isFinite(started?.step)) t.step = started.step;
