@@ -370,11 +370,9 @@ export function initTraining(env) {
           }
         }
         if (checkpoint && t.session) {
-          const r = await env.call('trainCheckpoint');
-          // As a Blob: IndexedDB keeps a Blob's bytes out of line, so the put does not serialise
-          // the checkpoint (tens of MB) on this thread.
-          const rec = { checkpoint: new Blob([r.bytes]), step: t.step, losses: t.losses, dice: t.dice, options: options(), weights: t.weightsName, savedAt: Date.now() };
-          await env.idbRequest('readwrite', (s) => s.put(rec, CKPT_KEY), 'training');
+          const meta = { step: t.step, losses: t.losses, dice: t.dice, options: options(), weights: t.weightsName };
+          const r = await env.call('saveTrainingCheckpoint', { meta });
+          const rec = { ...meta, savedAt: r.savedAt, checkpointBytes: r.bytes };
           t.savedStep = t.step;
           t.savedAt = rec.savedAt;
           t.saved = rec;
@@ -493,7 +491,7 @@ export function initTraining(env) {
     ui.start.disabled = !ready || t.running || t.fits === false || !trainable;
     ui.start.title = !ready ? 'Load Med-FastSAM weights first' : !trainable ? 'Annotate at least one image that is not held out' : '';
     ui.pause.disabled = !t.running;
-    ui.resume.disabled = t.running || !ready || !(t.session || t.saved?.checkpoint);
+    ui.resume.disabled = t.running || !ready || !(t.session || t.saved?.checkpoint || t.saved?.checkpointBytes);
     ui.weightsBtn.disabled = t.running || !t.session;
     ui.forget.disabled = t.running || !t.saved;
     document.body.dataset.training = t.running ? 'running' : t.session ? 'paused' : 'idle';
@@ -570,7 +568,9 @@ export function initTraining(env) {
       try {
         const m = await env.call('trainMemory', { mode: o.mode, batch: o.batch, options: { size: o.size } });
         if (!m.fits) throw new Error(`${m.detail}`);
-        const checkpoint = resume && t.saved?.checkpoint ? t.saved.checkpoint : undefined;
+        let checkpoint = resume ? t.saved?.checkpoint : undefined;
+        if (resume && !checkpoint) checkpoint = (await env.idbRequest('readonly', (s) => s.get(CKPT_KEY), 'training'))?.checkpoint;
+        if (resume && !checkpoint) throw new Error('no saved training state was found in this browser');
         const started = await env.call('trainStart', { options: o, checkpoint });
         t.session = true;
         if (resume && Number.isFinite(started?.step)) t.step = started.step;

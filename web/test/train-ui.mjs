@@ -260,7 +260,14 @@ async function trainingChecks(page) {
     const trainSecs = (Date.now() - tTrain) / 1000;
     log(`trained ${tr.step} steps in ${trainSecs.toFixed(1)} s (page steps/s ${tr.stepsPerSecond}); main thread: longest timer gap ${block.timerGap.toFixed(0)} ms, longest long task ${block.longTask.toFixed(0)} ms`);
     check(tr.losses >= STEPS && Number.isFinite(tr.lastLoss), `the loss of every step is recorded (${tr.losses} steps, last loss ${tr.lastLoss})`);
-    check(block.timerGap < 100 && block.longTask < 100, `the main thread never blocked for 100 ms while training (timer gap ${block.timerGap.toFixed(0)} ms, long task ${block.longTask.toFixed(0)} ms)`);
+    // The browser's long-task entries measure the main thread's own tasks; the timer probe also
+    // counts time the OS did not schedule the renderer (a loaded machine), so it is the criterion
+    // only where long tasks are not reported.
+    if (block.longTask >= 0) {
+      check(block.longTask < 100, `the main thread never blocked for 100 ms while training (longest task ${block.longTask.toFixed(0)} ms; longest 20 ms-timer gap ${block.timerGap.toFixed(0)} ms, which includes OS scheduling delays)`);
+    } else {
+      check(block.timerGap < 100, `the main thread never blocked for 100 ms while training (no long-task API: longest 20 ms-timer gap ${block.timerGap.toFixed(0)} ms)`);
+    }
     const status = await page.textContent('#train-status');
     check(/steps\/s/.test(status) && tr.stepsPerSecond > 0, `steps per second are shown: "${status.trim()}"`);
     const plot = await canvasStats(page, '#train-plot');
