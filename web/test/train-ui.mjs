@@ -238,6 +238,19 @@ async function run() {
     // ------------------------------------------------------------------ teaching mode
     await teachingChecks(page);
     await axeAudit(rep, page, srv, 'annotation, training and teaching sections', ['#annotate', '#train', '#teach']);
+
+    // Storage full: the browser's put fails with QuotaExceededError on the next save of the
+    // annotations; the page must say so (not drop it silently).
+    await page.evaluate(() => {
+      IDBObjectStore.prototype.put = function () {
+        throw new DOMException('the quota has been exceeded (simulated)', 'QuotaExceededError');
+      };
+    });
+    await page.selectOption('#ann-image', 'image.tif');
+    await page.click('#ann-clear');
+    await waitFor(page, () => !document.querySelector('#train-alert').hidden, null, 'the storage-full message', 20000).catch(() => {});
+    const full = await page.evaluate(() => (document.querySelector('#train-alert').hidden ? '' : document.querySelector('#train-alert').textContent));
+    check(/could not be saved/.test(full) && /QuotaExceededError/.test(full) && /full/.test(full), `a full storage is reported: "${full.trim()}"`);
   } finally {
     await browser.close();
     server.close();
