@@ -13,6 +13,7 @@ pub mod rng;
 pub mod segment;
 pub mod selftest;
 pub mod stream;
+pub mod teach;
 #[cfg(any(test, feature = "testing"))]
 pub mod testutil;
 pub mod tile;
@@ -20,6 +21,8 @@ pub mod train;
 pub mod trained_on;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web;
+#[cfg(all(target_arch = "wasm32", feature = "web"))]
+pub mod web_teach;
 #[cfg(all(target_arch = "wasm32", feature = "web"))]
 pub mod web_train;
 

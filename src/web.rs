@@ -83,7 +83,7 @@ pub(crate) fn weights() -> Result<Rc<Weights>, JsValue> {
     })
 }
 
-fn segmenter() -> Result<Rc<Segmenter<'static>>, JsValue> {
+pub(crate) fn segmenter() -> Result<Rc<Segmenter<'static>>, JsValue> {
     STATE.with(|s| s.borrow().seg.clone()).ok_or_else(|| {
         js_error(
             "StateError",
@@ -781,7 +781,7 @@ pub async fn segment_image(
 
 /// The channel and stain vectors of a `segment_image` call: those asked for, else those the
 /// weights record.
-fn resolve_channel(
+pub(crate) fn resolve_channel(
     channel: &str,
     macenko: bool,
     trained: Option<&TrainedOn>,

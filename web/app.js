@@ -2,6 +2,8 @@
 // thread only draws, so the page stays responsive while pipelines compile and images segment.
 
 import { makeZip } from './zip.js';
+import { initTraining } from './train-ui.js';
+import { initTeaching } from './teach.js';
 
 const $ = (sel) => document.querySelector(sel);
 const IMAGE_EXT = /\.(png|jpe?g|bmp|tiff?)$/i;
@@ -251,11 +253,13 @@ function call(op, args = {}, onProgress, transfer = []) {
 
 function idb() {
   return new Promise((resolve, reject) => {
-    const req = indexedDB.open('medfastsam', 2);
+    const req = indexedDB.open('medfastsam', 3);
     req.onupgradeneeded = () => {
       const db = req.result;
       if (!db.objectStoreNames.contains('files')) db.createObjectStore('files');
       if (!db.objectStoreNames.contains('results')) db.createObjectStore('results');
+      // Annotations and the fine-tuning state (train-ui.js).
+      if (!db.objectStoreNames.contains('training')) db.createObjectStore('training');
     };
     req.onsuccess = () => resolve(req.result);
     req.onerror = () => reject(req.error);
@@ -1409,6 +1413,19 @@ function updateSummary() {
   ui.downloadAll.disabled = done.length === 0;
   markStale();
   updateUnload();
+  refreshExtras();
+}
+
+// The annotation, training and teaching sections follow the cards and the prepared model.
+let extras = null;
+let extrasPrepared;
+function refreshExtras() {
+  if (!extras) return;
+  extras.teaching.refresh();
+  if (extrasPrepared !== state.prepared) {
+    extrasPrepared = state.prepared;
+    extras.training.refresh();
+  } else extras.training.refreshImages();
 }
 
 function settingText(r) {
@@ -1605,7 +1622,11 @@ function toast(text) {
 // Inputs
 
 function takeFiles(list) {
-  const files = [...list];
+  let files = [...list];
+  // <stem>_mask.png: an annotation for the image <stem>.* (train-ui.js), not an image to segment.
+  const masks = files.filter((f) => /_mask\.png$/i.test(f.name));
+  files = files.filter((f) => !masks.includes(f));
+  if (masks.length && extras) extras.training.takeMasks(masks);
   const weights = files.filter((f) => WEIGHTS_EXT.test(f.name));
   const images = files.filter((f) => !WEIGHTS_EXT.test(f.name));
   // Images first: their cards say "Queued — model loading" while the weights load.
@@ -1908,6 +1929,22 @@ async function main() {
   ui.checkRun.addEventListener('click', runCheck);
   ui.checkDownload.addEventListener('click', downloadCheckReport);
   refreshChannelControls();
+  const channelArg = () => (ui.channel.value === 'auto' ? '' : ui.channel.value);
+  const extraEnv = {
+    call,
+    cards: () => state.cards,
+    prepared: () => state.prepared,
+    weights: () => state.weights,
+    idbRequest,
+    saveBlob,
+    announce,
+    channel: channelArg,
+    macenko: () => macenkoWanted(),
+  };
+  extras = { training: initTraining(extraEnv), teaching: initTeaching(extraEnv) };
+  window.medfastsam.training = extras.training.api;
+  window.medfastsam.teaching = extras.teaching;
+  await extras.training.ready;
   const params = new URLSearchParams(location.search);
   // The two offers of a first visit: the demo (if demo/ is beside the page) and the bundled
   // MobileSAM (if web/build.sh bundled it; ?no-bundled leaves it out).

@@ -62,6 +62,9 @@ node web/test/selftest.mjs --cli "$target_dir/release/medfastsam" --chromium "$c
 say "fine-tuning in the page against the native CLI (web/test/train.mjs)"
 node web/test/train.mjs --cli "$target_dir/release/medfastsam" --chromium "$chromium" || die "the page's training checks failed (see above)"
 
+say "annotation, the training view, resume, downloads and teaching mode (web/test/train-ui.mjs)"
+node web/test/train-ui.mjs --chromium "$chromium" "$@" || die "the page's annotation/training/teaching checks failed (see above)"
+
 say "browser test"
 # Extra arguments go to run.mjs (web/screenshots.sh passes --screenshots web/screenshots).
 node web/test/run.mjs --cli-masks "$tmp/cli" --cli-tiled "$tmp/cli-tiled" "${prompted[@]}" --chromium "$chromium" "$@" || die "browser checks failed (see above)"

@@ -349,6 +349,46 @@ const ops = {
     out.ms = performance.now() - t0;
     return { value: out };
   },
+
+  // The page's training view (web/train-ui.js): the run's checkpoint written to the page's
+  // IndexedDB from here, so its bytes (tens of MB) never pass through the page's main thread.
+  // msg.meta: what the page keeps beside it (step, loss history, options). -> {bytes}
+  async saveTrainingCheckpoint(msg) {
+    const ck = await wasm.train_checkpoint();
+    const rec = { ...(msg.meta || {}), checkpoint: new Blob([ck]), savedAt: Date.now() };
+    await new Promise((resolve, reject) => {
+      const req = indexedDB.open('medfastsam');
+      req.onerror = () => reject(req.error);
+      req.onsuccess = () => {
+        const db = req.result;
+        if (!db.objectStoreNames.contains('training')) {
+          db.close();
+          reject(new Error("the page's storage has no 'training' store"));
+          return;
+        }
+        const tx = db.transaction('training', 'readwrite');
+        tx.objectStore('training').put(rec, 'checkpoint');
+        tx.oncomplete = () => (db.close(), resolve());
+        tx.onerror = () => (db.close(), reject(tx.error));
+        tx.onabort = () => (db.close(), reject(tx.error || new Error('storage transaction aborted')));
+      };
+    });
+    return { value: { bytes: ck.length, savedAt: rec.savedAt } };
+  },
+
+  // Teaching mode: the prepared Med-FastSAM's inner maps for one image (src/web_teach.rs), each
+  // as an ImageBitmap: input, coarse prompt, PCA of the embedding and of msf.r2/msf.r1, low-res
+  // logits, mask.
+  async teachMaps(msg) {
+    const t0 = performance.now();
+    const bytes = new Uint8Array(await msg.blob.arrayBuffer());
+    const r = await wasm.teach_maps(bytes, msg.name, msg.channel || '', Boolean(msg.macenko));
+    const maps = await Promise.all(
+      r.maps.map(async (m) => ({ ...m, rgba: undefined, bitmap: await bitmap(m.rgba, m.width, m.height) })),
+    );
+    const value = { ...r, maps, ms: performance.now() - t0 };
+    return { value, transfer: maps.map((m) => m.bitmap) };
+  },
 };
 
 let chain = Promise.resolve();
