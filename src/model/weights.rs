@@ -609,7 +609,10 @@ mod tests {
     #[test]
     fn tensor_values_decodes_every_stored_dtype() {
         let vals = [1.5f64, -0.25, 3.0];
-        let f32b: Vec<u8> = vals.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+        let f32b: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| (v as f32).to_le_bytes())
+            .collect();
         let f16b: Vec<u8> = vals
             .iter()
             .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
