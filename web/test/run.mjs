@@ -28,7 +28,7 @@ import path from 'node:path';
 import zlib from 'node:zlib';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { launch as launchChromium } from './lib.mjs';
+import { launch as launchChromium, MIME } from './lib.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const webRoot = path.resolve(here, '..');
@@ -64,20 +64,6 @@ function check(ok, what) {
 // Static server: web/ at /, and the parity fixture (read-only) at /__fixtures__/ for check (b).
 // No security headers on purpose: the page must hold its CSP by itself (the <meta> tag).
 
-const MIME = {
-  '.html': 'text/html; charset=utf-8',
-  '.js': 'text/javascript; charset=utf-8',
-  '.mjs': 'text/javascript; charset=utf-8',
-  '.css': 'text/css; charset=utf-8',
-  '.wasm': 'application/wasm',
-  '.svg': 'image/svg+xml',
-  '.json': 'application/json',
-  '.safetensors': 'application/octet-stream',
-  '.md': 'text/plain; charset=utf-8',
-  '.png': 'image/png',
-  '.jpg': 'image/jpeg',
-  '.tif': 'image/tiff',
-};
 
 function startServer() {
   const served = [];
