@@ -28,6 +28,7 @@ export async function openEngine({ chromium, weights, log }) {
     log(`weights ${path.basename(weights)}: ${info.tensors} tensors, ${info.parameters} parameters`);
     return {
       ...w,
+      init,
       srv,
       browser,
       close: async () => {

@@ -1,13 +1,19 @@
 // Browser test of fine-tuning in the page (run by web/test.sh; needs the wasm build in web/pkg and
 // the native CLI). With the tiny fixture weights and the four quadrants of the nuclei image
 // (written by `medfastsam quickstart --rows otsu`), it checks the page's training ops against the
-// CLI on the same inputs:
+// CLI on the same inputs. The page runs on Chromium's SwiftShader, and the CLI runs on the same
+// driver (Vulkan through the SwiftShader ICD Chromium ships beside its executable), so the two
+// sides differ only in the WGSL compiler (Tint vs naga): what is checked is the code, not two
+// drivers' rounding. The CLI on the default adapter (lavapipe in CI) is compared too, with the
+// cross-driver bound.
 //   (a) one step's gradients (trainGradients) against `medfastsam gradients`, full and semi mode:
-//       every `grad.*` tensor and the loss within 1e-4 relative (max|page - cli| / max|cli| per
-//       tensor; the worst tensor is printed), the same keys;
+//       on the same driver every `grad.*` tensor and the loss within 1e-4 relative (max|page -
+//       cli| / max|cli| per tensor; the worst tensor is printed), the same keys; against the
+//       default adapter within 1e-3;
 //   (b) 20 Adam steps, seed 7, batch 2, semi mode, on the four quadrants (trainStart,
 //       trainAddExample in file-name order, trainStep {steps: 20}) against `medfastsam train
-//       --format generic --split all` for 10 epochs of 2 steps: final weights within 1e-5 (max abs
+//       --format generic --split all` on the same driver for 10 epochs of 2 steps: final weights
+//       within 1e-5 (max abs
 //       difference over every tensor; also printed relative), the same order of batches, and the
 //       loss of the last step below the first; the downloaded weights load in the CLI and record
 //       the fine-tuning; a checkpoint round trip (trainCheckpoint, trainStart from it) continues
@@ -17,11 +23,12 @@
 // Prints seconds per step in the page and natively, and the test's run time.
 //
 // Usage: node web/test/train.mjs --cli PATH [--chromium PATH]   exits 1 on failure
+// MEDFASTSAM_SWIFTSHADER_ICD names the SwiftShader ICD file when it is not beside Chromium.
 
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { parseArgs, logger, readSafetensors, compareTensors, repoRoot } from './lib.mjs';
 import { openEngine, pageGradients, pageTrain } from './train-harness.mjs';
 
@@ -32,7 +39,7 @@ const { log, check, failures, fail, seconds } = logger('train-test');
 const fixtures = path.join(repoRoot, 'tests', 'data', 'fixtures');
 const weights = path.join(fixtures, 'tiny.weights.safetensors');
 const config = path.join(fixtures, 'tiny.config.json');
-// Issue 13 asks for 1e-4 (reported); the check enforces 1e-3, the bound tests/parity_train.rs
+// On the same driver: issue 13's 1e-4. Against another driver: 1e-3, the bound tests/parity_train.rs
 // holds the native gradients to against PyTorch in float64: the attention query/key projections'
 // gradients pass through the softmax backward, whose cancellation turns the different rounding
 // of SwiftShader and llvmpipe (exp, reduction order) into a few 1e-4 of those tensors.
@@ -54,10 +61,40 @@ const SIZE = 64;
 // absolute difference relative to the largest gradient.
 const ZERO_BELOW = 1e-6;
 
-function run(args) {
+// Chromium's SwiftShader Vulkan ICD: beside the real Chromium executable (Debian's
+// /usr/lib/chromium, Chrome's and Playwright's bundles alike), or MEDFASTSAM_SWIFTSHADER_ICD.
+function swiftshaderIcd(chromiumPath) {
+  if (process.env.MEDFASTSAM_SWIFTSHADER_ICD) return process.env.MEDFASTSAM_SWIFTSHADER_ICD;
+  const exe = chromiumPath || process.env.CHROMIUM || '/usr/bin/chromium';
+  const candidates = [];
+  try {
+    candidates.push(path.join(path.dirname(fs.realpathSync(exe)), 'vk_swiftshader_icd.json'));
+  } catch {}
+  candidates.push('/usr/lib/chromium/vk_swiftshader_icd.json');
+  return candidates.find((f) => fs.existsSync(f));
+}
+// The page's adapter is SwiftShader (forced by --use-webgpu-adapter=swiftshader, so a machine with
+// a GPU compares the same thing).
+process.env.MEDFASTSAM_CHROMIUM_ARGS = `${process.env.MEDFASTSAM_CHROMIUM_ARGS || ''} --use-webgpu-adapter=swiftshader`;
+const icd = swiftshaderIcd(opt('--chromium'));
+const SAME = 'same driver';
+const OTHER = 'default adapter';
+
+// Runs the CLI on the page's driver (`on === SAME`) or on the default adapter; the adapter line
+// it prints is checked.
+function run(args, on = OTHER) {
   const t0 = Date.now();
-  const out = execFileSync(cli, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-  return { out, seconds: (Date.now() - t0) / 1000 };
+  const env = { ...process.env };
+  if (on === SAME) {
+    env.VK_ICD_FILENAMES = icd;
+    env.MEDFASTSAM_BACKEND = 'vulkan';
+    delete env.MEDFASTSAM_ADAPTER;
+  }
+  const r = spawnSync(cli, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env, maxBuffer: 64 << 20 });
+  if (r.status !== 0) throw new Error(`medfastsam ${args[0]} (${on}) failed (${r.status ?? r.signal}): ${r.stderr.slice(-2000)}`);
+  const adapter = /adapter:\s*([^\n]*)/.exec(r.stdout + r.stderr)?.[1] || '';
+  if (on === SAME && adapter && !/swiftshader/i.test(adapter)) throw new Error(`medfastsam ${args[0]} ran on ${adapter}, not on SwiftShader (VK_ICD_FILENAMES=${icd})`);
+  return { out: r.stdout, adapter, seconds: (Date.now() - t0) / 1000 };
 }
 
 async function expectRefusal(promise, pattern, what) {
@@ -88,35 +125,44 @@ try {
   log(`inputs: ${names.join(', ')} (256x256 quadrants of data/dsb2018-nuclei/image.tif)`);
 
   eng = await openEngine({ chromium: opt('--chromium'), weights, log });
+  const pageAdapter = `${eng.init.browser?.vendor || ''} ${eng.init.browser?.architecture || ''}`;
+  if (!icd || !/swiftshader/i.test(pageAdapter)) {
+    throw new Error(
+      `the same-driver comparison needs the page on SwiftShader (it is on '${pageAdapter.trim()}') and Chromium's SwiftShader Vulkan ICD for the CLI (${icd ? `found ${icd}` : 'vk_swiftshader_icd.json not found beside Chromium; set MEDFASTSAM_SWIFTSHADER_ICD'})`,
+    );
+  }
+  log(`the CLI's same-driver runs use ${icd}`);
 
-  // (a) gradients, full and semi.
+  // (a) gradients, full and semi: against the CLI on the same driver (issue 13's bound) and on the
+  // default adapter (the cross-driver bound).
   for (const mode of ['full', 'semi']) {
-    const cliOut = path.join(tmp, `cli-grad-${mode}.safetensors`);
-    const c = run(['gradients', '--weights', weights, '--config', config, '--images', ...images.slice(0, 2), '--masks', ...masks.slice(0, 2), '--out', cliOut, '--mode', mode, '--size', String(GRAD_SIZE)]);
     const p = await pageGradients(eng, { config, images: images.slice(0, 2), masks: masks.slice(0, 2), mode, size: GRAD_SIZE });
     const got = readSafetensors(p.bytes);
-    const want = readSafetensors(fs.readFileSync(cliOut));
-    const keysG = Object.keys(got.tensors).sort().join(',');
-    const keysW = Object.keys(want.tensors).sort().join(',');
-    const nGrad = Object.keys(want.tensors).filter((k) => k.startsWith('grad.')).length;
-    check(keysG === keysW && nGrad > 0, `${mode} mode: the page's gradients file has the CLI's ${Object.keys(want.tensors).length} keys (${nGrad} gradients)`);
-    const cmp = compareTensors(got, want, (k) => k.startsWith('grad.'), ZERO_BELOW);
-    const loss = compareTensors(got, want, (k) => k.startsWith('loss'));
-    log(`  ${mode}: page ${p.seconds.toFixed(1)} s, CLI ${c.seconds.toFixed(1)} s; loss page ${got.tensors.loss.data[0].toFixed(6)} CLI ${want.tensors.loss.data[0].toFixed(6)}`);
-    const over = cmp.rows.filter((r) => !r.zero && r.rel > GRAD_TOL).map((r) => `${r.key} ${r.rel.toExponential(2)}`);
-    gradWorst[mode] = cmp.worstRel;
-    check(
-      cmp.missing.length === 0 && cmp.compared > 0 && cmp.worstRel.value <= GRAD_BOUND && loss.worstRel.value <= GRAD_TOL,
-      `${mode} mode, ${GRAD_SIZE}²: every gradient within ${GRAD_BOUND} relative of medfastsam gradients (worst tensor ${cmp.worstRel.key}: ${cmp.worstRel.value.toExponential(2)}; ${cmp.compared} tensors; loss terms within ${loss.worstRel.value.toExponential(2)})`,
-      cmp.missing.length ? `missing: ${cmp.missing.slice(0, 5).join(', ')}` : undefined,
-    );
-    log(
-      `  ${mode}: issue 13's bound ${GRAD_TOL}: ${over.length ? `NOT MET by ${over.length} of ${cmp.compared - cmp.zero.count} tensors (${over.join(', ')})` : 'met by every tensor'}`,
-    );
-    check(
-      cmp.zero.value <= 1e-6,
-      `${mode} mode: the ${cmp.zero.count} mathematically zero gradient(s) (CLI values below ${ZERO_BELOW} of the largest, ${cmp.global.toExponential(2)}) agree within 1e-6 of it (worst ${cmp.zero.key}: ${cmp.zero.value.toExponential(2)})`,
-    );
+    for (const [on, bound] of [[SAME, GRAD_TOL], [OTHER, GRAD_BOUND]]) {
+      const cliOut = path.join(tmp, `cli-grad-${mode}-${on === SAME ? 'same' : 'other'}.safetensors`);
+      const c = run(['gradients', '--weights', weights, '--config', config, '--images', ...images.slice(0, 2), '--masks', ...masks.slice(0, 2), '--out', cliOut, '--mode', mode, '--size', String(GRAD_SIZE)], on);
+      const want = readSafetensors(fs.readFileSync(cliOut));
+      const keysG = Object.keys(got.tensors).sort().join(',');
+      const keysW = Object.keys(want.tensors).sort().join(',');
+      const nGrad = Object.keys(want.tensors).filter((k) => k.startsWith('grad.')).length;
+      check(keysG === keysW && nGrad > 0, `${mode} mode: the page's gradients file has the CLI's ${Object.keys(want.tensors).length} keys (${nGrad} gradients)`);
+      const cmp = compareTensors(got, want, (k) => k.startsWith('grad.'), ZERO_BELOW);
+      const loss = compareTensors(got, want, (k) => k.startsWith('loss'));
+      log(`  ${mode}, CLI on ${c.adapter}: page ${p.seconds.toFixed(1)} s, CLI ${c.seconds.toFixed(1)} s; loss page ${got.tensors.loss.data[0].toFixed(6)} CLI ${want.tensors.loss.data[0].toFixed(6)}`);
+      const over = cmp.rows.filter((r) => !r.zero && r.rel > GRAD_TOL).map((r) => `${r.key} ${r.rel.toExponential(2)}`);
+      if (on === SAME) gradWorst[mode] = cmp.worstRel;
+      else gradWorst[`${mode} (default adapter)`] = cmp.worstRel;
+      check(
+        cmp.missing.length === 0 && cmp.compared > 0 && cmp.worstRel.value <= bound && loss.worstRel.value <= GRAD_TOL,
+        `${mode} mode, ${GRAD_SIZE}², ${on}: every gradient within ${bound} relative of medfastsam gradients (worst tensor ${cmp.worstRel.key}: ${cmp.worstRel.value.toExponential(2)}; ${cmp.compared} tensors; loss terms within ${loss.worstRel.value.toExponential(2)})`,
+        cmp.missing.length ? `missing: ${cmp.missing.slice(0, 5).join(', ')}` : undefined,
+      );
+      if (on === OTHER) log(`  ${mode}, ${on}: tensors over 1e-4: ${over.length ? over.join(', ') : 'none'}`);
+      check(
+        cmp.zero.value <= 1e-6,
+        `${mode} mode, ${on}: the ${cmp.zero.count} mathematically zero gradient(s) (CLI values below ${ZERO_BELOW} of the largest, ${cmp.global.toExponential(2)}) agree within 1e-6 of it (worst ${cmp.zero.key}: ${cmp.zero.value.toExponential(2)})`,
+      );
+    }
   }
 
   // (c) refusals (before the run: no examples yet).
@@ -148,10 +194,10 @@ try {
   const mem = await eng.call('trainMemory', { mode: 'semi', batch: 2, options: { size: SIZE, config: JSON.parse(fs.readFileSync(config, 'utf8')) } });
   check(mem.bytes > 0 && typeof mem.detail === 'string', `trainMemory: ${mem.detail}`);
 
-  // (b) 20 steps against medfastsam train.
+  // (b) 20 steps against medfastsam train on the same driver.
   const cliDir = path.join(tmp, 'cli-train');
   const epochs = STEPS / ((names.length / BATCH) | 0);
-  const c = run(['train', '--data', data, '--format', 'generic', '--split', 'all', '--weights', weights, '--config', config, '--epochs', String(epochs), '--batch', String(BATCH), '--seed', String(SEED), '--mode', MODE, '--size', String(SIZE), '--out', cliDir]);
+  const c = run(['train', '--data', data, '--format', 'generic', '--split', 'all', '--weights', weights, '--config', config, '--epochs', String(epochs), '--batch', String(BATCH), '--seed', String(SEED), '--mode', MODE, '--size', String(SIZE), '--out', cliDir], SAME);
   const cliPerStep = c.seconds / STEPS;
   const t = await pageTrain(eng, { config, images, masks, steps: STEPS, seed: SEED, batch: BATCH, mode: MODE, size: SIZE });
   check(t.records.length === STEPS && t.result.steps === STEPS, `${STEPS} steps ran in the page, one progress message each (${t.records.length})`);
@@ -162,16 +208,7 @@ try {
   check(losses.length === STEPS && losses[STEPS - 1] < losses[0], `the loss falls in ${STEPS} steps: first ${losses[0]?.toFixed(5)}, last ${losses[STEPS - 1]?.toFixed(5)}`);
   const got = readSafetensors(t.bytes);
   const want = readSafetensors(fs.readFileSync(path.join(cliDir, 'final.safetensors')));
-  // The parameters the loss does not depend on (their gradient is mathematically zero: rounding
-  // noise, which Adam's normalisation turns into steps of about the learning rate, differently on
-  // each device), from the CLI's gradients of the first batch at this size and mode.
-  const zgFile = path.join(tmp, 'cli-grad-zero.safetensors');
-  run(['gradients', '--weights', weights, '--config', config, '--images', ...images.slice(0, 2), '--masks', ...masks.slice(0, 2), '--out', zgFile, '--mode', MODE, '--size', String(SIZE)]);
-  const zg = compareTensors(readSafetensors(fs.readFileSync(zgFile)), readSafetensors(fs.readFileSync(zgFile)), (k) => k.startsWith('grad.'), ZERO_BELOW);
-  const inert = new Set(zg.rows.filter((r) => r.zero).map((r) => r.key.slice('grad.'.length)));
   const cmpAll = compareTensors(got, want);
-  const cmp = compareTensors(got, want, (k) => !inert.has(k));
-  const cmpInert = compareTensors(got, want, (k) => inert.has(k));
   let over = 0, total = 0;
   const overTensors = new Set();
   for (const [k, w] of Object.entries(want.tensors)) {
@@ -184,14 +221,14 @@ try {
       }
     }
   }
-  weightDiff = { all: cmpAll.worstAbs, dependent: cmp.worstAbs, over, total };
+  weightDiff = { all: cmpAll.worstAbs, over, total };
   log(
-    `  weights after ${STEPS} steps: max abs diff ${cmpAll.worstAbs.value.toExponential(2)} (${cmpAll.worstAbs.key}) over all ${cmpAll.compared} tensors; ${cmp.worstAbs.value.toExponential(2)} (${cmp.worstAbs.key}) over the ${cmp.compared} the loss depends on, ${cmpInert.worstAbs.value.toExponential(2)} over the ${cmpInert.compared} with a mathematically zero gradient; ${over} of ${total} values (${((100 * over) / total).toFixed(4)} %, in ${overTensors.size} tensors) differ by more than ${WEIGHT_TOL}`,
+    `  weights after ${STEPS} steps: max abs diff ${cmpAll.worstAbs.value.toExponential(2)} (${cmpAll.worstAbs.key}) over all ${cmpAll.compared} tensors; ${over} of ${total} values differ by more than ${WEIGHT_TOL} (in ${overTensors.size} tensors)`,
   );
-  log(
-    `  issue 13's bound ${WEIGHT_TOL} (max abs diff): ${cmpAll.worstAbs.value <= WEIGHT_TOL ? 'met' : 'NOT MET'}: Adam's first steps move each value by about lr x sign(gradient), so a value whose gradient is rounding noise around 0 on either device moves up to lr (${5e-4}) apart`,
+  check(
+    cmpAll.missing.length === 0 && cmpAll.compared > 0 && cmpAll.worstAbs.value <= WEIGHT_TOL,
+    `${STEPS} Adam steps: every weight within ${WEIGHT_TOL} of medfastsam train's on the same driver (max abs diff ${cmpAll.worstAbs.value.toExponential(2)}, ${cmpAll.compared} tensors, ${total} values)`,
   );
-  check(cmp.missing.length === 0 && cmpAll.compared > 0 && over / total <= 1e-3, `${STEPS} Adam steps: at most 0.1 % of the weights' values differ from medfastsam train's by more than ${WEIGHT_TOL} (${over} of ${total})`);
   // What the two models compute: their loss and logits on the four quadrants (the CLI's gradients
   // command on each weights file).
   const pageW = path.join(tmp, 'page-final.safetensors');
@@ -204,7 +241,7 @@ try {
   }
   const fn = compareTensors(outs.page, outs.cli, (k) => k === 'logits' || k.startsWith('loss'));
   logitsDiff = fn.worstRel;
-  check(fn.compared === 4 && fn.worstRel.value <= 1e-3, `the page's and the CLI's trained models compute the same logits and loss on the four quadrants within 1e-3 relative (worst ${fn.worstRel.key}: ${fn.worstRel.value.toExponential(2)})`);
+  check(fn.compared === 4 && fn.worstRel.value <= 1e-5, `the page's and the CLI's trained models compute the same logits and loss on the four quadrants within 1e-5 relative (worst ${fn.worstRel.key}: ${fn.worstRel.value.toExponential(2)})`);
   // The per-epoch mean losses the CLI logs (log.jsonl) against the page's steps of each epoch:
   // the same batches in the same order give the same losses.
   const cliEpochs = fs.readFileSync(path.join(cliDir, 'log.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
@@ -233,7 +270,7 @@ try {
   const again = readSafetensors(eng.srv.upload((await eng.call('trainWeights', {}, {}, { bytes: 'weights2' })).bytes.uploaded));
   check(compareTensors(again, got).worstAbs.value === 0, 'the resumed run holds exactly the weights it was saved with');
 
-  log(`seconds per step (tiny preset, ${SIZE}², batch ${BATCH}, ${MODE}): page ${pagePerStep.toFixed(2)} s (SwiftShader, steps 2-${STEPS}), native ${cliPerStep.toFixed(2)} s (medfastsam train incl. start-up, ${c.seconds.toFixed(1)} s for ${STEPS})`);
+  log(`seconds per step (tiny preset, ${SIZE}², batch ${BATCH}, ${MODE}): page ${pagePerStep.toFixed(2)} s (SwiftShader, steps 2-${STEPS}), native ${cliPerStep.toFixed(2)} s (medfastsam train on SwiftShader incl. start-up and pipeline compilation, ${c.seconds.toFixed(1)} s for ${STEPS})`);
 } catch (e) {
   fail();
   log(`FAIL ${e.stack || e}`);
@@ -242,7 +279,8 @@ try {
   fs.rmSync(tmp, { recursive: true, force: true });
 }
 log(
-  `summary: gradients worst relative full ${gradWorst.full?.value.toExponential(2)} (${gradWorst.full?.key}), semi ${gradWorst.semi?.value.toExponential(2)} (${gradWorst.semi?.key}); ` +
+  `summary: gradients worst relative on the same driver: full ${gradWorst.full?.value.toExponential(2)} (${gradWorst.full?.key}), semi ${gradWorst.semi?.value.toExponential(2)} (${gradWorst.semi?.key}); ` +
+    `against the default adapter: full ${gradWorst['full (default adapter)']?.value.toExponential(2)}, semi ${gradWorst['semi (default adapter)']?.value.toExponential(2)}; ` +
     `weights after ${STEPS} steps max abs diff ${weightDiff?.all.value.toExponential(2)}, ${weightDiff?.over} of ${weightDiff?.total} values over ${WEIGHT_TOL}; trained models' logits ${logitsDiff?.value.toExponential(2)} relative`,
 );
 log(`run time ${seconds().toFixed(0)} s`);
