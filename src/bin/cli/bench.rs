@@ -33,12 +33,16 @@ pub struct BenchArgs {
     /// Also time every kernel of one forward at each size (each dispatch waited for).
     #[arg(long)]
     pub profile: bool,
-    /// Training-step benchmarks as PRESET:SIZE:BATCH (forward + backward + Adam).
+    /// Training-step benchmarks as PRESET:SIZE:BATCH[:MODE] (forward + backward + Adam; MODE full,
+    /// the default, or semi).
     #[arg(long, value_delimiter = ',', default_value = "tiny:256:4,paper:1024:4")]
     pub train: Vec<String>,
     /// Skip the training-step benchmarks.
     #[arg(long)]
     pub no_train: bool,
+    /// Skip the whole-model (forward) benchmark at --sizes.
+    #[arg(long)]
+    pub no_models: bool,
     /// Benchmark tiled inference instead (windows per second, blending overhead, megapixels per
     /// minute) at each of --sizes, for each of these presets.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_missing_value = "tiny,paper")]
@@ -132,6 +136,7 @@ pub struct TrainBench {
     pub preset: String,
     pub size: usize,
     pub batch: usize,
+    pub mode: &'static str,
     pub compile_ms: f64,
     pub step_ms: f64,
     pub images_per_s: f64,
@@ -178,6 +183,7 @@ pub fn bench_train(
     preset: &str,
     size: usize,
     batch: usize,
+    mode: medfastsam::train::params::TrainMode,
     reps: usize,
     profile: bool,
 ) -> anyhow::Result<TrainBench> {
@@ -188,6 +194,7 @@ pub fn bench_train(
     let w = Weights::init(&cfg, 1);
     let opts = TrainOptions {
         batch,
+        mode,
         ..TrainOptions::default()
     };
     let mut t = Trainer::new(gpu, &w, &cfg, Variant::Paper, opts)?;
@@ -265,6 +272,7 @@ pub fn bench_train(
         preset: preset.into(),
         size,
         batch,
+        mode: mode.name(),
         compile_ms: (first - step).max(0.0),
         step_ms: step,
         images_per_s: batch as f64 * 1e3 / step,
@@ -555,7 +563,8 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
         train: Vec::new(),
         kernels: Vec::new(),
     };
-    for &s in &a.sizes {
+    let model_sizes: &[usize] = if a.no_models { &[] } else { &a.sizes };
+    for &s in model_sizes {
         let cfg = base.with_image_size(s)?;
         let m = bench_model(&gpu, &cfg, variant, a.reps, a.profile)?;
         if !a.json {
@@ -580,16 +589,18 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
     if !a.no_train {
         for spec in &a.train {
             let p: Vec<&str> = spec.split(':').collect();
-            if p.len() != 3 {
-                anyhow::bail!("--train expects PRESET:SIZE:BATCH, got {spec}");
+            if !(3..=4).contains(&p.len()) {
+                anyhow::bail!("--train expects PRESET:SIZE:BATCH[:MODE], got {spec}");
             }
             let (size, batch) = (p[1].parse()?, p[2].parse()?);
-            let r = match bench_train(&gpu, p[0], size, batch, a.reps.min(3), a.profile) {
+            let mode = medfastsam::train::params::TrainMode::parse(p.get(3).unwrap_or(&"full"))?;
+            let r = match bench_train(&gpu, p[0], size, batch, mode, a.reps.min(3), a.profile) {
                 Ok(r) => r,
                 Err(e) => TrainBench {
                     preset: p[0].into(),
                     size,
                     batch,
+                    mode: mode.name(),
                     compile_ms: 0.0,
                     step_ms: f64::NAN,
                     images_per_s: 0.0,
@@ -601,11 +612,12 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
             if !a.json {
                 match &r.error {
                     None => println!(
-                        "train step {} {}² batch {}: {:.0} ms ({:.2} images/s; {:.2}x the forward of the same batch, \
+                        "train step {} {}² batch {} {}: {:.0} ms ({:.2} images/s; {:.2}x the forward of the same batch, \
                          i.e. backward + Adam {:.2}x), first step + compile overhead {:.0} ms, peak GPU memory {:.1} MiB",
                         r.preset,
                         r.size,
                         r.batch,
+                        r.mode,
                         r.step_ms,
                         r.images_per_s,
                         r.step_over_forward.unwrap_or(f64::NAN),
@@ -614,8 +626,8 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
                         r.peak_gpu_bytes as f64 / 1048576.0
                     ),
                     Some(e) => println!(
-                        "train step {} {}² batch {}: not run: {e}",
-                        r.preset, r.size, r.batch
+                        "train step {} {}² batch {} {}: not run: {e}",
+                        r.preset, r.size, r.batch, r.mode
                     ),
                 }
             }
