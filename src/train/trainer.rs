@@ -4,7 +4,6 @@
 //! uninterrupted one. All randomness is a pure function of (seed, epoch, position), so nothing but
 //! the position has to be stored to resume.
 
-#[cfg(not(target_arch = "wasm32"))]
 use super::metrics;
 use super::metrics::Scores;
 use super::params::{ParamStore, TrainMode};
@@ -595,6 +594,18 @@ pub fn evaluate_each(
     model: &MedFastSam,
     src: &dyn Source,
     with_hd95: bool,
+    on_image: impl FnMut(usize, &Evaluated),
+) -> Evaluation {
+    pollster_block(evaluate_each_async(gpu, model, src, with_hd95, on_image))
+}
+
+/// [`evaluate_each`] without blocking (the page's worker awaits it; natively `evaluate_each`
+/// blocks on it).
+pub async fn evaluate_each_async(
+    gpu: &Gpu,
+    model: &MedFastSam,
+    src: &dyn Source,
+    with_hd95: bool,
     mut on_image: impl FnMut(usize, &Evaluated),
 ) -> Evaluation {
     let s = model.cfg.image_size;
@@ -614,13 +625,14 @@ pub fn evaluate_each(
                 continue;
             }
         };
-        let logits = (|| -> Result<Vec<f32>> {
+        let logits = async {
             let px = gpu.upload_u32(&ex.image.packed(), &[1, s, s])?;
             let mut rec = gpu.new_recorder();
             let o = model.forward(&mut rec, &px, false)?;
             rec.submit()?;
-            gpu.read(&o.logits)
-        })();
+            gpu.read_async(&o.logits).await
+        }
+        .await;
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
