@@ -8,10 +8,10 @@ use super::metrics;
 use super::metrics::Scores;
 use super::params::{ParamStore, TrainMode};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::io::RgbImage;
 use crate::model::weights::HostTensor;
-use crate::model::{Config, MedFastSam, Variant, Weights};
+use crate::model::{Config, MedFastSam, Output, Saved, Variant, Weights};
 use crate::ops::loss::{LossConfig, seg_loss};
 use crate::ops::optim::AdamConfig;
 use crate::rng::Rng;
@@ -281,7 +281,6 @@ impl<'g> Trainer<'g> {
 
     /// [`Trainer::step`] without blocking (the page's worker awaits it; natively `step` blocks on it).
     pub async fn step_async(&mut self, micro: &[Vec<Example>]) -> Result<[f32; 3]> {
-        let s = self.ps.cfg.image_size;
         let mut rec = self.gpu.new_recorder();
         self.ps.zero_grads(&mut rec);
         let loss = LossConfig {
@@ -290,17 +289,8 @@ impl<'g> Trainer<'g> {
         };
         let mut values = Vec::new();
         for b in micro {
-            let px: Vec<u32> = b.iter().flat_map(|e| e.image.packed()).collect();
-            let tg: Vec<f32> = b
-                .iter()
-                .flat_map(|e| e.mask.iter().map(|&v| v as f32))
-                .collect();
-            let px = self.gpu.upload_u32(&px, &[b.len(), s, s])?;
-            let tg = self.gpu.upload(&tg, &[b.len(), s, s, 1])?;
-            let (out, saved) = self.model.forward_train(&mut rec, &px)?;
-            let (v, dlogits) = seg_loss(&mut rec, &out.logits, &tg, &loss)?;
-            self.model.backward(&mut rec, &saved, &dlogits)?;
-            values.push(v);
+            let r = record_batch(self.gpu, &self.model, &mut rec, b, &loss)?;
+            values.push(r.loss);
             // Keep one micro-batch's activations alive at a time.
             rec.flush()?;
         }
@@ -516,6 +506,44 @@ pub struct Checkpoint {
     variant: Variant,
     /// Optimiser steps done when it was taken.
     pub step: u64,
+}
+
+/// What [`record_batch`] recorded: the loss values (loss, focal, Dice loss) and the forward's
+/// output, with the batch's inputs and the backward's saved activations kept alive until the
+/// caller drops it (after its submit or flush).
+pub(crate) struct RecordedBatch {
+    pub loss: Tensor,
+    pub out: Output,
+    _keep: (Tensor, Tensor, Saved, Tensor),
+}
+
+/// Records on `rec` one forward (train mode), the loss and the backward of `batch` (examples at
+/// the model size): packs and uploads the images and masks; the parameter gradients accumulate.
+/// The one implementation behind [`Trainer::step_async`] and
+/// [`super::gradients::gradients_async`].
+pub(crate) fn record_batch(
+    gpu: &Gpu,
+    model: &MedFastSam,
+    rec: &mut Recorder,
+    batch: &[Example],
+    loss: &LossConfig,
+) -> Result<RecordedBatch> {
+    let s = model.cfg.image_size;
+    let px: Vec<u32> = batch.iter().flat_map(|e| e.image.packed()).collect();
+    let tg: Vec<f32> = batch
+        .iter()
+        .flat_map(|e| e.mask.iter().map(|&v| v as f32))
+        .collect();
+    let px = gpu.upload_u32(&px, &[batch.len(), s, s])?;
+    let tg = gpu.upload(&tg, &[batch.len(), s, s, 1])?;
+    let (out, saved) = model.forward_train(rec, &px)?;
+    let (v, dlogits) = seg_loss(rec, &out.logits, &tg, loss)?;
+    model.backward(rec, &saved, &dlogits)?;
+    Ok(RecordedBatch {
+        loss: v,
+        out,
+        _keep: (px, tg, saved, dlogits),
+    })
 }
 
 impl Checkpoint {
