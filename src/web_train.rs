@@ -706,8 +706,10 @@ pub async fn gradients(
         let img = io::decode_rgb(ib, &name).map_err(to_js)?;
         let mname = format!("mask {i}");
         let m = io::decode_gray(mb, &mname).map_err(to_js)?;
-        let bin = mask_for(&img, &name, &m, &mname).map_err(|e| js_error("ImageError", e))?;
-        examples.push(Example::at_size(name, &img, &bin, s));
+        examples.push(
+            Example::from_pair(&img, &name, &m, &mname, s)
+                .map_err(|e| js_error("ImageError", e))?,
+        );
     }
     let g = gradients_async(gpu, &w, &cfg, variant, mode, &examples)
         .await

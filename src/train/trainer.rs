@@ -42,6 +42,20 @@ impl Example {
         }
     }
 
+    /// An image and its mask as read from files (or bytes) named `image_name` and `mask_name`:
+    /// the mask binarised and checked against the image's size ([`super::gradients::mask_for`]),
+    /// then both at S×S ([`Example::at_size`]), named `image_name`.
+    pub fn from_pair(
+        image: &RgbImage,
+        image_name: &str,
+        mask: &crate::io::GrayImage,
+        mask_name: &str,
+        s: usize,
+    ) -> Result<Example> {
+        let bin = super::gradients::mask_for(image, image_name, mask, mask_name)?;
+        Ok(Example::at_size(image_name.to_string(), image, &bin, s))
+    }
+
     /// One of the 8 symmetries of the square (flips and 90° rotations), applied to image and mask.
     pub fn dihedral(&self, code: u8) -> Example {
         let s = self.image.width;
