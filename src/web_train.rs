@@ -18,6 +18,7 @@ use crate::train::trainer::{Example, MemorySource, TrainOptions, Trainer, evalua
 use crate::trained_on::{Polarity, PolarityStats, TrainedOn};
 use crate::web::{gpu, js_error, to_js, weights};
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
@@ -398,11 +399,13 @@ fn sources(
         let (mut train, mut held) = (Vec::new(), Vec::new());
         for e in &st.examples {
             let image = if channel == Channel::Rgb {
-                e.image.clone()
+                Cow::Borrowed(&e.image)
             } else {
-                ChannelTransform::for_image(channel, vectors, &e.image)
-                    .0
-                    .apply(&e.image)
+                Cow::Owned(
+                    ChannelTransform::for_image(channel, vectors, &e.image)
+                        .0
+                        .apply(&e.image),
+                )
             };
             let ex = Example::at_size(e.name.clone(), &image, &e.mask, s);
             if e.held_out {
