@@ -422,45 +422,12 @@ pub fn transform_from_rows(
     Ok(ChannelTransform::from_samples(channel, vectors, &samples))
 }
 
-/// Eigen-decomposition of a symmetric 3×3 matrix (cyclic Jacobi): eigenvalues descending, with
-/// their unit eigenvectors.
-#[allow(clippy::needless_range_loop)]
-fn symmetric_eigen(mut a: [[f64; 3]; 3]) -> [(f64, [f64; 3]); 3] {
-    let mut v = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
-    for _ in 0..64 {
-        let off = a[0][1].abs() + a[0][2].abs() + a[1][2].abs();
-        if off < 1e-15 {
-            break;
-        }
-        for (p, q) in [(0, 1), (0, 2), (1, 2)] {
-            if a[p][q].abs() < 1e-300 {
-                continue;
-            }
-            let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
-            let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-            let t = if theta == 0.0 { 1.0 } else { t };
-            let c = 1.0 / (t * t + 1.0).sqrt();
-            let s = t * c;
-            // A' = Jᵀ A J with J the rotation in the (p, q) plane.
-            for k in 0..3 {
-                let (akp, akq) = (a[k][p], a[k][q]);
-                a[k][p] = c * akp - s * akq;
-                a[k][q] = s * akp + c * akq;
-            }
-            for k in 0..3 {
-                let (apk, aqk) = (a[p][k], a[q][k]);
-                a[p][k] = c * apk - s * aqk;
-                a[q][k] = s * apk + c * aqk;
-            }
-            for row in v.iter_mut() {
-                let (vp, vq) = (row[p], row[q]);
-                row[p] = c * vp - s * vq;
-                row[q] = s * vp + c * vq;
-            }
-        }
-    }
+/// Eigen-decomposition of a symmetric 3×3 matrix (cyclic Jacobi, [`crate::eigen`]): eigenvalues
+/// descending, with their unit eigenvectors.
+fn symmetric_eigen(a: [[f64; 3]; 3]) -> [(f64, [f64; 3]); 3] {
+    let (vals, v) = crate::eigen::symmetric_eigen(a.concat(), 3);
     let mut out: Vec<(f64, [f64; 3])> = (0..3)
-        .map(|i| (a[i][i], [v[0][i], v[1][i], v[2][i]]))
+        .map(|i| (vals[i], [v[i], v[3 + i], v[6 + i]]))
         .collect();
     out.sort_by(|x, y| y.0.total_cmp(&x.0));
     [out[0], out[1], out[2]]

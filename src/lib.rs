@@ -2,6 +2,7 @@
 //! numerical kernel a hand-written WGSL compute shader.
 
 pub mod channel;
+mod eigen;
 pub mod error;
 pub mod gpu;
 pub mod import;

@@ -13,12 +13,12 @@ use crate::io::{self, GrayImage, RgbImage};
 use crate::model::memory;
 use crate::model::{Config, Variant, Weights};
 use crate::train::gradients::{gradients_async, mask_for};
-use crate::train::metrics;
 use crate::train::params::TrainMode;
-use crate::train::trainer::{Example, MemorySource, TrainOptions, Trainer};
+use crate::train::trainer::{Example, MemorySource, TrainOptions, Trainer, evaluate_each_async};
 use crate::trained_on::{Polarity, PolarityStats, TrainedOn};
 use crate::web::{gpu, js_error, to_js, weights};
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
@@ -399,11 +399,13 @@ fn sources(
         let (mut train, mut held) = (Vec::new(), Vec::new());
         for e in &st.examples {
             let image = if channel == Channel::Rgb {
-                e.image.clone()
+                Cow::Borrowed(&e.image)
             } else {
-                ChannelTransform::for_image(channel, vectors, &e.image)
-                    .0
-                    .apply(&e.image)
+                Cow::Owned(
+                    ChannelTransform::for_image(channel, vectors, &e.image)
+                        .0
+                        .apply(&e.image),
+                )
             };
             let ex = Example::at_size(e.name.clone(), &image, &e.mask, s);
             if e.held_out {
@@ -532,40 +534,36 @@ async fn eval_inner(t: &Trainer<'static>) -> Result<JsValue, JsValue> {
     let (channel, vectors) = channel_of(t)?;
     let s = t.ps.cfg.image_size;
     let (_, held) = sources(s, channel, vectors);
-    let gpu = t.gpu;
-    let mut per = Vec::new();
-    let mut first: Option<Vec<u8>> = None;
-    let (mut dice, mut iou) = (0.0, 0.0);
-    for ex in &held.0 {
-        let px = gpu
-            .upload_u32(&ex.image.packed(), &[1, s, s])
-            .map_err(to_js)?;
-        let mut rec = gpu.new_recorder();
-        let o = t.model.forward(&mut rec, &px, false).map_err(to_js)?;
-        rec.submit().map_err(to_js)?;
-        let logits = gpu.read_async(&o.logits).await.map_err(to_js)?;
-        if logits.iter().any(|v| !v.is_finite()) {
-            return Err(js_error(
+    let ev = evaluate_each_async(t.gpu, &t.model, &*held, false, |_, _| {}).await;
+    if let Some(u) = ev.unscored.into_iter().next() {
+        return Err(if u.non_finite {
+            js_error(
                 "Error",
                 format!(
                     "{}: the model's logits are not finite: training has diverged; lower the learning rate",
-                    ex.id
+                    u.id
                 ),
-            ));
-        }
-        let pred: Vec<u8> = logits.iter().map(|&v| (v > 0.0) as u8).collect();
-        let sc = metrics::scores(&pred, &ex.mask, s, s, false);
-        dice += sc.dice;
-        iou += sc.iou;
-        per.push(json!({ "name": ex.id, "dice": sc.dice, "iou": sc.iou }));
-        if first.is_none() {
-            first = Some(
-                pred.iter()
-                    .flat_map(|&v| if v != 0 { [255u8; 4] } else { [0u8; 4] })
-                    .collect(),
-            );
-        }
+            )
+        } else {
+            to_js(u.error)
+        });
     }
+    if let Some(e) = ev.stopped {
+        return Err(to_js(e));
+    }
+    let (mut dice, mut iou) = (0.0, 0.0);
+    let mut per = Vec::new();
+    for e in &ev.scored {
+        dice += e.scores.dice;
+        iou += e.scores.iou;
+        per.push(json!({ "name": e.id, "dice": e.scores.dice, "iou": e.scores.iou }));
+    }
+    let first: Option<Vec<u8>> = ev.scored.first().map(|e| {
+        e.pred
+            .iter()
+            .flat_map(|&v| if v != 0 { [255u8; 4] } else { [0u8; 4] })
+            .collect()
+    });
     let n = held.0.len();
     let info = json!({
         "count": n,
@@ -711,8 +709,10 @@ pub async fn gradients(
         let img = io::decode_rgb(ib, &name).map_err(to_js)?;
         let mname = format!("mask {i}");
         let m = io::decode_gray(mb, &mname).map_err(to_js)?;
-        let bin = mask_for(&img, &name, &m, &mname).map_err(|e| js_error("ImageError", e))?;
-        examples.push(Example::at_size(name, &img, &bin, s));
+        examples.push(
+            Example::from_pair(&img, &name, &m, &mname, s)
+                .map_err(|e| js_error("ImageError", e))?,
+        );
     }
     let g = gradients_async(gpu, &w, &cfg, variant, mode, &examples)
         .await

@@ -3,13 +3,13 @@
 
 use super::datasets::binarize;
 use super::params::{ParamStore, TrainMode};
-use super::trainer::Example;
+use super::trainer::{Example, record_batch};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::{GrayImage, RgbImage};
 use crate::model::weights::HostTensor;
 use crate::model::{Config, MedFastSam, Variant, Weights};
-use crate::ops::loss::{LossConfig, seg_loss};
+use crate::ops::loss::LossConfig;
 use std::collections::BTreeMap;
 
 /// A mask for `image` as 0/1 (foreground > 127, or > 0 for masks whose values stay below 128, as
@@ -68,26 +68,19 @@ pub async fn gradients_async(
             "no images: gradients need at least one".into(),
         ));
     }
-    let mut px = Vec::with_capacity(n * s * s);
-    let mut tg = Vec::with_capacity(n * s * s);
     for e in examples {
         if e.image.width != s || e.image.height != s || e.mask.len() != s * s {
             return Err(Error::Invalid(format!("example {} is not {s}x{s}", e.id)));
         }
-        px.extend(e.image.packed());
-        tg.extend(e.mask.iter().map(|&v| v as f32));
     }
     let ps = ParamStore::new(gpu, weights, cfg, variant, mode)?;
-    let pxt = gpu.upload_u32(&px, &[n, s, s])?;
-    let tgt = gpu.upload(&tg, &[n, s, s, 1])?;
     let mut rec = gpu.new_recorder();
     ps.zero_grads(&mut rec);
     let model = MedFastSam::from_params(&ps)?;
-    let (out, saved) = model.forward_train(&mut rec, &pxt)?;
-    let (loss, dlogits) = seg_loss(&mut rec, &out.logits, &tgt, &LossConfig::default())?;
-    model.backward(&mut rec, &saved, &dlogits)?;
+    let r = record_batch(gpu, &model, &mut rec, examples, &LossConfig::default())?;
+    let out = &r.out;
     rec.submit()?;
-    let l = gpu.read_async(&loss).await?;
+    let l = gpu.read_async(&r.loss).await?;
     let mut tensors = ps.read_grads_async(gpu).await?;
     tensors.insert("loss".into(), HostTensor::new(&[1], vec![l[0]]));
     tensors.insert("loss.focal".into(), HostTensor::new(&[1], vec![l[1]]));

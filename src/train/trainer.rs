@@ -4,15 +4,14 @@
 //! uninterrupted one. All randomness is a pure function of (seed, epoch, position), so nothing but
 //! the position has to be stored to resume.
 
-#[cfg(not(target_arch = "wasm32"))]
 use super::metrics;
 use super::metrics::Scores;
 use super::params::{ParamStore, TrainMode};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::io::RgbImage;
 use crate::model::weights::HostTensor;
-use crate::model::{Config, MedFastSam, Variant, Weights};
+use crate::model::{Config, MedFastSam, Output, Saved, Variant, Weights};
 use crate::ops::loss::{LossConfig, seg_loss};
 use crate::ops::optim::AdamConfig;
 use crate::rng::Rng;
@@ -41,6 +40,20 @@ impl Example {
             image: image.resize(s, s),
             mask: m.resize_nearest(s, s).data,
         }
+    }
+
+    /// An image and its mask as read from files (or bytes) named `image_name` and `mask_name`:
+    /// the mask binarised and checked against the image's size ([`super::gradients::mask_for`]),
+    /// then both at S×S ([`Example::at_size`]), named `image_name`.
+    pub fn from_pair(
+        image: &RgbImage,
+        image_name: &str,
+        mask: &crate::io::GrayImage,
+        mask_name: &str,
+        s: usize,
+    ) -> Result<Example> {
+        let bin = super::gradients::mask_for(image, image_name, mask, mask_name)?;
+        Ok(Example::at_size(image_name.to_string(), image, &bin, s))
     }
 
     /// One of the 8 symmetries of the square (flips and 90° rotations), applied to image and mask.
@@ -282,7 +295,6 @@ impl<'g> Trainer<'g> {
 
     /// [`Trainer::step`] without blocking (the page's worker awaits it; natively `step` blocks on it).
     pub async fn step_async(&mut self, micro: &[Vec<Example>]) -> Result<[f32; 3]> {
-        let s = self.ps.cfg.image_size;
         let mut rec = self.gpu.new_recorder();
         self.ps.zero_grads(&mut rec);
         let loss = LossConfig {
@@ -291,17 +303,8 @@ impl<'g> Trainer<'g> {
         };
         let mut values = Vec::new();
         for b in micro {
-            let px: Vec<u32> = b.iter().flat_map(|e| e.image.packed()).collect();
-            let tg: Vec<f32> = b
-                .iter()
-                .flat_map(|e| e.mask.iter().map(|&v| v as f32))
-                .collect();
-            let px = self.gpu.upload_u32(&px, &[b.len(), s, s])?;
-            let tg = self.gpu.upload(&tg, &[b.len(), s, s, 1])?;
-            let (out, saved) = self.model.forward_train(&mut rec, &px)?;
-            let (v, dlogits) = seg_loss(&mut rec, &out.logits, &tg, &loss)?;
-            self.model.backward(&mut rec, &saved, &dlogits)?;
-            values.push(v);
+            let r = record_batch(self.gpu, &self.model, &mut rec, b, &loss)?;
+            values.push(r.loss);
             // Keep one micro-batch's activations alive at a time.
             rec.flush()?;
         }
@@ -519,6 +522,44 @@ pub struct Checkpoint {
     pub step: u64,
 }
 
+/// What [`record_batch`] recorded: the loss values (loss, focal, Dice loss) and the forward's
+/// output, with the batch's inputs and the backward's saved activations kept alive until the
+/// caller drops it (after its submit or flush).
+pub(crate) struct RecordedBatch {
+    pub loss: Tensor,
+    pub out: Output,
+    _keep: (Tensor, Tensor, Saved, Tensor),
+}
+
+/// Records on `rec` one forward (train mode), the loss and the backward of `batch` (examples at
+/// the model size): packs and uploads the images and masks; the parameter gradients accumulate.
+/// The one implementation behind [`Trainer::step_async`] and
+/// [`super::gradients::gradients_async`].
+pub(crate) fn record_batch(
+    gpu: &Gpu,
+    model: &MedFastSam,
+    rec: &mut Recorder,
+    batch: &[Example],
+    loss: &LossConfig,
+) -> Result<RecordedBatch> {
+    let s = model.cfg.image_size;
+    let px: Vec<u32> = batch.iter().flat_map(|e| e.image.packed()).collect();
+    let tg: Vec<f32> = batch
+        .iter()
+        .flat_map(|e| e.mask.iter().map(|&v| v as f32))
+        .collect();
+    let px = gpu.upload_u32(&px, &[batch.len(), s, s])?;
+    let tg = gpu.upload(&tg, &[batch.len(), s, s, 1])?;
+    let (out, saved) = model.forward_train(rec, &px)?;
+    let (v, dlogits) = seg_loss(rec, &out.logits, &tg, loss)?;
+    model.backward(rec, &saved, &dlogits)?;
+    Ok(RecordedBatch {
+        loss: v,
+        out,
+        _keep: (px, tg, saved, dlogits),
+    })
+}
+
 impl Checkpoint {
     /// Writes it atomically (a complete file or the previous one, never a partial one).
     #[cfg(not(target_arch = "wasm32"))]
@@ -595,6 +636,18 @@ pub fn evaluate_each(
     model: &MedFastSam,
     src: &dyn Source,
     with_hd95: bool,
+    on_image: impl FnMut(usize, &Evaluated),
+) -> Evaluation {
+    pollster_block(evaluate_each_async(gpu, model, src, with_hd95, on_image))
+}
+
+/// [`evaluate_each`] without blocking (the page's worker awaits it; natively `evaluate_each`
+/// blocks on it).
+pub async fn evaluate_each_async(
+    gpu: &Gpu,
+    model: &MedFastSam,
+    src: &dyn Source,
+    with_hd95: bool,
     mut on_image: impl FnMut(usize, &Evaluated),
 ) -> Evaluation {
     let s = model.cfg.image_size;
@@ -614,13 +667,14 @@ pub fn evaluate_each(
                 continue;
             }
         };
-        let logits = (|| -> Result<Vec<f32>> {
+        let logits = async {
             let px = gpu.upload_u32(&ex.image.packed(), &[1, s, s])?;
             let mut rec = gpu.new_recorder();
             let o = model.forward(&mut rec, &px, false)?;
             rec.submit()?;
-            gpu.read(&o.logits)
-        })();
+            gpu.read_async(&o.logits).await
+        }
+        .await;
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {

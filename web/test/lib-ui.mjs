@@ -1,7 +1,7 @@
 // Helpers for browser tests of the page's own sections (web/test/train-ui.mjs), on top of the
 // shared ones in lib.mjs (Chromium, the static server, arguments, the logger): a main-thread block
-// monitor, an axe-core audit, element screenshots, and small PNG/ZIP/TIFF readers and a PNG writer
-// for checking what the page downloads.
+// monitor, an axe-core audit, element screenshots, and small ZIP/TIFF readers and a PNG writer for
+// checking what the page downloads (the PNG reader is lib.mjs's decodePng).
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -66,47 +66,6 @@ export async function shotElement(rep, dir, locator, name) {
 
 // ---------------------------------------------------------------------------------------------
 // Files
-
-/** 8-bit PNG (grey, grey+alpha, RGB, RGBA; not interlaced) → {width, height, channels, data}. */
-export function readPng(buf) {
-  if (buf.readUInt32BE(0) !== 0x89504e47) throw new Error('not a PNG');
-  let off = 8;
-  let w, h, depth, ctype, interlace;
-  const idat = [];
-  while (off < buf.length) {
-    const len = buf.readUInt32BE(off);
-    const type = buf.toString('latin1', off + 4, off + 8);
-    const data = buf.subarray(off + 8, off + 8 + len);
-    if (type === 'IHDR') [w, h, depth, ctype, interlace] = [data.readUInt32BE(0), data.readUInt32BE(4), data[8], data[9], data[12]];
-    else if (type === 'IDAT') idat.push(data);
-    off += 12 + len;
-  }
-  const ch = { 0: 1, 4: 2, 2: 3, 6: 4 }[ctype];
-  if (depth !== 8 || !ch || interlace) throw new Error(`unsupported PNG (depth ${depth}, colour type ${ctype}, interlace ${interlace})`);
-  const raw = zlib.inflateSync(Buffer.concat(idat));
-  const stride = w * ch;
-  const out = Buffer.alloc(stride * h);
-  for (let y = 0; y < h; y++) {
-    const f = raw[y * (stride + 1)];
-    const src = raw.subarray(y * (stride + 1) + 1, (y + 1) * (stride + 1));
-    for (let x = 0; x < stride; x++) {
-      const a = x >= ch ? out[y * stride + x - ch] : 0;
-      const b = y ? out[(y - 1) * stride + x] : 0;
-      const c = x >= ch && y ? out[(y - 1) * stride + x - ch] : 0;
-      let v = src[x];
-      if (f === 1) v += a;
-      else if (f === 2) v += b;
-      else if (f === 3) v += (a + b) >> 1;
-      else if (f === 4) {
-        const p = a + b - c;
-        const pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
-        v += pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
-      }
-      out[y * stride + x] = v & 255;
-    }
-  }
-  return { width: w, height: h, channels: ch, data: out };
-}
 
 /** An 8-bit greyscale PNG. */
 export function writeGreyPng(w, h, grey) {

@@ -20,7 +20,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs, logger, startServer, launch, BLOCK_MONITOR, axeAudit, shotElement, readPng, writeGreyPng, readTiffGrey, readZip, readSafetensors, repoRoot, fixturesDir } from './lib-ui.mjs';
+import { parseArgs, logger, startServer, launch, BLOCK_MONITOR, axeAudit, shotElement, writeGreyPng, readTiffGrey, readZip, readSafetensors, repoRoot, fixturesDir } from './lib-ui.mjs';
+import { decodePng } from './lib.mjs';
 
 const { opt } = parseArgs(process.argv.slice(2));
 const chromiumPath = opt('--chromium', process.env.CHROMIUM || '/usr/bin/chromium');
@@ -314,7 +315,7 @@ async function trainingChecks(page) {
       const entries = readZip(z.bytes);
       const names = [...entries.keys()].sort();
       check(JSON.stringify(names) === JSON.stringify(['annotations.json', 'image_mask.png', 'stardist-histo_mask.png']), `Download annotations gives ${z.name} with ${names.join(', ')}`);
-      const m = readPng(entries.get('image_mask.png'));
+      const m = decodePng(entries.get('image_mask.png'));
       const eq = m.width === 512 && m.channels === 1 && m.data.every((v, i) => v === truth[i]);
       check(eq, 'image_mask.png in the ZIP is an 8-bit grey PNG equal to the mask given');
       const j = JSON.parse(entries.get('annotations.json').toString());

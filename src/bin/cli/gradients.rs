@@ -4,7 +4,7 @@
 use super::{GpuArgs, ModelArgs};
 use clap::Args;
 use medfastsam::io;
-use medfastsam::train::gradients::{gradients_async, mask_for};
+use medfastsam::train::gradients::gradients_async;
 use medfastsam::train::params::TrainMode;
 use medfastsam::train::trainer::Example;
 use std::path::PathBuf;
@@ -41,13 +41,13 @@ pub fn run(gpu: &GpuArgs, a: &GradientsArgs) -> anyhow::Result<i32> {
     for (ip, mp) in a.images.iter().zip(&a.masks) {
         let img = io::load_rgb(ip)?;
         let m = io::load_gray(mp)?;
-        let bin = mask_for(
+        examples.push(Example::from_pair(
             &img,
             &ip.display().to_string(),
             &m,
             &mp.display().to_string(),
-        )?;
-        examples.push(Example::at_size(ip.display().to_string(), &img, &bin, s));
+            s,
+        )?);
     }
     let n = examples.len();
     let gpu = gpu.open()?;
