@@ -513,7 +513,7 @@ impl Sam {
     pub fn max_decode_batch(&self, gpu: &Gpu) -> usize {
         let (g, d) = (self.cfg.grid() as u64, self.cfg.transformer_dim as u64);
         let per = (16 * g * g * (d / 8)).max(g * g * d) * 4;
-        let limit = gpu.limits.max_storage_buffer_binding_size as u64;
+        let limit = gpu.limits.max_storage_buffer_binding_size;
         ((limit / per.max(1)) as usize).clamp(1, MAX_DECODE_BATCH)
     }
 }
