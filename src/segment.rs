@@ -437,7 +437,8 @@ impl<'g> PromptSegmenter<'g> {
     /// each alone (the same masks, IoU predictions and choices), but in few decoder passes:
     /// prompts with the same number of points (every box prompt: two corners) share passes of up
     /// to [`Sam::max_decode_batch`] prompts, and only the mask tokens some prompt chose (all with
-    /// `all`) are read back. The outer error is a device error; each prompt's own answer is an
+    /// `all`) are read back (only token 0's are made when every prompt of a pass must choose it,
+    /// see [`MaskChoice::fixed`]). The outer error is a device error; each prompt's own answer is an
     /// error `(k, e)` naming its index when its logits are not finite.
     pub async fn decode_many_async(
         &self,
@@ -464,7 +465,12 @@ impl<'g> PromptSegmenter<'g> {
                 let b = chunk.len();
                 let batch: Vec<&[LabelledPoint]> = chunk.iter().map(|&k| &pts[k][..]).collect();
                 let mut rec = self.gpu.new_recorder();
-                let dec = self.model.decode_prompts(&mut rec, &e.emb, &batch, None)?;
+                // Token 0's masks alone when every prompt's choice is known to be token 0
+                // (boxes): the other tokens' hypernetworks and mask products are skipped.
+                let only_first = !all && chunk.iter().all(|&k| choice.fixed(&pts[k]) == Some(0));
+                let dec = self
+                    .model
+                    .decode_prompts_with(&mut rec, &e.emb, &batch, None, only_first)?;
                 rec.submit()?;
                 let iou = self.gpu.read_async(&dec.iou).await?;
                 let nt = iou.len() / b;

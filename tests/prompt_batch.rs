@@ -90,6 +90,26 @@ fn batched_decode_equals_each_prompt_alone_random_weights() {
     let prompts: Vec<_> = boxes.iter().map(|&b| corners(b)).collect();
     let worst = batched_equals_alone(gpu, &model, &emb, &prompts);
     println!("3 boxes in one pass vs alone: logits within {worst:.2e} (relative)");
+    // Token 0 alone (what boxes choose) as with every token.
+    let refs: Vec<&[LabelledPoint]> = prompts.iter().map(|p| &p[..]).collect();
+    let mut rec = gpu.new_recorder();
+    let full = model.decode_prompts(&mut rec, &emb, &refs, None).unwrap();
+    let first = model
+        .decode_prompts_with(&mut rec, &emb, &refs, None, true)
+        .unwrap();
+    rec.submit().unwrap();
+    assert_eq!(first.masks.len(), 1);
+    assert_eq!(MaskChoice::Auto.fixed(&prompts[0]), Some(0));
+    let e = rel(
+        &gpu.read(&first.masks[0]).unwrap(),
+        &gpu.read(&full.masks[0]).unwrap(),
+    );
+    assert!(e <= 1e-5, "token 0 alone: {e:e}");
+    let e = rel(
+        &gpu.read(&first.iou).unwrap(),
+        &gpu.read(&full.iou).unwrap(),
+    );
+    assert!(e <= 1e-5, "IoU with token 0 alone: {e:e}");
     // Single points (the multimask choice depends on each prompt's IoU row).
     let points: Vec<_> = [(30.0, 40.0, 1), (200.0, 180.0, 1), (128.0, 7.0, 0)]
         .iter()
@@ -106,6 +126,7 @@ fn batched_decode_equals_each_prompt_alone_random_weights() {
         .collect();
     let worst = batched_equals_alone(gpu, &model, &emb, &points);
     println!("3 points in one pass vs alone: logits within {worst:.2e} (relative)");
+    assert_eq!(MaskChoice::Auto.fixed(&points[0]), None);
     // Prompts with different numbers of points are refused in one pass.
     let mixed: Vec<&[LabelledPoint]> = vec![&prompts[0], &points[0][..1]];
     let mut rec = gpu.new_recorder();

@@ -95,13 +95,15 @@ impl SamDecoder {
     /// prompts), dense prompt added (`src`), dense PE `[g, g, D]`, sparse prompt tokens
     /// `[B, n, D]` → masks and IoU predictions. The B prompts are independent: each sees only its
     /// own tokens and the image (a shared image's projections in the first two-way layer, which
-    /// do not depend on the prompt, are computed once).
+    /// do not depend on the prompt, are computed once). With `only_first` only token 0's masks
+    /// are made (the IoU predictions are all there).
     pub fn forward(
         &self,
         rec: &mut Recorder,
         src: &Tensor,
         pe: &Tensor,
         sparse: Option<&Tensor>,
+        only_first: bool,
     ) -> Result<Decoded> {
         let d = self.dim;
         let (gh, gw) = (src.shape[1], src.shape[2]);
@@ -149,7 +151,8 @@ impl SamDecoder {
         let (u, _) = self.up1.forward(rec, &u, Mode::Eval)?;
         let (f, _) = self.up3.forward(rec, &u, Mode::Eval)?;
         let mut masks = Vec::with_capacity(nt);
-        for (i, mlp) in self.hyper.iter().enumerate() {
+        let n_masks = if only_first { 1 } else { nt };
+        for (i, mlp) in self.hyper.iter().enumerate().take(n_masks) {
             let t = slice_mid(rec, &q, b, total, d, 1 + i, 1)?.reshape(&[b, d]);
             let (h, _) = mlp[0].forward(rec, &t, Mode::Eval)?;
             let (h, _) = mlp[1].forward(rec, &h, Mode::Eval)?;
@@ -242,6 +245,17 @@ pub enum MaskChoice {
 }
 
 impl MaskChoice {
+    /// The chosen mask token when it does not depend on the IoU predictions (always with
+    /// `Single`; with `Auto`, for a box or several points).
+    pub fn fixed(self, pts: &[LabelledPoint]) -> Option<usize> {
+        let real = pts.iter().filter(|p| p.label != -1).count();
+        match self {
+            MaskChoice::Single => Some(0),
+            MaskChoice::Auto if real > 1 => Some(0),
+            MaskChoice::Auto => None,
+        }
+    }
+
     /// Index of the chosen mask token, given the IoU predictions and the prompt's points (box
     /// corners count as points, padding points do not).
     pub fn pick(self, iou: &[f32], pts: &[LabelledPoint]) -> usize {
@@ -466,6 +480,19 @@ impl Sam {
         prompts: &[&[LabelledPoint]],
         mask_prompt: Option<&Tensor>,
     ) -> Result<Decoded> {
+        self.decode_prompts_with(rec, emb, prompts, mask_prompt, false)
+    }
+
+    /// [`Sam::decode_prompts`]; with `only_first` the masks of token 0 alone (`masks` holds one
+    /// tensor), what a choice known before decoding needs ([`MaskChoice::fixed`]).
+    pub fn decode_prompts_with(
+        &self,
+        rec: &mut Recorder,
+        emb: &Tensor,
+        prompts: &[&[LabelledPoint]],
+        mask_prompt: Option<&Tensor>,
+        only_first: bool,
+    ) -> Result<Decoded> {
         let d = self.cfg.transformer_dim;
         let g = self.cfg.grid();
         if emb.shape != [1, g, g, d] {
@@ -504,7 +531,8 @@ impl Sam {
             }
             Some(rec.gpu.upload(&e, &[b, n, d])?)
         };
-        self.decoder.forward(rec, &src, &pe, sparse.as_ref())
+        self.decoder
+            .forward(rec, &src, &pe, sparse.as_ref(), only_first)
     }
 
     /// How many prompts [`Sam::decode_prompts`] takes in one pass on `gpu`: at most
