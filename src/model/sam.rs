@@ -8,7 +8,7 @@
 //! hypernetwork MLP per mask token, and the IoU head.
 //!
 //! The encoder runs once per image ([`Sam::encode`]); the decoder once per prompt
-//! ([`Sam::decode`]). Sparse prompt embeddings are computed on the host in f64 from the prompt
+//! ([`Sam::decode`]) or once per batch of prompts with as many points ([`Sam::decode_prompts`]). Sparse prompt embeddings are computed on the host in f64 from the prompt
 //! encoder's tensors ([`Sam::sparse_embedding`]): they are a few tokens.
 
 use super::blocks::{ConvT2x2, LN2D_EPS, LayerNorm, Linear, Mode, Param, Source, Vb};
@@ -81,66 +81,85 @@ impl<P: Clone> SamDecoder<P> {
     }
 }
 
-/// What one prompt's decoding gives, still on the device.
+/// What the decoding of a batch of B prompts gives, still on the device.
 pub struct Decoded {
-    /// Low-resolution mask logits, one `[1, 4g, 4g, 1]` per mask token (token 0 = the single-mask
+    /// Low-resolution mask logits, one `[B, 4g, 4g, 1]` per mask token (token 0 = the single-mask
     /// output, tokens 1.. = the multimask outputs).
     pub masks: Vec<Tensor>,
-    /// Predicted IoU per mask token `[1, T]`.
+    /// Predicted IoU per prompt and mask token `[B, T]`.
     pub iou: Tensor,
 }
 
 impl SamDecoder {
-    /// Image embedding `[1, g, g, D]`, dense prompt added to it (`src`), dense PE `[g, g, D]`,
-    /// sparse prompt tokens `[1, n, D]` → masks and IoU predictions.
+    /// Image embeddings `[B, g, g, D]` (one per prompt) or `[1, g, g, D]` (one shared by the B
+    /// prompts), dense prompt added (`src`), dense PE `[g, g, D]`, sparse prompt tokens
+    /// `[B, n, D]` → masks and IoU predictions. The B prompts are independent: each sees only its
+    /// own tokens and the image (a shared image's projections in the first two-way layer, which
+    /// do not depend on the prompt, are computed once). With `only_first` only token 0's masks
+    /// are made (the IoU predictions are all there).
     pub fn forward(
         &self,
         rec: &mut Recorder,
         src: &Tensor,
         pe: &Tensor,
         sparse: Option<&Tensor>,
+        only_first: bool,
     ) -> Result<Decoded> {
         let d = self.dim;
-        let (b, gh, gw) = (src.shape[0], src.shape[1], src.shape[2]);
+        let (gh, gw) = (src.shape[1], src.shape[2]);
+        let b = sparse.map_or(src.shape[0], |s| s.shape[0]);
+        if src.shape[0] != b && src.shape[0] != 1 {
+            return Err(Error::Invalid(format!(
+                "SAM decoder: {} image embeddings for {b} prompts",
+                src.shape[0]
+            )));
+        }
         let nt = self.num_mask_tokens;
         let ns = sparse.map_or(0, |s| s.numel() / (b * d));
         let total = 1 + nt + ns;
-        if b != 1 {
+        if let Some(s) = sparse
+            && s.numel() != b * ns * d
+        {
             return Err(Error::Invalid(format!(
-                "SAM decoder: one image embedding per prompt (got a batch of {b})"
+                "SAM decoder: sparse prompt {:?} for a batch of {b}",
+                s.shape
             )));
         }
-        // Tokens [iou; mask tokens; sparse prompt] (they are their own query PE).
-        let tok = rec.gpu.empty(&[1, total, d])?;
-        rec.copy(&self.iou_token.v, &tok.reshape(&[total, d]).narrow(0, 1));
-        rec.copy(&self.mask_tokens.v, &tok.reshape(&[total, d]).narrow(1, nt));
-        if let Some(s) = sparse {
-            rec.copy(
-                &s.reshape(&[ns, d]),
-                &tok.reshape(&[total, d]).narrow(1 + nt, ns),
-            );
+        // Tokens [iou; mask tokens; sparse prompt] per prompt (they are their own query PE).
+        let tok = rec.gpu.empty(&[b, total, d])?;
+        let rows = tok.reshape(&[b * total, d]);
+        for i in 0..b {
+            rec.copy(&self.iou_token.v, &rows.narrow(i * total, 1));
+            rec.copy(&self.mask_tokens.v, &rows.narrow(i * total + 1, nt));
+            if let Some(s) = sparse {
+                rec.copy(
+                    &s.reshape(&[b * ns, d]).narrow(i * ns, ns),
+                    &rows.narrow(i * total + 1 + nt, ns),
+                );
+            }
         }
         let l = gh * gw;
         let (q, k, _) = self.transformer.forward(
             rec,
             &tok,
-            &src.reshape(&[1, l, d]),
+            &src.reshape(&[src.shape[0], l, d]),
             &pe.reshape(&[l, d]),
             Mode::Eval,
         )?;
-        let img = k.reshape(&[1, gh, gw, d]);
+        let img = k.reshape(&[b, gh, gw, d]);
         let (u, _) = self.up0.forward(rec, &img, Mode::Eval)?;
         let (u, _) = self.up1.forward(rec, &u, Mode::Eval)?;
         let (f, _) = self.up3.forward(rec, &u, Mode::Eval)?;
         let mut masks = Vec::with_capacity(nt);
-        for (i, mlp) in self.hyper.iter().enumerate() {
-            let t = slice_mid(rec, &q, 1, total, d, 1 + i, 1)?.reshape(&[1, d]);
+        let n_masks = if only_first { 1 } else { nt };
+        for (i, mlp) in self.hyper.iter().enumerate().take(n_masks) {
+            let t = slice_mid(rec, &q, b, total, d, 1 + i, 1)?.reshape(&[b, d]);
             let (h, _) = mlp[0].forward(rec, &t, Mode::Eval)?;
             let (h, _) = mlp[1].forward(rec, &h, Mode::Eval)?;
             let (h, _) = mlp[2].forward(rec, &h, Mode::Eval)?;
             masks.push(hyper_masks(rec, &f, &h)?);
         }
-        let t = slice_mid(rec, &q, 1, total, d, 0, 1)?.reshape(&[1, d]);
+        let t = slice_mid(rec, &q, b, total, d, 0, 1)?.reshape(&[b, d]);
         let (h, _) = self.iou_head[0].forward(rec, &t, Mode::Eval)?;
         let (h, _) = self.iou_head[1].forward(rec, &h, Mode::Eval)?;
         let (iou, _) = self.iou_head[2].forward(rec, &h, Mode::Eval)?;
@@ -226,6 +245,17 @@ pub enum MaskChoice {
 }
 
 impl MaskChoice {
+    /// The chosen mask token when it does not depend on the IoU predictions (always with
+    /// `Single`; with `Auto`, for a box or several points).
+    pub fn fixed(self, pts: &[LabelledPoint]) -> Option<usize> {
+        let real = pts.iter().filter(|p| p.label != -1).count();
+        match self {
+            MaskChoice::Single => Some(0),
+            MaskChoice::Auto if real > 1 => Some(0),
+            MaskChoice::Auto => None,
+        }
+    }
+
     /// Index of the chosen mask token, given the IoU predictions and the prompt's points (box
     /// corners count as points, padding points do not).
     pub fn pick(self, iou: &[f32], pts: &[LabelledPoint]) -> usize {
@@ -432,12 +462,51 @@ impl Sam {
         pts: &[LabelledPoint],
         mask_prompt: Option<&Tensor>,
     ) -> Result<Decoded> {
+        self.decode_prompts(rec, emb, &[pts], mask_prompt)
+    }
+
+    /// Decodes B prompts with the same number of points (e.g. B boxes: two corners each) in one
+    /// decoder pass on one image embedding `[1, g, g, D]`, as `segment_anything` batches prompts:
+    /// the embedding plus the dense prompt is shared by the prompts (the first two-way layer's
+    /// image projections are computed once, then repeated per prompt) and the sparse tokens are
+    /// `[B, n, D]`; each prompt's outputs (row b of every tensor of [`Decoded`]) are those of
+    /// [`Sam::decode`] of that prompt alone. The dense prompt (`no_mask_embed` or `mask_prompt`)
+    /// and the dense PE are computed once. Device memory grows with B (see
+    /// [`Sam::max_decode_batch`]).
+    pub fn decode_prompts(
+        &self,
+        rec: &mut Recorder,
+        emb: &Tensor,
+        prompts: &[&[LabelledPoint]],
+        mask_prompt: Option<&Tensor>,
+    ) -> Result<Decoded> {
+        self.decode_prompts_with(rec, emb, prompts, mask_prompt, false)
+    }
+
+    /// [`Sam::decode_prompts`]; with `only_first` the masks of token 0 alone (`masks` holds one
+    /// tensor), what a choice known before decoding needs ([`MaskChoice::fixed`]).
+    pub fn decode_prompts_with(
+        &self,
+        rec: &mut Recorder,
+        emb: &Tensor,
+        prompts: &[&[LabelledPoint]],
+        mask_prompt: Option<&Tensor>,
+        only_first: bool,
+    ) -> Result<Decoded> {
         let d = self.cfg.transformer_dim;
         let g = self.cfg.grid();
         if emb.shape != [1, g, g, d] {
             return Err(Error::Invalid(format!(
                 "SAM image embedding must be [1, {g}, {g}, {d}], got {:?}",
                 emb.shape
+            )));
+        }
+        let b = prompts.len();
+        let n = prompts.first().map_or(0, |p| p.len());
+        if b == 0 || prompts.iter().any(|p| p.len() != n) {
+            return Err(Error::Invalid(format!(
+                "SAM decoder: a batch needs at least one prompt and the same number of points in each (got {:?})",
+                prompts.iter().map(|p| p.len()).collect::<Vec<_>>()
             )));
         }
         let src = match mask_prompt {
@@ -453,15 +522,33 @@ impl Sam {
             }
         };
         let pe = self.prompt.dense_pe(rec, g, g)?;
-        let sparse = if pts.is_empty() {
+        let sparse = if n == 0 {
             None
         } else {
-            let e = self.sparse_embedding(pts)?;
-            Some(rec.gpu.upload(&e, &[1, pts.len(), d])?)
+            let mut e = Vec::with_capacity(b * n * d);
+            for p in prompts {
+                e.extend(self.sparse_embedding(p)?);
+            }
+            Some(rec.gpu.upload(&e, &[b, n, d])?)
         };
-        self.decoder.forward(rec, &src, &pe, sparse.as_ref())
+        self.decoder
+            .forward(rec, &src, &pe, sparse.as_ref(), only_first)
+    }
+
+    /// How many prompts [`Sam::decode_prompts`] takes in one pass on `gpu`: at most
+    /// [`MAX_DECODE_BATCH`], and few enough that the largest activation (the upscaled features
+    /// `[B, 4g, 4g, D/8]`, 8 MiB per prompt for g = 64, D = 256) fits one storage binding.
+    pub fn max_decode_batch(&self, gpu: &Gpu) -> usize {
+        let (g, d) = (self.cfg.grid() as u64, self.cfg.transformer_dim as u64);
+        let per = (16 * g * g * (d / 8)).max(g * g * d) * 4;
+        let limit = gpu.limits.max_storage_buffer_binding_size;
+        ((limit / per.max(1)) as usize).clamp(1, MAX_DECODE_BATCH)
     }
 }
+
+/// The most prompts decoded in one pass (device memory: about 42 MiB per prompt at g = 64, measured
+/// as the pool's peak for LiteMedSAM: 386 MiB for 8 boxes with 47 MiB of weights and embedding).
+pub const MAX_DECODE_BATCH: usize = 8;
 
 /// Bilinear resize of a single-channel `[h, w]` map with half-pixel centres (PyTorch's
 /// `interpolate(..., mode="bilinear", align_corners=False)`), in f64.

@@ -57,6 +57,12 @@ impl SamAttention {
         let (kp, lk) = self.k.forward(rec, k, mode)?;
         let (vp, lv) = self.v.forward(rec, v, mode)?;
         if !mode.train() {
+            // An input of batch 1 among inputs of batch B (the image shared by B prompts) is
+            // projected once and its projection repeated.
+            let nb = q.shape[0].max(k.shape[0]).max(v.shape[0]);
+            let qp = repeat_batch(rec, &qp, nb)?;
+            let kp = repeat_batch(rec, &kp, nb)?;
+            let vp = repeat_batch(rec, &vp, nb)?;
             let o = mha(rec, &qp, &kp, &vp, self.heads)?;
             return Ok((self.out.forward(rec, &o, mode)?.0, None));
         }
@@ -91,6 +97,26 @@ impl SamAttention {
         let dv = self.v.backward(rec, &c.v, &dvp)?;
         Ok((dq, dk, dv))
     }
+}
+
+/// `t` `[1, ..]` repeated to `[b, ..]` (`t` itself when its batch is already `b`).
+fn repeat_batch(rec: &mut Recorder, t: &Tensor, b: usize) -> Result<Tensor> {
+    if t.shape[0] == b {
+        return Ok(t.clone());
+    }
+    if t.shape[0] != 1 {
+        return Err(Error::Invalid(format!(
+            "two-way transformer: batch {:?} does not broadcast to {b}",
+            t.shape
+        )));
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = b;
+    let out = rec.gpu.empty(&shape)?;
+    for i in 0..b {
+        rec.copy(t, &out.narrow(i, 1));
+    }
+    Ok(out)
 }
 
 /// `acc += t`, or `acc = t` when empty.
@@ -159,7 +185,9 @@ impl<P: Clone> TwoWayBlock<P> {
 }
 
 impl TwoWayBlock {
-    /// Queries q `[B, nt, D]` with their PE `tok_pe`, keys k `[B, L, D]` with their PE `key_pe` `[L, D]`.
+    /// Queries q `[B, nt, D]` with their PE `tok_pe`, keys k `[B, L, D]` with their PE `key_pe` `[L, D]`
+    /// (in eval mode k may be `[1, L, D]`, one image shared by the B token sets: its projections
+    /// are computed once).
     pub fn forward(
         &self,
         rec: &mut Recorder,
@@ -191,7 +219,12 @@ impl TwoWayBlock {
         // Image -> tokens.
         let qp = add(rec, &q3n, tok_pe)?;
         let (a, i2t) = self.i2t.forward(rec, &kp, &qp, &q3n, mode)?;
-        let k1 = add(rec, k, &a)?;
+        // Keys shared by the batch (eval only): k + a with k broadcast (the same sums).
+        let k1 = if k.shape[0] < a.shape[0] {
+            add(rec, &a, k)?
+        } else {
+            add(rec, k, &a)?
+        };
         let (k1n, ln4) = self.norm4.forward(rec, &k1, mode)?;
         let s = (|| {
             Some(TwoWayBlockSaved {
@@ -319,6 +352,7 @@ impl TwoWayTransformer {
             q = q1;
             k = k1;
         }
+        let k = repeat_batch(rec, &k, q.shape[0])?;
         let qp = add(rec, &q, tok_pe)?;
         let kp = binary(rec, &k, key_pe, BinOp::Add)?;
         let (a, fin) = self.final_attn.forward(rec, &qp, &kp, &k, mode)?;

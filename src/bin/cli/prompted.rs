@@ -1,7 +1,8 @@
 //! `segment` with MobileSAM / LiteMedSAM weights: point and box prompts in original pixel
 //! coordinates (`--box`, `--point`, `--prompts FILE`), `--multimask`, and `--auto-boxes otsu`
 //! (boxes from the Otsu coarse mask's connected components: a prompt-free baseline from a
-//! pretrained SAM with no training). The encoder runs once per image, the decoder once per prompt;
+//! pretrained SAM with no training). The encoder runs once per image, the decoder once per batch of
+//! prompts with as many points (every box: two corners; `PromptSegmenter::decode_many`);
 //! the masks of an image's prompts are merged (union) into `<base>_mask.png`.
 
 use super::GpuArgs;
@@ -235,10 +236,11 @@ pub fn run(
             let mut union = vec![f32::NEG_INFINITY; img.width * img.height];
             let mut files_out: Vec<(PathBuf, Vec<u8>)> = Vec::new();
             let mut scores = Vec::new();
-            for (k, pr) in prompts.iter().enumerate() {
-                let m = seg
-                    .decode(&enc, pr, choice, p.multimask)
-                    .map_err(|e| anyhow::anyhow!("{}: prompt {k}: {e}", f.display()))?;
+            let answers = seg
+                .decode_many(&enc, &prompts, choice, p.multimask)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            for ((k, pr), m) in prompts.iter().enumerate().zip(answers) {
+                let m = m.map_err(|(k, e)| anyhow::anyhow!("{}: prompt {k}: {e}", f.display()))?;
                 for (u, &v) in union.iter_mut().zip(&m.logits) {
                     *u = u.max(v);
                 }
