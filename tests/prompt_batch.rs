@@ -13,19 +13,13 @@ use medfastsam::model::sam::{LabelledPoint, MaskChoice, Prompt, Sam};
 use medfastsam::model::{Config, Weights};
 use medfastsam::testutil::test_gpu;
 
+/// A box's two corner points (labels 2, 3) in the model frame, as a prompt gives them.
 fn corners(b: [f32; 4]) -> Vec<LabelledPoint> {
-    vec![
-        LabelledPoint {
-            x: b[0],
-            y: b[1],
-            label: 2,
-        },
-        LabelledPoint {
-            x: b[2],
-            y: b[3],
-            label: 3,
-        },
-    ]
+    Prompt {
+        points: vec![],
+        bbox: Some(b),
+    }
+    .labelled(1.0)
 }
 
 /// Every token's masks and the IoU predictions of `prompts` decoded together equal those of each
