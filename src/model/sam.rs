@@ -259,20 +259,19 @@ impl MaskChoice {
     /// Index of the chosen mask token, given the IoU predictions and the prompt's points (box
     /// corners count as points, padding points do not).
     pub fn pick(self, iou: &[f32], pts: &[LabelledPoint]) -> usize {
-        let real = pts.iter().filter(|p| p.label != -1).count();
-        match self {
-            MaskChoice::Single => 0,
-            MaskChoice::Auto if real > 1 || iou.len() < 2 => 0,
-            MaskChoice::Auto => {
-                let mut best = 1;
-                for i in 2..iou.len() {
-                    if iou[i] > iou[best] {
-                        best = i;
-                    }
-                }
-                best
+        if let Some(t) = self.fixed(pts) {
+            return t;
+        }
+        if iou.len() < 2 {
+            return 0;
+        }
+        let mut best = 1;
+        for i in 2..iou.len() {
+            if iou[i] > iou[best] {
+                best = i;
             }
         }
+        best
     }
 }
 
