@@ -60,6 +60,9 @@ print(round(sum(ms) / len(ms)) if ms else "-")
 PY
 }
 
+ratio() { if [ "$1" = - ] || [ "$2" = - ]; then echo -; else python3 -c "print(f'{$1/$2:.2f}x')"; fi; }
+per() { if [ "$1" = - ]; then echo -; else python3 -c "print(f'{$1/1000:.2f} s ({1000/$1:.2f} steps/s)')"; fi; }
+adapter=$("$cli" info "${weights[tiny]}" 2>/dev/null | sed -n 's/^adapter: *//p')
 printf '\n| preset (256², batch 1, semi) | page, SwiftShader | native, SwiftShader | native, default adapter | page / native SwiftShader | page / native default |\n|---|---|---|---|---|---|\n' > "$tmp/table"
 for preset in tiny paper; do
   [ -n "${weights[$preset]:-}" ] || { echo "bench-train: no $preset weights (web/pkg/mobilesam.safetensors missing); skipped" >&2; continue; }
@@ -67,9 +70,6 @@ for preset in tiny paper; do
   s=-
   [ -f "$icd" ] && s=$(native_ms "$preset" VK_ICD_FILENAMES="$icd" MEDFASTSAM_BACKEND=vulkan)
   d=$(native_ms "$preset")
-  adapter=$("$cli" info "${weights[tiny]}" 2>/dev/null | sed -n 's/^adapter: *//p')
-  ratio() { if [ "$1" = - ] || [ "$2" = - ]; then echo -; else python3 -c "print(f'{$1/$2:.2f}x')"; fi; }
-  per() { if [ "$1" = - ]; then echo -; else python3 -c "print(f'{$1/1000:.2f} s ({1000/$1:.2f} steps/s)')"; fi; }
   echo "| $preset | $(per "$p") | $(per "$s") | $(per "$d") | $(ratio "$p" "$s") | $(ratio "$p" "$d") |" >> "$tmp/table"
 done
 cat "$tmp/table"
