@@ -11,7 +11,7 @@ mod tensor;
 pub use pipeline::on_pipeline_created;
 pub use pipeline::{Kernel, PipelineUse, ShaderFamily, now_ms};
 pub use pool::PoolStats;
-pub use recorder::{KernelPlan, Params, ProfileEntry, Recorder};
+pub use recorder::{KernelPlan, MemoryMark, Params, ProfileEntry, Recorder};
 pub use tensor::Tensor;
 
 use crate::error::{Error, Result};
@@ -417,6 +417,14 @@ impl Gpu {
 
     pub fn reset_peak(&self) {
         self.pool.lock().unwrap().reset_peak();
+    }
+
+    /// (bytes in use now, highest bytes in use since the previous call): what a recording's
+    /// memory marks report.
+    pub(crate) fn memory_window(&self) -> (u64, u64) {
+        let mut p = self.pool.lock().unwrap();
+        let peak = p.take_window_peak();
+        (p.stats().in_use, peak)
     }
 
     /// Makes the buffers this thread freed reusable by every thread (after a submission).

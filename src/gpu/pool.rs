@@ -29,6 +29,8 @@ pub(crate) struct Pool {
     /// Buffers freed by a thread since its last submission: reusable by that thread only.
     pending: HashMap<std::thread::ThreadId, HashMap<u64, Vec<wgpu::Buffer>>>,
     stats: PoolStats,
+    /// Highest `in_use` since the last [`Pool::take_window_peak`] (memory marks of a recording).
+    window_peak: u64,
 }
 
 pub(crate) fn size_class(bytes: u64) -> u64 {
@@ -45,6 +47,13 @@ impl Pool {
     pub fn reset_peak(&mut self) {
         self.stats.peak_in_use = self.stats.in_use;
         self.stats.peak_allocated = self.stats.allocated;
+    }
+    /// The highest `in_use` since the previous call (or since the pool was made), and restarts
+    /// the window at the current `in_use`.
+    pub fn take_window_peak(&mut self) -> u64 {
+        let p = self.window_peak.max(self.stats.in_use);
+        self.window_peak = self.stats.in_use;
+        p
     }
     /// Called when `thread` submits: what it freed becomes available to everyone.
     pub fn release_pending(&mut self, thread: std::thread::ThreadId) {
@@ -64,6 +73,7 @@ impl Pool {
     fn note_use(&mut self, bytes: u64) {
         self.stats.in_use += bytes;
         self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
+        self.window_peak = self.window_peak.max(self.stats.in_use);
     }
     fn note_alloc(&mut self, bytes: u64) {
         self.stats.allocated += bytes;

@@ -66,6 +66,11 @@ pub struct Recorder<'g> {
     pub profile: Option<std::collections::BTreeMap<String, ProfileEntry>>,
     /// Prefix of the profile keys (e.g. "bwd " to separate the phases of a training step).
     pub profile_phase: &'static str,
+    /// Memory view: when set, [`Recorder::mark`] appends the bytes in use at each named point of
+    /// the recording and the highest bytes in use since the previous mark. The pool counts a
+    /// tensor from its allocation to its drop while commands are recorded, so the view is exact
+    /// without running anything.
+    pub memory: Option<Vec<MemoryMark>>,
     /// `flops` at the previous profiled dispatch (each dispatch is charged the FLOPs declared since).
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     profile_flops: f64,
@@ -80,6 +85,17 @@ pub struct KernelPlan {
     /// MBConv: at least this many hidden-channel groups (0 = as many as the device's storage
     /// binding limit requires).
     pub min_mbconv_groups: usize,
+}
+
+/// One point of a recording's memory view (see [`Recorder::memory`]).
+#[derive(Clone, Debug)]
+pub struct MemoryMark {
+    /// What was recorded just before this point (e.g. "fwd encoder stage 1").
+    pub what: String,
+    /// Bytes held by live tensors at this point.
+    pub in_use: u64,
+    /// Highest bytes held since the previous mark.
+    pub peak: u64,
 }
 
 /// Profile totals of one kernel (or kernel variant).
@@ -109,6 +125,25 @@ impl<'g> Recorder<'g> {
             profile: None,
             profile_phase: "",
             profile_flops: 0.0,
+            memory: None,
+        }
+    }
+
+    /// Starts the memory view at this point (the marks before it are dropped).
+    pub fn start_memory_view(&mut self) {
+        self.gpu.memory_window();
+        self.memory = Some(Vec::new());
+    }
+
+    /// A point of the memory view named `what()` (nothing unless the view is on).
+    pub fn mark(&mut self, what: impl FnOnce() -> String) {
+        if let Some(m) = self.memory.as_mut() {
+            let (in_use, peak) = self.gpu.memory_window();
+            m.push(MemoryMark {
+                what: format!("{}{}", self.profile_phase, what()),
+                in_use,
+                peak,
+            });
         }
     }
 

@@ -577,8 +577,13 @@ pub struct Conv2dBn<P = Param> {
     pub train_bn: bool,
 }
 
+/// What a `Conv2dBn`'s backward needs: the convolution output `z` before the BatchNorm and the
+/// batch statistics. The pre-activation and the output are recomputed from them when needed
+/// ([`Conv2dBn::output`]); the input is kept unless the layer was run with
+/// [`Conv2dBn::forward_chained`] (its input is then the previous layer's recomputed output).
 pub struct Conv2dBnSaved {
-    x: Tensor,
+    x: Option<Tensor>,
+    x_shape: Vec<usize>,
     z: Tensor,
     bn: BnSaved,
 }
@@ -666,6 +671,28 @@ impl Conv2dBn {
         x: &Tensor,
         mode: Mode,
     ) -> Result<(Tensor, Option<Conv2dBnSaved>)> {
+        self.forward_keep(rec, x, mode, true)
+    }
+
+    /// [`Conv2dBn::forward`] whose saved state does not keep the input `x`: the input must be
+    /// the output of another `Conv2dBn` of the same block, which the backward recomputes with
+    /// [`Conv2dBn::output`] and passes to [`Conv2dBn::backward_with`].
+    pub fn forward_chained(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<Conv2dBnSaved>)> {
+        self.forward_keep(rec, x, mode, false)
+    }
+
+    fn forward_keep(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        mode: Mode,
+        keep_x: bool,
+    ) -> Result<(Tensor, Option<Conv2dBnSaved>)> {
         if let (Mode::Eval, CbnForm::Folded { w, b }) = (mode, &self.form) {
             return Ok((self.conv(rec, x, &w.v, Some(&b.v), self.act)?, None));
         }
@@ -692,43 +719,43 @@ impl Conv2dBn {
         Ok((
             y,
             Some(Conv2dBnSaved {
-                x: x.clone(),
+                x: keep_x.then(|| x.clone()),
+                x_shape: x.shape.clone(),
                 z,
                 bn,
             }),
         ))
     }
 
+    /// The forward's output `act(BN(z))`, recomputed from what `s` saved (the same kernel and
+    /// values as the forward's).
+    pub fn output(&self, rec: &mut Recorder, s: &Conv2dBnSaved) -> Result<Tensor> {
+        let [g, b, ..] = self.raw()?.1;
+        norm::batch_norm_recompute(rec, &s.z, &s.bn, &g.v, &b.v, self.act)
+    }
+
     /// Train mode: the BatchNorm (and activation) of a convolution output `z` computed elsewhere.
     pub fn bn_forward(&self, rec: &mut Recorder, z: &Tensor) -> Result<(Tensor, BnSaved)> {
         let [g, b, rm, rv] = self.raw()?.1;
+        let layer = BnLayer {
+            w: &g.v,
+            b: &b.v,
+            running_mean: &rm.v,
+            running_var: &rv.v,
+        };
+        // The pre-activation is not kept: `bn_backward` recomputes it.
         if self.train_bn {
-            norm::batch_norm_train(
+            norm::batch_norm_train_keep(
                 rec,
                 z,
-                BnLayer {
-                    w: &g.v,
-                    b: &b.v,
-                    running_mean: &rm.v,
-                    running_var: &rv.v,
-                },
+                layer,
                 BN_MOMENTUM,
                 BN_EPS as f32,
                 self.act,
+                false,
             )
         } else {
-            norm::batch_norm_eval_saved(
-                rec,
-                z,
-                BnLayer {
-                    w: &g.v,
-                    b: &b.v,
-                    running_mean: &rm.v,
-                    running_var: &rv.v,
-                },
-                BN_EPS as f32,
-                self.act,
-            )
+            norm::batch_norm_eval_saved_keep(rec, z, layer, BN_EPS as f32, self.act, false)
         }
     }
 
@@ -743,6 +770,17 @@ impl Conv2dBn {
         let [g, b, ..] = self.raw()?.1;
         let gg = g.grad_or_scratch(rec)?;
         let gb = b.grad_or_scratch(rec)?;
+        let with_pre;
+        let saved = if saved.pre.is_none() && saved.act != Act::None {
+            let pre = norm::batch_norm_recompute(rec, z, saved, &g.v, &b.v, Act::None)?;
+            with_pre = BnSaved {
+                pre: Some(pre),
+                ..saved.clone()
+            };
+            &with_pre
+        } else {
+            saved
+        };
         norm::batch_norm_backward(
             rec,
             z,
@@ -784,11 +822,29 @@ impl Conv2dBn {
     }
 
     pub fn backward(&self, rec: &mut Recorder, s: &Conv2dBnSaved, dy: &Tensor) -> Result<Tensor> {
+        let x = kept_input(s)?;
+        self.backward_with(rec, s, x, dy)
+    }
+
+    /// [`Conv2dBn::backward`] of a layer run with [`Conv2dBn::forward_chained`], given its input.
+    pub fn backward_with(
+        &self,
+        rec: &mut Recorder,
+        s: &Conv2dBnSaved,
+        x: &Tensor,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        if x.shape != s.x_shape {
+            return Err(Error::Invalid(format!(
+                "Conv2dBn backward: input {:?}, the forward's was {:?}",
+                x.shape, s.x_shape
+            )));
+        }
         let dx = match self.kind {
-            ConvKind::Pointwise => rec.gpu.empty(&s.x.shape)?,
-            _ => rec.zeros(&s.x.shape)?,
+            ConvKind::Pointwise => rec.gpu.empty(&x.shape)?,
+            _ => rec.zeros(&x.shape)?,
         };
-        self.backward_into(rec, s, dy, Some(&dx))?;
+        self.backward_into(rec, s, x, dy, Some(&dx))?;
         Ok(dx)
     }
 
@@ -799,13 +855,15 @@ impl Conv2dBn {
         s: &Conv2dBnSaved,
         dy: &Tensor,
     ) -> Result<()> {
-        self.backward_into(rec, s, dy, None)
+        let x = kept_input(s)?;
+        self.backward_into(rec, s, x, dy, None)
     }
 
     fn backward_into(
         &self,
         rec: &mut Recorder,
         s: &Conv2dBnSaved,
+        x: &Tensor,
         dy: &Tensor,
         dx: Option<&Tensor>,
     ) -> Result<()> {
@@ -816,12 +874,12 @@ impl Conv2dBn {
             ConvKind::Pointwise => {
                 let w2 = as_matrix(&w.v);
                 let (n, k) = (w2.shape[0], w2.shape[1]);
-                let m = s.x.numel() / k;
+                let m = x.numel() / k;
                 if let Some(gw) = gw {
                     let mut g = Gemm::new(n, k, m);
                     g.trans_a = true;
                     g.accumulate = true;
-                    gemm(rec, &g, &dz, &s.x, None, None, &as_matrix(gw))?;
+                    gemm(rec, &g, &dz, x, None, None, &as_matrix(gw))?;
                 }
                 if let Some(dx) = dx {
                     gemm(rec, &Gemm::new(m, k, n), &dz, &w2, None, None, dx)?;
@@ -831,7 +889,7 @@ impl Conv2dBn {
             _ if dx.is_none() && gw.is_none() => Ok(()),
             ConvKind::Dense { stride, pad } => conv::conv2d_backward(
                 rec,
-                &s.x,
+                x,
                 &w.v,
                 &dz,
                 ConvGeom { stride, pad },
@@ -843,7 +901,7 @@ impl Conv2dBn {
             ),
             ConvKind::Depthwise { stride, pad } => conv::depthwise_conv2d_backward(
                 rec,
-                &s.x,
+                x,
                 &w.v,
                 &dz,
                 ConvGeom { stride, pad },
@@ -855,6 +913,36 @@ impl Conv2dBn {
             ),
         }
     }
+}
+
+/// Backward of `Conv2dBn` layers that ran one after the other, the first with
+/// [`Conv2dBn::forward`] and the others with [`Conv2dBn::forward_chained`], except the first
+/// layer's own: returns the gradient of the first layer's output, for its `backward` (or
+/// `backward_params`). Each later layer's input is recomputed from the layer before it just
+/// before its backward, and released after it.
+pub fn chain_backward(
+    rec: &mut Recorder,
+    chain: &[(&Conv2dBn, &Conv2dBnSaved)],
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let mut d = dy.clone();
+    for pair in chain.windows(2).rev() {
+        let [(prev, ps), (layer, s)] = pair else {
+            unreachable!("windows of 2")
+        };
+        let x = prev.output(rec, ps)?;
+        d = layer.backward_with(rec, s, &x, &d)?;
+    }
+    Ok(d)
+}
+
+/// The input a `Conv2dBn` kept (run with [`Conv2dBn::forward`]).
+fn kept_input(s: &Conv2dBnSaved) -> Result<&Tensor> {
+    s.x.as_ref().ok_or_else(|| {
+        Error::Invalid(
+            "Conv2dBn backward: the input was not kept (chained layer); use backward_with".into(),
+        )
+    })
 }
 
 // ---------------------------------------------------------------- attention cores

@@ -3,7 +3,7 @@
 //! whose MLP is the sequential Hybrid Expert Head (Eq. 5); docs/model.md, "LKA-Encoder".
 
 use super::blocks::{
-    AttnCoreSaved, Conv2d, Conv2dBn, Conv2dBnSaved, ConvKind, ConvSaved, LN_EPS, LN2D_EPS,
+    AttnCoreSaved, Conv2d, Conv2dBn, Conv2dBnSaved, chain_backward, ConvKind, ConvSaved, LN_EPS, LN2D_EPS,
     LayerNorm, LayerNormSaved, Linear, LinearSaved, Mode, Param, Source, Vb, window_attention,
     window_attention_backward,
 };
@@ -65,13 +65,13 @@ impl PatchEmbed {
         mode: Mode,
     ) -> Result<(Tensor, Option<PatchEmbedSaved>)> {
         let (h, c0) = self.c0.forward(rec, x, mode)?;
-        let (y, c2) = self.c2.forward(rec, &h, mode)?;
+        let (y, c2) = self.c2.forward_chained(rec, &h, mode)?;
         Ok((y, saved!(PatchEmbedSaved { c0: c0?, c2: c2? })))
     }
 
     /// The input is the image: parameter gradients only.
     pub fn backward(&self, rec: &mut Recorder, s: &PatchEmbedSaved, dy: &Tensor) -> Result<()> {
-        let d = self.c2.backward(rec, &s.c2, dy)?;
+        let d = chain_backward(rec, &[(&self.c0, &s.c0), (&self.c2, &s.c2)], dy)?;
         self.c0.backward_params(rec, &s.c0, &d)
     }
 }
@@ -115,7 +115,6 @@ struct MbGroup {
     conv2: Conv2dBn,
     c1: Conv2dBnSaved,
     c2: Conv2dBnSaved,
-    h2: Tensor,
     w3: Tensor,
     c0: usize,
 }
@@ -198,8 +197,8 @@ impl MbConv {
         let ng = hidden_groups(rec, rows, hidden)?;
         let (z, path) = if ng == 1 {
             let (h, c1) = self.conv1.forward(rec, x, mode)?;
-            let (h, c2) = self.conv2.forward(rec, &h, mode)?;
-            let (z, c3) = self.conv3.forward(rec, &h, mode)?;
+            let (h, c2) = self.conv2.forward_chained(rec, &h, mode)?;
+            let (z, c3) = self.conv3.forward_chained(rec, &h, mode)?;
             let path = saved!(MbPath::Whole {
                 c1: c1?,
                 c2: c2?,
@@ -216,7 +215,7 @@ impl MbConv {
                 let conv1 = self.conv1.out_channels(c0, n)?;
                 let conv2 = self.conv2.out_channels(c0, n)?;
                 let (h, c1) = conv1.forward(rec, x, mode)?;
-                let (h2, c2) = conv2.forward(rec, &h, mode)?;
+                let (h2, c2) = conv2.forward_chained(rec, &h, mode)?;
                 drop(h);
                 let w3 = slice_mid(rec, w3_all, c, hidden, 1, c0, n)?.reshape(&[c, n]);
                 let mut g = Gemm::new(rows, c, n);
@@ -229,7 +228,6 @@ impl MbConv {
                     conv2,
                     c1,
                     c2,
-                    h2,
                     w3,
                     c0,
                 });
@@ -254,8 +252,8 @@ impl MbConv {
         let ds = act_backward(rec, &c.s, dy, Act::Gelu)?;
         let dx = match &c.path {
             MbPath::Whole { c1, c2, c3 } => {
-                let dh = self.conv3.backward(rec, c3, &ds)?;
-                let dh = self.conv2.backward(rec, c2, &dh)?;
+                let chain = [(&self.conv1, c1), (&self.conv2, c2), (&self.conv3, c3)];
+                let dh = chain_backward(rec, &chain, &ds)?;
                 self.conv1.backward(rec, c1, &dh)?
             }
             MbPath::Grouped { groups, z3, bn3 } => {
@@ -267,12 +265,13 @@ impl MbConv {
                 let dx = rec.zeros(&c.x_shape)?;
                 for g in groups {
                     let n = g.w3.shape[1];
+                    let h2 = g.conv2.output(rec, &g.c2)?;
                     if let Some(gw3) = &w3.g {
                         // dW3[:, c0..c0+n] += dz3^T h2
                         let part = rec.gpu.empty(&[ch, n, 1])?;
                         let mut gm = Gemm::new(ch, n, rows);
                         gm.trans_a = true;
-                        gemm(rec, &gm, &dz3, &g.h2, None, None, &part)?;
+                        gemm(rec, &gm, &dz3, &h2, None, None, &part)?;
                         slice_mid_backward(
                             rec,
                             &part,
@@ -287,7 +286,10 @@ impl MbConv {
                     if let Some(l) = hshape.last_mut() {
                         *l = n;
                     }
-                    let dh1 = g.conv2.backward(rec, &g.c2, &dh2.reshape(&hshape))?;
+                    drop(h2);
+                    let h1 = g.conv1.output(rec, &g.c1)?;
+                    let dh1 = g.conv2.backward_with(rec, &g.c2, &h1, &dh2.reshape(&hshape))?;
+                    drop(h1);
                     let dxg = g.conv1.backward(rec, &g.c1, &dh1)?;
                     accumulate(rec, &dx, &dxg)?;
                 }
@@ -340,8 +342,8 @@ impl PatchMerging {
         mode: Mode,
     ) -> Result<(Tensor, Option<PatchMergingSaved>)> {
         let (h, c1) = self.conv1.forward(rec, x, mode)?;
-        let (h, c2) = self.conv2.forward(rec, &h, mode)?;
-        let (y, c3) = self.conv3.forward(rec, &h, mode)?;
+        let (h, c2) = self.conv2.forward_chained(rec, &h, mode)?;
+        let (y, c3) = self.conv3.forward_chained(rec, &h, mode)?;
         Ok((
             y,
             saved!(PatchMergingSaved {
@@ -358,8 +360,12 @@ impl PatchMerging {
         s: &PatchMergingSaved,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        let d = self.conv3.backward(rec, &s.c3, dy)?;
-        let d = self.conv2.backward(rec, &s.c2, &d)?;
+        let chain = [
+            (&self.conv1, &s.c1),
+            (&self.conv2, &s.c2),
+            (&self.conv3, &s.c3),
+        ];
+        let d = chain_backward(rec, &chain, dy)?;
         self.conv1.backward(rec, &s.c1, &d)
     }
 }
@@ -908,6 +914,7 @@ impl LkaEncoder {
         mut st: Option<&mut Stages>,
     ) -> Result<(Tensor, Option<LkaEncoderSaved>)> {
         let (mut h, pe) = self.patch_embed.forward(rec, x, mode)?;
+        rec.mark(|| "encoder patch embedding".into());
         if let Some(st) = st.as_deref_mut() {
             st.push("encoder.patch_embed", &h);
         }
@@ -916,6 +923,7 @@ impl LkaEncoder {
             let (y, sv) = stage.forward(rec, &h, mode)?;
             h = y;
             stages.extend(sv);
+            rec.mark(|| format!("encoder stage {s}"));
             if let Some(st) = st.as_deref_mut() {
                 st.push(&format!("encoder.layers.{s}"), &h);
             }
@@ -933,9 +941,13 @@ impl LkaEncoder {
 
     pub fn backward(&self, rec: &mut Recorder, c: &LkaEncoderSaved, demb: &Tensor) -> Result<()> {
         let mut d = self.neck.backward(rec, &c.neck, demb)?;
-        for (stage, s) in self.stages.iter().zip(&c.stages).rev() {
+        rec.mark(|| "encoder neck".into());
+        for (i, (stage, s)) in self.stages.iter().zip(&c.stages).enumerate().rev() {
             d = stage.backward(rec, s, &d)?;
+            rec.mark(|| format!("encoder stage {i}"));
         }
-        self.patch_embed.backward(rec, &c.patch_embed, &d)
+        self.patch_embed.backward(rec, &c.patch_embed, &d)?;
+        rec.mark(|| "encoder patch embedding".into());
+        Ok(())
     }
 }

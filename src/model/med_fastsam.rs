@@ -221,7 +221,9 @@ impl MedFastSam {
         let (emb, enc) = self
             .encoder
             .forward(rec, &x, mode, keep_stages.then_some(&mut st))?; // [B,S/16,S/16,D]
+        rec.mark(|| "encoder neck".into());
         let (r2, r1, msf) = self.msf.forward(rec, &x, mode)?;
+        rec.mark(|| "multi-scale features".into());
         let (threshold, coarse) = match fixed {
             None => otsu(rec, px, &x, self.otsu_rule())?,
             Some(f) => (
@@ -233,13 +235,16 @@ impl MedFastSam {
         let lr = self.cfg.lowres();
         let coarse_low = bilinear(rec, &coarse, lr, lr)?;
         let (dense, prompt) = self.prompt.forward(rec, &coarse_low, mode)?;
+        rec.mark(|| "Otsu and coarse prompt".into());
         let g = self.cfg.grid();
         let pe = self.dense_pe(rec, g, g)?;
         let (tokens, image, two_way) = self.decoder.two_way(rec, &emb, &dense, &pe, mode)?;
+        rec.mark(|| "two-way transformer".into());
         let (lowres_logits, head) = self
             .decoder
             .mask_head(rec, &tokens, &image, &r1, &r2, mode)?;
         let logits = bilinear(rec, &lowres_logits, s, s)?;
+        rec.mark(|| "mask head".into());
         if keep_stages {
             st.push("encoder.embedding", &emb);
             st.push("msf.r2", &r2);
@@ -290,12 +295,16 @@ impl MedFastSam {
         let dlow = rec.zeros(&c.lowres_shape)?;
         bilinear_backward(rec, dlogits, &dlow)?;
         let (dtok, dimg, dr1, dr2) = self.decoder.mask_head_backward(rec, &c.head, &dlow)?;
+        rec.mark(|| "mask head".into());
         // src = embedding + dense prompt
         let dsrc = self
             .decoder
             .two_way_backward(rec, &c.two_way, &dtok, &dimg)?;
+        rec.mark(|| "two-way transformer".into());
         self.prompt.backward(rec, &c.prompt, &dsrc)?;
+        rec.mark(|| "coarse prompt".into());
         self.msf.backward(rec, &c.msf, &dr2, &dr1)?;
+        rec.mark(|| "multi-scale features".into());
         self.encoder.backward(rec, &c.encoder, &dsrc)
     }
 

@@ -641,6 +641,20 @@ pub fn batch_norm_train(
     eps: f32,
     act: Act,
 ) -> Result<(Tensor, BnSaved)> {
+    batch_norm_train_keep(rec, x, bn, momentum, eps, act, true)
+}
+
+/// [`batch_norm_train`] that keeps the pre-activation in [`BnSaved`] only with `keep_pre`
+/// (otherwise [`batch_norm_backward`]'s caller recomputes it with [`batch_norm_recompute`]).
+pub fn batch_norm_train_keep(
+    rec: &mut Recorder,
+    x: &Tensor,
+    bn: BnLayer,
+    momentum: f32,
+    eps: f32,
+    act: Act,
+    keep_pre: bool,
+) -> Result<(Tensor, BnSaved)> {
     let BnLayer {
         w,
         b,
@@ -687,7 +701,11 @@ pub fn batch_norm_train(
         b,
         act,
     };
-    let (y, pre) = bn_apply_save_pre(rec, x, n)?;
+    let (y, pre) = if keep_pre {
+        bn_apply_save_pre(rec, x, n)?
+    } else {
+        (bn_apply(rec, x, n)?, None)
+    };
     Ok((
         y,
         BnSaved {
@@ -721,8 +739,26 @@ pub fn batch_norm_eval_saved(
     eps: f32,
     act: Act,
 ) -> Result<(Tensor, BnSaved)> {
+    batch_norm_eval_saved_keep(rec, x, bn, eps, act, true)
+}
+
+/// [`batch_norm_eval_saved`] that keeps the pre-activation only with `keep_pre` (see
+/// [`batch_norm_train_keep`]).
+pub fn batch_norm_eval_saved_keep(
+    rec: &mut Recorder,
+    x: &Tensor,
+    bn: BnLayer,
+    eps: f32,
+    act: Act,
+    keep_pre: bool,
+) -> Result<(Tensor, BnSaved)> {
     let rstd = bn_eval_rstd(rec, x, bn, eps)?;
-    let (y, pre) = bn_apply_save_pre(rec, x, bn_eval_normalize(bn, &rstd, act))?;
+    let n = bn_eval_normalize(bn, &rstd, act);
+    let (y, pre) = if keep_pre {
+        bn_apply_save_pre(rec, x, n)?
+    } else {
+        (bn_apply(rec, x, n)?, None)
+    };
     Ok((
         y,
         BnSaved {
@@ -758,6 +794,29 @@ fn bn_eval_normalize<'a>(bn: BnLayer<'a>, rstd: &'a Tensor, act: Act) -> BnNorma
         b: bn.b,
         act,
     }
+}
+
+/// Recomputes from the saved statistics what the forward of `saved` produced from `x`, with the
+/// same kernel and arithmetic: the output `act(BN(x))` for `act` = `saved.act`, or the
+/// pre-activation `BN(x)` for `act` = [`Act::None`]. The backward recomputes these instead of
+/// keeping them through the step (`w`, `b`: the layer's weight and bias).
+pub fn batch_norm_recompute(
+    rec: &mut Recorder,
+    x: &Tensor,
+    saved: &BnSaved,
+    w: &Tensor,
+    b: &Tensor,
+    act: Act,
+) -> Result<Tensor> {
+    check_bn(x, w, b, &[&saved.mean, &saved.rstd])?;
+    let n = BnNormalize {
+        mean: &saved.mean,
+        rstd: &saved.rstd,
+        w,
+        b,
+        act,
+    };
+    bn_apply(rec, x, n)
 }
 
 /// Backward of [`batch_norm_train`] (batch statistics) or [`batch_norm_eval_saved`] (fixed

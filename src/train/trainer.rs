@@ -343,6 +343,17 @@ impl<'g> Trainer<'g> {
         Ok(mean)
     }
 
+    /// Records one forward, loss and backward of `batch` on `rec` (the gradients accumulate), for
+    /// benchmarks: with `rec.profile` set, the kernels' times; with `rec.memory` set, the memory
+    /// view of the step (recorded, so exact without submitting).
+    pub fn record_one(&self, rec: &mut Recorder, batch: &[Example]) -> Result<()> {
+        rec.mark(|| "parameters, gradients and Adam moments".into());
+        let r = record_batch(self.gpu, &self.model, rec, batch, &self.loss)?;
+        drop(r);
+        rec.mark(|| "the step's tensors released".into());
+        Ok(())
+    }
+
     /// The current weights (authors' keys), read back from the device.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn weights(&self) -> Result<Weights> {
@@ -550,9 +561,13 @@ pub(crate) fn record_batch(
         .collect();
     let px = gpu.upload_u32(&px, &[batch.len(), s, s])?;
     let tg = gpu.upload(&tg, &[batch.len(), s, s, 1])?;
+    rec.mark(|| "images and masks".into());
     let (out, saved) = model.forward_train(rec, &px)?;
     let (v, dlogits) = seg_loss(rec, &out.logits, &tg, loss)?;
+    rec.mark(|| "loss".into());
+    let phase = std::mem::replace(&mut rec.profile_phase, "bwd ");
     model.backward(rec, &saved, &dlogits)?;
+    rec.profile_phase = phase;
     Ok(RecordedBatch {
         loss: v,
         out,

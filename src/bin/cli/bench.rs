@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// Skip the training-step benchmarks.
     #[arg(long)]
     pub no_train: bool,
+    /// Instead of timing the --train steps, print their memory view: the bytes held after each
+    /// part of the forward and backward and the peak between (recorded, never run: any size
+    /// takes seconds).
+    #[arg(long)]
+    pub memory: bool,
     /// Skip the whole-model (forward) benchmark at --sizes.
     #[arg(long)]
     pub no_models: bool,
@@ -178,6 +183,87 @@ fn print_profile(
     }
 }
 
+/// A trainer with random weights and a batch of random images and masks, for the training-step
+/// benchmarks.
+fn train_setup<'g>(
+    gpu: &'g Gpu,
+    cfg: &Config,
+    batch: usize,
+    mode: medfastsam::train::params::TrainMode,
+) -> anyhow::Result<(
+    medfastsam::train::trainer::Trainer<'g>,
+    Vec<medfastsam::train::trainer::Example>,
+)> {
+    use medfastsam::train::trainer::{Example, TrainOptions, Trainer};
+    let size = cfg.image_size;
+    let w = Weights::init(cfg, 1);
+    let opts = TrainOptions {
+        batch,
+        mode,
+        ..TrainOptions::default()
+    };
+    let t = Trainer::new(gpu, &w, cfg, Variant::Paper, opts)?;
+    let mut rng = medfastsam::rng::Rng::new(3);
+    let examples = (0..batch)
+        .map(|i| Example {
+            id: format!("{i}"),
+            image: medfastsam::io::RgbImage {
+                width: size,
+                height: size,
+                data: (0..size * size * 3).map(|_| rng.below(256) as u8).collect(),
+            },
+            mask: (0..size * size).map(|_| rng.below(2) as u8).collect(),
+        })
+        .collect();
+    Ok((t, examples))
+}
+
+/// Prints a recording's memory view: what is held after each part and the peak in between.
+fn print_memory(title: &str, marks: &[medfastsam::gpu::MemoryMark]) {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let peak = marks.iter().map(|m| m.peak).max().unwrap_or(0);
+    eprintln!("{title}: peak {:.1} MiB held by tensors (recorded, exact)", mib(peak));
+    eprintln!("  {:<44} {:>10} {:>10} {:>12}", "after", "held MiB", "change", "peak before");
+    let mut prev = None;
+    for m in marks {
+        let change = prev.map_or(String::new(), |p: u64| {
+            format!("{:+.1}", mib(m.in_use) - mib(p))
+        });
+        eprintln!(
+            "  {:<44} {:>10.1} {:>10} {:>12.1}{}",
+            m.what,
+            mib(m.in_use),
+            change,
+            mib(m.peak),
+            if m.peak == peak { "  <- peak" } else { "" }
+        );
+        prev = Some(m.in_use);
+    }
+}
+
+/// The memory view of one training step, recorded and never run (any size, in seconds).
+pub fn memory_train(
+    gpu: &Gpu,
+    preset: &str,
+    size: usize,
+    batch: usize,
+    mode: medfastsam::train::params::TrainMode,
+) -> anyhow::Result<()> {
+    let cfg = Config::preset(preset)?.with_image_size(size)?;
+    gpu.trim_pool();
+    let (t, examples) = train_setup(gpu, &cfg, batch, mode)?;
+    let mut rec = gpu.new_recorder();
+    rec.start_memory_view();
+    t.record_one(&mut rec, &examples)?;
+    let marks = rec.memory.take().unwrap_or_default();
+    drop(rec);
+    print_memory(
+        &format!("training-step memory {preset} {size}² batch {batch} {}", mode.name()),
+        &marks,
+    );
+    Ok(())
+}
+
 pub fn bench_train(
     gpu: &Gpu,
     preset: &str,
@@ -187,31 +273,11 @@ pub fn bench_train(
     reps: usize,
     profile: bool,
 ) -> anyhow::Result<TrainBench> {
-    use medfastsam::train::trainer::{Example, TrainOptions, Trainer};
     let cfg = Config::preset(preset)?.with_image_size(size)?;
     gpu.trim_pool();
     gpu.reset_peak();
-    let w = Weights::init(&cfg, 1);
-    let opts = TrainOptions {
-        batch,
-        mode,
-        ..TrainOptions::default()
-    };
-    let mut t = Trainer::new(gpu, &w, &cfg, Variant::Paper, opts)?;
-    let mut rng = medfastsam::rng::Rng::new(3);
-    let micro = vec![
-        (0..batch)
-            .map(|i| Example {
-                id: format!("{i}"),
-                image: medfastsam::io::RgbImage {
-                    width: size,
-                    height: size,
-                    data: (0..size * size * 3).map(|_| rng.below(256) as u8).collect(),
-                },
-                mask: (0..size * size).map(|_| rng.below(2) as u8).collect(),
-            })
-            .collect::<Vec<_>>(),
-    ];
+    let (mut t, examples) = train_setup(gpu, &cfg, batch, mode)?;
+    let micro = vec![examples];
     let t0 = Instant::now();
     t.step(&micro)?;
     let first = t0.elapsed().as_secs_f64() * 1e3;
@@ -225,31 +291,18 @@ pub fn bench_train(
     let step = v[v.len() / 2];
     let peak = gpu.pool_stats().peak_allocated;
     if profile {
-        use medfastsam::ops::loss::{LossConfig, seg_loss};
-        let s = size;
-        let px: Vec<u32> = micro[0].iter().flat_map(|e| e.image.packed()).collect();
-        let tg: Vec<f32> = micro[0]
-            .iter()
-            .flat_map(|e| e.mask.iter().map(|&v| v as f32))
-            .collect();
-        let px = gpu.upload_u32(&px, &[batch, s, s])?;
-        let tg = gpu.upload(&tg, &[batch, s, s, 1])?;
         let mut rec = gpu.new_recorder();
         rec.profile = Some(Default::default());
+        rec.start_memory_view();
         let tp = Instant::now();
-        let (out, saved) = t.model.forward_train(&mut rec, &px)?;
-        let (_l, d) = seg_loss(&mut rec, &out.logits, &tg, &LossConfig::default())?;
-        rec.profile_phase = "bwd ";
-        t.model.backward(&mut rec, &saved, &d)?;
+        t.record_one(&mut rec, &micro[0])?;
         let prof = rec.profile.take().unwrap();
+        let marks = rec.memory.take().unwrap_or_default();
         rec.submit()?;
         let total = tp.elapsed().as_secs_f64() * 1e3;
-        print_profile(
-            &format!("training-step profile {preset} {s}² batch {batch}"),
-            prof,
-            total,
-            25,
-        );
+        let title = format!("training-step profile {preset} {size}² batch {batch}");
+        print_profile(&title, prof, total, 25);
+        print_memory(&title, &marks);
     }
     // The eval-mode forward of the same images, for the step/forward ratio (one image per
     // forward, as inference runs, so that it fits the device at every size).
@@ -594,6 +647,10 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
             }
             let (size, batch) = (p[1].parse()?, p[2].parse()?);
             let mode = medfastsam::train::params::TrainMode::parse(p.get(3).unwrap_or(&"full"))?;
+            if a.memory {
+                memory_train(&gpu, p[0], size, batch, mode)?;
+                continue;
+            }
             let r = match bench_train(&gpu, p[0], size, batch, mode, a.reps.min(3), a.profile) {
                 Ok(r) => r,
                 Err(e) => TrainBench {
