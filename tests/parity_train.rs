@@ -44,7 +44,7 @@ fn train_step(grouped: bool) {
     let model = MedFastSam::from_params(&ps).unwrap();
     let (out, saved) = model.forward_train(&mut rec, &px).unwrap();
     let (loss, dlogits) = seg_loss(&mut rec, &out.logits, &target, &LossConfig::default()).unwrap();
-    model.backward(&mut rec, &saved, &dlogits).unwrap();
+    model.backward(&mut rec, saved, &dlogits).unwrap();
     rec.submit().unwrap();
 
     let logits = gpu.read(&out.logits).unwrap();

@@ -419,12 +419,12 @@ impl Gpu {
         self.pool.lock().unwrap().reset_peak();
     }
 
-    /// (bytes in use now, highest bytes in use since the previous call): what a recording's
-    /// memory marks report.
-    pub(crate) fn memory_window(&self) -> (u64, u64) {
+    /// (the pool's statistics now, highest bytes in use since the previous call): what a
+    /// recording's memory marks report.
+    pub(crate) fn memory_window(&self) -> (PoolStats, u64) {
         let mut p = self.pool.lock().unwrap();
         let peak = p.take_window_peak();
-        (p.stats().in_use, peak)
+        (p.stats(), peak)
     }
 
     /// Makes the buffers this thread freed reusable by every thread (after a submission).

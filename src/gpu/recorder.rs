@@ -96,6 +96,9 @@ pub struct MemoryMark {
     pub in_use: u64,
     /// Highest bytes held since the previous mark.
     pub peak: u64,
+    /// Bytes allocated from the device at this point: held, and free in the pool (a freed
+    /// buffer is reused only for a tensor of its size class).
+    pub allocated: u64,
 }
 
 /// Profile totals of one kernel (or kernel variant).
@@ -138,11 +141,12 @@ impl<'g> Recorder<'g> {
     /// A point of the memory view named `what()` (nothing unless the view is on).
     pub fn mark(&mut self, what: impl FnOnce() -> String) {
         if let Some(m) = self.memory.as_mut() {
-            let (in_use, peak) = self.gpu.memory_window();
+            let (stats, peak) = self.gpu.memory_window();
             m.push(MemoryMark {
                 what: format!("{}{}", self.profile_phase, what()),
-                in_use,
+                in_use: stats.in_use,
                 peak,
+                allocated: stats.allocated,
             });
         }
     }

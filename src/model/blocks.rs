@@ -155,7 +155,9 @@ pub struct Linear<P = Param> {
 }
 
 pub struct LinearSaved {
-    x: Tensor,
+    /// The input, unless the layer ran with [`Linear::forward_res_chained`].
+    x: Option<Tensor>,
+    x_shape: Vec<usize>,
     pre: Option<Tensor>,
 }
 
@@ -216,7 +218,8 @@ impl Linear {
             return Ok((
                 y,
                 mode.keep(|| LinearSaved {
-                    x: x.clone(),
+                    x: Some(x.clone()),
+                    x_shape: x.shape.clone(),
                     pre: None,
                 }),
             ));
@@ -230,10 +233,25 @@ impl Linear {
         Ok((
             y,
             Some(LinearSaved {
-                x: x.clone(),
+                x: Some(x.clone()),
+                x_shape: x.shape.clone(),
                 pre: Some(pre),
             }),
         ))
+    }
+
+    /// [`Linear::forward_res`] of a layer whose input `x` is the output of the activated layer
+    /// before it: the saved state does not keep `x`, which [`Linear::backward_through`]
+    /// recomputes from that layer's pre-activation.
+    pub fn forward_res_chained(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<LinearSaved>)> {
+        let (y, s) = self.forward_res(rec, x, residual, mode)?;
+        Ok((y, s.map(|s| LinearSaved { x: None, ..s })))
     }
 
     /// dW += dpre^T x, db += Σ dpre; returns dx = dpre W (a residual's gradient is the caller's dy).
@@ -242,7 +260,7 @@ impl Linear {
             Some(pre) => act_backward(rec, pre, dy, self.act)?,
             None => dy.clone(),
         };
-        self.backward_pre(rec, s, &dpre, None)
+        self.backward_pre(rec, s, linear_input(s)?, &dpre, None)
     }
 
     /// [`Linear::backward`] whose input gradient goes on through the activation of `prev`, the
@@ -261,7 +279,16 @@ impl Linear {
             None => dy.clone(),
         };
         let through = prev_saved.pre.as_ref().map(|p| (p, prev.act));
-        self.backward_pre(rec, s, &dpre, through)
+        let recomputed;
+        let x = match (&s.x, through) {
+            (Some(x), _) => x,
+            (None, Some((pre, act))) => {
+                recomputed = activation(rec, pre, act)?;
+                &recomputed
+            }
+            (None, None) => linear_input(s)?,
+        };
+        self.backward_pre(rec, s, x, &dpre, through)
     }
 
     /// [`Linear::backward`] given the gradient of this layer's pre-activation.
@@ -271,29 +298,36 @@ impl Linear {
         s: &LinearSaved,
         dpre: &Tensor,
     ) -> Result<Tensor> {
-        self.backward_pre(rec, s, dpre, None)
+        self.backward_pre(rec, s, linear_input(s)?, dpre, None)
     }
 
     fn backward_pre(
         &self,
         rec: &mut Recorder,
         s: &LinearSaved,
+        x: &Tensor,
         dpre: &Tensor,
         through: Option<(&Tensor, Act)>,
     ) -> Result<Tensor> {
+        if x.shape != s.x_shape {
+            return Err(Error::Invalid(format!(
+                "linear backward: input {:?}, the forward's was {:?}",
+                x.shape, s.x_shape
+            )));
+        }
         let w = as_matrix(&self.w.v);
         let (n, k) = (w.shape[0], w.shape[1]);
-        let m = s.x.numel() / k;
+        let m = x.numel() / k;
         if let Some(gw) = &self.w.g {
             let mut g = Gemm::new(n, k, m);
             g.trans_a = true;
             g.accumulate = true;
-            gemm(rec, &g, dpre, &s.x, None, None, &as_matrix(gw))?;
+            gemm(rec, &g, dpre, x, None, None, &as_matrix(gw))?;
         }
         if let Some(gb) = self.b.as_ref().and_then(|b| b.g.as_ref()) {
             col_sum(rec, dpre, n, gb, true)?;
         }
-        let dx = rec.gpu.empty(&s.x.shape)?;
+        let dx = rec.gpu.empty(&x.shape)?;
         let mut g = Gemm::new(m, k, n);
         match through {
             Some((pre, act)) => {
@@ -934,6 +968,13 @@ pub fn chain_backward(
         d = layer.backward_with(rec, s, &x, &d)?;
     }
     Ok(d)
+}
+
+/// The input a `Linear` kept (run with [`Linear::forward_res`]).
+fn linear_input(s: &LinearSaved) -> Result<&Tensor> {
+    s.x.as_ref().ok_or_else(|| {
+        Error::Invalid("linear backward: the input was not kept (chained layer)".into())
+    })
 }
 
 /// The input a `Conv2dBn` kept (run with [`Conv2dBn::forward`]).

@@ -563,7 +563,7 @@ impl Mlp {
     ) -> Result<(Tensor, Option<MlpSaved>)> {
         let (h, ln) = self.norm.forward(rec, x, mode)?;
         let (h, f1) = self.fc1.forward(rec, &h, mode)?;
-        let (y, f2) = self.fc2.forward_res(rec, &h, Some(x), mode)?;
+        let (y, f2) = self.fc2.forward_res_chained(rec, &h, Some(x), mode)?;
         Ok((
             y,
             saved!(MlpSaved {
@@ -781,15 +781,22 @@ impl LkaStage {
         Ok((x, mode.keep(|| LkaStageSaved { blocks, downsample })))
     }
 
-    pub fn backward(&self, rec: &mut Recorder, c: &LkaStageSaved, dy: &Tensor) -> Result<Tensor> {
-        let mut d = match (&self.downsample, &c.downsample) {
-            (Some(m), Some(s)) => m.backward(rec, s, dy)?,
+    /// Consumes `c`: each block's saved tensors are released right after its backward.
+    pub fn backward(&self, rec: &mut Recorder, c: LkaStageSaved, dy: &Tensor) -> Result<Tensor> {
+        let LkaStageSaved { blocks, downsample } = c;
+        let mut d = match (&self.downsample, downsample) {
+            (Some(m), Some(s)) => m.backward(rec, &s, dy)?,
             _ => dy.clone(),
         };
-        for (blk, s) in self.blocks.iter().zip(&c.blocks).rev() {
+        if blocks.len() != self.blocks.len() {
+            return Err(Error::Invalid(
+                "LKA stage: saved state does not match its blocks".into(),
+            ));
+        }
+        for (blk, s) in self.blocks.iter().zip(blocks).rev() {
             d = match (blk, s) {
-                (StageBlock::MbConv(m), StageBlockSaved::MbConv(s)) => m.backward(rec, s, &d)?,
-                (StageBlock::Vit(v), StageBlockSaved::Vit(s)) => v.backward(rec, s, &d)?,
+                (StageBlock::MbConv(m), StageBlockSaved::MbConv(s)) => m.backward(rec, &s, &d)?,
+                (StageBlock::Vit(v), StageBlockSaved::Vit(s)) => v.backward(rec, &s, &d)?,
                 _ => {
                     return Err(Error::Invalid(
                         "LKA stage: saved state does not match its blocks".into(),
@@ -939,14 +946,26 @@ impl LkaEncoder {
         ))
     }
 
-    pub fn backward(&self, rec: &mut Recorder, c: &LkaEncoderSaved, demb: &Tensor) -> Result<()> {
-        let mut d = self.neck.backward(rec, &c.neck, demb)?;
+    /// Consumes `c`: each part's saved tensors are released right after its backward.
+    pub fn backward(&self, rec: &mut Recorder, c: LkaEncoderSaved, demb: &Tensor) -> Result<()> {
+        let LkaEncoderSaved {
+            patch_embed,
+            stages,
+            neck,
+        } = c;
+        let mut d = self.neck.backward(rec, &neck, demb)?;
+        drop(neck);
         rec.mark(|| "encoder neck".into());
-        for (i, (stage, s)) in self.stages.iter().zip(&c.stages).enumerate().rev() {
+        if stages.len() != self.stages.len() {
+            return Err(Error::Invalid(
+                "LKA encoder: saved state does not match its stages".into(),
+            ));
+        }
+        for (i, (stage, s)) in self.stages.iter().zip(stages).enumerate().rev() {
             d = stage.backward(rec, s, &d)?;
             rec.mark(|| format!("encoder stage {i}"));
         }
-        self.patch_embed.backward(rec, &c.patch_embed, &d)?;
+        self.patch_embed.backward(rec, &patch_embed, &d)?;
         rec.mark(|| "encoder patch embedding".into());
         Ok(())
     }

@@ -291,21 +291,35 @@ impl MedFastSam {
     }
 
     /// Backward from `dlogits` (`[B,S,S,1]`), accumulating into the parameter gradients.
-    pub fn backward(&self, rec: &mut Recorder, c: &Saved, dlogits: &Tensor) -> Result<()> {
-        let dlow = rec.zeros(&c.lowres_shape)?;
+    /// Consumes `c`: each part's saved tensors are released as soon as its backward is recorded,
+    /// so later (larger, earlier-layer) gradients reuse their memory.
+    pub fn backward(&self, rec: &mut Recorder, c: Saved, dlogits: &Tensor) -> Result<()> {
+        let Saved {
+            encoder,
+            msf,
+            prompt,
+            two_way,
+            head,
+            lowres_shape,
+        } = c;
+        let dlow = rec.zeros(&lowres_shape)?;
         bilinear_backward(rec, dlogits, &dlow)?;
-        let (dtok, dimg, dr1, dr2) = self.decoder.mask_head_backward(rec, &c.head, &dlow)?;
+        let (dtok, dimg, dr1, dr2) = self.decoder.mask_head_backward(rec, &head, &dlow)?;
+        drop((head, dlow));
         rec.mark(|| "mask head".into());
         // src = embedding + dense prompt
         let dsrc = self
             .decoder
-            .two_way_backward(rec, &c.two_way, &dtok, &dimg)?;
+            .two_way_backward(rec, &two_way, &dtok, &dimg)?;
+        drop((two_way, dtok, dimg));
         rec.mark(|| "two-way transformer".into());
-        self.prompt.backward(rec, &c.prompt, &dsrc)?;
+        self.prompt.backward(rec, &prompt, &dsrc)?;
+        drop(prompt);
         rec.mark(|| "coarse prompt".into());
-        self.msf.backward(rec, &c.msf, &dr2, &dr1)?;
+        self.msf.backward(rec, &msf, &dr2, &dr1)?;
+        drop((msf, dr1, dr2));
         rec.mark(|| "multi-scale features".into());
-        self.encoder.backward(rec, &c.encoder, &dsrc)
+        self.encoder.backward(rec, encoder, &dsrc)
     }
 
     // Eval-mode access to the parts, for stage-by-stage parity checks.

@@ -247,7 +247,7 @@ impl<'g> Distiller<'g> {
         })?;
         let t = self.gpu.upload(teacher, &emb.shape)?;
         let (value, demb) = mse_loss(rec, &emb, &t, 1.0)?;
-        self.encoder.backward(rec, &saved, &demb)?;
+        self.encoder.backward(rec, saved, &demb)?;
         Ok(value)
     }
 

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::io::RgbImage;
 use crate::model::weights::HostTensor;
-use crate::model::{Config, MedFastSam, Output, Saved, Variant, Weights};
+use crate::model::{Config, MedFastSam, Output, Variant, Weights};
 use crate::ops::loss::{LossConfig, seg_loss};
 use crate::ops::optim::AdamConfig;
 use crate::rng::Rng;
@@ -534,12 +534,13 @@ pub struct Checkpoint {
 }
 
 /// What [`record_batch`] recorded: the loss values (loss, focal, Dice loss) and the forward's
-/// output, with the batch's inputs and the backward's saved activations kept alive until the
-/// caller drops it (after its submit or flush).
+/// output, with the batch's inputs kept alive until the caller drops it (the backward released
+/// the saved activations as it went: the pool hands a released buffer only to commands recorded
+/// later, which run later).
 pub(crate) struct RecordedBatch {
     pub loss: Tensor,
     pub out: Output,
-    _keep: (Tensor, Tensor, Saved, Tensor),
+    _keep: (Tensor, Tensor, Tensor),
 }
 
 /// Records on `rec` one forward (train mode), the loss and the backward of `batch` (examples at
@@ -566,12 +567,12 @@ pub(crate) fn record_batch(
     let (v, dlogits) = seg_loss(rec, &out.logits, &tg, loss)?;
     rec.mark(|| "loss".into());
     let phase = std::mem::replace(&mut rec.profile_phase, "bwd ");
-    model.backward(rec, &saved, &dlogits)?;
+    model.backward(rec, saved, &dlogits)?;
     rec.profile_phase = phase;
     Ok(RecordedBatch {
         loss: v,
         out,
-        _keep: (px, tg, saved, dlogits),
+        _keep: (px, tg, dlogits),
     })
 }
 

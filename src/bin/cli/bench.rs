@@ -219,22 +219,30 @@ fn train_setup<'g>(
 }
 
 /// Prints a recording's memory view: what is held after each part and the peak in between.
-fn print_memory(title: &str, marks: &[medfastsam::gpu::MemoryMark]) {
+fn print_memory(title: &str, marks: &[medfastsam::gpu::MemoryMark], peak_allocated: u64) {
     let mib = |b: u64| b as f64 / 1048576.0;
     let peak = marks.iter().map(|m| m.peak).max().unwrap_or(0);
-    eprintln!("{title}: peak {:.1} MiB held by tensors (recorded, exact)", mib(peak));
-    eprintln!("  {:<44} {:>10} {:>10} {:>12}", "after", "held MiB", "change", "peak before");
+    eprintln!(
+        "{title}: peak {:.1} MiB held by tensors, {:.1} MiB allocated from the device (recorded, exact)",
+        mib(peak),
+        mib(peak_allocated)
+    );
+    eprintln!(
+        "  {:<44} {:>10} {:>10} {:>12} {:>10}",
+        "after", "held MiB", "change", "peak before", "allocated"
+    );
     let mut prev = None;
     for m in marks {
         let change = prev.map_or(String::new(), |p: u64| {
             format!("{:+.1}", mib(m.in_use) - mib(p))
         });
         eprintln!(
-            "  {:<44} {:>10.1} {:>10} {:>12.1}{}",
+            "  {:<44} {:>10.1} {:>10} {:>12.1} {:>10.1}{}",
             m.what,
             mib(m.in_use),
             change,
             mib(m.peak),
+            mib(m.allocated),
             if m.peak == peak { "  <- peak" } else { "" }
         );
         prev = Some(m.in_use);
@@ -251,6 +259,7 @@ pub fn memory_train(
 ) -> anyhow::Result<()> {
     let cfg = Config::preset(preset)?.with_image_size(size)?;
     gpu.trim_pool();
+    gpu.reset_peak();
     let (t, examples) = train_setup(gpu, &cfg, batch, mode)?;
     let mut rec = gpu.new_recorder();
     rec.start_memory_view();
@@ -260,6 +269,7 @@ pub fn memory_train(
     print_memory(
         &format!("training-step memory {preset} {size}² batch {batch} {}", mode.name()),
         &marks,
+        gpu.pool_stats().peak_allocated,
     );
     Ok(())
 }
@@ -302,7 +312,7 @@ pub fn bench_train(
         let total = tp.elapsed().as_secs_f64() * 1e3;
         let title = format!("training-step profile {preset} {size}² batch {batch}");
         print_profile(&title, prof, total, 25);
-        print_memory(&title, &marks);
+        print_memory(&title, &marks, peak);
     }
     // The eval-mode forward of the same images, for the step/forward ratio (one image per
     // forward, as inference runs, so that it fits the device at every size).

@@ -255,7 +255,7 @@ pub(super) fn train_step_check(name: &str, src: TinySource) -> Check {
                     ps.zero_grads(rec);
                     let (out, saved) = model.forward_train(rec, &tpx)?;
                     let (loss, dlogits) = seg_loss(rec, &out.logits, &tt, &lc)?;
-                    model.backward(rec, &saved, &dlogits)?;
+                    model.backward(rec, saved, &dlogits)?;
                     Ok(loss)
                 };
                 let mut rec = gpu.new_recorder();
