@@ -618,8 +618,23 @@ pub struct Conv2dBn<P = Param> {
 pub struct Conv2dBnSaved {
     x: Option<Tensor>,
     x_shape: Vec<usize>,
-    z: Tensor,
+    /// The convolution output, unless released with [`Conv2dBnSaved::release_z`].
+    z: Option<Tensor>,
     bn: BnSaved,
+}
+
+impl Conv2dBnSaved {
+    /// Releases the convolution output: [`chain_recompute`] recomputes it from the input (the
+    /// same kernel on the same values, so the same numbers). For a cheap convolution with a
+    /// large output (the expansions of MBConv and PatchMerging).
+    pub fn release_z(&mut self) {
+        self.z = None;
+    }
+    fn z(&self) -> Result<&Tensor> {
+        self.z.as_ref().ok_or_else(|| {
+            Error::Invalid("Conv2dBn backward: the convolution output was released".into())
+        })
+    }
 }
 
 impl<P: Clone> Conv2dBn<P> {
@@ -755,7 +770,7 @@ impl Conv2dBn {
             Some(Conv2dBnSaved {
                 x: keep_x.then(|| x.clone()),
                 x_shape: x.shape.clone(),
-                z,
+                z: Some(z),
                 bn,
             }),
         ))
@@ -764,8 +779,19 @@ impl Conv2dBn {
     /// The forward's output `act(BN(z))`, recomputed from what `s` saved (the same kernel and
     /// values as the forward's).
     pub fn output(&self, rec: &mut Recorder, s: &Conv2dBnSaved) -> Result<Tensor> {
+        self.output_of(rec, s, s.z()?)
+    }
+
+    /// [`Conv2dBn::output`] given the convolution output `z`.
+    pub fn output_of(&self, rec: &mut Recorder, s: &Conv2dBnSaved, z: &Tensor) -> Result<Tensor> {
         let [g, b, ..] = self.raw()?.1;
-        norm::batch_norm_recompute(rec, &s.z, &s.bn, &g.v, &b.v, self.act)
+        norm::batch_norm_recompute(rec, z, &s.bn, &g.v, &b.v, self.act)
+    }
+
+    /// The convolution of `x` (no bias) exactly as the train-mode forward computes it.
+    fn conv_z(&self, rec: &mut Recorder, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight()?;
+        self.conv(rec, x, &w.v, None, Act::None)
     }
 
     /// Train mode: the BatchNorm (and activation) of a convolution output `z` computed elsewhere.
@@ -874,11 +900,29 @@ impl Conv2dBn {
                 x.shape, s.x_shape
             )));
         }
+        self.backward_z(rec, s, x, s.z()?, dy)
+    }
+
+    /// [`Conv2dBn::backward_with`] given the convolution output `z` as well.
+    fn backward_z(
+        &self,
+        rec: &mut Recorder,
+        s: &Conv2dBnSaved,
+        x: &Tensor,
+        z: &Tensor,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        if x.shape != s.x_shape {
+            return Err(Error::Invalid(format!(
+                "Conv2dBn backward: input {:?}, the forward's was {:?}",
+                x.shape, s.x_shape
+            )));
+        }
         let dx = match self.kind {
             ConvKind::Pointwise => rec.gpu.empty(&x.shape)?,
             _ => rec.zeros(&x.shape)?,
         };
-        self.backward_into(rec, s, x, dy, Some(&dx))?;
+        self.backward_into(rec, s, x, z, dy, Some(&dx))?;
         Ok(dx)
     }
 
@@ -890,7 +934,7 @@ impl Conv2dBn {
         dy: &Tensor,
     ) -> Result<()> {
         let x = kept_input(s)?;
-        self.backward_into(rec, s, x, dy, None)
+        self.backward_into(rec, s, x, s.z()?, dy, None)
     }
 
     fn backward_into(
@@ -898,10 +942,11 @@ impl Conv2dBn {
         rec: &mut Recorder,
         s: &Conv2dBnSaved,
         x: &Tensor,
+        z: &Tensor,
         dy: &Tensor,
         dx: Option<&Tensor>,
     ) -> Result<()> {
-        let dz = self.bn_backward(rec, &s.z, &s.bn, dy)?;
+        let dz = self.bn_backward(rec, z, &s.bn, dy)?;
         let w = self.weight()?;
         let gw = w.g.as_ref();
         match self.kind {
@@ -950,24 +995,76 @@ impl Conv2dBn {
 }
 
 /// Backward of `Conv2dBn` layers that ran one after the other, the first with
-/// [`Conv2dBn::forward`] and the others with [`Conv2dBn::forward_chained`], except the first
-/// layer's own: returns the gradient of the first layer's output, for its `backward` (or
-/// `backward_params`). Each later layer's input is recomputed from the layer before it just
-/// before its backward, and released after it.
+/// [`Conv2dBn::forward`] and the others with [`Conv2dBn::forward_chained`]. What was not kept is
+/// recomputed first, in forward order: the convolution outputs released with
+/// [`Conv2dBnSaved::release_z`] and every later layer's input (the output of the layer before
+/// it); each is released after the backward that needs it. Returns the first layer's input
+/// gradient with `input_grad`; without it only the parameter gradients are computed (a layer on
+/// the image).
 pub fn chain_backward(
     rec: &mut Recorder,
     chain: &[(&Conv2dBn, &Conv2dBnSaved)],
     dy: &Tensor,
-) -> Result<Tensor> {
-    let mut d = dy.clone();
-    for pair in chain.windows(2).rev() {
-        let [(prev, ps), (layer, s)] = pair else {
-            unreachable!("windows of 2")
+    input_grad: bool,
+) -> Result<Option<Tensor>> {
+    let (xs, zs) = chain_recompute(rec, chain)?;
+    chain_backward_from(rec, chain, xs, zs, dy, input_grad)
+}
+
+/// What [`chain_backward`] recomputes first: every layer's input and convolution output.
+#[allow(clippy::type_complexity)]
+pub fn chain_recompute(
+    rec: &mut Recorder,
+    chain: &[(&Conv2dBn, &Conv2dBnSaved)],
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let Some(&(_, fs)) = chain.first() else {
+        return Err(Error::Invalid("chain_backward: no layers".into()));
+    };
+    let mut xs = vec![kept_input(fs)?.clone()];
+    let mut zs = Vec::with_capacity(chain.len());
+    for (i, &(layer, s)) in chain.iter().enumerate() {
+        let z = match &s.z {
+            Some(z) => z.clone(),
+            None => layer.conv_z(rec, &xs[i])?,
         };
-        let x = prev.output(rec, ps)?;
-        d = layer.backward_with(rec, s, &x, &d)?;
+        if i + 1 < chain.len() {
+            xs.push(layer.output_of(rec, s, &z)?);
+        }
+        zs.push(z);
     }
-    Ok(d)
+    Ok((xs, zs))
+}
+
+/// [`chain_backward`] given what [`chain_recompute`] returned (`xs`, `zs`).
+pub fn chain_backward_from(
+    rec: &mut Recorder,
+    chain: &[(&Conv2dBn, &Conv2dBnSaved)],
+    mut xs: Vec<Tensor>,
+    mut zs: Vec<Tensor>,
+    dy: &Tensor,
+    input_grad: bool,
+) -> Result<Option<Tensor>> {
+    let Some(&(first, fs)) = chain.first() else {
+        return Err(Error::Invalid("chain_backward: no layers".into()));
+    };
+    if xs.len() != chain.len() || zs.len() != chain.len() {
+        return Err(Error::Invalid(
+            "chain_backward: one input and one output per layer".into(),
+        ));
+    }
+    let mut d = dy.clone();
+    for &(layer, s) in chain[1..].iter().rev() {
+        let (x, z) = xs.pop().zip(zs.pop()).expect("one input and output per layer");
+        d = layer.backward_z(rec, s, &x, &z, &d)?;
+    }
+    let z = zs.pop().expect("the first layer's output");
+    drop(zs);
+    if input_grad {
+        Ok(Some(first.backward_z(rec, fs, &xs[0], &z, &d)?))
+    } else {
+        first.backward_into(rec, fs, &xs[0], &z, &d, None)?;
+        Ok(None)
+    }
 }
 
 /// The input a `Linear` kept (run with [`Linear::forward_res`]).

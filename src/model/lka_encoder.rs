@@ -3,7 +3,7 @@
 //! whose MLP is the sequential Hybrid Expert Head (Eq. 5); docs/model.md, "LKA-Encoder".
 
 use super::blocks::{
-    AttnCoreSaved, Conv2d, Conv2dBn, Conv2dBnSaved, chain_backward, ConvKind, ConvSaved, LN_EPS, LN2D_EPS,
+    AttnCoreSaved, Conv2d, Conv2dBn, Conv2dBnSaved, chain_backward, chain_backward_from, chain_recompute, ConvKind, ConvSaved, LN_EPS, LN2D_EPS,
     LayerNorm, LayerNormSaved, Linear, LinearSaved, Mode, Param, Source, Vb, window_attention,
     window_attention_backward,
 };
@@ -64,15 +64,17 @@ impl PatchEmbed {
         x: &Tensor,
         mode: Mode,
     ) -> Result<(Tensor, Option<PatchEmbedSaved>)> {
-        let (h, c0) = self.c0.forward(rec, x, mode)?;
+        let (h, mut c0) = self.c0.forward(rec, x, mode)?;
         let (y, c2) = self.c2.forward_chained(rec, &h, mode)?;
+        // The first convolution (3 input channels) is cheap to recompute; its output is large.
+        c0.iter_mut().for_each(Conv2dBnSaved::release_z);
         Ok((y, saved!(PatchEmbedSaved { c0: c0?, c2: c2? })))
     }
 
     /// The input is the image: parameter gradients only.
     pub fn backward(&self, rec: &mut Recorder, s: &PatchEmbedSaved, dy: &Tensor) -> Result<()> {
-        let d = chain_backward(rec, &[(&self.c0, &s.c0), (&self.c2, &s.c2)], dy)?;
-        self.c0.backward_params(rec, &s.c0, &d)
+        chain_backward(rec, &[(&self.c0, &s.c0), (&self.c2, &s.c2)], dy, false)?;
+        Ok(())
     }
 }
 
@@ -196,9 +198,13 @@ impl MbConv {
         let rows = x.numel() / c;
         let ng = hidden_groups(rec, rows, hidden)?;
         let (z, path) = if ng == 1 {
-            let (h, c1) = self.conv1.forward(rec, x, mode)?;
-            let (h, c2) = self.conv2.forward_chained(rec, &h, mode)?;
+            let (h, mut c1) = self.conv1.forward(rec, x, mode)?;
+            let (h, mut c2) = self.conv2.forward_chained(rec, &h, mode)?;
             let (z, c3) = self.conv3.forward_chained(rec, &h, mode)?;
+            // The 4x-wide hidden maps are recomputed in the backward (one 1x1 convolution and a
+            // depthwise one): 8 of the block's 11 channel-widths of saved activations.
+            c1.iter_mut().for_each(Conv2dBnSaved::release_z);
+            c2.iter_mut().for_each(Conv2dBnSaved::release_z);
             let path = saved!(MbPath::Whole {
                 c1: c1?,
                 c2: c2?,
@@ -222,7 +228,9 @@ impl MbConv {
                 g.trans_b = true;
                 g.accumulate = gi > 0;
                 gemm(rec, &g, &h2, &w3, None, None, &z3)?;
-                let (c1, c2) = c1.zip(c2).ok_or_else(|| nothing_saved("MBConv"))?;
+                let (mut c1, mut c2) = c1.zip(c2).ok_or_else(|| nothing_saved("MBConv"))?;
+                c1.release_z();
+                c2.release_z();
                 groups.push(MbGroup {
                     conv1,
                     conv2,
@@ -253,8 +261,8 @@ impl MbConv {
         let dx = match &c.path {
             MbPath::Whole { c1, c2, c3 } => {
                 let chain = [(&self.conv1, c1), (&self.conv2, c2), (&self.conv3, c3)];
-                let dh = chain_backward(rec, &chain, &ds)?;
-                self.conv1.backward(rec, c1, &dh)?
+                chain_backward(rec, &chain, &ds, true)?
+                    .ok_or_else(|| Error::Invalid("MBConv: no input gradient".into()))?
             }
             MbPath::Grouped { groups, z3, bn3 } => {
                 let dz3 = self.conv3.bn_backward(rec, z3, bn3, &ds)?;
@@ -265,7 +273,9 @@ impl MbConv {
                 let dx = rec.zeros(&c.x_shape)?;
                 for g in groups {
                     let n = g.w3.shape[1];
-                    let h2 = g.conv2.output(rec, &g.c2)?;
+                    let chain = [(&g.conv1, &g.c1), (&g.conv2, &g.c2)];
+                    let (xs, zs) = chain_recompute(rec, &chain)?;
+                    let h2 = g.conv2.output_of(rec, &g.c2, &zs[1])?;
                     if let Some(gw3) = &w3.g {
                         // dW3[:, c0..c0+n] += dz3^T h2
                         let part = rec.gpu.empty(&[ch, n, 1])?;
@@ -287,10 +297,9 @@ impl MbConv {
                         *l = n;
                     }
                     drop(h2);
-                    let h1 = g.conv1.output(rec, &g.c1)?;
-                    let dh1 = g.conv2.backward_with(rec, &g.c2, &h1, &dh2.reshape(&hshape))?;
-                    drop(h1);
-                    let dxg = g.conv1.backward(rec, &g.c1, &dh1)?;
+                    let dxg =
+                        chain_backward_from(rec, &chain, xs, zs, &dh2.reshape(&hshape), true)?
+                            .ok_or_else(|| Error::Invalid("MBConv: no input gradient".into()))?;
                     accumulate(rec, &dx, &dxg)?;
                 }
                 dx
@@ -341,9 +350,12 @@ impl PatchMerging {
         x: &Tensor,
         mode: Mode,
     ) -> Result<(Tensor, Option<PatchMergingSaved>)> {
-        let (h, c1) = self.conv1.forward(rec, x, mode)?;
-        let (h, c2) = self.conv2.forward_chained(rec, &h, mode)?;
+        let (h, mut c1) = self.conv1.forward(rec, x, mode)?;
+        let (h, mut c2) = self.conv2.forward_chained(rec, &h, mode)?;
         let (y, c3) = self.conv3.forward_chained(rec, &h, mode)?;
+        // The expansion and the depthwise convolution are cheap to recompute.
+        c1.iter_mut().for_each(Conv2dBnSaved::release_z);
+        c2.iter_mut().for_each(Conv2dBnSaved::release_z);
         Ok((
             y,
             saved!(PatchMergingSaved {
@@ -365,8 +377,8 @@ impl PatchMerging {
             (&self.conv2, &s.c2),
             (&self.conv3, &s.c3),
         ];
-        let d = chain_backward(rec, &chain, dy)?;
-        self.conv1.backward(rec, &s.c1, &d)
+        chain_backward(rec, &chain, dy, true)?
+            .ok_or_else(|| Error::Invalid("PatchMerging: no input gradient".into()))
     }
 }
 
