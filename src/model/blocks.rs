@@ -784,8 +784,13 @@ impl Conv2dBn {
 
     /// [`Conv2dBn::output`] given the convolution output `z`.
     pub fn output_of(&self, rec: &mut Recorder, s: &Conv2dBnSaved, z: &Tensor) -> Result<Tensor> {
+        self.bn_output(rec, z, &s.bn)
+    }
+
+    /// The output of [`Conv2dBn::bn_forward`] on `z`, recomputed from its saved statistics.
+    pub fn bn_output(&self, rec: &mut Recorder, z: &Tensor, bn: &BnSaved) -> Result<Tensor> {
         let [g, b, ..] = self.raw()?.1;
-        norm::batch_norm_recompute(rec, z, &s.bn, &g.v, &b.v, self.act)
+        norm::batch_norm_recompute(rec, z, bn, &g.v, &b.v, self.act)
     }
 
     /// The convolution of `x` (no bias) exactly as the train-mode forward computes it.

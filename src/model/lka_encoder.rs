@@ -93,9 +93,9 @@ pub struct MbConv<P = Param> {
 
 pub struct MbConvSaved {
     path: MbPath,
-    /// x + BN(conv3(..)), before the GELU.
-    s: Tensor,
-    x_shape: Vec<usize>,
+    /// The block's input (kept by its first convolution too). The sum x + BN(conv3(..)) before
+    /// the GELU is recomputed from it and conv3's saved output.
+    x: Tensor,
 }
 
 #[allow(clippy::large_enum_variant)] // one per MBConv block, held for one step
@@ -250,14 +250,20 @@ impl MbConv {
             y,
             Some(MbConvSaved {
                 path,
-                s,
-                x_shape: x.shape.clone(),
+                x: x.clone(),
             }),
         ))
     }
 
     pub fn backward(&self, rec: &mut Recorder, c: &MbConvSaved, dy: &Tensor) -> Result<Tensor> {
-        let ds = act_backward(rec, &c.s, dy, Act::Gelu)?;
+        let zb = match &c.path {
+            MbPath::Whole { c3, .. } => self.conv3.output(rec, c3)?,
+            MbPath::Grouped { z3, bn3, .. } => self.conv3.bn_output(rec, z3, bn3)?,
+        };
+        let s = add(rec, &zb, &c.x)?;
+        drop(zb);
+        let ds = act_backward(rec, &s, dy, Act::Gelu)?;
+        drop(s);
         let dx = match &c.path {
             MbPath::Whole { c1, c2, c3 } => {
                 let chain = [(&self.conv1, c1), (&self.conv2, c2), (&self.conv3, c3)];
@@ -266,11 +272,11 @@ impl MbConv {
             }
             MbPath::Grouped { groups, z3, bn3 } => {
                 let dz3 = self.conv3.bn_backward(rec, z3, bn3, &ds)?;
-                let ch = c.x_shape.last().copied().unwrap_or(1);
+                let ch = c.x.dim(-1);
                 let rows = dz3.numel() / ch;
                 let w3 = self.conv3.weight()?;
                 let hidden = w3.v.shape[1];
-                let dx = rec.zeros(&c.x_shape)?;
+                let dx = rec.zeros(&c.x.shape)?;
                 for g in groups {
                     let n = g.w3.shape[1];
                     let chain = [(&g.conv1, &g.c1), (&g.conv2, &g.c2)];
@@ -292,7 +298,7 @@ impl MbConv {
                     }
                     let dh2 = rec.gpu.empty(&[rows, n])?;
                     gemm(rec, &Gemm::new(rows, n, ch), &dz3, &g.w3, None, None, &dh2)?;
-                    let mut hshape = c.x_shape.clone();
+                    let mut hshape = c.x.shape.clone();
                     if let Some(l) = hshape.last_mut() {
                         *l = n;
                     }
