@@ -810,15 +810,7 @@ impl Conv2dBn {
         };
         // The pre-activation is not kept: `bn_backward` recomputes it.
         if self.train_bn {
-            norm::batch_norm_train_keep(
-                rec,
-                z,
-                layer,
-                BN_MOMENTUM,
-                BN_EPS as f32,
-                self.act,
-                false,
-            )
+            norm::batch_norm_train_keep(rec, z, layer, BN_MOMENTUM, BN_EPS as f32, self.act, false)
         } else {
             norm::batch_norm_eval_saved_keep(rec, z, layer, BN_EPS as f32, self.act, false)
         }
@@ -1059,7 +1051,10 @@ pub fn chain_backward_from(
     }
     let mut d = dy.clone();
     for &(layer, s) in chain[1..].iter().rev() {
-        let (x, z) = xs.pop().zip(zs.pop()).expect("one input and output per layer");
+        let (x, z) = xs
+            .pop()
+            .zip(zs.pop())
+            .expect("one input and output per layer");
         d = layer.backward_z(rec, s, &x, &z, &d)?;
     }
     let z = zs.pop().expect("the first layer's output");

@@ -3,9 +3,9 @@
 //! whose MLP is the sequential Hybrid Expert Head (Eq. 5); docs/model.md, "LKA-Encoder".
 
 use super::blocks::{
-    AttnCoreSaved, Conv2d, Conv2dBn, Conv2dBnSaved, chain_backward, chain_backward_from, chain_recompute, ConvKind, ConvSaved, LN_EPS, LN2D_EPS,
-    LayerNorm, LayerNormSaved, Linear, LinearSaved, Mode, Param, Source, Vb, window_attention,
-    window_attention_backward,
+    AttnCoreSaved, Conv2d, Conv2dBn, Conv2dBnSaved, ConvKind, ConvSaved, LN_EPS, LN2D_EPS,
+    LayerNorm, LayerNormSaved, Linear, LinearSaved, Mode, Param, Source, Vb, chain_backward,
+    chain_backward_from, chain_recompute, window_attention, window_attention_backward,
 };
 use super::config::{Config, Variant};
 use super::med_fastsam::Stages;
@@ -246,13 +246,7 @@ impl MbConv {
         // y = GELU(x + BN(conv3(...)))
         let s = add(rec, &z, x)?;
         let y = activation(rec, &s, Act::Gelu)?;
-        Ok((
-            y,
-            Some(MbConvSaved {
-                path,
-                x: x.clone(),
-            }),
-        ))
+        Ok((y, Some(MbConvSaved { path, x: x.clone() })))
     }
 
     pub fn backward(&self, rec: &mut Recorder, c: &MbConvSaved, dy: &Tensor) -> Result<Tensor> {

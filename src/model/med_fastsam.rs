@@ -308,9 +308,7 @@ impl MedFastSam {
         drop((head, dlow));
         rec.mark(|| "mask head".into());
         // src = embedding + dense prompt
-        let dsrc = self
-            .decoder
-            .two_way_backward(rec, &two_way, &dtok, &dimg)?;
+        let dsrc = self.decoder.two_way_backward(rec, &two_way, &dtok, &dimg)?;
         drop((two_way, dtok, dimg));
         rec.mark(|| "two-way transformer".into());
         self.prompt.backward(rec, &prompt, &dsrc)?;

@@ -267,7 +267,10 @@ pub fn memory_train(
     let marks = rec.memory.take().unwrap_or_default();
     drop(rec);
     print_memory(
-        &format!("training-step memory {preset} {size}² batch {batch} {}", mode.name()),
+        &format!(
+            "training-step memory {preset} {size}² batch {batch} {}",
+            mode.name()
+        ),
         &marks,
         gpu.pool_stats().peak_allocated,
     );
