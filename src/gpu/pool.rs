@@ -71,9 +71,12 @@ impl Pool {
             }
         }
     }
+    /// Releases every cached free buffer, those freed since a thread's last submission too (a
+    /// recording dropped without being submitted leaves its buffers there).
     pub fn trim(&mut self) {
-        for (class, bufs) in self.free.drain() {
-            // Dropping (not destroying) lets wgpu free a buffer once no submitted work uses it.
+        let pending = self.pending.drain().flat_map(|(_, m)| m);
+        for (class, bufs) in self.free.drain().chain(pending).collect::<Vec<_>>() {
+            // Dropping (not destroying) lets wgpu free a buffer once no work that uses it is left.
             self.stats.allocated -= class * bufs.len() as u64;
             drop(bufs);
         }
