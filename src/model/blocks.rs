@@ -155,10 +155,18 @@ pub struct Linear<P = Param> {
 }
 
 pub struct LinearSaved {
-    /// The input, unless the layer ran with [`Linear::forward_res_chained`].
+    /// The input, unless the layer ran with [`Linear::forward_res_chained`] or it was released.
     x: Option<Tensor>,
     x_shape: Vec<usize>,
     pre: Option<Tensor>,
+}
+
+impl LinearSaved {
+    /// Releases the input (a LayerNorm's output, recomputed for the backward, which then calls
+    /// [`Linear::backward_with`] or [`Linear::backward_from_pre_with`]).
+    pub fn release_input(&mut self) {
+        self.x = None;
+    }
 }
 
 impl<P: Clone> Linear<P> {
@@ -252,6 +260,33 @@ impl Linear {
     ) -> Result<(Tensor, Option<LinearSaved>)> {
         let (y, s) = self.forward_res(rec, x, residual, mode)?;
         Ok((y, s.map(|s| LinearSaved { x: None, ..s })))
+    }
+
+    /// [`Linear::backward`] of a layer whose saved state released its input
+    /// ([`LinearSaved::release_input`]), given the input again.
+    pub fn backward_with(
+        &self,
+        rec: &mut Recorder,
+        s: &LinearSaved,
+        x: &Tensor,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let dpre = match &s.pre {
+            Some(pre) => act_backward(rec, pre, dy, self.act)?,
+            None => dy.clone(),
+        };
+        self.backward_pre(rec, s, x, &dpre, None)
+    }
+
+    /// [`Linear::backward_from_pre`] given the input again (see [`Linear::backward_with`]).
+    pub fn backward_from_pre_with(
+        &self,
+        rec: &mut Recorder,
+        s: &LinearSaved,
+        x: &Tensor,
+        dpre: &Tensor,
+    ) -> Result<Tensor> {
+        self.backward_pre(rec, s, x, dpre, None)
     }
 
     /// dW += dpre^T x, db += Σ dpre; returns dx = dpre W (a residual's gradient is the caller's dy).
@@ -393,6 +428,13 @@ impl LayerNorm {
                 saved,
             }),
         ))
+    }
+
+    /// The train-mode forward's output again, from the kept input (the same kernel on the same
+    /// values, so the same numbers): for layers after it that release their input.
+    pub fn output(&self, rec: &mut Recorder, s: &LayerNormSaved) -> Result<Tensor> {
+        let (y, _) = norm::layer_norm_train(rec, &s.x, &self.w.v, &self.b.v, self.eps, self.act)?;
+        Ok(y)
     }
 
     /// Returns dx, added into `dx_acc` when given.

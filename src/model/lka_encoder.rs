@@ -467,7 +467,9 @@ impl GroupAttention {
         let xw = window_partition(rec, x, ws)?; // [NW, n, d]
         let (u, ln) = self.norm.forward(rec, &xw, mode)?;
         drop(xw);
-        let (qkv, lq) = self.qkv.forward(rec, &u, mode)?;
+        let (qkv, mut lq) = self.qkv.forward(rec, &u, mode)?;
+        // The LayerNorm's output is recomputed for qkv's backward.
+        lq.iter_mut().for_each(LinearSaved::release_input);
         let (a_nat, nat) = window_attention(rec, &qkv, &self.bias, heads, ws, mode)?;
         drop(qkv);
         let (y, proj, med) = match &self.med {
@@ -532,7 +534,9 @@ impl GroupAttention {
         };
         let dqkv =
             window_attention_backward(rec, &self.bias, &c.nat, &da_nat, self.heads, self.ws)?;
-        let du = self.qkv.backward(rec, &c.qkv, &dqkv)?;
+        let u = self.norm.output(rec, &c.ln)?;
+        let du = self.qkv.backward_with(rec, &c.qkv, &u, &dqkv)?;
+        drop(u);
         if let Some(e) = &du_extra {
             accumulate(rec, &du, e)?;
         }
@@ -574,7 +578,9 @@ impl Mlp {
         mode: Mode,
     ) -> Result<(Tensor, Option<MlpSaved>)> {
         let (h, ln) = self.norm.forward(rec, x, mode)?;
-        let (h, f1) = self.fc1.forward(rec, &h, mode)?;
+        let (h, mut f1) = self.fc1.forward(rec, &h, mode)?;
+        // The LayerNorm's output is recomputed for fc1's backward.
+        f1.iter_mut().for_each(LinearSaved::release_input);
         let (y, f2) = self.fc2.forward_res_chained(rec, &h, Some(x), mode)?;
         Ok((
             y,
@@ -590,7 +596,9 @@ impl Mlp {
         let dpre = self
             .fc2
             .backward_through(rec, &c.f2, dy, &self.fc1, &c.f1)?;
-        let dh = self.fc1.backward_from_pre(rec, &c.f1, &dpre)?;
+        let u = self.norm.output(rec, &c.ln)?;
+        let dh = self.fc1.backward_from_pre_with(rec, &c.f1, &u, &dpre)?;
+        drop(u);
         // dx = dy (residual) + LN backward
         let acc = rec.clone_tensor(dy)?;
         self.norm.backward(rec, &c.ln, &dh, Some(&acc))
