@@ -65,15 +65,15 @@ fn saved_volume(cfg: &Config) -> f64 {
 // 256² and the paper preset at 256², 512², 1024² (activation bytes = 4 × 11.1 × mbconv_hidden +
 // 4.9 MiB, residuals within 3 % at 256² and above); training steps (their memory views,
 // `medfastsam bench --memory`) of tiny at 64² and 128² batch 2 and 256² batch 4, and paper at
-// 128², 256², 512² batch 2 and 1024² batch 2 and 4, beyond weights, gradients and Adam moments:
-// the smallest per-image constants whose estimate (with MARGIN) is above every measurement; it
-// is 1.03-1.43 times the measured peaks. The training constants were 10.2 / 134 / 64 MiB before
-// the backward recomputed its cheap activations and released the saved ones as it went
-// (paper 1024² batch 4: 13.9 GiB then, 7.0 GiB now).
+// 128², 256², 512² batch 2, 512² batch 4 (semi) and 1024² batch 2 and 4, beyond weights,
+// gradients and Adam moments: the per-image constants whose estimate (with MARGIN) is at least
+// 1.02 times every measurement with the smallest largest ratio (1.42, tiny at 64²). They were
+// 10.2 / 134 / 64 MiB before the backward recomputed its cheap activations and released the saved
+// ones as it went (paper 1024² batch 4: 13.9 GiB then, 6.45 GiB now).
 const FORWARD_PER_HIDDEN: f64 = 11.2;
 const FORWARD_FIXED: f64 = 5.0 * MIB;
-const TRAIN_PER_SAVED: f64 = 5.9;
-const TRAIN_PER_PIXEL: f64 = 115.0;
+const TRAIN_PER_SAVED: f64 = 5.6;
+const TRAIN_PER_PIXEL: f64 = 85.0;
 const TRAIN_FIXED: f64 = 32.0 * MIB;
 const MARGIN: f64 = 1.15;
 const MIB: f64 = 1048576.0;
