@@ -575,14 +575,15 @@ fn bn_apply(rec: &mut Recorder, x: &Tensor, n: BnNormalize) -> Result<Tensor> {
     Ok(y)
 }
 
-/// `y` of [`BnNormalize`] and the pre-activation (when there is an activation).
+/// `y` of [`BnNormalize`] and, with `keep_pre`, the pre-activation (when there is an activation).
 fn bn_apply_save_pre(
     rec: &mut Recorder,
     x: &Tensor,
     n: BnNormalize,
+    keep_pre: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let y = rec.gpu.empty(&x.shape)?;
-    let pre = if n.act != Act::None {
+    let pre = if keep_pre && n.act != Act::None {
         Some(rec.gpu.empty(&x.shape)?)
     } else {
         None
@@ -701,11 +702,7 @@ pub fn batch_norm_train_keep(
         b,
         act,
     };
-    let (y, pre) = if keep_pre {
-        bn_apply_save_pre(rec, x, n)?
-    } else {
-        (bn_apply(rec, x, n)?, None)
-    };
+    let (y, pre) = bn_apply_save_pre(rec, x, n, keep_pre)?;
     Ok((
         y,
         BnSaved {
@@ -754,11 +751,7 @@ pub fn batch_norm_eval_saved_keep(
 ) -> Result<(Tensor, BnSaved)> {
     let rstd = bn_eval_rstd(rec, x, bn, eps)?;
     let n = bn_eval_normalize(bn, &rstd, act);
-    let (y, pre) = if keep_pre {
-        bn_apply_save_pre(rec, x, n)?
-    } else {
-        (bn_apply(rec, x, n)?, None)
-    };
+    let (y, pre) = bn_apply_save_pre(rec, x, n, keep_pre)?;
     Ok((
         y,
         BnSaved {
