@@ -155,15 +155,17 @@ pub struct Linear<P = Param> {
 }
 
 pub struct LinearSaved {
-    /// The input, unless the layer ran with [`Linear::forward_res_chained`] or it was released.
+    /// The input, unless released ([`LinearSaved::release_input`]).
     x: Option<Tensor>,
     x_shape: Vec<usize>,
     pre: Option<Tensor>,
 }
 
 impl LinearSaved {
-    /// Releases the input (a LayerNorm's output, recomputed for the backward, which then calls
-    /// [`Linear::backward_with`] or [`Linear::backward_from_pre_with`]).
+    /// Releases the input: a LayerNorm's output, recomputed for the backward, which then calls
+    /// [`Linear::backward_with`] or [`Linear::backward_from_pre_with`]; or the activated output
+    /// of the layer before, which [`Linear::backward_through`] recomputes from its
+    /// pre-activation.
     pub fn release_input(&mut self) {
         self.x = None;
     }
@@ -248,20 +250,6 @@ impl Linear {
         ))
     }
 
-    /// [`Linear::forward_res`] of a layer whose input `x` is the output of the activated layer
-    /// before it: the saved state does not keep `x`, which [`Linear::backward_through`]
-    /// recomputes from that layer's pre-activation.
-    pub fn forward_res_chained(
-        &self,
-        rec: &mut Recorder,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        mode: Mode,
-    ) -> Result<(Tensor, Option<LinearSaved>)> {
-        let (y, s) = self.forward_res(rec, x, residual, mode)?;
-        Ok((y, s.map(|s| LinearSaved { x: None, ..s })))
-    }
-
     /// [`Linear::backward`] of a layer whose saved state released its input
     /// ([`LinearSaved::release_input`]), given the input again.
     pub fn backward_with(
@@ -271,11 +259,16 @@ impl Linear {
         x: &Tensor,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        let dpre = match &s.pre {
-            Some(pre) => act_backward(rec, pre, dy, self.act)?,
-            None => dy.clone(),
-        };
+        let dpre = self.pre_grad(rec, s, dy)?;
         self.backward_pre(rec, s, x, &dpre, None)
+    }
+
+    /// The gradient of the pre-activation from the output's (`dy` itself without activation).
+    fn pre_grad(&self, rec: &mut Recorder, s: &LinearSaved, dy: &Tensor) -> Result<Tensor> {
+        match &s.pre {
+            Some(pre) => act_backward(rec, pre, dy, self.act),
+            None => Ok(dy.clone()),
+        }
     }
 
     /// [`Linear::backward_from_pre`] given the input again (see [`Linear::backward_with`]).
@@ -291,11 +284,7 @@ impl Linear {
 
     /// dW += dpre^T x, db += Σ dpre; returns dx = dpre W (a residual's gradient is the caller's dy).
     pub fn backward(&self, rec: &mut Recorder, s: &LinearSaved, dy: &Tensor) -> Result<Tensor> {
-        let dpre = match &s.pre {
-            Some(pre) => act_backward(rec, pre, dy, self.act)?,
-            None => dy.clone(),
-        };
-        self.backward_pre(rec, s, linear_input(s)?, &dpre, None)
+        self.backward_with(rec, s, linear_input(s)?, dy)
     }
 
     /// [`Linear::backward`] whose input gradient goes on through the activation of `prev`, the
@@ -309,10 +298,7 @@ impl Linear {
         prev: &Linear,
         prev_saved: &LinearSaved,
     ) -> Result<Tensor> {
-        let dpre = match &s.pre {
-            Some(pre) => act_backward(rec, pre, dy, self.act)?,
-            None => dy.clone(),
-        };
+        let dpre = self.pre_grad(rec, s, dy)?;
         let through = prev_saved.pre.as_ref().map(|p| (p, prev.act));
         let recomputed;
         let x = match (&s.x, through) {
@@ -333,7 +319,7 @@ impl Linear {
         s: &LinearSaved,
         dpre: &Tensor,
     ) -> Result<Tensor> {
-        self.backward_pre(rec, s, linear_input(s)?, dpre, None)
+        self.backward_from_pre_with(rec, s, linear_input(s)?, dpre)
     }
 
     fn backward_pre(
@@ -655,8 +641,8 @@ pub struct Conv2dBn<P = Param> {
 
 /// What a `Conv2dBn`'s backward needs: the convolution output `z` before the BatchNorm and the
 /// batch statistics. The pre-activation and the output are recomputed from them when needed
-/// ([`Conv2dBn::output`]); the input is kept unless the layer was run with
-/// [`Conv2dBn::forward_chained`] (its input is then the previous layer's recomputed output).
+/// ([`Conv2dBn::output`]); the input is kept unless released ([`Conv2dBnSaved::release_input`]:
+/// it is then the previous layer's recomputed output).
 pub struct Conv2dBnSaved {
     x: Option<Tensor>,
     x_shape: Vec<usize>,
@@ -666,6 +652,11 @@ pub struct Conv2dBnSaved {
 }
 
 impl Conv2dBnSaved {
+    /// Releases the input: it must be the output of the `Conv2dBn` before this one in a chain,
+    /// which [`chain_recompute`] recomputes.
+    pub fn release_input(&mut self) {
+        self.x = None;
+    }
     /// Releases the convolution output: [`chain_recompute`] recomputes it from the input (the
     /// same kernel on the same values, so the same numbers). For a cheap convolution with a
     /// large output (the expansions of MBConv and PatchMerging).
@@ -762,28 +753,6 @@ impl Conv2dBn {
         x: &Tensor,
         mode: Mode,
     ) -> Result<(Tensor, Option<Conv2dBnSaved>)> {
-        self.forward_keep(rec, x, mode, true)
-    }
-
-    /// [`Conv2dBn::forward`] whose saved state does not keep the input `x`: the input must be
-    /// the output of another `Conv2dBn` of the same block, which the backward recomputes with
-    /// [`Conv2dBn::output`] and passes to [`Conv2dBn::backward_with`].
-    pub fn forward_chained(
-        &self,
-        rec: &mut Recorder,
-        x: &Tensor,
-        mode: Mode,
-    ) -> Result<(Tensor, Option<Conv2dBnSaved>)> {
-        self.forward_keep(rec, x, mode, false)
-    }
-
-    fn forward_keep(
-        &self,
-        rec: &mut Recorder,
-        x: &Tensor,
-        mode: Mode,
-        keep_x: bool,
-    ) -> Result<(Tensor, Option<Conv2dBnSaved>)> {
         if let (Mode::Eval, CbnForm::Folded { w, b }) = (mode, &self.form) {
             return Ok((self.conv(rec, x, &w.v, Some(&b.v), self.act)?, None));
         }
@@ -810,7 +779,7 @@ impl Conv2dBn {
         Ok((
             y,
             Some(Conv2dBnSaved {
-                x: keep_x.then(|| x.clone()),
+                x: Some(x.clone()),
                 x_shape: x.shape.clone(),
                 z: Some(z),
                 bn,
@@ -925,7 +894,7 @@ impl Conv2dBn {
         self.backward_with(rec, s, x, dy)
     }
 
-    /// [`Conv2dBn::backward`] of a layer run with [`Conv2dBn::forward_chained`], given its input.
+    /// [`Conv2dBn::backward`] of a layer whose input was released, given its input.
     pub fn backward_with(
         &self,
         rec: &mut Recorder,
@@ -933,12 +902,6 @@ impl Conv2dBn {
         x: &Tensor,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        if x.shape != s.x_shape {
-            return Err(Error::Invalid(format!(
-                "Conv2dBn backward: input {:?}, the forward's was {:?}",
-                x.shape, s.x_shape
-            )));
-        }
         self.backward_z(rec, s, x, s.z()?, dy)
     }
 
@@ -1033,8 +996,8 @@ impl Conv2dBn {
     }
 }
 
-/// Backward of `Conv2dBn` layers that ran one after the other, the first with
-/// [`Conv2dBn::forward`] and the others with [`Conv2dBn::forward_chained`]. What was not kept is
+/// Backward of `Conv2dBn` layers that ran one after the other, each but the first with its input
+/// released ([`Conv2dBnSaved::release_input`]). What was not kept is
 /// recomputed first, in forward order: the convolution outputs released with
 /// [`Conv2dBnSaved::release_z`] and every later layer's input (the output of the layer before
 /// it); each is released after the backward that needs it. Returns the first layer's input

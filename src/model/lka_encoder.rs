@@ -65,9 +65,10 @@ impl PatchEmbed {
         mode: Mode,
     ) -> Result<(Tensor, Option<PatchEmbedSaved>)> {
         let (h, mut c0) = self.c0.forward(rec, x, mode)?;
-        let (y, c2) = self.c2.forward_chained(rec, &h, mode)?;
+        let (y, mut c2) = self.c2.forward(rec, &h, mode)?;
         // The first convolution (3 input channels) is cheap to recompute; its output is large.
         c0.iter_mut().for_each(Conv2dBnSaved::release_z);
+        c2.iter_mut().for_each(Conv2dBnSaved::release_input);
         Ok((y, saved!(PatchEmbedSaved { c0: c0?, c2: c2? })))
     }
 
@@ -146,6 +147,29 @@ fn hidden_groups(rec: &Recorder, rows: usize, hidden: usize) -> Result<usize> {
     })
 }
 
+/// Expansion (1x1), depthwise and projection `Conv2dBn` run one after the other (MBConv and
+/// PatchMerging). In train mode the saved state keeps the input, the projection's convolution
+/// output and the statistics: the expansion's and the depthwise convolution's outputs and the
+/// later layers' inputs are cheap to recompute ([`chain_backward`]) and large, so released.
+fn expand_chain(
+    rec: &mut Recorder,
+    [conv1, conv2, conv3]: [&Conv2dBn; 3],
+    x: &Tensor,
+    mode: Mode,
+) -> Result<(Tensor, Option<[Conv2dBnSaved; 3]>)> {
+    let (h, c1) = conv1.forward(rec, x, mode)?;
+    let (h, c2) = conv2.forward(rec, &h, mode)?;
+    let (y, c3) = conv3.forward(rec, &h, mode)?;
+    let saved = saved!([c1?, c2?, c3?]).map(|[mut c1, mut c2, mut c3]| {
+        c1.release_z();
+        c2.release_z();
+        c2.release_input();
+        c3.release_input();
+        [c1, c2, c3]
+    });
+    Ok((y, saved))
+}
+
 fn nothing_saved(what: &str) -> Error {
     Error::Invalid(format!("{what}: nothing saved in train mode"))
 }
@@ -198,19 +222,11 @@ impl MbConv {
         let rows = x.numel() / c;
         let ng = hidden_groups(rec, rows, hidden)?;
         let (z, path) = if ng == 1 {
-            let (h, mut c1) = self.conv1.forward(rec, x, mode)?;
-            let (h, mut c2) = self.conv2.forward_chained(rec, &h, mode)?;
-            let (z, c3) = self.conv3.forward_chained(rec, &h, mode)?;
             // The 4x-wide hidden maps are recomputed in the backward (one 1x1 convolution and a
             // depthwise one): 8 of the block's 11 channel-widths of saved activations.
-            c1.iter_mut().for_each(Conv2dBnSaved::release_z);
-            c2.iter_mut().for_each(Conv2dBnSaved::release_z);
-            let path = saved!(MbPath::Whole {
-                c1: c1?,
-                c2: c2?,
-                c3: c3?
-            });
-            (z, path.ok_or_else(|| nothing_saved("MBConv"))?)
+            let (z, saved) = expand_chain(rec, [&self.conv1, &self.conv2, &self.conv3], x, mode)?;
+            let [c1, c2, c3] = saved.ok_or_else(|| nothing_saved("MBConv"))?;
+            (z, MbPath::Whole { c1, c2, c3 })
         } else {
             let n = hidden / ng;
             let w3_all = &self.conv3.weight()?.v;
@@ -221,7 +237,7 @@ impl MbConv {
                 let conv1 = self.conv1.out_channels(c0, n)?;
                 let conv2 = self.conv2.out_channels(c0, n)?;
                 let (h, c1) = conv1.forward(rec, x, mode)?;
-                let (h2, c2) = conv2.forward_chained(rec, &h, mode)?;
+                let (h2, c2) = conv2.forward(rec, &h, mode)?;
                 drop(h);
                 let w3 = slice_mid(rec, w3_all, c, hidden, 1, c0, n)?.reshape(&[c, n]);
                 let mut g = Gemm::new(rows, c, n);
@@ -231,6 +247,7 @@ impl MbConv {
                 let (mut c1, mut c2) = c1.zip(c2).ok_or_else(|| nothing_saved("MBConv"))?;
                 c1.release_z();
                 c2.release_z();
+                c2.release_input();
                 groups.push(MbGroup {
                     conv1,
                     conv2,
@@ -350,19 +367,10 @@ impl PatchMerging {
         x: &Tensor,
         mode: Mode,
     ) -> Result<(Tensor, Option<PatchMergingSaved>)> {
-        let (h, mut c1) = self.conv1.forward(rec, x, mode)?;
-        let (h, mut c2) = self.conv2.forward_chained(rec, &h, mode)?;
-        let (y, c3) = self.conv3.forward_chained(rec, &h, mode)?;
-        // The expansion and the depthwise convolution are cheap to recompute.
-        c1.iter_mut().for_each(Conv2dBnSaved::release_z);
-        c2.iter_mut().for_each(Conv2dBnSaved::release_z);
+        let (y, saved) = expand_chain(rec, [&self.conv1, &self.conv2, &self.conv3], x, mode)?;
         Ok((
             y,
-            saved!(PatchMergingSaved {
-                c1: c1?,
-                c2: c2?,
-                c3: c3?
-            }),
+            saved.map(|[c1, c2, c3]| PatchMergingSaved { c1, c2, c3 }),
         ))
     }
 
@@ -581,7 +589,9 @@ impl Mlp {
         let (h, mut f1) = self.fc1.forward(rec, &h, mode)?;
         // The LayerNorm's output is recomputed for fc1's backward.
         f1.iter_mut().for_each(LinearSaved::release_input);
-        let (y, f2) = self.fc2.forward_res_chained(rec, &h, Some(x), mode)?;
+        let (y, mut f2) = self.fc2.forward_res(rec, &h, Some(x), mode)?;
+        // fc2's input GELU(pre) is recomputed from fc1's pre-activation (`backward_through`).
+        f2.iter_mut().for_each(LinearSaved::release_input);
         Ok((
             y,
             saved!(MlpSaved {
