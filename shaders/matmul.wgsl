@@ -259,10 +259,12 @@ struct Blk {
     s: u32,
     kb: u32,  // this slice's K range [kb, ke)
     ke: u32,
-    ok: bool,
+    live: bool,  // the workgroup is inside the grid (the same for all its lanes)
+    ok: bool,    // and this lane's block starts inside C
 }
 
-fn blk_of(wid: vec3<u32>, nwg: vec3<u32>, lane: u32, size: u32) -> Blk {
+// Block of `rows` x `cols` outputs of lane `lane`; the 8 lanes step along N (LANES_N) or M.
+fn blk_rect(wid: vec3<u32>, nwg: vec3<u32>, lane: u32, rows: u32, cols: u32) -> Blk {
     var t: Blk;
     let flat = wid.y + wid.z * nwg.y;
     let mt = flat % mp.m_tiles;
@@ -270,16 +272,21 @@ fn blk_of(wid: vec3<u32>, nwg: vec3<u32>, lane: u32, size: u32) -> Blk {
     t.b = rest % mp.batch;
     t.s = rest / mp.batch;
     if (LANES_N) {
-        t.r0 = mt * size;
-        t.c0 = (wid.x * 8u + lane) * size;
+        t.r0 = mt * rows;
+        t.c0 = (wid.x * 8u + lane) * cols;
     } else {
-        t.r0 = (mt * 8u + lane) * size;
-        t.c0 = wid.x * size;
+        t.r0 = (mt * 8u + lane) * rows;
+        t.c0 = wid.x * cols;
     }
     t.kb = t.s * mp.k_len;
     t.ke = min(mp.k, t.kb + mp.k_len);
-    t.ok = flat < mp.m_tiles * mp.batch * mp.splits && t.r0 < mp.m && t.c0 < mp.n;
+    t.live = flat < mp.m_tiles * mp.batch * mp.splits;
+    t.ok = t.live && t.r0 < mp.m && t.c0 < mp.n;
     return t;
+}
+
+fn blk_of(wid: vec3<u32>, nwg: vec3<u32>, lane: u32, size: u32) -> Blk {
+    return blk_rect(wid, nwg, lane, size, size);
 }
 
 // acc (column j = 4 rows of output column j) += sum_t at[t] * bt[j][t], where at's column t holds

@@ -857,6 +857,7 @@ mod checks {
             vec4: Some(vec4),
             lanes_n: Some(lanes_n),
             splits: None,
+            subgroup: Some(false),
         };
         let split = GemmConfig {
             path: GemmPath::Blocked,

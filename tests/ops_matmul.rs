@@ -13,12 +13,14 @@ const TILED: GemmConfig = GemmConfig {
     vec4: None,
     lanes_n: None,
     splits: None,
+    subgroup: None,
 };
 const BLOCKED: GemmConfig = GemmConfig {
     path: GemmPath::Blocked,
     vec4: None,
     lanes_n: None,
     splits: None,
+    subgroup: None,
 };
 
 fn blocked(vec4: bool, lanes_n: bool) -> GemmConfig {
@@ -27,6 +29,7 @@ fn blocked(vec4: bool, lanes_n: bool) -> GemmConfig {
         vec4: Some(vec4),
         lanes_n: Some(lanes_n),
         splits: None,
+        subgroup: Some(false),
     }
 }
 
@@ -192,7 +195,12 @@ fn gemm_vec4_k_tail_and_unaligned_operands() {
     for (k, seed) in [(37usize, 30u64), (3, 31), (1, 32), (130, 33)] {
         let g = with_trans(20, 24, k, true, false);
         assert!(vec4_ok(&g));
-        assert_eq!(plan(test_gpu(), &g, &BLOCKED).unwrap().entry, "mm_v4");
+        let want = if k % 4 == 0 && test_gpu().subgroups_of_8() {
+            "mm_sg"
+        } else {
+            "mm_v4"
+        };
+        assert_eq!(plan(test_gpu(), &g, &BLOCKED).unwrap().entry, want);
         for lanes_n in [false, true] {
             worst = worst.max(run_cfg(g, true, false, seed, &blocked(true, lanes_n)));
         }
@@ -601,8 +609,36 @@ fn gemm_plan_for_model_shapes() {
     // The blocked kernel choice at the model's shapes (independent of the adapter).
     let gpu = test_gpu();
     let lin = |m, n, k| with_trans(m, n, k, false, true);
-    let p = plan(gpu, &lin(1024, 1024, 1024), &BLOCKED).unwrap();
+    // Without the subgroup kernel (adapters without 8-wide subgroups).
+    let no_sg = GemmConfig {
+        subgroup: Some(false),
+        ..BLOCKED
+    };
+    let p = plan(gpu, &lin(1024, 1024, 1024), &no_sg).unwrap();
     assert_eq!((p.entry, p.lanes_n, p.splits), ("mm_v4", false, 1));
+    // With it (lavapipe/llvmpipe on AVX2): every 4-aligned GEMM with K % 4 == 0 wider and taller
+    // than one mm_v4 block; narrow ones (the 1-row decoder tokens, N = 32) keep mm_v4/mm_s.
+    let want = if gpu.subgroups_of_8() {
+        "mm_sg"
+    } else {
+        "mm_v4"
+    };
+    for g in [
+        lin(1024, 1024, 1024),
+        lin(65536, 64, 256),
+        with_trans(4096, 320, 1280, false, false),
+        with_trans(128, 512, 65536, true, false),
+    ] {
+        assert_eq!(plan(gpu, &g, &BLOCKED).unwrap().entry, want, "{g:?}");
+    }
+    assert_eq!(
+        plan(gpu, &lin(5, 2048, 256), &BLOCKED).unwrap().entry,
+        "mm_v4"
+    );
+    assert_eq!(
+        plan(gpu, &lin(4096, 32, 256), &BLOCKED).unwrap().entry,
+        "mm_v4"
+    );
     assert_eq!(
         plan(gpu, &lin(262144, 32, 27), &BLOCKED).unwrap().entry,
         "mm_s"
@@ -610,9 +646,9 @@ fn gemm_plan_for_model_shapes() {
     assert!(plan(gpu, &lin(5, 2048, 256), &BLOCKED).unwrap().lanes_n);
     let head = plan(gpu, &lin(65536, 1, 32), &BLOCKED).unwrap();
     assert_eq!((head.entry, head.lanes_n), ("mm_s", false));
-    let dw = plan(gpu, &with_trans(128, 512, 65536, true, false), &BLOCKED).unwrap();
+    let dw = plan(gpu, &with_trans(128, 512, 65536, true, false), &no_sg).unwrap();
     assert_eq!(dw.entry, "mm_v4");
-    let dx = plan(gpu, &with_trans(4096, 320, 1280, false, false), &BLOCKED).unwrap();
+    let dx = plan(gpu, &with_trans(4096, 320, 1280, false, false), &no_sg).unwrap();
     assert_eq!((dx.entry, dx.splits), ("mm_v4", 1));
     assert_eq!(
         plan(gpu, &lin(1024, 1024, 1024), &TILED).unwrap().entry,
@@ -761,4 +797,78 @@ fn gemm_epilogue_act_grad_and_save_pre() {
         gemm_with(&mut rec, &g, io(Some(&t), Some(&t)), &GemmConfig::default()).is_err(),
         "act_grad with bias"
     );
+}
+
+/// `mm_sg`, the GEMM kernel for CPU adapters with 8-wide subgroups (lavapipe in CI), against the
+/// f64 reference: every transpose; partial tiles (lanes whose rows start past M still take part in
+/// the broadcasts, a second column half past N); bias, residual, activations, accumulation and
+/// alpha; batches with strides and a shared B; split-K. On other adapters it must be refused.
+#[test]
+fn gemm_subgroup_kernel() {
+    let gpu = test_gpu();
+    let sg = GemmConfig {
+        path: GemmPath::Blocked,
+        subgroup: Some(true),
+        ..Default::default()
+    };
+    if !gpu.subgroups_of_8() {
+        let e = plan(gpu, &Gemm::new(64, 64, 64), &sg).unwrap_err();
+        assert!(e.to_string().contains("8-wide subgroups"), "{e}");
+        eprintln!(
+            "{}: no 8-wide subgroups; checked that mm_sg is refused",
+            gpu.info.name
+        );
+        return;
+    }
+    let mut worst: f64 = 0.0;
+    let mut seed = 900;
+    for (m, n, k) in [
+        (4usize, 4usize, 4usize),
+        (20, 36, 8),
+        (132, 100, 68),
+        (128, 64, 16),
+        (260, 196, 36),
+        (8, 260, 12),
+    ] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let g = with_trans(m, n, k, ta, tb);
+                assert_eq!(plan(gpu, &g, &sg).unwrap().entry, "mm_sg");
+                worst = worst.max(run_cfg(g, false, false, seed, &sg));
+                worst = worst.max(run_cfg(g, true, true, seed + 1, &sg));
+                seed += 2;
+            }
+        }
+    }
+    for act in [Act::Gelu, Act::Relu] {
+        let mut g = with_trans(36, 28, 44, false, true);
+        g.act = act;
+        worst = worst.max(run_cfg(g, true, false, seed, &sg));
+        g.accumulate = true;
+        g.alpha = -1.5;
+        worst = worst.max(run_cfg(g, true, true, seed + 1, &sg));
+        g.act_after_residual = true;
+        worst = worst.max(run_act_after_residual(g, seed + 2, &sg));
+        seed += 3;
+    }
+    let mut w = Gemm::new(20, 68, 16);
+    w.batch = 4;
+    w.a_bs = 16 * 20 + 4;
+    w.b_bs = 0;
+    w.c_bs = 20 * 68 + 8;
+    w.trans_a = true;
+    worst = worst.max(run_cfg(w, true, true, seed, &sg));
+    w.b_bs = 16 * 68;
+    w.trans_a = false;
+    w.a_bs = 20 * 16;
+    worst = worst.max(run_cfg(w, false, true, seed + 1, &sg));
+    let d = with_trans(24, 40, 4100, true, false);
+    for splits in [1, 2, 7] {
+        let cfg = GemmConfig {
+            splits: Some(splits),
+            ..sg
+        };
+        worst = worst.max(run_cfg(d, true, false, seed + 2, &cfg));
+    }
+    eprintln!("subgroup kernel: worst relative error {worst:.2e}");
 }

@@ -246,6 +246,14 @@ pub fn list_adapters(backends: Option<&str>) -> Result<Vec<AdapterListing>> {
 }
 
 impl Gpu {
+    /// Whether the device has subgroup operations with subgroups of exactly 8 invocations (what
+    /// the `mm_sg` GEMM kernel assumes: its 8-invocation workgroup is one subgroup).
+    pub fn subgroups_of_8(&self) -> bool {
+        self.features.contains(wgpu::Features::SUBGROUP)
+            && self.info.subgroup_min_size == 8
+            && self.info.subgroup_max_size == 8
+    }
+
     /// Native: blocks on adapter and device creation.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn new(req: &AdapterRequest) -> Result<Gpu> {
@@ -268,7 +276,16 @@ impl Gpu {
             adapter.limits()
         };
         let mut features = wgpu::Features::empty();
-        for f in [wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::SHADER_F16] {
+        // Subgroups: native only (wgpu does not expose them through the browser's WebGPU yet).
+        #[cfg(not(target_arch = "wasm32"))]
+        let wanted = [
+            wgpu::Features::TIMESTAMP_QUERY,
+            wgpu::Features::SHADER_F16,
+            wgpu::Features::SUBGROUP,
+        ];
+        #[cfg(target_arch = "wasm32")]
+        let wanted = [wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::SHADER_F16];
+        for f in wanted {
             if adapter.features().contains(f) {
                 features |= f;
             }

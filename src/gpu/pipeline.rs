@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum ShaderFamily {
     Matmul,
+    /// `matmul.wgsl` + `matmul_sg.wgsl`: the GEMM kernel that needs the `subgroups` feature.
+    MatmulSg,
     Elementwise,
     Norm,
     Conv,
@@ -26,6 +28,7 @@ impl ShaderFamily {
     pub fn name(self) -> &'static str {
         match self {
             ShaderFamily::Matmul => "matmul",
+            ShaderFamily::MatmulSg => "matmul_sg",
             ShaderFamily::Elementwise => "elementwise",
             ShaderFamily::Norm => "norm",
             ShaderFamily::Conv => "conv",
@@ -37,9 +40,11 @@ impl ShaderFamily {
             ShaderFamily::Optim => "optim",
         }
     }
+    /// The family's own file (without `common.wgsl`); `MatmulSg` builds on `Matmul`'s.
     pub fn source(self) -> &'static str {
         match self {
             ShaderFamily::Matmul => include_str!("../../shaders/matmul.wgsl"),
+            ShaderFamily::MatmulSg => include_str!("../../shaders/matmul_sg.wgsl"),
             ShaderFamily::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
             ShaderFamily::Norm => include_str!("../../shaders/norm.wgsl"),
             ShaderFamily::Conv => include_str!("../../shaders/conv.wgsl"),
@@ -119,7 +124,11 @@ impl Kernel {
 /// Full WGSL source of a family's module: `common.wgsl`, then the family's file, with the
 /// kernel-variant directives expanded (see [`ShaderFamily::expand`]).
 pub fn family_source(f: ShaderFamily) -> String {
-    match ShaderFamily::expand(&format!("{}\n{}", COMMON, f.source())) {
+    let own = match f {
+        ShaderFamily::MatmulSg => format!("{}\n{}", ShaderFamily::Matmul.source(), f.source()),
+        _ => f.source().to_string(),
+    };
+    match ShaderFamily::expand(&format!("{COMMON}\n{own}")) {
         Ok(s) => s,
         // The shaders are compiled into the binary and every family is expanded by the tests.
         Err(e) => panic!("shaders/{}.wgsl: {e}", f.name()),
@@ -135,8 +144,9 @@ impl ShaderFamily {
         reflect::Reflected::new(self)?.check::<P>(self, entry)
     }
 
-    pub const ALL: [ShaderFamily; 10] = [
+    pub const ALL: [ShaderFamily; 11] = [
         ShaderFamily::Matmul,
+        ShaderFamily::MatmulSg,
         ShaderFamily::Elementwise,
         ShaderFamily::Norm,
         ShaderFamily::Conv,

@@ -112,6 +112,9 @@ pub struct GemmConfig {
     pub lanes_n: Option<bool>,
     /// Number of K slices (split-K, summed by a second pass); 1 = none.
     pub splits: Option<usize>,
+    /// Blocked vec4 path: the subgroup kernel `mm_sg` (`Some(true)`; an error where the device
+    /// has no 8-wide subgroups or the shape does not suit it) or never (`Some(false)`).
+    pub subgroup: Option<bool>,
 }
 
 /// The kernel choice for one GEMM, as made by [`plan`].
@@ -132,6 +135,9 @@ pub struct GemmPlan {
 const LANES: usize = 8;
 const BLK_V4: usize = 32;
 const BLK_S: usize = 16;
+/// `mm_sg`: the workgroup's 8 lanes stacked along M, each 16 rows x 64 columns.
+const SG_ROWS: usize = LANES * 16;
+const SG_COLS: usize = 64;
 /// Largest split-K scratch buffer the automatic choice allocates.
 const SPLIT_SCRATCH_MAX: usize = 16 << 20;
 
@@ -165,6 +171,25 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
             Some(v) => v,
             None => aligned,
         };
+        let sg_ok = vec4 && g.k.is_multiple_of(4) && gpu.subgroups_of_8();
+        let sg = match cfg.subgroup {
+            Some(true) if !sg_ok => {
+                return Err(Error::Invalid(format!(
+                    "gemm: the subgroup kernel needs 8-wide subgroups (this device: {}), 4-aligned operands and K % 4 == 0: {g:?}",
+                    if gpu.subgroups_of_8() { "yes" } else { "no" }
+                )));
+            }
+            Some(v) => v,
+            None => sg_ok && cfg.lanes_n.is_none() && sg_suits(g),
+        };
+        if sg {
+            return finish_plan(
+                g,
+                cfg,
+                true,
+                ("mm_sg", false, m.div_ceil(SG_ROWS), n.div_ceil(SG_COLS)),
+            );
+        }
         let blk = if vec4 { BLK_V4 } else { BLK_S };
         let wide = LANES * blk;
         // Lanes along the dimension that leaves fewer partly filled workgroups.
@@ -180,6 +205,21 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
     } else {
         ("matmul", false, m.div_ceil(64), n.div_ceil(64))
     };
+    finish_plan(g, cfg, blocked, (entry, lanes_n, m_tiles, n_tiles))
+}
+
+/// Whether the automatic choice takes `mm_sg` (a 128 x 64 tile per workgroup) for `g`.
+fn sg_suits(g: &Gemm) -> bool {
+    g.n > BLK_V4 && g.m > BLK_V4
+}
+
+/// Adds the K split to a kernel choice (entry, lanes along N, row tiles, column tiles).
+fn finish_plan(
+    g: &Gemm,
+    cfg: &GemmConfig,
+    blocked: bool,
+    (entry, lanes_n, m_tiles, n_tiles): (&'static str, bool, usize, usize),
+) -> Result<GemmPlan> {
     let groups = m_tiles * n_tiles * g.batch;
     let splits = match cfg.splits {
         Some(s) => s.max(1),
@@ -187,7 +227,7 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
             // Few output tiles over a long K (weight gradients dW = dY^T X): slice K so that enough
             // workgroups run, each slice at least 512 deep, within a bounded scratch buffer.
             let target = if blocked { 16 } else { 128 };
-            let by_mem = (SPLIT_SCRATCH_MAX / (4 * m * n * g.batch).max(1)).max(1);
+            let by_mem = (SPLIT_SCRATCH_MAX / (4 * g.m * g.n * g.batch).max(1)).max(1);
             if groups < target && g.k >= 1024 {
                 target.div_ceil(groups).min(g.k / 512).min(by_mem).max(1)
             } else {
@@ -344,8 +384,13 @@ fn gemm_impl(
     let dummy = rec.gpu.dummy();
     let dummy_out = rec.gpu.dummy_out();
     rec.flops += g.flops();
+    let family = if p.entry == "mm_sg" {
+        ShaderFamily::MatmulSg
+    } else {
+        ShaderFamily::Matmul
+    };
     if !split {
-        let k = Kernel::new(ShaderFamily::Matmul, p.entry, invocations)
+        let k = Kernel::new(family, p.entry, invocations)
             .b("TRANS_A", g.trans_a)
             .b("TRANS_B", g.trans_b)
             .b("HAS_BIAS", bias.is_some())
@@ -369,7 +414,7 @@ fn gemm_impl(
     // Split-K: raw partial sums of every K slice into a scratch tensor, then one pass that adds
     // them and applies alpha and the epilogue.
     let scratch = rec.gpu.empty(&[p.splits * g.batch * g.m * g.n])?;
-    let k = Kernel::new(ShaderFamily::Matmul, p.entry, invocations)
+    let k = Kernel::new(family, p.entry, invocations)
         .b("TRANS_A", g.trans_a)
         .b("TRANS_B", g.trans_b)
         .b("LANES_N", p.lanes_n)
