@@ -7,25 +7,37 @@
 // Why: on llvmpipe a storage load whose address differs between lanes is a scalar loop over the 8
 // lanes, while reading one lane's register into all lanes (subgroupBroadcast from a constant lane)
 // is an extract and a broadcast. mm_v4 has every lane load both of its operands (64 vec4 per
-// 4-deep K chunk for 4096 FMAs). Here the 8 lanes of a workgroup (one subgroup) are stacked along
-// M, each owning 16 rows x 64 columns of C (the workgroup a 128 x 64 tile), so all lanes need the
-// same B block: each lane loads 8 of its 64 vec4 and the others get it by broadcast. A lane still
-// loads its own 16 rows of A (16 vec4): 24 loads per chunk instead of 64, same 1024 accumulators.
+// 4-deep K chunk for 4096 FMAs per lane). Here the 8 lanes of a workgroup (one subgroup) are
+// stacked along M, each owning 8 rows x 64 columns of C (the workgroup a 64 x 64 tile), so all
+// lanes need the same B block: each lane loads 8 of its 64 vec4 and the others get them by
+// broadcast; a lane loads its own 8 rows of A (8 vec4). Every operand value is loaded once per
+// workgroup: 16 lane-looped loads per chunk for 2048 FMAs per lane.
+// Block sizes measured at 1024^3 on lavapipe (2 cores, GFLOP/s, runs of the same build): 8 x 64 per
+// lane 58-66; 16 x 64 (1024 accumulators, what mm_v4 keeps) 47-52; 16 x 128 53-55; 8 x 128 42-47;
+// 16 x 32 51-57; 4 x 64 and 8 x 32 41-55. More accumulators than 512 per lane cost more in stack
+// traffic than the loads they save.
 //
 // All 8 lanes must reach every broadcast, so lanes whose rows start past M keep running (their
 // row reads are clamped) and only skip the stores.
 
-// B slot s (0..7) of this lane at 4-deep K chunk q:
-//   B stored K x N (vec4 along N): row 4q + s / 2, columns c0 + 32 (s % 2) + 4 lane .. + 3;
-//   B stored N x K (vec4 along K): column c0 + 32 (s % 2) + 8 (s / 2) + lane, k = 4q .. 4q + 3.
-// Either way the slots s % 2 == h hold the 32 columns c0 + 32 h .. (see sg_strip).
+// B slot s (0..7) of this lane at 4-deep K chunk q; h = s % 2 (the 32-column strip), p = s / 2:
+//   B stored K x N (vec4 along N): row 4q + p, columns c0 + 32h + 4 lane .. + 3;
+//   B stored N x K (vec4 along K): column c0 + 32h + 8p + lane, k = 4q .. 4q + 3.
+// Either way strip h (columns c0 + 32h ..) is built from slots h, h + 2, h + 4, h + 6 (sg_strip).
 fn sg_b_slot(base4: u32, c0: u32, q: u32, lane: u32, s: u32) -> vec4<f32> {
+    let p = s >> 1u;
     let c = c0 + 32u * (s & 1u);
     if (TRANS_B) {
-        return mat_b4[base4 + q + min(c + 8u * (s >> 1u) + lane, mp.n - 1u) * (mp.k >> 2u)];
+        return mat_b4[base4 + q + min(c + 8u * p + lane, mp.n - 1u) * (mp.k >> 2u)];
     }
     let n4 = mp.n >> 2u;
-    return mat_b4[base4 + (4u * q + (s >> 1u)) * n4 + (min(c + 4u * lane, mp.n - 4u) >> 2u)];
+    return mat_b4[base4 + (4u * q + p) * n4 + (min(c + 4u * lane, mp.n - 4u) >> 2u)];
+}
+
+// Strip h (0 or 1) of B at chunk q.
+fn sg_b(base4: u32, c0: u32, q: u32, lane: u32, h: u32) -> Strip {
+    return sg_strip(sg_b_slot(base4, c0, q, lane, h), sg_b_slot(base4, c0, q, lane, h + 2u),
+                    sg_b_slot(base4, c0, q, lane, h + 4u), sg_b_slot(base4, c0, q, lane, h + 6u));
 }
 
 //#for L in 0..8
@@ -56,11 +68,19 @@ fn sg_strip(x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> Strip
                  sg_rows4(x0, x1, x2, x3), sg_rows5(x0, x1, x2, x3), sg_rows6(x0, x1, x2, x3), sg_rows7(x0, x1, x2, x3));
 }
 
+// Rows r .. r + 3 (r < M) of this lane's two strips.
+fn sg_store_row(t: Blk, r: u32, a: Strip, b: Strip) {
+    store_strip4v(t, a, r, t.c0);
+    if (t.c0 + 32u < mp.n) {
+        store_strip4v(t, b, r, t.c0 + 32u);
+    }
+}
+
 @compute @workgroup_size(8, 1, 1)
 fn mm_sg(@builtin(workgroup_id) wid: vec3<u32>,
          @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(subgroup_invocation_id) lane: u32) {
-    let t = blk_rect(wid, nwg, lane, 16u, 64u);
+    let t = blk_rect(wid, nwg, lane, 8u, 64u);
     if (!t.live) {
         return;   // the whole workgroup
     }
@@ -70,42 +90,23 @@ fn mm_sg(@builtin(workgroup_id) wid: vec3<u32>,
     let c0 = t.c0;
     let z = mat4x4<f32>();
     let zs = Strip(z, z, z, z, z, z, z, z);
-    // s(2i + h): rows r0 + 4i .. + 3, columns c0 + 32h .. + 31.
-    var s0 = zs; var s1 = zs; var s2 = zs; var s3 = zs; var s4 = zs; var s5 = zs; var s6 = zs; var s7 = zs;
+    // s<i><h>: rows r0 + 4i .. + 3, columns c0 + 32h .. + 31.
+    var s00 = zs; var s01 = zs; var s10 = zs; var s11 = zs;
     for (var q = t.kb >> 2u; q < (t.ke >> 2u); q++) {
-        let b0 = sg_strip(sg_b_slot(bb4, c0, q, lane, 0u), sg_b_slot(bb4, c0, q, lane, 2u),
-                          sg_b_slot(bb4, c0, q, lane, 4u), sg_b_slot(bb4, c0, q, lane, 6u));
-        let b1 = sg_strip(sg_b_slot(bb4, c0, q, lane, 1u), sg_b_slot(bb4, c0, q, lane, 3u),
-                          sg_b_slot(bb4, c0, q, lane, 5u), sg_b_slot(bb4, c0, q, lane, 7u));
+        let b0 = sg_b(bb4, c0, q, lane, 0u);
+        let b1 = sg_b(bb4, c0, q, lane, 1u);
         let a0 = a4_blk(ab4, r0, q);
-        s0 = strip_mac(s0, a0, b0);
-        s1 = strip_mac(s1, a0, b1);
         let a1 = a4_blk(ab4, r0 + 4u, q);
-        s2 = strip_mac(s2, a1, b0);
-        s3 = strip_mac(s3, a1, b1);
-        let a2 = a4_blk(ab4, r0 + 8u, q);
-        s4 = strip_mac(s4, a2, b0);
-        s5 = strip_mac(s5, a2, b1);
-        let a3 = a4_blk(ab4, r0 + 12u, q);
-        s6 = strip_mac(s6, a3, b0);
-        s7 = strip_mac(s7, a3, b1);
+        s00 = strip_mac(s00, a0, b0);
+        s01 = strip_mac(s01, a0, b1);
+        s10 = strip_mac(s10, a1, b0);
+        s11 = strip_mac(s11, a1, b1);
     }
     if (!t.ok) {
         return;   // this lane's rows start past M
     }
-    let c1 = c0 + 32u;
-    store_strip4v(t, s0, r0, c0);
-    if (c1 < mp.n) { store_strip4v(t, s1, r0, c1); }
+    sg_store_row(t, r0, s00, s01);
     if (r0 + 4u < mp.m) {
-        store_strip4v(t, s2, r0 + 4u, c0);
-        if (c1 < mp.n) { store_strip4v(t, s3, r0 + 4u, c1); }
-    }
-    if (r0 + 8u < mp.m) {
-        store_strip4v(t, s4, r0 + 8u, c0);
-        if (c1 < mp.n) { store_strip4v(t, s5, r0 + 8u, c1); }
-    }
-    if (r0 + 12u < mp.m) {
-        store_strip4v(t, s6, r0 + 12u, c0);
-        if (c1 < mp.n) { store_strip4v(t, s7, r0 + 12u, c1); }
+        sg_store_row(t, r0 + 4u, s10, s11);
     }
 }

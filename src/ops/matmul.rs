@@ -135,8 +135,8 @@ pub struct GemmPlan {
 const LANES: usize = 8;
 const BLK_V4: usize = 32;
 const BLK_S: usize = 16;
-/// `mm_sg`: the workgroup's 8 lanes stacked along M, each 16 rows x 64 columns.
-const SG_ROWS: usize = LANES * 16;
+/// `mm_sg`: the workgroup's 8 lanes stacked along M, each 8 rows x 64 columns.
+const SG_ROWS: usize = LANES * 8;
 const SG_COLS: usize = 64;
 /// Largest split-K scratch buffer the automatic choice allocates.
 const SPLIT_SCRATCH_MAX: usize = 16 << 20;
