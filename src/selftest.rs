@@ -883,6 +883,18 @@ mod checks {
                 3,
             ),
             gemm_check("gemm.blocked_scalar", 67, 65, 33, blocked(false, true), 4),
+            // The automatic blocked choice: mm_sg where the adapter has 8-wide subgroups.
+            gemm_check(
+                "gemm.blocked_auto",
+                100,
+                72,
+                40,
+                GemmConfig {
+                    path: GemmPath::Blocked,
+                    ..Default::default()
+                },
+                19,
+            ),
             gemm_check("gemm.split_k", 16, 16, 1024, split, 5),
             gelu_check("gelu.wide_range", 20_001, -10.0, 10.0, 1e-6),
             layer_norm_check("layer_norm.random", 77, 96, 0.0, 1e-5, 6),
