@@ -270,9 +270,58 @@ fn xr_f_store(r: u32) {
     }
 }
 
+//#if SG == 1
+// Subgroup module (ShaderFamily::AttentionSg: adapters with 8-wide subgroups, !PAR only): the 8
+// lanes of a subgroup all loop over the same rows of the other side, so lane l loads chunks l and
+// l + 8 of the two rows each step needs and hands them to the others with subgroupBroadcast (an
+// extract and a broadcast on llvmpipe) instead of every lane loading all D4 chunks (each load a
+// scalar loop over the lanes there).
+fn sg_share(k0: vec4<f32>, v0: vec4<f32>, k1: vec4<f32>, v1: vec4<f32>) {
+    //#for c in 0..8
+    if (${c}u < D4) {
+        ck[${c}u] = subgroupBroadcast(k0, ${c}u);
+        cv[${c}u] = subgroupBroadcast(v0, ${c}u);
+    }
+    if (${c}u + 8u < D4) {
+        ck[${c}u + 8u] = subgroupBroadcast(k1, ${c}u);
+        cv[${c}u + 8u] = subgroupBroadcast(v1, ${c}u);
+    }
+    //#end
+}
+
+// What xa_load_kv(0u) loads (forward, dq): key and value row.
+fn sg_load_kv(sl: u32) {
+    let c0 = min(sl, D4 - 1u);
+    let c1 = min(sl + 8u, D4 - 1u);
+    var k1 = vec4<f32>(0.0);
+    var v1 = vec4<f32>(0.0);
+    if (D4 > 8u) {
+        k1 = x_k[g_la + c1];
+        v1 = x_v[g_lb + c1];
+    }
+    sg_share(x_k[g_la + c0], x_v[g_lb + c0], k1, v1);
+}
+
+// What xa_load_qo(0u) loads (dk/dv): query and output-gradient row.
+fn sg_load_qo(sl: u32) {
+    let c0 = min(sl, D4 - 1u);
+    let c1 = min(sl + 8u, D4 - 1u);
+    var q1 = vec4<f32>(0.0);
+    var o1 = vec4<f32>(0.0);
+    if (D4 > 8u) {
+        q1 = x_q[g_la + c1];
+        o1 = b_dout[g_lb + c1];
+    }
+    sg_share(x_q[g_la + c0], b_dout[g_lb + c0], q1, o1);
+}
+//#end
+
 @compute @workgroup_size(WG)
 fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>,
             @builtin(num_workgroups) nwg: vec3<u32>,
+            //#if SG == 1
+            @builtin(subgroup_invocation_id) sl: u32,
+            //#end
             @builtin(local_invocation_index) li: u32) {
     let g = flat_group(wid, nwg);
     if (g >= ap.total) {
@@ -287,7 +336,11 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>,
     for (var j = range.x; j < range.y; j++) {
         g_la = kz + j * ap.k_row;
         g_lb = vz + j * ap.v_row;
+        //#if SG == 1
+        sg_load_kv(sl);
+        //#else
         xa_load_kv(0u);
+        //#end
         xR_f_step();
         next_looped();
     }
@@ -452,6 +505,9 @@ fn xr_q_store(r: u32) {
 @compute @workgroup_size(WG)
 fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>,
+               //#if SG == 1
+               @builtin(subgroup_invocation_id) sl: u32,
+               //#end
                @builtin(local_invocation_index) li: u32) {
     let g = flat_group(wid, nwg);
     if (g >= ap.total) {
@@ -472,7 +528,11 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
         for (var j = range.x; j < range.y; j++) {
             g_la = kz + j * ap.k_row;
             g_lb = vz + j * ap.v_row;
+            //#if SG == 1
+            sg_load_kv(sl);
+            //#else
             xa_load_kv(0u);
+            //#end
             xR_q_step();
             next_looped();
         }
@@ -546,6 +606,9 @@ fn xr_k_store(r: u32) {
 @compute @workgroup_size(WG)
 fn attn_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
+                //#if SG == 1
+                @builtin(subgroup_invocation_id) sl: u32,
+                //#end
                 @builtin(local_invocation_index) li: u32) {
     let g = flat_group(wid, nwg);
     if (g >= ap.total) {
@@ -561,7 +624,11 @@ fn attn_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
     for (var i = range.x; i < range.y; i++) {
         g_la = qz + i * ap.q_row;
         g_lb = oz + i * ap.o_row;
+        //#if SG == 1
+        sg_load_qo(sl);
+        //#else
         xa_load_qo(0u);
+        //#end
         g_lse = b_stat[2u * (sz + i)];
         g_delta = b_stat[2u * (sz + i) + 1u];
         xR_k_step();

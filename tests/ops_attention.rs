@@ -14,12 +14,36 @@ const FWD_TOL: f64 = 1e-5;
 const BWD_TOL: f64 = 5e-5;
 
 /// How the attention kernels are laid out in a check's name: by adapter, or pinned.
-fn layout_tag(layout: Option<bool>) -> &'static str {
-    match layout {
+/// Kernel layout of a case: rows per invocation (`None`: the adapter's default) and whether the
+/// subgroup kernels may be used (where the device has 8-wide subgroups).
+#[derive(Clone, Copy)]
+struct Layout {
+    rows: Option<bool>,
+    subgroups: bool,
+}
+
+const DEFAULT: Layout = Layout {
+    rows: None,
+    subgroups: true,
+};
+
+fn layout_tag(layout: Layout) -> String {
+    let rows = match layout.rows {
         None => "",
         Some(false) => " [1 row/inv]",
         Some(true) => " [R rows/inv]",
-    }
+    };
+    let sg = if layout.subgroups {
+        ""
+    } else {
+        " [no subgroups]"
+    };
+    format!("{rows}{sg}")
+}
+
+fn set_layout(rec: &mut medfastsam::gpu::Recorder, layout: Layout) {
+    rec.plan.register_rows = layout.rows;
+    rec.plan.subgroups = Some(layout.subgroups);
 }
 
 fn scaled(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
@@ -202,14 +226,7 @@ fn win_inputs(rng: &mut Rng, nw: usize, ws: usize, c: usize, heads: usize) -> (V
     )
 }
 
-fn check_window_forward(
-    nw: usize,
-    ws: usize,
-    c: usize,
-    heads: usize,
-    seed: u64,
-    layout: Option<bool>,
-) {
+fn check_window_forward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64, layout: Layout) {
     let tag = layout_tag(layout);
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
@@ -218,7 +235,7 @@ fn check_window_forward(
     let tq = up(gpu, &qkv, &[nw, n, 3 * c]);
     let tb = up(gpu, &bias, &[heads, n]);
     let mut rec = gpu.new_recorder();
-    rec.plan.register_rows = layout;
+    set_layout(&mut rec, layout);
     let out = window_attention(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     let saved = window_attention_train(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     rec.submit().unwrap();
@@ -243,7 +260,7 @@ fn check_window_forward(
 #[test]
 fn window_attention_forward_awkward_shapes() {
     for (s, &(nw, ws, c, heads)) in WIN_CASES.iter().enumerate() {
-        check_window_forward(nw, ws, c, heads, 100 + s as u64, None);
+        check_window_forward(nw, ws, c, heads, 100 + s as u64, DEFAULT);
     }
 }
 
@@ -354,7 +371,7 @@ fn check_mha_forward(
     e: usize,
     heads: usize,
     seed: u64,
-    layout: Option<bool>,
+    layout: Layout,
 ) {
     let tag = layout_tag(layout);
     let gpu = test_gpu();
@@ -366,7 +383,7 @@ fn check_mha_forward(
         up(gpu, &v, &[b, lk, e]),
     );
     let mut rec = gpu.new_recorder();
-    rec.plan.register_rows = layout;
+    set_layout(&mut rec, layout);
     let out = mha(&mut rec, &tq, &tk, &tv, heads).unwrap();
     let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
     rec.submit().unwrap();
@@ -401,7 +418,7 @@ fn check_mha_forward(
 #[test]
 fn mha_forward_awkward_shapes() {
     for (s, &(b, lq, lk, e, heads)) in MHA_CASES.iter().enumerate() {
-        check_mha_forward(b, lq, lk, e, heads, 200 + s as u64, None);
+        check_mha_forward(b, lq, lk, e, heads, 200 + s as u64, DEFAULT);
     }
 }
 
@@ -526,14 +543,7 @@ fn reference_backward_matches_finite_differences() {
 // ---------------------------------------------------------------------------------------------
 // backward: GPU vs CPU reference
 
-fn check_window_backward(
-    nw: usize,
-    ws: usize,
-    c: usize,
-    heads: usize,
-    seed: u64,
-    layout: Option<bool>,
-) {
+fn check_window_backward(nw: usize, ws: usize, c: usize, heads: usize, seed: u64, layout: Layout) {
     let tag = layout_tag(layout);
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
@@ -546,7 +556,7 @@ fn check_window_backward(
     let tdo = up(gpu, &dout, &[nw, n, c]);
     let tdb = up(gpu, &dbias0, &[heads, n]);
     let mut rec = gpu.new_recorder();
-    rec.plan.register_rows = layout;
+    set_layout(&mut rec, layout);
     let saved = window_attention_train(&mut rec, &tq, &tb, Window { heads, ws }).unwrap();
     let dqkv =
         window_attention_backward(&mut rec, &tq, &tb, &saved, &tdo, Window { heads, ws }, &tdb)
@@ -584,7 +594,7 @@ fn window_attention_backward_awkward_shapes() {
     let mut cases = WIN_CASES.to_vec();
     cases.push((131, 3, 4, 2));
     for (s, &(nw, ws, c, heads)) in cases.iter().enumerate() {
-        check_window_backward(nw, ws, c, heads, 300 + s as u64, None);
+        check_window_backward(nw, ws, c, heads, 300 + s as u64, DEFAULT);
     }
 }
 
@@ -595,7 +605,7 @@ fn check_mha_backward(
     e: usize,
     heads: usize,
     seed: u64,
-    layout: Option<bool>,
+    layout: Layout,
 ) {
     let tag = layout_tag(layout);
     let gpu = test_gpu();
@@ -609,7 +619,7 @@ fn check_mha_backward(
     );
     let tdo = up(gpu, &dout, &[b, lq, e]);
     let mut rec = gpu.new_recorder();
-    rec.plan.register_rows = layout;
+    set_layout(&mut rec, layout);
     let saved = mha_train(&mut rec, &tq, &tk, &tv, heads).unwrap();
     let (dq, dk, dv) = mha_backward(&mut rec, &tq, &tk, &tv, &saved, &tdo, heads).unwrap();
     rec.submit().unwrap();
@@ -637,7 +647,7 @@ fn mha_backward_awkward_shapes() {
     let mut cases = MHA_CASES.to_vec();
     cases.push((1, 300, 5, 16, 4)); // few keys, many queries: dk/dv split over queries
     for (s, &(b, lq, lk, e, heads)) in cases.iter().enumerate() {
-        check_mha_backward(b, lq, lk, e, heads, 400 + s as u64, None);
+        check_mha_backward(b, lq, lk, e, heads, 400 + s as u64, DEFAULT);
     }
 }
 
@@ -645,8 +655,12 @@ fn mha_backward_awkward_shapes() {
 fn both_kernel_layouts() {
     // The kernels keep R rows per invocation on CPU adapters and one row on GPUs; run a few cases
     // in the layout the adapter would not pick by default (and in the other, for completeness).
-    for mode in [false, true] {
-        let l = Some(mode);
+    // Also without the subgroup kernels (what GPUs without 8-wide subgroups and browsers run).
+    for (mode, subgroups) in [(false, true), (true, true), (false, false), (true, false)] {
+        let l = Layout {
+            rows: Some(mode),
+            subgroups,
+        };
         check_window_forward(3, 7, 64, 2, 500, l); // aligned, n = 49
         check_window_forward(2, 14, 15, 3, 501, l); // unaligned head dim 5, n = 196
         check_window_backward(3, 7, 64, 2, 502, l);

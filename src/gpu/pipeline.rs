@@ -15,6 +15,8 @@ pub enum ShaderFamily {
     Norm,
     Conv,
     Attention,
+    /// `attention.wgsl` with its subgroup lines (`//#if SG == 1`): needs the `subgroups` feature.
+    AttentionSg,
     Resize,
     Otsu,
     Pe,
@@ -33,6 +35,7 @@ impl ShaderFamily {
             ShaderFamily::Norm => "norm",
             ShaderFamily::Conv => "conv",
             ShaderFamily::Attention => "attention",
+            ShaderFamily::AttentionSg => "attention_sg",
             ShaderFamily::Resize => "resize",
             ShaderFamily::Otsu => "otsu",
             ShaderFamily::Pe => "pe",
@@ -48,7 +51,9 @@ impl ShaderFamily {
             ShaderFamily::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
             ShaderFamily::Norm => include_str!("../../shaders/norm.wgsl"),
             ShaderFamily::Conv => include_str!("../../shaders/conv.wgsl"),
-            ShaderFamily::Attention => include_str!("../../shaders/attention.wgsl"),
+            ShaderFamily::Attention | ShaderFamily::AttentionSg => {
+                include_str!("../../shaders/attention.wgsl")
+            }
             ShaderFamily::Resize => include_str!("../../shaders/resize.wgsl"),
             ShaderFamily::Otsu => include_str!("../../shaders/otsu.wgsl"),
             ShaderFamily::Pe => include_str!("../../shaders/pe.wgsl"),
@@ -126,6 +131,9 @@ impl Kernel {
 pub fn family_source(f: ShaderFamily) -> String {
     let own = match f {
         ShaderFamily::MatmulSg => format!("{}\n{}", ShaderFamily::Matmul.source(), f.source()),
+        // One file, its subgroup lines kept or dropped by the expander's `SG`.
+        ShaderFamily::Attention => format!("//#for SG in 0\n{}\n//#end", f.source()),
+        ShaderFamily::AttentionSg => format!("//#for SG in 1\n{}\n//#end", f.source()),
         _ => f.source().to_string(),
     };
     match ShaderFamily::expand(&format!("{COMMON}\n{own}")) {
@@ -144,13 +152,14 @@ impl ShaderFamily {
         reflect::Reflected::new(self)?.check::<P>(self, entry)
     }
 
-    pub const ALL: [ShaderFamily; 11] = [
+    pub const ALL: [ShaderFamily; 12] = [
         ShaderFamily::Matmul,
         ShaderFamily::MatmulSg,
         ShaderFamily::Elementwise,
         ShaderFamily::Norm,
         ShaderFamily::Conv,
         ShaderFamily::Attention,
+        ShaderFamily::AttentionSg,
         ShaderFamily::Resize,
         ShaderFamily::Otsu,
         ShaderFamily::Pe,

@@ -82,6 +82,9 @@ pub struct KernelPlan {
     /// Attention kernels: several query/key rows per invocation (`Some(true)`, what CPU adapters
     /// such as lavapipe get by default), one (`Some(false)`, what GPUs get), or by adapter (`None`).
     pub register_rows: Option<bool>,
+    /// Attention forward: the subgroup kernel where the device has 8-wide subgroups (`None` or
+    /// `Some(true)`), or never (`Some(false)`).
+    pub subgroups: Option<bool>,
     /// MBConv: at least this many hidden-channel groups (0 = as many as the device's storage
     /// binding limit requires).
     pub min_mbconv_groups: usize,

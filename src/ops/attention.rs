@@ -485,8 +485,20 @@ fn core_params(c: &Core, p: &Plan, f: Fields) -> AttnParams {
     }
 }
 
-fn core_kernel(entry: &'static str, c: &Core, p: &Plan) -> Kernel {
-    Kernel::new(ShaderFamily::Attention, entry, p.wg as u32)
+/// A core kernel (`attn_fwd`, `attn_bwd_dq`, `attn_bwd_dkv`): from the subgroup module (the lanes
+/// share each looped row through broadcasts) where the device has 8-wide subgroups and every lane
+/// of a workgroup loops over the same rows (`!par`).
+fn core_kernel(rec: &Recorder, entry: &'static str, c: &Core, p: &Plan) -> Kernel {
+    let sg = !p.par
+        && p.wg.is_multiple_of(8)
+        && rec.plan.subgroups.unwrap_or(true)
+        && rec.gpu.subgroups_of_8();
+    let family = if sg {
+        ShaderFamily::AttentionSg
+    } else {
+        ShaderFamily::Attention
+    };
+    Kernel::new(family, entry, p.wg as u32)
         .u("D4", c.d4() as u32)
         .u("R", p.r as u32)
         .u("WG", p.wg as u32)
@@ -611,7 +623,7 @@ fn core_forward_aligned(rec: &mut Recorder, c: &Core, io: FwdIo) -> Result<()> {
     );
     if !p.par {
         let sp = spare(rec)?;
-        let k_ = core_kernel("attn_fwd", c, &p).b("SAVE_LSE", lse.is_some());
+        let k_ = core_kernel(rec, "attn_fwd", c, &p).b("SAVE_LSE", lse.is_some());
         return rec.dispatch(&k_, params, &[q, k, v, bias, out, lse.unwrap_or(&sp)], grid);
     }
     let rows = c.nz * c.heads * c.lq;
@@ -619,7 +631,7 @@ fn core_forward_aligned(rec: &mut Recorder, c: &Core, io: FwdIo) -> Result<()> {
     let part = rec.gpu.empty(&[chunks, rows, 4 * c.d4()])?;
     let ml = rec.gpu.empty(&[chunks, rows, 2])?;
     rec.dispatch(
-        &core_kernel("attn_fwd", c, &p),
+        &core_kernel(rec, "attn_fwd", c, &p),
         params,
         &[q, k, v, bias, &part, &ml],
         grid,
@@ -810,7 +822,7 @@ fn core_backward_aligned(rec: &mut Recorder, c: &Core, io: BwdIo) -> Result<()> 
             },
         );
         rec.dispatch(
-            &core_kernel("attn_bwd_dq", c, &p),
+            &core_kernel(rec, "attn_bwd_dq", c, &p),
             params,
             &[
                 q,
@@ -880,7 +892,7 @@ fn core_backward_aligned(rec: &mut Recorder, c: &Core, io: BwdIo) -> Result<()> 
             },
         );
         let direct = !p.par && matches!(kv, KvDest::Shared(_));
-        let kk = core_kernel("attn_bwd_dkv", c, &p).b("DIRECT", direct);
+        let kk = core_kernel(rec, "attn_bwd_dkv", c, &p).b("DIRECT", direct);
         if direct {
             let KvDest::Shared(dst) = kv else {
                 unreachable!()
