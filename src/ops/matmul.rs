@@ -4,7 +4,10 @@
 //! Kernel choice ([`plan`]): on CPU adapters (lavapipe / llvmpipe) the register-blocked kernels,
 //! `mm_v4` (32 x 32 outputs per invocation, vec4 loads and stores) when A, B and C are 4-aligned
 //! along their contiguous dimensions (see [`vec4_ok`]), else `mm_s` (16 x 16, scalar loads); the
-//! 8 invocations of a workgroup step along M or along N, whichever wastes less. On other adapters
+//! 8 invocations of a workgroup step along M or along N, whichever wastes less. Where the device
+//! has subgroups of exactly 8 invocations (lavapipe), 4-aligned GEMMs with K % 4 == 0 wider and
+//! taller than 32 take `mm_sg` (shaders/matmul_sg.wgsl: 8 x 64 outputs per invocation, the 8 lanes
+//! sharing the B block through `subgroupBroadcast`). On other adapters
 //! the shared-memory tiled kernel `matmul`. GEMMs with few output tiles and a long K (weight
 //! gradients) are split along K into slices whose partial sums a second pass (`mm_reduce`) adds
 //! before applying the epilogue. [`gemm_with`] overrides any of these choices.
@@ -120,7 +123,7 @@ pub struct GemmConfig {
 /// The kernel choice for one GEMM, as made by [`plan`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmPlan {
-    /// `matmul` (tiled), `mm_v4` or `mm_s` (blocked).
+    /// `matmul` (tiled), `mm_sg`, `mm_v4` or `mm_s` (blocked).
     pub entry: &'static str,
     pub lanes_n: bool,
     pub splits: usize,
@@ -208,7 +211,7 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
     finish_plan(g, cfg, blocked, (entry, lanes_n, m_tiles, n_tiles))
 }
 
-/// Whether the automatic choice takes `mm_sg` (a 128 x 64 tile per workgroup) for `g`.
+/// Whether the automatic choice takes `mm_sg` (a 64 x 64 tile per workgroup) for `g`.
 fn sg_suits(g: &Gemm) -> bool {
     g.n > BLK_V4 && g.m > BLK_V4
 }
