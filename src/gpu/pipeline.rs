@@ -570,24 +570,35 @@ impl PipelineCache {
         }
     }
 
-    pub fn get(&self, device: &wgpu::Device, k: &Kernel) -> Arc<wgpu::ComputePipeline> {
-        let key = k.key();
-        if let Some(p) = self.pipelines.lock().unwrap().get(&key).cloned() {
+    /// The pipeline of `k` if it has been created.
+    pub fn cached(&self, k: &Kernel) -> Option<Arc<wgpu::ComputePipeline>> {
+        let p = self.pipelines.lock().unwrap().get(&k.key()).cloned();
+        if p.is_some() {
             self.traced(k, None);
+        }
+        p
+    }
+
+    /// The shader module of family `f`, created on first use. The lock is not held while naga
+    /// parses the source, so threads creating different families' modules do not wait for each
+    /// other (two threads racing for one family both build it and the first one kept wins).
+    fn module(&self, device: &wgpu::Device, f: ShaderFamily) -> Arc<wgpu::ShaderModule> {
+        if let Some(m) = self.modules.lock().unwrap().get(&f) {
+            return m.clone();
+        }
+        let m = Arc::new(device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(f.name()),
+            source: wgpu::ShaderSource::Wgsl(family_source(f).into()),
+        }));
+        self.modules.lock().unwrap().entry(f).or_insert(m).clone()
+    }
+
+    pub fn get(&self, device: &wgpu::Device, k: &Kernel) -> Arc<wgpu::ComputePipeline> {
+        if let Some(p) = self.cached(k) {
             return p;
         }
         let t0 = now_ms();
-        let module = {
-            let mut mods = self.modules.lock().unwrap();
-            mods.entry(k.family)
-                .or_insert_with(|| {
-                    Arc::new(device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(k.family.name()),
-                        source: wgpu::ShaderSource::Wgsl(family_source(k.family).into()),
-                    }))
-                })
-                .clone()
-        };
+        let module = self.module(device, k.family);
         let constants = k.constants();
         #[cfg(not(target_arch = "wasm32"))]
         dump_pipeline(k, &constants);
@@ -605,10 +616,10 @@ impl PipelineCache {
             }),
         );
         self.traced(k, Some(now_ms() - t0));
-        let n = {
+        let (pipeline, n) = {
             let mut p = self.pipelines.lock().unwrap();
-            p.insert(key, pipeline.clone());
-            p.len()
+            let kept = p.entry(k.key()).or_insert(pipeline).clone();
+            (kept, p.len())
         };
         #[cfg(target_arch = "wasm32")]
         ON_CREATE.with(|h| {
@@ -618,6 +629,70 @@ impl PipelineCache {
         });
         let _ = n;
         pipeline
+    }
+
+    /// Creates the pipelines of `kernels` that do not exist yet. Natively they are compiled on
+    /// up to [`compile_threads`] threads at once (drivers compile a pipeline on the calling
+    /// thread: lavapipe spends about 0.14 s of LLVM time per pipeline, so a first forward
+    /// compiles for seconds); in a browser, one after the other.
+    pub fn prepare(&self, device: &wgpu::Device, kernels: &[&Kernel]) {
+        // A trace lists pipelines in order of first use, whatever order the threads finish in.
+        for k in kernels {
+            self.traced(k, None);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<&Kernel> = {
+            let have = self.pipelines.lock().unwrap();
+            kernels
+                .iter()
+                .copied()
+                .filter(|k| {
+                    let key = k.key();
+                    !have.contains_key(&key) && seen.insert(key)
+                })
+                .collect()
+        };
+        let threads = compile_threads().min(missing.len());
+        #[cfg(not(target_arch = "wasm32"))]
+        if threads > 1 {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(k) = missing.get(i) else { break };
+                            self.get(device, k);
+                        }
+                    });
+                }
+            });
+            return;
+        }
+        for k in missing {
+            self.get(device, k);
+        }
+    }
+}
+
+/// How many threads [`PipelineCache::prepare`] compiles on: `MEDFASTSAM_COMPILE_THREADS` if set
+/// (1 compiles one pipeline at a time), else the number of CPU threads; always 1 in a browser.
+pub fn compile_threads() -> usize {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::env::var("MEDFASTSAM_COMPILE_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1)
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        1
     }
 }
 

@@ -1,6 +1,8 @@
 //! Command recording. A whole forward (or forward+backward) is recorded into one command encoder,
 //! with the dispatches in one open compute pass, and submitted once; nothing is read back between
-//! kernels. Kernel parameters live in uniform chunks written just before submission.
+//! kernels. Kernel parameters live in uniform chunks written just before submission. Commands
+//! that need a pipeline not compiled yet are held and encoded at submission, after the missing
+//! pipelines have been compiled together (in parallel natively).
 
 use super::pipeline::Kernel;
 use super::{Gpu, Tensor};
@@ -44,6 +46,25 @@ macro_rules! uniform {
 
 const CHUNK: u64 = 64 * 1024;
 
+/// A storage binding of a held dispatch: buffer, byte offset, byte size.
+type Binding = (wgpu::Buffer, u64, u64);
+
+/// A command recorded while pipelines were missing (see `Recorder::held`).
+enum Held {
+    Dispatch {
+        kernel: Kernel,
+        /// (uniform chunk, offset, size) of its params.
+        params: (usize, u64, u64),
+        tensors: Vec<Binding>,
+        groups: [u32; 3],
+    },
+    Zero(Binding),
+    Copy {
+        src: Binding,
+        dst: (wgpu::Buffer, u64),
+    },
+}
+
 struct UniformChunk {
     buffer: wgpu::Buffer,
     data: Vec<u8>,
@@ -57,6 +78,11 @@ pub struct Recorder<'g> {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     chunks: Vec<UniformChunk>,
+    /// Commands held back since the first dispatch whose pipeline did not exist yet, in order:
+    /// encoded at the next flush or submit, once the missing pipelines have been compiled
+    /// together ([`PipelineCache::prepare`](super::pipeline::PipelineCache::prepare): in
+    /// parallel natively). A recording whose pipelines all exist is encoded as it goes.
+    held: Vec<Held>,
     /// Number of dispatches recorded so far.
     pub dispatches: usize,
     /// FLOPs declared by the ops recorded so far (for benchmarks).
@@ -82,8 +108,9 @@ pub struct KernelPlan {
     /// Attention kernels: several query/key rows per invocation (`Some(true)`, what CPU adapters
     /// such as lavapipe get by default), one (`Some(false)`, what GPUs get), or by adapter (`None`).
     pub register_rows: Option<bool>,
-    /// Attention forward: the subgroup kernel where the device has 8-wide subgroups (`None` or
-    /// `Some(true)`), or never (`Some(false)`).
+    /// Attention (forward, dQ and dK/dV kernels of the register-rows layout): the subgroup
+    /// module where the device has 8-wide subgroups (`None` or `Some(true)`), or never
+    /// (`Some(false)`).
     pub subgroups: Option<bool>,
     /// MBConv: at least this many hidden-channel groups (0 = as many as the device's storage
     /// binding limit requires).
@@ -126,6 +153,7 @@ impl<'g> Recorder<'g> {
             encoder: Some(encoder),
             pass: None,
             chunks: Vec::new(),
+            held: Vec::new(),
             dispatches: 0,
             flops: 0.0,
             profile: None,
@@ -272,49 +300,25 @@ impl<'g> Recorder<'g> {
         }
         #[cfg(not(target_arch = "wasm32"))]
         self.gpu.pipelines.check_uniform::<P>(k)?;
-        let pipeline = self.gpu.pipelines.get(&self.gpu.device, k);
-        let (ci, off, size) = self.uniform_slot(bytemuck::bytes_of(&p));
-        let mut entries = Vec::with_capacity(tensors.len() + 1);
-        entries.push(wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &self.chunks[ci].buffer,
-                offset: off,
-                size: wgpu::BufferSize::new(size),
+        let params = self.uniform_slot(bytemuck::bytes_of(&p));
+        let tensors: Vec<Binding> = tensors
+            .iter()
+            .map(|t| (t.buffer().clone(), t.offset, t.bytes()))
+            .collect();
+        let ready = if self.held.is_empty() {
+            self.gpu.pipelines.cached(k)
+        } else {
+            None
+        };
+        match ready {
+            Some(pipeline) => self.encode_dispatch(&pipeline, k.entry, params, &tensors, groups),
+            None => self.held.push(Held::Dispatch {
+                kernel: k.clone(),
+                params,
+                tensors,
+                groups,
             }),
-        });
-        for (i, t) in tensors.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: t.buffer(),
-                    offset: t.offset,
-                    size: wgpu::BufferSize::new(t.bytes()),
-                }),
-            });
         }
-        let bg = self
-            .gpu
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(k.entry),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
-        if self.pass.is_none() {
-            let enc = self.encoder.as_mut().expect("recorder already submitted");
-            let pass = enc
-                .begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: None,
-                    timestamp_writes: None,
-                })
-                .forget_lifetime();
-            self.pass = Some(pass);
-        }
-        let pass = self.pass.as_mut().unwrap();
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         self.dispatches += 1;
         #[cfg(not(target_arch = "wasm32"))]
         if self.profile.is_some() {
@@ -344,11 +348,105 @@ impl<'g> Recorder<'g> {
         Ok(())
     }
 
+    fn encode_dispatch(
+        &mut self,
+        pipeline: &wgpu::ComputePipeline,
+        label: &str,
+        (ci, off, size): (usize, u64, u64),
+        tensors: &[Binding],
+        groups: [u32; 3],
+    ) {
+        let mut entries = Vec::with_capacity(tensors.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.chunks[ci].buffer,
+                offset: off,
+                size: wgpu::BufferSize::new(size),
+            }),
+        });
+        for (i, (buffer, offset, bytes)) in tensors.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset: *offset,
+                    size: wgpu::BufferSize::new(*bytes),
+                }),
+            });
+        }
+        let bg = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+        if self.pass.is_none() {
+            let enc = self.encoder.as_mut().expect("recorder already submitted");
+            let pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                })
+                .forget_lifetime();
+            self.pass = Some(pass);
+        }
+        let pass = self.pass.as_mut().unwrap();
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+
+    /// Compiles the pipelines the held commands need (all at once) and encodes the commands.
+    fn encode_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        let kernels: Vec<&Kernel> = held
+            .iter()
+            .filter_map(|h| match h {
+                Held::Dispatch { kernel, .. } => Some(kernel),
+                _ => None,
+            })
+            .collect();
+        self.gpu.pipelines.prepare(&self.gpu.device, &kernels);
+        for h in held {
+            match h {
+                Held::Dispatch {
+                    kernel,
+                    params,
+                    tensors,
+                    groups,
+                } => {
+                    let pipeline = self.gpu.pipelines.get(&self.gpu.device, &kernel);
+                    self.encode_dispatch(&pipeline, kernel.entry, params, &tensors, groups);
+                }
+                Held::Zero((buffer, off, bytes)) => {
+                    self.encoder().clear_buffer(&buffer, off, Some(bytes));
+                }
+                Held::Copy {
+                    src: (src, so, bytes),
+                    dst: (dst, dof),
+                } => {
+                    self.encoder()
+                        .copy_buffer_to_buffer(&src, so, &dst, dof, bytes);
+                }
+            }
+        }
+    }
+
     /// Records a zero fill of `t` (ordered with the dispatches around it).
     pub fn zero(&mut self, t: &Tensor) {
         let bytes = t.bytes();
         let off = t.offset;
-        self.encoder().clear_buffer(t.buffer(), off, Some(bytes));
+        if self.held.is_empty() {
+            self.encoder().clear_buffer(t.buffer(), off, Some(bytes));
+        } else {
+            self.held.push(Held::Zero((t.buffer().clone(), off, bytes)));
+        }
     }
 
     /// A new pooled tensor filled with zeros.
@@ -363,8 +461,15 @@ impl<'g> Recorder<'g> {
         assert_eq!(src.numel(), dst.numel());
         let bytes = src.bytes();
         let (so, dof) = (src.offset, dst.offset);
-        self.encoder()
-            .copy_buffer_to_buffer(src.buffer(), so, dst.buffer(), dof, bytes);
+        if self.held.is_empty() {
+            self.encoder()
+                .copy_buffer_to_buffer(src.buffer(), so, dst.buffer(), dof, bytes);
+        } else {
+            self.held.push(Held::Copy {
+                src: (src.buffer().clone(), so, bytes),
+                dst: (dst.buffer().clone(), dof),
+            });
+        }
     }
 
     /// A new tensor holding a copy of `src`.
@@ -380,6 +485,7 @@ impl<'g> Recorder<'g> {
     }
 
     fn submit_inner(&mut self) -> Result<()> {
+        self.encode_held();
         self.end_pass();
         let Some(enc) = self.encoder.take() else {
             return Ok(());
@@ -406,7 +512,9 @@ impl<'g> Recorder<'g> {
 
 impl Drop for Recorder<'_> {
     fn drop(&mut self) {
-        // Dropping without submit discards the recording; end the pass first so wgpu is happy.
+        // Dropping without submit discards the recording (held commands included: a recording
+        // that is never run, such as the memory view, compiles nothing); end the pass first so
+        // wgpu is happy.
         self.pass = None;
     }
 }
