@@ -652,9 +652,8 @@ impl PipelineCache {
                 })
                 .collect()
         };
-        let threads = compile_threads().min(missing.len());
         #[cfg(not(target_arch = "wasm32"))]
-        if threads > 1 {
+        if let threads @ 2.. = compile_threads().min(missing.len()) {
             let next = std::sync::atomic::AtomicUsize::new(0);
             std::thread::scope(|s| {
                 for _ in 0..threads {
@@ -675,25 +674,20 @@ impl PipelineCache {
     }
 }
 
-/// How many threads [`PipelineCache::prepare`] compiles on: `MEDFASTSAM_COMPILE_THREADS` if set
-/// (1 compiles one pipeline at a time), else the number of CPU threads; always 1 in a browser.
+/// How many threads [`PipelineCache::prepare`] compiles on natively: `MEDFASTSAM_COMPILE_THREADS`
+/// if set (1 compiles one pipeline at a time), else the number of CPU threads. (A browser's
+/// worker compiles on its one thread.)
+#[cfg(not(target_arch = "wasm32"))]
 pub fn compile_threads() -> usize {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        std::env::var("MEDFASTSAM_COMPILE_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
-            .max(1)
-    }
-    #[cfg(target_arch = "wasm32")]
-    {
-        1
-    }
+    std::env::var("MEDFASTSAM_COMPILE_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1)
 }
 
 /// What [`on_pipeline_created`] calls.
