@@ -1,6 +1,7 @@
 //! What the command line says, and only that: no window-system noise on a GPU run (the
 //! environment has no `XDG_RUNTIME_DIR`, as under cron or ssh), every error said once, and a bad
-//! `--backend` / `--adapter` is an error in every command, `info` included.
+//! `--backend` / `--adapter` is an error in every command, `info` included; a bad
+//! `MEDFASTSAM_COMPILE_THREADS` is a warning, said once.
 
 mod common;
 
@@ -319,4 +320,53 @@ fn a_closed_stdout_ends_a_command_quietly_instead_of_panicking() {
             out.status
         );
     }
+}
+
+#[test]
+fn compile_threads_setting_is_checked_and_does_not_change_results() {
+    // The same tiny forward with its pipelines compiled one at a time, on 3 threads, and with a
+    // setting that is not a number (reported once on stderr; the run goes on with the default).
+    // The masks are the same bytes: how pipelines are compiled cannot change what they compute.
+    let w = weights();
+    let img = repo("data/he/skimage-ihc.png");
+    let mut masks = Vec::new();
+    for threads in ["1", "3", "many"] {
+        let out = tmpdir(&format!("threads-{threads}"));
+        let r = run_env(
+            &[
+                "segment",
+                img.to_str().unwrap(),
+                "--weights",
+                &w,
+                "--size",
+                "64",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &[("MEDFASTSAM_COMPILE_THREADS", threads)],
+        );
+        assert_eq!(
+            r.code,
+            0,
+            "MEDFASTSAM_COMPILE_THREADS={threads}: {}",
+            r.all()
+        );
+        let warnings = r
+            .stderr
+            .matches("MEDFASTSAM_COMPILE_THREADS=\"many\" is not a positive whole number")
+            .count();
+        assert_eq!(
+            warnings,
+            (threads == "many") as usize,
+            "MEDFASTSAM_COMPILE_THREADS={threads}: the warning once for a bad value, else never:\n{}",
+            r.all()
+        );
+        let mask = out.join("skimage-ihc_mask.png");
+        masks.push(std::fs::read(&mask).unwrap_or_else(|e| panic!("{}: {e}", mask.display())));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    assert!(
+        masks[0] == masks[1] && masks[1] == masks[2],
+        "masks differ between compile settings"
+    );
 }

@@ -675,19 +675,29 @@ impl PipelineCache {
 }
 
 /// How many threads [`PipelineCache::prepare`] compiles on natively: `MEDFASTSAM_COMPILE_THREADS`
-/// if set (1 compiles one pipeline at a time), else the number of CPU threads. (A browser's
-/// worker compiles on its one thread.)
+/// if set (1 compiles one pipeline at a time), else the number of CPU threads. A value that is not
+/// a positive whole number is reported once on stderr and the default used. (A browser's worker
+/// compiles on its one thread.)
 #[cfg(not(target_arch = "wasm32"))]
 pub fn compile_threads() -> usize {
-    std::env::var("MEDFASTSAM_COMPILE_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .max(1)
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        match std::env::var("MEDFASTSAM_COMPILE_THREADS") {
+            Err(_) => cpus,
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    eprintln!(
+                        "warning: MEDFASTSAM_COMPILE_THREADS={v:?} is not a positive whole number; compiling pipelines on {cpus} threads"
+                    );
+                    cpus
+                }
+            },
+        }
+    })
 }
 
 /// What [`on_pipeline_created`] calls.
