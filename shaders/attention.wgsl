@@ -436,6 +436,9 @@ fn attn_bwd_prep(@builtin(workgroup_id) wid: vec3<u32>,
 
 @group(0) @binding(5) var<storage, read> b_dout: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> b_stat: array<f32>;
+// The same binding as (lse, delta) pairs: attn_bwd_dkv reads one pair per looped query row, one
+// load where two scalar loads cost two lane loops on llvmpipe.
+@group(0) @binding(6) var<storage, read> b_stat2: array<vec2<f32>>;
 @group(0) @binding(7) var<storage, read_write> b_dq: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> b_t: array<f32>;
 
@@ -629,8 +632,9 @@ fn attn_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
         //#else
         xa_load_qo(0u);
         //#end
-        g_lse = b_stat[2u * (sz + i)];
-        g_delta = b_stat[2u * (sz + i) + 1u];
+        let st = b_stat2[sz + i];
+        g_lse = st.x;
+        g_delta = st.y;
         xR_k_step();
         next_looped();
     }
