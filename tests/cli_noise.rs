@@ -37,6 +37,24 @@ fn weights() -> String {
         .into_owned()
 }
 
+/// `segment` of the IHC image with the tiny weights at 64² into `out`, with `env` set.
+fn segment_tiny(out: &std::path::Path, env: &[(&str, &str)]) -> Run {
+    let img = repo("data/he/skimage-ihc.png");
+    run_env(
+        &[
+            "segment",
+            img.to_str().unwrap(),
+            "--weights",
+            &weights(),
+            "--size",
+            "64",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        env,
+    )
+}
+
 /// One `error:` line, exit non-zero, no panic, the line mentions every needle; returns the line.
 fn one_error(r: &Run, needles: &[&str]) -> String {
     assert_ne!(r.code, 0, "expected failure:\n{}", r.all());
@@ -88,17 +106,7 @@ fn gpu_run_without_xdg_runtime_dir_prints_no_window_system_noise() {
 
     // A command that computes on the GPU: a forward of the tiny model on a small image.
     let out = tmpdir("segment");
-    let img = repo("data/he/skimage-ihc.png");
-    let r = run(&[
-        "segment",
-        img.to_str().unwrap(),
-        "--weights",
-        &w,
-        "--size",
-        "64",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let r = segment_tiny(&out, &[]);
     let _ = std::fs::remove_dir_all(&out);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
@@ -327,24 +335,10 @@ fn compile_threads_setting_is_checked_and_does_not_change_results() {
     // The same tiny forward with its pipelines compiled one at a time, on 3 threads, and with a
     // setting that is not a number (reported once on stderr; the run goes on with the default).
     // The masks are the same bytes: how pipelines are compiled cannot change what they compute.
-    let w = weights();
-    let img = repo("data/he/skimage-ihc.png");
     let mut masks = Vec::new();
     for threads in ["1", "3", "many"] {
         let out = tmpdir(&format!("threads-{threads}"));
-        let r = run_env(
-            &[
-                "segment",
-                img.to_str().unwrap(),
-                "--weights",
-                &w,
-                "--size",
-                "64",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            &[("MEDFASTSAM_COMPILE_THREADS", threads)],
-        );
+        let r = segment_tiny(&out, &[("MEDFASTSAM_COMPILE_THREADS", threads)]);
         assert_eq!(
             r.code,
             0,
