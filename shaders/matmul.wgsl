@@ -62,10 +62,35 @@ struct MatmulParams {
 
 @group(0) @binding(0) var<uniform> mp: MatmulParams;
 @group(0) @binding(1) var<storage, read> mat_a: array<f32>;
-@group(0) @binding(2) var<storage, read> mat_b: array<f32>;
-// The same bindings seen as vec4 (mm_v4 only, which also stores C as vec4).
+// The same binding seen as vec4 (mm_v4 and mm_sg, which also store C as vec4).
 @group(0) @binding(1) var<storage, read> mat_a4: array<vec4<f32>>;
+// B is read through b_el (element i) and b_v4 (elements 4 i4 .. 4 i4 + 3), whatever its storage:
+// f32 (BH == 0), or f16 packed two to a word (BH == 1; element 2j in the low half of word j, as
+// unpack2x16float reads it), widened to f32 on load so that every product and sum stays f32.
+//#if BH == 0
+@group(0) @binding(2) var<storage, read> mat_b: array<f32>;
 @group(0) @binding(2) var<storage, read> mat_b4: array<vec4<f32>>;
+
+fn b_el(i: u32) -> f32 {
+    return mat_b[i];
+}
+
+fn b_v4(i4: u32) -> vec4<f32> {
+    return mat_b4[i4];
+}
+//#else
+@group(0) @binding(2) var<storage, read> mat_bh: array<u32>;
+@group(0) @binding(2) var<storage, read> mat_bh2: array<vec2<u32>>;
+
+fn b_el(i: u32) -> f32 {
+    return unpack2x16float(mat_bh[i >> 1u])[i & 1u];
+}
+
+fn b_v4(i4: u32) -> vec4<f32> {
+    let w = mat_bh2[i4];
+    return vec4(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+//#end
 @group(0) @binding(3) var<storage, read> mat_bias: array<f32>;
 @group(0) @binding(4) var<storage, read> mat_res: array<f32>;
 @group(0) @binding(5) var<storage, read_write> mat_c: array<f32>;
@@ -154,9 +179,9 @@ fn load_b(base: u32, kk: u32, col: u32, k_end: u32) -> f32 {
         return 0.0;
     }
     if (TRANS_B) {
-        return mat_b[base + col * mp.k + kk];
+        return b_el(base + col * mp.k + kk);
     }
-    return mat_b[base + kk * mp.n + col];
+    return b_el(base + kk * mp.n + col);
 }
 
 @compute @workgroup_size(16, 16, 1)
@@ -441,13 +466,13 @@ fn b4_blk(base4: u32, c: u32, q: u32) -> mat4x4<f32> {
         let k4 = mp.k >> 2u;
         let l = mp.n - 1u;
         let o = base4 + q;
-        return mat4x4<f32>(mat_b4[o + min(c, l) * k4], mat_b4[o + min(c + 1u, l) * k4],
-                           mat_b4[o + min(c + 2u, l) * k4], mat_b4[o + min(c + 3u, l) * k4]);
+        return mat4x4<f32>(b_v4(o + min(c, l) * k4), b_v4(o + min(c + 1u, l) * k4),
+                           b_v4(o + min(c + 2u, l) * k4), b_v4(o + min(c + 3u, l) * k4));
     }
     // B stored K x N with N % 4 == 0: one vec4 along N per k.
     let n4 = mp.n >> 2u;
     let o = base4 + 4u * q * n4 + (min(c, mp.n - 4u) >> 2u);
-    return transpose(mat4x4<f32>(mat_b4[o], mat_b4[o + n4], mat_b4[o + 2u * n4], mat_b4[o + 3u * n4]));
+    return transpose(mat4x4<f32>(b_v4(o), b_v4(o + n4), b_v4(o + 2u * n4), b_v4(o + 3u * n4)));
 }
 
 fn b4_strip(base4: u32, c: u32, q: u32) -> Strip {
@@ -462,7 +487,7 @@ fn a4_kcol(base4: u32, r: u32, k: u32) -> vec4<f32> {
 }
 
 fn b4_krow(base4: u32, k: u32, c: u32) -> vec4<f32> {
-    return mat_b4[base4 + k * (mp.n >> 2u) + (min(c, mp.n - 4u) >> 2u)];
+    return b_v4(base4 + k * (mp.n >> 2u) + (min(c, mp.n - 4u) >> 2u));
 }
 
 fn b4_krow8(base4: u32, k: u32, c: u32) -> Row8 {
@@ -528,7 +553,7 @@ fn as_el(base: u32, row: u32, k: u32) -> f32 {
 }
 
 fn bs_el(base: u32, k: u32, col: u32) -> f32 {
-    return mat_b[b_off(base, k, col)];
+    return b_el(b_off(base, k, col));
 }
 
 // A[r .. r + 3, k] and B[k, c .. c + 3] as vec4s.

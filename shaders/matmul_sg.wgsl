@@ -28,10 +28,10 @@ fn sg_b_slot(base4: u32, c0: u32, q: u32, lane: u32, s: u32) -> vec4<f32> {
     let p = s >> 1u;
     let c = c0 + 32u * (s & 1u);
     if (TRANS_B) {
-        return mat_b4[base4 + q + min(c + 8u * p + lane, mp.n - 1u) * (mp.k >> 2u)];
+        return b_v4(base4 + q + min(c + 8u * p + lane, mp.n - 1u) * (mp.k >> 2u));
     }
     let n4 = mp.n >> 2u;
-    return mat_b4[base4 + (4u * q + p) * n4 + (min(c + 4u * lane, mp.n - 4u) >> 2u)];
+    return b_v4(base4 + (4u * q + p) * n4 + (min(c + 4u * lane, mp.n - 4u) >> 2u));
 }
 
 // Strip h (0 or 1) of B at chunk q.

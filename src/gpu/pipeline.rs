@@ -11,6 +11,10 @@ pub enum ShaderFamily {
     Matmul,
     /// `matmul.wgsl` + `matmul_sg.wgsl`: the GEMM kernel that needs the `subgroups` feature.
     MatmulSg,
+    /// `Matmul` with B stored as f16 (`//#if BH == 1`: two elements per word, widened on load).
+    MatmulH,
+    /// `MatmulSg` with B stored as f16.
+    MatmulSgH,
     Elementwise,
     Norm,
     Conv,
@@ -31,6 +35,8 @@ impl ShaderFamily {
         match self {
             ShaderFamily::Matmul => "matmul",
             ShaderFamily::MatmulSg => "matmul_sg",
+            ShaderFamily::MatmulH => "matmul_h",
+            ShaderFamily::MatmulSgH => "matmul_sg_h",
             ShaderFamily::Elementwise => "elementwise",
             ShaderFamily::Norm => "norm",
             ShaderFamily::Conv => "conv",
@@ -46,8 +52,12 @@ impl ShaderFamily {
     /// The family's own file (without `common.wgsl`); `MatmulSg` builds on `Matmul`'s.
     pub fn source(self) -> &'static str {
         match self {
-            ShaderFamily::Matmul => include_str!("../../shaders/matmul.wgsl"),
-            ShaderFamily::MatmulSg => include_str!("../../shaders/matmul_sg.wgsl"),
+            ShaderFamily::Matmul | ShaderFamily::MatmulH => {
+                include_str!("../../shaders/matmul.wgsl")
+            }
+            ShaderFamily::MatmulSg | ShaderFamily::MatmulSgH => {
+                include_str!("../../shaders/matmul_sg.wgsl")
+            }
             ShaderFamily::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
             ShaderFamily::Norm => include_str!("../../shaders/norm.wgsl"),
             ShaderFamily::Conv => include_str!("../../shaders/conv.wgsl"),
@@ -130,7 +140,17 @@ impl Kernel {
 /// kernel-variant directives expanded (see [`ShaderFamily::expand`]).
 pub fn family_source(f: ShaderFamily) -> String {
     let own = match f {
-        ShaderFamily::MatmulSg => format!("{}\n{}", ShaderFamily::Matmul.source(), f.source()),
+        // One GEMM text, B's storage chosen by the expander's `BH` (0: f32, 1: f16).
+        ShaderFamily::Matmul => format!("//#for BH in 0\n{}\n//#end", f.source()),
+        ShaderFamily::MatmulH => format!("//#for BH in 1\n{}\n//#end", f.source()),
+        ShaderFamily::MatmulSg | ShaderFamily::MatmulSgH => {
+            let bh = if f == ShaderFamily::MatmulSgH { 1 } else { 0 };
+            format!(
+                "//#for BH in {bh}\n{}\n{}\n//#end",
+                ShaderFamily::Matmul.source(),
+                f.source()
+            )
+        }
         // One file, its subgroup lines kept or dropped by the expander's `SG`.
         ShaderFamily::Attention => format!("//#for SG in 0\n{}\n//#end", f.source()),
         ShaderFamily::AttentionSg => format!("//#for SG in 1\n{}\n//#end", f.source()),
@@ -152,9 +172,11 @@ impl ShaderFamily {
         reflect::Reflected::new(self)?.check::<P>(self, entry)
     }
 
-    pub const ALL: [ShaderFamily; 12] = [
+    pub const ALL: [ShaderFamily; 14] = [
         ShaderFamily::Matmul,
         ShaderFamily::MatmulSg,
+        ShaderFamily::MatmulH,
+        ShaderFamily::MatmulSgH,
         ShaderFamily::Elementwise,
         ShaderFamily::Norm,
         ShaderFamily::Conv,
@@ -166,6 +188,11 @@ impl ShaderFamily {
         ShaderFamily::Loss,
         ShaderFamily::Optim,
     ];
+
+    /// Whether this family's GEMM reads its B operand (binding 2) as f16 ([`crate::gpu::DType::F16`]).
+    pub fn b_is_f16(self) -> bool {
+        matches!(self, ShaderFamily::MatmulH | ShaderFamily::MatmulSgH)
+    }
 
     /// The module source as compiled: `common.wgsl` + the family's file, directives expanded.
     pub fn wgsl(self) -> String {

@@ -5,7 +5,7 @@
 //! pipelines have been compiled together (in parallel natively).
 
 use super::pipeline::Kernel;
-use super::{Gpu, Tensor};
+use super::{DType, Gpu, Tensor};
 use crate::error::{Error, Result};
 
 /// Uniform parameters of one dispatch (binding 0): a `#[repr(C)]` struct declared with
@@ -272,6 +272,25 @@ impl<'g> Recorder<'g> {
                 limit: lim.max_storage_buffers_per_shader_stage as u64,
                 hint: "use an adapter that supports the WebGPU default of 8".into(),
             });
+        }
+        // f16 storage is read only by the GEMM families built for it, at B (binding 2); any other
+        // kernel would read its words as garbage.
+        for (i, t) in tensors.iter().enumerate() {
+            let want = if k.family.b_is_f16() && i == 1 {
+                DType::F16
+            } else {
+                DType::F32
+            };
+            if t.dtype() != want {
+                return Err(Error::Invalid(format!(
+                    "kernel {}#{} binding {} {:?}: needs {want:?} storage, got {:?}",
+                    k.family.name(),
+                    k.entry,
+                    i + 1,
+                    t.shape,
+                    t.dtype()
+                )));
+            }
         }
         let align = self.gpu.limits.min_storage_buffer_offset_alignment as u64;
         for (i, t) in tensors.iter().enumerate() {

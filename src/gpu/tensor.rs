@@ -1,10 +1,32 @@
 //! A tensor is a shape and a storage buffer of 4-byte elements (f32, or u32 for packed pixels and
-//! counters). Feature maps are channels-last (B, H, W, C) = tokens (B, L, C), row-major.
+//! counters), or of 2-byte f16 elements packed two to a 32-bit word (weights uploaded at reduced
+//! precision, which only the GEMM reads: see [`DType`]). Feature maps are channels-last
+//! (B, H, W, C) = tokens (B, L, C), row-major.
 
 use super::Gpu;
 use super::pool::{self, PooledBuffer};
 use crate::error::{Error, Result};
 use std::sync::Arc;
+
+/// How a tensor's elements are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    /// 4 bytes per element: f32 (or u32 where a kernel says so).
+    F32,
+    /// IEEE binary16, element `i` in the low (even `i`) or high (odd `i`) half of word `i / 2`,
+    /// as WGSL's `unpack2x16float` reads it. Only the GEMM's B operand (a weight) may be f16.
+    F16,
+}
+
+impl DType {
+    /// Bytes a tensor of `n` elements occupies (at least one 4-byte word).
+    pub fn bytes(self, n: usize) -> u64 {
+        match self {
+            DType::F32 => (n.max(1) * 4) as u64,
+            DType::F16 => (n.div_ceil(2).max(1) * 4) as u64,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Tensor {
@@ -12,11 +34,15 @@ pub struct Tensor {
     pub(crate) buf: Arc<PooledBuffer>,
     /// Byte offset of this tensor inside its buffer (views such as one image of a batch).
     pub(crate) offset: u64,
+    pub(crate) dtype: DType,
 }
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor{:?}", self.shape)
+        match self.dtype {
+            DType::F32 => write!(f, "Tensor{:?}", self.shape),
+            DType::F16 => write!(f, "Tensor{:?}<f16>", self.shape),
+        }
     }
 }
 
@@ -25,7 +51,10 @@ impl Tensor {
         self.shape.iter().product()
     }
     pub fn bytes(&self) -> u64 {
-        (self.numel().max(1) * 4) as u64
+        self.dtype.bytes(self.numel())
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
     pub fn buffer(&self) -> &wgpu::Buffer {
         self.buf.buffer()
@@ -43,6 +72,7 @@ impl Tensor {
             shape: shape.to_vec(),
             buf: self.buf.clone(),
             offset: self.offset,
+            dtype: self.dtype,
         }
     }
 
@@ -63,10 +93,18 @@ impl Tensor {
         let per: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();
         shape[0] = len;
+        let skip = match self.dtype {
+            DType::F32 => start * per * 4,
+            DType::F16 => {
+                assert!((start * per).is_multiple_of(2), "narrow of f16 {:?} at an odd element", self.shape);
+                start * per * 2
+            }
+        };
         Tensor {
             shape,
             buf: self.buf.clone(),
-            offset: self.offset + (start * per * 4) as u64,
+            offset: self.offset + skip as u64,
+            dtype: self.dtype,
         }
     }
     /// Size of dimension `i`, negative indices from the end.
@@ -104,6 +142,7 @@ impl Gpu {
             shape: shape.to_vec(),
             buf: Arc::new(pool::acquire(&self.device, &self.pool, bytes)),
             offset: 0,
+            dtype: DType::F32,
         })
     }
 
@@ -113,6 +152,40 @@ impl Gpu {
 
     pub fn upload_u32(&self, data: &[u32], shape: &[usize]) -> Result<Tensor> {
         self.upload_bytes(bytemuck::cast_slice(data), data.len(), shape)
+    }
+
+    /// Uploads `data` rounded to f16 (to nearest, ties to even), two elements per 32-bit word
+    /// ([`DType::F16`]). Values beyond f16's range (±65504) are refused rather than turned into
+    /// infinities.
+    pub fn upload_f16(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        if let Some((i, v)) = data
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.is_finite() && v.abs() > 65504.0)
+        {
+            return Err(Error::Invalid(format!(
+                "upload of {shape:?} as f16: element {i} = {v} is outside f16's range (±65504)"
+            )));
+        }
+        let words: Vec<u32> = data
+            .chunks(2)
+            .map(|p| {
+                let lo = half::f16::from_f32(p[0]).to_bits() as u32;
+                let hi = p.get(1).map_or(0, |v| half::f16::from_f32(*v).to_bits() as u32);
+                lo | (hi << 16)
+            })
+            .collect();
+        let want: usize = shape.iter().product();
+        if want != data.len() {
+            return Err(Error::Invalid(format!(
+                "upload: {} values for shape {shape:?}",
+                data.len()
+            )));
+        }
+        let mut t = self.upload_bytes(bytemuck::cast_slice(&words), words.len(), &[words.len()])?;
+        t.shape = shape.to_vec();
+        t.dtype = DType::F16;
+        Ok(t)
     }
 
     #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
@@ -142,6 +215,7 @@ impl Gpu {
             shape: shape.to_vec(),
             buf: Arc::new(buf),
             offset: 0,
+            dtype: DType::F32,
         })
     }
 
@@ -178,7 +252,10 @@ impl Gpu {
                 .get_mapped_range()
                 .map_err(|e| Error::Gpu(format!("readback view: {e}")))?;
             let mut v = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
-            v.truncate(t.numel());
+            v.truncate(match t.dtype {
+                DType::F32 => t.numel(),
+                DType::F16 => t.numel().div_ceil(2),
+            });
             v
         };
         staging.unmap();
@@ -186,13 +263,15 @@ impl Gpu {
         Ok(out)
     }
 
+    /// Copies a tensor back to the CPU as f32 (an f16 tensor widened exactly).
     pub async fn read_async(&self, t: &Tensor) -> Result<Vec<f32>> {
-        Ok(self
-            .read_u32_async(t)
-            .await?
-            .into_iter()
-            .map(f32::from_bits)
-            .collect())
+        let words = self.read_u32_async(t).await?;
+        Ok(match t.dtype {
+            DType::F32 => words.into_iter().map(f32::from_bits).collect(),
+            DType::F16 => (0..t.numel())
+                .map(|i| half::f16::from_bits((words[i / 2] >> (16 * (i % 2))) as u16).to_f32())
+                .collect(),
+        })
     }
 
     #[cfg(not(target_arch = "wasm32"))]

@@ -13,7 +13,7 @@
 //! before applying the epilogue. [`gemm_with`] overrides any of these choices.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, Recorder, ShaderFamily, Tensor};
+use crate::gpu::{DType, Gpu, Kernel, Recorder, ShaderFamily, Tensor};
 
 crate::uniform! {
     /// matmul.wgsl `MatmulParams`.
@@ -387,10 +387,11 @@ fn gemm_impl(
     let dummy = rec.gpu.dummy();
     let dummy_out = rec.gpu.dummy_out();
     rec.flops += g.flops();
-    let family = if p.entry == "mm_sg" {
-        ShaderFamily::MatmulSg
-    } else {
-        ShaderFamily::Matmul
+    let family = match (p.entry == "mm_sg", b.dtype() == DType::F16) {
+        (true, false) => ShaderFamily::MatmulSg,
+        (true, true) => ShaderFamily::MatmulSgH,
+        (false, false) => ShaderFamily::Matmul,
+        (false, true) => ShaderFamily::MatmulH,
     };
     if !split {
         let k = Kernel::new(family, p.entry, invocations)
