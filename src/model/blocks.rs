@@ -84,8 +84,14 @@ pub trait Source {
     fn get(&self, key: &str, shape: &[usize], kind: Kind) -> Result<Self::P>;
     /// A tensor of the state_dict that the forward never reads (kept in files, listed in the schema).
     fn unused(&self, _key: &str, _shape: &[usize], _kind: Kind) {}
+    /// The weight `key` of a linear layer or 1×1 convolution (`[out, in]` or `[out, in, 1, 1]`),
+    /// which only the GEMM reads as its B operand: a source may store it at reduced precision.
+    fn get_matrix(&self, key: &str, shape: &[usize]) -> Result<Self::P> {
+        self.get(key, shape, Kind::Param)
+    }
     /// A `Conv2d_BN` at `pre` folded into (weight, bias) for inference, or `None` to keep it raw.
-    fn fold_bn(&self, _pre: &str) -> Result<Option<(Self::P, Self::P)>> {
+    /// `matrix`: the convolution is 1×1 and runs as a GEMM (see [`Source::get_matrix`]).
+    fn fold_bn(&self, _pre: &str, _matrix: bool) -> Result<Option<(Self::P, Self::P)>> {
         Ok(None)
     }
     /// Whether the BatchNorm of the `Conv2d_BN` at `pre` uses batch statistics in train mode.
@@ -131,6 +137,10 @@ impl<'a, S: Source> Vb<'a, S> {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<S::P> {
         self.src.get(&self.key(name), shape, Kind::Param)
     }
+    /// A linear layer's or 1×1 convolution's weight ([`Source::get_matrix`]).
+    pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<S::P> {
+        self.src.get_matrix(&self.key(name), shape)
+    }
     pub fn get_kind(&self, name: &str, shape: &[usize], kind: Kind) -> Result<S::P> {
         self.src.get(&self.key(name), shape, kind)
     }
@@ -175,7 +185,7 @@ impl<P: Clone> Linear<P> {
     /// `nn.Linear(inp, out)` at `vb` (`weight`, `bias`).
     pub fn new<S: Source<P = P>>(vb: Vb<S>, out: usize, inp: usize, act: Act) -> Result<Self> {
         Ok(Linear {
-            w: vb.get("weight", &[out, inp])?,
+            w: vb.matrix("weight", &[out, inp])?,
             b: Some(vb.get("bias", &[out])?),
             act,
         })
@@ -188,7 +198,7 @@ impl<P: Clone> Linear<P> {
         bias: bool,
         act: Act,
     ) -> Result<Self> {
-        let w = vb.get("weight", &[out, inp, 1, 1])?;
+        let w = vb.matrix("weight", &[out, inp, 1, 1])?;
         let b = if bias {
             Some(vb.get("bias", &[out])?)
         } else {
@@ -681,7 +691,8 @@ impl<P: Clone> Conv2dBn<P> {
         act: Act,
     ) -> Result<Self> {
         let train_bn = vb.source().bn_trains(vb.prefix());
-        if let Some((w, b)) = vb.source().fold_bn(vb.prefix())? {
+        let matrix = matches!(kind, ConvKind::Pointwise);
+        if let Some((w, b)) = vb.source().fold_bn(vb.prefix(), matrix)? {
             return Ok(Conv2dBn {
                 form: CbnForm::Folded { w, b },
                 kind,

@@ -6,6 +6,7 @@
 //! ([`Mode::Eval`]) and training ([`Mode::Train`], with [`MedFastSam::backward`]).
 
 use super::blocks::{BN_EPS, Mode, Param, Source, Vb};
+use super::Precision;
 use super::config::{Config, Variant};
 use super::cp_encoder::{CpEncoder, CpEncoderSaved};
 use super::lka_encoder::{LkaEncoder, LkaEncoderSaved};
@@ -69,16 +70,37 @@ pub struct Saved {
     lowres_shape: Vec<usize>,
 }
 
-/// Host weights uploaded for inference, each `Conv2d_BN` folded into its convolution.
+/// Host weights uploaded for inference, each `Conv2d_BN` folded into its convolution; the GEMM
+/// weights as f16 at [`Precision::F16`].
 pub(crate) struct Upload<'a> {
     pub(crate) gpu: &'a Gpu,
     pub(crate) weights: &'a Weights,
     pub(crate) bytes: Cell<u64>,
+    /// Resolved: `F32` or `F16`.
+    pub(crate) precision: Precision,
 }
 
-impl Upload<'_> {
-    fn put(&self, data: &[f32], shape: &[usize]) -> Result<Param> {
-        let v = self.gpu.upload(data, shape)?;
+impl<'a> Upload<'a> {
+    pub(crate) fn new(gpu: &'a Gpu, weights: &'a Weights, precision: Precision) -> Self {
+        Upload {
+            gpu,
+            weights,
+            bytes: Cell::new(0),
+            precision: precision.resolve(gpu),
+        }
+    }
+
+    /// `data` as f32, or as f16 when it is a GEMM weight (`matrix`) at [`Precision::F16`].
+    fn put(&self, what: &str, data: &[f32], shape: &[usize], matrix: bool) -> Result<Param> {
+        let v = if matrix && self.precision == Precision::F16 {
+            self.gpu.upload_f16(data, shape).map_err(|e| {
+                Error::Invalid(format!(
+                    "weight {what} cannot be stored at --precision f16 ({e}); use --precision f32"
+                ))
+            })?
+        } else {
+            self.gpu.upload(data, shape)?
+        };
         self.bytes.set(self.bytes.get() + v.bytes());
         Ok(Param { v, g: None })
     }
@@ -88,10 +110,14 @@ impl Source for Upload<'_> {
     type P = Param;
     fn get(&self, key: &str, _shape: &[usize], _kind: Kind) -> Result<Param> {
         let t = self.weights.get(key)?;
-        self.put(&t.data, &t.shape)
+        self.put(key, &t.data, &t.shape, false)
+    }
+    fn get_matrix(&self, key: &str, _shape: &[usize]) -> Result<Param> {
+        let t = self.weights.get(key)?;
+        self.put(key, &t.data, &t.shape, true)
     }
     /// `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`, in f64.
-    fn fold_bn(&self, pre: &str) -> Result<Option<(Param, Param)>> {
+    fn fold_bn(&self, pre: &str, matrix: bool) -> Result<Option<(Param, Param)>> {
         let get = |n: &str| self.weights.get(&format!("{pre}.{n}"));
         let w = get("c.weight")?;
         let (g, b, rm, rv) = (
@@ -111,7 +137,11 @@ impl Source for Upload<'_> {
             }
             fb[o] = (b[o] as f64 - rm[o] as f64 * sc) as f32;
         }
-        Ok(Some((self.put(&fw, &w.shape)?, self.put(&fb, &[co])?)))
+        let wk = format!("{pre}.c.weight");
+        Ok(Some((
+            self.put(&wk, &fw, &w.shape, matrix)?,
+            self.put(&format!("{pre}.bn.bias"), &fb, &[co], false)?,
+        )))
     }
 }
 
@@ -135,13 +165,20 @@ impl MedFastSam {
     /// Uploads the weights the forward needs for inference, folding each BatchNorm into its
     /// convolution.
     pub fn new(gpu: &Gpu, weights: &Weights, cfg: &Config, variant: Variant) -> Result<MedFastSam> {
+        Self::with_precision(gpu, weights, cfg, variant, Precision::F32)
+    }
+
+    /// [`MedFastSam::new`] with the GEMM weights stored at `precision`.
+    pub fn with_precision(
+        gpu: &Gpu,
+        weights: &Weights,
+        cfg: &Config,
+        variant: Variant,
+        precision: Precision,
+    ) -> Result<MedFastSam> {
         cfg.validate()?;
         weights.check(cfg)?;
-        let up = Upload {
-            gpu,
-            weights,
-            bytes: Cell::new(0),
-        };
+        let up = Upload::new(gpu, weights, precision);
         let mut m = MedFastSam::build(&up, cfg, variant)?;
         m.weight_bytes = up.bytes.get();
         Ok(m)

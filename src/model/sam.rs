@@ -24,7 +24,7 @@ use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::io::RgbImage;
 use crate::ops::elementwise::{add, slice_mid};
 use crate::ops::matmul::Act;
-use std::cell::Cell;
+use super::Precision;
 
 /// SAM's mask decoder (`mask_decoder`), with the key names of `segment_anything`.
 pub struct SamDecoder<P = Param> {
@@ -371,13 +371,19 @@ pub fn encoder_input(cfg: &Config, resized: &RgbImage) -> Result<Vec<f32>> {
 impl Sam {
     /// Uploads the weights (BatchNorm folded into each convolution).
     pub fn new(gpu: &Gpu, weights: &Weights, cfg: &Config) -> Result<Sam> {
+        Self::with_precision(gpu, weights, cfg, Precision::F32)
+    }
+
+    /// [`Sam::new`] with the GEMM weights stored at `precision`.
+    pub fn with_precision(
+        gpu: &Gpu,
+        weights: &Weights,
+        cfg: &Config,
+        precision: Precision,
+    ) -> Result<Sam> {
         cfg.validate()?;
         weights.check(cfg)?;
-        let up = Upload {
-            gpu,
-            weights,
-            bytes: Cell::new(0),
-        };
+        let up = Upload::new(gpu, weights, precision);
         let mut m = Sam::build(&up, cfg)?;
         m.weight_bytes = up.bytes.get();
         let get = |k: &str| -> Result<Vec<f32>> {
