@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::{GrayImage, RgbImage};
-use crate::model::{Config, MedFastSam, Variant, Weights};
+use crate::model::{Config, MedFastSam, Precision, Variant, Weights};
 use crate::ops::resize::bilinear;
 
 /// One image's result, at the image's original resolution.
@@ -34,10 +34,21 @@ impl<'g> Segmenter<'g> {
         cfg: Option<&Config>,
         variant: Option<Variant>,
     ) -> Result<Self> {
+        Self::with_precision(gpu, weights, cfg, variant, Precision::F32)
+    }
+
+    /// [`Segmenter::new`] with the GEMM weights stored at `precision` ([`Precision`]).
+    pub fn with_precision(
+        gpu: &'g Gpu,
+        weights: &Weights,
+        cfg: Option<&Config>,
+        variant: Option<Variant>,
+        precision: Precision,
+    ) -> Result<Self> {
         let cfg = weights.resolve_config(cfg, 1024)?;
         crate::model::memory::check_forward(gpu, &cfg, 1)?;
         let variant = variant.or(weights.variant).unwrap_or_default();
-        let model = MedFastSam::new(gpu, weights, &cfg, variant)?;
+        let model = MedFastSam::with_precision(gpu, weights, &cfg, variant, precision)?;
         Ok(Segmenter { gpu, model })
     }
 
@@ -393,10 +404,20 @@ pub struct PromptSegmenter<'g> {
 
 impl<'g> PromptSegmenter<'g> {
     pub fn new(gpu: &'g Gpu, weights: &Weights, cfg: &Config) -> Result<Self> {
+        Self::with_precision(gpu, weights, cfg, Precision::F32)
+    }
+
+    /// [`PromptSegmenter::new`] with the GEMM weights stored at `precision` ([`Precision`]).
+    pub fn with_precision(
+        gpu: &'g Gpu,
+        weights: &Weights,
+        cfg: &Config,
+        precision: Precision,
+    ) -> Result<Self> {
         crate::model::memory::check_forward(gpu, cfg, 1)?;
         Ok(PromptSegmenter {
             gpu,
-            model: Sam::new(gpu, weights, cfg)?,
+            model: Sam::with_precision(gpu, weights, cfg, precision)?,
         })
     }
 

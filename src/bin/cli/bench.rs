@@ -5,7 +5,7 @@
 use super::GpuArgs;
 use clap::Args;
 use medfastsam::gpu::Gpu;
-use medfastsam::model::{Config, MedFastSam, Variant, Weights};
+use medfastsam::model::{Config, MedFastSam, Precision, Variant, Weights};
 use medfastsam::ops::BenchResult;
 use serde::Serialize;
 use std::time::Instant;
@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// the image encoder per image and the mask decoder per prompt.
     #[arg(long)]
     pub arch: Option<String>,
+    /// Weight storage of the benchmarked inference models (training always runs in f32).
+    #[command(flatten)]
+    pub precision: super::PrecisionArgs,
 }
 
 #[derive(Serialize)]
@@ -67,16 +70,24 @@ pub struct SamBench {
     pub decoder_ms_per_prompt: f64,
     pub peak_gpu_bytes: u64,
     pub weight_bytes: u64,
+    /// Storage of the GEMM weights (`f32` or `f16`).
+    pub precision: String,
 }
 
 /// Encoder and per-prompt decoder times of MobileSAM / LiteMedSAM (random weights; median of
 /// `reps` runs after one warm-up that includes pipeline compilation).
-pub fn bench_sam(gpu: &Gpu, cfg: &Config, reps: usize) -> anyhow::Result<SamBench> {
+pub fn bench_sam(
+    gpu: &Gpu,
+    cfg: &Config,
+    reps: usize,
+    precision: Precision,
+) -> anyhow::Result<SamBench> {
     use medfastsam::model::sam::{LabelledPoint, Sam};
     let weights = Weights::init(cfg, 1);
     gpu.trim_pool();
     gpu.reset_peak();
-    let model = Sam::new(gpu, &weights, cfg)?;
+    let precision = precision.resolve(gpu);
+    let model = Sam::with_precision(gpu, &weights, cfg, precision)?;
     let s = cfg.image_size;
     let mut rng = medfastsam::rng::Rng::new(7);
     let x: Vec<f32> = (0..s * s * 3).map(|_| rng.normal() as f32).collect();
@@ -133,6 +144,7 @@ pub fn bench_sam(gpu: &Gpu, cfg: &Config, reps: usize) -> anyhow::Result<SamBenc
         decoder_ms_per_prompt: med(&mut td),
         peak_gpu_bytes: gpu.pool_stats().peak_allocated,
         weight_bytes: model.device_bytes(),
+        precision: precision.name().into(),
     })
 }
 
@@ -362,6 +374,8 @@ pub struct ModelBench {
     /// Peak bytes of device buffers allocated (weights + activations + pool cache).
     pub peak_gpu_bytes: u64,
     pub weight_bytes: u64,
+    /// Storage of the GEMM weights (`f32` or `f16`).
+    pub precision: String,
 }
 
 #[derive(Serialize)]
@@ -394,11 +408,13 @@ pub fn bench_model(
     variant: Variant,
     reps: usize,
     profile: bool,
+    precision: Precision,
 ) -> anyhow::Result<ModelBench> {
     let weights = Weights::init(cfg, 1);
     gpu.trim_pool();
     gpu.reset_peak();
-    let model = MedFastSam::new(gpu, &weights, cfg, variant)?;
+    let precision = precision.resolve(gpu);
+    let model = MedFastSam::with_precision(gpu, &weights, cfg, variant, precision)?;
     let s = cfg.image_size;
     let mut rng = medfastsam::rng::Rng::new(7);
     let px: Vec<u32> = (0..s * s)
@@ -435,6 +451,7 @@ pub fn bench_model(
         gemm_gflop: flops / 1e9,
         peak_gpu_bytes: stats.peak_allocated,
         weight_bytes: model.device_bytes(),
+        precision: precision.name().into(),
     })
 }
 
@@ -571,18 +588,19 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
         if cfg.arch.is_med_fastsam() {
             anyhow::bail!("--arch {arch}: expected mobilesam or litemedsam");
         }
-        let r = bench_sam(&gpu, &cfg, a.reps)?;
+        let r = bench_sam(&gpu, &cfg, a.reps, a.precision.precision)?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&r)?);
         } else {
             println!(
-                "{} {}²: image encoder {:.1} ms (pipeline compile + first run overhead {:.0} ms), mask decoder {:.1} ms per prompt, peak GPU memory {:.1} MiB (weights {:.1} MiB)",
+                "{} {}²: image encoder {:.1} ms (pipeline compile + first run overhead {:.0} ms), mask decoder {:.1} ms per prompt, peak GPU memory {:.1} MiB ({} weights {:.1} MiB)",
                 r.arch,
                 r.size,
                 r.encoder_ms,
                 r.encoder_compile_ms,
                 r.decoder_ms_per_prompt,
                 r.peak_gpu_bytes as f64 / 1048576.0,
+                r.precision,
                 r.weight_bytes as f64 / 1048576.0
             );
         }
@@ -632,11 +650,11 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
     let model_sizes: &[usize] = if a.no_models { &[] } else { &a.sizes };
     for &s in model_sizes {
         let cfg = base.with_image_size(s)?;
-        let m = bench_model(&gpu, &cfg, variant, a.reps, a.profile)?;
+        let m = bench_model(&gpu, &cfg, variant, a.reps, a.profile, a.precision.precision)?;
         if !a.json {
             println!(
                 "{} {}² ({}): {:.1} ms/image (min {:.1}, {:.2} images/s), pipeline compile + first run overhead {:.0} ms, \
-                 {} dispatches, {:.1} GFLOP in GEMMs, peak GPU memory {:.1} MiB (weights {:.1} MiB)",
+                 {} dispatches, {:.1} GFLOP in GEMMs, peak GPU memory {:.1} MiB ({} weights {:.1} MiB)",
                 a.preset,
                 s,
                 m.variant,
@@ -647,6 +665,7 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
                 m.dispatches,
                 m.gemm_gflop,
                 m.peak_gpu_bytes as f64 / 1048576.0,
+                m.precision,
                 m.weight_bytes as f64 / 1048576.0
             );
         }

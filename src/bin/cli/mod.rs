@@ -18,7 +18,7 @@ mod train;
 
 use clap::{Args, Parser, Subcommand};
 use medfastsam::gpu::{AdapterRequest, Gpu};
-use medfastsam::model::{Config, Variant, Weights};
+use medfastsam::model::{Config, Precision, Variant, Weights};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -110,6 +110,19 @@ impl ModelArgs {
         };
         Ok((weights, cfg, variant))
     }
+}
+
+/// How an inference model stores its weights on the device.
+#[derive(Args, Clone, Default)]
+pub struct PrecisionArgs {
+    /// Storage of the linear and 1×1-convolution weights: f32, f16 (half their memory; every
+    /// product and sum stays f32), or auto: f16 on a hardware GPU with shader-f16, else f32.
+    #[arg(long, default_value = "auto", value_parser = parse_precision, value_name = "auto|f32|f16")]
+    pub precision: Precision,
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    Precision::parse(s).map_err(|e| e.to_string())
 }
 
 /// The channel transform applied before the model, in training and inference alike.

@@ -185,13 +185,16 @@ pub fn run(
     check_writable(&a.out)?;
     let gpu = gpu.open()?;
     let t0 = Instant::now();
-    let seg = PromptSegmenter::new(&gpu, &weights, &cfg)?;
+    let precision = a.precision.precision.resolve(&gpu);
+    let seg = PromptSegmenter::with_precision(&gpu, &weights, &cfg, precision)?;
     drop(weights);
     eprintln!(
-        "model: {} at {}x{}, weights on device in {:.0} ms",
+        "model: {} at {}x{}, {} weights on device ({:.1} MB) in {:.0} ms",
         cfg.arch.name(),
         cfg.image_size,
         cfg.image_size,
+        precision.name(),
+        seg.model.device_bytes() as f64 / 1e6,
         t0.elapsed().as_secs_f64() * 1e3
     );
     let choice = MaskChoice::Auto;

@@ -18,6 +18,8 @@ pub struct SegmentArgs {
     pub inputs: Vec<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub precision: super::PrecisionArgs,
     /// Output folder (created if missing).
     #[arg(long, default_value = "medfastsam-out")]
     pub out: PathBuf,
@@ -401,7 +403,8 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     super::train::remove_stale_temp_files(&a.out);
     let gpu = gpu.open()?;
     let t0 = Instant::now();
-    let seg = Segmenter::new(&gpu, &weights, Some(&cfg), Some(variant))?;
+    let precision = a.precision.precision.resolve(&gpu);
+    let seg = Segmenter::with_precision(&gpu, &weights, Some(&cfg), Some(variant), precision)?;
     let trained = super::trained_on(&weights, &a.model.weights)?;
     let (channel, vectors) = a.channel.resolve(trained.as_ref())?;
     drop(weights);
@@ -412,11 +415,13 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
         image_size: cfg.image_size,
     };
     eprintln!(
-        "model: {} variant, {}x{} input, channel {}, weights on device in {:.0} ms",
+        "model: {} variant, {}x{} input, channel {}, {} weights on device ({:.1} MB) in {:.0} ms",
         variant.name(),
         cfg.image_size,
         cfg.image_size,
         medfastsam::channel::ChannelTransform::standard(channel).describe(),
+        precision.name(),
+        seg.model.device_bytes() as f64 / 1e6,
         t0.elapsed().as_secs_f64() * 1e3
     );
     if let Some(t) = &prep.trained {
