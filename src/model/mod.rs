@@ -20,10 +20,10 @@ pub use weights::Weights;
 
 /// How an inference model stores its weights on the device (`--precision`).
 ///
-/// At `F16` the weights of linear layers and 1×1 convolutions (the GEMMs' B operands: 97 % of
-/// the paper model's parameters, 91 % of MobileSAM's) are stored as f16 and widened to f32 as the
-/// GEMM loads them; every product, sum, activation and every other weight stays f32. Training
-/// always runs in f32.
+/// At `F16` the weights of linear layers and 1×1 convolutions (the GEMMs' B operands: 94 % of
+/// the paper model's weight bytes at 1024², 92 % of MobileSAM's, 77 % of the tiny test model's)
+/// are stored as f16 and widened to f32 as the GEMM loads them; every product, sum, activation
+/// and every other weight stays f32. Training always runs in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     /// [`Precision::F32`] unless the adapter is a GPU with `shader-f16`, where halving the
