@@ -14,7 +14,7 @@ use crate::instances;
 use crate::io::{self, GrayImage, RgbImage};
 use crate::model::sam::{MaskChoice, Prompt};
 use crate::model::weights::Stored;
-use crate::model::{Config, MedFastSam, Variant, Weights};
+use crate::model::{Config, MedFastSam, Precision, Variant, Weights};
 use crate::segment::{Encoded, PromptSegmenter, Segmenter, TileOptions};
 use crate::trained_on::{GreyHistogram, InputFacts, InputWarning, TrainedOn, input_warnings};
 use serde_json::{Value, json};
@@ -299,24 +299,32 @@ pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
         s.encoded = None;
     });
     gpu.trim_pool();
+    // f16 GEMM weights on a GPU with shader-f16, f32 on a software adapter (Precision::resolve).
+    let precision = Precision::Auto.resolve(gpu);
     if !cfg.arch.is_med_fastsam() {
-        let sam = PromptSegmenter::new(gpu, &w, &cfg).map_err(to_js)?;
+        let sam = PromptSegmenter::with_precision(gpu, &w, &cfg, precision).map_err(to_js)?;
         gpu.take_errors().map_err(to_js)?;
+        let bytes = sam.model.device_bytes();
         STATE.with(|s| s.borrow_mut().sam = Some(Rc::new(sam)));
         return Ok(json!({
             "image_size": cfg.image_size,
             "arch": cfg.arch.name(),
             "prompted": true,
+            "precision": precision.name(),
+            "weight_bytes": bytes,
             "config": serde_json::from_str::<Value>(&cfg.to_json()).unwrap_or(Value::Null),
         })
         .to_string());
     }
-    let seg = Segmenter::new(gpu, &w, Some(&cfg), Some(v)).map_err(to_js)?;
+    let seg = Segmenter::with_precision(gpu, &w, Some(&cfg), Some(v), precision).map_err(to_js)?;
     gpu.take_errors().map_err(to_js)?;
+    let bytes = seg.model.device_bytes();
     STATE.with(|s| s.borrow_mut().seg = Some(Rc::new(seg)));
     Ok(json!({
         "image_size": cfg.image_size,
         "variant": v.name(),
+        "precision": precision.name(),
+        "weight_bytes": bytes,
         "config": serde_json::from_str::<Value>(&cfg.to_json()).unwrap_or(Value::Null),
     })
     .to_string())

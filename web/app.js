@@ -787,7 +787,7 @@ async function prepareModel() {
     ui.weightsInfo.dataset.ready = 'true';
     const ready = document.createElement('div');
     ready.className = 'ready';
-    ready.textContent = `✓ Ready at ${r.image_size} × ${r.image_size} (${r.prompted ? r.arch : r.variant}): weights on the GPU in ${fmtMs(r.upload_ms)}, ${r.pipelines} pipelines compiled and a first pass in ${fmtMs(r.warmup_ms)}.`;
+    ready.textContent = `✓ Ready at ${r.image_size} × ${r.image_size} (${r.prompted ? r.arch : r.variant}): weights on the GPU (${r.precision}, ${(r.weight_bytes / 1e6).toFixed(1)} MB) in ${fmtMs(r.upload_ms)}, ${r.pipelines} pipelines compiled and a first pass in ${fmtMs(r.warmup_ms)}.`;
     ui.weightsInfo.querySelector('.ready')?.remove();
     ui.weightsInfo.append(ready);
     const queued = state.waiting.length;

@@ -350,6 +350,12 @@ async function runTest() {
     log(`weights: ${wInfo.replace(/\s+/g, ' ').trim()}`);
     const prep = await page.evaluate(() => window.medfastsam.status().prepared);
     log(`prepared: upload ${prep.upload_ms.toFixed(0)} ms, ${prep.pipelines} pipelines + first pass ${prep.warmup_ms.toFixed(0)} ms`);
+    // Weight storage: automatic, so f32 on a software adapter (the native auto_is_f32 test's rule),
+    // said on the page with the bytes held.
+    const software = /swiftshader|llvmpipe|lavapipe/i.test(gpuText);
+    if (software) check(prep.precision === 'f32', `weights stored as f32 on a software adapter (got ${prep.precision})`);
+    check(['f32', 'f16'].includes(prep.precision) && wInfo.includes(`(${prep.precision}, ${(prep.weight_bytes / 1e6).toFixed(1)} MB)`),
+      `the page says how the weights are stored and their size (${prep.precision}, ${prep.weight_bytes} bytes)`);
 
     // 3. Images through the page's own input: first the nuclei image tiled (the stretch box off),
     // recording the progress panel's label as the worker reports each window; then the H&E and IHC

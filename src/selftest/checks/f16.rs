@@ -1,6 +1,7 @@
 //! f16 in shaders (`SHADER_F16`): storage arrays of f16 read, widened, multiplied in f16 and
-//! written back. No product kernel uses f16 yet (f16 weights are widened on the host), so this
-//! small shader of its own tells whether the adapter's f16 path can be relied on.
+//! written back. The product's f16 weights (`--precision f16`) are read with core WGSL's
+//! `unpack2x16float`, which the GEMM checks cover, so this small shader of its own tells whether
+//! the adapter's `shader-f16` arithmetic can be relied on.
 
 use super::backward::Parts;
 use super::*;
