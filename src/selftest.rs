@@ -287,19 +287,31 @@ mod checks {
     const REPS: usize = 3;
 
     fn gemm_check(name: &str, m: usize, n: usize, k: usize, cfg: GemmConfig, seed: u64) -> Check {
-        let g = Gemm::new(m, n, k);
+        gemm_check_b(name, Gemm::new(m, n, k), cfg, seed, false)
+    }
+
+    /// A GEMM check; with `b_f16`, B is stored as f16 (`--precision f16` weights) and the
+    /// reference multiplies by the same f16-rounded values.
+    fn gemm_check_b(name: &str, g: Gemm, cfg: GemmConfig, seed: u64, b_f16: bool) -> Check {
+        let (m, n, k) = (g.m, g.n, g.k);
         Check {
             name: name.to_string(),
             family: "gemm",
-            shape: format!("{m}x{n}x{k}"),
+            shape: format!("{m}x{n}x{k}{}", if b_f16 { ", B f16 [N, K]" } else { "" }),
             tolerance: if k >= 1000 { 1e-5 } else { 2e-6 },
             body: body(move |gpu: &Gpu| {
                 Box::pin(async move {
                     let mut rng = Rng::new(seed);
                     let a = rng.vec(m * k);
-                    let b = rng.vec(k * n);
+                    let mut b = rng.vec(k * n);
                     let ta = gpu.upload(&a, &[m * k])?;
-                    let tb = gpu.upload(&b, &[k * n])?;
+                    let tb = if b_f16 {
+                        b.iter_mut()
+                            .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+                        gpu.upload_f16(&b, &[k * n])?
+                    } else {
+                        gpu.upload(&b, &[k * n])?
+                    };
                     let tc = gpu.upload(&vec![0.0; m * n], &[m * n])?;
                     let p = plan(gpu, &g, &cfg)?;
                     let io = || GemmIo {
@@ -896,6 +908,17 @@ mod checks {
                 19,
             ),
             gemm_check("gemm.split_k", 16, 16, 1024, split, 5),
+            // What a linear layer runs at --precision f16: x W^T with W [N, K] stored as f16.
+            gemm_check_b(
+                "gemm.f16_weights",
+                Gemm {
+                    trans_b: true,
+                    ..Gemm::new(100, 72, 40)
+                },
+                GemmConfig::default(),
+                27,
+                true,
+            ),
             gelu_check("gelu.wide_range", 20_001, -10.0, 10.0, 1e-6),
             layer_norm_check("layer_norm.random", 77, 96, 0.0, 1e-5, 6),
             layer_norm_check("layer_norm.odd_c", 77, 37, 0.0, 1e-5, 7),
