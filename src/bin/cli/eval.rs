@@ -26,6 +26,8 @@ use std::path::PathBuf;
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub precision: super::PrecisionArgs,
     /// Dataset folder.
     #[arg(long)]
     pub data: PathBuf,
@@ -173,15 +175,17 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
             }
         }
     };
+    let precision = a.precision.precision.resolve(&gpu);
     let (ev, model_name, model) = if let Some(boxes) = boxes {
-        let seg = PromptSegmenter::new(&gpu, &weights, &cfg)?;
+        let seg = PromptSegmenter::with_precision(&gpu, &weights, &cfg, precision)?;
         drop(weights);
         eprintln!(
-            "evaluating {count} images of {} ({}) with {} at their own resolution ({} encoder at {s}x{s})",
+            "evaluating {count} images of {} ({}) with {} at their own resolution ({} encoder at {s}x{s}, {} weights)",
             a.data.display(),
             a.format,
             boxes.name(),
-            cfg.arch.name()
+            cfg.arch.name(),
+            precision.name()
         );
         let mut n_boxes = 0usize;
         let ev = evaluate_prompted(
@@ -208,13 +212,14 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
         (ev, format!("{} ({})", cfg.arch.name(), boxes.name()), None)
     } else {
         medfastsam::model::memory::check_forward(&gpu, &cfg, 1)?;
-        let model = MedFastSam::new(&gpu, &weights, &cfg, variant)?;
+        let model = MedFastSam::with_precision(&gpu, &weights, &cfg, variant, precision)?;
         drop(weights);
         eprintln!(
-            "evaluating {count} images of {} ({}) at {s}x{s}, {} variant",
+            "evaluating {count} images of {} ({}) at {s}x{s}, {} variant, {} weights",
             a.data.display(),
             a.format,
-            variant.name()
+            variant.name(),
+            precision.name()
         );
         let ev = evaluate_each(&gpu, &model, &good, !a.no_hd95, |_, e| {
             bar.inc(1);
