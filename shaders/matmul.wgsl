@@ -638,6 +638,62 @@ fn mm_s(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
+// ---- mm_v4s: mm_v4's vec4 loads and stores on mm_s's 16 x 16 block per invocation ----
+// A quarter of mm_v4's accumulators: for JIT compilers that take seconds over mm_v4's 64 blocks
+// (SwiftShader: about 2 s a pipeline), at the price of reading A and B twice as often.
+fn store_strip4v4(t: Blk, strip: Strip4, r: u32, c: u32) {
+    var s = strip;
+    let blocks = min(4u, (mp.n - c) >> 2u);   // c < N, N % 4 == 0
+    for (var q = 0u; q < blocks; q++) {
+        store_blk4(t, s.c0, r, c + 4u * q);
+        s = Strip4(s.c1, s.c2, s.c3, s.c0);
+    }
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn mm_v4s(@builtin(workgroup_id) wid: vec3<u32>,
+          @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = blk_of(wid, nwg, lid.x, 16u);
+    if (!t.ok) {
+        return;
+    }
+    let ab4 = (t.b * mp.a_bs) >> 2u;
+    let bb4 = (t.b * mp.b_bs) >> 2u;
+    let r0 = t.r0;
+    let c0 = t.c0;
+    let z = mat4x4<f32>();
+    let zs = Strip4(z, z, z, z);
+    var s0 = zs; var s1 = zs; var s2 = zs; var s3 = zs;
+    let q_end = t.ke >> 2u;
+    for (var q = t.kb >> 2u; q < q_end; q++) {
+        let b = Strip4(b4_blk(bb4, c0, q), b4_blk(bb4, c0 + 4u, q), b4_blk(bb4, c0 + 8u, q), b4_blk(bb4, c0 + 12u, q));
+        s0 = strip4_mac(s0, a4_blk(ab4, r0, q), b);
+        s1 = strip4_mac(s1, a4_blk(ab4, r0 + 4u, q), b);
+        s2 = strip4_mac(s2, a4_blk(ab4, r0 + 8u, q), b);
+        s3 = strip4_mac(s3, a4_blk(ab4, r0 + 12u, q), b);
+    }
+    // K % 4 tail (only A transposed and B not may have one; see mm_v4).
+    if (TRANS_A && !TRANS_B) {
+        for (var k = max(q_end * 4u, t.kb); k < t.ke; k++) {
+            let b0 = b4_krow(bb4, k, c0);
+            let b1 = b4_krow(bb4, k, c0 + 4u);
+            let b2 = b4_krow(bb4, k, c0 + 8u);
+            let b3 = b4_krow(bb4, k, c0 + 12u);
+            s0 = strip4_mac1(s0, a4_kcol(ab4, r0, k), b0, b1, b2, b3);
+            s1 = strip4_mac1(s1, a4_kcol(ab4, r0 + 4u, k), b0, b1, b2, b3);
+            s2 = strip4_mac1(s2, a4_kcol(ab4, r0 + 8u, k), b0, b1, b2, b3);
+            s3 = strip4_mac1(s3, a4_kcol(ab4, r0 + 12u, k), b0, b1, b2, b3);
+        }
+    }
+    let strips = min(4u, (mp.m - r0 + 3u) >> 2u);   // r0 < M
+    for (var p = 0u; p < strips; p++) {
+        store_strip4v4(t, s0, r0 + 4u * p, c0);
+        let s = s0;
+        s0 = s1; s1 = s2; s2 = s3; s3 = s;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // mm_reduce: C = epilogue(sum over K slices of the split-K scratch)
 // ---------------------------------------------------------------------------------------------

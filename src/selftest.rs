@@ -870,6 +870,7 @@ mod checks {
             lanes_n: Some(lanes_n),
             splits: None,
             subgroup: Some(false),
+            small: None,
         };
         let split = GemmConfig {
             path: GemmPath::Blocked,

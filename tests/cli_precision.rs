@@ -69,7 +69,10 @@ fn segment_at_f16_matches_f32_within_budget() {
         .filter(|(a, b)| a != b)
         .count();
     let frac = differ as f64 / masks[0].len() as f64;
-    eprintln!("f16 vs f32 mask: {differ} of {} pixels differ", masks[0].len());
+    eprintln!(
+        "f16 vs f32 mask: {differ} of {} pixels differ",
+        masks[0].len()
+    );
     assert!(frac <= 0.005, "{frac}");
     if gpu.info.device_type == wgpu::DeviceType::Cpu {
         assert_eq!(masks[2], masks[0], "auto is f32 on a CPU adapter");

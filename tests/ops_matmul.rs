@@ -14,6 +14,7 @@ const TILED: GemmConfig = GemmConfig {
     lanes_n: None,
     splits: None,
     subgroup: None,
+    small: None,
 };
 const BLOCKED: GemmConfig = GemmConfig {
     path: GemmPath::Blocked,
@@ -21,6 +22,7 @@ const BLOCKED: GemmConfig = GemmConfig {
     lanes_n: None,
     splits: None,
     subgroup: None,
+    small: None,
 };
 
 fn blocked(vec4: bool, lanes_n: bool) -> GemmConfig {
@@ -30,6 +32,7 @@ fn blocked(vec4: bool, lanes_n: bool) -> GemmConfig {
         lanes_n: Some(lanes_n),
         splits: None,
         subgroup: Some(false),
+        small: None,
     }
 }
 
@@ -871,4 +874,78 @@ fn gemm_subgroup_kernel() {
         worst = worst.max(run_cfg(d, true, false, seed + 2, &cfg));
     }
     eprintln!("subgroup kernel: worst relative error {worst:.2e}");
+}
+
+/// `mm_v4s` (16 x 16 blocks with vec4 loads, SwiftShader's default): every transpose, partial
+/// blocks and workgroups, both lane orientations, the K % 4 tail of A^T B, epilogues, batches
+/// with strides and a shared B, and split-K.
+#[test]
+fn gemm_small_blocks_kernel() {
+    let small = |lanes_n: Option<bool>| GemmConfig {
+        path: GemmPath::Blocked,
+        vec4: Some(true),
+        lanes_n,
+        splits: None,
+        subgroup: Some(false),
+        small: Some(true),
+    };
+    let gpu = test_gpu();
+    let mut worst: f64 = 0.0;
+    let mut seed = 1900;
+    for (m, n, k) in [
+        (4usize, 4usize, 4usize),
+        (20, 36, 8),
+        (132, 100, 68),
+        (8, 260, 12),
+        (260, 8, 36),
+    ] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for lanes in [None, Some(true), Some(false)] {
+                    let g = with_trans(m, n, k, ta, tb);
+                    let c = small(lanes);
+                    assert_eq!(plan(gpu, &g, &c).unwrap().entry, "mm_v4s");
+                    worst = worst.max(run_cfg(g, seed % 2 == 0, seed % 3 == 0, seed, &c));
+                    seed += 1;
+                }
+            }
+        }
+    }
+    // A^T B with K % 4 != 0 (the rank-1 tail).
+    for k in [5, 18, 39] {
+        let g = with_trans(36, 44, k, true, false);
+        worst = worst.max(run_cfg(g, true, true, seed, &small(None)));
+        seed += 1;
+    }
+    for act in [Act::Gelu, Act::Relu] {
+        let mut g = with_trans(36, 28, 44, false, true);
+        g.act = act;
+        worst = worst.max(run_cfg(g, true, false, seed, &small(None)));
+        g.accumulate = true;
+        g.alpha = -1.5;
+        worst = worst.max(run_cfg(g, true, true, seed + 1, &small(None)));
+        g.act_after_residual = true;
+        worst = worst.max(run_act_after_residual(g, seed + 2, &small(None)));
+        seed += 3;
+    }
+    let mut w = Gemm::new(20, 68, 16);
+    w.batch = 4;
+    w.a_bs = 16 * 20 + 4;
+    w.b_bs = 0;
+    w.c_bs = 20 * 68 + 8;
+    w.trans_a = true;
+    worst = worst.max(run_cfg(w, true, true, seed, &small(None)));
+    w.b_bs = 16 * 68;
+    w.trans_a = false;
+    w.a_bs = 20 * 16;
+    worst = worst.max(run_cfg(w, false, true, seed + 1, &small(None)));
+    let d = with_trans(24, 40, 4100, true, false);
+    for splits in [1, 2, 7] {
+        let cfg = GemmConfig {
+            splits: Some(splits),
+            ..small(None)
+        };
+        worst = worst.max(run_cfg(d, true, false, seed + 2, &cfg));
+    }
+    eprintln!("mm_v4s: worst relative error {worst:.2e}");
 }

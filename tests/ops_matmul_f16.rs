@@ -1,5 +1,5 @@
 //! GEMM with B stored as f16 (weights at `--precision f16`) vs the CPU f64 reference computed on
-//! the same f16-rounded B: every kernel path (tiled, mm_v4, mm_s, mm_sg where the adapter has
+//! the same f16-rounded B: every kernel path (tiled, mm_v4, mm_v4s, mm_s, mm_sg where the adapter has
 //! 8-wide subgroups, split-K), every transpose, odd element counts, batch strides and a shared B.
 //! Widening is exact, so the error budget is the f32 kernels' own. Also: f16 anywhere but B is
 //! refused with an error naming the kernel, and out-of-range values are refused at upload.
@@ -10,9 +10,7 @@ use medfastsam::ops::{Act, reference};
 use medfastsam::testutil::{Rng, assert_close, rel_err, test_gpu, to_f64};
 
 fn f16_round(v: &[f32]) -> Vec<f32> {
-    v.iter()
-        .map(|&x| half::f16::from_f32(x).to_f32())
-        .collect()
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
 }
 
 /// One GEMM with an f16 B against the reference on B rounded to f16; returns the error and the
@@ -20,7 +18,13 @@ fn f16_round(v: &[f32]) -> Vec<f32> {
 fn run(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig) -> (f64, &'static str) {
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
-    let last = |bs: usize, per: usize| if bs == 0 { per } else { bs * (g.batch - 1) + per };
+    let last = |bs: usize, per: usize| {
+        if bs == 0 {
+            per
+        } else {
+            bs * (g.batch - 1) + per
+        }
+    };
     let (na, nb) = (last(g.a_bs, g.m * g.k), last(g.b_bs, g.k * g.n));
     let nc = last(g.c_bs, g.m * g.n);
     let a = rng.vec(na);
@@ -76,6 +80,7 @@ fn cfg(path: GemmPath, vec4: Option<bool>, subgroup: Option<bool>) -> GemmConfig
         lanes_n: None,
         splits: None,
         subgroup,
+        small: Some(false),
     }
 }
 
@@ -86,6 +91,13 @@ fn f16_b_every_kernel_and_transpose() {
         ("matmul", cfg(GemmPath::Tiled, None, None)),
         ("mm_v4", cfg(GemmPath::Blocked, Some(true), Some(false))),
         ("mm_s", cfg(GemmPath::Blocked, Some(false), Some(false))),
+        (
+            "mm_v4s",
+            GemmConfig {
+                small: Some(true),
+                ..cfg(GemmPath::Blocked, Some(true), Some(false))
+            },
+        ),
     ];
     if gpu.subgroups_of_8() {
         paths.push(("mm_sg", cfg(GemmPath::Blocked, Some(true), Some(true))));
@@ -96,7 +108,12 @@ fn f16_b_every_kernel_and_transpose() {
     let mut seed = 1600;
     for (entry, c) in &paths {
         // 4-aligned shapes (every kernel takes them), partial tiles included.
-        for (m, n, k) in [(4usize, 4usize, 4usize), (36, 68, 20), (132, 100, 68), (68, 260, 36)] {
+        for (m, n, k) in [
+            (4usize, 4usize, 4usize),
+            (36, 68, 20),
+            (132, 100, 68),
+            (68, 260, 36),
+        ] {
             for ta in [false, true] {
                 for tb in [false, true] {
                     let g = with_trans(m, n, k, ta, tb);
@@ -225,7 +242,9 @@ fn f16_storage_is_read_back_exactly_and_refused_where_unsupported() {
     assert!(e.contains("binding 1") && e.contains("F16"), "{e}");
     // Any other kernel given an f16 tensor refuses it too (here a dense convolution's weight).
     let x = gpu.upload(&[0.5; 2 * 4 * 4 * 4], &[2, 4, 4, 4]).unwrap();
-    let w16 = gpu.upload_f16(&[0.1; 4 * 4 * 3 * 3], &[4, 4, 3, 3]).unwrap();
+    let w16 = gpu
+        .upload_f16(&[0.1; 4 * 4 * 3 * 3], &[4, 4, 3, 3])
+        .unwrap();
     let geom = medfastsam::ops::conv::ConvGeom { stride: 1, pad: 1 };
     let mut rec = gpu.new_recorder();
     let e = medfastsam::ops::conv::conv2d(&mut rec, &x, &w16, None, geom, Act::None)

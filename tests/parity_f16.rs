@@ -56,8 +56,14 @@ fn tiny_f16_masks_within_budget() {
         let full = MedFastSam::with_precision(gpu, &w, &cfg, v, Precision::F32).unwrap();
         let half = MedFastSam::with_precision(gpu, &w, &cfg, v, Precision::F16).unwrap();
         let (b32, b16) = (full.device_bytes(), half.device_bytes());
-        eprintln!("{}: weights on the device {b32} B at f32, {b16} B at f16", v.name());
-        assert!(b16 < b32 * 2 / 3, "f16 must store the GEMM weights at half size");
+        eprintln!(
+            "{}: weights on the device {b32} B at f32, {b16} B at f16",
+            v.name()
+        );
+        assert!(
+            b16 < b32 * 2 / 3,
+            "f16 must store the GEMM weights at half size"
+        );
         let mut rec = gpu.new_recorder();
         let out = half.forward(&mut rec, &px, false).unwrap();
         rec.submit().unwrap();

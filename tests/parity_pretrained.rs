@@ -14,8 +14,8 @@ mod common;
 use common::*;
 use medfastsam::import::convert;
 use medfastsam::io::RgbImage;
-use medfastsam::model::{Config, Precision};
 use medfastsam::model::sam::{Frame, LabelledPoint, MaskChoice, Sam, encoder_input, postprocess};
+use medfastsam::model::{Config, Precision};
 use medfastsam::testutil::test_gpu;
 use std::path::PathBuf;
 

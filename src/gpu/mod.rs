@@ -254,6 +254,19 @@ impl Gpu {
             && self.info.subgroup_max_size == 8
     }
 
+    /// Whether the blocked GEMM without subgroups uses 16 x 16 blocks per invocation (`mm_v4s`)
+    /// rather than 32 x 32 (`mm_v4`): on SwiftShader, the browser's software adapter, whose JIT
+    /// takes about 2 s over each `mm_v4` pipeline and a quarter of that over `mm_v4s`, which
+    /// runs 12-20 % slower (CONTRIBUTING.md, "GEMM blocks for SwiftShader"). In a browser every CPU
+    /// adapter is taken for such a JIT; natively only one named SwiftShader.
+    pub fn small_gemm_blocks(&self) -> bool {
+        if self.info.device_type != wgpu::DeviceType::Cpu {
+            return false;
+        }
+        let named = |s: &str| s.to_ascii_lowercase().contains("swiftshader");
+        cfg!(target_arch = "wasm32") || named(&self.info.name) || named(&self.info.driver)
+    }
+
     /// Native: blocks on adapter and device creation.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn new(req: &AdapterRequest) -> Result<Gpu> {

@@ -96,7 +96,11 @@ impl Tensor {
         let skip = match self.dtype {
             DType::F32 => start * per * 4,
             DType::F16 => {
-                assert!((start * per).is_multiple_of(2), "narrow of f16 {:?} at an odd element", self.shape);
+                assert!(
+                    (start * per).is_multiple_of(2),
+                    "narrow of f16 {:?} at an odd element",
+                    self.shape
+                );
                 start * per * 2
             }
         };
@@ -171,7 +175,9 @@ impl Gpu {
             .chunks(2)
             .map(|p| {
                 let lo = half::f16::from_f32(p[0]).to_bits() as u32;
-                let hi = p.get(1).map_or(0, |v| half::f16::from_f32(*v).to_bits() as u32);
+                let hi = p
+                    .get(1)
+                    .map_or(0, |v| half::f16::from_f32(*v).to_bits() as u32);
                 lo | (hi << 16)
             })
             .collect();

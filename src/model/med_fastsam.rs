@@ -5,8 +5,8 @@
 //! model size S, and the output logits are `[B, S, S, 1]`. One forward serves inference
 //! ([`Mode::Eval`]) and training ([`Mode::Train`], with [`MedFastSam::backward`]).
 
-use super::blocks::{BN_EPS, Mode, Param, Source, Vb};
 use super::Precision;
+use super::blocks::{BN_EPS, Mode, Param, Source, Vb};
 use super::config::{Config, Variant};
 use super::cp_encoder::{CpEncoder, CpEncoderSaved};
 use super::lka_encoder::{LkaEncoder, LkaEncoderSaved};

@@ -11,6 +11,7 @@
 //! ([`Sam::decode`]) or once per batch of prompts with as many points ([`Sam::decode_prompts`]). Sparse prompt embeddings are computed on the host in f64 from the prompt
 //! encoder's tensors ([`Sam::sparse_embedding`]): they are a few tokens.
 
+use super::Precision;
 use super::blocks::{ConvT2x2, LN2D_EPS, LayerNorm, Linear, Mode, Param, Source, Vb};
 use super::config::{Arch, Config};
 use super::cp_encoder::CpEncoder;
@@ -24,7 +25,6 @@ use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::io::RgbImage;
 use crate::ops::elementwise::{add, slice_mid};
 use crate::ops::matmul::Act;
-use super::Precision;
 
 /// SAM's mask decoder (`mask_decoder`), with the key names of `segment_anything`.
 pub struct SamDecoder<P = Param> {

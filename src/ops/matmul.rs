@@ -118,6 +118,9 @@ pub struct GemmConfig {
     /// Blocked vec4 path: the subgroup kernel `mm_sg` (`Some(true)`; an error where the device
     /// has no 8-wide subgroups or the shape does not suit it) or never (`Some(false)`).
     pub subgroup: Option<bool>,
+    /// Blocked vec4 path without subgroups: `mm_v4s`, 16 x 16 outputs per invocation
+    /// (`Some(true)`), or `mm_v4`, 32 x 32 (`Some(false)`); default: [`Gpu::small_gemm_blocks`].
+    pub small: Option<bool>,
 }
 
 /// The kernel choice for one GEMM, as made by [`plan`].
@@ -193,7 +196,8 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
                 ("mm_sg", false, m.div_ceil(SG_ROWS), n.div_ceil(SG_COLS)),
             );
         }
-        let blk = if vec4 { BLK_V4 } else { BLK_S };
+        let small = vec4 && cfg.small.unwrap_or_else(|| gpu.small_gemm_blocks());
+        let blk = if vec4 && !small { BLK_V4 } else { BLK_S };
         let wide = LANES * blk;
         // Lanes along the dimension that leaves fewer partly filled workgroups.
         let groups_m = m.div_ceil(wide) * n.div_ceil(blk);
@@ -204,7 +208,12 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
         } else {
             (m.div_ceil(wide), n.div_ceil(blk))
         };
-        (if vec4 { "mm_v4" } else { "mm_s" }, lanes_n, mt, nt)
+        let entry = match (vec4, small) {
+            (true, false) => "mm_v4",
+            (true, true) => "mm_v4s",
+            (false, _) => "mm_s",
+        };
+        (entry, lanes_n, mt, nt)
     } else {
         ("matmul", false, m.div_ceil(64), n.div_ceil(64))
     };

@@ -650,7 +650,14 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
     let model_sizes: &[usize] = if a.no_models { &[] } else { &a.sizes };
     for &s in model_sizes {
         let cfg = base.with_image_size(s)?;
-        let m = bench_model(&gpu, &cfg, variant, a.reps, a.profile, a.precision.precision)?;
+        let m = bench_model(
+            &gpu,
+            &cfg,
+            variant,
+            a.reps,
+            a.profile,
+            a.precision.precision,
+        )?;
         if !a.json {
             println!(
                 "{} {}² ({}): {:.1} ms/image (min {:.1}, {:.2} images/s), pipeline compile + first run overhead {:.0} ms, \
