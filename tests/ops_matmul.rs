@@ -25,6 +25,16 @@ const BLOCKED: GemmConfig = GemmConfig {
     small: None,
 };
 
+/// The vec4 kernel the automatic choice takes without subgroups on this adapter: `mm_v4s` on
+/// SwiftShader ([`medfastsam::gpu::Gpu::small_gemm_blocks`]), else `mm_v4`.
+fn v4() -> &'static str {
+    if test_gpu().small_gemm_blocks() {
+        "mm_v4s"
+    } else {
+        "mm_v4"
+    }
+}
+
 fn blocked(vec4: bool, lanes_n: bool) -> GemmConfig {
     GemmConfig {
         path: GemmPath::Blocked,
@@ -201,7 +211,7 @@ fn gemm_vec4_k_tail_and_unaligned_operands() {
         let want = if k % 4 == 0 && test_gpu().subgroups_of_8() {
             "mm_sg"
         } else {
-            "mm_v4"
+            v4()
         };
         assert_eq!(plan(test_gpu(), &g, &BLOCKED).unwrap().entry, want);
         for lanes_n in [false, true] {
@@ -520,7 +530,7 @@ fn gemm_split_k() {
         ));
     }
     let t = with_trans(24, 40, 4101, true, false); // vec4 kernel, K % 4 tail in the last slice
-    assert_eq!(plan(gpu, &t, &BLOCKED).unwrap().entry, "mm_v4");
+    assert_eq!(plan(gpu, &t, &BLOCKED).unwrap().entry, v4());
     worst = worst.max(run_cfg(
         t,
         true,
@@ -618,14 +628,24 @@ fn gemm_plan_for_model_shapes() {
         ..BLOCKED
     };
     let p = plan(gpu, &lin(1024, 1024, 1024), &no_sg).unwrap();
-    assert_eq!((p.entry, p.lanes_n, p.splits), ("mm_v4", false, 1));
+    assert_eq!((p.entry, p.lanes_n, p.splits), (v4(), false, 1));
+    // The block size asked for explicitly, whatever the adapter's default.
+    for (small, want) in [(true, "mm_v4s"), (false, "mm_v4")] {
+        let c = GemmConfig {
+            small: Some(small),
+            ..no_sg
+        };
+        assert_eq!(plan(gpu, &lin(1024, 1024, 1024), &c).unwrap().entry, want);
+    }
+    // A small block never applies to the scalar kernel (unaligned operands).
+    let c = GemmConfig {
+        small: Some(true),
+        ..no_sg
+    };
+    assert_eq!(plan(gpu, &lin(33, 30, 27), &c).unwrap().entry, "mm_s");
     // With it (lavapipe/llvmpipe on AVX2): every 4-aligned GEMM with K % 4 == 0 wider and taller
     // than one mm_v4 block; narrow ones (the 1-row decoder tokens, N = 32) keep mm_v4/mm_s.
-    let want = if gpu.subgroups_of_8() {
-        "mm_sg"
-    } else {
-        "mm_v4"
-    };
+    let want = if gpu.subgroups_of_8() { "mm_sg" } else { v4() };
     for g in [
         lin(1024, 1024, 1024),
         lin(65536, 64, 256),
@@ -634,13 +654,10 @@ fn gemm_plan_for_model_shapes() {
     ] {
         assert_eq!(plan(gpu, &g, &BLOCKED).unwrap().entry, want, "{g:?}");
     }
-    assert_eq!(
-        plan(gpu, &lin(5, 2048, 256), &BLOCKED).unwrap().entry,
-        "mm_v4"
-    );
+    assert_eq!(plan(gpu, &lin(5, 2048, 256), &BLOCKED).unwrap().entry, v4());
     assert_eq!(
         plan(gpu, &lin(4096, 32, 256), &BLOCKED).unwrap().entry,
-        "mm_v4"
+        v4()
     );
     assert_eq!(
         plan(gpu, &lin(262144, 32, 27), &BLOCKED).unwrap().entry,
@@ -650,9 +667,9 @@ fn gemm_plan_for_model_shapes() {
     let head = plan(gpu, &lin(65536, 1, 32), &BLOCKED).unwrap();
     assert_eq!((head.entry, head.lanes_n), ("mm_s", false));
     let dw = plan(gpu, &with_trans(128, 512, 65536, true, false), &no_sg).unwrap();
-    assert_eq!(dw.entry, "mm_v4");
+    assert_eq!(dw.entry, v4());
     let dx = plan(gpu, &with_trans(4096, 320, 1280, false, false), &no_sg).unwrap();
-    assert_eq!((dx.entry, dx.splits), ("mm_v4", 1));
+    assert_eq!((dx.entry, dx.splits), (v4(), 1));
     assert_eq!(
         plan(gpu, &lin(1024, 1024, 1024), &TILED).unwrap().entry,
         "matmul"
