@@ -17,6 +17,8 @@
 //             C and their batch strides aligned to 4 elements along those dimensions (checked by
 //             the wrapper).
 //   mm_s      the same idea with scalar loads and 16 x 16 blocks: any shape, any stride.
+//   mm_v4s    mm_v4 on a 32 x 16 block (half the accumulators): for SwiftShader, whose JIT is
+//             slow over mm_v4's unrolled 64 blocks.
 //   mm_reduce sums the partial results of a split-K pass and applies the epilogue.
 // Why the register-blocked kernels: llvmpipe (Mesa 22.3) runs 8 invocations in SIMD lanes, but every
 // storage or workgroup-memory load whose address is not a compile-time constant is a scalar loop over
@@ -638,9 +640,10 @@ fn mm_s(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// ---- mm_v4s: mm_v4's vec4 loads and stores on mm_s's 16 x 16 block per invocation ----
-// A quarter of mm_v4's accumulators: for JIT compilers that take seconds over mm_v4's 64 blocks
-// (SwiftShader: about 2 s a pipeline), at the price of reading A and B twice as often.
+// ---- mm_v4s: mm_v4's vec4 loads and stores on a 32 x 16 block per invocation ----
+// Half of mm_v4's accumulators (8 strips of 4 blocks): for JIT compilers that take seconds over
+// mm_v4's 64 blocks (SwiftShader: about 2 s a pipeline, a third of that for this one), at the
+// price of reading A twice as often.
 fn store_strip4v4(t: Blk, strip: Strip4, r: u32, c: u32) {
     var s = strip;
     let blocks = min(4u, (mp.n - c) >> 2u);   // c < N, N % 4 == 0
@@ -654,7 +657,7 @@ fn store_strip4v4(t: Blk, strip: Strip4, r: u32, c: u32) {
 fn mm_v4s(@builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = blk_of(wid, nwg, lid.x, 16u);
+    let t = blk_rect(wid, nwg, lid.x, 32u, 16u);
     if (!t.ok) {
         return;
     }
@@ -664,7 +667,7 @@ fn mm_v4s(@builtin(workgroup_id) wid: vec3<u32>,
     let c0 = t.c0;
     let z = mat4x4<f32>();
     let zs = Strip4(z, z, z, z);
-    var s0 = zs; var s1 = zs; var s2 = zs; var s3 = zs;
+    var s0 = zs; var s1 = zs; var s2 = zs; var s3 = zs; var s4 = zs; var s5 = zs; var s6 = zs; var s7 = zs;
     let q_end = t.ke >> 2u;
     for (var q = t.kb >> 2u; q < q_end; q++) {
         let b = Strip4(b4_blk(bb4, c0, q), b4_blk(bb4, c0 + 4u, q), b4_blk(bb4, c0 + 8u, q), b4_blk(bb4, c0 + 12u, q));
@@ -672,6 +675,10 @@ fn mm_v4s(@builtin(workgroup_id) wid: vec3<u32>,
         s1 = strip4_mac(s1, a4_blk(ab4, r0 + 4u, q), b);
         s2 = strip4_mac(s2, a4_blk(ab4, r0 + 8u, q), b);
         s3 = strip4_mac(s3, a4_blk(ab4, r0 + 12u, q), b);
+        s4 = strip4_mac(s4, a4_blk(ab4, r0 + 16u, q), b);
+        s5 = strip4_mac(s5, a4_blk(ab4, r0 + 20u, q), b);
+        s6 = strip4_mac(s6, a4_blk(ab4, r0 + 24u, q), b);
+        s7 = strip4_mac(s7, a4_blk(ab4, r0 + 28u, q), b);
     }
     // K % 4 tail (only A transposed and B not may have one; see mm_v4).
     if (TRANS_A && !TRANS_B) {
@@ -684,13 +691,17 @@ fn mm_v4s(@builtin(workgroup_id) wid: vec3<u32>,
             s1 = strip4_mac1(s1, a4_kcol(ab4, r0 + 4u, k), b0, b1, b2, b3);
             s2 = strip4_mac1(s2, a4_kcol(ab4, r0 + 8u, k), b0, b1, b2, b3);
             s3 = strip4_mac1(s3, a4_kcol(ab4, r0 + 12u, k), b0, b1, b2, b3);
+            s4 = strip4_mac1(s4, a4_kcol(ab4, r0 + 16u, k), b0, b1, b2, b3);
+            s5 = strip4_mac1(s5, a4_kcol(ab4, r0 + 20u, k), b0, b1, b2, b3);
+            s6 = strip4_mac1(s6, a4_kcol(ab4, r0 + 24u, k), b0, b1, b2, b3);
+            s7 = strip4_mac1(s7, a4_kcol(ab4, r0 + 28u, k), b0, b1, b2, b3);
         }
     }
-    let strips = min(4u, (mp.m - r0 + 3u) >> 2u);   // r0 < M
+    let strips = min(8u, (mp.m - r0 + 3u) >> 2u);   // r0 < M
     for (var p = 0u; p < strips; p++) {
         store_strip4v4(t, s0, r0 + 4u * p, c0);
         let s = s0;
-        s0 = s1; s1 = s2; s2 = s3; s3 = s;
+        s0 = s1; s1 = s2; s2 = s3; s3 = s4; s4 = s5; s5 = s6; s6 = s7; s7 = s;
     }
 }
 

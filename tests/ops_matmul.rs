@@ -893,7 +893,7 @@ fn gemm_subgroup_kernel() {
     eprintln!("subgroup kernel: worst relative error {worst:.2e}");
 }
 
-/// `mm_v4s` (16 x 16 blocks with vec4 loads, SwiftShader's default): every transpose, partial
+/// `mm_v4s` (32 x 16 blocks with vec4 loads, SwiftShader's default): every transpose, partial
 /// blocks and workgroups, both lane orientations, the K % 4 tail of A^T B, epilogues, batches
 /// with strides and a shared B, and split-K.
 #[test]

@@ -254,11 +254,11 @@ impl Gpu {
             && self.info.subgroup_max_size == 8
     }
 
-    /// Whether the blocked GEMM without subgroups uses 16 x 16 blocks per invocation (`mm_v4s`)
+    /// Whether the blocked GEMM without subgroups uses 32 x 16 blocks per invocation (`mm_v4s`)
     /// rather than 32 x 32 (`mm_v4`): on SwiftShader, the browser's software adapter, whose JIT
-    /// takes about 2 s over each `mm_v4` pipeline and a quarter of that over `mm_v4s`, which
-    /// runs 12-20 % slower (CONTRIBUTING.md, "GEMM blocks for SwiftShader"). In a browser every CPU
-    /// adapter is taken for such a JIT; natively only one named SwiftShader.
+    /// takes about 2 s over each `mm_v4` pipeline and a third of that over `mm_v4s`, which runs
+    /// a few per cent slower (CONTRIBUTING.md, "GEMM blocks for SwiftShader"). In a browser every
+    /// CPU adapter is taken for such a JIT; natively only one named SwiftShader.
     pub fn small_gemm_blocks(&self) -> bool {
         if self.info.device_type != wgpu::DeviceType::Cpu {
             return false;

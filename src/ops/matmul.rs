@@ -3,7 +3,8 @@
 //!
 //! Kernel choice ([`plan`]): on CPU adapters (lavapipe / llvmpipe) the register-blocked kernels,
 //! `mm_v4` (32 x 32 outputs per invocation, vec4 loads and stores) when A, B and C are 4-aligned
-//! along their contiguous dimensions (see [`vec4_ok`]), else `mm_s` (16 x 16, scalar loads); the
+//! along their contiguous dimensions (see [`vec4_ok`]; `mm_v4s`, 32 x 16, on SwiftShader:
+//! [`Gpu::small_gemm_blocks`]), else `mm_s` (16 x 16, scalar loads); the
 //! 8 invocations of a workgroup step along M or along N, whichever wastes less. Where the device
 //! has subgroups of exactly 8 invocations (lavapipe), 4-aligned GEMMs with K % 4 == 0 wider and
 //! taller than 32 take `mm_sg` (shaders/matmul_sg.wgsl: 8 x 64 outputs per invocation, the 8 lanes
@@ -118,7 +119,7 @@ pub struct GemmConfig {
     /// Blocked vec4 path: the subgroup kernel `mm_sg` (`Some(true)`; an error where the device
     /// has no 8-wide subgroups or the shape does not suit it) or never (`Some(false)`).
     pub subgroup: Option<bool>,
-    /// Blocked vec4 path without subgroups: `mm_v4s`, 16 x 16 outputs per invocation
+    /// Blocked vec4 path without subgroups: `mm_v4s`, 32 x 16 outputs per invocation
     /// (`Some(true)`), or `mm_v4`, 32 x 32 (`Some(false)`); default: [`Gpu::small_gemm_blocks`].
     pub small: Option<bool>,
 }
@@ -136,8 +137,8 @@ pub struct GemmPlan {
     pub n_tiles: usize,
 }
 
-/// Blocked kernels: 8 invocations per workgroup, each owning a square block of C of this size
-/// (mm_v4: 32 x 32, mm_s: 16 x 16).
+/// Blocked kernels: 8 invocations per workgroup, each owning a block of C of these sizes
+/// (mm_v4: 32 x 32, mm_v4s: 32 x 16, mm_s: 16 x 16).
 const LANES: usize = 8;
 const BLK_V4: usize = 32;
 const BLK_S: usize = 16;
@@ -197,16 +198,20 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
             );
         }
         let small = vec4 && cfg.small.unwrap_or_else(|| gpu.small_gemm_blocks());
-        let blk = if vec4 && !small { BLK_V4 } else { BLK_S };
-        let wide = LANES * blk;
+        // Rows x columns of one invocation's block.
+        let (rows, cols) = match (vec4, small) {
+            (true, false) => (BLK_V4, BLK_V4),
+            (true, true) => (BLK_V4, BLK_S),
+            (false, _) => (BLK_S, BLK_S),
+        };
         // Lanes along the dimension that leaves fewer partly filled workgroups.
-        let groups_m = m.div_ceil(wide) * n.div_ceil(blk);
-        let groups_n = m.div_ceil(blk) * n.div_ceil(wide);
+        let groups_m = m.div_ceil(LANES * rows) * n.div_ceil(cols);
+        let groups_n = m.div_ceil(rows) * n.div_ceil(LANES * cols);
         let lanes_n = cfg.lanes_n.unwrap_or(groups_n < groups_m);
         let (mt, nt) = if lanes_n {
-            (m.div_ceil(blk), n.div_ceil(wide))
+            (m.div_ceil(rows), n.div_ceil(LANES * cols))
         } else {
-            (m.div_ceil(wide), n.div_ceil(blk))
+            (m.div_ceil(LANES * rows), n.div_ceil(cols))
         };
         let entry = match (vec4, small) {
             (true, false) => "mm_v4",
