@@ -1,7 +1,11 @@
 //! GEMM kernels vs the CPU f64 reference: every kernel path (tiled, register-blocked with vec4 or
 //! scalar loads, lanes along M or N, split-K + reduce), awkward shapes around the tile sizes, every
-//! transpose and epilogue variant, broadcast weights, and grids past 65,535 workgroups.
+//! transpose and epilogue variant, broadcast weights, and grids past 65,535 workgroups. B stored as
+//! f16 (`--precision f16` weights) on every kernel, against the reference on the same f16 values;
+//! f16 anywhere but B is refused with an error naming the kernel, and out-of-range values are
+//! refused at upload.
 
+use medfastsam::gpu::DType;
 use medfastsam::ops::matmul::{
     Gemm, GemmConfig, GemmIo, GemmPath, gemm_with, linear, linear_residual_act, plan, vec4_ok,
 };
@@ -57,6 +61,20 @@ fn run_cfg(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig) -> 
 
 /// [`run_cfg`] with every tensor `pad` elements longer than needed.
 fn run_padded(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig, pad: usize) -> f64 {
+    run_b(g, bias, residual, seed, cfg, pad, false)
+}
+
+/// [`run_padded`]; with `b_f16`, B is stored as f16 (`--precision f16` weights) and the reference
+/// multiplies by the same f16-rounded values, so the error budget is the f32 kernels' own.
+fn run_b(
+    g: Gemm,
+    bias: bool,
+    residual: bool,
+    seed: u64,
+    cfg: &GemmConfig,
+    pad: usize,
+    b_f16: bool,
+) -> f64 {
     let gpu = test_gpu();
     let mut rng = Rng::new(seed);
     let na = pad
@@ -73,12 +91,20 @@ fn run_padded(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig, 
         };
     let nc = pad + g.c_bs * (g.batch - 1) + g.m * g.n;
     let a = rng.vec(na);
-    let b = rng.vec(nb);
+    let mut b = rng.vec(nb);
     let bi = rng.vec(g.n + pad);
     let r = rng.vec(nc);
     let c0 = rng.vec(nc);
     let ta = gpu.upload(&a, &[na]).unwrap();
-    let tb = gpu.upload(&b, &[nb]).unwrap();
+    let tb = if b_f16 {
+        let t = gpu.upload_f16(&b, &[nb]).unwrap();
+        assert_eq!(t.dtype(), DType::F16);
+        assert_eq!(t.bytes(), (nb.div_ceil(2) * 4) as u64);
+        b = f16_round(&b);
+        t
+    } else {
+        gpu.upload(&b, &[nb]).unwrap()
+    };
     let tbi = gpu.upload(&bi, &[g.n + pad]).unwrap();
     let tr = gpu.upload(&r, &[nc]).unwrap();
     let tc = gpu.upload(&c0, &[nc]).unwrap();
@@ -104,7 +130,7 @@ fn run_padded(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig, 
         &mut want,
     );
     let p = plan(gpu, &g, cfg).unwrap();
-    let what = format!("{g:?} bias={bias} res={residual} {cfg:?} -> {p:?}");
+    let what = format!("{g:?} bias={bias} res={residual} B f16={b_f16} {cfg:?} -> {p:?}");
     assert_close(&what, &got, &want, tol(&g));
     rel_err(&got, &want)
 }
@@ -823,6 +849,45 @@ fn gemm_epilogue_act_grad_and_save_pre() {
 /// f64 reference: every transpose; partial tiles (lanes whose rows start past M still take part in
 /// the broadcasts, a second column half past N); bias, residual, activations, accumulation and
 /// alpha; batches with strides and a shared B; split-K. On other adapters it must be refused.
+/// The cases every blocked kernel runs beyond its shapes: GELU/ReLU epilogues with bias,
+/// accumulation, alpha and the activation after the residual; batches with strides and with a
+/// shared B; split-K in 1, 2 and 7 slices. Returns the worst relative error.
+fn epilogue_batch_split_cases(cfg: &GemmConfig, seed: u64) -> f64 {
+    let mut worst: f64 = 0.0;
+    let mut seed = seed;
+    for act in [Act::Gelu, Act::Relu] {
+        let mut g = with_trans(36, 28, 44, false, true);
+        g.act = act;
+        worst = worst.max(run_cfg(g, true, false, seed, cfg));
+        g.accumulate = true;
+        g.alpha = -1.5;
+        worst = worst.max(run_cfg(g, true, true, seed + 1, cfg));
+        g.act_after_residual = true;
+        worst = worst.max(run_act_after_residual(g, seed + 2, cfg));
+        seed += 3;
+    }
+    let mut w = Gemm::new(20, 68, 16);
+    w.batch = 4;
+    w.a_bs = 16 * 20 + 4;
+    w.b_bs = 0;
+    w.c_bs = 20 * 68 + 8;
+    w.trans_a = true;
+    worst = worst.max(run_cfg(w, true, true, seed, cfg));
+    w.b_bs = 16 * 68;
+    w.trans_a = false;
+    w.a_bs = 20 * 16;
+    worst = worst.max(run_cfg(w, false, true, seed + 1, cfg));
+    let d = with_trans(24, 40, 4100, true, false);
+    for splits in [1, 2, 7] {
+        let cfg = GemmConfig {
+            splits: Some(splits),
+            ..*cfg
+        };
+        worst = worst.max(run_cfg(d, true, false, seed + 2, &cfg));
+    }
+    worst
+}
+
 #[test]
 fn gemm_subgroup_kernel() {
     let gpu = test_gpu();
@@ -860,36 +925,7 @@ fn gemm_subgroup_kernel() {
             }
         }
     }
-    for act in [Act::Gelu, Act::Relu] {
-        let mut g = with_trans(36, 28, 44, false, true);
-        g.act = act;
-        worst = worst.max(run_cfg(g, true, false, seed, &sg));
-        g.accumulate = true;
-        g.alpha = -1.5;
-        worst = worst.max(run_cfg(g, true, true, seed + 1, &sg));
-        g.act_after_residual = true;
-        worst = worst.max(run_act_after_residual(g, seed + 2, &sg));
-        seed += 3;
-    }
-    let mut w = Gemm::new(20, 68, 16);
-    w.batch = 4;
-    w.a_bs = 16 * 20 + 4;
-    w.b_bs = 0;
-    w.c_bs = 20 * 68 + 8;
-    w.trans_a = true;
-    worst = worst.max(run_cfg(w, true, true, seed, &sg));
-    w.b_bs = 16 * 68;
-    w.trans_a = false;
-    w.a_bs = 20 * 16;
-    worst = worst.max(run_cfg(w, false, true, seed + 1, &sg));
-    let d = with_trans(24, 40, 4100, true, false);
-    for splits in [1, 2, 7] {
-        let cfg = GemmConfig {
-            splits: Some(splits),
-            ..sg
-        };
-        worst = worst.max(run_cfg(d, true, false, seed + 2, &cfg));
-    }
+    worst = worst.max(epilogue_batch_split_cases(&sg, seed));
     eprintln!("subgroup kernel: worst relative error {worst:.2e}");
 }
 
@@ -934,35 +970,195 @@ fn gemm_small_blocks_kernel() {
         worst = worst.max(run_cfg(g, true, true, seed, &small(None)));
         seed += 1;
     }
-    for act in [Act::Gelu, Act::Relu] {
-        let mut g = with_trans(36, 28, 44, false, true);
-        g.act = act;
-        worst = worst.max(run_cfg(g, true, false, seed, &small(None)));
-        g.accumulate = true;
-        g.alpha = -1.5;
-        worst = worst.max(run_cfg(g, true, true, seed + 1, &small(None)));
-        g.act_after_residual = true;
-        worst = worst.max(run_act_after_residual(g, seed + 2, &small(None)));
-        seed += 3;
-    }
-    let mut w = Gemm::new(20, 68, 16);
-    w.batch = 4;
-    w.a_bs = 16 * 20 + 4;
-    w.b_bs = 0;
-    w.c_bs = 20 * 68 + 8;
-    w.trans_a = true;
-    worst = worst.max(run_cfg(w, true, true, seed, &small(None)));
-    w.b_bs = 16 * 68;
-    w.trans_a = false;
-    w.a_bs = 20 * 16;
-    worst = worst.max(run_cfg(w, false, true, seed + 1, &small(None)));
-    let d = with_trans(24, 40, 4100, true, false);
-    for splits in [1, 2, 7] {
-        let cfg = GemmConfig {
-            splits: Some(splits),
-            ..small(None)
-        };
-        worst = worst.max(run_cfg(d, true, false, seed + 2, &cfg));
-    }
+    worst = worst.max(epilogue_batch_split_cases(&small(None), seed));
     eprintln!("mm_v4s: worst relative error {worst:.2e}");
+}
+
+// ---- B stored as f16 (weights at `--precision f16`) ----
+
+fn f16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
+fn run_f16(g: Gemm, bias: bool, residual: bool, seed: u64, cfg: &GemmConfig) -> f64 {
+    run_b(g, bias, residual, seed, cfg, 0, true)
+}
+
+fn f16_cfg(path: GemmPath, vec4: Option<bool>, subgroup: Option<bool>) -> GemmConfig {
+    GemmConfig {
+        path,
+        vec4,
+        lanes_n: None,
+        splits: None,
+        subgroup,
+        small: Some(false),
+    }
+}
+
+#[test]
+fn f16_b_every_kernel_and_transpose() {
+    let gpu = test_gpu();
+    let mut paths = vec![
+        ("matmul", f16_cfg(GemmPath::Tiled, None, None)),
+        ("mm_v4", f16_cfg(GemmPath::Blocked, Some(true), Some(false))),
+        ("mm_s", f16_cfg(GemmPath::Blocked, Some(false), Some(false))),
+        (
+            "mm_v4s",
+            GemmConfig {
+                small: Some(true),
+                ..f16_cfg(GemmPath::Blocked, Some(true), Some(false))
+            },
+        ),
+    ];
+    if gpu.subgroups_of_8() {
+        paths.push(("mm_sg", f16_cfg(GemmPath::Blocked, Some(true), Some(true))));
+    } else {
+        eprintln!("{}: no 8-wide subgroups, mm_sg not run", gpu.info.name);
+    }
+    let mut worst: f64 = 0.0;
+    let mut seed = 1600;
+    for (entry, c) in &paths {
+        // 4-aligned shapes (every kernel takes them), partial tiles included.
+        for (m, n, k) in [
+            (4usize, 4usize, 4usize),
+            (36, 68, 20),
+            (132, 100, 68),
+            (68, 260, 36),
+        ] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let g = with_trans(m, n, k, ta, tb);
+                    assert_eq!(plan(gpu, &g, c).unwrap().entry, *entry, "{g:?}");
+                    worst = worst.max(run_f16(g, seed % 2 == 0, seed % 3 == 0, seed, c));
+                    seed += 1;
+                }
+            }
+        }
+    }
+    // Odd sizes: an odd number of B elements (the last word half used) on the scalar kernels.
+    for c in [
+        f16_cfg(GemmPath::Tiled, None, None),
+        f16_cfg(GemmPath::Blocked, Some(false), Some(false)),
+    ] {
+        for tb in [false, true] {
+            let g = with_trans(5, 7, 3, false, tb);
+            worst = worst.max(run_f16(g, true, false, seed, &c));
+            let g = with_trans(33, 17, 45, true, tb);
+            worst = worst.max(run_f16(g, false, true, seed + 1, &c));
+            seed += 2;
+        }
+    }
+    eprintln!("f16 B: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn f16_b_epilogues_batches_and_split_k() {
+    let gpu = test_gpu();
+    let auto = GemmConfig::default();
+    let mut seed = 1700;
+    for act in [Act::Gelu, Act::Relu] {
+        let mut g = with_trans(64, 96, 128, false, true);
+        g.act = act;
+        run_f16(g, true, false, seed, &auto);
+        g.accumulate = true;
+        g.alpha = -0.75;
+        run_f16(g, true, true, seed + 1, &auto);
+        seed += 2;
+    }
+    // Batched, with B's batch stride (even and odd) and with one B shared by every batch.
+    for (b_bs, vec4) in [(16 * 68, Some(true)), (16 * 68 + 1, Some(false)), (0, None)] {
+        let mut w = Gemm::new(20, 68, 16);
+        w.batch = 3;
+        w.a_bs = 20 * 16;
+        w.b_bs = b_bs;
+        w.c_bs = 20 * 68;
+        let c = GemmConfig {
+            path: GemmPath::Blocked,
+            vec4,
+            ..Default::default()
+        };
+        run_f16(w, true, true, seed, &c);
+        seed += 1;
+    }
+    // Split-K over a long K, on every split count, through the automatic kernel choice.
+    let d = with_trans(24, 40, 4100, false, true);
+    for splits in [1, 2, 7] {
+        let c = GemmConfig {
+            splits: Some(splits),
+            ..Default::default()
+        };
+        run_f16(d, true, false, seed, &c);
+        seed += 1;
+    }
+    // What a linear layer at --precision f16 runs: x W^T with W [out, in] in f16.
+    let mut rng = Rng::new(seed);
+    let (rows, inp, out) = (50, 96, 40);
+    let x = rng.vec(rows * inp);
+    let w = rng.vec(out * inp);
+    let b = rng.vec(out);
+    let tx = gpu.upload(&x, &[rows, inp]).unwrap();
+    let tw = gpu.upload_f16(&w, &[out, inp]).unwrap();
+    let tb = gpu.upload(&b, &[out]).unwrap();
+    let mut rec = gpu.new_recorder();
+    let y = linear(&mut rec, &tx, &tw, Some(&tb), Act::Gelu, None).unwrap();
+    rec.submit().unwrap();
+    let got = gpu.read(&y).unwrap();
+    let wr = f16_round(&w);
+    let want: Vec<f64> = (0..rows * out)
+        .map(|i| {
+            let (r, o) = (i / out, i % out);
+            let s: f64 = (0..inp)
+                .map(|j| x[r * inp + j] as f64 * wr[o * inp + j] as f64)
+                .sum::<f64>()
+                + b[o] as f64;
+            reference::gelu(s)
+        })
+        .collect();
+    assert_close("linear with f16 W", &got, &want, 2e-6);
+}
+
+#[test]
+fn f16_storage_is_read_back_exactly_and_refused_where_unsupported() {
+    let gpu = test_gpu();
+    // Exact widening: the values read back are the f16 roundings (odd count: half a word unused).
+    let v = [1.0f32, -2.5, 0.1, 65504.0, -1e-7, 3.0e-5, 7.0];
+    let t = gpu.upload_f16(&v, &[7]).unwrap();
+    assert_eq!(gpu.read(&t).unwrap(), f16_round(&v));
+    // A narrowed view of an even row keeps the element type.
+    let m = gpu.upload_f16(&[0.5f32; 8 * 64], &[8, 64]).unwrap();
+    let view = m.narrow(4, 4);
+    assert_eq!(view.dtype(), DType::F16);
+    assert_eq!(view.offset(), 4 * 64 * 2);
+    // Out of f16's range: refused, naming the element.
+    let e = gpu.upload_f16(&[1.0, 7.0e4], &[2]).unwrap_err().to_string();
+    assert!(e.contains("element 1") && e.contains("65504"), "{e}");
+    let e = gpu.upload_f16(&[1.0, 2.0], &[3]).unwrap_err().to_string();
+    assert!(e.contains("2 values for shape [3]"), "{e}");
+    // f16 as A (an activation) is refused by the kernel's binding check, naming the binding.
+    let a16 = gpu.upload_f16(&[1.0; 16], &[4, 4]).unwrap();
+    let b32 = gpu.upload(&[1.0; 16], &[4, 4]).unwrap();
+    let c = gpu.empty(&[16]).unwrap();
+    let mut rec = gpu.new_recorder();
+    let io = GemmIo {
+        a: &a16,
+        b: &b32,
+        bias: None,
+        residual: None,
+        c: &c,
+    };
+    let e = gemm_with(&mut rec, &Gemm::new(4, 4, 4), io, &GemmConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("binding 1") && e.contains("F16"), "{e}");
+    // Any other kernel given an f16 tensor refuses it too (here a dense convolution's weight).
+    let x = gpu.upload(&[0.5; 2 * 4 * 4 * 4], &[2, 4, 4, 4]).unwrap();
+    let w16 = gpu
+        .upload_f16(&[0.1; 4 * 4 * 3 * 3], &[4, 4, 3, 3])
+        .unwrap();
+    let geom = medfastsam::ops::conv::ConvGeom { stride: 1, pad: 1 };
+    let mut rec = gpu.new_recorder();
+    let e = medfastsam::ops::conv::conv2d(&mut rec, &x, &w16, None, geom, Act::None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("F16"), "{e}");
 }

@@ -42,27 +42,24 @@ fn auto_is_f32_on_cpu_adapters_and_names_parse() {
     assert!(e.contains("auto, f32 or f16") && e.contains("bf16"), "{e}");
 }
 
-#[test]
-fn tiny_f16_masks_within_budget() {
+/// Both variants of `w` at f16 on the fixture `fwd` (its image, its logits): the weights held
+/// at about half the bytes of f32, the mask within the budget, the Otsu threshold exact (it reads
+/// no weight).
+fn f16_variants(what: &str, w: &Weights, cfg: &Config, fwd: &Fixture) {
     let gpu = test_gpu();
-    let cfg = Config::from_file(&fixtures_dir().join("tiny.config.json")).unwrap();
-    let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
-    let fwd = Fixture::open(fixtures_dir().join("tiny.forward.safetensors"));
     let s = fwd.shape("image");
     let px = gpu
         .upload_u32(&pack_rgb(&fwd.u8("image")), &[s[0], s[1], s[2]])
         .unwrap();
     for v in [Variant::Paper, Variant::Released] {
-        let full = MedFastSam::with_precision(gpu, &w, &cfg, v, Precision::F32).unwrap();
-        let half = MedFastSam::with_precision(gpu, &w, &cfg, v, Precision::F16).unwrap();
-        let (b32, b16) = (full.device_bytes(), half.device_bytes());
-        eprintln!(
-            "{}: weights on the device {b32} B at f32, {b16} B at f16",
-            v.name()
-        );
+        let half = MedFastSam::with_precision(gpu, w, cfg, v, Precision::F16).unwrap();
+        let b32 = MedFastSam::with_precision(gpu, w, cfg, v, Precision::F32)
+            .unwrap()
+            .device_bytes();
+        let b16 = half.device_bytes();
         assert!(
             b16 < b32 * 2 / 3,
-            "f16 must store the GEMM weights at half size"
+            "f16 must store the GEMM weights at half size: {b16} vs {b32} B"
         );
         let mut rec = gpu.new_recorder();
         let out = half.forward(&mut rec, &px, false).unwrap();
@@ -72,16 +69,27 @@ fn tiny_f16_masks_within_budget() {
         let got = gpu.read(&out.logits).unwrap();
         let d = mask_differ(&got, &want);
         eprintln!(
-            "{}: f16 weights: logits rel err {:.2e}, {:.3} % of mask pixels differ",
+            "{what} {}: weights on the device {b32} B at f32, {b16} B at f16: logits rel err {:.2e}, {:.3} % of mask pixels differ",
             v.name(),
             rel(&got, &want),
             100.0 * d
         );
-        assert!(d <= MASK_BUDGET, "{}: {d} of the mask differs", v.name());
-        // The Otsu prompt reads no weight: exact as at f32.
+        assert!(
+            d <= MASK_BUDGET,
+            "{what} {}: {d} of the mask differs",
+            v.name()
+        );
         let thr = gpu.read(&out.threshold).unwrap();
         assert_eq!(thr, fwd.f32(&format!("{}.otsu.threshold", v.name())));
     }
+}
+
+#[test]
+fn tiny_f16_masks_within_budget() {
+    let cfg = Config::from_file(&fixtures_dir().join("tiny.config.json")).unwrap();
+    let w = Weights::load(&fixtures_dir().join("tiny.weights.safetensors")).unwrap();
+    let fwd = Fixture::open(fixtures_dir().join("tiny.forward.safetensors"));
+    f16_variants("tiny", &w, &cfg, &fwd);
 }
 
 #[test]
@@ -91,31 +99,8 @@ fn tiny_f16_masks_within_budget() {
 )]
 fn paper_1024_f16_masks_within_budget() {
     let dir = full_fixtures();
-    let gpu = test_gpu();
     let w = Weights::load(&dir.join("full.weights.f16.safetensors")).unwrap();
     let cfg = w.resolve_config(None, 1024).unwrap();
     let fwd = Fixture::open(dir.join("full.forward.safetensors"));
-    let px = gpu
-        .upload_u32(&pack_rgb(&fwd.u8("image")), &[1, 1024, 1024])
-        .unwrap();
-    for v in [Variant::Paper, Variant::Released] {
-        let model = MedFastSam::with_precision(gpu, &w, &cfg, v, Precision::F16).unwrap();
-        let b32 = MedFastSam::new(gpu, &w, &cfg, v).unwrap().device_bytes();
-        assert!(model.device_bytes() < b32 * 2 / 3);
-        let mut rec = gpu.new_recorder();
-        let out = model.forward(&mut rec, &px, false).unwrap();
-        rec.submit().unwrap();
-        let key = format!("{}.logits", v.name());
-        let want = nchw_to_nhwc(&fwd.f32(&key), &fwd.shape(&key));
-        let got = gpu.read(&out.logits).unwrap();
-        let d = mask_differ(&got, &want);
-        eprintln!(
-            "{} 1024²: weights on the device {b32} B at f32, {} B at f16: logits rel err {:.2e}, {:.3} % of mask pixels differ",
-            v.name(),
-            model.device_bytes(),
-            rel(&got, &want),
-            100.0 * d
-        );
-        assert!(d <= MASK_BUDGET, "{}: {d} of the mask differs", v.name());
-    }
+    f16_variants("paper 1024²", &w, &cfg, &fwd);
 }
