@@ -78,6 +78,9 @@ pub(crate) struct Upload<'a> {
     pub(crate) bytes: Cell<u64>,
     /// Resolved: `F32` or `F16`.
     pub(crate) precision: Precision,
+    /// `F16` was asked for by name (not picked by `Auto`): a weight beyond f16's range is then an
+    /// error; under `Auto` that weight alone stays f32.
+    pub(crate) explicit: bool,
 }
 
 impl<'a> Upload<'a> {
@@ -87,15 +90,17 @@ impl<'a> Upload<'a> {
             weights,
             bytes: Cell::new(0),
             precision: precision.resolve(gpu),
+            explicit: precision == Precision::F16,
         }
     }
 
     /// `data` as f32, or as f16 when it is a GEMM weight (`matrix`) at [`Precision::F16`].
     fn put(&self, what: &str, data: &[f32], shape: &[usize], matrix: bool) -> Result<Param> {
-        let v = if matrix && self.precision == Precision::F16 {
+        let fits = || data.iter().all(|v| !v.is_finite() || v.abs() <= 65504.0);
+        let v = if matrix && self.precision == Precision::F16 && (self.explicit || fits()) {
             self.gpu.upload_f16(data, shape).map_err(|e| {
                 Error::Invalid(format!(
-                    "weight {what} cannot be stored at --precision f16 ({e}); use --precision f32"
+                    "weight {what} cannot be stored at --precision f16 ({e}); use --precision f32 or auto"
                 ))
             })?
         } else {
@@ -443,5 +448,55 @@ impl FixedOtsu {
     /// Images it holds the threshold for.
     pub fn batch(&self) -> usize {
         self.tsel.shape[0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Under `Auto` resolved to f16, a GEMM weight beyond f16's range stays f32 by itself (the
+    /// GEMM picks its kernel family per weight) and the forward runs; asked for by name, f16
+    /// refuses that weight with an error naming it.
+    #[test]
+    fn out_of_range_weight_stays_f32_under_auto_and_is_refused_at_explicit_f16() {
+        let gpu = crate::testutil::test_gpu();
+        let cfg = Config::preset("tiny").unwrap().with_image_size(64).unwrap();
+        let mut w = Weights::init(&cfg, 3);
+        let key = w
+            .tensors
+            .keys()
+            .find(|k| k.ends_with("mlp.lin1.weight"))
+            .unwrap()
+            .clone();
+        let upload = |w: &Weights, explicit: bool| -> Result<(MedFastSam, u64)> {
+            let up = Upload {
+                gpu,
+                weights: w,
+                bytes: Cell::new(0),
+                precision: Precision::F16,
+                explicit,
+            };
+            let m = MedFastSam::build(&up, &cfg, Variant::Paper)?;
+            Ok((m, up.bytes.get()))
+        };
+        let (_, all_f16) = upload(&w, false).unwrap();
+        let n = w.tensors[&key].numel();
+        w.tensors.get_mut(&key).unwrap().data[7] = 1.0e5;
+        let (model, bytes) = upload(&w, false).unwrap();
+        assert_eq!(
+            bytes - all_f16,
+            (n * 4 - n.div_ceil(2) * 4) as u64,
+            "{key} kept f32"
+        );
+        let px = gpu
+            .upload_u32(&vec![0x40_80_c0; 64 * 64], &[1, 64, 64])
+            .unwrap();
+        let mut rec = gpu.new_recorder();
+        let out = model.forward(&mut rec, &px, false).unwrap();
+        rec.submit().unwrap();
+        assert!(gpu.read(&out.logits).unwrap().iter().all(|v| v.is_finite()));
+        let e = upload(&w, true).err().unwrap().to_string();
+        assert!(e.contains(&key) && e.contains("65504"), "{e}");
     }
 }
