@@ -27,7 +27,7 @@ pub use weights::Weights;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     /// [`Precision::F32`] unless the adapter is a GPU with `shader-f16`, where halving the
-    /// weight reads pays; [`Precision::resolve`].
+    /// weight reads pays ([`Precision::resolve`]); a weight beyond f16's range then stays f32.
     #[default]
     Auto,
     F32,
