@@ -300,9 +300,11 @@ pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
     });
     gpu.trim_pool();
     // f16 GEMM weights on a GPU with shader-f16, f32 on a software adapter (Precision::resolve).
-    let precision = Precision::Auto.resolve(gpu);
+    // Passed unresolved (a weight beyond f16's range then stays f32); resolved for the page.
+    let asked = Precision::Auto;
+    let precision = asked.resolve(gpu);
     if !cfg.arch.is_med_fastsam() {
-        let sam = PromptSegmenter::with_precision(gpu, &w, &cfg, precision).map_err(to_js)?;
+        let sam = PromptSegmenter::with_precision(gpu, &w, &cfg, asked).map_err(to_js)?;
         gpu.take_errors().map_err(to_js)?;
         let bytes = sam.model.device_bytes();
         STATE.with(|s| s.borrow_mut().sam = Some(Rc::new(sam)));
@@ -316,7 +318,7 @@ pub fn prepare(size: usize, variant: &str) -> Result<String, JsValue> {
         })
         .to_string());
     }
-    let seg = Segmenter::with_precision(gpu, &w, Some(&cfg), Some(v), precision).map_err(to_js)?;
+    let seg = Segmenter::with_precision(gpu, &w, Some(&cfg), Some(v), asked).map_err(to_js)?;
     gpu.take_errors().map_err(to_js)?;
     let bytes = seg.model.device_bytes();
     STATE.with(|s| s.borrow_mut().seg = Some(Rc::new(seg)));

@@ -12,7 +12,7 @@ pub use pipeline::on_pipeline_created;
 pub use pipeline::{Kernel, PipelineUse, ShaderFamily, now_ms};
 pub use pool::PoolStats;
 pub use recorder::{KernelPlan, MemoryMark, Params, ProfileEntry, Recorder};
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Tensor, beyond_f16};
 
 use crate::error::{Error, Result};
 use std::sync::{Arc, Mutex};

@@ -18,6 +18,14 @@ pub enum DType {
     F16,
 }
 
+/// The first finite value of `data` beyond f16's range (±65504), with its index.
+pub fn beyond_f16(data: &[f32]) -> Option<(usize, f32)> {
+    data.iter()
+        .copied()
+        .enumerate()
+        .find(|(_, v)| v.is_finite() && v.abs() > 65504.0)
+}
+
 impl DType {
     /// Bytes a tensor of `n` elements occupies (at least one 4-byte word).
     pub fn bytes(self, n: usize) -> u64 {
@@ -162,11 +170,7 @@ impl Gpu {
     /// ([`DType::F16`]). Values beyond f16's range (±65504) are refused rather than turned into
     /// infinities.
     pub fn upload_f16(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
-        if let Some((i, v)) = data
-            .iter()
-            .enumerate()
-            .find(|(_, v)| v.is_finite() && v.abs() > 65504.0)
-        {
+        if let Some((i, v)) = beyond_f16(data) {
             return Err(Error::Invalid(format!(
                 "upload of {shape:?} as f16: element {i} = {v} is outside f16's range (±65504)"
             )));

@@ -96,7 +96,7 @@ impl<'a> Upload<'a> {
 
     /// `data` as f32, or as f16 when it is a GEMM weight (`matrix`) at [`Precision::F16`].
     fn put(&self, what: &str, data: &[f32], shape: &[usize], matrix: bool) -> Result<Param> {
-        let fits = || data.iter().all(|v| !v.is_finite() || v.abs() <= 65504.0);
+        let fits = || crate::gpu::beyond_f16(data).is_none();
         let v = if matrix && self.precision == Precision::F16 && (self.explicit || fits()) {
             self.gpu.upload_f16(data, shape).map_err(|e| {
                 Error::Invalid(format!(

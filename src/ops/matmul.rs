@@ -198,11 +198,11 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
             );
         }
         let small = vec4 && cfg.small.unwrap_or_else(|| gpu.small_gemm_blocks());
-        // Rows x columns of one invocation's block.
-        let (rows, cols) = match (vec4, small) {
-            (true, false) => (BLK_V4, BLK_V4),
-            (true, true) => (BLK_V4, BLK_S),
-            (false, _) => (BLK_S, BLK_S),
+        // The kernel and the rows x columns of one invocation's block.
+        let (entry, rows, cols) = match (vec4, small) {
+            (true, false) => ("mm_v4", BLK_V4, BLK_V4),
+            (true, true) => ("mm_v4s", BLK_V4, BLK_S),
+            (false, _) => ("mm_s", BLK_S, BLK_S),
         };
         // Lanes along the dimension that leaves fewer partly filled workgroups.
         let groups_m = m.div_ceil(LANES * rows) * n.div_ceil(cols);
@@ -212,11 +212,6 @@ pub fn plan(gpu: &Gpu, g: &Gemm, cfg: &GemmConfig) -> Result<GemmPlan> {
             (m.div_ceil(rows), n.div_ceil(LANES * cols))
         } else {
             (m.div_ceil(LANES * rows), n.div_ceil(cols))
-        };
-        let entry = match (vec4, small) {
-            (true, false) => "mm_v4",
-            (true, true) => "mm_v4s",
-            (false, _) => "mm_s",
         };
         (entry, lanes_n, mt, nt)
     } else {

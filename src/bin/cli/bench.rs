@@ -86,8 +86,8 @@ pub fn bench_sam(
     let weights = Weights::init(cfg, 1);
     gpu.trim_pool();
     gpu.reset_peak();
-    let precision = precision.resolve(gpu);
     let model = Sam::with_precision(gpu, &weights, cfg, precision)?;
+    let precision = precision.resolve(gpu);
     let s = cfg.image_size;
     let mut rng = medfastsam::rng::Rng::new(7);
     let x: Vec<f32> = (0..s * s * 3).map(|_| rng.normal() as f32).collect();
@@ -413,8 +413,8 @@ pub fn bench_model(
     let weights = Weights::init(cfg, 1);
     gpu.trim_pool();
     gpu.reset_peak();
-    let precision = precision.resolve(gpu);
     let model = MedFastSam::with_precision(gpu, &weights, cfg, variant, precision)?;
+    let precision = precision.resolve(gpu);
     let s = cfg.image_size;
     let mut rng = medfastsam::rng::Rng::new(7);
     let px: Vec<u32> = (0..s * s)

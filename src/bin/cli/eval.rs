@@ -175,9 +175,12 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
             }
         }
     };
-    let precision = a.precision.precision.resolve(&gpu);
+    // Unresolved to the constructors (under auto a weight beyond f16's range stays f32); resolved
+    // for the messages.
+    let asked = a.precision.precision;
+    let precision = asked.resolve(&gpu);
     let (ev, model_name, model) = if let Some(boxes) = boxes {
-        let seg = PromptSegmenter::with_precision(&gpu, &weights, &cfg, precision)?;
+        let seg = PromptSegmenter::with_precision(&gpu, &weights, &cfg, asked)?;
         drop(weights);
         eprintln!(
             "evaluating {count} images of {} ({}) with {} at their own resolution ({} encoder at {s}x{s}, {} weights)",
@@ -212,7 +215,7 @@ pub fn run(gpu: &GpuArgs, a: &EvalArgs) -> anyhow::Result<i32> {
         (ev, format!("{} ({})", cfg.arch.name(), boxes.name()), None)
     } else {
         medfastsam::model::memory::check_forward(&gpu, &cfg, 1)?;
-        let model = MedFastSam::with_precision(&gpu, &weights, &cfg, variant, precision)?;
+        let model = MedFastSam::with_precision(&gpu, &weights, &cfg, variant, asked)?;
         drop(weights);
         eprintln!(
             "evaluating {count} images of {} ({}) at {s}x{s}, {} variant, {} weights",

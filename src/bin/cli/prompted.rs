@@ -185,8 +185,8 @@ pub fn run(
     check_writable(&a.out)?;
     let gpu = gpu.open()?;
     let t0 = Instant::now();
+    let seg = PromptSegmenter::with_precision(&gpu, &weights, &cfg, a.precision.precision)?;
     let precision = a.precision.precision.resolve(&gpu);
-    let seg = PromptSegmenter::with_precision(&gpu, &weights, &cfg, precision)?;
     drop(weights);
     eprintln!(
         "model: {} at {}x{}, {} weights on device ({:.1} MB) in {:.0} ms",

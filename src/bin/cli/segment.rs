@@ -403,8 +403,14 @@ pub fn run(gpu: &GpuArgs, a: &SegmentArgs) -> anyhow::Result<i32> {
     super::train::remove_stale_temp_files(&a.out);
     let gpu = gpu.open()?;
     let t0 = Instant::now();
+    let seg = Segmenter::with_precision(
+        &gpu,
+        &weights,
+        Some(&cfg),
+        Some(variant),
+        a.precision.precision,
+    )?;
     let precision = a.precision.precision.resolve(&gpu);
-    let seg = Segmenter::with_precision(&gpu, &weights, Some(&cfg), Some(variant), precision)?;
     let trained = super::trained_on(&weights, &a.model.weights)?;
     let (channel, vectors) = a.channel.resolve(trained.as_ref())?;
     drop(weights);
