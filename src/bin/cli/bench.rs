@@ -21,6 +21,12 @@ pub struct BenchArgs {
     /// Preset of the benchmarked model.
     #[arg(long, default_value = "paper")]
     pub preset: String,
+    /// Benchmark the forward with the weights in this file (.safetensors, the authors' key
+    /// names; its configuration, --sizes still sets the input) instead of random weights of
+    /// --preset. `scripts/bench-peers.sh` uses it to run PyTorch and this engine on one set of
+    /// weights.
+    #[arg(long)]
+    pub weights: Option<std::path::PathBuf>,
     /// Variant (paper computes the Group Attention med branch; released skips it).
     #[arg(long, default_value = "paper")]
     pub variant: String,
@@ -402,18 +408,27 @@ fn run_once(
     Ok((t.elapsed().as_secs_f64() * 1e3, d, f))
 }
 
+/// The whole-model benchmark at `cfg.image_size`: `weights` when given, else random weights.
 pub fn bench_model(
     gpu: &Gpu,
     cfg: &Config,
+    weights: Option<&Weights>,
     variant: Variant,
     reps: usize,
     profile: bool,
     precision: Precision,
 ) -> anyhow::Result<ModelBench> {
-    let weights = Weights::init(cfg, 1);
+    let random;
+    let weights = match weights {
+        Some(w) => w,
+        None => {
+            random = Weights::init(cfg, 1);
+            &random
+        }
+    };
     gpu.trim_pool();
     gpu.reset_peak();
-    let model = MedFastSam::with_precision(gpu, &weights, cfg, variant, precision)?;
+    let model = MedFastSam::with_precision(gpu, weights, cfg, variant, precision)?;
     let precision = precision.resolve(gpu);
     let s = cfg.image_size;
     let mut rng = medfastsam::rng::Rng::new(7);
@@ -639,8 +654,26 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    let base = Config::preset(&a.preset)?;
+    let (file_weights, base) = match &a.weights {
+        Some(p) => {
+            let w = Weights::load(p)?;
+            let cfg = w.resolve_config(None, 1024)?;
+            if !cfg.arch.is_med_fastsam() {
+                anyhow::bail!(
+                    "{}: holds {} weights; bench --weights takes Med-FastSAM weights (use --arch for the prompted models)",
+                    p.display(),
+                    cfg.arch.name()
+                );
+            }
+            (Some(w), cfg)
+        }
+        None => (None, Config::preset(&a.preset)?),
+    };
     let variant = Variant::parse(&a.variant)?;
+    let label = match &a.weights {
+        Some(p) => p.display().to_string(),
+        None => a.preset.clone(),
+    };
     let mut report = Report {
         adapter: gpu.summary().to_string(),
         models: Vec::new(),
@@ -653,6 +686,7 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
         let m = bench_model(
             &gpu,
             &cfg,
+            file_weights.as_ref(),
             variant,
             a.reps,
             a.profile,
@@ -662,7 +696,7 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
             println!(
                 "{} {}² ({}): {:.1} ms/image (min {:.1}, {:.2} images/s), pipeline compile + first run overhead {:.0} ms, \
                  {} dispatches, {:.1} GFLOP in GEMMs, peak GPU memory {:.1} MiB ({} weights {:.1} MiB)",
-                a.preset,
+                label,
                 s,
                 m.variant,
                 m.median_ms,
