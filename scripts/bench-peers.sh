@@ -201,6 +201,9 @@ if torch:
     fg = sum(1 for y in theirs if y) / n
     agree = {"pixels": n, "differ": differ, "torch_foreground": fg}
     print(f"same weights, same image (1024²): masks differ in {differ} of {n} pixels ({100 * differ / n:.3f} %); PyTorch foreground {100 * fg:.1f} %")
+    if torch.get("peak_rss_bytes") and ("paper", 1024, 4) in train:
+        print(f"paper training step 1024² batch 4, peak memory: PyTorch {torch['peak_rss_bytes'] / 2**30:.2f} GiB resident, "
+              f"medfastsam {train[('paper', 1024, 4)]['peak_gpu_bytes'] / 2**30:.2f} GiB of GPU memory")
 if json_path:
     with open(json_path, "w") as f:
         json.dump({"adapter": ours["adapter"], "peers": peers, "torch": torch, "mask_agreement": agree,

@@ -14,6 +14,7 @@ Writes, in --out:
 import argparse
 import json
 import os
+import resource
 import statistics
 import struct
 import sys
@@ -131,6 +132,8 @@ def main():
         res["train_tiny_256_4_ms"] = train_step_ms(tiny, a.tiny_weights, 256, 4, max(a.reps, 3), 1)
         print("[torch] training step paper 1024² batch 4", file=sys.stderr)
         res["train_paper_1024_4_ms"] = train_step_ms(PAPER, None, 1024, 4, min(a.reps, 3), 2)
+    # Peak resident memory of this process (Linux reports KiB): the paper training step's, when run.
+    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     json.dump(res, open(os.path.join(a.out, "torch.json"), "w"))
 
 
