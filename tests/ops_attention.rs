@@ -53,12 +53,16 @@ fn scaled(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
 // ---------------------------------------------------------------------------------------------
 // partition / reverse
 
-const MAPS: [(usize, usize, usize, usize, usize); 5] = [
+/// (B, H, W, C, ws): C % 4 == 0 takes the row (vec4) kernels, the others the scalar ones.
+const MAPS: [(usize, usize, usize, usize, usize); 8] = [
     (2, 10, 13, 5, 7),
     (1, 7, 7, 3, 7),
     (2, 16, 9, 4, 4),
     (1, 5, 3, 2, 14),
     (2, 30, 17, 9, 14),
+    (2, 10, 13, 8, 7),
+    (1, 30, 17, 12, 14),
+    (3, 14, 21, 20, 7),
 ];
 
 #[test]

@@ -114,8 +114,13 @@ fn record_partition(
     dres: Option<&Tensor>,
 ) -> Result<()> {
     let (b, h, w, c) = dims;
-    let total = dst.numel();
-    let k = Kernel::new(ShaderFamily::Attention, "win_partition", 256)
+    // The row form copies a token's C / 4 vec4 (its index arithmetic once per token).
+    let (entry, wg, total) = if c.is_multiple_of(4) {
+        ("win_partition4", 64, dst.numel() / c)
+    } else {
+        ("win_partition", 256, dst.numel())
+    };
+    let k = Kernel::new(ShaderFamily::Attention, entry, wg)
         .b("ACCUM", accum)
         .b("DRES", dres.is_some());
     let spare;
@@ -126,7 +131,7 @@ fn record_partition(
             &spare
         }
     };
-    let groups = rec.grid(total.div_ceil(256));
+    let groups = rec.grid(total.div_ceil(wg as usize));
     rec.dispatch(
         &k,
         win_params(b, h, w, c, ws, total),
@@ -146,12 +151,16 @@ fn record_reverse(
     accum: bool,
 ) -> Result<()> {
     let (b, h, w, c) = dims;
-    let total = b * h * w * c;
-    let k = Kernel::new(ShaderFamily::Attention, "win_reverse", 256)
+    let (entry, wg, total) = if c.is_multiple_of(4) {
+        ("win_reverse4", 64, b * h * w)
+    } else {
+        ("win_reverse", 256, b * h * w * c)
+    };
+    let k = Kernel::new(ShaderFamily::Attention, entry, wg)
         .b("ACCUM", accum)
         .b("HAS_RES", res.is_some());
     let dummy = rec.gpu.dummy();
-    let groups = rec.grid(total.div_ceil(256));
+    let groups = rec.grid(total.div_ceil(wg as usize));
     rec.dispatch(
         &k,
         win_params(b, h, w, c, ws, total),
