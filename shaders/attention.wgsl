@@ -787,6 +787,26 @@ struct WinParams {
 
 @group(0) @binding(0) var<uniform> wp: WinParams;
 
+// Map position (b, row, col) of window token `tok` (window_partition's order); row / col may lie
+// in the padding (>= h / w).
+fn win_pos(tok: u32) -> vec3<u32> {
+    let n = wp.ws * wp.ws;
+    let t = tok % n;
+    let win = tok / n;
+    let wc = win % wp.nww;
+    let wr = (win / wp.nww) % wp.nwh;
+    return vec3(win / (wp.nww * wp.nwh), wr * wp.ws + t / wp.ws, wc * wp.ws + t % wp.ws);
+}
+
+// Window token of map position p (tokens of [B, H, W] row-major).
+fn win_token(p: u32) -> u32 {
+    let col = p % wp.w;
+    let r = (p / wp.w) % wp.h;
+    let b = p / (wp.w * wp.h);
+    let win = (b * wp.nwh + r / wp.ws) * wp.nww + col / wp.ws;
+    return win * wp.ws * wp.ws + (r % wp.ws) * wp.ws + col % wp.ws;
+}
+
 // Partition: one invocation per window element. !ACCUM: dst = x (0 at padding); ACCUM: dst += x.
 // DRES: also dres[x index] += x (each source element is visited once).
 @group(0) @binding(1) var<storage, read> w_src: array<f32>;
@@ -801,18 +821,10 @@ fn win_partition(@builtin(workgroup_id) wid: vec3<u32>,
     if (e >= wp.total) {
         return;
     }
-    let n = wp.ws * wp.ws;
     let c = e % wp.c;
-    let tok = e / wp.c;
-    let t = tok % n;
-    let win = tok / n;
-    let wc = win % wp.nww;
-    let wr = (win / wp.nww) % wp.nwh;
-    let b = win / (wp.nww * wp.nwh);
-    let r = wr * wp.ws + t / wp.ws;
-    let col = wc * wp.ws + t % wp.ws;
-    if (r < wp.h && col < wp.w) {
-        let src = ((b * wp.h + r) * wp.w + col) * wp.c + c;
+    let pos = win_pos(e / wp.c);
+    if (pos.y < wp.h && pos.z < wp.w) {
+        let src = ((pos.x * wp.h + pos.y) * wp.w + pos.z) * wp.c + c;
         let v = w_src[src];
         if (ACCUM) {
             w_dst[e] += v;
@@ -842,13 +854,7 @@ fn win_reverse(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let c = e % wp.c;
-    let p = e / wp.c;
-    let col = p % wp.w;
-    let r = (p / wp.w) % wp.h;
-    let b = p / (wp.w * wp.h);
-    let win = (b * wp.nwh + r / wp.ws) * wp.nww + col / wp.ws;
-    let t = (r % wp.ws) * wp.ws + col % wp.ws;
-    var v = r_y[(win * wp.ws * wp.ws + t) * wp.c + c];
+    var v = r_y[win_token(e / wp.c) * wp.c + c];
     if (HAS_RES) {
         v += r_res[e];
     }
@@ -874,18 +880,11 @@ fn win_partition4(@builtin(workgroup_id) wid: vec3<u32>,
     if (tok >= wp.total) {
         return;
     }
-    let n = wp.ws * wp.ws;
-    let t = tok % n;
-    let win = tok / n;
-    let wc = win % wp.nww;
-    let wr = (win / wp.nww) % wp.nwh;
-    let b = win / (wp.nww * wp.nwh);
-    let r = wr * wp.ws + t / wp.ws;
-    let col = wc * wp.ws + t % wp.ws;
+    let pos = win_pos(tok);
     let c4 = wp.c >> 2u;
     let d = tok * c4;
-    if (r < wp.h && col < wp.w) {
-        let s = ((b * wp.h + r) * wp.w + col) * c4;
+    if (pos.y < wp.h && pos.z < wp.w) {
+        let s = ((pos.x * wp.h + pos.y) * wp.w + pos.z) * c4;
         for (var k = 0u; k < c4; k++) {
             let v = w_src4[s + k];
             if (ACCUM) {
@@ -916,13 +915,8 @@ fn win_reverse4(@builtin(workgroup_id) wid: vec3<u32>,
     if (p >= wp.total) {
         return;
     }
-    let col = p % wp.w;
-    let r = (p / wp.w) % wp.h;
-    let b = p / (wp.w * wp.h);
-    let win = (b * wp.nwh + r / wp.ws) * wp.nww + col / wp.ws;
-    let t = (r % wp.ws) * wp.ws + col % wp.ws;
     let c4 = wp.c >> 2u;
-    let s = (win * wp.ws * wp.ws + t) * c4;
+    let s = win_token(p) * c4;
     let d = p * c4;
     for (var k = 0u; k < c4; k++) {
         var v = r_y4[s + k];

@@ -27,15 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import medfastsam_torch as mt  # noqa: E402
 
-PAPER = {
-    "image_size": 1024,
-    "embed_dims": [64, 128, 160, 320],
-    "depths": [2, 2, 6, 2],
-    "num_heads": [2, 4, 5, 10],
-    "window_sizes": [7, 7, 14, 7],
-    "decoder_depth": 2,
-    "decoder_mlp_dim": 2048,
-}
+PAPER = mt.PAPER_CONFIG
 
 
 def median_ms(f, reps):
