@@ -64,8 +64,14 @@ cargo build --release --bin medfastsam >/dev/null
 bin=target/release/medfastsam
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-train_spec=()
-[ "$train" = 1 ] && train_spec=(--train tiny:256:4,paper:1024:4) || train_spec=(--no-train)
+# The training steps, as `medfastsam bench` and torch_bench.py take them.
+if [ "$train" = 1 ]; then
+  train_spec=(--train tiny:256:4,paper:1024:4)
+  torch_train=()
+else
+  train_spec=(--no-train)
+  torch_train=(--no-train)
+fi
 if [ "$torch" = 1 ]; then
   # The PyTorch model must be the model: checked against the authors' float64 tensors first
   # (the tiny fixtures; the paper preset's too when MEDFASTSAM_FIXTURES holds them).
@@ -76,13 +82,16 @@ if [ "$torch" = 1 ]; then
     exit 1
   }
   echo "[bench-peers] PyTorch $threads threads: paper forward 1024², training steps (exports the weights it ran)" >&2
-  notrain=()
-  [ "$train" = 1 ] || notrain=(--no-train)
   OMP_NUM_THREADS="$threads" "$venv/bin/python" scripts/peers/torch_bench.py --out "$out" \
     --threads "$threads" --reps "$reps" --tiny-weights tests/data/fixtures/tiny.weights.safetensors \
-    --tiny-config tests/data/fixtures/tiny.config.json "${notrain[@]}"
+    --tiny-config tests/data/fixtures/tiny.config.json "${torch_train[@]}"
   echo "[bench-peers] medfastsam: the same weights' mask of the test image" >&2
-  "$bin" segment "$out/probe.png" --weights "$out/paper.safetensors" --size 1024 --out "$out/seg" >/dev/null 2>&1
+  "$bin" segment "$out/probe.png" --weights "$out/paper.safetensors" --size 1024 --out "$out/seg" \
+    > "$out/segment.log" 2>&1 || {
+    cat "$out/segment.log" >&2
+    echo "bench-peers: medfastsam segment failed on the exported weights (above)" >&2
+    exit 1
+  }
   weights=(--weights "$out/paper.safetensors")
 else
   weights=()
@@ -95,19 +104,12 @@ echo "[bench-peers] medfastsam: kernels (GEMM 1024³ among them), the paper pres
 
 echo "[bench-peers] ONNX Runtime CPU ($threads threads) and NumPy/OpenBLAS ($threads threads)" >&2
 OPENBLAS_NUM_THREADS="$threads" OMP_NUM_THREADS="$threads" "$venv/bin/python" - "$onnx" "$threads" "$reps" > "$out/peers.json" <<'PY'
-import json, statistics, sys, time
+import json, sys
 onnx, threads, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import numpy as np
 import onnxruntime as ort
-
-def median_ms(f, reps):
-    f()  # warm-up
-    t = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        t.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(t)
+sys.path.insert(0, "scripts/peers")
+from timing import median_ms
 
 so = ort.SessionOptions()
 so.intra_op_num_threads = threads

@@ -7,18 +7,19 @@ mod common;
 use common::cli::{run_split, s, tmpdir};
 use common::fixtures_dir;
 
+/// One 64² forward, nothing else.
+const QUICK: [&str; 7] = [
+    "bench",
+    "--sizes",
+    "64",
+    "--reps",
+    "1",
+    "--no-kernels",
+    "--no-train",
+];
+
 fn bench_json(extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "bench",
-        "--sizes",
-        "64",
-        "--reps",
-        "1",
-        "--no-kernels",
-        "--no-train",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
+    let args = [&QUICK[..], &["--json"], extra].concat();
     let r = run_split(&args);
     assert_eq!(r.code, 0, "{}", r.all());
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}:\n{}", r.all()))
@@ -51,17 +52,7 @@ fn bench_weights_errors_name_the_file() {
         (&missing, "nope.safetensors"),
         (&garbage, "garbage.safetensors"),
     ] {
-        let r = run_split(&[
-            "bench",
-            "--weights",
-            s(f),
-            "--sizes",
-            "64",
-            "--reps",
-            "1",
-            "--no-kernels",
-            "--no-train",
-        ]);
+        let r = run_split(&[&QUICK[..], &["--weights", s(f)]].concat());
         assert_ne!(r.code, 0, "{}", r.all());
         assert!(r.stdout.is_empty(), "{}", r.all());
         let errors = r.error_lines();

@@ -15,10 +15,8 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import struct
 import sys
-import time
 import zlib
 
 import numpy as np
@@ -26,18 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import medfastsam_torch as mt  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 PAPER = mt.PAPER_CONFIG
-
-
-def median_ms(f, reps):
-    f()  # warm-up
-    t = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        t.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(t)
 
 
 def write_png_rgb(path, img):

@@ -654,7 +654,8 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    let (file_weights, base) = match &a.weights {
+    // The weights file (or none: random weights), its configuration, and the name for the table.
+    let (file_weights, base, label) = match &a.weights {
         Some(p) => {
             let w = Weights::load(p)?;
             let cfg = w.resolve_config(None, 1024)?;
@@ -665,15 +666,11 @@ pub fn run(gpu: &GpuArgs, a: &BenchArgs) -> anyhow::Result<i32> {
                     cfg.arch.name()
                 );
             }
-            (Some(w), cfg)
+            (Some(w), cfg, p.display().to_string())
         }
-        None => (None, Config::preset(&a.preset)?),
+        None => (None, Config::preset(&a.preset)?, a.preset.clone()),
     };
     let variant = Variant::parse(&a.variant)?;
-    let label = match &a.weights {
-        Some(p) => p.display().to_string(),
-        None => a.preset.clone(),
-    };
     let mut report = Report {
         adapter: gpu.summary().to_string(),
         models: Vec::new(),
